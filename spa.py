@@ -1,0 +1,1399 @@
+#!/usr/bin/env python3
+"""spa.py - Single Packet Authorization in one readable file.
+
+A host that runs `spa.py server` shows nothing: the ports it protects look like
+closed ports and nothing answers on the knock port.  An authorised client sends
+one encrypted, authenticated UDP packet (`spa.py client`); the server checks it
+and opens the requested port for that client's address alone, for a short time,
+with a timeout kept by the kernel itself, so the port goes dark again on time
+even if the server has died.
+
+The packet is fwknop's (AES-256-CBC with OpenSSL's salted key derivation, an
+inner digest, and an HMAC over the base64 text: encrypt-then-MAC), so fwknop
+clients and fwknopd interoperate with spa.py both ways.
+
+Needs Python 3.6 or newer and pycryptodome (imported as Cryptodome, Debian's
+python3-pycryptodome, or as Crypto, PyPI's pycryptodome).  The server needs
+root (CAP_NET_RAW to capture, CAP_NET_ADMIN to change the firewall) and nft.
+
+Sections, in dependency order: constants and errors; encoding and crypto; the
+packet format; the packet decision; config and policy; replay cache; firewall
+back ends; capture; logging; server; client; keygen; command line.
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import socket
+import struct
+import sys
+import time
+
+VERSION = "0.1.0"
+
+# ---------------------------------------------------------------------------
+# Constants and errors
+# ---------------------------------------------------------------------------
+
+DEFAULT_PORT = 62201                  # fwknop's default SPA port
+DEFAULT_CONFIG = "/etc/spa/spa.conf"
+DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
+NFT_TABLE = "spa"                     # our own `inet` table; nothing else is touched
+
+MIN_WIRE_LEN = 140                    # fwknopd ignores shorter payloads
+MAX_WIRE_LEN = 399                    # fwknopd treats 400+ characters as GnuPG
+SALT_PREFIX = b"U2FsdGVkX1"           # base64 of "Salted__", stripped on the wire
+B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+# HMAC type -> (hashlib name, length of its base64 text without padding).
+HMAC_TYPES = {
+    "md5": ("md5", 22), "sha1": ("sha1", 27), "sha256": ("sha256", 43),
+    "sha384": ("sha384", 64), "sha512": ("sha512", 86),
+    "sha3_256": ("sha3_256", 43), "sha3_512": ("sha3_512", 86),
+}
+# HMAC key length that `fwknop --key-gen` makes for each type.
+HMAC_KEY_BYTES = {"md5": 16, "sha1": 20, "sha256": 64, "sha384": 128,
+                  "sha512": 128, "sha3_256": 64, "sha3_512": 128}
+# The inner digest's type is known only by its length; 43 and 86 may be SHA-3.
+DIGESTS_BY_LEN = {22: ("md5",), 27: ("sha1",), 43: ("sha256", "sha3_256"),
+                  64: ("sha384",), 86: ("sha512", "sha3_512")}
+ENCRYPTION_MODES = ("cbc", "ctr", "cfb", "ofb")
+
+# fwknop message types.
+MSG_COMMAND, MSG_ACCESS, MSG_NAT, MSG_TIMEOUT_ACCESS = 0, 1, 2, 3
+MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT = 4, 5, 6
+MSG_NAMES = {0: "command", 1: "access", 2: "NAT access", 3: "access with timeout",
+             4: "NAT access with timeout", 5: "local NAT access",
+             6: "local NAT access with timeout"}
+SUPPORTED_TYPES = (MSG_ACCESS, MSG_TIMEOUT_ACCESS)
+TIMEOUT_TYPES = (MSG_TIMEOUT_ACCESS, MSG_TIMEOUT_NAT, MSG_TIMEOUT_LOCAL_NAT)
+NAT_TYPES = (MSG_NAT, MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
+PROTO_NUMBERS = {"tcp": 6, "udp": 17}
+USERNAME_FORBIDDEN = set('"/\\[]:;|=,+*?<>')
+
+
+class SpaError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 1."""
+
+
+class Reject(Exception):
+    """A packet refused by the decision function; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Encoding and crypto
+# ---------------------------------------------------------------------------
+
+_AES = None
+
+
+def aes_module():
+    """Return pycryptodome's AES module: Debian's `Cryptodome` first, then PyPI's `Crypto`.
+
+    Imported on first use, so `--help` and keygen work without it and the
+    client's start-up does not pay for it before it has parsed its arguments.
+    """
+    global _AES
+    if _AES is None:
+        import importlib
+        for package in ("Cryptodome", "Crypto"):
+            try:
+                top = importlib.import_module(package)
+                module = importlib.import_module(package + ".Cipher.AES")
+            except ImportError:
+                continue
+            # The long-dead PyCrypto also imports as `Crypto`: version 2.x.
+            if tuple(getattr(top, "version_info", (0,)))[:1] >= (3,):
+                _AES = module
+                break
+        else:
+            raise SpaError("pycryptodome is missing: install it with "
+                           "'apt install python3-pycryptodome' or 'pip install pycryptodome'")
+    return _AES
+
+
+def b64encode(data):
+    """Standard base64 without '=' padding, as fwknop writes it (returns bytes)."""
+    return base64.b64encode(data).rstrip(b"=")
+
+
+def b64decode(text):
+    """Decode base64 written with or without padding; raise ValueError if malformed."""
+    if isinstance(text, str):
+        text = text.encode("ascii")
+    text = text.rstrip(b"=")
+    if len(text) % 4 == 1:
+        raise ValueError("truncated base64")
+    return base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
+
+
+try:
+    _hmac_digest = hmac.digest                    # Python 3.7+: one call into OpenSSL
+except AttributeError:                            # Python 3.6
+    def _hmac_digest(key, msg, digest):
+        return hmac.new(key, msg, digest).digest()
+
+
+def hmac_b64(key, data, hmac_type):
+    """The HMAC of `data` as fwknop appends it: base64 without padding."""
+    return b64encode(_hmac_digest(key, data, HMAC_TYPES[hmac_type][0]))
+
+
+def derive_key_iv(passphrase, salt):
+    """OpenSSL's EVP_BytesToKey with MD5 and one round: AES-256 key and IV.
+
+    fwknop uses its key as a passphrase, not as the AES key itself.
+    """
+    material, block = b"", b""
+    while len(material) < 48:
+        block = hashlib.md5(block + passphrase + salt).digest()
+        material += block
+    return material[:32], material[32:48]
+
+
+def _cipher(key, iv, mode):
+    aes = aes_module()
+    if mode == "cbc":
+        return aes.new(key, aes.MODE_CBC, iv)
+    if mode == "ctr":   # fwknop counts with the whole IV as a 128-bit big-endian number
+        return aes.new(key, aes.MODE_CTR, nonce=b"", initial_value=iv)
+    if mode == "cfb":
+        return aes.new(key, aes.MODE_CFB, iv, segment_size=128)
+    if mode == "ofb":
+        return aes.new(key, aes.MODE_OFB, iv)
+    raise ValueError("unknown encryption mode %r" % mode)
+
+
+def encrypt(plaintext, passphrase, mode="cbc", salt=None):
+    """Encrypt as `openssl enc -aes-256-<mode> -md md5` does: "Salted__" + salt + ciphertext."""
+    salt = os.urandom(8) if salt is None else salt
+    key, iv = derive_key_iv(passphrase, salt)
+    pad = 16 - len(plaintext) % 16                # PKCS#7, in every mode, as fwknop does
+    return b"Salted__" + salt + _cipher(key, iv, mode).encrypt(plaintext + bytes([pad]) * pad)
+
+
+def decrypt(raw, passphrase, mode="cbc"):
+    """Reverse of encrypt(); raise Reject when the padding shows a wrong key or mode."""
+    if len(raw) < 32 or len(raw) % 16:
+        raise Reject("ciphertext length %d is not whole AES blocks" % len(raw))
+    key, iv = derive_key_iv(passphrase, raw[8:16])
+    padded = _cipher(key, iv, mode).decrypt(raw[16:])
+    pad = padded[-1]
+    if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
+        raise Reject("decryption failed (key_base64 or encryption_mode differ from the client's)")
+    return padded[:-pad]
+
+
+# ---------------------------------------------------------------------------
+# The packet format
+# ---------------------------------------------------------------------------
+
+class Message(object):
+    """The fields of one SPA message, fwknop's names in fwknop's order."""
+
+    __slots__ = ("rand", "username", "timestamp", "version", "msg_type", "allow_ip",
+                 "access", "nat_access", "server_auth", "client_timeout", "digest_type")
+
+    def __init__(self, username, allow_ip, access, client_timeout=0, timestamp=None,
+                 rand=None, version="3.0.0", msg_type=None, nat_access=None,
+                 server_auth=None, digest_type="sha256"):
+        self.rand = rand if rand is not None else "%016d" % secrets.randbelow(10 ** 16)
+        self.username = username
+        self.timestamp = int(time.time()) if timestamp is None else timestamp
+        self.version = version
+        if msg_type is None:
+            msg_type = MSG_TIMEOUT_ACCESS if client_timeout else MSG_ACCESS
+        self.msg_type = msg_type
+        self.allow_ip = allow_ip
+        self.access = list(access)            # [("tcp", 22), ...]
+        self.nat_access = nat_access
+        self.server_auth = server_auth
+        self.client_timeout = client_timeout
+        self.digest_type = digest_type
+
+    def access_text(self):
+        return ",".join("%s/%d" % pp for pp in self.access)
+
+    def encode(self):
+        """The plaintext that gets encrypted: fields joined by ':' and the inner digest."""
+        fields = [self.rand, b64encode(self.username.encode()).decode(), str(self.timestamp),
+                  self.version, str(self.msg_type),
+                  b64encode(("%s,%s" % (self.allow_ip, self.access_text())).encode()).decode()]
+        if self.nat_access is not None:
+            fields.append(b64encode(self.nat_access.encode()).decode())
+        if self.server_auth is not None:
+            fields.append(b64encode(self.server_auth.encode()).decode())
+        if self.msg_type in TIMEOUT_TYPES:
+            fields.append(str(self.client_timeout))
+        body = ":".join(fields).encode()
+        digest = b64encode(hashlib.new(self.digest_type, body).digest())
+        return body + b":" + digest
+
+    def describe(self):
+        """Human-readable field dump for `client --test -v` and debug logs (no key material)."""
+        rows = [("random value", self.rand), ("username", self.username),
+                ("timestamp", self.timestamp), ("version", self.version),
+                ("message type", "%d (%s)" % (self.msg_type, MSG_NAMES.get(self.msg_type, "?"))),
+                ("allow ip", self.allow_ip), ("access", self.access_text())]
+        if self.nat_access is not None:
+            rows.append(("nat access", self.nat_access))
+        if self.msg_type in TIMEOUT_TYPES:
+            rows.append(("client timeout", self.client_timeout))
+        rows.append(("digest type", self.digest_type))
+        return "\n".join("%-15s %s" % row for row in rows)
+
+
+def seal(plaintext, key, hmac_key, hmac_type="sha256", mode="cbc", salt=None):
+    """Encrypt, then MAC: the wire text of one packet (bytes)."""
+    text = b64encode(encrypt(plaintext, key, mode, salt))
+    return text[len(SALT_PREFIX):] + hmac_b64(hmac_key, text, hmac_type)
+
+
+def parse_access(text, what="access"):
+    """Parse 'tcp/22,udp/53' into [("tcp", 22), ("udp", 53)]: the one port-list parser."""
+    result = []
+    for item in text.replace(" ", "").split(","):
+        proto, sep, port = item.partition("/")
+        if not sep or proto.lower() not in PROTO_NUMBERS or not port.isdigit() \
+                or not 1 <= int(port) <= 65535 or len(port) > 5:
+            raise ValueError("%s %r: expected tcp/PORT or udp/PORT with PORT 1-65535"
+                             % (what, item))
+        result.append((proto.lower(), int(port)))
+    return result
+
+
+def _b64_field(text, limit, name):
+    if not 1 <= len(text) <= limit:
+        raise Reject("%s field has %d base64 characters (1-%d allowed)" % (name, len(text), limit))
+    try:
+        return b64decode(text).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        raise Reject("%s field is not base64 of ASCII text" % name)
+
+
+def _valid_username(name):
+    return bool(name) and all(c.isalnum() or (" " <= c <= "~" and c not in USERNAME_FORBIDDEN)
+                              for c in name)
+
+
+def parse_plaintext(plaintext):
+    """Parse a decrypted plaintext into a Message, checking the inner digest and every field.
+
+    Only ever called on authenticated bytes: the HMAC has already passed.
+    """
+    try:
+        text = plaintext.decode("ascii")
+    except UnicodeDecodeError:
+        raise Reject("plaintext is not ASCII")
+    if not text.isprintable():
+        raise Reject("plaintext has control characters")
+    body, _, digest = text.rpartition(":")
+    for name in DIGESTS_BY_LEN.get(len(digest), ()):
+        if hmac.compare_digest(b64encode(hashlib.new(name, body.encode()).digest()),
+                               digest.encode()):
+            digest_type = name
+            break
+    else:
+        raise Reject("inner digest does not match the message")
+
+    fields = body.split(":")
+    if len(fields) < 6:
+        raise Reject("message has %d fields, at least 6 needed" % len(fields))
+    rand, user, stamp, version, mtype, message = fields[:6]
+    rest = fields[6:]
+    if len(rand) != 16 or not rand.isdigit():
+        raise Reject("random value is not 16 digits")
+    username = _b64_field(user, 64, "username")
+    if not _valid_username(username):
+        raise Reject("username has characters fwknop does not allow")
+    if not stamp.isdigit() or len(stamp) > 12:
+        raise Reject("timestamp is not a number")
+    if not 1 <= len(version) <= 8:
+        raise Reject("version field has %d characters (1-8 allowed)" % len(version))
+    if not mtype.isdigit() or len(mtype) > 2 or int(mtype) > 6:
+        raise Reject("unknown message type %r" % mtype)
+    msg_type = int(mtype)
+    message = _b64_field(message, 256, "message")
+
+    nat_access = server_auth = None
+    client_timeout = 0
+    if msg_type in NAT_TYPES:
+        if not rest:
+            raise Reject("NAT message without its NAT field")
+        nat_access = _b64_field(rest.pop(0), 256, "NAT access")
+    if msg_type in TIMEOUT_TYPES:
+        if not rest or not rest[-1].isdigit() or len(rest[-1]) > 5 or int(rest[-1]) > 65536:
+            raise Reject("client timeout is not a number from 0 to 65536")
+        client_timeout = int(rest.pop())
+    if len(rest) > 1:
+        raise Reject("message has %d unexpected fields" % (len(rest) - 1))
+    if rest:
+        server_auth = _b64_field(rest[0], 64, "server auth")
+
+    allow_ip, sep, spec = message.partition(",")
+    if not sep:
+        raise Reject("message has no allow IP")
+    if not _is_ipv4(allow_ip):
+        raise Reject("allow IP %r is not an IPv4 address" % allow_ip[:16])
+    if msg_type == MSG_COMMAND:
+        access = []
+    else:
+        if spec != spec.lower():
+            raise Reject("access %r is not lower case" % spec[:40])
+        try:
+            access = parse_access(spec)
+        except ValueError as e:
+            raise Reject(str(e))
+    msg = Message(username, allow_ip, access, client_timeout, int(stamp), rand, version,
+                  msg_type, nat_access, server_auth, digest_type)
+    return msg
+
+
+def _is_ipv4(text):
+    """Strict dotted quad, as fwknop's allow IP must be."""
+    parts = text.split(".")
+    return (len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255
+                                    for p in parts))
+
+
+# ---------------------------------------------------------------------------
+# The packet decision: a pure function of (payload, source, now, policy, replay state)
+# ---------------------------------------------------------------------------
+
+class Decision(object):
+    """What the server should do with one packet, and why."""
+
+    __slots__ = ("accepted", "reason", "source", "stanza", "replay_key", "message",
+                 "allow_ip", "timeout")
+
+    def __init__(self, source, reason=None):
+        self.accepted = False
+        self.reason = reason
+        self.source = source
+        self.stanza = self.replay_key = self.message = self.allow_ip = None
+        self.timeout = 0
+
+
+def decide(payload, source, now, stanzas, seen, max_age):
+    """Decide on one captured UDP payload from address `source` (text) at time `now`.
+
+    `stanzas` are the Stanza objects in config order; `seen(replay_key)` tells
+    whether a packet was already used.  Never raises: every problem becomes a
+    Decision with `accepted` False and a `reason`.  Whenever the packet
+    authenticates, `replay_key` is set, and the caller must record it, accepted
+    or not, so no authenticated packet can be used twice.
+    """
+    decision = Decision(source)
+    # 1. Length and alphabet: the only checks made on unauthenticated bytes.
+    if not MIN_WIRE_LEN <= len(payload) <= MAX_WIRE_LEN:
+        decision.reason = "length %d outside %d-%d" % (len(payload), MIN_WIRE_LEN, MAX_WIRE_LEN)
+        return decision
+    if payload.translate(None, B64_ALPHABET):
+        decision.reason = "not base64"
+        return decision
+    # 2. HMAC against each stanza whose source matches: the first that authenticates wins.
+    candidates = [s for s in stanzas if s.matches_source(source)]
+    if not candidates:
+        decision.reason = "no stanza for source %s" % source
+        return decision
+    for stanza in candidates:
+        n = HMAC_TYPES[stanza.hmac_type][1]
+        signed = SALT_PREFIX + payload[:-n]
+        if hmac.compare_digest(hmac_b64(stanza.hmac_key, signed, stanza.hmac_type),
+                               payload[-n:]):
+            break
+    else:
+        decision.reason = "HMAC does not match any stanza for this source"
+        return decision
+    decision.stanza = stanza
+    # Authenticated from here on.
+    try:
+        raw = b64decode(signed)
+        decision.replay_key = b64encode(hashlib.sha256(raw).digest()).decode()
+        # 3. Decrypt, 4. inner digest and fields.
+        plaintext = decrypt(raw, stanza.key, stanza.mode)
+        if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
+            raise Reject("decryption failed (key_base64 or encryption_mode differ from the client's)")
+        msg = parse_plaintext(plaintext)
+        decision.message = msg
+        # 5. Replay cache, 6. packet age, 7. stanza policy.
+        if seen(decision.replay_key):
+            raise Reject("replayed packet")
+        if abs(now - msg.timestamp) > max_age:
+            raise Reject("packet age %+d s outside the %d s window (check the client's clock)"
+                         % (now - msg.timestamp, max_age))
+        decision.allow_ip, decision.timeout = stanza.authorize(msg, source, now)
+    except Reject as e:
+        decision.reason = str(e)
+        return decision
+    except Exception as e:   # a bug must not stop the server or open anything
+        decision.reason = "internal error %s: %s" % (type(e).__name__, e)
+        return decision
+    decision.accepted = True
+    return decision
+
+
+# ---------------------------------------------------------------------------
+# Config and policy
+# ---------------------------------------------------------------------------
+
+def check_private_file(path):
+    """Refuse a key-bearing file that group or others can read, or that is not ours."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise SpaError("cannot read %s: %s" % (path, e.strerror))
+    if st.st_mode & 0o077:
+        raise SpaError("%s holds keys but is readable by group or others (mode %04o): "
+                       "run 'chmod 600 %s'" % (path, st.st_mode & 0o7777, path))
+    if st.st_uid not in (0, os.geteuid()):
+        raise SpaError("%s holds keys but belongs to another user (uid %d)" % (path, st.st_uid))
+
+
+def read_ini(path):
+    """Read an INI file (after the permission check); [default] gives defaults to every section."""
+    import configparser
+    check_private_file(path)
+    parser = configparser.ConfigParser(default_section="default", interpolation=None,
+                                       inline_comment_prefixes=("#", ";"))
+    try:
+        with open(path) as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise SpaError("cannot read %s: %s" % (path, e.strerror))
+    except configparser.Error as e:
+        raise SpaError("%s: %s" % (path, str(e).replace("\n", " ")))
+    return parser
+
+
+def parse_bool(value, name):
+    v = value.strip().lower()
+    if v in ("y", "yes", "true", "on", "1"):
+        return True
+    if v in ("n", "no", "false", "off", "0"):
+        return False
+    raise SpaError("%s = %r: expected yes or no" % (name, value))
+
+
+def parse_int(value, name, low, high):
+    try:
+        n = int(value)
+    except ValueError:
+        raise SpaError("%s = %r: expected a whole number" % (name, value))
+    if not low <= n <= high:
+        raise SpaError("%s = %d: must be from %d to %d" % (name, n, low, high))
+    return n
+
+
+def parse_key(value, name, low, high):
+    """Decode a base64 key and check its length; never echo the key itself."""
+    try:
+        key = b64decode(value.strip())
+    except (ValueError, UnicodeEncodeError):
+        raise SpaError("%s is not valid base64" % name)
+    if not low <= len(key) <= high:
+        raise SpaError("%s decodes to %d bytes; %d to %d are allowed (spa.py keygen makes good ones)"
+                       % (name, len(key), low, high))
+    return key
+
+
+def parse_hmac_type(value, name="hmac_digest_type"):
+    v = value.strip().lower().replace("-", "_")
+    if v not in HMAC_TYPES:
+        raise SpaError("%s = %r: expected one of %s" % (name, value, ", ".join(HMAC_TYPES)))
+    return v
+
+
+def parse_keys(get, where):
+    """The key triple shared by server stanzas and client sections: (key, hmac_key, hmac_type, mode)."""
+    if not get("key_base64"):
+        raise SpaError("%s: key_base64 is missing (make keys with 'spa.py keygen')" % where)
+    if not get("hmac_key_base64"):
+        raise SpaError("%s: hmac_key_base64 is missing: spa.py always uses an HMAC" % where)
+    key = parse_key(get("key_base64"), where + ": key_base64", 1, 32)
+    hmac_key = parse_key(get("hmac_key_base64"), where + ": hmac_key_base64", 1, 128)
+    if key == hmac_key:
+        raise SpaError("%s: key_base64 and hmac_key_base64 must differ" % where)
+    hmac_type = parse_hmac_type(get("hmac_digest_type") or "sha256", where + ": hmac_digest_type")
+    mode = (get("encryption_mode") or "cbc").strip().lower()
+    if mode not in ENCRYPTION_MODES:
+        raise SpaError("%s: encryption_mode = %r: expected one of %s"
+                       % (where, mode, ", ".join(ENCRYPTION_MODES)))
+    return key, hmac_key, hmac_type, mode
+
+
+class Stanza(object):
+    """One `[client NAME]` section of the server config: who may knock, with which keys, for what."""
+
+    def __init__(self, name, section, protect):
+        import ipaddress
+        where = "[client %s]" % name
+        self.name = name
+        get = lambda option: section.get(option, "").strip()
+        source = get("source") or "any"
+        if source.lower() == "any":
+            self.sources = None
+        else:
+            try:
+                self.sources = [ipaddress.ip_network(s.strip(), strict=False)
+                                for s in source.split(",")]
+            except ValueError as e:
+                raise SpaError("%s: source: %s" % (where, e))
+        self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(get, where)
+        try:
+            self.open_ports = set(parse_access(get("open_ports"), "open_ports")) \
+                if get("open_ports") else set(protect)
+        except ValueError as e:
+            raise SpaError("%s: %s" % (where, e))
+        if not self.open_ports:
+            raise SpaError("%s: open_ports is empty and [server] protects nothing" % where)
+        # A timeout of 0 would mean "forever" to nftables: never allow it.
+        self.fw_access_timeout = parse_int(get("fw_access_timeout") or "30",
+                                           where + ": fw_access_timeout", 1, 86400)
+        self.max_fw_timeout = parse_int(get("max_fw_timeout") or "300",
+                                        where + ": max_fw_timeout", 1, 86400)
+        self.require_username = get("require_username") or None
+        self.require_source_address = parse_bool(get("require_source_address") or "no",
+                                                 where + ": require_source_address")
+        unknown = set(section) - STANZA_OPTIONS - set(section.parser.defaults())
+        if unknown:
+            raise SpaError("%s: unknown option %s" % (where, ", ".join(sorted(unknown))))
+
+    def matches_source(self, source):
+        if self.sources is None:
+            return True
+        import ipaddress
+        address = ipaddress.ip_address(source)
+        return any(address in net for net in self.sources)
+
+    def authorize(self, msg, source, now):
+        """Apply this stanza's policy to an authenticated message: (allow IP, seconds) or Reject."""
+        if msg.msg_type not in SUPPORTED_TYPES:
+            raise Reject("message type %d (%s) is not supported"
+                         % (msg.msg_type, MSG_NAMES[msg.msg_type]))
+        if msg.allow_ip == "0.0.0.0":
+            if self.require_source_address:
+                raise Reject("allow IP 0.0.0.0 refused: require_source_address is on")
+            allow_ip = source
+        else:
+            allow_ip = msg.allow_ip
+        if self.require_username is not None and msg.username != self.require_username:
+            raise Reject("username %r is not the required one" % msg.username)
+        denied = [pp for pp in msg.access if pp not in self.open_ports]
+        if denied:
+            raise Reject("%s not in open_ports" % ",".join("%s/%d" % pp for pp in denied))
+        if msg.msg_type in TIMEOUT_TYPES and msg.client_timeout > 0:
+            timeout = min(msg.client_timeout, self.max_fw_timeout)
+        else:
+            timeout = self.fw_access_timeout
+        return allow_ip, timeout
+
+
+STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
+                  "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
+                  "require_username", "require_source_address"}
+SERVER_OPTIONS = {"interface", "port", "firewall", "protect", "protect_action",
+                  "max_packet_age", "replay_cache", "log"}
+
+
+class ServerConfig(object):
+    """The whole server config: the [server] section and the client stanzas."""
+
+    def __init__(self, path):
+        parser = read_ini(path)
+        self.path = path
+        section = parser["server"] if parser.has_section("server") else {}
+        get = lambda option, default: section.get(option, default).strip()
+        unknown = set(section) - SERVER_OPTIONS - set(parser.defaults())
+        if unknown:
+            raise SpaError("%s: [server]: unknown option %s" % (path, ", ".join(sorted(unknown))))
+        self.interfaces = [i.strip() for i in get("interface", "any").split(",") if i.strip()]
+        self.port = parse_int(get("port", str(DEFAULT_PORT)), "port", 1, 65535)
+        self.firewall = get("firewall", "nft").lower()
+        if self.firewall not in ("nft", "none"):
+            raise SpaError("%s: firewall = %r: expected nft (or none, which changes nothing)"
+                           % (path, self.firewall))
+        try:
+            self.protect = parse_access(get("protect", ""), "protect") if get("protect", "") else []
+        except ValueError as e:
+            raise SpaError("%s: [server]: %s" % (path, e))
+        self.protect_action = get("protect_action", "reject").lower()
+        if self.protect_action not in ("reject", "drop"):
+            raise SpaError("%s: protect_action = %r: expected reject or drop"
+                           % (path, self.protect_action))
+        self.max_packet_age = parse_int(get("max_packet_age", "120"), "max_packet_age", 1, 86400)
+        self.replay_cache = get("replay_cache", DEFAULT_REPLAY_CACHE)
+        self.log = get("log", "stderr").lower()
+        if self.log not in ("stderr", "syslog"):
+            raise SpaError("%s: log = %r: expected stderr or syslog" % (path, self.log))
+        self.stanzas = []
+        for name in parser.sections():
+            kind, _, client = name.partition(" ")
+            if name == "server":
+                continue
+            if kind != "client" or not client.strip():
+                raise SpaError("%s: unknown section [%s]: expected [server] or [client NAME]"
+                               % (path, name))
+            self.stanzas.append(Stanza(client.strip(), parser[name], self.protect))
+        if not self.stanzas:
+            raise SpaError("%s: no [client NAME] section: nobody could knock" % path)
+        if not self.protect:
+            raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
+                           "e.g. protect = tcp/22" % path)
+
+
+# ---------------------------------------------------------------------------
+# Replay cache
+# ---------------------------------------------------------------------------
+
+class ReplayCache(object):
+    """The digests of every authenticated packet, kept durably in a file.
+
+    A line is `<digest> <packet timestamp> <time seen>`.  An entry is kept while
+    its packet could still pass the age check; older entries are pruned, so the
+    file stays small.  `path` None keeps it in memory only (server --test).
+    """
+
+    def __init__(self, path, max_age, now=None):
+        self.path, self.max_age = path, max_age
+        self.entries = {}          # digest -> the later of packet time and time seen
+        self.file = None
+        now = time.time() if now is None else now
+        if path is None:
+            return
+        lines = 0
+        try:
+            with open(path) as f:
+                for line in f:
+                    parts = line.split()
+                    lines += 1
+                    if len(parts) == 3 and not line.startswith("#"):
+                        try:
+                            self.entries[parts[0]] = max(int(parts[1]), int(parts[2]))
+                        except ValueError:
+                            pass
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise SpaError("cannot read the replay cache %s: %s" % (path, e.strerror))
+        self.prune(now)
+        self.rewrite()
+
+    def __contains__(self, digest):
+        return digest in self.entries
+
+    def add(self, digest, packet_time, now):
+        """Record a digest; written and flushed to disk before the caller opens anything."""
+        self.entries[digest] = max(packet_time, int(now))
+        if self.file is not None:
+            self.file.write("%s %d %d\n" % (digest, packet_time, int(now)))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.lines += 1
+            if self.lines > 2 * len(self.entries) + 1000:
+                self.prune(now)
+                self.rewrite()
+
+    def prune(self, now):
+        limit = now - self.max_age
+        self.entries = {d: t for d, t in self.entries.items() if t >= limit}
+
+    def rewrite(self):
+        """Write the live entries to a new file and swap it in atomically."""
+        if self.path is None:
+            return
+        directory = os.path.dirname(os.path.abspath(self.path))
+        tmp = self.path + ".tmp"
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write("# spa.py replay cache: digest packet-time seen-time\n")
+                for digest, t in self.entries.items():
+                    f.write("%s %d %d\n" % (digest, t, t))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            dfd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            if self.file is not None:
+                self.file.close()
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise SpaError("cannot write the replay cache %s: %s" % (self.path, e.strerror))
+        self.lines = len(self.entries)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# ---------------------------------------------------------------------------
+# Firewall back ends: setup(), open(), list(), flush()
+# ---------------------------------------------------------------------------
+
+def run_command(argv, stdin=None):
+    """Run an external command (argument list, never a shell); return stdout or raise SpaError."""
+    import subprocess
+    try:
+        done = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+    except FileNotFoundError:
+        raise SpaError("%s not found: install it (Debian: apt install nftables)" % argv[0])
+    except OSError as e:
+        raise SpaError("cannot run %s: %s" % (argv[0], e.strerror))
+    if done.returncode != 0:
+        raise SpaError("%s failed: %s" % (" ".join(argv[:3]),
+                                          done.stderr.strip().replace("\n", " | ")))
+    return done.stdout
+
+
+class NftFirewall(object):
+    """nftables: our own `inet` table with two timeout sets and one input chain.
+
+    New connections to the protected ports are refused unless (source address,
+    protocol, port) is in a set whose elements carry the kernel's own timeout,
+    so an opening closes on time even when the server has died.  Connections
+    opened during the window keep working after it closes (conntrack).
+    """
+
+    name = "nft"
+
+    def __init__(self, protect, action="reject", table=NFT_TABLE, log=None):
+        self.protect, self.action, self.table = protect, action, table
+        self.log = log
+        self.ends = {}         # (address, proto, port) -> wall-clock end of the opening
+
+    def _nft(self, commands):
+        return run_command(["nft", "-f", "-"], "\n".join(commands) + "\n")
+
+    def setup(self):
+        """Create or refresh the table; openings still in force survive a restart."""
+        t = "inet " + self.table
+        sets = ["add set %s allow4 { type ipv4_addr . inet_proto . inet_service; flags timeout; }" % t,
+                "add set %s allow6 { type ipv6_addr . inet_proto . inet_service; flags timeout; }" % t]
+        chain = ["add chain %s input { type filter hook input priority 0; policy accept; }" % t,
+                 "flush chain %s input" % t,
+                 "add rule %s input ct state established,related accept" % t,
+                 "add rule %s input ip saddr . meta l4proto . th dport @allow4 accept" % t,
+                 "add rule %s input ip6 saddr . meta l4proto . th dport @allow6 accept" % t]
+        for proto in ("tcp", "udp"):
+            ports = sorted(p for pr, p in self.protect if pr == proto)
+            if not ports:
+                continue
+            verdict = "drop" if self.action == "drop" else \
+                ("reject with tcp reset" if proto == "tcp" else "reject")
+            chain.append("add rule %s input meta l4proto %s th dport { %s } %s"
+                         % (t, proto, ", ".join(map(str, ports)), verdict))
+        try:
+            self._nft(["add table " + t] + sets + chain)
+        except SpaError:
+            # A table left by an incompatible version: start it afresh.
+            self._nft(["add table " + t, "delete table " + t, "add table " + t] + sets + chain)
+        now = time.time()
+        self.ends = {(a, p, port): now + left for a, p, port, left in self.list()}
+
+    def open(self, address, proto, port, timeout, now=None):
+        """Open (address, proto, port) for `timeout` seconds; never shortens an opening."""
+        now = time.time() if now is None else now
+        key = (address, proto, port)
+        if self.ends.get(key, 0) >= now + timeout:
+            return False
+        element = "inet %s %s { %s . %d . %d%%s }" % (
+            self.table, "allow6" if ":" in address else "allow4", address,
+            PROTO_NUMBERS[proto], port)
+        timed = element % (" timeout %ds" % timeout)
+        # Re-adding does not refresh a timeout on older kernels: delete and add in one batch.
+        self._nft(["add element " + timed, "delete element " + element % "",
+                   "add element " + timed])
+        self.ends[key] = now + timeout
+        return True
+
+    def list(self):
+        """The openings in force, read from the kernel: [(address, proto, port, seconds left)]."""
+        import json
+        result = []
+        for name in ("allow4", "allow6"):
+            try:
+                out = self._list_set(name)
+            except SpaError:
+                continue
+            for item in json.loads(out)["nftables"]:
+                for elem in item.get("set", {}).get("elem", []):
+                    e = elem.get("elem", {})
+                    address, proto, port = e["val"]["concat"]
+                    if isinstance(proto, int):
+                        proto = {6: "tcp", 17: "udp"}.get(proto, str(proto))
+                    result.append((address, proto, int(port), int(e.get("expires", 0))))
+        return result
+
+    def _list_set(self, name):
+        return run_command(["nft", "-j", "list", "set", "inet", self.table, name])
+
+    def flush(self):
+        """Remove our table: the protected ports are no longer kept dark."""
+        try:
+            run_command(["nft", "list", "table", "inet", self.table])
+        except SpaError:
+            return False
+        self._nft(["delete table inet " + self.table])
+        return True
+
+
+class DryRunFirewall(object):
+    """Changes nothing; records what it would do (server --test, firewall = none)."""
+
+    name = "none"
+
+    def __init__(self, protect, action="reject", log=None):
+        self.protect, self.action, self.log = protect, action, log
+        self.opened = []
+
+    def setup(self):
+        if self.log:
+            self.log.info("test mode: would protect %s (%s)", format_access(self.protect),
+                          self.action)
+
+    def open(self, address, proto, port, timeout, now=None):
+        self.opened.append((address, proto, port, timeout))
+        return True
+
+    def list(self):
+        return []
+
+    def flush(self):
+        return False
+
+
+def make_firewall(config, test, log=None):
+    if test or config.firewall == "none":
+        return DryRunFirewall(config.protect, config.protect_action, log)
+    return NftFirewall(config.protect, config.protect_action, log=log)
+
+
+def format_access(access):
+    return ",".join("%s/%d" % pp for pp in access)
+
+
+# ---------------------------------------------------------------------------
+# Capture: AF_PACKET sockets with a BPF filter in the kernel
+# ---------------------------------------------------------------------------
+
+ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
+SO_ATTACH_FILTER = 26
+SKF_AD_PROTOCOL = 0xFFFFF000          # SKF_AD_OFF + 0: the frame's ethertype
+SKF_AD_PKTTYPE = 0xFFFFF004           # SKF_AD_OFF + 4: PACKET_HOST, _OUTGOING, ...
+PACKET_HOST = 0
+
+
+def bpf_filter(port):
+    """A classic BPF program passing only UDP to `port`, IPv4 or IPv6, addressed to this host,
+    unfragmented, with a payload length spa.py could accept.  It runs on cooked
+    (SOCK_DGRAM) frames, where the IP header starts at offset 0, so it works on
+    any link type.  Returns a list of (code, jt, jf, k) with jumps resolved.
+    """
+    lo, hi = MIN_WIRE_LEN + 8, MAX_WIRE_LEN + 8           # UDP length = payload + 8
+    prog = [
+        ("ld", SKF_AD_PKTTYPE), ("jeq", PACKET_HOST, None, "drop"),
+        ("ld", SKF_AD_PROTOCOL), ("jeq", ETH_P_IP, None, "v6"),
+        ("ldb", 9), ("jeq", 17, None, "drop"),              # IPv4: protocol UDP
+        ("ldh", 6), ("jset", 0x3FFF, "drop", None),         # no fragments
+        ("ldxmsh", 0),                                      # X = IPv4 header length
+        ("ldhx", 2), ("jeq", port, None, "drop"),           # UDP destination port
+        ("ldhx", 4), ("jge", lo, None, "drop"), ("jgt", hi, "drop", "pass"),
+        ("v6:",), ("jeq", ETH_P_IPV6, None, "drop"),
+        ("ldb", 6), ("jeq", 17, None, "drop"),              # IPv6: next header UDP
+        ("ldh", 42), ("jeq", port, None, "drop"),
+        ("ldh", 44), ("jge", lo, None, "drop"), ("jgt", hi, "drop", "pass"),
+        ("pass:",), ("ret", 0xFFFF),
+        ("drop:",), ("ret", 0),
+    ]
+    codes = {"ld": 0x20, "ldh": 0x28, "ldb": 0x30, "ldxmsh": 0xB1, "ldhx": 0x48,
+             "jeq": 0x15, "jgt": 0x25, "jge": 0x35, "jset": 0x45, "ret": 0x06}
+    labels, insns = {}, []
+    for op in prog:
+        if op[0].endswith(":"):
+            labels[op[0][:-1]] = len(insns)
+        else:
+            insns.append(op)
+    out = []
+    for i, op in enumerate(insns):
+        if op[0].startswith("j"):
+            jt, jf = (0 if t is None else labels[t] - i - 1 for t in op[2:4])
+            out.append((codes[op[0]], jt, jf, op[1]))
+        else:
+            out.append((codes[op[0]], 0, 0, op[1]))
+    return out
+
+
+def attach_filter(sock, program):
+    import ctypes
+    blob = b"".join(struct.pack("HBBI", *insn) for insn in program)
+    buf = ctypes.create_string_buffer(blob)
+    fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def open_capture(interface, port):
+    """One non-blocking AF_PACKET socket that sees the knocks even when the firewall drops them."""
+    try:
+        if interface == "any":
+            # Python cannot bind to "all interfaces": leave the socket unbound instead.
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+        else:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+    except PermissionError:
+        raise SpaError("capture needs root (CAP_NET_RAW): run the server as root")
+    attach_filter(sock, bpf_filter(port))
+    if interface != "any":
+        try:
+            sock.bind((interface, ETH_P_ALL))
+        except OSError as e:
+            sock.close()
+            raise SpaError("cannot capture on interface %r: %s" % (interface, e.strerror))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)   # SO_RCVBUFFORCE, 4 MiB
+    except OSError:
+        pass
+    sock.setblocking(False)
+    # Frames queued before the filter was attached (unbound socket) are dropped here.
+    while interface == "any":
+        try:
+            sock.recv(1)
+        except BlockingIOError:
+            break
+    return sock
+
+
+def parse_frame(frame):
+    """Source address and UDP payload of an IP frame the BPF filter passed, or (None, b'')."""
+    if len(frame) < 28:
+        return None, b""
+    version = frame[0] >> 4
+    if version == 4:
+        ihl = (frame[0] & 15) * 4
+        src = socket.inet_ntop(socket.AF_INET, frame[12:16])
+        udp = ihl
+    elif version == 6 and len(frame) >= 48:
+        src = socket.inet_ntop(socket.AF_INET6, frame[8:24])
+        udp = 40
+    else:
+        return None, b""
+    length = struct.unpack_from("!H", frame, udp + 4)[0] if len(frame) >= udp + 8 else 0
+    return src, frame[udp + 8:udp + length]
+
+
+# ---------------------------------------------------------------------------
+# Logging: one line per decision, rejections rate-limited, never key material
+# ---------------------------------------------------------------------------
+
+def make_logger(where, verbose):
+    import logging
+    import logging.handlers
+    log = logging.getLogger("spa")
+    log.handlers[:] = []
+    log.propagate = False
+    if where == "syslog":
+        try:
+            handler = logging.handlers.SysLogHandler(
+                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        except OSError as e:
+            raise SpaError("cannot log to syslog (/dev/log): %s" % e.strerror)
+        handler.setFormatter(logging.Formatter("spa[%(process)d]: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s spa: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    return log
+
+
+class RateLimiter(object):
+    """A token bucket for rejected-packet log lines: a flood cannot fill the disk."""
+
+    def __init__(self, rate=5.0, burst=20):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = float(burst), time.monotonic()
+        self.suppressed = 0
+
+    def allow(self, now=None):
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self):
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+
+# ---------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------
+
+class Server(object):
+    """Capture, decide, record, open: the imperative shell around decide()."""
+
+    def __init__(self, config, firewall, replay, log):
+        self.config, self.firewall, self.replay, self.log = config, firewall, replay, log
+        self.limiter = RateLimiter()
+        self.sockets = []
+        self.counts = {"accepted": 0, "rejected": 0}
+
+    def handle(self, payload, source, now=None):
+        """Decide on one payload and act on the decision; returns the Decision."""
+        now = time.time() if now is None else now
+        d = decide(payload, source, now, self.config.stanzas, self.replay.__contains__,
+                   self.config.max_packet_age)
+        if d.replay_key is not None and d.replay_key not in self.replay:
+            stamp = d.message.timestamp if d.message is not None else int(now)
+            self.replay.add(d.replay_key, stamp, now)
+        if not d.accepted:
+            self.counts["rejected"] += 1
+            if self.limiter.allow():
+                stanza = " [client %s]" % d.stanza.name if d.stanza else ""
+                self.log.info("rejected packet from %s%s: %s", source, stanza, d.reason)
+            return d
+        self.counts["accepted"] += 1
+        msg = d.message
+        try:
+            for proto, port in msg.access:
+                self.firewall.open(d.allow_ip, proto, port, d.timeout, now)
+        except SpaError as e:
+            self.log.error("firewall change failed for %s: %s", d.allow_ip, e)
+            return d
+        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s",
+                      source, d.stanza.name, msg.username, format_access(msg.access),
+                      d.allow_ip, d.timeout, " (test mode: firewall unchanged)"
+                      if isinstance(self.firewall, DryRunFirewall) else "")
+        return d
+
+    def open_sockets(self):
+        for interface in self.config.interfaces:
+            self.sockets.append(open_capture(interface, self.config.port))
+
+    def run(self, stop_after=None):
+        """Wait on the capture sockets and handle each knock as it arrives."""
+        import select
+        poller = select.poll()
+        by_fd = {}
+        for sock in self.sockets:
+            poller.register(sock, select.POLLIN)
+            by_fd[sock.fileno()] = sock
+        next_housekeeping = time.monotonic() + 10
+        while stop_after is None or sum(self.counts.values()) < stop_after:
+            wait = max(0, next_housekeeping - time.monotonic())
+            for fd, _ in poller.poll(wait * 1000):
+                sock = by_fd[fd]
+                for _ in range(64):            # a batch, then let the other sockets in
+                    try:
+                        frame = sock.recv(2048)
+                    except BlockingIOError:
+                        break
+                    source, payload = parse_frame(frame)
+                    if source is not None:
+                        self.handle(payload, source)
+            if time.monotonic() >= next_housekeeping:
+                next_housekeeping = time.monotonic() + 10
+                self.replay.prune(time.time())
+                n = self.limiter.take_suppressed()
+                if n:
+                    self.log.info("%d more rejected packets were not logged (rate limit)", n)
+
+
+def server_main(args):
+    config = ServerConfig(args.config)
+    log = make_logger("stderr" if args.test else config.log, args.verbose)
+    firewall = make_firewall(config, args.test, log)
+    if args.flush:
+        removed = firewall.flush()
+        print("removed table inet %s" % NFT_TABLE if removed else "nothing to remove")
+        return 0
+    if args.list:
+        rows = firewall.list()
+        for address, proto, port, left in sorted(rows):
+            print("%-40s %s/%-5d %5d s left" % (address, proto, port, left))
+        if not rows:
+            print("no open authorizations")
+        return 0
+    # Replay cache first, so a config or permission problem stops us before any change.
+    replay = ReplayCache(None if args.test else config.replay_cache, config.max_packet_age)
+    server = Server(config, firewall, replay, log)
+    server.open_sockets()
+    firewall.setup()
+    log.info("listening on %s udp/%d; protecting %s (%s); %d client stanza(s)%s",
+             ",".join(config.interfaces), config.port, format_access(config.protect),
+             config.protect_action, len(config.stanzas), "; test mode" if args.test else "")
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        replay.close()
+    log.info("stopping: protected ports stay closed; openings expire on their own")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------
+
+CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip", "fw_timeout",
+                  "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode"}
+
+
+def login_name():
+    for var in ("LOGNAME", "USER"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return "NO_USER"
+
+
+def client_settings(args):
+    """Merge the client's config section (if any) with the command line, which wins."""
+    section = {}
+    if args.config:
+        parser = read_ini(os.path.expanduser(args.config))
+        name = args.name or "default"
+        if name != "default" and not parser.has_section(name):
+            raise SpaError("%s has no section [%s] (it has: %s)"
+                           % (args.config, name, ", ".join(parser.sections()) or "none"))
+        section = parser[name] if name != "default" else parser.defaults()
+        unknown = set(section) - CLIENT_OPTIONS
+        if unknown:
+            raise SpaError("%s: [%s]: unknown option %s"
+                           % (args.config, name, ", ".join(sorted(unknown))))
+    elif args.name:
+        raise SpaError("-n/--name needs -c/--config FILE")
+    opts = {}
+    for option in CLIENT_OPTIONS:
+        value = getattr(args, option, None)
+        if value is None:
+            value = section.get(option)
+        opts[option] = value.strip() if isinstance(value, str) else value
+    return opts
+
+
+def build_packet(opts, now=None):
+    """Validate the client's settings and build (Message, wire text) for them."""
+    get = lambda option: opts.get(option) or ""
+    where = "client"
+    key, hmac_key, hmac_type, mode = parse_keys(get, where)
+    if not opts.get("destination"):
+        raise SpaError("no destination: give -D HOST or destination = HOST in the config section")
+    if not opts.get("access"):
+        raise SpaError("no ports to open: give -A tcp/22 or access = tcp/22")
+    try:
+        access = parse_access(opts["access"])
+    except ValueError as e:
+        raise SpaError(str(e))
+    source_ip = opts.get("source_ip")
+    if isinstance(source_ip, str):
+        source_ip = parse_bool(source_ip, "source_ip")
+    allow_ip = opts.get("allow_ip") or "0.0.0.0"
+    if source_ip and opts.get("allow_ip"):
+        raise SpaError("give either -a/--allow-ip or -s/--source-ip, not both")
+    if not _is_ipv4(allow_ip):
+        raise SpaError("allow IP %r: fwknop's format carries only an IPv4 address; "
+                       "leave it out (-s) to open for the address the packet comes from" % allow_ip)
+    timeout = parse_int(str(opts.get("fw_timeout") or 0), "fw_timeout", 0, 65535)
+    user = opts.get("user") or login_name()
+    if not _valid_username(user) or len(user.encode()) > 48:
+        raise SpaError("user %r: up to 48 characters, without any of %s"
+                       % (user, "".join(sorted(USERNAME_FORBIDDEN))))
+    msg = Message(user, allow_ip, access, timeout,
+                  timestamp=int(time.time() if now is None else now))
+    wire = seal(msg.encode(), key, hmac_key, hmac_type, mode)
+    if len(wire) > MAX_WIRE_LEN:
+        raise SpaError("the packet would be %d characters; fwknop servers accept at most %d: "
+                       "ask for fewer ports" % (len(wire), MAX_WIRE_LEN))
+    return msg, wire
+
+
+def send_packet(wire, host, port):
+    """Send the packet as one UDP datagram to the first address `host` resolves to."""
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise SpaError("cannot resolve %s: %s" % (host, e.strerror))
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        try:
+            sock.sendto(wire, address)
+        except OSError as e:
+            raise SpaError("cannot send to %s port %d: %s" % (address[0], port, e.strerror))
+    return address[0]
+
+
+def client_main(args):
+    opts = client_settings(args)
+    msg, wire = build_packet(opts)
+    port = parse_int(str(opts.get("server_port") or DEFAULT_PORT), "server_port", 1, 65535)
+    if args.verbose:
+        print(msg.describe(), file=sys.stderr)
+    if args.test:
+        print(wire.decode())
+        return 0
+    address = send_packet(wire, opts["destination"], port)
+    if args.verbose:
+        print("sent %d bytes to %s udp/%d" % (len(wire), address, port), file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# keygen
+# ---------------------------------------------------------------------------
+
+def keygen_text(hmac_type="sha256", name="myhost", destination="HOST", access="tcp/22"):
+    key = base64.b64encode(os.urandom(32)).decode()
+    hmac_key = base64.b64encode(os.urandom(HMAC_KEY_BYTES[hmac_type])).decode()
+    return """KEY_BASE64: {key}
+HMAC_KEY_BASE64: {hkey}
+
+# On the server, in /etc/spa/spa.conf (mode 0600):
+[client {name}]
+source = any
+open_ports = {access}
+key_base64 = {key}
+hmac_key_base64 = {hkey}
+hmac_digest_type = {htype}
+
+# On the client, in ~/.spa.conf (mode 0600), then: spa.py client -c ~/.spa.conf -n {name}
+[{name}]
+destination = {dest}
+access = {access}
+key_base64 = {key}
+hmac_key_base64 = {hkey}
+hmac_digest_type = {htype}
+""".format(key=key, hkey=hmac_key, htype=hmac_type, name=name, dest=destination, access=access)
+
+
+def keygen_main(args):
+    hmac_type = parse_hmac_type(args.hmac_digest, "--hmac-digest")
+    try:
+        parse_access(args.access)
+    except ValueError as e:
+        raise SpaError(str(e))
+    text = keygen_text(hmac_type, args.name, args.destination, args.access)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise SpaError("%s already exists: keygen never overwrites keys" % args.output)
+    except OSError as e:
+        raise SpaError("cannot create %s: %s" % (args.output, e.strerror))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    print("wrote new keys to %s (mode 0600)" % args.output, file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+EXAMPLES = """examples:
+  spa.py keygen -n web1 -D web1.example.org -A tcp/22 -o web1.keys
+  spa.py server -c /etc/spa/spa.conf
+  spa.py client -c ~/.spa.conf -n web1 && ssh web1.example.org
+"""
+
+
+def build_parser():
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="spa.py", formatter_class=fmt, epilog=EXAMPLES,
+        description="Single Packet Authorization, wire-compatible with fwknop.")
+    p.add_argument("--version", action="version", version="spa.py " + VERSION)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    k = sub.add_parser("keygen", formatter_class=fmt, help="make a new key pair",
+                       description="Print fresh random keys (as `fwknop --key-gen` does) and "
+                       "ready-to-paste server and client sections.",
+                       epilog="example:\n  spa.py keygen -n web1 -D web1.example.org -o web1.keys")
+    k.add_argument("--hmac-digest", default="sha256", metavar="TYPE",
+                   help="sha256 (default), sha384 or sha512")
+    k.add_argument("-n", "--name", default="myhost", help="the section name to print")
+    k.add_argument("-D", "--destination", default="HOST", help="the server, for the client section")
+    k.add_argument("-A", "--access", default="tcp/22", help="the ports, e.g. tcp/22,tcp/443")
+    k.add_argument("-o", "--output", metavar="FILE", help="write to a new file with mode 0600")
+
+    c = sub.add_parser("client", formatter_class=fmt, help="send a knock",
+                       description="Build one SPA packet and send it over UDP (no privileges needed).",
+                       epilog="examples:\n  spa.py client -c ~/.spa.conf -n web1\n"
+                       "  spa.py client -D 198.51.100.7 -A tcp/22 -c ~/.spa.conf -n web1 --test -v\n\n"
+                       "Keys given on the command line are visible to every user in the process\n"
+                       "list: keep them in a config file of mode 0600 instead.")
+    c.add_argument("-D", "--destination", metavar="HOST", help="the server: name, IPv4 or IPv6")
+    c.add_argument("-p", "--server-port", dest="server_port", metavar="PORT",
+                   help="UDP port of the server (default %d)" % DEFAULT_PORT)
+    c.add_argument("-A", "--access", metavar="PORTS", help="ports to open, e.g. tcp/22,udp/53")
+    c.add_argument("-a", "--allow-ip", dest="allow_ip", metavar="IP",
+                   help="open for this IPv4 address instead of the packet's source")
+    c.add_argument("-s", "--source-ip", dest="source_ip", action="store_const", const=True,
+                   help="open for the address the packet comes from (the default)")
+    c.add_argument("-f", "--fw-timeout", dest="fw_timeout", metavar="SECONDS",
+                   help="ask for this many seconds (the server caps it)")
+    c.add_argument("-U", "--user", metavar="NAME", help="username to send (default: login name)")
+    c.add_argument("--key-base64", dest="key_base64", metavar="KEY", help="encryption key")
+    c.add_argument("--hmac-key-base64", dest="hmac_key_base64", metavar="KEY", help="HMAC key")
+    c.add_argument("--hmac-digest", dest="hmac_digest_type", metavar="TYPE",
+                   help="HMAC type: sha256 (default), sha384, sha512")
+    c.add_argument("-c", "--config", metavar="FILE", help="read settings from this INI file")
+    c.add_argument("-n", "--name", metavar="SECTION", help="the section of the config to use")
+    c.add_argument("--test", action="store_true", help="print the packet instead of sending it")
+    c.add_argument("-v", "--verbose", action="store_true", help="print the packet's fields")
+
+    s = sub.add_parser("server", formatter_class=fmt, help="run the server (root)",
+                       description="Capture knocks and open the firewall for authorised clients.",
+                       epilog="examples:\n  spa.py server -c /etc/spa/spa.conf -v\n"
+                       "  spa.py server -c /etc/spa/spa.conf --list\n"
+                       "  spa.py server -c /etc/spa/spa.conf --flush")
+    s.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help="config file (default %s)" % DEFAULT_CONFIG)
+    s.add_argument("-v", "--verbose", action="store_true", help="log more")
+    s.add_argument("--test", action="store_true",
+                   help="capture and decide, but change neither firewall nor replay cache")
+    s.add_argument("--list", action="store_true", help="print the open authorizations and exit")
+    s.add_argument("--flush", action="store_true",
+                   help="remove everything spa.py put in the firewall and exit")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    handler = {"keygen": keygen_main, "client": client_main, "server": server_main}
+    try:
+        return handler[args.command](args)
+    except SpaError as e:
+        print("spa.py %s: error: %s" % (args.command, e), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

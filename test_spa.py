@@ -670,3 +670,308 @@ def test_parse_frame():
     good = knock()
     src, payload = spa.parse_frame(ipv4_udp(62201, good, ihl=6) + b"\0" * 10)   # link padding
     assert src == "198.18.0.2" and payload == good
+
+
+# ---------------------------------------------------------------------------
+# Integration: network namespaces, real nftables, real capture, real peers
+# ---------------------------------------------------------------------------
+
+import shutil  # noqa: E402  (only the integration tests need these)
+
+import netns_lab  # noqa: E402
+from netns_lab import Lab, need_lab, tcp_connect_ok, udp_send, wait_for_line, wait_tcp_open  # noqa: E402
+
+SERVICE_PORT = 8022
+KNOCKS = []      # knock-to-open times seen, printed at the end of the run (pytest -s)
+
+
+def need_nft():
+    need_lab("nft")
+    netns_lab.need(_crypto_ok(), "pycryptodome is not installed")
+
+
+def _crypto_ok():
+    try:
+        spa.aes_module()
+        return True
+    except spa.SpaError:
+        return False
+
+
+def start_server(lab, tmp_path, stanzas=None, name="spa.conf", **server):
+    """Write a config (service port protected, short timeouts) and start spa.py's server in srv."""
+    opts = {"protect": "tcp/%d" % SERVICE_PORT, "interface": "any",
+            "replay_cache": str(tmp_path / "replay.cache")}
+    opts.update(server)
+    lines = ["[server]"] + ["%s = %s" % kv for kv in opts.items()]
+    for sname, options in (stanzas or {"alice": {"fw_access_timeout": "3"}}).items():
+        merged = {"key_base64": KEY, "hmac_key_base64": HMAC_KEY}
+        merged.update(options)
+        lines.append("[client %s]" % sname)
+        lines += ["%s = %s" % kv for kv in merged.items()]
+    conf = write_private(tmp_path / name, "\n".join(lines) + "\n")
+    proc = lab.spawn("srv", [sys.executable, SPA, "server", "-c", conf, "-v"])
+    wait_for_line(proc, r"listening on", 15)
+    proc.conf = conf
+    return proc
+
+
+def client_knock(lab, ns, dest, *extra):
+    """Run `spa.py client` in a namespace with the test keys; returns when the packet is sent."""
+    argv = [sys.executable, SPA, "client", "-D", dest, "-A", "tcp/%d" % SERVICE_PORT,
+            "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY, "-U", "alice"] + list(extra)
+    return lab.run(ns, argv)
+
+
+def packet(**kw):
+    return knock([("tcp", SERVICE_PORT)], **kw)
+
+
+def timed_knock(lab, ns, dest, wire=None):
+    """Send a knock from `ns`; return seconds until a TCP connect to the service succeeds."""
+    wire = packet() if wire is None else wire
+    start = time.monotonic()
+    udp_send(lab.name(ns), dest, spa.DEFAULT_PORT, wire)
+    opened = wait_tcp_open(lab.name(ns), dest, SERVICE_PORT, 1.0, poll_ms=1)
+    if opened is not None:
+        KNOCKS.append(time.monotonic() - start)
+    return opened
+
+
+def closed(lab, ns, dest):
+    return not tcp_connect_ok(lab.name(ns), dest, SERVICE_PORT, timeout=0.3)
+
+
+def test_knock_opens_for_the_knocker_alone_ipv4_and_ipv6(tmp_path):
+    need_nft()
+    with Lab(clients=2, prefix="spa") as lab:
+        for addr in (Lab.srv4(1), Lab.srv6(1), Lab.srv4(2), Lab.srv6(2)):
+            lab.tcp_service("srv", addr, SERVICE_PORT)
+        server = start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "30"}})
+        for ns, dest in (("cli1", Lab.srv4(1)), ("cli1", Lab.srv6(1)), ("cli2", Lab.srv4(2))):
+            assert closed(lab, ns, dest), "protected port open before any knock"
+        # The real client, over IPv4: the port opens within a second.
+        client_knock(lab, "cli1", Lab.srv4(1))
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 1.0) is not None
+        wait_for_line(server, r"accepted packet from 198\.18\.1\.2 \[client alice\] user alice: "
+                      r"opened tcp/8022 for 198\.18\.1\.2 for 30 s", 2)
+        # ...for that address alone: the other client, and IPv6 from the same host, stay shut.
+        assert closed(lab, "cli2", Lab.srv4(2))
+        assert closed(lab, "cli1", Lab.srv6(1))
+        # IPv6, with the real client too.
+        client_knock(lab, "cli1", Lab.srv6(1))
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv6(1), SERVICE_PORT, 1.0) is not None
+        assert closed(lab, "cli2", Lab.srv6(2))
+        listed = spa_list(lab, server.conf)
+        assert re.search(r"198\.18\.1\.2\s+tcp/8022\s+(29|30) s left", listed)
+        assert re.search(r"2001:db8:1::2\s+tcp/8022\s+(29|30) s left", listed)
+        # Timed knocks from fresh packets, both families, each from a closed port.
+        for _ in range(5):
+            lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])
+            assert closed(lab, "cli2", Lab.srv4(2))
+            assert timed_knock(lab, "cli2", Lab.srv4(2), packet()) is not None
+        assert timed_knock(lab, "cli2", Lab.srv6(2)) is not None
+
+
+def spa_list(lab, conf):
+    return lab.run("srv", [sys.executable, SPA, "server", "-c", conf, "--list"]).stdout
+
+
+def test_opening_closes_on_time_and_established_connections_survive(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "2"}})
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+        conn = netns_lab.ns_socket(lab.name("cli1"))
+        conn.settimeout(2)
+        conn.connect((Lab.srv4(1), SERVICE_PORT))
+        assert conn.recv(100) == b"netns-lab\n"
+        time.sleep(2.5)
+        assert closed(lab, "cli1", Lab.srv4(1)), "opening outlived its timeout"
+        conn.sendall(b"still here")
+        assert conn.recv(100) == b"still here"      # the established connection survives
+        conn.close()
+
+
+def test_replay_opens_nothing_even_after_a_restart(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        server = start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "1"}})
+        wire = packet()
+        assert timed_knock(lab, "cli1", Lab.srv4(1), wire) is not None
+        time.sleep(1.5)
+        assert closed(lab, "cli1", Lab.srv4(1))
+        udp_send(lab.name("cli1"), Lab.srv4(1), spa.DEFAULT_PORT, wire)
+        wait_for_line(server, r"rejected packet from 198\.18\.1\.2 \[client alice\]: replayed packet", 2)
+        assert closed(lab, "cli1", Lab.srv4(1))
+        lab.stop_process(server)
+        server = start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "1"}})
+        udp_send(lab.name("cli1"), Lab.srv4(1), spa.DEFAULT_PORT, wire)
+        wait_for_line(server, r"replayed packet", 2)
+        assert closed(lab, "cli1", Lab.srv4(1))
+
+
+def test_sigkill_leaves_the_port_dark_and_the_opening_closes_on_time(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        server = start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "2"}})
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+        os.kill(server.pid, 9)
+        server.wait(5)
+        assert not closed(lab, "cli1", Lab.srv4(1))     # still open: the kernel keeps time
+        time.sleep(2.5)
+        assert closed(lab, "cli1", Lab.srv4(1)), "opening outlived the server's death"
+        ruleset = lab.run("srv", ["nft", "list", "table", "inet", "spa"]).stdout
+        assert "reject with tcp reset" in ruleset       # fail closed
+
+
+def test_capture_sees_knocks_the_firewall_drops(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        # The host's own firewall drops the knock port, early and at ingress.
+        lab.run("srv", ["nft", "-f", "-"], input=(
+            "table inet hostile {\n chain in {\n type filter hook input priority -300;\n"
+            "udp dport %d drop\n }\n}\n"
+            "table netdev edge {\n chain in {\n type filter hook ingress device %s priority 0;\n"
+            "udp dport %d drop\n }\n}\n" % (spa.DEFAULT_PORT, lab.srv_if[1], spa.DEFAULT_PORT)))
+        start_server(lab, tmp_path, interface=lab.srv_if[1])
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+
+
+def test_only_the_configured_interface_and_port_are_watched(tmp_path):
+    need_nft()
+    with Lab(clients=2, prefix="spa") as lab:
+        for k in (1, 2):
+            lab.tcp_service("srv", Lab.srv4(k), SERVICE_PORT)
+        server = start_server(lab, tmp_path, interface=lab.srv_if[1])
+        udp_send(lab.name("cli2"), Lab.srv4(2), spa.DEFAULT_PORT, packet())  # other interface
+        udp_send(lab.name("cli1"), Lab.srv4(1), spa.DEFAULT_PORT + 1, packet())  # other port
+        udp_send(lab.name("cli1"), Lab.srv4(1), spa.DEFAULT_PORT, b"A" * 204)   # garbage
+        wait_for_line(server, r"rejected packet from 198\.18\.1\.2: HMAC does not match", 2)
+        assert closed(lab, "cli2", Lab.srv4(2)) and closed(lab, "cli1", Lab.srv4(1))
+        assert "accepted" not in server.log.text()
+        # The knock port answers exactly like any other unused UDP port (here the kernel's
+        # ICMP port unreachable, as this host has no firewall of its own): it does not stand out.
+        assert udp_answer(lab, spa.DEFAULT_PORT) == udp_answer(lab, 62299) == "refused"
+        wait_for_line(server, r"accepted", 2)
+
+
+def udp_answer(lab, port):
+    with netns_lab.ns_socket(lab.name("cli1"), netns_lab.socket.AF_INET,
+                             netns_lab.socket.SOCK_DGRAM) as s:
+        s.connect((Lab.srv4(1), port))
+        s.send(packet())
+        s.settimeout(0.5)
+        try:
+            return "answer %r" % s.recv(100)
+        except ConnectionRefusedError:
+            return "refused"
+        except netns_lab.socket.timeout:
+            return "silence"
+
+
+def test_test_mode_and_flush(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        conf_dir = tmp_path / "t"
+        conf_dir.mkdir()
+        proc = start_server(lab, conf_dir)
+        lab.stop_process(proc)
+        # --test: decides, logs, changes nothing (the table from before stays as it was).
+        lab.run("srv", [sys.executable, SPA, "server", "-c", proc.conf, "--flush"])
+        assert lab.run("srv", ["nft", "list", "tables"]).stdout.strip() == ""
+        with open(str(conf_dir / "replay.cache")) as f:
+            cache_before = f.read()
+        test = lab.spawn("srv", [sys.executable, SPA, "server", "-c", proc.conf, "--test"])
+        wait_for_line(test, r"listening on .*test mode", 15)
+        udp_send(lab.name("cli1"), Lab.srv4(1), spa.DEFAULT_PORT, packet())
+        wait_for_line(test, r"accepted .* \(test mode: firewall unchanged\)", 2)
+        assert lab.run("srv", ["nft", "list", "tables"]).stdout.strip() == ""
+        with open(str(conf_dir / "replay.cache")) as f:
+            assert f.read() == cache_before
+        # The real server, then --flush: the port is no longer protected at all.
+        lab.stop_process(test)
+        start_server(lab, conf_dir)
+        assert closed(lab, "cli1", Lab.srv4(1))
+        out = lab.run("srv", [sys.executable, SPA, "server", "-c", proc.conf, "--flush"]).stdout
+        assert "removed table inet spa" in out
+        assert not closed(lab, "cli1", Lab.srv4(1))
+
+
+def test_missing_interface_is_a_clear_error(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        conf = write_private(tmp_path / "spa.conf", "[server]\nprotect = tcp/22\ninterface = nope0\n"
+                             "replay_cache = %s\n[client a]\nkey_base64 = %s\nhmac_key_base64 = %s\n"
+                             % (tmp_path / "r", KEY, HMAC_KEY))
+        done = lab.run("srv", [sys.executable, SPA, "server", "-c", conf], check=False)
+        assert done.returncode == 1
+        assert "cannot capture on interface 'nope0'" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+# --- interoperability with the real fwknop 2.6.10 -------------------------------------------
+
+def test_fwknop_client_opens_a_port_on_spa_server(tmp_path):
+    need_nft()
+    need_lab("fwknop")
+    key, hmac_key = netns_lab.fwknop_keygen()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        server = start_server(lab, tmp_path, {"fw": {"key_base64": key, "hmac_key_base64": hmac_key,
+                                                     "fw_access_timeout": "5"}})
+        assert closed(lab, "cli1", Lab.srv4(1))
+        argv = netns_lab.fwknop_client_argv(Lab.srv4(1), "tcp/%d" % SERVICE_PORT, key, hmac_key,
+                                            "-U", "fwuser")
+        lab.run("cli1", argv)
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 1.0) is not None
+        wait_for_line(server, r"accepted packet from 198\.18\.1\.2 \[client fw\] user fwuser", 2)
+        # fwknop's client timeout (-f, message type 3) is honoured as well.
+        lab.run("cli1", netns_lab.fwknop_client_argv(Lab.srv4(1), "tcp/%d" % SERVICE_PORT, key,
+                                                     hmac_key, "-f", "9"))
+        wait_for_line(server, r"for 9 s", 2)
+
+
+def test_spa_client_opens_a_port_on_fwknopd(tmp_path):
+    need_lab("fwknopd", "iptables")
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        lab.run("srv", ["iptables", "-A", "INPUT", "-p", "tcp", "--dport", str(SERVICE_PORT),
+                        "-j", "DROP"])
+        assert closed(lab, "cli1", Lab.srv4(1))
+        fwknopd = netns_lab.FwknopdServer(
+            lab, "srv", lab.srv_if[1],
+            {"SOURCE": "ANY", "KEY_BASE64": KEY, "HMAC_KEY_BASE64": HMAC_KEY,
+             "HMAC_DIGEST_TYPE": "sha256", "FW_ACCESS_TIMEOUT": 10}, tmp_path)
+        with fwknopd:
+            client_knock(lab, "cli1", Lab.srv4(1))
+            assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 3.0) is not None
+            fwknopd.log.wait(fwknopd.RULE_ADDED, 2)
+            assert any("198.18.1.2" in rule for rule in fwknopd.rules())
+
+
+def test_runs_on_python36():
+    """spa.py must run on Python 3.6 (RHEL 8, OpenWrt): vermin checks every construct."""
+    vermin = pytest.importorskip("vermin") if os.environ.get("CI") != "true" else __import__("vermin")
+    del vermin
+    done = subprocess.run([sys.executable, "-c",
+                           "import sys; from vermin.main import main; sys.argv[0] = 'vermin'; "
+                           "sys.exit(main())", "-q", "-t=3.6-", "--violations", "--no-tips",
+                           "--eval-annotations", SPA],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    assert done.returncode == 0 and done.stdout.strip() == "", done.stdout
+
+
+def test_zz_report_knock_times():
+    """Prints the knock-to-open times the integration tests saw (run with -s to read them)."""
+    if not KNOCKS:
+        pytest.skip("no timed knocks ran")
+    ms = sorted(1000 * t for t in KNOCKS)
+    print("\nknock-to-open over %d knocks: median %.1f ms, max %.1f ms"
+          % (len(ms), ms[len(ms) // 2], ms[-1]))
+    assert ms[-1] < 1000

@@ -1,0 +1,29 @@
+#!/bin/sh
+# Install what spa.py and its tests need on Debian/Ubuntu, then check the tool runs.
+# Usage (as root):  sh setup.sh
+set -eu
+cd "$(dirname "$0")"
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# The tool: nftables and pycryptodome.  The tests: iptables, iproute2, the real fwknop
+# client and server to test against, pytest and hypothesis.
+apt-get install -y -qq --no-install-recommends \
+    nftables iptables iproute2 python3 python3-pycryptodome python3-pytest python3-hypothesis \
+    fwknop-client fwknop-server >/dev/null
+
+# The python3 on PATH may not be Debian's (pyenv, a venv): give it the same modules.
+if ! python3 -c 'import pytest, hypothesis
+try:
+    import Cryptodome
+except ImportError:
+    import Crypto' 2>/dev/null; then
+    python3 -m pip install -q pycryptodome pytest hypothesis 2>/dev/null ||
+        python3 -m pip install -q --break-system-packages pycryptodome pytest hypothesis
+fi
+python3 -m pip install -q vermin 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages vermin 2>/dev/null || true
+
+python3 spa.py --version
+python3 -c 'import spa; spa.aes_module(); print("pycryptodome: ok")'
+echo "setup done: run the tests with  python3 -m pytest -q test_spa.py"

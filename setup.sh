@@ -26,4 +26,4 @@ python3 -m pip install -q vermin 2>/dev/null ||
 
 python3 spa.py --version
 python3 -c 'import spa; spa.aes_module(); print("pycryptodome: ok")'
-echo "setup done: run the tests with  python3 -m pytest -q test_spa.py"
+echo "setup done: run the tests with  python3 -m pytest -q"

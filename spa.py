@@ -892,6 +892,19 @@ SO_ATTACH_FILTER = 26
 SKF_AD_PROTOCOL = 0xFFFFF000          # SKF_AD_OFF + 0: the frame's ethertype
 SKF_AD_PKTTYPE = 0xFFFFF004           # SKF_AD_OFF + 4: PACKET_HOST, _OUTGOING, ...
 PACKET_HOST = 0
+SOL_PACKET, PACKET_STATISTICS = 263, 6
+
+
+def rss_kb():
+    """This process's resident memory in kB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def bpf_filter(port):
@@ -1051,6 +1064,7 @@ class Server(object):
         self.limiter = RateLimiter()
         self.sockets = []
         self.counts = {"accepted": 0, "rejected": 0}
+        self.kernel_drops = 0
 
     def handle(self, payload, source, now=None):
         """Decide on one payload and act on the decision; returns the Decision."""
@@ -1079,6 +1093,19 @@ class Server(object):
                       d.allow_ip, d.timeout, " (test mode: firewall unchanged)"
                       if isinstance(self.firewall, DryRunFirewall) else "")
         return d
+
+    def stats(self):
+        """One line of counters for the log (SIGUSR1, and at exit); benchmarks parse it."""
+        for sock in self.sockets:
+            try:   # struct tpacket_stats; reading it resets the kernel's counters
+                _, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+                self.kernel_drops += drops
+            except OSError:
+                pass
+        cpu = os.times()
+        return ("stats: received %d, accepted %d, rejected %d, kernel drops %d, cpu %.3f s, rss %d kB"
+                % (self.counts["accepted"] + self.counts["rejected"], self.counts["accepted"],
+                   self.counts["rejected"], self.kernel_drops, cpu[0] + cpu[1], rss_kb()))
 
     def open_sockets(self):
         for interface in self.config.interfaces:
@@ -1141,12 +1168,14 @@ def server_main(args):
     def stop(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", server.stats()))
     try:
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
         replay.close()
+    log.info("%s", server.stats())
     log.info("stopping: protected ports stay closed; openings expire on their own")
     return 0
 

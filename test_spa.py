@@ -858,6 +858,12 @@ def test_only_the_configured_interface_and_port_are_watched(tmp_path):
         # ICMP port unreachable, as this host has no firewall of its own): it does not stand out.
         assert udp_answer(lab, spa.DEFAULT_PORT) == udp_answer(lab, 62299) == "refused"
         wait_for_line(server, r"accepted", 2)
+        # SIGUSR1 logs the counters: only what the filter passed on this interface was seen.
+        os.kill(server.pid, 10)
+        m = wait_for_line(server, r"stats: received (\d+), accepted (\d+), rejected (\d+), "
+                          r"kernel drops (\d+), cpu [\d.]+ s, rss (\d+) kB", 2)
+        assert [int(g) for g in m.groups()[:4]] == [3, 1, 2, 0]
+        assert KEY not in server.log.text() and HMAC_KEY not in server.log.text()
 
 
 def udp_answer(lab, port):

@@ -756,6 +756,88 @@ def run_command(argv, stdin=None):
     return done.stdout
 
 
+class NftShell(object):
+    """One long-lived `nft -i`, fed over a pipe: ~0.3 ms a change instead of ~3 ms for a new
+    `nft` process.  A line of several commands joined by ';' is one atomic transaction.
+
+    nft -i says nothing on success, so each line is followed by a sentinel command
+    whose output is fixed; once it arrives, the line before it is done, and what
+    came on stderr meanwhile is its error.  Builds of nft without the interactive
+    CLI, or a shell that died, fall back to one `nft -f -` process per change.
+    """
+
+    SENTINEL = "describe udp length"
+
+    def __init__(self):
+        self.proc = None
+        self.marker = None
+        self.usable = True
+
+    def run(self, commands):
+        if self.usable:
+            try:
+                return self._run(commands)
+            except (OSError, ValueError, _ShellBroken):
+                self.close()
+                self.usable = self.marker is not None   # it worked once: try again next time
+        return run_command(["nft", "-f", "-"], "\n".join(commands) + "\n")
+
+    def _start(self):
+        import subprocess
+        self.proc = subprocess.Popen(["nft", "-i"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, bufsize=0, close_fds=True)
+        for f in (self.proc.stdout, self.proc.stderr):
+            os.set_blocking(f.fileno(), False)
+        out, err = self._exchange(self.SENTINEL + "\n", None)
+        if err or not out.endswith(b"\n"):
+            raise _ShellBroken()
+        self.marker = out
+
+    def _run(self, commands):
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        out, err = self._exchange("; ".join(commands) + "\n" + self.SENTINEL + "\n", self.marker)
+        if err:
+            raise SpaError("nft: %s" % err.decode(errors="replace").strip().replace("\n", " | "))
+        return out[:-len(self.marker)].decode(errors="replace")
+
+    def _exchange(self, text, marker, timeout=5.0):
+        """Write `text`; read until stdout ends with `marker` (or, with None, one line)."""
+        import select
+        self.proc.stdin.write(text.encode())
+        out, err = b"", b""
+        deadline = time.monotonic() + timeout
+        done = (lambda: out.endswith(marker)) if marker else (lambda: out.endswith(b"\n"))
+        while not done():
+            left = deadline - time.monotonic()
+            ready = select.select([self.proc.stdout, self.proc.stderr], [], [], max(0, left))[0]
+            if not ready:
+                raise _ShellBroken()
+            for f in ready:
+                chunk = f.read(65536) or b""
+                if not chunk and f is self.proc.stdout:
+                    raise _ShellBroken()       # nft exited
+                if f is self.proc.stdout:
+                    out += chunk
+                else:
+                    err += chunk
+        err += self.proc.stderr.read(65536) or b""
+        return out, err
+
+    def close(self):
+        if self.proc is not None:
+            try:
+                self.proc.kill()
+                self.proc.wait(2)
+            except OSError:
+                pass
+            self.proc = None
+
+
+class _ShellBroken(Exception):
+    """The long-lived nft shell did not answer as expected."""
+
+
 class NftFirewall(object):
     """nftables: our own `inet` table with two timeout sets and one input chain.
 
@@ -771,6 +853,7 @@ class NftFirewall(object):
         self.protect, self.action, self.table = protect, action, table
         self.log = log
         self.ends = {}         # (address, proto, port) -> wall-clock end of the opening
+        self.shell = NftShell()
 
     def _nft(self, commands):
         return run_command(["nft", "-f", "-"], "\n".join(commands) + "\n")
@@ -804,6 +887,8 @@ class NftFirewall(object):
     def open(self, address, proto, port, timeout, now=None):
         """Open (address, proto, port) for `timeout` seconds; never shortens an opening."""
         now = time.time() if now is None else now
+        import ipaddress
+        address = str(ipaddress.ip_address(address))   # nothing but an address reaches nft
         key = (address, proto, port)
         if self.ends.get(key, 0) >= now + timeout:
             return False
@@ -812,8 +897,8 @@ class NftFirewall(object):
             PROTO_NUMBERS[proto], port)
         timed = element % (" timeout %ds" % timeout)
         # Re-adding does not refresh a timeout on older kernels: delete and add in one batch.
-        self._nft(["add element " + timed, "delete element " + element % "",
-                   "add element " + timed])
+        self.shell.run(["add element " + timed, "delete element " + element % "",
+                        "add element " + timed])
         self.ends[key] = now + timeout
         return True
 

@@ -597,7 +597,7 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address"}
 SERVER_OPTIONS = {"interface", "port", "firewall", "protect", "protect_action",
-                  "max_packet_age", "replay_cache", "log"}
+                  "max_packet_age", "replay_cache", "log", "user"}
 
 
 class ServerConfig(object):
@@ -630,6 +630,13 @@ class ServerConfig(object):
         self.log = get("log", "stderr").lower()
         if self.log not in ("stderr", "syslog"):
             raise SpaError("%s: log = %r: expected stderr or syslog" % (path, self.log))
+        self.user = get("user", "nobody")
+        try:
+            import pwd
+            pwd.getpwnam(self.user)
+        except KeyError:
+            raise SpaError("%s: user = %s: no such user (the packet reader runs as this "
+                           "unprivileged user)" % (path, self.user))
         self.stanzas = []
         for name in parser.sections():
             kind, _, client = name.partition(" ")
@@ -729,6 +736,12 @@ class ReplayCache(object):
         except OSError as e:
             raise SpaError("cannot write the replay cache %s: %s" % (self.path, e.strerror))
         self.lines = len(self.entries)
+
+    def copy(self):
+        """An in-memory copy (for the packet reader, which must not hold the file)."""
+        seen = ReplayCache(None, self.max_age)
+        seen.entries = dict(self.entries)
+        return seen
 
     def close(self):
         if self.file is not None:
@@ -1138,45 +1151,117 @@ class RateLimiter(object):
 
 
 # ---------------------------------------------------------------------------
-# Server
+# Server: a privileged gatekeeper and an unprivileged packet reader
 # ---------------------------------------------------------------------------
+#
+# The server runs as two processes.  The parent keeps root: it opens the capture
+# sockets, owns the firewall and the replay cache file, and reads nothing from
+# the network.  The child drops to an unprivileged user before it reads a single
+# packet; it captures, decides, and asks the parent over a pipe to record digests
+# and to open ports.  The parent checks every request against the config, so a
+# bug in packet parsing gives an attacker no more than a valid knock could get.
 
-class Server(object):
-    """Capture, decide, record, open: the imperative shell around decide()."""
+class Gatekeeper(object):
+    """The privileged side: records replay digests durably, then opens the firewall."""
 
     def __init__(self, config, firewall, replay, log):
         self.config, self.firewall, self.replay, self.log = config, firewall, replay, log
+        self.stanzas = {s.name: s for s in config.stanzas}
+
+    def record(self, key, stamp, now=None):
+        """Remember an authenticated packet (fsync'd); False if it was seen before."""
+        if not isinstance(key, str) or len(key) != 43 or key in self.replay:
+            return False
+        self.replay.add(key, int(stamp), time.time() if now is None else now)
+        return True
+
+    def grant(self, g, now=None):
+        """Open the firewall for an accepted packet, after checking the request itself.
+
+        `g` is a dict: key, stamp, source, address, access [[proto, port]...],
+        timeout, stanza, user.  Returns True when the firewall was changed.
+        """
+        now = time.time() if now is None else now
+        stanza = self.stanzas.get(g.get("stanza"))
+        try:
+            access = [(str(p), int(n)) for p, n in g["access"]]
+            timeout = int(g["timeout"])
+            import ipaddress
+            address = str(ipaddress.ip_address(g["address"]))
+        except (KeyError, TypeError, ValueError):
+            self.log.error("refused a malformed request from the packet reader")
+            return False
+        if stanza is None or not access or not set(access) <= stanza.open_ports \
+                or not 1 <= timeout <= max(stanza.max_fw_timeout, stanza.fw_access_timeout):
+            self.log.error("refused a request from the packet reader outside the policy of "
+                           "[client %s]", g.get("stanza"))
+            return False
+        if not self.record(g.get("key"), g.get("stamp", 0), now):
+            self.log.error("refused a request from the packet reader for a packet seen before")
+            return False
+        try:
+            for proto, port in access:
+                self.firewall.open(address, proto, port, timeout, now)
+        except SpaError as e:
+            self.log.error("firewall change failed for %s: %s", address, e)
+            return False
+        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s",
+                      g.get("source"), stanza.name, g.get("user"), format_access(access), address,
+                      timeout, " (test mode: firewall unchanged)"
+                      if isinstance(self.firewall, DryRunFirewall) else "")
+        return True
+
+
+class GatePipe(object):
+    """The packet reader's handle on the gatekeeper in the parent: one JSON line a request."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def _send(self, request):
+        import json
+        os.write(self.fd, (json.dumps(request) + "\n").encode())
+
+    def record(self, key, stamp, now=None):
+        self._send({"op": "record", "key": key, "stamp": stamp})
+
+    def grant(self, g, now=None):
+        g = dict(g, op="grant")
+        self._send(g)
+
+
+class Reader(object):
+    """The unprivileged side: capture, decide(), log rejections, pass the rest to the gate."""
+
+    def __init__(self, config, gate, log, seen=None):
+        self.config, self.gate, self.log = config, gate, log
+        self.seen = seen if seen is not None else ReplayCache(None, config.max_packet_age)
         self.limiter = RateLimiter()
         self.sockets = []
         self.counts = {"accepted": 0, "rejected": 0}
         self.kernel_drops = 0
 
     def handle(self, payload, source, now=None):
-        """Decide on one payload and act on the decision; returns the Decision."""
+        """Decide on one payload and pass an accepted or authenticated one on; returns the Decision."""
         now = time.time() if now is None else now
-        d = decide(payload, source, now, self.config.stanzas, self.replay.__contains__,
+        d = decide(payload, source, now, self.config.stanzas, self.seen.__contains__,
                    self.config.max_packet_age)
-        if d.replay_key is not None and d.replay_key not in self.replay:
-            stamp = d.message.timestamp if d.message is not None else int(now)
-            self.replay.add(d.replay_key, stamp, now)
         if not d.accepted:
             self.counts["rejected"] += 1
+            if d.replay_key is not None and d.replay_key not in self.seen:
+                stamp = d.message.timestamp if d.message is not None else int(now)
+                self.seen.add(d.replay_key, stamp, now)
+                self.gate.record(d.replay_key, stamp, now)
             if self.limiter.allow():
                 stanza = " [client %s]" % d.stanza.name if d.stanza else ""
                 self.log.info("rejected packet from %s%s: %s", source, stanza, d.reason)
             return d
         self.counts["accepted"] += 1
         msg = d.message
-        try:
-            for proto, port in msg.access:
-                self.firewall.open(d.allow_ip, proto, port, d.timeout, now)
-        except SpaError as e:
-            self.log.error("firewall change failed for %s: %s", d.allow_ip, e)
-            return d
-        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s",
-                      source, d.stanza.name, msg.username, format_access(msg.access),
-                      d.allow_ip, d.timeout, " (test mode: firewall unchanged)"
-                      if isinstance(self.firewall, DryRunFirewall) else "")
+        self.seen.add(d.replay_key, msg.timestamp, now)
+        self.gate.grant({"key": d.replay_key, "stamp": msg.timestamp, "source": source,
+                         "address": d.allow_ip, "access": msg.access, "timeout": d.timeout,
+                         "stanza": d.stanza.name, "user": msg.username}, now)
         return d
 
     def stats(self):
@@ -1192,23 +1277,29 @@ class Server(object):
                 % (self.counts["accepted"] + self.counts["rejected"], self.counts["accepted"],
                    self.counts["rejected"], self.kernel_drops, cpu[0] + cpu[1], rss_kb()))
 
-    def open_sockets(self):
-        for interface in self.config.interfaces:
-            self.sockets.append(open_capture(interface, self.config.port))
+    def run(self, sockets, parent_fd=None):
+        """Wait on the capture sockets and handle each knock as it arrives.
 
-    def run(self, stop_after=None):
-        """Wait on the capture sockets and handle each knock as it arrives."""
+        Returns when the parent goes away (its end of the pipe closes).
+        """
         import select
+        self.sockets = sockets
         poller = select.poll()
         by_fd = {}
-        for sock in self.sockets:
+        for sock in sockets:
             poller.register(sock, select.POLLIN)
             by_fd[sock.fileno()] = sock
+        if parent_fd is not None:
+            poller.register(parent_fd, 0)       # POLLERR: the parent has gone
         next_housekeeping = time.monotonic() + 10
-        while stop_after is None or sum(self.counts.values()) < stop_after:
+        while True:
             wait = max(0, next_housekeeping - time.monotonic())
-            for fd, _ in poller.poll(wait * 1000):
-                sock = by_fd[fd]
+            for fd, event in poller.poll(wait * 1000):
+                sock = by_fd.get(fd)
+                if sock is None:
+                    return
+                if event & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    raise SpaError("capture socket failed (interface gone?)")
                 for _ in range(64):            # a batch, then let the other sockets in
                     try:
                         frame = sock.recv(2048)
@@ -1219,10 +1310,201 @@ class Server(object):
                         self.handle(payload, source)
             if time.monotonic() >= next_housekeeping:
                 next_housekeeping = time.monotonic() + 10
-                self.replay.prune(time.time())
+                self.seen.prune(time.time())
                 n = self.limiter.take_suppressed()
                 if n:
                     self.log.info("%d more rejected packets were not logged (rate limit)", n)
+
+
+def preload():
+    """Import now everything the packet reader may need later, when it can no longer read
+    the files (pycryptodome and hashlib load some of their modules on first use)."""
+    import ipaddress, json, select  # noqa: F401,E401
+    key = b"k" * 32
+    for mode in ENCRYPTION_MODES:
+        for hmac_type in HMAC_TYPES:
+            digest = hmac_type if hmac_type in hashlib.algorithms_available else "sha256"
+            plaintext = Message("u", "0.0.0.0", [("tcp", 1)], digest_type=digest).encode()
+            wire = seal(plaintext, key, b"h", hmac_type, mode)
+            n = HMAC_TYPES[hmac_type][1]
+            parse_plaintext(decrypt(b64decode(SALT_PREFIX + wire[:-n]), key, mode))
+
+
+def drop_privileges(user):
+    """Become `user` for good: no groups, no capabilities, no way back (no_new_privs)."""
+    import pwd
+    pw = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)    # PR_SET_NO_NEW_PRIVS
+    except (OSError, AttributeError):
+        pass
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise SpaError("could not drop root privileges")
+
+
+def close_fds_except(keep):
+    """Close every file descriptor of this process but those in `keep`."""
+    limit = min(os.sysconf("SC_OPEN_MAX"), 1 << 16)
+    low = 0
+    for fd in sorted(keep) + [limit]:
+        if fd > low:        # closerange(n, n) would close everything on some Pythons
+            os.closerange(low, fd)
+        low = fd + 1
+
+
+def start_reader(config, sockets, seen, log, user):
+    """Fork the packet reader; returns (pid, read end of its request pipe)."""
+    import signal
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        return pid, r
+    code = 1
+    try:
+        os.close(r)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent stops us with SIGTERM
+        # Nothing of the parent's may leak in: the nft shell's stdin, the replay cache file...
+        keep = {0, 1, 2, w} | {sock.fileno() for sock in sockets} | {
+            h.socket.fileno() for h in log.handlers if getattr(h, "socket", None) is not None}
+        close_fds_except(keep)
+        if user and os.geteuid() == 0:
+            drop_privileges(user)
+        reader = Reader(config, GatePipe(w), log, seen)
+
+        def stop(signum, frame):
+            raise SystemExit
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
+        try:
+            reader.run(sockets, w)
+        except SystemExit:
+            pass
+        log.info("%s", reader.stats())
+        code = 0
+    except SpaError as e:
+        log.error("packet reader: %s", e)
+        code = 3
+    except BaseException:
+        import traceback
+        log.error("packet reader crashed:\n%s", traceback.format_exc())
+    finally:
+        os._exit(code)
+
+
+class Supervisor(object):
+    """The parent: runs the packet reader, serves its requests, handles signals."""
+
+    MAX_LINE = 4096
+
+    def __init__(self, config, gate, sockets, log, user):
+        self.config, self.gate, self.sockets, self.log, self.user = config, gate, sockets, log, user
+        self.pid = self.fd = None
+        self.buffer = b""
+
+    def run(self):
+        import select
+        import signal
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        pending = []
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
+        restarts = []
+        try:
+            while True:
+                if self.pid is None:
+                    self._start()
+                poller = select.poll()
+                poller.register(self.fd, select.POLLIN)
+                poller.register(wake_r, select.POLLIN)
+                for fd, _ in poller.poll(10000):
+                    if fd == wake_r:
+                        os.read(wake_r, 512)
+                    elif not self._serve():
+                        status = self._reap()
+                        restarts = [t for t in restarts if t > time.monotonic() - 60] + \
+                            [time.monotonic()]
+                        if len(restarts) > 5:
+                            raise SpaError("the packet reader keeps dying (%s): giving up" % status)
+                        self.log.error("packet reader stopped (%s): starting a new one", status)
+                        time.sleep(0.2 * len(restarts))
+                while pending:
+                    signum = pending.pop(0)
+                    if signum in (signal.SIGTERM, signal.SIGINT):
+                        return
+                    if signum == signal.SIGUSR1 and self.pid:
+                        os.kill(self.pid, signal.SIGUSR1)
+                self.gate.replay.prune(time.time())
+        finally:
+            self._stop()
+
+    def _start(self):
+        self.pid, self.fd = start_reader(self.config, self.sockets, self.gate.replay.copy(), self.log,
+                                         self.user)
+        os.set_blocking(self.fd, False)
+        self.buffer = b""
+
+
+    def _serve(self):
+        """Read and carry out the reader's requests; False once its pipe has closed."""
+        import json
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        if len(self.buffer) > self.MAX_LINE:
+            lines, self.buffer = [b"{}"], b""
+        for line in lines:
+            try:
+                request = json.loads(line.decode())
+                op = request.pop("op")
+            except (ValueError, KeyError, AttributeError, TypeError):
+                self.log.error("refused a malformed request from the packet reader")
+                continue
+            if op == "record":
+                self.gate.record(request.get("key"), request.get("stamp", 0))
+            elif op == "grant":
+                self.gate.grant(request)
+        return True
+
+    def _reap(self):
+        os.close(self.fd)
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = self.fd = None
+        if os.WIFEXITED(status):
+            return "exit status %d" % os.WEXITSTATUS(status)
+        return "killed by signal %d" % os.WTERMSIG(status)
+
+    def _stop(self):
+        import signal
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            while self._serve():     # carry out what it sent before it went
+                time.sleep(0.01)
+            self._reap()
+
+
+def open_sockets(config):
+    return [open_capture(interface, config.port) for interface in config.interfaces]
 
 
 def server_main(args):
@@ -1240,27 +1522,20 @@ def server_main(args):
         if not rows:
             print("no open authorizations")
         return 0
+    preload()
     # Replay cache first, so a config or permission problem stops us before any change.
     replay = ReplayCache(None if args.test else config.replay_cache, config.max_packet_age)
-    server = Server(config, firewall, replay, log)
-    server.open_sockets()
+    sockets = open_sockets(config)
     firewall.setup()
-    log.info("listening on %s udp/%d; protecting %s (%s); %d client stanza(s)%s",
-             ",".join(config.interfaces), config.port, format_access(config.protect),
-             config.protect_action, len(config.stanzas), "; test mode" if args.test else "")
-    import signal
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", server.stats()))
+    user = config.user if os.geteuid() == 0 else None
+    log.info("listening on %s udp/%d; protecting %s (%s); %d client stanza(s); packets read as "
+             "user %s%s", ",".join(config.interfaces), config.port, format_access(config.protect),
+             config.protect_action, len(config.stanzas), user or "(unchanged: not root)",
+             "; test mode" if args.test else "")
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
+        Supervisor(config, Gatekeeper(config, firewall, replay, log), sockets, log, user).run()
     finally:
         replay.close()
-    log.info("%s", server.stats())
     log.info("stopping: protected ports stay closed; openings expire on their own")
     return 0
 

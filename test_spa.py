@@ -444,24 +444,46 @@ def test_replay_cache_keeps_future_packets(tmp_path):
     assert "F" * 43 in spa.ReplayCache(path, 120, now + 5000)
 
 
-def test_server_records_authenticated_rejects(tmp_path):
+def test_reader_records_authenticated_rejects(tmp_path):
     config = server_config(tmp_path, {"a": {"open_ports": "tcp/22"}})
     replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
     firewall = spa.DryRunFirewall(config.protect)
-    server = spa.Server(config, firewall, replay, spa.make_logger("stderr", False))
+    log = spa.make_logger("stderr", False)
+    reader = spa.Reader(config, spa.Gatekeeper(config, firewall, replay, log), log, replay.copy())
     bad = knock([("tcp", 80)])
-    assert not server.handle(bad, "198.18.0.2").accepted
+    assert not reader.handle(bad, "198.18.0.2").accepted
     good = knock()
-    assert server.handle(good, "198.18.0.2").accepted
+    assert reader.handle(good, "198.18.0.2").accepted
     assert firewall.opened == [("198.18.0.2", "tcp", 22, 30)]
     replay.close()
     # Both are in the file: neither packet can be used again, even after a restart.
     restarted = spa.ReplayCache(config.replay_cache, config.max_packet_age)
-    server = spa.Server(config, firewall, restarted, spa.make_logger("stderr", False))
+    reader = spa.Reader(config, spa.Gatekeeper(config, firewall, restarted, log), log,
+                        restarted.copy())
     for wire in (bad, good):
-        d = server.handle(wire, "198.18.0.2")
+        d = reader.handle(wire, "198.18.0.2")
         assert not d.accepted and d.reason == "replayed packet"
     assert len(firewall.opened) == 1
+
+
+def test_gatekeeper_checks_what_the_reader_asks(tmp_path):
+    """A compromised packet reader can ask for no more than a valid knock could get."""
+    config = server_config(tmp_path, {"a": {"open_ports": "tcp/22", "max_fw_timeout": "60"}})
+    replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
+    firewall = spa.DryRunFirewall(config.protect)
+    gate = spa.Gatekeeper(config, firewall, replay, spa.make_logger("stderr", False))
+    ok = {"key": "K" * 43, "stamp": int(time.time()), "source": "198.18.0.2",
+          "address": "198.18.0.2", "access": [["tcp", 22]], "timeout": 30, "stanza": "a",
+          "user": "alice"}
+    for bad in ({"access": [["tcp", 23]]}, {"timeout": 61}, {"timeout": 0}, {"stanza": "zz"},
+                {"address": "198.18.0.2; flush ruleset"}, {"address": None}, {"access": []},
+                {"key": "short"}, {"access": "tcp/22"}):
+        assert not gate.grant(dict(ok, **bad)), bad
+    assert firewall.opened == []
+    assert gate.grant(ok)
+    assert not gate.grant(ok)                 # the same packet twice
+    assert firewall.opened == [("198.18.0.2", "tcp", 22, 30)]
+    assert "K" * 43 in spa.ReplayCache(config.replay_cache, config.max_packet_age)
 
 
 def test_rejection_log_is_rate_limited():
@@ -981,3 +1003,41 @@ def test_zz_report_knock_times():
     print("\nknock-to-open over %d knocks: median %.1f ms, max %.1f ms"
           % (len(ms), ms[len(ms) // 2], ms[-1]))
     assert ms[-1] < 1000
+
+
+def children(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return [int(p) for p in f.read().split()]
+
+
+def proc_status(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+def test_packets_are_read_without_privileges(tmp_path):
+    """The process that parses packets runs as nobody, with no capabilities and none of the
+    parent's files (nft's stdin, the replay cache); if it dies, a new one takes over."""
+    need_nft()
+    import pwd
+    nobody = pwd.getpwnam("nobody").pw_uid
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        server = start_server(lab, tmp_path)
+        wait_for_line(server, r"packets read as user nobody", 1)
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None     # nft -i is running now
+        readers = [p for p in children(server.pid) if "spa.py" in open("/proc/%d/cmdline" % p).read()]
+        assert len(readers) == 1
+        status = proc_status(readers[0])
+        assert status["Uid"].split() == [str(nobody)] * 4
+        assert status["CapEff"].strip() == "0" * 16 and status["CapPrm"].strip() == "0" * 16
+        assert status["NoNewPrivs"].strip() == "1"
+        targets = [os.readlink("/proc/%d/fd/%s" % (readers[0], fd))
+                   for fd in os.listdir("/proc/%d/fd" % readers[0]) if int(fd) > 2]
+        assert not any("replay.cache" in t for t in targets)
+        assert len([t for t in targets if t.startswith("pipe:")]) == 1   # its request pipe only
+        os.kill(readers[0], 9)
+        wait_for_line(server, r"packet reader stopped \(killed by signal 9\): starting a new one", 2)
+        lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])
+        time.sleep(0.3)
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None

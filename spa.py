@@ -501,6 +501,21 @@ def parse_key(value, name, low, high):
     return key
 
 
+def _one_key(get, where, name, longest):
+    if get(name + "_base64") and get(name):
+        raise SpaError("%s: give %s_base64 or %s, not both" % (where, name, name))
+    if get(name):
+        key = get(name).encode()
+        if len(key) > longest:
+            raise SpaError("%s: %s is longer than %d bytes" % (where, name, longest))
+        return key
+    if not get(name + "_base64"):
+        raise SpaError("%s: %s_base64 is missing (%s)" % (
+            where, name, "make keys with 'spa.py keygen'" if name == "key"
+            else "spa.py always uses an HMAC"))
+    return parse_key(get(name + "_base64"), "%s: %s_base64" % (where, name), 1, longest)
+
+
 def parse_hmac_type(value, name="hmac_digest_type"):
     v = value.strip().lower().replace("-", "_")
     if v not in HMAC_TYPES:
@@ -509,13 +524,13 @@ def parse_hmac_type(value, name="hmac_digest_type"):
 
 
 def parse_keys(get, where):
-    """The key triple shared by server stanzas and client sections: (key, hmac_key, hmac_type, mode)."""
-    if not get("key_base64"):
-        raise SpaError("%s: key_base64 is missing (make keys with 'spa.py keygen')" % where)
-    if not get("hmac_key_base64"):
-        raise SpaError("%s: hmac_key_base64 is missing: spa.py always uses an HMAC" % where)
-    key = parse_key(get("key_base64"), where + ": key_base64", 1, 32)
-    hmac_key = parse_key(get("hmac_key_base64"), where + ": hmac_key_base64", 1, 128)
+    """The keys shared by server stanzas and client sections: (key, hmac_key, hmac_type, mode).
+
+    `key` and `hmac_key` are fwknop's plain passphrases (KEY, HMAC_KEY), for keys
+    carried over from fwknop; `spa.py keygen` makes the base64 kind.
+    """
+    key = _one_key(get, where, "key", 32)
+    hmac_key = _one_key(get, where, "hmac_key", 128)
     if key == hmac_key:
         raise SpaError("%s: key_base64 and hmac_key_base64 must differ" % where)
     hmac_type = parse_hmac_type(get("hmac_digest_type") or "sha256", where + ": hmac_digest_type")
@@ -593,7 +608,7 @@ class Stanza(object):
         return allow_ip, timeout
 
 
-STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
+STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address"}
 SERVER_OPTIONS = {"interface", "port", "firewall", "protect", "protect_action",
@@ -1545,7 +1560,21 @@ def server_main(args):
 # ---------------------------------------------------------------------------
 
 CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip", "fw_timeout",
-                  "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode"}
+                  "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",
+                  "key", "hmac_key", "resolve_url"}
+
+# ~/.fwknoprc variable -> our option name.  Values carry over as they are, but for
+# ALLOW_IP, whose "source" and "resolve" stand for -s and -R.
+FWKNOPRC_NAMES = {
+    "SPA_SERVER": "destination", "SPA_SERVER_PORT": "server_port", "ACCESS": "access",
+    "ALLOW_IP": "allow_ip", "FW_TIMEOUT": "fw_timeout", "SPOOF_USER": "user",
+    "KEY_BASE64": "key_base64", "KEY": "key", "HMAC_KEY_BASE64": "hmac_key_base64",
+    "HMAC_KEY": "hmac_key", "HMAC_DIGEST_TYPE": "hmac_digest_type",
+    "ENCRYPTION_MODE": "encryption_mode", "RESOLVE_URL": "resolve_url",
+}
+# Variables that change nothing about the packet, or that spa.py's client always does.
+FWKNOPRC_HARMLESS = {"USE_HMAC", "VERBOSE", "DIGEST_TYPE", "SPA_SERVER_PROTO", "RESOLVE_IP_HTTPS",
+                     "RESOLVE_IP_HTTP", "WGET_CMD", "NO_SAVE_ARGS", "KEY_FILE"}
 
 
 def login_name():
@@ -1559,29 +1588,126 @@ def login_name():
         return "NO_USER"
 
 
+def read_fwknoprc(path):
+    """Read fwknop's client rc file: {section: {our option: value}}, [default] included."""
+    import re
+    check_private_file(path)
+    sections, current = {}, None
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise SpaError("cannot read %s: %s" % (path, e.strerror))
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        m = re.match(r"^\[(.+)\]$", line)
+        if m:
+            current = sections.setdefault(m.group(1).strip(), {})
+            continue
+        parts = line.split(None, 1)
+        var, value = parts[0].rstrip(":"), parts[1].strip() if len(parts) > 1 else ""
+        if current is None:
+            raise SpaError("%s line %d: %s comes before any [section]" % (path, number, var))
+        if var in FWKNOPRC_NAMES:
+            current[FWKNOPRC_NAMES[var]] = value
+        elif var == "USE_HMAC" and value[:1].upper() == "N":
+            raise SpaError("%s [%s]: USE_HMAC N: spa.py always uses an HMAC; add an HMAC key"
+                           % (path, current_name(sections, current)))
+        elif var == "SPA_SERVER_PROTO" and value.lower() != "udp":
+            raise SpaError("%s [%s]: SPA_SERVER_PROTO %s: spa.py sends over UDP only"
+                           % (path, current_name(sections, current), value))
+        elif var not in FWKNOPRC_HARMLESS:
+            raise SpaError("%s [%s]: %s is not supported by spa.py's client"
+                           % (path, current_name(sections, current), var))
+    for options in sections.values():
+        allow = options.get("allow_ip", "").lower()
+        if allow == "source":
+            options["allow_ip"], options["source_ip"] = None, "yes"
+        elif allow == "resolve":
+            options["allow_ip"], options["resolve"] = None, True
+    return sections
+
+
+def current_name(sections, current):
+    return next(name for name, options in sections.items() if options is current)
+
+
+def is_fwknoprc(path):
+    """fwknop's rc files say `NAME value`; ours say `name = value`."""
+    import re
+    try:
+        with open(path) as f:
+            return bool(re.search(r"^\s*[A-Z][A-Z0-9_]*:?[ \t]+[^=\s]", f.read(), re.M))
+    except OSError:
+        return False
+
+
+def default_client_config():
+    for path in ("~/.spa.conf", "~/.fwknoprc"):
+        if os.path.exists(os.path.expanduser(path)):
+            return path
+    raise SpaError("-n/--name needs a config file: none of ~/.spa.conf, ~/.fwknoprc exists "
+                   "(give one with -c FILE)")
+
+
 def client_settings(args):
-    """Merge the client's config section (if any) with the command line, which wins."""
+    """Merge the config section (spa.py's INI or fwknop's rc) with the command line, which wins."""
     section = {}
-    if args.config:
-        parser = read_ini(os.path.expanduser(args.config))
+    config = args.config or (default_client_config() if args.name else None)
+    if config:
+        path = os.path.expanduser(config)
         name = args.name or "default"
-        if name != "default" and not parser.has_section(name):
-            raise SpaError("%s has no section [%s] (it has: %s)"
-                           % (args.config, name, ", ".join(parser.sections()) or "none"))
-        section = parser[name] if name != "default" else parser.defaults()
-        unknown = set(section) - CLIENT_OPTIONS
-        if unknown:
-            raise SpaError("%s: [%s]: unknown option %s"
-                           % (args.config, name, ", ".join(sorted(unknown))))
-    elif args.name:
-        raise SpaError("-n/--name needs -c/--config FILE")
-    opts = {}
+        if is_fwknoprc(path):
+            sections = read_fwknoprc(path)
+            section = dict(sections.get("default", {}))
+            if name != "default" and name not in sections:
+                raise SpaError("%s has no section [%s] (it has: %s)"
+                               % (config, name, ", ".join(sections) or "none"))
+            section.update(sections.get(name, {}))
+        else:
+            parser = read_ini(path)
+            if name != "default" and not parser.has_section(name):
+                raise SpaError("%s has no section [%s] (it has: %s)"
+                               % (config, name, ", ".join(parser.sections()) or "none"))
+            section = dict(parser[name] if name != "default" else parser.defaults())
+            unknown = set(section) - CLIENT_OPTIONS
+            if unknown:
+                raise SpaError("%s: [%s]: unknown option %s"
+                               % (config, name, ", ".join(sorted(unknown))))
+    opts = {"resolve": bool(args.resolve_ip or section.get("resolve"))}
     for option in CLIENT_OPTIONS:
         value = getattr(args, option, None)
         if value is None:
             value = section.get(option)
         opts[option] = value.strip() if isinstance(value, str) else value
+    if args.allow_ip or args.source_ip or args.resolve_ip:
+        # A choice on the command line replaces the file's choice, whichever it was.
+        opts["allow_ip"], opts["source_ip"] = args.allow_ip, args.source_ip
+        opts["resolve"] = bool(args.resolve_ip)
     return opts
+
+
+def resolve_public_ip(url, timeout=10):
+    """Ask `url` (the user's choice; none is built in) which IPv4 address we come from."""
+    import re
+    import urllib.request
+    if not url:
+        raise SpaError("-R needs a URL that answers with your public address: give "
+                       "--resolve-url https://... (spa.py has none built in)")
+    if not url.startswith("https://"):
+        print("spa.py client: warning: %s is not https: whoever is on the path can choose the "
+              "address the port opens for" % url, file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            body = answer.read(4096).decode("ascii", "replace")
+    except (OSError, ValueError) as e:
+        raise SpaError("cannot resolve the public address with %s: %s" % (url, e))
+    for candidate in re.findall(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])", body):
+        if _is_ipv4(candidate):
+            return candidate
+    raise SpaError("%s did not answer with an IPv4 address" % url)
 
 
 def build_packet(opts, now=None):
@@ -1600,9 +1726,12 @@ def build_packet(opts, now=None):
     source_ip = opts.get("source_ip")
     if isinstance(source_ip, str):
         source_ip = parse_bool(source_ip, "source_ip")
-    allow_ip = opts.get("allow_ip") or "0.0.0.0"
-    if source_ip and opts.get("allow_ip"):
-        raise SpaError("give either -a/--allow-ip or -s/--source-ip, not both")
+    if sum(map(bool, (source_ip, opts.get("allow_ip"), opts.get("resolve")))) > 1:
+        raise SpaError("give only one of -a/--allow-ip, -s/--source-ip and -R/--resolve-ip-https")
+    if opts.get("resolve"):
+        allow_ip = resolve_public_ip(opts.get("resolve_url"))
+    else:
+        allow_ip = opts.get("allow_ip") or "0.0.0.0"
     if not _is_ipv4(allow_ip):
         raise SpaError("allow IP %r: fwknop's format carries only an IPv4 address; "
                        "leave it out (-s) to open for the address the packet comes from" % allow_ip)
@@ -1635,18 +1764,90 @@ def send_packet(wire, host, port):
     return address[0]
 
 
+def split_host_port(text):
+    """'host:22', '[2001:db8::1]:22' -> (host, 22)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
+        raise SpaError("--connect %r: expected HOST:PORT (an IPv6 address in brackets)" % text)
+    return host.strip("[]"), int(port)
+
+
+def connect_when_open(host, port, knock, wait=10.0, attempt=0.25):
+    """Connect to host:port, retrying until the knock has opened it; re-knock once halfway.
+
+    Returns the connected socket, or raises SpaError naming what to check.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise SpaError("cannot resolve %s: %s" % (host, e.strerror))
+    start = time.monotonic()
+    knocked_again = False
+    last = None
+    while time.monotonic() - start < wait:
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.settimeout(attempt)
+            try:
+                sock.connect(address)
+                sock.settimeout(None)
+                return sock
+            except OSError as e:
+                last = e
+                sock.close()
+        if not knocked_again and time.monotonic() - start > wait / 2:
+            knock()
+            knocked_again = True
+        time.sleep(0.02)
+    raise SpaError("%s port %d did not open within %.0f s (%s): check the server's log "
+                   "(spa.py server -v says why it refused a packet) and the clocks"
+                   % (host, port, wait, getattr(last, "strerror", None) or last))
+
+
+def relay(sock, fd_in=0, fd_out=1):
+    """Copy stdin to the socket and the socket to stdout until both sides are done (like nc)."""
+    import select
+    inputs = [fd_in, sock]
+    while sock in inputs:
+        for ready in select.select(inputs, [], [])[0]:
+            if ready is sock:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd_out, view):]
+            else:
+                data = os.read(fd_in, 65536)
+                if data:
+                    sock.sendall(data)
+                else:
+                    sock.shutdown(socket.SHUT_WR)
+                    inputs.remove(fd_in)
+
+
 def client_main(args):
     opts = client_settings(args)
-    msg, wire = build_packet(opts)
+    connect = split_host_port(args.connect) if args.connect else None
+    if connect and not opts.get("destination"):
+        opts["destination"] = connect[0]
     port = parse_int(str(opts.get("server_port") or DEFAULT_PORT), "server_port", 1, 65535)
-    if args.verbose:
-        print(msg.describe(), file=sys.stderr)
-    if args.test:
-        print(wire.decode())
-        return 0
-    address = send_packet(wire, opts["destination"], port)
-    if args.verbose:
-        print("sent %d bytes to %s udp/%d" % (len(wire), address, port), file=sys.stderr)
+
+    def knock():
+        msg, wire = build_packet(opts)
+        if args.verbose:
+            print(msg.describe(), file=sys.stderr)
+        if args.test:
+            print(wire.decode())
+            return
+        address = send_packet(wire, opts["destination"], port)
+        if args.verbose:
+            print("sent %d bytes to %s udp/%d" % (len(wire), address, port), file=sys.stderr)
+
+    knock()
+    if connect and not args.test:
+        with connect_when_open(connect[0], connect[1], knock, args.connect_wait) as sock:
+            relay(sock)
     return 0
 
 
@@ -1733,8 +1934,11 @@ def build_parser():
 
     c = sub.add_parser("client", formatter_class=fmt, help="send a knock",
                        description="Build one SPA packet and send it over UDP (no privileges needed).",
-                       epilog="examples:\n  spa.py client -c ~/.spa.conf -n web1\n"
-                       "  spa.py client -D 198.51.100.7 -A tcp/22 -c ~/.spa.conf -n web1 --test -v\n\n"
+                       epilog="examples:\n"
+                       "  spa.py client -n web1                 # knock with [web1] of ~/.spa.conf\n"
+                       "  spa.py client -c ~/.fwknoprc -n web1  # fwknop's client settings\n"
+                       "  spa.py client -D 198.51.100.7 -A tcp/22 -c ~/.spa.conf -n web1 --test -v\n"
+                       "  ssh -o 'ProxyCommand spa.py client -n %h --connect %h:%p' web1\n\n"
                        "Keys given on the command line are visible to every user in the process\n"
                        "list: keep them in a config file of mode 0600 instead.")
     c.add_argument("-D", "--destination", metavar="HOST", help="the server: name, IPv4 or IPv6")
@@ -1745,6 +1949,10 @@ def build_parser():
                    help="open for this IPv4 address instead of the packet's source")
     c.add_argument("-s", "--source-ip", dest="source_ip", action="store_const", const=True,
                    help="open for the address the packet comes from (the default)")
+    c.add_argument("-R", "--resolve-ip-https", dest="resolve_ip", action="store_true",
+                   help="open for the public IPv4 address that --resolve-url reports (behind NAT)")
+    c.add_argument("--resolve-url", dest="resolve_url", metavar="URL",
+                   help="a URL of yours that answers with the caller's address (none is built in)")
     c.add_argument("-f", "--fw-timeout", dest="fw_timeout", metavar="SECONDS",
                    help="ask for this many seconds (the server caps it)")
     c.add_argument("-U", "--user", metavar="NAME", help="username to send (default: login name)")
@@ -1752,8 +1960,16 @@ def build_parser():
     c.add_argument("--hmac-key-base64", dest="hmac_key_base64", metavar="KEY", help="HMAC key")
     c.add_argument("--hmac-digest", dest="hmac_digest_type", metavar="TYPE",
                    help="HMAC type: sha256 (default), sha384, sha512")
-    c.add_argument("-c", "--config", metavar="FILE", help="read settings from this INI file")
-    c.add_argument("-n", "--name", metavar="SECTION", help="the section of the config to use")
+    c.add_argument("-c", "--config", metavar="FILE",
+                   help="read settings from this file: spa.py's INI or fwknop's ~/.fwknoprc")
+    c.add_argument("-n", "--name", metavar="SECTION",
+                   help="the section of the config to use (default file: ~/.spa.conf, "
+                   "else ~/.fwknoprc)")
+    c.add_argument("--connect", metavar="HOST:PORT",
+                   help="after the knock, wait until HOST:PORT accepts a connection and relay "
+                   "stdin/stdout to it (for ssh's ProxyCommand)")
+    c.add_argument("--connect-wait", dest="connect_wait", type=float, default=10.0,
+                   metavar="SECONDS", help="how long --connect waits for the port (default 10)")
     c.add_argument("--test", action="store_true", help="print the packet instead of sending it")
     c.add_argument("-v", "--verbose", action="store_true", help="print the packet's fields")
 

@@ -613,7 +613,8 @@ def test_client_command_line_keys(tmp_path):
     (["-D", "h"], "no ports to open"),
     (["-D", "h", "-A", "tcp/0"], "expected tcp/PORT"),
     (["-D", "h", "-A", "tcp/22", "-a", "2001:db8::1"], "IPv4"),
-    (["-D", "h", "-A", "tcp/22", "-a", "198.18.0.1", "-s"], "not both"),
+    (["-D", "h", "-A", "tcp/22", "-a", "198.18.0.1", "-s"], "give only one of"),
+    (["-D", "h", "-A", "tcp/22", "-R"], "--resolve-url"),
     (["-D", "h", "-A", "tcp/22", "-U", "a:b"], "user"),
     (["-D", "h", "-A", ",".join("tcp/%d" % p for p in range(10000, 10030))], "at most 399"),
 ])
@@ -1041,3 +1042,96 @@ def test_packets_are_read_without_privileges(tmp_path):
         lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])
         time.sleep(0.3)
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+
+
+# --- the person at the keyboard: fwknop's rc file, --connect, -R ------------------------------
+
+def test_client_reads_the_rc_file_fwknop_writes(tmp_path):
+    """`fwknop --key-gen --save-rc-stanza` writes ~/.fwknoprc; spa.py's client uses it as it is."""
+    need_lab("fwknop")
+    env = dict(os.environ, HOME=str(tmp_path))
+    subprocess.run(["fwknop", "--key-gen", "--save-rc-stanza", "-n", "web1", "-D", "198.18.0.1",
+                    "-A", "tcp/22", "--use-hmac"], env=env, check=True, stdout=subprocess.PIPE)
+    rc = str(tmp_path / ".fwknoprc")
+    with open(rc) as f:
+        text = f.read()
+    keys = dict(re.findall(r"^(KEY_BASE64|HMAC_KEY_BASE64)\s+(\S+)", text, re.M))
+    config = server_config(tmp_path, {"web1": {"key_base64": keys["KEY_BASE64"],
+                                               "hmac_key_base64": keys["HMAC_KEY_BASE64"]}})
+    for args in (["-c", rc, "-n", "web1"], ["-n", "web1"]):       # ~/.fwknoprc is the default
+        done = run_spa("client", "--test", *args, env=env)
+        assert done.returncode == 0, done.stderr
+        d = decide(config, done.stdout.strip().encode())
+        assert d.accepted, d.reason
+        assert d.message.access == [("tcp", 22)]
+
+
+@pytest.mark.parametrize("line,message", [
+    ("USE_HMAC N", "always uses an HMAC"),
+    ("NAT_ACCESS 198.18.0.9:22", "NAT_ACCESS is not supported"),
+    ("SPA_SERVER_PROTO tcp", "UDP only"),
+])
+def test_client_names_what_it_cannot_honour_in_fwknoprc(tmp_path, line, message):
+    rc = write_private(tmp_path / "rc", "[default]\nKEY_BASE64 %s\nHMAC_KEY_BASE64 %s\n"
+                       "[web1]\nSPA_SERVER 198.18.0.1\nACCESS tcp/22\n%s\n" % (KEY, HMAC_KEY, line))
+    done = run_spa("client", "-c", rc, "-n", "web1", "--test")
+    assert done.returncode == 1 and message in done.stderr
+
+
+def test_fwknoprc_allow_ip_source_and_passphrase_keys(tmp_path):
+    rc = write_private(tmp_path / "rc", "[web1]\nSPA_SERVER 198.18.0.1\nACCESS tcp/22\n"
+                       "ALLOW_IP source\nKEY fwknoptest\nHMAC_KEY hmacsecret\nFW_TIMEOUT 45\n"
+                       "SPOOF_USER carol\n")
+    config = server_config(tmp_path, {"p": {"key_base64": None, "hmac_key_base64": None,
+                                            "key": "fwknoptest", "hmac_key": "hmacsecret"}})
+    done = run_spa("client", "-c", rc, "-n", "web1", "--test")
+    assert done.returncode == 0, done.stderr
+    d = decide(config, done.stdout.strip().encode())
+    assert d.accepted, d.reason
+    assert d.message.allow_ip == "0.0.0.0" and d.timeout == 45 and d.message.username == "carol"
+
+
+def test_connect_relays_to_the_opened_port(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT, banner=b"hello from behind\n")
+        lab.tcp_service("srv", Lab.srv6(1), SERVICE_PORT, banner=b"hello from behind\n")
+        start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "5"}})
+        assert closed(lab, "cli1", Lab.srv4(1))
+        for target in ("%s:%d" % (Lab.srv4(1), SERVICE_PORT), "[%s]:%d" % (Lab.srv6(1), SERVICE_PORT)):
+            done = lab.run("cli1", [sys.executable, SPA, "client", "-A", "tcp/%d" % SERVICE_PORT,
+                                    "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY,
+                                    "--connect", target], input="ping through spa\n", timeout=20)
+            assert done.stdout == "hello from behind\nping through spa\n"
+
+
+def test_connect_gives_up_with_advice(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        start_server(lab, tmp_path)
+        wrong = base64.b64encode(b"w" * 64).decode()
+        start = time.monotonic()
+        done = lab.run("cli1", [sys.executable, SPA, "client", "-A", "tcp/%d" % SERVICE_PORT,
+                                "--key-base64", KEY, "--hmac-key-base64", wrong, "--connect",
+                                "%s:%d" % (Lab.srv4(1), SERVICE_PORT), "--connect-wait", "2"],
+                       check=False, input="", timeout=20)
+        assert done.returncode == 1
+        assert "did not open within 2 s" in done.stderr and "spa.py server -v" in done.stderr
+        assert time.monotonic() - start < 6
+
+
+def test_resolve_ip_from_a_url(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        www = tmp_path / "www"
+        www.mkdir()
+        (www / "ip").write_text("your address: 198.18.77.7\n")
+        web = lab.spawn("srv", [sys.executable, "-m", "http.server", "8080", "--bind", Lab.srv4(1),
+                                "--directory", str(www)])
+        wait_for_line(web, r"Serving HTTP", 10)
+        done = lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/22",
+                                "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY, "-R",
+                                "--resolve-url", "http://%s:8080/ip" % Lab.srv4(1), "--test", "-v"])
+        assert re.search(r"allow ip\s+198\.18\.77\.7", done.stderr)
+        assert "not https" in done.stderr

@@ -1135,3 +1135,49 @@ def test_resolve_ip_from_a_url(tmp_path):
                                 "--resolve-url", "http://%s:8080/ip" % Lab.srv4(1), "--test", "-v"])
         assert re.search(r"allow ip\s+198\.18\.77\.7", done.stderr)
         assert "not https" in done.stderr
+
+
+def test_ssh_through_proxycommand(tmp_path):
+    """A real OpenSSH server behind the firewall: plain ssh cannot connect; with the
+    ProxyCommand line from README.md, ssh and scp just work."""
+    need_nft()
+    need_lab("sshd", "ssh", "ssh-keygen", "scp")
+    os.makedirs("/run/sshd", exist_ok=True)            # sshd's privilege separation directory
+    sshd_port = 2222
+    for name in ("host", "user"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)],
+                       check=True)
+    (tmp_path / "authorized_keys").write_text((tmp_path / "user.pub").read_text())
+    sshd_config = write_private(tmp_path / "sshd_config", "\n".join([
+        "Port %d" % sshd_port, "ListenAddress %s" % Lab.srv4(1), "HostKey %s" % (tmp_path / "host"),
+        "AuthorizedKeysFile %s" % (tmp_path / "authorized_keys"), "PidFile %s" % (tmp_path / "sshd.pid"),
+        "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "UsePAM no", "StrictModes no", "Subsystem sftp internal-sftp", ""]))
+    client_conf = write_private(tmp_path / "spa-client.conf", "[web1]\ndestination = %s\naccess = tcp/%d\n"
+                                "key_base64 = %s\nhmac_key_base64 = %s\n"
+                                % (Lab.srv4(1), sshd_port, KEY, HMAC_KEY))
+    ssh_config = write_private(tmp_path / "ssh_config", "\n".join([
+        "Host web1", "  HostName %s" % Lab.srv4(1), "  Port %d" % sshd_port, "  User root",
+        "  IdentityFile %s" % (tmp_path / "user"), "  StrictHostKeyChecking no",
+        "  UserKnownHostsFile /dev/null", "  BatchMode yes", "  ConnectTimeout 3", "  LogLevel ERROR",
+        "  ProxyCommand %s %s client -c %s -n %%n --connect %%h:%%p" % (sys.executable, SPA, client_conf),
+        "Host plain", "  HostName %s" % Lab.srv4(1), "  Port %d" % sshd_port, "  User root",
+        "  IdentityFile %s" % (tmp_path / "user"), "  StrictHostKeyChecking no",
+        "  UserKnownHostsFile /dev/null", "  BatchMode yes", "  ConnectTimeout 3", ""]))
+    with Lab(clients=1, prefix="spa") as lab:
+        start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "10"}}, protect="tcp/%d" % sshd_port)
+        sshd = lab.spawn("srv", ["/usr/sbin/sshd", "-D", "-e", "-f", sshd_config])
+        deadline = time.monotonic() + 10
+        while not os.path.exists(str(tmp_path / "sshd.pid")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sshd.poll() is None, sshd.log.text()
+        ssh = ["ssh", "-F", ssh_config]
+        plain = lab.run("cli1", ssh + ["plain", "echo", "unexpected"], check=False, timeout=20)
+        assert plain.returncode == 255 and "refused" in plain.stderr
+        done = lab.run("cli1", ssh + ["web1", "echo", "hello from $(hostname -s) as $(id -un)"],
+                       timeout=30)
+        assert done.stdout.startswith("hello from ") and done.stdout.strip().endswith("as root")
+        (tmp_path / "payload").write_bytes(os.urandom(100000))
+        lab.run("cli1", ["scp", "-q", "-F", ssh_config, str(tmp_path / "payload"),
+                         "web1:%s" % (tmp_path / "copied")], timeout=30)
+        assert (tmp_path / "copied").read_bytes() == (tmp_path / "payload").read_bytes()

@@ -541,14 +541,30 @@ def parse_keys(get, where):
     return key, hmac_key, hmac_type, mode
 
 
+def parse_date(value, name):
+    """A day (YYYY-MM-DD, or fwknop's MM/DD/YYYY) or epoch seconds -> the epoch it starts or is."""
+    value = value.strip()
+    if value.isdigit():
+        return int(value)
+    for fmt in ("%Y-%m-%d", "%m/%d/%Y"):
+        try:
+            return int(time.mktime(time.strptime(value, fmt)))
+        except ValueError:
+            pass
+    raise SpaError("%s = %r: expected YYYY-MM-DD" % (name, value))
+
+
 class Stanza(object):
     """One `[client NAME]` section of the server config: who may knock, with which keys, for what."""
 
-    def __init__(self, name, section, protect):
+    def __init__(self, name, options, protect, where=None):
         import ipaddress
-        where = "[client %s]" % name
+        where = where or "[client %s]" % name
         self.name = name
-        get = lambda option: section.get(option, "").strip()
+        unknown = set(options) - STANZA_OPTIONS
+        if unknown:
+            raise SpaError("%s: unknown option %s" % (where, ", ".join(sorted(unknown))))
+        get = lambda option: (options.get(option) or "").strip()
         source = get("source") or "any"
         if source.lower() == "any":
             self.sources = None
@@ -574,9 +590,13 @@ class Stanza(object):
         self.require_username = get("require_username") or None
         self.require_source_address = parse_bool(get("require_source_address") or "no",
                                                  where + ": require_source_address")
-        unknown = set(section) - STANZA_OPTIONS - set(section.parser.defaults())
-        if unknown:
-            raise SpaError("%s: unknown option %s" % (where, ", ".join(sorted(unknown))))
+        try:
+            self.restrict_ports = set(parse_access(get("restrict_ports"), "restrict_ports")) \
+                if get("restrict_ports") else set()
+        except ValueError as e:
+            raise SpaError("%s: %s" % (where, e))
+        self.access_expire = parse_date(get("access_expire"), where + ": access_expire") \
+            if get("access_expire") else None
 
     def matches_source(self, source):
         if self.sources is None:
@@ -587,6 +607,9 @@ class Stanza(object):
 
     def authorize(self, msg, source, now):
         """Apply this stanza's policy to an authenticated message: (allow IP, seconds) or Reject."""
+        if self.access_expire is not None and now >= self.access_expire:
+            raise Reject("the stanza expired on %s (access_expire)"
+                         % time.strftime("%Y-%m-%d", time.localtime(self.access_expire)))
         if msg.msg_type not in SUPPORTED_TYPES:
             raise Reject("message type %d (%s) is not supported"
                          % (msg.msg_type, MSG_NAMES[msg.msg_type]))
@@ -598,7 +621,7 @@ class Stanza(object):
             allow_ip = msg.allow_ip
         if self.require_username is not None and msg.username != self.require_username:
             raise Reject("username %r is not the required one" % msg.username)
-        denied = [pp for pp in msg.access if pp not in self.open_ports]
+        denied = [pp for pp in msg.access if pp not in self.open_ports or pp in self.restrict_ports]
         if denied:
             raise Reject("%s not in open_ports" % ",".join("%s/%d" % pp for pp in denied))
         if msg.msg_type in TIMEOUT_TYPES and msg.client_timeout > 0:
@@ -609,18 +632,20 @@ class Stanza(object):
 
 
 STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
+                  "restrict_ports", "access_expire",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address"}
 SERVER_OPTIONS = {"interface", "port", "firewall", "protect", "protect_action",
-                  "max_packet_age", "replay_cache", "log", "user"}
+                  "max_packet_age", "replay_cache", "log", "user", "access_conf"}
 
 
 class ServerConfig(object):
     """The whole server config: the [server] section and the client stanzas."""
 
-    def __init__(self, path):
+    def __init__(self, path, access_conf=None):
         parser = read_ini(path)
         self.path = path
+        self.notes = []        # what an imported fwknop access.conf asked that we do not honour
         section = parser["server"] if parser.has_section("server") else {}
         get = lambda option, default: section.get(option, default).strip()
         unknown = set(section) - SERVER_OPTIONS - set(parser.defaults())
@@ -660,12 +685,99 @@ class ServerConfig(object):
             if kind != "client" or not client.strip():
                 raise SpaError("%s: unknown section [%s]: expected [server] or [client NAME]"
                                % (path, name))
-            self.stanzas.append(Stanza(client.strip(), parser[name], self.protect))
+            self.stanzas.append(Stanza(client.strip(), dict(parser[name]), self.protect))
+        access_conf = access_conf or get("access_conf", "")
+        if access_conf:
+            stanzas, self.notes = read_access_conf(access_conf, self.protect)
+            self.stanzas += stanzas
         if not self.stanzas:
-            raise SpaError("%s: no [client NAME] section: nobody could knock" % path)
+            raise SpaError("%s: no [client NAME] section%s: nobody could knock"
+                           % (path, " and no usable stanza in " + access_conf if access_conf else ""))
         if not self.protect:
             raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
                            "e.g. protect = tcp/22" % path)
+
+
+# fwknop access.conf variable -> our stanza option.
+ACCESS_CONF_NAMES = {
+    "SOURCE": "source", "OPEN_PORTS": "open_ports", "RESTRICT_PORTS": "restrict_ports",
+    "KEY_BASE64": "key_base64", "KEY": "key", "HMAC_KEY_BASE64": "hmac_key_base64",
+    "HMAC_KEY": "hmac_key", "HMAC_DIGEST_TYPE": "hmac_digest_type",
+    "ENCRYPTION_MODE": "encryption_mode", "FW_ACCESS_TIMEOUT": "fw_access_timeout",
+    "MAX_FW_TIMEOUT": "max_fw_timeout", "REQUIRE_USERNAME": "require_username",
+    "REQUIRE_SOURCE_ADDRESS": "require_source_address", "REQUIRE_SOURCE": "require_source_address",
+    "ACCESS_EXPIRE": "access_expire", "ACCESS_EXPIRE_EPOCH": "access_expire",
+}
+# Settings that only matter for command messages, which spa.py never runs.
+ACCESS_CONF_CMD = {"CMD_EXEC_USER", "CMD_EXEC_GROUP", "CMD_SUDO_EXEC_USER", "CMD_SUDO_EXEC_GROUP"}
+
+
+def read_access_conf(path, protect, depth=0):
+    """Turn fwknop's access.conf into Stanzas: ([Stanza], [notes on what is not honoured]).
+
+    A stanza that needs what spa.py does not do (GnuPG, NAT, a DESTINATION,
+    command cycles, no HMAC key) is left out, and a note says so, rather than
+    being loaded with a restriction quietly dropped.
+    """
+    import glob
+    if depth > 3:
+        raise SpaError("%s: %%include nested too deep" % path)
+    check_private_file(path)
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise SpaError("cannot read %s: %s" % (path, e.strerror))
+    stanzas, notes, raw = [], [], []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        parts = line.split(None, 1)
+        var, value = parts[0].rstrip(":"), parts[1].strip() if len(parts) > 1 else ""
+        if var in ("%include", "%include_folder"):
+            files = [value] if var == "%include" else sorted(glob.glob(os.path.join(value, "*.conf")))
+            for name in files:
+                more, more_notes = read_access_conf(name, protect, depth + 1)
+                stanzas += more
+                notes += more_notes
+            continue
+        if var == "SOURCE":
+            raw.append(("%s:%d" % (os.path.basename(path), number), []))
+        if not raw:
+            continue                   # fwknopd ignores what comes before the first SOURCE
+        raw[-1][1].append((var, value))
+    for name, pairs in raw:
+        options, problems = {}, []
+        gpg = False
+        for var, value in pairs:
+            if var in ACCESS_CONF_NAMES:
+                options[ACCESS_CONF_NAMES[var]] = value
+            elif var.startswith("GPG_"):
+                gpg = True
+            elif var in ("ENABLE_CMD_EXEC", "ENABLE_CMD_SUDO_EXEC"):
+                if value[:1].upper() == "Y":
+                    notes.append("%s: %s is not honoured: command messages are refused"
+                                 % (name, var))
+            elif var not in ACCESS_CONF_CMD:
+                problems.append(var)
+        if not options.get("key_base64") and not options.get("key"):
+            problems.append("GnuPG-only stanzas" if gpg else "a stanza without an AES key")
+        elif gpg:
+            notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
+        if not options.get("hmac_key_base64") and not options.get("hmac_key"):
+            problems.append("packets without an HMAC")
+        if problems:
+            notes.append("%s: stanza left out: spa.py does not support %s"
+                         % (name, ", ".join(problems)))
+            continue
+        if options.get("source", "").upper() == "ANY":
+            options["source"] = "any"
+        if options.get("require_source_address"):
+            options["require_source_address"] = \
+                "yes" if options["require_source_address"][:1].upper() == "Y" else "no"
+        stanzas.append(Stanza(name, options, protect, where="%s stanza at %s" % (path, name)))
+    return stanzas, notes
 
 
 # ---------------------------------------------------------------------------
@@ -1523,8 +1635,10 @@ def open_sockets(config):
 
 
 def server_main(args):
-    config = ServerConfig(args.config)
+    config = ServerConfig(args.config, args.access_conf)
     log = make_logger("stderr" if args.test else config.log, args.verbose)
+    for note in config.notes:
+        log.warning("access.conf: %s", note)
     firewall = make_firewall(config, args.test, log)
     if args.flush:
         removed = firewall.flush()
@@ -1980,6 +2094,8 @@ def build_parser():
                        "  spa.py server -c /etc/spa/spa.conf --flush")
     s.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
                    help="config file (default %s)" % DEFAULT_CONFIG)
+    s.add_argument("--access-conf", dest="access_conf", metavar="FILE",
+                   help="also load the client stanzas of fwknopd's access.conf")
     s.add_argument("-v", "--verbose", action="store_true", help="log more")
     s.add_argument("--test", action="store_true",
                    help="capture and decide, but change neither firewall nor replay cache")

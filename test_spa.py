@@ -1181,3 +1181,86 @@ def test_ssh_through_proxycommand(tmp_path):
         lab.run("cli1", ["scp", "-q", "-F", ssh_config, str(tmp_path / "payload"),
                          "web1:%s" % (tmp_path / "copied")], timeout=30)
         assert (tmp_path / "copied").read_bytes() == (tmp_path / "payload").read_bytes()
+
+
+ACCESS_CONF = """# fwknopd's access.conf, as a fwknop user has it
+SOURCE              ANY
+OPEN_PORTS          tcp/22, tcp/8022
+KEY_BASE64          {key}
+HMAC_KEY_BASE64     {hkey}
+FW_ACCESS_TIMEOUT   7
+REQUIRE_SOURCE_ADDRESS  N
+
+SOURCE              198.18.0.0/16
+DESTINATION         198.18.1.1
+KEY_BASE64          {key}
+HMAC_KEY_BASE64     {hkey}
+
+SOURCE              ANY
+GPG_REMOTE_ID       12345678
+GPG_DECRYPT_ID      ABCDEF01
+
+SOURCE              ANY
+KEY_BASE64          {key}
+HMAC_KEY_BASE64     {other}
+ENABLE_CMD_EXEC     Y
+CMD_EXEC_USER       nobody
+RESTRICT_PORTS      tcp/23
+ACCESS_EXPIRE       01/01/2020
+"""
+
+
+def test_fwknopd_access_conf_is_read(tmp_path):
+    other = base64.b64encode(b"o" * 64).decode()
+    path = write_private(tmp_path / "access.conf",
+                         ACCESS_CONF.format(key=KEY, hkey=HMAC_KEY, other=other))
+    config = server_config(tmp_path, access_conf=path)
+    lines = [n for n, line in enumerate(ACCESS_CONF.splitlines(), 1) if line.startswith("SOURCE")]
+    names = [s.name for s in config.stanzas]
+    assert names == ["alice", "access.conf:%d" % lines[0], "access.conf:%d" % lines[3]]
+    notes = "\n".join(config.notes)
+    assert "access.conf:%d: stanza left out: spa.py does not support DESTINATION" % lines[1] in notes
+    assert "access.conf:%d: stanza left out: spa.py does not support GnuPG-only stanzas" \
+        % lines[2] in notes
+    assert "access.conf:%d: ENABLE_CMD_EXEC is not honoured" % lines[3] in notes
+    fw = config.stanzas[1]
+    assert fw.open_ports == {("tcp", 22), ("tcp", 8022)} and fw.fw_access_timeout == 7
+    d = decide(config, knock([("tcp", 22)]))
+    assert d.accepted and d.stanza.name == "alice"          # spa.conf's own stanzas come first
+    expired = decide(config, knock(hmac_key=other))
+    assert not expired.accepted and "expired on 2020-01-01" in expired.reason
+
+
+def test_access_conf_alone_and_readable_refused(tmp_path):
+    path = write_private(tmp_path / "access.conf",
+                         ACCESS_CONF.format(key=KEY, hkey=HMAC_KEY, other=HMAC_KEY))
+    conf = write_private(tmp_path / "spa.conf", "[server]\nprotect = tcp/22\nreplay_cache = %s\n"
+                         % (tmp_path / "r"))
+    config = spa.ServerConfig(conf, path)
+    assert [s.name for s in config.stanzas][0] == "access.conf:2"     # its first SOURCE line
+    d = decide(config, knock([("tcp", 8022)]))
+    assert d.accepted and d.stanza.name == "access.conf:2" and d.timeout == 7
+    d = decide(config, knock([("tcp", 23)]))
+    assert not d.accepted and "tcp/23 not in open_ports" in d.reason
+    os.chmod(path, 0o644)
+    with pytest.raises(spa.SpaError, match="chmod 600"):
+        spa.ServerConfig(conf, path)
+
+
+def test_spa_server_replaces_fwknopd_without_rekeying(tmp_path):
+    """fwknopd's own access.conf, fwknop's own client and keys: spa.py takes over."""
+    need_nft()
+    need_lab("fwknop")
+    key, hmac_key = netns_lab.fwknop_keygen()
+    access = write_private(tmp_path / "access.conf", "SOURCE ANY\nOPEN_PORTS tcp/%d\nKEY_BASE64 %s\n"
+                           "HMAC_KEY_BASE64 %s\nFW_ACCESS_TIMEOUT 5\n" % (SERVICE_PORT, key, hmac_key))
+    conf = write_private(tmp_path / "spa.conf", "[server]\nprotect = tcp/%d\nreplay_cache = %s\n"
+                         % (SERVICE_PORT, tmp_path / "replay.cache"))
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        server = lab.spawn("srv", [sys.executable, SPA, "server", "-c", conf, "--access-conf", access])
+        wait_for_line(server, r"listening on", 15)
+        assert closed(lab, "cli1", Lab.srv4(1))
+        lab.run("cli1", netns_lab.fwknop_client_argv(Lab.srv4(1), "tcp/%d" % SERVICE_PORT, key, hmac_key))
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 1.0) is not None
+        wait_for_line(server, r"\[client access.conf:1\] .* for 5 s", 2)

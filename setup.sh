@@ -1,5 +1,5 @@
 #!/bin/sh
-# Install what spa.py and its tests need on Debian/Ubuntu, then check the tool runs.
+# Install what spa.py and its tests need on Debian/Ubuntu, then run spa.py's self-test.
 # Usage (as root):  sh setup.sh
 set -eu
 cd "$(dirname "$0")"
@@ -25,5 +25,6 @@ python3 -m pip install -q vermin 2>/dev/null ||
     python3 -m pip install -q --break-system-packages vermin 2>/dev/null || true
 
 python3 spa.py --version
-python3 -c 'import spa; spa.aes_module(); print("pycryptodome: ok")'
+# The self-test: a real server, capture and firewall in two throwaway namespaces.
+python3 spa.py selftest
 echo "setup done: run the tests with  python3 -m pytest -q"

@@ -1023,6 +1023,7 @@ class NftFirewall(object):
             self._nft(["add table " + t, "delete table " + t, "add table " + t] + sets + chain)
         now = time.time()
         self.ends = {(a, p, port): now + left for a, p, port, left in self.list()}
+        self.shell.run(["list set inet %s allow4" % self.table])   # start nft -i before any knock
 
     def open(self, address, proto, port, timeout, now=None):
         """Open (address, proto, port) for `timeout` seconds; never shortens an opening."""
@@ -2016,6 +2017,260 @@ def keygen_main(args):
 
 
 # ---------------------------------------------------------------------------
+# selftest: the whole thing, for real, in two throwaway network namespaces
+# ---------------------------------------------------------------------------
+
+def in_netns(name, fn):
+    """Run fn() in a short-lived thread that has entered network namespace `name`.
+
+    Sockets made there stay in that namespace, so one process can act as both ends.
+    """
+    import ctypes
+    import threading
+    result = {}
+
+    def target():
+        try:
+            fd = os.open("/var/run/netns/" + name, os.O_RDONLY)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(fd, 0x40000000) != 0:          # CLONE_NEWNET
+                    raise OSError(ctypes.get_errno(), "setns into %s failed" % name)
+            finally:
+                os.close(fd)
+            result["value"] = fn()
+        except BaseException as e:
+            result["error"] = e
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class SelfTest(object):
+    """Two namespaces joined by a veth pair; a server with the real capture and firewall in
+    one, a TCP service behind it, and knocks from the other.  Everything is removed after."""
+
+    PORT = 22022
+
+    def __init__(self, say):
+        tag = "%d" % (os.getpid() % 100000)
+        self.srv, self.cli = "spa-selftest-%s-s" % tag, "spa-selftest-%s-c" % tag
+        self.veth = ("spast%sa" % tag, "spast%sb" % tag)
+        self.say = say
+        self.made, self.server, self.listener, self.tmp = [], None, None, None
+        self.log = []
+
+    def ip(self, *args):
+        run_command(["ip"] + list(args))
+
+    def build(self, timeout):
+        import tempfile
+        for name in (self.srv, self.cli):
+            self.ip("netns", "add", name)
+            self.made.append(name)
+            self.ip("-n", name, "link", "set", "lo", "up")
+        self.ip("link", "add", self.veth[0], "netns", self.srv, "type", "veth", "peer", "name",
+                self.veth[1], "netns", self.cli)
+        for ns, dev, v4, v6 in ((self.srv, self.veth[0], "198.18.254.1", "2001:db8:fe::1"),
+                                (self.cli, self.veth[1], "198.18.254.2", "2001:db8:fe::2")):
+            self.ip("-n", ns, "addr", "add", v4 + "/24", "dev", dev)
+            self.ip("-n", ns, "addr", "add", v6 + "/64", "dev", dev, "nodad")
+            self.ip("-n", ns, "link", "set", dev, "up")
+        self.tmp = tempfile.mkdtemp(prefix="spa-selftest-")
+        self.key, self.hmac_key = os.urandom(32), os.urandom(64)
+        conf = os.path.join(self.tmp, "spa.conf")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("[server]\ninterface = %s\nprotect = tcp/%d\nreplay_cache = %s\n"
+                    "[client selftest]\nkey_base64 = %s\nhmac_key_base64 = %s\n"
+                    "fw_access_timeout = %d\n"
+                    % (self.veth[0], self.PORT, os.path.join(self.tmp, "replay.cache"),
+                       base64.b64encode(self.key).decode(),
+                       base64.b64encode(self.hmac_key).decode(), timeout))
+        return conf
+
+    def start_service(self):
+        import threading
+
+        def listen():
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", self.PORT))
+            sock.listen(16)
+            return sock
+        self.listener = in_netns(self.srv, listen)
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError:
+                    return
+                conn.close()
+        threading.Thread(target=serve, daemon=True).start()
+
+    def start_server(self, conf):
+        import subprocess
+        import threading
+        self.server = subprocess.Popen(
+            ["ip", "netns", "exec", self.srv, sys.executable, os.path.abspath(__file__), "server",
+             "-c", conf], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, universal_newlines=True)
+
+        def collect():
+            for line in self.server.stderr:
+                self.log.append(line.rstrip())
+        threading.Thread(target=collect, daemon=True).start()
+        if not self.wait_log("listening on", 15):
+            raise SpaError("the server did not start: %s" % " | ".join(self.log[-3:]))
+
+    def wait_log(self, text, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.log):
+                return True
+            if self.server.poll() is not None and not any(text in line for line in self.log):
+                time.sleep(0.1)
+                return any(text in line for line in self.log)
+            time.sleep(0.01)
+        return False
+
+    def connect(self, address, timeout=0.3):
+        """'open', 'refused' or 'filtered': what a client sees of the protected port."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+        def attempt():
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect((address, self.PORT))
+                return "open"
+            except ConnectionRefusedError:
+                return "refused"
+            except OSError:
+                return "filtered"
+            finally:
+                sock.close()
+        return in_netns(self.cli, attempt)
+
+    def knock(self, address, wire=None):
+        if wire is None:
+            msg = Message("selftest", "0.0.0.0", [("tcp", self.PORT)])
+            wire = seal(msg.encode(), self.key, self.hmac_key)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = in_netns(self.cli, lambda: socket.socket(family, socket.SOCK_DGRAM))
+        with sock:
+            sock.sendto(wire, (address, DEFAULT_PORT))
+        return wire
+
+    def wait_open(self, address, seconds=1.0):
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            if self.connect(address, 0.05) == "open":
+                return time.monotonic() - start
+            time.sleep(0.001)
+        return None
+
+    def cleanup(self):
+        import shutil
+        import signal
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(5)
+            except Exception:
+                self.server.kill()
+                self.server.wait()
+        if self.listener is not None:
+            self.listener.close()
+        for name in reversed(self.made):
+            try:
+                self.ip("netns", "delete", name)
+            except SpaError as e:
+                self.say("warning: could not delete namespace %s: %s" % (name, e))
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def selftest_missing():
+    """What this machine lacks for spa.py's server, in words an operator can act on."""
+    import shutil
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (the server needs CAP_NET_RAW and CAP_NET_ADMIN): run it with sudo")
+    if shutil.which("ip") is None:
+        missing.append("the ip command (Debian: apt install iproute2)")
+    if shutil.which("nft") is None:
+        missing.append("nft (Debian: apt install nftables)")
+    try:
+        aes_module()
+    except SpaError as e:
+        missing.append(str(e))
+    if not hasattr(socket, "AF_PACKET"):
+        missing.append("AF_PACKET sockets (Linux only)")
+    return missing
+
+
+def selftest_main(args):
+    """Prove that knock, open, close and replay refusal work on this machine."""
+    def say(text):
+        print(text, flush=True)
+    say("spa.py selftest: two throwaway network namespaces; the host's own firewall is not touched")
+    missing = selftest_missing()
+    if missing:
+        for item in missing:
+            say("  FAIL  missing: %s" % item)
+        say("verdict: FAIL (install what is missing, then run the selftest again)")
+        return 1
+    timeout = 2
+    t = SelfTest(say)
+    failures = []
+
+    def check(ok, text):
+        say("  %s  %s" % ("ok  " if ok else "FAIL", text))
+        if not ok:
+            failures.append(text)
+        return ok
+    try:
+        conf = t.build(timeout)
+        t.start_service()
+        t.start_server(conf)
+        say("  ok    server running (real capture, firewall nft) with tcp/%d protected" % t.PORT)
+        for address in ("198.18.254.1", "2001:db8:fe::1"):
+            family = "IPv6" if ":" in address else "IPv4"
+            state = t.connect(address)
+            check(state != "open", "%s: before a knock the port is %s, like a port with no service"
+                  % (family, state))
+            wire = t.knock(address)
+            opened = t.wait_open(address)
+            check(opened is not None, "%s: knock sent, port open after %s" % (
+                family, "%.1f ms" % (opened * 1000) if opened is not None else "- never (1 s)"))
+            time.sleep(timeout + 0.5)
+            check(t.connect(address) != "open",
+                  "%s: port closed again after the %d s timeout" % (family, timeout))
+            t.knock(address, wire)
+            refused = t.wait_log("replayed packet", 2) and t.wait_open(address, 0.3) is None
+            check(refused, "%s: the same packet sent again is refused as a replay" % family)
+            t.log[:] = [line for line in t.log if "replayed packet" not in line]
+    except SpaError as e:
+        check(False, str(e))
+    except KeyboardInterrupt:
+        check(False, "interrupted")
+    finally:
+        t.cleanup()
+        say("  ok    cleaned up: namespaces and temporary files removed")
+    if failures:
+        say("verdict: FAIL (%d check(s) failed; the server's last words: %s)"
+            % (len(failures), " | ".join(t.log[-3:]) or "none"))
+        return 1
+    say("verdict: PASS: spa.py works on this machine")
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -2102,12 +2357,19 @@ def build_parser():
     s.add_argument("--list", action="store_true", help="print the open authorizations and exit")
     s.add_argument("--flush", action="store_true",
                    help="remove everything spa.py put in the firewall and exit")
+    sub.add_parser("selftest", formatter_class=fmt, help="prove it works on this machine (root)",
+                   description="Build two throwaway network namespaces, run a server with this "
+                   "machine's real capture and firewall in one, knock from the other, and show "
+                   "each step: port closed, knock, port open, closed after the timeout, replay "
+                   "refused.  The host's own firewall is not touched.",
+                   epilog="example:\n  sudo python3 spa.py selftest")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    handler = {"keygen": keygen_main, "client": client_main, "server": server_main}
+    handler = {"keygen": keygen_main, "client": client_main, "server": server_main,
+               "selftest": selftest_main}
     try:
         return handler[args.command](args)
     except SpaError as e:

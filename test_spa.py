@@ -1264,3 +1264,37 @@ def test_spa_server_replaces_fwknopd_without_rekeying(tmp_path):
         lab.run("cli1", netns_lab.fwknop_client_argv(Lab.srv4(1), "tcp/%d" % SERVICE_PORT, key, hmac_key))
         assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 1.0) is not None
         wait_for_line(server, r"\[client access.conf:1\] .* for 5 s", 2)
+
+
+def test_selftest_passes_and_cleans_up():
+    need_nft()
+    before = set(os.listdir("/var/run/netns"))
+    done = run_spa("selftest", timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verdict: PASS" in done.stdout
+    for step in ("before a knock the port is refused", "knock sent, port open after",
+                 "port closed again after the 2 s timeout", "refused as a replay"):
+        assert done.stdout.count(step) == 2, step             # IPv4 and IPv6
+    assert set(os.listdir("/var/run/netns")) - before == set()
+
+
+def test_selftest_cleans_up_after_ctrl_c():
+    need_nft()
+    before = set(os.listdir("/var/run/netns"))
+    proc = subprocess.Popen([sys.executable, SPA, "selftest"], stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    line = proc.stdout.readline() + proc.stdout.readline()
+    assert "server running" in line
+    proc.send_signal(2)
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode != 0 and "verdict: FAIL" in out and "cleaned up" in out
+    assert set(os.listdir("/var/run/netns")) - before == set()
+
+
+def test_selftest_names_what_is_missing(monkeypatch, capsys):
+    monkeypatch.setattr(spa.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "nft" else "/usr/bin/" + name)
+    assert spa.main(["selftest"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  missing: root" in out and "FAIL  missing: nft (Debian: apt install nftables)" in out
+    assert "verdict: FAIL" in out

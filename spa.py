@@ -635,8 +635,8 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "restrict_ports", "access_expire",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address"}
-SERVER_OPTIONS = {"interface", "port", "firewall", "protect", "protect_action",
-                  "max_packet_age", "replay_cache", "log", "user", "access_conf"}
+SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
+                  "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf"}
 
 
 class ServerConfig(object):
@@ -651,7 +651,10 @@ class ServerConfig(object):
         unknown = set(section) - SERVER_OPTIONS - set(parser.defaults())
         if unknown:
             raise SpaError("%s: [server]: unknown option %s" % (path, ", ".join(sorted(unknown))))
-        self.interfaces = [i.strip() for i in get("interface", "any").split(",") if i.strip()]
+        self.optional_interfaces = [i.strip() for i in get("optional_interface", "").split(",")
+                                    if i.strip()]
+        self.interfaces = [i.strip() for i in get("interface", "" if self.optional_interfaces
+                                                  else "any").split(",") if i.strip()]
         self.port = parse_int(get("port", str(DEFAULT_PORT)), "port", 1, 65535)
         self.firewall = get("firewall", "nft").lower()
         if self.firewall not in ("nft", "none"):
@@ -1043,6 +1046,13 @@ class NftFirewall(object):
         self.ends[key] = now + timeout
         return True
 
+    def expire(self, now=None):
+        """Forget openings past their end; the kernel has removed them itself."""
+        now = time.time() if now is None else now
+        for key in [k for k, end in self.ends.items() if end <= now]:
+            del self.ends[key]
+        return 0
+
     def list(self):
         """The openings in force, read from the kernel: [(address, proto, port, seconds left)]."""
         import json
@@ -1094,6 +1104,9 @@ class DryRunFirewall(object):
 
     def list(self):
         return []
+
+    def expire(self, now=None):
+        return 0
 
     def flush(self):
         return False
@@ -1427,12 +1440,14 @@ class Reader(object):
                 if sock is None:
                     return
                 if event & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                    raise SpaError("capture socket failed (interface gone?)")
+                    raise CaptureLost()
                 for _ in range(64):            # a batch, then let the other sockets in
                     try:
                         frame = sock.recv(2048)
                     except BlockingIOError:
                         break
+                    except OSError:            # ENETDOWN: the interface went away
+                        raise CaptureLost()
                     source, payload = parse_frame(frame)
                     if source is not None:
                         self.handle(payload, source)
@@ -1456,6 +1471,10 @@ def preload():
             wire = seal(plaintext, key, b"h", hmac_type, mode)
             n = HMAC_TYPES[hmac_type][1]
             parse_plaintext(decrypt(b64decode(SALT_PREFIX + wire[:-n]), key, mode))
+
+
+class CaptureLost(Exception):
+    """A capture socket failed: its interface went down or away."""
 
 
 def drop_privileges(user):
@@ -1516,13 +1535,14 @@ def start_reader(config, sockets, seen, log, user):
         signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
         try:
             reader.run(sockets, w)
+            code = 0
         except SystemExit:
-            pass
+            code = 0
+        except CaptureLost:
+            code = Supervisor.CAPTURE_LOST
         log.info("%s", reader.stats())
-        code = 0
     except SpaError as e:
         log.error("packet reader: %s", e)
-        code = 3
     except BaseException:
         import traceback
         log.error("packet reader crashed:\n%s", traceback.format_exc())
@@ -1531,14 +1551,48 @@ def start_reader(config, sockets, seen, log, user):
 
 
 class Supervisor(object):
-    """The parent: runs the packet reader, serves its requests, handles signals."""
+    """The parent: runs the packet reader, serves its requests, handles signals, and keeps the
+    capture going when interfaces come and go."""
 
     MAX_LINE = 4096
+    CAPTURE_LOST = 3          # the reader's exit status when a capture socket failed
 
-    def __init__(self, config, gate, sockets, log, user):
-        self.config, self.gate, self.sockets, self.log, self.user = config, gate, sockets, log, user
+    def __init__(self, args, config, gate, log):
+        self.args, self.config, self.gate, self.log = args, config, gate, log
+        self.user = config.user if os.geteuid() == 0 else None
+        self.captures = {}    # interface -> socket, for those that are there
         self.pid = self.fd = None
         self.buffer = b""
+
+    def open_captures(self, first=False):
+        """Open capture sockets for every configured interface not captured yet.
+
+        A missing interface is an error at start unless it is listed as optional;
+        later (a link that went away) it is retried every second.
+        """
+        opened = False
+        for interface in self.config.interfaces + self.config.optional_interfaces:
+            if interface in self.captures:
+                continue
+            try:
+                self.captures[interface] = open_capture(interface, self.config.port)
+                opened = True
+                if not first:
+                    self.log.info("capturing on %s again", interface)
+            except SpaError as e:
+                if first and interface in self.config.interfaces:
+                    raise
+                if first or interface not in getattr(self, "waiting", set()):
+                    self.log.warning("%s: waiting for it to come back", e)
+                self.waiting = getattr(self, "waiting", set()) | {interface}
+                continue
+            getattr(self, "waiting", set()).discard(interface)
+        return opened
+
+    def close_captures(self):
+        for sock in self.captures.values():
+            sock.close()
+        self.captures = {}
 
     def run(self):
         import select
@@ -1549,41 +1603,84 @@ class Supervisor(object):
         pending = []
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, lambda signum, frame: pending.append(signum))
-        restarts = []
+        crashes = []
         try:
             while True:
-                if self.pid is None:
+                if self.pid is None and self.captures:
                     self._start()
                 poller = select.poll()
-                poller.register(self.fd, select.POLLIN)
+                if self.fd is not None:
+                    poller.register(self.fd, select.POLLIN)
                 poller.register(wake_r, select.POLLIN)
-                for fd, _ in poller.poll(10000):
+                for fd, _ in poller.poll(1000):
                     if fd == wake_r:
                         os.read(wake_r, 512)
                     elif not self._serve():
-                        status = self._reap()
-                        restarts = [t for t in restarts if t > time.monotonic() - 60] + \
-                            [time.monotonic()]
-                        if len(restarts) > 5:
+                        code, status = self._reap()
+                        if code == self.CAPTURE_LOST:
+                            self.log.warning("packet reader lost its capture: reopening it")
+                            self.close_captures()
+                            self.open_captures()
+                            continue
+                        crashes = [t for t in crashes if t > time.monotonic() - 60]
+                        crashes.append(time.monotonic())
+                        if len(crashes) > 5:
                             raise SpaError("the packet reader keeps dying (%s): giving up" % status)
                         self.log.error("packet reader stopped (%s): starting a new one", status)
-                        time.sleep(0.2 * len(restarts))
+                        time.sleep(0.2 * len(crashes))
                 while pending:
                     signum = pending.pop(0)
                     if signum in (signal.SIGTERM, signal.SIGINT):
                         return
                     if signum == signal.SIGUSR1 and self.pid:
                         os.kill(self.pid, signal.SIGUSR1)
+                    if signum == signal.SIGHUP:
+                        self.reload()
+                if getattr(self, "waiting", None) and self.open_captures():
+                    self._restart()     # a reader for the interfaces that are back
+                self.gate.firewall.expire()
                 self.gate.replay.prune(time.time())
         finally:
             self._stop()
 
+    def reload(self):
+        """SIGHUP: read the config again; openings in force and the replay cache stay."""
+        try:
+            config = ServerConfig(self.args.config, self.args.access_conf)
+        except SpaError as e:
+            self.log.error("config reload failed, keeping the running config: %s", e)
+            return
+        for note in config.notes:
+            self.log.warning("access.conf: %s", note)
+        old = self.config
+        self.config = self.gate.config = config
+        self.gate.stanzas = {s.name: s for s in config.stanzas}
+        self.gate.replay.max_age = config.max_packet_age
+        try:
+            if (config.protect, config.protect_action) != (old.protect, old.protect_action):
+                self.gate.firewall.protect = config.protect
+                self.gate.firewall.action = config.protect_action
+                self.gate.firewall.setup()
+        except SpaError as e:
+            self.log.error("firewall update failed: %s", e)
+        if (config.interfaces, config.optional_interfaces, config.port) != \
+                (old.interfaces, old.optional_interfaces, old.port):
+            self.close_captures()
+            self.open_captures()
+        self._restart()
+        self.log.info("reloaded %s: %d client stanza(s); protecting %s (%s)", config.path,
+                      len(config.stanzas), format_access(config.protect), config.protect_action)
+
     def _start(self):
-        self.pid, self.fd = start_reader(self.config, self.sockets, self.gate.replay.copy(), self.log,
-                                         self.user)
+        self.pid, self.fd = start_reader(self.config, list(self.captures.values()),
+                                         self.gate.replay.copy(), self.log, self.user)
         os.set_blocking(self.fd, False)
         self.buffer = b""
 
+    def _restart(self):
+        self._stop()
+        if self.captures:
+            self._start()
 
     def _serve(self):
         """Read and carry out the reader's requests; False once its pipe has closed."""
@@ -1616,8 +1713,8 @@ class Supervisor(object):
         _, status = os.waitpid(self.pid, 0)
         self.pid = self.fd = None
         if os.WIFEXITED(status):
-            return "exit status %d" % os.WEXITSTATUS(status)
-        return "killed by signal %d" % os.WTERMSIG(status)
+            return os.WEXITSTATUS(status), "exit status %d" % os.WEXITSTATUS(status)
+        return None, "killed by signal %d" % os.WTERMSIG(status)
 
     def _stop(self):
         import signal
@@ -1629,10 +1726,6 @@ class Supervisor(object):
             while self._serve():     # carry out what it sent before it went
                 time.sleep(0.01)
             self._reap()
-
-
-def open_sockets(config):
-    return [open_capture(interface, config.port) for interface in config.interfaces]
 
 
 def server_main(args):
@@ -1655,15 +1748,15 @@ def server_main(args):
     preload()
     # Replay cache first, so a config or permission problem stops us before any change.
     replay = ReplayCache(None if args.test else config.replay_cache, config.max_packet_age)
-    sockets = open_sockets(config)
+    supervisor = Supervisor(args, config, Gatekeeper(config, firewall, replay, log), log)
+    supervisor.open_captures(first=True)
     firewall.setup()
-    user = config.user if os.geteuid() == 0 else None
     log.info("listening on %s udp/%d; protecting %s (%s); %d client stanza(s); packets read as "
-             "user %s%s", ",".join(config.interfaces), config.port, format_access(config.protect),
-             config.protect_action, len(config.stanzas), user or "(unchanged: not root)",
-             "; test mode" if args.test else "")
+             "user %s%s", ",".join(config.interfaces + config.optional_interfaces), config.port,
+             format_access(config.protect), config.protect_action, len(config.stanzas),
+             supervisor.user or "(unchanged: not root)", "; test mode" if args.test else "")
     try:
-        Supervisor(config, Gatekeeper(config, firewall, replay, log), sockets, log, user).run()
+        supervisor.run()
     finally:
         replay.close()
     log.info("stopping: protected ports stay closed; openings expire on their own")

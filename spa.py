@@ -1763,6 +1763,54 @@ def server_main(args):
     return 0
 
 
+def check_config_main(args):
+    """Validate a server config as far as it can be without running the server."""
+    config = ServerConfig(args.config, args.access_conf)
+    problems = []
+
+    def line(ok, text):
+        print("  %s  %s" % ("ok  " if ok else "FAIL", text))
+        if not ok:
+            problems.append(text)
+    print("%s: parsed; every key has a valid length; the file is private" % config.path)
+    for interface in config.interfaces + config.optional_interfaces:
+        optional = interface in config.optional_interfaces
+        try:
+            exists = interface == "any" or bool(socket.if_nametoindex(interface))
+        except OSError:
+            exists = False
+        line(exists or optional, "interface %s%s%s" % (interface, " (optional)" if optional else "",
+                                                       "" if exists else ": not there now"))
+    print("  knock port udp/%d; protects %s (%s); packets must be within %d s of this clock"
+          % (config.port, format_access(config.protect), config.protect_action,
+             config.max_packet_age))
+    if config.firewall == "nft":
+        if os.geteuid() != 0:
+            line(False, "nft: cannot be checked without root")
+        else:
+            try:
+                run_command(["nft", "list", "tables"])
+                line(True, "nft works")
+            except SpaError as e:
+                line(False, str(e))
+    directory = os.path.dirname(os.path.abspath(config.replay_cache))
+    line(os.access(directory, os.W_OK) or not os.path.exists(directory),
+         "replay cache %s" % config.replay_cache)
+    print("  packets are read as user %s" % config.user)
+    for stanza in config.stanzas:
+        print("  [client %s]: from %s; opens %s for %d s (a client may ask for up to %d s); "
+              "HMAC %s, %s%s%s" % (
+                  stanza.name, "any address" if stanza.sources is None
+                  else ", ".join(map(str, stanza.sources)), format_access(sorted(stanza.open_ports)),
+                  stanza.fw_access_timeout, stanza.max_fw_timeout, stanza.hmac_type, stanza.mode,
+                  "; user must be " + stanza.require_username if stanza.require_username else "",
+                  "; refuses 0.0.0.0" if stanza.require_source_address else ""))
+    for note in config.notes:
+        print("  note  access.conf: %s" % note)
+    print("verdict: %s" % ("ok" if not problems else "%d problem(s)" % len(problems)))
+    return 1 if problems else 0
+
+
 # ---------------------------------------------------------------------------
 # Client
 # ---------------------------------------------------------------------------
@@ -2450,6 +2498,14 @@ def build_parser():
     s.add_argument("--list", action="store_true", help="print the open authorizations and exit")
     s.add_argument("--flush", action="store_true",
                    help="remove everything spa.py put in the firewall and exit")
+    cc = sub.add_parser("check-config", formatter_class=fmt, help="validate a server config",
+                        description="Parse and check a server config: keys, permissions, "
+                        "interfaces, the firewall tool; print what the server would protect.",
+                        epilog="example:\n  spa.py check-config -c /etc/spa/spa.conf")
+    cc.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                    help="config file (default %s)" % DEFAULT_CONFIG)
+    cc.add_argument("--access-conf", dest="access_conf", metavar="FILE",
+                    help="also load the client stanzas of fwknopd's access.conf")
     sub.add_parser("selftest", formatter_class=fmt, help="prove it works on this machine (root)",
                    description="Build two throwaway network namespaces, run a server with this "
                    "machine's real capture and firewall in one, knock from the other, and show "
@@ -2462,7 +2518,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     handler = {"keygen": keygen_main, "client": client_main, "server": server_main,
-               "selftest": selftest_main}
+               "check-config": check_config_main, "selftest": selftest_main}
     try:
         return handler[args.command](args)
     except SpaError as e:

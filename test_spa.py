@@ -1354,3 +1354,21 @@ def test_optional_interface_may_be_missing_at_start(tmp_path):
         server = start_server(lab, tmp_path, interface=lab.srv_if[1], optional_interface="ppp7")
         wait_for_line(server, r"cannot capture on interface 'ppp7'.*waiting for it", 2)
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+
+
+def test_check_config(tmp_path):
+    conf = write_private(tmp_path / "spa.conf", "[server]\ninterface = lo, nope0\nprotect = tcp/22\n"
+                         "replay_cache = %s\n[client alice]\nkey_base64 = %s\nhmac_key_base64 = %s\n"
+                         "source = 198.18.0.0/15\nrequire_username = alice\n"
+                         % (tmp_path / "r", KEY, HMAC_KEY))
+    done = run_spa("check-config", "-c", conf)
+    assert done.returncode == 1
+    assert "ok    interface lo" in done.stdout and "FAIL  interface nope0: not there now" in done.stdout
+    assert "[client alice]: from 198.18.0.0/15; opens tcp/22 for 30 s" in done.stdout
+    assert "verdict: 1 problem(s)" in done.stdout
+    with open(conf) as f:
+        text = f.read()
+    write_private(tmp_path / "spa.conf", text.replace("lo, nope0", "lo"))
+    done = run_spa("check-config", "-c", conf)
+    assert done.returncode == (0 if os.geteuid() == 0 else 1), done.stdout
+    assert KEY not in done.stdout and HMAC_KEY not in done.stdout

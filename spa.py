@@ -988,21 +988,37 @@ class NftFirewall(object):
     protocol, port) is in a set whose elements carry the kernel's own timeout,
     so an opening closes on time even when the server has died.  Connections
     opened during the window keep working after it closes (conntrack).
+
+    In nftables an accept ends only its own chain, and a drop anywhere is final.
+    So on a host whose own input chains drop by policy, an opening also goes into
+    a set of the same kind that spa.py adds to each such chain's table, with one
+    accept rule at the top of the chain, marked "spa.py".  Tables that
+    iptables-nft manages are never touched (a rule added there by nft breaks
+    iptables-save): on such hosts use the iptables back end.
     """
 
     name = "nft"
+    MARK = "spa.py"
 
     def __init__(self, protect, action="reject", table=NFT_TABLE, log=None):
         self.protect, self.action, self.table = protect, action, table
         self.log = log
         self.ends = {}         # (address, proto, port) -> wall-clock end of the opening
         self.shell = NftShell()
+        # Where openings go: (family, table, IPv4 set, IPv6 set); ours first.
+        self.places = [("inet", table, "allow4", "allow6")]
+        self.monitor = None
 
     def _nft(self, commands):
         return run_command(["nft", "-f", "-"], "\n".join(commands) + "\n")
 
+    def _say(self, level, text, *args):
+        if self.log is not None:
+            getattr(self.log, level)(text, *args)
+
     def setup(self):
-        """Create or refresh the table; openings still in force survive a restart."""
+        """Create or refresh our table and our rules in default-drop chains; openings still
+        in force survive a restart."""
         t = "inet " + self.table
         sets = ["add set %s allow4 { type ipv4_addr . inet_proto . inet_service; flags timeout; }" % t,
                 "add set %s allow6 { type ipv6_addr . inet_proto . inet_service; flags timeout; }" % t]
@@ -1024,9 +1040,56 @@ class NftFirewall(object):
         except SpaError:
             # A table left by an incompatible version: start it afresh.
             self._nft(["add table " + t, "delete table " + t, "add table " + t] + sets + chain)
+        self.places = self.places[:1] + self._default_drop_places()
         now = time.time()
-        self.ends = {(a, p, port): now + left for a, p, port, left in self.list()}
+        for address, proto, port, left in self.list():
+            self.ends[(address, proto, port)] = max(self.ends.get((address, proto, port), 0),
+                                                    now + left)
         self.shell.run(["list set inet %s allow4" % self.table])   # start nft -i before any knock
+
+    def _ruleset(self):
+        import json
+        return json.loads(run_command(["nft", "-t", "-j", "list", "ruleset"]))["nftables"]
+
+    def _default_drop_places(self):
+        """Put our set and accept rule in each other input chain whose policy is drop."""
+        items = self._ruleset()
+        places = []
+        for item in items:
+            c = item.get("chain", {})
+            if c.get("hook") != "input" or c.get("policy") != "drop" or \
+                    (c.get("family"), c.get("table")) == ("inet", self.table):
+                continue
+            family, table, name = c["family"], c["table"], c["name"]
+            where = "%s %s" % (family, table)
+            if family in ("ip", "ip6") and name.isupper():
+                self._say("error", "table %s chain %s drops by policy, but iptables-nft manages it "
+                          "and nft must not change it: set firewall = iptables (or auto) so "
+                          "openings get through", where, name)
+                continue
+            v4 = "spa_allow4" if family in ("inet", "ip") else None
+            v6 = "spa_allow6" if family in ("inet", "ip6") else None
+            commands = []
+            for set_name, kind in ((v4, "ipv4_addr"), (v6, "ipv6_addr")):
+                if set_name:
+                    commands.append("add set %s %s { type %s . inet_proto . inet_service; "
+                                    "flags timeout; }" % (where, set_name, kind))
+            if not self._has_mark(items, family, table, name):
+                for set_name, match in ((v4, "ip saddr"), (v6, "ip6 saddr")):
+                    if set_name:
+                        commands.append('insert rule %s %s %s . meta l4proto . th dport @%s '
+                                        'accept comment "%s"' % (where, name, match, set_name,
+                                                                 self.MARK))
+            self._nft(commands)
+            self._say("info", "table %s chain %s drops by policy: openings are accepted there too",
+                      where, name)
+            places.append((family, table, v4, v6))
+        return places
+
+    def _has_mark(self, items, family, table, chain):
+        return any(r.get("rule", {}).get("comment") == self.MARK and
+                   (r["rule"]["family"], r["rule"]["table"], r["rule"]["chain"]) ==
+                   (family, table, chain) for r in items if "rule" in r)
 
     def open(self, address, proto, port, timeout, now=None):
         """Open (address, proto, port) for `timeout` seconds; never shortens an opening."""
@@ -1036,15 +1099,23 @@ class NftFirewall(object):
         key = (address, proto, port)
         if self.ends.get(key, 0) >= now + timeout:
             return False
-        element = "inet %s %s { %s . %d . %d%%s }" % (
-            self.table, "allow6" if ":" in address else "allow4", address,
-            PROTO_NUMBERS[proto], port)
-        timed = element % (" timeout %ds" % timeout)
-        # Re-adding does not refresh a timeout on older kernels: delete and add in one batch.
-        self.shell.run(["add element " + timed, "delete element " + element % "",
-                        "add element " + timed])
+        self.shell.run(self._element_commands(address, proto, port, timeout))
         self.ends[key] = now + timeout
         return True
+
+    def _element_commands(self, address, proto, port, timeout):
+        commands = []
+        for family, table, v4, v6 in self.places:
+            set_name = v6 if ":" in address else v4
+            if not set_name:
+                continue
+            element = "%s %s %s { %s . %d . %d%%s }" % (family, table, set_name, address,
+                                                        PROTO_NUMBERS[proto], port)
+            timed = element % (" timeout %ds" % timeout)
+            # Re-adding does not refresh a timeout on older kernels: delete and add, one batch.
+            commands += ["add element " + timed, "delete element " + element % "",
+                         "add element " + timed]
+        return commands
 
     def expire(self, now=None):
         """Forget openings past their end; the kernel has removed them itself."""
@@ -1053,13 +1124,76 @@ class NftFirewall(object):
             del self.ends[key]
         return 0
 
+    # -- surviving a reload of the host's firewall ------------------------------------------
+
+    def watch(self):
+        """Start `nft monitor`; returns the file to poll, or None where it cannot run."""
+        import subprocess
+        try:
+            self.monitor = subprocess.Popen(["nft", "monitor"], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                            bufsize=0, close_fds=True)
+        except OSError:
+            return None
+        os.set_blocking(self.monitor.stdout.fileno(), False)
+        return self.monitor.stdout
+
+    def changed(self):
+        """The monitor spoke: restore what a reload removed.  Our own element changes are
+        the usual news and need nothing."""
+        try:
+            news = self.monitor.stdout.read(1 << 20) or b""
+        except OSError:
+            news = b""
+        if not news:
+            if self.monitor.poll() is not None:
+                self.monitor = None
+            return
+        lines = [l for l in news.decode(errors="replace").splitlines()
+                 if l and not l.startswith(("add element", "delete element", "#"))]
+        if lines:
+            self.restore()
+
+    def intact(self):
+        items = self._ruleset()
+        tables = {(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i}
+        rules = [i["rule"] for i in items if "rule" in i]
+        ours = [r for r in rules if (r["family"], r["table"]) == ("inet", self.table)]
+        if ("inet", self.table) not in tables or len(ours) < 3:
+            return False
+        for family, table, v4, v6 in self.places[1:]:
+            if not any(r.get("comment") == self.MARK and (r["family"], r["table"]) == (family, table)
+                       for r in rules):
+                return False
+        return True
+
+    def restore(self):
+        """Put back our table, rules and the openings in force, if something removed them."""
+        try:
+            if self.intact():
+                return False
+            self.setup()
+            now = time.time()
+            alive = [(k, end) for k, end in self.ends.items() if end > now + 0.5]
+            commands = []
+            for (address, proto, port), end in alive:
+                commands += self._element_commands(address, proto, port, int(end - now + 0.999))
+            if commands:
+                self.shell.run(commands)
+            self._say("warning", "the firewall was changed under us (a reload?): restored "
+                      "table inet %s and %d opening(s) in force", self.table, len(alive))
+            return True
+        except SpaError as e:
+            self._say("error", "could not restore the firewall: %s", e)
+            return False
+
     def list(self):
         """The openings in force, read from the kernel: [(address, proto, port, seconds left)]."""
         import json
         result = []
         for name in ("allow4", "allow6"):
             try:
-                out = self._list_set(name)
+                out = run_command(["nft", "-j", "list", "set", "inet", self.table, name])
             except SpaError:
                 continue
             for item in json.loads(out)["nftables"]:
@@ -1071,16 +1205,23 @@ class NftFirewall(object):
                     result.append((address, proto, int(port), int(e.get("expires", 0))))
         return result
 
-    def _list_set(self, name):
-        return run_command(["nft", "-j", "list", "set", "inet", self.table, name])
-
     def flush(self):
-        """Remove our table: the protected ports are no longer kept dark."""
-        try:
-            run_command(["nft", "list", "table", "inet", self.table])
-        except SpaError:
+        """Remove our table, and our sets and rules in other tables."""
+        items = self._ruleset()
+        commands = []
+        for r in (i["rule"] for i in items if "rule" in i):
+            if r.get("comment") == self.MARK and r["table"] != self.table:
+                commands.append("delete rule %s %s %s handle %d"
+                                % (r["family"], r["table"], r["chain"], r["handle"]))
+        for s in (i["set"] for i in items if "set" in i):
+            if s["name"] in ("spa_allow4", "spa_allow6"):
+                commands.append("delete set %s %s %s" % (s["family"], s["table"], s["name"]))
+        if any(i.get("table", {}).get("name") == self.table and
+               i["table"]["family"] == "inet" for i in items):
+            commands.append("delete table inet " + self.table)
+        if not commands:
             return False
-        self._nft(["delete table inet " + self.table])
+        self._nft(commands)
         return True
 
 
@@ -1107,6 +1248,12 @@ class DryRunFirewall(object):
 
     def expire(self, now=None):
         return 0
+
+    def watch(self):
+        return None
+
+    def restore(self):
+        return False
 
     def flush(self):
         return False
@@ -1604,6 +1751,9 @@ class Supervisor(object):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, lambda signum, frame: pending.append(signum))
         crashes = []
+        firewall = self.gate.firewall
+        monitor = firewall.watch()
+        next_check = time.monotonic() + 10
         try:
             while True:
                 if self.pid is None and self.captures:
@@ -1612,9 +1762,14 @@ class Supervisor(object):
                 if self.fd is not None:
                     poller.register(self.fd, select.POLLIN)
                 poller.register(wake_r, select.POLLIN)
+                if monitor is not None:
+                    poller.register(monitor, select.POLLIN)
                 for fd, _ in poller.poll(1000):
                     if fd == wake_r:
                         os.read(wake_r, 512)
+                    elif monitor is not None and fd == monitor.fileno():
+                        firewall.changed()
+                        monitor = monitor if firewall.monitor is not None else firewall.watch()
                     elif not self._serve():
                         code, status = self._reap()
                         if code == self.CAPTURE_LOST:
@@ -1638,10 +1793,16 @@ class Supervisor(object):
                         self.reload()
                 if getattr(self, "waiting", None) and self.open_captures():
                     self._restart()     # a reader for the interfaces that are back
-                self.gate.firewall.expire()
+                firewall.expire()
+                if time.monotonic() >= next_check:     # in case the monitor missed something
+                    next_check = time.monotonic() + 10
+                    firewall.restore()
                 self.gate.replay.prune(time.time())
         finally:
             self._stop()
+            if getattr(firewall, "monitor", None) is not None:
+                firewall.monitor.kill()
+                firewall.monitor.wait()
 
     def reload(self):
         """SIGHUP: read the config again; openings in force and the replay cache stay."""
@@ -1736,7 +1897,8 @@ def server_main(args):
     firewall = make_firewall(config, args.test, log)
     if args.flush:
         removed = firewall.flush()
-        print("removed table inet %s" % NFT_TABLE if removed else "nothing to remove")
+        print("removed table inet %s and spa.py's rules (a running server puts them back: "
+              "stop it first)" % NFT_TABLE if removed else "nothing to remove")
         return 0
     if args.list:
         rows = firewall.list()

@@ -923,9 +923,10 @@ def test_test_mode_and_flush(tmp_path):
         assert lab.run("srv", ["nft", "list", "tables"]).stdout.strip() == ""
         with open(str(conf_dir / "replay.cache")) as f:
             assert f.read() == cache_before
-        # The real server, then --flush: the port is no longer protected at all.
+        # The real server, stopped (the port stays dark), then --flush: no longer protected.
         lab.stop_process(test)
-        start_server(lab, conf_dir)
+        real = start_server(lab, conf_dir)
+        lab.stop_process(real)
         assert closed(lab, "cli1", Lab.srv4(1))
         out = lab.run("srv", [sys.executable, SPA, "server", "-c", proc.conf, "--flush"]).stdout
         assert "removed table inet spa" in out
@@ -1372,3 +1373,66 @@ def test_check_config(tmp_path):
     done = run_spa("check-config", "-c", conf)
     assert done.returncode == (0 if os.geteuid() == 0 else 1), done.stdout
     assert KEY not in done.stdout and HMAC_KEY not in done.stdout
+
+
+# --- default-drop hosts and firewall reloads (nft) ----------------------------------------
+
+HOST_RULESET = """flush ruleset
+table inet filter {
+    chain input {
+        type filter hook input priority 0; policy drop;
+        ct state established,related accept
+        iif lo accept
+        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
+        tcp dport 9999 accept
+    }
+}
+"""
+
+
+def host_rules(lab):
+    return lab.run("srv", ["nft", "list", "table", "inet", "filter"]).stdout
+
+
+def test_default_drop_host_opens_and_survives_a_reload(tmp_path):
+    need_nft()
+    rules_file = tmp_path / "nftables.conf"
+    rules_file.write_text(HOST_RULESET)
+    with Lab(clients=2, prefix="spa") as lab:
+        for addr in (Lab.srv4(1), Lab.srv6(1), Lab.srv4(2)):
+            lab.tcp_service("srv", addr, SERVICE_PORT)
+        lab.run("srv", ["nft", "-f", str(rules_file)])
+        pristine = host_rules(lab)
+        server = start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "20"}},
+                              protect_action="drop")
+        wait_for_line(server, r"table inet filter chain input drops by policy: openings are "
+                      r"accepted there too", 2)
+        assert 'comment "spa.py"' in host_rules(lab)
+        assert tcp_connect_ok(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 0.3) is False
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None          # through the drop
+        assert timed_knock(lab, "cli1", Lab.srv6(1)) is not None
+        assert closed(lab, "cli2", Lab.srv4(2))
+        # The host reloads its firewall the Debian way: `flush ruleset` first.
+        mark = server.log.mark()
+        lab.run("srv", ["nft", "-f", str(rules_file)])
+        wait_for_line(server, r"restored table inet spa and 2 opening\(s\) in force", 3, since=mark)
+        assert not closed(lab, "cli1", Lab.srv4(1)) and not closed(lab, "cli1", Lab.srv6(1))
+        assert closed(lab, "cli2", Lab.srv4(2))
+        assert timed_knock(lab, "cli2", Lab.srv4(2)) is not None
+        m = re.search(r"^198\.18\.1\.2\s+tcp/8022\s+(\d+) s left", spa_list(lab, server.conf), re.M)
+        assert m and 15 <= int(m.group(1)) <= 20           # the remaining time, not a new 20 s
+        lab.stop_process(server)
+        lab.run("srv", [sys.executable, SPA, "server", "-c", server.conf, "--flush"])
+        assert host_rules(lab) == pristine                 # the host's table as it was
+
+
+def test_nft_back_end_leaves_iptables_nft_tables_alone(tmp_path):
+    need_nft()
+    need_lab("iptables-nft")
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.run("srv", ["iptables-nft", "-P", "INPUT", "DROP"])
+        server = start_server(lab, tmp_path)
+        wait_for_line(server, r"table ip filter chain INPUT drops by policy, but iptables-nft "
+                      r"manages it .* set firewall = iptables", 2)
+        assert lab.run("srv", ["iptables-nft-save"]).returncode == 0
+        assert "spa" not in lab.run("srv", ["iptables-nft", "-S"]).stdout

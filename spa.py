@@ -1057,13 +1057,18 @@ class NftFirewall(object):
         places = []
         for item in items:
             c = item.get("chain", {})
-            if c.get("hook") != "input" or c.get("policy") != "drop" or \
-                    (c.get("family"), c.get("table")) == ("inet", self.table):
+            if c.get("hook") != "input" or (c.get("family"), c.get("table")) == ("inet", self.table):
                 continue
             family, table, name = c["family"], c["table"], c["name"]
+            if c.get("policy") != "drop" and not self._ends_in_drop(items, family, table, name):
+                continue
             where = "%s %s" % (family, table)
+            if table == "firewalld":
+                self._say("error", "firewalld runs here and refuses what it does not allow: open "
+                          "the ports through firewalld instead (README.md: firewalld)")
+                continue
             if family in ("ip", "ip6") and name.isupper():
-                self._say("error", "table %s chain %s drops by policy, but iptables-nft manages it "
+                self._say("error", "table %s chain %s drops what it does not allow, but iptables-nft manages it "
                           "and nft must not change it: set firewall = iptables (or auto) so "
                           "openings get through", where, name)
                 continue
@@ -1081,10 +1086,20 @@ class NftFirewall(object):
                                         'accept comment "%s"' % (where, name, match, set_name,
                                                                  self.MARK))
             self._nft(commands)
-            self._say("info", "table %s chain %s drops by policy: openings are accepted there too",
-                      where, name)
+            self._say("info", "table %s chain %s drops what it does not allow: openings are "
+                      "accepted there too", where, name)
             places.append((family, table, v4, v6))
         return places
+
+    @staticmethod
+    def _ends_in_drop(items, family, table, chain):
+        """True if the chain's last rule drops or rejects whatever reaches it."""
+        rules = [i["rule"] for i in items if "rule" in i and
+                 (i["rule"]["family"], i["rule"]["table"], i["rule"]["chain"]) == (family, table, chain)]
+        if not rules:
+            return False
+        verdicts = [e for e in rules[-1].get("expr", []) if "counter" not in e]
+        return len(verdicts) == 1 and ("drop" in verdicts[0] or "reject" in verdicts[0])
 
     def _has_mark(self, items, family, table, chain):
         return any(r.get("rule", {}).get("comment") == self.MARK and

@@ -1405,8 +1405,8 @@ def test_default_drop_host_opens_and_survives_a_reload(tmp_path):
         pristine = host_rules(lab)
         server = start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "20"}},
                               protect_action="drop")
-        wait_for_line(server, r"table inet filter chain input drops by policy: openings are "
-                      r"accepted there too", 2)
+        wait_for_line(server, r"table inet filter chain input drops what it does not allow: "
+                      r"openings are accepted there too", 2)
         assert 'comment "spa.py"' in host_rules(lab)
         assert tcp_connect_ok(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 0.3) is False
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None          # through the drop
@@ -1426,13 +1426,25 @@ def test_default_drop_host_opens_and_survives_a_reload(tmp_path):
         assert host_rules(lab) == pristine                 # the host's table as it was
 
 
+def test_chain_that_ends_in_a_reject_is_handled_like_a_drop_policy(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        lab.run("srv", ["nft", "-f", "-"], input="table ip host {\n chain in {\n"
+                " type filter hook input priority 10; policy accept;\n"
+                " ct state established,related accept\n counter reject\n }\n}\n")
+        server = start_server(lab, tmp_path)
+        wait_for_line(server, r"table ip host chain in drops what it does not allow", 2)
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+
+
 def test_nft_back_end_leaves_iptables_nft_tables_alone(tmp_path):
     need_nft()
     need_lab("iptables-nft")
     with Lab(clients=1, prefix="spa") as lab:
         lab.run("srv", ["iptables-nft", "-P", "INPUT", "DROP"])
         server = start_server(lab, tmp_path)
-        wait_for_line(server, r"table ip filter chain INPUT drops by policy, but iptables-nft "
-                      r"manages it .* set firewall = iptables", 2)
+        wait_for_line(server, r"table ip filter chain INPUT drops what it does not allow, but "
+                      r"iptables-nft manages it .* set firewall = iptables", 2)
         assert lab.run("srv", ["iptables-nft-save"]).returncode == 0
         assert "spa" not in lab.run("srv", ["iptables-nft", "-S"]).stdout

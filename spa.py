@@ -635,6 +635,7 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "restrict_ports", "access_expire",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address"}
+FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
 SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
                   "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf"}
 
@@ -657,9 +658,9 @@ class ServerConfig(object):
                                                   else "any").split(",") if i.strip()]
         self.port = parse_int(get("port", str(DEFAULT_PORT)), "port", 1, 65535)
         self.firewall = get("firewall", "nft").lower()
-        if self.firewall not in ("nft", "none"):
-            raise SpaError("%s: firewall = %r: expected nft (or none, which changes nothing)"
-                           % (path, self.firewall))
+        if self.firewall not in FIREWALLS:
+            raise SpaError("%s: firewall = %r: expected %s (none changes nothing)"
+                           % (path, self.firewall, ", ".join(FIREWALLS)))
         try:
             self.protect = parse_access(get("protect", ""), "protect") if get("protect", "") else []
         except ValueError as e:
@@ -890,13 +891,45 @@ def run_command(argv, stdin=None):
         done = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, universal_newlines=True)
     except FileNotFoundError:
-        raise SpaError("%s not found: install it (Debian: apt install nftables)" % argv[0])
+        package = "iptables" if "tables" in argv[0] else {"ip": "iproute2"}.get(argv[0], "nftables")
+        raise SpaError("%s not found: install it (Debian: apt install %s)" % (argv[0], package))
     except OSError as e:
         raise SpaError("cannot run %s: %s" % (argv[0], e.strerror))
     if done.returncode != 0:
         raise SpaError("%s failed: %s" % (" ".join(argv[:3]),
                                           done.stderr.strip().replace("\n", " | ")))
     return done.stdout
+
+
+class RulesetMonitor(object):
+    """`nft monitor`: tells within milliseconds that someone changed the ruleset (a firewall
+    reload), so the back end can put back what was removed.  Our own element changes, the
+    usual news, are ignored."""
+
+    def __init__(self):
+        import subprocess
+        self.proc = subprocess.Popen(["nft", "monitor"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     bufsize=0, close_fds=True)
+        os.set_blocking(self.proc.stdout.fileno(), False)
+
+    def fileno(self):
+        return self.proc.stdout.fileno()
+
+    def news(self):
+        """True if what arrived may have removed something of ours; None once nft exited."""
+        try:
+            data = self.proc.stdout.read(1 << 20) or b""
+        except OSError:
+            data = b""
+        if not data and self.proc.poll() is not None:
+            return None
+        return any(line and not line.startswith(("add element", "delete element", "#"))
+                   for line in data.decode(errors="replace").splitlines())
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
 
 
 class NftShell(object):
@@ -1007,7 +1040,7 @@ class NftFirewall(object):
         self.shell = NftShell()
         # Where openings go: (family, table, IPv4 set, IPv6 set); ours first.
         self.places = [("inet", table, "allow4", "allow6")]
-        self.monitor = None
+        self.monitored = True          # nft monitor sees what a reload does
 
     def _nft(self, commands):
         return run_command(["nft", "-f", "-"], "\n".join(commands) + "\n")
@@ -1141,34 +1174,6 @@ class NftFirewall(object):
 
     # -- surviving a reload of the host's firewall ------------------------------------------
 
-    def watch(self):
-        """Start `nft monitor`; returns the file to poll, or None where it cannot run."""
-        import subprocess
-        try:
-            self.monitor = subprocess.Popen(["nft", "monitor"], stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                            bufsize=0, close_fds=True)
-        except OSError:
-            return None
-        os.set_blocking(self.monitor.stdout.fileno(), False)
-        return self.monitor.stdout
-
-    def changed(self):
-        """The monitor spoke: restore what a reload removed.  Our own element changes are
-        the usual news and need nothing."""
-        try:
-            news = self.monitor.stdout.read(1 << 20) or b""
-        except OSError:
-            news = b""
-        if not news:
-            if self.monitor.poll() is not None:
-                self.monitor = None
-            return
-        lines = [l for l in news.decode(errors="replace").splitlines()
-                 if l and not l.startswith(("add element", "delete element", "#"))]
-        if lines:
-            self.restore()
-
     def intact(self):
         items = self._ruleset()
         tables = {(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i}
@@ -1240,6 +1245,337 @@ class NftFirewall(object):
         return True
 
 
+IPT_CHAIN = "SPA_INPUT"               # our own chain in the filter table, jumped to from INPUT
+IPT_COMMENT = "spa expires "          # + the epoch second an opening ends (list, expire read it)
+IPT_WAIT = "10"                       # seconds to wait for the xtables lock before failing
+IPT_COMMANDS = ("iptables", "iptables-nft", "iptables-legacy")
+
+
+class IptablesFirewall(object):
+    """iptables (either flavour): our own chain in the filter tables of iptables and ip6tables.
+
+        -I INPUT 1 -j SPA_INPUT
+        -A SPA_INPUT -s ADDR -p tcp --dport 22 -m time --datestop END-1s
+                     -m comment --comment "spa expires END" -j ACCEPT   (one per opening)
+        -A SPA_INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+        -A SPA_INPUT -p tcp --dport 22 -j REJECT --reject-with tcp-reset
+
+    Each opening carries its end into the kernel (the xt_time match, in UTC), so it stops
+    matching on time even when the server has died; expire() only tidies the rule away.
+    An opening ACCEPTs, as fwknop's rules do, so it opens the port even on a host whose own
+    INPUT chain drops everything; everything else RETURNs to the host's own rules.  Every
+    change is one `iptables-restore --noflush`: one process, applied atomically.
+    """
+
+    name = "iptables"
+
+    def __init__(self, protect, action="reject", log=None, command="iptables"):
+        if command not in IPT_COMMANDS:
+            raise SpaError("firewall = %s: expected one of %s"
+                           % (command, ", ".join(IPT_COMMANDS)))
+        self.protect, self.action, self.log = protect, action, log
+        self.commands = {4: command, 6: command.replace("ip", "ip6", 1)}    # ip6tables-nft...
+        self.monitored = command == "iptables-nft"      # nft monitor sees its changes
+        # A kernel booted with ipv6.disable=1 has no ip6tables tables (and no IPv6 to guard).
+        self.families = (4, 6) if os.path.isdir("/proc/sys/net/ipv6") else (4,)
+        self.ends = {}         # (address, proto, port) -> epoch second the opening ends
+
+    def _iptables(self, family, *args):
+        return run_command([self.commands[family], "--wait=" + IPT_WAIT, "-t", "filter"]
+                           + list(args))
+
+    def _restore(self, family, lines):
+        """Apply `lines` (iptables-restore syntax) to the filter table in one commit."""
+        run_command([self.commands[family] + "-restore", "--wait=" + IPT_WAIT, "--noflush"],
+                    "*filter\n" + "".join(line + "\n" for line in lines) + "COMMIT\n")
+
+    def _chains(self, family, chain=None):
+        """{chain: [rule as a word list]} of INPUT and our chain (when they exist), from `-S`.
+
+        Reads the whole filter table, or only `chain`; the host's other chains are skipped
+        unparsed.
+        """
+        import shlex
+        chains = {}
+        for line in self._iptables(family, "-S", *([chain] if chain else [])).splitlines():
+            words = line.split(None, 2)
+            if len(words) < 2 or words[0] not in ("-P", "-N", "-A") \
+                    or words[1] not in ("INPUT", IPT_CHAIN):
+                continue
+            rules = chains.setdefault(words[1], [])
+            if words[0] == "-A":
+                try:
+                    rules.append(shlex.split(line)[2:])
+                except ValueError:         # quoting shlex cannot read: not one of our rules
+                    rules.append(line.split()[2:])
+        return chains
+
+    def _openings(self, family):
+        """[(address, proto, port, end, rule words)] of the opening rules in our chain."""
+        try:
+            rules = self._chains(family, IPT_CHAIN).get(IPT_CHAIN, [])
+        except SpaError:
+            return []          # no chain (or no ip6tables): nothing is open
+        found = []
+        for words in rules:
+            opening = _parse_opening(words)
+            if opening is not None:
+                found.append(opening + (words,))
+        return found
+
+    def _opening_rule(self, address, proto, port, end):
+        # xt_time matches up to and including the second --datestop: stop one before `end`.
+        stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
+        return ["-s", address, "-p", proto, "--dport", str(port), "-m", "time",
+                "--datestop", stop, "-m", "comment", "--comment", IPT_COMMENT + str(end),
+                "-j", "ACCEPT"]
+
+    def _protect_rules(self, family):
+        rules = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]]
+        for proto, port in sorted(set(self.protect)):
+            if self.action == "drop":
+                verdict = ["DROP"]
+            elif proto == "tcp":
+                verdict = ["REJECT", "--reject-with", "tcp-reset"]
+            else:
+                verdict = ["REJECT", "--reject-with",
+                           "icmp6-port-unreachable" if family == 6 else "icmp-port-unreachable"]
+            rules.append(["-p", proto, "--dport", str(port), "-j"] + verdict)
+        return rules
+
+    def setup(self):
+        """Create or rebuild our chain and its jump; openings in force survive, expired ones go."""
+        now = time.time()
+        self.ends = {}
+        for family in self.families:
+            chains = self._chains(family)
+            for words in chains.get(IPT_CHAIN, []):
+                opening = _parse_opening(words)
+                if opening is not None and opening[3] > now:
+                    key = opening[:3]
+                    self.ends[key] = max(opening[3], self.ends.get(key, 0))
+            # `:CHAIN` creates our chain, or empties it when it exists (with --noflush).
+            lines = [":%s - [0:0]" % IPT_CHAIN]
+            lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(*key + (end,))))
+                      for key, end in sorted(self.ends.items()) if _family(key[0]) == family]
+            lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
+                      for rule in self._protect_rules(family)]
+            jumps = chains.get("INPUT", []).count(["-j", IPT_CHAIN])
+            if jumps != 1 or chains["INPUT"][0] != ["-j", IPT_CHAIN]:
+                lines += ["-D INPUT -j %s" % IPT_CHAIN] * jumps + ["-I INPUT 1 -j %s" % IPT_CHAIN]
+            self._restore(family, lines)
+
+    def open(self, address, proto, port, timeout, now=None):
+        """Open (address, proto, port) for `timeout` seconds; never shortens an opening.
+
+        It ends at now + timeout rounded up to a whole second (xt_time counts whole
+        seconds).  A rule that opened the same port before is replaced in the same
+        commit.  If that fails (our chain was changed behind our back, e.g. by a firewall
+        reload), the chain is built again from what is in force, and the change retried once.
+        """
+        import ipaddress
+        import math
+        now = time.time() if now is None else now
+        address = str(ipaddress.ip_address(address))   # nothing but an address reaches iptables
+        port = int(port)
+        if proto not in PROTO_NUMBERS or not 1 <= port <= 65535:
+            raise ValueError("cannot open %s/%s" % (proto, port))
+        key = (address, proto, port)
+        end = int(math.ceil(now + timeout))
+        for attempt in (1, 2):
+            old = self.ends.get(key)
+            if old is not None and old >= end:
+                return False
+            lines = ["-I %s 1 %s" % (IPT_CHAIN, _restore_words(self._opening_rule(*key + (end,))))]
+            if old is not None:
+                lines.append("-D %s %s" % (IPT_CHAIN,
+                                           _restore_words(self._opening_rule(*key + (old,)))))
+            try:
+                self._restore(_family(address), lines)
+                break
+            except SpaError:
+                if attempt == 2:
+                    raise
+                self.setup()
+        self.ends[key] = end
+        return True
+
+    def close(self, address, proto, port):
+        """Remove every opening of (address, proto, port) now; True if there was one."""
+        import ipaddress
+        key = (str(ipaddress.ip_address(address)), proto, int(port))
+        family = _family(key[0])
+        gone = [o[4] for o in self._openings(family) if o[:3] == key]
+        if gone:
+            self._restore(family, ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in gone])
+        self.ends.pop(key, None)
+        return bool(gone)
+
+    def list(self):
+        """The openings in force, read from the kernel: [(address, proto, port, seconds left)]."""
+        now = time.time()
+        return [(address, proto, port, int(end - now))
+                for family in self.families
+                for address, proto, port, end, _ in self._openings(family) if end > now]
+
+    def expire(self, now=None):
+        """Remove the opening rules whose end has passed; returns how many.
+
+        They stopped matching at their end already (xt_time); this only tidies them away.
+        The firewall is read only when an end known from open() or setup() has passed, so
+        the call is free otherwise.
+        """
+        now = time.time() if now is None else now
+        due = set(_family(key[0]) for key, end in self.ends.items() if end <= now)
+        removed = 0
+        for family in sorted(due):
+            gone = [o[4] for o in self._openings(family) if o[3] <= now]
+            if gone:
+                self._restore(family, ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in gone])
+                removed += len(gone)
+            self.ends = {key: end for key, end in self.ends.items()
+                         if end > now or _family(key[0]) != family}
+        if removed and self.log:
+            self.log.info("removed %d expired opening rule%s", removed, "s" * (removed != 1))
+        return removed
+
+    def intact(self):
+        for family in self.families:
+            chains = self._chains(family)
+            if not chains.get("INPUT") or chains["INPUT"][0] != ["-j", IPT_CHAIN] or \
+                    len(chains.get(IPT_CHAIN, [])) < 1 + len(self.protect):
+                return False
+        return True
+
+    def restore(self):
+        """Put back our chain, its jump and the openings in force, if something removed them
+        (iptables-restore of the host's rules, ufw reload)."""
+        try:
+            if self.intact():
+                return False
+            ends = dict(self.ends)
+            self.setup()
+            now = time.time()
+            alive = [(key, end) for key, end in ends.items() if end > now + 0.5]
+            for (address, proto, port), end in alive:
+                self.open(address, proto, port, end - now, now)
+            if self.log:
+                self.log.warning("the firewall was changed under us (a reload?): restored chain "
+                                 "%s and %d opening(s) in force", IPT_CHAIN, len(alive))
+            return True
+        except SpaError as e:
+            if self.log:
+                self.log.error("could not restore the firewall: %s", e)
+            return False
+
+    def flush(self):
+        """Remove our chain and the jumps to it: the protected ports are no longer kept dark."""
+        removed = False
+        for family in self.families:
+            try:
+                chains = self._chains(family)
+            except SpaError:
+                continue
+            jumps = chains.get("INPUT", []).count(["-j", IPT_CHAIN])
+            lines = ["-D INPUT -j %s" % IPT_CHAIN] * jumps
+            if IPT_CHAIN in chains:
+                lines += ["-F %s" % IPT_CHAIN, "-X %s" % IPT_CHAIN]
+            if lines:
+                self._restore(family, lines)
+                removed = True
+        self.ends = {}
+        return removed
+
+
+def _family(address):
+    return 6 if ":" in address else 4
+
+
+def _parse_opening(words):
+    """(address, proto, port, end) of one of our opening rules (`-S` words), else None."""
+    import ipaddress
+    option = dict(zip(words, words[1:]))        # each word -> the word after it
+    comment = option.get("--comment", "")
+    if not comment.startswith(IPT_COMMENT) or option.get("-j") != "ACCEPT":
+        return None
+    try:
+        address = str(ipaddress.ip_interface(option["-s"]).ip)
+        port, end = int(option["--dport"]), int(comment[len(IPT_COMMENT):])
+    except (KeyError, ValueError):
+        return None
+    if option.get("-p") not in PROTO_NUMBERS:
+        return None
+    return address, option["-p"], port, end
+
+
+def _restore_words(words):
+    """One rule as an iptables-restore line: words with a space in double quotes."""
+    for word in words:
+        if '"' in word or "\n" in word or not word:
+            raise SpaError("cannot pass %r to iptables-restore" % word)
+    return " ".join('"%s"' % w if " " in w else w for w in words)
+
+
+def detect_firewall(log=None):
+    """For `firewall = auto`: "nft", "iptables-nft" or "iptables-legacy".
+
+    nft, unless the host keeps its own rules in iptables.  A packet must pass every base
+    chain on the input hook, and an accept in our nft table cannot undo a drop in the host's
+    iptables chains, so on such a host only a rule inside its INPUT chain opens a port.  And
+    nft must never change a table that iptables-nft manages (iptables-save then fails with
+    "table is incompatible"), which the iptables back end never does.  So: iptables-nft when
+    iptables-nft has made its filter table (chain INPUT in ip or ip6 filter); iptables-legacy
+    when legacy iptables holds rules or a non-accept policy; nft otherwise.  Without nft, the
+    flavour that holds rules, or else the one `iptables -V` names.
+    """
+    import json
+    nft_works = nft_managed = False
+    try:
+        listing = json.loads(run_command(["nft", "-j", "list", "chains"]))
+        nft_works = True
+        nft_managed = any(c.get("family") in ("ip", "ip6") and c.get("table") == "filter"
+                          and c.get("name") == "INPUT"
+                          for c in (item.get("chain", {}) for item in listing.get("nftables", [])))
+    except (SpaError, ValueError, AttributeError):
+        pass
+    legacy_used = _iptables_in_use("legacy")
+    nft_used = nft_managed if nft_works else _iptables_in_use("nft")
+    if nft_used and not legacy_used:
+        choice, why = "iptables-nft", "iptables-nft manages the filter table"
+    elif legacy_used and not nft_used:
+        choice, why = "iptables-legacy", "the host's rules are in legacy iptables"
+    elif nft_works and not legacy_used:
+        choice, why = "nft", "no iptables rules on this host"
+    else:
+        try:
+            version = run_command(["iptables", "-V"])
+        except SpaError:
+            raise SpaError("firewall = auto: neither nft nor iptables works here: install "
+                           "nftables (Debian: apt install nftables)")
+        choice = "iptables-legacy" if "(legacy)" in version else "iptables-nft"
+        why = "iptables -V says %s" % version.strip()
+    if log:
+        log.info("firewall = auto: using %s (%s)", choice, why)
+    return choice
+
+
+def _iptables_in_use(flavour):
+    """True if that iptables flavour holds a rule or a non-ACCEPT policy (IPv4 or IPv6).
+
+    iptables-save lists only the tables that exist, and creates none.
+    """
+    for command in ("iptables-%s-save" % flavour, "ip6tables-%s-save" % flavour):
+        try:
+            out = run_command([command])
+        except SpaError:
+            continue
+        for line in out.splitlines():
+            if line.startswith("-A ") or (line.startswith(":") and len(line.split()) > 1
+                                          and line.split()[1] not in ("ACCEPT", "-")):
+                return True
+    return False
+
+
 class DryRunFirewall(object):
     """Changes nothing; records what it would do (server --test, firewall = none)."""
 
@@ -1264,8 +1600,7 @@ class DryRunFirewall(object):
     def expire(self, now=None):
         return 0
 
-    def watch(self):
-        return None
+    monitored = False
 
     def restore(self):
         return False
@@ -1275,9 +1610,13 @@ class DryRunFirewall(object):
 
 
 def make_firewall(config, test, log=None):
+    """The back end the config asks for: nft, iptables (either flavour), or a dry run."""
     if test or config.firewall == "none":
         return DryRunFirewall(config.protect, config.protect_action, log)
-    return NftFirewall(config.protect, config.protect_action, log=log)
+    kind = detect_firewall(log) if config.firewall == "auto" else config.firewall
+    if kind == "nft":
+        return NftFirewall(config.protect, config.protect_action, log=log)
+    return IptablesFirewall(config.protect, config.protect_action, log, command=kind)
 
 
 def format_access(access):
@@ -1767,8 +2106,9 @@ class Supervisor(object):
             signal.signal(sig, lambda signum, frame: pending.append(signum))
         crashes = []
         firewall = self.gate.firewall
-        monitor = firewall.watch()
-        next_check = time.monotonic() + 10
+        monitor = self._monitor(firewall)
+        every = 10 if monitor is not None else 2
+        next_check = time.monotonic() + every
         try:
             while True:
                 if self.pid is None and self.captures:
@@ -1783,8 +2123,12 @@ class Supervisor(object):
                     if fd == wake_r:
                         os.read(wake_r, 512)
                     elif monitor is not None and fd == monitor.fileno():
-                        firewall.changed()
-                        monitor = monitor if firewall.monitor is not None else firewall.watch()
+                        news = monitor.news()
+                        if news:
+                            firewall.restore()
+                        elif news is None:          # nft monitor went away: check by time
+                            monitor.close()
+                            monitor, every = None, 2
                     elif not self._serve():
                         code, status = self._reap()
                         if code == self.CAPTURE_LOST:
@@ -1810,14 +2154,21 @@ class Supervisor(object):
                     self._restart()     # a reader for the interfaces that are back
                 firewall.expire()
                 if time.monotonic() >= next_check:     # in case the monitor missed something
-                    next_check = time.monotonic() + 10
+                    next_check = time.monotonic() + every
                     firewall.restore()
                 self.gate.replay.prune(time.time())
         finally:
             self._stop()
-            if getattr(firewall, "monitor", None) is not None:
-                firewall.monitor.kill()
-                firewall.monitor.wait()
+            if monitor is not None:
+                monitor.close()
+
+    def _monitor(self, firewall):
+        if not firewall.monitored:
+            return None
+        try:
+            return RulesetMonitor()
+        except OSError:
+            return None
 
     def reload(self):
         """SIGHUP: read the config again; openings in force and the replay cache stay."""
@@ -1912,8 +2263,8 @@ def server_main(args):
     firewall = make_firewall(config, args.test, log)
     if args.flush:
         removed = firewall.flush()
-        print("removed table inet %s and spa.py's rules (a running server puts them back: "
-              "stop it first)" % NFT_TABLE if removed else "nothing to remove")
+        print("removed spa.py's %s rules (a running server puts them back: stop it first)"
+              % firewall.name if removed else "nothing to remove")
         return 0
     if args.list:
         rows = firewall.list()
@@ -1961,13 +2312,15 @@ def check_config_main(args):
     print("  knock port udp/%d; protects %s (%s); packets must be within %d s of this clock"
           % (config.port, format_access(config.protect), config.protect_action,
              config.max_packet_age))
-    if config.firewall == "nft":
+    if config.firewall != "none":
         if os.geteuid() != 0:
-            line(False, "nft: cannot be checked without root")
+            line(False, "firewall %s: cannot be checked without root" % config.firewall)
         else:
             try:
-                run_command(["nft", "list", "tables"])
-                line(True, "nft works")
+                kind = detect_firewall() if config.firewall == "auto" else config.firewall
+                run_command(["nft", "list", "tables"] if kind == "nft" else [kind + "-save"])
+                line(True, "firewall %s works%s" % (kind, " (chosen by auto)"
+                                                    if config.firewall == "auto" else ""))
             except SpaError as e:
                 line(False, str(e))
     directory = os.path.dirname(os.path.abspath(config.replay_cache))

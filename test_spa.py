@@ -929,7 +929,7 @@ def test_test_mode_and_flush(tmp_path):
         lab.stop_process(real)
         assert closed(lab, "cli1", Lab.srv4(1))
         out = lab.run("srv", [sys.executable, SPA, "server", "-c", proc.conf, "--flush"]).stdout
-        assert "removed table inet spa" in out
+        assert "removed spa.py's nft rules" in out
         assert not closed(lab, "cli1", Lab.srv4(1))
 
 
@@ -1448,3 +1448,71 @@ def test_nft_back_end_leaves_iptables_nft_tables_alone(tmp_path):
                       r"iptables-nft manages it .* set firewall = iptables", 2)
         assert lab.run("srv", ["iptables-nft-save"]).returncode == 0
         assert "spa" not in lab.run("srv", ["iptables-nft", "-S"]).stdout
+
+
+# --- the iptables back ends, end to end with the real server ------------------------------
+
+def iptables_default_drop(lab, command):
+    """A classic default-drop host: policy DROP, established and neighbour discovery accepted."""
+    v6 = command.replace("ip", "ip6", 1)
+    for cmd in (command, v6):
+        lab.run("srv", [cmd, "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
+                        "-j", "ACCEPT"])
+        lab.run("srv", [cmd, "-A", "INPUT", "-i", "lo", "-j", "ACCEPT"])
+    for kind in ("neighbour-solicitation", "neighbour-advertisement"):
+        lab.run("srv", [v6, "-A", "INPUT", "-p", "ipv6-icmp", "--icmpv6-type", kind, "-j", "ACCEPT"])
+    for cmd in (command, v6):
+        lab.run("srv", [cmd, "-P", "INPUT", "DROP"])
+
+
+@pytest.mark.parametrize("command", ["iptables-nft", "iptables-legacy"])
+def test_iptables_back_end_end_to_end(tmp_path, command):
+    need_lab(command, command + "-save", command + "-restore")
+    with Lab(clients=2, prefix="spa") as lab:
+        for addr in (Lab.srv4(1), Lab.srv6(1), Lab.srv4(2)):
+            lab.tcp_service("srv", addr, SERVICE_PORT)
+        iptables_default_drop(lab, command)
+        host = lab.run("srv", [command + "-save"]).stdout
+        pristine = lab.run("srv", [command, "-S"]).stdout
+        server = start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "3"}},
+                              firewall=command, protect_action="drop")
+        assert closed(lab, "cli1", Lab.srv4(1)) and closed(lab, "cli2", Lab.srv4(2))
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None          # through policy DROP
+        assert timed_knock(lab, "cli1", Lab.srv6(1)) is not None
+        assert closed(lab, "cli2", Lab.srv4(2))
+        conn = netns_lab.ns_socket(lab.name("cli1"))
+        conn.settimeout(2)
+        conn.connect((Lab.srv4(1), SERVICE_PORT))
+        conn.recv(100)
+        time.sleep(4.2)      # xt_time counts whole seconds: an opening ends on the next one
+        assert closed(lab, "cli1", Lab.srv4(1)), "opening outlived its timeout"
+        conn.sendall(b"still here")
+        assert conn.recv(100) == b"still here"
+        conn.close()
+        # A reload of the host's rules wipes our chain; the server puts it back, with the
+        # opening in force.
+        assert timed_knock(lab, "cli2", Lab.srv4(2), packet(timeout=30)) is not None
+        mark = server.log.mark()
+        lab.run("srv", [command + "-restore"], input=host)
+        wait_for_line(server, r"restored chain SPA_INPUT and 1 opening\(s\) in force", 4, since=mark)
+        assert not closed(lab, "cli2", Lab.srv4(2)) and closed(lab, "cli1", Lab.srv4(1))
+        # SIGKILL: the kernel (xt_time) still closes the opening on time.
+        assert timed_knock(lab, "cli1", Lab.srv4(1), packet(timeout=2)) is not None
+        os.kill(server.pid, 9)
+        server.wait(5)
+        time.sleep(3.2)
+        assert closed(lab, "cli1", Lab.srv4(1)), "opening outlived the server's death"
+        lab.run("srv", [sys.executable, SPA, "server", "-c", server.conf, "--flush"])
+        assert lab.run("srv", [command, "-S"]).stdout == pristine
+
+
+def test_firewall_auto_picks_iptables_where_iptables_nft_rules(tmp_path):
+    need_lab("iptables-nft")
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        iptables_default_drop(lab, "iptables-nft")
+        server = start_server(lab, tmp_path, firewall="auto", protect_action="drop")
+        wait_for_line(server, r"firewall = auto: using iptables-nft", 2)
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+        assert lab.run("srv", ["iptables-nft-save"]).returncode == 0

@@ -24,6 +24,14 @@ fi
 python3 -m pip install -q vermin 2>/dev/null ||
     python3 -m pip install -q --break-system-packages vermin 2>/dev/null || true
 
+# spa.py promises Python 3.6: where pyenv has one, the tests run spa.py with it too.
+for py36 in /root/.pyenv/versions/3.6*/bin/python3; do
+    [ -x "$py36" ] || continue
+    "$py36" -c 'import Crypto.Cipher.AES' 2>/dev/null ||
+        { "$py36" -m pip install -q "pip<22" && "$py36" -m pip install -q --only-binary :all: pycryptodome; } ||
+        echo "note: could not give $py36 pycryptodome; the Python 3.6 test will skip"
+done
+
 python3 spa.py --version
 # The self-test: a real server, capture and firewall in two throwaway namespaces.
 python3 spa.py selftest

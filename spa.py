@@ -68,7 +68,6 @@ MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT = 4, 5, 6
 MSG_NAMES = {0: "command", 1: "access", 2: "NAT access", 3: "access with timeout",
              4: "NAT access with timeout", 5: "local NAT access",
              6: "local NAT access with timeout"}
-SUPPORTED_TYPES = (MSG_ACCESS, MSG_TIMEOUT_ACCESS)
 TIMEOUT_TYPES = (MSG_TIMEOUT_ACCESS, MSG_TIMEOUT_NAT, MSG_TIMEOUT_LOCAL_NAT)
 NAT_TYPES = (MSG_NAT, MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
 PROTO_NUMBERS = {"tcp": 6, "udp": 17}
@@ -356,8 +355,9 @@ def parse_plaintext(plaintext):
 def _is_ipv4(text):
     """Strict dotted quad, as fwknop's allow IP must be."""
     parts = text.split(".")
+    # No leading zeros: inet_aton (nft, fwknopd) reads 010 as octal, Python as decimal.
     return (len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255
-                                    for p in parts))
+                                    and p == str(int(p)) for p in parts))
 
 
 # ---------------------------------------------------------------------------
@@ -368,7 +368,7 @@ class Decision(object):
     """What the server should do with one packet, and why."""
 
     __slots__ = ("accepted", "reason", "source", "stanza", "replay_key", "message",
-                 "allow_ip", "timeout")
+                 "allow_ip", "timeout", "nat")
 
     def __init__(self, source, reason=None):
         self.accepted = False
@@ -376,6 +376,7 @@ class Decision(object):
         self.source = source
         self.stanza = self.replay_key = self.message = self.allow_ip = None
         self.timeout = 0
+        self.nat = None
 
 
 def decide(payload, source, now, stanzas, seen, max_age):
@@ -412,21 +413,28 @@ def decide(payload, source, now, stanzas, seen, max_age):
     decision.stanza = stanza
     # Authenticated from here on.
     try:
-        raw = b64decode(signed)
+        try:
+            raw = b64decode(signed)
+        except ValueError:
+            # Authenticated, so remembered all the same, but not a packet.
+            decision.replay_key = b64encode(hashlib.sha256(signed).digest()).decode()
+            raise Reject("authenticated, but not valid base64")
         decision.replay_key = b64encode(hashlib.sha256(raw).digest()).decode()
         # 3. Decrypt, 4. inner digest and fields.
         plaintext = decrypt(raw, stanza.key, stanza.mode)
         if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
-            raise Reject("decryption failed (key_base64 or encryption_mode differ from the client's)")
+            raise Reject("decryption failed: not a message (key_base64 or encryption_mode differ "
+                         "from the client's, or the random value is not 16 digits)")
         msg = parse_plaintext(plaintext)
         decision.message = msg
         # 5. Replay cache, 6. packet age, 7. stanza policy.
         if seen(decision.replay_key):
             raise Reject("replayed packet")
-        if abs(now - msg.timestamp) > max_age:
+        age = int(now) - msg.timestamp          # whole seconds, as fwknopd counts
+        if abs(age) > max_age:
             raise Reject("packet age %+d s outside the %d s window (check the client's clock)"
-                         % (now - msg.timestamp, max_age))
-        decision.allow_ip, decision.timeout = stanza.authorize(msg, source, now)
+                         % (age, max_age))
+        decision.allow_ip, decision.timeout, decision.nat = stanza.authorize(msg, source, now)
     except Reject as e:
         decision.reason = str(e)
         return decision
@@ -447,6 +455,8 @@ def check_private_file(path):
         st = os.stat(path)
     except OSError as e:
         raise SpaError("cannot read %s: %s" % (path, e.strerror))
+    except ValueError:                     # a NUL byte in the name
+        raise SpaError("%r is not a usable file name" % path)
     if st.st_mode & 0o077:
         raise SpaError("%s holds keys but is readable by group or others (mode %04o): "
                        "run 'chmod 600 %s'" % (path, st.st_mode & 0o7777, path))
@@ -454,17 +464,28 @@ def check_private_file(path):
         raise SpaError("%s holds keys but belongs to another user (uid %d)" % (path, st.st_uid))
 
 
-def read_ini(path):
+def read_private_text(path):
+    """The text of a key-bearing file, after the permission check: the one place that reads one."""
+    check_private_file(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SpaError("cannot read %s: %s" % (path, e.strerror))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpaError("%s is not UTF-8 text (byte %d)" % (path, e.start))
+
+
+def read_ini(path, text=None):
     """Read an INI file (after the permission check); [default] gives defaults to every section."""
     import configparser
-    check_private_file(path)
+    text = read_private_text(path) if text is None else text
     parser = configparser.ConfigParser(default_section="default", interpolation=None,
                                        inline_comment_prefixes=("#", ";"))
     try:
-        with open(path) as f:
-            parser.read_file(f)
-    except OSError as e:
-        raise SpaError("cannot read %s: %s" % (path, e.strerror))
+        parser.read_string(text, path)
     except configparser.Error as e:
         raise SpaError("%s: %s" % (path, str(e).replace("\n", " ")))
     return parser
@@ -557,7 +578,7 @@ def parse_date(value, name):
 class Stanza(object):
     """One `[client NAME]` section of the server config: who may knock, with which keys, for what."""
 
-    def __init__(self, name, options, protect, where=None):
+    def __init__(self, name, options, protect, where=None, forwarding=False, local_nat=False):
         import ipaddress
         where = where or "[client %s]" % name
         self.name = name
@@ -597,6 +618,11 @@ class Stanza(object):
             raise SpaError("%s: %s" % (where, e))
         self.access_expire = parse_date(get("access_expire"), where + ": access_expire") \
             if get("access_expire") else None
+        # NAT access needs the stanza's consent and the server's ([server] enable_forwarding,
+        # enable_local_nat).
+        enable_nat = parse_bool(get("enable_nat") or "no", where + ": enable_nat")
+        self.nat_forward = enable_nat and forwarding
+        self.nat_local = enable_nat and local_nat
 
     def matches_source(self, source):
         if self.sources is None:
@@ -606,13 +632,17 @@ class Stanza(object):
         return any(address in net for net in self.sources)
 
     def authorize(self, msg, source, now):
-        """Apply this stanza's policy to an authenticated message: (allow IP, seconds) or Reject."""
+        """Apply this stanza's policy to an authenticated message.
+
+        Returns (allow IP, seconds, NAT) where NAT is None or (address, port, local);
+        raises Reject.
+        """
         if self.access_expire is not None and now >= self.access_expire:
             raise Reject("the stanza expired on %s (access_expire)"
                          % time.strftime("%Y-%m-%d", time.localtime(self.access_expire)))
-        if msg.msg_type not in SUPPORTED_TYPES:
-            raise Reject("message type %d (%s) is not supported"
-                         % (msg.msg_type, MSG_NAMES[msg.msg_type]))
+        if msg.msg_type == MSG_COMMAND:
+            raise Reject("message type 0 (command) is not supported: spa.py runs no commands")
+        nat = self._nat(msg) if msg.msg_type in NAT_TYPES else None
         if msg.allow_ip == "0.0.0.0":
             if self.require_source_address:
                 raise Reject("allow IP 0.0.0.0 refused: require_source_address is on")
@@ -628,16 +658,40 @@ class Stanza(object):
             timeout = min(msg.client_timeout, self.max_fw_timeout)
         else:
             timeout = self.fw_access_timeout
-        return allow_ip, timeout
+        if nat is not None and (":" in nat[0]) != (":" in allow_ip):
+            raise Reject("NAT to %s for %s: the addresses are of different families"
+                         % (nat[0], allow_ip))
+        return allow_ip, timeout, nat
+
+    def _nat(self, msg):
+        """(address, port, local) of a NAT request this stanza allows, else Reject."""
+        import ipaddress
+        local = msg.msg_type in (MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
+        if not (self.nat_local if local else self.nat_forward):
+            raise Reject("message type %d (%s) refused: %s" % (
+                msg.msg_type, MSG_NAMES[msg.msg_type], "enable_nat is off for this stanza"
+                if not (self.nat_local or self.nat_forward) else
+                "[server] %s is off" % ("enable_local_nat" if local else "enable_forwarding")))
+        host, sep, port = (msg.nat_access or "").rpartition(",")
+        try:
+            address = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise Reject("NAT host %r is not an address (spa.py resolves no names)" % host[:70])
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise Reject("NAT port %r is not 1-65535" % port[:8])
+        if len(msg.access) != 1:
+            raise Reject("a NAT request names %d ports; it must name one" % len(msg.access))
+        return address, int(port), local
 
 
 STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
-                  "restrict_ports", "access_expire",
+                  "restrict_ports", "access_expire", "enable_nat",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address"}
 FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
 SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
-                  "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf"}
+                  "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
+                  "enable_forwarding", "enable_local_nat"}
 
 
 class ServerConfig(object):
@@ -674,6 +728,8 @@ class ServerConfig(object):
         self.log = get("log", "stderr").lower()
         if self.log not in ("stderr", "syslog"):
             raise SpaError("%s: log = %r: expected stderr or syslog" % (path, self.log))
+        self.enable_forwarding = parse_bool(get("enable_forwarding", "no"), "enable_forwarding")
+        self.enable_local_nat = parse_bool(get("enable_local_nat", "no"), "enable_local_nat")
         self.user = get("user", "nobody")
         try:
             import pwd
@@ -689,10 +745,13 @@ class ServerConfig(object):
             if kind != "client" or not client.strip():
                 raise SpaError("%s: unknown section [%s]: expected [server] or [client NAME]"
                                % (path, name))
-            self.stanzas.append(Stanza(client.strip(), dict(parser[name]), self.protect))
+            self.stanzas.append(Stanza(client.strip(), dict(parser[name]), self.protect,
+                                       forwarding=self.enable_forwarding,
+                                       local_nat=self.enable_local_nat))
         access_conf = access_conf or get("access_conf", "")
         if access_conf:
-            stanzas, self.notes = read_access_conf(access_conf, self.protect)
+            stanzas, self.notes = read_access_conf(access_conf, self.protect,
+                                                   self.enable_forwarding, self.enable_local_nat)
             self.stanzas += stanzas
         if not self.stanzas:
             raise SpaError("%s: no [client NAME] section%s: nobody could knock"
@@ -716,7 +775,7 @@ ACCESS_CONF_NAMES = {
 ACCESS_CONF_CMD = {"CMD_EXEC_USER", "CMD_EXEC_GROUP", "CMD_SUDO_EXEC_USER", "CMD_SUDO_EXEC_GROUP"}
 
 
-def read_access_conf(path, protect, depth=0):
+def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
     """Turn fwknop's access.conf into Stanzas: ([Stanza], [notes on what is not honoured]).
 
     A stanza that needs what spa.py does not do (GnuPG, NAT, a DESTINATION,
@@ -726,12 +785,7 @@ def read_access_conf(path, protect, depth=0):
     import glob
     if depth > 3:
         raise SpaError("%s: %%include nested too deep" % path)
-    check_private_file(path)
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise SpaError("cannot read %s: %s" % (path, e.strerror))
+    lines = read_private_text(path).splitlines()
     stanzas, notes, raw = [], [], []
     for number, line in enumerate(lines, 1):
         line = line.strip()
@@ -740,9 +794,11 @@ def read_access_conf(path, protect, depth=0):
         parts = line.split(None, 1)
         var, value = parts[0].rstrip(":"), parts[1].strip() if len(parts) > 1 else ""
         if var in ("%include", "%include_folder"):
+            if "\0" in value:
+                raise SpaError("%s line %d: %r is not a usable file name" % (path, number, value))
             files = [value] if var == "%include" else sorted(glob.glob(os.path.join(value, "*.conf")))
             for name in files:
-                more, more_notes = read_access_conf(name, protect, depth + 1)
+                more, more_notes = read_access_conf(name, protect, forwarding, local_nat, depth + 1)
                 stanzas += more
                 notes += more_notes
             continue
@@ -780,7 +836,11 @@ def read_access_conf(path, protect, depth=0):
         if options.get("require_source_address"):
             options["require_source_address"] = \
                 "yes" if options["require_source_address"][:1].upper() == "Y" else "no"
-        stanzas.append(Stanza(name, options, protect, where="%s stanza at %s" % (path, name)))
+        # fwknopd has no per-stanza NAT switch: its ENABLE_IPT_FORWARDING / ENABLE_IPT_LOCAL_NAT
+        # are ours in [server], and they decide for its stanzas.
+        options["enable_nat"] = "yes"
+        stanzas.append(Stanza(name, options, protect, where="%s stanza at %s" % (path, name),
+                              forwarding=forwarding, local_nat=local_nat))
     return stanzas, notes
 
 
@@ -837,7 +897,7 @@ class ReplayCache(object):
                 self.rewrite()
 
     def prune(self, now):
-        limit = now - self.max_age
+        limit = int(now) - self.max_age       # the age check counts whole seconds too
         self.entries = {d: t for d, t in self.entries.items() if t >= limit}
 
     def rewrite(self):
@@ -1033,13 +1093,16 @@ class NftFirewall(object):
     name = "nft"
     MARK = "spa.py"
 
-    def __init__(self, protect, action="reject", table=NFT_TABLE, log=None):
-        self.protect, self.action, self.table = protect, action, table
+    def __init__(self, protect, action="reject", table=NFT_TABLE, log=None, nat=False):
+        self.protect, self.action, self.table, self.nat = protect, action, table, nat
         self.log = log
         self.ends = {}         # (address, proto, port) -> wall-clock end of the opening
+        self.nat_ends = {}     # (address, proto, port) -> (end, to address, to port, local)
         self.shell = NftShell()
-        # Where openings go: (family, table, IPv4 set, IPv6 set); ours first.
+        # Where openings go: (family, table, IPv4 set, IPv6 set); ours first.  Forwarded
+        # NAT connections go into the fwd sets, keyed source . destination . proto . port.
         self.places = [("inet", table, "allow4", "allow6")]
+        self.fwd_places = [("inet", table, "fwd4", "fwd6")] if nat else []
         self.monitored = True          # nft monitor sees what a reload does
 
     def _nft(self, commands):
@@ -1068,12 +1131,32 @@ class NftFirewall(object):
                 ("reject with tcp reset" if proto == "tcp" else "reject")
             chain.append("add rule %s input meta l4proto %s th dport { %s } %s"
                          % (t, proto, ", ".join(map(str, ports)), verdict))
+        if self.nat:
+            sets += ["add map %s dnat4 { type ipv4_addr . inet_proto . inet_service : ipv4_addr . "
+                     "inet_service; flags timeout; }" % t,
+                     "add map %s dnat6 { type ipv6_addr . inet_proto . inet_service : ipv6_addr . "
+                     "inet_service; flags timeout; }" % t,
+                     "add set %s fwd4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; "
+                     "flags timeout; }" % t,
+                     "add set %s fwd6 { type ipv6_addr . ipv6_addr . inet_proto . inet_service; "
+                     "flags timeout; }" % t]
+            chain += ["add chain %s prerouting { type nat hook prerouting priority dstnat; "
+                      "policy accept; }" % t,
+                      "flush chain %s prerouting" % t,
+                      "add rule %s prerouting dnat ip to ip saddr . meta l4proto . th dport map @dnat4" % t,
+                      "add rule %s prerouting dnat ip6 to ip6 saddr . meta l4proto . th dport map @dnat6" % t,
+                      "add chain %s forward { type filter hook forward priority 0; policy accept; }" % t,
+                      "flush chain %s forward" % t,
+                      "add rule %s forward ip saddr . ip daddr . meta l4proto . th dport @fwd4 accept" % t,
+                      "add rule %s forward ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept" % t]
         try:
             self._nft(["add table " + t] + sets + chain)
         except SpaError:
             # A table left by an incompatible version: start it afresh.
             self._nft(["add table " + t, "delete table " + t, "add table " + t] + sets + chain)
-        self.places = self.places[:1] + self._default_drop_places()
+        self.places = self.places[:1] + self._default_drop_places("input")
+        if self.nat:
+            self.fwd_places = self.fwd_places[:1] + self._default_drop_places("forward")
         now = time.time()
         for address, proto, port, left in self.list():
             self.ends[(address, proto, port)] = max(self.ends.get((address, proto, port), 0),
@@ -1084,13 +1167,16 @@ class NftFirewall(object):
         import json
         return json.loads(run_command(["nft", "-t", "-j", "list", "ruleset"]))["nftables"]
 
-    def _default_drop_places(self):
-        """Put our set and accept rule in each other input chain whose policy is drop."""
+    def _default_drop_places(self, hook):
+        """Put our set and accept rule in each other `hook` chain that drops what it does not
+        allow (input: openings; forward: forwarded NAT connections)."""
         items = self._ruleset()
         places = []
+        prefix, key = ("spa_allow", "saddr . meta l4proto . th dport") if hook == "input" else \
+            ("spa_fwd", "saddr . {0} daddr . meta l4proto . th dport")
         for item in items:
             c = item.get("chain", {})
-            if c.get("hook") != "input" or (c.get("family"), c.get("table")) == ("inet", self.table):
+            if c.get("hook") != hook or (c.get("family"), c.get("table")) == ("inet", self.table):
                 continue
             family, table, name = c["family"], c["table"], c["name"]
             if c.get("policy") != "drop" and not self._ends_in_drop(items, family, table, name):
@@ -1105,22 +1191,23 @@ class NftFirewall(object):
                           "and nft must not change it: set firewall = iptables (or auto) so "
                           "openings get through", where, name)
                 continue
-            v4 = "spa_allow4" if family in ("inet", "ip") else None
-            v6 = "spa_allow6" if family in ("inet", "ip6") else None
+            v4 = prefix + "4" if family in ("inet", "ip") else None
+            v6 = prefix + "6" if family in ("inet", "ip6") else None
             commands = []
             for set_name, kind in ((v4, "ipv4_addr"), (v6, "ipv6_addr")):
                 if set_name:
-                    commands.append("add set %s %s { type %s . inet_proto . inet_service; "
-                                    "flags timeout; }" % (where, set_name, kind))
+                    kinds = (kind + " . ") * (2 if hook == "forward" else 1)
+                    commands.append("add set %s %s { type %sinet_proto . inet_service; "
+                                    "flags timeout; }" % (where, set_name, kinds))
             if not self._has_mark(items, family, table, name):
-                for set_name, match in ((v4, "ip saddr"), (v6, "ip6 saddr")):
+                for set_name, ip in ((v4, "ip"), (v6, "ip6")):
                     if set_name:
-                        commands.append('insert rule %s %s %s . meta l4proto . th dport @%s '
-                                        'accept comment "%s"' % (where, name, match, set_name,
-                                                                 self.MARK))
+                        commands.append('insert rule %s %s %s %s @%s accept comment "%s"'
+                                        % (where, name, ip, key.format(ip), set_name, self.MARK))
             self._nft(commands)
             self._say("info", "table %s chain %s drops what it does not allow: openings are "
-                      "accepted there too", where, name)
+                      "accepted there too%s", where, name, " (forwarded NAT connections)"
+                      if hook == "forward" else "")
             places.append((family, table, v4, v6))
         return places
 
@@ -1151,18 +1238,55 @@ class NftFirewall(object):
         self.ends[key] = now + timeout
         return True
 
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+        """Forward (address, proto, port) to to_address:to_port for `timeout` seconds: to
+        another host (accepted in the forward chains), or to this one (local NAT, accepted
+        in the input chains).  Never shortens an opening."""
+        import ipaddress
+        now = time.time() if now is None else now
+        address = str(ipaddress.ip_address(address))
+        to_address = str(ipaddress.ip_address(to_address))
+        key = (address, proto, port)
+        if self.nat_ends.get(key, (0,))[0] >= now + timeout:
+            return False
+        self.shell.run(self._nat_commands(address, proto, port, to_address, to_port, timeout,
+                                          local))
+        self.nat_ends[key] = (now + timeout, to_address, to_port, local)
+        if local:
+            self.ends[(address, proto, to_port)] = max(self.ends.get((address, proto, to_port), 0),
+                                                       now + timeout)
+        return True
+
+    def _nat_commands(self, address, proto, port, to_address, to_port, timeout, local):
+        six = ":" in address
+        mapping = "inet %s %s { %s . %d . %d%%s }" % (self.table, "dnat6" if six else "dnat4",
+                                                     address, PROTO_NUMBERS[proto], port)
+        timed = mapping % (" timeout %ds : %s . %d" % (timeout, to_address, to_port))
+        commands = ["add element " + timed, "delete element " + mapping % "", "add element " + timed]
+        if local:
+            return commands + self._element_commands(address, proto, to_port, timeout)
+        for family, table, v4, v6 in self.fwd_places:
+            set_name = v6 if six else v4
+            if set_name:
+                commands += self._refresh("%s %s %s { %s . %s . %d . %d%%s }" % (
+                    family, table, set_name, address, to_address, PROTO_NUMBERS[proto], to_port),
+                    timeout)
+        return commands
+
+    @staticmethod
+    def _refresh(element, timeout):
+        """Add an element with a timeout; re-adding does not refresh a timeout on older
+        kernels, so add, delete and add again, in one batch."""
+        timed = element % (" timeout %ds" % timeout)
+        return ["add element " + timed, "delete element " + element % "", "add element " + timed]
+
     def _element_commands(self, address, proto, port, timeout):
         commands = []
         for family, table, v4, v6 in self.places:
             set_name = v6 if ":" in address else v4
-            if not set_name:
-                continue
-            element = "%s %s %s { %s . %d . %d%%s }" % (family, table, set_name, address,
-                                                        PROTO_NUMBERS[proto], port)
-            timed = element % (" timeout %ds" % timeout)
-            # Re-adding does not refresh a timeout on older kernels: delete and add, one batch.
-            commands += ["add element " + timed, "delete element " + element % "",
-                         "add element " + timed]
+            if set_name:
+                commands += self._refresh("%s %s %s { %s . %d . %d%%s }" % (
+                    family, table, set_name, address, PROTO_NUMBERS[proto], port), timeout)
         return commands
 
     def expire(self, now=None):
@@ -1170,6 +1294,8 @@ class NftFirewall(object):
         now = time.time() if now is None else now
         for key in [k for k, end in self.ends.items() if end <= now]:
             del self.ends[key]
+        for key in [k for k, v in self.nat_ends.items() if v[0] <= now]:
+            del self.nat_ends[key]
         return 0
 
     # -- surviving a reload of the host's firewall ------------------------------------------
@@ -1181,7 +1307,7 @@ class NftFirewall(object):
         ours = [r for r in rules if (r["family"], r["table"]) == ("inet", self.table)]
         if ("inet", self.table) not in tables or len(ours) < 3:
             return False
-        for family, table, v4, v6 in self.places[1:]:
+        for family, table, v4, v6 in self.places[1:] + self.fwd_places[1:]:
             if not any(r.get("comment") == self.MARK and (r["family"], r["table"]) == (family, table)
                        for r in rules):
                 return False
@@ -1198,6 +1324,10 @@ class NftFirewall(object):
             commands = []
             for (address, proto, port), end in alive:
                 commands += self._element_commands(address, proto, port, int(end - now + 0.999))
+            for (address, proto, port), (end, to_address, to_port, local) in self.nat_ends.items():
+                if end > now + 0.5:
+                    commands += self._nat_commands(address, proto, port, to_address, to_port,
+                                                   int(end - now + 0.999), local)
             if commands:
                 self.shell.run(commands)
             self._say("warning", "the firewall was changed under us (a reload?): restored "
@@ -1225,6 +1355,26 @@ class NftFirewall(object):
                     result.append((address, proto, int(port), int(e.get("expires", 0))))
         return result
 
+    def list_nat(self):
+        """NAT openings in force: [(address, proto, port, to address, to port, seconds left)]."""
+        import json
+        result = []
+        for name in ("dnat4", "dnat6"):
+            try:
+                out = run_command(["nft", "-j", "list", "map", "inet", self.table, name])
+            except SpaError:
+                continue
+            for item in json.loads(out)["nftables"]:
+                for key, value in item.get("map", {}).get("elem", []):
+                    e = key.get("elem", {})
+                    address, proto, port = e["val"]["concat"]
+                    to_address, to_port = value["concat"]
+                    if isinstance(proto, int):
+                        proto = {6: "tcp", 17: "udp"}.get(proto, str(proto))
+                    result.append((address, proto, int(port), to_address, int(to_port),
+                                   int(e.get("expires", 0))))
+        return result
+
     def flush(self):
         """Remove our table, and our sets and rules in other tables."""
         items = self._ruleset()
@@ -1234,7 +1384,7 @@ class NftFirewall(object):
                 commands.append("delete rule %s %s %s handle %d"
                                 % (r["family"], r["table"], r["chain"], r["handle"]))
         for s in (i["set"] for i in items if "set" in i):
-            if s["name"] in ("spa_allow4", "spa_allow6"):
+            if s["name"] in ("spa_allow4", "spa_allow6", "spa_fwd4", "spa_fwd6"):
                 commands.append("delete set %s %s %s" % (s["family"], s["table"], s["name"]))
         if any(i.get("table", {}).get("name") == self.table and
                i["table"]["family"] == "inet" for i in items):
@@ -1594,7 +1744,14 @@ class DryRunFirewall(object):
         self.opened.append((address, proto, port, timeout))
         return True
 
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+        self.opened.append((address, proto, port, timeout, to_address, to_port, local))
+        return True
+
     def list(self):
+        return []
+
+    def list_nat(self):
         return []
 
     def expire(self, now=None):
@@ -1614,13 +1771,20 @@ def make_firewall(config, test, log=None):
     if test or config.firewall == "none":
         return DryRunFirewall(config.protect, config.protect_action, log)
     kind = detect_firewall(log) if config.firewall == "auto" else config.firewall
+    nat = config.enable_forwarding or config.enable_local_nat
     if kind == "nft":
-        return NftFirewall(config.protect, config.protect_action, log=log)
+        return NftFirewall(config.protect, config.protect_action, log=log, nat=nat)
+    if nat and not hasattr(IptablesFirewall, "open_nat"):
+        raise SpaError("enable_forwarding and enable_local_nat need firewall = nft for now")
     return IptablesFirewall(config.protect, config.protect_action, log, command=kind)
 
 
 def format_access(access):
     return ",".join("%s/%d" % pp for pp in access)
+
+
+def format_endpoint(address, port):
+    return "[%s]:%d" % (address, port) if ":" in address else "%s:%d" % (address, port)
 
 
 # ---------------------------------------------------------------------------
@@ -1821,20 +1985,26 @@ class Gatekeeper(object):
         """Open the firewall for an accepted packet, after checking the request itself.
 
         `g` is a dict: key, stamp, source, address, access [[proto, port]...],
-        timeout, stanza, user.  Returns True when the firewall was changed.
+        timeout, stanza, user, nat (None or [address, port, local]).  Returns True
+        when the firewall was changed.
         """
+        import ipaddress
         now = time.time() if now is None else now
         stanza = self.stanzas.get(g.get("stanza"))
         try:
             access = [(str(p), int(n)) for p, n in g["access"]]
             timeout = int(g["timeout"])
-            import ipaddress
             address = str(ipaddress.ip_address(g["address"]))
-        except (KeyError, TypeError, ValueError):
+            nat = g.get("nat")
+            if nat is not None:
+                nat = (str(ipaddress.ip_address(nat[0])), int(nat[1]), bool(nat[2]))
+        except (KeyError, TypeError, ValueError, IndexError):
             self.log.error("refused a malformed request from the packet reader")
             return False
         if stanza is None or not access or not set(access) <= stanza.open_ports \
-                or not 1 <= timeout <= max(stanza.max_fw_timeout, stanza.fw_access_timeout):
+                or set(access) & stanza.restrict_ports \
+                or not 1 <= timeout <= max(stanza.max_fw_timeout, stanza.fw_access_timeout) \
+                or (nat is not None and not self._nat_allowed(stanza, access, address, nat)):
             self.log.error("refused a request from the packet reader outside the policy of "
                            "[client %s]", g.get("stanza"))
             return False
@@ -1842,16 +2012,39 @@ class Gatekeeper(object):
             self.log.error("refused a request from the packet reader for a packet seen before")
             return False
         try:
-            for proto, port in access:
-                self.firewall.open(address, proto, port, timeout, now)
+            if nat is None:
+                for proto, port in access:
+                    self.firewall.open(address, proto, port, timeout, now)
+            else:
+                (proto, port), (to_address, to_port, local) = access[0], nat
+                self.firewall.open_nat(address, proto, port, to_address, to_port, timeout, local,
+                                       now)
         except SpaError as e:
             self.log.error("firewall change failed for %s: %s", address, e)
             return False
+        what = format_access(access) if nat is None else "%s forwarded to %s" % (
+            format_access(access), format_endpoint(nat[0], nat[1]))
         self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s",
-                      g.get("source"), stanza.name, g.get("user"), format_access(access), address,
+                      g.get("source"), stanza.name, g.get("user"), what, address,
                       timeout, " (test mode: firewall unchanged)"
                       if isinstance(self.firewall, DryRunFirewall) else "")
         return True
+
+    @staticmethod
+    def _nat_allowed(stanza, access, address, nat):
+        to_address, to_port, local = nat
+        if len(access) != 1 or not 1 <= to_port <= 65535 or (":" in to_address) != (":" in address):
+            return False
+        if local:
+            # Local NAT must lead to this host: only a local address can be bound.
+            family = socket.AF_INET6 if ":" in to_address else socket.AF_INET
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    probe.bind((to_address, 0))
+            except OSError:
+                return False
+            return stanza.nat_local
+        return stanza.nat_forward
 
 
 class GatePipe(object):
@@ -1903,7 +2096,7 @@ class Reader(object):
         self.seen.add(d.replay_key, msg.timestamp, now)
         self.gate.grant({"key": d.replay_key, "stamp": msg.timestamp, "source": source,
                          "address": d.allow_ip, "access": msg.access, "timeout": d.timeout,
-                         "stanza": d.stanza.name, "user": msg.username}, now)
+                         "stanza": d.stanza.name, "user": msg.username, "nat": d.nat}, now)
         return d
 
     def stats(self):
@@ -2270,7 +2463,11 @@ def server_main(args):
         rows = firewall.list()
         for address, proto, port, left in sorted(rows):
             print("%-40s %s/%-5d %5d s left" % (address, proto, port, left))
-        if not rows:
+        nat_rows = firewall.list_nat() if hasattr(firewall, "list_nat") else []
+        for address, proto, port, to_address, to_port, left in sorted(nat_rows):
+            print("%-40s %s/%-5d %5d s left, forwarded to %s" % (
+                address, proto, port, left, format_endpoint(to_address, to_port)))
+        if not rows and not nat_rows:
             print("no open authorizations")
         return 0
     preload()
@@ -2374,17 +2571,11 @@ def login_name():
         return "NO_USER"
 
 
-def read_fwknoprc(path):
-    """Read fwknop's client rc file: {section: {our option: value}}, [default] included."""
+def read_fwknoprc(path, text):
+    """Parse fwknop's client rc file: {section: {our option: value}}, [default] included."""
     import re
-    check_private_file(path)
     sections, current = {}, None
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise SpaError("cannot read %s: %s" % (path, e.strerror))
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line[0] in "#;":
             continue
@@ -2420,14 +2611,10 @@ def current_name(sections, current):
     return next(name for name, options in sections.items() if options is current)
 
 
-def is_fwknoprc(path):
+def is_fwknoprc(text):
     """fwknop's rc files say `NAME value`; ours say `name = value`."""
     import re
-    try:
-        with open(path) as f:
-            return bool(re.search(r"^\s*[A-Z][A-Z0-9_]*:?[ \t]+[^=\s]", f.read(), re.M))
-    except OSError:
-        return False
+    return bool(re.search(r"^\s*[A-Z][A-Z0-9_]*:?[ \t]+[^=\s]", text, re.M))
 
 
 def default_client_config():
@@ -2445,15 +2632,16 @@ def client_settings(args):
     if config:
         path = os.path.expanduser(config)
         name = args.name or "default"
-        if is_fwknoprc(path):
-            sections = read_fwknoprc(path)
+        text = read_private_text(path)
+        if is_fwknoprc(text):
+            sections = read_fwknoprc(path, text)
             section = dict(sections.get("default", {}))
             if name != "default" and name not in sections:
                 raise SpaError("%s has no section [%s] (it has: %s)"
                                % (config, name, ", ".join(sections) or "none"))
             section.update(sections.get(name, {}))
         else:
-            parser = read_ini(path)
+            parser = read_ini(path, text)
             if name != "default" and not parser.has_section(name):
                 raise SpaError("%s has no section [%s] (it has: %s)"
                                % (config, name, ", ".join(parser.sections()) or "none"))

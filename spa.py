@@ -620,9 +620,9 @@ class Stanza(object):
             if get("access_expire") else None
         # NAT access needs the stanza's consent and the server's ([server] enable_forwarding,
         # enable_local_nat).
-        enable_nat = parse_bool(get("enable_nat") or "no", where + ": enable_nat")
-        self.nat_forward = enable_nat and forwarding
-        self.nat_local = enable_nat and local_nat
+        self.enable_nat = parse_bool(get("enable_nat") or "no", where + ": enable_nat")
+        self.nat_forward = self.enable_nat and forwarding
+        self.nat_local = self.enable_nat and local_nat
 
     def matches_source(self, source):
         if self.sources is None:
@@ -670,7 +670,7 @@ class Stanza(object):
         if not (self.nat_local if local else self.nat_forward):
             raise Reject("message type %d (%s) refused: %s" % (
                 msg.msg_type, MSG_NAMES[msg.msg_type], "enable_nat is off for this stanza"
-                if not (self.nat_local or self.nat_forward) else
+                if not self.enable_nat else
                 "[server] %s is off" % ("enable_local_nat" if local else "enable_forwarding")))
         host, sep, port = (msg.nat_access or "").rpartition(",")
         try:
@@ -2544,7 +2544,7 @@ def check_config_main(args):
 
 CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip", "fw_timeout",
                   "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",
-                  "key", "hmac_key", "resolve_url"}
+                  "key", "hmac_key", "resolve_url", "nat_access", "nat_local", "nat_port"}
 
 # ~/.fwknoprc variable -> our option name.  Values carry over as they are, but for
 # ALLOW_IP, whose "source" and "resolve" stand for -s and -R.
@@ -2554,6 +2554,7 @@ FWKNOPRC_NAMES = {
     "KEY_BASE64": "key_base64", "KEY": "key", "HMAC_KEY_BASE64": "hmac_key_base64",
     "HMAC_KEY": "hmac_key", "HMAC_DIGEST_TYPE": "hmac_digest_type",
     "ENCRYPTION_MODE": "encryption_mode", "RESOLVE_URL": "resolve_url",
+    "NAT_ACCESS": "nat_access", "NAT_LOCAL": "nat_local", "NAT_PORT": "nat_port",
 }
 # Variables that change nothing about the packet, or that spa.py's client always does.
 FWKNOPRC_HARMLESS = {"USE_HMAC", "VERBOSE", "DIGEST_TYPE", "SPA_SERVER_PROTO", "RESOLVE_IP_HTTPS",
@@ -2710,17 +2711,57 @@ def build_packet(opts, now=None):
         raise SpaError("allow IP %r: fwknop's format carries only an IPv4 address; "
                        "leave it out (-s) to open for the address the packet comes from" % allow_ip)
     timeout = parse_int(str(opts.get("fw_timeout") or 0), "fw_timeout", 0, 65535)
+    msg_type, nat_access, access = nat_request(opts, access, timeout)
     user = opts.get("user") or login_name()
     if not _valid_username(user) or len(user.encode()) > 48:
         raise SpaError("user %r: up to 48 characters, without any of %s"
                        % (user, "".join(sorted(USERNAME_FORBIDDEN))))
-    msg = Message(user, allow_ip, access, timeout,
+    msg = Message(user, allow_ip, access, timeout, msg_type=msg_type, nat_access=nat_access,
                   timestamp=int(time.time() if now is None else now))
     wire = seal(msg.encode(), key, hmac_key, hmac_type, mode)
     if len(wire) > MAX_WIRE_LEN:
         raise SpaError("the packet would be %d characters; fwknop servers accept at most %d: "
                        "ask for fewer ports" % (len(wire), MAX_WIRE_LEN))
     return msg, wire
+
+
+def nat_request(opts, access, timeout):
+    """(message type, NAT field, access) for -N/--nat-access and --nat-local, as fwknop
+    builds them: -N HOST[:PORT] forwards the -A port to HOST:PORT (the -A port if none);
+    --nat-local forwards the --nat-port (or the -A port) to the -A port on the server."""
+    nat_local = opts.get("nat_local")
+    if isinstance(nat_local, str):
+        nat_local = parse_bool(nat_local, "nat_local")
+    nat_access, nat_port = opts.get("nat_access"), opts.get("nat_port")
+    if not nat_access and not nat_local:
+        if nat_port:
+            raise SpaError("--nat-port goes with --nat-local")
+        return (MSG_TIMEOUT_ACCESS if timeout else MSG_ACCESS), None, access
+    if nat_access and nat_local:
+        raise SpaError("give -N/--nat-access or --nat-local, not both")
+    if len(access) != 1:
+        raise SpaError("NAT access takes one port in -A, not %d" % len(access))
+    proto, port = access[0]
+    if nat_local:
+        host = resolve_address(opts["destination"])
+        if nat_port:
+            access = [(proto, parse_int(str(nat_port), "nat_port", 1, 65535))]
+        field = "%s,%d" % (host, port)
+        return (MSG_TIMEOUT_LOCAL_NAT if timeout else MSG_LOCAL_NAT), field, access
+    if nat_access.startswith("[") or nat_access.count(":") == 1:
+        host, to_port = split_host_port(nat_access, "-N/--nat-access")
+    else:
+        host, to_port = nat_access, port          # a name or address without a port
+    field = "%s,%d" % (resolve_address(host), to_port)
+    return (MSG_TIMEOUT_NAT if timeout else MSG_NAT), field, access
+
+
+def resolve_address(host):
+    """An address for a name: a spa.py server resolves no names in NAT requests."""
+    try:
+        return socket.getaddrinfo(host, None, 0, socket.SOCK_DGRAM)[0][4][0]
+    except socket.gaierror as e:
+        raise SpaError("cannot resolve %s: %s" % (host, e.strerror))
 
 
 def send_packet(wire, host, port):
@@ -2738,11 +2779,11 @@ def send_packet(wire, host, port):
     return address[0]
 
 
-def split_host_port(text):
+def split_host_port(text, option="--connect"):
     """'host:22', '[2001:db8::1]:22' -> (host, 22)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
-        raise SpaError("--connect %r: expected HOST:PORT (an IPv6 address in brackets)" % text)
+        raise SpaError("%s %r: expected HOST:PORT (an IPv6 address in brackets)" % (option, text))
     return host.strip("[]"), int(port)
 
 
@@ -3181,6 +3222,12 @@ def build_parser():
                    help="open for the public IPv4 address that --resolve-url reports (behind NAT)")
     c.add_argument("--resolve-url", dest="resolve_url", metavar="URL",
                    help="a URL of yours that answers with the caller's address (none is built in)")
+    c.add_argument("-N", "--nat-access", dest="nat_access", metavar="HOST[:PORT]",
+                   help="ask the server to forward the -A port to this internal host")
+    c.add_argument("--nat-local", dest="nat_local", action="store_const", const=True,
+                   help="ask the server to forward --nat-port to the -A port on itself")
+    c.add_argument("--nat-port", dest="nat_port", metavar="PORT",
+                   help="with --nat-local: the port to connect to (default: the -A port)")
     c.add_argument("-f", "--fw-timeout", dest="fw_timeout", metavar="SECONDS",
                    help="ask for this many seconds (the server caps it)")
     c.add_argument("-U", "--user", metavar="NAME", help="username to send (default: login name)")

@@ -128,10 +128,10 @@ DEFAULT_OUTCOME = {
     "aes_cbc_hmac_md5": "HMAC does not match",
     "no_hmac_legacy": "HMAC does not match",
     "mode_legacy_short_key": "HMAC does not match",
-    "nat_access": "message type 2 (NAT access) is not supported",
-    "nat_access_client_timeout": "message type 4 (NAT access with timeout) is not supported",
-    "local_nat": "message type 5 (local NAT access) is not supported",
-    "local_nat_client_timeout": "message type 6 (local NAT access with timeout) is not supported",
+    "nat_access": "message type 2 (NAT access) refused: enable_nat is off for this stanza",
+    "nat_access_client_timeout": "message type 4 (NAT access with timeout) refused: enable_nat",
+    "local_nat": "message type 5 (local NAT access) refused: enable_nat is off",
+    "local_nat_client_timeout": "message type 6 (local NAT access with timeout) refused",
     "command_msg": "message type 0 (command) is not supported",
     "mode_ctr": "decryption failed", "mode_cfb": "decryption failed",
     "mode_ofb": "decryption failed", "mode_ecb": "decryption failed",
@@ -180,6 +180,30 @@ def test_vectors_accepted_when_the_stanza_matches(tmp_path, name, option):
     d = decide(vector_stanza(tmp_path, vec, **option), vec["wire"].encode(), now=vector_time(vec))
     assert d.accepted, d.reason
     assert d.message.access == [("tcp", 22)]
+
+
+@needs_vectors
+@pytest.mark.parametrize("name,nat,timeout", [
+    ("nat_access", ("10.11.12.13", 22, False), 30),
+    ("nat_access_client_timeout", ("10.11.12.13", 22, False), 120),
+    ("local_nat", ("198.18.0.1", 22, True), 30),
+    ("local_nat_client_timeout", ("198.18.0.1", 22, True), 60),
+])
+def test_nat_vectors_with_nat_enabled(tmp_path, name, nat, timeout):
+    vec = next(v for v in VECTORS if v["name"] == name)
+    key = vec["key_b64"]
+    config = server_config(tmp_path, {"vec": {"key_base64": key, "hmac_key_base64": vec["hmac_key_b64"],
+                                              "open_ports": "tcp/5022,tcp/55000",
+                                              "enable_nat": "yes"}},
+                           enable_forwarding="yes", enable_local_nat="yes")
+    d = decide(config, vec["wire"].encode(), now=vector_time(vec))
+    assert d.accepted, d.reason
+    assert d.nat == nat and d.timeout == timeout
+    # The server's switch alone is not enough: the stanza must allow NAT too, and vice versa.
+    off = server_config(tmp_path, {"vec": {"key_base64": key, "hmac_key_base64": vec["hmac_key_b64"],
+                                           "open_ports": "tcp/5022,tcp/55000", "enable_nat": "yes"}})
+    d = decide(off, vec["wire"].encode(), now=vector_time(vec))
+    assert not d.accepted and "is off" in d.reason
 
 
 @needs_vectors
@@ -1069,7 +1093,7 @@ def test_client_reads_the_rc_file_fwknop_writes(tmp_path):
 
 @pytest.mark.parametrize("line,message", [
     ("USE_HMAC N", "always uses an HMAC"),
-    ("NAT_ACCESS 198.18.0.9:22", "NAT_ACCESS is not supported"),
+    ("GPG_RECIPIENT 1234ABCD", "GPG_RECIPIENT is not supported"),
     ("SPA_SERVER_PROTO tcp", "UDP only"),
 ])
 def test_client_names_what_it_cannot_honour_in_fwknoprc(tmp_path, line, message):
@@ -1546,3 +1570,82 @@ def test_real_python36_end_to_end(tmp_path):
                          "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY])
         assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 1.0) is not None
         wait_for_line(server, r"accepted packet from 198\.18\.1\.2", 1)
+
+
+# --- NAT access (fwknop message types 2, 4, 5, 6) ------------------------------------------
+
+@needs_vectors
+@pytest.mark.parametrize("name", ["nat_access", "nat_access_client_timeout", "local_nat",
+                                  "local_nat_client_timeout"])
+def test_client_builds_nat_requests_as_fwknop_does(tmp_path, name):
+    vec = next(v for v in VECTORS if v["name"] == name)
+    argv = vec["argv"]
+    wanted = {"-A", "-N", "-f", "--nat-port", "-a"}
+    args = ["-D", argv[argv.index("-D") + 1]]
+    for i, word in enumerate(argv):
+        if word in wanted:
+            args += [word, argv[i + 1]]
+        elif word == "--nat-local":
+            args.append(word)
+    done = run_spa("client", "--key-base64", vec["key_b64"], "--hmac-key-base64",
+                   vec["hmac_key_b64"], "--test", "-v", *args)
+    assert done.returncode == 0, done.stderr
+    dump = vec["client_dump"]
+    assert re.search(r"message type\s+%s" % re.escape(dump["Message Type"].split()[0]), done.stderr)
+    assert re.search(r"nat access\s+%s$" % re.escape(dump["Nat Access"]), done.stderr, re.M)
+    assert re.search(r"access\s+%s$" % re.escape(dump["Message String"].split(",", 1)[1]),
+                     done.stderr, re.M)
+
+
+def nat_server(lab, tmp_path, **server):
+    return start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "4", "enable_nat": "yes",
+                                                  "open_ports": "tcp/5022,tcp/55000,tcp/8022"}},
+                        **server)
+
+
+def test_nat_access_to_an_internal_host(tmp_path):
+    need_nft()
+    with Lab(clients=2, prefix="spa") as lab:      # cli2 plays the internal host
+        netns_lab.ns_sysctl(lab.name("srv"), "net.ipv4.ip_forward", 1)
+        inside = lab.tcp_service("cli2", Lab.cli4(2), 2222, banner=b"internal\n")
+        server = nat_server(lab, tmp_path, enable_forwarding="yes")
+        assert closed_port(lab, "cli1", Lab.srv4(1), 5022)
+        lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/5022",
+                         "-N", "%s:2222" % Lab.cli4(2), "--key-base64", KEY,
+                         "--hmac-key-base64", HMAC_KEY])
+        wait_for_line(server, r"opened tcp/5022 forwarded to 198\.18\.2\.2:2222 for 198\.18\.1\.2 "
+                      r"for 4 s", 2)
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), 5022, 1.0) is not None
+        deadline = time.monotonic() + 2
+        while not inside.peers and time.monotonic() < deadline:   # its accept thread may lag
+            time.sleep(0.01)
+        assert inside.peers[-1][0] == Lab.cli4(1)
+        assert re.search(r"198\.18\.1\.2\s+tcp/5022 .* forwarded to 198\.18\.2\.2:2222",
+                         spa_list(lab, server.conf))
+        time.sleep(4.5)
+        assert closed_port(lab, "cli1", Lab.srv4(1), 5022)
+        # Without the server's consent the same request is refused.
+        lab.stop_process(server)
+        server = nat_server(lab, tmp_path)
+        lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/5022",
+                         "-N", "%s:2222" % Lab.cli4(2), "--key-base64", KEY,
+                         "--hmac-key-base64", HMAC_KEY])
+        wait_for_line(server, r"refused: \[server\] enable_forwarding is off", 2)
+
+
+def test_local_nat(tmp_path):
+    need_nft()
+    with Lab(clients=2, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT, banner=b"local\n")
+        server = nat_server(lab, tmp_path, enable_local_nat="yes")
+        assert closed_port(lab, "cli1", Lab.srv4(1), 55000)
+        lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/%d" % SERVICE_PORT,
+                         "--nat-local", "--nat-port", "55000", "--key-base64", KEY,
+                         "--hmac-key-base64", HMAC_KEY])
+        wait_for_line(server, r"opened tcp/55000 forwarded to 198\.18\.1\.1:8022", 2)
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), 55000, 1.0) is not None
+        assert closed_port(lab, "cli2", Lab.srv4(2), 55000)
+
+
+def closed_port(lab, ns, dest, port):
+    return not tcp_connect_ok(lab.name(ns), dest, port, timeout=0.3)

@@ -1649,3 +1649,20 @@ def test_local_nat(tmp_path):
 
 def closed_port(lab, ns, dest, port):
     return not tcp_connect_ok(lab.name(ns), dest, port, timeout=0.3)
+
+
+def test_nat_access_through_a_default_drop_forward_chain(tmp_path):
+    need_nft()
+    with Lab(clients=2, prefix="spa") as lab:
+        netns_lab.ns_sysctl(lab.name("srv"), "net.ipv4.ip_forward", 1)
+        lab.tcp_service("cli2", Lab.cli4(2), 2222, banner=b"internal\n")
+        lab.run("srv", ["nft", "-f", "-"], input="table inet filter {\n chain forward {\n"
+                " type filter hook forward priority 0; policy drop;\n"
+                " ct state established,related accept\n }\n}\n")
+        server = nat_server(lab, tmp_path, enable_forwarding="yes")
+        wait_for_line(server, r"table inet filter chain forward drops what it does not allow: "
+                      r"openings are accepted there too \(forwarded NAT connections\)", 2)
+        lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/5022",
+                         "-N", "%s:2222" % Lab.cli4(2), "--key-base64", KEY,
+                         "--hmac-key-base64", HMAC_KEY])
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), 5022, 1.0) is not None

@@ -195,11 +195,12 @@ class Message(object):
     """The fields of one SPA message, fwknop's names in fwknop's order."""
 
     __slots__ = ("rand", "username", "timestamp", "version", "msg_type", "allow_ip",
-                 "access", "nat_access", "server_auth", "client_timeout", "digest_type")
+                 "access", "nat_access", "server_auth", "client_timeout", "digest_type",
+                 "command")
 
     def __init__(self, username, allow_ip, access, client_timeout=0, timestamp=None,
                  rand=None, version="3.0.0", msg_type=None, nat_access=None,
-                 server_auth=None, digest_type="sha256"):
+                 server_auth=None, digest_type="sha256", command=None):
         self.rand = rand if rand is not None else "%016d" % secrets.randbelow(10 ** 16)
         self.username = username
         self.timestamp = int(time.time()) if timestamp is None else timestamp
@@ -213,6 +214,7 @@ class Message(object):
         self.server_auth = server_auth
         self.client_timeout = client_timeout
         self.digest_type = digest_type
+        self.command = command                # type 0 (command) messages carry this instead
 
     def access_text(self):
         return ",".join("%s/%d" % pp for pp in self.access)
@@ -221,7 +223,8 @@ class Message(object):
         """The plaintext that gets encrypted: fields joined by ':' and the inner digest."""
         fields = [self.rand, b64encode(self.username.encode()).decode(), str(self.timestamp),
                   self.version, str(self.msg_type),
-                  b64encode(("%s,%s" % (self.allow_ip, self.access_text())).encode()).decode()]
+                  b64encode(("%s,%s" % (self.allow_ip, self.command if self.msg_type == MSG_COMMAND
+                                        else self.access_text())).encode()).decode()]
         if self.nat_access is not None:
             fields.append(b64encode(self.nat_access.encode()).decode())
         if self.server_auth is not None:
@@ -237,7 +240,9 @@ class Message(object):
         rows = [("random value", self.rand), ("username", self.username),
                 ("timestamp", self.timestamp), ("version", self.version),
                 ("message type", "%d (%s)" % (self.msg_type, MSG_NAMES.get(self.msg_type, "?"))),
-                ("allow ip", self.allow_ip), ("access", self.access_text())]
+                ("allow ip", self.allow_ip)]
+        rows.append(("command", self.command) if self.msg_type == MSG_COMMAND
+                    else ("access", self.access_text()))
         if self.nat_access is not None:
             rows.append(("nat access", self.nat_access))
         if self.msg_type in TIMEOUT_TYPES:
@@ -338,8 +343,11 @@ def parse_plaintext(plaintext):
         raise Reject("message has no allow IP")
     if not _is_ipv4(allow_ip):
         raise Reject("allow IP %r is not an IPv4 address" % allow_ip[:16])
+    command = None
     if msg_type == MSG_COMMAND:
-        access = []
+        access, command = [], spec
+        if not command:
+            raise Reject("command message without a command")
     else:
         if spec != spec.lower():
             raise Reject("access %r is not lower case" % spec[:40])
@@ -347,9 +355,8 @@ def parse_plaintext(plaintext):
             access = parse_access(spec)
         except ValueError as e:
             raise Reject(str(e))
-    msg = Message(username, allow_ip, access, client_timeout, int(stamp), rand, version,
-                  msg_type, nat_access, server_auth, digest_type)
-    return msg
+    return Message(username, allow_ip, access, client_timeout, int(stamp), rand, version,
+                   msg_type, nat_access, server_auth, digest_type, command)
 
 
 def _is_ipv4(text):
@@ -620,6 +627,18 @@ class Stanza(object):
             if get("access_expire") else None
         # NAT access needs the stanza's consent and the server's ([server] enable_forwarding,
         # enable_local_nat).
+        # Command messages run a command without a shell, as an unprivileged user.
+        self.enable_cmd_exec = parse_bool(get("enable_cmd_exec") or "no", where + ": enable_cmd_exec")
+        self.cmd_exec_user = get("cmd_exec_user") or None
+        if self.enable_cmd_exec:
+            import pwd
+            try:
+                user = pwd.getpwnam(self.cmd_exec_user or "")
+            except KeyError:
+                raise SpaError("%s: enable_cmd_exec needs cmd_exec_user, an existing "
+                               "unprivileged user" % where)
+            if user.pw_uid == 0:
+                raise SpaError("%s: cmd_exec_user must not be root" % where)
         self.enable_nat = parse_bool(get("enable_nat") or "no", where + ": enable_nat")
         self.nat_forward = self.enable_nat and forwarding
         self.nat_local = self.enable_nat and local_nat
@@ -641,7 +660,12 @@ class Stanza(object):
             raise Reject("the stanza expired on %s (access_expire)"
                          % time.strftime("%Y-%m-%d", time.localtime(self.access_expire)))
         if msg.msg_type == MSG_COMMAND:
-            raise Reject("message type 0 (command) is not supported: spa.py runs no commands")
+            if not self.enable_cmd_exec:
+                raise Reject("message type 0 (command) refused: enable_cmd_exec is off for "
+                             "this stanza")
+            if self.require_username is not None and msg.username != self.require_username:
+                raise Reject("username %r is not the required one" % msg.username)
+            return (source if msg.allow_ip == "0.0.0.0" else msg.allow_ip), 0, None
         nat = self._nat(msg) if msg.msg_type in NAT_TYPES else None
         if msg.allow_ip == "0.0.0.0":
             if self.require_source_address:
@@ -685,7 +709,8 @@ class Stanza(object):
 
 
 STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
-                  "restrict_ports", "access_expire", "enable_nat",
+                  "restrict_ports", "access_expire", "enable_nat", "enable_cmd_exec",
+                  "cmd_exec_user",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address"}
 FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
@@ -771,8 +796,9 @@ ACCESS_CONF_NAMES = {
     "REQUIRE_SOURCE_ADDRESS": "require_source_address", "REQUIRE_SOURCE": "require_source_address",
     "ACCESS_EXPIRE": "access_expire", "ACCESS_EXPIRE_EPOCH": "access_expire",
 }
-# Settings that only matter for command messages, which spa.py never runs.
-ACCESS_CONF_CMD = {"CMD_EXEC_USER", "CMD_EXEC_GROUP", "CMD_SUDO_EXEC_USER", "CMD_SUDO_EXEC_GROUP"}
+# Settings of command messages that spa.py has no use for: it never uses sudo, and runs a
+# command with the user's own group.
+ACCESS_CONF_CMD = {"CMD_EXEC_GROUP", "CMD_SUDO_EXEC_USER", "CMD_SUDO_EXEC_GROUP"}
 
 
 def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
@@ -815,10 +841,14 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
                 options[ACCESS_CONF_NAMES[var]] = value
             elif var.startswith("GPG_"):
                 gpg = True
-            elif var in ("ENABLE_CMD_EXEC", "ENABLE_CMD_SUDO_EXEC"):
+            elif var == "ENABLE_CMD_EXEC":
+                options["enable_cmd_exec"] = "yes" if value[:1].upper() == "Y" else "no"
+            elif var == "CMD_EXEC_USER":
+                options["cmd_exec_user"] = value
+            elif var == "ENABLE_CMD_SUDO_EXEC":
                 if value[:1].upper() == "Y":
-                    notes.append("%s: %s is not honoured: command messages are refused"
-                                 % (name, var))
+                    notes.append("%s: ENABLE_CMD_SUDO_EXEC is not honoured: spa.py uses no sudo"
+                                 % name)
             elif var not in ACCESS_CONF_CMD:
                 problems.append(var)
         if not options.get("key_base64") and not options.get("key"):
@@ -827,6 +857,10 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
             notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
         if not options.get("hmac_key_base64") and not options.get("hmac_key"):
             problems.append("packets without an HMAC")
+        if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
+            options["enable_cmd_exec"] = "no"     # fwknopd would run them as root: never
+            notes.append("%s: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER: spa.py "
+                         "never runs commands as root" % name)
         if problems:
             notes.append("%s: stanza left out: spa.py does not support %s"
                          % (name, ", ".join(problems)))
@@ -1973,6 +2007,7 @@ class Gatekeeper(object):
     def __init__(self, config, firewall, replay, log):
         self.config, self.firewall, self.replay, self.log = config, firewall, replay, log
         self.stanzas = {s.name: s for s in config.stanzas}
+        self.commands = []     # (process, command, start) of command messages still running
 
     def record(self, key, stamp, now=None):
         """Remember an authenticated packet (fsync'd); False if it was seen before."""
@@ -1991,6 +2026,8 @@ class Gatekeeper(object):
         import ipaddress
         now = time.time() if now is None else now
         stanza = self.stanzas.get(g.get("stanza"))
+        if g.get("command") is not None:
+            return self.run_command_message(stanza, g, now)
         try:
             access = [(str(p), int(n)) for p, n in g["access"]]
             timeout = int(g["timeout"])
@@ -2029,6 +2066,65 @@ class Gatekeeper(object):
                       timeout, " (test mode: firewall unchanged)"
                       if isinstance(self.firewall, DryRunFirewall) else "")
         return True
+
+    def run_command_message(self, stanza, g, now):
+        """Start the command of a type 0 message: no shell, as the stanza's cmd_exec_user."""
+        import pwd
+        import shlex
+        import subprocess
+        command = g.get("command")
+        if stanza is None or not stanza.enable_cmd_exec or not isinstance(command, str):
+            self.log.error("refused a command request from the packet reader outside the "
+                           "policy of [client %s]", g.get("stanza"))
+            return False
+        if not self.record(g.get("key"), g.get("stamp", 0), now):
+            self.log.error("refused a request from the packet reader for a packet seen before")
+            return False
+        try:
+            argv = shlex.split(command)
+            user = pwd.getpwnam(stanza.cmd_exec_user)
+        except (ValueError, KeyError) as e:
+            self.log.error("command from %s [client %s] not run: %s", g.get("source"),
+                           stanza.name, e)
+            return False
+        if isinstance(self.firewall, DryRunFirewall) or not argv:
+            self.log.info("accepted command from %s [client %s]: %r not run (test mode)",
+                          g.get("source"), stanza.name, command)
+            return True
+
+        def become_user():
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
+                                    preexec_fn=become_user, env={"PATH": "/usr/bin:/bin"})
+        except OSError as e:
+            self.log.error("command from %s [client %s] as %s failed to start: %s",
+                           g.get("source"), stanza.name, user.pw_name, e.strerror)
+            return False
+        self.log.info("accepted command from %s [client %s] user %s: running %r as %s (pid %d)",
+                      g.get("source"), stanza.name, g.get("user"), command, user.pw_name,
+                      proc.pid)
+        self.commands.append((proc, command, time.monotonic()))
+        return True
+
+    def reap_commands(self, limit=60.0):
+        """Log how finished commands ended; stop those that run longer than `limit` seconds."""
+        running = []
+        for proc, command, started in self.commands:
+            status = proc.poll()
+            if status is None and time.monotonic() - started > limit:
+                proc.kill()
+                status = proc.wait()
+                self.log.warning("command %r ran over %d s: killed", command, limit)
+            if status is None:
+                running.append((proc, command, started))
+            else:
+                self.log.info("command %r (pid %d) exited with status %d", command, proc.pid,
+                              status)
+        self.commands = running
 
     @staticmethod
     def _nat_allowed(stanza, access, address, nat):
@@ -2096,7 +2192,8 @@ class Reader(object):
         self.seen.add(d.replay_key, msg.timestamp, now)
         self.gate.grant({"key": d.replay_key, "stamp": msg.timestamp, "source": source,
                          "address": d.allow_ip, "access": msg.access, "timeout": d.timeout,
-                         "stanza": d.stanza.name, "user": msg.username, "nat": d.nat}, now)
+                         "stanza": d.stanza.name, "user": msg.username, "nat": d.nat,
+                         "command": msg.command}, now)
         return d
 
     def stats(self):
@@ -2346,6 +2443,7 @@ class Supervisor(object):
                 if getattr(self, "waiting", None) and self.open_captures():
                     self._restart()     # a reader for the interfaces that are back
                 firewall.expire()
+                self.gate.reap_commands()
                 if time.monotonic() >= next_check:     # in case the monitor missed something
                     next_check = time.monotonic() + every
                     firewall.restore()
@@ -2544,7 +2642,8 @@ def check_config_main(args):
 
 CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip", "fw_timeout",
                   "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",
-                  "key", "hmac_key", "resolve_url", "nat_access", "nat_local", "nat_port"}
+                  "key", "hmac_key", "resolve_url", "nat_access", "nat_local", "nat_port",
+                  "server_cmd"}
 
 # ~/.fwknoprc variable -> our option name.  Values carry over as they are, but for
 # ALLOW_IP, whose "source" and "resolve" stand for -s and -R.
@@ -2692,10 +2791,10 @@ def build_packet(opts, now=None):
     key, hmac_key, hmac_type, mode = parse_keys(get, where)
     if not opts.get("destination"):
         raise SpaError("no destination: give -D HOST or destination = HOST in the config section")
-    if not opts.get("access"):
+    if not opts.get("access") and not opts.get("server_cmd"):
         raise SpaError("no ports to open: give -A tcp/22 or access = tcp/22")
     try:
-        access = parse_access(opts["access"])
+        access = parse_access(opts["access"]) if opts.get("access") else []
     except ValueError as e:
         raise SpaError(str(e))
     source_ip = opts.get("source_ip")
@@ -2712,12 +2811,17 @@ def build_packet(opts, now=None):
                        "leave it out (-s) to open for the address the packet comes from" % allow_ip)
     timeout = parse_int(str(opts.get("fw_timeout") or 0), "fw_timeout", 0, 65535)
     msg_type, nat_access, access = nat_request(opts, access, timeout)
+    command = opts.get("server_cmd")
+    if command:
+        if nat_access:
+            raise SpaError("a command message cannot also ask for NAT access")
+        msg_type, access = MSG_COMMAND, []
     user = opts.get("user") or login_name()
     if not _valid_username(user) or len(user.encode()) > 48:
         raise SpaError("user %r: up to 48 characters, without any of %s"
                        % (user, "".join(sorted(USERNAME_FORBIDDEN))))
     msg = Message(user, allow_ip, access, timeout, msg_type=msg_type, nat_access=nat_access,
-                  timestamp=int(time.time() if now is None else now))
+                  timestamp=int(time.time() if now is None else now), command=command)
     wire = seal(msg.encode(), key, hmac_key, hmac_type, mode)
     if len(wire) > MAX_WIRE_LEN:
         raise SpaError("the packet would be %d characters; fwknop servers accept at most %d: "
@@ -3228,6 +3332,8 @@ def build_parser():
                    help="ask the server to forward --nat-port to the -A port on itself")
     c.add_argument("--nat-port", dest="nat_port", metavar="PORT",
                    help="with --nat-local: the port to connect to (default: the -A port)")
+    c.add_argument("-C", "--server-cmd", dest="server_cmd", metavar="COMMAND",
+                   help="ask the server to run this command (a stanza must allow it)")
     c.add_argument("-f", "--fw-timeout", dest="fw_timeout", metavar="SECONDS",
                    help="ask for this many seconds (the server caps it)")
     c.add_argument("-U", "--user", metavar="NAME", help="username to send (default: login name)")

@@ -353,7 +353,7 @@ def bad_field_cases():
         ("message type -1", f(mtype="-1"), "unknown message type"),
         ("message type x", f(mtype="x"), "unknown message type"),
         ("message type 0 (command)", f(mtype="0", message="0.0.0.0,echo hi"),
-         "message type 0 (command) is not supported"),
+         "message type 0 (command) refused: enable_cmd_exec is off"),
         ("message type 2 (NAT)", f(mtype="2", extra=[b64("198.18.0.9,22")]), "refused: enable_nat is off"),
         ("message type 2 without NAT field", f(mtype="2"), "without its NAT field"),
         ("message type 5 (local NAT)", f(mtype="5", extra=[b64("198.18.0.9,22")]),

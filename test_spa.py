@@ -132,7 +132,7 @@ DEFAULT_OUTCOME = {
     "nat_access_client_timeout": "message type 4 (NAT access with timeout) refused: enable_nat",
     "local_nat": "message type 5 (local NAT access) refused: enable_nat is off",
     "local_nat_client_timeout": "message type 6 (local NAT access with timeout) refused",
-    "command_msg": "message type 0 (command) is not supported",
+    "command_msg": "message type 0 (command) refused: enable_cmd_exec is off",
     "mode_ctr": "decryption failed", "mode_cfb": "decryption failed",
     "mode_ofb": "decryption failed", "mode_ecb": "decryption failed",
     "long_multi_port_over_400": "length 567 outside 140-399",
@@ -1229,7 +1229,7 @@ SOURCE              ANY
 KEY_BASE64          {key}
 HMAC_KEY_BASE64     {other}
 ENABLE_CMD_EXEC     Y
-CMD_EXEC_USER       nobody
+ENABLE_CMD_SUDO_EXEC Y
 RESTRICT_PORTS      tcp/23
 ACCESS_EXPIRE       01/01/2020
 """
@@ -1247,7 +1247,9 @@ def test_fwknopd_access_conf_is_read(tmp_path):
     assert "access.conf:%d: stanza left out: spa.py does not support DESTINATION" % lines[1] in notes
     assert "access.conf:%d: stanza left out: spa.py does not support GnuPG-only stanzas" \
         % lines[2] in notes
-    assert "access.conf:%d: ENABLE_CMD_EXEC is not honoured" % lines[3] in notes
+    assert "access.conf:%d: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER" % lines[3] in notes
+    assert "access.conf:%d: ENABLE_CMD_SUDO_EXEC is not honoured" % lines[3] in notes
+    assert not config.stanzas[2].enable_cmd_exec
     fw = config.stanzas[1]
     assert fw.open_ports == {("tcp", 22), ("tcp", 8022)} and fw.fw_access_timeout == 7
     d = decide(config, knock([("tcp", 22)]))
@@ -1666,3 +1668,29 @@ def test_nat_access_through_a_default_drop_forward_chain(tmp_path):
                          "-N", "%s:2222" % Lab.cli4(2), "--key-base64", KEY,
                          "--hmac-key-base64", HMAC_KEY])
         assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), 5022, 1.0) is not None
+
+
+def test_command_messages_run_without_a_shell_as_the_stanza_user(tmp_path):
+    """fwknop's type 0: off by default; when a stanza allows it, the command runs split into
+    arguments (no shell) as cmd_exec_user, and its exit status is logged."""
+    need_nft()
+    with pytest.raises(spa.SpaError, match="cmd_exec_user must not be root"):
+        server_config(tmp_path, {"a": {"enable_cmd_exec": "yes", "cmd_exec_user": "root"}})
+    with Lab(clients=1, prefix="spa") as lab:
+        server = start_server(lab, tmp_path, {"alice": {"enable_cmd_exec": "yes",
+                                                        "cmd_exec_user": "nobody"}})
+        for command in ("/usr/bin/test -w /root", "/bin/true", "/bin/echo $HOME; /bin/false"):
+            lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-C", command,
+                             "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY])
+            wait_for_line(server, r"command %s \(pid \d+\) exited with status" % re.escape(repr(command)), 5)
+        text = server.log.text()
+        assert "'/usr/bin/test -w /root' (pid" in text and "as nobody" in text
+        assert re.search(r"'/usr/bin/test -w /root' \(pid \d+\) exited with status 1", text)  # not root
+        assert re.search(r"'/bin/true' \(pid \d+\) exited with status 0", text)
+        # No shell: "$HOME; /bin/false" are just arguments to echo, which succeeds.
+        assert re.search(r"'/bin/echo \$HOME; /bin/false' \(pid \d+\) exited with status 0", text)
+    with Lab(clients=1, prefix="spa") as lab:
+        server = start_server(lab, tmp_path)          # the default: refused
+        lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-C", "/bin/true",
+                         "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY])
+        wait_for_line(server, r"message type 0 \(command\) refused: enable_cmd_exec is off", 2)

@@ -1,0 +1,1231 @@
+#!/usr/bin/env python3
+"""bench_spa.py - benchmark spa.py's server against fwknopd on the same topology.
+
+Run it as root on any Linux box that has what setup.sh installs (nft, iptables,
+iproute2, Debian's fwknop-server and fwknop-client, hyperfine, pycryptodome):
+
+    python3 bench_spa.py                   # the full benchmark: about 6 minutes on 2 cores
+    python3 bench_spa.py --json out.json   # ... and save every raw number
+    python3 bench_spa.py --smoke           # a few knocks, ~1 s floods, tiny N: well under a minute
+
+It builds throwaway network namespaces (prefix "bench"; addresses only in
+198.18.0.0/15 and 2001:db8::/32), never touches the host's own network or
+firewall, kills only the processes it started and deletes its namespaces when it
+ends, also on Ctrl-C or SIGTERM.  A hard time budget (--budget, 590 s by default)
+stops it by itself; every flood is bounded by a packet count and by seconds.
+
+Topology (netns_lab.Lab with one client):
+
+    bench...-cli1  198.18.1.2 ---veth--- 198.18.1.1  bench...-srv
+                   + 198.19.0.0/16 is "local" here     route 198.19.0.0/16 via 198.18.1.2
+                     (an AnyIP route on lo), so the     a TCP service on 198.18.1.1:8022,
+                     benchmark can knock and connect    protected by the server under test
+                     from any address in it
+
+The two servers run one after the other, each in a freshly built, identical lab:
+
+  spa.py   `spa.py server` (interface = the server's veth, protect = tcp/8022, one
+           [client] stanza with the benchmark's keys, every other option default).
+  fwknopd  Debian's fwknopd 2.6.10 (pcap, iptables back end), its default
+           fwknopd.conf apart from PCAP_INTF; access.conf: SOURCE ANY with the same
+           keys.  The protected port is closed by an iptables REJECT (tcp-reset) rule
+           after an ESTABLISHED,RELATED accept; fwknopd puts its FWKNOP_INPUT jump first.
+
+Both accept the very same packets (fwknop's format, built in-process with spa.seal).
+Every valid knock comes from a fresh source address and asks to open tcp/8022 for
+its own address (allow IP 0.0.0.0).
+
+The figures (the table prints spa.py, fwknopd, their ratio spa.py/fwknopd, and
+spa.py's goal):
+
+  knock-to-open latency  Time from the client's sendto() of a knock to the first
+                         completed TCP connect to the protected service from the
+                         same address; connects are attempted every 1 ms (a fresh
+                         SYN each, non-blocking, several may be in flight).  60 knocks
+                         one after the other, each from a fresh address; median and
+                         p95 (nearest rank).
+  client cost            Wall time of one complete client run that builds and sends a
+                         packet, measured with hyperfine (30 runs, 3 warm-ups, no
+                         shell) inside the client namespace: `spa.py client` under
+                         Debian's /usr/bin/python3, and the `fwknop` client.
+  flood resistance       SPA-shaped garbage (base64 alphabet, the length of a real
+                         packet, 204 characters, so each one costs the server an HMAC)
+                         at 1k, 5k, 20k, 50k, 100k packets/s and at the sender's
+                         maximum, 15 s each, from one sender process (sendmmsg(2)) in
+                         the client namespace; 50 valid knocks from fresh addresses
+                         spread over each run.  Reported: % of the valid knocks whose
+                         port opened within 1 s (connects every 2 ms), the rate the
+                         sender achieved and the rate the server handled, the highest
+                         rate up to which 100% held, peak server RSS, log lines written.
+  garbage cost           A 5 s flood at the sender's maximum rate, no knocks: server
+                         CPU seconds divided by the packets it handled = microseconds
+                         per rejected packet; packets handled per second; packets that
+                         reached the server's interface but were dropped before the
+                         server read them.  Packets handled and drops: spa.py's SIGUSR1
+                         stats line; for fwknopd its log (one "SPA Packet from IP" line
+                         per packet it examines), drops estimated as arrived (the
+                         interface's rx counter) minus handled, as its pcap ring's drops
+                         cannot be read from outside.
+  scale                  N knocks from N distinct addresses sent in one burst (N = 10,
+                         100, 1000, 10000; each asks for 300 s so all stay open): how
+                         many got authorized (the server's "opened" log lines, which
+                         both write after the firewall change), how many were lost, the
+                         rate (authorized / time from the first send to the last
+                         authorization), and the firewall entries afterwards: those for
+                         this run's addresses (nft set elements / iptables rules in
+                         FWKNOP_INPUT), and all entries.
+  memory                 Server memory right after start, after all the floods (with
+                         the number of garbage packets handled by then) and while
+                         holding the scale test's authorizations; "growth" compares
+                         after the floods with after the latency knocks (when helper
+                         processes have started).
+
+"Server" always means the whole process tree: for spa.py its root process, packet
+reader and nft helpers; for fwknopd the daemon and any iptables it is running.  CPU
+is user+system of all of them (exited children included); RSS is summed over them
+(PSS, which does not count shared pages twice, is printed next to it).
+
+Limits: the sender, the server and this script share the machine's CPUs, so on a
+2-core box the flood's top rates measure a server that has about one core; the
+achieved sender rate is printed next to each result.  The scale waits are capped
+(60 s for N = 10000), so a slow server is reported with what it managed by then.
+"""
+
+import argparse
+import base64
+import ctypes
+import errno
+import ipaddress
+import json
+import math
+import os
+import random
+import re
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.abspath(__file__)
+SPA = os.path.join(HERE, "spa.py")
+sys.path.insert(0, HERE)
+
+import netns_lab   # noqa: E402  (stdlib only)
+import spa         # noqa: E402  (imports pycryptodome only when first used)
+
+PREFIX = "bench"                   # namespace prefix: bench<pid>x<n>-srv / -cli1
+SERVICE_PORT = 8022                # the protected TCP service
+KNOCK_PORT = 62201                 # both servers' default
+KNOCK_NET = "198.19.0.0/16"        # source addresses of knocks (inside 198.18.0.0/15)
+USER = "bench"
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+B64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+class Settings(object):
+    """How much of everything: the full benchmark, or --smoke."""
+
+    def __init__(self, smoke):
+        self.smoke = smoke
+        self.latency_knocks = 5 if smoke else 60
+        self.latency_window = 2.0          # give up on a knock after this long
+        self.latency_gap = 0.02            # pause between latency knocks
+        self.hyperfine_runs = 3 if smoke else 30
+        self.hyperfine_warmup = 1 if smoke else 3
+        self.flood_rates = [1000, 0] if smoke else [1000, 5000, 20000, 50000, 100000, 0]  # 0: max
+        self.flood_seconds = 1.0 if smoke else 15.0
+        self.flood_knocks = 3 if smoke else 50
+        self.flood_window = 1.0            # "opened within 1 s"
+        self.flood_poll = 0.002
+        self.garbage_seconds = 1.0 if smoke else 5.0
+        self.max_sender_pps = 2000000      # the count bound of a max-rate flood, per second
+        self.scale_ns = [10, 30] if smoke else [10, 100, 1000, 10000]
+        self.scale_stall = 3.0             # stop waiting after this long without progress
+        self.budget = 170 if smoke else 590
+        self.garbage_length = 204          # main() sets it to a real packet's length
+
+    def scale_deadline(self, n):
+        if self.smoke:
+            return 10.0
+        return 60.0 if n >= 10000 else 30.0
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+class BudgetExceeded(BaseException):
+    """The hard time budget ran out (SIGALRM); everything is cleaned up on the way out."""
+
+
+def percentile(values, p):
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100.0 * len(ordered)) - 1)]
+
+
+def log(msg, *args):
+    sys.stderr.write("[bench %6.1fs] %s\n" % (time.monotonic() - T_START, msg % args if args else msg))
+    sys.stderr.flush()
+
+
+T_START = time.monotonic()
+
+
+def process_tree(pid):
+    """`pid` and all its descendants, from /proc/*/stat."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def tree_cpu_seconds(pid):
+    """CPU (user + system) used by a process and all its descendants, reaped ones included."""
+    ticks = float(os.sysconf("SC_CLK_TCK"))
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open("/proc/%d/stat" % p) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15])    # utime stime cutime cstime
+    return total / ticks
+
+
+def tree_memory(pid):
+    """[(pid, command, RSS kB, PSS kB)] of a process and its descendants."""
+    out = []
+    for p in process_tree(pid):
+        try:
+            with open("/proc/%d/comm" % p) as f:
+                comm = f.read().strip()
+            rss = pss = 0
+            with open("/proc/%d/smaps_rollup" % p) as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss = int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss = int(line.split()[1])
+        except OSError:
+            continue
+        out.append((p, comm, rss, pss))
+    return out
+
+
+def tree_memory_kb(pid):
+    """(RSS summed over the process tree, PSS summed, number of processes)."""
+    procs = tree_memory(pid)
+    return sum(p[2] for p in procs), sum(p[3] for p in procs), len(procs)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def ns_call(nsname, fn, *args, timeout=120.0):
+    """Run fn(*args) in a daemon thread that has entered network namespace `nsname`.
+
+    Like netns_lab.in_netns, but with a caller-chosen timeout (the probes run for
+    many seconds) and as a daemon thread, so Ctrl-C never waits for it.
+    """
+    out = {}
+
+    def body():
+        try:
+            with open(os.path.join("/var/run/netns", nsname), "rb") as f:
+                if _libc.setns(f.fileno(), CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, "setns(%s): %s" % (nsname, os.strerror(err)))
+            out["result"] = fn(*args)
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=body, name="ns-" + nsname, daemon=True)
+    t.start()
+    t.join(timeout)
+    if "error" in out:
+        raise out["error"]
+    if "result" not in out:
+        raise TimeoutError("%r in %s did not finish in %s s" % (fn, nsname, timeout))
+    return out["result"]
+
+
+# ---------------------------------------------------------------------------
+# Packets
+# ---------------------------------------------------------------------------
+
+def make_knock(keys, client_timeout=0):
+    """One fresh valid packet (wire bytes) asking to open tcp/SERVICE_PORT for its source."""
+    msg = spa.Message(USER, "0.0.0.0", [("tcp", SERVICE_PORT)], client_timeout=client_timeout)
+    return spa.seal(msg.encode(), keys[0], keys[1])
+
+
+def garbage_pool(length, count, seed):
+    """SPA-shaped garbage: base64 characters, the length of a real packet."""
+    rng = random.Random(seed)
+    return [bytes(rng.choices(B64_CHARS, k=length)) for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------
+# Network work done inside the client namespace (run through ns_call)
+# ---------------------------------------------------------------------------
+
+def send_from(sock, src, wire, dst, port):
+    """Send one UDP datagram with source address `src` (any address of KNOCK_NET)."""
+    info = struct.pack("=I4s4s", 0, socket.inet_aton(src), b"\0\0\0\0")
+    sock.sendmsg([wire], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, (dst, port))
+
+
+def probe(knocks, dst, window, poll, sequential=False, gap=0.0):
+    """Send knocks and time until a TCP connect from each knock's address succeeds.
+
+    `knocks` is a list of (start offset in s, source address, wire).  Each knock
+    is sent at its offset (in `sequential` mode also only once the previous one
+    is finished, plus `gap`); from then on a fresh non-blocking connect from the
+    same address is started every `poll` seconds until one completes or
+    `window` seconds have passed.  Returns a list: seconds from send to the first
+    completed connect, or None.  Runs inside the client namespace.
+    """
+    sel = selectors.DefaultSelector()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    results = [None] * len(knocks)
+    active = {}                    # index -> [t_sent, next_attempt, {sockets}, src]
+    start = time.monotonic()
+    nxt, last_done = 0, start - gap
+    attempt_timeout = 0.25         # a lost SYN would wait 1 s for its retransmit: give up on it
+
+    def finish(i, value):
+        nonlocal last_done
+        st = active.pop(i)
+        for s in st[2]:
+            sel.unregister(s)
+            s.close()
+        results[i] = value
+        last_done = time.monotonic()
+
+    try:
+        while nxt < len(knocks) or active:
+            now = time.monotonic()
+            while nxt < len(knocks) and now >= start + knocks[nxt][0] and \
+                    (not sequential or (not active and now >= last_done + gap)):
+                _, src, wire = knocks[nxt]
+                t_sent = time.monotonic()
+                send_from(udp, src, wire, dst, KNOCK_PORT)
+                active[nxt] = [t_sent, t_sent, set(), src]
+                nxt += 1
+                now = time.monotonic()
+            for i, st in list(active.items()):
+                if now - st[0] > window:
+                    finish(i, None)
+                    continue
+                if now < st[1]:
+                    continue
+                st[1] = st[1] + poll if st[1] + poll > now else now + poll
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setblocking(False)
+                s.bind((st[3], 0))
+                err = s.connect_ex((dst, SERVICE_PORT))
+                if err == 0:
+                    s.close()
+                    finish(i, time.monotonic() - st[0])
+                elif err == errno.EINPROGRESS:
+                    sel.register(s, selectors.EVENT_WRITE, (i, now))
+                    st[2].add(s)
+                else:
+                    s.close()
+            # Give up on attempts whose SYN (or its answer) got lost.
+            for i, st in active.items():
+                for s in [s for s in st[2] if now - sel.get_key(s).data[1] > attempt_timeout]:
+                    sel.unregister(s)
+                    st[2].discard(s)
+                    s.close()
+            # Sleep until the next attempt or knock is due, or a connect finishes.
+            due = [st[1] for st in active.values()]
+            if nxt < len(knocks):
+                due.append(start + knocks[nxt][0] if not sequential or not active
+                           else now + poll)
+            timeout = max(0.0, min(due) - time.monotonic()) if due else 0.0
+            if not sel.get_map():
+                if timeout > 0:
+                    time.sleep(timeout)
+                continue
+            for key, _ in sel.select(timeout):
+                s = key.fileobj
+                i = key.data[0]
+                if i not in active or s not in active[i][2]:
+                    continue                       # its knock finished in this same batch
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err == 0:
+                    finish(i, time.monotonic() - active[i][0])
+                else:
+                    sel.unregister(s)
+                    active[i][2].discard(s)
+                    s.close()
+    finally:
+        for i in list(active):
+            finish(i, None)
+        udp.close()
+        sel.close()
+    return results
+
+
+def blast(items, dst, seconds=30.0):
+    """Send (source, wire) knocks as fast as one socket can; returns (t_first, t_last).
+
+    Bounded by the number of items and by `seconds`."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    t0 = time.monotonic()
+    try:
+        for src, wire in items:
+            if time.monotonic() - t0 > seconds:
+                break
+            for attempt in range(100):
+                try:
+                    send_from(udp, src, wire, dst, KNOCK_PORT)
+                    break
+                except (BlockingIOError, ConnectionRefusedError):
+                    time.sleep(0.0001)
+                except OSError as e:
+                    if e.errno != errno.ENOBUFS:
+                        raise
+                    time.sleep(0.0001)
+    finally:
+        udp.close()
+    return t0, time.monotonic()
+
+
+# ---------------------------------------------------------------------------
+# The flood sender: a separate process in the client namespace
+# ---------------------------------------------------------------------------
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                ("iov", ctypes.POINTER(_Iovec)), ("iovlen", ctypes.c_size_t),
+                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
+
+
+def mmsg_sender(sock, pool):
+    """send(first, n): n packets of the pool from index `first` (wrapping) in sendmmsg(2) calls,
+    which costs far less per packet than Python's send(); falls back to send() without it.
+    Returns (sent, errors)."""
+    try:
+        sendmmsg = _libc.sendmmsg
+    except AttributeError:
+        sendmmsg = None
+    size = len(pool)
+    if sendmmsg is None:
+        def send(first, n):
+            errors = 0
+            for i in range(first, first + n):
+                try:
+                    sock.send(pool[i % size])
+                except OSError:     # ICMP port unreachable reported back, ENOBUFS
+                    errors += 1
+            return n - errors, errors
+        return send
+    bufs = [ctypes.create_string_buffer(p, len(p)) for p in pool]
+    iovs = (_Iovec * size)(*[_Iovec(ctypes.cast(b, ctypes.c_void_p), len(p))
+                             for b, p in zip(bufs, pool)])
+    msgs = (_Mmsghdr * size)()
+    for j in range(size):
+        msgs[j].hdr.iov = ctypes.pointer(iovs[j])
+        msgs[j].hdr.iovlen = 1
+    fd, width = sock.fileno(), ctypes.sizeof(_Mmsghdr)
+
+    def send(first, n):
+        sent = errors = 0
+        while sent + errors < n:
+            i = (first + sent + errors) % size
+            vlen = min(n - sent - errors, size - i)
+            r = sendmmsg(fd, ctypes.byref(msgs, i * width), vlen, 0)
+            if r > 0:
+                sent += r
+            else:                   # the first message failed (e.g. an ICMP error): skip it
+                errors += 1
+        return sent, errors
+    send.keep = (bufs, iovs, msgs)
+    return send
+
+
+def flood_sender_main(params):
+    """`bench_spa.py _flood JSON`: send garbage at a rate (0 = as fast as possible).
+
+    Bounded twice: it stops after `seconds` or after `max_packets`, whichever
+    comes first.  Prints `flood-start` when it begins and `flood-done {json}`.
+    """
+    p = json.loads(params)
+    pool = garbage_pool(p["length"], 1024, p.get("seed", 1))
+    rate, seconds, max_packets = float(p["rate"]), float(p["seconds"]), int(p["max_packets"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    sock.connect((p["dst"], p["port"]))
+    send = mmsg_sender(sock, pool)
+    sent = errors = 0
+    print("flood-start", flush=True)
+    t0 = time.monotonic()
+    end = t0 + seconds
+    while sent + errors < max_packets:
+        now = time.monotonic()
+        if now >= end:
+            break
+        if rate > 0:
+            n = min(int((now - t0) * rate) - sent - errors, max_packets - sent - errors, 2000)
+            if n <= 0:
+                time.sleep(min(1.0 / rate, 0.001))
+                continue
+        else:
+            n = min(256, max_packets - sent - errors)
+        ok, bad = send(sent + errors, n)
+        sent += ok
+        errors += bad
+    elapsed = time.monotonic() - t0
+    print("flood-done " + json.dumps({"sent": sent, "errors": errors, "elapsed": elapsed,
+                                      "rate": sent / elapsed if elapsed > 0 else 0.0}), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The lab
+# ---------------------------------------------------------------------------
+
+class BenchLab(netns_lab.Lab):
+    """A netns_lab.Lab with one client, plus KNOCK_NET: local in the client, routed by the server."""
+
+    def __init__(self):
+        super().__init__(clients=1, prefix=PREFIX)
+        self.cli, self.srv = self.ns["cli1"], self.ns["srv"]
+        self.dst = self.srv4(1)
+        self.srv_iface = self.srv_if[1]
+        self._next = int(ipaddress.IPv4Address("198.19.1.1"))
+
+    def _build(self):
+        super()._build()
+        # The server answers KNOCK_NET through the client; the client owns all of it
+        # (an AnyIP "local" route), so a socket there can bind any of its addresses.
+        self._ip("-n", self.srv, "route", "add", KNOCK_NET, "via", self.cli4(1))
+        self._ip("-n", self.cli, "route", "add", "local", KNOCK_NET, "dev", "lo")
+
+    def rx_packets(self):
+        """Packets received on the server's interface so far (None if unreadable)."""
+        res = self.run("srv", ["ip", "-j", "-s", "link", "show", "dev", self.srv_iface], check=False)
+        try:
+            return int(json.loads(res.stdout)[0]["stats64"]["rx"]["packets"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+
+    def fresh(self, n):
+        """n source addresses never used before in this lab (no .0 or .255)."""
+        out = []
+        net = ipaddress.ip_network(KNOCK_NET)
+        while len(out) < n:
+            a = ipaddress.IPv4Address(self._next)
+            self._next += 1
+            if a not in net:
+                raise RuntimeError("ran out of knock addresses")
+            if a.packed[3] not in (0, 255):
+                out.append(str(a))
+        return out
+
+
+# ---------------------------------------------------------------------------
+# The servers under test
+# ---------------------------------------------------------------------------
+
+class LogCounter(object):
+    """Counts the lines of a LineLog matching a regex, incrementally."""
+
+    def __init__(self, linelog, pattern):
+        self.log, self.rx = linelog, re.compile(pattern)
+        self.index = self.n = 0
+
+    def count(self):
+        lines = self.log.lines
+        end = len(lines)
+        for j in range(self.index, end):
+            if self.rx.search(lines[j]):
+                self.n += 1
+        self.index = end
+        return self.n
+
+
+class Counters(object):
+    """One snapshot of a server: packets handled, kernel drops, CPU, memory, log size, and the
+    packets that arrived on the server's interface."""
+
+    def __init__(self, server, handled, drops):
+        self.t = time.monotonic()
+        self.handled, self.drops = handled, drops
+        self.cpu = tree_cpu_seconds(server.pid)
+        self.rss_kb, self.pss_kb, self.procs = tree_memory_kb(server.pid)
+        self.log_lines, self.log_bytes = server.log_size()
+        self.rx = server.lab.rx_packets()
+
+    def delta(self, before):
+        d = {"seconds": self.t - before.t, "handled": self.handled - before.handled,
+             "cpu_s": self.cpu - before.cpu, "log_lines": self.log_lines - before.log_lines,
+             "log_bytes": self.log_bytes - before.log_bytes, "rss_kb": self.rss_kb,
+             "pss_kb": self.pss_kb, "processes": self.procs,
+             "arrived": (self.rx - before.rx) if self.rx is not None and before.rx is not None
+             else None}
+        d["kernel_drops"] = (self.drops - before.drops
+                             if self.drops is not None and before.drops is not None else None)
+        return d
+
+
+class ServerUnderTest(object):
+    """Common parts: the process (tree), its log, counting its log lines."""
+
+    name = "?"
+    OPENED = None        # regex of the log line that says a knock opened the port
+    SKIP_LINES = None    # regex of our own probing lines, not counted as "log written"
+    POLL = 0.1           # how often settle() looks
+
+    def __init__(self, lab, tmpdir, keys):
+        self.lab, self.tmpdir, self.keys = lab, tmpdir, keys
+        self.proc = None
+        self._log_lines = 0
+        self._log_bytes = 0
+        self._log_index = 0
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log_size(self):
+        """(lines, bytes) the server has written so far, not counting stats lines we asked for."""
+        lines = self.proc.log.lines
+        end = len(lines)
+        for j in range(self._log_index, end):
+            if self.SKIP_LINES and re.search(self.SKIP_LINES, lines[j]):
+                continue
+            self._log_lines += 1
+            self._log_bytes += len(lines[j]) + 1
+        self._log_index = end
+        return self._log_lines, self._log_bytes
+
+    def opened_counter(self):
+        return LogCounter(self.proc.log, self.OPENED)
+
+    def memory(self):
+        """{"rss_kb", "pss_kb", "processes", "detail"} of the server's process tree."""
+        procs = tree_memory(self.pid)
+        return {"rss_kb": sum(p[2] for p in procs), "pss_kb": sum(p[3] for p in procs),
+                "processes": len(procs),
+                "detail": [{"pid": p[0], "command": p[1], "rss_kb": p[2], "pss_kb": p[3]}
+                           for p in procs]}
+
+    def settle(self, cap=12.0, quiet=0.4):
+        """Wait until the server has worked through its backlog (its count stops moving).
+
+        Returns (counters, time the count was last seen moving).
+        """
+        end = time.monotonic() + cap
+        last = self.counters()
+        moved = last.t
+        while time.monotonic() < end:
+            time.sleep(self.POLL)
+            now = self.counters()
+            if now.handled != last.handled:
+                moved, last = now.t, now
+            elif now.t - moved >= quiet:
+                return now, moved
+        return last, moved
+
+    def stop(self):
+        if self.proc is not None:
+            self.lab.stop_process(self.proc, grace=5.0)
+
+
+class SpaUnderTest(ServerUnderTest):
+    name = "spa.py"
+    OPENED = r"accepted packet from "
+    SKIP_LINES = r"stats: received"
+    STATS = r"stats: received (\d+)\b.*\bkernel drops (\d+)"
+
+    def start(self):
+        k, h = (base64.b64encode(x).decode() for x in self.keys)
+        conf = os.path.join(self.tmpdir, "spa.conf")
+        text = ("[server]\ninterface = %s\nport = %d\nprotect = tcp/%d\nreplay_cache = %s\n\n"
+                "[client bench]\nkey_base64 = %s\nhmac_key_base64 = %s\n"
+                % (self.lab.srv_iface, KNOCK_PORT, SERVICE_PORT,
+                   os.path.join(self.tmpdir, "replay.cache"), k, h))
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        self.proc = self.lab.spawn("srv", [sys.executable, SPA, "server", "-c", conf])
+        netns_lab.wait_for_line(self.proc, r"listening on", 30)
+        return self
+
+    def stats(self):
+        """(packets received, kernel drops) from the stats line SIGUSR1 makes it log."""
+        mark = self.proc.log.mark()
+        os.kill(self.pid, signal.SIGUSR1)
+        m = self.proc.log.wait(self.STATS, 10, since=mark)
+        return int(m.group(1)), int(m.group(2))
+
+    def counters(self):
+        received, drops = self.stats()
+        return Counters(self, received, drops)
+
+    def fw_addresses(self):
+        """Source addresses of the elements in spa.py's allow4 set (one per opening)."""
+        res = self.lab.run("srv", ["nft", "-j", "list", "set", "inet", "spa", "allow4"],
+                           check=False, timeout=60)
+        if res.returncode != 0:
+            return None
+        out = []
+        for item in json.loads(res.stdout)["nftables"]:
+            for elem in item.get("set", {}).get("elem", []):
+                e = elem.get("elem", elem) if isinstance(elem, dict) else elem
+                val = e.get("val", e) if isinstance(e, dict) else e
+                concat = val.get("concat") if isinstance(val, dict) else None
+                out.append(concat[0] if concat else str(val))
+        return out
+
+
+class FwknopdUnderTest(ServerUnderTest):
+    """fwknopd: packets handled = its "SPA Packet from IP" log lines (one per packet it
+    examines); its pcap ring's drops cannot be read from outside (they are not in
+    the socket's sk_drops), so kernel drops are estimated as packets that arrived on
+    the interface but were never handled."""
+
+    name = "fwknopd"
+    HANDLED = r"SPA Packet from IP: "
+
+    def start(self):
+        self.OPENED = netns_lab.FwknopdServer.RULE_ADDED
+        k, h = (base64.b64encode(x).decode() for x in self.keys)
+        for rule in (["-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
+                      "-j", "ACCEPT"],
+                     ["-A", "INPUT", "-p", "tcp", "--dport", str(SERVICE_PORT), "-j", "REJECT",
+                      "--reject-with", "tcp-reset"]):
+            self.lab.run("srv", ["iptables"] + rule)
+        self.server = netns_lab.FwknopdServer(
+            self.lab, "srv", self.lab.srv_iface,
+            {"SOURCE": "ANY", "KEY_BASE64": k, "HMAC_KEY_BASE64": h, "HMAC_DIGEST_TYPE": "sha256"},
+            self.tmpdir)
+        self.server.start(timeout=20)
+        self.proc = self.server.proc
+        self.handled = LogCounter(self.proc.log, self.HANDLED)
+        return self
+
+    def counters(self):
+        return Counters(self, self.handled.count(), None)
+
+    def fw_addresses(self):
+        """Source addresses of fwknopd's rules in FWKNOP_INPUT (one per opening)."""
+        return [m.group(1) for m in (re.search(r"-s (\S+?)(?:/32)? ", r) for r in self.server.rules())
+                if m]
+
+
+# ---------------------------------------------------------------------------
+# The figures
+# ---------------------------------------------------------------------------
+
+def measure_latency(lab, server, cfg):
+    srcs = lab.fresh(cfg.latency_knocks)
+    knocks = [(0.0, src, make_knock(server.keys)) for src in srcs]
+    timeout = cfg.latency_knocks * (cfg.latency_window + cfg.latency_gap + 0.05) + 10
+    res = ns_call(lab.cli, probe, knocks, lab.dst, cfg.latency_window, 0.001, True,
+                  cfg.latency_gap, timeout=timeout)
+    ms = [r * 1000 for r in res if r is not None]
+    out = {"knocks": len(res), "opened": len(ms), "latencies_ms": [None if r is None else r * 1000
+                                                                    for r in res]}
+    if ms:
+        out.update(median_ms=statistics.median(ms), p95_ms=percentile(ms, 95),
+                   min_ms=min(ms), max_ms=max(ms))
+    log("%s: knock-to-open median %s ms, p95 %s ms, %d/%d opened", server.name,
+        fmt(out.get("median_ms")), fmt(out.get("p95_ms")), len(ms), len(res))
+    return out
+
+
+def run_flood(lab, server, cfg, rate, seconds, knocks=()):
+    """One flood run (rate 0: as fast as the sender goes), with valid knocks probed during it.
+
+    The counters are read before the sender starts and again once the server has
+    worked through its backlog, so every packet it handled is in the numbers.
+    """
+    max_packets = int((rate if rate else cfg.max_sender_pps) * seconds * 1.05) + 10
+    params = {"dst": lab.dst, "port": KNOCK_PORT, "rate": rate, "seconds": seconds,
+              "max_packets": max_packets, "length": cfg.garbage_length, "seed": int(rate) + 1}
+    before = server.counters()
+    sender = lab.spawn("cli1", [sys.executable, BENCH, "_flood", json.dumps(params)])
+    sender.log.wait(r"^flood-start", 30)
+    t_start = time.monotonic()
+    probe_result = []
+    if knocks:
+        probe_result = ns_call(lab.cli, probe, list(knocks), lab.dst, cfg.flood_window,
+                               cfg.flood_poll, timeout=seconds + cfg.flood_window + 30)
+    m = sender.log.wait(r"^flood-done (.*)", seconds + 30)
+    sent = json.loads(m.group(1))
+    sender.wait(10)
+    peak = server.memory()
+    after, t_moved = server.settle()
+    d = after.delta(before)
+    d["rss_peak_kb"] = max(peak["rss_kb"], after.rss_kb)
+    d["sender"] = sent
+    d["offered_pps"] = rate or None
+    d["cpu_us_per_packet"] = d["cpu_s"] / d["handled"] * 1e6 if d["handled"] else None
+    busy = max(t_moved - t_start, sent["elapsed"])
+    d["handled_pps"] = d["handled"] / busy if busy > 0 else None
+    if d["kernel_drops"] is None and d["arrived"] is not None and not knocks:
+        # fwknopd: arrived on the interface but never handled (only garbage arrives here).
+        d["kernel_drops_estimated"] = True
+        d["kernel_drops"] = max(0, d["arrived"] - d["handled"])
+    if knocks:
+        opened = [r for r in probe_result if r is not None]
+        d["knocks"] = len(probe_result)
+        d["opened"] = len(opened)
+        d["opened_pct"] = 100.0 * len(opened) / len(probe_result)
+        d["opened_median_ms"] = statistics.median(opened) * 1000 if opened else None
+    return d
+
+
+def measure_flood(lab, server, cfg):
+    runs = []
+    for rate in cfg.flood_rates:
+        n = cfg.flood_knocks
+        span = max(cfg.flood_seconds - cfg.flood_window, cfg.flood_seconds / 2)
+        knocks = [(span * (i + 0.5) / n, src, make_knock(server.keys))
+                  for i, src in enumerate(lab.fresh(n))]
+        r = run_flood(lab, server, cfg, rate, cfg.flood_seconds, knocks)
+        runs.append(r)
+        log("%s: flood %s: sender %.0f pps, %d/%d knocks opened within %.0f s, server handled "
+            "%d (%s us CPU each), log +%d lines", server.name,
+            "max" if not rate else "%d pps" % rate, r["sender"]["rate"], r["opened"], r["knocks"],
+            cfg.flood_window, r["handled"], fmt(r["cpu_us_per_packet"]), r["log_lines"])
+    best = None
+    for r in runs:                      # highest rate up to which every knock opened
+        if r["opened_pct"] < 100:
+            break
+        best = r["offered_pps"] or r["sender"]["rate"]
+    return {"runs": runs, "highest_100pct_pps": best,
+            "rss_peak_kb": max(r["rss_peak_kb"] for r in runs),
+            "log_lines": sum(r["log_lines"] for r in runs),
+            "log_bytes": sum(r["log_bytes"] for r in runs)}
+
+
+def measure_garbage(lab, server, cfg):
+    r = run_flood(lab, server, cfg, 0, cfg.garbage_seconds)
+    arrived = r["arrived"]
+    r["drop_pct_of_arrived"] = (100.0 * r["kernel_drops"] / arrived
+                                if arrived and r["kernel_drops"] is not None else None)
+    log("%s: garbage: sender %.0f pps, %d sent, %s arrived; handled %d = %s/s, %s us CPU each; "
+        "kernel drops %s%s", server.name, r["sender"]["rate"], r["sender"]["sent"], arrived,
+        r["handled"], fmt(r["handled_pps"]), fmt(r["cpu_us_per_packet"]), r["kernel_drops"],
+        " (estimated)" if r.get("kernel_drops_estimated") else "")
+    return r
+
+
+def measure_scale(lab, server, cfg, budget):
+    out = []
+    for n in cfg.scale_ns:
+        srcs = lab.fresh(n)
+        items = [(src, make_knock(server.keys, client_timeout=300)) for src in srcs]
+        counter = server.opened_counter()
+        counter.count()
+        base = counter.n
+        before = server.counters()
+        t_first, t_sent = ns_call(lab.cli, blast, items, lab.dst, timeout=60)
+        deadline = t_first + min(cfg.scale_deadline(n), max(5.0, budget.left() - budget.reserve))
+        last_change, last_n, t_last_auth = time.monotonic(), 0, None
+        while True:
+            got = counter.count() - base
+            now = time.monotonic()
+            if got != last_n:
+                last_n, last_change, t_last_auth = got, now, now
+            if got >= n or now >= deadline or now - last_change >= cfg.scale_stall:
+                break
+            time.sleep(0.002)
+        after = server.counters()
+        d = after.delta(before)
+        if d["kernel_drops"] is None and d["arrived"] is not None:    # fwknopd: estimated
+            d["kernel_drops"] = max(0, d["arrived"] - d["handled"])
+        addresses = server.fw_addresses()
+        entries = None if addresses is None else len(addresses)
+        mine = None if addresses is None else len(set(srcs) & set(addresses))
+        r = {"n": n, "authorized": last_n, "lost": n - last_n,
+             "send_seconds": t_sent - t_first,
+             "seconds_to_last": (t_last_auth - t_first) if t_last_auth else None,
+             "rate_per_s": last_n / (t_last_auth - t_first) if t_last_auth and last_n else None,
+             "complete": last_n >= n, "hit_deadline": last_n < n and time.monotonic() >= deadline,
+             "handled": d["handled"], "arrived": d["arrived"], "kernel_drops": d["kernel_drops"],
+             "cpu_s": d["cpu_s"], "fw_entries": entries,
+             "fw_entries_of_this_run": mine,
+             "rss_kb": after.rss_kb, "pss_kb": after.pss_kb}
+        out.append(r)
+        log("%s: scale N=%d: %d authorized, %d lost, %s/s, last after %s s (sent in %s s); "
+            "firewall entries %s (%s of this run); server handled %s, kernel drops %s", server.name,
+            n, last_n, n - last_n, fmt(r["rate_per_s"]), fmt(r["seconds_to_last"]),
+            fmt(r["send_seconds"]), entries, mine, d["handled"], d["kernel_drops"])
+    return out
+
+
+def measure_client_cost(lab, cfg, keys, tmpdir):
+    """hyperfine inside the client namespace: spa.py client (Debian's python) vs fwknop."""
+    k, h = (base64.b64encode(x).decode() for x in keys)
+    python = "/usr/bin/python3"
+    note = "Debian's /usr/bin/python3"
+    check = subprocess.run([python, "-c", "import sys; sys.path.insert(0, %r); import spa; spa.aes_module()" % HERE],
+                           capture_output=True) if os.path.exists(python) else None
+    if check is None or check.returncode != 0:
+        python, note = sys.executable, "%s (no usable /usr/bin/python3 with pycryptodome)" % sys.executable
+    spa_cmd = "%s %s client -D %s -A tcp/%d --key-base64 %s --hmac-key-base64 %s -U %s" % (
+        python, SPA, lab.dst, SERVICE_PORT, k, h, USER)
+    fwknop_cmd = ("fwknop -D %s -A tcp/%d --key-base64-rijndael %s --key-base64-hmac %s --use-hmac "
+                  "-s --no-save-args --no-rc-file" % (lab.dst, SERVICE_PORT, k, h))
+    floor_cmd = "%s -c pass" % python
+    export = os.path.join(tmpdir, "hyperfine.json")
+    lab.run("cli1", ["hyperfine", "-N", "--style", "none", "--warmup", str(cfg.hyperfine_warmup),
+                     "--runs", str(cfg.hyperfine_runs), "--export-json", export,
+                     "-n", "spa.py", spa_cmd, "-n", "fwknop", fwknop_cmd, "-n", "python-floor",
+                     floor_cmd], timeout=300)
+    with open(export) as f:
+        results = {r["command"]: r for r in json.load(f)["results"]}
+
+    def summary(r):
+        return {"mean_ms": r["mean"] * 1000, "stddev_ms": (r.get("stddev") or 0) * 1000,
+                "median_ms": r["median"] * 1000, "min_ms": r["min"] * 1000,
+                "max_ms": r["max"] * 1000, "runs": len(r["times"])}
+    out = {"python": note, "spa.py": summary(results["spa.py"]),
+           "fwknopd": summary(results["fwknop"]), "python_floor": summary(results["python-floor"])}
+    log("client cost: spa.py client %.1f ms, fwknop %.1f ms (python -c pass: %.1f ms)",
+        out["spa.py"]["mean_ms"], out["fwknopd"]["mean_ms"], out["python_floor"]["mean_ms"])
+    return out
+
+
+class Budget(object):
+    def __init__(self, seconds, reserve):
+        self.end = time.monotonic() + seconds
+        self.reserve = reserve
+
+    def left(self):
+        return self.end - time.monotonic()
+
+
+def bench_server(kind, cfg, keys, budget, results, with_client_cost):
+    """Build a fresh lab, run one server in it and measure every figure."""
+    data = results["servers"].setdefault(kind.name, {})
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench_spa.") as tmpdir, BenchLab() as lab:
+        os.chmod(tmpdir, 0o700)
+        lab.tcp_service("srv", lab.dst, SERVICE_PORT)
+        if with_client_cost:
+            results["client_cost"] = measure_client_cost(lab, cfg, keys, tmpdir)
+        server = kind(lab, tmpdir, keys).start()
+        time.sleep(0.5)
+        data["memory_idle"] = server.memory()
+        log("%s: idle: RSS %d kB over %d processes (PSS %d kB)", kind.name,
+            data["memory_idle"]["rss_kb"], data["memory_idle"]["processes"],
+            data["memory_idle"]["pss_kb"])
+        data["latency"] = measure_latency(lab, server, cfg)
+        data["memory_warm"] = server.memory()      # after the first openings (helpers started)
+        data["flood"] = measure_flood(lab, server, cfg)
+        data["garbage"] = measure_garbage(lab, server, cfg)
+        data["handled_total"] = server.counters().handled
+        data["memory_after_floods"] = server.memory()
+        data["scale"] = measure_scale(lab, server, cfg, budget)
+        data["memory_holding"] = server.memory()
+        data["holding"] = data["scale"][-1]["fw_entries"] if data["scale"] else None
+        server.stop()
+        data["log_tail"] = server.proc.log.lines[-4:]
+    data["seconds"] = time.monotonic() - t0
+    log("%s: done in %.0f s", kind.name, data["seconds"])
+
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+
+def fmt(x, digits=None):
+    if x is None:
+        return "n/a"
+    if isinstance(x, int):
+        return str(x)
+    if digits is None:
+        digits = 0 if abs(x) >= 100 else (1 if abs(x) >= 10 else (2 if abs(x) >= 0.1 else 3))
+    return "%.*f" % (digits, x)
+
+
+def kpps(x):
+    if x is None:
+        return "n/a"
+    return "%.0fk" % (x / 1000.0) if x >= 10000 else "%.1fk" % (x / 1000.0)
+
+
+def get(d, *path):
+    for p in path:
+        if d is None:
+            return None
+        d = d[p] if isinstance(d, list) else d.get(p)
+    return d
+
+
+def build_rows(results, cfg):
+    """(figure, spa value, spa text, fwknopd value, fwknopd text, goal text) rows."""
+    S, F = results["servers"].get("spa.py", {}), results["servers"].get("fwknopd", {})
+    rows = []
+
+    def row(label, sv, fv, st=None, ft=None, goal=""):
+        rows.append((label, sv, fmt(sv) if st is None else st, fv, fmt(fv) if ft is None else ft,
+                     goal))
+
+    def check(ok, text):
+        return "%s: %s" % (text, "ok" if ok else "MISSED") if ok is not None else text
+
+    for key, label, goal in (("median_ms", "knock-to-open median (ms)", 2.0),
+                             ("p95_ms", "knock-to-open p95 (ms)", 5.0)):
+        sv, fv = get(S, "latency", key), get(F, "latency", key)
+        row(label, sv, fv, goal=check(None if sv is None else sv <= goal, "<= %g" % goal))
+    sv, fv = get(S, "latency", "opened"), get(F, "latency", "opened")
+    row("knock-to-open: knocks opened", sv, fv,
+        None if sv is None else "%d/%d" % (sv, get(S, "latency", "knocks")),
+        None if fv is None else "%d/%d" % (fv, get(F, "latency", "knocks")), goal="all")
+
+    cc = results.get("client_cost") or {}
+    sv, fv = get(cc, "spa.py", "mean_ms"), get(cc, "fwknopd", "mean_ms")
+    row("client cost, build+send (ms; fwknopd column: fwknop client)", sv, fv,
+        None if sv is None else "%s +- %s" % (fmt(sv), fmt(get(cc, "spa.py", "stddev_ms"))),
+        None if fv is None else "%s +- %s" % (fmt(fv), fmt(get(cc, "fwknopd", "stddev_ms"))),
+        goal=check(None if sv is None else sv <= 40, "<= 40"))
+
+    for i, rate in enumerate(cfg.flood_rates):
+        name = ("%s pps" % kpps(rate)) if rate else "max pps"
+        cells = []
+        for D in (S, F):
+            r = get(D, "flood", "runs", i) if len(get(D, "flood", "runs") or []) > i else None
+            if r is None:
+                cells.append((None, None))
+                continue
+            cells.append((r["opened_pct"], "%s%% (sent %s/s, handled %s/s)"
+                          % (fmt(r["opened_pct"], 0), kpps(r["sender"]["rate"]),
+                             kpps(r["handled_pps"]))))
+        row("flood %s: valid knocks opened <= 1 s" % name, cells[0][0], cells[1][0],
+            cells[0][1], cells[1][1], goal="100%")
+    sv, fv = get(S, "flood", "highest_100pct_pps"), get(F, "flood", "highest_100pct_pps")
+    row("flood: highest rate with 100% opened (pps)", sv, fv,
+        "none" if S.get("flood") and sv is None else None,
+        "none" if F.get("flood") and fv is None else None)
+    sv, fv = get(S, "flood", "rss_peak_kb"), get(F, "flood", "rss_peak_kb")
+    row("flood: peak server RSS (MB)", sv and sv / 1024.0, fv and fv / 1024.0)
+    sv, fv = get(S, "flood", "log_lines"), get(F, "flood", "log_lines")
+    row("flood: log lines written (all rates)", sv, fv,
+        None if sv is None else "%d (%s kB)" % (sv, fmt(get(S, "flood", "log_bytes") / 1024.0)),
+        None if fv is None else "%d (%s kB)" % (fv, fmt(get(F, "flood", "log_bytes") / 1024.0)))
+
+    sv, fv = get(S, "garbage", "cpu_us_per_packet"), get(F, "garbage", "cpu_us_per_packet")
+    row("garbage cost (us server CPU per packet)", sv, fv,
+        goal=check(None if sv is None else sv <= 5, "<= 5"))
+    sv, fv = get(S, "garbage", "handled_pps"), get(F, "garbage", "handled_pps")
+    row("garbage: packets handled per second", sv, fv,
+        None if sv is None else "%s (sent %s/s)" % (fmt(sv), kpps(get(S, "garbage", "sender", "rate"))),
+        None if fv is None else "%s (sent %s/s)" % (fmt(fv), kpps(get(F, "garbage", "sender", "rate"))))
+    cells = []
+    for D in (S, F):
+        d, pct = get(D, "garbage", "kernel_drops"), get(D, "garbage", "drop_pct_of_arrived")
+        est = " est." if get(D, "garbage", "kernel_drops_estimated") else ""
+        cells.append((d, None if d is None else "%d (%s%% of arrived%s)" % (d, fmt(pct, 0), est)))
+    row("garbage: kernel drops before the server read them", cells[0][0], cells[1][0],
+        cells[0][1], cells[1][1])
+
+    for i, n in enumerate(cfg.scale_ns):
+        rs = get(S, "scale", i) if len(S.get("scale") or []) > i else None
+        rf = get(F, "scale", i) if len(F.get("scale") or []) > i else None
+
+        def auth_text(r):
+            if r is None:
+                return None
+            extra = " (gave up waiting)" if r["hit_deadline"] else ""
+            return "%d/%d, %d lost%s" % (r["authorized"], r["n"], r["lost"], extra)
+
+        def entries_text(r):
+            if r is None or r["fw_entries"] is None:
+                return None
+            return "%s of this run (%d in all)" % (fmt(r["fw_entries_of_this_run"]), r["fw_entries"])
+        row("scale N=%d: authorized" % n, rs and rs["authorized"], rf and rf["authorized"],
+            auth_text(rs), auth_text(rf), goal=check(None if rs is None else rs["lost"] == 0, "all"))
+        row("scale N=%d: authorizations per second" % n, rs and rs["rate_per_s"],
+            rf and rf["rate_per_s"],
+            goal=check(None if rs is None or rs["rate_per_s"] is None
+                       else rs["rate_per_s"] >= 1000, ">= 1000"))
+        row("scale N=%d: firewall entries afterwards" % n, rs and rs["fw_entries_of_this_run"],
+            rf and rf["fw_entries_of_this_run"], entries_text(rs), entries_text(rf))
+
+    def mem(D, key):
+        m = D.get(key)
+        if not m:
+            return None, None
+        return m["rss_kb"] / 1024.0, "%s (%d proc%s, PSS %s)" % (
+            fmt(m["rss_kb"] / 1024.0), m["processes"], "" if m["processes"] == 1 else "s",
+            fmt(m["pss_kb"] / 1024.0))
+    for key, label, extra in (
+            ("memory_idle", "memory: RSS idle (MB)", None),
+            ("memory_after_floods", "memory: RSS after the floods (MB)", "handled_total"),
+            ("memory_holding", "memory: RSS holding the scale authorizations (MB)", "holding")):
+        (sv, st), (fv, ft) = mem(S, key), mem(F, key)
+        if extra:
+            what = "packets handled" if extra == "handled_total" else "held"
+            st = st and "%s; %s %s" % (st, fmt(S.get(extra)), what)
+            ft = ft and "%s; %s %s" % (ft, fmt(F.get(extra)), what)
+        row(label, sv, fv, st, ft, goal=check(None if sv is None else sv <= 20, "<= 20"))
+    growth = []
+    for D in (S, F):
+        a, b = mem(D, "memory_warm")[0], mem(D, "memory_after_floods")[0]
+        growth.append(None if a is None or b is None else b - a)
+    row("memory: RSS growth over the floods (MB, from after the latency knocks)", growth[0], growth[1],
+        goal=check(None if growth[0] is None else growth[0] <= 1.0, "none (<= 1)"))
+    return rows
+
+
+def ratio(sv, fv):
+    if not isinstance(sv, (int, float)) or not isinstance(fv, (int, float)) or not fv:
+        return "n/a"
+    return fmt(sv / float(fv), 3 if abs(sv / float(fv)) < 1 else None)
+
+
+def print_table(rows, results, out=sys.stdout):
+    table = [("figure", "spa.py", "fwknopd", "ratio spa.py/fwknopd", "goal for spa.py")]
+    table += [(label, st, ft, ratio(sv, fv), goal) for label, sv, st, fv, ft, goal in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(5)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    meta = results["meta"]
+    out.write("\nspa.py vs fwknopd (%s mode, %d CPUs, kernel %s, %.0f s in all)\n\n"
+              % ("smoke" if meta["smoke"] else "full", meta["cpus"], meta["kernel"],
+                 meta.get("total_seconds", 0)))
+    out.write(line(table[0]) + "\n")
+    out.write("|" + "|".join("-" * (w + 2) for w in widths) + "|\n")
+    for r in table[1:]:
+        out.write(line(r) + "\n")
+    cc = results.get("client_cost")
+    if cc:
+        out.write("\nclient cost: spa.py under %s; `python3 -c pass` alone takes %.1f ms there.\n"
+                  % (cc["python"], cc["python_floor"]["mean_ms"]))
+    out.flush()
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def preflight():
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("must run as root (it builds network namespaces)")
+    for tool in ("ip", "nft", "iptables", "fwknopd", "fwknop", "hyperfine", "ss"):
+        if shutil.which(tool) is None:
+            problems.append("%s is not installed (sh setup.sh installs everything)" % tool)
+    return problems
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_flood"]:
+        return flood_sender_main(argv[1])
+    p = argparse.ArgumentParser(description="Benchmark spa.py's server against fwknopd "
+                                "(run as root; see the docstring at the top).")
+    p.add_argument("--smoke", action="store_true", help="a quick run: a few knocks, ~1 s floods, tiny N")
+    p.add_argument("--json", metavar="FILE", help="save every raw number to FILE")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="hard time limit (default 590, or 170 with --smoke)")
+    p.add_argument("--servers", default="spa.py,fwknopd",
+                   help="which servers to run, in order (default spa.py,fwknopd)")
+    args = p.parse_args(argv)
+    cfg = Settings(args.smoke)
+    if args.budget:
+        cfg.budget = args.budget
+    problems = preflight()
+    if problems:
+        for problem in problems:
+            print("bench_spa.py: " + problem, file=sys.stderr)
+        return 2
+
+    try:
+        spa.aes_module()
+    except spa.SpaError as e:
+        print("bench_spa.py: %s" % e, file=sys.stderr)
+        return 2
+    netns_lab.sweep_stale(PREFIX)
+
+    keys = (os.urandom(32), os.urandom(64))
+    cfg.garbage_length = len(make_knock(keys))    # a real packet's length, 204
+    kinds = {"spa.py": SpaUnderTest, "fwknopd": FwknopdUnderTest}
+    order = [s.strip() for s in args.servers.split(",") if s.strip()]
+    for name in order:
+        if name not in kinds:
+            p.error("unknown server %r (spa.py, fwknopd)" % name)
+    results = {"meta": {"smoke": cfg.smoke, "cpus": os.cpu_count(), "kernel": os.uname().release,
+                        "python": sys.version.split()[0], "garbage_length": cfg.garbage_length,
+                        "flood_rates": cfg.flood_rates, "flood_seconds": cfg.flood_seconds,
+                        "scale_ns": cfg.scale_ns, "started": time.time()},
+               "servers": {}}
+    budget = Budget(cfg.budget, reserve=0.0)
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGALRM:
+            raise BudgetExceeded("the %.0f s time budget ran out" % cfg.budget)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGALRM, on_signal)
+    signal.setitimer(signal.ITIMER_REAL, cfg.budget)
+    status = 0
+    try:
+        for i, name in enumerate(order):
+            # Leave the later servers their share of the budget in the capped scale waits.
+            budget.reserve = 0.0 if i == len(order) - 1 else \
+                (60.0 if cfg.smoke else 240.0) * (len(order) - 1 - i)
+            log("=== %s ===", name)
+            bench_server(kinds[name], cfg, keys, budget, results, i == 0)
+    except BudgetExceeded as e:
+        log("stopped: %s; the table shows what was measured", e)
+        status = 3
+    except KeyboardInterrupt:
+        log("interrupted; namespaces removed")
+        status = 130
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    results["meta"]["total_seconds"] = time.monotonic() - T_START
+    rows = build_rows(results, cfg)
+    results["rows"] = [{"figure": r[0], "spa.py": r[1], "fwknopd": r[3], "ratio": ratio(r[1], r[3]),
+                        "spa.py_text": r[2], "fwknopd_text": r[4], "goal": r[5]} for r in rows]
+    print_table(rows, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+            f.write("\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

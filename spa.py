@@ -882,6 +882,11 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
 # Replay cache
 # ---------------------------------------------------------------------------
 
+def sync_file(fd):
+    """Make what was written durable: fdatasync where there is one (it skips timestamps)."""
+    getattr(os, "fdatasync", os.fsync)(fd)
+
+
 class ReplayCache(object):
     """The digests of every authenticated packet, kept durably in a file.
 
@@ -920,12 +925,18 @@ class ReplayCache(object):
 
     def add(self, digest, packet_time, now):
         """Record a digest; written and flushed to disk before the caller opens anything."""
-        self.entries[digest] = max(packet_time, int(now))
-        if self.file is not None:
-            self.file.write("%s %d %d\n" % (digest, packet_time, int(now)))
+        self.add_many([(digest, packet_time)], now)
+
+    def add_many(self, digests, now):
+        """Record [(digest, packet time)] with one write and one sync."""
+        for digest, packet_time in digests:
+            self.entries[digest] = max(packet_time, int(now))
+        if self.file is not None and digests:
+            self.file.write("".join("%s %d %d\n" % (digest, packet_time, int(now))
+                                    for digest, packet_time in digests))
             self.file.flush()
-            os.fsync(self.file.fileno())
-            self.lines += 1
+            sync_file(self.file.fileno())
+            self.lines += len(digests)
             if self.lines > 2 * len(self.entries) + 1000:
                 self.prune(now)
                 self.rewrite()
@@ -978,6 +989,16 @@ class ReplayCache(object):
 # Firewall back ends: setup(), open(), list(), flush()
 # ---------------------------------------------------------------------------
 
+def die_with_parent():
+    """In a child about to exec: get SIGKILL when the server dies, so that no `nft -i` or
+    `nft monitor` outlives a server killed with SIGKILL."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)          # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
 def run_command(argv, stdin=None):
     """Run an external command (argument list, never a shell); return stdout or raise SpaError."""
     import subprocess
@@ -1004,8 +1025,9 @@ class RulesetMonitor(object):
         import subprocess
         self.proc = subprocess.Popen(["nft", "monitor"], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     bufsize=0, close_fds=True)
+                                     bufsize=0, close_fds=True, preexec_fn=die_with_parent)
         os.set_blocking(self.proc.stdout.fileno(), False)
+        self.partial = b""       # nft writes an event in several pieces: keep a line's start
 
     def fileno(self):
         return self.proc.stdout.fileno()
@@ -1018,8 +1040,9 @@ class RulesetMonitor(object):
             data = b""
         if not data and self.proc.poll() is not None:
             return None
-        return any(line and not line.startswith(("add element", "delete element", "#"))
-                   for line in data.decode(errors="replace").splitlines())
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        return any(line and not line.startswith((b"add element", b"delete element", b"#"))
+                   for line in lines)
 
     def close(self):
         self.proc.kill()
@@ -1055,7 +1078,8 @@ class NftShell(object):
     def _start(self):
         import subprocess
         self.proc = subprocess.Popen(["nft", "-i"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, bufsize=0, close_fds=True)
+                                     stderr=subprocess.PIPE, bufsize=0, close_fds=True,
+                                     preexec_fn=die_with_parent)
         for f in (self.proc.stdout, self.proc.stderr):
             os.set_blocking(f.fileno(), False)
         out, err = self._exchange(self.SENTINEL + "\n", None)
@@ -1262,15 +1286,28 @@ class NftFirewall(object):
 
     def open(self, address, proto, port, timeout, now=None):
         """Open (address, proto, port) for `timeout` seconds; never shortens an opening."""
-        now = time.time() if now is None else now
+        return self.open_many([(address, proto, port, timeout)], now) == 1
+
+    def open_many(self, openings, now=None):
+        """Open [(address, proto, port, seconds)] in one nft transaction; returns how many
+        changed (an opening already in force for longer is left as it is)."""
         import ipaddress
-        address = str(ipaddress.ip_address(address))   # nothing but an address reaches nft
-        key = (address, proto, port)
-        if self.ends.get(key, 0) >= now + timeout:
-            return False
-        self.shell.run(self._element_commands(address, proto, port, timeout))
-        self.ends[key] = now + timeout
-        return True
+        now = time.time() if now is None else now
+        commands, changed = [], {}
+        for address, proto, port, timeout in openings:
+            address = str(ipaddress.ip_address(address))   # nothing but an address reaches nft
+            key = (address, proto, port)
+            end = max(self.ends.get(key, 0), changed.get(key, 0))
+            if end >= now + timeout:
+                continue
+            # Not open (as far as we know, and we know all since setup): one add is enough.
+            commands += self._element_commands(address, proto, port, timeout,
+                                               fresh=end <= now - 1 and key not in changed)
+            changed[key] = now + timeout
+        if commands:
+            self.shell.run(commands)
+            self.ends.update(changed)
+        return len(changed)
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
         """Forward (address, proto, port) to to_address:to_port for `timeout` seconds: to
@@ -1314,13 +1351,16 @@ class NftFirewall(object):
         timed = element % (" timeout %ds" % timeout)
         return ["add element " + timed, "delete element " + element % "", "add element " + timed]
 
-    def _element_commands(self, address, proto, port, timeout):
+    def _element_commands(self, address, proto, port, timeout, fresh=False):
+        """Commands that put an opening in every place; `fresh`: it is not there yet."""
         commands = []
         for family, table, v4, v6 in self.places:
             set_name = v6 if ":" in address else v4
             if set_name:
-                commands += self._refresh("%s %s %s { %s . %d . %d%%s }" % (
-                    family, table, set_name, address, PROTO_NUMBERS[proto], port), timeout)
+                element = "%s %s %s { %s . %d . %d%%s }" % (family, table, set_name, address,
+                                                           PROTO_NUMBERS[proto], port)
+                commands += ["add element " + element % (" timeout %ds" % timeout)] if fresh \
+                    else self._refresh(element, timeout)
         return commands
 
     def expire(self, now=None):
@@ -1584,6 +1624,11 @@ class IptablesFirewall(object):
         self.ends[key] = end
         return True
 
+    def open_many(self, openings, now=None):
+        """Open [(address, proto, port, seconds)]; returns how many changed."""
+        return sum(self.open(address, proto, port, timeout, now)
+                   for address, proto, port, timeout in openings)
+
     def close(self, address, proto, port):
         """Remove every opening of (address, proto, port) now; True if there was one."""
         import ipaddress
@@ -1781,6 +1826,10 @@ class DryRunFirewall(object):
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
         self.opened.append((address, proto, port, timeout, to_address, to_port, local))
         return True
+
+    def open_many(self, openings, now=None):
+        self.opened += openings
+        return len(openings)
 
     def list(self):
         return []
@@ -2011,24 +2060,71 @@ class Gatekeeper(object):
 
     def record(self, key, stamp, now=None):
         """Remember an authenticated packet (fsync'd); False if it was seen before."""
-        if not isinstance(key, str) or len(key) != 43 or key in self.replay:
-            return False
-        self.replay.add(key, int(stamp), time.time() if now is None else now)
-        return True
+        return self.serve([{"op": "record", "key": key, "stamp": stamp}], now) == [True]
 
     def grant(self, g, now=None):
-        """Open the firewall for an accepted packet, after checking the request itself.
+        """Open the firewall for one accepted packet; True when the firewall was changed."""
+        return self.serve([dict(g, op="grant")], now) == [True]
 
-        `g` is a dict: key, stamp, source, address, access [[proto, port]...],
-        timeout, stanza, user, nat (None or [address, port, local]).  Returns True
-        when the firewall was changed.
+    def serve(self, requests, now=None):
+        """Carry out a batch of the packet reader's requests, after checking each one.
+
+        A request is {"op": "record", key, stamp} for a packet that authenticated but
+        was refused, or {"op": "grant", key, stamp, source, address, access [[proto,
+        port]...], timeout, stanza, user, nat (None or [address, port, local]),
+        command}.  All digests are written with one fsync, before the firewall is
+        changed; all plain openings go to the firewall in one change.  Returns a
+        True/False a request.
         """
-        import ipaddress
         now = time.time() if now is None else now
-        stanza = self.stanzas.get(g.get("stanza"))
-        if g.get("command") is not None:
-            return self.run_command_message(stanza, g, now)
+        results, records, openings, grants = [], [], [], []
+        seen = set()
+        for request in requests:
+            g = self._check(request) if request.get("op") == "grant" else None
+            key = request.get("key")
+            fresh = isinstance(key, str) and len(key) == 43 and key not in self.replay \
+                and key not in seen
+            if request.get("op") == "grant" and g is not None and not fresh:
+                self.log.error("refused a request from the packet reader for a packet seen before")
+            ok = fresh and (request.get("op") == "record" or g is not None)
+            if ok:
+                seen.add(key)
+                try:
+                    records.append((key, int(request.get("stamp", 0))))
+                except (TypeError, ValueError):
+                    records.append((key, int(now)))
+                if g is not None:
+                    grants.append((len(results), g))
+                    if g["nat"] is None and g["command"] is None:
+                        openings += [(g["address"], proto, port, g["timeout"])
+                                     for proto, port in g["access"]]
+            results.append(ok and request.get("op") == "record")
+        if not records:
+            return results
+        self.replay.add_many(records, now)        # durable before anything opens
         try:
+            self.firewall.open_many(openings, now)
+            opened = True
+        except SpaError as e:
+            self.log.error("firewall change failed: %s", e)
+            opened = False
+        for index, g in grants:
+            results[index] = self._carry_out(g, now) if g["nat"] is not None or \
+                g["command"] is not None else opened
+            if results[index] and g["command"] is None:
+                self._log_grant(g)
+        return results
+
+    def _check(self, g):
+        """The request in checked form, or None (logged) if it is outside the policy."""
+        import ipaddress
+        stanza = self.stanzas.get(g.get("stanza"))
+        try:
+            command = g.get("command")
+            if command is not None:
+                if stanza is None or not stanza.enable_cmd_exec or not isinstance(command, str):
+                    raise LookupError()
+                return dict(g, stanza=stanza, nat=None, command=command)
             access = [(str(p), int(n)) for p, n in g["access"]]
             timeout = int(g["timeout"])
             address = str(ipaddress.ip_address(g["address"]))
@@ -2037,49 +2133,50 @@ class Gatekeeper(object):
                 nat = (str(ipaddress.ip_address(nat[0])), int(nat[1]), bool(nat[2]))
         except (KeyError, TypeError, ValueError, IndexError):
             self.log.error("refused a malformed request from the packet reader")
-            return False
+            return None
+        except LookupError:
+            stanza = None
+            access = []
         if stanza is None or not access or not set(access) <= stanza.open_ports \
                 or set(access) & stanza.restrict_ports \
                 or not 1 <= timeout <= max(stanza.max_fw_timeout, stanza.fw_access_timeout) \
+                or any(proto not in PROTO_NUMBERS or not 1 <= port <= 65535
+                       for proto, port in access) \
                 or (nat is not None and not self._nat_allowed(stanza, access, address, nat)):
             self.log.error("refused a request from the packet reader outside the policy of "
                            "[client %s]", g.get("stanza"))
-            return False
-        if not self.record(g.get("key"), g.get("stamp", 0), now):
-            self.log.error("refused a request from the packet reader for a packet seen before")
-            return False
+            return None
+        return dict(g, stanza=stanza, access=access, timeout=timeout, address=address, nat=nat,
+                    command=None)
+
+    def _carry_out(self, g, now):
+        """A NAT opening or a command: one at a time."""
+        if g["command"] is not None:
+            return self.run_command_message(g["stanza"], g, now)
+        (proto, port), (to_address, to_port, local) = g["access"][0], g["nat"]
         try:
-            if nat is None:
-                for proto, port in access:
-                    self.firewall.open(address, proto, port, timeout, now)
-            else:
-                (proto, port), (to_address, to_port, local) = access[0], nat
-                self.firewall.open_nat(address, proto, port, to_address, to_port, timeout, local,
-                                       now)
+            self.firewall.open_nat(g["address"], proto, port, to_address, to_port, g["timeout"],
+                                   local, now)
+            return True
         except SpaError as e:
-            self.log.error("firewall change failed for %s: %s", address, e)
+            self.log.error("firewall change failed for %s: %s", g["address"], e)
             return False
-        what = format_access(access) if nat is None else "%s forwarded to %s" % (
-            format_access(access), format_endpoint(nat[0], nat[1]))
+
+    def _log_grant(self, g):
+        nat = g["nat"]
+        what = format_access(g["access"]) if nat is None else "%s forwarded to %s" % (
+            format_access(g["access"]), format_endpoint(nat[0], nat[1]))
         self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s",
-                      g.get("source"), stanza.name, g.get("user"), what, address,
-                      timeout, " (test mode: firewall unchanged)"
+                      g.get("source"), g["stanza"].name, g.get("user"), what, g["address"],
+                      g["timeout"], " (test mode: firewall unchanged)"
                       if isinstance(self.firewall, DryRunFirewall) else "")
-        return True
 
     def run_command_message(self, stanza, g, now):
         """Start the command of a type 0 message: no shell, as the stanza's cmd_exec_user."""
         import pwd
         import shlex
         import subprocess
-        command = g.get("command")
-        if stanza is None or not stanza.enable_cmd_exec or not isinstance(command, str):
-            self.log.error("refused a command request from the packet reader outside the "
-                           "policy of [client %s]", g.get("stanza"))
-            return False
-        if not self.record(g.get("key"), g.get("stamp", 0), now):
-            self.log.error("refused a request from the packet reader for a packet seen before")
-            return False
+        command = g["command"]
         try:
             argv = shlex.split(command)
             user = pwd.getpwnam(stanza.cmd_exec_user)
@@ -2144,14 +2241,36 @@ class Gatekeeper(object):
 
 
 class GatePipe(object):
-    """The packet reader's handle on the gatekeeper in the parent: one JSON line a request."""
+    """The packet reader's handle on the gatekeeper in the parent: one JSON line a request.
+
+    Writes never block: what the pipe cannot take now waits here, so the reader goes on
+    draining its capture sockets while the parent is busy.
+    """
 
     def __init__(self, fd):
         self.fd = fd
+        self.pending = bytearray()
+        os.set_blocking(fd, False)
+        try:
+            import fcntl
+            fcntl.fcntl(fd, 1031, 1 << 20)          # F_SETPIPE_SZ: room for a burst
+        except (OSError, ImportError):
+            pass
 
     def _send(self, request):
         import json
-        os.write(self.fd, (json.dumps(request) + "\n").encode())
+        self.pending += (json.dumps(request) + "\n").encode()
+        self.flush()
+
+    def flush(self):
+        """Write what the pipe takes now; True when nothing is left waiting."""
+        while self.pending:
+            try:
+                written = os.write(self.fd, self.pending)
+            except BlockingIOError:
+                return False
+            del self.pending[:written]
+        return True
 
     def record(self, key, stamp, now=None):
         self._send({"op": "record", "key": key, "stamp": stamp})
@@ -2223,12 +2342,15 @@ class Reader(object):
             by_fd[sock.fileno()] = sock
         if parent_fd is not None:
             poller.register(parent_fd, 0)       # POLLERR: the parent has gone
+        waiting = False                         # requests the pipe could not take yet
         next_housekeeping = time.monotonic() + 10
         while True:
             wait = max(0, next_housekeeping - time.monotonic())
             for fd, event in poller.poll(wait * 1000):
                 sock = by_fd.get(fd)
                 if sock is None:
+                    if event & select.POLLOUT and not event & (select.POLLERR | select.POLLHUP):
+                        continue                # flushed below
                     return
                 if event & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                     raise CaptureLost()
@@ -2242,6 +2364,11 @@ class Reader(object):
                     source, payload = parse_frame(frame)
                     if source is not None:
                         self.handle(payload, source)
+            if parent_fd is not None and hasattr(self.gate, "flush"):
+                still = not self.gate.flush()
+                if still != waiting:
+                    poller.modify(parent_fd, select.POLLOUT if still else 0)
+                    waiting = still
             if time.monotonic() >= next_housekeeping:
                 next_housekeeping = time.monotonic() + 10
                 self.seen.prune(time.time())
@@ -2509,21 +2636,30 @@ class Supervisor(object):
             return True
         if not chunk:
             return False
+        while len(chunk) == 65536:                 # take all there is: one batch
+            try:
+                more = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            chunk += more
+            if not more:
+                break
         self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
         if len(self.buffer) > self.MAX_LINE:
             lines, self.buffer = [b"{}"], b""
+        requests = []
         for line in lines:
             try:
                 request = json.loads(line.decode())
-                op = request.pop("op")
-            except (ValueError, KeyError, AttributeError, TypeError):
+                if request.get("op") not in ("record", "grant"):
+                    raise ValueError(request)
+            except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
                 self.log.error("refused a malformed request from the packet reader")
                 continue
-            if op == "record":
-                self.gate.record(request.get("key"), request.get("stamp", 0))
-            elif op == "grant":
-                self.gate.grant(request)
+            requests.append(request)
+        if requests:
+            self.gate.serve(requests)
         return True
 
     def _reap(self):

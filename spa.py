@@ -1181,6 +1181,12 @@ class NftFirewall(object):
                  "add rule %s input ct state established,related accept" % t,
                  "add rule %s input ip saddr . meta l4proto . th dport @allow4 accept" % t,
                  "add rule %s input ip6 saddr . meta l4proto . th dport @allow6 accept" % t]
+        if self.nat:
+            # Local NAT: only connections a DNAT of ours rewrote, not the port itself.
+            chain += ["add rule %s input ct status dnat ip saddr . meta l4proto . th dport "
+                      "@lnat4 accept" % t,
+                      "add rule %s input ct status dnat ip6 saddr . meta l4proto . th dport "
+                      "@lnat6 accept" % t]
         for proto in ("tcp", "udp"):
             ports = sorted(p for pr, p in self.protect if pr == proto)
             if not ports:
@@ -1194,6 +1200,10 @@ class NftFirewall(object):
                      "inet_service; flags timeout; }" % t,
                      "add map %s dnat6 { type ipv6_addr . inet_proto . inet_service : ipv6_addr . "
                      "inet_service; flags timeout; }" % t,
+                     "add set %s lnat4 { type ipv4_addr . inet_proto . inet_service; "
+                     "flags timeout; }" % t,
+                     "add set %s lnat6 { type ipv6_addr . inet_proto . inet_service; "
+                     "flags timeout; }" % t,
                      "add set %s fwd4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; "
                      "flags timeout; }" % t,
                      "add set %s fwd6 { type ipv6_addr . ipv6_addr . inet_proto . inet_service; "
@@ -1323,9 +1333,6 @@ class NftFirewall(object):
         self.shell.run(self._nat_commands(address, proto, port, to_address, to_port, timeout,
                                           local))
         self.nat_ends[key] = (now + timeout, to_address, to_port, local)
-        if local:
-            self.ends[(address, proto, to_port)] = max(self.ends.get((address, proto, to_port), 0),
-                                                       now + timeout)
         return True
 
     def _nat_commands(self, address, proto, port, to_address, to_port, timeout, local):
@@ -1335,7 +1342,15 @@ class NftFirewall(object):
         timed = mapping % (" timeout %ds : %s . %d" % (timeout, to_address, to_port))
         commands = ["add element " + timed, "delete element " + mapping % "", "add element " + timed]
         if local:
-            return commands + self._element_commands(address, proto, to_port, timeout)
+            commands += self._refresh("inet %s %s { %s . %d . %d%%s }" % (
+                self.table, "lnat6" if six else "lnat4", address, PROTO_NUMBERS[proto], to_port),
+                timeout)
+            for family, table, v4, v6 in self.places[1:]:     # through default-drop chains
+                set_name = v6 if six else v4
+                if set_name:
+                    commands += self._refresh("%s %s %s { %s . %d . %d%%s }" % (
+                        family, table, set_name, address, PROTO_NUMBERS[proto], to_port), timeout)
+            return commands
         for family, table, v4, v6 in self.fwd_places:
             set_name = v6 if six else v4
             if set_name:
@@ -1430,8 +1445,19 @@ class NftFirewall(object):
         return result
 
     def list_nat(self):
-        """NAT openings in force: [(address, proto, port, to address, to port, seconds left)]."""
+        """NAT openings in force, read from the kernel:
+        [(address, proto, port, to address, to port, local, seconds left)]."""
         import json
+        local = set()
+        for name in ("lnat4", "lnat6"):
+            try:
+                out = run_command(["nft", "-j", "list", "set", "inet", self.table, name])
+            except SpaError:
+                continue
+            for item in json.loads(out)["nftables"]:
+                for elem in item.get("set", {}).get("elem", []):
+                    address, proto, port = elem["elem"]["val"]["concat"]
+                    local.add((address, proto, int(port)))
         result = []
         for name in ("dnat4", "dnat6"):
             try:
@@ -1446,6 +1472,7 @@ class NftFirewall(object):
                     if isinstance(proto, int):
                         proto = {6: "tcp", 17: "udp"}.get(proto, str(proto))
                     result.append((address, proto, int(port), to_address, int(to_port),
+                                   (address, proto, int(to_port)) in local,
                                    int(e.get("expires", 0))))
         return result
 
@@ -1473,6 +1500,13 @@ IPT_CHAIN = "SPA_INPUT"               # our own chain in the filter table, jumpe
 IPT_COMMENT = "spa expires "          # + the epoch second an opening ends (list, expire read it)
 IPT_WAIT = "10"                       # seconds to wait for the xtables lock before failing
 IPT_COMMANDS = ("iptables", "iptables-nft", "iptables-legacy")
+IPT_FORWARD_CHAIN = "SPA_FORWARD"         # filter table, jumped to from FORWARD
+IPT_NAT_CHAIN = "SPA_PREROUTING"          # nat table, jumped to from PREROUTING
+IPT_NAT_COMMENTS = {False: "spa nat expires ", True: "spa local nat expires "}   # by `local`
+IPT_ESTABLISHED = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
+FORWARDING_SYSCTLS = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+PROC_SYS = "/proc/sys/"
+LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
 
 class IptablesFirewall(object):
@@ -1493,7 +1527,7 @@ class IptablesFirewall(object):
 
     name = "iptables"
 
-    def __init__(self, protect, action="reject", log=None, command="iptables"):
+    def __init__(self, protect, action="reject", log=None, command="iptables", nat=False):
         if command not in IPT_COMMANDS:
             raise SpaError("firewall = %s: expected one of %s"
                            % (command, ", ".join(IPT_COMMANDS)))
@@ -1503,6 +1537,11 @@ class IptablesFirewall(object):
         # A kernel booted with ipv6.disable=1 has no ip6tables tables (and no IPv6 to guard).
         self.families = (4, 6) if os.path.isdir("/proc/sys/net/ipv6") else (4,)
         self.ends = {}         # (address, proto, port) -> epoch second the opening ends
+        self.nat = bool(nat)
+        self.nat_ends = {}     # (address, proto, port, to_address, to_port, local) -> end
+        # Families whose nat table works; setup() drops one that does not (a kernel or an
+        # OpenWrt build without IPv6 NAT), so that IPv4 NAT still works there.
+        self.nat_families = set(self.families) if self.nat else set()
 
     def _iptables(self, family, *args):
         return run_command([self.commands[family], "--wait=" + IPT_WAIT, "-t", "filter"]
@@ -1568,26 +1607,81 @@ class IptablesFirewall(object):
         return rules
 
     def setup(self):
-        """Create or rebuild our chain and its jump; openings in force survive, expired ones go."""
+        """Create or rebuild our chains and their jumps; openings in force (plain and NAT)
+        survive, expired ones go.  With nat=False, NAT chains left by an earlier run go."""
         now = time.time()
-        self.ends = {}
+        self.ends, self.nat_ends = {}, {}
         for family in self.families:
-            chains = self._chains(family)
-            for words in chains.get(IPT_CHAIN, []):
+            filt = self._table(family, "filter", ("INPUT", "FORWARD", IPT_CHAIN,
+                                                   IPT_FORWARD_CHAIN))
+            nat = None
+            if self.nat or self._nat_table_may_hold_ours(family, filt):
+                try:
+                    nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN))
+                except SpaError as e:
+                    if self.nat and self.log:
+                        self.log.warning("no NAT access over IPv%d: the nat table does not "
+                                         "work here (%s)", family, e)
+            use_nat = self.nat and nat is not None
+            if use_nat:
+                self.nat_families.add(family)
+            else:
+                self.nat_families.discard(family)
+
+            ends, nat_ends = {}, {}
+            for words in filt.get(IPT_CHAIN, []):
                 opening = _parse_opening(words)
                 if opening is not None and opening[3] > now:
-                    key = opening[:3]
-                    self.ends[key] = max(opening[3], self.ends.get(key, 0))
+                    ends[opening[:3]] = max(opening[3], ends.get(opening[:3], 0))
+            if use_nat:
+                # Either rule of a NAT opening brings back both (a reload may have taken one).
+                for words in (filt.get(IPT_CHAIN, []) + filt.get(IPT_FORWARD_CHAIN, [])
+                              + nat.get(IPT_NAT_CHAIN, [])):
+                    parsed = _parse_nat(words)
+                    if parsed is not None and parsed[1] > now:
+                        nat_ends[parsed[0]] = max(parsed[1], nat_ends.get(parsed[0], 0))
+                # One NAT opening per DNAT match (address, proto, port): the latest end wins.
+                latest = {}
+                for key, end in sorted(nat_ends.items(), key=lambda item: item[1]):
+                    latest[key[:3]] = (key, end)
+                nat_ends = dict(latest.values())
+            self.ends.update(ends)
+            self.nat_ends.update(nat_ends)
+
+            def newest_first(items):
+                return sorted(items, key=lambda item: (-item[1], item[0]))
+
             # `:CHAIN` creates our chain, or empties it when it exists (with --noflush).
-            lines = [":%s - [0:0]" % IPT_CHAIN]
-            lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(*key + (end,))))
-                      for key, end in sorted(self.ends.items()) if _family(key[0]) == family]
-            lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
-                      for rule in self._protect_rules(family)]
-            jumps = chains.get("INPUT", []).count(["-j", IPT_CHAIN])
-            if jumps != 1 or chains["INPUT"][0] != ["-j", IPT_CHAIN]:
-                lines += ["-D INPUT -j %s" % IPT_CHAIN] * jumps + ["-I INPUT 1 -j %s" % IPT_CHAIN]
-            self._restore(family, lines)
+            filter_lines = [":%s - [0:0]" % IPT_CHAIN]
+            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(*k + (e,))))
+                             for k, e in newest_first(ends.items())]
+            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._nat_accept_rule(k, e)))
+                             for k, e in newest_first(nat_ends.items()) if k[5]]
+            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
+                             for rule in self._protect_rules(family)]
+            filter_lines += self._jump_lines(filt, "INPUT", IPT_CHAIN)
+            nat_lines = []
+            if use_nat:
+                filter_lines.append(":%s - [0:0]" % IPT_FORWARD_CHAIN)
+                filter_lines += ["-A %s %s" % (IPT_FORWARD_CHAIN,
+                                               _restore_words(self._nat_accept_rule(k, e)))
+                                 for k, e in newest_first(nat_ends.items()) if not k[5]]
+                filter_lines.append("-A %s %s" % (IPT_FORWARD_CHAIN,
+                                                  _restore_words(IPT_ESTABLISHED)))
+                filter_lines += self._jump_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
+                nat_lines = [":%s - [0:0]" % IPT_NAT_CHAIN]
+                nat_lines += ["-A %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
+                              for k, e in newest_first(nat_ends.items())]
+                nat_lines += self._jump_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+                # The ACCEPTs before the DNATs that lead to them.
+                self._restore_tables(family, [("filter", filter_lines), ("nat", nat_lines)])
+            else:
+                # NAT off: what an earlier run with NAT on left goes, DNATs first.
+                filter_lines += self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
+                if nat is not None:
+                    nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+                self._restore_tables(family, [("nat", nat_lines), ("filter", filter_lines)])
+        self._warn_without_forwarding()
 
     def open(self, address, proto, port, timeout, now=None):
         """Open (address, proto, port) for `timeout` seconds; never shortens an opening.
@@ -1648,49 +1742,63 @@ class IptablesFirewall(object):
                 for address, proto, port, end, _ in self._openings(family) if end > now]
 
     def expire(self, now=None):
-        """Remove the opening rules whose end has passed; returns how many.
-
-        They stopped matching at their end already (xt_time); this only tidies them away.
-        The firewall is read only when an end known from open() or setup() has passed, so
-        the call is free otherwise.
-        """
+        """Remove the plain and NAT rules whose end has passed; returns how many rules (a NAT
+        opening is two).  They stopped matching at their end already (xt_time); this only
+        tidies.  The firewall is read only when a known end has passed."""
         now = time.time() if now is None else now
-        due = set(_family(key[0]) for key, end in self.ends.items() if end <= now)
+        due = set(_family(k[0]) for k, e in self.ends.items() if e <= now)
+        nat_due = set(_family(k[0]) for k, e in self.nat_ends.items() if e <= now)
         removed = 0
-        for family in sorted(due):
-            gone = [o[4] for o in self._openings(family) if o[3] <= now]
-            if gone:
-                self._restore(family, ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in gone])
-                removed += len(gone)
-            self.ends = {key: end for key, end in self.ends.items()
-                         if end > now or _family(key[0]) != family}
+        for family in sorted(due | nat_due):
+            plain = [o[4] for o in self._openings(family) if o[3] <= now] if family in due else []
+            rules = [r for r in self._nat_rules(family) if r[1] <= now] \
+                if family in nat_due else []
+            self._delete_nat(family, rules, plain)
+            removed += len(plain) + len(rules)
+            self.ends = {k: e for k, e in self.ends.items()
+                         if e > now or _family(k[0]) != family}
+            self.nat_ends = {k: e for k, e in self.nat_ends.items()
+                             if e > now or _family(k[0]) != family}
         if removed and self.log:
             self.log.info("removed %d expired opening rule%s", removed, "s" * (removed != 1))
         return removed
 
     def intact(self):
         for family in self.families:
-            chains = self._chains(family)
-            if not chains.get("INPUT") or chains["INPUT"][0] != ["-j", IPT_CHAIN] or \
-                    len(chains.get(IPT_CHAIN, [])) < 1 + len(self.protect):
+            filt = self._table(family, "filter", ("INPUT", "FORWARD", IPT_CHAIN,
+                                                   IPT_FORWARD_CHAIN))
+            if not filt.get("INPUT") or filt["INPUT"][0] != ["-j", IPT_CHAIN] or \
+                    len(filt.get(IPT_CHAIN, [])) < 1 + len(self.protect):
                 return False
+            if family in self.nat_families:
+                if not filt.get("FORWARD") or filt["FORWARD"][0] != ["-j", IPT_FORWARD_CHAIN] \
+                        or IPT_ESTABLISHED not in filt.get(IPT_FORWARD_CHAIN, []):
+                    return False
+                nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN))
+                if not nat.get("PREROUTING") or nat["PREROUTING"][0] != ["-j", IPT_NAT_CHAIN] \
+                        or IPT_NAT_CHAIN not in nat:
+                    return False
         return True
 
     def restore(self):
-        """Put back our chain, its jump and the openings in force, if something removed them
-        (iptables-restore of the host's rules, ufw reload)."""
+        """Put back our chains, their jumps and the openings (plain and NAT) in force, if
+        something removed them (iptables-restore of the host's rules, ufw reload)."""
         try:
             if self.intact():
                 return False
-            ends = dict(self.ends)
+            ends, nat_ends = dict(self.ends), dict(self.nat_ends)
             self.setup()
             now = time.time()
             alive = [(key, end) for key, end in ends.items() if end > now + 0.5]
             for (address, proto, port), end in alive:
                 self.open(address, proto, port, end - now, now)
+            nat_alive = [(key, end) for key, end in nat_ends.items()
+                         if end > now + 0.5 and _family(key[0]) in self.nat_families]
+            for key, end in sorted(nat_alive, key=lambda item: item[1]):
+                self._put_nat(key, end)
             if self.log:
-                self.log.warning("the firewall was changed under us (a reload?): restored chain "
-                                 "%s and %d opening(s) in force", IPT_CHAIN, len(alive))
+                self.log.warning("the firewall was changed under us (a reload?): restored our "
+                                 "chains and %d opening(s) in force", len(alive) + len(nat_alive))
             return True
         except SpaError as e:
             if self.log:
@@ -1698,22 +1806,249 @@ class IptablesFirewall(object):
             return False
 
     def flush(self):
-        """Remove our chain and the jumps to it: the protected ports are no longer kept dark."""
+        """Remove our chains and the jumps to them (NAT ones too, even with nat=False)."""
         removed = False
         for family in self.families:
             try:
-                chains = self._chains(family)
+                filt = self._table(family, "filter", ("INPUT", "FORWARD", IPT_CHAIN,
+                                                       IPT_FORWARD_CHAIN))
             except SpaError:
                 continue
-            jumps = chains.get("INPUT", []).count(["-j", IPT_CHAIN])
-            lines = ["-D INPUT -j %s" % IPT_CHAIN] * jumps
-            if IPT_CHAIN in chains:
-                lines += ["-F %s" % IPT_CHAIN, "-X %s" % IPT_CHAIN]
-            if lines:
-                self._restore(family, lines)
+            nat = {}
+            if self.nat or self._nat_table_may_hold_ours(family, filt):
+                try:
+                    nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN))
+                except SpaError:
+                    nat = {}
+            if self._restore_tables(family, [
+                    ("nat", self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)),
+                    ("filter", self._removal_lines(filt, "INPUT", IPT_CHAIN)
+                     + self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN))]):
                 removed = True
-        self.ends = {}
+        self.ends, self.nat_ends = {}, {}
         return removed
+
+    # -- NAT access (fwknop message types 2, 4, 5, 6) and any-table helpers -----------
+
+    def _ipt(self, family, table, *args):
+        return run_command([self.commands[family], "--wait=" + IPT_WAIT, "-t", table]
+                               + list(args))
+
+    def _restore_tables(self, family, sections):
+        """Apply [(table, lines)] in order in one iptables-restore --noflush run.
+
+        Each section is its own commit (atomic within its table, in the order given);
+        empty ones are left out.
+        """
+        text = "".join("*%s\n%sCOMMIT\n" % (table, "".join(line + "\n" for line in lines))
+                       for table, lines in sections if lines)
+        if text:
+            run_command([self.commands[family] + "-restore", "--wait=" + IPT_WAIT,
+                             "--noflush"], text)
+        return bool(text)
+
+    def _table(self, family, table, names):
+        """{chain: [rule as a word list]} of the chains `names` of `table` that exist (-S).
+
+        The same as _chains() for any table; the host's other chains are skipped unparsed.
+        """
+        import shlex
+        chains = {}
+        for line in self._ipt(family, table, "-S").splitlines():
+            words = line.split(None, 2)
+            if len(words) < 2 or words[0] not in ("-P", "-N", "-A") or words[1] not in names:
+                continue
+            rules = chains.setdefault(words[1], [])
+            if words[0] == "-A":
+                try:
+                    rules.append(shlex.split(line)[2:])
+                except ValueError:         # quoting shlex cannot read: not one of our rules
+                    rules.append(line.split()[2:])
+        return chains
+
+    def _nat_table_may_hold_ours(self, family, filter_chains):
+        """Whether to read the nat table when NAT is off: only when something of ours may be
+        there.  Listing the nat table with iptables-legacy creates it (and loads iptable_nat);
+        iptables-nft lists without creating anything."""
+        if IPT_FORWARD_CHAIN in filter_chains:
+            return True
+        try:
+            with open(LEGACY_TABLE_NAMES[family]) as f:
+                return "nat" in f.read().split()
+        except OSError:
+            return False
+
+    @staticmethod
+    def _nat_until(local, end):
+        stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
+        return ["-m", "time", "--datestop", stop,
+                "-m", "comment", "--comment", IPT_NAT_COMMENTS[local] + str(end)]
+
+    def _dnat_rule(self, key, end):
+        address, proto, port, to_address, to_port, local = key
+        target = ("[%s]:%d" if _family(to_address) == 6 else "%s:%d") % (to_address, to_port)
+        return (["-s", address, "-p", proto, "--dport", str(port)]
+                + self._nat_until(local, end) + ["-j", "DNAT", "--to-destination", target])
+
+    def _nat_accept_rule(self, key, end):
+        address, proto, port, to_address, to_port, local = key
+        return (["-s", address, "-d", to_address, "-p", proto, "--dport", str(to_port),
+                 "-m", "conntrack", "--ctstate", "DNAT", "--ctorigdstport", str(port)]
+                + self._nat_until(local, end) + ["-j", "ACCEPT"])
+
+    @staticmethod
+    def _accept_chain(key):
+        return IPT_CHAIN if key[5] else IPT_FORWARD_CHAIN
+
+    def _nat_rules(self, family):
+        """[(key, end, table, chain, words)] of every NAT rule of ours in the kernel."""
+        found = []
+        try:
+            filt = self._table(family, "filter", (IPT_CHAIN, IPT_FORWARD_CHAIN))
+        except SpaError:
+            filt = {}
+        try:
+            nat = self._ipt(family, "nat", "-S", IPT_NAT_CHAIN) if family in self.nat_families \
+                else ""
+        except SpaError:           # no chain: nothing is NATed
+            nat = ""
+        import shlex
+        tables = [("filter", chain, rules) for chain, rules in sorted(filt.items())]
+        tables.append(("nat", IPT_NAT_CHAIN, [shlex.split(line)[2:] for line in nat.splitlines()
+                                              if line.startswith("-A ")]))
+        for table, chain, rules in tables:
+            for words in rules:
+                parsed = _parse_nat(words)
+                if parsed is not None:
+                    found.append(parsed + (table, chain, words))
+        return found
+
+    @staticmethod
+    def _jump_lines(chains, parent, chain):
+        """Lines that leave exactly one `-j chain` at the top of `parent`."""
+        rules = chains.get(parent, [])
+        jumps = rules.count(["-j", chain])
+        if jumps == 1 and rules[0] == ["-j", chain]:
+            return []
+        return ["-D %s -j %s" % (parent, chain)] * jumps + ["-I %s 1 -j %s" % (parent, chain)]
+
+    @staticmethod
+    def _removal_lines(chains, parent, chain):
+        lines = ["-D %s -j %s" % (parent, chain)] * chains.get(parent, []).count(["-j", chain])
+        if chain in chains:
+            lines += ["-F %s" % chain, "-X %s" % chain]
+        return lines
+
+    def _warn_without_forwarding(self):
+        if not (self.nat and self.log):
+            return
+        for family in sorted(self.nat_families):
+            name = FORWARDING_SYSCTLS[family]
+            try:
+                with open(PROC_SYS + name.replace(".", "/")) as f:
+                    on = f.read().strip() != "0"
+            except OSError:
+                continue
+            if not on:
+                self.log.warning("NAT access to another host over IPv%d needs forwarding: "
+                                 "%s is 0 (local NAT works without it)", family, name)
+
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+        import math
+        import ipaddress
+        """NAT access for `timeout` seconds: (address, proto, port) -> to_address:to_port.
+
+        local=False (fwknop types 2/4): DNAT, and forward the DNATed connection to another
+        host (SPA_FORWARD).  local=True (types 5/6): DNAT to a port of this host, and accept
+        the DNATed connection in SPA_INPUT (before the protect rules), not the port itself.
+
+        Never shortens the same opening; a NAT opening that had the same (address, proto,
+        port) is replaced, its rules deleted in the same run.  Ends at now + timeout rounded
+        up to a whole second, in the kernel.  Returns True if it changed the firewall.
+        """
+        now = time.time() if now is None else now
+        address = str(ipaddress.ip_address(address))   # nothing but addresses reach iptables
+        target = ipaddress.ip_address(to_address)
+        to_address = str(target)
+        port, to_port = int(port), int(to_port)
+        if proto not in PROTO_NUMBERS or not 1 <= port <= 65535 or not 1 <= to_port <= 65535:
+            raise ValueError("cannot NAT %s/%s to port %s" % (proto, port, to_port))
+        if _family(address) != _family(to_address):
+            raise ValueError("cannot NAT %s to %s: not the same address family"
+                             % (address, to_address))
+        if target.is_unspecified or target.is_multicast:
+            raise ValueError("cannot NAT to %s" % to_address)
+        family = _family(address)
+        if not self.nat:
+            raise SpaError("NAT access is not enabled in the firewall back end")
+        if family not in self.nat_families:
+            raise SpaError("NAT access over IPv%d is not available on this host" % family)
+        key = (address, proto, port, to_address, to_port, bool(local))
+        return self._put_nat(key, int(math.ceil(now + timeout)))
+
+    def _put_nat(self, key, end):
+        family = _family(key[0])
+        for attempt in (1, 2):
+            old = self.nat_ends.get(key)
+            if old is not None and old >= end:
+                # After a failed first attempt this is success: each table commits on its
+                # own, so the filter part may have gone in before the nat part failed, and
+                # setup() has then rebuilt both rules from it.
+                return attempt == 2
+            replaced = [(k, e) for k, e in self.nat_ends.items() if k[:3] == key[:3]]
+            sections = [
+                # The new ACCEPT first, then the DNAT swap, then the old ACCEPTs go: no moment
+                # in which a DNAT of ours leads to nothing.
+                ("filter", ["-I %s 1 %s" % (self._accept_chain(key),
+                                            _restore_words(self._nat_accept_rule(key, end)))]),
+                ("nat", ["-I %s 1 %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(key, end)))]
+                 + ["-D %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
+                    for k, e in replaced]),
+                ("filter", ["-D %s %s" % (self._accept_chain(k),
+                                          _restore_words(self._nat_accept_rule(k, e)))
+                            for k, e in replaced])]
+            try:
+                self._restore_tables(family, sections)
+                break
+            except SpaError:
+                if attempt == 2:
+                    raise
+                self.setup()            # our chains changed behind our back: rebuild, retry
+                if family not in self.nat_families:
+                    raise
+        for k, _ in replaced:
+            del self.nat_ends[k]
+        self.nat_ends[key] = end
+        return True
+
+    def close_nat(self, address, proto, port):
+        import ipaddress
+        """Remove every NAT opening of (address, proto, port) now; True if there was one."""
+        match = (str(ipaddress.ip_address(address)), proto, int(port))
+        family = _family(match[0])
+        gone = [r for r in self._nat_rules(family) if r[0][:3] == match]
+        self._delete_nat(family, gone)
+        self.nat_ends = {k: e for k, e in self.nat_ends.items() if k[:3] != match}
+        return any(r[2] == "nat" for r in gone)
+
+    def _delete_nat(self, family, rules, plain=()):
+        """Delete NAT rules (from _nat_rules) and plain SPA_INPUT rules: DNATs first."""
+        return self._restore_tables(family, [
+            ("nat", ["-D %s %s" % (r[3], _restore_words(r[4])) for r in rules if r[2] == "nat"]),
+            ("filter", ["-D %s %s" % (r[3], _restore_words(r[4]))
+                        for r in rules if r[2] == "filter"]
+             + ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in plain])])
+
+    def list_nat(self):
+        """NAT openings in force, read from the kernel:
+        [(address, proto, port, to_address, to_port, local, seconds left)]."""
+        now = time.time()
+        rows = []
+        for family in sorted(self.nat_families):
+            for key, end, table, _, _ in self._nat_rules(family):
+                if table == "nat" and end > now:
+                    rows.append(key + (int(end - now),))
+        return rows
 
 
 def _family(address):
@@ -1735,6 +2070,38 @@ def _parse_opening(words):
     if option.get("-p") not in PROTO_NUMBERS:
         return None
     return address, option["-p"], port, end
+
+
+def _parse_nat(words):
+    """((address, proto, port, to_address, to_port, local), end) of one of our NAT rules
+    (a DNAT, or the ACCEPT that goes with it, as `-S` words), else None."""
+    import ipaddress
+    option = dict(zip(words, words[1:]))        # each word -> the word after it
+    comment = option.get("--comment", "")
+    for local, prefix in sorted(IPT_NAT_COMMENTS.items()):
+        if comment.startswith(prefix):
+            break
+    else:
+        return None
+    try:
+        end = int(comment[len(prefix):])
+        address = str(ipaddress.ip_interface(option["-s"]).ip)
+        if option.get("-j") == "DNAT":
+            port = int(option["--dport"])
+            host, _, to_port = option["--to-destination"].rpartition(":")
+            if host.startswith("["):
+                host = host[1:-1] if host.endswith("]") else ""
+            to_address, to_port = str(ipaddress.ip_address(host)), int(to_port)
+        elif option.get("-j") == "ACCEPT":
+            port, to_port = int(option["--ctorigdstport"]), int(option["--dport"])
+            to_address = str(ipaddress.ip_interface(option["-d"]).ip)
+        else:
+            return None
+    except (KeyError, ValueError):
+        return None
+    if option.get("-p") not in PROTO_NUMBERS:
+        return None
+    return (address, option["-p"], port, to_address, to_port, local), end
 
 
 def _restore_words(words):
@@ -1857,9 +2224,7 @@ def make_firewall(config, test, log=None):
     nat = config.enable_forwarding or config.enable_local_nat
     if kind == "nft":
         return NftFirewall(config.protect, config.protect_action, log=log, nat=nat)
-    if nat and not hasattr(IptablesFirewall, "open_nat"):
-        raise SpaError("enable_forwarding and enable_local_nat need firewall = nft for now")
-    return IptablesFirewall(config.protect, config.protect_action, log, command=kind)
+    return IptablesFirewall(config.protect, config.protect_action, log, command=kind, nat=nat)
 
 
 def format_access(access):
@@ -2698,9 +3063,10 @@ def server_main(args):
         for address, proto, port, left in sorted(rows):
             print("%-40s %s/%-5d %5d s left" % (address, proto, port, left))
         nat_rows = firewall.list_nat() if hasattr(firewall, "list_nat") else []
-        for address, proto, port, to_address, to_port, left in sorted(nat_rows):
-            print("%-40s %s/%-5d %5d s left, forwarded to %s" % (
-                address, proto, port, left, format_endpoint(to_address, to_port)))
+        for address, proto, port, to_address, to_port, local, left in sorted(nat_rows):
+            print("%-40s %s/%-5d %5d s left, forwarded to %s%s" % (
+                address, proto, port, left, format_endpoint(to_address, to_port),
+                " (this host)" if local else ""))
         if not rows and not nat_rows:
             print("no open authorizations")
         return 0

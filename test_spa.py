@@ -1520,7 +1520,7 @@ def test_iptables_back_end_end_to_end(tmp_path, command):
         assert timed_knock(lab, "cli2", Lab.srv4(2), packet(timeout=30)) is not None
         mark = server.log.mark()
         lab.run("srv", [command + "-restore"], input=host)
-        wait_for_line(server, r"restored chain SPA_INPUT and 1 opening\(s\) in force", 4, since=mark)
+        wait_for_line(server, r"restored our chains and 1 opening\(s\) in force", 4, since=mark)
         assert not closed(lab, "cli2", Lab.srv4(2)) and closed(lab, "cli1", Lab.srv4(1))
         # SIGKILL: the kernel (xt_time) still closes the opening on time.
         assert timed_knock(lab, "cli1", Lab.srv4(1), packet(timeout=2)) is not None
@@ -1605,12 +1605,20 @@ def nat_server(lab, tmp_path, **server):
                         **server)
 
 
-def test_nat_access_to_an_internal_host(tmp_path):
-    need_nft()
+FIREWALL_KINDS = ["nft", "iptables-nft", "iptables-legacy"]
+
+
+def need_firewall(kind):
+    need_lab(kind, *([] if kind == "nft" else [kind + "-save", kind + "-restore"]))
+
+
+@pytest.mark.parametrize("kind", FIREWALL_KINDS)
+def test_nat_access_to_an_internal_host(tmp_path, kind):
+    need_firewall(kind)
     with Lab(clients=2, prefix="spa") as lab:      # cli2 plays the internal host
         netns_lab.ns_sysctl(lab.name("srv"), "net.ipv4.ip_forward", 1)
         inside = lab.tcp_service("cli2", Lab.cli4(2), 2222, banner=b"internal\n")
-        server = nat_server(lab, tmp_path, enable_forwarding="yes")
+        server = nat_server(lab, tmp_path, enable_forwarding="yes", firewall=kind)
         assert closed_port(lab, "cli1", Lab.srv4(1), 5022)
         lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/5022",
                          "-N", "%s:2222" % Lab.cli4(2), "--key-base64", KEY,
@@ -1628,18 +1636,19 @@ def test_nat_access_to_an_internal_host(tmp_path):
         assert closed_port(lab, "cli1", Lab.srv4(1), 5022)
         # Without the server's consent the same request is refused.
         lab.stop_process(server)
-        server = nat_server(lab, tmp_path)
+        server = nat_server(lab, tmp_path, firewall=kind)
         lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/5022",
                          "-N", "%s:2222" % Lab.cli4(2), "--key-base64", KEY,
                          "--hmac-key-base64", HMAC_KEY])
         wait_for_line(server, r"refused: \[server\] enable_forwarding is off", 2)
 
 
-def test_local_nat(tmp_path):
-    need_nft()
+@pytest.mark.parametrize("kind", FIREWALL_KINDS)
+def test_local_nat(tmp_path, kind):
+    need_firewall(kind)
     with Lab(clients=2, prefix="spa") as lab:
         lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT, banner=b"local\n")
-        server = nat_server(lab, tmp_path, enable_local_nat="yes")
+        server = nat_server(lab, tmp_path, enable_local_nat="yes", firewall=kind)
         assert closed_port(lab, "cli1", Lab.srv4(1), 55000)
         lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/%d" % SERVICE_PORT,
                          "--nat-local", "--nat-port", "55000", "--key-base64", KEY,
@@ -1647,6 +1656,8 @@ def test_local_nat(tmp_path):
         wait_for_line(server, r"opened tcp/55000 forwarded to 198\.18\.1\.1:8022", 2)
         assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), 55000, 1.0) is not None
         assert closed_port(lab, "cli2", Lab.srv4(2), 55000)
+        # Only the path asked for: the protected port itself stays shut to the knocker.
+        assert closed_port(lab, "cli1", Lab.srv4(1), SERVICE_PORT)
 
 
 def closed_port(lab, ns, dest, port):

@@ -23,6 +23,7 @@ back ends; capture; logging; server; client; keygen; command line.
 
 import argparse
 import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -387,7 +388,8 @@ class Decision(object):
 
 
 def decide(payload, source, now, stanzas, seen, max_age):
-    """Decide on one captured UDP payload from address `source` (text) at time `now`.
+    """Decide on one captured UDP payload from address `source` (text) at time `now`
+    (None: the clock is read only for a packet that authenticates).
 
     `stanzas` are the Stanza objects in config order; `seen(replay_key)` tells
     whether a packet was already used.  Never raises: every problem becomes a
@@ -395,28 +397,27 @@ def decide(payload, source, now, stanzas, seen, max_age):
     authenticates, `replay_key` is set, and the caller must record it, accepted
     or not, so no authenticated packet can be used twice.
     """
-    decision = Decision(source)
-    # 1. Length and alphabet: the only checks made on unauthenticated bytes.
+    # 1. Length and alphabet: the only checks made on unauthenticated bytes.  This is the
+    #    path every flood packet takes, so it allocates as little as it can.
     if not MIN_WIRE_LEN <= len(payload) <= MAX_WIRE_LEN:
-        decision.reason = "length %d outside %d-%d" % (len(payload), MIN_WIRE_LEN, MAX_WIRE_LEN)
-        return decision
+        return Decision(source, "length %d outside %d-%d"
+                        % (len(payload), MIN_WIRE_LEN, MAX_WIRE_LEN))
     if payload.translate(None, B64_ALPHABET):
-        decision.reason = "not base64"
-        return decision
+        return Decision(source, "not base64")
     # 2. HMAC against each stanza whose source matches: the first that authenticates wins.
-    candidates = [s for s in stanzas if s.matches_source(source)]
-    if not candidates:
-        decision.reason = "no stanza for source %s" % source
-        return decision
-    for stanza in candidates:
-        n = HMAC_TYPES[stanza.hmac_type][1]
-        signed = SALT_PREFIX + payload[:-n]
-        if hmac.compare_digest(hmac_b64(stanza.hmac_key, signed, stanza.hmac_type),
-                               payload[-n:]):
+    matched = False
+    for stanza in stanzas:
+        if stanza.sources is not None and not stanza.matches_source(source):
+            continue
+        matched = True
+        signed = stanza.authenticate(payload)
+        if signed is not None:
             break
     else:
-        decision.reason = "HMAC does not match any stanza for this source"
-        return decision
+        return Decision(source, "HMAC does not match any stanza for this source" if matched
+                        else "no stanza for source %s" % source)
+    decision = Decision(source)
+    now = time.time() if now is None else now
     decision.stanza = stanza
     # Authenticated from here on.
     try:
@@ -603,6 +604,8 @@ class Stanza(object):
             except ValueError as e:
                 raise SpaError("%s: source: %s" % (where, e))
         self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(get, where)
+        self.mac_len = HMAC_TYPES[self.hmac_type][1]
+        self.mac_start = hmac.new(self.hmac_key, SALT_PREFIX, HMAC_TYPES[self.hmac_type][0])
         try:
             self.open_ports = set(parse_access(get("open_ports"), "open_ports")) \
                 if get("open_ports") else set(protect)
@@ -642,6 +645,17 @@ class Stanza(object):
         self.enable_nat = parse_bool(get("enable_nat") or "no", where + ": enable_nat")
         self.nat_forward = self.enable_nat and forwarding
         self.nat_local = self.enable_nat and local_nat
+
+    def authenticate(self, payload):
+        """The signed base64 text (prefix put back) if this stanza's HMAC key made the
+        packet's HMAC, else None.  Compares in constant time."""
+        n = self.mac_len
+        mac = self.mac_start.copy()         # already fed the U2FsdGVkX1 prefix
+        mac.update(payload[:-n])
+        if hmac.compare_digest(binascii.b2a_base64(mac.digest(), newline=False).rstrip(b"="),
+                               payload[-n:]):
+            return SALT_PREFIX + payload[:-n]
+        return None
 
     def matches_source(self, source):
         if self.sources is None:
@@ -2658,9 +2672,10 @@ class Reader(object):
 
     def handle(self, payload, source, now=None):
         """Decide on one payload and pass an accepted or authenticated one on; returns the Decision."""
-        now = time.time() if now is None else now
         d = decide(payload, source, now, self.config.stanzas, self.seen.__contains__,
                    self.config.max_packet_age)
+        if d.replay_key is not None:
+            now = time.time() if now is None else now
         if not d.accepted:
             self.counts["rejected"] += 1
             if d.replay_key is not None and d.replay_key not in self.seen:

@@ -1705,3 +1705,26 @@ def test_command_messages_run_without_a_shell_as_the_stanza_user(tmp_path):
         lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-C", "/bin/true",
                          "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY])
         wait_for_line(server, r"message type 0 \(command\) refused: enable_cmd_exec is off", 2)
+
+
+def test_install_writes_a_launcher_that_reuses_compiled_code(tmp_path):
+    prefix = tmp_path / "prefix"
+    done = run_spa("install", "--prefix", str(prefix))
+    assert done.returncode == 0, done.stderr
+    launcher = prefix / "bin" / "spa"
+    assert os.access(str(launcher), os.X_OK)
+    assert list((prefix / "lib" / "spa" / "__pycache__").glob("spa.*.pyc"))
+    out = subprocess.run([str(launcher), "client", "-D", "198.18.0.1", "-A", "tcp/22",
+                          "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY, "--test"],
+                         stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+    config = server_config(tmp_path)
+    assert decide(config, out.strip().encode()).accepted
+    assert run_spa("install", "--prefix", "/proc/nope").returncode == 1
+
+
+def test_random_value_is_16_uniform_digits():
+    values = [spa.random_digits(16) for _ in range(2000)]
+    assert all(len(v) == 16 and v.isdigit() for v in values)
+    assert len(set(values)) == 2000
+    first = [v[0] for v in values]
+    assert all(first.count(d) > 120 for d in "0123456789")    # ~200 each

@@ -1248,6 +1248,7 @@ class NftFirewall(object):
         self.places = self.places[:1] + self._default_drop_places("input")
         if self.nat:
             self.fwd_places = self.fwd_places[:1] + self._default_drop_places("forward")
+            warn_without_forwarding(self.log, (4, 6))
         now = time.time()
         for address, proto, port, left in self.list():
             self.ends[(address, proto, port)] = max(self.ends.get((address, proto, port), 0),
@@ -1704,7 +1705,8 @@ class IptablesFirewall(object):
                 if nat is not None:
                     nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
                 self._restore_tables(family, [("nat", nat_lines), ("filter", filter_lines)])
-        self._warn_without_forwarding()
+        if self.nat:
+            warn_without_forwarding(self.log, self.nat_families)
 
     def open(self, address, proto, port, timeout, now=None):
         """Open (address, proto, port) for `timeout` seconds; never shortens an opening.
@@ -1962,20 +1964,6 @@ class IptablesFirewall(object):
             lines += ["-F %s" % chain, "-X %s" % chain]
         return lines
 
-    def _warn_without_forwarding(self):
-        if not (self.nat and self.log):
-            return
-        for family in sorted(self.nat_families):
-            name = FORWARDING_SYSCTLS[family]
-            try:
-                with open(PROC_SYS + name.replace(".", "/")) as f:
-                    on = f.read().strip() != "0"
-            except OSError:
-                continue
-            if not on:
-                self.log.warning("NAT access to another host over IPv%d needs forwarding: "
-                                 "%s is 0 (local NAT works without it)", family, name)
-
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
         import math
         import ipaddress
@@ -2072,6 +2060,22 @@ class IptablesFirewall(object):
                 if table == "nat" and end > now:
                     rows.append(key + (int(end - now),))
         return rows
+
+
+def warn_without_forwarding(log, families):
+    """NAT access to another host needs the kernel to forward; say so where it does not."""
+    if log is None:
+        return
+    for family in sorted(families):
+        name = FORWARDING_SYSCTLS[family]
+        try:
+            with open(PROC_SYS + name.replace(".", "/")) as f:
+                on = f.read().strip() != "0"
+        except OSError:
+            continue
+        if not on:
+            log.warning("NAT access to another host over IPv%d needs forwarding: "
+                        "%s is 0 (local NAT works without it)", family, name)
 
 
 def _family(address):
@@ -2348,7 +2352,9 @@ def open_capture(interface, port):
             sock.close()
             raise SpaError("cannot capture on interface %r: %s" % (interface, e.strerror))
     try:
-        sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)   # SO_RCVBUFFORCE, 4 MiB
+        # SO_RCVBUFFORCE: room for ~30,000 knocks, so a burst of valid ones (each costs a
+        # decryption) waits in the queue instead of being dropped; memory only when full.
+        sock.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)
     except OSError:
         pass
     sock.setblocking(False)

@@ -1402,6 +1402,23 @@ class NftFirewall(object):
                     else self._refresh(element, timeout)
         return commands
 
+    def close(self, address, proto, port):
+        """Remove an opening now; True if there was one."""
+        import ipaddress
+        address = str(ipaddress.ip_address(address))
+        if self.ends.pop((address, proto, port), 0) <= time.time():
+            return False
+        commands = []
+        for family, table, v4, v6 in self.places:
+            set_name = v6 if ":" in address else v4
+            if set_name:
+                element = "%s %s %s { %s . %d . %d }" % (family, table, set_name, address,
+                                                        PROTO_NUMBERS[proto], port)
+                # Add first, so that the delete cannot fail if the kernel dropped it already.
+                commands += ["add element " + element, "delete element " + element]
+        self.shell.run(commands)
+        return True
+
     def expire(self, now=None):
         """Forget openings past their end; the kernel has removed them itself."""
         now = time.time() if now is None else now
@@ -2225,6 +2242,9 @@ class DryRunFirewall(object):
         self.opened += openings
         return len(openings)
 
+    def close(self, address, proto, port):
+        return False
+
     def list(self):
         return []
 
@@ -2389,7 +2409,11 @@ def parse_frame(frame):
 # Logging: one line per decision, rejections rate-limited, never key material
 # ---------------------------------------------------------------------------
 
+SYSLOG_SOCKET = "/dev/log"
+
+
 def make_logger(where, verbose):
+    """The server's log: stderr (with time stamps), or syslog as `spa[PID]`, facility daemon."""
     import logging
     import logging.handlers
     log = logging.getLogger("spa")
@@ -2398,9 +2422,9 @@ def make_logger(where, verbose):
     if where == "syslog":
         try:
             handler = logging.handlers.SysLogHandler(
-                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+                address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         except OSError as e:
-            raise SpaError("cannot log to syslog (/dev/log): %s" % e.strerror)
+            raise SpaError("cannot log to syslog (%s): %s" % (SYSLOG_SOCKET, e.strerror))
         handler.setFormatter(logging.Formatter("spa[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)

@@ -1728,3 +1728,38 @@ def test_random_value_is_16_uniform_digits():
     assert len(set(values)) == 2000
     first = [v[0] for v in values]
     assert all(first.count(d) > 120 for d in "0123456789")    # ~200 each
+
+
+def test_syslog_lines_say_spa_and_never_the_keys(tmp_path, monkeypatch):
+    import socket as socketmod
+    path = str(tmp_path / "log")
+    sink = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+    sink.bind(path)
+    sink.settimeout(2)
+    monkeypatch.setattr(spa, "SYSLOG_SOCKET", path)
+    log = spa.make_logger("syslog", False)
+    config = server_config(tmp_path)
+    replay = spa.ReplayCache(None, 120)
+    reader = spa.Reader(config, spa.Gatekeeper(config, spa.DryRunFirewall(config.protect),
+                                               replay, log), log, replay.copy())
+    reader.handle(b"A" * 204, "198.18.0.2")
+    reader.handle(knock(), "198.18.0.2")
+    lines = [sink.recv(4096).decode(), sink.recv(4096).decode()]
+    sink.close()
+    assert re.match(r"<30>spa\[\d+\]: rejected packet from 198\.18\.0\.2: HMAC", lines[0])  # daemon.info
+    assert re.match(r"<30>spa\[\d+\]: accepted packet from 198\.18\.0\.2 \[client alice\]", lines[1])
+    assert not any(secret in "".join(lines) for secret in (KEY, HMAC_KEY))
+
+
+def test_nft_close_removes_an_opening_now(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        fw = spa.NftFirewall([("tcp", SERVICE_PORT)])
+        netns_lab.in_netns(lab.name("srv"), fw.setup)
+        netns_lab.in_netns(lab.name("srv"), lambda: fw.open(Lab.cli4(1), "tcp", SERVICE_PORT, 30))
+        assert not closed(lab, "cli1", Lab.srv4(1))
+        assert netns_lab.in_netns(lab.name("srv"), lambda: fw.close(Lab.cli4(1), "tcp", SERVICE_PORT))
+        assert closed(lab, "cli1", Lab.srv4(1))
+        assert not netns_lab.in_netns(lab.name("srv"), lambda: fw.close(Lab.cli4(1), "tcp", SERVICE_PORT))
+        fw.shell.close()

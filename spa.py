@@ -1013,8 +1013,8 @@ class ReplayCache(object):
 # ---------------------------------------------------------------------------
 
 def die_with_parent():
-    """In a child about to exec: get SIGKILL when the server dies, so that no `nft -i` or
-    `nft monitor` outlives a server killed with SIGKILL."""
+    """In a child about to exec: get SIGKILL when the server dies, so that no `nft -i`
+    outlives a server killed with SIGKILL."""
     try:
         import ctypes
         ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)          # PR_SET_PDEATHSIG, SIGKILL
@@ -1040,36 +1040,48 @@ def run_command(argv, stdin=None):
 
 
 class RulesetMonitor(object):
-    """`nft monitor`: tells within milliseconds that someone changed the ruleset (a firewall
-    reload), so the back end can put back what was removed.  Our own element changes, the
-    usual news, are ignored."""
+    """The nftables change notifications (what `nft monitor` reads), on a netlink socket:
+    tells within milliseconds that someone changed the ruleset (a firewall reload), so the
+    back end can put back what was removed.  Element changes, ours the usual news, are
+    ignored; iptables-nft's changes come here too."""
+
+    NETLINK_NETFILTER, NFNLGRP_NFTABLES, NFNL_SUBSYS_NFTABLES = 12, 7, 10
+    QUIET = (12, 14, 15)        # NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWGEN
 
     def __init__(self):
-        import subprocess
-        self.proc = subprocess.Popen(["nft", "monitor"], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     bufsize=0, close_fds=True, preexec_fn=die_with_parent)
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        self.partial = b""       # nft writes an event in several pieces: keep a line's start
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, self.NETLINK_NETFILTER)
+        try:
+            self.sock.bind((0, 1 << (self.NFNLGRP_NFTABLES - 1)))
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)   # SO_RCVBUFFORCE
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
 
     def fileno(self):
-        return self.proc.stdout.fileno()
+        return self.sock.fileno()
 
     def news(self):
-        """True if what arrived may have removed something of ours; None once nft exited."""
-        try:
-            data = self.proc.stdout.read(1 << 20) or b""
-        except OSError:
-            data = b""
-        if not data and self.proc.poll() is not None:
-            return None
-        *lines, self.partial = (self.partial + data).split(b"\n")
-        return any(line and not line.startswith((b"add element", b"delete element", b"#"))
-                   for line in lines)
+        """True if what arrived may have removed something of ours (or some was lost)."""
+        news = False
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return news
+            except OSError:              # ENOBUFS: events were lost; check to be sure
+                news = True
+                continue
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                subsys, message = kind >> 8, kind & 0xFF
+                if subsys == self.NFNL_SUBSYS_NFTABLES and message not in self.QUIET:
+                    news = True
+                offset += max(16, (length + 3) & ~3)
 
     def close(self):
-        self.proc.kill()
-        self.proc.wait()
+        self.sock.close()
 
 
 class NftShell(object):
@@ -1184,7 +1196,7 @@ class NftFirewall(object):
         # NAT connections go into the fwd sets, keyed source . destination . proto . port.
         self.places = [("inet", table, "allow4", "allow6")]
         self.fwd_places = [("inet", table, "fwd4", "fwd6")] if nat else []
-        self.monitored = True          # nft monitor sees what a reload does
+        self.monitored = True          # nftables' notifications tell of a reload
 
     def _nft(self, commands):
         return run_command(["nft", "-f", "-"], "\n".join(commands) + "\n")
@@ -1574,7 +1586,7 @@ class IptablesFirewall(object):
                            % (command, ", ".join(IPT_COMMANDS)))
         self.protect, self.action, self.log = protect, action, log
         self.commands = {4: command, 6: command.replace("ip", "ip6", 1)}    # ip6tables-nft...
-        self.monitored = command == "iptables-nft"      # nft monitor sees its changes
+        self.monitored = command == "iptables-nft"      # it speaks nftables: notified too
         # A kernel booted with ipv6.disable=1 has no ip6tables tables (and no IPv6 to guard).
         self.families = (4, 6) if os.path.isdir("/proc/sys/net/ipv6") else (4,)
         self.ends = {}         # (address, proto, port) -> epoch second the opening ends
@@ -2971,12 +2983,8 @@ class Supervisor(object):
                     if fd == wake_r:
                         os.read(wake_r, 512)
                     elif monitor is not None and fd == monitor.fileno():
-                        news = monitor.news()
-                        if news:
+                        if monitor.news():
                             firewall.restore()
-                        elif news is None:          # nft monitor went away: check by time
-                            monitor.close()
-                            monitor, every = None, 2
                     elif not self._serve():
                         code, status = self._reap()
                         if code == self.CAPTURE_LOST:

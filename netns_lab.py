@@ -286,6 +286,21 @@ def udp_send(ns, addr, port, payload, src=None):
         return s.sendto(payload, (addr, port))
 
 
+def udp_try(ns, addr, port, timeout=0.4, payload=b"knock"):
+    """One datagram to a UDP echo from ``ns``: its answer (bytes), or 'refused' (ICMP port
+    unreachable) or 'timeout'."""
+    with ns_socket(ns, _family(addr), socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.connect((addr, port))
+        s.send(payload)
+        try:
+            return s.recv(128)
+        except ConnectionRefusedError:
+            return "refused"
+        except socket.timeout:
+            return "timeout"
+
+
 def _icmp_checksum(data):
     if len(data) % 2:
         data += b"\0"
@@ -553,6 +568,32 @@ class Lab:
         svc = TcpService(self.name(ns), addr, port, banner)
         self._closers.append(svc.stop)
         return svc
+
+    def udp_echo(self, ns, port, addr="::", tell_peer=False):
+        """A UDP echo service on addr:port inside ``ns`` ("::" also takes IPv4), stopped by
+        ``close``; with ``tell_peer`` it answers `data + b" from " + the sender's address`."""
+        sock = ns_socket(self.name(ns), _family(addr), socket.SOCK_DGRAM)
+        sock.bind((addr, port))
+        sock.settimeout(0.05)            # how often the loop looks at `stop`
+        stop = threading.Event()
+
+        def serve():
+            while not stop.is_set():
+                try:
+                    data, peer = sock.recvfrom(2048)
+                    sock.sendto(data + b" from " + peer[0].encode() if tell_peer else data, peer)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+
+        def close():
+            stop.set()
+            thread.join(2)
+            sock.close()
+        self._closers.append(close)
 
     def on_close(self, fn):
         """Call ``fn()`` during ``close``, before processes are killed."""

@@ -1596,27 +1596,36 @@ class IptablesFirewall(object):
         # OpenWrt build without IPv6 NAT), so that IPv4 NAT still works there.
         self.nat_families = set(self.families) if self.nat else set()
 
-    def _iptables(self, family, *args):
-        return run_command([self.commands[family], "--wait=" + IPT_WAIT, "-t", "filter"]
+    def _ipt(self, family, table, *args):
+        return run_command([self.commands[family], "--wait=" + IPT_WAIT, "-t", table]
                            + list(args))
+
+    def _restore_tables(self, family, sections):
+        """Apply [(table, lines)] in order in one iptables-restore --noflush run.
+
+        Each section is its own commit (atomic within its table, in the order given);
+        empty ones are left out.
+        """
+        text = "".join("*%s\n%sCOMMIT\n" % (table, "".join(line + "\n" for line in lines))
+                       for table, lines in sections if lines)
+        if text:
+            run_command([self.commands[family] + "-restore", "--wait=" + IPT_WAIT, "--noflush"],
+                        text)
+        return bool(text)
 
     def _restore(self, family, lines):
         """Apply `lines` (iptables-restore syntax) to the filter table in one commit."""
-        run_command([self.commands[family] + "-restore", "--wait=" + IPT_WAIT, "--noflush"],
-                    "*filter\n" + "".join(line + "\n" for line in lines) + "COMMIT\n")
+        self._restore_tables(family, [("filter", lines)])
 
-    def _chains(self, family, chain=None):
-        """{chain: [rule as a word list]} of INPUT and our chain (when they exist), from `-S`.
-
-        Reads the whole filter table, or only `chain`; the host's other chains are skipped
-        unparsed.
-        """
+    def _table(self, family, table, names, chain=None):
+        """{chain: [rule as a word list]} of the chains `names` of `table` that exist, from
+        `-S` (of the whole table, or only of `chain`); the host's other chains are skipped
+        unparsed."""
         import shlex
         chains = {}
-        for line in self._iptables(family, "-S", *([chain] if chain else [])).splitlines():
+        for line in self._ipt(family, table, "-S", *([chain] if chain else [])).splitlines():
             words = line.split(None, 2)
-            if len(words) < 2 or words[0] not in ("-P", "-N", "-A") \
-                    or words[1] not in ("INPUT", IPT_CHAIN):
+            if len(words) < 2 or words[0] not in ("-P", "-N", "-A") or words[1] not in names:
                 continue
             rules = chains.setdefault(words[1], [])
             if words[0] == "-A":
@@ -1625,6 +1634,10 @@ class IptablesFirewall(object):
                 except ValueError:         # quoting shlex cannot read: not one of our rules
                     rules.append(line.split()[2:])
         return chains
+
+    def _chains(self, family, chain=None):
+        """INPUT and our chain of the filter table (see _table)."""
+        return self._table(family, "filter", ("INPUT", IPT_CHAIN), chain)
 
     def _openings(self, family):
         """[(address, proto, port, end, rule words)] of the opening rules in our chain."""
@@ -1883,42 +1896,6 @@ class IptablesFirewall(object):
         return removed
 
     # -- NAT access (fwknop message types 2, 4, 5, 6) and any-table helpers -----------
-
-    def _ipt(self, family, table, *args):
-        return run_command([self.commands[family], "--wait=" + IPT_WAIT, "-t", table]
-                               + list(args))
-
-    def _restore_tables(self, family, sections):
-        """Apply [(table, lines)] in order in one iptables-restore --noflush run.
-
-        Each section is its own commit (atomic within its table, in the order given);
-        empty ones are left out.
-        """
-        text = "".join("*%s\n%sCOMMIT\n" % (table, "".join(line + "\n" for line in lines))
-                       for table, lines in sections if lines)
-        if text:
-            run_command([self.commands[family] + "-restore", "--wait=" + IPT_WAIT,
-                             "--noflush"], text)
-        return bool(text)
-
-    def _table(self, family, table, names):
-        """{chain: [rule as a word list]} of the chains `names` of `table` that exist (-S).
-
-        The same as _chains() for any table; the host's other chains are skipped unparsed.
-        """
-        import shlex
-        chains = {}
-        for line in self._ipt(family, table, "-S").splitlines():
-            words = line.split(None, 2)
-            if len(words) < 2 or words[0] not in ("-P", "-N", "-A") or words[1] not in names:
-                continue
-            rules = chains.setdefault(words[1], [])
-            if words[0] == "-A":
-                try:
-                    rules.append(shlex.split(line)[2:])
-                except ValueError:         # quoting shlex cannot read: not one of our rules
-                    rules.append(line.split()[2:])
-        return chains
 
     def _nat_table_may_hold_ours(self, family, filter_chains):
         """Whether to read the nat table when NAT is off: only when something of ours may be

@@ -963,33 +963,6 @@ def differences(a, b, skip=()):
     return {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k) and k[2:] not in skip}
 
 
-def start_udp_echo(lab, ns, port):
-    """A UDP echo service (IPv4 and IPv6) in ``ns``, stopped when the lab closes."""
-    import threading
-    sock = netns_lab.ns_socket(lab.name(ns), socket.AF_INET6, socket.SOCK_DGRAM)
-    sock.bind(("::", port))
-    sock.settimeout(0.05)            # how often the loop looks at `stop`
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                data, peer = sock.recvfrom(2048)
-                sock.sendto(data, peer)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-
-    def close():
-        stop.set()
-        thread.join(2)
-        sock.close()
-    lab.on_close(close)
-
-
 # (id, host ruleset's accepted TCP ports or None for no host firewall, protect_action,
 #  the unused port P must look like, whether the scans with and without spa.py are identical)
 HOST_POLICIES = [
@@ -1019,7 +992,7 @@ def test_nmap_cannot_tell_spa_is_there(tmp_path, accepted, action, looks_like, i
         netns_lab.ns_sysctl(srv, "net.ipv4.icmp_ratelimit", 0)
         netns_lab.ns_sysctl(srv, "net.ipv6.icmp.ratelimit", 0)
         lab.tcp_service("srv", "::", OPEN)
-        start_udp_echo(lab, "srv", UDP_ECHO)
+        lab.udp_echo("srv", UDP_ECHO)
         if accepted is not None:
             lab.run("srv", ["nft", "-f", "-"], input=DEFAULT_DROP % (
                 ", ".join(map(str, accepted)), UDP_ECHO))

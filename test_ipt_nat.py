@@ -19,7 +19,7 @@ import pytest
 import netns_lab
 import spa
 from spa import IptablesFirewall as IptablesNat, _parse_nat
-from netns_lab import Lab, in_netns, ns_socket, ns_sysctl
+from netns_lab import udp_try, Lab, in_netns, ns_socket, ns_sysctl
 
 FLAVOURS = ("iptables-legacy", "iptables-nft")
 NAT_PORT, INNER_PORT = 5022, 22            # knock for 5022 on the server -> client 2's 22
@@ -98,47 +98,6 @@ def still_alive(s):
     alive = s.recv(64) == b"still there?"
     s.close()
     return alive
-
-
-def udp_echo(lab, ns, addr, port):
-    """A UDP echo service on addr:port in `ns`, stopped with the lab."""
-    sock = ns_socket(lab.name(ns), socket.AF_INET6 if ":" in addr else socket.AF_INET,
-                     socket.SOCK_DGRAM)
-    sock.bind((addr, port))
-    sock.settimeout(0.05)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                data, peer = sock.recvfrom(2048)
-                sock.sendto(data + b" from " + peer[0].encode(), peer)
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-
-    def close():
-        stop.set()
-        thread.join(2)
-        sock.close()
-    lab.on_close(close)
-
-
-def udp_try(ns, addr, port, timeout=0.4):
-    """One datagram to a UDP echo: its answer (bytes), or 'refused' / 'timeout'."""
-    with ns_socket(ns, socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        s.connect((addr, port))
-        s.send(b"knock")
-        try:
-            return s.recv(128)
-        except ConnectionRefusedError:
-            return "refused"
-        except socket.timeout:
-            return "timeout"
 
 
 def sleep_until(t):
@@ -436,7 +395,7 @@ def test_forward_nat_on_a_host_whose_forward_policy_is_drop(command):
         forwarding(lab)
         inner_services(lab)
         for family, cli1, srv1, cli2, srv2 in families(lab):
-            udp_echo(lab, "cli2", cli2, 53)
+            lab.udp_echo("cli2", 53, cli2, tell_peer=True)
         host = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"]
         for family in (4, 6):
             iptables(lab, command, family, "-A", "FORWARD", *host)

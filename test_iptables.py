@@ -19,7 +19,7 @@ import pytest
 import spa as ipt
 import netns_lab
 import spa
-from netns_lab import Lab, in_netns, ns_socket
+from netns_lab import udp_try, Lab, in_netns, ns_socket
 
 FLAVOURS = ("iptables-legacy", "iptables-nft")
 TCP_PORT, UDP_PORT, OTHER_PORT = 2222, 5353, 2223
@@ -81,50 +81,10 @@ def tcp_try(ns, addr, port, timeout=0.4):
             return "timeout"
 
 
-def udp_try(ns, addr, port, timeout=0.4):
-    """One datagram to a UDP echo: 'ok', 'refused' (ICMP port unreachable) or 'timeout'."""
-    with ns_socket(ns, socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        s.connect((addr, port))
-        s.send(b"knock-knock")
-        try:
-            return "ok" if s.recv(64) == b"knock-knock" else "garbled"
-        except ConnectionRefusedError:
-            return "refused"
-        except socket.timeout:
-            return "timeout"
-
-
-def udp_echo(lab, ns, port):
-    """A UDP echo service on [::]:port (IPv4 too) in `ns`, stopped with the lab."""
-    sock = ns_socket(lab.name(ns), socket.AF_INET6, socket.SOCK_DGRAM)
-    sock.bind(("::", port))
-    sock.settimeout(0.05)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                data, peer = sock.recvfrom(2048)
-                sock.sendto(data, peer)
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-
-    def close():
-        stop.set()
-        thread.join(2)
-        sock.close()
-    lab.on_close(close)
-
-
 def services(lab):
     """TCP (banner + echo) and UDP echo on every server address, IPv4 and IPv6."""
     lab.tcp_service("srv", "::", TCP_PORT)
-    udp_echo(lab, "srv", UDP_PORT)
+    lab.udp_echo("srv", UDP_PORT)
 
 
 def sleep_until(t):
@@ -300,7 +260,7 @@ def test_open_for_one_client_closes_on_time_without_the_server(command):
         kept = []
         for family, cli1, srv1, cli2, srv2 in peers(lab):
             assert tcp_try(lab.ns["cli1"], srv1, TCP_PORT) == "ok"
-            assert udp_try(lab.ns["cli1"], srv1, UDP_PORT) == "ok"
+            assert udp_try(lab.ns["cli1"], srv1, UDP_PORT) == b"knock"
             assert tcp_try(lab.ns["cli2"], srv2, TCP_PORT) == "refused"    # the other client
             assert udp_try(lab.ns["cli2"], srv2, UDP_PORT) == "refused"
             s = ns_socket(lab.ns["cli1"], socket.AF_INET6 if family == 6 else socket.AF_INET)
@@ -445,7 +405,7 @@ def test_drop_action_is_silent(command):
             assert fw.open(cli1, "udp", UDP_PORT, 30)
         for family, cli1, srv1, cli2, srv2 in peers(lab):
             assert tcp_try(lab.ns["cli1"], srv1, TCP_PORT) == "ok"
-            assert udp_try(lab.ns["cli1"], srv1, UDP_PORT) == "ok"
+            assert udp_try(lab.ns["cli1"], srv1, UDP_PORT) == b"knock"
             assert tcp_try(lab.ns["cli2"], srv2, TCP_PORT, 0.3) == "timeout"
 
 

@@ -1479,55 +1479,34 @@ class NftFirewall(object):
             self._say("error", "could not restore the firewall: %s", e)
             return False
 
+    def _elements(self, kind, name):
+        """(key, data or None, seconds left) of each element of our set or map `name`."""
+        import json
+        try:
+            out = run_command(["nft", "-j", "list", kind, "inet", self.table, name])
+        except SpaError:
+            return
+        for item in json.loads(out)["nftables"]:
+            for elem in item.get(kind, {}).get("elem", []):
+                key, data = elem if kind == "map" else (elem, None)
+                e = key.get("elem", {})
+                address, proto, port = e["val"]["concat"]
+                if isinstance(proto, int):
+                    proto = {6: "tcp", 17: "udp"}.get(proto, str(proto))
+                yield (address, proto, int(port)), data and data["concat"], int(e.get("expires", 0))
+
     def list(self):
         """The openings in force, read from the kernel: [(address, proto, port, seconds left)]."""
-        import json
-        result = []
-        for name in ("allow4", "allow6"):
-            try:
-                out = run_command(["nft", "-j", "list", "set", "inet", self.table, name])
-            except SpaError:
-                continue
-            for item in json.loads(out)["nftables"]:
-                for elem in item.get("set", {}).get("elem", []):
-                    e = elem.get("elem", {})
-                    address, proto, port = e["val"]["concat"]
-                    if isinstance(proto, int):
-                        proto = {6: "tcp", 17: "udp"}.get(proto, str(proto))
-                    result.append((address, proto, int(port), int(e.get("expires", 0))))
-        return result
+        return [key + (left,) for name in ("allow4", "allow6")
+                for key, _, left in self._elements("set", name)]
 
     def list_nat(self):
         """NAT openings in force, read from the kernel:
         [(address, proto, port, to address, to port, local, seconds left)]."""
-        import json
-        local = set()
-        for name in ("lnat4", "lnat6"):
-            try:
-                out = run_command(["nft", "-j", "list", "set", "inet", self.table, name])
-            except SpaError:
-                continue
-            for item in json.loads(out)["nftables"]:
-                for elem in item.get("set", {}).get("elem", []):
-                    address, proto, port = elem["elem"]["val"]["concat"]
-                    local.add((address, proto, int(port)))
-        result = []
-        for name in ("dnat4", "dnat6"):
-            try:
-                out = run_command(["nft", "-j", "list", "map", "inet", self.table, name])
-            except SpaError:
-                continue
-            for item in json.loads(out)["nftables"]:
-                for key, value in item.get("map", {}).get("elem", []):
-                    e = key.get("elem", {})
-                    address, proto, port = e["val"]["concat"]
-                    to_address, to_port = value["concat"]
-                    if isinstance(proto, int):
-                        proto = {6: "tcp", 17: "udp"}.get(proto, str(proto))
-                    result.append((address, proto, int(port), to_address, int(to_port),
-                                   (address, proto, int(to_port)) in local,
-                                   int(e.get("expires", 0))))
-        return result
+        local = {key for name in ("lnat4", "lnat6") for key, _, _ in self._elements("set", name)}
+        return [key + (to_address, int(to_port), (key[0], key[1], int(to_port)) in local, left)
+                for name in ("dnat4", "dnat6")
+                for key, (to_address, to_port), left in self._elements("map", name)]
 
     def flush(self):
         """Remove our table, and our sets and rules in other tables."""

@@ -1381,11 +1381,9 @@ class NftFirewall(object):
             commands += self._refresh("inet %s %s { %s . %d . %d%%s }" % (
                 self.table, "lnat6" if six else "lnat4", address, PROTO_NUMBERS[proto], to_port),
                 timeout)
-            for family, table, v4, v6 in self.places[1:]:     # through default-drop chains
-                set_name = v6 if six else v4
-                if set_name:
-                    commands += self._refresh("%s %s %s { %s . %d . %d%%s }" % (
-                        family, table, set_name, address, PROTO_NUMBERS[proto], to_port), timeout)
+            # Through default-drop chains elsewhere.
+            for element in self._elements_in(self.places[1:], address, proto, to_port):
+                commands += self._refresh(element, timeout)
             return commands
         for family, table, v4, v6 in self.fwd_places:
             set_name = v6 if six else v4
@@ -1402,16 +1400,22 @@ class NftFirewall(object):
         timed = element % (" timeout %ds" % timeout)
         return ["add element " + timed, "delete element " + element % "", "add element " + timed]
 
+    @staticmethod
+    def _elements_in(places, address, proto, port):
+        """The element `address . proto . port` in the set of each place that has one for
+        the address's family, with a `%s` where a timeout may go."""
+        for family, table, v4, v6 in places:
+            set_name = v6 if ":" in address else v4
+            if set_name:
+                yield "%s %s %s { %s . %d . %d%%s }" % (family, table, set_name, address,
+                                                       PROTO_NUMBERS[proto], port)
+
     def _element_commands(self, address, proto, port, timeout, fresh=False):
         """Commands that put an opening in every place; `fresh`: it is not there yet."""
         commands = []
-        for family, table, v4, v6 in self.places:
-            set_name = v6 if ":" in address else v4
-            if set_name:
-                element = "%s %s %s { %s . %d . %d%%s }" % (family, table, set_name, address,
-                                                           PROTO_NUMBERS[proto], port)
-                commands += ["add element " + element % (" timeout %ds" % timeout)] if fresh \
-                    else self._refresh(element, timeout)
+        for element in self._elements_in(self.places, address, proto, port):
+            commands += ["add element " + element % (" timeout %ds" % timeout)] if fresh \
+                else self._refresh(element, timeout)
         return commands
 
     def close(self, address, proto, port):
@@ -1421,13 +1425,9 @@ class NftFirewall(object):
         if self.ends.pop((address, proto, port), 0) <= time.time():
             return False
         commands = []
-        for family, table, v4, v6 in self.places:
-            set_name = v6 if ":" in address else v4
-            if set_name:
-                element = "%s %s %s { %s . %d . %d }" % (family, table, set_name, address,
-                                                        PROTO_NUMBERS[proto], port)
-                # Add first, so that the delete cannot fail if the kernel dropped it already.
-                commands += ["add element " + element, "delete element " + element]
+        for element in self._elements_in(self.places, address, proto, port):
+            # Add first, so that the delete cannot fail if the kernel dropped it already.
+            commands += ["add element " + element % "", "delete element " + element % ""]
         self.shell.run(commands)
         return True
 
@@ -2878,6 +2878,7 @@ class Supervisor(object):
         self.args, self.config, self.gate, self.log = args, config, gate, log
         self.user = config.user if os.geteuid() == 0 else None
         self.captures = {}    # interface -> socket, for those that are there
+        self.waiting = set()  # interfaces that went away (or were not there at start)
         self.pid = self.fd = None
         self.buffer = b""
 
@@ -2899,11 +2900,11 @@ class Supervisor(object):
             except SpaError as e:
                 if first and interface in self.config.interfaces:
                     raise
-                if first or interface not in getattr(self, "waiting", set()):
+                if first or interface not in self.waiting:
                     self.log.warning("%s: waiting for it to come back", e)
-                self.waiting = getattr(self, "waiting", set()) | {interface}
+                self.waiting.add(interface)
                 continue
-            getattr(self, "waiting", set()).discard(interface)
+            self.waiting.discard(interface)
         return opened
 
     def close_captures(self):
@@ -2962,7 +2963,7 @@ class Supervisor(object):
                         os.kill(self.pid, signal.SIGUSR1)
                     if signum == signal.SIGHUP:
                         self.reload()
-                if getattr(self, "waiting", None) and self.open_captures():
+                if self.waiting and self.open_captures():
                     self._restart()     # a reader for the interfaces that are back
                 firewall.expire()
                 self.gate.reap_commands()

@@ -14,11 +14,13 @@ clients and fwknopd interoperate with spa.py both ways.
 
 Needs Python 3.6 or newer and pycryptodome (imported as Cryptodome, Debian's
 python3-pycryptodome, or as Crypto, PyPI's pycryptodome).  The server needs
-root (CAP_NET_RAW to capture, CAP_NET_ADMIN to change the firewall) and nft.
+root (CAP_NET_RAW to capture, CAP_NET_ADMIN to change the firewall) and nft or
+iptables; it parses packets in a child process that has given up root.
 
 Sections, in dependency order: constants and errors; encoding and crypto; the
 packet format; the packet decision; config and policy; replay cache; firewall
-back ends; capture; logging; server; client; keygen; command line.
+back ends (nft, iptables, a dry run); capture; logging; server; client; keygen;
+selftest; install; command line.  README.md documents every command and option.
 """
 
 import argparse
@@ -1009,7 +1011,8 @@ class ReplayCache(object):
 
 
 # ---------------------------------------------------------------------------
-# Firewall back ends: setup(), open(), list(), flush()
+# Firewall back ends: setup, open/open_many, open_nat, close, list, list_nat, expire,
+# restore, flush -- the same small interface for nft, iptables and a dry run
 # ---------------------------------------------------------------------------
 
 def die_with_parent():

@@ -1763,3 +1763,18 @@ def test_nft_close_removes_an_opening_now(tmp_path):
         assert closed(lab, "cli1", Lab.srv4(1))
         assert not netns_lab.in_netns(lab.name("srv"), lambda: fw.close(Lab.cli4(1), "tcp", SERVICE_PORT))
         fw.shell.close()
+
+
+def test_the_example_config_is_valid(tmp_path):
+    with open(os.path.join(HERE, "spa.conf.example")) as f:
+        text = f.read()
+    assert "REPLACE_WITH_KEY_BASE64_FROM_KEYGEN" in text
+    text = text.replace("REPLACE_WITH_KEY_BASE64_FROM_KEYGEN", KEY).replace(
+        "REPLACE_WITH_HMAC_KEY_BASE64_FROM_KEYGEN", HMAC_KEY).replace(
+        "/var/lib/spa/replay.cache", str(tmp_path / "replay.cache"))
+    config = spa.ServerConfig(write_private(tmp_path / "spa.conf", text))
+    assert config.protect == [("tcp", 22)] and [s.name for s in config.stanzas] == ["laptop"]
+    # As shipped, with the placeholders, it refuses to start and says why.
+    path = write_private(tmp_path / "as-shipped.conf", text.replace(KEY, "REPLACE_WITH_KEY"))
+    with pytest.raises(spa.SpaError, match="key_base64 is not valid base64"):
+        spa.ServerConfig(path)

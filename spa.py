@@ -2973,7 +2973,7 @@ class Supervisor(object):
                 if time.monotonic() >= next_check:     # in case the monitor missed something
                     next_check = time.monotonic() + every
                     firewall.restore()
-                self.gate.replay.prune(time.time())
+                    self.gate.replay.prune(time.time())   # not at every batch: it walks all
         finally:
             self._stop()
             if monitor is not None:

@@ -2929,6 +2929,7 @@ class Supervisor(object):
         monitor = self._monitor(firewall)
         every = 10 if monitor is not None else 2
         next_check = time.monotonic() + every
+        next_expire = time.monotonic() + 1
         try:
             while True:
                 if self.pid is None and self.captures:
@@ -2968,8 +2969,10 @@ class Supervisor(object):
                         self.reload()
                 if self.waiting and self.open_captures():
                     self._restart()     # a reader for the interfaces that are back
-                firewall.expire()
-                self.gate.reap_commands()
+                if time.monotonic() >= next_expire:      # once a second, however busy
+                    next_expire = time.monotonic() + 1
+                    firewall.expire()
+                    self.gate.reap_commands()
                 if time.monotonic() >= next_check:     # in case the monitor missed something
                     next_check = time.monotonic() + every
                     firewall.restore()

@@ -576,7 +576,8 @@ def test_missing_config_and_unknown_option(tmp_path):
 
 
 def test_help_shows_examples():
-    for args in ([], ["keygen"], ["client"], ["server"]):
+    for args in ([], ["keygen"], ["client"], ["server"], ["check-config"], ["selftest"],
+                 ["install"]):
         done = run_spa(*(args + ["--help"]))
         assert done.returncode == 0
         assert "example" in done.stdout

@@ -1633,7 +1633,7 @@ def test_nat_access_to_an_internal_host(tmp_path, kind):
         assert inside.peers[-1][0] == Lab.cli4(1)
         assert re.search(r"198\.18\.1\.2\s+tcp/5022 .* forwarded to 198\.18\.2\.2:2222",
                          spa_list(lab, server.conf))
-        time.sleep(5.2)        # iptables' time match ends an opening on a whole second
+        time.sleep(5.6)        # iptables' time match ends an opening on a whole second
         assert closed_port(lab, "cli1", Lab.srv4(1), 5022)
         # Without the server's consent the same request is refused.
         lab.stop_process(server)

@@ -1511,7 +1511,7 @@ def test_iptables_back_end_end_to_end(tmp_path, command):
         conn.settimeout(2)
         conn.connect((Lab.srv4(1), SERVICE_PORT))
         conn.recv(100)
-        time.sleep(4.2)      # xt_time counts whole seconds: an opening ends on the next one
+        time.sleep(4.5)      # xt_time counts whole seconds: an opening ends on the next one
         assert closed(lab, "cli1", Lab.srv4(1)), "opening outlived its timeout"
         conn.sendall(b"still here")
         assert conn.recv(100) == b"still here"
@@ -1527,7 +1527,7 @@ def test_iptables_back_end_end_to_end(tmp_path, command):
         assert timed_knock(lab, "cli1", Lab.srv4(1), packet(timeout=2)) is not None
         os.kill(server.pid, 9)
         server.wait(5)
-        time.sleep(3.2)
+        time.sleep(3.5)
         assert closed(lab, "cli1", Lab.srv4(1)), "opening outlived the server's death"
         lab.run("srv", [sys.executable, SPA, "server", "-c", server.conf, "--flush"])
         assert lab.run("srv", [command, "-S"]).stdout == pristine

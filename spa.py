@@ -739,6 +739,9 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address"}
 FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
+# [server] options that SIGHUP cannot change in a running server.
+RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "enable_forwarding",
+                   "enable_local_nat")
 SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
                   "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
                   "enable_forwarding", "enable_local_nat"}
@@ -3000,6 +3003,10 @@ class Supervisor(object):
         for note in config.notes:
             self.log.warning("access.conf: %s", note)
         old = self.config
+        later = [name for name in RESTART_OPTIONS if getattr(config, name) != getattr(old, name)]
+        if later:
+            self.log.warning("%s: changed, but takes effect only when the server restarts",
+                             ", ".join(later))
         self.config = self.gate.config = config
         self.gate.stanzas = {s.name: s for s in config.stanzas}
         self.gate.replay.max_age = config.max_packet_age

@@ -1345,10 +1345,13 @@ def test_sighup_rereads_the_config_and_keeps_openings(tmp_path):
         os.kill(server.pid, 1)
         wait_for_line(server, r"config reload failed, keeping the running config", 3)
         with open(server.conf, "w") as f:
-            f.write(text.replace("fw_access_timeout = 20", "fw_access_timeout = 9"))
+            f.write(text.replace("fw_access_timeout = 20", "fw_access_timeout = 9")
+                    .replace("[server]", "[server]\nfirewall = iptables-legacy"))
         mark = server.log.mark()
         os.kill(server.pid, 1)
         wait_for_line(server, r"reloaded .*spa.conf: 1 client stanza", 3, since=mark)
+        wait_for_line(server, r"firewall: changed, but takes effect only when the server "
+                      r"restarts", 1, since=mark)
         assert not closed(lab, "cli1", Lab.srv4(1))          # the opening in force survived
         assert timed_knock(lab, "cli2", Lab.srv4(2)) is not None
         wait_for_line(server, r"opened tcp/8022 for 198\.18\.2\.2 for 9 s", 2)

@@ -286,6 +286,24 @@ def udp_send(ns, addr, port, payload, src=None):
         return s.sendto(payload, (addr, port))
 
 
+def tcp_try(ns, addr, port, timeout=0.4):
+    """One fresh TCP connect from ``ns``: the banner (bytes), or 'refused' / 'timeout'."""
+    with ns_socket(ns, _family(addr), socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect((addr, port))
+            return s.recv(64)
+        except ConnectionRefusedError:
+            return "refused"
+        except socket.timeout:
+            return "timeout"
+
+
+def sleep_until(t):
+    """Sleep until wall-clock time ``t`` (no-op if it has passed)."""
+    time.sleep(max(0.0, t - time.time()))
+
+
 def udp_try(ns, addr, port, timeout=0.4, payload=b"knock"):
     """One datagram to a UDP echo from ``ns``: its answer (bytes), or 'refused' (ICMP port
     unreachable) or 'timeout'."""

@@ -3132,15 +3132,24 @@ def server_main(args):
     return 0
 
 
+class Checklist(object):
+    """The `ok` / `FAIL` lines of check-config and selftest, and what failed."""
+
+    def __init__(self, say=print):
+        self.say = say
+        self.failures = []
+
+    def __call__(self, ok, text):
+        self.say("  %s  %s" % ("ok  " if ok else "FAIL", text))
+        if not ok:
+            self.failures.append(text)
+        return ok
+
+
 def check_config_main(args):
     """Validate a server config as far as it can be without running the server."""
     config = ServerConfig(args.config, args.access_conf)
-    problems = []
-
-    def line(ok, text):
-        print("  %s  %s" % ("ok  " if ok else "FAIL", text))
-        if not ok:
-            problems.append(text)
+    line = Checklist()
     print("%s: parsed; every key has a valid length; the file is private" % config.path)
     for interface in config.interfaces + config.optional_interfaces:
         optional = interface in config.optional_interfaces
@@ -3178,8 +3187,8 @@ def check_config_main(args):
                   "; refuses 0.0.0.0" if stanza.require_source_address else ""))
     for note in config.notes:
         print("  note  access.conf: %s" % note)
-    print("verdict: %s" % ("ok" if not problems else "%d problem(s)" % len(problems)))
-    return 1 if problems else 0
+    print("verdict: %s" % ("ok" if not line.failures else "%d problem(s)" % len(line.failures)))
+    return 1 if line.failures else 0
 
 
 # ---------------------------------------------------------------------------
@@ -3777,13 +3786,7 @@ def selftest_main(args):
         return 1
     timeout = 2
     t = SelfTest(say)
-    failures = []
-
-    def check(ok, text):
-        say("  %s  %s" % ("ok  " if ok else "FAIL", text))
-        if not ok:
-            failures.append(text)
-        return ok
+    check = Checklist(say)
     try:
         conf = t.build(timeout)
         t.start_service()
@@ -3812,9 +3815,9 @@ def selftest_main(args):
     finally:
         t.cleanup()
         say("  ok    cleaned up: namespaces and temporary files removed")
-    if failures:
+    if check.failures:
         say("verdict: FAIL (%d check(s) failed; the server's last words: %s)"
-            % (len(failures), " | ".join(t.log[-3:]) or "none"))
+            % (len(check.failures), " | ".join(t.log[-3:]) or "none"))
         return 1
     say("verdict: PASS: spa.py works on this machine")
     return 0

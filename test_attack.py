@@ -663,16 +663,8 @@ def test_fixed_config_that_is_not_utf8(tmp_path, which):
     else:
         write_bytes(other, b"[web]\ndestination = 198.18.0.1\naccess = tcp/22\n" + latin1 + stanza)
         argv = ["client", "-c", other, "-n", "web", "--test"]
-    if which != "client config":
-        try:
-            spa.ServerConfig(conf, other if which == "access.conf" else None)
-        except spa.SpaError:
-            pass
-        except Exception as e:
-            pytest.fail("ServerConfig raised %s: %s" % (type(e).__name__, e))
-    done = subprocess.run([sys.executable, SPA] + argv, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
-    assert "Traceback" not in done.stderr, done.stderr
+    done = loads_or_says_why(argv, None if which == "client config" else
+                             (conf, other if which == "access.conf" else None))
     assert done.returncode in (0, 1)
 
 
@@ -695,15 +687,23 @@ def test_fixed_nul_byte_in_a_path_a_config_names(tmp_path, where):
         write_bytes(conf, server_text)
         write_bytes(access, stanza + b"%s %s\0x\n" % (where.encode(), str(tmp_path).encode()))
         argv = ["server", "-c", conf, "--access-conf", access, "--list"]
-    try:
-        spa.ServerConfig(conf, None if where == "access_conf option" else access)
-    except spa.SpaError:
-        pass
-    except Exception as e:
-        pytest.fail("ServerConfig raised %s: %s" % (type(e).__name__, e))
+    loads_or_says_why(argv, (conf, None if where == "access_conf option" else access))
+
+
+def loads_or_says_why(argv, server_config=None):
+    """ServerConfig(*server_config) may raise only SpaError, and `spa.py argv` must end
+    without a traceback; returns the finished process."""
+    if server_config is not None:
+        try:
+            spa.ServerConfig(*server_config)
+        except spa.SpaError:
+            pass
+        except Exception as e:
+            pytest.fail("ServerConfig raised %s: %s" % (type(e).__name__, e))
     done = subprocess.run([sys.executable, SPA] + argv, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
     assert "Traceback" not in done.stderr, done.stderr
+    return done
 
 
 def write_bytes(path, data):

@@ -19,7 +19,7 @@ import pytest
 import netns_lab
 import spa
 from spa import IptablesFirewall as IptablesNat, _parse_nat
-from netns_lab import udp_try, Lab, in_netns, ns_socket, ns_sysctl
+from netns_lab import sleep_until, tcp_try, udp_try, Lab, in_netns, ns_socket, ns_sysctl
 
 FLAVOURS = ("iptables-legacy", "iptables-nft")
 NAT_PORT, INNER_PORT = 5022, 22            # knock for 5022 on the server -> client 2's 22
@@ -71,19 +71,6 @@ def save(lab, command, family):
     return res.stdout
 
 
-def tcp_try(ns, addr, port, timeout=0.4):
-    """One fresh TCP connect from `ns`: the banner (bytes), or 'refused' / 'timeout'."""
-    with ns_socket(ns, socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect((addr, port))
-            return s.recv(64)
-        except ConnectionRefusedError:
-            return "refused"
-        except socket.timeout:
-            return "timeout"
-
-
 def connected(ns, addr, port):
     """An established connection (banner read), for checking it outlives its opening."""
     s = ns_socket(ns, socket.AF_INET6 if ":" in addr else socket.AF_INET)
@@ -98,10 +85,6 @@ def still_alive(s):
     alive = s.recv(64) == b"still there?"
     s.close()
     return alive
-
-
-def sleep_until(t):
-    time.sleep(max(0.0, t - time.time()))
 
 
 def families(lab):

@@ -19,7 +19,7 @@ import pytest
 import spa as ipt
 import netns_lab
 import spa
-from netns_lab import udp_try, Lab, in_netns, ns_socket
+from netns_lab import sleep_until, tcp_try, udp_try, Lab, in_netns, ns_socket
 
 FLAVOURS = ("iptables-legacy", "iptables-nft")
 TCP_PORT, UDP_PORT, OTHER_PORT = 2222, 5353, 2223
@@ -68,27 +68,13 @@ def save(lab, ns, command, family):
     return res.stdout
 
 
-def tcp_try(ns, addr, port, timeout=0.4):
-    """One fresh TCP connect from `ns`: 'ok' (banner read), 'refused' or 'timeout'."""
-    with ns_socket(ns, socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect((addr, port))
-            return "ok" if s.recv(64) else "closed"
-        except ConnectionRefusedError:
-            return "refused"
-        except socket.timeout:
-            return "timeout"
+BANNER = b"netns-lab\n"          # what lab.tcp_service says first
 
 
 def services(lab):
     """TCP (banner + echo) and UDP echo on every server address, IPv4 and IPv6."""
     lab.tcp_service("srv", "::", TCP_PORT)
     lab.udp_echo("srv", UDP_PORT)
-
-
-def sleep_until(t):
-    time.sleep(max(0.0, t - time.time()))
 
 
 def peers(lab):
@@ -259,7 +245,7 @@ def test_open_for_one_client_closes_on_time_without_the_server(command):
             assert not fw.open(cli1, "tcp", TCP_PORT, 1)           # never shortened
         kept = []
         for family, cli1, srv1, cli2, srv2 in peers(lab):
-            assert tcp_try(lab.ns["cli1"], srv1, TCP_PORT) == "ok"
+            assert tcp_try(lab.ns["cli1"], srv1, TCP_PORT) == BANNER
             assert udp_try(lab.ns["cli1"], srv1, UDP_PORT) == b"knock"
             assert tcp_try(lab.ns["cli2"], srv2, TCP_PORT) == "refused"    # the other client
             assert udp_try(lab.ns["cli2"], srv2, UDP_PORT) == "refused"
@@ -277,7 +263,7 @@ def test_open_for_one_client_closes_on_time_without_the_server(command):
         assert all(1 <= row[3] <= 3 for row in listed), listed
 
         sleep_until(end - 0.3)                                   # still open just before the end
-        assert tcp_try(lab.ns["cli1"], lab.srv4(1), TCP_PORT) == "ok"
+        assert tcp_try(lab.ns["cli1"], lab.srv4(1), TCP_PORT) == BANNER
         sleep_until(end + 0.05)
         # No expire() call: the rules are still there, and the kernel no longer matches them.
         for family, cli1, srv1, cli2, srv2 in peers(lab):
@@ -300,7 +286,7 @@ def test_open_for_one_client_closes_on_time_without_the_server(command):
         for family in (4, 6):
             assert rules(lab, "srv", command, family, "INPUT") == [host_rule[family]]
             assert "SPA_INPUT" not in save(lab, "srv", command, family)
-        assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == "ok"   # nothing kept dark
+        assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == BANNER   # nothing kept dark
 
 
 @pytest.mark.parametrize("command", FLAVOURS)
@@ -329,8 +315,8 @@ def test_restart_keeps_openings_drops_expired_and_repairs_the_chain(command):
         assert [r[:2] for r in chain] == [["-s", lab.cli4(1) + "/32"], ["-m", "conntrack"],
                                           ["-p", "tcp"], ["-p", "tcp"]]     # openings first
         assert chain[3][chain[3].index("--dport") + 1] == str(OTHER_PORT)
-        assert tcp_try(lab.ns["cli1"], lab.srv4(1), TCP_PORT) == "ok"
-        assert tcp_try(lab.ns["cli1"], lab.srv6(1), TCP_PORT) == "ok"
+        assert tcp_try(lab.ns["cli1"], lab.srv4(1), TCP_PORT) == BANNER
+        assert tcp_try(lab.ns["cli1"], lab.srv6(1), TCP_PORT) == BANNER
         assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == "refused"
 
         assert not fw.open(lab.cli4(1), "tcp", TCP_PORT, 30)
@@ -347,12 +333,12 @@ def test_restart_keeps_openings_drops_expired_and_repairs_the_chain(command):
         iptables(lab, "srv", command, 4, "-D", "INPUT", "-j", "SPA_INPUT")
         iptables(lab, "srv", command, 4, "-F", "SPA_INPUT")
         iptables(lab, "srv", command, 4, "-X", "SPA_INPUT")
-        assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == "ok"       # unprotected now
+        assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == BANNER       # unprotected now
         assert fw.open(lab.cli4(2), "tcp", TCP_PORT, 30)
         assert rules(lab, "srv", command, 4, "INPUT") == [["-j", "SPA_INPUT"]]
-        assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == "ok"
+        assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == BANNER
         assert tcp_try(lab.ns["cli1"], lab.srv4(1), TCP_PORT) == "refused"  # dark again
-        assert tcp_try(lab.ns["cli1"], lab.srv6(1), TCP_PORT) == "ok"       # IPv6 untouched
+        assert tcp_try(lab.ns["cli1"], lab.srv6(1), TCP_PORT) == BANNER       # IPv6 untouched
 
 
 @pytest.mark.parametrize("command", FLAVOURS)
@@ -380,7 +366,7 @@ def test_default_drop_host_is_opened_and_keeps_its_rules(command):
             assert tcp_try(lab.ns["cli1"], srv1, TCP_PORT) == "refused"      # ours answers first
             assert fw.open(cli1, "tcp", TCP_PORT, 30)
         for family, cli1, srv1, cli2, srv2 in peers(lab):
-            assert tcp_try(lab.ns["cli1"], srv1, TCP_PORT) == "ok"
+            assert tcp_try(lab.ns["cli1"], srv1, TCP_PORT) == BANNER
             assert tcp_try(lab.ns["cli2"], srv2, TCP_PORT) == "refused"
         assert fw.flush()
         for family, cli1, srv1, cli2, srv2 in peers(lab):
@@ -404,7 +390,7 @@ def test_drop_action_is_silent(command):
             assert fw.open(cli1, "tcp", TCP_PORT, 30)
             assert fw.open(cli1, "udp", UDP_PORT, 30)
         for family, cli1, srv1, cli2, srv2 in peers(lab):
-            assert tcp_try(lab.ns["cli1"], srv1, TCP_PORT) == "ok"
+            assert tcp_try(lab.ns["cli1"], srv1, TCP_PORT) == BANNER
             assert udp_try(lab.ns["cli1"], srv1, UDP_PORT) == b"knock"
             assert tcp_try(lab.ns["cli2"], srv2, TCP_PORT, 0.3) == "timeout"
 

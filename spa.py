@@ -103,6 +103,7 @@ def aes_module():
         for package in ("Cryptodome", "Crypto"):
             try:
                 top = importlib.import_module(package)
+                _skip_architecture_probe(importlib.import_module(package + ".Util._raw_api"))
                 module = importlib.import_module(package + ".Cipher.AES")
             except ImportError:
                 continue
@@ -114,6 +115,20 @@ def aes_module():
             raise SpaError("pycryptodome is missing: install it with "
                            "'apt install python3-pycryptodome' or 'pip install pycryptodome'")
     return _AES
+
+
+def _skip_architecture_probe(raw_api):
+    """Spare pycryptodome its `file` subprocess when it loads its C code through ctypes.
+
+    pycryptodome's ctypes loader asks platform.architecture() once per process, which
+    runs `file` on the Python binary (6 ms of the client's start-up) and only uses the
+    answer to tell Windows DLLs apart.  Its result cache is a module-level list: fill it
+    with the answer platform.architecture() gives on Linux.  Left alone if that name is
+    not there (the cffi loader, other versions).
+    """
+    cache = getattr(raw_api, "cached_architecture", None)
+    if isinstance(cache, list) and not cache and sys.platform.startswith("linux"):
+        cache[:] = ["%dbit" % (8 * struct.calcsize("P")), "ELF"]
 
 
 def b64encode(data):
@@ -3415,10 +3430,18 @@ def nat_request(opts, access, timeout):
     return (MSG_TIMEOUT_NAT if timeout else MSG_NAT), field, access
 
 
+def _name_arg(host):
+    """A host for getaddrinfo(): ASCII as bytes, which spares loading the idna codec."""
+    try:
+        return host.encode("ascii")
+    except UnicodeEncodeError:
+        return host
+
+
 def resolve_address(host):
     """An address for a name: a spa.py server resolves no names in NAT requests."""
     try:
-        return socket.getaddrinfo(host, None, 0, socket.SOCK_DGRAM)[0][4][0]
+        return socket.getaddrinfo(_name_arg(host), None, 0, socket.SOCK_DGRAM)[0][4][0]
     except socket.gaierror as e:
         raise SpaError("cannot resolve %s: %s" % (host, e.strerror))
 
@@ -3426,7 +3449,7 @@ def resolve_address(host):
 def send_packet(wire, host, port):
     """Send the packet as one UDP datagram to the first address `host` resolves to."""
     try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+        infos = socket.getaddrinfo(_name_arg(host), port, 0, socket.SOCK_DGRAM)
     except socket.gaierror as e:
         raise SpaError("cannot resolve %s: %s" % (host, e.strerror))
     family, kind, proto, _, address = infos[0]
@@ -3452,7 +3475,7 @@ def connect_when_open(host, port, knock, wait=10.0, attempt=0.25):
     Returns the connected socket, or raises SpaError naming what to check.
     """
     try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(_name_arg(host), port, 0, socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise SpaError("cannot resolve %s: %s" % (host, e.strerror))
     start = time.monotonic()
@@ -3873,16 +3896,53 @@ EXAMPLES = """examples:
 """
 
 
-def build_parser():
-    fmt = argparse.RawDescriptionHelpFormatter
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, sized from $COLUMNS or the terminal without importing shutil.
+
+    argparse makes one of these for every option it adds, and each would import
+    shutil (1.5 ms of the client's start-up) just to ask for the terminal's width.
+    """
+
+    def __init__(self, prog):
+        try:
+            columns = int(os.environ.get("COLUMNS", ""))
+        except ValueError:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+        super().__init__(prog, width=max(columns, 40) - 2)
+
+
+def build_parser(argv=None):
+    """The command line parser.  Given argv, only the options of the subcommand it names
+    are built (the others still list in --help): a quicker start for `spa client`."""
+    fmt = _HelpFormatter
+    named = argv[0] if argv else None
     p = argparse.ArgumentParser(
         prog="spa.py", formatter_class=fmt, epilog=EXAMPLES,
         description="Single Packet Authorization, wire-compatible with fwknop.")
     p.add_argument("--version", action="version", version="spa.py " + VERSION)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    names = [n for n, _ in _SUBCOMMANDS]
+    for name, add_options in _SUBCOMMANDS:
+        if named in names and named != name:
+            sub.add_parser(name, formatter_class=fmt, help=_SUBCOMMAND_HELP[name])
+        else:
+            add_options(sub, fmt)
+    return p
 
-    k = sub.add_parser("keygen", formatter_class=fmt, help="make a new key pair",
+
+_SUBCOMMAND_HELP = {
+    "keygen": "make a new key pair", "client": "send a knock",
+    "server": "run the server (root)", "check-config": "validate a server config",
+    "install": "install spa.py with a fast launcher",
+    "selftest": "prove it works on this machine (root)"}
+
+
+def _keygen_options(sub, fmt):
+    k = sub.add_parser("keygen", formatter_class=fmt, help=_SUBCOMMAND_HELP["keygen"],
                        description="Print fresh random keys (as `fwknop --key-gen` does) and "
                        "ready-to-paste server and client sections.",
                        epilog="example:\n  spa.py keygen -n web1 -D web1.example.org -o web1.keys")
@@ -3893,7 +3953,9 @@ def build_parser():
     k.add_argument("-A", "--access", default="tcp/22", help="the ports, e.g. tcp/22,tcp/443")
     k.add_argument("-o", "--output", metavar="FILE", help="write to a new file with mode 0600")
 
-    c = sub.add_parser("client", formatter_class=fmt, help="send a knock",
+
+def _client_options(sub, fmt):
+    c = sub.add_parser("client", formatter_class=fmt, help=_SUBCOMMAND_HELP["client"],
                        description="Build one SPA packet and send it over UDP (no privileges needed).",
                        epilog="examples:\n"
                        "  spa.py client -n web1                 # knock with [web1] of ~/.spa.conf\n"
@@ -3942,7 +4004,9 @@ def build_parser():
     c.add_argument("--test", action="store_true", help="print the packet instead of sending it")
     c.add_argument("-v", "--verbose", action="store_true", help="print the packet's fields")
 
-    s = sub.add_parser("server", formatter_class=fmt, help="run the server (root)",
+
+def _server_options(sub, fmt):
+    s = sub.add_parser("server", formatter_class=fmt, help=_SUBCOMMAND_HELP["server"],
                        description="Capture knocks and open the firewall for authorised clients.",
                        epilog="examples:\n  spa.py server -c /etc/spa/spa.conf -v\n"
                        "  spa.py server -c /etc/spa/spa.conf --list\n"
@@ -3957,7 +4021,10 @@ def build_parser():
     s.add_argument("--list", action="store_true", help="print the open authorizations and exit")
     s.add_argument("--flush", action="store_true",
                    help="remove everything spa.py put in the firewall and exit")
-    cc = sub.add_parser("check-config", formatter_class=fmt, help="validate a server config",
+
+
+def _check_config_options(sub, fmt):
+    cc = sub.add_parser("check-config", formatter_class=fmt, help=_SUBCOMMAND_HELP["check-config"],
                         description="Parse and check a server config: keys, permissions, "
                         "interfaces, the firewall tool; print what the server would protect.",
                         epilog="example:\n  spa.py check-config -c /etc/spa/spa.conf")
@@ -3965,23 +4032,35 @@ def build_parser():
                     help="config file (default %s)" % DEFAULT_CONFIG)
     cc.add_argument("--access-conf", dest="access_conf", metavar="FILE",
                     help="also load the client stanzas of fwknopd's access.conf")
-    i = sub.add_parser("install", formatter_class=fmt, help="install spa.py with a fast launcher",
+
+
+def _install_options(sub, fmt):
+    i = sub.add_parser("install", formatter_class=fmt, help=_SUBCOMMAND_HELP["install"],
                        description="Copy spa.py to PREFIX/lib/spa, compile it, and write the "
                        "launcher PREFIX/bin/spa: `spa client ...` then starts faster and the "
                        "server needs less memory, because Python reuses the compiled code.",
                        epilog="example:\n  sudo python3 spa.py install && spa --version")
     i.add_argument("--prefix", default="/usr/local", help="where to install (default /usr/local)")
-    sub.add_parser("selftest", formatter_class=fmt, help="prove it works on this machine (root)",
+
+
+def _selftest_options(sub, fmt):
+    sub.add_parser("selftest", formatter_class=fmt, help=_SUBCOMMAND_HELP["selftest"],
                    description="Build two throwaway network namespaces, run a server with this "
                    "machine's real capture and firewall in one, knock from the other, and show "
                    "each step: port closed, knock, port open, closed after the timeout, replay "
                    "refused.  The host's own firewall is not touched.",
                    epilog="example:\n  sudo python3 spa.py selftest")
-    return p
+
+
+_SUBCOMMANDS = [("keygen", _keygen_options), ("client", _client_options),
+                ("server", _server_options), ("check-config", _check_config_options),
+                ("install", _install_options), ("selftest", _selftest_options)]
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(argv).parse_args(argv)
     handler = {"keygen": keygen_main, "client": client_main, "server": server_main,
                "check-config": check_config_main, "selftest": selftest_main,
                "install": install_main}

@@ -583,6 +583,51 @@ def test_help_shows_examples():
         assert "example" in done.stdout
 
 
+def test_parser_built_for_one_subcommand_is_the_whole_parser_for_it():
+    """build_parser(argv) adds only the named subcommand's options (a faster client
+    start): its help and its parse must be exactly those of the full parser."""
+    for cmd in ("keygen", "client", "server", "check-config", "install", "selftest"):
+        full = spa.build_parser()._subparsers._group_actions[0].choices[cmd]
+        one = spa.build_parser([cmd])._subparsers._group_actions[0].choices[cmd]
+        assert one.format_help() == full.format_help()
+    argv = ["client", "-D", "198.18.0.1", "-A", "tcp/22", "-U", "bob", "-v"]
+    assert spa.build_parser(argv).parse_args(argv) == spa.build_parser().parse_args(argv)
+    # the top-level help still names every subcommand
+    top = spa.build_parser(["client"]).format_help()
+    for cmd in ("keygen", "client", "server", "check-config", "install", "selftest"):
+        assert cmd in top
+
+
+def _pythons_with_pycryptodome():
+    found = []
+    for python in (sys.executable, "/usr/bin/python3"):
+        if os.path.exists(python) and python not in found and subprocess.run(
+                [python, "-c", "import sys; sys.path.insert(0, %r); import spa; spa.aes_module()"
+                 % HERE], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+            found.append(python)
+    return found
+
+
+@pytest.mark.parametrize("python", _pythons_with_pycryptodome())
+def test_client_start_up_skips_what_it_does_not_need(python):
+    """The client must not run `file` (pycryptodome's architecture probe, ctypes loader)
+    nor import what only the server or --help use; and it still builds its packet."""
+    code = ("import sys; sys.path.insert(0, %r); import spa\n"
+            "spa.main(['client', '-D', '198.18.0.1', '-A', 'tcp/22', '-U', 'bob', '--test',\n"
+            "          '--key-base64', %r, '--hmac-key-base64', %r])\n"
+            "print(sorted(m for m in ('platform', 'encodings.idna', 'logging', 'json',\n"
+            "      'configparser') if m in sys.modules))\n"
+            % (HERE, base64.b64encode(b"k" * 32).decode(), base64.b64encode(b"h" * 64).decode()))
+    done = subprocess.run([python, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines[0]) > 100                    # the packet --test prints
+    loaded = lines[-1]
+    for module in ("platform", "encodings.idna", "logging", "json", "configparser"):
+        assert "'%s'" % module not in loaded, loaded
+
+
 # ---------------------------------------------------------------------------
 # keygen and client
 # ---------------------------------------------------------------------------

@@ -1097,7 +1097,7 @@ def test_packets_are_read_without_privileges(tmp_path):
         lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
         server = start_server(lab, tmp_path)
         wait_for_line(server, r"packets read as user nobody", 1)
-        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None     # nft -i is running now
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None     # the firewall was changed
         readers = [p for p in children(server.pid) if "spa.py" in open("/proc/%d/cmdline" % p).read()]
         assert len(readers) == 1
         status = proc_status(readers[0])
@@ -1811,7 +1811,61 @@ def test_nft_close_removes_an_opening_now(tmp_path):
         assert netns_lab.in_netns(lab.name("srv"), lambda: fw.close(Lab.cli4(1), "tcp", SERVICE_PORT))
         assert closed(lab, "cli1", Lab.srv4(1))
         assert not netns_lab.in_netns(lab.name("srv"), lambda: fw.close(Lab.cli4(1), "tcp", SERVICE_PORT))
-        fw.shell.close()
+        fw.kernel.close()
+
+
+def test_nft_netlink_changes_are_the_elements_nft_makes(tmp_path):
+    """Openings go to the kernel over netlink, not through nft: the elements must be the
+    very ones nft itself writes and reads (keys, NAT data, timeouts), a refused change
+    must say which set, and a burst of 10,000 must go in one transaction."""
+    need_nft()
+    with Lab(clients=1, prefix="spa") as lab:
+        srv = lab.name("srv")
+        fw = spa.NftFirewall([("tcp", SERVICE_PORT)], nat=True)
+        netns_lab.in_netns(srv, fw.setup)
+        # Elements nft made are found under the keys spa.py builds: removing them works.
+        lab.run("srv", ["nft", "add element inet spa allow4 { 198.18.7.7 . tcp . 22 timeout 60s }; "
+                        "add element inet spa allow6 { 2001:db8::77 . udp . 53 timeout 60s }"])
+        assert len(netns_lab.in_netns(srv, fw.list)) == 2
+        batch = spa.ElementBatch()
+        batch.remove(("inet", "spa", "allow4"), spa.nft_key(["198.18.7.7"], 6, 22))
+        batch.remove(("inet", "spa", "allow6"), spa.nft_key(["2001:db8::77"], 17, 53))
+        netns_lab.in_netns(srv, fw.kernel.commit, batch)
+        assert netns_lab.in_netns(srv, fw.list) == []
+        # And what spa.py writes, nft reads back as written.
+        netns_lab.in_netns(srv, fw.open_many, [("198.18.7.8", "tcp", 22, 30),
+                                               ("2001:db8::78", "udp", 53, 40)])
+        netns_lab.in_netns(srv, fw.open_nat, "198.18.7.9", "tcp", 2222, "198.18.9.1", 22, 50, False)
+        netns_lab.in_netns(srv, fw.open_nat, "2001:db8::79", "tcp", 2223, "2001:db8:9::1", 22, 60,
+                           True)
+        # (nft shows whole seconds left, rounded down: 29 or 30 for 30)
+        opened = sorted(netns_lab.in_netns(srv, fw.list))
+        assert [o[:3] for o in opened] == [("198.18.7.8", "tcp", 22), ("2001:db8::78", "udp", 53)]
+        assert 29 <= opened[0][3] <= 30 and 39 <= opened[1][3] <= 40
+        nat = sorted(netns_lab.in_netns(srv, fw.list_nat))
+        assert [o[:6] for o in nat] == [("198.18.7.9", "tcp", 2222, "198.18.9.1", 22, False),
+                                        ("2001:db8::79", "tcp", 2223, "2001:db8:9::1", 22, True)]
+        assert 49 <= nat[0][6] <= 50 and 59 <= nat[1][6] <= 60
+        fwd = lab.run("srv", ["nft", "list", "set", "inet", "spa", "fwd4"]).stdout
+        assert "198.18.7.9 . 198.18.9.1 . tcp . 22 timeout 50s" in fwd
+        # A longer opening is a refresh (add, delete, add): the new timeout holds.
+        netns_lab.in_netns(srv, fw.open_many, [("198.18.7.8", "tcp", 22, 90)])
+        assert [o[3] >= 88 for o in netns_lab.in_netns(srv, fw.list) if o[0] == "198.18.7.8"] == [True]
+        # The kernel refuses a change to a set that is not there; nothing of the batch stays.
+        batch = spa.ElementBatch()
+        batch.put(("inet", "spa", "allow4"), spa.nft_key(["198.18.7.10"], 6, 22), 30)
+        batch.put(("inet", "spa", "nosuch"), spa.nft_key(["198.18.7.10"], 6, 22), 30)
+        with pytest.raises(spa.SpaError, match="add element inet spa nosuch: No such file"):
+            netns_lab.in_netns(srv, fw.kernel.commit, batch)
+        assert "198.18.7.10" not in [o[0] for o in netns_lab.in_netns(srv, fw.list)]
+        # 10,000 openings, fresh and then refreshed, each burst one transaction.
+        burst = [("198.19.%d.%d" % (i // 200, i % 200 + 1), "tcp", 22, 120) for i in range(10000)]
+        assert netns_lab.in_netns(srv, fw.open_many, burst) == 10000
+        burst = [(a, p, port, 240) for a, p, port, _ in burst]
+        assert netns_lab.in_netns(srv, fw.open_many, burst) == 10000
+        left = [o[3] for o in netns_lab.in_netns(srv, fw.list) if o[0].startswith("198.19.")]
+        assert len(left) == 10000 and min(left) >= 238
+        fw.kernel.close()
 
 
 def test_the_example_config_is_valid(tmp_path):

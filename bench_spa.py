@@ -684,7 +684,7 @@ class SpaUnderTest(ServerUnderTest):
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        self.proc = self.lab.spawn("srv", [installed(sys.executable), "server", "-c", conf])
+        self.proc = self.lab.spawn("srv", [installed(system_python()[0]), "server", "-c", conf])
         netns_lab.wait_for_line(self.proc, r"listening on", 30)
         return self
 
@@ -896,6 +896,21 @@ def measure_scale(lab, server, cfg, budget):
 _INSTALLED = {}
 
 
+def system_python():
+    """(interpreter, description): Debian's /usr/bin/python3 -- what a user who installed
+    python3-pycryptodome runs -- if it can import pycryptodome, else this interpreter.
+    Both the server and the client are measured under it."""
+    python = "/usr/bin/python3"
+    check = subprocess.run([python, "-c", "import sys; sys.path.insert(0, %r); import spa; spa.aes_module()" % HERE],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) \
+        if os.path.exists(python) else None
+    if check is None or check.returncode != 0:
+        return sys.executable, "%s (no usable /usr/bin/python3 with pycryptodome)" % sys.executable
+    version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                             stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+    return python, "Debian's /usr/bin/python3 (%s)" % version
+
+
 def installed(python):
     """The launcher that `spa.py install` writes, for `python`: what a user runs after
     installing (Python then reuses spa's compiled code, instead of compiling the script)."""
@@ -914,12 +929,7 @@ def installed(python):
 def measure_client_cost(lab, cfg, keys, tmpdir):
     """hyperfine inside the client namespace: spa.py client (Debian's python) vs fwknop."""
     k, h = (base64.b64encode(x).decode() for x in keys)
-    python = "/usr/bin/python3"
-    note = "Debian's /usr/bin/python3"
-    check = subprocess.run([python, "-c", "import sys; sys.path.insert(0, %r); import spa; spa.aes_module()" % HERE],
-                           capture_output=True) if os.path.exists(python) else None
-    if check is None or check.returncode != 0:
-        python, note = sys.executable, "%s (no usable /usr/bin/python3 with pycryptodome)" % sys.executable
+    python, note = system_python()
     args = "client -D %s -A tcp/%d --key-base64 %s --hmac-key-base64 %s -U %s" % (
         lab.dst, SERVICE_PORT, k, h, USER)
     spa_cmd = "%s %s" % (installed(python), args)
@@ -1146,9 +1156,9 @@ def print_table(rows, results, out=sys.stdout):
     widths = [max(len(r[i]) for r in table) for i in range(5)]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     meta = results["meta"]
-    out.write("\nspa.py vs fwknopd (%s mode, %d CPUs, kernel %s, %.0f s in all)\n\n"
+    out.write("\nspa.py vs fwknopd (%s mode, %d CPUs, kernel %s, %.0f s in all; spa.py under %s)\n\n"
               % ("smoke" if meta["smoke"] else "full", meta["cpus"], meta["kernel"],
-                 meta.get("total_seconds", 0)))
+                 meta.get("total_seconds", 0), meta.get("spa_python", "?")))
     out.write(line(table[0]) + "\n")
     out.write("|" + "|".join("-" * (w + 2) for w in widths) + "|\n")
     for r in table[1:]:
@@ -1211,7 +1221,8 @@ def main(argv=None):
         if name not in kinds:
             p.error("unknown server %r (spa.py, fwknopd)" % name)
     results = {"meta": {"smoke": cfg.smoke, "cpus": os.cpu_count(), "kernel": os.uname().release,
-                        "python": sys.version.split()[0], "garbage_length": cfg.garbage_length,
+                        "python": sys.version.split()[0], "spa_python": system_python()[1],
+                        "garbage_length": cfg.garbage_length,
                         "flood_rates": cfg.flood_rates, "flood_seconds": cfg.flood_seconds,
                         "scale_ns": cfg.scale_ns, "started": time.time()},
                "servers": {}}

@@ -2381,11 +2381,12 @@ def bpf_filter(port):
 
 
 def attach_filter(sock, program):
-    import ctypes
-    blob = b"".join(struct.pack("HBBI", *insn) for insn in program)
-    buf = ctypes.create_string_buffer(blob)
-    fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    """SO_ATTACH_FILTER takes a struct sock_fprog: the length and the address of the
+    instructions, which an array knows (the kernel copies them before returning)."""
+    import array
+    code = array.array("B", b"".join(struct.pack("HBBI", *insn) for insn in program))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                    struct.pack("HL", len(program), code.buffer_info()[0]))
 
 
 def open_capture(interface, port):
@@ -2446,26 +2447,71 @@ def parse_frame(frame):
 SYSLOG_SOCKET = "/dev/log"
 
 
-def make_logger(where, verbose):
-    """The server's log: stderr (with time stamps), or syslog as `spa[PID]`, facility daemon."""
-    import logging
-    import logging.handlers
-    log = logging.getLogger("spa")
-    log.handlers[:] = []
-    log.propagate = False
-    if where == "syslog":
+class Log(object):
+    """The server's log: a line per event on stderr with a time stamp, or to syslog as
+    `spa[PID]`, facility daemon.  (The logging module would cost each process ~1 MB.)"""
+
+    SEVERITY = {"error": 3, "warning": 4, "info": 6, "debug": 7}
+    FACILITY_DAEMON = 3
+
+    def __init__(self, where="stderr", verbose=False):
+        self.verbose = verbose
+        self.sock = None
+        if where == "syslog":
+            self._connect()
+
+    def _connect(self):
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            sock = socket.socket(socket.AF_UNIX, kind)
+            try:
+                sock.connect(SYSLOG_SOCKET)
+                self.sock = sock
+                return
+            except OSError as e:
+                sock.close()
+                error = e
+        raise SpaError("cannot log to syslog (%s): %s" % (SYSLOG_SOCKET, error.strerror))
+
+    def fds(self):
+        """The file descriptors the log writes to (a forked child must keep them)."""
+        return {2} if self.sock is None else {2, self.sock.fileno()}
+
+    def _write(self, level, text, args):
+        if args:
+            text = text % args
+        if self.sock is None:
+            now = time.time()
+            try:
+                sys.stderr.write("%s,%03d spa: %s\n" % (
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)), now % 1 * 1000, text))
+                sys.stderr.flush()
+            except (OSError, ValueError):     # stderr closed: nowhere left to say it
+                pass
+            return
+        line = ("<%d>spa[%d]: %s\0" % (self.FACILITY_DAEMON * 8 + self.SEVERITY[level],
+                                         os.getpid(), text)).encode("utf-8", "replace")
         try:
-            handler = logging.handlers.SysLogHandler(
-                address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-        except OSError as e:
-            raise SpaError("cannot log to syslog (%s): %s" % (SYSLOG_SOCKET, e.strerror))
-        handler.setFormatter(logging.Formatter("spa[%(process)d]: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s spa: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    return log
+            self.sock.send(line)
+        except OSError:               # syslog restarted: connect again, once
+            try:
+                self.sock.close()
+                self._connect()
+                self.sock.send(line)
+            except (OSError, SpaError):
+                pass
+
+    def debug(self, text, *args):
+        if self.verbose:
+            self._write("debug", text, args)
+
+    def info(self, text, *args):
+        self._write("info", text, args)
+
+    def warning(self, text, *args):
+        self._write("warning", text, args)
+
+    def error(self, text, *args):
+        self._write("error", text, args)
 
 
 class RateLimiter(object):
@@ -2904,8 +2950,7 @@ def start_reader(config, sockets, seen, log, user):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent stops us with SIGTERM
         # Nothing of the parent's may leak in: its netlink sockets, the replay cache file...
-        keep = {0, 1, 2, w} | {sock.fileno() for sock in sockets} | {
-            h.socket.fileno() for h in log.handlers if getattr(h, "socket", None) is not None}
+        keep = {0, 1, 2, w} | {sock.fileno() for sock in sockets} | log.fds()
         close_fds_except(keep)
         preload()                  # while files are still readable, before becoming nobody
         if user and os.geteuid() == 0:
@@ -3153,7 +3198,7 @@ class Supervisor(object):
 
 def server_main(args):
     config = ServerConfig(args.config, args.access_conf)
-    log = make_logger("stderr" if args.test else config.log, args.verbose)
+    log = Log("stderr" if args.test else config.log, args.verbose)
     for note in config.notes:
         log.warning("access.conf: %s", note)
     firewall = make_firewall(config, args.test, log)

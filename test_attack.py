@@ -91,7 +91,7 @@ class Box(object):
     (the replay cache file, the dry-run firewall), wired as server_main wires them."""
 
     def __init__(self, config, replay, firewall=None):
-        log = spa.make_logger("stderr", False)
+        log = spa.Log("stderr", False)
         self.config, self.replay = config, replay
         self.firewall = firewall or spa.DryRunFirewall(config.protect)
         self.reader = spa.Reader(config, spa.Gatekeeper(config, self.firewall, replay, log), log,

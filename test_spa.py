@@ -472,7 +472,7 @@ def test_reader_records_authenticated_rejects(tmp_path):
     config = server_config(tmp_path, {"a": {"open_ports": "tcp/22"}})
     replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
     firewall = spa.DryRunFirewall(config.protect)
-    log = spa.make_logger("stderr", False)
+    log = spa.Log("stderr", False)
     reader = spa.Reader(config, spa.Gatekeeper(config, firewall, replay, log), log, replay.copy())
     bad = knock([("tcp", 80)])
     assert not reader.handle(bad, "198.18.0.2").accepted
@@ -495,7 +495,7 @@ def test_gatekeeper_checks_what_the_reader_asks(tmp_path):
     config = server_config(tmp_path, {"a": {"open_ports": "tcp/22", "max_fw_timeout": "60"}})
     replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
     firewall = spa.DryRunFirewall(config.protect)
-    gate = spa.Gatekeeper(config, firewall, replay, spa.make_logger("stderr", False))
+    gate = spa.Gatekeeper(config, firewall, replay, spa.Log("stderr", False))
     ok = {"key": "K" * 43, "stamp": int(time.time()), "source": "198.18.0.2",
           "address": "198.18.0.2", "access": [["tcp", 22]], "timeout": 30, "stanza": "a",
           "user": "alice"}
@@ -1786,7 +1786,7 @@ def test_syslog_lines_say_spa_and_never_the_keys(tmp_path, monkeypatch):
     sink.bind(path)
     sink.settimeout(2)
     monkeypatch.setattr(spa, "SYSLOG_SOCKET", path)
-    log = spa.make_logger("syslog", False)
+    log = spa.Log("syslog", False)
     config = server_config(tmp_path)
     replay = spa.ReplayCache(None, 120)
     reader = spa.Reader(config, spa.Gatekeeper(config, spa.DryRunFirewall(config.protect),

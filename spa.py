@@ -2936,7 +2936,10 @@ def start_reader(config, sockets, seen, log, user):
     import gc
     import signal
     r, w = os.pipe()
-    # Python 3.7+: the child's garbage collector then leaves the shared pages alone.
+    # Load what the reader needs before the fork, while files are readable: shared with
+    # the parent, pycryptodome and the hash modules cost 1.3 MB less (PSS) than loaded
+    # in the child.  Python 3.7+: the child's garbage collector leaves shared pages alone.
+    preload()
     getattr(gc, "freeze", lambda: None)()
     pid = os.fork()
     if pid:
@@ -2952,7 +2955,6 @@ def start_reader(config, sockets, seen, log, user):
         # Nothing of the parent's may leak in: its netlink sockets, the replay cache file...
         keep = {0, 1, 2, w} | {sock.fileno() for sock in sockets} | log.fds()
         close_fds_except(keep)
-        preload()                  # while files are still readable, before becoming nobody
         if user and os.geteuid() == 0:
             drop_privileges(user)
         reader = Reader(config, GatePipe(w), log, seen)

@@ -1100,6 +1100,7 @@ def test_packets_are_read_without_privileges(tmp_path):
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None     # the firewall was changed
         readers = [p for p in children(server.pid) if "spa.py" in open("/proc/%d/cmdline" % p).read()]
         assert len(readers) == 1
+        assert children(server.pid) == readers      # no nft process: openings go over netlink
         status = proc_status(readers[0])
         assert status["Uid"].split() == [str(nobody)] * 4
         assert status["CapEff"].strip() == "0" * 16 and status["CapPrm"].strip() == "0" * 16

@@ -1211,10 +1211,16 @@ class NftNetlink(object):
                 self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
                                           self.NETLINK_NETFILTER)
                 self.sock.bind((0, 0))
-                self.sock.setsockopt(self.SOL_NETLINK, self.NETLINK_CAP_ACK, 1)  # short answers
+                try:         # answers without a copy of the message (Linux 4.3 and later)
+                    self.sock.setsockopt(self.SOL_NETLINK, self.NETLINK_CAP_ACK, 1)
+                except OSError:
+                    pass
                 self.sock.setblocking(False)
             if len(data) > 100000:               # a big batch must fit the send buffer whole
-                self.sock.setsockopt(socket.SOL_SOCKET, self.SO_SNDBUFFORCE, len(data) + 65536)
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, self.SO_SNDBUFFORCE, len(data) + 65536)
+                except OSError:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(data) + 65536)
             self.sock.sendto(data, (0, 0))
             errors = self._answers(set(what) - {begin_seq}, set(what))
         except OSError as e:

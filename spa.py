@@ -1114,18 +1114,28 @@ class ElementBatch(object):
     element that may be there already is added, deleted and added again.  The
     changes run in three phases (all first adds, all deletes, all last adds), which
     for distinct elements is the same and lets each phase go as one message a set.
-    A place is (family, table, set name); a key and data are nft_key() bytes.
+    A place is (family, table, set name); a key and data are nft_key() bytes.  An
+    element put twice (a local NAT opening and a plain one through the same
+    default-drop chain) goes in once, with the longer time: a second delete of it
+    would fail the whole transaction.
     """
 
     def __init__(self):
         self.first, self.deletes, self.last = [], [], []
+        self.where = {}        # (place, key) -> its index in self.last
 
     def put(self, place, key, seconds, data=None, fresh=False):
         """The element is to be there for `seconds`; `fresh`: it is known not to be."""
         element = (place, key, data, seconds)
+        known = self.where.get((place, key))
+        if known is not None:
+            if seconds > self.last[known][3]:
+                self.last[known] = element
+            return
         if not fresh:
             self.first.append(element)
             self.deletes.append((place, key, None, None))
+        self.where[(place, key)] = len(self.last)
         self.last.append(element)
 
     def remove(self, place, key):

@@ -1852,6 +1852,13 @@ def test_nft_netlink_changes_are_the_elements_nft_makes(tmp_path):
         # A longer opening is a refresh (add, delete, add): the new timeout holds.
         netns_lab.in_netns(srv, fw.open_many, [("198.18.7.8", "tcp", 22, 90)])
         assert [o[3] >= 88 for o in netns_lab.in_netns(srv, fw.list) if o[0] == "198.18.7.8"] == [True]
+        # An element put twice in one batch goes in once, with the longer time.
+        batch = spa.ElementBatch()
+        for seconds in (30, 70, 50):
+            batch.put(("inet", "spa", "allow4"), spa.nft_key(["198.18.7.11"], 6, 22), seconds)
+        assert len(batch) == 3                          # add, delete, add: once
+        netns_lab.in_netns(srv, fw.kernel.commit, batch)
+        assert [o[3] >= 68 for o in netns_lab.in_netns(srv, fw.list) if o[0] == "198.18.7.11"] == [True]
         # The kernel refuses a change to a set that is not there; nothing of the batch stays.
         batch = spa.ElementBatch()
         batch.put(("inet", "spa", "allow4"), spa.nft_key(["198.18.7.10"], 6, 22), 30)

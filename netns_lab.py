@@ -220,6 +220,22 @@ def in_netns(nsname, fn, *args):
     return out["result"]
 
 
+class InNetns(object):
+    """An object whose every method call runs inside network namespace `ns` (a firewall
+    back end under test, say)."""
+
+    def __init__(self, ns, firewall):
+        self.ns, self.firewall = ns, firewall
+
+    def __getattr__(self, name):
+        method = getattr(self.firewall, name)
+        return lambda *args: in_netns(self.ns, method, *args)
+
+
+def ip6(command):
+    """The IPv6 twin of an iptables command: iptables-nft -> ip6tables-nft."""
+    return command.replace("ip", "ip6", 1)
+
 def ns_socket(nsname, family=socket.AF_INET, type=socket.SOCK_STREAM, proto=0):
     """Create a socket inside network namespace ``nsname`` and return it.
 

@@ -2494,7 +2494,10 @@ class Log(object):
 
     def _write(self, level, text, args):
         if args:
-            text = text % args
+            try:
+                text = text % args
+            except (TypeError, ValueError):       # a bad format must not stop the server
+                text = "%s %r" % (text, args)
         if self.sock is None:
             now = time.time()
             try:

@@ -11,7 +11,6 @@ namespace with setns(2) (netns_lab.in_netns), and its iptables processes inherit
 import math
 import shlex
 import socket
-import threading
 import time
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 import netns_lab
 import spa
 from spa import IptablesFirewall as IptablesNat, _parse_nat
-from netns_lab import sleep_until, tcp_try, udp_try, Lab, in_netns, ns_socket, ns_sysctl
+from netns_lab import InNetns, ip6, sleep_until, tcp_try, udp_try, Lab, ns_socket, ns_sysctl
 
 FLAVOURS = ("iptables-legacy", "iptables-nft")
 NAT_PORT, INNER_PORT = 5022, 22            # knock for 5022 on the server -> client 2's 22
@@ -28,24 +27,9 @@ LOCAL_NAT_PORT, LOCAL_PORT = 55000, 8022   # local NAT: 55000 -> the server's ow
 
 # ------------------------------------------------------------------- helpers
 
-def ip6(command):
-    return command.replace("ip", "ip6", 1)
-
-
 def need_iptables(command):
     netns_lab.need_lab(command, ip6(command), command + "-restore", ip6(command) + "-restore",
                        command + "-save", ip6(command) + "-save")
-
-
-class InNetns(object):
-    """A firewall object whose every method call runs inside network namespace `ns`."""
-
-    def __init__(self, ns, firewall):
-        self.ns, self.firewall = ns, firewall
-
-    def __getattr__(self, name):
-        method = getattr(self.firewall, name)
-        return lambda *args: in_netns(self.ns, method, *args)
 
 
 def iptables(lab, command, family, *args, check=True):

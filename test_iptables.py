@@ -11,7 +11,6 @@ setns(2) (netns_lab.in_netns), and the iptables processes it starts inherit that
 import math
 import shlex
 import socket
-import threading
 import time
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 import spa as ipt
 import netns_lab
 import spa
-from netns_lab import sleep_until, tcp_try, udp_try, Lab, in_netns, ns_socket
+from netns_lab import InNetns, ip6, sleep_until, tcp_try, udp_try, Lab, in_netns, ns_socket
 
 FLAVOURS = ("iptables-legacy", "iptables-nft")
 TCP_PORT, UDP_PORT, OTHER_PORT = 2222, 5353, 2223
@@ -27,26 +26,11 @@ TCP_PORT, UDP_PORT, OTHER_PORT = 2222, 5353, 2223
 
 # ------------------------------------------------------------------- helpers
 
-def ip6(command):
-    return command.replace("ip", "ip6", 1)
-
-
 def need_iptables(*commands):
     tools = []
     for command in commands:
         tools += [command, ip6(command), command + "-restore", ip6(command) + "-restore"]
     netns_lab.need_lab(*tools)
-
-
-class InNetns(object):
-    """A firewall object whose every method call runs inside network namespace `ns`."""
-
-    def __init__(self, ns, firewall):
-        self.ns, self.firewall = ns, firewall
-
-    def __getattr__(self, name):
-        method = getattr(self.firewall, name)
-        return lambda *args: in_netns(self.ns, method, *args)
 
 
 def iptables(lab, ns, command, family, *args, check=True):

@@ -458,6 +458,49 @@ def test_replay_cache_survives_a_restart_and_prunes(tmp_path):
         assert len(f.read().splitlines()) == 1    # only the header is left
 
 
+def test_packed_map_behaves_like_a_dict():
+    """PackedMap (the replay cache's and nft's tables of ends) against a dict, over random
+    sequences of puts, pops, purges and copies; keys it cannot encode are absent."""
+    from hypothesis import given, settings, strategies as st
+    keys = st.tuples(st.sampled_from(["198.18.0.1", "198.18.0.2", "2001:db8::1", "2001:db8::2"]),
+                     st.sampled_from(["tcp", "udp"]), st.sampled_from([22, 443, 65535]))
+    ops = st.lists(st.one_of(
+        st.tuples(st.just("put"), keys, st.integers(0, 100)),
+        st.tuples(st.just("pop"), keys, st.just(0)),
+        st.tuples(st.just("keep"), st.just(None), st.integers(0, 100)),
+        st.tuples(st.just("copy"), st.just(None), st.just(0))), max_size=80)
+
+    @settings(max_examples=300, deadline=None)
+    @given(ops)
+    def run(sequence):
+        packed, model = spa.PackedMap(20, spa._opening_key, spa._opening, "d"), {}
+        for op, key, n in sequence:
+            if op == "put":
+                packed[key] = float(n)
+                model[key] = float(n)
+            elif op == "pop":
+                assert packed.pop(key, -1.0) == model.pop(key, -1.0)
+            elif op == "keep":
+                packed.keep_if(lambda v: v >= n)
+                model = {k: v for k, v in model.items() if v >= n}
+            else:
+                packed = packed.copy()
+            assert len(packed) == len(model) and dict(packed.items()) == model
+            assert all(packed.get(k) == v and k in packed for k, v in model.items())
+        assert ("198.18.0.1", "sctp", 22) not in packed and packed.get(("nonsense", "tcp", 1)) is None
+    run()
+    # Growth: 10,000 entries, then most of them gone again.
+    packed = spa.PackedMap(32, spa._replay_digest, spa._replay_key)
+    digests = [spa.b64encode(spa.hashlib.sha256(b"%d" % i).digest()).decode() for i in range(10000)]
+    for i, d in enumerate(digests):
+        packed[d] = i
+    assert len(packed) == 10000 and all(packed.get(d) == i for i, d in enumerate(digests))
+    packed.keep_if(lambda i: i >= 9000)
+    assert len(packed) == 1000 and digests[8999] not in packed and digests[9000] in packed
+    assert len(packed.table) < 100 * 1024          # rebuilt small again
+    assert "!" * 43 not in packed and not spa.ReplayCache.valid("!" * 43)
+
+
 def test_replay_cache_keeps_future_packets(tmp_path):
     """A packet stamped in the future stays remembered until it could no longer pass."""
     path = str(tmp_path / "replay.cache")
@@ -501,7 +544,8 @@ def test_gatekeeper_checks_what_the_reader_asks(tmp_path):
           "user": "alice"}
     for bad in ({"access": [["tcp", 23]]}, {"timeout": 61}, {"timeout": 0}, {"stanza": "zz"},
                 {"address": "198.18.0.2; flush ruleset"}, {"address": None}, {"access": []},
-                {"key": "short"}, {"access": "tcp/22"}):
+                {"key": "short"}, {"access": "tcp/22"}, {"key": "!" * 43}, {"key": "K" * 42 + "="},
+                {"key": 43}):
         assert not gate.grant(dict(ok, **bad)), bad
     assert firewall.opened == []
     assert gate.grant(ok)

@@ -3081,8 +3081,8 @@ class Reader(object):
 
 
 def crypto_available():
-    """Fail early, with the install hint, where pycryptodome is missing; the parent itself
-    never loads it (only the packet reader decrypts), which keeps the parent small."""
+    """Fail early, with the install hint, where pycryptodome is missing (before the
+    firewall is set up; it is loaded later, just before the packet reader is forked)."""
     import importlib.util
     if not any(importlib.util.find_spec(name) for name in ("Cryptodome", "Crypto")):
         aes_module()               # raises the SpaError that says how to install it

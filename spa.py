@@ -984,17 +984,18 @@ class PackedMap(object):
     def __len__(self):
         return self.count
 
-    def __contains__(self, key):
+    def _offset(self, key):
+        """Where the key's entry is, or None (also for a key that cannot be encoded)."""
         try:
-            return self._find(self.encode(key))[0] is not None
+            return self._find(self.encode(key))[0]
         except ValueError:
-            return False
+            return None
+
+    def __contains__(self, key):
+        return self._offset(key) is not None
 
     def get(self, key, default=None):
-        try:
-            offset = self._find(self.encode(key))[0]
-        except ValueError:
-            return default
+        offset = self._offset(key)
         if offset is None:
             return default
         return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
@@ -1014,10 +1015,7 @@ class PackedMap(object):
             self[key] = value
 
     def pop(self, key, default=None):
-        try:
-            offset = self._find(self.encode(key))[0]
-        except ValueError:
-            return default
+        offset = self._offset(key)
         if offset is None:
             return default
         self.table[offset] = self.GONE

@@ -232,6 +232,22 @@ class InNetns(object):
         return lambda *args: in_netns(self.ns, method, *args)
 
 
+class FakeCommands(object):
+    """Stands in for spa.run_command in unit tests: records argv and stdin, and answers
+    from `outputs`, keyed by (command, argv[3:]...) or else by the command alone."""
+
+    def __init__(self, outputs=None):
+        self.calls = []
+        self.outputs = outputs or {}
+
+    def __call__(self, argv, stdin=None):
+        self.calls.append((argv, stdin))
+        answer = self.outputs.get(tuple(argv[:1] + argv[3:]), self.outputs.get(argv[0], ""))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
 def ip6(command):
     """The IPv6 twin of an iptables command: iptables-nft -> ip6tables-nft."""
     return command.replace("ip", "ip6", 1)

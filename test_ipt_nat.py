@@ -18,7 +18,7 @@ import pytest
 import netns_lab
 import spa
 from spa import IptablesFirewall as IptablesNat, _parse_nat
-from netns_lab import InNetns, ip6, sleep_until, tcp_try, udp_try, Lab, ns_socket, ns_sysctl
+from netns_lab import FakeCommands, InNetns, ip6, sleep_until, tcp_try, udp_try, Lab, ns_socket, ns_sysctl
 
 FLAVOURS = ("iptables-legacy", "iptables-nft")
 NAT_PORT, INNER_PORT = 5022, 22            # knock for 5022 on the server -> client 2's 22
@@ -107,21 +107,6 @@ def add_host_rules(lab, command):
 
 
 # ----------------------------------------------------- unit tests, no root
-
-class FakeCommands(object):
-    """Stands in for run_command: records argv and stdin, answers from `outputs`."""
-
-    def __init__(self, outputs=None):
-        self.calls = []
-        self.outputs = outputs or {}
-
-    def __call__(self, argv, stdin=None):
-        self.calls.append((argv, stdin))
-        answer = self.outputs.get(tuple(argv[:1] + argv[3:]), self.outputs.get(argv[0], ""))
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
 
 DNAT4 = ('-s 198.18.1.2 -p tcp --dport 5022 -m time --datestop 1970-01-01T00:17:10 '
          '-m comment --comment "spa nat expires 1031" -j DNAT --to-destination 198.18.2.2:22')

@@ -18,7 +18,7 @@ import pytest
 import spa as ipt
 import netns_lab
 import spa
-from netns_lab import InNetns, ip6, sleep_until, tcp_try, udp_try, Lab, in_netns, ns_socket
+from netns_lab import FakeCommands, InNetns, ip6, sleep_until, tcp_try, udp_try, Lab, in_netns, ns_socket
 
 FLAVOURS = ("iptables-legacy", "iptables-nft")
 TCP_PORT, UDP_PORT, OTHER_PORT = 2222, 5353, 2223
@@ -72,21 +72,6 @@ def openings(rule_list):
 
 
 # ----------------------------------------------------- unit tests, no root
-
-class FakeCommands(object):
-    """Stands in for run_command: records argv and stdin, answers from `outputs`."""
-
-    def __init__(self, outputs=None):
-        self.calls = []
-        self.outputs = outputs or {}
-
-    def __call__(self, argv, stdin=None):
-        self.calls.append((argv, stdin))
-        answer = self.outputs.get(argv[0], "")
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
 
 def test_open_writes_one_validated_rule(monkeypatch):
     fake = FakeCommands()

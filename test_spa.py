@@ -10,6 +10,7 @@ those are missing; with CI=true a missing piece is a failure.
 import base64
 import json
 import os
+import random
 import re
 import stat
 import subprocess
@@ -263,6 +264,60 @@ def test_encode_then_decode(tmp_path, hmac_type, mode):
     assert d.message.msg_type == spa.MSG_TIMEOUT_ACCESS
     assert d.timeout == 45 and d.allow_ip == "198.18.0.2"
     assert d.replay_key and len(d.replay_key) == 43
+
+
+def _pycryptodome_reference(key, iv, data, mode, decrypt):
+    """The same work by pycryptodome's own mode implementations (its public interface)."""
+    aes = spa.aes_module()
+    cipher = {"cbc": lambda: aes.new(key, aes.MODE_CBC, iv),
+              "ctr": lambda: aes.new(key, aes.MODE_CTR, nonce=b"", initial_value=iv),
+              "cfb": lambda: aes.new(key, aes.MODE_CFB, iv, segment_size=128),
+              "ofb": lambda: aes.new(key, aes.MODE_OFB, iv)}[mode]()
+    return cipher.decrypt(data) if decrypt else cipher.encrypt(data)
+
+
+def _library_ecb():
+    return spa._library_ecb(os.path.dirname(os.path.abspath(spa.pycryptodome().__file__)))
+
+
+@pytest.mark.parametrize("path", ["library", "module"])
+def test_aes_modes_are_pycryptodome_s(monkeypatch, path):
+    """aes_crypt() chains the blocks itself, over pycryptodome's AES called straight in its
+    shared library (or, as a fallback, through its public ECB mode): every mode, both ways,
+    must give what pycryptodome's own CBC/CTR/CFB/OFB give."""
+    ecb = _library_ecb() if path == "library" else spa._module_ecb(spa.aes_module())
+    monkeypatch.setattr(spa, "_ECB", ecb)
+    rng = random.Random(5)
+    for i in range(300):
+        key, iv = rng.getrandbits(256).to_bytes(32, "big"), rng.getrandbits(128).to_bytes(16, "big")
+        if i == 0:
+            iv = b"\xff" * 16                       # CTR's counter wraps at 2**128
+        data = os.urandom(16 * rng.randint(0, 24))
+        for mode in spa.ENCRYPTION_MODES:
+            for decrypt in (False, True):
+                assert spa.aes_crypt(key, iv, data, mode, decrypt) == \
+                    _pycryptodome_reference(key, iv, data, mode, decrypt), (mode, decrypt, i)
+    with pytest.raises(ValueError):
+        spa.aes_crypt(b"k" * 32, b"i" * 16, b"x" * 17, "cbc")
+    with pytest.raises(ValueError):
+        spa.aes_crypt(b"k" * 32, b"i" * 16, b"x" * 16, "ecb")
+
+
+def test_aes_is_called_in_pycryptodome_s_library(monkeypatch):
+    """Here (pycryptodome from Debian or PyPI) the shared library is found and used; the
+    public interface takes over if it is missing or gives a wrong answer."""
+    monkeypatch.setattr(spa, "_ECB", None)
+    assert spa.aes_ecb().__qualname__.startswith("_library_ecb.")
+    key, block, answer = spa._KNOWN_ANSWER
+    assert spa.aes_ecb()(key, block) == answer and spa.aes_ecb()(key, answer, True) == block
+
+    def missing(package_dir):
+        raise OSError("_raw_aes not found")
+    for broken in (missing, lambda package_dir: lambda key, data, decrypt=False: data):
+        monkeypatch.setattr(spa, "_ECB", None)
+        monkeypatch.setattr(spa, "_library_ecb", broken)
+        assert spa.aes_ecb().__qualname__.startswith("_module_ecb.")
+        assert spa.aes_ecb()(key, block) == answer
 
 
 def test_wire_shape_matches_fwknop():
@@ -652,25 +707,46 @@ def _pythons_with_pycryptodome():
     return found
 
 
+# What the client has no use for: pycryptodome's Cipher package (its eleven modes, and
+# through ctypes.util subprocess and tempfile), which aes_ecb() goes around; `platform`,
+# which pycryptodome's ctypes loader uses to run `file`; the idna codec; what only the
+# server or --help use.
+_NOT_IN_THE_CLIENT = ("Cryptodome.Cipher", "Crypto.Cipher", "ctypes.util", "platform",
+                      "encodings.idna", "logging", "json", "configparser")
+
+
 @pytest.mark.parametrize("python", _pythons_with_pycryptodome())
 def test_client_start_up_skips_what_it_does_not_need(python):
-    """The client must not run `file` (pycryptodome's architecture probe, ctypes loader)
-    nor import what only the server or --help use; and it still builds its packet."""
+    """The client imports none of _NOT_IN_THE_CLIENT, and still builds its packet."""
     code = ("import sys; sys.path.insert(0, %r); import spa\n"
             "spa.main(['client', '-D', '198.18.0.1', '-A', 'tcp/22', '-U', 'bob', '--test',\n"
             "          '--key-base64', %r, '--hmac-key-base64', %r])\n"
-            "print(sorted(m for m in ('platform', 'encodings.idna', 'logging', 'json',\n"
-            "      'configparser') if m in sys.modules))\n"
-            % (HERE, base64.b64encode(b"k" * 32).decode(), base64.b64encode(b"h" * 64).decode()))
+            "print(sorted(m for m in %r if m in sys.modules))\n"
+            % (HERE, base64.b64encode(b"k" * 32).decode(), base64.b64encode(b"h" * 64).decode(),
+               _NOT_IN_THE_CLIENT))
     done = subprocess.run([python, "-c", code], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines[0]) > 100                    # the packet --test prints
     loaded = lines[-1]
-    for module in ("platform", "encodings.idna", "logging", "json", "configparser"):
-        assert "'%s'" % module not in loaded, loaded
+    assert loaded == "[]", loaded
 
+
+
+@pytest.mark.parametrize("python", _pythons_with_pycryptodome())
+def test_fallback_to_pycryptodome_s_interface_skips_its_file_probe(python):
+    """Without its shared library, AES goes through pycryptodome's AES module; its ctypes
+    loader must not run `file` (platform.architecture) then either."""
+    code = ("import sys; sys.path.insert(0, %r); import spa\n"
+            "def missing(package_dir):\n"
+            "    raise OSError('not there')\n"
+            "spa._library_ecb = missing\n"
+            "print(spa.aes_ecb().__qualname__, 'platform' in sys.modules)\n" % HERE)
+    done = subprocess.run([python, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["_module_ecb.<locals>.ecb", "False"]
 
 # ---------------------------------------------------------------------------
 # keygen and client

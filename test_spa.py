@@ -513,6 +513,30 @@ def test_replay_cache_survives_a_restart_and_prunes(tmp_path):
         assert len(f.read().splitlines()) == 1    # only the header is left
 
 
+def test_replay_cache_keeps_128_bits_of_each_digest(tmp_path):
+    """The file and the table hold a digest's first 16 bytes; a file with whole digests
+    (as spa.py wrote them before) is read as well."""
+    path = str(tmp_path / "replay.cache")
+    now = 1800000000
+    full = [spa.b64encode(spa.hashlib.sha256(b"%d" % i).digest()).decode() for i in range(3)]
+    with open(path, "w") as f:
+        f.write("%s %d %d\n" % (full[0], now, now))
+    os.chmod(path, 0o600)
+    cache = spa.ReplayCache(path, 120, now)
+    assert full[0] in cache and full[1] not in cache
+    cache.add(full[1], now, now)
+    cache.close()
+    with open(path) as f:
+        lines = [line.split() for line in f if not line.startswith("#")]
+    assert [len(words[0]) for words in lines] == [22, 22]
+    again = spa.ReplayCache(path, 120, now)
+    assert full[0] in again and full[1] in again and full[2] not in again
+    # Differing only after the 16th byte: the same packet, as far as the cache can tell.
+    twin = spa.b64encode(spa.b64decode(full[2])[:16] + bytes(16)).decode()
+    again.add(twin, now, now)
+    assert full[2] in again
+
+
 def test_packed_map_behaves_like_a_dict():
     """PackedMap (the replay cache's and nft's tables of ends) against a dict, over random
     sequences of puts, pops, purges and copies; keys it cannot encode are absent."""
@@ -545,7 +569,7 @@ def test_packed_map_behaves_like_a_dict():
         assert ("198.18.0.1", "sctp", 22) not in packed and packed.get(("nonsense", "tcp", 1)) is None
     run()
     # Growth: 10,000 entries, then most of them gone again.
-    packed = spa.PackedMap(32, spa._replay_digest, spa._replay_key)
+    packed = spa.PackedMap(16, spa._replay_digest, spa._replay_key)
     digests = [spa.b64encode(spa.hashlib.sha256(b"%d" % i).digest()).decode() for i in range(10000)]
     for i, d in enumerate(digests):
         packed[d] = i

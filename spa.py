@@ -26,8 +26,6 @@ selftest; install; command line.  README.md documents every command and option.
 import argparse
 import base64
 import binascii
-import hashlib
-import hmac
 import mmap
 import os
 import socket
@@ -252,17 +250,82 @@ def b64decode(text):
     return base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
 
 
-def _hmac_digest_36(key, msg, digest):
-    return hmac.new(key, msg, digest).digest()
+# Where Python's own implementation of each hash is: 3.12 and later have the SHA-2
+# family in _sha2, older ones in _sha256 and _sha512.
+_BUILTIN_HASHES = {
+    "md5": (("_md5", "md5"),), "sha1": (("_sha1", "sha1"),),
+    "sha256": (("_sha2", "sha256"), ("_sha256", "sha256")),
+    "sha384": (("_sha2", "sha384"), ("_sha512", "sha384")),
+    "sha512": (("_sha2", "sha512"), ("_sha512", "sha512")),
+    "sha3_256": (("_sha3", "sha3_256"),), "sha3_512": (("_sha3", "sha3_512"),),
+}
+_HASHES = {}
 
 
-# Python 3.7+ has hmac.digest: one call into OpenSSL, several times faster.
-_hmac_digest = getattr(hmac, "digest", _hmac_digest_36)
+def hash_constructor(name):
+    """The constructor of hash `name`: Python's own implementation where it has one,
+    else hashlib's (OpenSSL).
+
+    Importing hashlib loads OpenSSL's libcrypto, which takes 6 ms of the client's
+    start and 3.5 MB of each server process's RSS; spa.py needs none of it: its
+    hashes are Python's own, and HMAC is built on them (Hmac).
+    """
+    ctor = _HASHES.get(name)
+    if ctor is None:
+        for module, attr in _BUILTIN_HASHES.get(name, ()):
+            try:
+                ctor = getattr(__import__(module), attr)
+                break
+            except (ImportError, AttributeError):
+                continue
+        else:
+            import hashlib
+            ctor = getattr(hashlib, name)
+        _HASHES[name] = ctor
+    return ctor
+
+
+def hash_digest(name, data):
+    """The hash `name` of `data`."""
+    return hash_constructor(name)(data).digest()
+
+
+try:    # what hmac.compare_digest is without OpenSSL; importing hmac would load it
+    from _operator import _compare_digest as compare_digest
+except ImportError:
+    from hmac import compare_digest
+
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+class Hmac(object):
+    """HMAC (RFC 2104) with the key's two padded blocks hashed once, ahead of time: a
+    message then costs two copies of hash states, an update and a digest each.
+
+    `prefix` is fed in now, as if every message began with it.
+    """
+
+    def __init__(self, key, name, prefix=b""):
+        ctor = hash_constructor(name)
+        block = ctor().block_size
+        if len(key) > block:
+            key = ctor(key).digest()
+        key = key.ljust(block, b"\0")
+        self.inner, self.outer = ctor(key.translate(_IPAD)), ctor(key.translate(_OPAD))
+        self.inner.update(prefix)
+
+    def digest(self, message):
+        inner = self.inner.copy()
+        inner.update(message)
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def hmac_b64(key, data, hmac_type):
     """The HMAC of `data` as fwknop appends it: base64 without padding."""
-    return b64encode(_hmac_digest(key, data, HMAC_TYPES[hmac_type][0]))
+    return b64encode(Hmac(key, HMAC_TYPES[hmac_type][0]).digest(data))
 
 
 def derive_key_iv(passphrase, salt):
@@ -272,7 +335,7 @@ def derive_key_iv(passphrase, salt):
     """
     material, block = b"", b""
     while len(material) < 48:
-        block = hashlib.md5(block + passphrase + salt).digest()
+        block = hash_digest("md5", block + passphrase + salt)
         material += block
     return material[:32], material[32:48]
 
@@ -396,8 +459,7 @@ class Message(object):
         if self.msg_type in TIMEOUT_TYPES:
             fields.append(str(self.client_timeout))
         body = ":".join(fields).encode()
-        digest = b64encode(hashlib.new(self.digest_type, body).digest())
-        return body + b":" + digest
+        return body + b":" + b64encode(hash_digest(self.digest_type, body))
 
     def describe(self):
         """Human-readable field dump for `client --test -v` and debug logs (no key material)."""
@@ -459,10 +521,9 @@ def parse_plaintext(plaintext):
         raise Reject("plaintext is not ASCII")
     if not text.isprintable():
         raise Reject("plaintext has control characters")
-    body, _, digest = text.rpartition(":")
-    for name in DIGESTS_BY_LEN.get(len(digest), ()):
-        if hmac.compare_digest(b64encode(hashlib.new(name, body.encode()).digest()),
-                               digest.encode()):
+    body, _, inner = text.rpartition(":")
+    for name in DIGESTS_BY_LEN.get(len(inner), ()):
+        if compare_digest(b64encode(hash_digest(name, body.encode())), inner.encode()):
             digest_type = name
             break
     else:
@@ -588,9 +649,9 @@ def decide(payload, source, now, stanzas, seen, max_age):
             raw = b64decode(signed)
         except ValueError:
             # Authenticated, so remembered all the same, but not a packet.
-            decision.replay_key = b64encode(hashlib.sha256(signed).digest()).decode()
+            decision.replay_key = b64encode(hash_digest("sha256", signed)).decode()
             raise Reject("authenticated, but not valid base64")
-        decision.replay_key = b64encode(hashlib.sha256(raw).digest()).decode()
+        decision.replay_key = b64encode(hash_digest("sha256", raw)).decode()
         # 3. Decrypt, 4. inner digest and fields.
         plaintext = decrypt(raw, stanza.key, stanza.mode)
         if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
@@ -768,7 +829,7 @@ class Stanza(object):
                 raise SpaError("%s: source: %s" % (where, e))
         self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(get, where)
         self.mac_len = HMAC_TYPES[self.hmac_type][1]
-        self.mac_start = hmac.new(self.hmac_key, SALT_PREFIX, HMAC_TYPES[self.hmac_type][0])
+        self.mac = Hmac(self.hmac_key, HMAC_TYPES[self.hmac_type][0], SALT_PREFIX)
         try:
             self.open_ports = set(parse_access(get("open_ports"), "open_ports")) \
                 if get("open_ports") else set(protect)
@@ -813,10 +874,8 @@ class Stanza(object):
         """The signed base64 text (prefix put back) if this stanza's HMAC key made the
         packet's HMAC, else None.  Compares in constant time."""
         n = self.mac_len
-        mac = self.mac_start.copy()         # already fed the U2FsdGVkX1 prefix
-        mac.update(payload[:-n])
-        if hmac.compare_digest(binascii.b2a_base64(mac.digest(), newline=False).rstrip(b"="),
-                               payload[-n:]):
+        mac = self.mac.digest(payload[:-n])         # (the U2FsdGVkX1 prefix is in already)
+        if compare_digest(binascii.b2a_base64(mac, newline=False).rstrip(b"="), payload[-n:]):
             return SALT_PREFIX + payload[:-n]
         return None
 
@@ -3240,13 +3299,12 @@ def crypto_available():
 
 def preload():
     """Import now everything the packet reader may need later, when it can no longer read
-    the files (pycryptodome and hashlib load some of their modules on first use)."""
+    the files (the hashes' and pycryptodome's modules are loaded on first use)."""
     import ipaddress, json, select  # noqa: F401,E401
     key = b"k" * 32
     for mode in ENCRYPTION_MODES:
         for hmac_type in HMAC_TYPES:
-            digest = hmac_type if hmac_type in hashlib.algorithms_available else "sha256"
-            plaintext = Message("u", "0.0.0.0", [("tcp", 1)], digest_type=digest).encode()
+            plaintext = Message("u", "0.0.0.0", [("tcp", 1)], digest_type=hmac_type).encode()
             wire = seal(plaintext, key, b"h", hmac_type, mode)
             n = HMAC_TYPES[hmac_type][1]
             parse_plaintext(decrypt(b64decode(SALT_PREFIX + wire[:-n]), key, mode))

@@ -8,6 +8,8 @@ those are missing; with CI=true a missing piece is a failure.
 """
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -320,6 +322,27 @@ def test_aes_is_called_in_pycryptodome_s_library(monkeypatch):
         assert spa.aes_ecb()(key, block) == answer
 
 
+def test_hashes_and_hmac_are_those_of_hashlib_and_hmac():
+    """spa.py's hashes are Python's own implementations (no OpenSSL) and its HMAC is
+    built on them: each must give what hashlib and hmac give, for every type, keys
+    shorter and longer than the hash's block and messages of every length."""
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(sorted(spa.HMAC_TYPES)), st.binary(max_size=300),
+           st.binary(max_size=300), st.binary(max_size=20))
+    def run(hmac_type, key, message, prefix):
+        name = spa.HMAC_TYPES[hmac_type][0]
+        assert spa.hash_digest(name, message) == hashlib.new(name, message).digest()
+        assert spa.Hmac(key, name).digest(message) == hmac.new(key, message, name).digest()
+        assert spa.Hmac(key, name, prefix).digest(message) == \
+            hmac.new(key, prefix + message, name).digest()
+    run()
+    for name in spa.HMAC_TYPES:      # Python's own, where this Python has them all
+        assert spa.hash_constructor(name).__module__ != "_hashlib", name
+    assert spa.compare_digest(b"abc", b"abc") and not spa.compare_digest(b"abc", b"abd")
+
+
 def test_wire_shape_matches_fwknop():
     wire = knock()
     assert len(wire) == 204                   # the typical default packet
@@ -518,7 +541,7 @@ def test_replay_cache_keeps_128_bits_of_each_digest(tmp_path):
     (as spa.py wrote them before) is read as well."""
     path = str(tmp_path / "replay.cache")
     now = 1800000000
-    full = [spa.b64encode(spa.hashlib.sha256(b"%d" % i).digest()).decode() for i in range(3)]
+    full = [spa.b64encode(hashlib.sha256(b"%d" % i).digest()).decode() for i in range(3)]
     with open(path, "w") as f:
         f.write("%s %d %d\n" % (full[0], now, now))
     os.chmod(path, 0o600)
@@ -570,7 +593,7 @@ def test_packed_map_behaves_like_a_dict():
     run()
     # Growth: 10,000 entries, then most of them gone again.
     packed = spa.PackedMap(16, spa._replay_digest, spa._replay_key)
-    digests = [spa.b64encode(spa.hashlib.sha256(b"%d" % i).digest()).decode() for i in range(10000)]
+    digests = [spa.b64encode(hashlib.sha256(b"%d" % i).digest()).decode() for i in range(10000)]
     for i, d in enumerate(digests):
         packed[d] = i
     assert len(packed) == 10000 and all(packed.get(d) == i for i, d in enumerate(digests))
@@ -732,11 +755,13 @@ def _pythons_with_pycryptodome():
 
 
 # What the client has no use for: pycryptodome's Cipher package (its eleven modes, and
-# through ctypes.util subprocess and tempfile), which aes_ecb() goes around; `platform`,
+# through ctypes.util subprocess and tempfile), which aes_ecb() goes around; OpenSSL's
+# hashes (hashlib, hmac: Python's own are used); `platform`,
 # which pycryptodome's ctypes loader uses to run `file`; the idna codec; what only the
 # server or --help use.
 _NOT_IN_THE_CLIENT = ("Cryptodome.Cipher", "Crypto.Cipher", "ctypes.util", "platform",
-                      "encodings.idna", "logging", "json", "configparser")
+                      "_hashlib", "hashlib", "hmac", "encodings.idna", "logging", "json",
+                      "configparser")
 
 
 @pytest.mark.parametrize("python", _pythons_with_pycryptodome())
@@ -1245,6 +1270,11 @@ def test_packets_are_read_without_privileges(tmp_path):
         readers = [p for p in children(server.pid) if "spa.py" in open("/proc/%d/cmdline" % p).read()]
         assert len(readers) == 1
         assert children(server.pid) == readers      # no nft process: openings go over netlink
+        for pid in [server.pid] + readers:
+            with open("/proc/%d/maps" % pid) as f:
+                maps = f.read()
+            # Python's own hashes, not OpenSSL's; of pycryptodome only AES and ECB
+            assert "libcrypto" not in maps and "_raw_cbc" not in maps and "_raw_ecb" in maps
         status = proc_status(readers[0])
         assert status["Uid"].split() == [str(nobody)] * 4
         assert status["CapEff"].strip() == "0" * 16 and status["CapPrm"].strip() == "0" * 16

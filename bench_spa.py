@@ -76,14 +76,18 @@ spa.py's goal):
                          FWKNOP_INPUT), and all entries.
   memory                 Server memory right after start, after all the floods (with
                          the number of garbage packets handled by then) and while
-                         holding the scale test's authorizations; "growth" compares
-                         after the floods with after the latency knocks (when helper
-                         processes have started).
+                         holding the scale test's authorizations, each as PSS and
+                         as RSS (rows of their own); "growth" compares RSS after the
+                         floods with after the latency knocks (when helper processes
+                         have started).
 
-"Server" always means the whole process tree: for spa.py its root process, packet
-reader and nft helpers; for fwknopd the daemon and any iptables it is running.  CPU
-is user+system of all of them (exited children included); RSS is summed over them
-(PSS, which does not count shared pages twice, is printed next to it).
+"Server" always means the whole process tree: for spa.py its root process and packet
+reader; for fwknopd the daemon and any iptables it is running.  CPU is user+system of
+all of them (exited children included).  Memory is PSS summed over them (each page
+shared by processes split among them: what the server costs the machine) and RSS
+summed over them (which counts the pages spa.py's two forked processes share twice),
+with the largest process's RSS; the goal is checked on PSS and on each process's RSS,
+and summed RSS is checked against it too.
 
 Limits: the sender, the server and this script share the machine's CPUs, so on a
 2-core box the flood's top rates measure a server that has about one core; the
@@ -1118,26 +1122,43 @@ def build_rows(results, cfg):
         row("scale N=%d: firewall entries afterwards" % n, rs and rs["fw_entries_of_this_run"],
             rf and rf["fw_entries_of_this_run"], entries_text(rs), entries_text(rf))
 
-    def mem(D, key):
+    # spa.py's server is two processes (issue 4: a root parent and a packet reader as
+    # nobody), forked, so they share most pages.  RSS summed counts those twice; PSS
+    # (each shared page split among the processes that map it) is what the server
+    # costs the machine.  Both are printed; the goal is checked on PSS and on the
+    # largest process's RSS, and summed RSS is shown against it as well.
+    def mem(D, key, measure):
         m = D.get(key)
         if not m:
             return None, None
-        return m["rss_kb"] / 1024.0, "%s (%d proc%s, PSS %s)" % (
-            fmt(m["rss_kb"] / 1024.0), m["processes"], "" if m["processes"] == 1 else "s",
-            fmt(m["pss_kb"] / 1024.0))
-    for key, label, extra in (
-            ("memory_idle", "memory: RSS idle (MB)", None),
-            ("memory_after_floods", "memory: RSS after the floods (MB)", "handled_total"),
-            ("memory_holding", "memory: RSS holding the scale authorizations (MB)", "holding")):
-        (sv, st), (fv, ft) = mem(S, key), mem(F, key)
-        if extra:
-            what = "packets handled" if extra == "handled_total" else "held"
-            st = st and "%s; %s %s" % (st, fmt(S.get(extra)), what)
-            ft = ft and "%s; %s %s" % (ft, fmt(F.get(extra)), what)
-        row(label, sv, fv, st, ft, goal=check(None if sv is None else sv <= 20, "<= 20"))
+        largest = max([p["rss_kb"] for p in m.get("detail", ())] or [m["rss_kb"]]) / 1024.0
+        procs = "%d process%s" % (m["processes"], "" if m["processes"] == 1 else "es")
+        if measure == "pss":
+            return m["pss_kb"] / 1024.0, "%s (%s; RSS %s summed, largest process %s)" % (
+                fmt(m["pss_kb"] / 1024.0), procs, fmt(m["rss_kb"] / 1024.0), fmt(largest))
+        return m["rss_kb"] / 1024.0, "%s (summed over %s, largest %s)" % (
+            fmt(m["rss_kb"] / 1024.0), procs, fmt(largest))
+    for key, state, extra in (
+            ("memory_idle", "idle", None),
+            ("memory_after_floods", "after the floods", "handled_total"),
+            ("memory_holding", "holding the scale authorizations", "holding")):
+        for measure in ("pss", "rss"):
+            (sv, st), (fv, ft) = mem(S, key, measure), mem(F, key, measure)
+            if extra:
+                what = "packets handled" if extra == "handled_total" else "held"
+                st = st and "%s; %s %s" % (st, fmt(S.get(extra)), what)
+                ft = ft and "%s; %s %s" % (ft, fmt(F.get(extra)), what)
+            if measure == "pss":
+                largest = S.get(key) and max([p["rss_kb"] for p in S[key].get("detail", ())]
+                                             or [S[key]["rss_kb"]]) / 1024.0
+                goal = check(None if sv is None else sv <= 20 and largest <= 20,
+                             "<= 20 (PSS, and each process's RSS)")
+            else:
+                goal = check(None if sv is None else sv <= 20, "<= 20 summed")
+            row("memory: %s %s (MB)" % (measure.upper(), state), sv, fv, st, ft, goal=goal)
     growth = []
     for D in (S, F):
-        a, b = mem(D, "memory_warm")[0], mem(D, "memory_after_floods")[0]
+        a, b = mem(D, "memory_warm", "rss")[0], mem(D, "memory_after_floods", "rss")[0]
         growth.append(None if a is None or b is None else b - a)
     row("memory: RSS growth over the floods (MB, from after the latency knocks)", growth[0], growth[1],
         goal=check(None if growth[0] is None else growth[0] <= 1.0, "none (<= 1)"))

@@ -24,6 +24,7 @@ FIGURES = [
     "garbage cost", "garbage: packets handled per second", "garbage: kernel drops",
     "scale N=10: authorized", "scale N=10: authorizations per second",
     "scale N=10: firewall entries", "scale N=30: authorized",
+    "memory: PSS idle", "memory: PSS after the floods", "memory: PSS holding",
     "memory: RSS idle", "memory: RSS after the floods", "memory: RSS holding",
     "memory: RSS growth",
 ]

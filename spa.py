@@ -3599,14 +3599,22 @@ class Supervisor(object):
         return None, "killed by signal %d" % os.WTERMSIG(status)
 
     def _stop(self):
+        import select
         import signal
         if self.pid:
             try:
                 os.kill(self.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            while self._serve():     # carry out what it sent before it went
-                time.sleep(0.01)
+            deadline = time.monotonic() + 5
+            while self._serve():     # carry out what it sent before it went, round by round
+                if time.monotonic() > deadline:
+                    deadline = float("inf")
+                    try:
+                        os.kill(self.pid, signal.SIGKILL)    # it does not go: make it
+                    except ProcessLookupError:
+                        pass
+                select.select([self.fd], [], [], 0.1)      # more of it, or its end
             self._reap()
 
 

@@ -3348,9 +3348,10 @@ def start_reader(config, sockets, seen, log, user):
     import gc
     import signal
     r, w = os.pipe()
-    # Load what the reader needs before the fork, while files are readable: shared with
-    # the parent, pycryptodome and the hash modules cost 1.3 MB less (PSS) than loaded
-    # in the child.  Python 3.7+: the child's garbage collector leaves shared pages alone.
+    # Load what the reader needs before the fork, while files are readable: then it is
+    # shared with the parent (ctypes, pycryptodome's libraries, the hash modules, the
+    # modules decide() uses), not loaded twice.  Python 3.7+: the child's garbage
+    # collector leaves shared pages alone.
     preload()
     getattr(gc, "freeze", lambda: None)()
     pid = os.fork()

@@ -2935,15 +2935,20 @@ class RateLimiter(object):
     def __init__(self, rate=5.0, burst=20):
         self.rate, self.burst = rate, burst
         self.tokens, self.stamp = float(burst), time.monotonic()
+        self.empty_until = 0.0       # no token before then: refuse without arithmetic
         self.suppressed = 0
 
     def allow(self, now=None):
         now = time.monotonic() if now is None else now
+        if now < self.empty_until:   # the usual case in a flood
+            self.suppressed += 1
+            return False
         self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
             self.tokens -= 1
             return True
+        self.empty_until = now + (1 - self.tokens) / self.rate
         self.suppressed += 1
         return False
 

@@ -665,6 +665,40 @@ def test_rejection_log_is_rate_limited():
     assert sum(limiter.allow(now=t + 1.0) for _ in range(100)) == 5    # 5 a second after that
 
 
+def test_rate_limiter_is_a_token_bucket():
+    """allow() refuses a flood's packets without arithmetic until its next token is due;
+    over random sequences of calls it must answer exactly as a plain token bucket does.
+    (Rate 4 and times in 64ths of a second: binary fractions, no rounding.)"""
+    from hypothesis import given, settings, strategies as st
+
+    class Bucket(object):
+        def __init__(self, now):
+            self.tokens, self.stamp = 20.0, now
+
+        def allow(self, now):
+            self.tokens = min(20, self.tokens + max(0.0, now - self.stamp) * 4)
+            self.stamp = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return True
+            return False
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.integers(0, 12), max_size=400))
+    def run(gaps):
+        t = 1000.0
+        limiter, bucket = spa.RateLimiter(rate=4, burst=20), Bucket(t)
+        limiter.stamp = t
+        allowed = 0
+        for gap in gaps:
+            t += gap / 64.0
+            answer = limiter.allow(now=t)
+            assert answer == bucket.allow(t)
+            allowed += answer
+        assert limiter.take_suppressed() == len(gaps) - allowed
+    run()
+
+
 # ---------------------------------------------------------------------------
 # Config errors speak to the operator
 # ---------------------------------------------------------------------------

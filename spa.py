@@ -483,16 +483,33 @@ def seal(plaintext, key, hmac_key, hmac_type="sha256", mode="cbc", salt=None):
     return text[len(SALT_PREFIX):] + hmac_b64(hmac_key, text, hmac_type)
 
 
-def parse_access(text, what="access"):
-    """Parse 'tcp/22,udp/53' into [("tcp", 22), ("udp", 53)]: the one port-list parser."""
+_DIGITS = frozenset("0123456789")
+
+
+def parse_access(text, what="access", config=False):
+    """Parse 'tcp/22,udp/53' into [("tcp", 22), ("udp", 53)]: the one port-list parser.
+
+    As libfko checks a packet's access field (validate_access_msg), and so the
+    fwknop client its -A: items joined by ',' and nothing else, each `tcp/PORT` or
+    `udp/PORT` in lower case, PORT 1-65535 in at most 5 digits.  With config=True
+    (the server's own lists), as fwknopd reads OPEN_PORTS: blanks around an item and
+    the protocol's case do not matter; nothing else is forgiven.
+    """
     result = []
-    for item in text.replace(" ", "").split(","):
-        proto, sep, port = item.partition("/")
-        if not sep or proto.lower() not in PROTO_NUMBERS or not port.isdigit() \
-                or not 1 <= int(port) <= 65535 or len(port) > 5:
-            raise ValueError("%s %r: expected tcp/PORT or udp/PORT with PORT 1-65535"
-                             % (what, item))
-        result.append((proto.lower(), int(port)))
+    for item in text.split(","):
+        word = item.strip() if config else item
+        proto, sep, port = word.partition("/")
+        proto = proto.lower() if config else proto
+        if not sep or proto not in PROTO_NUMBERS or not 1 <= len(port) <= 5 \
+                or not set(port) <= _DIGITS or not 1 <= int(port) <= 65535:
+            hint = ""
+            if not config and item != "".join(item.split()):
+                hint = " (no blanks: tcp/22,udp/53)"
+            elif not config and item != item.lower():
+                hint = " (in lower case)"
+            raise ValueError("%s %r: expected tcp/PORT or udp/PORT with PORT 1-65535%s"
+                             % (what, item, hint))
+        result.append((proto, int(port)))
     return result
 
 
@@ -681,19 +698,39 @@ def decide(payload, source, now, stanzas, seen, max_age):
 # Config and policy
 # ---------------------------------------------------------------------------
 
+# Key files read where their permissions cannot be checked (no POSIX modes: Windows),
+# for the client to say so.
+UNCHECKED_FILES = []
+
+
 def check_private_file(path):
-    """Refuse a key-bearing file that group or others can read, or that is not ours."""
+    """Refuse a key-bearing file that group or others can read, or that is not ours.
+
+    Windows has no POSIX owners and modes (no os.geteuid; a mode there says only
+    whether a file is read-only): there neither can be checked, and the file is
+    listed in UNCHECKED_FILES for the client to say so.
+    """
     try:
         st = os.stat(path)
     except OSError as e:
         raise SpaError("cannot read %s: %s" % (path, e.strerror))
     except ValueError:                     # a NUL byte in the name
         raise SpaError("%r is not a usable file name" % path)
+    if not hasattr(os, "geteuid"):
+        UNCHECKED_FILES.append(path)
+        return
     if st.st_mode & 0o077:
         raise SpaError("%s holds keys but is readable by group or others (mode %04o): "
                        "run 'chmod 600 %s'" % (path, st.st_mode & 0o7777, path))
     if st.st_uid not in (0, os.geteuid()):
         raise SpaError("%s holds keys but belongs to another user (uid %d)" % (path, st.st_uid))
+
+
+def _under_home(path):
+    """Whether `path` lies in the user's home folder (on Windows, the profile, which only
+    its user and the administrators may read unless someone changed that)."""
+    home = os.path.normcase(os.path.abspath(os.path.expanduser("~")))
+    return os.path.normcase(os.path.abspath(path)).startswith(home.rstrip(os.sep) + os.sep)
 
 
 def read_private_text(path):
@@ -827,11 +864,14 @@ class Stanza(object):
                                 for s in source.split(",")]
             except ValueError as e:
                 raise SpaError("%s: source: %s" % (where, e))
-        self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(get, where)
+        # A passphrase is taken as it is, blanks and all, as fwknopd takes it.
+        key_get = lambda option: options.get(option) or "" if option in ("key", "hmac_key") \
+            else get(option)
+        self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(key_get, where)
         self.mac_len = HMAC_TYPES[self.hmac_type][1]
         self.mac = Hmac(self.hmac_key, HMAC_TYPES[self.hmac_type][0], SALT_PREFIX)
         try:
-            self.open_ports = set(parse_access(get("open_ports"), "open_ports")) \
+            self.open_ports = set(parse_access(get("open_ports"), "open_ports", True)) \
                 if get("open_ports") else set(protect)
         except ValueError as e:
             raise SpaError("%s: %s" % (where, e))
@@ -846,7 +886,8 @@ class Stanza(object):
         self.require_source_address = parse_bool(get("require_source_address") or "no",
                                                  where + ": require_source_address")
         try:
-            self.restrict_ports = set(parse_access(get("restrict_ports"), "restrict_ports")) \
+            self.restrict_ports = set(parse_access(get("restrict_ports"), "restrict_ports",
+                                                    True)) \
                 if get("restrict_ports") else set()
         except ValueError as e:
             raise SpaError("%s: %s" % (where, e))
@@ -980,7 +1021,8 @@ class ServerConfig(object):
             raise SpaError("%s: firewall = %r: expected %s (none changes nothing)"
                            % (path, self.firewall, ", ".join(FIREWALLS)))
         try:
-            self.protect = parse_access(get("protect", ""), "protect") if get("protect", "") else []
+            self.protect = parse_access(get("protect", ""), "protect", True) \
+                if get("protect", "") else []
         except ValueError as e:
             raise SpaError("%s: [server]: %s" % (path, e))
         self.protect_action = get("protect_action", "reject").lower()
@@ -1030,34 +1072,71 @@ ACCESS_CONF_NAMES = {
     "SOURCE": "source", "OPEN_PORTS": "open_ports", "RESTRICT_PORTS": "restrict_ports",
     "KEY_BASE64": "key_base64", "KEY": "key", "HMAC_KEY_BASE64": "hmac_key_base64",
     "HMAC_KEY": "hmac_key", "HMAC_DIGEST_TYPE": "hmac_digest_type",
-    "ENCRYPTION_MODE": "encryption_mode", "FW_ACCESS_TIMEOUT": "fw_access_timeout",
+    "FW_ACCESS_TIMEOUT": "fw_access_timeout", "CMD_EXEC_USER": "cmd_exec_user",
     "MAX_FW_TIMEOUT": "max_fw_timeout", "REQUIRE_USERNAME": "require_username",
-    "REQUIRE_SOURCE_ADDRESS": "require_source_address", "REQUIRE_SOURCE": "require_source_address",
     "ACCESS_EXPIRE": "access_expire", "ACCESS_EXPIRE_EPOCH": "access_expire",
 }
+# fwknopd's yes/no variables (true when the value starts with Y or y, as fwknopd reads them).
+ACCESS_CONF_BOOLS = {"REQUIRE_SOURCE_ADDRESS": "require_source_address",
+                     "REQUIRE_SOURCE": "require_source_address",
+                     "ENABLE_CMD_EXEC": "enable_cmd_exec"}
+# What fwknopd does and spa.py does not (yet): a stanza that asks for it is left out.  The
+# yes/no ones ask for it only with Y.
+ACCESS_CONF_UNSUPPORTED = {
+    "FORCE_NAT": "NAT (FORCE_NAT)", "FORCE_SNAT": "NAT (FORCE_SNAT)",
+    "FORCE_MASQUERADE": "NAT (FORCE_MASQUERADE)", "FORWARD_ALL": "NAT (FORWARD_ALL)",
+    "DISABLE_DNAT": "NAT (DISABLE_DNAT)", "CMD_CYCLE_OPEN": "command cycles (CMD_CYCLE_OPEN)",
+    "CMD_CYCLE_CLOSE": "command cycles (CMD_CYCLE_CLOSE)",
+    "CMD_CYCLE_TIMER": "command cycles (CMD_CYCLE_TIMER)"}
+ACCESS_CONF_UNSUPPORTED_BOOLS = {"FORCE_MASQUERADE", "FORWARD_ALL", "DISABLE_DNAT"}
 # Settings of command messages that spa.py has no use for: it never uses sudo, and runs a
 # command with the user's own group.
 ACCESS_CONF_CMD = {"CMD_EXEC_GROUP", "CMD_SUDO_EXEC_USER", "CMD_SUDO_EXEC_GROUP"}
+# The key variables, the only ones fwknopd takes from a %include_keys file.
+ACCESS_CONF_KEYS = ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64")
+
+
+def access_conf_lines(path):
+    """[(line number, variable, value)] of an access.conf file, read as fwknopd reads it.
+
+    fwknopd skips a line whose first character is '#' or ';', takes the first word
+    as the variable (a ':' at its end dropped) and the rest, up to a ';', as the
+    value: `SOURCE ANY;  ### comment` is ANY.  Without the ';', the comment is part of
+    the value for fwknopd too.  A passphrase (KEY, HMAC_KEY) keeps its blanks at the end.
+    """
+    lines = []
+    for number, line in enumerate(read_private_text(path).splitlines(), 1):
+        words = line.split(None, 1)
+        if not words or words[0][0] in "#;":
+            continue
+        var = words[0][:words[0].rindex(":")] if ":" in words[0] else words[0]
+        value = words[1].split(";", 1)[0] if len(words) > 1 else ""
+        lines.append((number, var, value if var in ("KEY", "HMAC_KEY") else value.strip()))
+    return lines
+
+
+def _shown_variable(var, number):
+    """A variable's name for a message; a word that does not look like one may be a key
+    pasted on a line of its own, and is named by its line instead."""
+    ok = var[:1].isalpha() and len(var) <= 32 and all(c.isalnum() or c == "_" for c in var) \
+        and (len(var) <= 16 or "_" in var)
+    return var if ok else "line %d" % number
 
 
 def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
     """Turn fwknop's access.conf into Stanzas: ([Stanza], [notes on what is not honoured]).
 
-    A stanza that needs what spa.py does not do (GnuPG, NAT, a DESTINATION,
-    command cycles, no HMAC key) is left out, and a note says so, rather than
-    being loaded with a restriction quietly dropped.
+    Read as fwknopd reads it (access_conf_lines; variable names are case-sensitive).
+    A stanza that needs what spa.py does not do (GnuPG, NAT, a DESTINATION other
+    than ANY, command cycles, ECB or legacy mode, no HMAC key), or that it cannot
+    read, is left out and a note names it and why, rather than being loaded with a
+    restriction quietly dropped; the other stanzas load.
     """
     import glob
     if depth > 3:
         raise SpaError("%s: %%include nested too deep" % path)
-    lines = read_private_text(path).splitlines()
     stanzas, notes, raw = [], [], []
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line[0] in "#;":
-            continue
-        parts = line.split(None, 1)
-        var, value = parts[0].rstrip(":"), parts[1].strip() if len(parts) > 1 else ""
+    for number, var, value in access_conf_lines(path):
         if var in ("%include", "%include_folder"):
             if "\0" in value:
                 raise SpaError("%s line %d: %r is not a usable file name" % (path, number, value))
@@ -1071,50 +1150,92 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
             raw.append(("%s:%d" % (os.path.basename(path), number), []))
         if not raw:
             continue                   # fwknopd ignores what comes before the first SOURCE
-        raw[-1][1].append((var, value))
-    for name, pairs in raw:
-        options, problems = {}, []
-        gpg = False
-        for var, value in pairs:
-            if var in ACCESS_CONF_NAMES:
-                options[ACCESS_CONF_NAMES[var]] = value
-            elif var.startswith("GPG_"):
-                gpg = True
-            elif var == "ENABLE_CMD_EXEC":
-                options["enable_cmd_exec"] = "yes" if value[:1].upper() == "Y" else "no"
-            elif var == "CMD_EXEC_USER":
-                options["cmd_exec_user"] = value
-            elif var == "ENABLE_CMD_SUDO_EXEC":
-                if value[:1].upper() == "Y":
-                    notes.append("%s: ENABLE_CMD_SUDO_EXEC is not honoured: spa.py uses no sudo"
-                                 % name)
-            elif var not in ACCESS_CONF_CMD:
-                problems.append(var)
-        if not options.get("key_base64") and not options.get("key"):
-            problems.append("GnuPG-only stanzas" if gpg else "a stanza without an AES key")
-        elif gpg:
-            notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
-        if not options.get("hmac_key_base64") and not options.get("hmac_key"):
-            problems.append("packets without an HMAC")
-        if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
-            options["enable_cmd_exec"] = "no"     # fwknopd would run them as root: never
-            notes.append("%s: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER: spa.py "
-                         "never runs commands as root" % name)
-        if problems:
-            notes.append("%s: stanza left out: spa.py does not support %s"
-                         % (name, ", ".join(problems)))
+        if var == "%include_keys":     # keys kept in a file of their own
+            try:
+                raw[-1][1].extend(line for line in access_conf_lines(value)
+                                  if line[1] in ACCESS_CONF_KEYS or line[1].startswith("GPG_"))
+            except SpaError as e:
+                raw[-1][1].append((number, "%include_keys", SpaError(str(e))))
             continue
-        if options.get("source", "").upper() == "ANY":
-            options["source"] = "any"
-        if options.get("require_source_address"):
-            options["require_source_address"] = \
-                "yes" if options["require_source_address"][:1].upper() == "Y" else "no"
-        # fwknopd has no per-stanza NAT switch: its ENABLE_IPT_FORWARDING / ENABLE_IPT_LOCAL_NAT
-        # are ours in [server], and they decide for its stanzas.
-        options["enable_nat"] = "yes"
-        stanzas.append(Stanza(name, options, protect, where="%s stanza at %s" % (path, name),
-                              forwarding=forwarding, local_nat=local_nat))
+        raw[-1][1].append((number, var, value))
+    for name, pairs in raw:
+        options, problems = _access_conf_stanza(name, pairs, notes)
+        if problems:
+            notes.append("%s: stanza left out: %s" % (name, "; ".join(problems)))
+            continue
+        try:
+            stanzas.append(Stanza(name, options, protect, where="%s stanza at %s" % (path, name),
+                                  forwarding=forwarding, local_nat=local_nat))
+        except SpaError as e:
+            notes.append("%s: stanza left out: %s" % (name, e))
     return stanzas, notes
+
+
+def _access_conf_stanza(name, pairs, notes):
+    """The stanza options of one access.conf stanza, and what stops spa.py from loading it."""
+    options, unsupported, problems = {}, [], []
+    gpg = False
+    for number, var, value in pairs:
+        if isinstance(value, SpaError):
+            problems.append(str(value))
+            continue
+        yes = value[:1] in ("Y", "y")
+        if not value.strip():
+            problems.append("%s has no value (line %d)" % (_shown_variable(var, number), number))
+        elif var in ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64") \
+                and value.upper() == "__CHANGEME__":
+            problems.append("%s is still __CHANGEME__ (line %d)" % (var, number))
+        elif var in ("FW_ACCESS_TIMEOUT", "MAX_FW_TIMEOUT") and value.isdigit() and int(value) == 0:
+            pass                       # 0 is fwknopd's default (30 and 300 s), as it is ours
+        elif var in ACCESS_CONF_NAMES:
+            options[ACCESS_CONF_NAMES[var]] = value
+            if var in ACCESS_CONF_KEYS:        # the last of KEY and KEY_BASE64 counts
+                other = var[:-7] if var.endswith("_BASE64") else var + "_BASE64"
+                options.pop(ACCESS_CONF_NAMES[other], None)
+        elif var in ACCESS_CONF_BOOLS:
+            options[ACCESS_CONF_BOOLS[var]] = "yes" if yes else "no"
+        elif var == "DESTINATION":
+            if not any(d.strip().upper() == "ANY" for d in value.split(",")):
+                unsupported.append("DESTINATION %s (only ANY, which restricts nothing)" % value)
+        elif var == "ENCRYPTION_MODE":
+            mode = value.lower()
+            if mode == "asymmetric":
+                gpg = True
+            elif mode in ENCRYPTION_MODES:
+                options["encryption_mode"] = mode
+            else:
+                unsupported.append("ENCRYPTION_MODE %s" % value)
+        elif var in ACCESS_CONF_UNSUPPORTED:
+            if yes or var not in ACCESS_CONF_UNSUPPORTED_BOOLS:
+                unsupported.append(ACCESS_CONF_UNSUPPORTED[var])
+        elif var.startswith("GPG_"):
+            gpg = True
+        elif var == "ENABLE_CMD_SUDO_EXEC":
+            if yes:
+                notes.append("%s: ENABLE_CMD_SUDO_EXEC is not honoured: spa.py uses no sudo" % name)
+        elif var not in ACCESS_CONF_CMD:
+            shown = _shown_variable(var, number)
+            problems.append("%s is not a variable fwknopd knows (it would ignore it; names are "
+                            "case-sensitive)" % shown if shown == var else
+                            "%s is not a VARIABLE value line" % shown)
+    if not options.get("key_base64") and not options.get("key"):
+        unsupported.append("GnuPG-only stanzas" if gpg else "a stanza without an AES key")
+    elif gpg:
+        notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
+    if not options.get("hmac_key_base64") and not options.get("hmac_key"):
+        unsupported.append("packets without an HMAC")
+    if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
+        options["enable_cmd_exec"] = "no"     # fwknopd would run them as root: never
+        notes.append("%s: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER: spa.py "
+                     "never runs commands as root" % name)
+    if unsupported:
+        problems.insert(0, "spa.py does not support %s" % ", ".join(unsupported))
+    if any(s.strip().upper() == "ANY" for s in options.get("source", "").split(",")):
+        options["source"] = "any"
+    # fwknopd has no per-stanza NAT switch: its ENABLE_IPT_FORWARDING / ENABLE_IPT_LOCAL_NAT
+    # are ours in [server], and they decide for its stanzas.
+    options["enable_nat"] = "yes"
+    return options, problems
 
 
 # ---------------------------------------------------------------------------
@@ -3731,72 +3852,144 @@ def check_config_main(args):
 CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip", "fw_timeout",
                   "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",
                   "key", "hmac_key", "resolve_url", "nat_access", "nat_local", "nat_port",
-                  "server_cmd"}
+                  "server_cmd", "ip_version", "digest_type", "source_port", "time_offset",
+                  "user_agent"}
 
-# ~/.fwknoprc variable -> our option name.  Values carry over as they are, but for
-# ALLOW_IP, whose "source" and "resolve" stand for -s and -R.
+# ~/.fwknoprc variable -> our option name; the values carry over as they are.
 FWKNOPRC_NAMES = {
     "SPA_SERVER": "destination", "SPA_SERVER_PORT": "server_port", "ACCESS": "access",
-    "ALLOW_IP": "allow_ip", "FW_TIMEOUT": "fw_timeout", "SPOOF_USER": "user",
+    "FW_TIMEOUT": "fw_timeout", "SPOOF_USER": "user",
     "KEY_BASE64": "key_base64", "KEY": "key", "HMAC_KEY_BASE64": "hmac_key_base64",
     "HMAC_KEY": "hmac_key", "HMAC_DIGEST_TYPE": "hmac_digest_type",
     "ENCRYPTION_MODE": "encryption_mode", "RESOLVE_URL": "resolve_url",
-    "NAT_ACCESS": "nat_access", "NAT_LOCAL": "nat_local", "NAT_PORT": "nat_port",
+    "NAT_ACCESS": "nat_access", "NAT_PORT": "nat_port", "DIGEST_TYPE": "digest_type",
+    "SPA_SOURCE_PORT": "source_port", "TIME_OFFSET": "time_offset",
+    "HTTP_USER_AGENT": "user_agent",
 }
-# Variables that change nothing about the packet, or that spa.py's client always does.
-FWKNOPRC_HARMLESS = {"USE_HMAC", "VERBOSE", "DIGEST_TYPE", "SPA_SERVER_PROTO", "RESOLVE_IP_HTTPS",
-                     "RESOLVE_IP_HTTP", "WGET_CMD", "NO_SAVE_ARGS", "KEY_FILE"}
+# fwknop's yes/no variables (to fwknop only Y, in either case, is yes) -> (option, its yes).
+FWKNOPRC_FLAGS = {"NAT_LOCAL": ("nat_local", "yes"), "SERVER_RESOLVE_IPV4": ("ip_version", "4"),
+                  "RESOLVE_IP_HTTPS": ("resolve", True), "RESOLVE_IP_HTTP": ("resolve", True),
+                  "RESOLVE_HTTP_ONLY": ("resolve", True)}
+# Variables that change nothing spa.py's client does: it uses an HMAC whenever it has the
+# key (as fwknop does, whatever USE_HMAC says), runs no wget and saves no command lines.
+FWKNOPRC_HARMLESS = {"USE_HMAC", "VERBOSE", "WGET_CMD", "NO_SAVE_ARGS", "USE_WGET_USER_AGENT"}
+# yes/no variables that ask with Y for what spa.py's client does not do.
+FWKNOPRC_UNSUPPORTED_FLAGS = {"USE_GPG", "USE_GPG_AGENT", "GPG_NO_SIGNING_PW", "RAND_PORT",
+                              "NAT_RAND_PORT"}
+# Every other variable fwknop knows, which spa.py's client does not do.
+FWKNOPRC_UNSUPPORTED = {"GPG_RECIPIENT", "GPG_SIGNER", "GPG_HOMEDIR", "GPG_EXE", "GPG_SIGNING_PW",
+                        "GPG_SIGNING_PW_BASE64", "SPOOF_SOURCE_IP", "KEY_FILE", "HMAC_KEY_FILE",
+                        "SPA_SERVER_PROTO"}
+# fwknop client options that spa.py's client does not have, and why.  Refused by name
+# (refuse_fwknop_only_options): their values are never shown, some are keys.
+FWKNOP_ONLY_OPTIONS = dict(
+    [(o, "it does no GnuPG") for o in (
+        "-g", "--gpg-encryption", "--gpg-recipient-key", "--gpg-signer-key", "--gpg-home-dir",
+        "--gpg-exe", "--gpg-agent", "--gpg-no-signing-pw")] +
+    [(o, "it sends from its own address only") for o in ("-Q", "--spoof-source", "--spoof-src")] +
+    [(o, "it sends one UDP datagram to one port") for o in (
+        "-r", "--rand-port", "-H", "--http-proxy", "--icmp-type", "--icmp-code")] +
+    [("--nat-rand-port", "give the port with --nat-port")] +
+    [(o, "keep keys in a config file of mode 0600 (-c FILE -n NAME)") for o in (
+        "-G", "--get-key", "--get-hmac-key", "--stdin", "--fd")] +
+    [(o, "make keys with 'spa.py keygen'") for o in (
+        "-k", "--key-gen", "-K", "--key-gen-file", "--key-len", "--hmac-key-len",
+        "--save-rc-stanza", "--force-stanza")] +
+    [(o, "it saves no command lines") for o in ("-l", "--last-cmd", "--show-last", "-E",
+                                                 "--save-args-file")] +
+    [(o, "print the packet with --test (-T)") for o in ("-B", "--save-packet", "-b",
+                                                        "--save-packet-append")] +
+    [("--stanza-list", "list the sections of the file yourself"),
+     ("--fault-injection-tag", "it has no fault injection")])
+
+
+def refuse_fwknop_only_options(argv):
+    """A one-line error for a fwknop client option spa.py's client does not have (argparse
+    would print the whole command line's rest, keys included), naming it but no value."""
+    for word in argv:
+        if word == "--":
+            break
+        name = word.split("=", 1)[0] if word.startswith("--") else word
+        if name in FWKNOP_ONLY_OPTIONS:
+            raise SpaError("fwknop's %s is not supported by spa.py's client (%s)"
+                           % (name, FWKNOP_ONLY_OPTIONS[name]))
 
 
 def login_name():
-    for var in ("LOGNAME", "USER"):
+    """The user name a packet carries without -U: $SPOOF_USER (as for fwknop), else the
+    login name as getpass.getuser() finds it ($LOGNAME, $USER, $LNAME, $USERNAME, which
+    is Windows', then the password database), else fwknop's NO_USER."""
+    for var in ("SPOOF_USER", "LOGNAME", "USER", "LNAME", "USERNAME"):
         if os.environ.get(var):
             return os.environ[var]
     try:
-        import pwd
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
+        import getpass
+        return getpass.getuser()
+    except (ImportError, KeyError, OSError):
         return "NO_USER"
 
 
+class RcSection(object):
+    """One [section] of a ~/.fwknoprc: our options, and what spa.py cannot honour in it."""
+
+    def __init__(self, name):
+        self.name, self.options, self.problems = name, {}, []
+
+
 def read_fwknoprc(path, text):
-    """Parse fwknop's client rc file: {section: {our option: value}}, [default] included."""
-    import re
+    """fwknop's client rc file, read as fwknop reads it: {section name in lower case:
+    RcSection}, [default] included.
+
+    A line starting with '#' or ';' is a comment; `[name]` starts a section (names
+    match in any case); `VARIABLE value` sets a variable (names are case-sensitive), the
+    value ending at a blank, ';' or '#': `KEY my secret` is `my` to fwknop too.  What
+    spa.py cannot honour is a problem of its section, which stops the client only when
+    that section is used (client_settings), as fwknop reads only those.
+    """
     sections, current = {}, None
     for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line[0] in "#;":
+        words = line.split(None, 1)
+        if not words or line[0] in "#;":
             continue
-        m = re.match(r"^\[(.+)\]$", line)
-        if m:
-            current = sections.setdefault(m.group(1).strip(), {})
+        if words[0].startswith("[") and "]" in line:
+            name = line.strip()[1:].partition("]")[0]
+            current = sections.setdefault(name.lower(), RcSection(name))
             continue
-        parts = line.split(None, 1)
-        var, value = parts[0].rstrip(":"), parts[1].strip() if len(parts) > 1 else ""
         if current is None:
-            raise SpaError("%s line %d: %s comes before any [section]" % (path, number, var))
-        if var in FWKNOPRC_NAMES:
-            current[FWKNOPRC_NAMES[var]] = value
-        elif var == "USE_HMAC" and value[:1].upper() == "N":
-            raise SpaError("%s [%s]: USE_HMAC N: spa.py always uses an HMAC; add an HMAC key"
-                           % (path, current_name(sections, current)))
-        elif var == "SPA_SERVER_PROTO" and value.lower() != "udp":
-            raise SpaError("%s [%s]: SPA_SERVER_PROTO %s: spa.py sends over UDP only"
-                           % (path, current_name(sections, current), value))
-        elif var not in FWKNOPRC_HARMLESS:
-            raise SpaError("%s [%s]: %s is not supported by spa.py's client"
-                           % (path, current_name(sections, current), var))
-    for options in sections.values():
-        allow = options.get("allow_ip", "").lower()
-        if allow == "source":
-            options["allow_ip"], options["source_ip"] = None, "yes"
-        elif allow == "resolve":
-            options["allow_ip"], options["resolve"] = None, True
+            continue                       # fwknop reads nothing before the first section
+        var = words[0][:words[0].rindex(":")] if ":" in words[0] else words[0]
+        value = words[1] if len(words) > 1 else ""
+        for end in " \t;#":
+            value = value.split(end, 1)[0]
+        where = "%s [%s]" % (path, current.name)
+        if not value:
+            current.problems.append("%s line %d: %s has no value"
+                                    % (where, number, _shown_variable(var, number)))
+        elif var in FWKNOPRC_NAMES:
+            current.options[FWKNOPRC_NAMES[var]] = value
+        elif var in FWKNOPRC_FLAGS:
+            option, yes = FWKNOPRC_FLAGS[var]
+            if value.upper() == "Y":
+                current.options[option] = "%s Y in %s" % (var, where) if yes is True else yes
+        elif var == "ALLOW_IP":            # -a, or -s for "source", or -R for "resolve"
+            for option in ("allow_ip", "source_ip", "allow"):
+                current.options.pop(option, None)
+            if value.lower() == "source":
+                current.options["source_ip"] = "yes"
+            elif value.lower() == "resolve":
+                current.options["allow"] = "ALLOW_IP resolve in %s" % where
+            else:
+                current.options["allow_ip"] = value
+        elif var == "SPA_SERVER_PROTO" and value.lower() == "udp" or var in FWKNOPRC_HARMLESS \
+                or var in FWKNOPRC_UNSUPPORTED_FLAGS and value.upper() != "Y":
+            pass
+        elif var in FWKNOPRC_UNSUPPORTED or var in FWKNOPRC_UNSUPPORTED_FLAGS:
+            current.problems.append("%s: %s is not supported by spa.py's client%s" % (
+                where, var, " (it sends over UDP only)" if var == "SPA_SERVER_PROTO" else ""))
+        else:
+            current.problems.append("%s line %d: %s is not a variable fwknop knows"
+                                    % (where, number, _shown_variable(var, number)))
     return sections
-
-
-def current_name(sections, current):
-    return next(name for name, options in sections.items() if options is current)
 
 
 def is_fwknoprc(text):
@@ -3814,8 +4007,17 @@ def default_client_config():
 
 
 def client_settings(args):
-    """Merge the config section (spa.py's INI or fwknop's rc) with the command line, which wins."""
-    section = {}
+    """Merge the config section (spa.py's INI or fwknop's rc) with the command line, which wins.
+
+    Which address the packet asks to open for is one choice: the command line's (-a,
+    -s, -R), else the section's, else [default]'s (in a ~/.fwknoprc; as for fwknop,
+    ALLOW_IP beats RESOLVE_IP_HTTPS within one); where none chose, a resolve URL means
+    -R, as it does to fwknop, and nothing means the packet's source address.
+    """
+    layers = []
+    if args.no_rc_file and args.name and not args.config:
+        raise SpaError("-n/--name needs a config file and --no-rc-file says to read none: "
+                       "give -c FILE")
     config = args.config or (default_client_config() if args.name else None)
     if config:
         path = os.path.expanduser(config)
@@ -3823,11 +4025,13 @@ def client_settings(args):
         text = read_private_text(path)
         if is_fwknoprc(text):
             sections = read_fwknoprc(path, text)
-            section = dict(sections.get("default", {}))
-            if name != "default" and name not in sections:
-                raise SpaError("%s has no section [%s] (it has: %s)"
-                               % (config, name, ", ".join(sections) or "none"))
-            section.update(sections.get(name, {}))
+            if name.lower() != "default" and name.lower() not in sections:
+                raise SpaError("%s has no section [%s] (it has: %s)" % (
+                    config, name, ", ".join(s.name for s in sections.values()) or "none"))
+            for used in {"default", name.lower()}:
+                if used in sections and sections[used].problems:
+                    raise SpaError(sections[used].problems[0])
+            layers = [sections[n].options for n in ("default", name.lower()) if n in sections]
         else:
             parser = read_ini(path, text)
             if name != "default" and not parser.has_section(name):
@@ -3836,33 +4040,85 @@ def client_settings(args):
             section = dict(parser[name] if name != "default" else parser.defaults())
             unknown = set(section) - CLIENT_OPTIONS
             if unknown:
-                raise SpaError("%s: [%s]: unknown option %s"
-                               % (config, name, ", ".join(sorted(unknown))))
-    opts = {"resolve": bool(args.resolve_ip or section.get("resolve"))}
+                raise SpaError("%s: [%s]: unknown option %s" % (config, name, ", ".join(
+                    sorted(_shown_variable(u, 0) for u in unknown))))
+            layers = [section]
+    section = {}
+    for layer in layers:
+        section.update(layer)
+    opts = {}
     for option in CLIENT_OPTIONS:
         value = getattr(args, option, None)
         if value is None:
             value = section.get(option)
-        opts[option] = value.strip() if isinstance(value, str) else value
-    if args.allow_ip or args.source_ip or args.resolve_ip:
-        # A choice on the command line replaces the file's choice, whichever it was.
-        opts["allow_ip"], opts["source_ip"] = args.allow_ip, args.source_ip
-        opts["resolve"] = bool(args.resolve_ip)
+        # A passphrase is taken as it is, blanks and all, as fwknop takes it.
+        opts[option] = value.strip() if isinstance(value, str) and option not in (
+            "key", "hmac_key") else value
+    if args.time_offset_plus or args.time_offset_minus:
+        opts["time_offset"] = ("+" + args.time_offset_plus if args.time_offset_plus
+                               else "-" + args.time_offset_minus)
+    cli = [c for c in (args.allow_ip and ("ip", args.allow_ip), args.source_ip and ("source",),
+                       args.resolve_ip and ("resolve", "-R")) if c]
+    if len(cli) > 1:
+        raise SpaError("give only one of -a/--allow-ip, -s/--source-ip and -R/--resolve-ip-https")
+    choices = cli + [c for c in map(_allow_choice, reversed(layers)) if c]
+    if not choices and opts.get("resolve_url"):
+        choices = [("resolve", "--resolve-url" if args.resolve_url else "resolve_url")]
+    kind = choices[0] if choices else ("source",)
+    opts["allow_ip"] = kind[1] if kind[0] == "ip" else None
+    opts["source_ip"] = kind[0] == "source"
+    opts["resolve"] = kind[1] if kind[0] == "resolve" else False
     return opts
 
 
-def resolve_public_ip(url, timeout=10):
-    """Ask `url` (the user's choice; none is built in) which IPv4 address we come from."""
+def _allow_choice(options):
+    """A config section's choice of the address to open for, or None."""
+    allow = (options.get("allow_ip") or "").strip()
+    if allow.lower() == "source":
+        return ("source",)
+    if allow.lower() == "resolve":
+        return ("resolve", "allow_ip = resolve")
+    if allow:
+        return ("ip", allow)
+    if parse_bool(options.get("source_ip") or "no", "source_ip"):
+        return ("source",)
+    if options.get("allow") or options.get("resolve"):
+        return ("resolve", options.get("allow") or options["resolve"])
+    return None
+
+
+def resolve_public_ip(url, timeout=10, origin="-R", user_agent=None):
+    """Ask `url` (the user's choice; none is built in) which IPv4 address we come from.
+
+    A redirect is followed only to https: an https URL that answered "go to http://..."
+    would hand the choice of the address to whoever is on the path.
+    """
     import re
-    import urllib.request
     if not url:
-        raise SpaError("-R needs a URL that answers with your public address: give "
-                       "--resolve-url https://... (spa.py has none built in)")
+        if origin == "-R":
+            raise SpaError("-R needs a URL that answers with your public address: give "
+                           "--resolve-url https://... (spa.py has none built in)")
+        raise SpaError("%s asks to open for the public address a URL reports, and spa.py has "
+                       "none built in: add RESOLVE_URL https://... to that section or give "
+                       "--resolve-url https://... (or -s: the address the packet comes from; "
+                       "-a ADDRESS: another)" % origin)
+    import urllib.request
     if not url.startswith("https://"):
         print("spa.py client: warning: %s is not https: whoever is on the path can choose the "
               "address the port opens for" % url, file=sys.stderr)
+
+    class HttpsOnly(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if req.full_url.startswith("https://") and not newurl.startswith("https://"):
+                raise SpaError("%s redirected to %s: refused, only https is followed"
+                               % (req.full_url, newurl[:200]))
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    opener = urllib.request.build_opener(HttpsOnly)
+    request = urllib.request.Request(url, headers={"User-Agent": user_agent or
+                                                   "spa.py/" + VERSION})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
+        with opener.open(request, timeout=timeout) as answer:
             body = answer.read(4096).decode("ascii", "replace")
     except (OSError, ValueError) as e:
         raise SpaError("cannot resolve the public address with %s: %s" % (url, e))
@@ -3885,13 +4141,9 @@ def build_packet(opts, now=None):
         access = parse_access(opts["access"]) if opts.get("access") else []
     except ValueError as e:
         raise SpaError(str(e))
-    source_ip = opts.get("source_ip")
-    if isinstance(source_ip, str):
-        source_ip = parse_bool(source_ip, "source_ip")
-    if sum(map(bool, (source_ip, opts.get("allow_ip"), opts.get("resolve")))) > 1:
-        raise SpaError("give only one of -a/--allow-ip, -s/--source-ip and -R/--resolve-ip-https")
     if opts.get("resolve"):
-        allow_ip = resolve_public_ip(opts.get("resolve_url"))
+        allow_ip = resolve_public_ip(opts.get("resolve_url"), origin=opts["resolve"],
+                                     user_agent=opts.get("user_agent"))
     else:
         allow_ip = opts.get("allow_ip") or "0.0.0.0"
     if not _is_ipv4(allow_ip):
@@ -3906,15 +4158,37 @@ def build_packet(opts, now=None):
         msg_type, access = MSG_COMMAND, []
     user = opts.get("user") or login_name()
     if not _valid_username(user) or len(user.encode()) > 48:
-        raise SpaError("user %r: up to 48 characters, without any of %s"
+        raise SpaError("user %r: up to 48 characters, without any of %s (give one with -U)"
                        % (user, "".join(sorted(USERNAME_FORBIDDEN))))
+    digest = parse_hmac_type(opts.get("digest_type") or "sha256", "digest_type")
+    stamp = int(time.time() if now is None else now) + parse_time_offset(opts.get("time_offset"))
     msg = Message(user, allow_ip, access, timeout, msg_type=msg_type, nat_access=nat_access,
-                  timestamp=int(time.time() if now is None else now), command=command)
+                  timestamp=stamp, command=command, digest_type=digest)
     wire = seal(msg.encode(), key, hmac_key, hmac_type, mode)
     if len(wire) > MAX_WIRE_LEN:
         raise SpaError("the packet would be %d characters; fwknop servers accept at most %d: "
                        "ask for fewer ports" % (len(wire), MAX_WIRE_LEN))
     return msg, wire
+
+
+TIME_UNITS = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min": 60,
+              "mins": 60, "minute": 60, "minutes": 60, "h": 3600, "hour": 3600, "hours": 3600,
+              "d": 86400, "day": 86400, "days": 86400}
+
+
+def parse_time_offset(text):
+    """fwknop's time offset ('60', '90sec', '5min', '-2hours', '1day') in seconds."""
+    text = (text or "").strip()
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    number = "".join(c for c in digits[:6] if c in _DIGITS)
+    unit = digits[len(number):].strip().lower()
+    if not text:
+        return 0
+    if not number or int(number) > 65536 or unit not in TIME_UNITS:
+        raise SpaError("time offset %r: expected a number of seconds, or of min, hours or days "
+                       "(e.g. 90sec, 5min, 2hours)" % text)
+    return sign * int(number) * TIME_UNITS[unit]
 
 
 def nat_request(opts, access, timeout):
@@ -3934,8 +4208,9 @@ def nat_request(opts, access, timeout):
     if len(access) != 1:
         raise SpaError("NAT access takes one port in -A, not %d" % len(access))
     proto, port = access[0]
+    version = opts.get("ip_version")
     if nat_local:
-        host = resolve_address(opts["destination"])
+        host = resolve_address(opts["destination"], version)
         if nat_port:
             access = [(proto, parse_int(str(nat_port), "nat_port", 1, 65535))]
         field = "%s,%d" % (host, port)
@@ -3944,7 +4219,7 @@ def nat_request(opts, access, timeout):
         host, to_port = split_host_port(nat_access, "-N/--nat-access")
     else:
         host, to_port = nat_access, port          # a name or address without a port
-    field = "%s,%d" % (resolve_address(host), to_port)
+    field = "%s,%d" % (resolve_address(host, version), to_port)
     return (MSG_TIMEOUT_NAT if timeout else MSG_NAT), field, access
 
 
@@ -3956,27 +4231,45 @@ def _name_arg(host):
         return host
 
 
-def resolve_address(host):
+IP_VERSIONS = {None: 0, "": 0, "4": socket.AF_INET, "6": socket.AF_INET6}
+
+
+def addresses(host, port, kind, version=None):
+    """getaddrinfo() for `host`, IPv4 first: fwknop's client knocks over IPv4 only and
+    fwknopd listens on IPv4, so a name with both kinds of address is knocked over IPv4
+    unless -6 (version "6") says otherwise; -4 or -6 leave out the other kind."""
+    version = str(version or "").strip()
+    if version not in IP_VERSIONS:
+        raise SpaError("ip_version = %r: expected 4 or 6" % version)
+    try:
+        infos = socket.getaddrinfo(_name_arg(host), port, IP_VERSIONS[version], kind)
+    except socket.gaierror as e:
+        raise SpaError("cannot resolve %s%s: %s" % (
+            host, " to an IPv%s address (-%s)" % (version, version) if version else "",
+            e.strerror))
+    return sorted(infos, key=lambda info: info[0] != socket.AF_INET)
+
+
+def resolve_address(host, version=None):
     """An address for a name: a spa.py server resolves no names in NAT requests."""
-    try:
-        return socket.getaddrinfo(_name_arg(host), None, 0, socket.SOCK_DGRAM)[0][4][0]
-    except socket.gaierror as e:
-        raise SpaError("cannot resolve %s: %s" % (host, e.strerror))
+    return addresses(host, None, socket.SOCK_DGRAM, version)[0][4][0]
 
 
-def send_packet(wire, host, port):
-    """Send the packet as one UDP datagram to the first address `host` resolves to."""
-    try:
-        infos = socket.getaddrinfo(_name_arg(host), port, 0, socket.SOCK_DGRAM)
-    except socket.gaierror as e:
-        raise SpaError("cannot resolve %s: %s" % (host, e.strerror))
+def send_packet(wire, host, port, version=None, source_port=None):
+    """Send the packet as one UDP datagram to the first of `host`'s addresses (IPv4 first).
+
+    Returns (the address knocked, the addresses of the other family) for -v."""
+    infos = addresses(host, port, socket.SOCK_DGRAM, version)
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
         try:
+            if source_port:
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", source_port))
             sock.sendto(wire, address)
         except OSError as e:
             raise SpaError("cannot send to %s port %d: %s" % (address[0], port, e.strerror))
-    return address[0]
+    others = sorted(set(i[4][0] for i in infos if i[0] != family))
+    return address[0], others
 
 
 def split_host_port(text, option="--connect"):
@@ -3987,15 +4280,14 @@ def split_host_port(text, option="--connect"):
     return host.strip("[]"), int(port)
 
 
-def connect_when_open(host, port, knock, wait=10.0, attempt=0.25):
+def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, prefer=None):
     """Connect to host:port, retrying until the knock has opened it; re-knock once halfway.
 
+    Tries the addresses of the family `prefer` (the knock's) first, then the others.
     Returns the connected socket, or raises SpaError naming what to check.
     """
-    try:
-        infos = socket.getaddrinfo(_name_arg(host), port, 0, socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise SpaError("cannot resolve %s: %s" % (host, e.strerror))
+    infos = addresses(host, port, socket.SOCK_STREAM, version)
+    infos.sort(key=lambda info: info[0] != prefer)
     start = time.monotonic()
     knocked_again = False
     last = None
@@ -4020,33 +4312,99 @@ def connect_when_open(host, port, knock, wait=10.0, attempt=0.25):
 
 
 def relay(sock, fd_in=0, fd_out=1):
-    """Copy stdin to the socket and the socket to stdout until both sides are done (like nc)."""
+    """Copy stdin to the socket and the socket to stdout until both sides are done (like nc).
+
+    With select() where it takes stdin; on Windows, where it takes only sockets, with a
+    thread for stdin.  A connection the other side breaks off (a reset) is a one-line
+    SpaError; a reader of our output that went away (ssh closed) ends the relay quietly.
+    """
     import select
+    try:
+        select.select([fd_in], [], [], 0)
+    except (OSError, ValueError):
+        return _relay_with_a_thread(sock, fd_in, fd_out)
     inputs = [fd_in, sock]
     while sock in inputs:
         for ready in select.select(inputs, [], [])[0]:
             if ready is sock:
-                data = sock.recv(65536)
-                if not data:
+                if not _to_output(sock, fd_out):
                     return
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd_out, view):]
-            else:
-                data = os.read(fd_in, 65536)
-                if data:
-                    sock.sendall(data)
-                else:
-                    sock.shutdown(socket.SHUT_WR)
-                    inputs.remove(fd_in)
+            elif not _to_socket(sock, fd_in):
+                inputs.remove(fd_in)
+
+
+def _relay_with_a_thread(sock, fd_in, fd_out):
+    """relay() where select() cannot wait for stdin: a thread copies stdin to the socket."""
+    import threading
+    try:
+        import msvcrt               # Windows: no newline translation on the pipes
+        for fd in (fd_in, fd_out):
+            msvcrt.setmode(fd, os.O_BINARY)
+    except (ImportError, OSError):
+        pass
+    failed = []
+
+    def forward():
+        try:
+            while _to_socket(sock, fd_in):
+                pass
+        except SpaError as e:
+            failed.append(e)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)     # wakes the reading side
+            except OSError:
+                pass
+    threading.Thread(target=forward, daemon=True).start()
+    while _to_output(sock, fd_out):
+        pass
+    if failed:
+        raise failed[0]
+
+
+def _to_output(sock, fd_out):
+    """Copy what the socket has to fd_out; False when the connection or the output ended."""
+    try:
+        data = sock.recv(65536)
+    except OSError as e:
+        raise SpaError("the connection was broken off: %s" % (e.strerror or e))
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd_out, view):]
+    except OSError:
+        return False                # whoever read our output (ssh) is gone
+    return bool(data)
+
+
+def _to_socket(sock, fd_in):
+    """Copy what fd_in has to the socket; False at the end of the input."""
+    try:
+        data = os.read(fd_in, 65536)
+    except OSError:
+        data = b""
+    try:
+        if data:
+            sock.sendall(data)
+        else:
+            sock.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        raise SpaError("the connection was broken off: %s" % (e.strerror or e))
+    return bool(data)
 
 
 def client_main(args):
     opts = client_settings(args)
+    if args.server_proto and args.server_proto.lower() != "udp":
+        raise SpaError("-P/--server-proto %s: spa.py's client sends over UDP only"
+                       % args.server_proto)
     connect = split_host_port(args.connect) if args.connect else None
     if connect and not opts.get("destination"):
         opts["destination"] = connect[0]
     port = parse_int(str(opts.get("server_port") or DEFAULT_PORT), "server_port", 1, 65535)
+    source_port = parse_int(str(opts["source_port"]), "source_port", 1, 65535) \
+        if opts.get("source_port") else None
+    version = opts.get("ip_version")
+    knocked = []
 
     def knock():
         msg, wire = build_packet(opts)
@@ -4055,13 +4413,26 @@ def client_main(args):
         if args.test:
             print(wire.decode())
             return
-        address = send_packet(wire, opts["destination"], port)
+        address, others = send_packet(wire, opts["destination"], port, version, source_port)
+        knocked.append(address)
         if args.verbose:
-            print("sent %d bytes to %s udp/%d" % (len(wire), address, port), file=sys.stderr)
+            print("sent %d bytes to %s udp/%d%s" % (len(wire), address, port, (
+                " (IPv%s first, as fwknop; %s is also %s: -%s knocks there)" % (
+                    "6" if ":" in address else "4", opts["destination"], ", ".join(others),
+                    "4" if ":" in address else "6")) if others else ""), file=sys.stderr)
 
+    for path in UNCHECKED_FILES:
+        if args.verbose or not _under_home(path):
+            print("spa.py client: note: this system has no POSIX file modes: spa.py cannot "
+                  "check who may read %s, which holds keys; keep it where only you can read "
+                  "it" % path, file=sys.stderr)
     knock()
     if connect and not args.test:
-        with connect_when_open(connect[0], connect[1], knock, args.connect_wait) as sock:
+        prefer = (socket.AF_INET6 if ":" in knocked[0] else socket.AF_INET) if knocked else None
+        with connect_when_open(connect[0], connect[1], knock, args.connect_wait,
+                               version=version, prefer=prefer) as sock:
+            if args.verbose:
+                print("connected to %s port %d" % sock.getpeername()[:2], file=sys.stderr)
             relay(sock)
     return 0
 
@@ -4432,12 +4803,38 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, width=max(columns, 40) - 2)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors never show a value given on the command line: one
+    of them may be a key (`--key-base64-hmac KEY` after an option it does not know would
+    otherwise be printed back whole)."""
+
+    argv = ()
+
+    def parse_args(self, args=None, namespace=None):
+        args, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.error("unrecognized arguments: %s" % " ".join(
+                (w.split("=", 1)[0] + ("=..." if "=" in w else "")) if w.startswith("-")
+                else "..." for w in extra))
+        return args
+
+    def error(self, message):
+        import re
+        values = set(w.split("=", 1)[1] if w.startswith("-") else w
+                     for w in _Parser.argv if w and (not w.startswith("-") or "=" in w))
+        for value in sorted(values - set(_SUBCOMMAND_HELP), key=len, reverse=True):
+            message = re.sub(r"(^|[\s'\"=])%s(?=$|[\s'\",)])" % re.escape(value), r"\1...",
+                             message)
+        super().error(message)
+
+
 def build_parser(argv=None):
     """The command line parser.  Given argv, only the options of the subcommand it names
     are built (the others still list in --help): a quicker start for `spa client`."""
     fmt = _HelpFormatter
     named = argv[0] if argv else None
-    p = argparse.ArgumentParser(
+    _Parser.argv = tuple(argv or ())
+    p = _Parser(
         prog="spa.py", formatter_class=fmt, epilog=EXAMPLES,
         description="Single Packet Authorization, wire-compatible with fwknop.")
     p.add_argument("--version", action="version", version="spa.py " + VERSION)
@@ -4474,7 +4871,9 @@ def _keygen_options(sub, fmt):
 
 def _client_options(sub, fmt):
     c = sub.add_parser("client", formatter_class=fmt, help=_SUBCOMMAND_HELP["client"],
-                       description="Build one SPA packet and send it over UDP (no privileges needed).",
+                       description="Build one SPA packet and send it over UDP (no privileges "
+                       "needed).  fwknop's option names work too (--key-base64-rijndael, "
+                       "--spoof-user, ...; README.md lists them).",
                        epilog="examples:\n"
                        "  spa.py client -n web1                 # knock with [web1] of ~/.spa.conf\n"
                        "  spa.py client -c ~/.fwknoprc -n web1  # fwknop's client settings\n"
@@ -4482,6 +4881,7 @@ def _client_options(sub, fmt):
                        "  ssh -o 'ProxyCommand spa.py client -n %h --connect %h:%p' web1\n\n"
                        "Keys given on the command line are visible to every user in the process\n"
                        "list: keep them in a config file of mode 0600 instead.")
+    hidden = argparse.SUPPRESS
     c.add_argument("-D", "--destination", metavar="HOST", help="the server: name, IPv4 or IPv6")
     c.add_argument("-p", "--server-port", dest="server_port", metavar="PORT",
                    help="UDP port of the server (default %d)" % DEFAULT_PORT)
@@ -4490,10 +4890,17 @@ def _client_options(sub, fmt):
                    help="open for this IPv4 address instead of the packet's source")
     c.add_argument("-s", "--source-ip", dest="source_ip", action="store_const", const=True,
                    help="open for the address the packet comes from (the default)")
-    c.add_argument("-R", "--resolve-ip-https", dest="resolve_ip", action="store_true",
+    c.add_argument("-R", "--resolve-ip-https", "--resolve-ip-http", "--resolve-http-only",
+                   dest="resolve_ip", action="store_true",
                    help="open for the public IPv4 address that --resolve-url reports (behind NAT)")
     c.add_argument("--resolve-url", dest="resolve_url", metavar="URL",
-                   help="a URL of yours that answers with the caller's address (none is built in)")
+                   help="a URL of yours that answers with the caller's address (none is "
+                   "built in); implies -R unless -a or -s is given")
+    c.add_argument("-4", "--server-resolve-ipv4", dest="ip_version", action="store_const",
+                   const="4", help="knock (and --connect) over IPv4 only")
+    c.add_argument("-6", dest="ip_version", action="store_const", const="6",
+                   help="knock (and --connect) over IPv6 only (by default a name with both "
+                   "kinds of address is knocked over IPv4, as fwknop does)")
     c.add_argument("-N", "--nat-access", dest="nat_access", metavar="HOST[:PORT]",
                    help="ask the server to forward the -A port to this internal host")
     c.add_argument("--nat-local", dest="nat_local", action="store_const", const=True,
@@ -4504,23 +4911,53 @@ def _client_options(sub, fmt):
                    help="ask the server to run this command (a stanza must allow it)")
     c.add_argument("-f", "--fw-timeout", dest="fw_timeout", metavar="SECONDS",
                    help="ask for this many seconds (the server caps it)")
-    c.add_argument("-U", "--user", metavar="NAME", help="username to send (default: login name)")
-    c.add_argument("--key-base64", dest="key_base64", metavar="KEY", help="encryption key")
-    c.add_argument("--hmac-key-base64", dest="hmac_key_base64", metavar="KEY", help="HMAC key")
-    c.add_argument("--hmac-digest", dest="hmac_digest_type", metavar="TYPE",
-                   help="HMAC type: sha256 (default), sha384, sha512")
-    c.add_argument("-c", "--config", metavar="FILE",
+    c.add_argument("-U", "--user", "--spoof-user", dest="user", metavar="NAME",
+                   help="username to send (default: $SPOOF_USER, else your login name)")
+    c.add_argument("--key-base64", "--key-base64-rijndael", dest="key_base64", metavar="KEY",
+                   help="encryption key")
+    c.add_argument("--hmac-key-base64", "--key-base64-hmac", dest="hmac_key_base64",
+                   metavar="KEY", help="HMAC key")
+    c.add_argument("--key-rijndael", dest="key", metavar="PASSPHRASE",
+                   help="encryption key as a fwknop-style passphrase")
+    c.add_argument("--key-hmac", dest="hmac_key", metavar="PASSPHRASE",
+                   help="HMAC key as a fwknop-style passphrase")
+    c.add_argument("--hmac-digest", "--hmac-digest-type", dest="hmac_digest_type",
+                   metavar="TYPE", help="HMAC type: sha256 (default), sha384, sha512")
+    c.add_argument("-M", "--encryption-mode", dest="encryption_mode", metavar="MODE",
+                   help="cbc (default), ctr, cfb or ofb, as the server's stanza says")
+    c.add_argument("-m", "--digest-type", dest="digest_type", metavar="TYPE",
+                   help="the packet's inner digest: sha256 (default), sha384, sha512, ...")
+    c.add_argument("-S", "--source-port", dest="source_port", metavar="PORT",
+                   help="send the knock from this UDP port")
+    c.add_argument("--time-offset-plus", dest="time_offset_plus", metavar="TIME",
+                   help="add TIME (90sec, 5min, 2hours, 1day) to the packet's timestamp")
+    c.add_argument("--time-offset-minus", dest="time_offset_minus", metavar="TIME",
+                   help="take TIME from the packet's timestamp (a server's clock behind yours)")
+    c.add_argument("-u", "--user-agent", dest="user_agent", metavar="TEXT",
+                   help="the User-Agent of -R's request")
+    c.add_argument("-c", "--config", "--rc-file", metavar="FILE",
                    help="read settings from this file: spa.py's INI or fwknop's ~/.fwknoprc")
-    c.add_argument("-n", "--name", metavar="SECTION",
+    c.add_argument("-n", "--name", "--named-config", metavar="SECTION",
                    help="the section of the config to use (default file: ~/.spa.conf, "
                    "else ~/.fwknoprc)")
+    c.add_argument("--no-rc-file", dest="no_rc_file", action="store_true",
+                   help="read no config file unless -c names one")
     c.add_argument("--connect", metavar="HOST:PORT",
                    help="after the knock, wait until HOST:PORT accepts a connection and relay "
                    "stdin/stdout to it (for ssh's ProxyCommand)")
     c.add_argument("--connect-wait", dest="connect_wait", type=float, default=10.0,
                    metavar="SECONDS", help="how long --connect waits for the port (default 10)")
-    c.add_argument("--test", action="store_true", help="print the packet instead of sending it")
-    c.add_argument("-v", "--verbose", action="store_true", help="print the packet's fields")
+    c.add_argument("-T", "--test", action="store_true",
+                   help="print the packet instead of sending it")
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="print the packet's fields and the address knocked")
+    c.add_argument("-V", "--version", action="version", version="spa.py " + VERSION)
+    # fwknop's options that change nothing here: spa.py always uses an HMAC, saves no
+    # command lines and runs no wget; the protocol is UDP (-P udp) or refused.
+    c.add_argument("-P", "--server-proto", dest="server_proto", help=hidden)
+    for name in ("--use-hmac", "--no-save-args", "--no-home-dir", "--use-wget-user-agent"):
+        c.add_argument(name, dest="ignored", action="store_true", help=hidden)
+    c.add_argument("-w", "--wget-cmd", dest="ignored", help=hidden)
 
 
 def _server_options(sub, fmt):
@@ -4578,6 +5015,12 @@ _SUBCOMMANDS = [("keygen", _keygen_options), ("client", _client_options),
 def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["client"]:
+        try:
+            refuse_fwknop_only_options(argv[1:])
+        except SpaError as e:
+            print("spa.py client: error: %s" % e, file=sys.stderr)
+            return 2
     args = build_parser(argv).parse_args(argv)
     handler = {"keygen": keygen_main, "client": client_main, "server": server_main,
                "check-config": check_config_main, "selftest": selftest_main,

@@ -1347,7 +1347,7 @@ def test_client_reads_the_rc_file_fwknop_writes(tmp_path):
 
 
 @pytest.mark.parametrize("line,message", [
-    ("USE_HMAC N", "always uses an HMAC"),
+    ("USE_GPG Y", "USE_GPG is not supported"),
     ("GPG_RECIPIENT 1234ABCD", "GPG_RECIPIENT is not supported"),
     ("SPA_SERVER_PROTO tcp", "UDP only"),
 ])

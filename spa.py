@@ -756,8 +756,46 @@ def read_ini(path, text=None):
     try:
         parser.read_string(text, path)
     except configparser.Error as e:
-        raise SpaError("%s: %s" % (path, str(e).replace("\n", " ")))
+        raise SpaError(_ini_error(path, text, e))
     return parser
+
+
+def _ini_error(path, text, e):
+    """configparser's complaint as file, section and line number: its own message quotes
+    the line, which may hold a key (it would reach stderr, and the log at SIGHUP)."""
+    errors = getattr(e, "errors", None)
+    number = errors[0][0] if errors else getattr(e, "lineno", None)
+    if not number:
+        return "%s: not an INI file (%s)" % (path, type(e).__name__)
+    section = None
+    for line in text.splitlines()[:number - 1]:
+        line = line.strip()
+        if line.startswith("[") and "]" in line:
+            section = line[1:line.index("]")]
+    where = "%s line %d%s" % (path, number, " (in [%s])" % section if section else "")
+    if type(e).__name__ == "MissingSectionHeaderError":
+        return "%s: comes before any [section]" % where
+    if type(e).__name__ == "DuplicateSectionError":
+        return "%s: section [%s] appears twice" % (where, e.section)
+    if type(e).__name__ == "DuplicateOptionError":
+        return "%s: %s is set twice" % (where, e.option if _showable(e.option) else "an option")
+    return "%s: not `name = value`, a [section] or a comment (the line is not shown: it " \
+        "may hold a key)" % where
+
+
+def _showable(name):
+    """Whether a name read from a file may be shown in a message: a word that does not look
+    like a variable's name may be a key pasted on a line of its own."""
+    return name[:1].isalpha() and len(name) <= 32 and (len(name) <= 16 or "_" in name) \
+        and all(c.isalnum() or c == "_" for c in name)
+
+
+NOT_SHOWN = "not a `VARIABLE value` line (not shown: it may hold a key)"
+
+
+def _shown_names(names):
+    return ", ".join(sorted(n if _showable(n) else "a name not shown (it may be a key)"
+                            for n in names))
 
 
 def parse_bool(value, name):
@@ -853,7 +891,7 @@ class Stanza(object):
         self.name = name
         unknown = set(options) - STANZA_OPTIONS
         if unknown:
-            raise SpaError("%s: unknown option %s" % (where, ", ".join(sorted(unknown))))
+            raise SpaError("%s: unknown option %s" % (where, _shown_names(unknown)))
         get = lambda option: (options.get(option) or "").strip()
         source = get("source") or "any"
         if source.lower() == "any":
@@ -1010,7 +1048,7 @@ class ServerConfig(object):
         get = lambda option, default: section.get(option, default).strip()
         unknown = set(section) - SERVER_OPTIONS - set(parser.defaults())
         if unknown:
-            raise SpaError("%s: [server]: unknown option %s" % (path, ", ".join(sorted(unknown))))
+            raise SpaError("%s: [server]: unknown option %s" % (path, _shown_names(unknown)))
         self.optional_interfaces = [i.strip() for i in get("optional_interface", "").split(",")
                                     if i.strip()]
         self.interfaces = [i.strip() for i in get("interface", "" if self.optional_interfaces
@@ -1060,8 +1098,9 @@ class ServerConfig(object):
                                                    self.enable_forwarding, self.enable_local_nat)
             self.stanzas += stanzas
         if not self.stanzas:
-            raise SpaError("%s: no [client NAME] section%s: nobody could knock"
-                           % (path, " and no usable stanza in " + access_conf if access_conf else ""))
+            raise SpaError("%s: no [client NAME] section%s: nobody could knock" % (
+                path, " and no usable stanza in %s (%s)" % (access_conf, "; ".join(self.notes))
+                if access_conf else ""))
         if not self.protect:
             raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
                            "e.g. protect = tcp/22" % path)
@@ -1113,14 +1152,6 @@ def access_conf_lines(path):
         value = words[1].split(";", 1)[0] if len(words) > 1 else ""
         lines.append((number, var, value if var in ("KEY", "HMAC_KEY") else value.strip()))
     return lines
-
-
-def _shown_variable(var, number):
-    """A variable's name for a message; a word that does not look like one may be a key
-    pasted on a line of its own, and is named by its line instead."""
-    ok = var[:1].isalpha() and len(var) <= 32 and all(c.isalnum() or c == "_" for c in var) \
-        and (len(var) <= 16 or "_" in var)
-    return var if ok else "line %d" % number
 
 
 def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
@@ -1180,8 +1211,10 @@ def _access_conf_stanza(name, pairs, notes):
             problems.append(str(value))
             continue
         yes = value[:1] in ("Y", "y")
-        if not value.strip():
-            problems.append("%s has no value (line %d)" % (_shown_variable(var, number), number))
+        if not _showable(var.lstrip("%")):
+            problems.append("line %d is %s" % (number, NOT_SHOWN))
+        elif not value.strip():
+            problems.append("%s has no value (line %d)" % (var, number))
         elif var in ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64") \
                 and value.upper() == "__CHANGEME__":
             problems.append("%s is still __CHANGEME__ (line %d)" % (var, number))
@@ -1214,10 +1247,8 @@ def _access_conf_stanza(name, pairs, notes):
             if yes:
                 notes.append("%s: ENABLE_CMD_SUDO_EXEC is not honoured: spa.py uses no sudo" % name)
         elif var not in ACCESS_CONF_CMD:
-            shown = _shown_variable(var, number)
             problems.append("%s is not a variable fwknopd knows (it would ignore it; names are "
-                            "case-sensitive)" % shown if shown == var else
-                            "%s is not a VARIABLE value line" % shown)
+                            "case-sensitive)" % var)
     if not options.get("key_base64") and not options.get("key"):
         unsupported.append("GnuPG-only stanzas" if gpg else "a stanza without an AES key")
     elif gpg:
@@ -3962,9 +3993,10 @@ def read_fwknoprc(path, text):
         for end in " \t;#":
             value = value.split(end, 1)[0]
         where = "%s [%s]" % (path, current.name)
-        if not value:
-            current.problems.append("%s line %d: %s has no value"
-                                    % (where, number, _shown_variable(var, number)))
+        if not _showable(var):
+            current.problems.append("%s line %d is %s" % (where, number, NOT_SHOWN))
+        elif not value:
+            current.problems.append("%s line %d: %s has no value" % (where, number, var))
         elif var in FWKNOPRC_NAMES:
             current.options[FWKNOPRC_NAMES[var]] = value
         elif var in FWKNOPRC_FLAGS:
@@ -3988,7 +4020,7 @@ def read_fwknoprc(path, text):
                 where, var, " (it sends over UDP only)" if var == "SPA_SERVER_PROTO" else ""))
         else:
             current.problems.append("%s line %d: %s is not a variable fwknop knows"
-                                    % (where, number, _shown_variable(var, number)))
+                                    % (where, number, var))
     return sections
 
 
@@ -4040,8 +4072,8 @@ def client_settings(args):
             section = dict(parser[name] if name != "default" else parser.defaults())
             unknown = set(section) - CLIENT_OPTIONS
             if unknown:
-                raise SpaError("%s: [%s]: unknown option %s" % (config, name, ", ".join(
-                    sorted(_shown_variable(u, 0) for u in unknown))))
+                raise SpaError("%s: [%s]: unknown option %s"
+                               % (config, name, _shown_names(unknown)))
             layers = [section]
     section = {}
     for layer in layers:
@@ -4417,9 +4449,8 @@ def client_main(args):
         knocked.append(address)
         if args.verbose:
             print("sent %d bytes to %s udp/%d%s" % (len(wire), address, port, (
-                " (IPv%s first, as fwknop; %s is also %s: -%s knocks there)" % (
-                    "6" if ":" in address else "4", opts["destination"], ", ".join(others),
-                    "4" if ":" in address else "6")) if others else ""), file=sys.stderr)
+                " (%s also has %s: -6 knocks there; IPv4 goes first, as with fwknop)"
+                % (opts["destination"], ", ".join(others))) if others else ""), file=sys.stderr)
 
     for path in UNCHECKED_FILES:
         if args.verbose or not _under_home(path):
@@ -4813,19 +4844,30 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         args, extra = self.parse_known_args(args, namespace)
         if extra:
-            self.error("unrecognized arguments: %s" % " ".join(
-                (w.split("=", 1)[0] + ("=..." if "=" in w else "")) if w.startswith("-")
-                else "..." for w in extra))
+            self.error("unrecognized arguments: %s" % " ".join(map(_shown_word, extra)))
         return args
 
     def error(self, message):
         import re
-        values = set(w.split("=", 1)[1] if w.startswith("-") else w
-                     for w in _Parser.argv if w and (not w.startswith("-") or "=" in w))
-        for value in sorted(values - set(_SUBCOMMAND_HELP), key=len, reverse=True):
+        values = set()
+        for word in _Parser.argv:
+            if _shown_word(word) == "...":
+                values.add(word)
+            if word.startswith("-") and "=" in word:
+                values.add(word.split("=", 1)[1])
+        for value in sorted(values - set(_SUBCOMMAND_HELP) - {""}, key=len, reverse=True):
             message = re.sub(r"(^|[\s'\"=])%s(?=$|[\s'\",)])" % re.escape(value), r"\1...",
                              message)
         super().error(message)
+
+
+def _shown_word(word):
+    """A command-line word as an error may show it: an option's name, never a value."""
+    name, equals, _ = word.partition("=")
+    long_option = name[:2] == "--" and 3 <= len(name) <= 40 and all(
+        c.isalnum() or c == "-" for c in name[2:])
+    short_option = len(name) == 2 and name[0] == "-" and name[1].isalnum()
+    return name + ("=..." if equals else "") if long_option or short_option else "..."
 
 
 def build_parser(argv=None):

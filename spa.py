@@ -4420,7 +4420,9 @@ def _to_socket(sock, fd_in):
         else:
             sock.shutdown(socket.SHUT_WR)
     except OSError as e:
-        raise SpaError("the connection was broken off: %s" % (e.strerror or e))
+        if data:
+            raise SpaError("the connection was broken off: %s" % (e.strerror or e))
+        # Too late to say we are done: reading the socket tells what became of it.
     return bool(data)
 
 

@@ -12,8 +12,10 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import example, given, settings, strategies as st
@@ -509,6 +511,8 @@ answers = {"/ip": (200, "198.18.77.7"), "/ip2": (200, "your address is 198.18.77
 class Answer(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         code, text = answers.get(self.path, (404, "no"))
+        if self.path == "/agent":
+            code, text = 200, "198.18.44.%d" % len(self.headers.get("User-Agent", ""))
         self.send_response(code)
         if code == 302:
             self.send_header("Location", text)
@@ -570,9 +574,13 @@ def test_resolve_ip_https_as_fwknop_saves_it(tmp_path):
         # -s and -a on the command line choose instead; a URL alone means -R, as for fwknop.
         assert resolve(lab, ca, home, "-n", "url", "-s")[:2] == (0, "0.0.0.0")
         assert resolve(lab, ca, home, "-n", "nourl", "-a", "198.18.9.9")[:2] == (0, "198.18.9.9")
-        assert resolve(lab, ca, home, "-D", "198.18.1.1", "-A", "tcp/22", "--key-base64", KEY,
-                       "--hmac-key-base64", HMAC_KEY, "--resolve-url",
-                       "https://198.18.1.1:8443/ip")[:2] == (0, "198.18.77.7")
+        args = ["-D", "198.18.1.1", "-A", "tcp/22", "--key-base64", KEY, "--hmac-key-base64",
+                HMAC_KEY]
+        assert resolve(lab, ca, home, "--resolve-url", "https://198.18.1.1:8443/ip",
+                       *args)[:2] == (0, "198.18.77.7")
+        # -u sets the request's User-Agent (its length comes back as the address's last byte).
+        assert resolve(lab, ca, home, "-R", "--resolve-url", "https://198.18.1.1:8443/agent",
+                       "-u", "x" * 42, *args)[:2] == (0, "198.18.44.42")
 
 
 def test_https_resolve_url_that_redirects_away_from_https_is_refused(tmp_path):
@@ -634,3 +642,31 @@ def test_name_with_both_kinds_of_address_is_knocked_over_ipv4(tmp_path):
             os.rmdir("/etc/netns/%s" % ns)
             if made:
                 os.rmdir("/etc/netns")
+
+
+def test_source_port_and_time_offsets(tmp_path):
+    """-S sends from the port asked for; --time-offset-plus/minus and TIME_OFFSET move the
+    timestamp as fwknop's do (seconds by default, or min, hours, days)."""
+    assert [spa.parse_time_offset(t) for t in ("60", "90sec", "5min", "-2hours", "+1day", "")] \
+        == [60, 90, 300, -7200, 86400, 0]
+    for bad in ("5 weeks", "min", "99999999"):
+        with pytest.raises(spa.SpaError, match="time offset"):
+            spa.parse_time_offset(bad)
+    rc = write_private(tmp_path / "rc", "[web1]\nSPA_SERVER 198.18.0.1\nACCESS tcp/22\n"
+                       "KEY_BASE64 %s\nHMAC_KEY_BASE64 %s\nTIME_OFFSET -5min\n" % (KEY, HMAC_KEY))
+    config = server_config(tmp_path)
+    d = decide(config, spa_packet(tmp_path, "-c", rc, "-n", "web1"), now=time.time())
+    assert not d.accepted and "packet age" in d.reason          # 300 s behind: too old
+    for argv, shift in ((["-c", rc, "-n", "web1"], -300),
+                        (["-c", rc, "-n", "web1", "--time-offset-plus", "1min"], 60)):
+        d = decide(config, spa_packet(tmp_path, *argv), now=time.time() + shift)
+        assert d.accepted, d.reason
+    with Lab(clients=1, prefix="spa") as lab:
+        sock = netns_lab.ns_socket(lab.name("srv"), socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((Lab.srv4(1), spa.DEFAULT_PORT))
+        sock.settimeout(5)
+        lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/22",
+                         "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY, "-S", "40123"])
+        data, peer = sock.recvfrom(2048)
+        sock.close()
+        assert peer == (Lab.cli4(1), 40123) and decide(config, data).accepted

@@ -1219,7 +1219,7 @@ def _access_conf_stanza(name, pairs, notes):
                 and value.upper() == "__CHANGEME__":
             problems.append("%s is still __CHANGEME__ (line %d)" % (var, number))
         elif var in ("FW_ACCESS_TIMEOUT", "MAX_FW_TIMEOUT") and value.isdigit() and int(value) == 0:
-            pass                       # 0 is fwknopd's default (30 and 300 s), as it is ours
+            options.pop(ACCESS_CONF_NAMES[var], None)   # fwknopd's default (30, 300 s) is ours
         elif var in ACCESS_CONF_NAMES:
             options[ACCESS_CONF_NAMES[var]] = value
             if var in ACCESS_CONF_KEYS:        # the last of KEY and KEY_BASE64 counts
@@ -4060,7 +4060,7 @@ def client_settings(args):
             if name.lower() != "default" and name.lower() not in sections:
                 raise SpaError("%s has no section [%s] (it has: %s)" % (
                     config, name, ", ".join(s.name for s in sections.values()) or "none"))
-            for used in {"default", name.lower()}:
+            for used in ("default", name.lower()):
                 if used in sections and sections[used].problems:
                     raise SpaError(sections[used].problems[0])
             layers = [sections[n].options for n in ("default", name.lower()) if n in sections]
@@ -4131,9 +4131,9 @@ def resolve_public_ip(url, timeout=10, origin="-R", user_agent=None):
             raise SpaError("-R needs a URL that answers with your public address: give "
                            "--resolve-url https://... (spa.py has none built in)")
         raise SpaError("%s asks to open for the public address a URL reports, and spa.py has "
-                       "none built in: add RESOLVE_URL https://... to that section or give "
-                       "--resolve-url https://... (or -s: the address the packet comes from; "
-                       "-a ADDRESS: another)" % origin)
+                       "none built in: add RESOLVE_URL https://... to that section (resolve_url "
+                       "= https://... in spa.py's INI) or give --resolve-url https://... (or -s: "
+                       "the address the packet comes from; -a ADDRESS: another)" % origin)
     import urllib.request
     if not url.startswith("https://"):
         print("spa.py client: warning: %s is not https: whoever is on the path can choose the "

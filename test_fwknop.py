@@ -22,8 +22,8 @@ from hypothesis import example, given, settings, strategies as st
 
 import netns_lab
 import spa
-from netns_lab import Lab, need_lab, wait_for_line
-from test_spa import (HMAC_KEY, KEY, SERVICE_PORT, SPA, decide, need_nft, run_spa,
+from netns_lab import Lab, need_lab, udp_send, wait_for_line
+from test_spa import (HMAC_KEY, KEY, SERVICE_PORT, SPA, decide, need_nft, packet, run_spa,
                       server_config, start_server, write_private)
 
 OTHER_KEY = base64.b64encode(b"o" * 64).decode()
@@ -457,6 +457,9 @@ def test_broken_config_at_sighup_is_logged_without_its_keys(tmp_path):
     need_nft()
     with Lab(clients=1, prefix="spa") as lab:
         server = start_server(lab, tmp_path)
+        # A knock handled: the server's loop, and its SIGHUP handler, are in place.
+        udp_send(lab.name("cli1"), Lab.srv4(1), spa.DEFAULT_PORT, packet())
+        wait_for_line(server, r"accepted packet", 5)
         with open(server.conf) as f:
             text = f.read()
         write_private(server.conf, text + "%s\n" % OTHER_KEY.rstrip("="))
@@ -567,7 +570,7 @@ def test_resolve_ip_https_as_fwknop_saves_it(tmp_path):
         status, allow, err = resolve(lab, ca, home, "-n", "nourl")
         assert status == 1 and allow is None
         assert "RESOLVE_IP_HTTPS Y in" in err and "[nourl] asks to open for the public address" in err
-        assert "add RESOLVE_URL https://... to that section or give --resolve-url" in err
+        assert "add RESOLVE_URL https://... to that section" in err and "--resolve-url" in err
         assert resolve(lab, ca, home, "-n", "url")[:2] == (0, "198.18.77.7")
         assert resolve(lab, ca, home, "-n", "nourl", "--resolve-url",
                        "https://198.18.1.1:8443/ip")[:2] == (0, "198.18.77.7")

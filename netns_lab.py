@@ -373,7 +373,8 @@ class SynProbe:
         self.sent, self.resets, self.answered = 0, 0, []
         self._times = {}                 # source port -> when its SYN was sent
         self._quiet = threading.Event()      # stop sending
-        self._stop = threading.Event()       # stop reading
+        self._stop = threading.Event()       # stop reading (once past _until)
+        self._until = 0.0
         self._threads = []
 
     @property
@@ -397,17 +398,16 @@ class SynProbe:
             raw.sendto(self._segment(sport), (self.dst, 0))
             self.sent += 1
             sport = self.FIRST_PORT + (sport - self.FIRST_PORT + 1) % self.PORTS
-            due += self.interval
+            # Every `interval`, never faster: one that came late does not make others early.
+            due = max(due + self.interval, time.monotonic())
             time.sleep(max(0.0, due - time.monotonic()))
 
     def _receive(self, cap):
         cap.settimeout(0.05)
-        while True:
+        while not self._stop.is_set() or time.monotonic() < self._until:
             try:
                 frame, address = cap.recvfrom(2048)
             except socket.timeout:
-                if self._stop.is_set():
-                    return
                 continue
             if address[2] == socket.PACKET_OUTGOING:
                 continue
@@ -433,7 +433,8 @@ class SynProbe:
         raw = ns_socket(self.ns, family, socket.SOCK_RAW, socket.IPPROTO_TCP)
         if self.six:
             raw.setsockopt(socket.IPPROTO_IPV6, 7, 16)       # IPV6_CHECKSUM at offset 16
-        cap = ns_socket(self.ns, socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0003))
+        cap = ns_socket(self.ns, socket.AF_PACKET, socket.SOCK_DGRAM,
+                        socket.htons(0x86DD if self.six else 0x0800))
         start = time.monotonic()
         self._sockets = (raw, cap)
         self._threads = [threading.Thread(target=self._receive, args=(cap,), daemon=True),
@@ -445,7 +446,7 @@ class SynProbe:
     def __exit__(self, *exc):
         self._quiet.set()
         self._threads[1].join(5)
-        time.sleep(0.05)                 # answers to the last SYNs
+        self._until = time.monotonic() + 0.05      # answers to the last SYNs
         self._stop.set()
         for t in self._threads:
             t.join(5)

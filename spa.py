@@ -954,7 +954,8 @@ FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none
 RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
 SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
                   "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
-                  "enable_forwarding", "enable_local_nat", "bind_interface"}
+                  "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
+                  "nft_include"}
 
 
 class ServerConfig(object):
@@ -1002,6 +1003,15 @@ class ServerConfig(object):
         bad = [name for name in named if name != "any" and not valid_interface_name(name)]
         if bad:
             raise SpaError("%s: interface %r: not an interface name" % (path, bad[0]))
+        # Where the host keeps its firewall for reloads and boots (SavedFirewall).
+        saved = get("saved_firewall", "auto")
+        self.saved_firewall = saved.lower() if saved.lower() in ("auto", "none") else \
+            [p.strip() for p in saved.split(",") if p.strip()]
+        self.nft_include = get("nft_include", "") or None
+        for name, value in (("saved_firewall", self.saved_firewall),
+                            ("nft_include", [self.nft_include or "/"])):
+            if isinstance(value, list) and not all(os.path.isabs(p) for p in value):
+                raise SpaError("%s: %s: expected auto, none or absolute paths" % (path, name))
         self.user = get("user", "nobody")
         try:
             import pwd
@@ -3027,6 +3037,265 @@ def make_firewall(config, test, log=None):
                             bind=config.bind_interface)
 
 
+class SavedFirewall(object):
+    """spa.py's protection in the host's own saved firewall, so that a firewall reload or a
+    boot loads it with the host's rules, in the same transaction: the protected ports are
+    never open for a moment, whether the server runs or not.  The server only adds openings
+    (and puts back, from its memory, those a reload removed).
+
+    nft: our table's commands in a file of their own (`nft_include`), which the host's
+    ruleset file includes (Debian's /etc/nftables.conf starts with `flush ruleset`, so
+    anything not in it is gone after a reload).  fw4 (OpenWrt) includes the files in
+    /usr/share/nftables.d/ruleset-post/ by itself, after its own table.  iptables: our chain
+    with its protect rules, and the jump to it first in INPUT, in the *filter table of the
+    files iptables-restore loads (iptables-persistent's /etc/iptables/rules.v4 and
+    rules.v6, iptables-services' /etc/sysconfig/iptables and ip6tables).
+    """
+
+    FW4_DIR = "/usr/share/nftables.d/ruleset-post"
+
+    def __init__(self, config, firewall):
+        self.config, self.firewall = config, firewall
+        self.kind = "nft" if isinstance(firewall, NftFirewall) else "iptables"
+        self.main = self.include = None
+        self.rules = {}                         # iptables: family -> rules file
+        paths = config.saved_firewall
+        if self.kind == "nft":
+            fw4 = os.path.isdir(os.path.dirname(self.FW4_DIR)) or os.path.exists("/sbin/fw4")
+            self.include = config.nft_include or (
+                os.path.join(self.FW4_DIR, "spa.nft") if fw4 and paths == "auto"
+                else "/etc/spa/spa.nft")
+            if paths == "auto" and not fw4:
+                self.main = next((p for p in ("/etc/sysconfig/nftables.conf", "/etc/nftables.nft")
+                                  if os.path.exists(p)), "/etc/nftables.conf")
+            elif paths != "auto":
+                self.main = paths[0]
+        else:
+            if paths == "auto":
+                rhel = os.path.exists("/etc/sysconfig/iptables") or (
+                    os.path.isdir("/etc/sysconfig") and not os.path.isdir("/etc/iptables"))
+                paths = ["/etc/sysconfig/iptables", "/etc/sysconfig/ip6tables"] if rhel else \
+                    ["/etc/iptables/rules.v4", "/etc/iptables/rules.v6"]
+            self.rules = dict(zip(firewall.families, paths))
+
+    def include_text(self):
+        return ("# spa.py's table, written by `spa.py firewall-config` from %s (run it again\n"
+                "# when protect or protect_action change).  The host's saved ruleset includes\n"
+                "# this file, so that a reload or a boot loads spa.py's protection in the same\n"
+                "# transaction as the host's own rules; the running server puts the openings\n"
+                "# in.  Loading it again changes nothing but the rules.\n"
+                % self.config.path) + "\n".join(self.firewall.commands()) + "\n"
+
+    def problems(self):
+        """What is missing from the saved firewall, as [(path, what, how to fix it)]."""
+        found = []
+        fix = "spa.py firewall-config -c %s --write" % self.config.path
+        if self.kind == "nft":
+            current = _read_text(self.include)
+            if current is None:
+                found.append((self.include, "missing", fix))
+            elif current != self.include_text():
+                found.append((self.include, "out of date (protect or protect_action changed?)",
+                              fix))
+            if self.main is not None and not nft_includes(self.main, _read_text(self.main) or "",
+                                                          self.include):
+                found.append((self.main, 'does not include "%s"' % self.include,
+                              "%s, or add the line  include \"%s\"  after its flush ruleset"
+                              % (fix, self.include)))
+        else:
+            for family, path in sorted(self.rules.items()):
+                text = _read_text(path)
+                if text is None or not iptables_rules_hold(text, self.firewall.saved_rules(family)):
+                    found.append((path, "missing" if text is None else
+                                  "does not hold %s's protect rules, first in INPUT" % IPT_CHAIN,
+                                  fix))
+        return found
+
+    def describe(self):
+        if self.kind == "nft":
+            return "%s%s" % (self.include, ", included by %s" % self.main if self.main else
+                             " (fw4 includes it)")
+        return ", ".join(path for _, path in sorted(self.rules.items()))
+
+    def changes(self):
+        """[(path, new text, why)] that make the saved firewall hold our protection."""
+        out = []
+        if self.kind == "nft":
+            if _read_text(self.include) != self.include_text():
+                out.append((self.include, self.include_text(), "spa.py's table"))
+            if self.main is not None:
+                text = _read_text(self.main) or ""
+                if not nft_includes(self.main, text, self.include):
+                    out.append((self.main, with_nft_include(text, self.include),
+                                'include "%s"' % self.include))
+        else:
+            for family, path in sorted(self.rules.items()):
+                text = _read_text(path) or ""
+                new = with_iptables_rules(text, self.firewall.saved_rules(family))
+                if new != text:
+                    out.append((path, new, "%s, first in INPUT" % IPT_CHAIN))
+        return out
+
+    def checker(self, path):
+        """What reads the file at `path` as the firewall tool would at a reload, without
+        applying it (SpaError if it cannot): for write_file's `check`."""
+        if self.kind == "nft":
+            return None if path == self.include else \
+                (lambda new: run_command(["nft", "-c", "-f", new]))
+        family = [f for f, p in self.rules.items() if p == path][0]
+        return lambda new: run_command([self.firewall.commands[family] + "-restore", "--test",
+                                        new])
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _nft_statement(line):
+    return line.split("#", 1)[0].strip().rstrip(";").strip()
+
+
+def nft_includes(main, text, path):
+    """True if the nft ruleset file `main` (its `text`) includes the file `path`, by name or
+    by a glob, at its top level (an include inside a table block would put our table inside
+    another: fw4's /etc/nftables.d/ is such a place)."""
+    import fnmatch
+    depth = 0
+    for line in text.splitlines():
+        statement = _nft_statement(line)
+        if depth == 0 and statement.startswith("include "):
+            pattern = statement[len("include "):].strip().strip('"')
+            for candidate in (pattern, os.path.join(os.path.dirname(main), pattern),
+                              os.path.join("/etc", pattern)):
+                if fnmatch.fnmatch(path, candidate):
+                    return True
+        depth += statement.count("{") - statement.count("}")
+    return False
+
+
+def with_nft_include(text, path):
+    """The nft ruleset file `text` with an include of `path` right after its `flush ruleset`
+    (at its start, after the first comment lines, if it flushes nothing)."""
+    lines = text.splitlines(True)
+    at = next((i + 1 for i, line in enumerate(lines)
+               if _nft_statement(line) == "flush ruleset"), None)
+    if at is None:
+        at = 0
+        while at < len(lines) and lines[at].startswith("#"):
+            at += 1
+    if at and not lines[at - 1].endswith("\n"):
+        lines[at - 1] += "\n"
+    return "".join(lines[:at] + ['include "%s"\n' % path] + lines[at:])
+
+
+def _rule_words(line):
+    """An iptables-restore rule line as words, the implicit `-m tcp`/`-m udp` left out and
+    quotes read, so that iptables-save's form and ours compare equal."""
+    import shlex
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        words = line.split()
+    out = []
+    for word in words:
+        if out and out[-1] == "-m" and word in ("tcp", "udp"):
+            out.pop()
+            continue
+        out.append(word)
+    return out
+
+
+def _filter_section(text):
+    """(lines before, the *filter section's lines between `*filter` and COMMIT, lines after);
+    the middle is None when the text has no *filter section."""
+    lines = text.splitlines()
+    try:
+        start = [line.strip() for line in lines].index("*filter")
+        end = start + 1 + [line.strip() for line in lines[start + 1:]].index("COMMIT")
+    except ValueError:
+        return lines, None, []
+    return lines[:start + 1], lines[start + 1:end], lines[end:]
+
+
+def _ours(line):
+    words = _rule_words(line)
+    return (words[:1] == [":" + IPT_CHAIN] or words[:2] == ["-A", IPT_CHAIN] or
+            words == ["-A", "INPUT", "-j", IPT_CHAIN])
+
+
+def iptables_rules_hold(text, lines):
+    """True if iptables-restore `text` has our chain with the protect rules of `lines` (in
+    their order; openings a save caught may sit among them) and the jump to it first in
+    INPUT, in its *filter table."""
+    _, body, _ = _filter_section(text)
+    if body is None:
+        return False
+    rules = [_rule_words(line) for line in body if line.strip().startswith("-")]
+    inputs = [words for words in rules if words[1:2] == ["INPUT"]]
+    want = [_rule_words(line) for line in lines if line.startswith("-A %s " % IPT_CHAIN)]
+    have = [words for words in rules if words[:2] == ["-A", IPT_CHAIN]
+            and _parse_opening(words[2:]) is None]
+    return (any(line.split()[:1] == [":" + IPT_CHAIN] for line in body) and
+            inputs[:1] == [["-A", "INPUT", "-j", IPT_CHAIN]] and have == want)
+
+
+def with_iptables_rules(text, lines):
+    """iptables-restore `text` with `lines` (saved_rules) in its *filter table, in place of
+    anything of ours it had (openings an iptables-save caught included): our chain declared
+    with the others, the jump and our rules before the first rule, so the jump comes first
+    in INPUT.  The other tables and rules stay as they are."""
+    head, body, tail = _filter_section(text)
+    declare = [line for line in lines if line.startswith(":")]
+    rules = [line for line in lines if not line.startswith(":")]
+    if body is None:
+        head = head + ["*filter"]
+        body, tail = [], ["COMMIT"]
+    body = [line for line in body if not _ours(line)]
+    first = next((i for i, line in enumerate(body) if line.strip().startswith("-")), len(body))
+    body = body[:first] + declare + rules + body[first:]
+    return "\n".join(head + body + tail) + "\n"
+
+
+def write_file(path, text, mode=0o644, check=None):
+    """Replace `path` with `text` at once (a new file in the same directory, renamed over it),
+    keeping an existing file's mode and owner; never following a symlink.  `check(new path)`,
+    if given, may refuse the new file (SpaError) before it replaces the old one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, 0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        owner = None
+    tmp = path + ".spa-new"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            sync_file(f.fileno())
+        os.chmod(tmp, mode)
+        if owner is not None:
+            os.chown(tmp, *owner)
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def format_access(access):
     return ",".join("%s/%d" % pp for pp in access)
 
@@ -4003,6 +4272,8 @@ def server_main(args):
     supervisor = Supervisor(args, config, Gatekeeper(config, firewall, replay, log), log)
     supervisor.open_captures(first=True)
     firewall.setup()
+    if not args.test:
+        warn_unsaved(config, firewall, log)
     log.info("listening on %s udp/%d; protecting %s (%s); %d client stanza(s); packets read as "
              "user %s%s", ",".join(config.interfaces + config.optional_interfaces), config.port,
              format_access(config.protect), config.protect_action, len(config.stanzas),
@@ -4012,6 +4283,56 @@ def server_main(args):
     finally:
         replay.close()
     log.info("stopping: protected ports stay closed; openings expire on their own")
+    return 0
+
+
+def warn_unsaved(config, firewall, log):
+    """Say at start if the host's saved firewall lacks our protection (SavedFirewall)."""
+    if config.saved_firewall == "none" or isinstance(firewall, DryRunFirewall):
+        return
+    found = SavedFirewall(config, firewall).problems()
+    if found:
+        path, what, fix = found[0]
+        log.warning("the host's saved firewall does not hold spa.py's protection (%s %s): a "
+                    "firewall reload or a boot leaves %s open until this server puts it back; "
+                    "run  %s  (README.md: Keep the ports dark through reloads and boots)",
+                    path, what, format_access(config.protect), fix)
+
+
+def firewall_config_main(args):
+    """Show (or, with --write, make) the changes that put spa.py's protection into the host's
+    saved firewall (SavedFirewall)."""
+    import difflib
+    config = ServerConfig(args.config)
+    if config.firewall == "none":
+        raise SpaError("firewall = none: there is no firewall to save spa.py's rules in")
+    if config.saved_firewall == "none":
+        raise SpaError("saved_firewall = none in %s: set it to auto or to the host's ruleset "
+                       "file(s)" % config.path)
+    firewall = make_firewall(config, False)
+    saved = SavedFirewall(config, firewall)
+    changes = saved.changes()
+    if not changes:
+        print("the host's saved firewall holds spa.py's protection: %s" % saved.describe())
+        return 0
+    for path, text, why in changes:
+        if args.write:
+            try:
+                write_file(path, text, check=saved.checker(path))
+            except OSError as e:
+                raise SpaError("cannot write %s: %s" % (path, e.strerror))
+            except SpaError as e:
+                raise SpaError("%s would not load (%s): left as it was" % (path, e))
+            print("wrote %s (%s)" % (path, why))
+            continue
+        old = _read_text(path) or ""
+        sys.stdout.writelines(difflib.unified_diff(
+            old.splitlines(True), text.splitlines(True), path if old else "/dev/null", path))
+    if args.write:
+        print("a reload of the host's firewall, and a boot, now keep %s dark with or without "
+              "the server; it puts the openings back" % format_access(config.protect))
+    else:
+        print("(run again with --write to make these changes)")
     return 0
 
 
@@ -4027,6 +4348,24 @@ class Checklist(object):
         if not ok:
             self.failures.append(text)
         return ok
+
+
+def check_saved_firewall(config, line):
+    """check-config: does the host's saved firewall hold our protection (SavedFirewall)?"""
+    if config.saved_firewall == "none":
+        print("  note  saved_firewall = none: a firewall reload or a boot leaves %s open until "
+              "the server puts it back" % format_access(config.protect))
+        return
+    saved = SavedFirewall(config, make_firewall(config, False))
+    found = saved.problems()
+    if not found:
+        line(True, "the host's saved firewall holds spa.py's protection: %s" % saved.describe())
+        return
+    line(False, "the host's saved firewall does not hold spa.py's protection: a firewall "
+         "reload or a boot leaves %s open until the server puts it back"
+         % format_access(config.protect))
+    for path, what, fix in found:
+        print("        %s %s: run  %s" % (path, what, fix))
 
 
 def check_config_main(args):
@@ -4054,6 +4393,7 @@ def check_config_main(args):
                 run_command(["nft", "list", "tables"] if kind == "nft" else [kind + "-save"])
                 line(True, "firewall %s works%s" % (kind, " (chosen by auto)"
                                                     if config.firewall == "auto" else ""))
+                check_saved_firewall(config, line)
             except SpaError as e:
                 line(False, str(e))
     directory = os.path.dirname(os.path.abspath(config.replay_cache))
@@ -4805,6 +5145,7 @@ def build_parser(argv=None):
 _SUBCOMMAND_HELP = {
     "keygen": "make a new key pair", "client": "send a knock",
     "server": "run the server (root)", "check-config": "validate a server config",
+    "firewall-config": "keep the ports dark through firewall reloads and boots (root)",
     "install": "install spa.py with a fast launcher",
     "selftest": "prove it works on this machine (root)"}
 
@@ -4902,6 +5243,24 @@ def _check_config_options(sub, fmt):
                     help="also load the client stanzas of fwknopd's access.conf")
 
 
+def _firewall_config_options(sub, fmt):
+    f = sub.add_parser("firewall-config", formatter_class=fmt,
+                       help=_SUBCOMMAND_HELP["firewall-config"],
+                       description="Put spa.py's protect rules into the host's saved firewall, so that\n"
+                       "reloading it (nft -f /etc/nftables.conf, iptables-restore) or booting loads\n"
+                       "them with the host's own rules: the protected ports are never open for a\n"
+                       "moment, with or without the server.  nft: writes spa.py's table to\n"
+                       "nft_include (/etc/spa/spa.nft) and includes it in the host's ruleset file;\n"
+                       "iptables: adds SPA_INPUT to the rules files (/etc/iptables/rules.v4, .v6).\n"
+                       "Without --write, shows the changes.",
+                       epilog="example:\n  sudo spa.py firewall-config -c /etc/spa/spa.conf --write")
+    f.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help="config file (default %s)" % DEFAULT_CONFIG)
+    f.add_argument("--write", action="store_true",
+                   help="make the changes (each file checked with nft -c or iptables-restore "
+                   "--test first)")
+
+
 def _install_options(sub, fmt):
     i = sub.add_parser("install", formatter_class=fmt, help=_SUBCOMMAND_HELP["install"],
                        description="Copy spa.py to PREFIX/lib/spa, compile it, and write the "
@@ -4922,6 +5281,7 @@ def _selftest_options(sub, fmt):
 
 _SUBCOMMANDS = [("keygen", _keygen_options), ("client", _client_options),
                 ("server", _server_options), ("check-config", _check_config_options),
+                ("firewall-config", _firewall_config_options),
                 ("install", _install_options), ("selftest", _selftest_options)]
 
 
@@ -4931,6 +5291,7 @@ def main(argv=None):
     args = build_parser(argv).parse_args(argv)
     handler = {"keygen": keygen_main, "client": client_main, "server": server_main,
                "check-config": check_config_main, "selftest": selftest_main,
+               "firewall-config": firewall_config_main,
                "install": install_main}
     try:
         return handler[args.command](args)

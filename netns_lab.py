@@ -360,7 +360,8 @@ class SynProbe:
     Use it as a context manager: it sends from a thread while the block runs (and at most
     ``limit`` seconds).  Afterwards ``sent`` is the number of SYNs, ``resets`` how many
     were answered with a reset, ``answered`` the seconds (since the start) at which each
-    answered SYN was sent, and ``connections`` the number of answered SYNs.
+    answered SYN was sent, ``connections`` the number of answered SYNs, and ``frames``
+    the first 1000 answers (IP packets, to compare field by field).
     ``src`` is the client's address (for the IPv4 checksum).
     """
 
@@ -371,6 +372,7 @@ class SynProbe:
         self.interval, self.limit = interval, limit
         self.six = _family(dst) == socket.AF_INET6
         self.sent, self.resets, self.answered = 0, 0, []
+        self.frames = []                 # the first 1000 answers, as IP packets
         self._times = {}                 # source port -> when its SYN was sent
         self._quiet = threading.Event()      # stop sending
         self._stop = threading.Event()       # stop reading (once past _until)
@@ -423,6 +425,8 @@ class SynProbe:
             flags = tcp[13]
             if sport != self.port or dport not in self._times:
                 continue
+            if len(self.frames) < 1000:
+                self.frames.append(frame)
             if flags & 0x12 == 0x12:
                 self.answered.append(self._times[dport])
             elif flags & 0x04:

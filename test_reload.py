@@ -217,3 +217,314 @@ def test_zz_report_reload_probes():
     """Print what the probes saw (with pytest -s)."""
     for line in REPORT:
         print(line)
+
+
+# --- a refused connection's reset is the kernel's own, as a closed port's -----------------
+
+CLOSED = 8023           # no service and not protected: what P must look like
+
+
+def reset_fields(frame, syn_seq):
+    """What an observer sees of a reset to one of SynProbe's SYNs: every field but the
+    addresses, ports and checksums; the flow label only as set or not (it is random)."""
+    first = struct.unpack("!I", frame[:4])[0]
+    if first >> 28 == 6:
+        ip = {"traffic class": (first >> 20) & 0xFF, "flow label set": first & 0xFFFFF != 0,
+              "payload length": struct.unpack("!H", frame[4:6])[0], "next header": frame[6],
+              "hop limit": frame[7]}
+        tcp = frame[40:]
+    else:
+        ihl = (frame[0] & 15) * 4
+        ip = {"header length": ihl, "tos": frame[1], "total length": frame[2:4],
+              "id": frame[4:6], "flags and fragment": frame[6:8], "ttl": frame[8],
+              "protocol": frame[9], "options": frame[20:ihl]}
+        tcp = frame[ihl:]
+    dport = struct.unpack("!H", tcp[2:4])[0]
+    _, _, seq, ack, offset, flags, window, _, urgent = struct.unpack("!HHIIBBHHH", tcp[:20])
+    size = (offset >> 4) * 4
+    ip.update({"seq": seq, "ack - syn": (ack - syn_seq(dport)) & 0xFFFFFFFF,
+               "data offset": offset, "flags": flags, "window": window, "urgent": urgent,
+               "options": tcp[20:size], "payload": tcp[size:]})
+    return ip
+
+
+def flow_label(frame):
+    return struct.unpack("!I", frame[:4])[0] & 0xFFFFF
+
+
+def resets(lab, dst, src, port):
+    """The answers to 20 fresh SYNs from cli1 to dst:port."""
+    probe = SynProbe(lab.name("cli1"), src, dst, port, interval=0.005)
+    with probe:
+        time.sleep(0.1)
+    assert probe.connections == 0 and probe.resets >= 10, (port, probe.sent, probe.resets)
+    return [reset_fields(f, lambda sport: sport * 7919) for f in probe.frames], probe.frames
+
+
+@pytest.mark.parametrize("kind", FIREWALLS)
+def test_protected_port_resets_exactly_like_a_closed_port(tmp_path, kind):
+    """protect_action = reject: the reset for the protected port (a service listens behind
+    it) and for a port with no service and no spa.py are the same, field by field, over
+    IPv4 and IPv6; over IPv6 both carry a random flow label (net.ipv6.auto_flowlabels = 1,
+    the default), where a firewall's reject sends flow label 0."""
+    need_firewall(kind)
+    with Lab(clients=1, prefix="rst") as lab:
+        lab.tcp_service("srv", "::", P)
+        netns_lab.ns_sysctl(lab.name("srv"), "net.ipv6.auto_flowlabels", 1)
+        start_server(lab, tmp_path, firewall=kind, saved_firewall="none")
+        for dst, src in ((Lab.srv4(1), Lab.cli4(1)), (Lab.srv6(1), Lab.cli6(1))):
+            protected, frames = resets(lab, dst, src, P)
+            closed_port, closed_frames = resets(lab, dst, src, CLOSED)
+            for field in protected[0]:
+                assert {repr(r[field]) for r in protected} == \
+                    {repr(r[field]) for r in closed_port}, (dst, field)
+            if ":" in dst:
+                labels = [flow_label(f) for f in frames]
+                assert all(labels) and len(set(labels)) > len(labels) // 2, labels
+                assert all(flow_label(f) for f in closed_frames)
+
+
+# --- a clock stepped back never lengthens an opening -------------------------------------
+
+HOUR = 3600
+
+
+def stepped_back(monkeypatch, seconds=HOUR):
+    """time.time() from now on `seconds` behind (a clock stepped back by NTP or by hand);
+    the kernel's clocks and time.monotonic() go on as they were."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - seconds)
+
+
+def test_nft_restore_after_a_clock_step_re_adds_no_more_than_was_left(tmp_path, monkeypatch):
+    """An opening of 5 s; the clock steps back an hour; a reload removes our table; the
+    restore puts the opening back with what was left of its 5 s, not with 1 h 5 s."""
+    need_nft()
+    with Lab(clients=1, prefix="clk") as lab:
+        fw = netns_lab.InNetns(lab.name("srv"), spa.NftFirewall([("tcp", P)]))
+        fw.setup()
+        assert fw.open(Lab.cli4(1), "tcp", P, 5)
+        stepped_back(monkeypatch)
+        lab.run("srv", ["nft", "delete", "table", "inet", "spa"])     # a reload
+        assert fw.restore()
+        (address, proto, port, left, _), = fw.list()
+        assert (address, port) == (Lab.cli4(1), P) and left <= 5, left
+
+
+@pytest.mark.parametrize("command", ["iptables-nft", "iptables-legacy"])
+def test_iptables_openings_end_by_the_monotonic_clock(tmp_path, monkeypatch, command):
+    """iptables: the clock steps back an hour while openings are in force.  expire() still
+    removes a rule at its end (xt_time, which reads the wall clock, would match for an hour
+    more); and after a reload the restore re-adds what was left of each, not an hour more."""
+    need_firewall(command)
+    with Lab(clients=1, prefix="clk") as lab:
+        fw = netns_lab.InNetns(lab.name("srv"), spa.IptablesFirewall([("tcp", P)],
+                                                                     command=command))
+        fw.setup()
+        assert fw.open(Lab.cli4(1), "tcp", P, 2)
+        assert fw.open(Lab.cli6(1), "tcp", P, 30)
+        stepped_back(monkeypatch)
+        assert fw.expire() == 0
+        time.sleep(3.05)                       # (an end is rounded up to a whole second)
+        assert fw.expire() == 1                # by the monotonic clock
+        assert [row[0] for row in fw.list()] == [Lab.cli6(1)]
+        assert fw.open(Lab.cli4(1), "tcp", P, 30)
+        for family_command in (command, command.replace("ip", "ip6", 1)):
+            for table in ("filter", "nat"):    # a reload: our chains and rules are gone
+                for flag in ("-F", "-X"):
+                    lab.run("srv", [family_command, "-t", table, flag])
+        assert fw.restore()
+        ends = {row[0]: row[3] for row in fw.list()}
+        # Each rule's end, read back by the stepped clock: what was left, not 1 h more.
+        assert 26 <= ends[Lab.cli4(1)] <= 30 and 26 <= ends[Lab.cli6(1)] <= 30, ends
+        steer = lab.run("srv", [command, "-t", "nat", "-S", "SPA_STEER"]).stdout
+        assert Lab.cli4(1) in steer
+
+
+# --- a transient iptables-restore failure does not stop the server -----------------------
+
+WRAPPER = """#!/bin/sh
+# iptables-restore that fails while %(flag)s exists (as it does when it cannot get the
+# xtables lock), else the real one.
+if [ -e %(flag)s ]; then
+    echo "Another app is currently holding the xtables lock." >&2
+    exit 4
+fi
+exec %(real)s "$@"
+"""
+
+
+def test_a_failing_iptables_restore_during_expiry_is_retried(tmp_path):
+    need_firewall("iptables-legacy")
+    import shutil
+    flag = tmp_path / "fail"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("iptables-legacy-restore", "ip6tables-legacy-restore"):
+        wrapper = bin_dir / name
+        wrapper.write_text(WRAPPER % {"flag": flag, "real": shutil.which(name)})
+        wrapper.chmod(0o755)
+    conf = tmp_path / "spa.conf"
+    write_private(conf, "[server]\ninterface = any\nprotect = tcp/%d\nfirewall = iptables-legacy\n"
+                  "saved_firewall = none\nreplay_cache = %s\n[client alice]\nkey_base64 = %s\n"
+                  "hmac_key_base64 = %s\nfw_access_timeout = 1\n"
+                  % (P, tmp_path / "replay", KEY, HMAC_KEY))
+    env = dict(os.environ, PATH="%s:%s" % (bin_dir, os.environ["PATH"]))
+    with Lab(clients=1, prefix="ipx") as lab:
+        lab.tcp_service("srv", "::", P)
+        server = lab.spawn("srv", [sys.executable, SPA, "server", "-c", str(conf), "-v"], env=env)
+        wait_for_line(server, r"listening on", 15)
+        client_knock(lab, "cli1", Lab.srv4(1))
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), P, 1.0) is not None
+        flag.write_text("")
+        wait_for_line(server, r"could not remove expired openings \(.*xtables lock.*\): trying "
+                      r"again every second", 4)
+        time.sleep(1.5)
+        assert server.poll() is None, server.log.text()
+        assert server.log.text().count("could not remove expired openings") == 1
+        assert closed(lab, "cli1", Lab.srv4(1))        # xt_time closed it in the kernel
+        flag.unlink()
+        wait_for_line(server, r"expired openings removed again, after \d+ failed attempt", 3)
+        assert "spa expires" not in lab.run("srv", ["iptables-legacy", "-S", "SPA_INPUT"]).stdout
+        client_knock(lab, "cli1", Lab.srv4(1))     # and it goes on serving
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), P, 1.0) is not None
+
+
+# --- bind_interface: an opening holds on the knock's interface only ----------------------
+
+UDP_SERVICE = 5353
+
+
+def knock_for(lab, ns, dest, access, *extra):
+    lab.run(ns, [sys.executable, SPA, "client", "-D", dest, "-A", access, "--key-base64", KEY,
+                 "--hmac-key-base64", HMAC_KEY] + list(extra))
+
+
+def received(sock, seconds=0.3):
+    """The payloads that reached a UDP socket within `seconds`."""
+    got = []
+    sock.settimeout(seconds)
+    while True:
+        try:
+            got.append(sock.recv(256))
+        except socket.timeout:
+            return got
+
+
+@pytest.mark.parametrize("kind", FIREWALLS)
+def test_bind_interface_keeps_out_a_datagram_spoofed_from_another_interface(tmp_path, kind):
+    """Loose reverse-path filtering (systemd's default): client 2 sends datagrams with client
+    1's addresses to a UDP service client 1 opened.  They reach it, unless bind_interface =
+    yes, which keys the opening on client 1's interface too; client 1's own still do."""
+    need_firewall(kind)
+    with Lab(clients=2, prefix="bnd") as lab:
+        srv, cli2 = lab.name("srv"), lab.name("cli2")
+        for key in ("all", "default", lab.srv_if[1], lab.srv_if[2]):
+            netns_lab.ns_sysctl(srv, "net.ipv4.conf.%s.rp_filter" % key, 2)
+        # Client 2 may send as client 1.
+        lab.run("cli2", ["ip", "addr", "add", Lab.cli4(1) + "/32", "dev", lab.cli_if[2]])
+        lab.run("cli2", ["ip", "addr", "add", Lab.cli6(1) + "/128", "dev", lab.cli_if[2], "nodad"])
+        service = netns_lab.ns_socket(srv, socket.AF_INET6, socket.SOCK_DGRAM)
+        service.bind(("::", UDP_SERVICE))
+        lab.on_close(service.close)
+        stanza = {"alice": {"open_ports": "udp/%d" % UDP_SERVICE, "fw_access_timeout": "30"}}
+
+        def send_as_client1(ns, dest, text):
+            with netns_lab.ns_socket(lab.name(ns), socket.AF_INET6 if ":" in dest
+                                     else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((Lab.cli6(1) if ":" in dest else Lab.cli4(1), 0))
+                s.sendto(text, (dest, UDP_SERVICE))
+
+        for bind in ("no", "yes"):
+            server = start_server(lab, tmp_path, stanza, protect="udp/%d" % UDP_SERVICE,
+                                  interface="%s, %s" % (lab.srv_if[1], lab.srv_if[2]),
+                                  bind_interface=bind, firewall=kind, saved_firewall="none")
+            for dest in (Lab.srv4(1), Lab.srv6(1)):
+                knock_for(lab, "cli1", dest, "udp/%d" % UDP_SERVICE)
+            wait_for_line(server, r"opened udp/%d for 2001:db8:1::2 for 30 s%s" % (
+                UDP_SERVICE, " on " + lab.srv_if[1] if bind == "yes" else "$"), 2)
+            for (ns, dest, text) in (("cli1", Lab.srv4(1), b"genuine4"),
+                                     ("cli1", Lab.srv6(1), b"genuine6"),
+                                     ("cli2", Lab.srv4(2), b"spoofed4"),
+                                     ("cli2", Lab.srv6(2), b"spoofed6")):
+                send_as_client1(ns, dest, text)
+            got = sorted(received(service))
+            if bind == "no":       # the hole bind_interface closes
+                assert got == [b"genuine4", b"genuine6", b"spoofed4", b"spoofed6"]
+            else:
+                assert got == [b"genuine4", b"genuine6"]
+                assert re.search(r"%s\s+udp/%d\s+\d+ s left \(on %s\)" % (
+                    re.escape(Lab.cli4(1)), UDP_SERVICE, lab.srv_if[1]),
+                    spa_list(lab, server.conf))
+            lab.stop_process(server)
+            lab.run("srv", [sys.executable, SPA, "server", "-c", server.conf, "--flush"])
+
+
+def test_bind_interface_needs_named_interfaces(tmp_path):
+    conf = write_private(tmp_path / "spa.conf", "[server]\nprotect = tcp/22\nbind_interface = yes\n"
+                         "[client a]\nkey_base64 = %s\nhmac_key_base64 = %s\n" % (KEY, HMAC_KEY))
+    with pytest.raises(spa.SpaError, match="bind_interface = yes needs interface to name"):
+        spa.ServerConfig(conf)
+
+
+def test_gatekeeper_takes_only_a_named_interface_from_the_reader(tmp_path):
+    """With bind_interface, the parent opens for the interface the reader names only if the
+    config names it; without, it ignores what the reader says."""
+    from test_spa import server_config
+    from test_ipt_nat import Log
+    for bind, interface, opened in (("yes", "eth1", [("198.18.0.9", "tcp", 22, 30, "eth1")]),
+                                    ("yes", "eth7", []), ("yes", None, []),
+                                    ("no", "eth7", [("198.18.0.9", "tcp", 22, 30)])):
+        config = server_config(tmp_path, interface="eth1, eth2", bind_interface=bind)
+        firewall = spa.DryRunFirewall(config.protect)
+        gate = spa.Gatekeeper(config, firewall, spa.ReplayCache(None, 120), Log())
+        request = {"key": "k" * 43, "stamp": int(time.time()), "source": "198.18.0.9",
+                   "address": "198.18.0.9", "access": [["tcp", 22]], "timeout": 30,
+                   "stanza": "alice", "user": "u", "nat": None, "command": None,
+                   "interface": interface}
+        gate.grant(request)
+        assert firewall.opened == opened, (bind, interface)
+
+
+# --- SIGHUP applies the NAT switches, firewall included ----------------------------------
+
+@pytest.mark.parametrize("kind", FIREWALLS)
+def test_sighup_applies_the_nat_switches_to_the_firewall_too(tmp_path, kind):
+    """enable_local_nat switched on by a reload: a local NAT knock works at once (the
+    firewall's NAT chains are made); switched off again: refused, and they are gone."""
+    need_firewall(kind)
+    with Lab(clients=1, prefix="hup") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), P, banner=b"local\n")
+        server = start_server(lab, tmp_path, {"alice": {
+            "fw_access_timeout": "5", "enable_nat": "yes", "open_ports": "tcp/55000,tcp/%d" % P}},
+            firewall=kind, saved_firewall="none")
+        text = open(server.conf).read()
+
+        def local_nat_knock():
+            knock_for(lab, "cli1", Lab.srv4(1), "tcp/%d" % P, "--nat-local", "--nat-port", "55000")
+
+        def reload(enable):
+            with open(server.conf, "w") as f:
+                f.write(text.replace("[server]", "[server]\nenable_local_nat = %s" % enable))
+            mark = server.log.mark()
+            os.kill(server.pid, 1)
+            wait_for_line(server, r"reloaded ", 3, since=mark)
+            assert "restarts" not in "\n".join(server.log.lines[mark:])
+            return server.log.mark()
+
+        def nat_chains():
+            if kind == "nft":
+                return "chain prerouting" in lab.run("srv", ["nft", "list", "table", "inet", "spa"]).stdout
+            return "SPA_PREROUTING" in lab.run("srv", [kind + "-save", "-t", "nat"]).stdout
+
+        assert not nat_chains()
+        mark = reload("yes")
+        assert nat_chains()
+        local_nat_knock()
+        wait_for_line(server, r"opened tcp/55000 forwarded to 198\.18\.1\.1:%d" % P, 2, since=mark)
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), 55000, 1.0) is not None
+        assert "firewall change failed" not in server.log.text()
+        mark = reload("no")
+        assert not nat_chains()
+        local_nat_knock()
+        wait_for_line(server, r"refused: \[server\] enable_local_nat is off", 2, since=mark)

@@ -1831,26 +1831,28 @@ class NftFirewall(object):
         return (["add chain %s %s %s" % (t, name, spec), "flush chain %s %s" % (t, name)]
                 + ["add rule %s %s %s" % (t, name, r) for r in rules])
 
-    def _removals(self):
-        """Commands that remove what an earlier setup made and this one does not (NAT
-        switched off at a reload, say), whether it is there or not."""
+    def _removals(self, items):
+        """Commands that remove what an earlier setup made and this one does not (NAT or
+        the steering switched off at a reload, say), of what the ruleset `items` hold."""
         t = "inet " + self.table
-        chains = ([] if self.nat else [(name, spec) for name, spec, _ in self.NAT_CHAINS]) + \
-            ([] if self.steer else [self.STEER_CHAIN])
+        unwanted = ([] if self.nat else [name for name, _, _ in self.NAT_CHAINS]
+                    + [name for _, name, _ in self.NAT_SETS]) + \
+            ([] if self.steer else [self.STEER_CHAIN[0]])
         commands = []
-        for name, spec in chains:
-            commands += ["add chain %s %s %s" % (t, name, spec), "flush chain %s %s" % (t, name),
-                         "delete chain %s %s" % (t, name)]
-        if not self.nat:
-            for kind, name, spec in self.NAT_SETS:
-                commands += ["add %s %s %s %s" % (kind, t, name, spec),
-                             "delete %s %s %s" % (kind, t, name)]
+        for item in items:
+            for kind in ("chain", "set", "map"):
+                thing = item.get(kind, {})
+                if (thing.get("family"), thing.get("table")) == ("inet", self.table) and \
+                        thing.get("name") in unwanted:
+                    if kind == "chain":   # its rules first: they may use a set that goes
+                        commands.insert(0, "flush chain %s %s" % (t, thing["name"]))
+                    commands.append("delete %s %s %s" % (kind, t, thing["name"]))
         return commands
 
     def _load(self):
         t = "inet " + self.table
         try:
-            self._nft(self.commands() + self._removals())
+            self._nft(self.commands())
         except SpaError:
             # A table left by an incompatible version: start it afresh.
             self._nft(["add table " + t, "delete table " + t] + self.commands())
@@ -1870,6 +1872,9 @@ class NftFirewall(object):
                       "not by the kernel (%s): over IPv6 its resets carry flow label 0, unlike "
                       "a closed port's (README.md: protect_action)", e)
         items = self._ruleset()
+        removals = self._removals(items)
+        if removals:
+            self._nft(removals)
         self.handle = self._handle(items)
         self.places = self.places[:1] + self._default_drop_places("input", items)
         if self.nat:

@@ -1720,6 +1720,7 @@ class NftFirewall(object):
     name = "nft"
     MARK = "spa.py"
     STEER_PORT = 0              # no socket can listen on port 0: the kernel always resets
+    MARK_BOUND = "spa.py if"           # the accept rule of openings bound to an interface
     MARK_STEER = "spa.py steer"
     NAT_SETS = [
         ("map", "dnat4", "{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . "
@@ -1936,15 +1937,15 @@ class NftFirewall(object):
                     if bound:
                         commands.append("add set %s %s_if { type ifname . %sinet_proto . "
                                         "inet_service; flags timeout; }" % (where, set_name, kinds))
-            if not self._has_mark(items, family, table, name):
+            for mark, interface, wanted in ((self.MARK, "", True),
+                                            (self.MARK_BOUND, "iifname . ", bound)):
+                if not wanted or self._has_mark(items, family, table, name, mark):
+                    continue
                 for set_name, ip in ((v4, "ip"), (v6, "ip6")):
                     if set_name:
-                        commands.append('insert rule %s %s %s %s @%s accept comment "%s"'
-                                        % (where, name, ip, key.format(ip), set_name, self.MARK))
-                        if bound:
-                            commands.append('insert rule %s %s iifname . %s %s @%s_if accept '
-                                            'comment "%s"' % (where, name, ip, key.format(ip),
-                                                              set_name, self.MARK))
+                        commands.append('insert rule %s %s %s%s %s @%s%s accept comment "%s"'
+                                        % (where, name, interface, ip, key.format(ip), set_name,
+                                           "_if" if interface else "", mark))
             if self.steer and hook == "input" and \
                     not self._has_mark(items, family, table, name, self.MARK_STEER):
                 # What the steer chain sent to port 0 is to get the kernel's reset, as the
@@ -2167,7 +2168,8 @@ class NftFirewall(object):
         items = self._ruleset()
         commands = []
         for r in (i["rule"] for i in items if "rule" in i):
-            if r.get("comment") in (self.MARK, self.MARK_STEER) and r["table"] != self.table:
+            if r.get("comment") in (self.MARK, self.MARK_BOUND, self.MARK_STEER) and \
+                    r["table"] != self.table:
                 commands.append("delete rule %s %s %s handle %d"
                                 % (r["family"], r["table"], r["chain"], r["handle"]))
         for s in (i["set"] for i in items if "set" in i):
@@ -3081,6 +3083,9 @@ class SavedFirewall(object):
                     os.path.isdir("/etc/sysconfig") and not os.path.isdir("/etc/iptables"))
                 paths = ["/etc/sysconfig/iptables", "/etc/sysconfig/ip6tables"] if rhel else \
                     ["/etc/iptables/rules.v4", "/etc/iptables/rules.v6"]
+            if len(paths) < len(firewall.families):
+                raise SpaError("saved_firewall: name the IPv4 and the IPv6 rules files, in "
+                               "that order (iptables-restore and ip6tables-restore load them)")
             self.rules = dict(zip(firewall.families, paths))
 
     def include_text(self):
@@ -3167,27 +3172,28 @@ def _nft_statement(line):
 def nft_includes(main, text, path):
     """True if the nft ruleset file `main` (its `text`) includes the file `path`, by name or
     by a glob, at its top level (an include inside a table block would put our table inside
-    another: fw4's /etc/nftables.d/ is such a place)."""
+    another: fw4's /etc/nftables.d/ is such a place), after its last `flush ruleset`."""
     import fnmatch
-    depth = 0
+    depth, found = 0, False
     for line in text.splitlines():
         statement = _nft_statement(line)
-        if depth == 0 and statement.startswith("include "):
+        if statement == "flush ruleset":
+            found = False                # what was included before is flushed
+        elif depth == 0 and statement.startswith("include "):
             pattern = statement[len("include "):].strip().strip('"')
-            for candidate in (pattern, os.path.join(os.path.dirname(main), pattern),
-                              os.path.join("/etc", pattern)):
-                if fnmatch.fnmatch(path, candidate):
-                    return True
+            found = found or any(fnmatch.fnmatch(path, candidate) for candidate in (
+                pattern, os.path.join(os.path.dirname(main), pattern),
+                os.path.join("/etc", pattern)))
         depth += statement.count("{") - statement.count("}")
-    return False
+    return found
 
 
 def with_nft_include(text, path):
-    """The nft ruleset file `text` with an include of `path` right after its `flush ruleset`
-    (at its start, after the first comment lines, if it flushes nothing)."""
+    """The nft ruleset file `text` with an include of `path` right after its (last) `flush
+    ruleset` (at its start, after the first comment lines, if it flushes nothing)."""
     lines = text.splitlines(True)
-    at = next((i + 1 for i, line in enumerate(lines)
-               if _nft_statement(line) == "flush ruleset"), None)
+    at = max((i + 1 for i, line in enumerate(lines)
+              if _nft_statement(line) == "flush ruleset"), default=None)
     if at is None:
         at = 0
         while at < len(lines) and lines[at].startswith("#"):
@@ -4295,7 +4301,10 @@ def warn_unsaved(config, firewall, log):
     """Say at start if the host's saved firewall lacks our protection (SavedFirewall)."""
     if config.saved_firewall == "none" or isinstance(firewall, DryRunFirewall):
         return
-    found = SavedFirewall(config, firewall).problems()
+    try:
+        found = SavedFirewall(config, firewall).problems()
+    except SpaError as e:
+        found = [(config.path, "(%s)" % e, "spa.py check-config -c %s" % config.path)]
     if found:
         path, what, fix = found[0]
         log.warning("the host's saved firewall does not hold spa.py's protection (%s %s): a "

@@ -393,6 +393,14 @@ def test_a_failing_iptables_restore_during_expiry_is_retried(tmp_path):
 # --- bind_interface: an opening holds on the knock's interface only ----------------------
 
 UDP_SERVICE = 5353
+HOST_DEFAULT_DROP = """table inet host {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
+    }
+}
+"""
 
 
 def knock_for(lab, ns, dest, access, *extra):
@@ -415,10 +423,13 @@ def received(sock, seconds=0.3):
 def test_bind_interface_keeps_out_a_datagram_spoofed_from_another_interface(tmp_path, kind):
     """Loose reverse-path filtering (systemd's default): client 2 sends datagrams with client
     1's addresses to a UDP service client 1 opened.  They reach it, unless bind_interface =
-    yes, which keys the opening on client 1's interface too; client 1's own still do."""
+    yes, which keys the opening on client 1's interface too; client 1's own still do.  (With
+    nft the host drops what it does not allow: the openings get through its chain too.)"""
     need_firewall(kind)
     with Lab(clients=2, prefix="bnd") as lab:
         srv, cli2 = lab.name("srv"), lab.name("cli2")
+        if kind == "nft":
+            lab.run("srv", ["nft", "-f", "-"], input=HOST_DEFAULT_DROP)
         for key in ("all", "default", lab.srv_if[1], lab.srv_if[2]):
             netns_lab.ns_sysctl(srv, "net.ipv4.conf.%s.rp_filter" % key, 2)
         # Client 2 may send as client 1.
@@ -635,3 +646,10 @@ def test_the_include_file_loads_alone_and_again(tmp_path):
         strip = lambda text: re.sub(r"expires \S+", "", text)      # noqa: E731
         assert strip(first) == strip(again) and "198.18.1.2 . tcp . 22" in again
         assert "reject with tcp reset" in again and "redirect to :0" in again
+
+
+def test_an_include_before_flush_ruleset_does_not_count():
+    text = 'include "/etc/spa/spa.nft"\nflush ruleset\ntable inet filter {\n}\n'
+    assert not spa.nft_includes("/etc/nftables.conf", text, "/etc/spa/spa.nft")
+    assert spa.nft_includes("/etc/nftables.conf", spa.with_nft_include(text, "/etc/spa/spa.nft"),
+                            "/etc/spa/spa.nft")

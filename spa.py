@@ -3089,12 +3089,12 @@ class SavedFirewall(object):
             self.rules = dict(zip(firewall.families, paths))
 
     def include_text(self):
-        return ("# spa.py's table, written by `spa.py firewall-config` from %s (run it again\n"
-                "# when protect or protect_action change).  The host's saved ruleset includes\n"
-                "# this file, so that a reload or a boot loads spa.py's protection in the same\n"
-                "# transaction as the host's own rules; the running server puts the openings\n"
-                "# in.  Loading it again changes nothing but the rules.\n"
-                % self.config.path) + "\n".join(self.firewall.commands()) + "\n"
+        return ("# spa.py's table, written by `spa.py firewall-config` from\n"
+                "# %s; run that again when protect or protect_action change.\n"
+                "# The host's saved ruleset includes this file, so that a reload or a boot\n"
+                "# loads spa.py's protection in the same transaction as the host's own rules;\n"
+                "# the running server puts the openings in.  Loading it again changes nothing\n"
+                "# but the rules.\n" % self.config.path) + "\n".join(self.firewall.commands()) + "\n"
 
     def problems(self):
         """What is missing from the saved firewall, as [(path, what, how to fix it)]."""
@@ -4343,8 +4343,8 @@ def firewall_config_main(args):
         sys.stdout.writelines(difflib.unified_diff(
             old.splitlines(True), text.splitlines(True), path if old else "/dev/null", path))
     if args.write:
-        print("a reload of the host's firewall, and a boot, now keep %s dark with or without "
-              "the server; it puts the openings back" % format_access(config.protect))
+        print("a reload of the host's firewall, and a boot, now keep %s dark, with or without "
+              "the server (which puts openings back after a reload)" % format_access(config.protect))
     else:
         print("(run again with --write to make these changes)")
     return 0

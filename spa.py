@@ -3094,7 +3094,8 @@ class SavedFirewall(object):
                 "# The host's saved ruleset includes this file, so that a reload or a boot\n"
                 "# loads spa.py's protection in the same transaction as the host's own rules;\n"
                 "# the running server puts the openings in.  Loading it again changes nothing\n"
-                "# but the rules.\n" % self.config.path) + "\n".join(self.firewall.commands()) + "\n"
+                "# but the rules.\n" % os.path.abspath(self.config.path)) + \
+            "\n".join(self.firewall.commands()) + "\n"
 
     def problems(self):
         """What is missing from the saved firewall, as [(path, what, how to fix it)]."""
@@ -3104,7 +3105,7 @@ class SavedFirewall(object):
             current = _read_text(self.include)
             if current is None:
                 found.append((self.include, "missing", fix))
-            elif current != self.include_text():
+            elif _uncommented(current) != _uncommented(self.include_text()):
                 found.append((self.include, "out of date (protect or protect_action changed?)",
                               fix))
             if self.main is not None and not nft_includes(self.main, _read_text(self.main) or "",
@@ -3131,7 +3132,7 @@ class SavedFirewall(object):
         """[(path, new text, why)] that make the saved firewall hold our protection."""
         out = []
         if self.kind == "nft":
-            if _read_text(self.include) != self.include_text():
+            if _uncommented(_read_text(self.include) or "") != _uncommented(self.include_text()):
                 out.append((self.include, self.include_text(), "spa.py's table"))
             if self.main is not None:
                 text = _read_text(self.main) or ""
@@ -3155,6 +3156,10 @@ class SavedFirewall(object):
         family = [f for f, p in self.rules.items() if p == path][0]
         return lambda new: run_command([self.firewall.commands[family] + "-restore", "--test",
                                         new])
+
+
+def _uncommented(text):
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def _read_text(path):

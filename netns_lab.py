@@ -37,7 +37,7 @@ __all__ = [
     "need", "need_lab", "Lab", "CommandFailed", "LineLog", "wait_for_line",
     "in_netns", "ns_socket", "ns_sysctl", "tcp_connect_ok", "wait_tcp_open", "udp_send", "ping",
     "TcpService", "tcp_service", "FwknopdServer", "fwknop_keygen",
-    "fwknop_client_argv", "sweep_stale",
+    "fwknop_client_argv", "sweep_stale", "SynProbe",
 ]
 
 NETNS_DIR = "/var/run/netns"
@@ -349,6 +349,114 @@ def udp_try(ns, addr, port, timeout=0.4, payload=b"knock"):
             return "refused"
         except socket.timeout:
             return "timeout"
+
+
+class SynProbe:
+    """Fresh TCP SYNs from namespace ``ns`` to ``dst``:``port``, one every ``interval``
+    seconds, each from a new source port (a raw socket, so no connection state is kept
+    on this side), and what comes back, read with an AF_PACKET socket in ``ns``: every
+    SYN-ACK is a connection the server's firewall let through.
+
+    Use it as a context manager: it sends from a thread while the block runs (and at most
+    ``limit`` seconds).  Afterwards ``sent`` is the number of SYNs, ``resets`` how many
+    were answered with a reset, ``answered`` the seconds (since the start) at which each
+    answered SYN was sent, ``connections`` the number of answered SYNs, and ``frames``
+    the first 1000 answers (IP packets, to compare field by field).
+    ``src`` is the client's address (for the IPv4 checksum).
+    """
+
+    FIRST_PORT, PORTS = 20000, 40000
+
+    def __init__(self, ns, src, dst, port, interval=0.0002, limit=60.0):
+        self.ns, self.src, self.dst, self.port = ns, src, dst, port
+        self.interval, self.limit = interval, limit
+        self.six = _family(dst) == socket.AF_INET6
+        self.sent, self.resets, self.answered = 0, 0, []
+        self.frames = []                 # the first 1000 answers, as IP packets
+        self._times = {}                 # source port -> when its SYN was sent
+        self._quiet = threading.Event()      # stop sending
+        self._stop = threading.Event()       # stop reading (once past _until)
+        self._until = 0.0
+        self._threads = []
+
+    @property
+    def connections(self):
+        return len(self.answered)
+
+    def _segment(self, sport):
+        header = struct.pack("!HHIIBBHHH", sport, self.port, sport * 7919, 0, 5 << 4, 0x02,
+                             64240, 0, 0)
+        if self.six:
+            return header                # the kernel fills the checksum in (IPV6_CHECKSUM)
+        pseudo = socket.inet_aton(self.src) + socket.inet_aton(self.dst) + struct.pack(
+            "!BBH", 0, socket.IPPROTO_TCP, len(header))
+        return header[:16] + struct.pack("!H", _icmp_checksum(pseudo + header)) + header[18:]
+
+    def _send(self, raw, start):
+        due = time.monotonic()
+        sport = self.FIRST_PORT
+        while not self._quiet.is_set() and time.monotonic() - start < self.limit:
+            self._times[sport] = time.monotonic() - start
+            raw.sendto(self._segment(sport), (self.dst, 0))
+            self.sent += 1
+            sport = self.FIRST_PORT + (sport - self.FIRST_PORT + 1) % self.PORTS
+            # Every `interval`, never faster: one that came late does not make others early.
+            due = max(due + self.interval, time.monotonic())
+            time.sleep(max(0.0, due - time.monotonic()))
+
+    def _receive(self, cap):
+        cap.settimeout(0.05)
+        while not self._stop.is_set() or time.monotonic() < self._until:
+            try:
+                frame, address = cap.recvfrom(2048)
+            except socket.timeout:
+                continue
+            if address[2] == socket.PACKET_OUTGOING:
+                continue
+            if self.six and frame[:1] and frame[0] >> 4 == 6 and frame[6] == socket.IPPROTO_TCP:
+                tcp = frame[40:]
+            elif not self.six and frame[:1] and frame[0] >> 4 == 4 and frame[9] == socket.IPPROTO_TCP:
+                tcp = frame[(frame[0] & 15) * 4:]
+            else:
+                continue
+            if len(tcp) < 14:
+                continue
+            sport, dport = struct.unpack("!HH", tcp[:4])
+            flags = tcp[13]
+            if sport != self.port or dport not in self._times:
+                continue
+            if len(self.frames) < 1000:
+                self.frames.append(frame)
+            if flags & 0x12 == 0x12:
+                self.answered.append(self._times[dport])
+            elif flags & 0x04:
+                self.resets += 1
+
+    def __enter__(self):
+        family = socket.AF_INET6 if self.six else socket.AF_INET
+        raw = ns_socket(self.ns, family, socket.SOCK_RAW, socket.IPPROTO_TCP)
+        if self.six:
+            raw.setsockopt(socket.IPPROTO_IPV6, 7, 16)       # IPV6_CHECKSUM at offset 16
+        cap = ns_socket(self.ns, socket.AF_PACKET, socket.SOCK_DGRAM,
+                        socket.htons(0x86DD if self.six else 0x0800))
+        start = time.monotonic()
+        self._sockets = (raw, cap)
+        self._threads = [threading.Thread(target=self._receive, args=(cap,), daemon=True),
+                         threading.Thread(target=self._send, args=(raw, start), daemon=True)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._quiet.set()
+        self._threads[1].join(5)
+        self._until = time.monotonic() + 0.05      # answers to the last SYNs
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        for s in self._sockets:
+            s.close()
+        return False
 
 
 def _icmp_checksum(data):

@@ -1030,11 +1030,11 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "require_username", "require_source_address"}
 FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
 # [server] options that SIGHUP cannot change in a running server.
-RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "enable_forwarding",
-                   "enable_local_nat")
+RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
 SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
                   "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
-                  "enable_forwarding", "enable_local_nat"}
+                  "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
+                  "nft_include"}
 
 
 class ServerConfig(object):
@@ -1074,6 +1074,24 @@ class ServerConfig(object):
             raise SpaError("%s: log = %r: expected stderr or syslog" % (path, self.log))
         self.enable_forwarding = parse_bool(get("enable_forwarding", "no"), "enable_forwarding")
         self.enable_local_nat = parse_bool(get("enable_local_nat", "no"), "enable_local_nat")
+        # Openings keyed on the interface the knock came in on, too.
+        self.bind_interface = parse_bool(get("bind_interface", "no"), "bind_interface")
+        named = self.interfaces + self.optional_interfaces
+        if self.bind_interface and ("any" in named or not named):
+            raise SpaError("%s: bind_interface = yes needs interface to name the interfaces "
+                           "knocks come in on (not any): each opening is bound to one" % path)
+        bad = [name for name in named if name != "any" and not valid_interface_name(name)]
+        if bad:
+            raise SpaError("%s: interface %r: not an interface name" % (path, bad[0]))
+        # Where the host keeps its firewall for reloads and boots (SavedFirewall).
+        saved = get("saved_firewall", "auto")
+        self.saved_firewall = saved.lower() if saved.lower() in ("auto", "none") else \
+            [p.strip() for p in saved.split(",") if p.strip()]
+        self.nft_include = get("nft_include", "") or None
+        for name, value in (("saved_firewall", self.saved_firewall),
+                            ("nft_include", [self.nft_include or "/"])):
+            if isinstance(value, list) and not all(os.path.isabs(p) for p in value):
+                raise SpaError("%s: %s: expected auto, none or absolute paths" % (path, name))
         self.user = get("user", "nobody")
         try:
             import pwd
@@ -1801,13 +1819,27 @@ def _opening_key(key):
     return packed + struct.pack("!BH", PROTO_NUMBERS[proto], port)
 
 
+def _bound_opening_key(key):
+    """(address, proto, port, interface) as 36 bytes: _opening_key's 20, then the name."""
+    if len(key) != 4 or not valid_interface_name(key[3]):
+        raise ValueError("not an opening bound to an interface: %r" % (key,))
+    return _opening_key(key[:3]) + key[3].encode().ljust(16, b"\0")
+
+
+def valid_interface_name(name):
+    """A Linux interface name: 1-15 bytes, no slash, colon or white space."""
+    return isinstance(name, str) and 0 < len(name.encode()) < 16 and \
+        not any(c in name for c in "/: \t\n\0") and name not in (".", "..")
+
+
 def _opening(raw):
     if raw[0] == 6:
         address = socket.inet_ntop(socket.AF_INET6, raw[1:17])
     else:
         address = socket.inet_ntop(socket.AF_INET, raw[1:5])
     number, port = struct.unpack("!BH", raw[17:20])
-    return address, {6: "tcp", 17: "udp"}[number], port
+    key = (address, {6: "tcp", 17: "udp"}[number], port)
+    return key + (raw[20:].rstrip(b"\0").decode(),) if len(raw) > 20 else key
 
 
 class NftFirewall(object):
@@ -1824,24 +1856,61 @@ class NftFirewall(object):
     accept rule at the top of the chain, marked "spa.py".  Tables that
     iptables-nft manages are never touched (a rule added there by nft breaks
     iptables-save): on such hosts use the iptables back end.
+
+    With protect_action = reject, refused TCP connections are not answered by the
+    firewall (its resets carry IPv6 flow label 0, which a scan can tell from the kernel's
+    own): a nat chain redirects them to port 0 of this host, where nothing can ever
+    listen, so the kernel answers as for any closed port, and conntrack gives the answer
+    the original port back.  The reject rule stays as the backstop.
+
+    With bind = True (bind_interface), openings are keyed on the knock's interface
+    too (iifname . address . protocol . port, in the `_if` sets).
+
+    Time is kept on the monotonic clock, which a clock step does not move.
     """
 
     name = "nft"
     MARK = "spa.py"
+    STEER_PORT = 0              # no socket can listen on port 0: the kernel always resets
+    MARK_BOUND = "spa.py if"           # the accept rule of openings bound to an interface
+    MARK_STEER = "spa.py steer"
+    NAT_SETS = [
+        ("map", "dnat4", "{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . "
+         "inet_service; flags timeout; }"),
+        ("map", "dnat6", "{ type ipv6_addr . inet_proto . inet_service : ipv6_addr . "
+         "inet_service; flags timeout; }"),
+        ("set", "lnat4", "{ type ipv4_addr . inet_proto . inet_service; flags timeout; }"),
+        ("set", "lnat6", "{ type ipv6_addr . inet_proto . inet_service; flags timeout; }"),
+        ("set", "fwd4", "{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; "
+         "flags timeout; }"),
+        ("set", "fwd6", "{ type ipv6_addr . ipv6_addr . inet_proto . inet_service; "
+         "flags timeout; }")]
+    NAT_CHAINS = [
+        ("prerouting", "{ type nat hook prerouting priority dstnat; policy accept; }",
+         ["dnat ip to ip saddr . meta l4proto . th dport map @dnat4",
+          "dnat ip6 to ip6 saddr . meta l4proto . th dport map @dnat6"]),
+        ("forward", "{ type filter hook forward priority 0; policy accept; }",
+         ["ip saddr . ip daddr . meta l4proto . th dport @fwd4 accept",
+          "ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept"])]
+    STEER_CHAIN = ("steer", "{ type nat hook prerouting priority -90; policy accept; }")
 
-    def __init__(self, protect, action="reject", table=NFT_TABLE, log=None, nat=False):
+    def __init__(self, protect, action="reject", table=NFT_TABLE, log=None, nat=False,
+                 bind=False):
         self.protect, self.action, self.table, self.nat = protect, action, table, nat
-        self.log = log
-        # (address, proto, port) -> wall-clock end of the opening; one past its end
-        # counts as absent, and is dropped at the next purge (expire) or rebuild.
-        self.ends = PackedMap(20, _opening_key, _opening, "d")
+        self.log, self.bind = log, bind
+        self.steer = action == "reject" and any(p == "tcp" for p, _ in protect)
+        # (address, proto, port[, interface]) -> monotonic end of the opening; one past
+        # its end counts as absent, and is dropped at the next purge (expire) or rebuild.
+        self.ends = PackedMap(36, _bound_opening_key, _opening, "d") if bind else \
+            PackedMap(20, _opening_key, _opening, "d")
         self.next_purge = 0
-        self.nat_ends = {}     # (address, proto, port) -> (end, to address, to port, local)
+        self.nat_ends = {}     # (address, proto, port) -> (monotonic end, to address, to port, local)
         self.kernel = NftNetlink()
         # Where openings go: (family, table, IPv4 set, IPv6 set); ours first.  Forwarded
         # NAT connections go into the fwd sets, keyed source . destination . proto . port.
         self.places = [("inet", table, "allow4", "allow6")]
         self.fwd_places = [("inet", table, "fwd4", "fwd6")] if nat else []
+        self.handle = None             # our table's handle: a new one means it was made anew
         self.monitored = True          # nftables' notifications tell of a reload
 
     def _nft(self, commands):
@@ -1851,17 +1920,26 @@ class NftFirewall(object):
         if self.log is not None:
             getattr(self.log, level)(text, *args)
 
-    def setup(self):
-        """Create or refresh our table and our rules in default-drop chains; openings still
-        in force survive a restart."""
+    def commands(self):
+        """The nft commands that make our table, its sets, chains and rules.  setup() runs
+        them, and `firewall-config` writes them into the host's saved ruleset.  Running
+        them again changes nothing but the rules: sets keep their elements, and each chain
+        is flushed and filled again in the same transaction, so the protect rules are never
+        missing for a moment."""
         t = "inet " + self.table
-        sets = ["add set %s allow4 { type ipv4_addr . inet_proto . inet_service; flags timeout; }" % t,
-                "add set %s allow6 { type ipv6_addr . inet_proto . inet_service; flags timeout; }" % t]
+        key = "ipv%s_addr . inet_proto . inet_service; flags timeout; }"
+        sets = ["add set %s allow%s { type %s" % (t, v, key % v) for v in "46"]
+        if self.bind:
+            sets += ["add set %s allow%s_if { type ifname . %s" % (t, v, key % v) for v in "46"]
         chain = ["add chain %s input { type filter hook input priority 0; policy accept; }" % t,
                  "flush chain %s input" % t,
-                 "add rule %s input ct state established,related accept" % t,
-                 "add rule %s input ip saddr . meta l4proto . th dport @allow4 accept" % t,
-                 "add rule %s input ip6 saddr . meta l4proto . th dport @allow6 accept" % t]
+                 "add rule %s input ct state established,related accept" % t]
+        for ip, v in (("ip", "4"), ("ip6", "6")):
+            chain.append("add rule %s input %s saddr . meta l4proto . th dport @allow%s accept"
+                         % (t, ip, v))
+            if self.bind:
+                chain.append("add rule %s input iifname . %s saddr . meta l4proto . th dport "
+                             "@allow%s_if accept" % (t, ip, v))
         if self.nat:
             # Local NAT: only connections a DNAT of ours rewrote, not the port itself.
             chain += ["add rule %s input ct status dnat ip saddr . meta l4proto . th dport "
@@ -1869,60 +1947,116 @@ class NftFirewall(object):
                       "add rule %s input ct status dnat ip6 saddr . meta l4proto . th dport "
                       "@lnat6 accept" % t]
         for proto in ("tcp", "udp"):
-            ports = sorted(p for pr, p in self.protect if pr == proto)
+            ports = self._ports(proto)
             if not ports:
                 continue
             verdict = "drop" if self.action == "drop" else \
                 ("reject with tcp reset" if proto == "tcp" else "reject")
             chain.append("add rule %s input meta l4proto %s th dport { %s } %s"
-                         % (t, proto, ", ".join(map(str, ports)), verdict))
+                         % (t, proto, ports, verdict))
+        if self.steer:
+            chain += self._steer_commands()
         if self.nat:
-            sets += ["add map %s dnat4 { type ipv4_addr . inet_proto . inet_service : ipv4_addr . "
-                     "inet_service; flags timeout; }" % t,
-                     "add map %s dnat6 { type ipv6_addr . inet_proto . inet_service : ipv6_addr . "
-                     "inet_service; flags timeout; }" % t,
-                     "add set %s lnat4 { type ipv4_addr . inet_proto . inet_service; "
-                     "flags timeout; }" % t,
-                     "add set %s lnat6 { type ipv6_addr . inet_proto . inet_service; "
-                     "flags timeout; }" % t,
-                     "add set %s fwd4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; "
-                     "flags timeout; }" % t,
-                     "add set %s fwd6 { type ipv6_addr . ipv6_addr . inet_proto . inet_service; "
-                     "flags timeout; }" % t]
-            chain += ["add chain %s prerouting { type nat hook prerouting priority dstnat; "
-                      "policy accept; }" % t,
-                      "flush chain %s prerouting" % t,
-                      "add rule %s prerouting dnat ip to ip saddr . meta l4proto . th dport map @dnat4" % t,
-                      "add rule %s prerouting dnat ip6 to ip6 saddr . meta l4proto . th dport map @dnat6" % t,
-                      "add chain %s forward { type filter hook forward priority 0; policy accept; }" % t,
-                      "flush chain %s forward" % t,
-                      "add rule %s forward ip saddr . ip daddr . meta l4proto . th dport @fwd4 accept" % t,
-                      "add rule %s forward ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept" % t]
+            sets += ["add %s %s %s %s" % (kind, t, name, spec) for kind, name, spec in self.NAT_SETS]
+            for name, spec, rules in self.NAT_CHAINS:
+                chain += ["add chain %s %s %s" % (t, name, spec), "flush chain %s %s" % (t, name)]
+                chain += ["add rule %s %s %s" % (t, name, rule) for rule in rules]
+        return ["add table " + t] + sets + chain
+
+    def _ports(self, proto):
+        return ", ".join(str(p) for p in sorted(set(p for pr, p in self.protect if pr == proto)))
+
+    def _steer_commands(self):
+        """A nat chain that sends new TCP connections to the protected ports, from anyone
+        without an opening, to port 0 of this host: the kernel's own reset answers them.
+        Only what is addressed to this host: a router forwards other connections untouched.
+        After any DNAT of the host's own (dstnat), which wins."""
+        t = "inet " + self.table
+        rules = ["fib daddr type != local return"]
+        for ip, v in (("ip", "4"), ("ip6", "6")):
+            rules.append("%s saddr . meta l4proto . th dport @allow%s return" % (ip, v))
+            if self.bind:
+                rules.append("iifname . %s saddr . meta l4proto . th dport @allow%s_if return"
+                             % (ip, v))
+        rules.append("meta l4proto tcp th dport { %s } redirect to :%d"
+                     % (self._ports("tcp"), self.STEER_PORT))
+        name, spec = self.STEER_CHAIN       # (priority dstnat + 10)
+        return (["add chain %s %s %s" % (t, name, spec), "flush chain %s %s" % (t, name)]
+                + ["add rule %s %s %s" % (t, name, r) for r in rules])
+
+    def _removals(self, items):
+        """Commands that remove what an earlier setup made and this one does not (NAT or
+        the steering switched off at a reload, say), of what the ruleset `items` hold."""
+        t = "inet " + self.table
+        unwanted = ([] if self.nat else [name for name, _, _ in self.NAT_CHAINS]
+                    + [name for _, name, _ in self.NAT_SETS]) + \
+            ([] if self.steer else [self.STEER_CHAIN[0]])
+        commands = []
+        for item in items:
+            for kind in ("chain", "set", "map"):
+                thing = item.get(kind, {})
+                if (thing.get("family"), thing.get("table")) == ("inet", self.table) and \
+                        thing.get("name") in unwanted:
+                    if kind == "chain":   # its rules first: they may use a set that goes
+                        commands.insert(0, "flush chain %s %s" % (t, thing["name"]))
+                    commands.append("delete %s %s %s" % (kind, t, thing["name"]))
+        return commands
+
+    def _load(self):
+        t = "inet " + self.table
         try:
-            self._nft(["add table " + t] + sets + chain)
+            self._nft(self.commands())
         except SpaError:
             # A table left by an incompatible version: start it afresh.
-            self._nft(["add table " + t, "delete table " + t, "add table " + t] + sets + chain)
-        self.places = self.places[:1] + self._default_drop_places("input")
+            self._nft(["add table " + t, "delete table " + t] + self.commands())
+
+    def setup(self):
+        """Create or refresh our table and our rules in default-drop chains; openings still
+        in force survive a restart."""
+        try:
+            self._load()
+        except SpaError as e:
+            if not self.steer:
+                raise
+            # No NAT in this kernel (or no fib): refuse with the firewall's own resets.
+            self.steer = False
+            self._load()
+            self._say("warning", "refused TCP connections are answered by nftables' reject, "
+                      "not by the kernel (%s): over IPv6 its resets carry flow label 0, unlike "
+                      "a closed port's (README.md: protect_action)", e)
+        items = self._ruleset()
+        removals = self._removals(items)
+        if removals:
+            self._nft(removals)
+        self.handle = self._handle(items)
+        self.places = self.places[:1] + self._default_drop_places("input", items)
         if self.nat:
-            self.fwd_places = self.fwd_places[:1] + self._default_drop_places("forward")
+            self.fwd_places = [("inet", self.table, "fwd4", "fwd6")] + \
+                self._default_drop_places("forward", items)
             warn_without_forwarding(self.log, (4, 6))
-        now = time.time()
-        for address, proto, port, left in self.list():
+        else:
+            self.fwd_places, self.nat_ends = [], {}
+        now = time.monotonic()
+        for key, left in self._kernel_openings():
             try:
-                self.ends[(address, proto, port)] = max(self.ends.get((address, proto, port), 0),
-                                                        now + left)
+                self.ends[key] = max(self.ends.get(key, 0), now + left)
             except ValueError:        # an element someone else put in our set
                 pass
+
+    def _handle(self, items):
+        for item in items:
+            table = item.get("table", {})
+            if (table.get("family"), table.get("name")) == ("inet", self.table):
+                return table.get("handle")
+        return None
 
     def _ruleset(self):
         import json
         return json.loads(run_command(["nft", "-t", "-j", "list", "ruleset"]))["nftables"]
 
-    def _default_drop_places(self, hook):
+    def _default_drop_places(self, hook, items):
         """Put our set and accept rule in each other `hook` chain that drops what it does not
         allow (input: openings; forward: forwarded NAT connections)."""
-        items = self._ruleset()
         places = []
         prefix, key = ("spa_allow", "saddr . meta l4proto . th dport") if hook == "input" else \
             ("spa_fwd", "saddr . {0} daddr . meta l4proto . th dport")
@@ -1945,17 +2079,32 @@ class NftFirewall(object):
                 continue
             v4 = prefix + "4" if family in ("inet", "ip") else None
             v6 = prefix + "6" if family in ("inet", "ip6") else None
+            bound = self.bind and hook == "input"
             commands = []
             for set_name, kind in ((v4, "ipv4_addr"), (v6, "ipv6_addr")):
                 if set_name:
                     kinds = (kind + " . ") * (2 if hook == "forward" else 1)
                     commands.append("add set %s %s { type %sinet_proto . inet_service; "
                                     "flags timeout; }" % (where, set_name, kinds))
-            if not self._has_mark(items, family, table, name):
+                    if bound:
+                        commands.append("add set %s %s_if { type ifname . %sinet_proto . "
+                                        "inet_service; flags timeout; }" % (where, set_name, kinds))
+            for mark, interface, wanted in ((self.MARK, "", True),
+                                            (self.MARK_BOUND, "iifname . ", bound)):
+                if not wanted or self._has_mark(items, family, table, name, mark):
+                    continue
                 for set_name, ip in ((v4, "ip"), (v6, "ip6")):
                     if set_name:
-                        commands.append('insert rule %s %s %s %s @%s accept comment "%s"'
-                                        % (where, name, ip, key.format(ip), set_name, self.MARK))
+                        commands.append('insert rule %s %s %s%s %s @%s%s accept comment "%s"'
+                                        % (where, name, interface, ip, key.format(ip), set_name,
+                                           "_if" if interface else "", mark))
+            if self.steer and hook == "input" and \
+                    not self._has_mark(items, family, table, name, self.MARK_STEER):
+                # What the steer chain sent to port 0 is to get the kernel's reset, as the
+                # protected port would have without spa.py.
+                commands.append('insert rule %s %s meta l4proto tcp th dport %d ct status dnat '
+                                'accept comment "%s"' % (where, name, self.STEER_PORT,
+                                                         self.MARK_STEER))
             self._nft(commands)
             self._say("info", "table %s chain %s drops what it does not allow: openings are "
                       "accepted there too%s", where, name, " (forwarded NAT connections)"
@@ -1973,30 +2122,41 @@ class NftFirewall(object):
         verdicts = [e for e in rules[-1].get("expr", []) if "counter" not in e]
         return len(verdicts) == 1 and ("drop" in verdicts[0] or "reject" in verdicts[0])
 
-    def _has_mark(self, items, family, table, chain):
-        return any(r.get("rule", {}).get("comment") == self.MARK and
+    def _has_mark(self, items, family, table, chain, mark=MARK):
+        return any(r.get("rule", {}).get("comment") == mark and
                    (r["rule"]["family"], r["rule"]["table"], r["rule"]["chain"]) ==
                    (family, table, chain) for r in items if "rule" in r)
 
-    def open(self, address, proto, port, timeout, now=None):
+    def open(self, address, proto, port, timeout, now=None, interface=None):
         """Open (address, proto, port) for `timeout` seconds; never shortens an opening."""
-        return self.open_many([(address, proto, port, timeout)], now) == 1
+        opening = (address, proto, port, timeout) + ((interface,) if interface else ())
+        return self.open_many([opening], now) == 1
+
+    def _key(self, address, proto, port, interface=None):
+        """The key of an opening in `ends`: with bind, the interface is part of it."""
+        import ipaddress
+        key = (str(ipaddress.ip_address(address)), proto, port)  # only an address reaches nft
+        if self.bind:
+            if not valid_interface_name(interface):
+                raise ValueError("bind_interface: an opening needs its interface")
+            return key + (interface,)
+        return key
 
     def open_many(self, openings, now=None):
-        """Open [(address, proto, port, seconds)] in one nft transaction; returns how many
-        changed (an opening already in force for longer is left as it is)."""
-        import ipaddress
-        now = time.time() if now is None else now
+        """Open [(address, proto, port, seconds[, interface])] in one nft transaction; returns
+        how many changed (an opening already in force for longer is left as it is).  `now`
+        (the wall clock) is not used: ends are kept on the monotonic clock."""
+        now = time.monotonic()
         batch, changed = ElementBatch(), {}
-        for address, proto, port, timeout in openings:
-            address = str(ipaddress.ip_address(address))   # nothing but an address reaches nft
-            key = (address, proto, port)
+        for opening in openings:
+            address, proto, port, timeout = opening[:4]
+            key = self._key(address, proto, port, *opening[4:5])
             end = max(self.ends.get(key, 0), changed.get(key, 0))
             if end >= now + timeout:
                 continue
             # Not open (as far as we know, and we know all since setup): one add is enough.
             fresh = end <= now - 1 and key not in changed
-            for place, element in self._elements_in(self.places, address, proto, port):
+            for place, element in self._elements_in(self.places, key):
                 batch.put(place, element, timeout, fresh=fresh)
             changed[key] = now + timeout
         self.kernel.commit(batch)
@@ -2006,9 +2166,9 @@ class NftFirewall(object):
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
         """Forward (address, proto, port) to to_address:to_port for `timeout` seconds: to
         another host (accepted in the forward chains), or to this one (local NAT, accepted
-        in the input chains).  Never shortens an opening."""
+        in the input chains).  Never shortens an opening.  (`now` is not used.)"""
         import ipaddress
-        now = time.time() if now is None else now
+        now = time.monotonic()
         address = str(ipaddress.ip_address(address))
         to_address = str(ipaddress.ip_address(to_address))
         key = (address, proto, port)
@@ -2029,7 +2189,7 @@ class NftFirewall(object):
             batch.put(("inet", self.table, "lnat6" if six else "lnat4"),
                       nft_key([address], number, to_port), timeout)
             # Through default-drop chains elsewhere.
-            for place, element in self._elements_in(self.places[1:], address, proto, to_port):
+            for place, element in self._elements_in(self.places[1:], (address, proto, to_port)):
                 batch.put(place, element, timeout)
             return
         for family, table, v4, v6 in self.fwd_places:
@@ -2039,22 +2199,26 @@ class NftFirewall(object):
                           timeout)
 
     @staticmethod
-    def _elements_in(places, address, proto, port):
-        """(place, key) of the element `address . proto . port` in the set of each place
-        that has one for the address's family."""
+    def _elements_in(places, key):
+        """(place, element) of the opening `key` in the set of each place that has one for
+        its address's family: `address . proto . port`, or with an interface in the key,
+        `interface . address . proto . port` in the `_if` set."""
+        address, proto, port = key[:3]
+        element = nft_key([address], PROTO_NUMBERS[proto], port)
+        if len(key) > 3:
+            element = key[3].encode().ljust(16, b"\0") + element
         for family, table, v4, v6 in places:
             set_name = v6 if ":" in address else v4
             if set_name:
-                yield (family, table, set_name), nft_key([address], PROTO_NUMBERS[proto], port)
+                yield (family, table, set_name + ("_if" if len(key) > 3 else "")), element
 
-    def close(self, address, proto, port):
+    def close(self, address, proto, port, interface=None):
         """Remove an opening now; True if there was one."""
-        import ipaddress
-        address = str(ipaddress.ip_address(address))
-        if self.ends.pop((address, proto, port), 0) <= time.time():
+        key = self._key(address, proto, port, interface)
+        if self.ends.pop(key, 0) <= time.monotonic():
             return False
         batch = ElementBatch()
-        for place, element in self._elements_in(self.places, address, proto, port):
+        for place, element in self._elements_in(self.places, key):
             batch.remove(place, element)
         self.kernel.commit(batch)
         return True
@@ -2062,7 +2226,7 @@ class NftFirewall(object):
     def expire(self, now=None):
         """Forget openings past their end; the kernel has removed them itself.  (Ended
         ones already count as absent: the table of ends is purged every 30 s only.)"""
-        now = time.time() if now is None else now
+        now = time.monotonic()
         if now >= self.next_purge:
             self.ends.keep_if(lambda end: end > now)
             self.next_purge = now + 30
@@ -2073,11 +2237,13 @@ class NftFirewall(object):
     # -- surviving a reload of the host's firewall ------------------------------------------
 
     def intact(self):
+        """False if our table, our rules or our marks in default-drop chains are missing, or
+        if our table was made anew (by the host's saved ruleset, say): then its sets lost
+        the openings."""
         items = self._ruleset()
-        tables = {(i["table"]["family"], i["table"]["name"]) for i in items if "table" in i}
         rules = [i["rule"] for i in items if "rule" in i]
         ours = [r for r in rules if (r["family"], r["table"]) == ("inet", self.table)]
-        if ("inet", self.table) not in tables or len(ours) < 3:
+        if self._handle(items) != self.handle or len(ours) < 3:
             return False
         for family, table, v4, v6 in self.places[1:] + self.fwd_places[1:]:
             if not any(r.get("comment") == self.MARK and (r["family"], r["table"]) == (family, table)
@@ -2086,16 +2252,17 @@ class NftFirewall(object):
         return True
 
     def restore(self):
-        """Put back our table, rules and the openings in force, if something removed them."""
+        """Put back our table, rules and the openings in force, if something removed them.
+        An opening comes back with what was left of it, never more."""
         try:
             if self.intact():
                 return False
             self.setup()
-            now = time.time()
+            now = time.monotonic()
             alive = [(k, end) for k, end in self.ends.items() if end > now + 0.5]
             batch = ElementBatch()
-            for (address, proto, port), end in alive:
-                for place, element in self._elements_in(self.places, address, proto, port):
+            for key, end in alive:
+                for place, element in self._elements_in(self.places, key):
                     batch.put(place, element, end - now)
             for (address, proto, port), (end, to_address, to_port, local) in self.nat_ends.items():
                 if end > now + 0.5:
@@ -2110,7 +2277,8 @@ class NftFirewall(object):
             return False
 
     def _elements(self, kind, name):
-        """(key, data or None, seconds left) of each element of our set or map `name`."""
+        """(key, data or None, seconds left) of each element of our set or map `name`; the
+        key of an `_if` set ends with the interface."""
         import json
         try:
             out = run_command(["nft", "-j", "list", kind, "inet", self.table, name])
@@ -2120,15 +2288,24 @@ class NftFirewall(object):
             for elem in item.get(kind, {}).get("elem", []):
                 key, data = elem if kind == "map" else (elem, None)
                 e = key.get("elem", {})
-                address, proto, port = e["val"]["concat"]
+                fields = e["val"]["concat"]
+                interface = (fields.pop(0),) if name.endswith("_if") else ()
+                address, proto, port = fields
                 if isinstance(proto, int):
                     proto = {6: "tcp", 17: "udp"}.get(proto, str(proto))
-                yield (address, proto, int(port)), data and data["concat"], int(e.get("expires", 0))
+                yield (address, proto, int(port)) + interface, data and data["concat"], \
+                    int(e.get("expires", 0))
+
+    def _kernel_openings(self):
+        """[(key, seconds left)] of the openings in our sets (those of the other kind too)."""
+        names = ("allow4", "allow6") + (("allow4_if", "allow6_if") if self.bind else ())
+        return [(key, left) for name in names for key, _, left in self._elements("set", name)]
 
     def list(self):
-        """The openings in force, read from the kernel: [(address, proto, port, seconds left)]."""
-        return [key + (left,) for name in ("allow4", "allow6")
-                for key, _, left in self._elements("set", name)]
+        """The openings in force, read from the kernel:
+        [(address, proto, port, seconds left, interface or "")]."""
+        return [key[:3] + (left, key[3] if len(key) > 3 else "")
+                for key, left in self._kernel_openings()]
 
     def list_nat(self):
         """NAT openings in force, read from the kernel:
@@ -2143,11 +2320,13 @@ class NftFirewall(object):
         items = self._ruleset()
         commands = []
         for r in (i["rule"] for i in items if "rule" in i):
-            if r.get("comment") == self.MARK and r["table"] != self.table:
+            if r.get("comment") in (self.MARK, self.MARK_BOUND, self.MARK_STEER) and \
+                    r["table"] != self.table:
                 commands.append("delete rule %s %s %s handle %d"
                                 % (r["family"], r["table"], r["chain"], r["handle"]))
         for s in (i["set"] for i in items if "set" in i):
-            if s["name"] in ("spa_allow4", "spa_allow6", "spa_fwd4", "spa_fwd6"):
+            if s["name"] in ("spa_allow4", "spa_allow6", "spa_fwd4", "spa_fwd6",
+                             "spa_allow4_if", "spa_allow6_if"):
                 commands.append("delete set %s %s %s" % (s["family"], s["table"], s["name"]))
         if any(i.get("table", {}).get("name") == self.table and
                i["table"]["family"] == "inet" for i in items):
@@ -2164,6 +2343,7 @@ IPT_WAIT = "10"                       # seconds to wait for the xtables lock bef
 IPT_COMMANDS = ("iptables", "iptables-nft", "iptables-legacy")
 IPT_FORWARD_CHAIN = "SPA_FORWARD"         # filter table, jumped to from FORWARD
 IPT_NAT_CHAIN = "SPA_PREROUTING"          # nat table, jumped to from PREROUTING
+IPT_STEER_CHAIN = "SPA_STEER"             # nat table, jumped to from PREROUTING's end
 IPT_NAT_COMMENTS = {False: "spa nat expires ", True: "spa local nat expires "}   # by `local`
 IPT_ESTABLISHED = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
 FORWARDING_SYSCTLS = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
@@ -2181,29 +2361,42 @@ class IptablesFirewall(object):
         -A SPA_INPUT -p tcp --dport 22 -j REJECT --reject-with tcp-reset
 
     Each opening carries its end into the kernel (the xt_time match, in UTC), so it stops
-    matching on time even when the server has died; expire() only tidies the rule away.
-    An opening ACCEPTs, as fwknop's rules do, so it opens the port even on a host whose own
-    INPUT chain drops everything; everything else RETURNs to the host's own rules.  Every
-    change is one `iptables-restore --noflush`: one process, applied atomically.
+    matching on time even when the server has died; expire() removes it at its end as the
+    monotonic clock counts, so that a clock stepped back does not lengthen it.  An opening
+    ACCEPTs, as fwknop's rules do, so it opens the port even on a host whose own INPUT chain
+    drops everything; everything else RETURNs to the host's own rules.  Every change is one
+    `iptables-restore --noflush`: one process, applied atomically.
+
+    With protect_action = reject, new TCP connections to the protected ports from anyone
+    without an opening are redirected to port 0 in the nat table (SPA_STEER, jumped to from
+    the end of PREROUTING), so that the kernel answers them as it answers a closed port
+    (REJECT's resets carry IPv6 flow label 0); an opening has a RETURN there too.  With
+    an interface in an opening's key (bind_interface), its rules have `-i`.
     """
 
     name = "iptables"
 
-    def __init__(self, protect, action="reject", log=None, command="iptables", nat=False):
+    def __init__(self, protect, action="reject", log=None, command="iptables", nat=False,
+                 bind=False):
         if command not in IPT_COMMANDS:
             raise SpaError("firewall = %s: expected one of %s"
                            % (command, ", ".join(IPT_COMMANDS)))
-        self.protect, self.action, self.log = protect, action, log
+        self.protect, self.action, self.log, self.bind = protect, action, log, bind
         self.commands = {4: command, 6: command.replace("ip", "ip6", 1)}    # ip6tables-nft...
         self.monitored = command == "iptables-nft"      # it speaks nftables: notified too
         # A kernel booted with ipv6.disable=1 has no ip6tables tables (and no IPv6 to guard).
         self.families = (4, 6) if os.path.isdir("/proc/sys/net/ipv6") else (4,)
-        self.ends = {}         # (address, proto, port) -> epoch second the opening ends
+        # (address, proto, port[, interface]) -> the epoch second its rule ends (the rule's
+        # text), and -> its end on the monotonic clock (when expire() removes it)
+        self.ends, self.deadlines = {}, {}
         self.nat = bool(nat)
         self.nat_ends = {}     # (address, proto, port, to_address, to_port, local) -> end
+        self.nat_deadlines = {}
         # Families whose nat table works; setup() drops one that does not (a kernel or an
         # OpenWrt build without IPv6 NAT), so that IPv4 NAT still works there.
         self.nat_families = set(self.families) if self.nat else set()
+        self.steer = action == "reject" and any(p == "tcp" for p, _ in protect)
+        self.steer_families = set()        # where the nat table lets us steer (setup)
 
     def _ipt(self, family, table, *args):
         return run_command([self.commands[family], "--wait=" + IPT_WAIT, "-t", table]
@@ -2248,28 +2441,42 @@ class IptablesFirewall(object):
         """INPUT and our chain of the filter table (see _table)."""
         return self._table(family, "filter", ("INPUT", IPT_CHAIN), chain)
 
-    def _openings(self, family):
-        """[(address, proto, port, end, rule words)] of the opening rules in our chain."""
+    def _openings(self, family, table="filter", chain=IPT_CHAIN):
+        """[(key, end, rule words)] of the opening rules in our chain (or, in the nat table,
+        the RETURNs of SPA_STEER)."""
         try:
-            rules = self._chains(family, IPT_CHAIN).get(IPT_CHAIN, [])
+            rules = self._table(family, table, (chain,), chain).get(chain, [])
         except SpaError:
             return []          # no chain (or no ip6tables): nothing is open
+        verdict = "ACCEPT" if table == "filter" else "RETURN"
         found = []
         for words in rules:
-            opening = _parse_opening(words)
+            opening = _parse_opening(words, verdict)
             if opening is not None:
                 found.append(opening + (words,))
         return found
 
-    def _opening_rule(self, address, proto, port, end):
+    def _opening_rule(self, key, end, verdict="ACCEPT"):
         # xt_time matches up to and including the second --datestop: stop one before `end`.
         stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
-        return ["-s", address, "-p", proto, "--dport", str(port), "-m", "time",
-                "--datestop", stop, "-m", "comment", "--comment", IPT_COMMENT + str(end),
-                "-j", "ACCEPT"]
+        address, proto, port = key[:3]
+        return (["-s", address] + (["-i", key[3]] if len(key) > 3 else []) +
+                ["-p", proto, "--dport", str(port), "-m", "time",
+                 "--datestop", stop, "-m", "comment", "--comment", IPT_COMMENT + str(end),
+                 "-j", verdict])
 
-    def _protect_rules(self, family):
+    def _steered(self, key):
+        """True if connections of this opening would be steered without it (see SPA_STEER)."""
+        return self.steer and _family(key[0]) in self.steer_families and key[1] == "tcp" \
+            and ("tcp", key[2]) in self.protect
+
+    def _protect_rules(self, family, steer=False):
         rules = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]]
+        if steer:
+            # What SPA_STEER sent to port 0 is to get the kernel's reset, as the protected
+            # port would have without spa.py, whatever the host's own rules say.
+            rules.append(["-p", "tcp", "--dport", "0", "-m", "conntrack", "--ctstate", "DNAT",
+                          "-j", "ACCEPT"])
         for proto, port in sorted(set(self.protect)):
             if self.action == "drop":
                 verdict = ["DROP"]
@@ -2281,33 +2488,66 @@ class IptablesFirewall(object):
             rules.append(["-p", proto, "--dport", str(port), "-j"] + verdict)
         return rules
 
+    def _steer_lines(self, nat, keys):
+        """SPA_STEER made anew (a RETURN for each steered opening of `keys`, {key: end}), and
+        the jump to it at the end of PREROUTING, after the host's own DNATs."""
+        lines = [":%s - [0:0]" % IPT_STEER_CHAIN,
+                 "-A %s -m addrtype ! --dst-type LOCAL -j RETURN" % IPT_STEER_CHAIN]
+        lines += ["-A %s %s" % (IPT_STEER_CHAIN, _restore_words(self._opening_rule(k, e, "RETURN")))
+                  for k, e in sorted(keys.items(), key=lambda item: (-item[1], item[0]))]
+        lines += ["-A %s -p tcp --dport %d -j REDIRECT --to-ports %d"
+                  % (IPT_STEER_CHAIN, port, NftFirewall.STEER_PORT)
+                  for proto, port in sorted(set(self.protect)) if proto == "tcp"]
+        jumps = nat.get("PREROUTING", []).count(["-j", IPT_STEER_CHAIN])
+        if jumps != 1:
+            lines += ["-D PREROUTING -j %s" % IPT_STEER_CHAIN] * jumps
+            lines.append("-A PREROUTING -j %s" % IPT_STEER_CHAIN)
+        return lines
+
+    def saved_rules(self, family):
+        """The lines of our chain for the host's saved iptables rules (rules.v4 / rules.v6,
+        loaded by iptables-restore at boot and at a reload): the protect rules alone, with
+        the jump that must come first in INPUT.  Openings are the server's to put in."""
+        return ([":%s - [0:0]" % IPT_CHAIN, "-A INPUT -j %s" % IPT_CHAIN] +
+                ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
+                 for rule in self._protect_rules(family, self.steer)])
+
     def setup(self):
         """Create or rebuild our chains and their jumps; openings in force (plain and NAT)
         survive, expired ones go.  With nat=False, NAT chains left by an earlier run go."""
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
+        known = self.deadlines
         self.ends, self.nat_ends = {}, {}
         for family in self.families:
             filt = self._table(family, "filter", ("INPUT", "FORWARD", IPT_CHAIN,
                                                    IPT_FORWARD_CHAIN))
             nat = None
-            if self.nat or self._nat_table_may_hold_ours(family, filt):
+            if self.steer or self.nat or self._nat_table_may_hold_ours(family, filt):
                 try:
-                    nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN))
+                    nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN,
+                                                      IPT_STEER_CHAIN))
                 except SpaError as e:
+                    steer = "; refused TCP connections are answered by REJECT, not by the " \
+                        "kernel" if self.steer else ""
                     if self.nat and self.log:
                         self.log.warning("no NAT access over IPv%d: the nat table does not "
-                                         "work here (%s)", family, e)
+                                         "work here (%s)%s", family, e, steer)
+                    elif steer and self.log:
+                        self.log.warning("IPv%d: the nat table does not work here (%s)%s",
+                                         family, e, steer)
             use_nat = self.nat and nat is not None
-            if use_nat:
-                self.nat_families.add(family)
-            else:
-                self.nat_families.discard(family)
+            for flag, families in ((use_nat, self.nat_families),
+                                   (self.steer and nat is not None, self.steer_families)):
+                if flag:
+                    families.add(family)
+                else:
+                    families.discard(family)
 
             ends, nat_ends = {}, {}
             for words in filt.get(IPT_CHAIN, []):
                 opening = _parse_opening(words)
-                if opening is not None and opening[3] > now:
-                    ends[opening[:3]] = max(opening[3], ends.get(opening[:3], 0))
+                if opening is not None and opening[1] > now:
+                    ends[opening[0]] = max(opening[1], ends.get(opening[0], 0))
             if use_nat:
                 # Either rule of a NAT opening brings back both (a reload may have taken one).
                 for words in (filt.get(IPT_CHAIN, []) + filt.get(IPT_FORWARD_CHAIN, [])
@@ -2328,12 +2568,12 @@ class IptablesFirewall(object):
 
             # `:CHAIN` creates our chain, or empties it when it exists (with --noflush).
             filter_lines = [":%s - [0:0]" % IPT_CHAIN]
-            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(*k + (e,))))
+            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(k, e)))
                              for k, e in newest_first(ends.items())]
             filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._nat_accept_rule(k, e)))
                              for k, e in newest_first(nat_ends.items()) if k[5]]
             filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
-                             for rule in self._protect_rules(family)]
+                             for rule in self._protect_rules(family, family in self.steer_families)]
             filter_lines += self._jump_lines(filt, "INPUT", IPT_CHAIN)
             nat_lines = []
             if use_nat:
@@ -2348,18 +2588,42 @@ class IptablesFirewall(object):
                 nat_lines += ["-A %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
                               for k, e in newest_first(nat_ends.items())]
                 nat_lines += self._jump_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
-                # The ACCEPTs before the DNATs that lead to them.
-                self._restore_tables(family, [("filter", filter_lines), ("nat", nat_lines)])
             else:
                 # NAT off: what an earlier run with NAT on left goes, DNATs first.
                 filter_lines += self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
                 if nat is not None:
                     nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
-                self._restore_tables(family, [("nat", nat_lines), ("filter", filter_lines)])
+            if family in self.steer_families:
+                nat_lines += self._steer_lines(nat, {k: e for k, e in ends.items()
+                                                     if self._steered(k)})
+            elif nat is not None:
+                nat_lines += self._removal_lines(nat, "PREROUTING", IPT_STEER_CHAIN)
+            # With NAT on, the ACCEPTs before the DNATs that lead to them.
+            self._restore_tables(family, [("filter", filter_lines), ("nat", nat_lines)] if use_nat
+                                 else [("nat", nat_lines), ("filter", filter_lines)])
+        # Ends on the monotonic clock: what we knew, unless the rule says it ends sooner.
+        self.deadlines = {k: min(known.get(k, float("inf")), mono + e - now)
+                          for k, e in self.ends.items()}
+        self.nat_deadlines = {k: min(self.nat_deadlines.get(k, float("inf")), mono + e - now)
+                              for k, e in self.nat_ends.items()}
         if self.nat:
             warn_without_forwarding(self.log, self.nat_families)
 
-    def open(self, address, proto, port, timeout, now=None):
+    def _key(self, address, proto, port, interface=None):
+        """The key of an opening; raises ValueError for anything but an address, tcp or udp,
+        a port and (with bind) an interface name."""
+        import ipaddress
+        address = str(ipaddress.ip_address(address))   # nothing but an address reaches iptables
+        port = int(port)
+        if proto not in PROTO_NUMBERS or not 1 <= port <= 65535:
+            raise ValueError("cannot open %s/%s" % (proto, port))
+        if self.bind:
+            if not valid_interface_name(interface):
+                raise ValueError("bind_interface: an opening needs its interface")
+            return address, proto, port, interface
+        return address, proto, port
+
+    def open(self, address, proto, port, timeout, now=None, interface=None):
         """Open (address, proto, port) for `timeout` seconds; never shortens an opening.
 
         It ends at now + timeout rounded up to a whole second (xt_time counts whole
@@ -2367,111 +2631,157 @@ class IptablesFirewall(object):
         commit.  If that fails (our chain was changed behind our back, e.g. by a firewall
         reload), the chain is built again from what is in force, and the change retried once.
         """
-        import ipaddress
         import math
         now = time.time() if now is None else now
-        address = str(ipaddress.ip_address(address))   # nothing but an address reaches iptables
-        port = int(port)
-        if proto not in PROTO_NUMBERS or not 1 <= port <= 65535:
-            raise ValueError("cannot open %s/%s" % (proto, port))
-        key = (address, proto, port)
+        key = self._key(address, proto, port, interface)
         end = int(math.ceil(now + timeout))
+        return self._put(key, end, time.monotonic() + end - now)
+
+    def _put(self, key, end, deadline):
+        """Make the rule(s) of opening `key`, ending at the epoch second `end` and at
+        `deadline` on the monotonic clock; False if it is open longer already."""
+        family = _family(key[0])
         for attempt in (1, 2):
-            old = self.ends.get(key)
-            if old is not None and old >= end:
+            if self.deadlines.get(key, 0) >= deadline:
                 return False
-            lines = ["-I %s 1 %s" % (IPT_CHAIN, _restore_words(self._opening_rule(*key + (end,))))]
+            old = self.ends.get(key)
+            lines = ["-I %s 1 %s" % (IPT_CHAIN, _restore_words(self._opening_rule(key, end)))]
+            nat_lines = []
+            if self._steered(key):
+                nat_lines = ["-I %s 1 %s" % (IPT_STEER_CHAIN, _restore_words(
+                    self._opening_rule(key, end, "RETURN")))]
             if old is not None:
-                lines.append("-D %s %s" % (IPT_CHAIN,
-                                           _restore_words(self._opening_rule(*key + (old,)))))
+                lines.append("-D %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(key, old))))
+                if nat_lines:
+                    nat_lines.append("-D %s %s" % (IPT_STEER_CHAIN, _restore_words(
+                        self._opening_rule(key, old, "RETURN"))))
             try:
-                self._restore(_family(address), lines)
+                self._restore_tables(family, [("nat", nat_lines), ("filter", lines)])
                 break
             except SpaError:
                 if attempt == 2:
                     raise
                 self.setup()
-        self.ends[key] = end
+        self.ends[key], self.deadlines[key] = end, deadline
         return True
 
     def open_many(self, openings, now=None):
-        """Open [(address, proto, port, seconds)]; returns how many changed."""
-        return sum(self.open(address, proto, port, timeout, now)
-                   for address, proto, port, timeout in openings)
+        """Open [(address, proto, port, seconds[, interface])]; returns how many changed."""
+        return sum(self.open(*opening[:4], now=now, interface=(opening[4:] or (None,))[0])
+                   for opening in openings)
 
     def close(self, address, proto, port):
-        """Remove every opening of (address, proto, port) now; True if there was one."""
+        """Remove every opening of (address, proto, port) now (on every interface); True if
+        there was one."""
         import ipaddress
         key = (str(ipaddress.ip_address(address)), proto, int(port))
         family = _family(key[0])
-        gone = [o[4] for o in self._openings(family) if o[:3] == key]
-        if gone:
-            self._restore(family, ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in gone])
-        self.ends.pop(key, None)
+        gone = [o[2] for o in self._openings(family) if o[0][:3] == key]
+        steered = [o[2] for o in self._openings(family, "nat", IPT_STEER_CHAIN)
+                   if o[0][:3] == key] if family in self.steer_families else []
+        self._restore_tables(family, [
+            ("nat", ["-D %s %s" % (IPT_STEER_CHAIN, _restore_words(w)) for w in steered]),
+            ("filter", ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in gone])])
+        for k in [k for k in self.ends if k[:3] == key]:
+            del self.ends[k]
+            self.deadlines.pop(k, None)
         return bool(gone)
 
     def list(self):
-        """The openings in force, read from the kernel: [(address, proto, port, seconds left)]."""
+        """The openings in force, read from the kernel:
+        [(address, proto, port, seconds left, interface or "")]."""
         now = time.time()
-        return [(address, proto, port, int(end - now))
+        return [key[:3] + (int(end - now), key[3] if len(key) > 3 else "")
                 for family in self.families
-                for address, proto, port, end, _ in self._openings(family) if end > now]
+                for key, end, _ in self._openings(family) if end > now]
 
     def expire(self, now=None):
         """Remove the plain and NAT rules whose end has passed; returns how many rules (a NAT
-        opening is two).  They stopped matching at their end already (xt_time); this only
-        tidies.  The firewall is read only when a known end has passed."""
+        opening is two; a RETURN in SPA_STEER is not counted).  An end has passed when the
+        monotonic clock says so (a clock stepped back would leave xt_time matching longer),
+        or the wall clock (xt_time stopped matching then already).  The firewall is read
+        only when a known end has passed."""
         now = time.time() if now is None else now
-        due = set(_family(k[0]) for k, e in self.ends.items() if e <= now)
-        nat_due = set(_family(k[0]) for k, e in self.nat_ends.items() if e <= now)
+        mono = time.monotonic()
+        due = {k for k, e in self.ends.items() if e <= now or self.deadlines.get(k, 0) <= mono}
+        nat_due = {k for k, e in self.nat_ends.items()
+                   if e <= now or self.nat_deadlines.get(k, float("inf")) <= mono}
         removed = 0
-        for family in sorted(due | nat_due):
-            plain = [o[4] for o in self._openings(family) if o[3] <= now] if family in due else []
-            rules = [r for r in self._nat_rules(family) if r[1] <= now] \
-                if family in nat_due else []
-            self._delete_nat(family, rules, plain)
+        for family in sorted(set(_family(k[0]) for k in due | nat_due)):
+            plain, steered = [], []
+            if any(_family(k[0]) == family for k in due):
+                plain = [o[2] for o in self._openings(family) if o[0] in due or o[1] <= now]
+                if family in self.steer_families:
+                    steered = [o[2] for o in self._openings(family, "nat", IPT_STEER_CHAIN)
+                               if o[0] in due or o[1] <= now]
+            rules = [r for r in self._nat_rules(family) if r[0] in nat_due or r[1] <= now] \
+                if any(_family(k[0]) == family for k in nat_due) else []
+            self._delete_nat(family, rules, plain, steered)
             removed += len(plain) + len(rules)
-            self.ends = {k: e for k, e in self.ends.items()
-                         if e > now or _family(k[0]) != family}
-            self.nat_ends = {k: e for k, e in self.nat_ends.items()
-                             if e > now or _family(k[0]) != family}
+        for k in due:
+            del self.ends[k]
+            self.deadlines.pop(k, None)
+        for k in nat_due:
+            del self.nat_ends[k]
+        self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
         if removed and self.log:
             self.log.info("removed %d expired opening rule%s", removed, "s" * (removed != 1))
         return removed
 
     def intact(self):
+        """False if a chain, a jump, a protect rule or an opening in force is missing."""
+        mono = time.monotonic()
+        alive = {k for k, d in self.deadlines.items() if d > mono + 0.5}
         for family in self.families:
             filt = self._table(family, "filter", ("INPUT", "FORWARD", IPT_CHAIN,
                                                    IPT_FORWARD_CHAIN))
+            mine = filt.get(IPT_CHAIN, [])
             if not filt.get("INPUT") or filt["INPUT"][0] != ["-j", IPT_CHAIN] or \
-                    len(filt.get(IPT_CHAIN, [])) < 1 + len(self.protect):
+                    len(mine) < 1 + len(self.protect):
                 return False
+            wanted = {k for k in alive if _family(k[0]) == family}
+            opened = set(o[0] for o in map(_parse_opening, mine) if o is not None)
+            if not wanted <= opened:
+                return False
+            if family in self.nat_families | self.steer_families:
+                nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN, IPT_STEER_CHAIN))
             if family in self.nat_families:
                 if not filt.get("FORWARD") or filt["FORWARD"][0] != ["-j", IPT_FORWARD_CHAIN] \
                         or IPT_ESTABLISHED not in filt.get(IPT_FORWARD_CHAIN, []):
                     return False
-                nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN))
                 if not nat.get("PREROUTING") or nat["PREROUTING"][0] != ["-j", IPT_NAT_CHAIN] \
                         or IPT_NAT_CHAIN not in nat:
+                    return False
+            if family in self.steer_families:
+                steer = nat.get(IPT_STEER_CHAIN, [])
+                returns = set(o[0] for o in (_parse_opening(w, "RETURN") for w in steer)
+                              if o is not None)
+                if ["-j", IPT_STEER_CHAIN] not in nat.get("PREROUTING", []) or \
+                        not any("REDIRECT" in w for w in steer) or \
+                        not {k for k in wanted if self._steered(k)} <= returns:
                     return False
         return True
 
     def restore(self):
         """Put back our chains, their jumps and the openings (plain and NAT) in force, if
-        something removed them (iptables-restore of the host's rules, ufw reload)."""
+        something removed them (iptables-restore of the host's rules, ufw reload).  An
+        opening comes back with what was left of it on the monotonic clock, never more."""
         try:
             if self.intact():
                 return False
-            ends, nat_ends = dict(self.ends), dict(self.nat_ends)
+            deadlines, nat_deadlines = dict(self.deadlines), dict(self.nat_deadlines)
+            nat_keys = list(self.nat_ends)
             self.setup()
-            now = time.time()
-            alive = [(key, end) for key, end in ends.items() if end > now + 0.5]
-            for (address, proto, port), end in alive:
-                self.open(address, proto, port, end - now, now)
-            nat_alive = [(key, end) for key, end in nat_ends.items()
-                         if end > now + 0.5 and _family(key[0]) in self.nat_families]
-            for key, end in sorted(nat_alive, key=lambda item: item[1]):
-                self._put_nat(key, end)
+            now, mono = time.time(), time.monotonic()
+            alive = [(key, d) for key, d in deadlines.items() if d > mono + 0.5]
+            for key, d in alive:
+                self._put(key, int(now + d - mono), d)
+            nat_alive = [(key, nat_deadlines[key]) for key in nat_keys
+                         if nat_deadlines.get(key, 0) > mono + 0.5
+                         and _family(key[0]) in self.nat_families]
+            for key, d in sorted(nat_alive, key=lambda item: item[1]):
+                self._put_nat(key, int(now + d - mono))
+                self.nat_deadlines[key] = d
             if self.log:
                 self.log.warning("the firewall was changed under us (a reload?): restored our "
                                  "chains and %d opening(s) in force", len(alive) + len(nat_alive))
@@ -2491,17 +2801,19 @@ class IptablesFirewall(object):
             except SpaError:
                 continue
             nat = {}
-            if self.nat or self._nat_table_may_hold_ours(family, filt):
+            if self.steer or self.nat or self._nat_table_may_hold_ours(family, filt):
                 try:
-                    nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN))
+                    nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN,
+                                                      IPT_STEER_CHAIN))
                 except SpaError:
                     nat = {}
             if self._restore_tables(family, [
-                    ("nat", self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)),
+                    ("nat", self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+                     + self._removal_lines(nat, "PREROUTING", IPT_STEER_CHAIN)),
                     ("filter", self._removal_lines(filt, "INPUT", IPT_CHAIN)
                      + self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN))]):
                 removed = True
-        self.ends, self.nat_ends = {}, {}
+        self.ends, self.nat_ends, self.deadlines, self.nat_deadlines = {}, {}, {}, {}
         return removed
 
     # -- NAT access (fwknop message types 2, 4, 5, 6) and any-table helpers -----------
@@ -2610,7 +2922,12 @@ class IptablesFirewall(object):
         if family not in self.nat_families:
             raise SpaError("NAT access over IPv%d is not available on this host" % family)
         key = (address, proto, port, to_address, to_port, bool(local))
-        return self._put_nat(key, int(math.ceil(now + timeout)))
+        end = int(math.ceil(now + timeout))
+        changed = self._put_nat(key, end)
+        if changed:       # its end on the monotonic clock, which expire() and restore() go by
+            self.nat_deadlines[key] = time.monotonic() + end - now
+        self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
+        return changed
 
     def _put_nat(self, key, end):
         family = _family(key[0])
@@ -2657,10 +2974,12 @@ class IptablesFirewall(object):
         self.nat_ends = {k: e for k, e in self.nat_ends.items() if k[:3] != match}
         return any(r[2] == "nat" for r in gone)
 
-    def _delete_nat(self, family, rules, plain=()):
-        """Delete NAT rules (from _nat_rules) and plain SPA_INPUT rules: DNATs first."""
+    def _delete_nat(self, family, rules, plain=(), steered=()):
+        """Delete NAT rules (from _nat_rules), plain SPA_INPUT rules and their SPA_STEER
+        RETURNs: DNATs first."""
         return self._restore_tables(family, [
-            ("nat", ["-D %s %s" % (r[3], _restore_words(r[4])) for r in rules if r[2] == "nat"]),
+            ("nat", ["-D %s %s" % (r[3], _restore_words(r[4])) for r in rules if r[2] == "nat"]
+             + ["-D %s %s" % (IPT_STEER_CHAIN, _restore_words(w)) for w in steered]),
             ("filter", ["-D %s %s" % (r[3], _restore_words(r[4]))
                         for r in rules if r[2] == "filter"]
              + ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in plain])])
@@ -2697,12 +3016,13 @@ def _family(address):
     return 6 if ":" in address else 4
 
 
-def _parse_opening(words):
-    """(address, proto, port, end) of one of our opening rules (`-S` words), else None."""
+def _parse_opening(words, verdict="ACCEPT"):
+    """((address, proto, port[, interface]), end) of one of our opening rules (`-S` words),
+    else None."""
     import ipaddress
     option = dict(zip(words, words[1:]))        # each word -> the word after it
     comment = option.get("--comment", "")
-    if not comment.startswith(IPT_COMMENT) or option.get("-j") != "ACCEPT":
+    if not comment.startswith(IPT_COMMENT) or option.get("-j") != verdict:
         return None
     try:
         address = str(ipaddress.ip_interface(option["-s"]).ip)
@@ -2711,7 +3031,8 @@ def _parse_opening(words):
         return None
     if option.get("-p") not in PROTO_NUMBERS:
         return None
-    return address, option["-p"], port, end
+    interface = (option["-i"],) if "-i" in option else ()
+    return (address, option["-p"], port) + interface, end
 
 
 def _parse_nat(words):
@@ -2821,6 +3142,7 @@ class DryRunFirewall(object):
 
     def __init__(self, protect, action="reject", log=None):
         self.protect, self.action, self.log = protect, action, log
+        self.nat = self.steer = False
         self.opened = []
 
     def setup(self):
@@ -2828,8 +3150,8 @@ class DryRunFirewall(object):
             self.log.info("test mode: would protect %s (%s)", format_access(self.protect),
                           self.action)
 
-    def open(self, address, proto, port, timeout, now=None):
-        self.opened.append((address, proto, port, timeout))
+    def open(self, address, proto, port, timeout, now=None, interface=None):
+        self.opened.append((address, proto, port, timeout) + ((interface,) if interface else ()))
         return True
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
@@ -2868,8 +3190,278 @@ def make_firewall(config, test, log=None):
     kind = detect_firewall(log) if config.firewall == "auto" else config.firewall
     nat = config.enable_forwarding or config.enable_local_nat
     if kind == "nft":
-        return NftFirewall(config.protect, config.protect_action, log=log, nat=nat)
-    return IptablesFirewall(config.protect, config.protect_action, log, command=kind, nat=nat)
+        return NftFirewall(config.protect, config.protect_action, log=log, nat=nat,
+                           bind=config.bind_interface)
+    return IptablesFirewall(config.protect, config.protect_action, log, command=kind, nat=nat,
+                            bind=config.bind_interface)
+
+
+class SavedFirewall(object):
+    """spa.py's protection in the host's own saved firewall, so that a firewall reload or a
+    boot loads it with the host's rules, in the same transaction: the protected ports are
+    never open for a moment, whether the server runs or not.  The server only adds openings
+    (and puts back, from its memory, those a reload removed).
+
+    nft: our table's commands in a file of their own (`nft_include`), which the host's
+    ruleset file includes (Debian's /etc/nftables.conf starts with `flush ruleset`, so
+    anything not in it is gone after a reload).  fw4 (OpenWrt) includes the files in
+    /usr/share/nftables.d/ruleset-post/ by itself, after its own table.  iptables: our chain
+    with its protect rules, and the jump to it first in INPUT, in the *filter table of the
+    files iptables-restore loads (iptables-persistent's /etc/iptables/rules.v4 and
+    rules.v6, iptables-services' /etc/sysconfig/iptables and ip6tables).
+    """
+
+    FW4_DIR = "/usr/share/nftables.d/ruleset-post"
+
+    def __init__(self, config, firewall):
+        self.config, self.firewall = config, firewall
+        self.kind = "nft" if isinstance(firewall, NftFirewall) else "iptables"
+        self.main = self.include = None
+        self.rules = {}                         # iptables: family -> rules file
+        paths = config.saved_firewall
+        if self.kind == "nft":
+            fw4 = os.path.isdir(os.path.dirname(self.FW4_DIR)) or os.path.exists("/sbin/fw4")
+            self.include = config.nft_include or (
+                os.path.join(self.FW4_DIR, "spa.nft") if fw4 and paths == "auto"
+                else "/etc/spa/spa.nft")
+            if paths == "auto" and not fw4:
+                self.main = next((p for p in ("/etc/sysconfig/nftables.conf", "/etc/nftables.nft")
+                                  if os.path.exists(p)), "/etc/nftables.conf")
+            elif paths != "auto":
+                self.main = paths[0]
+        else:
+            if paths == "auto":
+                rhel = os.path.exists("/etc/sysconfig/iptables") or (
+                    os.path.isdir("/etc/sysconfig") and not os.path.isdir("/etc/iptables"))
+                paths = ["/etc/sysconfig/iptables", "/etc/sysconfig/ip6tables"] if rhel else \
+                    ["/etc/iptables/rules.v4", "/etc/iptables/rules.v6"]
+            if len(paths) < len(firewall.families):
+                raise SpaError("saved_firewall: name the IPv4 and the IPv6 rules files, in "
+                               "that order (iptables-restore and ip6tables-restore load them)")
+            self.rules = dict(zip(firewall.families, paths))
+
+    def include_text(self):
+        return ("# spa.py's table, written by `spa.py firewall-config` from\n"
+                "# %s; run that again when protect or protect_action change.\n"
+                "# The host's saved ruleset includes this file, so that a reload or a boot\n"
+                "# loads spa.py's protection in the same transaction as the host's own rules;\n"
+                "# the running server puts the openings in.  Loading it again changes nothing\n"
+                "# but the rules.\n" % os.path.abspath(self.config.path)) + \
+            "\n".join(self.firewall.commands()) + "\n"
+
+    def problems(self):
+        """What is missing from the saved firewall, as [(path, what, how to fix it)]."""
+        found = []
+        fix = "spa.py firewall-config -c %s --write" % self.config.path
+        if self.kind == "nft":
+            current = _read_text(self.include)
+            if current is None:
+                found.append((self.include, "missing", fix))
+            elif _uncommented(current) != _uncommented(self.include_text()):
+                found.append((self.include, "out of date (protect or protect_action changed?)",
+                              fix))
+            if self.main is not None and not nft_includes(self.main, _read_text(self.main) or "",
+                                                          self.include):
+                found.append((self.main, 'does not include "%s"' % self.include,
+                              "%s, or add the line  include \"%s\"  after its flush ruleset"
+                              % (fix, self.include)))
+        else:
+            for family, path in sorted(self.rules.items()):
+                text = _read_text(path)
+                if text is None or not iptables_rules_hold(text, self.firewall.saved_rules(family)):
+                    found.append((path, "missing" if text is None else
+                                  "does not hold %s's protect rules, first in INPUT" % IPT_CHAIN,
+                                  fix))
+        return found
+
+    def describe(self):
+        if self.kind == "nft":
+            return "%s%s" % (self.include, ", included by %s" % self.main if self.main else
+                             " (fw4 includes it)")
+        return ", ".join(path for _, path in sorted(self.rules.items()))
+
+    def changes(self):
+        """[(path, new text, why)] that make the saved firewall hold our protection."""
+        out = []
+        if self.kind == "nft":
+            if _uncommented(_read_text(self.include) or "") != _uncommented(self.include_text()):
+                out.append((self.include, self.include_text(), "spa.py's table"))
+            if self.main is not None:
+                text = _read_text(self.main) or ""
+                if not nft_includes(self.main, text, self.include):
+                    out.append((self.main, with_nft_include(text, self.include),
+                                'include "%s"' % self.include))
+        else:
+            for family, path in sorted(self.rules.items()):
+                text = _read_text(path) or ""
+                new = with_iptables_rules(text, self.firewall.saved_rules(family))
+                if new != text:
+                    out.append((path, new, "%s, first in INPUT" % IPT_CHAIN))
+        return out
+
+    def checker(self, path):
+        """What reads the file at `path` as the firewall tool would at a reload, without
+        applying it (SpaError if it cannot): for write_file's `check`."""
+        if self.kind == "nft":
+            return None if path == self.include else \
+                (lambda new: run_command(["nft", "-c", "-f", new]))
+        family = [f for f, p in self.rules.items() if p == path][0]
+        return lambda new: run_command([self.firewall.commands[family] + "-restore", "--test",
+                                        new])
+
+
+def _uncommented(text):
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _nft_statement(line):
+    return line.split("#", 1)[0].strip().rstrip(";").strip()
+
+
+def nft_includes(main, text, path):
+    """True if the nft ruleset file `main` (its `text`) includes the file `path`, by name or
+    by a glob, at its top level (an include inside a table block would put our table inside
+    another: fw4's /etc/nftables.d/ is such a place), after its last `flush ruleset`."""
+    import fnmatch
+    depth, found = 0, False
+    for line in text.splitlines():
+        statement = _nft_statement(line)
+        if statement == "flush ruleset":
+            found = False                # what was included before is flushed
+        elif depth == 0 and statement.startswith("include "):
+            pattern = statement[len("include "):].strip().strip('"')
+            found = found or any(fnmatch.fnmatch(path, candidate) for candidate in (
+                pattern, os.path.join(os.path.dirname(main), pattern),
+                os.path.join("/etc", pattern)))
+        depth += statement.count("{") - statement.count("}")
+    return found
+
+
+def with_nft_include(text, path):
+    """The nft ruleset file `text` with an include of `path` right after its (last) `flush
+    ruleset` (at its start, after the first comment lines, if it flushes nothing)."""
+    lines = text.splitlines(True)
+    at = max((i + 1 for i, line in enumerate(lines)
+              if _nft_statement(line) == "flush ruleset"), default=None)
+    if at is None:
+        at = 0
+        while at < len(lines) and lines[at].startswith("#"):
+            at += 1
+    if at and not lines[at - 1].endswith("\n"):
+        lines[at - 1] += "\n"
+    return "".join(lines[:at] + ['include "%s"\n' % path] + lines[at:])
+
+
+def _rule_words(line):
+    """An iptables-restore rule line as words, the implicit `-m tcp`/`-m udp` left out and
+    quotes read, so that iptables-save's form and ours compare equal."""
+    import shlex
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        words = line.split()
+    out = []
+    for word in words:
+        if out and out[-1] == "-m" and word in ("tcp", "udp"):
+            out.pop()
+            continue
+        out.append(word)
+    return out
+
+
+def _filter_section(text):
+    """(lines before, the *filter section's lines between `*filter` and COMMIT, lines after);
+    the middle is None when the text has no *filter section."""
+    lines = text.splitlines()
+    try:
+        start = [line.strip() for line in lines].index("*filter")
+        end = start + 1 + [line.strip() for line in lines[start + 1:]].index("COMMIT")
+    except ValueError:
+        return lines, None, []
+    return lines[:start + 1], lines[start + 1:end], lines[end:]
+
+
+def _ours(line):
+    words = _rule_words(line)
+    return (words[:1] == [":" + IPT_CHAIN] or words[:2] == ["-A", IPT_CHAIN] or
+            words == ["-A", "INPUT", "-j", IPT_CHAIN])
+
+
+def iptables_rules_hold(text, lines):
+    """True if iptables-restore `text` has our chain with the protect rules of `lines` (in
+    their order; openings a save caught may sit among them) and the jump to it first in
+    INPUT, in its *filter table."""
+    _, body, _ = _filter_section(text)
+    if body is None:
+        return False
+    rules = [_rule_words(line) for line in body if line.strip().startswith("-")]
+    inputs = [words for words in rules if words[1:2] == ["INPUT"]]
+    want = [_rule_words(line) for line in lines if line.startswith("-A %s " % IPT_CHAIN)]
+    have = [words for words in rules if words[:2] == ["-A", IPT_CHAIN]
+            and _parse_opening(words[2:]) is None]
+    return (any(line.split()[:1] == [":" + IPT_CHAIN] for line in body) and
+            inputs[:1] == [["-A", "INPUT", "-j", IPT_CHAIN]] and have == want)
+
+
+def with_iptables_rules(text, lines):
+    """iptables-restore `text` with `lines` (saved_rules) in its *filter table, in place of
+    anything of ours it had (openings an iptables-save caught included): our chain declared
+    with the others, the jump and our rules before the first rule, so the jump comes first
+    in INPUT.  The other tables and rules stay as they are."""
+    head, body, tail = _filter_section(text)
+    declare = [line for line in lines if line.startswith(":")]
+    rules = [line for line in lines if not line.startswith(":")]
+    if body is None:
+        head = head + ["*filter"]
+        body, tail = [], ["COMMIT"]
+    body = [line for line in body if not _ours(line)]
+    first = next((i for i, line in enumerate(body) if line.strip().startswith("-")), len(body))
+    body = body[:first] + declare + rules + body[first:]
+    return "\n".join(head + body + tail) + "\n"
+
+
+def write_file(path, text, mode=0o644, check=None):
+    """Replace `path` with `text` at once (a new file in the same directory, renamed over it),
+    keeping an existing file's mode and owner; never following a symlink.  `check(new path)`,
+    if given, may refuse the new file (SpaError) before it replaces the old one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, 0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        owner = None
+    tmp = path + ".spa-new"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            sync_file(f.fileno())
+        os.chmod(tmp, mode)
+        if owner is not None:
+            os.chown(tmp, *owner)
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def format_access(access):
@@ -3166,7 +3758,8 @@ class Gatekeeper(object):
                 if g is not None:
                     grants.append((len(results), g))
                     if g["nat"] is None and g["command"] is None:
-                        openings += [(g["address"], proto, port, g["timeout"])
+                        bound = (g["interface"],) if g["interface"] else ()
+                        openings += [(g["address"], proto, port, g["timeout"]) + bound
                                      for proto, port in g["access"]]
             results.append(ok and request.get("op") == "record")
         if not records:
@@ -3201,6 +3794,13 @@ class Gatekeeper(object):
             nat = g.get("nat")
             if nat is not None:
                 nat = (str(ipaddress.ip_address(nat[0])), int(nat[1]), bool(nat[2]))
+            interface = None
+            if self.config.bind_interface:
+                # The reader says where the knock came in: one of the interfaces named.
+                interface = g["interface"]
+                if interface not in self.config.interfaces + self.config.optional_interfaces \
+                        or not valid_interface_name(interface):
+                    raise ValueError(interface)
         except (KeyError, TypeError, ValueError, IndexError):
             self.log.error("refused a malformed request from the packet reader")
             return None
@@ -3217,7 +3817,7 @@ class Gatekeeper(object):
                            "[client %s]", g.get("stanza"))
             return None
         return dict(g, stanza=stanza, access=access, timeout=timeout, address=address, nat=nat,
-                    command=None)
+                    command=None, interface=interface)
 
     def _carry_out(self, g, now):
         """A NAT opening or a command: one at a time."""
@@ -3236,9 +3836,10 @@ class Gatekeeper(object):
         nat = g["nat"]
         what = format_access(g["access"]) if nat is None else "%s forwarded to %s" % (
             format_access(g["access"]), format_endpoint(nat[0], nat[1]))
-        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s",
+        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s",
                       g.get("source"), g["stanza"].name, g.get("user"), what, g["address"],
-                      g["timeout"], " (test mode: firewall unchanged)"
+                      g["timeout"], " on " + g["interface"] if g.get("interface") else "",
+                      " (test mode: firewall unchanged)"
                       if isinstance(self.firewall, DryRunFirewall) else "")
 
     def run_command_message(self, stanza, g, now):
@@ -3361,8 +3962,9 @@ class Reader(object):
         self.counts = {"accepted": 0, "rejected": 0}
         self.kernel_drops = 0
 
-    def handle(self, payload, source, now=None):
-        """Decide on one payload and pass an accepted or authenticated one on; returns the Decision."""
+    def handle(self, payload, source, now=None, interface=None):
+        """Decide on one payload and pass an accepted or authenticated one on; returns the
+        Decision.  `interface`: the one the knock came in on (with bind_interface)."""
         d = decide(payload, source, now, self.config.stanzas, self.seen.__contains__,
                    self.config.max_packet_age)
         if d.replay_key is not None:
@@ -3383,7 +3985,7 @@ class Reader(object):
         self.gate.grant({"key": d.replay_key, "stamp": msg.timestamp, "source": source,
                          "address": d.allow_ip, "access": msg.access, "timeout": d.timeout,
                          "stanza": d.stanza.name, "user": msg.username, "nat": d.nat,
-                         "command": msg.command}, now)
+                         "command": msg.command, "interface": interface}, now)
         return d
 
     def stats(self):
@@ -3407,10 +4009,12 @@ class Reader(object):
         import select
         self.sockets = sockets
         poller = select.poll()
-        by_fd = {}
+        by_fd, names = {}, {}
         for sock in sockets:
             poller.register(sock, select.POLLIN)
             by_fd[sock.fileno()] = sock
+            if self.config.bind_interface:       # each socket is bound to one interface
+                names[sock.fileno()] = sock.getsockname()[0]
         if parent_fd is not None:
             poller.register(parent_fd, 0)       # POLLERR: the parent has gone
         waiting = False                         # requests the pipe could not take yet
@@ -3425,6 +4029,7 @@ class Reader(object):
                     return
                 if event & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                     raise CaptureLost()
+                interface = names.get(fd)
                 for _ in range(64):            # a batch, then let the other sockets in
                     try:
                         frame = sock.recv(2048)
@@ -3434,7 +4039,7 @@ class Reader(object):
                         raise CaptureLost()
                     source, payload = parse_frame(frame)
                     if source is not None:
-                        self.handle(payload, source)
+                        self.handle(payload, source, None, interface)
             if parent_fd is not None and hasattr(self.gate, "flush"):
                 still = not self.gate.flush()
                 if still != waiting:
@@ -3564,6 +4169,7 @@ class Supervisor(object):
         self.waiting = set()  # interfaces that went away (or were not there at start)
         self.pid = self.fd = None
         self.buffer = b""
+        self.expire_failed = 0    # expire() failures in a row
 
     def open_captures(self, first=False):
         """Open capture sockets for every configured interface not captured yet.
@@ -3651,7 +4257,7 @@ class Supervisor(object):
                     self._restart()     # a reader for the interfaces that are back
                 if time.monotonic() >= next_expire:      # once a second, however busy
                     next_expire = time.monotonic() + 1
-                    firewall.expire()
+                    self._expire(firewall)
                     self.gate.reap_commands()
                 if time.monotonic() >= next_check:     # in case the monitor missed something
                     next_check = time.monotonic() + every
@@ -3661,6 +4267,23 @@ class Supervisor(object):
             self._stop()
             if monitor is not None:
                 monitor.close()
+
+    def _expire(self, firewall):
+        """Remove expired openings.  A failure (iptables-restore that could not get the
+        xtables lock, say) is logged once and tried again every second until it works:
+        meanwhile the kernel's own timeouts close the openings."""
+        try:
+            firewall.expire()
+        except SpaError as e:
+            if not self.expire_failed:
+                self.log.error("could not remove expired openings (%s): trying again every "
+                               "second", e)
+            self.expire_failed += 1
+            return
+        if self.expire_failed:
+            self.log.info("expired openings removed again, after %d failed attempt(s)",
+                          self.expire_failed)
+            self.expire_failed = 0
 
     def _monitor(self, firewall):
         if not firewall.monitored:
@@ -3684,14 +4307,25 @@ class Supervisor(object):
         if later:
             self.log.warning("%s: changed, but takes effect only when the server restarts",
                              ", ".join(later))
+            for name in later:            # until then the running values hold
+                setattr(config, name, getattr(old, name))
         self.config = self.gate.config = config
         self.gate.stanzas = {s.name: s for s in config.stanzas}
         self.gate.replay.max_age = config.max_packet_age
+        firewall = self.gate.firewall
+        nat = config.enable_forwarding or config.enable_local_nat
         try:
-            if (config.protect, config.protect_action) != (old.protect, old.protect_action):
-                self.gate.firewall.protect = config.protect
-                self.gate.firewall.action = config.protect_action
-                self.gate.firewall.setup()
+            if (config.protect, config.protect_action, nat) != \
+                    (old.protect, old.protect_action, firewall.nat):
+                # The NAT switches too: the stanzas the new config made follow them already,
+                # so the firewall's NAT chains (made or removed by setup) must as well.
+                firewall.protect, firewall.action, firewall.nat = \
+                    config.protect, config.protect_action, nat
+                firewall.steer = firewall.action == "reject" and \
+                    any(p == "tcp" for p, _ in firewall.protect)
+                if isinstance(firewall, IptablesFirewall):
+                    firewall.nat_families = set(firewall.families) if nat else set()
+                firewall.setup()
         except SpaError as e:
             self.log.error("firewall update failed: %s", e)
         if (config.interfaces, config.optional_interfaces, config.port) != \
@@ -3789,8 +4423,9 @@ def server_main(args):
         return 0
     if args.list:
         rows = firewall.list()
-        for address, proto, port, left in sorted(rows):
-            print("%-40s %s/%-5d %5d s left" % (address, proto, port, left))
+        for address, proto, port, left, interface in sorted(rows):
+            print("%-40s %s/%-5d %5d s left%s" % (address, proto, port, left,
+                                                  " (on %s)" % interface if interface else ""))
         nat_rows = firewall.list_nat() if hasattr(firewall, "list_nat") else []
         for address, proto, port, to_address, to_port, local, left in sorted(nat_rows):
             print("%-40s %s/%-5d %5d s left, forwarded to %s%s" % (
@@ -3805,6 +4440,8 @@ def server_main(args):
     supervisor = Supervisor(args, config, Gatekeeper(config, firewall, replay, log), log)
     supervisor.open_captures(first=True)
     firewall.setup()
+    if not args.test:
+        warn_unsaved(config, firewall, log)
     log.info("listening on %s udp/%d; protecting %s (%s); %d client stanza(s); packets read as "
              "user %s%s", ",".join(config.interfaces + config.optional_interfaces), config.port,
              format_access(config.protect), config.protect_action, len(config.stanzas),
@@ -3814,6 +4451,59 @@ def server_main(args):
     finally:
         replay.close()
     log.info("stopping: protected ports stay closed; openings expire on their own")
+    return 0
+
+
+def warn_unsaved(config, firewall, log):
+    """Say at start if the host's saved firewall lacks our protection (SavedFirewall)."""
+    if config.saved_firewall == "none" or isinstance(firewall, DryRunFirewall):
+        return
+    try:
+        found = SavedFirewall(config, firewall).problems()
+    except SpaError as e:
+        found = [(config.path, "(%s)" % e, "spa.py check-config -c %s" % config.path)]
+    if found:
+        path, what, fix = found[0]
+        log.warning("the host's saved firewall does not hold spa.py's protection (%s %s): a "
+                    "firewall reload or a boot leaves %s open until this server puts it back; "
+                    "run  %s  (README.md: Keep the ports dark through reloads and boots)",
+                    path, what, format_access(config.protect), fix)
+
+
+def firewall_config_main(args):
+    """Show (or, with --write, make) the changes that put spa.py's protection into the host's
+    saved firewall (SavedFirewall)."""
+    import difflib
+    config = ServerConfig(args.config)
+    if config.firewall == "none":
+        raise SpaError("firewall = none: there is no firewall to save spa.py's rules in")
+    if config.saved_firewall == "none":
+        raise SpaError("saved_firewall = none in %s: set it to auto or to the host's ruleset "
+                       "file(s)" % config.path)
+    firewall = make_firewall(config, False)
+    saved = SavedFirewall(config, firewall)
+    changes = saved.changes()
+    if not changes:
+        print("the host's saved firewall holds spa.py's protection: %s" % saved.describe())
+        return 0
+    for path, text, why in changes:
+        if args.write:
+            try:
+                write_file(path, text, check=saved.checker(path))
+            except OSError as e:
+                raise SpaError("cannot write %s: %s" % (path, e.strerror))
+            except SpaError as e:
+                raise SpaError("%s would not load (%s): left as it was" % (path, e))
+            print("wrote %s (%s)" % (path, why))
+            continue
+        old = _read_text(path) or ""
+        sys.stdout.writelines(difflib.unified_diff(
+            old.splitlines(True), text.splitlines(True), path if old else "/dev/null", path))
+    if args.write:
+        print("a reload of the host's firewall, and a boot, now keep %s dark, with or without "
+              "the server (which puts openings back after a reload)" % format_access(config.protect))
+    else:
+        print("(run again with --write to make these changes)")
     return 0
 
 
@@ -3829,6 +4519,24 @@ class Checklist(object):
         if not ok:
             self.failures.append(text)
         return ok
+
+
+def check_saved_firewall(config, line):
+    """check-config: does the host's saved firewall hold our protection (SavedFirewall)?"""
+    if config.saved_firewall == "none":
+        print("  note  saved_firewall = none: a firewall reload or a boot leaves %s open until "
+              "the server puts it back" % format_access(config.protect))
+        return
+    saved = SavedFirewall(config, make_firewall(config, False))
+    found = saved.problems()
+    if not found:
+        line(True, "the host's saved firewall holds spa.py's protection: %s" % saved.describe())
+        return
+    line(False, "the host's saved firewall does not hold spa.py's protection: a firewall "
+         "reload or a boot leaves %s open until the server puts it back"
+         % format_access(config.protect))
+    for path, what, fix in found:
+        print("        %s %s: run  %s" % (path, what, fix))
 
 
 def check_config_main(args):
@@ -3856,6 +4564,7 @@ def check_config_main(args):
                 run_command(["nft", "list", "tables"] if kind == "nft" else [kind + "-save"])
                 line(True, "firewall %s works%s" % (kind, " (chosen by auto)"
                                                     if config.firewall == "auto" else ""))
+                check_saved_firewall(config, line)
             except SpaError as e:
                 line(False, str(e))
     directory = os.path.dirname(os.path.abspath(config.replay_cache))
@@ -4896,6 +5605,7 @@ def build_parser(argv=None):
 _SUBCOMMAND_HELP = {
     "keygen": "make a new key pair", "client": "send a knock",
     "server": "run the server (root)", "check-config": "validate a server config",
+    "firewall-config": "keep the ports dark through firewall reloads and boots (root)",
     "install": "install spa.py with a fast launcher",
     "selftest": "prove it works on this machine (root)"}
 
@@ -5033,6 +5743,24 @@ def _check_config_options(sub, fmt):
                     help="also load the client stanzas of fwknopd's access.conf")
 
 
+def _firewall_config_options(sub, fmt):
+    f = sub.add_parser("firewall-config", formatter_class=fmt,
+                       help=_SUBCOMMAND_HELP["firewall-config"],
+                       description="Put spa.py's protect rules into the host's saved firewall, so that\n"
+                       "reloading it (nft -f /etc/nftables.conf, iptables-restore) or booting loads\n"
+                       "them with the host's own rules: the protected ports are never open for a\n"
+                       "moment, with or without the server.  nft: writes spa.py's table to\n"
+                       "nft_include (/etc/spa/spa.nft) and includes it in the host's ruleset file;\n"
+                       "iptables: adds SPA_INPUT to the rules files (/etc/iptables/rules.v4, .v6).\n"
+                       "Without --write, shows the changes.",
+                       epilog="example:\n  sudo spa.py firewall-config -c /etc/spa/spa.conf --write")
+    f.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help="config file (default %s)" % DEFAULT_CONFIG)
+    f.add_argument("--write", action="store_true",
+                   help="make the changes (each file checked with nft -c or iptables-restore "
+                   "--test first)")
+
+
 def _install_options(sub, fmt):
     i = sub.add_parser("install", formatter_class=fmt, help=_SUBCOMMAND_HELP["install"],
                        description="Copy spa.py to PREFIX/lib/spa, compile it, and write the "
@@ -5053,6 +5781,7 @@ def _selftest_options(sub, fmt):
 
 _SUBCOMMANDS = [("keygen", _keygen_options), ("client", _client_options),
                 ("server", _server_options), ("check-config", _check_config_options),
+                ("firewall-config", _firewall_config_options),
                 ("install", _install_options), ("selftest", _selftest_options)]
 
 
@@ -5068,6 +5797,7 @@ def main(argv=None):
     args = build_parser(argv).parse_args(argv)
     handler = {"keygen": keygen_main, "client": client_main, "server": server_main,
                "check-config": check_config_main, "selftest": selftest_main,
+               "firewall-config": firewall_config_main,
                "install": install_main}
     try:
         return handler[args.command](args)

@@ -238,12 +238,14 @@ def test_a_family_without_a_nat_table_still_gets_the_rest(monkeypatch, tmp_path)
 
 def test_nat_off_never_reads_the_nat_table_unless_ours_may_be_there(monkeypatch, tmp_path):
     """Listing the nat table with iptables-legacy creates it: with nat=False, setup() and
-    flush() read it only when SPA_FORWARD (ours) exists or legacy already has a nat table."""
+    flush() read it only when SPA_FORWARD (ours) exists or legacy already has a nat table.
+    (With protect_action = reject a TCP port is steered in the nat table: see test_reload.py;
+    here nothing is steered.)"""
     monkeypatch.setattr(spa, "LEGACY_TABLE_NAMES", {4: str(tmp_path / "none"),
                                                       6: str(tmp_path / "none")})
     fake = FakeCommands()
     monkeypatch.setattr(spa, "run_command", fake)
-    fw = IptablesNat([("tcp", 22)], command="iptables-legacy")
+    fw = IptablesNat([("tcp", 22)], action="drop", command="iptables-legacy")
     fw.families = (4, 6)
     fw.setup()
     fw.flush()
@@ -280,8 +282,10 @@ def test_forward_nat_reaches_the_inner_host_and_closes_on_time(command):
         fw.setup()                               # a second start changes nothing
         for (table, chain), by_family in HOST_RULES.items():
             for family in (4, 6):
+                # (the protected TCP port is steered at the end of nat PREROUTING: SPA_STEER)
                 assert rules(lab, command, family, chain, table) == [
-                    ["-j", JUMPS[table, chain]], by_family[family]]
+                    ["-j", JUMPS[table, chain]], by_family[family]] + (
+                    [["-j", "SPA_STEER"]] if chain == "PREROUTING" else [])
         for family in (4, 6):
             assert rules(lab, command, family, "SPA_FORWARD") == [spa.IPT_ESTABLISHED]
             assert rules(lab, command, family, "SPA_PREROUTING", "nat") == []

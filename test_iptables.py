@@ -52,6 +52,11 @@ def save(lab, ns, command, family):
     return res.stdout
 
 
+def section(saved, table):
+    """The lines of one table in iptables-save output."""
+    return saved.split("*%s\n" % table, 1)[1].split("COMMIT\n", 1)[0]
+
+
 BANNER = b"netns-lab\n"          # what lab.tcp_service says first
 
 
@@ -117,10 +122,18 @@ def test_opening_rules_parse_back():
     fw = ipt.IptablesFirewall([("tcp", 22)])
     line = ('-A SPA_INPUT -s 2001:db8:1::2/128 -p tcp -m tcp --dport 22 -m time --datestop '
             '2030-01-01T00:00:00 -m comment --comment "spa expires 1893456001" -j ACCEPT')
-    assert ipt._parse_opening(shlex.split(line)[2:]) == ("2001:db8:1::2", "tcp", 22, 1893456001)
-    words = fw._opening_rule("198.18.1.2", "udp", 53, 1893456001)
-    assert ipt._parse_opening(words) == ("198.18.1.2", "udp", 53, 1893456001)
+    assert ipt._parse_opening(shlex.split(line)[2:]) == (("2001:db8:1::2", "tcp", 22), 1893456001)
+    words = fw._opening_rule(("198.18.1.2", "udp", 53), 1893456001)
+    assert ipt._parse_opening(words) == (("198.18.1.2", "udp", 53), 1893456001)
     assert "--datestop 2030-01-01T00:00:00" in " ".join(words)
+    # Bound to an interface (bind_interface): -i, and the key says which.
+    words = fw._opening_rule(("198.18.1.2", "tcp", 22, "eth0"), 1893456001)
+    assert words[2:4] == ["-i", "eth0"]
+    assert ipt._parse_opening(words) == (("198.18.1.2", "tcp", 22, "eth0"), 1893456001)
+    # The RETURN of the same opening in SPA_STEER (nat) is read only when asked for.
+    ret = fw._opening_rule(("198.18.1.2", "tcp", 22), 1893456001, "RETURN")
+    assert ipt._parse_opening(ret) is None
+    assert ipt._parse_opening(ret, "RETURN") == (("198.18.1.2", "tcp", 22), 1893456001)
     for other in ("-A SPA_INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
                   '-A SPA_INPUT -s 198.18.1.2/32 -m comment --comment "spa expires x" -j ACCEPT',
                   '-A SPA_INPUT -s 198.18.1.2/32 -p tcp --dport 22 -m comment --comment "spa"'
@@ -224,7 +237,10 @@ def test_open_for_one_client_closes_on_time_without_the_server(command):
             assert s.recv(64)
             kept.append(s)
         for family in (4, 6):      # iptables-save reads our rules (xt_time, comment) back
-            assert save(lab, "srv", command, family).count(ipt.IPT_COMMENT) == 2
+            saved = save(lab, "srv", command, family)
+            assert section(saved, "filter").count(ipt.IPT_COMMENT) == 2
+            # and the TCP opening's RETURN in SPA_STEER (nat), which lets it past the steering
+            assert section(saved, "nat").count(ipt.IPT_COMMENT) == 1
         listed = sorted(fw.list())
         assert [row[:3] for row in listed] == sorted(
             (cli1, proto, port) for _, cli1, _, _, _ in peers(lab)
@@ -281,9 +297,11 @@ def test_restart_keeps_openings_drops_expired_and_repairs_the_chain(command):
                                                (lab.cli6(1), "tcp", TCP_PORT)]
         assert all(58 <= row[3] <= 61 for row in listed), listed
         chain = rules(lab, "srv", command, 4, "SPA_INPUT")
+        # Openings first; then what the nat table steered to port 0, the protect rules.
         assert [r[:2] for r in chain] == [["-s", lab.cli4(1) + "/32"], ["-m", "conntrack"],
-                                          ["-p", "tcp"], ["-p", "tcp"]]     # openings first
-        assert chain[3][chain[3].index("--dport") + 1] == str(OTHER_PORT)
+                                          ["-p", "tcp"], ["-p", "tcp"], ["-p", "tcp"]]
+        assert chain[2][chain[2].index("--dport") + 1] == "0"
+        assert chain[4][chain[4].index("--dport") + 1] == str(OTHER_PORT)
         assert tcp_try(lab.ns["cli1"], lab.srv4(1), TCP_PORT) == BANNER
         assert tcp_try(lab.ns["cli1"], lab.srv6(1), TCP_PORT) == BANNER
         assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == "refused"
@@ -291,7 +309,7 @@ def test_restart_keeps_openings_drops_expired_and_repairs_the_chain(command):
         assert not fw.open(lab.cli4(1), "tcp", TCP_PORT, 30)
         assert fw.open(lab.cli4(1), "tcp", TCP_PORT, 120)
         mine = openings(rules(lab, "srv", command, 4, "SPA_INPUT"))
-        assert len(mine) == 1 and abs(ipt._parse_opening(mine[0])[3] - time.time() - 120) < 2
+        assert len(mine) == 1 and abs(ipt._parse_opening(mine[0])[1] - time.time() - 120) < 2
 
         assert fw.close(lab.cli4(1), "tcp", TCP_PORT)
         assert not fw.close(lab.cli4(1), "tcp", TCP_PORT)
@@ -302,7 +320,8 @@ def test_restart_keeps_openings_drops_expired_and_repairs_the_chain(command):
         iptables(lab, "srv", command, 4, "-D", "INPUT", "-j", "SPA_INPUT")
         iptables(lab, "srv", command, 4, "-F", "SPA_INPUT")
         iptables(lab, "srv", command, 4, "-X", "SPA_INPUT")
-        assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == BANNER       # unprotected now
+        # Still dark: SPA_STEER (nat) sends new connections to port 0, to the kernel's reset.
+        assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == "refused"
         assert fw.open(lab.cli4(2), "tcp", TCP_PORT, 30)
         assert rules(lab, "srv", command, 4, "INPUT") == [["-j", "SPA_INPUT"]]
         assert tcp_try(lab.ns["cli2"], lab.srv4(2), TCP_PORT) == BANNER

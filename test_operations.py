@@ -202,3 +202,31 @@ def cap_mask(caps):
 def children(pid):
     with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
         return [int(p) for p in f.read().split()]
+
+
+# ---------------------------------------------------------------------------
+# Section 5: the count of unlogged rejections is not lost at shutdown
+# ---------------------------------------------------------------------------
+
+def test_unlogged_rejections_are_counted_at_exit(tmp_path):
+    """Rejections past the log's rate limit are summed up every 10 s; a stop before the
+    next summary logs the count too (it was lost)."""
+    need_server()
+    import base64
+    conf = server_conf(tmp_path)
+    with Lab(clients=1, prefix="ops") as lab:
+        server = lab.spawn("srv", [sys.executable, SPA, "server", "-c", conf])
+        wait_for_line(server, r"listening on", 15)
+        reader_dropped(server.pid)
+        sent = 60
+        for i in range(sent):            # SPA-shaped garbage: authenticated by nobody
+            netns_lab.udp_send(lab.name("cli1"), Lab.srv4(1), spa.DEFAULT_PORT,
+                               base64.b64encode(os.urandom(150)).rstrip(b"="))
+        wait_for_line(server, r"rejected packet from 198\.18\.1\.2: HMAC", 2)
+        time.sleep(0.3)                  # the reader has handled them all
+        assert Lab.stop_process(server) == 0
+        text = server.log.text()
+        logged = len(re.findall(r"rejected packet from 198\.18\.1\.2", text))
+        unlogged = re.search(r"(\d+) more rejected packets were not logged \(rate limit\)", text)
+        assert unlogged, text
+        assert logged + int(unlogged.group(1)) == sent and logged < sent

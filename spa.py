@@ -1282,6 +1282,46 @@ def _u32(number):
     return min(max(int(number), 0), 0xFFFFFFFF)
 
 
+def check_private_dir(path):
+    """Why a directory where root keeps state is unsafe (one line), or None if it is fine.
+
+    It must be a directory that belongs to root (or to this user) and that neither group
+    nor others may write to: whoever can write there can swap the files root writes.
+    (Checked on the modes: as root, os.access() says yes to everything.)
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return "cannot use %s: %s" % (path, e.strerror)
+    if not os.path.isdir(path):
+        return "%s is not a directory" % path
+    if st.st_uid not in (0, os.geteuid()):
+        return "%s belongs to uid %d, not to root: run 'chown root: %s'" % (path, st.st_uid, path)
+    if st.st_mode & 0o022:
+        return "%s is writable by group or others (mode %04o): run 'chmod go-w %s'" % (
+            path, st.st_mode & 0o7777, path)
+    return None
+
+
+def create_temp_file(path, mode=0o600):
+    """(name, fd) of a new file next to `path`, with a random name, created only if no file,
+    link or symlink has that name (O_EXCL, O_NOFOLLOW): nothing planted is ever followed."""
+    for _ in range(10):
+        name = "%s.%s.tmp" % (path, binascii.hexlify(os.urandom(6)).decode())
+        try:
+            return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            continue
+    raise OSError(17, "cannot make a temporary file next to %s" % path)
+
+
+def write_all(fd, data):
+    """os.write until all of `data` is written (a short write raises on the next call)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class ReplayCache(object):
     """The digests of every authenticated packet, kept durably in a file.
 
@@ -1290,33 +1330,58 @@ class ReplayCache(object):
     before, is read too: see _replay_digest).  An entry is kept while
     its packet could still pass the age check; older entries are pruned, so the
     file stays small.  `path` None keeps it in memory only (server --test).
+
+    The directory must belong to root and be writable by no one else (it is made, mode
+    0700, if missing).  Lines that cannot be read are skipped and counted (`skipped`).
+    When a write fails (a full disk), `failure` says why, add_many() returns False
+    (nothing may open), and the next attempt writes the whole cache anew, so the file
+    never keeps the failed write's partial line.
     """
 
     def __init__(self, path, max_age, now=None):
         self.path, self.max_age = path, max_age
         # digest -> the later of packet time and time seen
         self.entries = PackedMap(16, _replay_digest, _replay_key)
-        self.file = None
+        self.fd = None          # the file, open for appending
+        self.failure = None     # why the last write failed; None while every digest is durable
+        self.skipped = 0        # lines of the file that could not be read
+        self.lines = 0
         now = time.time() if now is None else now
         if path is None:
             return
-        lines = 0
+        directory = os.path.dirname(os.path.abspath(path))
         try:
-            with open(path) as f:
-                for line in f:
-                    parts = line.split()
-                    lines += 1
-                    if len(parts) == 3 and not line.startswith("#"):
-                        try:
-                            self.entries[parts[0]] = _u32(max(int(parts[1]), int(parts[2])))
-                        except ValueError:
-                            pass
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise SpaError("cannot make the replay cache's directory %s: %s" % (directory, e.strerror))
+        problem = check_private_dir(directory)
+        if problem:
+            raise SpaError("replay cache: %s" % problem)
+        self._load(path)
+        self.prune(now)
+        try:
+            self.rewrite()
+        except OSError as e:
+            if e.errno not in (28, 122):      # ENOSPC, EDQUOT: start, and refuse knocks for now
+                raise SpaError("cannot write the replay cache %s: %s" % (path, e.strerror))
+            self.failure = e.strerror
+
+    def _load(self, path):
+        try:
+            f = open(path, "rb")
         except FileNotFoundError:
-            pass
+            return
         except OSError as e:
             raise SpaError("cannot read the replay cache %s: %s" % (path, e.strerror))
-        self.prune(now)
-        self.rewrite()
+        with f:
+            for line in f:
+                if not line.strip() or line.startswith(b"#"):
+                    continue
+                try:
+                    digest, stamp, seen = line.decode("ascii").split()
+                    self.entries[digest] = _u32(max(int(stamp), int(seen)))
+                except ValueError:            # not three fields, not numbers, not ASCII
+                    self.skipped += 1
 
     def __contains__(self, digest):
         return digest in self.entries
@@ -1331,53 +1396,96 @@ class ReplayCache(object):
 
     def add(self, digest, packet_time, now):
         """Record a digest; written and flushed to disk before the caller opens anything."""
-        self.add_many([(digest, packet_time)], now)
+        return self.add_many([(digest, packet_time)], now)
 
     def add_many(self, digests, now):
-        """Record [(digest, packet time)] with one write and one sync."""
+        """Record [(digest, packet time)] with one write and one sync.  True once they are
+        durable; False if they could not be written (`failure` says why): then the
+        caller must open nothing.  They stay remembered here either way."""
         for digest, packet_time in digests:
             self.entries[digest] = _u32(max(packet_time, int(now)))
-        if self.file is not None and digests:
-            self.file.write("".join("%s %d %d\n" % (_replay_key(_replay_digest(digest)),
-                                                     packet_time, int(now))
-                                    for digest, packet_time in digests))
-            self.file.flush()
-            sync_file(self.file.fileno())
-            self.lines += len(digests)
-            if self.lines > 2 * len(self.entries) + 1000:
-                self.prune(now)
+        if self.path is None or not digests:
+            return True
+        if self.fd is None:
+            return self.retry()               # the whole cache, these digests with it
+        try:
+            write_all(self.fd, "".join("%s %d %d\n" % (_replay_key(_replay_digest(digest)),
+                                                        packet_time, int(now))
+                                       for digest, packet_time in digests).encode())
+            sync_file(self.fd)
+        except OSError as e:
+            self._failed(e)
+            return False
+        self.lines += len(digests)
+        if self.lines > 2 * len(self.entries) + 1000:
+            self.prune(now)
+            try:
                 self.rewrite()
+            except OSError as e:    # the file as it was holds every digest: compact it later
+                if self.fd is None:             # ...unless it was replaced: write anew then
+                    self.failure = e.strerror or str(e)
+        return True
+
+    def retry(self):
+        """After a failed write, write the whole cache anew; True once that worked."""
+        if self.fd is not None or self.path is None:
+            return True
+        try:
+            self.rewrite()
+        except OSError as e:
+            self.failure = e.strerror or str(e)
+            return False
+        self.failure = None
+        return True
+
+    def _failed(self, error):
+        self.failure = error.strerror or str(error)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def prune(self, now):
         limit = int(now) - self.max_age       # the age check counts whole seconds too
         self.entries.keep_if(lambda t: t >= limit)
 
     def rewrite(self):
-        """Write the live entries to a new file and swap it in atomically."""
+        """Write the live entries to a new file and swap it in atomically.
+
+        OSError if that fails: the new file is removed and the old one left as it was.
+        Lines go out 64 KiB at a time, each made and dropped in its turn (a list of
+        10,000 lines would leave its memory with Python's allocator).
+        """
         if self.path is None:
             return
-        directory = os.path.dirname(os.path.abspath(self.path))
-        tmp = self.path + ".tmp"
+        tmp, fd = create_temp_file(self.path)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write("# spa.py replay cache: digest packet-time seen-time\n")
-                for digest, t in self.entries.items():
-                    f.write("%s %d %d\n" % (digest, t, t))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dfd = os.open(directory, os.O_RDONLY)
             try:
-                os.fsync(dfd)
+                chunk = bytearray(b"# spa.py replay cache: digest packet-time seen-time\n")
+                for digest, t in self.entries.items():
+                    chunk += b"%s %d %d\n" % (digest.encode(), t, t)
+                    if len(chunk) >= 65536:
+                        write_all(fd, chunk)
+                        del chunk[:]
+                write_all(fd, chunk)
+                os.fsync(fd)
             finally:
-                os.close(dfd)
-            if self.file is not None:
-                self.file.close()
-            self.file = open(self.path, "a")
-        except OSError as e:
-            raise SpaError("cannot write the replay cache %s: %s" % (self.path, e.strerror))
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        if self.fd is not None:        # the file it appends to is gone
+            os.close(self.fd)
+            self.fd = None
+        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         self.lines = len(self.entries)
 
     def copy(self):
@@ -1387,9 +1495,9 @@ class ReplayCache(object):
         return seen
 
     def close(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # ---------------------------------------------------------------------------
@@ -3038,7 +3146,8 @@ class Gatekeeper(object):
             results.append(ok and request.get("op") == "record")
         if not records:
             return results
-        self.replay.add_many(records, now)        # durable before anything opens
+        if not self._durable(records, [g for _, g in grants], now):    # before anything opens
+            return [False] * len(results)
         try:
             self.firewall.open_many(openings, now)
             opened = True
@@ -3051,6 +3160,30 @@ class Gatekeeper(object):
             if results[index] and g["command"] is None:
                 self._log_grant(g)
         return results
+
+    def _durable(self, records, grants, now):
+        """Record the digests durably; False, logged, if that cannot be done (a full disk):
+        then nothing opens.  The cache is written anew at the next knock and every second
+        (retry_replay), and knocks are accepted again as soon as that works."""
+        failing = self.replay.failure
+        if self.replay.add_many(records, now):
+            if failing is not None:
+                self.log.info("replay cache %s can be written again: knocks are accepted again",
+                              self.replay.path)
+            return True
+        if failing is None:
+            self.log.error("replay cache %s cannot be written (%s): knocks are refused until it "
+                           "can", self.replay.path, self.replay.failure)
+        for g in grants:
+            self.log.error("refused the knock from %s [client %s]: no durable replay record (%s)",
+                           g.get("source"), g["stanza"].name, self.replay.failure)
+        return False
+
+    def retry_replay(self):
+        """While the replay cache cannot be written: try again (logged when it works)."""
+        if self.replay.failure is not None and self.replay.retry():
+            self.log.info("replay cache %s can be written again: knocks are accepted again",
+                          self.replay.path)
 
     def _check(self, g):
         """The request in checked form, or None (logged) if it is outside the policy."""
@@ -3548,6 +3681,7 @@ class Supervisor(object):
                     next_expire = time.monotonic() + 1
                     firewall.expire()
                     self.gate.reap_commands()
+                    self.gate.retry_replay()
                     self.strays = [pid for pid in self.strays if not os.waitpid(pid, os.WNOHANG)[0]]
                 if time.monotonic() >= next_check:     # in case the monitor missed something
                     next_check = time.monotonic() + every
@@ -3711,6 +3845,12 @@ def server_main(args):
     crypto_available()
     # Replay cache first, so a config or permission problem stops us before any change.
     replay = ReplayCache(None if args.test else config.replay_cache, config.max_packet_age)
+    if replay.skipped:
+        log.warning("replay cache %s: skipped %d line(s) that could not be read",
+                    config.replay_cache, replay.skipped)
+    if replay.failure is not None:
+        log.error("replay cache %s cannot be written (%s): knocks are refused until it can",
+                  config.replay_cache, replay.failure)
     supervisor = Supervisor(args, config, Gatekeeper(config, firewall, replay, log), log)
     supervisor.catch_signals()
     supervisor.open_captures(first=True)
@@ -3769,8 +3909,10 @@ def check_config_main(args):
             except SpaError as e:
                 line(False, str(e))
     directory = os.path.dirname(os.path.abspath(config.replay_cache))
-    line(os.access(directory, os.W_OK) or not os.path.exists(directory),
-         "replay cache %s" % config.replay_cache)
+    problem = check_private_dir(directory) if os.path.lexists(directory) else None
+    line(problem is None, "replay cache %s%s" % (config.replay_cache, ": " + problem if problem
+                                                 else "" if os.path.lexists(directory)
+                                                 else " (its directory is made at start)"))
     print("  packets are read as user %s" % config.user)
     for stanza in config.stanzas:
         print("  [client %s]: from %s; opens %s for %d s (a client may ask for up to %d s); "

@@ -230,3 +230,209 @@ def test_unlogged_rejections_are_counted_at_exit(tmp_path):
         unlogged = re.search(r"(\d+) more rejected packets were not logged \(rate limit\)", text)
         assert unlogged, text
         assert logged + int(unlogged.group(1)) == sent and logged < sent
+
+
+# ---------------------------------------------------------------------------
+# Section 3: a full disk, unreadable replay files, temporary files, the directory
+# ---------------------------------------------------------------------------
+
+class SmallDisk(object):
+    """A tmpfs of `size` bytes (whole pages) mounted on `path`, mode 0700; fill() takes its
+    last free byte, free() gives the space back.  Unmounted on exit."""
+
+    def __init__(self, path, size=20480):
+        netns_lab.need(os.geteuid() == 0 and shutil.which("mount"), "mounting a tmpfs needs root")
+        self.path = str(path)
+        os.makedirs(self.path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d,mode=0700" % size, "tmpfs",
+                        self.path], check=True)
+        self.filler = os.path.join(self.path, "filler")
+
+    def fill(self):
+        with open(self.filler, "ab", buffering=0) as f:
+            for block in (4096, 512, 16, 1):
+                try:
+                    while True:
+                        f.write(b"x" * block)
+                except OSError as e:
+                    assert e.errno == 28
+        with pytest.raises(OSError):
+            with open(os.path.join(self.path, "probe"), "wb", buffering=0) as f:
+                f.write(b"x")
+
+    def free(self):
+        os.unlink(self.filler)
+        if os.path.exists(os.path.join(self.path, "probe")):
+            os.unlink(os.path.join(self.path, "probe"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run(["umount", "-l", self.path], check=True)
+
+
+def digest(i):
+    import hashlib
+    return spa.b64encode(hashlib.sha256(b"%d" % i).digest()).decode()
+
+
+def test_replay_cache_on_a_full_disk_refuses_then_recovers(tmp_path):
+    """A write that fails (ENOSPC, partly written) makes add() say False and leaves no
+    temporary file; once there is space the whole cache is written anew, clean, with the
+    digests of the failed attempts too.  Starting on a full disk works, in that state."""
+    now = 1800000000
+    with SmallDisk(tmp_path / "disk") as disk:
+        path = os.path.join(disk.path, "replay.cache")
+        cache = spa.ReplayCache(path, 120, now)
+        disk.fill()
+        added = 0
+        while cache.add(digest(added), now, now):       # the file's last page fills up
+            added += 1
+            assert added < 500
+        assert cache.failure == "No space left on device"
+        assert not cache.add(digest(added + 1), now, now)
+        assert sorted(os.listdir(disk.path)) == ["filler", "probe", "replay.cache"]
+        assert digest(added) in cache                    # remembered, though not durable
+        disk.free()
+        assert cache.add(digest(added + 2), now, now) and cache.failure is None
+        cache.add(digest(added + 3), now, now)
+        cache.close()
+        with open(path) as f:
+            lines = f.read().splitlines()
+        assert lines[0].startswith("# spa.py replay cache") and all(
+            len(line.split()) == 3 for line in lines[1:])
+        again = spa.ReplayCache(path, 120, now)
+        assert again.skipped == 0
+        assert all(digest(i) in again for i in range(added + 4))
+        again.close()
+        disk.fill()
+        full = spa.ReplayCache(path, 120, now)          # was: "cannot write the replay cache"
+        assert full.failure == "No space left on device"
+        assert all(digest(i) in full for i in range(added + 4))
+        assert not full.add(digest(9999), now, now)
+        disk.free()
+        assert full.retry() and full.add(digest(10000), now, now)
+        full.close()
+
+
+def test_unreadable_replay_lines_are_skipped(tmp_path):
+    """Non-UTF-8 bytes (a traceback at start, before) and malformed lines are skipped and
+    counted; the rest is read."""
+    now = 1800000000
+    path = str(tmp_path / "replay.cache")
+    with open(path, "wb") as f:
+        f.write(b"# spa.py replay cache\n%s %d %d\n\xff\xfe\x00 garbage \xc3\n%s 12 x\n\n"
+                b"%s %d %d\nshort line\n" % (digest(1).encode(), now, now, digest(2).encode(),
+                                             digest(3).encode(), now, now))
+    cache = spa.ReplayCache(path, 120, now)
+    assert digest(1) in cache and digest(3) in cache and digest(2) not in cache
+    assert cache.skipped == 3
+    cache.close()
+    with open(path, "rb") as f:
+        assert b"\xff" not in f.read()                  # the file is written anew, clean
+
+
+def test_replay_cache_temporary_file_follows_no_symlink(tmp_path):
+    """The temporary file had a fixed name (replay.cache.tmp) and was opened with O_TRUNC,
+    following symlinks: one planted there made root overwrite any file."""
+    now = 1800000000
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    directory = tmp_path / "cache"
+    directory.mkdir(mode=0o700)
+    path = str(directory / "replay.cache")
+    os.symlink(str(victim), path + ".tmp")
+    cache = spa.ReplayCache(path, 120, now)
+    cache.add(digest(1), now, now)
+    for _ in range(3):
+        cache.rewrite()
+    cache.close()
+    assert victim.read_text() == "precious\n"
+    assert os.path.islink(path + ".tmp") and not os.path.islink(path)
+    assert sorted(os.listdir(str(directory))) == ["replay.cache", "replay.cache.tmp"]
+    assert digest(1) in spa.ReplayCache(path, 120, now)
+
+
+def test_replay_cache_directory_must_be_root_s_alone(tmp_path):
+    """A directory others may write to (or that another user owns) is refused, at start
+    and by check-config, with a one-line reason."""
+    import pwd
+    directory = tmp_path / "state"
+    directory.mkdir()
+    os.chmod(str(directory), 0o777)
+    path = str(directory / "replay.cache")
+    with pytest.raises(spa.SpaError, match=r"^replay cache: .*/state is writable by group or "
+                       r"others \(mode 0777\): run 'chmod go-w .*/state'$"):
+        spa.ReplayCache(path, 120)
+    os.chmod(str(directory), 0o1733)                  # sticky, like /tmp: refused too
+    with pytest.raises(spa.SpaError, match="writable by group or others"):
+        spa.ReplayCache(path, 120)
+    conf = write_private(tmp_path / "spa.conf", "[server]\ninterface = lo\nprotect = tcp/22\n"
+                         "replay_cache = %s\n[client alice]\nkey_base64 = %s\n"
+                         "hmac_key_base64 = %s\n" % (path, KEY, HMAC_KEY))
+    done = subprocess.run([sys.executable, SPA, "check-config", "-c", conf], stdout=subprocess.PIPE,
+                          universal_newlines=True)
+    assert done.returncode == 1
+    assert re.search(r"FAIL  replay cache .*/replay.cache: .*/state is writable by group or others "
+                     r"\(mode 1733\)", done.stdout), done.stdout
+    os.chmod(str(directory), 0o700)
+    if os.geteuid() == 0:
+        os.chown(str(directory), pwd.getpwnam("nobody").pw_uid, -1)
+        with pytest.raises(spa.SpaError, match=r"state belongs to uid \d+, not to root"):
+            spa.ReplayCache(path, 120)
+        done = subprocess.run([sys.executable, SPA, "check-config", "-c", conf],
+                              stdout=subprocess.PIPE, universal_newlines=True)
+        assert re.search(r"FAIL  replay cache .*: .*/state belongs to uid \d+, not to root",
+                         done.stdout), done.stdout
+        os.chown(str(directory), 0, -1)
+    spa.ReplayCache(path, 120).close()
+    done = subprocess.run([sys.executable, SPA, "check-config", "-c", conf], stdout=subprocess.PIPE,
+                          universal_newlines=True)
+    assert "ok    replay cache %s\n" % path in done.stdout
+
+
+def test_server_on_a_full_disk_refuses_knocks_and_recovers(tmp_path):
+    """The disk under the replay cache fills while the server runs: it keeps running and
+    refuses knocks with a log line (nothing opens without a durable digest), and accepts
+    them again by itself once there is space.  Restarted on a full disk (with a replay file
+    holding non-UTF-8 bytes), it starts, refuses, and recovers the same way."""
+    need_server()
+    with SmallDisk(tmp_path / "disk") as disk, Lab(clients=2, prefix="ops") as lab:
+        for k in (1, 2):
+            lab.tcp_service("srv", Lab.srv4(k), SERVICE_PORT)
+        conf = server_conf(tmp_path, replay_dir=disk.path, fw_access_timeout="30")
+        server = lab.spawn("srv", [sys.executable, SPA, "server", "-c", conf])
+        wait_for_line(server, r"listening on", 15)
+        disk.fill()
+        for i in range(300):           # knocks until the replay file's last page is full
+            netns_lab.udp_send(lab.name("cli1"), Lab.srv4(1), spa.DEFAULT_PORT, packet())
+            if "cannot be written" in server.log.text():
+                break
+            time.sleep(0.002)
+        wait_for_line(server, r"replay cache .*replay.cache cannot be written \(No space left on "
+                      r"device\): knocks are refused until it can", 2)
+        assert timed_knock(lab, "cli2", Lab.srv4(2)) is None
+        wait_for_line(server, r"refused the knock from 198\.18\.2\.2 \[client alice\]: no durable "
+                      r"replay record \(No space left on device\)", 1)
+        assert server.poll() is None and closed(lab, "cli2", Lab.srv4(2))
+        disk.free()
+        wait_for_line(server, r"replay cache .* can be written again: knocks are accepted again", 2)
+        assert timed_knock(lab, "cli2", Lab.srv4(2)) is not None
+        assert Lab.stop_process(server) == 0
+        assert "Traceback" not in server.log.text()
+
+        lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])
+        with open(os.path.join(disk.path, "replay.cache"), "ab") as f:
+            f.write(b"\xff\xfe not UTF-8 \xc3(\n")
+        disk.fill()
+        server = lab.spawn("srv", [sys.executable, SPA, "server", "-c", conf])
+        wait_for_line(server, r"listening on", 15)
+        wait_for_line(server, r"replay cache .*: skipped 1 line\(s\) that could not be read", 1)
+        wait_for_line(server, r"cannot be written \(No space left on device\): knocks are refused", 1)
+        assert timed_knock(lab, "cli2", Lab.srv4(2)) is None
+        wait_for_line(server, r"refused the knock from 198\.18\.2\.2", 1)
+        disk.free()
+        assert timed_knock(lab, "cli2", Lab.srv4(2)) is not None
+        assert Lab.stop_process(server) == 0
+        assert "Traceback" not in server.log.text()

@@ -1282,12 +1282,13 @@ def _u32(number):
     return min(max(int(number), 0), 0xFFFFFFFF)
 
 
-def check_private_dir(path):
-    """Why a directory where root keeps state is unsafe (one line), or None if it is fine.
+def check_private_dir(path, writers=0o022):
+    """Why a directory where root keeps state or code is unsafe (one line), or None.
 
-    It must be a directory that belongs to root (or to this user) and that neither group
-    nor others may write to: whoever can write there can swap the files root writes.
-    (Checked on the modes: as root, os.access() says yes to everything.)
+    It must be a directory that belongs to root (or to this user) and that no one else may
+    write to (`writers`: group or others; others alone for install's directories, where
+    Debian lets the group staff write): whoever can write there can swap the files root
+    writes or runs.  (Checked on the modes: as root, os.access() says yes to everything.)
     """
     try:
         st = os.stat(path)
@@ -1297,9 +1298,10 @@ def check_private_dir(path):
         return "%s is not a directory" % path
     if st.st_uid not in (0, os.geteuid()):
         return "%s belongs to uid %d, not to root: run 'chown root: %s'" % (path, st.st_uid, path)
-    if st.st_mode & 0o022:
-        return "%s is writable by group or others (mode %04o): run 'chmod go-w %s'" % (
-            path, st.st_mode & 0o7777, path)
+    if st.st_mode & writers:
+        return "%s is writable by %s (mode %04o): run 'chmod %s-w %s'" % (
+            path, "group or others" if writers & 0o020 else "others", st.st_mode & 0o7777,
+            "go" if writers & 0o020 else "o", path)
     return None
 
 
@@ -1313,6 +1315,28 @@ def create_temp_file(path, mode=0o600):
         except FileExistsError:
             continue
     raise OSError(17, "cannot make a temporary file next to %s" % path)
+
+
+def replace_file(path, write, mode=0o600):
+    """Write a file anew and swap it in atomically: `write(fd)` fills a new file made next
+    to it (create_temp_file), which gets `mode` (whatever the umask), is synced and renamed
+    over `path` (a symlink there is replaced, never followed).  OSError if anything fails:
+    the new file is removed and `path` left as it was."""
+    tmp, fd = create_temp_file(path, mode)
+    try:
+        try:
+            write(fd)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def write_all(fd, data):
@@ -1449,34 +1473,24 @@ class ReplayCache(object):
         self.entries.keep_if(lambda t: t >= limit)
 
     def rewrite(self):
-        """Write the live entries to a new file and swap it in atomically.
+        """Write the live entries to a new file and swap it in atomically (replace_file).
 
-        OSError if that fails: the new file is removed and the old one left as it was.
-        Lines go out 64 KiB at a time, each made and dropped in its turn (a list of
-        10,000 lines would leave its memory with Python's allocator).
+        OSError if that fails: the old file is left as it was.  Lines go out 64 KiB at a
+        time, each made and dropped in its turn (a list of 10,000 lines would leave its
+        memory with Python's allocator).
         """
         if self.path is None:
             return
-        tmp, fd = create_temp_file(self.path)
-        try:
-            try:
-                chunk = bytearray(b"# spa.py replay cache: digest packet-time seen-time\n")
-                for digest, t in self.entries.items():
-                    chunk += b"%s %d %d\n" % (digest.encode(), t, t)
-                    if len(chunk) >= 65536:
-                        write_all(fd, chunk)
-                        del chunk[:]
-                write_all(fd, chunk)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+
+        def write(fd):
+            chunk = bytearray(b"# spa.py replay cache: digest packet-time seen-time\n")
+            for digest, t in self.entries.items():
+                chunk += b"%s %d %d\n" % (digest.encode(), t, t)
+                if len(chunk) >= 65536:
+                    write_all(fd, chunk)
+                    del chunk[:]
+            write_all(fd, chunk)
+        replace_file(self.path, write)
         if self.fd is not None:        # the file it appends to is gone
             os.close(self.fd)
             self.fd = None
@@ -4572,38 +4586,137 @@ def selftest_main(args):
 # install: a launcher, so that Python reuses the compiled code
 # ---------------------------------------------------------------------------
 
-LAUNCHER = """#!{python}
+LAUNCHER = """#!{python} -I
 # spa.py's launcher, written by `spa.py install`: importing spa (rather than running
 # spa.py as a script) lets Python reuse its compiled code: a faster start, less memory.
+# -I (isolated): PYTHONPATH, the user's site-packages and the current directory are not
+# searched, so root imports nothing but this directory and the interpreter's own modules.
 import sys
 sys.path.insert(0, {lib!r})
 import spa
 sys.exit(spa.main())
 """
 
+# Run by a candidate interpreter (-I -B): can it run spa.py, AES included?
+_CAN_RUN_SPA = "import sys; sys.path.insert(0, sys.argv[1]); import spa; spa.aes_module()"
+
+
+def _interpreter_problem(python):
+    """Why root should not run `python` (one line), or None: it and its directory must
+    belong to root (or to the installing user) and be writable by no one else."""
+    real = os.path.realpath(python)
+    if not os.path.isfile(real) or not os.access(real, os.X_OK):
+        return "%s is not an executable file" % python
+    for path, writers in ((real, 0o022), (os.path.dirname(real), 0o002)):
+        st = os.stat(path)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & writers:
+            return "%s belongs to uid %d (mode %04o): root would run what that user may change" % (
+                path, st.st_uid, st.st_mode & 0o7777)
+    if any(c.isspace() for c in python) or len(python) > 120:
+        return "%s cannot go in a #! line" % python
+    return None
+
+
+def choose_python(given=None):
+    """(interpreter, why) for the launcher's #! line.
+
+    --python if given; else the system's /usr/bin/python3 (its distribution keeps it up
+    to date) when it can run spa.py with AES; else the Python running this install when
+    it can.  If neither can load pycryptodome the first usable one is kept, with a
+    warning.  Never one that another user could change (_interpreter_problem).
+    """
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    if given:
+        candidates = [(given, "given with --python")]
+    else:
+        candidates = [(sys.executable, "the Python running this install")]
+        if sys.platform.startswith("linux") and os.path.realpath("/usr/bin/python3") != \
+                os.path.realpath(sys.executable):
+            candidates.insert(0, ("/usr/bin/python3", "the system's Python, kept up to date by "
+                                                      "its distribution"))
+    usable, notes = [], []
+    for python, why in candidates:
+        problem = _interpreter_problem(python) if os.path.exists(python) else \
+            "%s does not exist" % python
+        if problem:
+            notes.append(problem)
+            continue
+        try:
+            done = subprocess.run([python, "-I", "-B", "-c", _CAN_RUN_SPA, here],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            ok = done.returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if ok:
+            return python, "; ".join([why] + notes)
+        usable.append((python, why))
+        notes.append("%s cannot load pycryptodome (apt install python3-pycryptodome, or pip "
+                     "install pycryptodome)" % python)
+    if not usable:
+        raise SpaError("no Python to run spa.py with: %s; name one with --python" % "; ".join(notes))
+    python, why = usable[0]
+    return python, "%s; WARNING: %s" % (why, "; ".join(notes))
+
+
+def _install_dir(path, ours=False):
+    """Make `path` (mode 0755) if it is missing; refuse one that root should not trust
+    (check_private_dir: owned by another user, or writable by others).  Our own
+    directories (`ours`: lib/spa, __pycache__) must be real directories, and get 0755."""
+    try:
+        os.makedirs(path, 0o755)     # (with its parents: the umask is 022 here)
+    except FileExistsError:
+        if ours and os.path.islink(path):
+            raise SpaError("%s is a symlink: remove it, spa.py makes that directory" % path)
+    problem = check_private_dir(path, 0o002)
+    if problem:
+        raise SpaError(problem)
+    if ours:
+        os.chmod(path, 0o755)
+
 
 def install_main(args):
-    """Copy this file to PREFIX/lib/spa, compile it, and write the launcher PREFIX/bin/spa."""
-    import py_compile
-    import shutil
-    lib = os.path.join(args.prefix, "lib", "spa")
+    """Copy this file to PREFIX/lib/spa, compile it, and write the launcher PREFIX/bin/spa.
+
+    Root runs what this writes, so: every directory on the way must belong to root (or to
+    the installing user) and be writable by no one else; modes are set explicitly
+    (directories and the launcher 0755, the rest 0644), whatever the umask; each file is
+    written under a random name (O_EXCL, O_NOFOLLOW) and renamed into place, so a planted
+    symlink is never followed; and the launcher runs Python isolated (-I).
+    """
+    import subprocess
+    prefix = os.path.abspath(args.prefix)
+    lib = os.path.join(prefix, "lib", "spa")
     target = os.path.join(lib, "spa.py")
-    launcher = os.path.join(args.prefix, "bin", "spa")
+    launcher = os.path.join(prefix, "bin", "spa")
+    python, why = choose_python(args.python)
+    umask = os.umask(0o022)
     try:
-        os.makedirs(lib, 0o755, exist_ok=True)
-        os.makedirs(os.path.dirname(launcher), 0o755, exist_ok=True)
-        if os.path.abspath(__file__) != os.path.abspath(target):
-            shutil.copyfile(os.path.abspath(__file__), target)
-        os.chmod(target, 0o644)
-        py_compile.compile(target, doraise=True)
-        tmp = launcher + ".new"
-        with open(tmp, "w") as f:
-            f.write(LAUNCHER.format(python=sys.executable, lib=lib))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, launcher)
-    except (OSError, py_compile.PyCompileError) as e:
-        raise SpaError("cannot install into %s: %s" % (args.prefix, getattr(e, "strerror", e)))
-    print("installed %s and the launcher %s (runs %s)" % (target, launcher, sys.executable))
+        for path in (prefix, os.path.dirname(lib), lib, os.path.dirname(launcher)):
+            _install_dir(path, ours=path == lib)
+        with open(os.path.abspath(__file__), "rb") as f:
+            code = f.read()
+        replace_file(target, lambda fd: write_all(fd, code), 0o644)
+        cache = os.path.join(lib, "__pycache__")
+        _install_dir(cache, ours=True)
+        done = subprocess.run([python, "-I", "-c", "import py_compile, sys; print(py_compile."
+                               "compile(sys.argv[1], doraise=True))", target],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        if done.returncode != 0:
+            raise SpaError("%s could not compile %s: %s" % (
+                python, target, (done.stderr.strip().splitlines() or ["?"])[-1]))
+        compiled = done.stdout.strip()
+        if os.path.dirname(compiled) != cache or os.path.islink(compiled):
+            raise SpaError("%s compiled %s to %s, not into %s" % (python, target, compiled, cache))
+        os.chmod(compiled, 0o644)
+        text = LAUNCHER.format(python=python, lib=lib).encode()
+        replace_file(launcher, lambda fd: write_all(fd, text), 0o755)
+    except OSError as e:
+        raise SpaError("cannot install into %s: %s" % (prefix, e.strerror or e))
+    finally:
+        os.umask(umask)
+    print("installed %s (compiled) and the launcher %s" % (target, launcher))
+    print("the launcher runs %s -I (isolated): %s" % (python, why))
     return 0
 
 
@@ -4763,6 +4876,9 @@ def _install_options(sub, fmt):
                        "server needs less memory, because Python reuses the compiled code.",
                        epilog="example:\n  sudo python3 spa.py install && spa --version")
     i.add_argument("--prefix", default="/usr/local", help="where to install (default /usr/local)")
+    i.add_argument("--python", metavar="PATH",
+                   help="the Python the launcher runs (default: /usr/bin/python3 if it can load "
+                   "pycryptodome, else the one running this install)")
 
 
 def _selftest_options(sub, fmt):

@@ -436,3 +436,159 @@ def test_server_on_a_full_disk_refuses_knocks_and_recovers(tmp_path):
         assert timed_knock(lab, "cli2", Lab.srv4(2)) is not None
         assert Lab.stop_process(server) == 0
         assert "Traceback" not in server.log.text()
+
+
+# ---------------------------------------------------------------------------
+# Section 3: install
+# ---------------------------------------------------------------------------
+
+def install(prefix, *extra, umask=None):
+    def child():
+        if umask is not None:
+            os.umask(umask)
+    return subprocess.run([sys.executable, SPA, "install", "--prefix", str(prefix)] + list(extra),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          preexec_fn=child)
+
+
+def modes(top):
+    """{path under top: mode} of everything there, symlinks not followed."""
+    out = {}
+    for root, dirs, files in os.walk(str(top)):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, str(top))] = oct(os.lstat(path).st_mode & 0o7777)
+    return out
+
+
+def test_install_sets_modes_whatever_the_umask(tmp_path):
+    """With umask 000, lib/ and __pycache__/ came out 0777: anyone could swap the code root
+    runs.  Modes are set explicitly now; a directory an old install left writable by others
+    is refused (what is in it may have been changed), and set right once it is not."""
+    prefix = tmp_path / "prefix"
+    done = install(prefix, umask=0)
+    assert done.returncode == 0, done.stderr
+    pyc = [p for p in modes(prefix) if p.endswith(".pyc")]
+    assert len(pyc) == 1
+    expected = {"bin": "0o755", "bin/spa": "0o755", "lib": "0o755", "lib/spa": "0o755",
+                "lib/spa/spa.py": "0o644", "lib/spa/__pycache__": "0o755", pyc[0]: "0o644"}
+    assert modes(prefix) == expected
+    for where in ("lib/spa", "lib/spa/__pycache__"):
+        os.chmod(str(prefix / where), 0o777)                # as the old install left it
+        done = install(prefix, umask=0)
+        assert done.returncode == 1 and "%s is writable by others (mode 0777)" % where in done.stderr
+        os.chmod(str(prefix / where), 0o775)
+    assert install(prefix, umask=0).returncode == 0
+    assert modes(prefix) == expected
+
+
+def test_install_follows_no_planted_symlink(tmp_path):
+    """A symlink planted at bin/spa.new (the old fixed temporary name), at bin/spa or at
+    lib/spa/spa.py was followed: root overwrote its target."""
+    prefix = tmp_path / "prefix"
+    assert install(prefix).returncode == 0
+    victims = []
+    for where in ("bin/spa.new", "bin/spa", "lib/spa/spa.py"):
+        victim = tmp_path / ("victim-" + where.replace("/", "-"))
+        victim.write_text("precious\n")
+        victims.append(victim)
+        path = prefix / where
+        if path.exists():
+            path.unlink()
+        os.symlink(str(victim), str(path))
+    done = install(prefix)
+    assert done.returncode == 0, done.stderr
+    assert all(v.read_text() == "precious\n" for v in victims)
+    assert not os.path.islink(str(prefix / "bin" / "spa"))
+    assert not os.path.islink(str(prefix / "lib" / "spa" / "spa.py"))
+    assert os.path.islink(str(prefix / "bin" / "spa.new"))            # left alone
+    assert sorted(os.listdir(str(prefix / "bin"))) == ["spa", "spa.new"]
+
+
+def test_install_refuses_directories_others_may_change(tmp_path):
+    """A prefix, lib or bin writable by others, or owned by another user, is refused with
+    one line; so is a symlink where lib/spa goes."""
+    import pwd
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    os.chmod(str(prefix), 0o777)
+    done = install(prefix)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert re.search(r"error: .*/prefix is writable by others \(mode 0777\): run 'chmod o-w ",
+                     done.stderr), done.stderr
+    os.chmod(str(prefix), 0o755)
+    (prefix / "bin").mkdir(mode=0o755)
+    os.chmod(str(prefix / "bin"), 0o1777)
+    assert "bin is writable by others" in install(prefix).stderr
+    os.chmod(str(prefix / "bin"), 0o775)                # group-writable: Debian's staff
+    assert install(prefix).returncode == 0
+    if os.geteuid() == 0:
+        os.chown(str(prefix / "lib"), pwd.getpwnam("nobody").pw_uid, -1)
+        done = install(prefix)
+        assert done.returncode == 1 and re.search(r"lib belongs to uid \d+, not to root", done.stderr)
+        os.chown(str(prefix / "lib"), 0, -1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(str(prefix / "lib" / "spa"))
+    os.symlink(str(elsewhere), str(prefix / "lib" / "spa"))
+    done = install(prefix)
+    assert done.returncode == 1 and "lib/spa is a symlink" in done.stderr
+    assert os.listdir(str(elsewhere)) == []
+
+
+def test_launcher_runs_python_isolated(tmp_path):
+    """The launcher runs its Python with -I: a module on PYTHONPATH (or in the user's
+    site-packages, or the current directory) named like one spa.py imports is not run;
+    it still finds spa (its own lib directory) and pycryptodome."""
+    prefix = tmp_path / "prefix"
+    done = install(prefix)
+    assert done.returncode == 0, done.stderr
+    launcher = str(prefix / "bin" / "spa")
+    with open(launcher) as f:
+        first = f.readline().rstrip("\n")
+    python = first[2:].rsplit(" ", 1)[0]
+    assert first == "#!%s -I" % python
+    assert re.search(r"the launcher runs %s -I \(isolated\): " % re.escape(python), done.stdout)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    for name in ("argparse", "spa", "socket"):
+        (evil / (name + ".py")).write_text("print('EVIL %s')\n" % name)
+    env = dict(os.environ, PYTHONPATH=str(evil), PYTHONUSERBASE=str(evil), PYTHONSTARTUP="")
+    out = subprocess.run([launcher, "client", "-D", "198.18.0.1", "-A", "tcp/22", "--key-base64",
+                          KEY, "--hmac-key-base64", HMAC_KEY, "--test"], cwd=str(evil), env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True)
+    assert out.returncode == 0 and "EVIL" not in out.stdout, out.stdout
+    from test_spa import server_config, decide
+    assert decide(server_config(tmp_path), out.stdout.strip().encode()).accepted   # AES: found
+
+
+def test_install_pins_a_python_root_can_trust_and_says_why(tmp_path):
+    """The system's /usr/bin/python3 when it can run spa.py with AES, else the installing
+    one; --python chooses; one that another user could change is refused."""
+    import pwd
+    prefix = tmp_path / "prefix"
+    system_ok = os.path.exists("/usr/bin/python3") and subprocess.run(
+        ["/usr/bin/python3", "-I", "-B", "-c", spa._CAN_RUN_SPA, HERE],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    done = install(prefix)
+    assert done.returncode == 0, done.stderr
+    if system_ok:
+        assert "runs /usr/bin/python3 -I (isolated): the system's Python" in done.stdout
+    else:
+        assert "runs %s -I (isolated): the Python running this install" % sys.executable in done.stdout
+    done = install(prefix, "--python", sys.executable)
+    assert "runs %s -I (isolated): given with --python" % sys.executable in done.stdout
+    with open(str(prefix / "bin" / "spa")) as f:
+        assert f.readline() == "#!%s -I\n" % sys.executable
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        fake = theirs / "python3"
+        fake.write_text("#!/bin/sh\nexit 0\n")
+        os.chmod(str(fake), 0o755)
+        os.chown(str(fake), pwd.getpwnam("nobody").pw_uid, -1)
+        done = install(prefix, "--python", str(fake))
+        assert done.returncode == 1 and re.search(
+            r"no Python to run spa.py with: .*python3 belongs to uid \d+ \(mode 0755\): root would "
+            r"run what that user may change; name one with --python", done.stderr), done.stderr

@@ -3833,6 +3833,21 @@ class Supervisor(object):
         self.strays.append(pid)
 
 
+def notify_systemd(state):
+    """Tell systemd how the server is (Type=notify: READY=1 once it protects and listens, so
+    `systemctl start` waits for that, and fails if the server does not get there).  Does
+    nothing outside systemd; the variable is dropped, so no child of ours could use it."""
+    path = os.environ.pop("NOTIFY_SOCKET", "")
+    if not path.startswith(("/", "@")):
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect("\0" + path[1:] if path.startswith("@") else path)
+            sock.send(state.encode())
+    except OSError:
+        pass
+
+
 def server_main(args):
     config = ServerConfig(args.config, args.access_conf)
     log = Log("stderr" if args.test else config.log, args.verbose)
@@ -3873,6 +3888,7 @@ def server_main(args):
              "user %s%s", ",".join(config.interfaces + config.optional_interfaces), config.port,
              format_access(config.protect), config.protect_action, len(config.stanzas),
              supervisor.user or "(unchanged: not root)", "; test mode" if args.test else "")
+    notify_systemd("READY=1")
     try:
         supervisor.run()
     finally:

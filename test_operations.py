@@ -592,3 +592,300 @@ def test_install_pins_a_python_root_can_trust_and_says_why(tmp_path):
         assert done.returncode == 1 and re.search(
             r"no Python to run spa.py with: .*python3 belongs to uid \d+ \(mode 0755\): root would "
             r"run what that user may change; name one with --python", done.stderr), done.stderr
+
+
+# ---------------------------------------------------------------------------
+# Section 2: the unit under a real systemd
+# ---------------------------------------------------------------------------
+
+# Run by sh as PID 1 of new PID, mount, cgroup, UTS and IPC namespaces, inside a test's
+# network namespace: the root becomes an overlay of / whose writes all go to a tmpfs, with
+# its own /proc, /dev, /run, /tmp and cgroup2 (the container's own cgroup as its root);
+# the files of $2 are laid over it, $3 runs in it (chroot), and systemd boots there.
+BOOT = r"""
+set -e
+S=$1 R=$1/root
+mount -t tmpfs -o mode=0755 tmpfs "$S"
+mkdir "$S/upper" "$S/work" "$R"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$S/upper,workdir=$S/work" "$R"
+mount -t proc proc "$R/proc"
+mount --rbind /sys "$R/sys"
+mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup"
+mount -t tmpfs -o mode=0755 tmpfs "$R/dev"
+for d in null zero full random urandom tty; do touch "$R/dev/$d"; mount --bind "/dev/$d" "$R/dev/$d"; done
+touch "$R/dev/console"; mount --bind /dev/null "$R/dev/console"
+mkdir "$R/dev/pts" "$R/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666 devpts "$R/dev/pts"
+ln -s pts/ptmx "$R/dev/ptmx"; ln -s /proc/self/fd "$R/dev/fd"
+mount -t tmpfs tmpfs "$R/dev/shm"
+mount -t tmpfs -o mode=0755 tmpfs "$R/run"
+mount -t tmpfs -o mode=1777 tmpfs "$R/tmp"
+cp -a "$2/." "$R/"
+hostname spa-test
+chroot "$R" /bin/sh -c "$3"
+cd "$R"
+mkdir -p oldroot
+pivot_root . oldroot
+umount -l /oldroot
+exec env -i container=spa-test /lib/systemd/systemd --unit="$4"
+"""
+
+
+def cgroup2_mount():
+    """Where this machine mounts the cgroup2 hierarchy, or None."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[fields.index("-") + 1] == "cgroup2":
+                return fields[4]
+    return None
+
+
+def systemd_missing():
+    """Why this machine cannot boot a systemd in a container, or None."""
+    with open("/proc/filesystems") as f:
+        kinds = f.read().split()
+    if "overlay" not in kinds:
+        return "the kernel has no overlayfs"
+    if cgroup2_mount() is None:
+        return "no cgroup2 hierarchy is mounted"
+    if not os.path.exists("/proc/self/ns/cgroup"):
+        return "the kernel has no cgroup namespaces"
+    return None
+
+
+class SystemdContainer(object):
+    """A real systemd (the machine's /lib/systemd/systemd) booted as PID 1 of a throwaway
+    container in network namespace `ns`; see BOOT.  `files` {path in the container: (text,
+    mode)} are put in its root, then `setup` runs there (chroot), then systemd boots with
+    `unit` as its target.  run(argv) runs a command inside (nsenter).  Leaving the `with`
+    block powers it off (or kills it) and removes its cgroup: nothing of the host changed."""
+
+    def __init__(self, lab, ns, tmp_path, files, setup="true", unit="multi-user.target"):
+        self.lab, self.ns = lab, lab.name(ns)
+        self.state = str(tmp_path / "container")
+        self.payload = str(tmp_path / "payload")
+        os.makedirs(self.state)
+        os.makedirs(self.payload)
+        for path, (text, mode) in files.items():
+            full = os.path.join(self.payload, path.lstrip("/"))
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "w") as f:
+                f.write(text)
+            os.chmod(full, mode)
+        self.cgroup = os.path.join(cgroup2_mount(), "spa-test-%d-%d" % (os.getpid(), id(self) % 10000))
+        self.setup, self.unit = setup, unit
+        self.proc = self.pid = None
+
+    def __enter__(self):
+        os.mkdir(self.cgroup)
+        procs = os.path.join(self.cgroup, "cgroup.procs")
+
+        def join():
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        try:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, "unshare", "--cgroup", "--mount", "--pid",
+                 "--fork", "--uts", "--ipc", "--propagation", "private", "sh", "-c", BOOT, "boot",
+                 self.state, self.payload, self.setup, self.unit],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                preexec_fn=join, universal_newlines=True)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                kids = children(self.proc.pid)
+                if kids and os.readlink("/proc/%d/exe" % kids[0]).endswith("/systemd"):
+                    self.pid = kids[0]
+                    break
+                time.sleep(0.01)
+            if self.pid is None:
+                raise RuntimeError("systemd did not start:\n%s" % self.output())
+            while time.monotonic() < deadline:
+                state = self.run(["systemctl", "is-system-running"], check=False).stdout.strip()
+                if state in ("running", "degraded"):
+                    return self
+                time.sleep(0.05)
+            raise RuntimeError("systemd did not finish booting (%s)" % state)
+        except BaseException:
+            self.close()
+            raise
+
+    def output(self):
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stdout.read()
+
+    def run(self, argv, check=True, timeout=30):
+        done = subprocess.run(["nsenter", "-t", str(self.pid), "-a"] + list(argv),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError("%s: exit %d\n%s%s" % (" ".join(argv), done.returncode,
+                                                         done.stdout, done.stderr))
+        return done
+
+    def journal(self, unit="spa"):
+        return self.run(["journalctl", "-u", unit, "-o", "cat", "--no-pager"]).stdout
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            if self.pid is not None:
+                self.run(["systemctl", "poweroff"], check=False)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                if self.pid is not None:
+                    os.kill(self.pid, signal.SIGKILL)      # PID 1: its namespace ends with it
+                self.proc.wait(10)
+        for _ in range(200):
+            try:
+                for root, dirs, _ in os.walk(self.cgroup, topdown=False):
+                    for d in dirs:
+                        os.rmdir(os.path.join(root, d))
+                os.rmdir(self.cgroup)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def need_systemd():
+    """Skip (even in CI, saying why) only where this machine cannot run a systemd at all;
+    a missing package is a failure in CI, as for every other tool (setup.sh installs it)."""
+    need_server()
+    need_lab("nsenter", "unshare", "systemd-analyze", "journalctl", "systemctl")
+    netns_lab.need(os.path.exists("/lib/systemd/systemd"), "systemd is not installed")
+    why = systemd_missing()
+    if why:
+        pytest.skip("this machine cannot run systemd, even in a container: %s" % why)
+    netns_lab.need(subprocess.run(["/usr/bin/python3", "-I", "-B", "-c", spa._CAN_RUN_SPA, HERE],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0,
+                   "/usr/bin/python3 cannot load pycryptodome (apt install python3-pycryptodome)")
+
+
+def spa_container(lab, tmp_path, conf):
+    """A systemd with README.md's unit as /etc/systemd/system/spa.service, spa.py installed
+    with `spa.py install` (/usr/local) and `conf` as /etc/spa/spa.conf; booted to basic.target."""
+    with open(SPA) as f:
+        code = f.read()
+    files = {"/etc/systemd/system/spa.service": (readme_unit(), 0o644),
+             "/etc/spa/spa.conf": (conf, 0o600), "/root/spa.py": (code, 0o644)}
+    return SystemdContainer(lab, "srv", tmp_path, files, unit="basic.target",
+                            setup="/usr/bin/python3 /root/spa.py install >/dev/null")
+
+
+def main_pid(box):
+    return int(box.run(["systemctl", "show", "-p", "MainPID", "--value", "spa"]).stdout)
+
+
+def test_the_unit_under_a_real_systemd(tmp_path):
+    """README.md's unit, as it is, under a real systemd (in a container here, as this machine
+    does not boot with one): it passes `systemd-analyze verify`; the server starts with the
+    unit's capabilities and sandbox, survives `systemctl reload` and SIGUSR1, opens for a
+    knock, runs a command message, and stops at once with `systemctl stop` (a command still
+    running goes with it); and the same with the iptables-legacy back end and syslog."""
+    need_systemd()
+    conf = ("[server]\nprotect = tcp/%d\n[client alice]\nkey_base64 = %s\nhmac_key_base64 = %s\n"
+            "fw_access_timeout = 30\nenable_cmd_exec = yes\ncmd_exec_user = nobody\n"
+            % (SERVICE_PORT, KEY, HMAC_KEY))
+    caps = unit_capabilities()
+    with Lab(clients=1, prefix="ops") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        with spa_container(lab, tmp_path, conf) as box:
+            verify = box.run(["systemd-analyze", "verify", "/etc/systemd/system/spa.service"],
+                             check=False)
+            assert verify.returncode == 0 and "spa.service" not in verify.stderr, verify.stderr
+            box.run(["systemctl", "start", "spa"])        # Type=notify: returns once it listens
+            assert any("listening on any udp/62201" in line for line in journal_lines(box))
+            pid = main_pid(box)
+            status = box.run(["cat", "/proc/%d/status" % pid]).stdout
+            assert int(re.search(r"CapBnd:\s*(\w+)", status).group(1), 16) == cap_mask(caps)
+            assert re.search(r"NoNewPrivs:\s*1", status)
+            mark = len(journal_lines(box))
+            box.run(["systemctl", "reload", "spa"])
+            wait_journal(box, r"reloaded /etc/spa/spa.conf: 1 client stanza", mark)
+            reader = int(box.run(["cat", "/proc/%d/task/%d/children" % (pid, pid)]).stdout.split()[0])
+            wait_uid(box, reader, "nobody")
+            mark = len(journal_lines(box))
+            box.run(["systemctl", "kill", "--kill-who=main", "-s", "USR1", "spa"])
+            wait_journal(box, r"stats: received 0, accepted 0, rejected 0", mark)
+            assert closed(lab, "cli1", Lab.srv4(1))
+            assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+            for command in ("/bin/true", "/bin/sleep 30"):
+                send_command(lab, command)
+                sleeping = wait_journal(box, r"running %s as nobody \(pid (\d+)\)"
+                                        % re.escape(repr(command)), mark).group(1)
+            wait_journal(box, r"'/bin/true' \(pid \d+\) exited with status 0", mark)
+            mark = len(journal_lines(box))
+            start = time.monotonic()
+            box.run(["systemctl", "stop", "spa"])
+            stopped = time.monotonic() - start
+            print("systemctl stop: %.3f s" % stopped)
+            after = journal_lines(box)[mark:]
+            assert any(line.startswith("stats: ") or " stats: " in line for line in after), after
+            assert any("stopping: protected ports stay closed" in line for line in after), after
+            journal = "\n".join(journal_lines(box))
+            assert not re.search(r"Traceback|crashed|cannot send signal|ermission|denied", journal), journal
+            assert box.run(["systemctl", "show", "-p", "Result", "--value", "spa"]).stdout.strip() == "success"
+            assert box.run(["test", "-e", "/proc/" + sleeping], check=False).returncode == 1  # gone too
+            assert stopped < 2.0, "systemctl stop took %.2f s" % stopped
+            listed = box.run(["nft", "list", "table", "inet", "spa"]).stdout
+            assert "reject with tcp reset" in listed                  # dark while stopped
+            # The back end that needs a file (its lock), and syslog through /dev/log.
+            box.run(["sed", "-i", r"s/^\[server\]$/[server]\nfirewall = iptables-legacy\nlog = syslog/",
+                     "/etc/spa/spa.conf"])
+            box.run(["nft", "delete", "table", "inet", "spa"])
+            lab.run("srv", ["nft", "flush", "ruleset"])
+            mark = len(journal_lines(box))
+            box.run(["systemctl", "start", "spa"])
+            wait_journal(box, r"listening on any udp/62201", mark)
+            assert closed(lab, "cli1", Lab.srv4(1))
+            assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+            wait_journal(box, r"accepted packet from 198\.18\.1\.2 \[client alice\]", mark)
+            assert "--reject-with tcp-reset" in lab.run("srv", ["iptables-legacy", "-S", "SPA_INPUT"]).stdout
+            box.run(["systemctl", "stop", "spa"])
+            assert box.run(["systemctl", "show", "-p", "Result", "--value", "spa"]).stdout.strip() == "success"
+            # Through /dev/log, a line is the message alone (on stderr it has a time stamp).
+            assert any(line.startswith("listening on any udp/62201")
+                       for line in journal_lines(box)[mark:]), journal_lines(box)[mark:]
+            lab.run("srv", ["iptables-legacy", "-F"])
+            assert "Traceback" not in "\n".join(journal_lines(box))
+            # A config it cannot run with: `systemctl start` says so (Type=simple said "ok").
+            box.run(["sed", "-i", "s/^protect = .*/protect = tcp\\/0/", "/etc/spa/spa.conf"])
+            mark = len(journal_lines(box))
+            assert box.run(["systemctl", "start", "spa"], check=False).returncode != 0
+            wait_journal(box, r"spa.py server: error: .*protect", mark)
+
+
+def journal_lines(box):
+    return box.run(["journalctl", "-u", "spa", "-o", "cat", "--no-pager"]).stdout.splitlines()
+
+
+def wait_journal(box, pattern, since=0, timeout=5.0):
+    """The first match of `pattern` in the spa unit's journal lines from index `since` on."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = journal_lines(box)[since:]
+        for line in lines:
+            m = re.search(pattern, line)
+            if m:
+                return m
+        if time.monotonic() > deadline:
+            raise TimeoutError("no %r in the journal:\n%s" % (pattern, "\n".join(lines[-30:])))
+        time.sleep(0.05)
+
+
+def wait_uid(box, pid, user, timeout=3.0):
+    import pwd
+    uid = str(pwd.getpwnam(user).pw_uid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = box.run(["cat", "/proc/%d/status" % pid], check=False).stdout
+        if re.search(r"^Uid:\s+%s\s" % uid, status, re.M):
+            return
+        time.sleep(0.01)
+    raise TimeoutError("pid %d is not %s" % (pid, user))

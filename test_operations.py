@@ -5,9 +5,10 @@ signals that fail, a full disk, broken replay files, safe temporary files, `inst
   (setpriv, with the unit's bounding set read from README.md) through a reload, SIGUSR1,
   a knock, a command that outruns its time limit and a stop; with CAP_KILL taken away
   as well, every signal that fails is logged and nothing crashes.  The unit file passes
-  `systemd-analyze verify`, and runs under a real systemd: this machine's when systemd
-  is PID 1, else a systemd booted in a throwaway container (PID, mount and cgroup
-  namespaces, an overlay of / that takes every write) in a test network namespace.
+  `systemd-analyze verify`, and runs under a real systemd: the machine's own, booted as
+  PID 1 of a throwaway container (PID, mount and cgroup namespaces, an overlay of / that
+  takes every write) in a test network namespace, so that it runs whether or not the
+  machine boots with systemd (this one does not), and changes nothing on the host.
 - Disk and files: a tmpfs of a few KB, filled up, under the replay cache.
 
 Namespace tests need root, ip and nft: outside CI they skip when one is missing, with
@@ -783,8 +784,7 @@ def main_pid(box):
 
 
 def test_the_unit_under_a_real_systemd(tmp_path):
-    """README.md's unit, as it is, under a real systemd (in a container here, as this machine
-    does not boot with one): it passes `systemd-analyze verify`; the server starts with the
+    """README.md's unit, as it is, under a real systemd (in a container): it passes `systemd-analyze verify`; the server starts with the
     unit's capabilities and sandbox, survives `systemctl reload` and SIGUSR1, opens for a
     knock, runs a command message, and stops at once with `systemctl stop` (a command still
     running goes with it); and the same with the iptables-legacy back end and syslog."""

@@ -4643,14 +4643,15 @@ def choose_python(given=None):
     """
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
+    system = "/usr/bin/python3"       # not python3.11: the name outlives an upgrade
     if given:
         candidates = [(given, "given with --python")]
     else:
-        candidates = [(sys.executable, "the Python running this install")]
-        if sys.platform.startswith("linux") and os.path.realpath("/usr/bin/python3") != \
-                os.path.realpath(sys.executable):
-            candidates.insert(0, ("/usr/bin/python3", "the system's Python, kept up to date by "
-                                                      "its distribution"))
+        candidates = []
+        if sys.platform.startswith("linux") and os.path.exists(system):
+            candidates.append((system, "the system's Python, kept up to date by its distribution"))
+        if not candidates or os.path.realpath(system) != os.path.realpath(sys.executable):
+            candidates.append((sys.executable, "the Python running this install"))
     usable, notes = [], []
     for python, why in candidates:
         problem = _interpreter_problem(python) if os.path.exists(python) else \

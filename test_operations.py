@@ -28,7 +28,7 @@ import pytest
 
 import netns_lab
 import spa
-from netns_lab import Lab, need_lab, wait_for_line, wait_tcp_open
+from netns_lab import Lab, need_lab, wait_for_line
 from test_spa import HMAC_KEY, KEY, SERVICE_PORT, closed, packet, timed_knock, write_private
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -889,3 +889,52 @@ def wait_uid(box, pid, user, timeout=3.0):
             return
         time.sleep(0.01)
     raise TimeoutError("pid %d is not %s" % (pid, user))
+
+
+class ListLog(object):
+    """A stand-in for spa.Log that keeps the lines."""
+
+    def __init__(self):
+        self.lines = []
+
+    def error(self, text, *args):
+        self.lines.append(text % args)
+    info = warning = debug = error
+
+
+def stubborn_reader():
+    """(pid, read end) of a child that keeps its end of the pipe and ignores SIGTERM."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(30)
+        os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def test_a_reader_that_does_not_end_is_killed_or_left_logged(tmp_path, monkeypatch):
+    """The reader ends when its pipe closes; one that does not is killed after `wait`; if
+    even that is refused (no CAP_KILL), it is logged and left, never waited for forever."""
+    config = server_conf(tmp_path)
+    log = ListLog()
+    sup = spa.Supervisor(None, spa.ServerConfig(config), None, log)
+    sup.pid, sup.fd = stubborn_reader()
+    start = time.monotonic()
+    sup._stop(wait=0.3)
+    assert 0.3 <= time.monotonic() - start < 1.0
+    assert sup.pid is None and sup.strays == [] and log.lines == []
+    pid, sup.fd = stubborn_reader()
+    sup.pid = pid
+    refused = []
+    monkeypatch.setattr(spa, "send_signal", lambda *args: refused.append(args[1:3]) or False)
+    try:
+        sup._stop(wait=0.2)
+        assert refused == [(pid, signal.SIGKILL)]
+        assert log.lines == ["the packet reader (pid %d) did not stop; left behind" % pid]
+        assert sup.strays == [pid] and alive(pid)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

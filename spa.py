@@ -4619,7 +4619,8 @@ _CAN_RUN_SPA = "import sys; sys.path.insert(0, sys.argv[1]); import spa; spa.aes
 
 def _interpreter_problem(python):
     """Why root should not run `python` (one line), or None: it and its directory must
-    belong to root (or to the installing user) and be writable by no one else."""
+    belong to root (or to the installing user), it writable by no one else, its directory
+    not by others."""
     real = os.path.realpath(python)
     if not os.path.isfile(real) or not os.access(real, os.X_OK):
         return "%s is not an executable file" % python
@@ -4645,7 +4646,8 @@ def choose_python(given=None):
     here = os.path.dirname(os.path.abspath(__file__))
     system = "/usr/bin/python3"       # not python3.11: the name outlives an upgrade
     if given:
-        candidates = [(given, "given with --python")]
+        import shutil
+        candidates = [(os.path.abspath(shutil.which(given) or given), "given with --python")]
     else:
         candidates = []
         if sys.platform.startswith("linux") and os.path.exists(system):

@@ -717,7 +717,7 @@ class SystemdContainer(object):
         return self.proc.stdout.read()
 
     def run(self, argv, check=True, timeout=30):
-        done = subprocess.run(["nsenter", "-t", str(self.pid), "-a"] + list(argv),
+        done = subprocess.run(["nsenter", "-t", str(self.pid), "-a", "-r", "-w"] + list(argv),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               universal_newlines=True, timeout=timeout)
         if check and done.returncode != 0:

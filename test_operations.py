@@ -804,7 +804,11 @@ def test_the_unit_under_a_real_systemd(tmp_path):
             pid = main_pid(box)
             status = box.run(["cat", "/proc/%d/status" % pid]).stdout
             assert int(re.search(r"CapBnd:\s*(\w+)", status).group(1), 16) == cap_mask(caps)
-            assert re.search(r"NoNewPrivs:\s*1", status)
+            assert re.search(r"NoNewPrivs:\s*1", status) and re.search(r"Seccomp:\s*2", status)
+            mounts = {line.split()[4]: line.split()[5].split(",")[0] for line in
+                      box.run(["cat", "/proc/%d/mountinfo" % pid]).stdout.splitlines()}
+            assert (mounts["/"], mounts["/run"], mounts["/var/lib/spa"], mounts["/run/xtables.lock"],
+                    mounts["/tmp"]) == ("ro", "ro", "rw", "rw", "rw"), mounts
             mark = len(journal_lines(box))
             box.run(["systemctl", "reload", "spa"])
             wait_journal(box, r"reloaded /etc/spa/spa.conf: 1 client stanza", mark)

@@ -3645,6 +3645,8 @@ class Supervisor(object):
     def run(self):
         import select
         import signal
+        if not hasattr(self, "pending"):
+            self.catch_signals()
         wake_r, pending = self.wake_r, self.pending
         crashes = []
         firewall = self.gate.firewall

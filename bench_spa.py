@@ -924,7 +924,7 @@ def installed(python):
         import shutil
         prefix = tempfile.mkdtemp(prefix="bench-spa-install-")
         atexit.register(shutil.rmtree, prefix, True)
-        subprocess.run([python, SPA, "install", "--prefix", prefix], check=True,
+        subprocess.run([python, SPA, "install", "--prefix", prefix, "--python", python], check=True,
                        stdout=subprocess.DEVNULL)
         _INSTALLED[python] = os.path.join(prefix, "bin", "spa")
     return _INSTALLED[python]

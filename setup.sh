@@ -7,10 +7,12 @@ cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # The tool: nftables and pycryptodome.  The tests: iptables, iproute2, the real fwknop
-# client and server to test against, pytest and hypothesis.
+# client and server to test against, pytest and hypothesis, and systemd (the README's unit
+# runs under it, booted in a throwaway container: nothing of this machine's changes).
 apt-get install -y -qq --no-install-recommends \
     nftables iptables iproute2 python3 python3-pycryptodome python3-pytest python3-hypothesis \
-    python3-pip fwknop-client fwknop-server nmap hyperfine openssh-client openssh-server >/dev/null
+    python3-pip fwknop-client fwknop-server nmap hyperfine openssh-client openssh-server \
+    systemd >/dev/null
 
 # The python3 on PATH may not be Debian's (pyenv, a venv): give it the same modules.
 if ! python3 -c 'import pytest, hypothesis

@@ -72,6 +72,7 @@ MSG_NAMES = {0: "command", 1: "access", 2: "NAT access", 3: "access with timeout
 TIMEOUT_TYPES = (MSG_TIMEOUT_ACCESS, MSG_TIMEOUT_NAT, MSG_TIMEOUT_LOCAL_NAT)
 NAT_TYPES = (MSG_NAT, MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
 PROTO_NUMBERS = {"tcp": 6, "udp": 17}
+COMMAND_TIME_LIMIT = 60               # seconds a command message may run before it is killed
 USERNAME_FORBIDDEN = set('"/\\[]:;|=,+*?<>')
 
 
@@ -1451,6 +1452,70 @@ def _u32(number):
     return min(max(int(number), 0), 0xFFFFFFFF)
 
 
+def check_private_dir(path, writers=0o022):
+    """Why a directory where root keeps state or code is unsafe (one line), or None.
+
+    It must be a directory that belongs to root (or to this user) and that no one else may
+    write to (`writers`: group or others; others alone for install's directories, where
+    Debian lets the group staff write): whoever can write there can swap the files root
+    writes or runs.  (Checked on the modes: as root, os.access() says yes to everything.)
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return "cannot use %s: %s" % (path, e.strerror)
+    if not os.path.isdir(path):
+        return "%s is not a directory" % path
+    if st.st_uid not in (0, os.geteuid()):
+        return "%s belongs to uid %d, not to root: run 'chown root: %s'" % (path, st.st_uid, path)
+    if st.st_mode & writers:
+        return "%s is writable by %s (mode %04o): run 'chmod %s-w %s'" % (
+            path, "group or others" if writers & 0o020 else "others", st.st_mode & 0o7777,
+            "go" if writers & 0o020 else "o", path)
+    return None
+
+
+def create_temp_file(path, mode=0o600):
+    """(name, fd) of a new file next to `path`, with a random name, created only if no file,
+    link or symlink has that name (O_EXCL, O_NOFOLLOW): nothing planted is ever followed."""
+    for _ in range(10):
+        name = "%s.%s.tmp" % (path, binascii.hexlify(os.urandom(6)).decode())
+        try:
+            return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            continue
+    raise OSError(17, "cannot make a temporary file next to %s" % path)
+
+
+def replace_file(path, write, mode=0o600):
+    """Write a file anew and swap it in atomically: `write(fd)` fills a new file made next
+    to it (create_temp_file), which gets `mode` (whatever the umask), is synced and renamed
+    over `path` (a symlink there is replaced, never followed).  OSError if anything fails:
+    the new file is removed and `path` left as it was."""
+    tmp, fd = create_temp_file(path, mode)
+    try:
+        try:
+            write(fd)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_all(fd, data):
+    """os.write until all of `data` is written (a short write raises on the next call)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class ReplayCache(object):
     """The digests of every authenticated packet, kept durably in a file.
 
@@ -1459,33 +1524,58 @@ class ReplayCache(object):
     before, is read too: see _replay_digest).  An entry is kept while
     its packet could still pass the age check; older entries are pruned, so the
     file stays small.  `path` None keeps it in memory only (server --test).
+
+    The directory must belong to root and be writable by no one else (it is made, mode
+    0700, if missing).  Lines that cannot be read are skipped and counted (`skipped`).
+    When a write fails (a full disk), `failure` says why, add_many() returns False
+    (nothing may open), and the next attempt writes the whole cache anew, so the file
+    never keeps the failed write's partial line.
     """
 
     def __init__(self, path, max_age, now=None):
         self.path, self.max_age = path, max_age
         # digest -> the later of packet time and time seen
         self.entries = PackedMap(16, _replay_digest, _replay_key)
-        self.file = None
+        self.fd = None          # the file, open for appending
+        self.failure = None     # why the last write failed; None while every digest is durable
+        self.skipped = 0        # lines of the file that could not be read
+        self.lines = 0
         now = time.time() if now is None else now
         if path is None:
             return
-        lines = 0
+        directory = os.path.dirname(os.path.abspath(path))
         try:
-            with open(path) as f:
-                for line in f:
-                    parts = line.split()
-                    lines += 1
-                    if len(parts) == 3 and not line.startswith("#"):
-                        try:
-                            self.entries[parts[0]] = _u32(max(int(parts[1]), int(parts[2])))
-                        except ValueError:
-                            pass
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise SpaError("cannot make the replay cache's directory %s: %s" % (directory, e.strerror))
+        problem = check_private_dir(directory)
+        if problem:
+            raise SpaError("replay cache: %s" % problem)
+        self._load(path)
+        self.prune(now)
+        try:
+            self.rewrite()
+        except OSError as e:
+            if e.errno not in (28, 122):      # ENOSPC, EDQUOT: start, and refuse knocks for now
+                raise SpaError("cannot write the replay cache %s: %s" % (path, e.strerror))
+            self.failure = e.strerror
+
+    def _load(self, path):
+        try:
+            f = open(path, "rb")
         except FileNotFoundError:
-            pass
+            return
         except OSError as e:
             raise SpaError("cannot read the replay cache %s: %s" % (path, e.strerror))
-        self.prune(now)
-        self.rewrite()
+        with f:
+            for line in f:
+                if not line.strip() or line.startswith(b"#"):
+                    continue
+                try:
+                    digest, stamp, seen = line.decode("ascii").split()
+                    self.entries[digest] = _u32(max(int(stamp), int(seen)))
+                except ValueError:            # not three fields, not numbers, not ASCII
+                    self.skipped += 1
 
     def __contains__(self, digest):
         return digest in self.entries
@@ -1500,53 +1590,86 @@ class ReplayCache(object):
 
     def add(self, digest, packet_time, now):
         """Record a digest; written and flushed to disk before the caller opens anything."""
-        self.add_many([(digest, packet_time)], now)
+        return self.add_many([(digest, packet_time)], now)
 
     def add_many(self, digests, now):
-        """Record [(digest, packet time)] with one write and one sync."""
+        """Record [(digest, packet time)] with one write and one sync.  True once they are
+        durable; False if they could not be written (`failure` says why): then the
+        caller must open nothing.  They stay remembered here either way."""
         for digest, packet_time in digests:
             self.entries[digest] = _u32(max(packet_time, int(now)))
-        if self.file is not None and digests:
-            self.file.write("".join("%s %d %d\n" % (_replay_key(_replay_digest(digest)),
-                                                     packet_time, int(now))
-                                    for digest, packet_time in digests))
-            self.file.flush()
-            sync_file(self.file.fileno())
-            self.lines += len(digests)
-            if self.lines > 2 * len(self.entries) + 1000:
-                self.prune(now)
+        if self.path is None or not digests:
+            return True
+        if self.fd is None:
+            return self.retry()               # the whole cache, these digests with it
+        try:
+            write_all(self.fd, "".join("%s %d %d\n" % (_replay_key(_replay_digest(digest)),
+                                                        packet_time, int(now))
+                                       for digest, packet_time in digests).encode())
+            sync_file(self.fd)
+        except OSError as e:
+            self._failed(e)
+            return False
+        self.lines += len(digests)
+        if self.lines > 2 * len(self.entries) + 1000:
+            self.prune(now)
+            try:
                 self.rewrite()
+            except OSError as e:    # the file as it was holds every digest: compact it later
+                if self.fd is None:             # ...unless it was replaced: write anew then
+                    self.failure = e.strerror or str(e)
+        return True
+
+    def retry(self):
+        """After a failed write, write the whole cache anew; True once that worked."""
+        if self.fd is not None or self.path is None:
+            return True
+        try:
+            self.rewrite()
+        except OSError as e:
+            self.failure = e.strerror or str(e)
+            return False
+        self.failure = None
+        return True
+
+    def _failed(self, error):
+        self.failure = error.strerror or str(error)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def prune(self, now):
         limit = int(now) - self.max_age       # the age check counts whole seconds too
         self.entries.keep_if(lambda t: t >= limit)
 
     def rewrite(self):
-        """Write the live entries to a new file and swap it in atomically."""
+        """Write the live entries to a new file and swap it in atomically (replace_file).
+
+        OSError if that fails: the old file is left as it was.  Lines go out 64 KiB at a
+        time, each made and dropped in its turn (a list of 10,000 lines would leave its
+        memory with Python's allocator).
+        """
         if self.path is None:
             return
-        directory = os.path.dirname(os.path.abspath(self.path))
-        tmp = self.path + ".tmp"
+
+        def write(fd):
+            chunk = bytearray(b"# spa.py replay cache: digest packet-time seen-time\n")
+            for digest, t in self.entries.items():
+                chunk += b"%s %d %d\n" % (digest.encode(), t, t)
+                if len(chunk) >= 65536:
+                    write_all(fd, chunk)
+                    del chunk[:]
+            write_all(fd, chunk)
+        replace_file(self.path, write)
+        if self.fd is not None:        # the file it appends to is gone
+            os.close(self.fd)
+            self.fd = None
+        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write("# spa.py replay cache: digest packet-time seen-time\n")
-                for digest, t in self.entries.items():
-                    f.write("%s %d %d\n" % (digest, t, t))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            if self.file is not None:
-                self.file.close()
-            self.file = open(self.path, "a")
-        except OSError as e:
-            raise SpaError("cannot write the replay cache %s: %s" % (self.path, e.strerror))
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         self.lines = len(self.entries)
 
     def copy(self):
@@ -1556,9 +1679,9 @@ class ReplayCache(object):
         return seen
 
     def close(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # ---------------------------------------------------------------------------
@@ -3712,6 +3835,24 @@ class RateLimiter(object):
 # and to open ports.  The parent checks every request against the config, so a
 # bug in packet parsing gives an attacker no more than a valid knock could get.
 
+def send_signal(log, pid, signum, what, group=False):
+    """Signal a process (or its process group); False, logged, if that was refused.
+
+    Never raises: a root process without CAP_KILL may not signal another user's process
+    (the packet reader, a command), and that must not stop the server.  A process that
+    is already gone counts as done.
+    """
+    try:
+        (os.killpg if group else os.kill)(pid, signum)
+    except ProcessLookupError:
+        pass
+    except OSError as e:
+        log.error("cannot send signal %d to %s (pid %d): %s%s", signum, what, pid, e.strerror,
+                  " (the server lacks CAP_KILL)" if e.errno == 1 else "")
+        return False
+    return True
+
+
 class Gatekeeper(object):
     """The privileged side: records replay digests durably, then opens the firewall."""
 
@@ -3764,7 +3905,8 @@ class Gatekeeper(object):
             results.append(ok and request.get("op") == "record")
         if not records:
             return results
-        self.replay.add_many(records, now)        # durable before anything opens
+        if not self._durable(records, [g for _, g in grants], now):    # before anything opens
+            return [False] * len(results)
         try:
             self.firewall.open_many(openings, now)
             opened = True
@@ -3777,6 +3919,30 @@ class Gatekeeper(object):
             if results[index] and g["command"] is None:
                 self._log_grant(g)
         return results
+
+    def _durable(self, records, grants, now):
+        """Record the digests durably; False, logged, if that cannot be done (a full disk):
+        then nothing opens.  The cache is written anew at the next knock and every second
+        (retry_replay), and knocks are accepted again as soon as that works."""
+        failing = self.replay.failure
+        if self.replay.add_many(records, now):
+            if failing is not None:
+                self.log.info("replay cache %s can be written again: knocks are accepted again",
+                              self.replay.path)
+            return True
+        if failing is None:
+            self.log.error("replay cache %s cannot be written (%s): knocks are refused until it "
+                           "can", self.replay.path, self.replay.failure)
+        for g in grants:
+            self.log.error("refused the knock from %s [client %s]: no durable replay record (%s)",
+                           g.get("source"), g["stanza"].name, self.replay.failure)
+        return False
+
+    def retry_replay(self):
+        """While the replay cache cannot be written: try again (logged when it works)."""
+        if self.replay.failure is not None and self.replay.retry():
+            self.log.info("replay cache %s can be written again: knocks are accepted again",
+                          self.replay.path)
 
     def _check(self, g):
         """The request in checked form, or None (logged) if it is outside the policy."""
@@ -3864,10 +4030,11 @@ class Gatekeeper(object):
             os.setgroups([])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
-        try:
+        try:     # a session of its own: killed as a group, and no signal of ours reaches it
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
-                                    preexec_fn=become_user, env={"PATH": "/usr/bin:/bin"})
+                                    preexec_fn=become_user, env={"PATH": "/usr/bin:/bin"},
+                                    start_new_session=True)
         except OSError as e:
             self.log.error("command from %s [client %s] as %s failed to start: %s",
                            g.get("source"), stanza.name, user.pw_name, e.strerror)
@@ -3878,15 +4045,22 @@ class Gatekeeper(object):
         self.commands.append((proc, command, time.monotonic()))
         return True
 
-    def reap_commands(self, limit=60.0):
-        """Log how finished commands ended; stop those that run longer than `limit` seconds."""
+    def reap_commands(self, limit=None):
+        """Log how finished commands ended; stop those that run longer than `limit` seconds
+        (COMMAND_TIME_LIMIT).  A kill that fails is logged, and the command left to end."""
+        import signal
+        limit = COMMAND_TIME_LIMIT if limit is None else limit
         running = []
         for proc, command, started in self.commands:
             status = proc.poll()
             if status is None and time.monotonic() - started > limit:
-                proc.kill()
-                status = proc.wait()
-                self.log.warning("command %r ran over %d s: killed", command, limit)
+                if send_signal(self.log, proc.pid, signal.SIGKILL, "command %r" % command, True):
+                    status = proc.wait()
+                    self.log.warning("command %r ran over %d s: killed", command, limit)
+                else:
+                    self.log.warning("command %r ran over %d s and could not be killed: left "
+                                     "running", command, limit)
+                    started = float("inf")          # tried once; its end is still logged
             if status is None:
                 running.append((proc, command, started))
             else:
@@ -4048,9 +4222,13 @@ class Reader(object):
             if time.monotonic() >= next_housekeeping:
                 next_housekeeping = time.monotonic() + 10
                 self.seen.prune(time.time())
-                n = self.limiter.take_suppressed()
-                if n:
-                    self.log.info("%d more rejected packets were not logged (rate limit)", n)
+                self.log_suppressed()
+
+    def log_suppressed(self):
+        """Log how many rejections the rate limit left out since the last such line."""
+        n = self.limiter.take_suppressed()
+        if n:
+            self.log.info("%d more rejected packets were not logged (rate limit)", n)
 
 
 def crypto_available():
@@ -4116,8 +4294,13 @@ def start_reader(config, sockets, seen, log, user):
     # collector leaves shared pages alone.
     preload()
     getattr(gc, "freeze", lambda: None)()
+    # Signals wait, blocked, until each side has its own handlers: one that reached the
+    # child before then would run the parent's handler there (lost) or end it (SIG_DFL).
+    caught = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(w)
         return pid, r
     code = 1
@@ -4138,13 +4321,16 @@ def start_reader(config, sockets, seen, log, user):
             raise SystemExit
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)      # what came meanwhile, now
         try:
-            reader.run(sockets, w)
+            reader.run(sockets, w)       # returns when the parent closes its end of the pipe
             code = 0
-        except SystemExit:
+        except (SystemExit, BrokenPipeError):   # SIGTERM; a request after the pipe closed
             code = 0
         except CaptureLost:
             code = Supervisor.CAPTURE_LOST
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # stopping already: say what was seen
+        reader.log_suppressed()
         log.info("%s", reader.stats())
     except SpaError as e:
         log.error("packet reader: %s", e)
@@ -4170,6 +4356,7 @@ class Supervisor(object):
         self.pid = self.fd = None
         self.buffer = b""
         self.expire_failed = 0    # expire() failures in a row
+        self.strays = []      # readers that did not stop when told: reaped when they end
 
     def open_captures(self, first=False):
         """Open capture sockets for every configured interface not captured yet.
@@ -4201,15 +4388,24 @@ class Supervisor(object):
             sock.close()
         self.captures = {}
 
+    def catch_signals(self):
+        """From now on SIGTERM, SIGINT, SIGHUP and SIGUSR1 wait in `pending` for run(), which
+        a byte on the wake-up pipe wakes: caught before the server says it listens, so an
+        early `systemctl reload` cannot end it."""
+        import signal
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        self.pending = []
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: self.pending.append(signum))
+
     def run(self):
         import select
         import signal
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        pending = []
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, lambda signum, frame: pending.append(signum))
+        if not hasattr(self, "pending"):
+            self.catch_signals()
+        wake_r, pending = self.wake_r, self.pending
         crashes = []
         firewall = self.gate.firewall
         monitor = self._monitor(firewall)
@@ -4250,7 +4446,7 @@ class Supervisor(object):
                     if signum in (signal.SIGTERM, signal.SIGINT):
                         return
                     if signum == signal.SIGUSR1 and self.pid:
-                        os.kill(self.pid, signal.SIGUSR1)
+                        send_signal(self.log, self.pid, signal.SIGUSR1, "the packet reader")
                     if signum == signal.SIGHUP:
                         self.reload()
                 if self.waiting and self.open_captures():
@@ -4259,6 +4455,8 @@ class Supervisor(object):
                     next_expire = time.monotonic() + 1
                     self._expire(firewall)
                     self.gate.reap_commands()
+                    self.gate.retry_replay()
+                    self.strays = [pid for pid in self.strays if not os.waitpid(pid, os.WNOHANG)[0]]
                 if time.monotonic() >= next_check:     # in case the monitor missed something
                     next_check = time.monotonic() + every
                     firewall.restore()
@@ -4390,24 +4588,52 @@ class Supervisor(object):
             return os.WEXITSTATUS(status), "exit status %d" % os.WEXITSTATUS(status)
         return None, "killed by signal %d" % os.WTERMSIG(status)
 
-    def _stop(self):
+    def _stop(self, wait=2.0):
+        """Stop the packet reader: carry out what it has sent, then close its pipe.
+
+        The reader ends as soon as its pipe to us closes (it polls for that), so no
+        signal is needed: a root parent without CAP_KILL may not signal it (another
+        user), and a signal could land in the middle of a request.  A request written
+        between the last read and the close is lost: a knock then opens nothing (the
+        digest was never recorded; the client knocks again).  A reader that has not
+        ended after `wait` seconds is killed; if even that is refused, it is left to
+        end (logged), and reaped later.
+        """
         import select
         import signal
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + 5
-            while self._serve():     # carry out what it sent before it went, round by round
-                if time.monotonic() > deadline:
-                    deadline = float("inf")
-                    try:
-                        os.kill(self.pid, signal.SIGKILL)    # it does not go: make it
-                    except ProcessLookupError:
-                        pass
-                select.select([self.fd], [], [], 0.1)      # more of it, or its end
-            self._reap()
+        if not self.pid:
+            return
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while poller.poll(0) and self._serve():     # what is waiting now, round by round
+            pass
+        os.close(self.fd)
+        pid, self.pid, self.fd = self.pid, None, None
+        for step in (wait, 1.0):
+            deadline = time.monotonic() + step
+            while time.monotonic() < deadline:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    return
+                time.sleep(0.002)
+            if step == wait:
+                send_signal(self.log, pid, signal.SIGKILL, "the packet reader")
+        self.log.error("the packet reader (pid %d) did not stop; left behind", pid)
+        self.strays.append(pid)
+
+
+def notify_systemd(state):
+    """Tell systemd how the server is (Type=notify: READY=1 once it protects and listens, so
+    `systemctl start` waits for that, and fails if the server does not get there).  Does
+    nothing outside systemd; the variable is dropped, so no child of ours could use it."""
+    path = os.environ.pop("NOTIFY_SOCKET", "")
+    if not path.startswith(("/", "@")):
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect("\0" + path[1:] if path.startswith("@") else path)
+            sock.send(state.encode())
+    except OSError:
+        pass
 
 
 def server_main(args):
@@ -4437,7 +4663,14 @@ def server_main(args):
     crypto_available()
     # Replay cache first, so a config or permission problem stops us before any change.
     replay = ReplayCache(None if args.test else config.replay_cache, config.max_packet_age)
+    if replay.skipped:
+        log.warning("replay cache %s: skipped %d line(s) that could not be read",
+                    config.replay_cache, replay.skipped)
+    if replay.failure is not None:
+        log.error("replay cache %s cannot be written (%s): knocks are refused until it can",
+                  config.replay_cache, replay.failure)
     supervisor = Supervisor(args, config, Gatekeeper(config, firewall, replay, log), log)
+    supervisor.catch_signals()
     supervisor.open_captures(first=True)
     firewall.setup()
     if not args.test:
@@ -4446,6 +4679,7 @@ def server_main(args):
              "user %s%s", ",".join(config.interfaces + config.optional_interfaces), config.port,
              format_access(config.protect), config.protect_action, len(config.stanzas),
              supervisor.user or "(unchanged: not root)", "; test mode" if args.test else "")
+    notify_systemd("READY=1")
     try:
         supervisor.run()
     finally:
@@ -4568,8 +4802,10 @@ def check_config_main(args):
             except SpaError as e:
                 line(False, str(e))
     directory = os.path.dirname(os.path.abspath(config.replay_cache))
-    line(os.access(directory, os.W_OK) or not os.path.exists(directory),
-         "replay cache %s" % config.replay_cache)
+    problem = check_private_dir(directory) if os.path.lexists(directory) else None
+    line(problem is None, "replay cache %s%s" % (config.replay_cache, ": " + problem if problem
+                                                 else "" if os.path.lexists(directory)
+                                                 else " (its directory is made at start)"))
     print("  packets are read as user %s" % config.user)
     for stanza in config.stanzas:
         print("  [client %s]: from %s; opens %s for %d s (a client may ask for up to %d s); "
@@ -5481,38 +5717,140 @@ def selftest_main(args):
 # install: a launcher, so that Python reuses the compiled code
 # ---------------------------------------------------------------------------
 
-LAUNCHER = """#!{python}
+LAUNCHER = """#!{python} -I
 # spa.py's launcher, written by `spa.py install`: importing spa (rather than running
 # spa.py as a script) lets Python reuse its compiled code: a faster start, less memory.
+# -I (isolated): PYTHONPATH, the user's site-packages and the current directory are not
+# searched, so root imports nothing but this directory and the interpreter's own modules.
 import sys
 sys.path.insert(0, {lib!r})
 import spa
 sys.exit(spa.main())
 """
 
+# Run by a candidate interpreter (-I -B): can it run spa.py, AES included?
+_CAN_RUN_SPA = "import sys; sys.path.insert(0, sys.argv[1]); import spa; spa.aes_module()"
+
+
+def _interpreter_problem(python):
+    """Why root should not run `python` (one line), or None: it and its directory must
+    belong to root (or to the installing user), it writable by no one else, its directory
+    not by others."""
+    real = os.path.realpath(python)
+    if not os.path.isfile(real) or not os.access(real, os.X_OK):
+        return "%s is not an executable file" % python
+    for path, writers in ((real, 0o022), (os.path.dirname(real), 0o002)):
+        st = os.stat(path)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & writers:
+            return "%s belongs to uid %d (mode %04o): root would run what that user may change" % (
+                path, st.st_uid, st.st_mode & 0o7777)
+    if any(c.isspace() for c in python) or len(python) > 120:
+        return "%s cannot go in a #! line" % python
+    return None
+
+
+def choose_python(given=None):
+    """(interpreter, why) for the launcher's #! line.
+
+    --python if given; else the system's /usr/bin/python3 (its distribution keeps it up
+    to date) when it can run spa.py with AES; else the Python running this install when
+    it can.  If neither can load pycryptodome the first usable one is kept, with a
+    warning.  Never one that another user could change (_interpreter_problem).
+    """
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    system = "/usr/bin/python3"       # not python3.11: the name outlives an upgrade
+    if given:
+        import shutil
+        candidates = [(os.path.abspath(shutil.which(given) or given), "given with --python")]
+    else:
+        candidates = []
+        if sys.platform.startswith("linux") and os.path.exists(system):
+            candidates.append((system, "the system's Python, kept up to date by its distribution"))
+        if not candidates or os.path.realpath(system) != os.path.realpath(sys.executable):
+            candidates.append((sys.executable, "the Python running this install"))
+    usable, notes = [], []
+    for python, why in candidates:
+        problem = _interpreter_problem(python) if os.path.exists(python) else \
+            "%s does not exist" % python
+        if problem:
+            notes.append(problem)
+            continue
+        try:
+            done = subprocess.run([python, "-I", "-B", "-c", _CAN_RUN_SPA, here],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            ok = done.returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if ok:
+            return python, "; ".join([why] + notes)
+        usable.append((python, why))
+        notes.append("%s cannot load pycryptodome (apt install python3-pycryptodome, or pip "
+                     "install pycryptodome)" % python)
+    if not usable:
+        raise SpaError("no Python to run spa.py with: %s; name one with --python" % "; ".join(notes))
+    python, why = usable[0]
+    return python, "%s; WARNING: %s" % (why, "; ".join(notes))
+
+
+def _install_dir(path, ours=False):
+    """Make `path` (mode 0755) if it is missing; refuse one that root should not trust
+    (check_private_dir: owned by another user, or writable by others).  Our own
+    directories (`ours`: lib/spa, __pycache__) must be real directories, and get 0755."""
+    try:
+        os.makedirs(path, 0o755)     # (with its parents: the umask is 022 here)
+    except FileExistsError:
+        if ours and os.path.islink(path):
+            raise SpaError("%s is a symlink: remove it, spa.py makes that directory" % path)
+    problem = check_private_dir(path, 0o002)
+    if problem:
+        raise SpaError(problem)
+    if ours:
+        os.chmod(path, 0o755)
+
 
 def install_main(args):
-    """Copy this file to PREFIX/lib/spa, compile it, and write the launcher PREFIX/bin/spa."""
-    import py_compile
-    import shutil
-    lib = os.path.join(args.prefix, "lib", "spa")
+    """Copy this file to PREFIX/lib/spa, compile it, and write the launcher PREFIX/bin/spa.
+
+    Root runs what this writes, so: every directory on the way must belong to root (or to
+    the installing user) and be writable by no one else; modes are set explicitly
+    (directories and the launcher 0755, the rest 0644), whatever the umask; each file is
+    written under a random name (O_EXCL, O_NOFOLLOW) and renamed into place, so a planted
+    symlink is never followed; and the launcher runs Python isolated (-I).
+    """
+    import subprocess
+    prefix = os.path.abspath(args.prefix)
+    lib = os.path.join(prefix, "lib", "spa")
     target = os.path.join(lib, "spa.py")
-    launcher = os.path.join(args.prefix, "bin", "spa")
+    launcher = os.path.join(prefix, "bin", "spa")
+    python, why = choose_python(args.python)
+    umask = os.umask(0o022)
     try:
-        os.makedirs(lib, 0o755, exist_ok=True)
-        os.makedirs(os.path.dirname(launcher), 0o755, exist_ok=True)
-        if os.path.abspath(__file__) != os.path.abspath(target):
-            shutil.copyfile(os.path.abspath(__file__), target)
-        os.chmod(target, 0o644)
-        py_compile.compile(target, doraise=True)
-        tmp = launcher + ".new"
-        with open(tmp, "w") as f:
-            f.write(LAUNCHER.format(python=sys.executable, lib=lib))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, launcher)
-    except (OSError, py_compile.PyCompileError) as e:
-        raise SpaError("cannot install into %s: %s" % (args.prefix, getattr(e, "strerror", e)))
-    print("installed %s and the launcher %s (runs %s)" % (target, launcher, sys.executable))
+        for path in (prefix, os.path.dirname(lib), lib, os.path.dirname(launcher)):
+            _install_dir(path, ours=path == lib)
+        with open(os.path.abspath(__file__), "rb") as f:
+            code = f.read()
+        replace_file(target, lambda fd: write_all(fd, code), 0o644)
+        cache = os.path.join(lib, "__pycache__")
+        _install_dir(cache, ours=True)
+        done = subprocess.run([python, "-I", "-c", "import py_compile, sys; print(py_compile."
+                               "compile(sys.argv[1], doraise=True))", target],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        if done.returncode != 0:
+            raise SpaError("%s could not compile %s: %s" % (
+                python, target, (done.stderr.strip().splitlines() or ["?"])[-1]))
+        compiled = done.stdout.strip()
+        if os.path.dirname(compiled) != cache or os.path.islink(compiled):
+            raise SpaError("%s compiled %s to %s, not into %s" % (python, target, compiled, cache))
+        os.chmod(compiled, 0o644)
+        text = LAUNCHER.format(python=python, lib=lib).encode()
+        replace_file(launcher, lambda fd: write_all(fd, text), 0o755)
+    except OSError as e:
+        raise SpaError("cannot install into %s: %s" % (prefix, e.strerror or e))
+    finally:
+        os.umask(umask)
+    print("installed %s (compiled) and the launcher %s" % (target, launcher))
+    print("the launcher runs %s -I (isolated): %s" % (python, why))
     return 0
 
 
@@ -5768,6 +6106,9 @@ def _install_options(sub, fmt):
                        "server needs less memory, because Python reuses the compiled code.",
                        epilog="example:\n  sudo python3 spa.py install && spa --version")
     i.add_argument("--prefix", default="/usr/local", help="where to install (default /usr/local)")
+    i.add_argument("--python", metavar="PATH",
+                   help="the Python the launcher runs (default: /usr/bin/python3 if it can load "
+                   "pycryptodome, else the one running this install)")
 
 
 def _selftest_options(sub, fmt):

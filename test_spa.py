@@ -27,32 +27,35 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SPA = os.path.join(HERE, "spa.py")
 
 
-def find_shared():
-    """../shared next to the checkout (CI lays a copy of it beside the clone)."""
-    for base in (os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))):
-        path = os.path.join(base, "shared", "vectors")
-        if os.path.isdir(path):
-            return path
-    return None
-
-
-VECTOR_DIR = find_shared()
+TESTDATA = os.path.join(HERE, "testdata")
 
 
 def load_vectors():
-    if VECTOR_DIR is None:
-        if os.environ.get("CI") == "true":
-            raise RuntimeError("../shared/vectors is missing")
-        return [], {}
-    with open(os.path.join(VECTOR_DIR, "vectors.json")) as f:
-        vectors = json.load(f)["vectors"]
-    with open(os.path.join(VECTOR_DIR, "decoded.json")) as f:
-        decoded = {d["name"]: d for d in json.load(f)["vectors"]}
-    return vectors, decoded
+    """The real fwknop client's packets and their decoded values, kept in the repository
+    (made by testdata/make_vectors.py).  Missing files fail the tests that use them."""
+    try:
+        with open(os.path.join(TESTDATA, "vectors.json")) as f:
+            vectors = json.load(f)
+        with open(os.path.join(TESTDATA, "decoded.json")) as f:
+            decoded = {d["name"]: d for d in json.load(f)["vectors"]}
+    except OSError as e:
+        return None, None, "testdata is missing (%s): run testdata/make_vectors.py" % e
+    return vectors, decoded, None
 
 
-VECTORS, DECODED = load_vectors()
-needs_vectors = pytest.mark.skipif(not VECTORS, reason="../shared/vectors not found")
+VECTOR_FILE, DECODED, VECTORS_MISSING = load_vectors()
+VECTORS = VECTOR_FILE["vectors"] if VECTOR_FILE else []
+
+
+def vector(name):
+    """One vector of testdata/vectors.json by name; fails (never skips) if it is not there."""
+    if VECTORS_MISSING:
+        pytest.fail(VECTORS_MISSING, pytrace=False)
+    found = [v for v in VECTORS if v["name"] == name]
+    if not found:
+        pytest.fail("testdata/vectors.json has no vector %r" % name, pytrace=False)
+    return found[0]
+
 
 KEY = base64.b64encode(b"k" * 32).decode()
 HMAC_KEY = base64.b64encode(b"h" * 64).decode()
@@ -142,16 +145,18 @@ DEFAULT_OUTCOME = {
 }
 
 
-@needs_vectors
 def test_every_vector_has_an_expected_outcome():
+    vector("aes_cbc_hmac_sha256_default")
     with_wire = {v["name"] for v in VECTORS if v["wire"]}
     assert with_wire == set(DEFAULT_OUTCOME)
+    # made by Debian's fwknop client, whose version the file records
+    assert VECTOR_FILE["made_by"] == "testdata/make_vectors.py"
+    assert re.match(r"fwknop client \d+\.\d+\.\d+, FKO protocol", VECTOR_FILE["fwknop_version"])
 
 
-@needs_vectors
 @pytest.mark.parametrize("name", sorted(DEFAULT_OUTCOME))
 def test_default_server_on_real_client_vectors(tmp_path, name):
-    vec = next(v for v in VECTORS if v["name"] == name)
+    vec = vector(name)
     config = vector_stanza(tmp_path, vec)
     d = decide(config, vec["wire"].encode(), now=vector_time(vec))
     expected = DEFAULT_OUTCOME[name]
@@ -168,7 +173,6 @@ def test_default_server_on_real_client_vectors(tmp_path, name):
         assert expected in d.reason
 
 
-@needs_vectors
 @pytest.mark.parametrize("name,option", [
     ("aes_cbc_hmac_sha512", {"hmac_digest_type": "sha512"}),
     ("aes_cbc_hmac_sha384", {"hmac_digest_type": "sha384"}),
@@ -179,13 +183,12 @@ def test_default_server_on_real_client_vectors(tmp_path, name):
     ("mode_ofb", {"encryption_mode": "ofb"}),
 ])
 def test_vectors_accepted_when_the_stanza_matches(tmp_path, name, option):
-    vec = next(v for v in VECTORS if v["name"] == name)
+    vec = vector(name)
     d = decide(vector_stanza(tmp_path, vec, **option), vec["wire"].encode(), now=vector_time(vec))
     assert d.accepted, d.reason
     assert d.message.access == [("tcp", 22)]
 
 
-@needs_vectors
 @pytest.mark.parametrize("name,nat,timeout", [
     ("nat_access", ("10.11.12.13", 22, False), 30),
     ("nat_access_client_timeout", ("10.11.12.13", 22, False), 120),
@@ -193,7 +196,7 @@ def test_vectors_accepted_when_the_stanza_matches(tmp_path, name, option):
     ("local_nat_client_timeout", ("198.18.0.1", 22, True), 60),
 ])
 def test_nat_vectors_with_nat_enabled(tmp_path, name, nat, timeout):
-    vec = next(v for v in VECTORS if v["name"] == name)
+    vec = vector(name)
     key = vec["key_b64"]
     config = server_config(tmp_path, {"vec": {"key_base64": key, "hmac_key_base64": vec["hmac_key_b64"],
                                               "open_ports": "tcp/5022,tcp/55000",
@@ -209,10 +212,9 @@ def test_nat_vectors_with_nat_enabled(tmp_path, name, nat, timeout):
     assert not d.accepted and "is off" in d.reason
 
 
-@needs_vectors
 @pytest.mark.parametrize("name", sorted(n for n in DEFAULT_OUTCOME if n != "long_multi_port_over_400"))
 def test_reference_values_of_decoded_json(name):
-    vec = next(v for v in VECTORS if v["name"] == name)
+    vec = vector(name)
     ref = DECODED[name]
     key = base64.b64decode(vec["key_b64"]) if "key_b64" in vec else vec["key_ascii"].encode()
     if vec["mode"] == "legacy":     # keys padded with '0' to 16 bytes; spa.py does not offer it
@@ -231,12 +233,17 @@ def test_reference_values_of_decoded_json(name):
     if vec["mode"] in spa.ENCRYPTION_MODES:
         plaintext = spa.decrypt(spa.b64decode(signed), key, vec["mode"])
         assert plaintext.decode() == ref["plaintext"]
-        assert spa.parse_plaintext(plaintext).digest_type == ref["fields"]["digest_type"]
+        msg, f = spa.parse_plaintext(plaintext), ref["fields"]
+        assert (msg.rand, msg.username, msg.timestamp, msg.version, msg.msg_type) == \
+            (f["rand_val"], f["username"], f["timestamp"], f["version"], f["message_type"])
+        assert "%s,%s" % (msg.allow_ip, msg.command if msg.msg_type == spa.MSG_COMMAND
+                          else msg.access_text()) == f["message"]
+        assert (msg.nat_access, msg.server_auth, msg.client_timeout, msg.digest_type) == \
+            (f["nat_access"], f["server_auth"], f["client_timeout"], f["digest_type"])
 
 
-@needs_vectors
 def test_encoder_reproduces_a_real_client_packet_byte_for_byte():
-    vec = VECTORS[0]
+    vec = vector("aes_cbc_hmac_sha256_default")
     ref = DECODED[vec["name"]]
     f = ref["fields"]
     msg = spa.Message(f["username"], "198.18.0.2", [("tcp", 22)], timestamp=f["timestamp"],
@@ -1240,6 +1247,45 @@ def test_fwknop_client_opens_a_port_on_spa_server(tmp_path):
         wait_for_line(server, r"for 9 s", 2)
 
 
+def test_make_vectors_makes_what_the_tests_read(tmp_path):
+    """testdata/make_vectors.py, run again with this machine's fwknop client, makes the same
+    cases (new packets, new keys), and spa.py decides each new packet as it does the
+    committed one."""
+    netns_lab.need(shutil.which("fwknop") is not None, "fwknop is not installed")
+    done = subprocess.run([sys.executable, os.path.join(TESTDATA, "make_vectors.py"), "--out",
+                           str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with open(str(tmp_path / "vectors.json")) as f:
+        fresh = json.load(f)
+    assert fresh["fwknop_version"] == VECTOR_FILE["fwknop_version"]
+    committed = {v["name"]: v for v in VECTORS}
+    assert [v["name"] for v in fresh["vectors"]] == [v["name"] for v in VECTORS]
+    for vec in fresh["vectors"]:
+        old = committed[vec["name"]]
+        assert (vec["rc"], vec["wire_len"], vec["mode"], vec["hmac_type"]) == \
+            (old["rc"], old["wire_len"], old["mode"], old["hmac_type"]), vec["name"]
+        if not vec["wire"]:
+            continue
+        d = decide(vector_stanza(tmp_path, vec), vec["wire"].encode(), now=vector_time(vec))
+        expected = DEFAULT_OUTCOME[vec["name"]]
+        assert d.accepted if expected is None else expected in d.reason, (vec["name"], d.reason)
+
+
+def test_nothing_reads_outside_the_repository():
+    """A user's clone has only itself: no file of it may name the folder beside it that
+    held the vectors once (they are in testdata/ now)."""
+    needles = ["..".join(["", "/shared"]), '"%s", "vectors"' % "shared"]
+    for folder, dirs, files in os.walk(HERE):
+        dirs[:] = [d for d in dirs if d == ".ci" or not d.startswith(".") and d != "__pycache__"
+                   and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))]
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+            for needle in needles:
+                assert needle not in text, "%s names %s" % (os.path.join(folder, name), needle)
+
+
 def test_spa_client_opens_a_port_on_fwknopd(tmp_path):
     need_lab("fwknopd", "iptables")
     with Lab(clients=1, prefix="spa") as lab:
@@ -1850,11 +1896,10 @@ if PYTHONS36:
 
 # --- NAT access (fwknop message types 2, 4, 5, 6) ------------------------------------------
 
-@needs_vectors
 @pytest.mark.parametrize("name", ["nat_access", "nat_access_client_timeout", "local_nat",
                                   "local_nat_client_timeout"])
 def test_client_builds_nat_requests_as_fwknop_does(tmp_path, name):
-    vec = next(v for v in VECTORS if v["name"] == name)
+    vec = vector(name)
     argv = vec["argv"]
     wanted = {"-A", "-N", "-f", "--nat-port", "-a"}
     args = ["-D", argv[argv.index("-D") + 1]]

@@ -1396,12 +1396,23 @@ class ReplayCache(object):
 # restore, flush -- the same small interface for nft, iptables and a dry run
 # ---------------------------------------------------------------------------
 
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def find_tool(name):
+    """Where the tool `name` (nft, ip, iptables...) is: on PATH, else in the sbin folders,
+    which a user's PATH often leaves out; None if neither has it."""
+    import shutil
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
+
+
 def run_command(argv, stdin=None):
     """Run an external command (argument list, never a shell); return stdout or raise SpaError."""
     import subprocess
     try:
-        done = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True)
+        done = subprocess.run([find_tool(argv[0]) or argv[0]] + list(argv[1:]), input=stdin,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True)
     except FileNotFoundError:
         package = "iptables" if "tables" in argv[0] else {"ip": "iproute2"}.get(argv[0], "nftables")
         raise SpaError("%s not found: install it (Debian: apt install %s)" % (argv[0], package))
@@ -3223,16 +3234,38 @@ class Reader(object):
                 self.gate.record(d.replay_key, stamp, now)
             if self.limiter.allow():
                 stanza = " [client %s]" % d.stanza.name if d.stanza else ""
-                self.log.info("rejected packet from %s%s: %s", source, stanza, d.reason)
+                fields = "; " + self.fields(d, now) if self.log.verbose and d.message else ""
+                self.log.info("rejected packet from %s%s: %s%s", source, stanza, d.reason, fields)
             return d
         self.counts["accepted"] += 1
         msg = d.message
+        if self.log.verbose and self.limiter.allow():
+            self.log.debug("packet from %s [client %s] accepted; %s", source, d.stanza.name,
+                           self.fields(d, now))
         self.seen.add(d.replay_key, msg.timestamp, now)
         self.gate.grant({"key": d.replay_key, "stamp": msg.timestamp, "source": source,
                          "address": d.allow_ip, "access": msg.access, "timeout": d.timeout,
                          "stanza": d.stanza.name, "user": msg.username, "nat": d.nat,
                          "command": msg.command}, now)
         return d
+
+    @staticmethod
+    def fields(d, now):
+        """An authenticated packet's fields in one line, for -v: never key material."""
+        m = d.message
+        parts = ["user %s" % m.username,
+                 "timestamp %d (age %+d s)" % (m.timestamp, int(now) - m.timestamp),
+                 "type %d (%s)" % (m.msg_type, MSG_NAMES.get(m.msg_type, "?")),
+                 "allow IP %s%s" % (m.allow_ip, " (the source)" if m.allow_ip == "0.0.0.0" else ""),
+                 "command %r" % m.command if m.msg_type == MSG_COMMAND
+                 else "access %s" % (m.access_text() or "none")]
+        if m.nat_access is not None:
+            parts.append("NAT %s" % m.nat_access)
+        if m.msg_type in TIMEOUT_TYPES:
+            parts.append("client timeout %d s" % m.client_timeout)
+        if d.accepted and m.msg_type != MSG_COMMAND:
+            parts.append("open for %d s" % d.timeout)
+        return ", ".join(parts)
 
     def stats(self):
         """One line of counters for the log (SIGUSR1, and at exit); benchmarks parse it."""
@@ -3624,8 +3657,28 @@ class Supervisor(object):
             self._reap()
 
 
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13}
+
+
+def require_capabilities(names):
+    """Stop, in words, unless this process has the capabilities `names` (root has them all):
+    rather than with the first `Permission denied` of a socket or a config file."""
+    try:
+        with open("/proc/self/status") as f:
+            effective = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+        missing = [n for n in names if not effective >> CAPABILITIES[n] & 1]
+    except (OSError, StopIteration, ValueError, IndexError):
+        missing = [] if os.geteuid() == 0 else names
+    if missing:
+        raise SpaError("the server needs root (or CAP_NET_RAW and CAP_NET_ADMIN; this process "
+                       "lacks %s): run it as root" % " and ".join(missing))
+
+
 def server_main(args):
+    require_capabilities(["CAP_NET_ADMIN"] if args.list or args.flush else ["CAP_NET_RAW"])
     config = ServerConfig(args.config, args.access_conf)
+    if not (args.test or args.list or args.flush or config.firewall == "none"):
+        require_capabilities(["CAP_NET_RAW", "CAP_NET_ADMIN"])
     log = Log("stderr" if args.test else config.log, args.verbose)
     for note in config.notes:
         log.warning("access.conf: %s", note)
@@ -3813,6 +3866,23 @@ def default_client_config():
                    "(give one with -c FILE)")
 
 
+def section_named(config, name, destinations):
+    """The section `name`, else the one whose destination is `name`: ssh's %n is the host
+    name as typed (`ssh web1.example.org`), which names the section [web1] by its
+    destination.  `destinations` maps each section to its destination."""
+    if name in destinations:
+        return name
+    matches = [section for section, destination in destinations.items()
+               if section != "default" and (destination or "").strip().lower() == name.lower()]
+    if len(matches) > 1:
+        raise SpaError("%s: sections %s all have destination %s: name one with -n"
+                       % (config, ", ".join("[%s]" % m for m in matches), name))
+    if not matches:
+        raise SpaError("%s has no section [%s], nor one whose destination is %s (it has: %s)"
+                       % (config, name, name, ", ".join(destinations) or "none"))
+    return matches[0]
+
+
 def client_settings(args):
     """Merge the config section (spa.py's INI or fwknop's rc) with the command line, which wins."""
     section = {}
@@ -3824,15 +3894,15 @@ def client_settings(args):
         if is_fwknoprc(text):
             sections = read_fwknoprc(path, text)
             section = dict(sections.get("default", {}))
-            if name != "default" and name not in sections:
-                raise SpaError("%s has no section [%s] (it has: %s)"
-                               % (config, name, ", ".join(sections) or "none"))
+            if name != "default":
+                name = section_named(config, name, {n: o.get("destination")
+                                                     for n, o in sections.items()})
             section.update(sections.get(name, {}))
         else:
             parser = read_ini(path, text)
-            if name != "default" and not parser.has_section(name):
-                raise SpaError("%s has no section [%s] (it has: %s)"
-                               % (config, name, ", ".join(parser.sections()) or "none"))
+            if name != "default":
+                name = section_named(config, name, {n: parser[n].get("destination")
+                                                     for n in parser.sections()})
             section = dict(parser[name] if name != "default" else parser.defaults())
             unknown = set(section) - CLIENT_OPTIONS
             if unknown:
@@ -3987,10 +4057,11 @@ def split_host_port(text, option="--connect"):
     return host.strip("[]"), int(port)
 
 
-def connect_when_open(host, port, knock, wait=10.0, attempt=0.25):
+def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, asked=None):
     """Connect to host:port, retrying until the knock has opened it; re-knock once halfway.
 
-    Returns the connected socket, or raises SpaError naming what to check.
+    Returns the connected socket, or raises SpaError naming what to check.  `asked` is the
+    access list the knock asked for: a port not in it is named as the likely cause.
     """
     try:
         infos = socket.getaddrinfo(_name_arg(host), port, 0, socket.SOCK_STREAM)
@@ -4014,9 +4085,14 @@ def connect_when_open(host, port, knock, wait=10.0, attempt=0.25):
             knock()
             knocked_again = True
         time.sleep(0.02)
+    why = getattr(last, "strerror", None) or last
+    if asked is not None and ("tcp", port) not in asked:
+        raise SpaError("%s port %d did not open within %.0f s (%s): tcp/%d was not among the "
+                       "ports the knock asked for (%s): add it to -A or the section's access"
+                       % (host, port, wait, why, port, format_access(asked) or "none"))
     raise SpaError("%s port %d did not open within %.0f s (%s): check the server's log "
                    "(spa.py server -v says why it refused a packet) and the clocks"
-                   % (host, port, wait, getattr(last, "strerror", None) or last))
+                   % (host, port, wait, why))
 
 
 def relay(sock, fd_in=0, fd_out=1):
@@ -4048,8 +4124,11 @@ def client_main(args):
         opts["destination"] = connect[0]
     port = parse_int(str(opts.get("server_port") or DEFAULT_PORT), "server_port", 1, 65535)
 
+    asked = []          # the ports the knock asks for, which --connect should be among
+
     def knock():
         msg, wire = build_packet(opts)
+        asked[:] = msg.access
         if args.verbose:
             print(msg.describe(), file=sys.stderr)
         if args.test:
@@ -4061,7 +4140,8 @@ def client_main(args):
 
     knock()
     if connect and not args.test:
-        with connect_when_open(connect[0], connect[1], knock, args.connect_wait) as sock:
+        with connect_when_open(connect[0], connect[1], knock, args.connect_wait,
+                               asked=asked) as sock:
             relay(sock)
     return 0
 
@@ -4070,49 +4150,191 @@ def client_main(args):
 # keygen
 # ---------------------------------------------------------------------------
 
-def keygen_text(hmac_type="sha256", name="myhost", destination="HOST", access="tcp/22"):
-    key = base64.b64encode(os.urandom(32)).decode()
-    hmac_key = base64.b64encode(os.urandom(HMAC_KEY_BYTES[hmac_type])).decode()
-    return """KEY_BASE64: {key}
-HMAC_KEY_BASE64: {hkey}
+# What `keygen --server-config` writes when the server config is missing: spa.conf.example,
+# word for word (a test holds them equal), with the keygen's ports in `protect`.
+SERVER_CONFIG_TEMPLATE = """\
+# spa.py server configuration: /etc/spa/spa.conf, mode 0600 (it holds keys: the server
+# refuses a key file that group or others can read).  Add a client, a key pair, with
+#     spa.py keygen -n laptop -D server.example.org -A tcp/22 --server-config /etc/spa/spa.conf
+# which writes this file when it is missing, then adds (or replaces) its [client laptop].
+# Every option is described in README.md under "Configuration reference".
 
-# On the server, in /etc/spa/spa.conf (mode 0600):
-[client {name}]
-source = any
-open_ports = {access}
-key_base64 = {key}
-hmac_key_base64 = {hkey}
-hmac_digest_type = {htype}
+[server]
+# Interfaces to capture knocks on: a list (eth0, wg0) or "any".
+interface = any
+# UDP port the knocks are sent to (fwknop's default).  Nothing listens on it.
+port = 62201
+# Firewall back end: nft, iptables, iptables-nft, iptables-legacy, or auto (nft unless the
+# host keeps its rules in iptables).  "none" changes nothing: a dry run.
+firewall = nft
+# Ports kept dark until a knock opens them for one address.
+protect = tcp/22
+# reject: answer like a port with no service (TCP reset, ICMP port unreachable).
+# drop:   stay silent, for hosts whose policy drops everything.
+protect_action = reject
+# Seconds a packet's timestamp may differ from the server's clock.
+max_packet_age = 120
+# Digests of every authenticated packet, so none can be replayed, even after a restart.
+replay_cache = /var/lib/spa/replay.cache
+# stderr (for systemd's journal) or syslog (identity "spa").
+log = stderr
+# The unprivileged user that reads and parses packets.
+user = nobody
+# Interfaces that may come and go (a PPPoE link): captured whenever they are there.
+# optional_interface = ppp0
+# fwknopd's access.conf, to load its stanzas too.
+# access_conf = /etc/fwknop/access.conf
 
-# On the client, in ~/.spa.conf (mode 0600), then: spa.py client -c ~/.spa.conf -n {name}
-[{name}]
-destination = {dest}
-access = {access}
-key_base64 = {key}
-hmac_key_base64 = {hkey}
-hmac_digest_type = {htype}
-""".format(key=key, hkey=hmac_key, htype=hmac_type, name=name, dest=destination, access=access)
+# One [client NAME] section per key pair, as spa.py keygen writes them.  The first one
+# whose source matches and whose keys authenticate the packet decides.  Besides the keys:
+#   source = any                   where the knock may come from: any, or addresses and networks
+#   open_ports = tcp/22            ports it may open; each requested port must be listed
+#   fw_access_timeout = 30         seconds a port stays open
+#   max_fw_timeout = 300           the most a client may ask for (spa.py client -f)
+#   require_username = alice       the username the packet must carry
+#   require_source_address = no    yes: refuse packets that ask to open "for whoever sent this"
+"""
+
+
+def keygen_keys(hmac_type="sha256"):
+    """Fresh random keys, base64, as `fwknop --key-gen` makes them."""
+    return (base64.b64encode(os.urandom(32)).decode(),
+            base64.b64encode(os.urandom(HMAC_KEY_BYTES[hmac_type])).decode())
+
+
+def server_stanza(name, keys, hmac_type, access):
+    return ("[client {name}]\nsource = any\nopen_ports = {access}\nkey_base64 = {key}\n"
+            "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
+                name=name, access=access, key=keys[0], hkey=keys[1], htype=hmac_type)
+
+
+def client_section(name, keys, hmac_type, access, destination=None):
+    """The client's section; without a destination, a line that says how to give one (a
+    made-up host would only fail later, with `cannot resolve`)."""
+    where = "destination = %s" % destination if destination else \
+        "# destination = the server's name or address (or give it with spa.py client -D)"
+    return ("# On the client, in ~/.spa.conf (mode 0600), then: spa.py client -n {name}\n"
+            "[{name}]\n{where}\naccess = {access}\nkey_base64 = {key}\n"
+            "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
+                name=name, where=where, access=access, key=keys[0], hkey=keys[1],
+                htype=hmac_type)
+
+
+def keygen_text(hmac_type="sha256", name="myhost", destination=None, access="tcp/22"):
+    """keygen's whole output: the keys as fwknop prints them, then both sections."""
+    keys = keygen_keys(hmac_type)
+    return ("KEY_BASE64: %s\nHMAC_KEY_BASE64: %s\n\n# On the server, in /etc/spa/spa.conf "
+            "(mode 0600), or let keygen put it there with --server-config /etc/spa/spa.conf:\n"
+            "%s\n%s" % (keys[0], keys[1], server_stanza(name, keys, hmac_type, access),
+                         client_section(name, keys, hmac_type, access, destination)))
+
+
+def replace_section(text, header, block):
+    """`text` with the INI section `[header]` replaced by `block`, or `block` added at the
+    end: (new text, True if a section was replaced).  Comments and blank lines just above
+    the next section stay with it."""
+    lines = text.splitlines(True)
+    want = header.split()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("[")
+                  and line.strip().endswith("]") and line.strip()[1:-1].split() == want), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + block, False
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
+               len(lines))
+    while end > start + 1 and end < len(lines) and \
+            (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith(("#", ";"))):
+        end -= 1
+    gap = "\n" if end < len(lines) else ""
+    return "".join(lines[:start]) + block + gap + "".join(lines[end:]), True
+
+
+def private_temp_file(path, text):
+    """A new file of mode 0600 beside `path` holding `text`, to be renamed over it; its name."""
+    import tempfile
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=folder)
+    except OSError as e:
+        raise SpaError("cannot write in %s: %s" % (folder, e.strerror))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+    except OSError as e:
+        os.unlink(tmp)
+        raise SpaError("cannot write %s: %s" % (path, e.strerror))
+
+
+def add_to_server_config(path, name, stanza, access):
+    """Put [client NAME] into the server config at `path`, replacing one of that name; make
+    the file from SERVER_CONFIG_TEMPLATE (mode 0600, a new folder 0700) when it is missing.
+    The result must load as a server config, else the file is left as it was."""
+    import re
+    if os.path.lexists(path):
+        text, made = read_private_text(path), False
+    else:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            try:
+                os.makedirs(folder, 0o700)
+                os.chmod(folder, 0o700)
+            except OSError as e:
+                raise SpaError("cannot make %s: %s" % (folder, e.strerror))
+        text = re.sub(r"(?m)^protect = .*$", "protect = " + access, SERVER_CONFIG_TEMPLATE)
+        made = True
+    text, replaced = replace_section(text, "client " + name, stanza)
+    tmp = private_temp_file(path, text)
+    try:
+        ServerConfig(tmp)
+    except SpaError as e:
+        os.unlink(tmp)
+        raise SpaError("%s not changed: with [client %s] it would not load: %s"
+                       % (path, name, str(e).replace(tmp, path)))
+    os.replace(tmp, path)
+    return ("wrote %s (mode 0600) from the template, protecting %s, with [client %s]"
+            % (path, access, name) if made else "%s [client %s] %s %s"
+            % ("replaced" if replaced else "added", name, "in" if replaced else "to", path))
 
 
 def keygen_main(args):
     hmac_type = parse_hmac_type(args.hmac_digest, "--hmac-digest")
     try:
-        parse_access(args.access)
+        access = format_access(parse_access(args.access))
     except ValueError as e:
         raise SpaError(str(e))
-    text = keygen_text(hmac_type, args.name, args.destination, args.access)
-    if not args.output:
+    out = None
+    if args.output:     # made first: a server must never hold keys its client cannot get
+        try:
+            out = os.fdopen(os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w")
+        except FileExistsError:
+            raise SpaError("%s already exists: keygen never overwrites keys" % args.output)
+        except OSError as e:
+            raise SpaError("cannot create %s: %s" % (args.output, e.strerror))
+    try:
+        if args.server_config:
+            keys = keygen_keys(hmac_type)
+            done = add_to_server_config(args.server_config, args.name,
+                                        server_stanza(args.name, keys, hmac_type, access), access)
+            text = client_section(args.name, keys, hmac_type, access, args.destination)
+        else:
+            text = keygen_text(hmac_type, args.name, args.destination, access)
+    except BaseException:
+        if out is not None:
+            out.close()
+            os.unlink(args.output)
+        raise
+    if args.server_config:
+        print("%s; check it with: spa.py check-config -c %s" % (done, args.server_config),
+              file=sys.stderr)
+    if out is None:
         sys.stdout.write(text)
         return 0
-    try:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise SpaError("%s already exists: keygen never overwrites keys" % args.output)
-    except OSError as e:
-        raise SpaError("cannot create %s: %s" % (args.output, e.strerror))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    print("wrote new keys to %s (mode 0600)" % args.output, file=sys.stderr)
+    with out:
+        out.write(text)
+    print("wrote %s to %s (mode 0600)" % ("the client's section" if args.server_config
+                                          else "new keys", args.output), file=sys.stderr)
     return 0
 
 
@@ -4216,7 +4438,8 @@ class SelfTest(object):
         import subprocess
         import threading
         self.server = subprocess.Popen(
-            ["ip", "netns", "exec", self.srv, sys.executable, os.path.abspath(__file__), "server",
+            [find_tool("ip") or "ip", "netns", "exec", self.srv, sys.executable,
+             os.path.abspath(__file__), "server",
              "-c", conf], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, universal_newlines=True)
 
@@ -4297,13 +4520,12 @@ class SelfTest(object):
 
 def selftest_missing():
     """What this machine lacks for spa.py's server, in words an operator can act on."""
-    import shutil
     missing = []
     if os.geteuid() != 0:
         missing.append("root (the server needs CAP_NET_RAW and CAP_NET_ADMIN): run it with sudo")
-    if shutil.which("ip") is None:
+    if find_tool("ip") is None:
         missing.append("the ip command (Debian: apt install iproute2)")
-    if shutil.which("nft") is None:
+    if find_tool("nft") is None:
         missing.append("nft (Debian: apt install nftables)")
     try:
         aes_ecb()
@@ -4379,7 +4601,8 @@ sys.exit(spa.main())
 
 
 def install_main(args):
-    """Copy this file to PREFIX/lib/spa, compile it, and write the launcher PREFIX/bin/spa."""
+    """Copy this file to PREFIX/lib/spa, compile it, and write the launcher PREFIX/bin/spa
+    (and PREFIX/bin/spa.py, a link to it)."""
     import py_compile
     import shutil
     lib = os.path.join(args.prefix, "lib", "spa")
@@ -4397,9 +4620,14 @@ def install_main(args):
             f.write(LAUNCHER.format(python=sys.executable, lib=lib))
         os.chmod(tmp, 0o755)
         os.replace(tmp, launcher)
+        # spa.py too, so that every line of README.md runs as typed, with or without install
+        if os.path.lexists(launcher + ".py"):
+            os.unlink(launcher + ".py")
+        os.symlink("spa", launcher + ".py")
     except (OSError, py_compile.PyCompileError) as e:
         raise SpaError("cannot install into %s: %s" % (args.prefix, getattr(e, "strerror", e)))
-    print("installed %s and the launcher %s (runs %s)" % (target, launcher, sys.executable))
+    print("installed %s and the launcher %s (also as %s.py; runs %s)"
+          % (target, launcher, launcher, sys.executable))
     return 0
 
 
@@ -4462,14 +4690,23 @@ _SUBCOMMAND_HELP = {
 def _keygen_options(sub, fmt):
     k = sub.add_parser("keygen", formatter_class=fmt, help=_SUBCOMMAND_HELP["keygen"],
                        description="Print fresh random keys (as `fwknop --key-gen` does) and "
-                       "ready-to-paste server and client sections.",
-                       epilog="example:\n  spa.py keygen -n web1 -D web1.example.org -o web1.keys")
+                       "ready-to-paste server and client sections; or put the server's "
+                       "section straight into its config (--server-config) and print the "
+                       "client's.",
+                       epilog="examples:\n  spa.py keygen -n web1 -D web1.example.org -o web1.keys\n"
+                       "  spa.py keygen -n web1 -D web1.example.org -A tcp/22 "
+                       "--server-config /etc/spa/spa.conf -o web1.spa.conf")
     k.add_argument("--hmac-digest", default="sha256", metavar="TYPE",
                    help="sha256 (default), sha384 or sha512")
     k.add_argument("-n", "--name", default="myhost", help="the section name to print")
-    k.add_argument("-D", "--destination", default="HOST", help="the server, for the client section")
+    k.add_argument("-D", "--destination", metavar="HOST",
+                   help="the server, for the client section (its name as the client knows it)")
     k.add_argument("-A", "--access", default="tcp/22", help="the ports, e.g. tcp/22,tcp/443")
     k.add_argument("-o", "--output", metavar="FILE", help="write to a new file with mode 0600")
+    k.add_argument("--server-config", dest="server_config", metavar="FILE",
+                   help="add [client NAME] to this server config, or replace it (a missing "
+                   "file is made from spa.conf.example's text, mode 0600, protecting -A's "
+                   "ports); then print only the client's section")
 
 
 def _client_options(sub, fmt):
@@ -4533,7 +4770,8 @@ def _server_options(sub, fmt):
                    help="config file (default %s)" % DEFAULT_CONFIG)
     s.add_argument("--access-conf", dest="access_conf", metavar="FILE",
                    help="also load the client stanzas of fwknopd's access.conf")
-    s.add_argument("-v", "--verbose", action="store_true", help="log more")
+    s.add_argument("-v", "--verbose", action="store_true",
+                   help="log every authenticated packet's fields with its decision (never keys)")
     s.add_argument("--test", action="store_true",
                    help="capture and decide, but change neither firewall nor replay cache")
     s.add_argument("--list", action="store_true", help="print the open authorizations and exit")

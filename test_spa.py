@@ -663,6 +663,47 @@ def test_gatekeeper_checks_what_the_reader_asks(tmp_path):
     assert "K" * 43 in spa.ReplayCache(config.replay_cache, config.max_packet_age)
 
 
+class RecordingGate(object):
+    """Stands in for the parent: what the reader asked of it."""
+
+    def __init__(self):
+        self.asked = []
+
+    def record(self, key, stamp, now=None):
+        self.asked.append(("record", key))
+
+    def grant(self, g, now=None):
+        self.asked.append(("grant", g))
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_server_v_logs_each_packet_s_decision_and_fields(tmp_path, capsys, verbose):
+    """`server -v` (the Troubleshoot guide, the client's timeout error) says what each
+    authenticated packet asked for and what was decided, never a key; rate-limited."""
+    config = server_config(tmp_path, {"alice": {"open_ports": "tcp/22", "fw_access_timeout": "40"}})
+    reader = spa.Reader(config, RecordingGate(), spa.Log("stderr", verbose))
+    now = time.time()
+    reader.handle(knock(timeout=25, allow_ip="198.18.0.9"), "198.18.0.2", now)
+    reader.handle(knock([("tcp", 23)]), "198.18.0.2", now)
+    reader.handle(knock(hmac_key=base64.b64encode(b"x" * 64).decode()), "198.18.0.2", now)
+    log = capsys.readouterr().err
+    accepted = ("packet from 198.18.0.2 [client alice] accepted; user alice, timestamp %d (age "
+                "+0 s), type 3 (access with timeout), allow IP 198.18.0.9, access tcp/22, client "
+                "timeout 25 s, open for 25 s" % int(now))
+    rejected = ("rejected packet from 198.18.0.2 [client alice]: tcp/23 not in open_ports; user "
+                "alice, timestamp %d (age +0 s), type 1 (access), allow IP 0.0.0.0 (the source), "
+                "access tcp/23\n" % int(now))
+    assert (accepted in log, rejected in log) == (verbose, verbose), log
+    assert "rejected packet from 198.18.0.2: HMAC does not match any stanza for this source\n" in log
+    if not verbose:
+        assert "tcp/23 not in open_ports\n" in log
+    for secret in (KEY, HMAC_KEY, "a2tr", "aGho"):        # not even the keys' first bytes
+        assert secret not in log
+    for _ in range(100):                                  # a key holder's flood: bounded
+        reader.handle(knock(), "198.18.0.2")
+    assert len(capsys.readouterr().err.splitlines()) <= 20
+
+
 def test_rejection_log_is_rate_limited():
     limiter = spa.RateLimiter(rate=5, burst=20)
     t = time.monotonic()
@@ -913,6 +954,91 @@ def test_client_config_section_missing(tmp_path):
     path = write_private(tmp_path / "c.conf", "[web1]\ndestination = h\n")
     done = run_spa("client", "-c", path, "-n", "web2", "--test")
     assert done.returncode == 1 and "no section [web2]" in done.stderr and "web1" in done.stderr
+
+
+def test_client_finds_its_section_by_destination(tmp_path):
+    """ssh's %n is the host name as typed: `-n %n` with `Host web1.example.org` must find
+    [web1], whose destination that is (in spa.py's file and in fwknop's rc file)."""
+    config = server_config(tmp_path)
+    section = "destination = Web1.Example.org\naccess = tcp/22\nkey_base64 = %s\n" \
+        "hmac_key_base64 = %s\n" % (KEY, HMAC_KEY)
+    ini = write_private(tmp_path / "spa-client.conf", "[web1]\n" + section +
+                        "[db]\ndestination = db.example.org\n")
+    rc = write_private(tmp_path / "fwknoprc", "[web1]\nSPA_SERVER web1.example.org\nACCESS tcp/22\n"
+                       "KEY_BASE64 %s\nHMAC_KEY_BASE64 %s\n" % (KEY, HMAC_KEY))
+    for path in (ini, rc):
+        done = run_spa("client", "-c", path, "-n", "web1.example.org", "--test", "-v")
+        assert done.returncode == 0, done.stderr
+        assert decide(config, done.stdout.strip().encode()).accepted
+    twice = write_private(tmp_path / "twice.conf", "[web1]\n" + section + "[web1b]\n" + section)
+    done = run_spa("client", "-c", twice, "-n", "web1.example.org", "--test")
+    assert done.returncode == 1 and "[web1], [web1b] all have destination" in done.stderr
+    done = run_spa("client", "-c", ini, "-n", "web9.example.org", "--test")
+    assert done.returncode == 1
+    assert "no section [web9.example.org], nor one whose destination is" in done.stderr
+    assert KEY not in done.stderr and HMAC_KEY not in done.stderr
+
+
+def test_keygen_without_a_destination_says_how_to_give_one(tmp_path):
+    """`keygen -n bob` printed `destination = HOST`, which then failed as `cannot resolve
+    HOST`; now the section has no destination, and the client asks for one."""
+    done = run_spa("keygen", "-n", "bob")
+    assert done.returncode == 0
+    assert not re.search(r"^destination", done.stdout, re.M) and "HOST" not in done.stdout
+    client = write_private(tmp_path / "bob.conf", done.stdout[done.stdout.index("[bob]"):])
+    knock = run_spa("client", "-c", client, "-n", "bob", "--test")
+    assert knock.returncode == 1 and "no destination: give -D HOST" in knock.stderr
+    knock = run_spa("client", "-c", client, "-n", "bob", "-D", "198.18.0.1", "--test")
+    assert knock.returncode == 0, knock.stderr
+
+
+def test_keygen_adds_or_replaces_the_stanza_in_the_server_config(tmp_path):
+    conf = tmp_path / "spa.conf"
+    first = run_spa("keygen", "-n", "web1", "--server-config", str(conf))
+    assert first.returncode == 0, first.stderr
+    with open(str(conf), "a") as f:
+        f.write("\n# the database\n[client db]\nkey_base64 = %s\nhmac_key_base64 = %s\n"
+                % (KEY, HMAC_KEY))
+    again = run_spa("keygen", "-n", "web1", "-A", "tcp/22", "--server-config", str(conf))
+    assert again.returncode == 0 and "replaced [client web1] in" in again.stderr
+    bob = run_spa("keygen", "-n", "bob", "--server-config", str(conf))
+    assert bob.returncode == 0 and "added [client bob] to" in bob.stderr
+    with open(str(conf)) as f:
+        text = f.read()
+    assert text.count("[client web1]") == 1 and "# the database\n[client db]" in text
+    config = spa.ServerConfig(str(conf))
+    assert [st.name for st in config.stanzas] == ["web1", "db", "bob"]
+    for out in (first, again, bob):         # each printed client section holds its keys
+        key = re.search(r"^key_base64 = (\S+)", out.stdout, re.M).group(1)
+        assert (key in text) == (out is not first)
+    # A group-readable config, or an -o file that exists: refused, and nothing changed.
+    os.chmod(str(conf), 0o640)
+    assert "chmod 600" in run_spa("keygen", "-n", "eve", "--server-config", str(conf)).stderr
+    os.chmod(str(conf), 0o600)
+    (tmp_path / "exists").write_text("")
+    done = run_spa("keygen", "-n", "eve", "--server-config", str(conf), "-o",
+                   str(tmp_path / "exists"))
+    assert done.returncode == 1 and "already exists" in done.stderr
+    # A config that would not load with the new stanza (a typo elsewhere): left as it was.
+    with open(str(conf)) as f:
+        before = f.read()
+    with open(str(conf), "w") as f:
+        f.write(before.replace("[client db]", "[client db]\nbogus = 1"))
+    done = run_spa("keygen", "-n", "mallory", "--server-config", str(conf), "-o",
+                   str(tmp_path / "mallory.conf"))
+    assert done.returncode == 1 and "not changed" in done.stderr and "unknown option bogus" in done.stderr
+    assert "mallory" not in open(str(conf)).read() and not (tmp_path / "mallory.conf").exists()
+    assert not [n for n in os.listdir(str(tmp_path)) if n.startswith(".spa.conf.")]
+
+
+def test_spa_py_runs_as_a_command():
+    """The file is executable, with a shebang, so that `spa.py ...` works once it is on PATH
+    (the ProxyCommand line of README.md); git keeps the mode (100755)."""
+    assert stat.S_IMODE(os.stat(SPA).st_mode) & 0o111 == 0o111
+    with open(SPA) as f:
+        assert f.readline() == "#!/usr/bin/env python3\n"
+    done = subprocess.run([SPA, "--version"], stdout=subprocess.PIPE, universal_newlines=True)
+    assert done.returncode == 0 and done.stdout.startswith("spa.py ")
 
 
 # ---------------------------------------------------------------------------
@@ -1447,6 +1573,14 @@ def test_connect_gives_up_with_advice(tmp_path):
         assert done.returncode == 1
         assert "did not open within 2 s" in done.stderr and "spa.py server -v" in done.stderr
         assert time.monotonic() - start < 6
+        # The right keys, but a connection to a port the knock did not ask for: said so.
+        done = lab.run("cli1", [sys.executable, SPA, "client", "-A", "tcp/%d" % SERVICE_PORT,
+                                "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY, "--connect",
+                                "%s:%d" % (Lab.srv4(1), SERVICE_PORT + 1), "--connect-wait", "1"],
+                       check=False, input="", timeout=20)
+        assert done.returncode == 1
+        assert "tcp/%d was not among the ports the knock asked for (tcp/%d)" % (
+            SERVICE_PORT + 1, SERVICE_PORT) in done.stderr, done.stderr
 
 
 def test_resolve_ip_from_a_url(tmp_path):
@@ -1622,9 +1756,47 @@ def test_selftest_cleans_up_after_ctrl_c():
     assert [n for n in set(os.listdir("/var/run/netns")) - before if n.startswith("spa-selftest")] == []
 
 
+def test_server_without_privileges_says_it_needs_root(tmp_path):
+    """A normal user got "Permission denied" (of /etc/spa, or of a capture socket); root
+    without CAP_NET_ADMIN (a unit's capability set) a failure later.  Both are told what
+    the server needs."""
+    need_lab("setpriv")
+    folder = tmp_path / "etc-spa"
+    folder.mkdir(mode=0o700)
+    os.chmod(str(tmp_path), 0o755)
+    conf = server_config(folder).path
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    runs = [p for p in (sys.executable, "/usr/bin/python3") if subprocess.run(
+        as_nobody + [p, "-c", "import sys; sys.exit(0)"], stderr=subprocess.DEVNULL).returncode == 0]
+    assert runs, "no python3 that the user nobody can run"
+    for argv, lacks in ((as_nobody + [runs[0]], "CAP_NET_RAW"),
+                        (["setpriv", "--bounding-set=-net_admin", sys.executable], "CAP_NET_ADMIN")):
+        done = subprocess.run(argv + [SPA, "server", "-c", conf], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+        assert done.returncode == 1
+        assert done.stderr == ("spa.py server: error: the server needs root (or CAP_NET_RAW and "
+                               "CAP_NET_ADMIN; this process lacks %s): run it as root\n" % lacks)
+
+
+def test_tools_in_sbin_are_found_off_path(monkeypatch):
+    """`selftest` said nft was missing where only /usr/sbin was off PATH (a user's PATH, `su`
+    without -); the server ran nft and ip from PATH alone too."""
+    need_lab("nft")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    if shutil.which("nft") is not None:
+        pytest.fail("nft is in /usr/bin here: this test needs it in an sbin folder")
+    assert spa.find_tool("nft") in ("/usr/local/sbin/nft", "/usr/sbin/nft", "/sbin/nft")
+    assert [m for m in spa.selftest_missing() if "nft" in m or "ip command" in m] == []
+    assert spa.run_command(["nft", "--version"]).startswith("nftables")
+    assert spa.find_tool("no-such-tool-here") is None
+    with pytest.raises(spa.SpaError, match="no-such-tool-here not found"):
+        spa.run_command(["no-such-tool-here"])
+
+
 def test_selftest_names_what_is_missing(monkeypatch, capsys):
     monkeypatch.setattr(spa.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(shutil, "which", lambda name: None if name == "nft" else "/usr/bin/" + name)
+    monkeypatch.setattr(shutil, "which",
+                        lambda name, path=None: None if name == "nft" else "/usr/bin/" + name)
     assert spa.main(["selftest"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  missing: root" in out and "FAIL  missing: nft (Debian: apt install nftables)" in out
@@ -2033,11 +2205,15 @@ def test_install_writes_a_launcher_that_reuses_compiled_code(tmp_path):
     launcher = prefix / "bin" / "spa"
     assert os.access(str(launcher), os.X_OK)
     assert list((prefix / "lib" / "spa" / "__pycache__").glob("spa.*.pyc"))
-    out = subprocess.run([str(launcher), "client", "-D", "198.18.0.1", "-A", "tcp/22",
-                          "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY, "--test"],
-                         stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
     config = server_config(tmp_path)
-    assert decide(config, out.strip().encode()).accepted
+    for name in ("spa", "spa.py"):      # README.md's `spa.py ...` lines run the installed copy
+        out = subprocess.run([str(prefix / "bin" / name), "client", "-D", "198.18.0.1", "-A",
+                              "tcp/22", "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY,
+                              "--test"], stdout=subprocess.PIPE, universal_newlines=True,
+                             check=True).stdout
+        assert decide(config, out.strip().encode()).accepted
+    assert os.readlink(str(prefix / "bin" / "spa.py")) == "spa"
+    assert run_spa("install", "--prefix", str(prefix)).returncode == 0     # again, over itself
     assert run_spa("install", "--prefix", "/proc/nope").returncode == 1
 
 
@@ -2145,16 +2321,30 @@ def test_nft_netlink_changes_are_the_elements_nft_makes(tmp_path):
         fw.kernel.close()
 
 
-def test_the_example_config_is_valid(tmp_path):
+def test_the_example_config_is_what_keygen_writes(tmp_path):
+    """spa.conf.example is the text keygen --server-config starts a missing config from, word
+    for word; it has no stanza with placeholders to trip over; the result passes check-config."""
     with open(os.path.join(HERE, "spa.conf.example")) as f:
         text = f.read()
-    assert "REPLACE_WITH_KEY_BASE64_FROM_KEYGEN" in text
-    text = text.replace("REPLACE_WITH_KEY_BASE64_FROM_KEYGEN", KEY).replace(
-        "REPLACE_WITH_HMAC_KEY_BASE64_FROM_KEYGEN", HMAC_KEY).replace(
-        "/var/lib/spa/replay.cache", str(tmp_path / "replay.cache"))
-    config = spa.ServerConfig(write_private(tmp_path / "spa.conf", text))
-    assert config.protect == [("tcp", 22)] and [s.name for s in config.stanzas] == ["laptop"]
-    # As shipped, with the placeholders, it refuses to start and says why.
-    path = write_private(tmp_path / "as-shipped.conf", text.replace(KEY, "REPLACE_WITH_KEY"))
-    with pytest.raises(spa.SpaError, match="key_base64 is not valid base64"):
-        spa.ServerConfig(path)
+    assert text == spa.SERVER_CONFIG_TEMPLATE
+    parser = spa.read_ini(write_private(tmp_path / "example.conf", text))
+    assert parser.sections() == ["server"]
+    conf = tmp_path / "etc" / "spa" / "spa.conf"
+    done = run_spa("keygen", "-n", "web1", "-D", "web1.example.org", "-A", "tcp/22,tcp/443",
+                   "--server-config", str(conf))
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(os.stat(str(conf)).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(str(conf.parent)).st_mode) == 0o700
+    with open(str(conf)) as f:
+        made = f.read()
+    assert made.startswith(text.replace("protect = tcp/22\n", "protect = tcp/22,tcp/443\n"))
+    made = made.replace("/var/lib/spa/replay.cache", str(tmp_path / "replay.cache"))
+    write_private(str(conf), made)
+    checked = run_spa("check-config", "-c", str(conf))
+    assert checked.returncode == (0 if os.geteuid() == 0 else 1), checked.stdout
+    assert "[client web1]: from any address; opens tcp/22,tcp/443" in checked.stdout
+    # the client's section, printed, works with the server's stanza
+    client = write_private(tmp_path / "client.conf", done.stdout)
+    knocked = run_spa("client", "-c", client, "-n", "web1", "--test")
+    assert knocked.returncode == 0, knocked.stderr
+    assert decide(spa.ServerConfig(str(conf)), knocked.stdout.strip().encode()).accepted

@@ -4299,7 +4299,11 @@ def add_to_server_config(path, name, stanza, access):
 
 
 def keygen_main(args):
+    import re
     hmac_type = parse_hmac_type(args.hmac_digest, "--hmac-digest")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$", args.name):
+        raise SpaError("-n %r: a section name of letters, digits and . _ @ + - (it names a "
+                       "section of the server's config and of the client's)" % args.name)
     try:
         access = format_access(parse_access(args.access))
     except ValueError as e:
@@ -4749,8 +4753,8 @@ def _client_options(sub, fmt):
     c.add_argument("-c", "--config", metavar="FILE",
                    help="read settings from this file: spa.py's INI or fwknop's ~/.fwknoprc")
     c.add_argument("-n", "--name", metavar="SECTION",
-                   help="the section of the config to use (default file: ~/.spa.conf, "
-                   "else ~/.fwknoprc)")
+                   help="the section of the config to use, or else the one whose destination "
+                   "is SECTION (default file: ~/.spa.conf, else ~/.fwknoprc)")
     c.add_argument("--connect", metavar="HOST:PORT",
                    help="after the knock, wait until HOST:PORT accepts a connection and relay "
                    "stdin/stdout to it (for ssh's ProxyCommand)")

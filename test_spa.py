@@ -1029,6 +1029,8 @@ def test_keygen_adds_or_replaces_the_stanza_in_the_server_config(tmp_path):
     assert done.returncode == 1 and "not changed" in done.stderr and "unknown option bogus" in done.stderr
     assert "mallory" not in open(str(conf)).read() and not (tmp_path / "mallory.conf").exists()
     assert not [n for n in os.listdir(str(tmp_path)) if n.startswith(".spa.conf.")]
+    done = run_spa("keygen", "-n", "x]\nsource", "--server-config", str(conf))
+    assert done.returncode == 1 and "a section name of letters" in done.stderr
 
 
 def test_spa_py_runs_as_a_command():
@@ -1785,9 +1787,9 @@ def test_tools_in_sbin_are_found_off_path(monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     if shutil.which("nft") is not None:
         pytest.fail("nft is in /usr/bin here: this test needs it in an sbin folder")
-    assert spa.find_tool("nft") in ("/usr/local/sbin/nft", "/usr/sbin/nft", "/sbin/nft")
     assert [m for m in spa.selftest_missing() if "nft" in m or "ip command" in m] == []
     assert spa.run_command(["nft", "--version"]).startswith("nftables")
+    assert spa.find_tool("nft") in ("/usr/local/sbin/nft", "/usr/sbin/nft", "/sbin/nft")
     assert spa.find_tool("no-such-tool-here") is None
     with pytest.raises(spa.SpaError, match="no-such-tool-here not found"):
         spa.run_command(["no-such-tool-here"])

@@ -3326,7 +3326,8 @@ class Reader(object):
                 self.seen.prune(time.time())
                 n = self.limiter.take_suppressed()
                 if n:
-                    self.log.info("%d more rejected packets were not logged (rate limit)", n)
+                    self.log.info("%d more %s were not logged (rate limit)", n,
+                                  "packets" if self.log.verbose else "rejected packets")
 
 
 def crypto_available():

@@ -1748,8 +1748,12 @@ def test_selftest_passes_and_cleans_up():
 def test_selftest_cleans_up_after_ctrl_c():
     need_nft()
     before = set(os.listdir("/var/run/netns"))
+    import signal
+    # SIGINT as at a terminal, even where the suite was started with it ignored (a shell's
+    # background job): Python then leaves it ignored, and Ctrl-C would change nothing.
     proc = subprocess.Popen([sys.executable, SPA, "selftest"], stdout=subprocess.PIPE,
-                            universal_newlines=True)
+                            universal_newlines=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline() + proc.stdout.readline()
     assert "server running" in line
     proc.send_signal(2)

@@ -1386,7 +1386,7 @@ def test_make_vectors_makes_what_the_tests_read(tmp_path):
     assert done.returncode == 0, done.stderr
     with open(str(tmp_path / "vectors.json")) as f:
         fresh = json.load(f)
-    assert fresh["fwknop_version"] == VECTOR_FILE["fwknop_version"]
+    assert re.match(r"fwknop client \d+\.\d+\.\d+, FKO protocol", fresh["fwknop_version"])
     committed = {v["name"]: v for v in VECTORS}
     assert [v["name"] for v in fresh["vectors"]] == [v["name"] for v in VECTORS]
     for vec in fresh["vectors"]:

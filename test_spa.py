@@ -1288,7 +1288,8 @@ def test_only_the_configured_interface_and_port_are_watched(tmp_path):
         # The knock port answers exactly like any other unused UDP port (here the kernel's
         # ICMP port unreachable, as this host has no firewall of its own): it does not stand out.
         assert udp_answer(lab, spa.DEFAULT_PORT) == udp_answer(lab, 62299) == "refused"
-        wait_for_line(server, r"accepted", 2)
+        # The parent's line: by then the reader has written its own (-v) and waits in poll().
+        wait_for_line(server, r"accepted packet from", 2)
         # SIGUSR1 logs the counters: only what the filter passed on this interface was seen.
         os.kill(server.pid, 10)
         m = wait_for_line(server, r"stats: received (\d+), accepted (\d+), rejected (\d+), "

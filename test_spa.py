@@ -1433,6 +1433,39 @@ def test_spa_client_opens_a_port_on_fwknopd(tmp_path):
             assert any("198.18.1.2" in rule for rule in fwknopd.rules())
 
 
+STUB_PYTHON = """#!/bin/sh
+# python3 for test_setup_sh_names_the_step_that_failed: no vermin, and pip cannot get it.
+case "$*" in
+    *"import vermin"*) exit 1 ;;
+    "-m pip install"*) echo "ERROR: No matching distribution found for vermin" >&2; exit 1 ;;
+    *selftest*) echo "selftest ran"; exit 0 ;;
+    *) exit 0 ;;
+esac
+"""
+
+
+def test_setup_sh_names_the_step_that_failed(tmp_path):
+    """setup.sh hid a failed vermin install (2>/dev/null || true), and the Python 3.6 test
+    then skipped without a word.  Now a failed step says so with pip's own words, the
+    other steps still run, and setup.sh exits 1 with the list of what failed."""
+    netns_lab.need(os.geteuid() == 0, "setup.sh runs as root")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, text in (("apt-get", "#!/bin/sh\nexit 0\n"), ("python3", STUB_PYTHON)):
+        (stubs / name).write_text(text)
+        os.chmod(str(stubs / name), 0o755)
+    done = subprocess.run(["sh", os.path.join(HERE, "setup.sh")], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                          env={"PATH": "%s:/usr/bin:/bin" % stubs, "HOME": str(tmp_path)})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "setup.sh: FAILED: pip could not install vermin, which test_runs_on_python36 " \
+        "needs" in done.stderr
+    assert "pip: ERROR: No matching distribution found for vermin" in done.stderr
+    assert "selftest ran" in done.stdout                      # the steps after it still ran
+    assert done.stderr.rstrip().endswith("these steps failed:\n  - pip could not install "
+                                         "vermin, which test_runs_on_python36 needs")
+
+
 def test_runs_on_python36():
     """spa.py must run on Python 3.6 (RHEL 8, OpenWrt): vermin checks every construct."""
     try:

@@ -800,7 +800,8 @@ def fwknop_client_argv(server, access, key_b64, hmac_b64, *extra):
 
 
 class FwknopdServer:
-    """The real fwknopd (pcap on ``interface``, iptables back end) inside ``ns``.
+    """The real fwknopd (pcap on ``interface``, or its UDP server where it is built
+    without libpcap; iptables back end) inside ``ns``.
 
     ``access_stanzas`` is a dict or a list of dicts, rendered in order as
     access.conf stanzas (SOURCE first), e.g. {"SOURCE": "ANY", "KEY_BASE64": k,
@@ -808,7 +809,9 @@ class FwknopdServer:
     ``conf`` adds fwknopd.conf variables.  All state files live in ``tmpdir``.
     """
 
-    READY = r"Starting fwknopd main event loop"
+    # Debian 12's fwknopd captures with libpcap; Debian 13's is built without it and runs its
+    # UDP server instead, which binds the port only after saying so.
+    READY = r"Starting fwknopd main event loop|Kicking off UDP server to listen on port (\d+)"
     RULE_ADDED = r"Added access rule to (\S+) for (\S+) -> \S+ (\w+)/(\d+), expires at (\d+)"
 
     def __init__(self, lab, ns, interface, access_stanzas, tmpdir, conf=None, args=()):
@@ -838,11 +841,18 @@ class FwknopdServer:
         return self.proc.log
 
     def start(self, timeout=10):
-        """Start fwknopd and wait until it sniffs; raises with its log if it does not."""
+        """Start fwknopd and wait until it sniffs (or its UDP server has bound its port);
+        raises with its log if it does not."""
         self.proc = self.lab.spawn(self.ns, self.argv)
         self.lab.on_close(self.stop)
+        deadline = time.monotonic() + timeout
         try:
-            self.log.wait(self.READY, timeout)
+            udp_port = self.log.wait(self.READY, timeout).group(1)
+            while udp_port and not self.lab.run(self.ns, ["ss", "-Hlun", f"sport = :{udp_port}"],
+                                                check=False).stdout.strip():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"fwknopd's UDP server did not bind port {udp_port}")
+                time.sleep(0.01)
         except TimeoutError:
             self.stop()
             raise

@@ -1,18 +1,48 @@
 #!/bin/sh
 # Install what spa.py and its tests need on Debian/Ubuntu, then run spa.py's self-test.
 # Usage (as root):  sh setup.sh
-set -eu
+# A step that fails says so (FAILED: ...); the others still run, and the script exits 1.
+set -u
 cd "$(dirname "$0")"
 
+failed=""
+fail() {
+    echo "setup.sh: FAILED: $*" >&2
+    failed="$failed
+  - $*"
+}
+
+[ "$(id -u)" -eq 0 ] || { echo "setup.sh: run it as root (it installs packages)" >&2; exit 1; }
+command -v apt-get >/dev/null ||
+    { echo "setup.sh: no apt-get: this script is for Debian and Ubuntu (README.md says what to install elsewhere)" >&2; exit 1; }
+
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
+apt-get update -qq || { echo "setup.sh: FAILED: apt-get update (see apt's message above)" >&2; exit 1; }
 # The tool: nftables and pycryptodome.  The tests: iptables, iproute2, the real fwknop
-# client and server to test against, pytest and hypothesis, and systemd (the README's unit
-# runs under it, booted in a throwaway container: nothing of this machine's changes).
+# client and server to test against, pytest and hypothesis, nmap, hyperfine, OpenSSH, and
+# systemd (the README's unit runs under it, booted in a throwaway container: nothing of this
+# machine's changes).
 apt-get install -y -qq --no-install-recommends \
     nftables iptables iproute2 python3 python3-pycryptodome python3-pytest python3-hypothesis \
     python3-pip fwknop-client fwknop-server nmap hyperfine openssh-client openssh-server \
-    systemd >/dev/null
+    systemd >/dev/null ||
+    { echo "setup.sh: FAILED: apt-get install (see apt's message above)" >&2; exit 1; }
+
+# pip_install PYTHON PACKAGE...: plain pip first, then with --break-system-packages (Debian 12
+# and Ubuntu 23.04 on mark their python3 as apt's); pip's last words if neither worked.
+pip_install() {
+    py=$1
+    shift
+    log=$(mktemp)
+    if "$py" -m pip install -q "$@" >"$log" 2>&1 ||
+        "$py" -m pip install -q --break-system-packages "$@" >>"$log" 2>&1; then
+        rm -f "$log"
+        return 0
+    fi
+    grep -v '^ *$' "$log" | tail -n 4 | sed 's/^/    pip: /' >&2
+    rm -f "$log"
+    return 1
+}
 
 # The python3 on PATH may not be Debian's (pyenv, a venv): give it the same modules.
 if ! python3 -c 'import pytest, hypothesis
@@ -20,21 +50,28 @@ try:
     import Cryptodome
 except ImportError:
     import Crypto' 2>/dev/null; then
-    python3 -m pip install -q pycryptodome pytest hypothesis 2>/dev/null ||
-        python3 -m pip install -q --break-system-packages pycryptodome pytest hypothesis
+    pip_install python3 pycryptodome pytest hypothesis ||
+        fail "pip could not install pycryptodome, pytest and hypothesis for $(command -v python3)"
 fi
-python3 -m pip install -q vermin 2>/dev/null ||
-    python3 -m pip install -q --break-system-packages vermin 2>/dev/null || true
+# vermin checks that spa.py needs nothing newer than Python 3.6 (test_runs_on_python36).
+python3 -c 'import vermin' 2>/dev/null || pip_install python3 vermin ||
+    fail "pip could not install vermin, which test_runs_on_python36 needs"
 
-# spa.py promises Python 3.6: where pyenv has one, the tests run spa.py with it too.
-for py36 in /root/.pyenv/versions/3.6*/bin/python3; do
+# spa.py promises Python 3.6: where pyenv has one, the tests run spa.py with it too
+# (test_real_python36_end_to_end); Debian and Ubuntu have none of their own.
+for py36 in /root/.pyenv/versions/3.6*/bin/python3 "$HOME"/.pyenv/versions/3.6*/bin/python3; do
     [ -x "$py36" ] || continue
-    "$py36" -c 'import Crypto.Cipher.AES' 2>/dev/null ||
-        { "$py36" -m pip install -q "pip<22" && "$py36" -m pip install -q --only-binary :all: pycryptodome; } ||
-        echo "note: could not give $py36 pycryptodome; the Python 3.6 test will skip"
+    "$py36" -c 'import Crypto.Cipher.AES' 2>/dev/null && continue
+    { pip_install "$py36" "pip<22" && pip_install "$py36" --only-binary :all: pycryptodome; } ||
+        fail "pip could not give $py36 pycryptodome, which test_real_python36_end_to_end needs"
 done
 
-python3 spa.py --version
+python3 spa.py --version || fail "python3 spa.py --version"
 # The self-test: a real server, capture and firewall in two throwaway namespaces.
-python3 spa.py selftest
+python3 spa.py selftest || fail "spa.py selftest (its lines above say which check)"
+
+if [ -n "$failed" ]; then
+    echo "setup.sh: these steps failed:$failed" >&2
+    exit 1
+fi
 echo "setup done: run the tests with  python3 -m pytest -q"

@@ -1689,12 +1689,23 @@ class ReplayCache(object):
 # restore, flush -- the same small interface for nft, iptables and a dry run
 # ---------------------------------------------------------------------------
 
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def find_tool(name):
+    """Where the tool `name` (nft, ip, iptables...) is: on PATH, else in the sbin folders,
+    which a user's PATH often leaves out; None if neither has it."""
+    import shutil
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
+
+
 def run_command(argv, stdin=None):
     """Run an external command (argument list, never a shell); return stdout or raise SpaError."""
     import subprocess
     try:
-        done = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True)
+        done = subprocess.run([find_tool(argv[0]) or argv[0]] + list(argv[1:]), input=stdin,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True)
     except FileNotFoundError:
         package = "iptables" if "tables" in argv[0] else {"ip": "iproute2"}.get(argv[0], "nftables")
         raise SpaError("%s not found: install it (Debian: apt install %s)" % (argv[0], package))
@@ -4151,16 +4162,38 @@ class Reader(object):
                 self.gate.record(d.replay_key, stamp, now)
             if self.limiter.allow():
                 stanza = " [client %s]" % d.stanza.name if d.stanza else ""
-                self.log.info("rejected packet from %s%s: %s", source, stanza, d.reason)
+                fields = "; " + self.fields(d, now) if self.log.verbose and d.message else ""
+                self.log.info("rejected packet from %s%s: %s%s", source, stanza, d.reason, fields)
             return d
         self.counts["accepted"] += 1
         msg = d.message
+        if self.log.verbose and self.limiter.allow():
+            self.log.debug("packet from %s [client %s] accepted; %s", source, d.stanza.name,
+                           self.fields(d, now))
         self.seen.add(d.replay_key, msg.timestamp, now)
         self.gate.grant({"key": d.replay_key, "stamp": msg.timestamp, "source": source,
                          "address": d.allow_ip, "access": msg.access, "timeout": d.timeout,
                          "stanza": d.stanza.name, "user": msg.username, "nat": d.nat,
                          "command": msg.command, "interface": interface}, now)
         return d
+
+    @staticmethod
+    def fields(d, now):
+        """An authenticated packet's fields in one line, for -v: never key material."""
+        m = d.message
+        parts = ["user %s" % m.username,
+                 "timestamp %d (age %+d s)" % (m.timestamp, int(now) - m.timestamp),
+                 "type %d (%s)" % (m.msg_type, MSG_NAMES.get(m.msg_type, "?")),
+                 "allow IP %s%s" % (m.allow_ip, " (the source)" if m.allow_ip == "0.0.0.0" else ""),
+                 "command %r" % m.command if m.msg_type == MSG_COMMAND
+                 else "access %s" % (m.access_text() or "none")]
+        if m.nat_access is not None:
+            parts.append("NAT %s" % m.nat_access)
+        if m.msg_type in TIMEOUT_TYPES:
+            parts.append("client timeout %d s" % m.client_timeout)
+        if d.accepted and m.msg_type != MSG_COMMAND:
+            parts.append("open for %d s" % d.timeout)
+        return ", ".join(parts)
 
     def stats(self):
         """One line of counters for the log (SIGUSR1, and at exit); benchmarks parse it."""
@@ -4225,10 +4258,11 @@ class Reader(object):
                 self.log_suppressed()
 
     def log_suppressed(self):
-        """Log how many rejections the rate limit left out since the last such line."""
+        """Log how many packets the rate limit left out since the last such line."""
         n = self.limiter.take_suppressed()
         if n:
-            self.log.info("%d more rejected packets were not logged (rate limit)", n)
+            self.log.info("%d more %s were not logged (rate limit)", n,
+                          "packets" if self.log.verbose else "rejected packets")
 
 
 def crypto_available():
@@ -4636,8 +4670,28 @@ def notify_systemd(state):
         pass
 
 
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13}
+
+
+def require_capabilities(names):
+    """Stop, in words, unless this process has the capabilities `names` (root has them all):
+    rather than with the first `Permission denied` of a socket or a config file."""
+    try:
+        with open("/proc/self/status") as f:
+            effective = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+        missing = [n for n in names if not effective >> CAPABILITIES[n] & 1]
+    except (OSError, StopIteration, ValueError, IndexError):
+        missing = [] if os.geteuid() == 0 else names
+    if missing:
+        raise SpaError("the server needs root (or CAP_NET_RAW and CAP_NET_ADMIN; this process "
+                       "lacks %s): run it as root" % " and ".join(missing))
+
+
 def server_main(args):
+    require_capabilities(["CAP_NET_ADMIN"] if args.list or args.flush else ["CAP_NET_RAW"])
     config = ServerConfig(args.config, args.access_conf)
+    if not (args.test or args.list or args.flush or config.firewall == "none"):
+        require_capabilities(["CAP_NET_RAW", "CAP_NET_ADMIN"])
     log = Log("stderr" if args.test else config.log, args.verbose)
     for note in config.notes:
         log.warning("access.conf: %s", note)
@@ -4983,6 +5037,23 @@ def default_client_config():
                    "(give one with -c FILE)")
 
 
+def section_named(config, name, destinations):
+    """The section `name`, else the one whose destination is `name`: ssh's %n is the host
+    name as typed (`ssh web1.example.org`), which names the section [web1] by its
+    destination.  `destinations` maps each section to its destination."""
+    if name in destinations:
+        return name
+    matches = [section for section, destination in destinations.items()
+               if section != "default" and (destination or "").strip().lower() == name.lower()]
+    if len(matches) > 1:
+        raise SpaError("%s: sections %s all have destination %s: name one with -n"
+                       % (config, ", ".join("[%s]" % m for m in matches), name))
+    if not matches:
+        raise SpaError("%s has no section [%s], nor one whose destination is %s (it has: %s)"
+                       % (config, name, name, ", ".join(destinations) or "none"))
+    return matches[0]
+
+
 def client_settings(args):
     """Merge the config section (spa.py's INI or fwknop's rc) with the command line, which wins.
 
@@ -5002,18 +5073,19 @@ def client_settings(args):
         text = read_private_text(path)
         if is_fwknoprc(text):
             sections = read_fwknoprc(path, text)
-            if name.lower() != "default" and name.lower() not in sections:
-                raise SpaError("%s has no section [%s] (it has: %s)" % (
-                    config, name, ", ".join(s.name for s in sections.values()) or "none"))
-            for used in ("default", name.lower()):
-                if used in sections and sections[used].problems:
-                    raise SpaError(sections[used].problems[0])
-            layers = [sections[n].options for n in ("default", name.lower()) if n in sections]
+            used = name.lower()
+            if used != "default" and used not in sections:
+                used = section_named(config, name, {n: s.options.get("destination")
+                                                    for n, s in sections.items()})
+            for layer in ("default", used):
+                if layer in sections and sections[layer].problems:
+                    raise SpaError(sections[layer].problems[0])
+            layers = [sections[n].options for n in ("default", used) if n in sections]
         else:
             parser = read_ini(path, text)
-            if name != "default" and not parser.has_section(name):
-                raise SpaError("%s has no section [%s] (it has: %s)"
-                               % (config, name, ", ".join(parser.sections()) or "none"))
+            if name != "default":
+                name = section_named(config, name, {n: parser[n].get("destination")
+                                                     for n in parser.sections()})
             section = dict(parser[name] if name != "default" else parser.defaults())
             unknown = set(section) - CLIENT_OPTIONS
             if unknown:
@@ -5257,11 +5329,13 @@ def split_host_port(text, option="--connect"):
     return host.strip("[]"), int(port)
 
 
-def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, prefer=None):
+def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, prefer=None,
+                      asked=None):
     """Connect to host:port, retrying until the knock has opened it; re-knock once halfway.
 
     Tries the addresses of the family `prefer` (the knock's) first, then the others.
-    Returns the connected socket, or raises SpaError naming what to check.
+    Returns the connected socket, or raises SpaError naming what to check.  `asked` is the
+    access list the knock asked for: a port not in it is named as the likely cause.
     """
     infos = addresses(host, port, socket.SOCK_STREAM, version)
     infos.sort(key=lambda info: info[0] != prefer)
@@ -5283,9 +5357,14 @@ def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, 
             knock()
             knocked_again = True
         time.sleep(0.02)
+    why = getattr(last, "strerror", None) or last
+    if asked is not None and ("tcp", port) not in asked:
+        raise SpaError("%s port %d did not open within %.0f s (%s): tcp/%d was not among the "
+                       "ports the knock asked for (%s): add it to -A or the section's access"
+                       % (host, port, wait, why, port, format_access(asked) or "none"))
     raise SpaError("%s port %d did not open within %.0f s (%s): check the server's log "
                    "(spa.py server -v says why it refused a packet) and the clocks"
-                   % (host, port, wait, getattr(last, "strerror", None) or last))
+                   % (host, port, wait, why))
 
 
 def relay(sock, fd_in=0, fd_out=1):
@@ -5385,8 +5464,11 @@ def client_main(args):
     version = opts.get("ip_version")
     knocked = []
 
+    asked = []          # the ports the knock asks for, which --connect should be among
+
     def knock():
         msg, wire = build_packet(opts)
+        asked[:] = msg.access
         if args.verbose:
             print(msg.describe(), file=sys.stderr)
         if args.test:
@@ -5408,7 +5490,7 @@ def client_main(args):
     if connect and not args.test:
         prefer = (socket.AF_INET6 if ":" in knocked[0] else socket.AF_INET) if knocked else None
         with connect_when_open(connect[0], connect[1], knock, args.connect_wait,
-                               version=version, prefer=prefer) as sock:
+                               version=version, prefer=prefer, asked=asked) as sock:
             if args.verbose:
                 print("connected to %s port %d" % sock.getpeername()[:2], file=sys.stderr)
             relay(sock)
@@ -5419,49 +5501,195 @@ def client_main(args):
 # keygen
 # ---------------------------------------------------------------------------
 
-def keygen_text(hmac_type="sha256", name="myhost", destination="HOST", access="tcp/22"):
-    key = base64.b64encode(os.urandom(32)).decode()
-    hmac_key = base64.b64encode(os.urandom(HMAC_KEY_BYTES[hmac_type])).decode()
-    return """KEY_BASE64: {key}
-HMAC_KEY_BASE64: {hkey}
+# What `keygen --server-config` writes when the server config is missing: spa.conf.example,
+# word for word (a test holds them equal), with the keygen's ports in `protect`.
+SERVER_CONFIG_TEMPLATE = """\
+# spa.py server configuration: /etc/spa/spa.conf, mode 0600 (it holds keys: the server
+# refuses a key file that group or others can read).  Add a client, a key pair, with
+#     spa.py keygen -n laptop -D server.example.org -A tcp/22 --server-config /etc/spa/spa.conf
+# which writes this file when it is missing, then adds (or replaces) its [client laptop].
+# Every option is described in README.md under "Configuration reference".
 
-# On the server, in /etc/spa/spa.conf (mode 0600):
-[client {name}]
-source = any
-open_ports = {access}
-key_base64 = {key}
-hmac_key_base64 = {hkey}
-hmac_digest_type = {htype}
+[server]
+# Interfaces to capture knocks on: a list (eth0, wg0) or "any".
+interface = any
+# UDP port the knocks are sent to (fwknop's default).  Nothing listens on it.
+port = 62201
+# Firewall back end: nft, iptables, iptables-nft, iptables-legacy, or auto (nft unless the
+# host keeps its rules in iptables).  "none" changes nothing: a dry run.
+firewall = nft
+# Ports kept dark until a knock opens them for one address.
+protect = tcp/22
+# reject: answer like a port with no service (TCP reset, ICMP port unreachable).
+# drop:   stay silent, for hosts whose policy drops everything.
+protect_action = reject
+# Seconds a packet's timestamp may differ from the server's clock.
+max_packet_age = 120
+# Digests of every authenticated packet, so none can be replayed, even after a restart.
+replay_cache = /var/lib/spa/replay.cache
+# stderr (for systemd's journal) or syslog (identity "spa").
+log = stderr
+# The unprivileged user that reads and parses packets.
+user = nobody
+# Interfaces that may come and go (a PPPoE link): captured whenever they are there.
+# optional_interface = ppp0
+# fwknopd's access.conf, to load its stanzas too.
+# access_conf = /etc/fwknop/access.conf
 
-# On the client, in ~/.spa.conf (mode 0600), then: spa.py client -c ~/.spa.conf -n {name}
-[{name}]
-destination = {dest}
-access = {access}
-key_base64 = {key}
-hmac_key_base64 = {hkey}
-hmac_digest_type = {htype}
-""".format(key=key, hkey=hmac_key, htype=hmac_type, name=name, dest=destination, access=access)
+# One [client NAME] section per key pair, as spa.py keygen writes them.  The first one
+# whose source matches and whose keys authenticate the packet decides.  Besides the keys:
+#   source = any                   where the knock may come from: any, or addresses and networks
+#   open_ports = tcp/22            ports it may open; each requested port must be listed
+#   fw_access_timeout = 30         seconds a port stays open
+#   max_fw_timeout = 300           the most a client may ask for (spa.py client -f)
+#   require_username = alice       the username the packet must carry
+#   require_source_address = no    yes: refuse packets that ask to open "for whoever sent this"
+"""
+
+
+def keygen_keys(hmac_type="sha256"):
+    """Fresh random keys, base64, as `fwknop --key-gen` makes them."""
+    return (base64.b64encode(os.urandom(32)).decode(),
+            base64.b64encode(os.urandom(HMAC_KEY_BYTES[hmac_type])).decode())
+
+
+def server_stanza(name, keys, hmac_type, access):
+    return ("[client {name}]\nsource = any\nopen_ports = {access}\nkey_base64 = {key}\n"
+            "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
+                name=name, access=access, key=keys[0], hkey=keys[1], htype=hmac_type)
+
+
+def client_section(name, keys, hmac_type, access, destination=None):
+    """The client's section; without a destination, a line that says how to give one (a
+    made-up host would only fail later, with `cannot resolve`)."""
+    where = "destination = %s" % destination if destination else \
+        "# destination = the server's name or address (or give it with spa.py client -D)"
+    return ("# On the client, in ~/.spa.conf (mode 0600), then: spa.py client -n {name}\n"
+            "[{name}]\n{where}\naccess = {access}\nkey_base64 = {key}\n"
+            "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
+                name=name, where=where, access=access, key=keys[0], hkey=keys[1],
+                htype=hmac_type)
+
+
+def keygen_text(hmac_type="sha256", name="myhost", destination=None, access="tcp/22"):
+    """keygen's whole output: the keys as fwknop prints them, then both sections."""
+    keys = keygen_keys(hmac_type)
+    return ("KEY_BASE64: %s\nHMAC_KEY_BASE64: %s\n\n# On the server, in /etc/spa/spa.conf "
+            "(mode 0600), or let keygen put it there with --server-config /etc/spa/spa.conf:\n"
+            "%s\n%s" % (keys[0], keys[1], server_stanza(name, keys, hmac_type, access),
+                         client_section(name, keys, hmac_type, access, destination)))
+
+
+def replace_section(text, header, block):
+    """`text` with the INI section `[header]` replaced by `block`, or `block` added at the
+    end: (new text, True if a section was replaced).  Comments and blank lines just above
+    the next section stay with it."""
+    lines = text.splitlines(True)
+    want = header.split()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("[")
+                  and line.strip().endswith("]") and line.strip()[1:-1].split() == want), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + block, False
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
+               len(lines))
+    while end > start + 1 and end < len(lines) and \
+            (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith(("#", ";"))):
+        end -= 1
+    gap = "\n" if end < len(lines) else ""
+    return "".join(lines[:start]) + block + gap + "".join(lines[end:]), True
+
+
+def private_temp_file(path, text):
+    """A new file of mode 0600 beside `path` holding `text`, to be renamed over it; its name."""
+    import tempfile
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=folder)
+    except OSError as e:
+        raise SpaError("cannot write in %s: %s" % (folder, e.strerror))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+    except OSError as e:
+        os.unlink(tmp)
+        raise SpaError("cannot write %s: %s" % (path, e.strerror))
+
+
+def add_to_server_config(path, name, stanza, access):
+    """Put [client NAME] into the server config at `path`, replacing one of that name; make
+    the file from SERVER_CONFIG_TEMPLATE (mode 0600, a new folder 0700) when it is missing.
+    The result must load as a server config, else the file is left as it was."""
+    import re
+    if os.path.lexists(path):
+        text, made = read_private_text(path), False
+    else:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            try:
+                os.makedirs(folder, 0o700)
+                os.chmod(folder, 0o700)
+            except OSError as e:
+                raise SpaError("cannot make %s: %s" % (folder, e.strerror))
+        text = re.sub(r"(?m)^protect = .*$", "protect = " + access, SERVER_CONFIG_TEMPLATE)
+        made = True
+    text, replaced = replace_section(text, "client " + name, stanza)
+    tmp = private_temp_file(path, text)
+    try:
+        ServerConfig(tmp)
+    except SpaError as e:
+        os.unlink(tmp)
+        raise SpaError("%s not changed: with [client %s] it would not load: %s"
+                       % (path, name, str(e).replace(tmp, path)))
+    os.replace(tmp, path)
+    return ("wrote %s (mode 0600) from the template, protecting %s, with [client %s]"
+            % (path, access, name) if made else "%s [client %s] %s %s"
+            % ("replaced" if replaced else "added", name, "in" if replaced else "to", path))
 
 
 def keygen_main(args):
+    import re
     hmac_type = parse_hmac_type(args.hmac_digest, "--hmac-digest")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$", args.name):
+        raise SpaError("-n %r: a section name of letters, digits and . _ @ + - (it names a "
+                       "section of the server's config and of the client's)" % args.name)
     try:
-        parse_access(args.access)
+        access = format_access(parse_access(args.access))
     except ValueError as e:
         raise SpaError(str(e))
-    text = keygen_text(hmac_type, args.name, args.destination, args.access)
-    if not args.output:
+    out = None
+    if args.output:     # made first: a server must never hold keys its client cannot get
+        try:
+            out = os.fdopen(os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w")
+        except FileExistsError:
+            raise SpaError("%s already exists: keygen never overwrites keys" % args.output)
+        except OSError as e:
+            raise SpaError("cannot create %s: %s" % (args.output, e.strerror))
+    try:
+        if args.server_config:
+            keys = keygen_keys(hmac_type)
+            done = add_to_server_config(args.server_config, args.name,
+                                        server_stanza(args.name, keys, hmac_type, access), access)
+            text = client_section(args.name, keys, hmac_type, access, args.destination)
+        else:
+            text = keygen_text(hmac_type, args.name, args.destination, access)
+    except BaseException:
+        if out is not None:
+            out.close()
+            os.unlink(args.output)
+        raise
+    if args.server_config:
+        print("%s; check it with: spa.py check-config -c %s" % (done, args.server_config),
+              file=sys.stderr)
+    if out is None:
         sys.stdout.write(text)
         return 0
-    try:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise SpaError("%s already exists: keygen never overwrites keys" % args.output)
-    except OSError as e:
-        raise SpaError("cannot create %s: %s" % (args.output, e.strerror))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    print("wrote new keys to %s (mode 0600)" % args.output, file=sys.stderr)
+    with out:
+        out.write(text)
+    print("wrote %s to %s (mode 0600)" % ("the client's section" if args.server_config
+                                          else "new keys", args.output), file=sys.stderr)
     return 0
 
 
@@ -5565,7 +5793,8 @@ class SelfTest(object):
         import subprocess
         import threading
         self.server = subprocess.Popen(
-            ["ip", "netns", "exec", self.srv, sys.executable, os.path.abspath(__file__), "server",
+            [find_tool("ip") or "ip", "netns", "exec", self.srv, sys.executable,
+             os.path.abspath(__file__), "server",
              "-c", conf], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, universal_newlines=True)
 
@@ -5646,13 +5875,12 @@ class SelfTest(object):
 
 def selftest_missing():
     """What this machine lacks for spa.py's server, in words an operator can act on."""
-    import shutil
     missing = []
     if os.geteuid() != 0:
         missing.append("root (the server needs CAP_NET_RAW and CAP_NET_ADMIN): run it with sudo")
-    if shutil.which("ip") is None:
+    if find_tool("ip") is None:
         missing.append("the ip command (Debian: apt install iproute2)")
-    if shutil.which("nft") is None:
+    if find_tool("nft") is None:
         missing.append("nft (Debian: apt install nftables)")
     try:
         aes_ecb()
@@ -5810,7 +6038,8 @@ def _install_dir(path, ours=False):
 
 
 def install_main(args):
-    """Copy this file to PREFIX/lib/spa, compile it, and write the launcher PREFIX/bin/spa.
+    """Copy this file to PREFIX/lib/spa, compile it, and write the launcher PREFIX/bin/spa
+    (and PREFIX/bin/spa.py, a link to it, so that every line of README.md runs as typed).
 
     Root runs what this writes, so: every directory on the way must belong to root (or to
     the installing user) and be writable by no one else; modes are set explicitly
@@ -5845,11 +6074,16 @@ def install_main(args):
         os.chmod(compiled, 0o644)
         text = LAUNCHER.format(python=python, lib=lib).encode()
         replace_file(launcher, lambda fd: write_all(fd, text), 0o755)
+        # spa.py too: a link made under a random name, then renamed over whatever was there
+        link = "%s.py.%s" % (launcher, binascii.hexlify(os.urandom(6)).decode())
+        os.symlink("spa", link)
+        os.replace(link, launcher + ".py")
     except OSError as e:
         raise SpaError("cannot install into %s: %s" % (prefix, e.strerror or e))
     finally:
         os.umask(umask)
-    print("installed %s (compiled) and the launcher %s" % (target, launcher))
+    print("installed %s (compiled) and the launcher %s (also as %s.py)"
+          % (target, launcher, launcher))
     print("the launcher runs %s -I (isolated): %s" % (python, why))
     return 0
 
@@ -5951,14 +6185,23 @@ _SUBCOMMAND_HELP = {
 def _keygen_options(sub, fmt):
     k = sub.add_parser("keygen", formatter_class=fmt, help=_SUBCOMMAND_HELP["keygen"],
                        description="Print fresh random keys (as `fwknop --key-gen` does) and "
-                       "ready-to-paste server and client sections.",
-                       epilog="example:\n  spa.py keygen -n web1 -D web1.example.org -o web1.keys")
+                       "ready-to-paste server and client sections; or put the server's "
+                       "section straight into its config (--server-config) and print the "
+                       "client's.",
+                       epilog="examples:\n  spa.py keygen -n web1 -D web1.example.org -o web1.keys\n"
+                       "  spa.py keygen -n web1 -D web1.example.org -A tcp/22 "
+                       "--server-config /etc/spa/spa.conf -o web1.spa.conf")
     k.add_argument("--hmac-digest", default="sha256", metavar="TYPE",
                    help="sha256 (default), sha384 or sha512")
     k.add_argument("-n", "--name", default="myhost", help="the section name to print")
-    k.add_argument("-D", "--destination", default="HOST", help="the server, for the client section")
+    k.add_argument("-D", "--destination", metavar="HOST",
+                   help="the server, for the client section (its name as the client knows it)")
     k.add_argument("-A", "--access", default="tcp/22", help="the ports, e.g. tcp/22,tcp/443")
     k.add_argument("-o", "--output", metavar="FILE", help="write to a new file with mode 0600")
+    k.add_argument("--server-config", dest="server_config", metavar="FILE",
+                   help="add [client NAME] to this server config, or replace it (a missing "
+                   "file is made from spa.conf.example's text, mode 0600, protecting -A's "
+                   "ports); then print only the client's section")
 
 
 def _client_options(sub, fmt):
@@ -6030,8 +6273,8 @@ def _client_options(sub, fmt):
     c.add_argument("-c", "--config", "--rc-file", metavar="FILE",
                    help="read settings from this file: spa.py's INI or fwknop's ~/.fwknoprc")
     c.add_argument("-n", "--name", "--named-config", metavar="SECTION",
-                   help="the section of the config to use (default file: ~/.spa.conf, "
-                   "else ~/.fwknoprc)")
+                   help="the section of the config to use, or else the one whose destination "
+                   "is SECTION (default file: ~/.spa.conf, else ~/.fwknoprc)")
     c.add_argument("--no-rc-file", dest="no_rc_file", action="store_true",
                    help="read no config file unless -c names one")
     c.add_argument("--connect", metavar="HOST:PORT",
@@ -6062,7 +6305,8 @@ def _server_options(sub, fmt):
                    help="config file (default %s)" % DEFAULT_CONFIG)
     s.add_argument("--access-conf", dest="access_conf", metavar="FILE",
                    help="also load the client stanzas of fwknopd's access.conf")
-    s.add_argument("-v", "--verbose", action="store_true", help="log more")
+    s.add_argument("-v", "--verbose", action="store_true",
+                   help="log every authenticated packet's fields with its decision (never keys)")
     s.add_argument("--test", action="store_true",
                    help="capture and decide, but change neither firewall nor replay cache")
     s.add_argument("--list", action="store_true", help="print the open authorizations and exit")

@@ -27,32 +27,35 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SPA = os.path.join(HERE, "spa.py")
 
 
-def find_shared():
-    """../shared next to the checkout (CI lays a copy of it beside the clone)."""
-    for base in (os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))):
-        path = os.path.join(base, "shared", "vectors")
-        if os.path.isdir(path):
-            return path
-    return None
-
-
-VECTOR_DIR = find_shared()
+TESTDATA = os.path.join(HERE, "testdata")
 
 
 def load_vectors():
-    if VECTOR_DIR is None:
-        if os.environ.get("CI") == "true":
-            raise RuntimeError("../shared/vectors is missing")
-        return [], {}
-    with open(os.path.join(VECTOR_DIR, "vectors.json")) as f:
-        vectors = json.load(f)["vectors"]
-    with open(os.path.join(VECTOR_DIR, "decoded.json")) as f:
-        decoded = {d["name"]: d for d in json.load(f)["vectors"]}
-    return vectors, decoded
+    """The real fwknop client's packets and their decoded values, kept in the repository
+    (made by testdata/make_vectors.py).  Missing files fail the tests that use them."""
+    try:
+        with open(os.path.join(TESTDATA, "vectors.json")) as f:
+            vectors = json.load(f)
+        with open(os.path.join(TESTDATA, "decoded.json")) as f:
+            decoded = {d["name"]: d for d in json.load(f)["vectors"]}
+    except OSError as e:
+        return None, None, "testdata is missing (%s): run testdata/make_vectors.py" % e
+    return vectors, decoded, None
 
 
-VECTORS, DECODED = load_vectors()
-needs_vectors = pytest.mark.skipif(not VECTORS, reason="../shared/vectors not found")
+VECTOR_FILE, DECODED, VECTORS_MISSING = load_vectors()
+VECTORS = VECTOR_FILE["vectors"] if VECTOR_FILE else []
+
+
+def vector(name):
+    """One vector of testdata/vectors.json by name; fails (never skips) if it is not there."""
+    if VECTORS_MISSING:
+        pytest.fail(VECTORS_MISSING, pytrace=False)
+    found = [v for v in VECTORS if v["name"] == name]
+    if not found:
+        pytest.fail("testdata/vectors.json has no vector %r" % name, pytrace=False)
+    return found[0]
+
 
 KEY = base64.b64encode(b"k" * 32).decode()
 HMAC_KEY = base64.b64encode(b"h" * 64).decode()
@@ -142,16 +145,18 @@ DEFAULT_OUTCOME = {
 }
 
 
-@needs_vectors
 def test_every_vector_has_an_expected_outcome():
+    vector("aes_cbc_hmac_sha256_default")
     with_wire = {v["name"] for v in VECTORS if v["wire"]}
     assert with_wire == set(DEFAULT_OUTCOME)
+    # made by Debian's fwknop client, whose version the file records
+    assert VECTOR_FILE["made_by"] == "testdata/make_vectors.py"
+    assert re.match(r"fwknop client \d+\.\d+\.\d+, FKO protocol", VECTOR_FILE["fwknop_version"])
 
 
-@needs_vectors
 @pytest.mark.parametrize("name", sorted(DEFAULT_OUTCOME))
 def test_default_server_on_real_client_vectors(tmp_path, name):
-    vec = next(v for v in VECTORS if v["name"] == name)
+    vec = vector(name)
     config = vector_stanza(tmp_path, vec)
     d = decide(config, vec["wire"].encode(), now=vector_time(vec))
     expected = DEFAULT_OUTCOME[name]
@@ -168,7 +173,6 @@ def test_default_server_on_real_client_vectors(tmp_path, name):
         assert expected in d.reason
 
 
-@needs_vectors
 @pytest.mark.parametrize("name,option", [
     ("aes_cbc_hmac_sha512", {"hmac_digest_type": "sha512"}),
     ("aes_cbc_hmac_sha384", {"hmac_digest_type": "sha384"}),
@@ -179,13 +183,12 @@ def test_default_server_on_real_client_vectors(tmp_path, name):
     ("mode_ofb", {"encryption_mode": "ofb"}),
 ])
 def test_vectors_accepted_when_the_stanza_matches(tmp_path, name, option):
-    vec = next(v for v in VECTORS if v["name"] == name)
+    vec = vector(name)
     d = decide(vector_stanza(tmp_path, vec, **option), vec["wire"].encode(), now=vector_time(vec))
     assert d.accepted, d.reason
     assert d.message.access == [("tcp", 22)]
 
 
-@needs_vectors
 @pytest.mark.parametrize("name,nat,timeout", [
     ("nat_access", ("10.11.12.13", 22, False), 30),
     ("nat_access_client_timeout", ("10.11.12.13", 22, False), 120),
@@ -193,7 +196,7 @@ def test_vectors_accepted_when_the_stanza_matches(tmp_path, name, option):
     ("local_nat_client_timeout", ("198.18.0.1", 22, True), 60),
 ])
 def test_nat_vectors_with_nat_enabled(tmp_path, name, nat, timeout):
-    vec = next(v for v in VECTORS if v["name"] == name)
+    vec = vector(name)
     key = vec["key_b64"]
     config = server_config(tmp_path, {"vec": {"key_base64": key, "hmac_key_base64": vec["hmac_key_b64"],
                                               "open_ports": "tcp/5022,tcp/55000",
@@ -209,10 +212,9 @@ def test_nat_vectors_with_nat_enabled(tmp_path, name, nat, timeout):
     assert not d.accepted and "is off" in d.reason
 
 
-@needs_vectors
 @pytest.mark.parametrize("name", sorted(n for n in DEFAULT_OUTCOME if n != "long_multi_port_over_400"))
 def test_reference_values_of_decoded_json(name):
-    vec = next(v for v in VECTORS if v["name"] == name)
+    vec = vector(name)
     ref = DECODED[name]
     key = base64.b64decode(vec["key_b64"]) if "key_b64" in vec else vec["key_ascii"].encode()
     if vec["mode"] == "legacy":     # keys padded with '0' to 16 bytes; spa.py does not offer it
@@ -231,12 +233,17 @@ def test_reference_values_of_decoded_json(name):
     if vec["mode"] in spa.ENCRYPTION_MODES:
         plaintext = spa.decrypt(spa.b64decode(signed), key, vec["mode"])
         assert plaintext.decode() == ref["plaintext"]
-        assert spa.parse_plaintext(plaintext).digest_type == ref["fields"]["digest_type"]
+        msg, f = spa.parse_plaintext(plaintext), ref["fields"]
+        assert (msg.rand, msg.username, msg.timestamp, msg.version, msg.msg_type) == \
+            (f["rand_val"], f["username"], f["timestamp"], f["version"], f["message_type"])
+        assert "%s,%s" % (msg.allow_ip, msg.command if msg.msg_type == spa.MSG_COMMAND
+                          else msg.access_text()) == f["message"]
+        assert (msg.nat_access, msg.server_auth, msg.client_timeout, msg.digest_type) == \
+            (f["nat_access"], f["server_auth"], f["client_timeout"], f["digest_type"])
 
 
-@needs_vectors
 def test_encoder_reproduces_a_real_client_packet_byte_for_byte():
-    vec = VECTORS[0]
+    vec = vector("aes_cbc_hmac_sha256_default")
     ref = DECODED[vec["name"]]
     f = ref["fields"]
     msg = spa.Message(f["username"], "198.18.0.2", [("tcp", 22)], timestamp=f["timestamp"],
@@ -656,6 +663,47 @@ def test_gatekeeper_checks_what_the_reader_asks(tmp_path):
     assert "K" * 43 in spa.ReplayCache(config.replay_cache, config.max_packet_age)
 
 
+class RecordingGate(object):
+    """Stands in for the parent: what the reader asked of it."""
+
+    def __init__(self):
+        self.asked = []
+
+    def record(self, key, stamp, now=None):
+        self.asked.append(("record", key))
+
+    def grant(self, g, now=None):
+        self.asked.append(("grant", g))
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_server_v_logs_each_packet_s_decision_and_fields(tmp_path, capsys, verbose):
+    """`server -v` (the Troubleshoot guide, the client's timeout error) says what each
+    authenticated packet asked for and what was decided, never a key; rate-limited."""
+    config = server_config(tmp_path, {"alice": {"open_ports": "tcp/22", "fw_access_timeout": "40"}})
+    reader = spa.Reader(config, RecordingGate(), spa.Log("stderr", verbose))
+    now = time.time()
+    reader.handle(knock(timeout=25, allow_ip="198.18.0.9"), "198.18.0.2", now)
+    reader.handle(knock([("tcp", 23)]), "198.18.0.2", now)
+    reader.handle(knock(hmac_key=base64.b64encode(b"x" * 64).decode()), "198.18.0.2", now)
+    log = capsys.readouterr().err
+    accepted = ("packet from 198.18.0.2 [client alice] accepted; user alice, timestamp %d (age "
+                "+0 s), type 3 (access with timeout), allow IP 198.18.0.9, access tcp/22, client "
+                "timeout 25 s, open for 25 s" % int(now))
+    rejected = ("rejected packet from 198.18.0.2 [client alice]: tcp/23 not in open_ports; user "
+                "alice, timestamp %d (age +0 s), type 1 (access), allow IP 0.0.0.0 (the source), "
+                "access tcp/23\n" % int(now))
+    assert (accepted in log, rejected in log) == (verbose, verbose), log
+    assert "rejected packet from 198.18.0.2: HMAC does not match any stanza for this source\n" in log
+    if not verbose:
+        assert "tcp/23 not in open_ports\n" in log
+    for secret in (KEY, HMAC_KEY, "a2tr", "aGho"):        # not even the keys' first bytes
+        assert secret not in log
+    for _ in range(100):                                  # a key holder's flood: bounded
+        reader.handle(knock(), "198.18.0.2")
+    assert len(capsys.readouterr().err.splitlines()) <= 20
+
+
 def test_rejection_log_is_rate_limited():
     limiter = spa.RateLimiter(rate=5, burst=20)
     t = time.monotonic()
@@ -908,6 +956,93 @@ def test_client_config_section_missing(tmp_path):
     assert done.returncode == 1 and "no section [web2]" in done.stderr and "web1" in done.stderr
 
 
+def test_client_finds_its_section_by_destination(tmp_path):
+    """ssh's %n is the host name as typed: `-n %n` with `Host web1.example.org` must find
+    [web1], whose destination that is (in spa.py's file and in fwknop's rc file)."""
+    config = server_config(tmp_path)
+    section = "destination = Web1.Example.org\naccess = tcp/22\nkey_base64 = %s\n" \
+        "hmac_key_base64 = %s\n" % (KEY, HMAC_KEY)
+    ini = write_private(tmp_path / "spa-client.conf", "[web1]\n" + section +
+                        "[db]\ndestination = db.example.org\n")
+    rc = write_private(tmp_path / "fwknoprc", "[web1]\nSPA_SERVER web1.example.org\nACCESS tcp/22\n"
+                       "KEY_BASE64 %s\nHMAC_KEY_BASE64 %s\n" % (KEY, HMAC_KEY))
+    for path in (ini, rc):
+        done = run_spa("client", "-c", path, "-n", "web1.example.org", "--test", "-v")
+        assert done.returncode == 0, done.stderr
+        assert decide(config, done.stdout.strip().encode()).accepted
+    twice = write_private(tmp_path / "twice.conf", "[web1]\n" + section + "[web1b]\n" + section)
+    done = run_spa("client", "-c", twice, "-n", "web1.example.org", "--test")
+    assert done.returncode == 1 and "[web1], [web1b] all have destination" in done.stderr
+    done = run_spa("client", "-c", ini, "-n", "web9.example.org", "--test")
+    assert done.returncode == 1
+    assert "no section [web9.example.org], nor one whose destination is" in done.stderr
+    assert KEY not in done.stderr and HMAC_KEY not in done.stderr
+
+
+def test_keygen_without_a_destination_says_how_to_give_one(tmp_path):
+    """`keygen -n bob` printed `destination = HOST`, which then failed as `cannot resolve
+    HOST`; now the section has no destination, and the client asks for one."""
+    done = run_spa("keygen", "-n", "bob")
+    assert done.returncode == 0
+    assert not re.search(r"^destination", done.stdout, re.M) and "HOST" not in done.stdout
+    client = write_private(tmp_path / "bob.conf", done.stdout[done.stdout.index("[bob]"):])
+    knock = run_spa("client", "-c", client, "-n", "bob", "--test")
+    assert knock.returncode == 1 and "no destination: give -D HOST" in knock.stderr
+    knock = run_spa("client", "-c", client, "-n", "bob", "-D", "198.18.0.1", "--test")
+    assert knock.returncode == 0, knock.stderr
+
+
+def test_keygen_adds_or_replaces_the_stanza_in_the_server_config(tmp_path):
+    conf = tmp_path / "spa.conf"
+    first = run_spa("keygen", "-n", "web1", "--server-config", str(conf))
+    assert first.returncode == 0, first.stderr
+    with open(str(conf), "a") as f:
+        f.write("\n# the database\n[client db]\nkey_base64 = %s\nhmac_key_base64 = %s\n"
+                % (KEY, HMAC_KEY))
+    again = run_spa("keygen", "-n", "web1", "-A", "tcp/22", "--server-config", str(conf))
+    assert again.returncode == 0 and "replaced [client web1] in" in again.stderr
+    bob = run_spa("keygen", "-n", "bob", "--server-config", str(conf))
+    assert bob.returncode == 0 and "added [client bob] to" in bob.stderr
+    with open(str(conf)) as f:
+        text = f.read()
+    assert text.count("[client web1]") == 1 and "# the database\n[client db]" in text
+    config = spa.ServerConfig(str(conf))
+    assert [st.name for st in config.stanzas] == ["web1", "db", "bob"]
+    for out in (first, again, bob):         # each printed client section holds its keys
+        key = re.search(r"^key_base64 = (\S+)", out.stdout, re.M).group(1)
+        assert (key in text) == (out is not first)
+    # A group-readable config, or an -o file that exists: refused, and nothing changed.
+    os.chmod(str(conf), 0o640)
+    assert "chmod 600" in run_spa("keygen", "-n", "eve", "--server-config", str(conf)).stderr
+    os.chmod(str(conf), 0o600)
+    (tmp_path / "exists").write_text("")
+    done = run_spa("keygen", "-n", "eve", "--server-config", str(conf), "-o",
+                   str(tmp_path / "exists"))
+    assert done.returncode == 1 and "already exists" in done.stderr
+    # A config that would not load with the new stanza (a typo elsewhere): left as it was.
+    with open(str(conf)) as f:
+        before = f.read()
+    with open(str(conf), "w") as f:
+        f.write(before.replace("[client db]", "[client db]\nbogus = 1"))
+    done = run_spa("keygen", "-n", "mallory", "--server-config", str(conf), "-o",
+                   str(tmp_path / "mallory.conf"))
+    assert done.returncode == 1 and "not changed" in done.stderr and "unknown option bogus" in done.stderr
+    assert "mallory" not in open(str(conf)).read() and not (tmp_path / "mallory.conf").exists()
+    assert not [n for n in os.listdir(str(tmp_path)) if n.startswith(".spa.conf.")]
+    done = run_spa("keygen", "-n", "x]\nsource", "--server-config", str(conf))
+    assert done.returncode == 1 and "a section name of letters" in done.stderr
+
+
+def test_spa_py_runs_as_a_command():
+    """The file is executable, with a shebang, so that `spa.py ...` works once it is on PATH
+    (the ProxyCommand line of README.md); git keeps the mode (100755)."""
+    assert stat.S_IMODE(os.stat(SPA).st_mode) & 0o111 == 0o111
+    with open(SPA) as f:
+        assert f.readline() == "#!/usr/bin/env python3\n"
+    done = subprocess.run([SPA, "--version"], stdout=subprocess.PIPE, universal_newlines=True)
+    assert done.returncode == 0 and done.stdout.startswith("spa.py ")
+
+
 # ---------------------------------------------------------------------------
 # The BPF program (run for real in the integration tests)
 # ---------------------------------------------------------------------------
@@ -1153,7 +1288,8 @@ def test_only_the_configured_interface_and_port_are_watched(tmp_path):
         # The knock port answers exactly like any other unused UDP port (here the kernel's
         # ICMP port unreachable, as this host has no firewall of its own): it does not stand out.
         assert udp_answer(lab, spa.DEFAULT_PORT) == udp_answer(lab, 62299) == "refused"
-        wait_for_line(server, r"accepted", 2)
+        # The parent's line: by then the reader has written its own (-v) and waits in poll().
+        wait_for_line(server, r"accepted packet from", 2)
         # SIGUSR1 logs the counters: only what the filter passed on this interface was seen.
         os.kill(server.pid, 10)
         m = wait_for_line(server, r"stats: received (\d+), accepted (\d+), rejected (\d+), "
@@ -1240,6 +1376,45 @@ def test_fwknop_client_opens_a_port_on_spa_server(tmp_path):
         wait_for_line(server, r"for 9 s", 2)
 
 
+def test_make_vectors_makes_what_the_tests_read(tmp_path):
+    """testdata/make_vectors.py, run again with this machine's fwknop client, makes the same
+    cases (new packets, new keys), and spa.py decides each new packet as it does the
+    committed one."""
+    netns_lab.need(shutil.which("fwknop") is not None, "fwknop is not installed")
+    done = subprocess.run([sys.executable, os.path.join(TESTDATA, "make_vectors.py"), "--out",
+                           str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with open(str(tmp_path / "vectors.json")) as f:
+        fresh = json.load(f)
+    assert re.match(r"fwknop client \d+\.\d+\.\d+, FKO protocol", fresh["fwknop_version"])
+    committed = {v["name"]: v for v in VECTORS}
+    assert [v["name"] for v in fresh["vectors"]] == [v["name"] for v in VECTORS]
+    for vec in fresh["vectors"]:
+        old = committed[vec["name"]]
+        assert (vec["rc"], vec["wire_len"], vec["mode"], vec["hmac_type"]) == \
+            (old["rc"], old["wire_len"], old["mode"], old["hmac_type"]), vec["name"]
+        if not vec["wire"]:
+            continue
+        d = decide(vector_stanza(tmp_path, vec), vec["wire"].encode(), now=vector_time(vec))
+        expected = DEFAULT_OUTCOME[vec["name"]]
+        assert d.accepted if expected is None else expected in d.reason, (vec["name"], d.reason)
+
+
+def test_nothing_reads_outside_the_repository():
+    """A user's clone has only itself: no file of it may name the folder beside it that
+    held the vectors once (they are in testdata/ now)."""
+    needles = ["..".join(["", "/shared"]), '"%s", "vectors"' % "shared"]
+    for folder, dirs, files in os.walk(HERE):
+        dirs[:] = [d for d in dirs if d == ".ci" or not d.startswith(".") and d != "__pycache__"
+                   and not os.path.exists(os.path.join(folder, d, "pyvenv.cfg"))]
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+            for needle in needles:
+                assert needle not in text, "%s names %s" % (os.path.join(folder, name), needle)
+
+
 def test_spa_client_opens_a_port_on_fwknopd(tmp_path):
     need_lab("fwknopd", "iptables")
     with Lab(clients=1, prefix="spa") as lab:
@@ -1258,10 +1433,45 @@ def test_spa_client_opens_a_port_on_fwknopd(tmp_path):
             assert any("198.18.1.2" in rule for rule in fwknopd.rules())
 
 
+STUB_PYTHON = """#!/bin/sh
+# python3 for test_setup_sh_names_the_step_that_failed: no vermin, and pip cannot get it.
+case "$*" in
+    *"import vermin"*) exit 1 ;;
+    "-m pip install"*) echo "ERROR: No matching distribution found for vermin" >&2; exit 1 ;;
+    *selftest*) echo "selftest ran"; exit 0 ;;
+    *) exit 0 ;;
+esac
+"""
+
+
+def test_setup_sh_names_the_step_that_failed(tmp_path):
+    """setup.sh hid a failed vermin install (2>/dev/null || true), and the Python 3.6 test
+    then skipped without a word.  Now a failed step says so with pip's own words, the
+    other steps still run, and setup.sh exits 1 with the list of what failed."""
+    netns_lab.need(os.geteuid() == 0, "setup.sh runs as root")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, text in (("apt-get", "#!/bin/sh\nexit 0\n"), ("python3", STUB_PYTHON)):
+        (stubs / name).write_text(text)
+        os.chmod(str(stubs / name), 0o755)
+    done = subprocess.run(["sh", os.path.join(HERE, "setup.sh")], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                          env={"PATH": "%s:/usr/bin:/bin" % stubs, "HOME": str(tmp_path)})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "setup.sh: FAILED: pip could not install vermin, which test_runs_on_python36 " \
+        "needs" in done.stderr
+    assert "pip: ERROR: No matching distribution found for vermin" in done.stderr
+    assert "selftest ran" in done.stdout                      # the steps after it still ran
+    assert done.stderr.rstrip().endswith("these steps failed:\n  - pip could not install "
+                                         "vermin, which test_runs_on_python36 needs")
+
+
 def test_runs_on_python36():
     """spa.py must run on Python 3.6 (RHEL 8, OpenWrt): vermin checks every construct."""
-    vermin = pytest.importorskip("vermin") if os.environ.get("CI") != "true" else __import__("vermin")
-    del vermin
+    try:
+        import vermin  # noqa: F401
+    except ImportError:
+        netns_lab.need(False, "vermin is not installed (sh setup.sh installs it with pip)")
     done = subprocess.run([sys.executable, "-c",
                            "import sys; from vermin.main import main; sys.argv[0] = 'vermin'; "
                            "sys.exit(main())", "-q", "-t=3.6-", "--violations", "--no-tips",
@@ -1399,6 +1609,14 @@ def test_connect_gives_up_with_advice(tmp_path):
         assert done.returncode == 1
         assert "did not open within 2 s" in done.stderr and "spa.py server -v" in done.stderr
         assert time.monotonic() - start < 6
+        # The right keys, but a connection to a port the knock did not ask for: said so.
+        done = lab.run("cli1", [sys.executable, SPA, "client", "-A", "tcp/%d" % SERVICE_PORT,
+                                "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY, "--connect",
+                                "%s:%d" % (Lab.srv4(1), SERVICE_PORT + 1), "--connect-wait", "1"],
+                       check=False, input="", timeout=20)
+        assert done.returncode == 1
+        assert "tcp/%d was not among the ports the knock asked for (tcp/%d)" % (
+            SERVICE_PORT + 1, SERVICE_PORT) in done.stderr, done.stderr
 
 
 def test_resolve_ip_from_a_url(tmp_path):
@@ -1407,8 +1625,9 @@ def test_resolve_ip_from_a_url(tmp_path):
         www = tmp_path / "www"
         www.mkdir()
         (www / "ip").write_text("your address: 198.18.77.7\n")
-        web = lab.spawn("srv", [sys.executable, "-m", "http.server", "8080", "--bind", Lab.srv4(1),
-                                "--directory", str(www)])
+        # -u: a Python child block-buffers its piped stdout, and the line would never come.
+        web = lab.spawn("srv", [sys.executable, "-u", "-m", "http.server", "8080", "--bind",
+                                Lab.srv4(1), "--directory", str(www)])
         wait_for_line(web, r"Serving HTTP", 10)
         done = lab.run("cli1", [sys.executable, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/22",
                                 "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY, "-R",
@@ -1548,34 +1767,82 @@ def test_spa_server_replaces_fwknopd_without_rekeying(tmp_path):
         wait_for_line(server, r"\[client access.conf:1\] .* for 5 s", 2)
 
 
+def selftest_namespaces(pid):
+    """The namespaces the selftest of process `pid` made (others may run a selftest too)."""
+    return [n for n in os.listdir("/var/run/netns")
+            if n.startswith("spa-selftest-%d-" % (pid % 100000))]
+
+
 def test_selftest_passes_and_cleans_up():
     need_nft()
-    before = set(os.listdir("/var/run/netns"))
-    done = run_spa("selftest", timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "verdict: PASS" in done.stdout
+    proc = subprocess.Popen([sys.executable, SPA, "selftest"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert "verdict: PASS" in out
     for step in ("before a knock the port is refused", "knock sent, port open after",
                  "port closed again after the 2 s timeout", "refused as a replay"):
-        assert done.stdout.count(step) == 2, step             # IPv4 and IPv6
-    assert [n for n in set(os.listdir("/var/run/netns")) - before if n.startswith("spa-selftest")] == []
+        assert out.count(step) == 2, step             # IPv4 and IPv6
+    assert selftest_namespaces(proc.pid) == []
 
 
 def test_selftest_cleans_up_after_ctrl_c():
     need_nft()
-    before = set(os.listdir("/var/run/netns"))
+    import signal
+    # SIGINT as at a terminal, even where the suite was started with it ignored (a shell's
+    # background job): Python then leaves it ignored, and Ctrl-C would change nothing.
     proc = subprocess.Popen([sys.executable, SPA, "selftest"], stdout=subprocess.PIPE,
-                            universal_newlines=True)
+                            universal_newlines=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline() + proc.stdout.readline()
     assert "server running" in line
     proc.send_signal(2)
     out = proc.communicate(timeout=30)[0]
     assert proc.returncode != 0 and "verdict: FAIL" in out and "cleaned up" in out
-    assert [n for n in set(os.listdir("/var/run/netns")) - before if n.startswith("spa-selftest")] == []
+    assert selftest_namespaces(proc.pid) == []
+
+
+def test_server_without_privileges_says_it_needs_root(tmp_path):
+    """A normal user got "Permission denied" (of /etc/spa, or of a capture socket); root
+    without CAP_NET_ADMIN (a unit's capability set) a failure later.  Both are told what
+    the server needs."""
+    need_lab("setpriv")
+    folder = tmp_path / "etc-spa"
+    folder.mkdir(mode=0o700)
+    os.chmod(str(tmp_path), 0o755)
+    conf = server_config(folder).path
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    runs = [p for p in (sys.executable, "/usr/bin/python3") if subprocess.run(
+        as_nobody + [p, "-c", "import sys; sys.exit(0)"], stderr=subprocess.DEVNULL).returncode == 0]
+    assert runs, "no python3 that the user nobody can run"
+    for argv, lacks in ((as_nobody + [runs[0]], "CAP_NET_RAW"),
+                        (["setpriv", "--bounding-set=-net_admin", sys.executable], "CAP_NET_ADMIN")):
+        done = subprocess.run(argv + [SPA, "server", "-c", conf], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+        assert done.returncode == 1
+        assert done.stderr == ("spa.py server: error: the server needs root (or CAP_NET_RAW and "
+                               "CAP_NET_ADMIN; this process lacks %s): run it as root\n" % lacks)
+
+
+def test_tools_in_sbin_are_found_off_path(monkeypatch):
+    """`selftest` said nft was missing where only /usr/sbin was off PATH (a user's PATH, `su`
+    without -); the server ran nft and ip from PATH alone too."""
+    need_lab("nft")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    if shutil.which("nft") is not None:
+        pytest.fail("nft is in /usr/bin here: this test needs it in an sbin folder")
+    assert [m for m in spa.selftest_missing() if "nft" in m or "ip command" in m] == []
+    assert spa.run_command(["nft", "--version"]).startswith("nftables")
+    assert spa.find_tool("nft") in ("/usr/local/sbin/nft", "/usr/sbin/nft", "/sbin/nft")
+    assert spa.find_tool("no-such-tool-here") is None
+    with pytest.raises(spa.SpaError, match="no-such-tool-here not found"):
+        spa.run_command(["no-such-tool-here"])
 
 
 def test_selftest_names_what_is_missing(monkeypatch, capsys):
     monkeypatch.setattr(spa.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(shutil, "which", lambda name: None if name == "nft" else "/usr/bin/" + name)
+    monkeypatch.setattr(shutil, "which",
+                        lambda name, path=None: None if name == "nft" else "/usr/bin/" + name)
     assert spa.main(["selftest"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  missing: root" in out and "FAIL  missing: nft (Debian: apt install nftables)" in out
@@ -1807,23 +2074,28 @@ def test_firewall_auto_picks_iptables_where_iptables_nft_rules(tmp_path):
         assert lab.run("srv", ["iptables-nft-save"]).returncode == 0
 
 
-def python36():
-    """A Python 3.6 with pycryptodome, where the machine has one (pyenv's, say)."""
+def pythons36():
+    """Every Python 3.6 on this machine: python3.6 on PATH, or pyenv's (root's or the user's)."""
     import glob
-    for path in [shutil.which("python3.6")] + sorted(glob.glob("/root/.pyenv/versions/3.6*/bin/python3")):
-        if path and subprocess.run([path, "-c", "import Crypto.Cipher.AES"],
-                                   stderr=subprocess.DEVNULL).returncode == 0:
-            return path
-    return None
+    found = [shutil.which("python3.6")] + sorted(
+        glob.glob(os.path.expanduser("~/.pyenv/versions/3.6*/bin/python3")) +
+        glob.glob("/root/.pyenv/versions/3.6*/bin/python3"))
+    found = sorted({os.path.realpath(p) for p in found if p})
+    # pyenv's shims are on PATH even where they lead nowhere: keep what really is 3.6.
+    return [p for p in found if subprocess.run(
+        [p, "-c", "import sys; sys.exit(sys.version_info[:2] != (3, 6))"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0]
 
 
-def test_real_python36_end_to_end(tmp_path):
-    """vermin says spa.py needs nothing newer than 3.6; here a real 3.6 runs it, where one is
-    installed (setup.sh gives pyenv's 3.6 pycryptodome): keygen, client, server, knock."""
+def _real_python36_end_to_end(tmp_path, py36):
+    """vermin says spa.py needs nothing newer than 3.6; here a real 3.6 runs it: keygen,
+    client, server, knock."""
     need_nft()
-    py36 = python36()
-    if py36 is None:
-        pytest.skip("no Python 3.6 with pycryptodome on this machine (vermin still checks)")
+    has_aes = subprocess.run([py36, "-c", "import sys; sys.path.insert(0, %r); import spa; "
+                              "spa.aes_module()" % HERE], stderr=subprocess.PIPE,
+                             universal_newlines=True)
+    assert has_aes.returncode == 0, \
+        "%s has no pycryptodome (sh setup.sh installs it): %s" % (py36, has_aes.stderr[-300:])
     out = subprocess.run([py36, SPA, "keygen"], stdout=subprocess.PIPE, check=True,
                          universal_newlines=True).stdout
     assert out.startswith("KEY_BASE64: ")
@@ -1837,13 +2109,20 @@ def test_real_python36_end_to_end(tmp_path):
         wait_for_line(server, r"accepted packet from 198\.18\.1\.2", 1)
 
 
+# Collected once for each Python 3.6 the machine has, and not at all where it has none
+# (conftest.py then says so at the end of the run): nothing is skipped that could run.
+PYTHONS36 = pythons36()
+if PYTHONS36:
+    test_real_python36_end_to_end = pytest.mark.parametrize("py36", PYTHONS36)(
+        _real_python36_end_to_end)
+
+
 # --- NAT access (fwknop message types 2, 4, 5, 6) ------------------------------------------
 
-@needs_vectors
 @pytest.mark.parametrize("name", ["nat_access", "nat_access_client_timeout", "local_nat",
                                   "local_nat_client_timeout"])
 def test_client_builds_nat_requests_as_fwknop_does(tmp_path, name):
-    vec = next(v for v in VECTORS if v["name"] == name)
+    vec = vector(name)
     argv = vec["argv"]
     wanted = {"-A", "-N", "-f", "--nat-port", "-a"}
     args = ["-D", argv[argv.index("-D") + 1]]
@@ -1977,11 +2256,15 @@ def test_install_writes_a_launcher_that_reuses_compiled_code(tmp_path):
     launcher = prefix / "bin" / "spa"
     assert os.access(str(launcher), os.X_OK)
     assert list((prefix / "lib" / "spa" / "__pycache__").glob("spa.*.pyc"))
-    out = subprocess.run([str(launcher), "client", "-D", "198.18.0.1", "-A", "tcp/22",
-                          "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY, "--test"],
-                         stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
     config = server_config(tmp_path)
-    assert decide(config, out.strip().encode()).accepted
+    for name in ("spa", "spa.py"):      # README.md's `spa.py ...` lines run the installed copy
+        out = subprocess.run([str(prefix / "bin" / name), "client", "-D", "198.18.0.1", "-A",
+                              "tcp/22", "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY,
+                              "--test"], stdout=subprocess.PIPE, universal_newlines=True,
+                             check=True).stdout
+        assert decide(config, out.strip().encode()).accepted
+    assert os.readlink(str(prefix / "bin" / "spa.py")) == "spa"
+    assert run_spa("install", "--prefix", str(prefix)).returncode == 0     # again, over itself
     assert run_spa("install", "--prefix", "/proc/nope").returncode == 1
 
 
@@ -2089,16 +2372,30 @@ def test_nft_netlink_changes_are_the_elements_nft_makes(tmp_path):
         fw.kernel.close()
 
 
-def test_the_example_config_is_valid(tmp_path):
+def test_the_example_config_is_what_keygen_writes(tmp_path):
+    """spa.conf.example is the text keygen --server-config starts a missing config from, word
+    for word; it has no stanza with placeholders to trip over; the result passes check-config."""
     with open(os.path.join(HERE, "spa.conf.example")) as f:
         text = f.read()
-    assert "REPLACE_WITH_KEY_BASE64_FROM_KEYGEN" in text
-    text = text.replace("REPLACE_WITH_KEY_BASE64_FROM_KEYGEN", KEY).replace(
-        "REPLACE_WITH_HMAC_KEY_BASE64_FROM_KEYGEN", HMAC_KEY).replace(
-        "/var/lib/spa/replay.cache", str(tmp_path / "replay.cache"))
-    config = spa.ServerConfig(write_private(tmp_path / "spa.conf", text))
-    assert config.protect == [("tcp", 22)] and [s.name for s in config.stanzas] == ["laptop"]
-    # As shipped, with the placeholders, it refuses to start and says why.
-    path = write_private(tmp_path / "as-shipped.conf", text.replace(KEY, "REPLACE_WITH_KEY"))
-    with pytest.raises(spa.SpaError, match="key_base64 is not valid base64"):
-        spa.ServerConfig(path)
+    assert text == spa.SERVER_CONFIG_TEMPLATE
+    parser = spa.read_ini(write_private(tmp_path / "example.conf", text))
+    assert parser.sections() == ["server"]
+    conf = tmp_path / "etc" / "spa" / "spa.conf"
+    done = run_spa("keygen", "-n", "web1", "-D", "web1.example.org", "-A", "tcp/22,tcp/443",
+                   "--server-config", str(conf))
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(os.stat(str(conf)).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(str(conf.parent)).st_mode) == 0o700
+    with open(str(conf)) as f:
+        made = f.read()
+    assert made.startswith(text.replace("protect = tcp/22\n", "protect = tcp/22,tcp/443\n"))
+    made = made.replace("/var/lib/spa/replay.cache", str(tmp_path / "replay.cache"))
+    write_private(str(conf), made)
+    checked = run_spa("check-config", "-c", str(conf))
+    assert checked.returncode == (0 if os.geteuid() == 0 else 1), checked.stdout
+    assert "[client web1]: from any address; opens tcp/22,tcp/443" in checked.stdout
+    # the client's section, printed, works with the server's stanza
+    client = write_private(tmp_path / "client.conf", done.stdout)
+    knocked = run_spa("client", "-c", client, "-n", "web1", "--test")
+    assert knocked.returncode == 0, knocked.stderr
+    assert decide(spa.ServerConfig(str(conf)), knocked.stdout.strip().encode()).accepted

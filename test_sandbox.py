@@ -181,6 +181,8 @@ def test_a_compromised_reader_can_do_nothing_but_read_packets(tmp_path, legacy_t
         assert len(outcomes) >= 30 and refused(outcomes) == {}, refused(outcomes)
         assert server.tty_input() == b""                  # nothing was typed into the terminal
         assert "PWNED" not in server.log.text()           # nor echoed by it
+        status = proc_status(server.reader_pid())          # the attacks ran under the filter
+        assert status["Seccomp"].strip() == "2" and status["NoNewPrivs"].strip() == "1"
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None     # reader 0 still works
         # Reader 1 tries exec, reader 2 ptrace: the kernel kills each; the parent goes on.
         mark = server.log.mark()
@@ -194,3 +196,97 @@ def test_a_compromised_reader_can_do_nothing_but_read_packets(tmp_path, legacy_t
         assert server.proc.poll() is None and server.reader_pid() is not None
         lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+
+
+def reader_stat(pid):
+    """(session id, controlling terminal) of a process, from /proc/PID/stat."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[3]), int(fields[4])
+
+
+def test_the_reader_leaves_the_terminal(tmp_path):
+    """Started from a terminal, the server keeps it (its log goes there); the reader is in a
+    session of its own, without a controlling terminal and without a descriptor on it."""
+    need_nft()
+    with Lab(clients=1, prefix="sbx") as lab:
+        server, _ = run_in_reader(lab, tmp_path, "", tty=True)   # the reader is ready
+        assert reader_stat(server.proc.pid)[1] != 0            # the parent has the terminal
+        reader = server.reader_pid()
+        assert reader_stat(reader) == (reader, 0)
+        for fd in os.listdir("/proc/%d/fd" % reader):
+            target = os.readlink("/proc/%d/fd/%s" % (reader, fd))
+            assert not target.startswith(("/dev/pts", "/dev/tty", "/dev/console")), target
+        mark = server.log.mark()
+        os.kill(server.proc.pid, signal.SIGUSR1)           # the reader's log reaches the terminal
+        wait_for_line(server, r"stats: received \d+", 2, since=mark)
+
+
+# Without seccomp (an architecture spa.py has no table for), what still holds: the user,
+# the rlimits (no new descriptor: EMFILE; no process: EAGAIN), the locked filter, no terminal.
+LAYERS = r'''
+SOL_SOCKET, SO_ATTACH_FILTER, SO_DETACH_FILTER = 1, 26, 27
+seen = set()
+for fd in range(64):
+    try:
+        fcntl.ioctl(fd, termios.TIOCSTI, b"#")
+        seen.add("DONE on fd %d" % fd)
+    except OSError as e:
+        seen.add(errno.errorcode.get(e.errno, str(e.errno)))
+report("tiocsti", ",".join(sorted(seen)) if any("DONE" in x for x in seen) else "refused")
+attempt("open_dev_tty", os.open, "/dev/tty", os.O_RDWR)
+attempt("detach_filter", sockets[0].setsockopt, SOL_SOCKET, SO_DETACH_FILTER, 0)
+def udp_out():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    return s.sendto(b"stolen keys", (client, 9999))
+attempt("udp_socket", udp_out)
+attempt("unix_socket", socket.socket, socket.AF_UNIX, socket.SOCK_DGRAM)
+attempt("read_passwd", lambda: open("/etc/passwd").read())
+attempt("read_config", lambda: open(config).read())
+attempt("pipe", os.pipe)
+attempt("dup", os.dup, pipe)
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return pid
+attempt("fork", fork)
+attempt("kill_parent", os.kill, os.getppid(), signal.SIGKILL)
+attempt("setuid_root", os.setuid, 0)
+'''
+
+
+def test_without_seccomp_the_other_layers_still_hold(tmp_path):
+    need_nft()
+    with Lab(clients=1, prefix="sbx") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        server, outcomes = run_in_reader(lab, tmp_path, LAYERS, tty=True,
+                                         patch={"seccomp_arch": "lambda: None"})
+        wait_for_line(server, r"packet reader: no seccomp filter \(spa\.py has no system call "
+                      r"table for \S+ with a \d+-bit Python\): it runs confined by its user, "
+                      r"rlimits and closed files only", 1)
+        assert len(outcomes) == 12 and refused(outcomes) == {}, refused(outcomes)
+        assert outcomes["udp_socket"] == outcomes["read_passwd"] == "refused EMFILE"
+        assert outcomes["fork"] == "refused EAGAIN"
+        assert server.tty_input() == b""
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+
+
+def test_a_reader_that_keeps_dying_is_restarted_for_ever(tmp_path):
+    """Issue 12 item 11: any process of the reader's user could kill it again and again; the
+    parent never gives up: it waits longer each time (doubling, up to RESTART_DELAY's cap;
+    shortened here), logs why each reader died, and the next good reader opens knocks."""
+    need_nft()
+    crash = "raise ValueError('reader %d crashed on purpose' % index)"
+    with Lab(clients=1, prefix="sbx") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        server = CompromisedServer(lab, tmp_path, [crash] * 8,
+                                   patch={"Supervisor.RESTART_DELAY": "(0.02, 0.16)"}).start()
+        wait_for_line(server, r"ValueError: reader 7 crashed on purpose", 10)
+        time.sleep(0.5)
+        waits = re.findall(r"packet reader stopped \(exit status 1\): starting a new one in "
+                           r"([\d.]+) s", server.log.text())
+        assert waits == ["0.02", "0.04", "0.08", "0.16", "0.16", "0.16", "0.16", "0.16"]
+        assert server.proc.poll() is None
+        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+

@@ -1847,7 +1847,7 @@ def test_real_python36_end_to_end(tmp_path):
     with Lab(clients=1, prefix="spa") as lab:
         lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
         server = start_server(lab, tmp_path, python=py36)
-        wait_for_line(server, r"packets read as user nobody", 1)
+        wait_for_line(server, r"packets read as user spa", 1)
         lab.run("cli1", [py36, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/%d" % SERVICE_PORT,
                          "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY])
         assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 1.0) is not None

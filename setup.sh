@@ -10,6 +10,7 @@ apt-get update -qq
 # client and server to test against, pytest and hypothesis.
 apt-get install -y -qq --no-install-recommends \
     nftables iptables iproute2 python3 python3-pycryptodome python3-pytest python3-hypothesis \
+    linux-libc-dev \
     python3-pip fwknop-client fwknop-server nmap hyperfine openssh-client openssh-server >/dev/null
 
 # The python3 on PATH may not be Debian's (pyenv, a venv): give it the same modules.

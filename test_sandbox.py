@@ -4,20 +4,24 @@ Each test starts a real spa.py server in network namespaces (real capture, real 
 whose packet reader runs attacker code after its privilege drop and sandbox
 (compromised_reader.py), and checks that every OS-level attack fails, that the root
 parent stays up and that a good knock still opens.  The pipe-protocol attacks
-(malformed requests to the parent) build on the same harness.
+(malformed requests to the parent) build on the same harness.  Below them, unit tests of
+the pieces: the seccomp program (run by an interpreter, for each architecture, against the
+kernel's system call numbers) and the parent's relay of the reader's log.
 """
 
 import os
 import re
 import signal
+import struct
 import time
 
 import pytest
 
+import netns_lab
 import spa
 from compromised_reader import CompromisedServer, run_in_reader
 from netns_lab import Lab, wait_for_line
-from test_spa import SERVICE_PORT, children, need_nft, proc_status, timed_knock
+from test_spa import SERVICE_PORT, need_nft, proc_status, timed_knock
 
 # Every OS-level attack of issue 12, as code run inside the reader.  Each `attempt` must
 # end "refused ERRNO"; "DONE ..." is an attack that got through.
@@ -290,3 +294,211 @@ def test_a_reader_that_keeps_dying_is_restarted_for_ever(tmp_path):
         assert server.proc.poll() is None
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
 
+
+
+# --- the seccomp program, run by an interpreter, for every architecture it knows ----------
+
+def seccomp_verdict(program, arch, nr, *args):
+    """What the kernel would do with the call `nr(*args)` made under `program` (classic BPF
+    over struct seccomp_data: nr, arch, instruction pointer, six 64-bit arguments)."""
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *(list(args) + [0] * (6 - len(args))))
+    a = pc = 0
+    while True:
+        code, jt, jf, k = program[pc]
+        pc += 1
+        if code == 0x20:                                   # ld [k]
+            a = struct.unpack_from("<I", data, k)[0]
+        elif code == 0x06:                                 # ret k
+            return k
+        else:
+            cond = {0x15: a == k, 0x25: a > k, 0x35: a >= k, 0x45: bool(a & k)}[code]
+            pc += jt if cond else jf
+
+
+def kernel_syscall_numbers(arch):
+    """{name: number} from the kernel's headers (linux-libc-dev), or None without them."""
+    path = {"x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"}.get(
+        arch, "/usr/include/asm-generic/unistd.h")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    found = {name: int(nr) for name, nr in re.findall(r"#define __NR_(\w+)\s+(\d+)", text)}
+    for name, alias in re.findall(r"#define __NR3264_(\w+)\s+(\d+)", text):
+        found[name] = int(alias)
+    return found
+
+
+# Calls the reader must never make, by number: x86_64's, then the generic table's.
+DENIED = {"socket": (41, 198), "connect": (42, 203), "sendto": (44, 206), "sendmsg": (46, 211),
+          "sendmmsg": (307, 269), "bind": (49, 200), "setsockopt": (54, 208), "ioctl": (16, 29),
+          "clone": (56, 220), "clone3": (435, 435), "fork": (57, None), "kill": (62, 129),
+          "tgkill": (234, 131), "dup": (32, 23), "dup3": (292, 24), "pipe2": (293, 59),
+          "unshare": (272, 97), "prctl": (157, 167), "prlimit64": (302, 261), "setuid": (105, 146),
+          "read": (0, 63), "select": (23, None), "mount": (165, 40), "chroot": (161, 51)}
+EPERM, EACCES = spa.SECCOMP_ERRNO | 1, spa.SECCOMP_ERRNO | 13
+
+
+@pytest.mark.parametrize("arch", sorted(spa.SYSCALLS))
+def test_seccomp_program(arch):
+    numbers = spa.SYSCALLS[arch]
+    headers = kernel_syscall_numbers(arch)
+    netns_lab.need(headers is not None, "the kernel headers are missing (apt install linux-libc-dev)")
+    assert {name: headers.get(name) for name in numbers} == numbers
+    for name, pair in DENIED.items():
+        assert pair[arch != "x86_64"] == headers.get(name), name
+    audit = spa.AUDIT_ARCHES[arch]
+    prog = spa.seccomp_program(arch, writable=(9, 11), readable=(3,))
+    run = lambda name, *args: seccomp_verdict(prog, audit, numbers[name], *args)  # noqa: E731
+    for name in spa.SECCOMP_ALLOWED:
+        if name in numbers:
+            assert run(name) == spa.SECCOMP_ALLOW, name
+    assert run("write", 9) == run("write", 11) == spa.SECCOMP_ALLOW
+    assert run("write", 1) == run("write", 2) == run("write", 4) == EPERM   # a capture socket
+    assert run("pread64", 3) == spa.SECCOMP_ALLOW and run("pread64", 4) == EPERM
+    assert run("getsockopt", 4, spa.SOL_PACKET, spa.PACKET_STATISTICS) == spa.SECCOMP_ALLOW
+    assert run("getsockopt", 4, 1, 26) == run("getsockopt", 4, spa.SOL_PACKET, 5) == EPERM
+    for name in ("mmap", "mprotect"):
+        assert run(name, 0, 4096, 3) == spa.SECCOMP_ALLOW                 # read, write
+        assert run(name, 0, 4096, 5) == run(name, 0, 4096, 4) == EPERM    # and execute
+    for name in ("open", "openat", "openat2"):
+        if name in numbers:
+            assert run(name) == EACCES
+    for name in spa.SECCOMP_KILLED:
+        assert run(name) == spa.SECCOMP_KILL
+    for name, pair in DENIED.items():
+        if pair[arch != "x86_64"] is not None:
+            assert seccomp_verdict(prog, audit, pair[arch != "x86_64"], 4, 1, 26) == EPERM, name
+    # Calls through another table: the 32-bit x86 one kills, x32 numbers fail.
+    assert seccomp_verdict(prog, 0x40000003, numbers["write"], 9) == spa.SECCOMP_KILL
+    other = spa.AUDIT_ARCHES["aarch64" if arch == "x86_64" else "x86_64"]
+    assert seccomp_verdict(prog, other, numbers["write"], 9) == spa.SECCOMP_KILL
+    if arch == "x86_64":
+        assert seccomp_verdict(prog, audit, 0x40000000 | numbers["write"], 9) == EPERM
+
+
+def test_seccomp_arch_knows_only_its_tables(monkeypatch):
+    assert spa.seccomp_arch() == {"x86_64": "x86_64", "aarch64": "aarch64"}.get(os.uname().machine)
+    fake = lambda machine: type("U", (), {"machine": machine})()       # noqa: E731
+    for machine, expected in (("arm64", "aarch64"), ("riscv64", "riscv64"), ("armv7l", None),
+                              ("mips", None), ("i686", None)):
+        monkeypatch.setattr(os, "uname", lambda: fake(machine))
+        assert spa.seccomp_arch() == expected
+    monkeypatch.setattr(struct, "calcsize", lambda fmt: 4)     # a 32-bit Python on x86_64
+    monkeypatch.setattr(os, "uname", lambda: fake("x86_64"))
+    assert spa.seccomp_arch() is None
+
+
+# --- the reader's log, as the parent writes it out ----------------------------------------
+
+def relay_of(chunks, capsys):
+    """Feed `chunks` (bytes written by a reader; a number: seconds to wait) through a
+    Supervisor's log relay, then end the pipe; returns what the parent logged."""
+    sup = spa.Supervisor.__new__(spa.Supervisor)
+    sup.log, sup.log_buffer = spa.Log(), b""
+    sup.reader_lines = spa.RateLimiter(rate=10.0, burst=100)
+    r, w = os.pipe()
+    sup.log_fd = r
+    os.set_blocking(r, False)
+    capsys.readouterr()
+    for chunk in chunks:
+        if isinstance(chunk, float):
+            time.sleep(chunk)
+            continue
+        os.write(w, chunk)
+        sup._relay()
+    os.close(w)
+    while sup.log_fd is not None and sup._relay():
+        pass
+    return [line.split(" spa: ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+
+
+def test_the_parent_logs_the_reader_s_lines_as_untrusted_text(capsys):
+    cap = spa.Supervisor.MAX_LINE
+    out = relay_of([b"info rejected packet from 198.18.0.2: bad\n",
+                    b"error packet reader crashed:\nTraceback\n",
+                    b"info forged\rline \x1b[2J\xc2\x9b31m and \xe9t\xc3\xa9\n",
+                    b"no level at all\n\n", b"info partial ", b"then its end\n",
+                    b"warning " + b"x" * 9000 + b"\n", b"info " + b"y" * 5000, b"z\n",
+                    b"info cut at the end"], capsys)
+    assert out == ["rejected packet from 198.18.0.2: bad", "packet reader crashed:", "Traceback",
+                   "forged\\x0dline \\x1b[2J\\x9b31m and \ufffdt\u00e9", "no level at all",
+                   "partial then its end", "x" * (cap - 8), "y" * (cap - 5), "z", "cut at the end"]
+
+
+def test_a_reader_flooding_its_log_is_cut_short(capsys):
+    out = relay_of([b"info line %d\n" % i for i in range(300)] + [0.15, b"info later\n"], capsys)
+    assert out == ["line %d" % i for i in range(100)] + [
+        "200 lines of the packet reader were not logged (rate limit)", "later"]
+
+
+# --- the reader's own user -------------------------------------------------------------
+
+def pwd_without(monkeypatch, *missing):
+    import pwd
+    real = pwd.getpwnam
+
+    def getpwnam(name):
+        if name in missing:
+            raise KeyError(name)
+        return real(name)
+    monkeypatch.setattr(pwd, "getpwnam", getpwnam)
+
+
+def test_the_reader_runs_as_spa_else_nobody_with_a_warning(tmp_path, monkeypatch, capsys):
+    from test_spa import server_config
+    netns_lab.need(_user("spa") is not None, "no user spa: sh setup.sh creates it")
+    assert (server_config(tmp_path).user, server_config(tmp_path).user_note) == ("spa", None)
+    assert server_config(tmp_path, user="nobody").user == "nobody"
+    with pytest.raises(spa.SpaError, match=r"user = root: the packet reader must not run as root"):
+        server_config(tmp_path, user="root")
+    pwd_without(monkeypatch, "spa")
+    config = server_config(tmp_path)
+    assert config.user == "nobody"
+    assert config.user_note == ("no user spa: the packet reader runs as nobody, which other "
+                                "daemons share; create it: useradd --system --no-create-home "
+                                "--home-dir /nonexistent --shell /usr/sbin/nologin spa")
+    with pytest.raises(spa.SpaError, match=r"user = spa: no such user"):
+        server_config(tmp_path, user="spa")
+    config = server_config(tmp_path)
+    args = spa.build_parser(["check-config"]).parse_args(["check-config", "-c", config.path])
+    spa.check_config_main(args)
+    assert "  note  no user spa: the packet reader runs as nobody" in capsys.readouterr().out
+
+
+def _user(name):
+    import pwd
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
+
+
+def test_setup_made_the_user_spa():
+    """setup.sh (and `spa.py install`) make `spa` a system user without a home or a shell."""
+    user = _user("spa")
+    netns_lab.need(user is not None, "no user spa: sh setup.sh creates it")
+    assert 0 < user.pw_uid < 1000 and user.pw_shell.endswith("nologin")
+    assert not os.path.exists(user.pw_dir)
+
+
+def test_install_creates_the_user_where_it_is_missing(monkeypatch):
+    import shutil
+    ran = []
+    monkeypatch.setattr(spa, "run_command", lambda argv, stdin=None: ran.append(argv) or "")
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: "/usr/sbin/" + name)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    pwd_without(monkeypatch)
+    if _user("spa") is not None:
+        assert spa.create_reader_user() == "the packet reader runs as the user spa" and not ran
+    pwd_without(monkeypatch, "spa")
+    assert spa.create_reader_user() == "created the system user spa, which the packet reader runs as"
+    assert ran == [["/usr/sbin/useradd", "--system", "--no-create-home", "--home-dir",
+                    "/nonexistent", "--shell", "/usr/sbin/nologin", "spa"]]
+    monkeypatch.setattr(spa, "run_command", lambda argv, stdin=None: (_ for _ in ()).throw(
+        spa.SpaError("useradd failed: cannot lock /etc/passwd")))
+    assert spa.create_reader_user() == ("note: could not create the system user spa: useradd "
+                                        "failed: cannot lock /etc/passwd (the packet reader runs "
+                                        "as nobody until it exists)")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert spa.create_reader_user().startswith("note: no user spa: as root, run useradd --system")

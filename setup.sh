@@ -7,7 +7,8 @@ cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # The tool: nftables and pycryptodome.  The tests: iptables, iproute2, the real fwknop
-# client and server to test against, pytest and hypothesis.
+# client and server to test against, pytest and hypothesis, and the kernel headers (the
+# system call numbers that the packet reader's seccomp filter is checked against).
 apt-get install -y -qq --no-install-recommends \
     nftables iptables iproute2 python3 python3-pycryptodome python3-pytest python3-hypothesis \
     linux-libc-dev \

@@ -3366,7 +3366,7 @@ def crypto_available():
 def preload():
     """Import now everything the packet reader may need later, when it can no longer read
     the files (the hashes' and pycryptodome's modules are loaded on first use)."""
-    import ipaddress, json, resource, select, traceback  # noqa: F401,E401
+    import ipaddress, json, resource, select  # noqa: F401,E401
     key = b"k" * 32
     for mode in ENCRYPTION_MODES:
         for hmac_type in HMAC_TYPES:
@@ -3591,10 +3591,24 @@ def start_reader(config, sockets, seen, log, user):
     except SpaError as e:
         log.error("packet reader: %s", e)
     except BaseException:
-        import traceback
-        log.error("packet reader crashed:\n%s", traceback.format_exc().rstrip())
+        log.error("packet reader crashed:\n%s", crash_report())
     finally:
         os._exit(code)
+
+
+def crash_report():
+    """The exception being handled, as a traceback without source lines: the reader cannot
+    read them, nor import the traceback module then (which would cost each process 350 kB
+    if loaded before)."""
+    kind, error, tb = sys.exc_info()
+    lines = ["Traceback (most recent call last):"]
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        lines.append('  File "%s", line %d, in %s' % (code.co_filename, tb.tb_lineno,
+                                                      code.co_name))
+        tb = tb.tb_next
+    lines.append("%s: %s" % (kind.__name__, error) if str(error) else kind.__name__)
+    return "\n".join(lines)
 
 
 class Supervisor(object):

@@ -19,6 +19,7 @@ and readers past the list run the real loop only.
 Attacker code sees these names:
   reader     the spa.Reader (reader.log writes through the reader's log channel)
   sockets    its capture sockets;   pipe   its request pipe (fd) to the root parent
+  poller     the epoll object its loop will wait in (register, then unregister)
   index      which reader this is (0, 1, ...)
   config     the path of the server's config file;  replay  the replay cache's path
   interface, ifindex   the lab's server-side interface;  client  the lab client's address
@@ -72,12 +73,12 @@ def _serve(spec_path):
         started[0] += 1        # counted in the parent: the forked reader inherits its number
         return real_start(*args, **kw)
 
-    def run(self, sockets, parent_fd=None):
+    def run(self, sockets, parent_fd=None, poller=None):
         index = started[0] - 1
         if index < len(codes):
-            exec(codes[index], _attack_globals(self, sockets, parent_fd, index, spec))
+            exec(codes[index], _attack_globals(self, sockets, parent_fd, poller, index, spec))
             self.log.info("attack %d done", index)
-        return real_run(self, sockets, parent_fd)
+        return real_run(self, sockets, parent_fd, poller)
 
     spa.start_reader = start_reader
     spa.Reader.run = run
@@ -88,7 +89,7 @@ def _serve(spec_path):
     return spa.main(["server", "-c", spec["config"], "-v"])
 
 
-def _attack_globals(reader, sockets, pipe, index, spec):
+def _attack_globals(reader, sockets, pipe, poller, index, spec):
     def report(name, text):
         reader.log.info("attack %d %s: %s", index, name, text)
 
@@ -107,23 +108,27 @@ def _attack_globals(reader, sockets, pipe, index, spec):
     def wait_go(seconds):
         import time
         end, frames = time.monotonic() + seconds, []
-        poller = select.poll()             # what the reader's loop uses (select() is denied)
-        for sock in sockets:
-            poller.register(sock, select.POLLIN)
         by_fd = {sock.fileno(): sock for sock in sockets}
-        while time.monotonic() < end:
-            for fd, _ in poller.poll(max(0, end - time.monotonic()) * 1000):
-                try:
-                    while True:
-                        frame = by_fd[fd].recv(2048)
-                        if GO_MARKER in frame:
-                            return frames
-                        frames.append(frame)
-                except BlockingIOError:
-                    pass
-        return None
+        for fd in by_fd:                   # the reader's own epoll (no new one can be made)
+            poller.register(fd, select.EPOLLIN)
+        try:
+            while time.monotonic() < end:
+                for fd, _ in poller.poll(max(0, end - time.monotonic())):
+                    try:
+                        while True:
+                            frame = by_fd[fd].recv(2048)
+                            if GO_MARKER in frame:
+                                return frames
+                            frames.append(frame)
+                    except BlockingIOError:
+                        pass
+            return None
+        finally:
+            for fd in by_fd:
+                poller.unregister(fd)
 
     return {"__builtins__": __builtins__, "reader": reader, "sockets": sockets, "pipe": pipe,
+            "poller": poller,
             "index": index, "config": spec["config"], "replay": spec["replay"],
             "interface": spec["interface"], "ifindex": spec["ifindex"], "client": spec["client"],
             "attempt": attempt,

@@ -3308,31 +3308,33 @@ class Reader(object):
                    self.counts["rejected"], self.kernel_drops, cpu[0] + cpu[1],
                    rss_kb(self.status)))
 
-    def run(self, sockets, parent_fd=None):
+    def run(self, sockets, parent_fd=None, poller=None):
         """Wait on the capture sockets and handle each knock as it arrives.
 
-        Returns when the parent goes away (its end of the pipe closes).
+        Returns when the parent goes away (its end of the pipe closes).  `poller` is an
+        empty epoll object made before the sandbox, which allows no new descriptor (epoll
+        rather than poll: poll() fails when it waits on more descriptors than RLIMIT_NOFILE).
         """
         import select
         self.sockets = sockets
-        poller = select.poll()
+        poller = select.epoll() if poller is None else poller
         by_fd = {}
         for sock in sockets:
-            poller.register(sock, select.POLLIN)
+            poller.register(sock, select.EPOLLIN)
             by_fd[sock.fileno()] = sock
         if parent_fd is not None:
-            poller.register(parent_fd, 0)       # POLLERR: the parent has gone
+            poller.register(parent_fd, 0)       # EPOLLERR: the parent has gone
         waiting = False                         # requests the pipe could not take yet
         next_housekeeping = time.monotonic() + 10
         while True:
             wait = max(0, next_housekeeping - time.monotonic())
-            for fd, event in poller.poll(wait * 1000):
+            for fd, event in poller.poll(wait):
                 sock = by_fd.get(fd)
                 if sock is None:
-                    if event & select.POLLOUT and not event & (select.POLLERR | select.POLLHUP):
+                    if event & select.EPOLLOUT and not event & (select.EPOLLERR | select.EPOLLHUP):
                         continue                # flushed below
                     return
-                if event & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                if event & (select.EPOLLERR | select.EPOLLHUP):
                     raise CaptureLost()
                 for _ in range(64):            # a batch, then let the other sockets in
                     try:
@@ -3347,7 +3349,7 @@ class Reader(object):
             if parent_fd is not None and hasattr(self.gate, "flush"):
                 still = not self.gate.flush()
                 if still != waiting:
-                    poller.modify(parent_fd, select.POLLOUT if still else 0)
+                    poller.modify(parent_fd, select.EPOLLOUT if still else 0)
                     waiting = still
             if time.monotonic() >= next_housekeeping:
                 next_housekeeping = time.monotonic() + 10
@@ -3408,9 +3410,8 @@ def close_fds_except(keep):
 
 
 def take_free_descriptors(below):
-    """Put /dev/null on every free descriptor under `below`: 0-2 are then never the
-    terminal (nor a pipe or socket of ours that a stray print() would write to), and with
-    RLIMIT_NOFILE at `below` no new file can be opened."""
+    """Put /dev/null on every free descriptor under `below`: with 3, descriptors 0-2 are
+    never the terminal, nor a pipe or socket of ours that a stray print() would write to."""
     while True:
         fd = os.open(os.devnull, os.O_RDWR)     # the lowest free descriptor
         if fd >= below:
@@ -3421,11 +3422,11 @@ def take_free_descriptors(below):
 # --- The packet reader's sandbox ------------------------------------------------------
 #
 # After its privilege drop the reader confines itself as OpenSSH's pre-auth child does:
-# rlimits (no new files, processes, or bytes written to files) and a seccomp filter that
-# lets through only the system calls its loop makes.  Its descriptors: /dev/null (0-2 and
-# any other free one under its RLIMIT_NOFILE), its capture sockets (receive only), its
-# request pipe and its log pipe to the parent (the only ones it may write to), and
-# /proc/self/status (read for the stats line).
+# rlimits (no new descriptor, process, file growth or core dump) and a seccomp filter that
+# lets through only the system calls its loop makes.  Its descriptors: /dev/null on 0-2,
+# its capture sockets (receive only), its request pipe and its log pipe to the parent (the
+# only ones it may write to), /proc/self/status (read for the stats line) and the epoll
+# instance its loop waits in.
 
 PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 4, 22, 38
 SECCOMP_MODE_FILTER = 2
@@ -3433,7 +3434,7 @@ SECCOMP_KILL, SECCOMP_ERRNO, SECCOMP_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
 AUDIT_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7, "riscv64": 0xC00000F3}
 # System call numbers: x86_64's table, and the generic one that aarch64 and riscv64 share.
 _GENERIC_SYSCALLS = {
-    "recvfrom": 207, "ppoll": 73, "clock_gettime": 113, "gettimeofday": 169, "times": 153,
+    "recvfrom": 207, "epoll_pwait": 22, "epoll_ctl": 21, "clock_gettime": 113, "gettimeofday": 169, "times": 153,
     "brk": 214, "munmap": 215, "mremap": 216, "madvise": 233, "rt_sigreturn": 139,
     "rt_sigprocmask": 135, "restart_syscall": 128, "futex": 98, "getpid": 172, "close": 57,
     "exit": 93, "exit_group": 94, "write": 64, "pread64": 67, "getsockopt": 209, "mmap": 222,
@@ -3441,7 +3442,8 @@ _GENERIC_SYSCALLS = {
     "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271}
 SYSCALLS = {
     "x86_64": {
-        "recvfrom": 45, "poll": 7, "ppoll": 271, "clock_gettime": 228, "gettimeofday": 96,
+        "recvfrom": 45, "epoll_wait": 232, "epoll_pwait": 281, "epoll_ctl": 233,
+        "clock_gettime": 228, "gettimeofday": 96,
         "times": 100, "brk": 12, "munmap": 11, "mremap": 25, "madvise": 28, "rt_sigreturn": 15,
         "rt_sigprocmask": 14, "restart_syscall": 219, "futex": 202, "getpid": 39, "close": 3,
         "exit": 60, "exit_group": 231, "write": 1, "pread64": 17, "getsockopt": 55, "mmap": 9,
@@ -3450,9 +3452,10 @@ SYSCALLS = {
     "aarch64": _GENERIC_SYSCALLS, "riscv64": _GENERIC_SYSCALLS,
 }
 # What the reader's loop calls (strace): receive, wait, clocks, memory, signals, exit.
-SECCOMP_ALLOWED = ("recvfrom", "poll", "ppoll", "clock_gettime", "gettimeofday", "times",
-                   "brk", "munmap", "mremap", "madvise", "rt_sigreturn", "rt_sigprocmask",
-                   "restart_syscall", "futex", "getpid", "close", "exit", "exit_group")
+SECCOMP_ALLOWED = ("recvfrom", "epoll_wait", "epoll_pwait", "epoll_ctl", "clock_gettime",
+                   "gettimeofday", "times", "brk", "munmap", "mremap", "madvise",
+                   "rt_sigreturn", "rt_sigprocmask", "restart_syscall", "futex", "getpid",
+                   "close", "exit", "exit_group")
 # Calls no bug in the reader makes, only an attacker: they kill it (SIGSYS).
 SECCOMP_KILLED = ("execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev")
 
@@ -3515,14 +3518,12 @@ def seccomp_program(arch, writable, readable):
     return bpf_assemble(prog)
 
 
-def confine_reader(polled, writable, readable, log):
-    """Enter the packet reader's sandbox (see above) for good.  `polled` is the number of
-    descriptors its poll() waits on: RLIMIT_NOFILE, which poll() needs at least that high.
-    Returns True with the seccomp filter in place, False where it could not be (logged)."""
+def confine_reader(writable, readable, log):
+    """Enter the packet reader's sandbox (see above) for good: True with the seccomp filter
+    in place, False where it could not be (logged)."""
     import resource
-    take_free_descriptors(polled)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (polled, polled))
-    for limit in (resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE, resource.RLIMIT_CORE):
+    for limit in (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE,
+                  resource.RLIMIT_CORE):
         resource.setrlimit(limit, (0, 0))
     arch = seccomp_arch()
     try:
@@ -3543,6 +3544,7 @@ def start_reader(config, sockets, seen, log, user):
     """Fork the packet reader; returns (pid, read end of its request pipe, read end of its
     log pipe)."""
     import gc
+    import select
     import signal
     r, w = os.pipe()
     log_r, log_w = os.pipe()
@@ -3579,9 +3581,10 @@ def start_reader(config, sockets, seen, log, user):
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
         reader.status = os.open("/proc/self/status", os.O_RDONLY)
-        confine_reader(len(sockets) + 1, (w, log_w), (reader.status,), log)
+        poller = select.epoll()
+        confine_reader((w, log_w), (reader.status,), log)
         try:
-            reader.run(sockets, w)
+            reader.run(sockets, w, poller)
             code = 0
         except SystemExit:
             code = 0

@@ -100,6 +100,10 @@ attempt("read_passwd", lambda: open("/etc/passwd").read())
 attempt("create_file", lambda: open("/tmp/spa-reader-attack-%d" % os.getpid(), "w"))
 attempt("pipe", os.pipe)
 attempt("dup", os.dup, pipe)
+def close_then_socket():
+    os.close(0)
+    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("close_then_socket", close_then_socket)
 attempt("write_stdout", os.write, 1, b"forged log line\n")
 attempt("write_stderr", os.write, 2, b"forged log line\n")
 
@@ -249,6 +253,10 @@ attempt("read_passwd", lambda: open("/etc/passwd").read())
 attempt("read_config", lambda: open(config).read())
 attempt("pipe", os.pipe)
 attempt("dup", os.dup, pipe)
+def close_then_socket():            # a descriptor freed: still none may be made (limit 0)
+    os.close(0)
+    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("close_then_socket", close_then_socket)
 def fork():
     pid = os.fork()
     if pid == 0:
@@ -269,8 +277,9 @@ def test_without_seccomp_the_other_layers_still_hold(tmp_path):
         wait_for_line(server, r"packet reader: no seccomp filter \(spa\.py has no system call "
                       r"table for \S+ with a \d+-bit Python\): it runs confined by its user, "
                       r"rlimits and closed files only", 1)
-        assert len(outcomes) == 12 and refused(outcomes) == {}, refused(outcomes)
+        assert len(outcomes) == 13 and refused(outcomes) == {}, refused(outcomes)
         assert outcomes["udp_socket"] == outcomes["read_passwd"] == "refused EMFILE"
+        assert outcomes["close_then_socket"] == "refused EMFILE"
         assert outcomes["fork"] == "refused EAGAIN"
         assert server.tty_input() == b""
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
@@ -335,7 +344,8 @@ DENIED = {"socket": (41, 198), "connect": (42, 203), "sendto": (44, 206), "sendm
           "clone": (56, 220), "clone3": (435, 435), "fork": (57, None), "kill": (62, 129),
           "tgkill": (234, 131), "dup": (32, 23), "dup3": (292, 24), "pipe2": (293, 59),
           "unshare": (272, 97), "prctl": (157, 167), "prlimit64": (302, 261), "setuid": (105, 146),
-          "read": (0, 63), "select": (23, None), "mount": (165, 40), "chroot": (161, 51)}
+          "read": (0, 63), "select": (23, None), "poll": (7, None), "ppoll": (271, 73),
+          "epoll_create1": (291, 20), "mount": (165, 40), "chroot": (161, 51)}
 EPERM, EACCES = spa.SECCOMP_ERRNO | 1, spa.SECCOMP_ERRNO | 13
 
 

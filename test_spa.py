@@ -1293,8 +1293,8 @@ def proc_status(pid):
 def test_packets_are_read_without_privileges(tmp_path):
     """The process that parses packets runs as the dedicated user spa, with no capabilities,
     in a session of its own without a terminal, holding only its capture socket, its two
-    pipes to the parent, /proc/self/status and /dev/null, under rlimits and a seccomp
-    filter; if it dies, a new one takes over."""
+    pipes to the parent, /proc/self/status, its epoll and /dev/null, under rlimits and a
+    seccomp filter; if it dies, a new one takes over."""
     need_nft()
     import pwd
     netns_lab.need(_has_user("spa"), "no user spa: sh setup.sh creates it")
@@ -1324,13 +1324,15 @@ def test_packets_are_read_without_privileges(tmp_path):
         targets = sorted(os.readlink("/proc/%d/fd/%s" % (reader, fd))
                          for fd in os.listdir("/proc/%d/fd" % reader))
         assert targets[:3] == ["/dev/null"] * 3 and "/proc/%d/status" % reader in targets
-        kinds = [t.split(":")[0] if ":" in t else t for t in targets]
-        assert sorted(set(kinds)) == ["/dev/null", "/proc/%d/status" % reader, "pipe", "socket"]
-        assert kinds.count("pipe") == 2 and kinds.count("socket") == 1
+        kinds = [t.split(":[")[0] for t in targets]
+        assert sorted(set(kinds)) == ["/dev/null", "/proc/%d/status" % reader, "anon_inode",
+                                      "pipe", "socket"]
+        assert "anon_inode:[eventpoll]" in targets
+        assert kinds.count("pipe") == 2 and kinds.count("socket") == 1 and len(kinds) == 8
         with open("/proc/%d/limits" % reader) as f:
             limits = {line[:26].strip(): line[26:].split()[:2] for line in f}
-        assert limits["Max open files"] == ["2", "2"]      # polled: the capture socket and a pipe
-        assert limits["Max processes"] == ["0", "0"] and limits["Max file size"] == ["0", "0"]
+        for limit in ("Max open files", "Max processes", "Max file size", "Max core file size"):
+            assert limits[limit] == ["0", "0"], limit
         os.kill(reader, 9)
         wait_for_line(server, r"packet reader stopped \(killed by signal 9\): starting a new one", 2)
         lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])

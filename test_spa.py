@@ -994,8 +994,8 @@ def _crypto_ok():
         return False
 
 
-def start_server(lab, tmp_path, stanzas=None, name="spa.conf", python=sys.executable, **server):
-    """Write a config (service port protected, short timeouts) and start spa.py's server in srv."""
+def lab_server_config(tmp_path, stanzas=None, name="spa.conf", **server):
+    """Write a server config for the lab (the service port protected, short timeouts)."""
     opts = {"protect": "tcp/%d" % SERVICE_PORT, "interface": "any",
             "replay_cache": str(tmp_path / "replay.cache")}
     opts.update(server)
@@ -1005,7 +1005,12 @@ def start_server(lab, tmp_path, stanzas=None, name="spa.conf", python=sys.execut
         merged.update(options)
         lines.append("[client %s]" % sname)
         lines += ["%s = %s" % kv for kv in merged.items()]
-    conf = write_private(tmp_path / name, "\n".join(lines) + "\n")
+    return write_private(tmp_path / name, "\n".join(lines) + "\n")
+
+
+def start_server(lab, tmp_path, stanzas=None, name="spa.conf", python=sys.executable, **server):
+    """Write a config (lab_server_config) and start spa.py's server in srv."""
+    conf = lab_server_config(tmp_path, stanzas, name, **server)
     proc = lab.spawn("srv", [python, SPA, "server", "-c", conf, "-v"])
     wait_for_line(proc, r"listening on", 15)
     proc.conf = conf

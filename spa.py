@@ -3580,6 +3580,8 @@ def start_reader(config, sockets, seen, log, user):
             raise SystemExit
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
+        # What the loop needs that the sandbox would refuse it later: the file the stats
+        # line reads, and the epoll it waits in.
         reader.status = os.open("/proc/self/status", os.O_RDONLY)
         poller = select.epoll()
         confine_reader((w, log_w), (reader.status,), log)

@@ -4,10 +4,13 @@ The issue this answers: "a bug in packet parsing gives an attacker no more than 
 knock could get" holds only if the process that parses packets can do nothing else.  To
 test that, the tests play the attacker who already has code execution in the reader:
 
-    server = CompromisedServer(lab, tmp_path, [ATTACKS, "exec_shell()"]).start()
-    outcomes = server.outcomes(0)        # {"udp_socket": "refused EPERM", ...}
+    server, outcomes = run_in_reader(lab, tmp_path, 'attempt("udp", socket.socket)')
+    assert outcomes == {"udp": "refused EPERM"}
 
-starts a real `spa.py server` in the lab's `srv` namespace, with real capture and a real
+    server = CompromisedServer(lab, tmp_path, [code0, code1], tty=True).start()
+    outcomes = server.outcomes(0)        # reader 0's; kill it and reader 1's code runs
+
+each start a real `spa.py server` in the lab's `srv` namespace, with real capture and a real
 firewall.  The i-th packet reader the server forks runs readers[i] (Python source) *after*
 everything spa.py does to confine it (privilege drop, setsid, closed files, rlimits,
 seccomp): the server process replaces `spa.Reader.run` before it starts, so each forked
@@ -31,10 +34,10 @@ Attacker code sees these names:
                              gave before it, or None if it did not come in time
 Every report is one log line "attack INDEX NAME: OUTCOME"; "attack INDEX done" ends
 the code's turn.  Modules the code needs must be imported here, before the reader is
-confined (it can open no file afterwards): this module imports errno, fcntl, mmap,
-resource, select, signal, socket, struct, termios, ctypes.
+confined (it can open no file afterwards): this module imports (and hands the code)
+os, errno, fcntl, mmap, resource, select, signal, socket, struct, termios, ctypes.
 
-Stdlib only (plus spa and netns_lab); needs root, like the lab.
+Stdlib only (plus spa, netns_lab and test_spa's helpers); needs root, like the lab.
 """
 
 import ctypes  # noqa: F401  (imported before the reader is confined: attacker code uses it)
@@ -48,7 +51,7 @@ import resource  # noqa: F401
 import select  # noqa: F401
 import signal  # noqa: F401
 import socket
-import struct  # noqa: F401
+import struct
 import sys
 import termios
 

@@ -80,6 +80,10 @@ spa.py's goal):
                          as RSS (rows of their own); "growth" compares RSS after the
                          floods with after the latency knocks (when helper processes
                          have started).
+  sandbox cost           spa.py only: what the packet reader's seccomp filter adds to a
+                         system call (one recvfrom per packet): 20,000 recvfrom on an
+                         empty socket, timed in two forked processes, one under the
+                         filter, in turn, 40 rounds; the best round of each.
 
 "Server" always means the whole process tree: for spa.py its root process and packet
 reader; for fwknopd the daemon and any iptables it is running.  CPU is user+system of
@@ -150,6 +154,7 @@ class Settings(object):
         self.flood_window = 1.0            # "opened within 1 s"
         self.flood_poll = 0.002
         self.garbage_seconds = 1.0 if smoke else 5.0
+        self.sandbox_rounds = 5 if smoke else 40        # of 20,000 system calls each
         self.max_sender_pps = 2000000      # the count bound of a max-rate flood, per second
         self.scale_ns = [10, 30] if smoke else [10, 100, 1000, 10000]
         self.scale_stall = 3.0             # stop waiting after this long without progress
@@ -853,6 +858,62 @@ def measure_garbage(lab, server, cfg):
     return r
 
 
+def measure_sandbox_cost(cfg, calls=20000):
+    """What the packet reader's seccomp filter adds to a system call: a recvfrom (EAGAIN,
+    on an empty socket) timed in two forked processes, one under spa.py's filter, in turn;
+    the best round of each.  (End to end, per garbage packet, the difference drowns in
+    the noise of the flood measurements: one recvfrom per packet.)"""
+    def child(filtered, go, out):
+        sock, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        buf = bytearray(2048)
+        if filtered:
+            fprog, _code = spa.sock_fprog(spa.seccomp_program(spa.seccomp_arch(), (out,), ()))
+            spa.prctl(spa.PR_SET_NO_NEW_PRIVS, 1)
+            spa.prctl(spa.PR_SET_SECCOMP, spa.SECCOMP_MODE_FILTER, fprog)
+        best = float("inf")
+        while go.recv(1) == b"g":
+            t = time.perf_counter()
+            for _ in range(calls):
+                try:
+                    sock.recv_into(buf)
+                except BlockingIOError:
+                    pass
+            best = min(best, (time.perf_counter() - t) / calls * 1e6)
+            os.write(out, b".")
+        os.write(out, ("%r" % best).encode())
+
+    if spa.seccomp_arch() is None:
+        return None
+    procs = []
+    for filtered in (False, True):
+        go, go_child = socket.socketpair()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                go.close()
+                child(filtered, go_child, w)
+            finally:
+                os._exit(0)
+        go_child.close()
+        os.close(w)
+        procs.append((pid, go, r))
+    for _ in range(cfg.sandbox_rounds):
+        for pid, go, r in procs:
+            go.send(b"g")
+            os.read(r, 1)
+    out = []
+    for pid, go, r in procs:
+        go.send(b"s")
+        go.close()
+        os.waitpid(pid, 0)
+        out.append(float(os.read(r, 100)))
+        os.close(r)
+    log("seccomp filter: recvfrom %.3f us without, %.3f us under it", out[0], out[1])
+    return {"recvfrom_us": out[0], "recvfrom_filtered_us": out[1], "extra_us": out[1] - out[0]}
+
+
 def measure_scale(lab, server, cfg, budget):
     out = []
     for n in cfg.scale_ns:
@@ -989,6 +1050,8 @@ def bench_server(kind, cfg, keys, budget, results, with_client_cost):
         data["memory_warm"] = server.memory()      # after the first openings (helpers started)
         data["flood"] = measure_flood(lab, server, cfg)
         data["garbage"] = measure_garbage(lab, server, cfg)
+        if kind is SpaUnderTest:
+            data["sandbox"] = measure_sandbox_cost(cfg)
         data["handled_total"] = server.counters().handled
         data["memory_after_floods"] = server.memory()
         data["scale"] = measure_scale(lab, server, cfg, budget)
@@ -1098,6 +1161,11 @@ def build_rows(results, cfg):
         cells.append((d, None if d is None else "%d (%s%% of arrived%s)" % (d, fmt(pct, 0), est)))
     row("garbage: kernel drops before the server read them", cells[0][0], cells[1][0],
         cells[0][1], cells[1][1])
+    sv = get(S, "sandbox", "extra_us")
+    row("packet reader's seccomp filter: extra us per system call (recvfrom)", sv, None,
+        None if sv is None else "%+.3f (%.3f -> %.3f)" % (
+            sv, get(S, "sandbox", "recvfrom_us"), get(S, "sandbox", "recvfrom_filtered_us")),
+        "no sandbox" if F else None, goal="small against the garbage cost")
 
     for i, n in enumerate(cfg.scale_ns):
         rs = get(S, "scale", i) if len(S.get("scale") or []) > i else None

@@ -19,12 +19,13 @@ command -v apt-get >/dev/null ||
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq || { echo "setup.sh: FAILED: apt-get update (see apt's message above)" >&2; exit 1; }
 # The tool: nftables and pycryptodome.  The tests: iptables, iproute2, the real fwknop
-# client and server to test against, pytest and hypothesis, nmap, hyperfine, OpenSSH, and
+# client and server to test against, pytest and hypothesis, nmap, hyperfine, OpenSSH,
 # systemd (the README's unit runs under it, booted in a throwaway container: nothing of this
-# machine's changes).
+# machine's changes), and the kernel headers (the system call numbers that the packet
+# reader's seccomp filter is checked against).
 apt-get install -y -qq --no-install-recommends \
     nftables iptables iproute2 python3 python3-pycryptodome python3-pytest python3-hypothesis \
-    python3-pip fwknop-client fwknop-server nmap hyperfine openssh-client openssh-server \
+    linux-libc-dev python3-pip fwknop-client fwknop-server nmap hyperfine openssh-client openssh-server \
     systemd >/dev/null ||
     { echo "setup.sh: FAILED: apt-get install (see apt's message above)" >&2; exit 1; }
 
@@ -65,6 +66,11 @@ for py36 in /root/.pyenv/versions/3.6*/bin/python3 "$HOME"/.pyenv/versions/3.6*/
     { pip_install "$py36" "pip<22" && pip_install "$py36" --only-binary :all: pycryptodome; } ||
         fail "pip could not give $py36 pycryptodome, which test_real_python36_end_to_end needs"
 done
+
+# The server's packet reader runs as its own system user (spa.py install creates it too).
+id -u spa >/dev/null 2>&1 ||
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin spa ||
+    fail "useradd could not create the system user spa, which the server's packet reader runs as"
 
 python3 spa.py --version || fail "python3 spa.py --version"
 # The self-test: a real server, capture and firewall in two throwaway namespaces.

@@ -42,6 +42,9 @@ VERSION = "0.1.0"
 DEFAULT_PORT = 62201                  # fwknop's default SPA port
 DEFAULT_CONFIG = "/etc/spa/spa.conf"
 DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
+READER_USER = "spa"                   # the packet reader's own system user (see install)
+USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+           "--shell", "/usr/sbin/nologin"]
 NFT_TABLE = "spa"                     # our own `inet` table; nothing else is touched
 
 MIN_WIRE_LEN = 140                    # fwknopd ignores shorter payloads
@@ -1093,13 +1096,7 @@ class ServerConfig(object):
                             ("nft_include", [self.nft_include or "/"])):
             if isinstance(value, list) and not all(os.path.isabs(p) for p in value):
                 raise SpaError("%s: %s: expected auto, none or absolute paths" % (path, name))
-        self.user = get("user", "nobody")
-        try:
-            import pwd
-            pwd.getpwnam(self.user)
-        except KeyError:
-            raise SpaError("%s: user = %s: no such user (the packet reader runs as this "
-                           "unprivileged user)" % (path, self.user))
+        self.user, self.user_note = reader_user(path, get("user", ""))
         self.stanzas = []
         for name in parser.sections():
             kind, _, client = name.partition(" ")
@@ -1123,6 +1120,29 @@ class ServerConfig(object):
         if not self.protect:
             raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
                            "e.g. protect = tcp/22" % path)
+
+
+def reader_user(path, name):
+    """The user the packet reader runs as: `name`, or else the dedicated `spa`, or else
+    nobody; and a warning for the log in that last case (other daemons run as nobody,
+    and any of them could signal the reader)."""
+    import pwd
+    if not name:
+        try:
+            pwd.getpwnam(READER_USER)
+            return READER_USER, None
+        except KeyError:
+            return "nobody", ("no user %s: the packet reader runs as nobody, which other "
+                              "daemons share; create it: %s" % (READER_USER, " ".join(
+                                  USERADD + [READER_USER])))
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise SpaError("%s: user = %s: no such user (the packet reader runs as this "
+                       "unprivileged user)" % (path, name))
+    if uid == 0:
+        raise SpaError("%s: user = %s: the packet reader must not run as root" % (path, name))
+    return name, None
 
 
 # fwknop access.conf variable -> our stanza option.
@@ -3611,22 +3631,28 @@ def format_endpoint(address, port):
 # ---------------------------------------------------------------------------
 
 ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
-SO_ATTACH_FILTER = 26
+SO_ATTACH_FILTER, SO_LOCK_FILTER = 26, 44
 SKF_AD_PROTOCOL = 0xFFFFF000          # SKF_AD_OFF + 0: the frame's ethertype
 SKF_AD_PKTTYPE = 0xFFFFF004           # SKF_AD_OFF + 4: PACKET_HOST, _OUTGOING, ...
 PACKET_HOST = 0
 SOL_PACKET, PACKET_STATISTICS = 263, 6
 
 
-def rss_kb():
-    """This process's resident memory in kB (0 where /proc is missing)."""
+def rss_kb(status=None):
+    """This process's resident memory in kB (0 where /proc is missing), read from
+    /proc/self/status, or from `status`, that file already open (the packet reader can
+    open no file)."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
+        if status is None:
+            with open("/proc/self/status", "rb") as f:
+                text = f.read()
+        else:
+            text = os.pread(status, 8192, 0)
     except OSError:
-        pass
+        return 0
+    for line in text.splitlines():
+        if line.startswith(b"VmRSS:"):
+            return int(line.split()[1])
     return 0
 
 
@@ -3652,6 +3678,12 @@ def bpf_filter(port):
         ("pass:",), ("ret", 0xFFFF),
         ("drop:",), ("ret", 0),
     ]
+    return bpf_assemble(prog)
+
+
+def bpf_assemble(prog):
+    """Classic BPF from (op, k[, jump if true, jump if false]) tuples and ("label:",) marks;
+    a jump target is a label or None (the next instruction).  Returns (code, jt, jf, k)s."""
     codes = {"ld": 0x20, "ldh": 0x28, "ldb": 0x30, "ldxmsh": 0xB1, "ldhx": 0x48,
              "jeq": 0x15, "jgt": 0x25, "jge": 0x35, "jset": 0x45, "ret": 0x06}
     labels, insns = {}, []
@@ -3664,19 +3696,31 @@ def bpf_filter(port):
     for i, op in enumerate(insns):
         if op[0].startswith("j"):
             jt, jf = (0 if t is None else labels[t] - i - 1 for t in op[2:4])
+            if not (0 <= jt < 256 and 0 <= jf < 256):
+                raise ValueError("BPF jump out of range at %d" % i)
             out.append((codes[op[0]], jt, jf, op[1]))
         else:
             out.append((codes[op[0]], 0, 0, op[1]))
     return out
 
 
-def attach_filter(sock, program):
-    """SO_ATTACH_FILTER takes a struct sock_fprog: the length and the address of the
-    instructions, which an array knows (the kernel copies them before returning)."""
+def sock_fprog(program):
+    """A struct sock_fprog (the length and the address of the instructions) for `program`,
+    and the array that holds the instructions (keep it alive while the kernel reads them)."""
     import array
     code = array.array("B", b"".join(struct.pack("HBBI", *insn) for insn in program))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
-                    struct.pack("HL", len(program), code.buffer_info()[0]))
+    return struct.pack("HL", len(program), code.buffer_info()[0]), code
+
+
+def attach_filter(sock, program):
+    """Attach `program` and lock it: from then on no one, the packet reader included, can
+    remove or replace it (SO_LOCK_FILTER), so the socket never delivers anything else."""
+    fprog, _code = sock_fprog(program)        # _code lives until the kernel has copied it
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
+    except OSError:       # Linux before 3.9; the reader's seccomp filter forbids setsockopt
+        pass
 
 
 def open_capture(interface, port):
@@ -3735,6 +3779,9 @@ def parse_frame(frame):
 # ---------------------------------------------------------------------------
 
 SYSLOG_SOCKET = "/dev/log"
+# Control characters (C0, DEL, C1) as \xNN: text from the packet reader cannot forge
+# lines or drive the terminal that shows the log.
+CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
 
 
 class Log(object):
@@ -3747,8 +3794,18 @@ class Log(object):
     def __init__(self, where="stderr", verbose=False):
         self.verbose = verbose
         self.sock = None
+        self.pipe = None       # the packet reader's log: lines go to the parent, which logs them
         if where == "syslog":
             self._connect()
+
+    @classmethod
+    def to_pipe(cls, fd, verbose=False):
+        """The packet reader's log: "LEVEL text" lines on the pipe `fd`, never blocking (a
+        line the pipe cannot take now is lost); the parent logs them (Supervisor._relay)."""
+        log = cls(verbose=verbose)
+        log.pipe = fd
+        os.set_blocking(fd, False)
+        return log
 
     def _connect(self):
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
@@ -3762,16 +3819,18 @@ class Log(object):
                 error = e
         raise SpaError("cannot log to syslog (%s): %s" % (SYSLOG_SOCKET, error.strerror))
 
-    def fds(self):
-        """The file descriptors the log writes to (a forked child must keep them)."""
-        return {2} if self.sock is None else {2, self.sock.fileno()}
-
     def _write(self, level, text, args):
         if args:
             try:
                 text = text % args
             except (TypeError, ValueError):       # a bad format must not stop the server
                 text = "%s %r" % (text, args)
+        if self.pipe is not None:
+            try:
+                os.write(self.pipe, ("%s %s\n" % (level, text)).encode("utf-8", "replace"))
+            except OSError:
+                pass
+            return
         if self.sock is None:
             now = time.time()
             try:
@@ -4146,6 +4205,7 @@ class Reader(object):
         self.sockets = []
         self.counts = {"accepted": 0, "rejected": 0}
         self.kernel_drops = 0
+        self.status = None     # /proc/self/status, opened before the sandbox (start_reader)
 
     def handle(self, payload, source, now=None, interface=None):
         """Decide on one payload and pass an accepted or authenticated one on; returns the
@@ -4206,35 +4266,38 @@ class Reader(object):
         cpu = os.times()
         return ("stats: received %d, accepted %d, rejected %d, kernel drops %d, cpu %.3f s, rss %d kB"
                 % (self.counts["accepted"] + self.counts["rejected"], self.counts["accepted"],
-                   self.counts["rejected"], self.kernel_drops, cpu[0] + cpu[1], rss_kb()))
+                   self.counts["rejected"], self.kernel_drops, cpu[0] + cpu[1],
+                   rss_kb(self.status)))
 
-    def run(self, sockets, parent_fd=None):
+    def run(self, sockets, parent_fd=None, poller=None):
         """Wait on the capture sockets and handle each knock as it arrives.
 
-        Returns when the parent goes away (its end of the pipe closes).
+        Returns when the parent goes away (its end of the pipe closes).  `poller` is an
+        empty epoll object made before the sandbox, which allows no new descriptor (epoll
+        rather than poll: poll() fails when it waits on more descriptors than RLIMIT_NOFILE).
         """
         import select
         self.sockets = sockets
-        poller = select.poll()
+        poller = select.epoll() if poller is None else poller
         by_fd, names = {}, {}
         for sock in sockets:
-            poller.register(sock, select.POLLIN)
+            poller.register(sock, select.EPOLLIN)
             by_fd[sock.fileno()] = sock
             if self.config.bind_interface:       # each socket is bound to one interface
                 names[sock.fileno()] = sock.getsockname()[0]
         if parent_fd is not None:
-            poller.register(parent_fd, 0)       # POLLERR: the parent has gone
+            poller.register(parent_fd, 0)       # EPOLLERR: the parent has gone
         waiting = False                         # requests the pipe could not take yet
         next_housekeeping = time.monotonic() + 10
         while True:
             wait = max(0, next_housekeeping - time.monotonic())
-            for fd, event in poller.poll(wait * 1000):
+            for fd, event in poller.poll(wait):
                 sock = by_fd.get(fd)
                 if sock is None:
-                    if event & select.POLLOUT and not event & (select.POLLERR | select.POLLHUP):
+                    if event & select.EPOLLOUT and not event & (select.EPOLLERR | select.EPOLLHUP):
                         continue                # flushed below
                     return
-                if event & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                if event & (select.EPOLLERR | select.EPOLLHUP):
                     raise CaptureLost()
                 interface = names.get(fd)
                 for _ in range(64):            # a batch, then let the other sockets in
@@ -4250,7 +4313,7 @@ class Reader(object):
             if parent_fd is not None and hasattr(self.gate, "flush"):
                 still = not self.gate.flush()
                 if still != waiting:
-                    poller.modify(parent_fd, select.POLLOUT if still else 0)
+                    poller.modify(parent_fd, select.EPOLLOUT if still else 0)
                     waiting = still
             if time.monotonic() >= next_housekeeping:
                 next_housekeeping = time.monotonic() + 10
@@ -4274,7 +4337,7 @@ def crypto_available():
 def preload():
     """Import now everything the packet reader may need later, when it can no longer read
     the files (the hashes' and pycryptodome's modules are loaded on first use)."""
-    import ipaddress, json, select  # noqa: F401,E401
+    import ipaddress, json, resource, select  # noqa: F401,E401
     key = b"k" * 32
     for mode in ENCRYPTION_MODES:
         for hmac_type in HMAC_TYPES:
@@ -4289,17 +4352,15 @@ class CaptureLost(Exception):
 
 
 def drop_privileges(user):
-    """Become `user` for good: no groups, no capabilities, no way back (no_new_privs)."""
+    """Become `user` for good: no groups, no capabilities, no way back (confine_reader adds
+    no_new_privs), and not dumpable: no other process of that user may trace it or read
+    its memory (the keys)."""
     import pwd
     pw = pwd.getpwnam(user)
     os.setgroups([])
     os.setgid(pw.pw_gid)
     os.setuid(pw.pw_uid)
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)    # PR_SET_NO_NEW_PRIVS
-    except (OSError, AttributeError):
-        pass
+    prctl(PR_SET_DUMPABLE, 0)
     try:
         os.setuid(0)
     except PermissionError:
@@ -4317,11 +4378,145 @@ def close_fds_except(keep):
         low = fd + 1
 
 
+def take_free_descriptors(below):
+    """Put /dev/null on every free descriptor under `below`: with 3, descriptors 0-2 are
+    never the terminal, nor a pipe or socket of ours that a stray print() would write to."""
+    while True:
+        fd = os.open(os.devnull, os.O_RDWR)     # the lowest free descriptor
+        if fd >= below:
+            os.close(fd)
+            return
+
+
+# --- The packet reader's sandbox ------------------------------------------------------
+#
+# After its privilege drop the reader confines itself as OpenSSH's pre-auth child does:
+# rlimits (no new descriptor, process, file growth or core dump) and a seccomp filter that
+# lets through only the system calls its loop makes.  Its descriptors: /dev/null on 0-2,
+# its capture sockets (receive only), its request pipe and its log pipe to the parent (the
+# only ones it may write to), /proc/self/status (read for the stats line) and the epoll
+# instance its loop waits in.
+
+PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 4, 22, 38
+SECCOMP_MODE_FILTER = 2
+SECCOMP_KILL, SECCOMP_ERRNO, SECCOMP_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+AUDIT_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7, "riscv64": 0xC00000F3}
+# System call numbers: x86_64's table, and the generic one that aarch64 and riscv64 share.
+_GENERIC_SYSCALLS = {
+    "recvfrom": 207, "epoll_pwait": 22, "epoll_ctl": 21, "clock_gettime": 113, "gettimeofday": 169, "times": 153,
+    "brk": 214, "munmap": 215, "mremap": 216, "madvise": 233, "rt_sigreturn": 139,
+    "rt_sigprocmask": 135, "restart_syscall": 128, "futex": 98, "getpid": 172, "close": 57,
+    "exit": 93, "exit_group": 94, "write": 64, "pread64": 67, "getsockopt": 209, "mmap": 222,
+    "mprotect": 226, "openat": 56, "openat2": 437, "execve": 221, "execveat": 281,
+    "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271}
+SYSCALLS = {
+    "x86_64": {
+        "recvfrom": 45, "epoll_wait": 232, "epoll_pwait": 281, "epoll_ctl": 233,
+        "clock_gettime": 228, "gettimeofday": 96,
+        "times": 100, "brk": 12, "munmap": 11, "mremap": 25, "madvise": 28, "rt_sigreturn": 15,
+        "rt_sigprocmask": 14, "restart_syscall": 219, "futex": 202, "getpid": 39, "close": 3,
+        "exit": 60, "exit_group": 231, "write": 1, "pread64": 17, "getsockopt": 55, "mmap": 9,
+        "mprotect": 10, "open": 2, "openat": 257, "openat2": 437, "execve": 59, "execveat": 322,
+        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311},
+    "aarch64": _GENERIC_SYSCALLS, "riscv64": _GENERIC_SYSCALLS,
+}
+# What the reader's loop calls (strace): receive, wait, clocks, memory, signals, exit.
+SECCOMP_ALLOWED = ("recvfrom", "epoll_wait", "epoll_pwait", "epoll_ctl", "clock_gettime",
+                   "gettimeofday", "times", "brk", "munmap", "mremap", "madvise",
+                   "rt_sigreturn", "rt_sigprocmask", "restart_syscall", "futex", "getpid",
+                   "close", "exit", "exit_group")
+# Calls no bug in the reader makes, only an attacker: they kill it (SIGSYS).
+SECCOMP_KILLED = ("execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev")
+
+
+def prctl(option, *args):
+    """prctl(2) through ctypes; OSError on failure."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, *[a if isinstance(a, bytes) else ctypes.c_ulong(a)
+                            for a in args + (0,) * (4 - len(args))]) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def seccomp_arch():
+    """The name of this process's system call table, or None where spa.py has none (a
+    32-bit Python on a 64-bit kernel counts as unknown: its calls use another table)."""
+    machine = os.uname().machine
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    if struct.calcsize("P") != 8 or sys.byteorder != "little" or machine not in SYSCALLS:
+        return None
+    return machine
+
+
+def seccomp_program(arch, writable, readable):
+    """The reader's seccomp filter, a classic BPF program over struct seccomp_data.
+
+    A call made for another architecture (a 32-bit entry into a 64-bit process) kills;
+    the calls in SECCOMP_ALLOWED pass; write only to the descriptors in `writable`, pread64
+    only from those in `readable`; getsockopt only for PACKET_STATISTICS; mmap and mprotect
+    never with PROT_EXEC; open and openat fail with EACCES (Python then reports an error),
+    SECCOMP_KILLED kills, and everything else fails with EPERM: new sockets, send, connect,
+    bind, setsockopt, ioctl, fork, kill, dup, pipe, setrlimit, prctl, unshare...
+    Arguments are compared by their low 32 bits (little-endian: offset 16 + 8 * n), which
+    is all the kernel reads of a descriptor or an int option.
+    """
+    import errno
+    numbers = SYSCALLS[arch]
+    arg = lambda n: 16 + 8 * n                         # noqa: E731
+    prog = [("ld", 4), ("jeq", AUDIT_ARCHES[arch], None, "kill"), ("ld", 0)]
+    prog += [("jeq", numbers[name], "allow", None) for name in SECCOMP_ALLOWED if name in numbers]
+    prog += [("jeq", numbers["write"], "write", None), ("jeq", numbers["pread64"], "pread", None),
+             ("jeq", numbers["getsockopt"], "getsockopt", None),
+             ("jeq", numbers["mmap"], "memory", None), ("jeq", numbers["mprotect"], "memory", None)]
+    prog += [("jeq", numbers[name], "kill", None) for name in SECCOMP_KILLED]
+    prog += [("jeq", numbers[name], "eacces", None) for name in ("open", "openat", "openat2")
+             if name in numbers]
+    prog += [("ret", SECCOMP_ERRNO | errno.EPERM)]
+    prog += [("write:",), ("ld", arg(0))] + [("jeq", fd, "allow", None) for fd in writable]
+    prog += [("ret", SECCOMP_ERRNO | errno.EPERM)]
+    prog += [("pread:",), ("ld", arg(0))] + [("jeq", fd, "allow", None) for fd in readable]
+    prog += [("ret", SECCOMP_ERRNO | errno.EPERM),
+             ("getsockopt:",), ("ld", arg(1)), ("jeq", SOL_PACKET, None, "eperm"),
+             ("ld", arg(2)), ("jeq", PACKET_STATISTICS, "allow", "eperm"),
+             ("memory:",), ("ld", arg(2)), ("jset", mmap.PROT_EXEC, "eperm", "allow"),
+             ("allow:",), ("ret", SECCOMP_ALLOW),
+             ("kill:",), ("ret", SECCOMP_KILL),
+             ("eacces:",), ("ret", SECCOMP_ERRNO | errno.EACCES),
+             ("eperm:",), ("ret", SECCOMP_ERRNO | errno.EPERM)]
+    return bpf_assemble(prog)
+
+
+def confine_reader(writable, readable, log):
+    """Enter the packet reader's sandbox (see above) for good: True with the seccomp filter
+    in place, False where it could not be (logged)."""
+    import resource
+    for limit in (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE,
+                  resource.RLIMIT_CORE):
+        resource.setrlimit(limit, (0, 0))
+    arch = seccomp_arch()
+    try:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)        # no exec can give privileges back; seccomp needs it
+        if arch is None:
+            raise OSError(0, "spa.py has no system call table for %s with a %d-bit Python"
+                          % (os.uname().machine, 8 * struct.calcsize("P")))
+        fprog, _code = sock_fprog(seccomp_program(arch, writable, readable))
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, fprog)
+    except OSError as e:
+        log.warning("packet reader: no seccomp filter (%s): it runs confined by its user, "
+                    "rlimits and closed files only", e.strerror)
+        return False
+    return True
+
+
 def start_reader(config, sockets, seen, log, user):
-    """Fork the packet reader; returns (pid, read end of its request pipe)."""
+    """Fork the packet reader; returns (pid, read end of its request pipe, read end of its
+    log pipe)."""
     import gc
+    import select
     import signal
     r, w = os.pipe()
+    log_r, log_w = os.pipe()
     # Load what the reader needs before the fork, while files are readable: then it is
     # shared with the parent (ctypes, pycryptodome's libraries, the hash modules, the
     # modules decide() uses), not loaded twice.  Python 3.7+: the child's garbage
@@ -4336,17 +4531,21 @@ def start_reader(config, sockets, seen, log, user):
     if pid:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(w)
-        return pid, r
+        os.close(log_w)
+        return pid, r, log_r
     code = 1
     try:
-        os.close(r)
+        log = Log.to_pipe(log_w, log.verbose)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent stops us with SIGTERM
-        # Nothing of the parent's may leak in: its netlink sockets, the replay cache file...
-        keep = {0, 1, 2, w} | {sock.fileno() for sock in sockets} | log.fds()
-        close_fds_except(keep)
+        # A session of its own, without the terminal: no TIOCSTI into the admin's shell.
+        os.setsid()
+        # Nothing of the parent's may leak in: the terminal, its netlink sockets, the replay
+        # cache file...
+        close_fds_except({w, log_w} | {sock.fileno() for sock in sockets})
+        take_free_descriptors(3)
         if user and os.geteuid() == 0:
             drop_privileges(user)
         reader = Reader(config, GatePipe(w), log, seen)
@@ -4355,9 +4554,15 @@ def start_reader(config, sockets, seen, log, user):
             raise SystemExit
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
+        # What the loop needs that the sandbox would refuse it later: the file the stats
+        # line reads, and the epoll it waits in.
+        reader.status = os.open("/proc/self/status", os.O_RDONLY)
+        poller = select.epoll()
+        confine_reader((w, log_w), (reader.status,), log)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)      # what came meanwhile, now
         try:
-            reader.run(sockets, w)       # returns when the parent closes its end of the pipe
+            # returns when the parent closes its end of the pipe
+            reader.run(sockets, w, poller)
             code = 0
         except (SystemExit, BrokenPipeError):   # SIGTERM; a request after the pipe closed
             code = 0
@@ -4369,10 +4574,24 @@ def start_reader(config, sockets, seen, log, user):
     except SpaError as e:
         log.error("packet reader: %s", e)
     except BaseException:
-        import traceback
-        log.error("packet reader crashed:\n%s", traceback.format_exc())
+        log.error("packet reader crashed:\n%s", crash_report())
     finally:
         os._exit(code)
+
+
+def crash_report():
+    """The exception being handled, as a traceback without source lines: the reader cannot
+    read them, nor import the traceback module then (which would cost each process 350 kB
+    if loaded before)."""
+    kind, error, tb = sys.exc_info()
+    lines = ["Traceback (most recent call last):"]
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        lines.append('  File "%s", line %d, in %s' % (code.co_filename, tb.tb_lineno,
+                                                      code.co_name))
+        tb = tb.tb_next
+    lines.append("%s: %s" % (kind.__name__, error) if str(error) else kind.__name__)
+    return "\n".join(lines)
 
 
 class Supervisor(object):
@@ -4381,14 +4600,18 @@ class Supervisor(object):
 
     MAX_LINE = 4096
     CAPTURE_LOST = 3          # the reader's exit status when a capture socket failed
+    RESTART_DELAY = (0.1, 60.0)   # a reader that keeps dying: first and longest wait (doubling)
 
     def __init__(self, args, config, gate, log):
         self.args, self.config, self.gate, self.log = args, config, gate, log
         self.user = config.user if os.geteuid() == 0 else None
         self.captures = {}    # interface -> socket, for those that are there
         self.waiting = set()  # interfaces that went away (or were not there at start)
-        self.pid = self.fd = None
-        self.buffer = b""
+        self.pid = self.fd = self.log_fd = None
+        self.buffer = self.log_buffer = b""
+        self.started = self.restart_at = 0.0    # when the reader started; when the next may
+        self.delay = 0.0
+        self.reader_lines = RateLimiter(rate=10.0, burst=100)    # a reader flooding the log
         self.expire_failed = 0    # expire() failures in a row
         self.strays = []      # readers that did not stop when told: reaped when they end
 
@@ -4440,7 +4663,6 @@ class Supervisor(object):
         if not hasattr(self, "pending"):
             self.catch_signals()
         wake_r, pending = self.wake_r, self.pending
-        crashes = []
         firewall = self.gate.firewall
         monitor = self._monitor(firewall)
         every = 10 if monitor is not None else 2
@@ -4448,33 +4670,36 @@ class Supervisor(object):
         next_expire = time.monotonic() + 1
         try:
             while True:
+                wait = 1000
                 if self.pid is None and self.captures:
-                    self._start()
+                    wait = max(0, min(wait, 1000 * (self.restart_at - time.monotonic())))
+                    if wait == 0:
+                        self._start()
+                        wait = 1000
                 poller = select.poll()
                 if self.fd is not None:
                     poller.register(self.fd, select.POLLIN)
+                if self.log_fd is not None:
+                    poller.register(self.log_fd, select.POLLIN)
                 poller.register(wake_r, select.POLLIN)
                 if monitor is not None:
                     poller.register(monitor, select.POLLIN)
-                for fd, _ in poller.poll(1000):
+                for fd, _ in poller.poll(wait):
                     if fd == wake_r:
                         os.read(wake_r, 512)
                     elif monitor is not None and fd == monitor.fileno():
                         if monitor.news():
                             firewall.restore()
-                    elif not self._serve():
+                    elif fd == self.log_fd:
+                        self._relay()
+                    elif fd == self.fd and not self._serve():
                         code, status = self._reap()
                         if code == self.CAPTURE_LOST:
                             self.log.warning("packet reader lost its capture: reopening it")
                             self.close_captures()
                             self.open_captures()
                             continue
-                        crashes = [t for t in crashes if t > time.monotonic() - 60]
-                        crashes.append(time.monotonic())
-                        if len(crashes) > 5:
-                            raise SpaError("the packet reader keeps dying (%s): giving up" % status)
-                        self.log.error("packet reader stopped (%s): starting a new one", status)
-                        time.sleep(0.2 * len(crashes))
+                        self._back_off(status)
                 while pending:
                     signum = pending.pop(0)
                     if signum in (signal.SIGTERM, signal.SIGINT):
@@ -4569,10 +4794,55 @@ class Supervisor(object):
                       len(config.stanzas), format_access(config.protect), config.protect_action)
 
     def _start(self):
-        self.pid, self.fd = start_reader(self.config, list(self.captures.values()),
-                                         self.gate.replay.copy(), self.log, self.user)
+        self.pid, self.fd, self.log_fd = start_reader(
+            self.config, list(self.captures.values()), self.gate.replay.copy(), self.log,
+            self.user)
         os.set_blocking(self.fd, False)
-        self.buffer = b""
+        os.set_blocking(self.log_fd, False)
+        self.buffer = self.log_buffer = b""
+        self.started = time.monotonic()
+
+    def _back_off(self, status):
+        """A reader died: start the next one after a wait that doubles while readers keep
+        dying young (up to a minute), so a crash loop costs little, and never give up:
+        meanwhile the firewall stays as it is and knocks wait in the capture buffer."""
+        first, longest = self.RESTART_DELAY
+        young = time.monotonic() - self.started < longest
+        self.delay = min(longest, max(first, 2 * self.delay)) if young else first
+        self.restart_at = time.monotonic() + self.delay
+        self.log.error("packet reader stopped (%s): starting a new one in %s s", status,
+                       "%.3g" % self.delay)
+
+    def _relay(self):
+        """Log what the packet reader wrote to its log pipe ("LEVEL text" lines), as
+        untrusted text: control characters escaped, lines capped, at most 10 a second
+        after a burst of 100.  Closes the pipe at its end; False when nothing was there."""
+        try:
+            chunk = os.read(self.log_fd, 16384)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            os.close(self.log_fd)
+            self.log_fd = None
+            chunk = b"\n" if self.log_buffer else b""
+        *lines, self.log_buffer = (self.log_buffer + chunk).split(b"\n")
+        if len(self.log_buffer) > self.MAX_LINE:
+            lines.append(self.log_buffer)
+            self.log_buffer = b""
+        for line in filter(None, lines):
+            if not self.reader_lines.allow():
+                continue
+            missed = self.reader_lines.take_suppressed()
+            if missed:
+                self.log.warning("%d lines of the packet reader were not logged (rate limit)",
+                                 missed)
+            text = line[:self.MAX_LINE].decode("utf-8", "replace").translate(CONTROL_ESCAPES)
+            level, _, rest = text.partition(" ")
+            if level in Log.SEVERITY:
+                getattr(self.log, level)("%s", rest)
+            else:
+                self.log.info("%s", text)
+        return True
 
     def _restart(self):
         self._stop()
@@ -4615,12 +4885,16 @@ class Supervisor(object):
             yield request
 
     def _reap(self):
+        import signal
         os.close(self.fd)
         _, status = os.waitpid(self.pid, 0)
+        self._close_log()
         self.pid = self.fd = None
         if os.WIFEXITED(status):
             return os.WEXITSTATUS(status), "exit status %d" % os.WEXITSTATUS(status)
-        return None, "killed by signal %d" % os.WTERMSIG(status)
+        return None, "killed by signal %d%s" % (
+            os.WTERMSIG(status), ": a system call its sandbox forbids"
+            if os.WTERMSIG(status) == signal.SIGSYS else "")
 
     def _stop(self, wait=2.0):
         """Stop the packet reader: carry out what it has sent, then close its pipe.
@@ -4643,16 +4917,28 @@ class Supervisor(object):
             pass
         os.close(self.fd)
         pid, self.pid, self.fd = self.pid, None, None
-        for step in (wait, 1.0):
-            deadline = time.monotonic() + step
-            while time.monotonic() < deadline:
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    return
-                time.sleep(0.002)
-            if step == wait:
-                send_signal(self.log, pid, signal.SIGKILL, "the packet reader")
-        self.log.error("the packet reader (pid %d) did not stop; left behind", pid)
-        self.strays.append(pid)
+        try:
+            for step in (wait, 1.0):
+                deadline = time.monotonic() + step
+                while time.monotonic() < deadline:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        return
+                    time.sleep(0.002)
+                if step == wait:
+                    send_signal(self.log, pid, signal.SIGKILL, "the packet reader")
+            self.log.error("the packet reader (pid %d) did not stop; left behind", pid)
+            self.strays.append(pid)
+        finally:
+            self._close_log()
+
+    def _close_log(self):
+        """Log the last lines of a reader that has ended (a traceback, its stats), then
+        close its log pipe; one still held open (a reader left behind) is closed as it is."""
+        while self.log_fd is not None and self._relay():
+            pass
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+            self.log_fd = None
 
 
 def notify_systemd(state):
@@ -4733,6 +5019,8 @@ def server_main(args):
              "user %s%s", ",".join(config.interfaces + config.optional_interfaces), config.port,
              format_access(config.protect), config.protect_action, len(config.stanzas),
              supervisor.user or "(unchanged: not root)", "; test mode" if args.test else "")
+    if config.user_note and supervisor.user:
+        log.warning("%s", config.user_note)
     notify_systemd("READY=1")
     try:
         supervisor.run()
@@ -4861,6 +5149,8 @@ def check_config_main(args):
                                                  else "" if os.path.lexists(directory)
                                                  else " (its directory is made at start)"))
     print("  packets are read as user %s" % config.user)
+    if config.user_note:
+        print("  note  %s" % config.user_note)
     for stanza in config.stanzas:
         print("  [client %s]: from %s; opens %s for %d s (a client may ask for up to %d s); "
               "HMAC %s, %s%s%s" % (
@@ -6085,7 +6375,31 @@ def install_main(args):
     print("installed %s (compiled) and the launcher %s (also as %s.py)"
           % (target, launcher, launcher))
     print("the launcher runs %s -I (isolated): %s" % (python, why))
+    print(create_reader_user())
     return 0
+
+
+def create_reader_user():
+    """Create the packet reader's system user `spa` where it is missing; says what it did."""
+    import pwd
+    import shutil
+    try:
+        pwd.getpwnam(READER_USER)
+        return "the packet reader runs as the user %s" % READER_USER
+    except KeyError:
+        pass
+    command = USERADD + [READER_USER]
+    later = "(the packet reader runs as nobody until it exists)"
+    if os.geteuid() != 0:
+        return "note: no user %s: as root, run %s %s" % (READER_USER, " ".join(command), later)
+    useradd = shutil.which(command[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    try:
+        if useradd is None:
+            raise SpaError("%s not found" % command[0])
+        run_command([useradd] + command[1:])
+    except SpaError as e:
+        return "note: could not create the system user %s: %s %s" % (READER_USER, e, later)
+    return "created the system user %s, which the packet reader runs as" % READER_USER
 
 
 # ---------------------------------------------------------------------------

@@ -1129,8 +1129,8 @@ def _crypto_ok():
         return False
 
 
-def start_server(lab, tmp_path, stanzas=None, name="spa.conf", python=sys.executable, **server):
-    """Write a config (service port protected, short timeouts) and start spa.py's server in srv."""
+def lab_server_config(tmp_path, stanzas=None, name="spa.conf", **server):
+    """Write a server config for the lab (the service port protected, short timeouts)."""
     opts = {"protect": "tcp/%d" % SERVICE_PORT, "interface": "any",
             "replay_cache": str(tmp_path / "replay.cache")}
     opts.update(server)
@@ -1140,7 +1140,12 @@ def start_server(lab, tmp_path, stanzas=None, name="spa.conf", python=sys.execut
         merged.update(options)
         lines.append("[client %s]" % sname)
         lines += ["%s = %s" % kv for kv in merged.items()]
-    conf = write_private(tmp_path / name, "\n".join(lines) + "\n")
+    return write_private(tmp_path / name, "\n".join(lines) + "\n")
+
+
+def start_server(lab, tmp_path, stanzas=None, name="spa.conf", python=sys.executable, **server):
+    """Write a config (lab_server_config) and start spa.py's server in srv."""
+    conf = lab_server_config(tmp_path, stanzas, name, **server)
     proc = lab.spawn("srv", [python, SPA, "server", "-c", conf, "-v"])
     wait_for_line(proc, r"listening on", 15)
     proc.conf = conf
@@ -1501,15 +1506,18 @@ def proc_status(pid):
 
 
 def test_packets_are_read_without_privileges(tmp_path):
-    """The process that parses packets runs as nobody, with no capabilities and none of the
-    parent's files (nft's stdin, the replay cache); if it dies, a new one takes over."""
+    """The process that parses packets runs as the dedicated user spa, with no capabilities,
+    in a session of its own without a terminal, holding only its capture socket, its two
+    pipes to the parent, /proc/self/status, its epoll and /dev/null, under rlimits and a
+    seccomp filter; if it dies, a new one takes over."""
     need_nft()
     import pwd
-    nobody = pwd.getpwnam("nobody").pw_uid
+    netns_lab.need(_has_user("spa"), "no user spa: sh setup.sh creates it")
+    spa_uid = pwd.getpwnam("spa").pw_uid
     with Lab(clients=1, prefix="spa") as lab:
         lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
         server = start_server(lab, tmp_path)
-        wait_for_line(server, r"packets read as user nobody", 1)
+        wait_for_line(server, r"packets read as user spa", 1)
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None     # the firewall was changed
         readers = [p for p in children(server.pid) if "spa.py" in open("/proc/%d/cmdline" % p).read()]
         assert len(readers) == 1
@@ -1519,19 +1527,42 @@ def test_packets_are_read_without_privileges(tmp_path):
                 maps = f.read()
             # Python's own hashes, not OpenSSL's; of pycryptodome only AES and ECB
             assert "libcrypto" not in maps and "_raw_cbc" not in maps and "_raw_ecb" in maps
-        status = proc_status(readers[0])
-        assert status["Uid"].split() == [str(nobody)] * 4
+        reader = readers[0]
+        status = proc_status(reader)
+        assert status["Uid"].split() == [str(spa_uid)] * 4
         assert status["CapEff"].strip() == "0" * 16 and status["CapPrm"].strip() == "0" * 16
         assert status["NoNewPrivs"].strip() == "1"
-        targets = [os.readlink("/proc/%d/fd/%s" % (readers[0], fd))
-                   for fd in os.listdir("/proc/%d/fd" % readers[0]) if int(fd) > 2]
-        assert not any("replay.cache" in t for t in targets)
-        assert len([t for t in targets if t.startswith("pipe:")]) == 1   # its request pipe only
-        os.kill(readers[0], 9)
+        assert status["Seccomp"].strip() == "2"                   # a filter (mode 2) is in force
+        with open("/proc/%d/stat" % reader) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        assert int(fields[3]) == reader and int(fields[4]) == 0    # its own session; no terminal
+        fds = {int(fd): os.readlink("/proc/%d/fd/%s" % (reader, fd))
+               for fd in os.listdir("/proc/%d/fd" % reader)}
+        # (in a chroot, the paths read from /proc start with the chroot's own path)
+        kinds = sorted("/dev/null" if t.endswith("/dev/null") else
+                       "status" if t.endswith("/proc/%d/status" % reader) else
+                       t.split(":[")[0] if t.startswith(("pipe:", "socket:")) else t
+                       for t in fds.values())
+        assert [fds[fd].endswith("/dev/null") for fd in (0, 1, 2)] == [True] * 3
+        assert kinds == ["/dev/null"] * 3 + ["anon_inode:[eventpoll]", "pipe", "pipe", "socket",
+                                             "status"]
+        with open("/proc/%d/limits" % reader) as f:
+            limits = {line[:26].strip(): line[26:].split()[:2] for line in f}
+        for limit in ("Max open files", "Max processes", "Max file size", "Max core file size"):
+            assert limits[limit] == ["0", "0"], limit
+        os.kill(reader, 9)
         wait_for_line(server, r"packet reader stopped \(killed by signal 9\): starting a new one", 2)
         lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])
         time.sleep(0.3)
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+
+
+def _has_user(name):
+    import pwd
+    try:
+        return pwd.getpwnam(name) is not None
+    except KeyError:
+        return False
 
 
 # --- the person at the keyboard: fwknop's rc file, --connect, -R ------------------------------
@@ -2102,7 +2133,7 @@ def _real_python36_end_to_end(tmp_path, py36):
     with Lab(clients=1, prefix="spa") as lab:
         lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
         server = start_server(lab, tmp_path, python=py36)
-        wait_for_line(server, r"packets read as user nobody", 1)
+        wait_for_line(server, r"packets read as user spa", 1)
         lab.run("cli1", [py36, SPA, "client", "-D", Lab.srv4(1), "-A", "tcp/%d" % SERVICE_PORT,
                          "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY])
         assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 1.0) is not None

@@ -611,23 +611,18 @@ class Decision(object):
         self.nat = None
 
 
-def decide(payload, source, now, stanzas, seen, max_age):
-    """Decide on one captured UDP payload from address `source` (text) at time `now`
-    (None: the clock is read only for a packet that authenticates).
+def screen(payload, source, stanzas):
+    """Steps 1 and 2 of decide(), all the packet reader does: (the first stanza whose source
+    matches and whose HMAC key made the packet's HMAC, the signed text with the prefix put
+    back), or (None, why not).  Nothing else ever reads unauthenticated bytes.
 
-    `stanzas` are the Stanza objects in config order; `seen(replay_key)` tells
-    whether a packet was already used.  Never raises: every problem becomes a
-    Decision with `accepted` False and a `reason`.  Whenever the packet
-    authenticates, `replay_key` is set, and the caller must record it, accepted
-    or not, so no authenticated packet can be used twice.
+    This is the path every flood packet takes, so it allocates as little as it can.
     """
-    # 1. Length and alphabet: the only checks made on unauthenticated bytes.  This is the
-    #    path every flood packet takes, so it allocates as little as it can.
+    # 1. Length and alphabet.
     if not MIN_WIRE_LEN <= len(payload) <= MAX_WIRE_LEN:
-        return Decision(source, "length %d outside %d-%d"
-                        % (len(payload), MIN_WIRE_LEN, MAX_WIRE_LEN))
+        return None, "length %d outside %d-%d" % (len(payload), MIN_WIRE_LEN, MAX_WIRE_LEN)
     if payload.translate(None, B64_ALPHABET):
-        return Decision(source, "not base64")
+        return None, "not base64"
     # 2. HMAC against each stanza whose source matches: the first that authenticates wins.
     matched = False
     for stanza in stanzas:
@@ -636,27 +631,45 @@ def decide(payload, source, now, stanzas, seen, max_age):
         matched = True
         signed = stanza.authenticate(payload)
         if signed is not None:
-            break
-    else:
-        return Decision(source, "HMAC does not match any stanza for this source" if matched
-                        else "no stanza for source %s" % source)
+            return stanza, signed
+    return None, ("HMAC does not match any stanza for this source" if matched
+                  else "no stanza for source %s" % source)
+
+
+def packet_key(signed):
+    """The replay key of an authenticated packet: the base64 of the SHA-256 of its
+    ciphertext (of the signed text itself if that is not base64)."""
+    try:
+        data = b64decode(signed)
+    except ValueError:
+        data = signed
+    return b64encode(hash_digest("sha256", data)).decode()
+
+
+def judge(stanza, signed, source, now, seen, max_age):
+    """Steps 3 to 7 of decide(), the gatekeeper's part, on a packet `stanza` authenticated:
+    decrypt, inner digest and fields, replay cache, packet age, the stanza's policy.
+
+    `replay_key` is set once the plaintext shows the stanza's AES key made it (16 digits
+    and a colon: no one else can make that), and from then on the caller must record it,
+    accepted or not.  A packet that authenticates but does not decrypt is not recorded
+    (as fwknopd does not): it can never open anything, and recording it would let
+    whoever holds only the HMAC key (a compromised packet reader) fill the cache.
+    """
     decision = Decision(source)
     now = time.time() if now is None else now
     decision.stanza = stanza
-    # Authenticated from here on.
     try:
         try:
             raw = b64decode(signed)
         except ValueError:
-            # Authenticated, so remembered all the same, but not a packet.
-            decision.replay_key = b64encode(hash_digest("sha256", signed)).decode()
             raise Reject("authenticated, but not valid base64")
-        decision.replay_key = b64encode(hash_digest("sha256", raw)).decode()
         # 3. Decrypt, 4. inner digest and fields.
         plaintext = decrypt(raw, stanza.key, stanza.mode)
         if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
             raise Reject("decryption failed: not a message (key_base64 or encryption_mode differ "
                          "from the client's, or the random value is not 16 digits)")
+        decision.replay_key = b64encode(hash_digest("sha256", raw)).decode()
         msg = parse_plaintext(plaintext)
         decision.message = msg
         # 5. Replay cache, 6. packet age, 7. stanza policy.
@@ -675,6 +688,23 @@ def decide(payload, source, now, stanzas, seen, max_age):
         return decision
     decision.accepted = True
     return decision
+
+
+def decide(payload, source, now, stanzas, seen, max_age):
+    """Decide on one captured UDP payload from address `source` (text) at time `now`
+    (None: the clock is read only for a packet that authenticates).
+
+    `stanzas` are the Stanza objects in config order; `seen(replay_key)` tells
+    whether a packet was already used.  Never raises: every problem becomes a
+    Decision with `accepted` False and a `reason`.  Whenever `replay_key` is set
+    (the packet authenticates and decrypts), the caller must record it, accepted or
+    not, so no such packet can be used twice.  The server runs this in two halves:
+    screen() in the packet reader, judge() in the privileged parent.
+    """
+    stanza, signed = screen(payload, source, stanzas)
+    if stanza is None:
+        return Decision(source, signed)
+    return judge(stanza, signed, source, now, seen, max_age)
 
 
 # ---------------------------------------------------------------------------
@@ -807,6 +837,57 @@ def parse_date(value, name):
     raise SpaError("%s = %r: expected YYYY-MM-DD" % (name, value))
 
 
+def parse_nat_destinations(value, name):
+    """`nat_destinations`: [(network, first port, last port)] from a list such as
+    `10.0.0.7:22, 10.0.1.0/24:8000-8099, [2001:db8::7]:22, 192.0.2.9` (IPv6 in brackets;
+    no port: any port)."""
+    import ipaddress
+    result = []
+    for item in value.split(",") if value.strip() else []:
+        item = item.strip()
+        if item.startswith("["):
+            host, sep, port = item[1:].partition("]")
+            if not sep or (port and not port.startswith(":")):
+                raise SpaError("%s: %r: expected [IPV6]:PORT" % (name, item))
+            port = port[1:]
+        elif item.count(":") > 1:
+            raise SpaError("%s: %r: write an IPv6 address in brackets: [%s]" % (name, item, item))
+        else:
+            host, _, port = item.partition(":")
+        try:
+            network = ipaddress.ip_network(host, strict=False)
+        except ValueError:
+            raise SpaError("%s: %r: expected an address or a network, optionally with "
+                           ":PORT or :PORT-PORT" % (name, item))
+        first, last = 1, 65535
+        if port:
+            low, _, high = port.partition("-")
+            if not all(p.isdigit() and len(p) <= 5 and 1 <= int(p) <= 65535
+                       for p in (low, high or low)):
+                raise SpaError("%s: %r: ports are 1-65535" % (name, item))
+            first, last = int(low), int(high or low)
+            if first > last:
+                raise SpaError("%s: %r: the port range is backwards" % (name, item))
+        result.append((network, first, last))
+    return result
+
+
+def nat_target_problem(address):
+    """Why `address` (an ipaddress object) can never be a NAT target, else None: no knock may
+    forward to no one, to a group, to loopback or to a whole network."""
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.version == 4 and (address.packed[0] == 0 or address.packed == b"\xff" * 4):
+        return "a broadcast or 'this network' address"
+    if address.version == 6 and (address.is_link_local or address.ipv4_mapped is not None):
+        return "a link-local or IPv4-mapped address"
+    return None
+
+
 class Stanza(object):
     """One `[client NAME]` section of the server config: who may knock, with which keys, for what."""
 
@@ -866,9 +947,18 @@ class Stanza(object):
                                "unprivileged user" % where)
             if user.pw_uid == 0:
                 raise SpaError("%s: cmd_exec_user must not be root" % where)
+            if user.pw_gid == 0:
+                raise SpaError("%s: cmd_exec_user %s has group 0 (root): give it a group of "
+                               "its own" % (where, user.pw_name))
         self.enable_nat = parse_bool(get("enable_nat") or "no", where + ": enable_nat")
         self.nat_forward = self.enable_nat and forwarding
         self.nat_local = self.enable_nat and local_nat
+        # Where NAT access to another host may lead: nowhere unless listed.
+        self.nat_destinations = parse_nat_destinations(get("nat_destinations"),
+                                                       where + ": nat_destinations")
+        # Openings in force at once: each holds a little kernel memory that nothing else frees.
+        self.max_openings = parse_int(get("max_openings") or "1000", where + ": max_openings",
+                                      1, 1000000)
 
     def authenticate(self, payload):
         """The signed base64 text (prefix put back) if this stanza's HMAC key made the
@@ -911,9 +1001,14 @@ class Stanza(object):
             allow_ip = msg.allow_ip
         if self.require_username is not None and msg.username != self.require_username:
             raise Reject("username %r is not the required one" % msg.username)
-        denied = [pp for pp in msg.access if pp not in self.open_ports or pp in self.restrict_ports]
+        # The ports the client reaches: through local NAT, the one it is forwarded to.
+        local = nat is not None and nat[2]
+        reached = [(msg.access[0][0], nat[1])] if local else msg.access
+        denied = [pp for pp in reached if pp not in self.open_ports or pp in self.restrict_ports]
         if denied:
-            raise Reject("%s not in open_ports" % ",".join("%s/%d" % pp for pp in denied))
+            raise Reject("%s not in open_ports%s" % (",".join("%s/%d" % pp for pp in denied),
+                                                     " (the port local NAT leads to)" if local
+                                                     else ""))
         if msg.msg_type in TIMEOUT_TYPES and msg.client_timeout > 0:
             timeout = min(msg.client_timeout, self.max_fw_timeout)
         else:
@@ -937,18 +1032,39 @@ class Stanza(object):
             address = str(ipaddress.ip_address(host))
         except ValueError:
             raise Reject("NAT host %r is not an address (spa.py resolves no names)" % host[:70])
-        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not sep or not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535:
             raise Reject("NAT port %r is not 1-65535" % port[:8])
         if len(msg.access) != 1:
             raise Reject("a NAT request names %d ports; it must name one" % len(msg.access))
-        return address, int(port), local
+        port = int(port)
+        target = ipaddress.ip_address(address)
+        problem = nat_target_problem(target)
+        if problem is None and not local:
+            problem = self.nat_destination_problem(target, port)
+        if problem is not None:
+            raise Reject("NAT to %s refused: %s" % (format_endpoint(address, port), problem))
+        return address, port, local
+
+    def nat_destination_problem(self, target, port):
+        """Why NAT access to another host may not lead to target:port, else None."""
+        if not self.nat_destinations:
+            return "the stanza has no nat_destinations"
+        for network, first, last in self.nat_destinations:
+            if target.version == network.version and target in network and first <= port <= last:
+                if network.num_addresses > 2 and target in (network.network_address,
+                                                            network.broadcast_address) \
+                        and target.version == 4:
+                    return "the network or broadcast address of %s" % network
+                return None
+        return "not in nat_destinations"
 
 
 STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
                   "restrict_ports", "access_expire", "enable_nat", "enable_cmd_exec",
                   "cmd_exec_user",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
-                  "require_username", "require_source_address"}
+                  "require_username", "require_source_address", "nat_destinations",
+                  "max_openings"}
 FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
 # [server] options that SIGHUP cannot change in a running server.
 RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "enable_forwarding",
@@ -1286,28 +1402,54 @@ class ReplayCache(object):
 
     A line is `<digest> <packet timestamp> <time seen>`, the digest being the base64
     of the first 16 bytes of the packet's SHA-256 (a whole one, as spa.py wrote
-    before, is read too: see _replay_digest).  An entry is kept while
-    its packet could still pass the age check; older entries are pruned, so the
-    file stays small.  `path` None keeps it in memory only (server --test).
+    before, is read too: see _replay_digest).  An entry is kept while its packet
+    could still pass the age check; older entries are pruned, so the file stays
+    small.  A packet timestamp is clamped to the window around the time seen: a stamp
+    far ahead keeps no entry longer than two windows (and one stamped 2^32-1 not
+    forever), and the file never holds more digits than a clock has.
+
+    `floor`: every packet stamped from then on that the cache was given is still in
+    it; earlier ones may have been pruned, so the gatekeeper refuses packets stamped
+    before it.  Only a wider window (SIGHUP, or a restart with a larger
+    max_packet_age) lets such a packet pass the age check: without the floor, a packet
+    pruned under a 3 s window could be used again under a 120 s one.  It is the
+    latest limit a prune has used, and the file's first line keeps it.
+    `path` None keeps it in memory only (server --test, the packet reader's copy).
     """
+
+    HEADER = "# spa.py replay cache: digest packet-time seen-time; floor %d\n"
+    LONGEST_LINE = 200
 
     def __init__(self, path, max_age, now=None):
         self.path, self.max_age = path, max_age
         # digest -> the later of packet time and time seen
         self.entries = PackedMap(16, _replay_digest, _replay_key)
         self.file = None
+        self.floor = 0
         now = time.time() if now is None else now
         if path is None:
             return
-        lines = 0
         try:
             with open(path) as f:
+                # A file from before floors were recorded was pruned with a window we do not
+                # know: nothing stamped before its last change may pass.
+                self.floor = int(min(os.fstat(f.fileno()).st_mtime, now))
                 for line in f:
+                    if len(line) > self.LONGEST_LINE:
+                        continue
+                    if line.startswith("#"):
+                        head, sep, floor = line.rpartition("; floor ")
+                        if sep and floor.strip().isdigit():
+                            self.floor = int(floor)
+                        continue
                     parts = line.split()
-                    lines += 1
-                    if len(parts) == 3 and not line.startswith("#"):
+                    try:
+                        keep = max(int(parts[1]), int(parts[2])) if len(parts) == 3 else None
+                    except ValueError:
+                        continue
+                    if keep is not None and keep <= now + 2 * max_age:   # else a forged stamp
                         try:
-                            self.entries[parts[0]] = _u32(max(int(parts[1]), int(parts[2])))
+                            self.entries[parts[0]] = _u32(keep)
                         except ValueError:
                             pass
         except FileNotFoundError:
@@ -1334,21 +1476,25 @@ class ReplayCache(object):
 
     def add_many(self, digests, now):
         """Record [(digest, packet time)] with one write and one sync."""
+        now, lines = int(now), []
         for digest, packet_time in digests:
-            self.entries[digest] = _u32(max(packet_time, int(now)))
-        if self.file is not None and digests:
-            self.file.write("".join("%s %d %d\n" % (_replay_key(_replay_digest(digest)),
-                                                     packet_time, int(now))
-                                    for digest, packet_time in digests))
+            stamp = min(max(int(packet_time), now - self.max_age), now + self.max_age)
+            self.entries[digest] = _u32(max(stamp, now))
+            lines.append("%s %d %d\n" % (_replay_key(_replay_digest(digest)), stamp, now))
+        if self.file is not None and lines:
+            self.file.write("".join(lines))
             self.file.flush()
             sync_file(self.file.fileno())
-            self.lines += len(digests)
+            self.lines += len(lines)
             if self.lines > 2 * len(self.entries) + 1000:
                 self.prune(now)
                 self.rewrite()
 
     def prune(self, now):
         limit = int(now) - self.max_age       # the age check counts whole seconds too
+        # Never ahead of the clock: after a clock stepped back, packets stamped before the
+        # step are refused for one window, not until the clock catches up.
+        self.floor = min(max(self.floor, limit), int(now))
         self.entries.keep_if(lambda t: t >= limit)
 
     def rewrite(self):
@@ -1361,7 +1507,7 @@ class ReplayCache(object):
             os.makedirs(directory, mode=0o700, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write("# spa.py replay cache: digest packet-time seen-time\n")
+                f.write(self.HEADER % self.floor)
                 for digest, t in self.entries.items():
                     f.write("%s %d %d\n" % (digest, t, t))
                 f.flush()
@@ -1383,6 +1529,7 @@ class ReplayCache(object):
         """An in-memory copy (for the packet reader, which must not hold the file)."""
         seen = ReplayCache(None, self.max_age)
         seen.entries = self.entries.copy()
+        seen.floor = self.floor
         return seen
 
     def close(self):
@@ -1487,8 +1634,10 @@ class ElementBatch(object):
         self.first, self.deletes, self.last = [], [], []
         self.where = {}        # (place, key) -> its index in self.last
 
-    def put(self, place, key, seconds, data=None, fresh=False):
-        """The element is to be there for `seconds`; `fresh`: it is known not to be."""
+    def put(self, place, key, seconds, data=None, fresh=False, old_data=None):
+        """The element is to be there for `seconds`; `fresh`: it is known not to be.  A
+        map element that may be there with other data gives that as `old_data` (adding
+        it again with the new data would fail: "File exists")."""
         element = (place, key, data, seconds)
         known = self.where.get((place, key))
         if known is not None:
@@ -1496,7 +1645,7 @@ class ElementBatch(object):
                 self.last[known] = element
             return
         if not fresh:
-            self.first.append(element)
+            self.first.append(element if old_data is None else (place, key, old_data, seconds))
             self.deletes.append((place, key, None, None))
         self.where[(place, key)] = len(self.last)
         self.last.append(element)
@@ -1854,37 +2003,59 @@ class NftFirewall(object):
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
         """Forward (address, proto, port) to to_address:to_port for `timeout` seconds: to
         another host (accepted in the forward chains), or to this one (local NAT, accepted
-        in the input chains).  Never shortens an opening."""
+        in the input chains).  Never shortens an opening to the same target; a knock for
+        another target replaces the opening: the DNAT leads to the new target at once,
+        and what only the old one needed goes."""
         import ipaddress
         now = time.time() if now is None else now
         address = str(ipaddress.ip_address(address))
-        to_address = str(ipaddress.ip_address(to_address))
+        to_address = _nat_target(address, to_address)
         key = (address, proto, port)
-        if self.nat_ends.get(key, (0,))[0] >= now + timeout:
+        old = self.nat_ends.get(key)
+        same = old is not None and old[1:] == (to_address, to_port, local)
+        if same and old[0] >= now + timeout:
             return False
+        new = self._nat_elements(address, proto, port, to_address, to_port, local)
         batch = ElementBatch()
-        self._nat_elements(batch, address, proto, port, to_address, to_port, timeout, local)
+        old_data = None
+        if old is not None and not same:
+            old_data = nft_key([old[1]], None, old[2])
+            # What the new target, the other NAT openings and a plain opening still need.
+            needed = {(place, element) for place, element, _ in new}
+            for other, (end, o_address, o_port, o_local) in self.nat_ends.items():
+                if other != key and end > now:
+                    needed.update((place, element) for place, element, _ in self._nat_elements(
+                        other[0], other[1], other[2], o_address, o_port, o_local))
+            if self.ends.get((address, proto, old[2]), 0) > now:
+                needed.update(self._elements_in(self.places, address, proto, old[2]))
+            for place, element, _ in self._nat_elements(address, proto, port, *old[1:]):
+                if (place, element) not in needed:
+                    batch.remove(place, element)
+        for place, element, data in new:
+            batch.put(place, element, timeout, data=data, old_data=old_data if data else None)
         self.kernel.commit(batch)
         self.nat_ends[key] = (now + timeout, to_address, to_port, local)
         return True
 
-    def _nat_elements(self, batch, address, proto, port, to_address, to_port, timeout, local):
+    def _nat_elements(self, address, proto, port, to_address, to_port, local):
+        """[(place, key, data)] of the set and map elements one NAT opening needs: the DNAT,
+        and the accept of what it rewrote (local: in the input chains; else: forward)."""
         six = ":" in address
         number = PROTO_NUMBERS[proto]
-        batch.put(("inet", self.table, "dnat6" if six else "dnat4"), nft_key([address], number, port),
-                  timeout, data=nft_key([to_address], None, to_port))
+        elements = [(("inet", self.table, "dnat6" if six else "dnat4"),
+                     nft_key([address], number, port), nft_key([to_address], None, to_port))]
         if local:
-            batch.put(("inet", self.table, "lnat6" if six else "lnat4"),
-                      nft_key([address], number, to_port), timeout)
+            elements.append((("inet", self.table, "lnat6" if six else "lnat4"),
+                             nft_key([address], number, to_port), None))
             # Through default-drop chains elsewhere.
-            for place, element in self._elements_in(self.places[1:], address, proto, to_port):
-                batch.put(place, element, timeout)
-            return
+            return elements + [(place, element, None) for place, element in
+                               self._elements_in(self.places[1:], address, proto, to_port)]
         for family, table, v4, v6 in self.fwd_places:
             set_name = v6 if six else v4
             if set_name:
-                batch.put((family, table, set_name), nft_key([address, to_address], number, to_port),
-                          timeout)
+                elements.append(((family, table, set_name),
+                                 nft_key([address, to_address], number, to_port), None))
+        return elements
 
     @staticmethod
     def _elements_in(places, address, proto, port):
@@ -1947,8 +2118,9 @@ class NftFirewall(object):
                     batch.put(place, element, end - now)
             for (address, proto, port), (end, to_address, to_port, local) in self.nat_ends.items():
                 if end > now + 0.5:
-                    self._nat_elements(batch, address, proto, port, to_address, to_port,
-                                       end - now, local)
+                    for place, element, data in self._nat_elements(address, proto, port,
+                                                                   to_address, to_port, local):
+                        batch.put(place, element, end - now, data=data)
             self.kernel.commit(batch)
             self._say("warning", "the firewall was changed under us (a reload?): restored "
                       "table inet %s and %d opening(s) in force", self.table, len(alive))
@@ -2442,16 +2614,10 @@ class IptablesFirewall(object):
         """
         now = time.time() if now is None else now
         address = str(ipaddress.ip_address(address))   # nothing but addresses reach iptables
-        target = ipaddress.ip_address(to_address)
-        to_address = str(target)
+        to_address = _nat_target(address, to_address)
         port, to_port = int(port), int(to_port)
         if proto not in PROTO_NUMBERS or not 1 <= port <= 65535 or not 1 <= to_port <= 65535:
             raise ValueError("cannot NAT %s/%s to port %s" % (proto, port, to_port))
-        if _family(address) != _family(to_address):
-            raise ValueError("cannot NAT %s to %s: not the same address family"
-                             % (address, to_address))
-        if target.is_unspecified or target.is_multicast:
-            raise ValueError("cannot NAT to %s" % to_address)
         family = _family(address)
         if not self.nat:
             raise SpaError("NAT access is not enabled in the firewall back end")
@@ -2543,6 +2709,19 @@ def warn_without_forwarding(log, families):
 
 def _family(address):
     return 6 if ":" in address else 4
+
+
+def _nat_target(address, to_address):
+    """to_address as text, if NAT from `address` may lead there; ValueError if not (the
+    back ends' own check, behind the policy's)."""
+    import ipaddress
+    target = ipaddress.ip_address(to_address)
+    problem = nat_target_problem(target)
+    if problem is None and _family(address) != target.version:
+        problem = "not the same address family as %s" % address
+    if problem is not None:
+        raise ValueError("cannot NAT to %s: %s" % (to_address, problem))
+    return str(target)
 
 
 def _parse_opening(words):
@@ -2852,11 +3031,123 @@ def parse_frame(frame):
     return src, frame[udp + 8:udp + length]
 
 
+def frame_destination(frame):
+    """The destination address of an IP frame the BPF filter passed (see parse_frame)."""
+    if frame[0] >> 4 == 4:
+        return socket.inet_ntop(socket.AF_INET, frame[16:20])
+    return socket.inet_ntop(socket.AF_INET6, frame[24:40])
+
+
+class HostAddresses(object):
+    """This host's own addresses (in its network namespace), read over rtnetlink, and read
+    again once the kernel says they changed: a knock must be addressed to one of them, or
+    a router that forwards a knock to a host behind it would open itself.
+
+    `address in addresses` is the whole interface; an address missing from what was read
+    (one added a moment ago) makes it read them again, at most once a second.
+    """
+
+    NETLINK_ROUTE, RTM_NEWADDR, RTM_GETADDR, NLMSG_DONE, NLMSG_ERROR = 0, 20, 22, 3, 2
+    GROUPS = 0x10 | 0x100          # RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+    IFA_ADDRESS, IFA_LOCAL = 1, 2
+
+    def __init__(self):
+        self.addresses = frozenset()
+        self.read_at = None            # monotonic time of the last read
+        self.news = None
+        try:
+            self.news = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, self.NETLINK_ROUTE)
+            self.news.bind((0, self.GROUPS))
+            self.news.setblocking(False)
+        except OSError:                # no notifications: read them again on a miss
+            self.news = None
+
+    def __contains__(self, address):
+        if self.read_at is None or self._changed():
+            self._read()
+        if address in self.addresses:
+            return True
+        if time.monotonic() - self.read_at >= 1.0:
+            self._read()
+        return address in self.addresses
+
+    def _changed(self):
+        changed = self.news is None
+        while self.news is not None:
+            try:
+                if not self.news.recv(1 << 16):
+                    break
+                changed = True
+            except BlockingIOError:
+                break
+            except OSError:             # ENOBUFS: notifications were lost
+                changed = True
+        return changed
+
+    def _read(self):
+        self.read_at = time.monotonic()
+        try:
+            self.addresses = frozenset(self.dump())
+        except OSError:
+            pass                       # keep what we had
+
+    def dump(self):
+        """Every address of every interface (RTM_GETADDR), as text."""
+        found = []
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, self.NETLINK_ROUTE) as sock:
+            sock.bind((0, 0))
+            sock.settimeout(5)
+            # nlmsghdr (REQUEST | DUMP), then an ifaddrmsg for every family
+            sock.send(struct.pack("=IHHII", 24, self.RTM_GETADDR, 0x301, 1, 0) + bytes(8))
+            while True:
+                data = sock.recv(1 << 16)
+                offset = 0
+                while offset + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, offset)
+                    if kind in (self.NLMSG_DONE, self.NLMSG_ERROR) or length < 16:
+                        return found
+                    if kind == self.RTM_NEWADDR:
+                        found += self._addresses(data[offset + 16:offset + length])
+                    offset += (length + 3) & ~3
+
+    def _addresses(self, body):
+        """The local address of one RTM_NEWADDR message (IFA_LOCAL where there is one: on
+        a point-to-point link IFA_ADDRESS is the peer's)."""
+        family = body[0]
+        size = {socket.AF_INET: 4, socket.AF_INET6: 16}.get(family)
+        attrs, offset = {}, 8
+        while size and offset + 4 <= len(body):
+            length, kind = struct.unpack_from("=HH", body, offset)
+            if length < 4:
+                break
+            if kind in (self.IFA_ADDRESS, self.IFA_LOCAL) and length - 4 == size:
+                attrs[kind] = socket.inet_ntop(family, body[offset + 4:offset + length])
+            offset += (length + 3) & ~3
+        address = attrs.get(self.IFA_LOCAL, attrs.get(self.IFA_ADDRESS))
+        return [address] if address else []
+
+    def close(self):
+        if self.news is not None:
+            self.news.close()
+            self.news = None
+
+
 # ---------------------------------------------------------------------------
 # Logging: one line per decision, rejections rate-limited, never key material
 # ---------------------------------------------------------------------------
 
 SYSLOG_SOCKET = "/dev/log"
+
+
+def log_field(text):
+    """A value for a log line, with control characters (and every other unprintable one)
+    escaped: no field, whoever chose it (a username, a command, a source, a reason that
+    quotes a packet), can start a line of its own or hide what follows.  Log applies it
+    to every argument: the one place that formats log fields."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 class Log(object):
@@ -2891,7 +3182,7 @@ class Log(object):
     def _write(self, level, text, args):
         if args:
             try:
-                text = text % args
+                text = text % tuple(log_field(a) if isinstance(a, str) else a for a in args)
             except (TypeError, ValueError):       # a bad format must not stop the server
                 text = "%s %r" % (text, args)
         if self.sock is None:
@@ -2964,202 +3255,324 @@ class RateLimiter(object):
 # The server runs as two processes.  The parent keeps root: it opens the capture
 # sockets, owns the firewall and the replay cache file, and reads nothing from
 # the network.  The child drops to an unprivileged user before it reads a single
-# packet; it captures, decides, and asks the parent over a pipe to record digests
-# and to open ports.  The parent checks every request against the config, so a
-# bug in packet parsing gives an attacker no more than a valid knock could get.
+# packet; it checks length, alphabet and HMAC (screen), and passes each packet that
+# authenticates to the parent over a pipe: one line of three words, the source
+# address, the destination address and the packet.  The parent believes none of
+# it: it checks the line, checks the HMAC again, decrypts, and decides itself
+# (judge, against the config and the host's state).  So a packet reader that an
+# attacker took over can pass on only packets that a key holder made, each once,
+# and get for them no more than their sender could have.
+
+REQUEST_LONGEST = 2 * 45 + MAX_WIRE_LEN + 2     # two addresses, a packet, two spaces
+_ADDRESS_CHARS = b"0123456789abcdefABCDEF:."
+
+
+def request_line(source, destination, wire):
+    """The packet reader's request for one packet that authenticated."""
+    return b"%s %s %s\n" % (source.encode("ascii"), destination.encode("ascii"), wire)
+
+
+def parse_request(line):
+    """(source, destination, wire) of one request line (without its newline), checked
+    strictly; ValueError for anything but two addresses (no scope, no name, nothing
+    else) and a packet of the right length and alphabet."""
+    if len(line) > REQUEST_LONGEST:
+        raise ValueError("a line of %d bytes" % len(line))
+    words = line.split(b" ")
+    if len(words) != 3:
+        raise ValueError("%d words, not 3" % len(words))
+    source, destination = (_request_address(word) for word in words[:2])
+    wire = bytes(words[2])
+    if not MIN_WIRE_LEN <= len(wire) <= MAX_WIRE_LEN or wire.translate(None, B64_ALPHABET):
+        raise ValueError("not a packet")
+    return source, destination, wire
+
+
+def _request_address(word):
+    import ipaddress
+    if not 2 <= len(word) <= 45 or word.translate(None, _ADDRESS_CHARS):
+        raise ValueError("not an address")
+    return str(ipaddress.ip_address(word.decode("ascii")))     # ValueError if it is none
+
 
 class Gatekeeper(object):
-    """The privileged side: records replay digests durably, then opens the firewall."""
+    """The privileged side: decides on each packet the reader passes on, records replay
+    digests durably, then opens the firewall (or runs a command).
 
-    def __init__(self, config, firewall, replay, log):
+    `addresses` answers `address in addresses` for this host's own addresses
+    (HostAddresses); `commands` runs command messages (CommandRunner).
+    """
+
+    def __init__(self, config, firewall, replay, log, addresses=None, commands=None):
         self.config, self.firewall, self.replay, self.log = config, firewall, replay, log
-        self.stanzas = {s.name: s for s in config.stanzas}
-        self.commands = []     # (process, command, start) of command messages still running
+        self.addresses = HostAddresses() if addresses is None else addresses
+        self.commands = CommandRunner(log) if commands is None else commands
+        self.limiter = RateLimiter()
+        self.openings = {}     # stanza name -> PackedMap (address, proto, port) -> end
+        self.counts = {"accepted": 0, "refused": 0}
 
-    def record(self, key, stamp, now=None):
-        """Remember an authenticated packet (fsync'd); False if it was seen before."""
-        return self.serve([{"op": "record", "key": key, "stamp": stamp}], now) == [True]
+    def knock(self, source, destination, wire, now=None):
+        """One packet passed on by a packet reader in this process (tests): through the
+        same line and the same checks as the pipe's.  Returns its Decision."""
+        decisions, problem = self.serve_lines([request_line(source, destination, wire)[:-1]], now)
+        return decisions[0] if decisions else Decision(source, problem)
 
-    def grant(self, g, now=None):
-        """Open the firewall for one accepted packet; True when the firewall was changed."""
-        return self.serve([dict(g, op="grant")], now) == [True]
+    def serve_lines(self, lines, now=None):
+        """One round of the packet reader's requests (lines without their newline).
+
+        Returns (Decisions, problem): `problem` says why the reader must be replaced (it
+        sent a line no packet reader sends, or a request raised), else None; the lines
+        after a malformed one are not served.  Never raises.
+        """
+        requests, problem = [], None
+        for line in lines:
+            try:
+                requests.append(parse_request(line))
+            except ValueError as e:
+                problem = "a malformed request (%s)" % e
+                break
+        decisions, failure = self.serve(requests, now)
+        return decisions, problem or failure
 
     def serve(self, requests, now=None):
-        """Carry out a batch of the packet reader's requests, after checking each one.
-
-        A request is {"op": "record", key, stamp} for a packet that authenticated but
-        was refused, or {"op": "grant", key, stamp, source, address, access [[proto,
-        port]...], timeout, stanza, user, nat (None or [address, port, local]),
-        command}.  All digests are written with one fsync, before the firewall is
-        changed; all plain openings go to the firewall in one change.  Returns a
-        True/False a request.
-        """
+        """Decide on [(source, destination, wire)] and carry out what is accepted: every
+        new replay digest is written with one fsync before the firewall changes, and
+        all plain openings go in one change.  Returns (Decisions, problem or None)."""
         now = time.time() if now is None else now
-        results, records, openings, grants = [], [], [], []
-        seen = set()
-        for request in requests:
-            g = self._check(request) if request.get("op") == "grant" else None
-            key = request.get("key")
-            fresh = isinstance(key, str) and len(key) == 43 and self.replay.valid(key) \
-                and key not in self.replay and key not in seen
-            if request.get("op") == "grant" and g is not None and not fresh:
-                self.log.error("refused a request from the packet reader for a packet seen before")
-            ok = fresh and (request.get("op") == "record" or g is not None)
-            if ok:
-                seen.add(key)
-                try:
-                    records.append((key, int(request.get("stamp", 0))))
-                except (TypeError, ValueError):
-                    records.append((key, int(now)))
-                if g is not None:
-                    grants.append((len(results), g))
-                    if g["nat"] is None and g["command"] is None:
-                        openings += [(g["address"], proto, port, g["timeout"])
-                                     for proto, port in g["access"]]
-            results.append(ok and request.get("op") == "record")
-        if not records:
-            return results
+        decisions, records, fresh, problem = [], [], set(), None
+        for source, destination, wire in requests:
+            try:
+                d = self._decide(source, destination, wire, now, fresh)
+            except Exception as e:          # never die of what the reader sends
+                d = Decision(source, "internal error %s: %s" % (type(e).__name__, e))
+                problem = problem or d.reason
+            decisions.append(d)
+            if d.replay_key is not None and d.replay_key not in fresh \
+                    and d.replay_key not in self.replay:
+                fresh.add(d.replay_key)
+                records.append((d.replay_key, d.message.timestamp if d.message else now))
         self.replay.add_many(records, now)        # durable before anything opens
         try:
-            self.firewall.open_many(openings, now)
-            opened = True
-        except SpaError as e:
-            self.log.error("firewall change failed: %s", e)
-            opened = False
-        for index, g in grants:
-            results[index] = self._carry_out(g, now) if g["nat"] is not None or \
-                g["command"] is not None else opened
-            if results[index] and g["command"] is None:
-                self._log_grant(g)
-        return results
+            self._carry_out(decisions, now)
+        except Exception as e:
+            problem = problem or "internal error %s: %s" % (type(e).__name__, e)
+            for d in decisions:
+                if d.accepted:
+                    d.accepted, d.reason = False, problem
+        for d in decisions:
+            self._log(d)
+        return decisions, problem
 
-    def _check(self, g):
-        """The request in checked form, or None (logged) if it is outside the policy."""
-        import ipaddress
-        stanza = self.stanzas.get(g.get("stanza"))
-        try:
-            command = g.get("command")
-            if command is not None:
-                if stanza is None or not stanza.enable_cmd_exec or not isinstance(command, str):
-                    raise LookupError()
-                return dict(g, stanza=stanza, nat=None, command=command)
-            access = [(str(p), int(n)) for p, n in g["access"]]
-            timeout = int(g["timeout"])
-            address = str(ipaddress.ip_address(g["address"]))
-            nat = g.get("nat")
-            if nat is not None:
-                nat = (str(ipaddress.ip_address(nat[0])), int(nat[1]), bool(nat[2]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            self.log.error("refused a malformed request from the packet reader")
+    def _decide(self, source, destination, wire, now, fresh):
+        stanza, signed = screen(wire, source, self.config.stanzas)
+        if stanza is None:       # a reader of an older config, or one that lies
+            return Decision(source, "passed on by the packet reader, but %s" % signed)
+        d = judge(stanza, signed, source, now, lambda key: key in self.replay or key in fresh,
+                  self.config.max_packet_age)
+        if d.accepted:
+            reason = self._host_problem(d, destination, now)
+            if reason is not None:
+                d.accepted, d.reason = False, reason
+        return d
+
+    def _host_problem(self, d, destination, now):
+        """Why this host cannot grant an accepted packet now, else None: it must be
+        addressed to this host, vouched for by the replay cache, lead (local NAT) to this
+        host, and fit the stanza's max_openings."""
+        msg = d.message
+        if destination not in self.addresses:
+            return ("addressed to %s, not to this host: a knock for a host behind it opens "
+                    "nothing here" % destination)
+        if msg.timestamp < self.replay.floor:
+            return ("stamped before what the replay cache still remembers (max_packet_age "
+                    "was raised): send a new packet")
+        if d.nat is not None and d.nat[2] and d.nat[0] not in self.addresses:
+            return "local NAT to %s: not an address of this host" % d.nat[0]
+        if msg.msg_type == MSG_COMMAND:
             return None
-        except LookupError:
-            stanza = None
-            access = []
-        if stanza is None or not access or not set(access) <= stanza.open_ports \
-                or set(access) & stanza.restrict_ports \
-                or not 1 <= timeout <= max(stanza.max_fw_timeout, stanza.fw_access_timeout) \
-                or any(proto not in PROTO_NUMBERS or not 1 <= port <= 65535
-                       for proto, port in access) \
-                or (nat is not None and not self._nat_allowed(stanza, access, address, nat)):
-            self.log.error("refused a request from the packet reader outside the policy of "
-                           "[client %s]", g.get("stanza"))
-            return None
-        return dict(g, stanza=stanza, access=access, timeout=timeout, address=address, nat=nat,
-                    command=None)
+        return self._room(d, now)
 
-    def _carry_out(self, g, now):
-        """A NAT opening or a command: one at a time."""
-        if g["command"] is not None:
-            return self.run_command_message(g["stanza"], g, now)
-        (proto, port), (to_address, to_port, local) = g["access"][0], g["nat"]
-        try:
-            self.firewall.open_nat(g["address"], proto, port, to_address, to_port, g["timeout"],
-                                   local, now)
-            return True
-        except SpaError as e:
-            self.log.error("firewall change failed for %s: %s", g["address"], e)
-            return False
+    def _room(self, d, now):
+        """Count the packet's openings against its stanza's max_openings (openings in
+        force at once); why not, if they do not fit."""
+        stanza = d.stanza
+        access = d.message.access[:1] if d.nat is not None else d.message.access
+        keys = [(d.allow_ip, proto, port) for proto, port in access]
+        table = self.openings.get(stanza.name)
+        if table is None:
+            table = self.openings[stanza.name] = PackedMap(20, _opening_key, _opening, "d")
+        new = sum(1 for key in keys if table.get(key, 0) <= now)
+        if new and len(table) + new > stanza.max_openings:
+            table.keep_if(lambda end: end > now)
+            if len(table) + new > stanza.max_openings:
+                return ("[client %s] holds its max_openings (%d) already"
+                        % (stanza.name, stanza.max_openings))
+        for key in keys:
+            table[key] = max(table.get(key, 0), now + d.timeout)
+        return None
 
-    def _log_grant(self, g):
-        nat = g["nat"]
-        what = format_access(g["access"]) if nat is None else "%s forwarded to %s" % (
-            format_access(g["access"]), format_endpoint(nat[0], nat[1]))
+    def _carry_out(self, decisions, now):
+        """Open what was accepted: the plain openings in one change, NAT and commands one
+        by one.  A change that fails refuses its packets (logged); nothing raises."""
+        test = isinstance(self.firewall, DryRunFirewall)
+        plain = [d for d in decisions if d.accepted and d.nat is None
+                 and d.message.msg_type != MSG_COMMAND]
+        if plain:
+            try:
+                self.firewall.open_many([(d.allow_ip, proto, port, d.timeout) for d in plain
+                                         for proto, port in d.message.access], now)
+            except (SpaError, ValueError, OSError) as e:
+                self.log.error("firewall change failed: %s", e)
+                for d in plain:
+                    d.accepted, d.reason = False, "the firewall change failed"
+        for d in decisions:
+            if not d.accepted or d.nat is None and d.message.msg_type != MSG_COMMAND:
+                continue
+            if d.nat is None:
+                reason = self.commands.start(d.stanza, d.message.command, d.source,
+                                             d.message.username, test)
+            else:
+                (proto, port), (to_address, to_port, local) = d.message.access[0], d.nat
+                try:
+                    self.firewall.open_nat(d.allow_ip, proto, port, to_address, to_port,
+                                           d.timeout, local, now)
+                    reason = None
+                except (SpaError, ValueError, OSError) as e:
+                    self.log.error("firewall change failed for %s: %s", d.allow_ip, e)
+                    reason = "the firewall change failed"
+            if reason is not None:
+                d.accepted, d.reason = False, reason
+
+    def _log(self, d):
+        if not d.accepted:
+            self.counts["refused"] += 1
+            if self.limiter.allow():
+                self.log.info("rejected packet from %s%s: %s", d.source, " [client %s]"
+                              % d.stanza.name if d.stanza else "", d.reason)
+            return
+        self.counts["accepted"] += 1
+        msg, nat = d.message, d.nat
+        if msg.msg_type == MSG_COMMAND:
+            return                       # CommandRunner said what it started
+        what = format_access(msg.access) if nat is None else "%s forwarded to %s" % (
+            format_access(msg.access), format_endpoint(nat[0], nat[1]))
         self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s",
-                      g.get("source"), g["stanza"].name, g.get("user"), what, g["address"],
-                      g["timeout"], " (test mode: firewall unchanged)"
+                      d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout,
+                      " (test mode: firewall unchanged)"
                       if isinstance(self.firewall, DryRunFirewall) else "")
 
-    def run_command_message(self, stanza, g, now):
-        """Start the command of a type 0 message: no shell, as the stanza's cmd_exec_user."""
+    def tick(self):
+        """Once a second: reap commands, say how many refusals the rate limit kept out."""
+        self.commands.reap()
+        n = self.limiter.take_suppressed()
+        if n:
+            self.log.info("%d more rejected packets were not logged (rate limit)", n)
+
+    def stats(self):
+        return ("gatekeeper: accepted %d, refused %d of the packets the reader passed on"
+                % (self.counts["accepted"], self.counts["refused"]))
+
+
+class CommandRunner(object):
+    """Command messages (fwknop's type 0): each runs without a shell as the stanza's
+    cmd_exec_user (never root, never group 0), in a session and process group of its
+    own with no_new_privs and an empty environment but PATH; at the time limit the
+    whole group is killed, children it left in the background too; at most `most`
+    groups run at once."""
+
+    LIMIT, MOST = 60.0, 4
+    PR_SET_NO_NEW_PRIVS = 38
+
+    def __init__(self, log, limit=LIMIT, most=MOST):
+        self.log, self.limit, self.most = log, limit, most
+        self.running = []      # [process, command, start (monotonic), exit status or None]
+
+    def start(self, stanza, command, source, username, test=False):
+        """Start one command; None when it started (or would, in test mode), else why not."""
+        import ctypes
         import pwd
         import shlex
         import subprocess
-        command = g["command"]
         try:
             argv = shlex.split(command)
-            user = pwd.getpwnam(stanza.cmd_exec_user)
+            user = pwd.getpwnam(stanza.cmd_exec_user or "")
         except (ValueError, KeyError) as e:
-            self.log.error("command from %s [client %s] not run: %s", g.get("source"),
-                           stanza.name, e)
-            return False
-        if isinstance(self.firewall, DryRunFirewall) or not argv:
+            return "command not run: %s" % e
+        if not argv:
+            return "command not run: it is empty"
+        if user.pw_uid == 0 or user.pw_gid == 0:
+            return "command not run: cmd_exec_user %s is root or in group 0" % user.pw_name
+        if test:
             self.log.info("accepted command from %s [client %s]: %r not run (test mode)",
-                          g.get("source"), stanza.name, command)
-            return True
+                          source, stanza.name, command)
+            return None
+        self.reap()
+        if len(self.running) >= self.most:
+            return "command not run: %d are running already, the most at once" % self.most
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
 
-        def become_user():
+        def become_user():          # in the child, between fork and exec
             os.setgroups([])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
+            if prctl(self.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
-                                    preexec_fn=become_user, env={"PATH": "/usr/bin:/bin"})
-        except OSError as e:
-            self.log.error("command from %s [client %s] as %s failed to start: %s",
-                           g.get("source"), stanza.name, user.pw_name, e.strerror)
-            return False
+                                    preexec_fn=become_user, start_new_session=True,
+                                    env={"PATH": "/usr/bin:/bin"})
+        except (OSError, subprocess.SubprocessError) as e:
+            self.log.error("command from %s [client %s] as %s failed to start: %s", source,
+                           stanza.name, user.pw_name, getattr(e, "strerror", None) or e)
+            return "command failed to start"
         self.log.info("accepted command from %s [client %s] user %s: running %r as %s (pid %d)",
-                      g.get("source"), stanza.name, g.get("user"), command, user.pw_name,
-                      proc.pid)
-        self.commands.append((proc, command, time.monotonic()))
-        return True
+                      source, stanza.name, username, command, user.pw_name, proc.pid)
+        self.running.append([proc, command, time.monotonic(), None])
+        return None
 
-    def reap_commands(self, limit=60.0):
-        """Log how finished commands ended; stop those that run longer than `limit` seconds."""
-        running = []
-        for proc, command, started in self.commands:
-            status = proc.poll()
-            if status is None and time.monotonic() - started > limit:
-                proc.kill()
-                status = proc.wait()
-                self.log.warning("command %r ran over %d s: killed", command, limit)
+    def reap(self):
+        """Log how commands ended; kill the group of any that ran past the limit.  A
+        command counts as running while anything of its group does."""
+        import signal
+        still = []
+        for entry in self.running:
+            proc, command, started, status = entry
             if status is None:
-                running.append((proc, command, started))
-            else:
-                self.log.info("command %r (pid %d) exited with status %d", command, proc.pid,
-                              status)
-        self.commands = running
+                status = entry[3] = proc.poll()
+                if status is not None:
+                    self.log.info("command %r (pid %d) exited with status %d", command, proc.pid,
+                                  status)
+            alive = self._group_alive(proc.pid)
+            if alive and time.monotonic() - started > self.limit:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                self.log.warning("command %r ran over %d s: killed%s", command, self.limit,
+                                 "" if status is None else " what it left running")
+                if status is None:
+                    entry[3] = proc.wait()
+                alive = False
+            if alive or entry[3] is None:
+                still.append(entry)
+        self.running = still
 
     @staticmethod
-    def _nat_allowed(stanza, access, address, nat):
-        to_address, to_port, local = nat
-        if len(access) != 1 or not 1 <= to_port <= 65535 or (":" in to_address) != (":" in address):
+    def _group_alive(pgid):
+        """Whether the process group still has a process (its leader's number stays taken
+        while it does, so it names no one else)."""
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
             return False
-        if local:
-            # Local NAT must lead to this host: only a local address can be bound.
-            family = socket.AF_INET6 if ":" in to_address else socket.AF_INET
-            try:
-                with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                    probe.bind((to_address, 0))
-            except OSError:
-                return False
-            return stanza.nat_local
-        return stanza.nat_forward
+        except PermissionError:
+            return True
 
 
 class GatePipe(object):
-    """The packet reader's handle on the gatekeeper in the parent: one JSON line a request.
+    """The packet reader's handle on the gatekeeper in the parent: one line a packet.
 
     Writes never block: what the pipe cannot take now waits here, so the reader goes on
     draining its capture sockets while the parent is busy.
@@ -3175,9 +3588,8 @@ class GatePipe(object):
         except (OSError, ImportError):
             pass
 
-    def _send(self, request):
-        import json
-        self.pending += (json.dumps(request) + "\n").encode()
+    def knock(self, source, destination, wire, now=None):
+        self.pending += request_line(source, destination, wire)
         self.flush()
 
     def flush(self):
@@ -3190,49 +3602,46 @@ class GatePipe(object):
             del self.pending[:written]
         return True
 
-    def record(self, key, stamp, now=None):
-        self._send({"op": "record", "key": key, "stamp": stamp})
-
-    def grant(self, g, now=None):
-        g = dict(g, op="grant")
-        self._send(g)
-
 
 class Reader(object):
-    """The unprivileged side: capture, decide(), log rejections, pass the rest to the gate."""
+    """The unprivileged side: capture, screen() each packet (length, alphabet, HMAC: it
+    needs no AES key), drop what it passed on before, log rejections, and pass on the
+    rest to the gate."""
 
     def __init__(self, config, gate, log, seen=None):
         self.config, self.gate, self.log = config, gate, log
+        self.stanzas = config.stanzas
+        # Digests of the packets passed on (and the parent's, at start): a replay of a
+        # knock stops here, without costing the parent a decryption.
         self.seen = seen if seen is not None else ReplayCache(None, config.max_packet_age)
         self.limiter = RateLimiter()
         self.sockets = []
-        self.counts = {"accepted": 0, "rejected": 0}
+        self.counts = {"passed": 0, "rejected": 0}
         self.kernel_drops = 0
 
-    def handle(self, payload, source, now=None):
-        """Decide on one payload and pass an accepted or authenticated one on; returns the Decision."""
-        d = decide(payload, source, now, self.config.stanzas, self.seen.__contains__,
-                   self.config.max_packet_age)
-        if d.replay_key is not None:
-            now = time.time() if now is None else now
-        if not d.accepted:
+    def handle(self, payload, source, now=None, frame=None, destination=None):
+        """Screen one payload from `source` (its frame, or `destination`, gives where it was
+        sent) and pass it on if it authenticates.  Returns why it was refused here, or
+        what the gate answers (from the pipe: None)."""
+        stanza, signed = screen(payload, source, self.stanzas)
+        if stanza is None:                # the flood's path: nothing more than this
             self.counts["rejected"] += 1
-            if d.replay_key is not None and d.replay_key not in self.seen:
-                stamp = d.message.timestamp if d.message is not None else int(now)
-                self.seen.add(d.replay_key, stamp, now)
-                self.gate.record(d.replay_key, stamp, now)
             if self.limiter.allow():
-                stanza = " [client %s]" % d.stanza.name if d.stanza else ""
-                self.log.info("rejected packet from %s%s: %s", source, stanza, d.reason)
-            return d
-        self.counts["accepted"] += 1
-        msg = d.message
-        self.seen.add(d.replay_key, msg.timestamp, now)
-        self.gate.grant({"key": d.replay_key, "stamp": msg.timestamp, "source": source,
-                         "address": d.allow_ip, "access": msg.access, "timeout": d.timeout,
-                         "stanza": d.stanza.name, "user": msg.username, "nat": d.nat,
-                         "command": msg.command}, now)
-        return d
+                self.log.info("rejected packet from %s: %s", source, signed)
+            return signed
+        key = packet_key(signed)
+        if key in self.seen:
+            self.counts["rejected"] += 1
+            if self.limiter.allow():
+                self.log.info("rejected packet from %s [client %s]: replayed packet", source,
+                              stanza.name)
+            return "replayed packet"
+        now = time.time() if now is None else now
+        self.seen.add(key, now, now)
+        self.counts["passed"] += 1
+        if destination is None:
+            destination = frame_destination(frame)
+        return self.gate.knock(source, destination, payload, now)
 
     def stats(self):
         """One line of counters for the log (SIGUSR1, and at exit); benchmarks parse it."""
@@ -3243,9 +3652,11 @@ class Reader(object):
             except OSError:
                 pass
         cpu = os.times()
-        return ("stats: received %d, accepted %d, rejected %d, kernel drops %d, cpu %.3f s, rss %d kB"
-                % (self.counts["accepted"] + self.counts["rejected"], self.counts["accepted"],
-                   self.counts["rejected"], self.kernel_drops, cpu[0] + cpu[1], rss_kb()))
+        return ("stats: received %d, passed on %d, rejected %d, kernel drops %d, cpu %.3f s, "
+                "rss %d kB" % (self.counts["passed"] + self.counts["rejected"],
+                               self.counts["passed"], self.counts["rejected"], self.kernel_drops,
+                               cpu[0] + cpu[1], rss_kb()))
+
 
     def run(self, sockets, parent_fd=None):
         """Wait on the capture sockets and handle each knock as it arrives.
@@ -3282,7 +3693,7 @@ class Reader(object):
                         raise CaptureLost()
                     source, payload = parse_frame(frame)
                     if source is not None:
-                        self.handle(payload, source)
+                        self.handle(payload, source, None, frame)
             if parent_fd is not None and hasattr(self.gate, "flush"):
                 still = not self.gate.flush()
                 if still != waiting:
@@ -3305,7 +3716,7 @@ def crypto_available():
 def preload():
     """Import now everything the packet reader may need later, when it can no longer read
     the files (the hashes' and pycryptodome's modules are loaded on first use)."""
-    import ipaddress, json, select  # noqa: F401,E401
+    import ipaddress, select  # noqa: F401,E401
     key = b"k" * 32
     for mode in ENCRYPTION_MODES:
         for hmac_type in HMAC_TYPES:
@@ -3402,7 +3813,6 @@ class Supervisor(object):
     """The parent: runs the packet reader, serves its requests, handles signals, and keeps the
     capture going when interfaces come and go."""
 
-    MAX_LINE = 4096
     CAPTURE_LOST = 3          # the reader's exit status when a capture socket failed
 
     def __init__(self, args, config, gate, log):
@@ -3491,8 +3901,10 @@ class Supervisor(object):
                     signum = pending.pop(0)
                     if signum in (signal.SIGTERM, signal.SIGINT):
                         return
-                    if signum == signal.SIGUSR1 and self.pid:
-                        os.kill(self.pid, signal.SIGUSR1)
+                    if signum == signal.SIGUSR1:
+                        self.log.info("%s", self.gate.stats())
+                        if self.pid:
+                            os.kill(self.pid, signal.SIGUSR1)
                     if signum == signal.SIGHUP:
                         self.reload()
                 if self.waiting and self.open_captures():
@@ -3500,7 +3912,7 @@ class Supervisor(object):
                 if time.monotonic() >= next_expire:      # once a second, however busy
                     next_expire = time.monotonic() + 1
                     firewall.expire()
-                    self.gate.reap_commands()
+                    self.gate.tick()
                 if time.monotonic() >= next_check:     # in case the monitor missed something
                     next_check = time.monotonic() + every
                     firewall.restore()
@@ -3533,7 +3945,6 @@ class Supervisor(object):
             self.log.warning("%s: changed, but takes effect only when the server restarts",
                              ", ".join(later))
         self.config = self.gate.config = config
-        self.gate.stanzas = {s.name: s for s in config.stanzas}
         self.gate.replay.max_age = config.max_packet_age
         try:
             if (config.protect, config.protect_action) != (old.protect, old.protect_action):
@@ -3562,14 +3973,15 @@ class Supervisor(object):
             self._start()
 
     def _serve(self):
-        """Read and carry out the reader's requests; False once its pipe has closed.
+        """Read and carry out the reader's requests; False once its pipe has closed, or
+        once it sent what no packet reader sends (it is killed then, and replaced).
 
-        One read is one batch (one fsync, one firewall change): up to 16 KiB, ~60
-        requests.  A burst is served in rounds of that size, and each request is
-        decoded only when its turn comes (and dropped once checked): the transient
-        objects of a round are few and fit in the same memory round after round.
-        (Rounds of 64 KiB took ~900 kB at their peak, which the allocator kept.)
+        One read is one round (one fsync, one firewall change): up to 16 KiB, ~35
+        requests.  A burst is served in rounds of that size, each request checked
+        and decided in its turn: the transient objects of a round are few and fit in
+        the same memory round after round.
         """
+        import signal
         try:
             chunk = os.read(self.fd, 16384)
         except BlockingIOError:
@@ -3578,23 +3990,18 @@ class Supervisor(object):
             return False
         self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
-        if len(self.buffer) > self.MAX_LINE:
-            lines, self.buffer = [b"{}"], b""
-        if lines:
-            self.gate.serve(self._decoded(lines))
-        return True
-
-    def _decoded(self, lines):
-        import json
-        for line in lines:
-            try:
-                request = json.loads(line.decode())
-                if request.get("op") not in ("record", "grant"):
-                    raise ValueError(request)
-            except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
-                self.log.error("refused a malformed request from the packet reader")
-                continue
-            yield request
+        if len(self.buffer) > REQUEST_LONGEST:      # refused before it is ever whole
+            lines.append(self.buffer)
+            self.buffer = b""
+        problem = self.gate.serve_lines(lines)[1] if lines else None
+        if problem is None:
+            return True
+        self.log.error("refused %s from the packet reader: replacing it", problem)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return False
 
     def _reap(self):
         os.close(self.fd)

@@ -1228,6 +1228,9 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
         # fwknopd has no per-stanza NAT switch: its ENABLE_IPT_FORWARDING / ENABLE_IPT_LOCAL_NAT
         # are ours in [server], and they decide for its stanzas.
         options["enable_nat"] = "yes"
+        if forwarding:
+            notes.append("%s: NAT access to other hosts is refused: access.conf cannot name "
+                         "nat_destinations (a [client] stanza can)" % name)
         stanzas.append(Stanza(name, options, protect, where="%s stanza at %s" % (path, name),
                               forwarding=forwarding, local_nat=local_nat))
     return stanzas, notes
@@ -1287,9 +1290,10 @@ class PackedMap(object):
                 free = offset
             i = i + 1 if i + 1 < capacity else 0
 
-    def _insert(self, raw, value):
-        """Put a key known to be absent (there is room)."""
-        free = self._find(raw)[1]
+    def _insert(self, raw, value, free=None):
+        """Put a key known to be absent (there is room), in the free slot found for it."""
+        if free is None:
+            free = self._find(raw)[1]
         if self.table[free] == self.GONE:
             self.gone -= 1
         self.table[free] = self.USED
@@ -1318,17 +1322,31 @@ class PackedMap(object):
 
     def __setitem__(self, key, value):
         raw = self.encode(key)
-        offset = self._find(raw)[0]
+        offset, free = self._find(raw)
         if offset is not None:
             self.value.pack_into(self.table, offset + 1 + self.size, value)
             return
         if 3 * (self.count + self.gone + 1) > 2 * self.capacity:
-            self._rebuild(lambda value: True)
-        self._insert(raw, value)
+            self._rebuild(None)
+            free = None
+        self._insert(raw, value, free)
 
     def update(self, pairs):
         for key, value in pairs.items():
             self[key] = value
+
+    def raise_to(self, key, value):
+        """The key's value becomes `value` if that is larger, or if the key is new."""
+        raw = self.encode(key)
+        offset, free = self._find(raw)
+        if offset is not None:
+            if value > self.value.unpack_from(self.table, offset + 1 + self.size)[0]:
+                self.value.pack_into(self.table, offset + 1 + self.size, value)
+            return
+        if 3 * (self.count + self.gone + 1) > 2 * self.capacity:
+            self._rebuild(None)
+            free = None
+        self._insert(raw, value, free)
 
     def pop(self, key, default=None):
         offset = self._offset(key)
@@ -1361,12 +1379,21 @@ class PackedMap(object):
         Entries move one at a time, straight from the old table: a list of them all
         would be 10,000 small objects at once, whose memory the allocator would keep.
         """
-        old = self.table
-        kept = sum(1 for _, value in self._raw_items(old) if test(value))
-        self._reset(max(16, 2 * (kept + 1)))
-        for raw, value in self._raw_items(old):
-            if test(value):
-                self._insert(raw, value)
+        old, slot, size = self.table, self.slot, self.size
+        keep = [test is None or test(value) for _, value in self._raw_items(old)]
+        self._reset(max(16, 2 * (sum(keep) + 1)))
+        table, capacity, index = self.table, self.capacity, 0
+        for offset in range(0, len(old), slot):
+            if old[offset] != self.USED:
+                continue
+            index += 1
+            if not keep[index - 1]:
+                continue
+            i = hash(old[offset + 1:offset + 1 + size]) % capacity
+            while table[i * slot] != self.EMPTY:       # a new table has no tombstones
+                i = i + 1 if i + 1 < capacity else 0
+            table[i * slot:(i + 1) * slot] = old[offset:offset + slot]
+        self.count = sum(keep)
 
     def copy(self):
         other = PackedMap(self.size, self.encode, self.decode, self.value.format)
@@ -1480,8 +1507,9 @@ class ReplayCache(object):
         for digest, packet_time in digests:
             stamp = min(max(int(packet_time), now - self.max_age), now + self.max_age)
             self.entries[digest] = _u32(max(stamp, now))
-            lines.append("%s %d %d\n" % (_replay_key(_replay_digest(digest)), stamp, now))
-        if self.file is not None and lines:
+            if self.file is not None:
+                lines.append("%s %d %d\n" % (_replay_key(_replay_digest(digest)), stamp, now))
+        if lines:
             self.file.write("".join(lines))
             self.file.flush()
             sync_file(self.file.fileno())
@@ -3289,10 +3317,14 @@ def parse_request(line):
 
 
 def _request_address(word):
-    import ipaddress
+    """An address as inet_ntop writes it (the reader's words are that already)."""
     if not 2 <= len(word) <= 45 or word.translate(None, _ADDRESS_CHARS):
         raise ValueError("not an address")
-    return str(ipaddress.ip_address(word.decode("ascii")))     # ValueError if it is none
+    family = socket.AF_INET6 if b":" in word else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, word.decode("ascii")))
+    except OSError:
+        raise ValueError("not an address")
 
 
 class Gatekeeper(object):
@@ -3401,14 +3433,17 @@ class Gatekeeper(object):
         table = self.openings.get(stanza.name)
         if table is None:
             table = self.openings[stanza.name] = PackedMap(20, _opening_key, _opening, "d")
-        new = sum(1 for key in keys if table.get(key, 0) <= now)
-        if new and len(table) + new > stanza.max_openings:
-            table.keep_if(lambda end: end > now)
+            table.purged = now
+        if len(table) + len(keys) > stanza.max_openings:     # near the limit: count exactly
+            if now - table.purged >= 1:                      # (ended ones go once a second)
+                table.keep_if(lambda end: end > now)
+                table.purged = now
+            new = sum(1 for key in keys if table.get(key, 0) <= now)
             if len(table) + new > stanza.max_openings:
                 return ("[client %s] holds its max_openings (%d) already"
                         % (stanza.name, stanza.max_openings))
         for key in keys:
-            table[key] = max(table.get(key, 0), now + d.timeout)
+            table.raise_to(key, now + d.timeout)
         return None
 
     def _carry_out(self, decisions, now):
@@ -4125,6 +4160,12 @@ def check_config_main(args):
                   stanza.fw_access_timeout, stanza.max_fw_timeout, stanza.hmac_type, stanza.mode,
                   "; user must be " + stanza.require_username if stanza.require_username else "",
                   "; refuses 0.0.0.0" if stanza.require_source_address else ""))
+        if stanza.nat_forward:
+            print("    NAT access to other hosts: %s" % (", ".join(
+                "%s%s" % (format_endpoint(str(net), 0)[:-2] if net.version == 6 else net,
+                          "" if (first, last) == (1, 65535) else ":%d%s" % (
+                              first, "" if first == last else "-%d" % last))
+                for net, first, last in stanza.nat_destinations) or "none (no nat_destinations)"))
     for note in config.notes:
         print("  note  access.conf: %s" % note)
     print("verdict: %s" % ("ok" if not line.failures else "%d problem(s)" % len(line.failures)))

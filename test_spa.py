@@ -1007,8 +1007,8 @@ def _crypto_ok():
         return False
 
 
-def start_server(lab, tmp_path, stanzas=None, name="spa.conf", python=sys.executable, **server):
-    """Write a config (service port protected, short timeouts) and start spa.py's server in srv."""
+def write_server_conf(tmp_path, stanzas=None, name="spa.conf", **server):
+    """A server config file (service port protected, short timeouts); returns its path."""
     opts = {"protect": "tcp/%d" % SERVICE_PORT, "interface": "any",
             "replay_cache": str(tmp_path / "replay.cache")}
     opts.update(server)
@@ -1018,7 +1018,12 @@ def start_server(lab, tmp_path, stanzas=None, name="spa.conf", python=sys.execut
         merged.update(options)
         lines.append("[client %s]" % sname)
         lines += ["%s = %s" % kv for kv in merged.items()]
-    conf = write_private(tmp_path / name, "\n".join(lines) + "\n")
+    return write_private(tmp_path / name, "\n".join(lines) + "\n")
+
+
+def start_server(lab, tmp_path, stanzas=None, name="spa.conf", python=sys.executable, **server):
+    """Write a config (see write_server_conf) and start spa.py's server in srv."""
+    conf = write_server_conf(tmp_path, stanzas, name, **server)
     proc = lab.spawn("srv", [python, SPA, "server", "-c", conf, "-v"])
     wait_for_line(proc, r"listening on", 15)
     proc.conf = conf

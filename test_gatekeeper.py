@@ -464,6 +464,31 @@ def test_local_nat_checks_the_port_it_leads_to(tmp_path):
         assert not d.accepted and why in d.reason, d.reason
 
 
+def test_local_nat_reaches_no_port_outside_open_ports_end_to_end(tmp_path):
+    """The issue's case with the real client: open_ports = tcp/8022, restrict_ports =
+    tcp/8023; --nat-local --nat-port 8022 -A tcp/8023 reached 8023.  Now it is refused, and
+    the README's own form (--nat-port 55000 -A tcp/8022) reaches 8022."""
+    need_nft()
+    with Lab(clients=1, prefix="gk") as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT, banner=b"allowed\n")
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT + 1, banner=b"restricted\n")
+        server = start_server(lab, tmp_path, {"alice": {
+            "fw_access_timeout": "30", "enable_nat": "yes", "open_ports": "tcp/%d" % SERVICE_PORT,
+            "restrict_ports": "tcp/%d" % (SERVICE_PORT + 1)}},
+            protect="tcp/%d,tcp/%d" % (SERVICE_PORT, SERVICE_PORT + 1), enable_local_nat="yes")
+        client = [sys.executable, SPA, "client", "-D", Lab.srv4(1), "--nat-local",
+                  "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY]
+        lab.run("cli1", client + ["--nat-port", str(SERVICE_PORT), "-A", "tcp/%d" % (SERVICE_PORT + 1)])
+        wait_for_line(server, r"tcp/%d not in open_ports \(the port local NAT leads to\)"
+                      % (SERVICE_PORT + 1), 3)
+        for port in (SERVICE_PORT, SERVICE_PORT + 1):
+            assert not tcp_connect_ok(lab.name("cli1"), Lab.srv4(1), port, timeout=0.3)
+        lab.run("cli1", client + ["--nat-port", "55000", "-A", "tcp/%d" % SERVICE_PORT])
+        assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), 55000, 1.0) is not None
+        assert banner_of(lab, 55000) == b"allowed\n"
+        assert not tcp_connect_ok(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT + 1, timeout=0.3)
+
+
 def test_forward_nat_goes_only_to_nat_destinations(tmp_path):
     stanza = {"enable_nat": "yes", "open_ports": "tcp/22,tcp/5022"}
     (tmp_path / "none").mkdir()

@@ -1405,11 +1405,16 @@ class PackedMap(object):
         return other
 
 
+_B64_TEXT = B64_ALPHABET.decode()
+
+
 def _replay_digest(key):
     """What the replay cache keeps of a replay key (the base64 of a packet's SHA-256):
     its first 16 bytes.  128 bits tell packets apart as well as 256 here, where no one
     without the keys can make a packet that authenticates; a table of 10,000 then takes
     ~360 kB instead of ~640.  The cache file's own lines have these 16 bytes."""
+    if isinstance(key, str) and len(key) == 43 and not key.strip(_B64_TEXT):
+        return binascii.a2b_base64(key + "=")[:16]     # the usual form, in one call
     raw = b64decode(key)
     if len(raw) not in (16, 32):
         raise ValueError("not a replay digest")
@@ -3377,7 +3382,7 @@ class Gatekeeper(object):
                 d = self._decide(source, destination, wire, now, fresh)
             except Exception as e:          # never die of what the reader sends
                 d = Decision(source, "internal error %s: %s" % (type(e).__name__, e))
-                problem = problem or d.reason
+                problem = problem or "a request raised %s: %s" % (type(e).__name__, e)
             decisions.append(d)
             if d.replay_key is not None and d.replay_key not in fresh \
                     and d.replay_key not in self.replay:
@@ -3387,10 +3392,10 @@ class Gatekeeper(object):
         try:
             self._carry_out(decisions, now)
         except Exception as e:
-            problem = problem or "internal error %s: %s" % (type(e).__name__, e)
+            problem = problem or "a request raised %s: %s" % (type(e).__name__, e)
             for d in decisions:
                 if d.accepted:
-                    d.accepted, d.reason = False, problem
+                    d.accepted, d.reason = False, "internal error %s: %s" % (type(e).__name__, e)
         for d in decisions:
             self._log(d)
         return decisions, problem
@@ -4031,7 +4036,7 @@ class Supervisor(object):
         problem = self.gate.serve_lines(lines)[1] if lines else None
         if problem is None:
             return True
-        self.log.error("refused %s from the packet reader: replacing it", problem)
+        self.log.error("packet reader: %s; replacing it", problem)
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -188,9 +188,29 @@ def test_the_lines_that_killed_the_parent_are_refused_and_the_reader_replaced(tm
     try:
         assert box.send(line) is False
         assert box.reader.wait(5) == -signal.SIGKILL
-        refused = [l for l in box.log.lines if "from the packet reader" in l]
-        assert len(refused) == 1 and "replacing it" in refused[0]
+        refused = [l for l in box.log.lines if l.startswith("packet reader: ")]
+        assert len(refused) == 1 and "a malformed request" in refused[0] and "replacing it" in refused[0]
         assert box.firewall.opened == []
+    finally:
+        box.close()
+
+
+class Broken(spa.DryRunFirewall):
+    """A back end with a bug: any exception at all, where the parent serves a request."""
+
+    def open_many(self, openings, now=None):
+        raise RuntimeError("a bug")
+
+
+def test_an_exception_while_serving_refuses_and_replaces_the_reader(tmp_path):
+    box = Supervised(tmp_path, Broken([("tcp", SERVICE_PORT)]))
+    try:
+        line = spa.request_line("198.18.1.2", "198.18.1.1", knock([("tcp", SERVICE_PORT)]))
+        assert box.send(line) is False
+        assert box.reader.wait(5) == -signal.SIGKILL
+        assert "packet reader: a request raised RuntimeError: a bug; replacing it" in box.log.text()
+        assert "rejected packet from 198.18.1.2 [client alice]: internal error RuntimeError" \
+            in box.log.text()
     finally:
         box.close()
 
@@ -276,7 +296,7 @@ def test_any_line_from_the_reader_is_refused_or_granted_within_the_policy(tmp_pa
             except ValueError:
                 break
         assert (problem is not None) == (len(parsed) < len(lines))
-        assert problem is None or "internal error" not in problem
+        assert problem is None or "raised" not in problem
         assert len(decisions) == len(parsed)
         new = gate.firewall.opened[before:]
         granted = [d for d in decisions if d.accepted]
@@ -365,6 +385,32 @@ def test_log_fields_are_escaped(capsys):
     assert err.count("\n") == 1 and "\r" not in err and "\x1b" not in err and "\u2028" not in err
     assert "198.18.0.2\\n2026 spa: accepted" in err and "\\x1b[2Kalice\\x00" in err
     assert spa.log_field("plain text, even 'quoted' and \u00e9") == "plain text, even 'quoted' and \u00e9"
+
+
+def test_the_parent_rate_limits_its_refusals(tmp_path):
+    """Refusals of authenticated packets are the parent's to log now: 20 at once, then 5 a
+    second, and a count of what was left out; accepted packets are always logged."""
+    gate = gatekeeper(tmp_path)
+    wire = knock()
+    assert gate.knock(SRC, ME, wire).accepted
+    for _ in range(200):
+        assert gate.knock(SRC, ME, wire).reason == "replayed packet"
+    assert gate.knock(SRC, ME, knock()).accepted
+    text = gate.log.text()
+    assert text.count("replayed packet") == 20 and text.count("accepted packet") == 2
+    gate.tick()
+    assert "180 more rejected packets were not logged (rate limit)" in gate.log.text()
+    assert gate.stats() == "gatekeeper: accepted 2, refused 200 of the packets the reader passed on"
+
+
+def test_check_config_names_where_nat_may_lead(tmp_path):
+    config = server_config(tmp_path, {"a": {"enable_nat": "yes", "nat_destinations":
+                                            "10.0.0.7:22, 10.0.1.0/24:8000-8099, [2001:db8::/64]"},
+                                      "b": {"enable_nat": "yes"}}, enable_forwarding="yes")
+    out = subprocess.run([sys.executable, SPA, "check-config", "-c", config.path],
+                         stdout=subprocess.PIPE, universal_newlines=True).stdout
+    assert "NAT access to other hosts: 10.0.0.7/32:22, 10.0.1.0/24:8000-8099, [2001:db8::/64]" in out
+    assert "NAT access to other hosts: none (no nat_destinations)" in out
 
 
 # ---------------------------------------------------------------------------
@@ -720,7 +766,7 @@ def survived(lab, server, refusals):
     for _ in range(refusals):
         wait_for_line(server, r"starting a new one", 10, since=0)
     deadline = time.monotonic() + 10
-    while server.log.text().count("from the packet reader: replacing it") < refusals:
+    while server.log.text().count("; replacing it") < refusals:
         assert time.monotonic() < deadline, server.log.text()
         time.sleep(0.05)
     time.sleep(0.3 * refusals)

@@ -312,7 +312,7 @@ class Fuzz(object):
                 parsed.append(spa.parse_request(line))
             except ValueError:
                 break
-        if (problem is not None) != (len(parsed) < len(lines)) or "internal error" in (problem or ""):
+        if (problem is not None) != (len(parsed) < len(lines)) or "raised" in (problem or ""):
             self.crash("request", "problem %r for %d of %d lines parsed" % (problem, len(parsed),
                                                                             len(lines)), data)
         opened = set()

@@ -464,7 +464,9 @@ def test_fixed_authenticated_truncated_base64(tmp_path):
     it into reason "internal error ValueError: truncated base64", and replay_key is None,
     although decide()'s contract is that every authenticated packet gets a replay key.
     Reproduce:  text = b"A" * 151; wire = text + spa.hmac_b64(hmac_key, b"U2FsdGVkX1" + text,
-    "sha256"); spa.decide(wire, ...).reason"""
+    "sha256"); spa.decide(wire, ...).reason
+    (Since the packet reader and the parent split decide(), only a packet that decrypts to a
+    message gets a replay key; this one is refused for its reason, and gets none.)"""
     config = server_config(tmp_path)
     text = b"A" * 151
     wire = text + spa.hmac_b64(HMAC_RAW, spa.SALT_PREFIX + text, "sha256")

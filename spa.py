@@ -1321,15 +1321,7 @@ class PackedMap(object):
         return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
 
     def __setitem__(self, key, value):
-        raw = self.encode(key)
-        offset, free = self._find(raw)
-        if offset is not None:
-            self.value.pack_into(self.table, offset + 1 + self.size, value)
-            return
-        if 3 * (self.count + self.gone + 1) > 2 * self.capacity:
-            self._rebuild(None)
-            free = None
-        self._insert(raw, value, free)
+        self._put(key, value, False)
 
     def update(self, pairs):
         for key, value in pairs.items():
@@ -1337,10 +1329,14 @@ class PackedMap(object):
 
     def raise_to(self, key, value):
         """The key's value becomes `value` if that is larger, or if the key is new."""
+        self._put(key, value, True)
+
+    def _put(self, key, value, only_larger):
         raw = self.encode(key)
-        offset, free = self._find(raw)
+        offset, free = self._find(raw)        # one probe, for a new key too
         if offset is not None:
-            if value > self.value.unpack_from(self.table, offset + 1 + self.size)[0]:
+            if not only_larger or value > self.value.unpack_from(self.table,
+                                                                  offset + 1 + self.size)[0]:
                 self.value.pack_into(self.table, offset + 1 + self.size, value)
             return
         if 3 * (self.count + self.gone + 1) > 2 * self.capacity:

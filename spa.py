@@ -1827,6 +1827,11 @@ def _opening_key(key):
     return packed + struct.pack("!BH", PROTO_NUMBERS[proto], port)
 
 
+def _opening_hash(key):
+    """8 bytes that tell openings apart within this process (64 bits of its hash)."""
+    return struct.pack("q", hash(_opening_key(key)))
+
+
 def _opening(raw):
     if raw[0] == 6:
         address = socket.inet_ntop(socket.AF_INET6, raw[1:17])
@@ -3433,7 +3438,9 @@ class Gatekeeper(object):
         keys = [(d.allow_ip, proto, port) for proto, port in access]
         table = self.openings.get(stanza.name)
         if table is None:
-            table = self.openings[stanza.name] = PackedMap(20, _opening_key, _opening, "d")
+            # Each opening as 8 bytes of its hash and its end in whole seconds: 13 bytes a
+            # slot, as the table is only counted, never listed.
+            table = self.openings[stanza.name] = PackedMap(8, _opening_hash, None, "!I")
             table.purged = now
         if len(table) + len(keys) > stanza.max_openings:     # near the limit: count exactly
             if now - table.purged >= 1:                      # (ended ones go once a second)
@@ -3444,7 +3451,7 @@ class Gatekeeper(object):
                 return ("[client %s] holds its max_openings (%d) already"
                         % (stanza.name, stanza.max_openings))
         for key in keys:
-            table.raise_to(key, now + d.timeout)
+            table.raise_to(key, int(now + d.timeout) + 1)
         return None
 
     def _carry_out(self, decisions, now):

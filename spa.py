@@ -1372,8 +1372,9 @@ class PackedMap(object):
     def _rebuild(self, test):
         """A new table holding the entries whose value passes `test`, half full.
 
-        Entries move one at a time, straight from the old table: a list of them all
-        would be 10,000 small objects at once, whose memory the allocator would keep.
+        Entries move one at a time, slot by slot, straight from the old table (and no
+        tombstones to step over): a list of them all would be 10,000 small objects at
+        once, whose memory the allocator would keep.
         """
         old, slot, size = self.table, self.slot, self.size
         keep = [test is None or test(value) for _, value in self._raw_items(old)]
@@ -2937,6 +2938,15 @@ def format_access(access):
     return ",".join("%s/%d" % pp for pp in access)
 
 
+def format_nat_destination(item):
+    """One (network, first port, last port) of nat_destinations, as the config writes it."""
+    network, first, last = item
+    text = "[%s]" % network if network.version == 6 else str(network)
+    if (first, last) == (1, 65535):
+        return text
+    return "%s:%d%s" % (text, first, "" if first == last else "-%d" % last)
+
+
 def format_endpoint(address, port):
     return "[%s]:%d" % (address, port) if ":" in address else "%s:%d" % (address, port)
 
@@ -3106,17 +3116,18 @@ class HostAddresses(object):
         return address in self.addresses
 
     def _changed(self):
-        changed = self.news is None
-        while self.news is not None:
+        if self.news is None:           # no notifications: read them once a second
+            return time.monotonic() - self.read_at >= 1.0
+        changed = False
+        while True:
             try:
                 if not self.news.recv(1 << 16):
-                    break
+                    return changed
                 changed = True
             except BlockingIOError:
-                break
-            except OSError:             # ENOBUFS: notifications were lost
-                changed = True
-        return changed
+                return changed
+            except OSError:             # ENOBUFS: some were lost; what is left comes next time
+                return True
 
     def _read(self):
         self.read_at = time.monotonic()
@@ -3360,7 +3371,8 @@ class Gatekeeper(object):
 
         Returns (Decisions, problem): `problem` says why the reader must be replaced (it
         sent a line no packet reader sends, or a request raised), else None; the lines
-        after a malformed one are not served.  Never raises.
+        after a malformed one are not served.  Nothing a line holds makes it raise (a
+        replay cache that cannot be written does: SpaError).
         """
         requests, problem = [], None
         for line in lines:
@@ -3700,7 +3712,6 @@ class Reader(object):
                                self.counts["passed"], self.counts["rejected"], self.kernel_drops,
                                cpu[0] + cpu[1], rss_kb()))
 
-
     def run(self, sockets, parent_fd=None):
         """Wait on the capture sockets and handle each knock as it arrives.
 
@@ -3758,7 +3769,8 @@ def crypto_available():
 
 def preload():
     """Import now everything the packet reader may need later, when it can no longer read
-    the files (the hashes' and pycryptodome's modules are loaded on first use)."""
+    the files (the hashes' modules are loaded on first use), and what the parent needs
+    to decrypt, so that the two share it (pycryptodome's AES)."""
     import ipaddress, select  # noqa: F401,E401
     key = b"k" * 32
     for mode in ENCRYPTION_MODES:
@@ -4019,7 +4031,7 @@ class Supervisor(object):
         """Read and carry out the reader's requests; False once its pipe has closed, or
         once it sent what no packet reader sends (it is killed then, and replaced).
 
-        One read is one round (one fsync, one firewall change): up to 16 KiB, ~35
+        One read is one round (one fsync, one firewall change): up to 16 KiB, ~70
         requests.  A burst is served in rounds of that size, each request checked
         and decided in its turn: the transient objects of a round are few and fit in
         the same memory round after round.
@@ -4170,10 +4182,8 @@ def check_config_main(args):
                   "; refuses 0.0.0.0" if stanza.require_source_address else ""))
         if stanza.nat_forward:
             print("    NAT access to other hosts: %s" % (", ".join(
-                "%s%s" % (format_endpoint(str(net), 0)[:-2] if net.version == 6 else net,
-                          "" if (first, last) == (1, 65535) else ":%d%s" % (
-                              first, "" if first == last else "-%d" % last))
-                for net, first, last in stanza.nat_destinations) or "none (no nat_destinations)"))
+                map(format_nat_destination, stanza.nat_destinations)) or
+                "none (no nat_destinations)"))
     for note in config.notes:
         print("  note  access.conf: %s" % note)
     print("verdict: %s" % ("ok" if not line.failures else "%d problem(s)" % len(line.failures)))

@@ -17,8 +17,8 @@ attacker has taken over could send:
 5. max_openings, and command messages (session, process group, no_new_privs, the whole
    group killed at the time limit, a cap on how many run).
 6. End to end, in network namespaces with the real firewall: a compromised reader
-   (compromised_reader.py) sends each line to a real parent, which stays up, refuses, and
-   opens for a good knock afterwards.
+   (start_compromised below) sends each line to a real parent, which stays up, refuses,
+   and opens for a good knock afterwards.
 
 Namespace tests need root, ip and nft (iptables for its variants): outside CI they skip
 when one is missing, with CI=true that is a failure.  They use only 198.18.0.0/15 and
@@ -39,12 +39,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import compromised_reader
 import netns_lab
 import spa
 from netns_lab import Lab, tcp_connect_ok, udp_send, wait_for_line, wait_tcp_open
 from test_spa import (HMAC_KEY, KEY, SERVICE_PORT, closed, knock, need_firewall, need_nft,
-                      server_config, start_server, timed_knock, write_server_conf)
+                      server_config, start_server, timed_knock, lab_server_config)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPA = os.path.join(HERE, "spa.py")
@@ -753,6 +752,43 @@ def test_commands_are_capped_and_never_run_with_group_0(tmp_path, monkeypatch):
 # 6. End to end: a compromised packet reader against the real parent and firewall
 # ---------------------------------------------------------------------------
 
+# The real server (spa.main, as the command line runs it) with one change: the k-th packet
+# reader it starts writes ATTACKS[k-1] to its pipe to the parent before it reads a packet,
+# after its real privilege drop, as a reader an attacker has taken over could; the readers
+# after the last attack are honest.  (test_sandbox.py's CompromisedServer does the same for
+# attacker code: os.write(pipe, LINE) there is one of these attacks.)
+COMPROMISED = """
+import os, sys
+sys.path.insert(0, %(here)r)
+import spa
+ATTACKS = %(attacks)r
+started = [0]
+real_start, real_run = spa.start_reader, spa.Reader.run
+
+def start_reader(*args, **kwargs):      # in the parent: which reader is this?
+    started[0] += 1
+    spa.ATTACK = ATTACKS[started[0] - 1] if started[0] <= len(ATTACKS) else None
+    return real_start(*args, **kwargs)
+
+def run(self, sockets, parent_fd=None, *more):   # in the reader, unprivileged already
+    if spa.ATTACK is not None:
+        os.write(parent_fd, spa.ATTACK)
+    return real_run(self, sockets, parent_fd, *more)
+
+spa.start_reader, spa.Reader.run = start_reader, run
+sys.exit(spa.main(["server", "-c", %(conf)r, "-v"]))
+"""
+
+
+def start_compromised(lab, conf, attacks):
+    """The server process (proc.log holds its log), started and listening."""
+    code = COMPROMISED % {"here": HERE, "attacks": list(attacks), "conf": conf}
+    proc = lab.spawn("srv", [sys.executable, "-c", code])
+    wait_for_line(proc, r"listening on", 15)
+    proc.conf = conf
+    return proc
+
+
 def set_elements(lab, name):
     out = lab.run("srv", ["nft", "-j", "list", "set", "inet", "spa", name]).stdout
     return [e for item in json.loads(out)["nftables"] for e in item.get("set", {}).get("elem", [])]
@@ -760,9 +796,9 @@ def set_elements(lab, name):
 
 def attacked_server(lab, tmp_path, attacks, stanzas=None):
     lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
-    conf = write_server_conf(tmp_path, stanzas or dict({"alice": {"fw_access_timeout": "30"}},
+    conf = lab_server_config(tmp_path, stanzas or dict({"alice": {"fw_access_timeout": "30"}},
                                                        **CMD_STANZA))
-    return compromised_reader.start(lab, conf, attacks)
+    return start_compromised(lab, conf, attacks)
 
 
 def survived(lab, server, refusals):

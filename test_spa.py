@@ -1007,8 +1007,8 @@ def _crypto_ok():
         return False
 
 
-def write_server_conf(tmp_path, stanzas=None, name="spa.conf", **server):
-    """A server config file (service port protected, short timeouts); returns its path."""
+def lab_server_config(tmp_path, stanzas=None, name="spa.conf", **server):
+    """Write a server config for the lab (the service port protected, short timeouts)."""
     opts = {"protect": "tcp/%d" % SERVICE_PORT, "interface": "any",
             "replay_cache": str(tmp_path / "replay.cache")}
     opts.update(server)
@@ -1022,8 +1022,8 @@ def write_server_conf(tmp_path, stanzas=None, name="spa.conf", **server):
 
 
 def start_server(lab, tmp_path, stanzas=None, name="spa.conf", python=sys.executable, **server):
-    """Write a config (see write_server_conf) and start spa.py's server in srv."""
-    conf = write_server_conf(tmp_path, stanzas, name, **server)
+    """Write a config (lab_server_config) and start spa.py's server in srv."""
+    conf = lab_server_config(tmp_path, stanzas, name, **server)
     proc = lab.spawn("srv", [python, SPA, "server", "-c", conf, "-v"])
     wait_for_line(proc, r"listening on", 15)
     proc.conf = conf

@@ -505,9 +505,14 @@ def _b64_field(text, limit, name):
         raise Reject("%s field is not base64 of ASCII text" % name)
 
 
+# Printable ASCII that a username may hold, to delete with str.translate.
+_USERNAME_ASCII = {c: None for c in range(32, 127) if chr(c) not in USERNAME_FORBIDDEN}
+
+
 def _valid_username(name):
-    return bool(name) and all(c.isalnum() or (" " <= c <= "~" and c not in USERNAME_FORBIDDEN)
-                              for c in name)
+    """Letters and digits (any script), and printable ASCII but fwknop's forbidden marks."""
+    rest = name.translate(_USERNAME_ASCII)
+    return bool(name) and (not rest or rest.isalnum())
 
 
 def parse_plaintext(plaintext):
@@ -587,9 +592,13 @@ def parse_plaintext(plaintext):
 def _is_ipv4(text):
     """Strict dotted quad, as fwknop's allow IP must be."""
     parts = text.split(".")
-    # No leading zeros: inet_aton (nft, fwknopd) reads 010 as octal, Python as decimal.
-    return (len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255
-                                    and p == str(int(p)) for p in parts))
+    if len(parts) != 4:
+        return False
+    for p in parts:
+        # No leading zeros: inet_aton (nft, fwknopd) reads 010 as octal, Python as decimal.
+        if not (p.isdigit() and len(p) <= 3 and int(p) <= 255 and p == str(int(p))):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -1829,8 +1838,9 @@ def _opening_key(key):
 
 
 def _opening_hash(key):
-    """8 bytes that tell openings apart within this process (64 bits of its hash)."""
-    return struct.pack("q", hash(_opening_key(key)))
+    """8 bytes that tell openings (address text as inet_ntop writes it, proto, port) apart
+    within this process: 64 bits of its hash."""
+    return struct.pack("q", hash(key))
 
 
 def _opening(raw):

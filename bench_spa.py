@@ -25,7 +25,8 @@ Topology (netns_lab.Lab with one client):
 The two servers run one after the other, each in a freshly built, identical lab:
 
   spa.py   `spa.py server` (interface = the server's veth, protect = tcp/8022, one
-           [client] stanza with the benchmark's keys, every other option default).
+           [client] stanza with the benchmark's keys and max_openings = 20000 for the
+           scale test, every other option default).
   fwknopd  Debian's fwknopd 2.6.10 (pcap, iptables back end), its default
            fwknopd.conf apart from PCAP_INTF; access.conf: SOURCE ANY with the same
            keys.  The protected port is closed by an iptables REJECT (tcp-reset) rule
@@ -688,6 +689,7 @@ class SpaUnderTest(ServerUnderTest):
         conf = os.path.join(self.tmpdir, "spa.conf")
         text = ("[server]\ninterface = %s\nport = %d\nprotect = tcp/%d\nreplay_cache = %s\n\n"
                 "[client bench]\nkey_base64 = %s\nhmac_key_base64 = %s\n"
+                "max_openings = 20000\n"          # the scale test holds 11,000 at once
                 % (self.lab.srv_iface, KNOCK_PORT, SERVICE_PORT,
                    os.path.join(self.tmpdir, "replay.cache"), k, h))
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

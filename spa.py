@@ -526,9 +526,14 @@ def _b64_field(text, limit, name):
         raise Reject("%s field is not base64 of ASCII text" % name)
 
 
+# Printable ASCII that a username may hold, to delete with str.translate.
+_USERNAME_ASCII = {c: None for c in range(32, 127) if chr(c) not in USERNAME_FORBIDDEN}
+
+
 def _valid_username(name):
-    return bool(name) and all(c.isalnum() or (" " <= c <= "~" and c not in USERNAME_FORBIDDEN)
-                              for c in name)
+    """Letters and digits (any script), and printable ASCII but fwknop's forbidden marks."""
+    rest = name.translate(_USERNAME_ASCII)
+    return bool(name) and (not rest or rest.isalnum())
 
 
 def parse_plaintext(plaintext):
@@ -608,9 +613,13 @@ def parse_plaintext(plaintext):
 def _is_ipv4(text):
     """Strict dotted quad, as fwknop's allow IP must be."""
     parts = text.split(".")
-    # No leading zeros: inet_aton (nft, fwknopd) reads 010 as octal, Python as decimal.
-    return (len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255
-                                    and p == str(int(p)) for p in parts))
+    if len(parts) != 4:
+        return False
+    for p in parts:
+        # No leading zeros: inet_aton (nft, fwknopd) reads 010 as octal, Python as decimal.
+        if not (p.isdigit() and len(p) <= 3 and int(p) <= 255 and p == str(int(p))):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -621,7 +630,7 @@ class Decision(object):
     """What the server should do with one packet, and why."""
 
     __slots__ = ("accepted", "reason", "source", "stanza", "replay_key", "message",
-                 "allow_ip", "timeout", "nat")
+                 "allow_ip", "timeout", "nat", "interface")
 
     def __init__(self, source, reason=None):
         self.accepted = False
@@ -629,26 +638,21 @@ class Decision(object):
         self.source = source
         self.stanza = self.replay_key = self.message = self.allow_ip = None
         self.timeout = 0
-        self.nat = None
+        self.nat = self.interface = None
 
 
-def decide(payload, source, now, stanzas, seen, max_age):
-    """Decide on one captured UDP payload from address `source` (text) at time `now`
-    (None: the clock is read only for a packet that authenticates).
+def screen(payload, source, stanzas):
+    """Steps 1 and 2 of decide(), all the packet reader does: (the first stanza whose source
+    matches and whose HMAC key made the packet's HMAC, the signed text with the prefix put
+    back), or (None, why not).  Nothing else ever reads unauthenticated bytes.
 
-    `stanzas` are the Stanza objects in config order; `seen(replay_key)` tells
-    whether a packet was already used.  Never raises: every problem becomes a
-    Decision with `accepted` False and a `reason`.  Whenever the packet
-    authenticates, `replay_key` is set, and the caller must record it, accepted
-    or not, so no authenticated packet can be used twice.
+    This is the path every flood packet takes, so it allocates as little as it can.
     """
-    # 1. Length and alphabet: the only checks made on unauthenticated bytes.  This is the
-    #    path every flood packet takes, so it allocates as little as it can.
+    # 1. Length and alphabet.
     if not MIN_WIRE_LEN <= len(payload) <= MAX_WIRE_LEN:
-        return Decision(source, "length %d outside %d-%d"
-                        % (len(payload), MIN_WIRE_LEN, MAX_WIRE_LEN))
+        return None, "length %d outside %d-%d" % (len(payload), MIN_WIRE_LEN, MAX_WIRE_LEN)
     if payload.translate(None, B64_ALPHABET):
-        return Decision(source, "not base64")
+        return None, "not base64"
     # 2. HMAC against each stanza whose source matches: the first that authenticates wins.
     matched = False
     for stanza in stanzas:
@@ -657,27 +661,45 @@ def decide(payload, source, now, stanzas, seen, max_age):
         matched = True
         signed = stanza.authenticate(payload)
         if signed is not None:
-            break
-    else:
-        return Decision(source, "HMAC does not match any stanza for this source" if matched
-                        else "no stanza for source %s" % source)
+            return stanza, signed
+    return None, ("HMAC does not match any stanza for this source" if matched
+                  else "no stanza for source %s" % source)
+
+
+def packet_key(signed):
+    """The replay key of an authenticated packet: the base64 of the SHA-256 of its
+    ciphertext (of the signed text itself if that is not base64)."""
+    try:
+        data = b64decode(signed)
+    except ValueError:
+        data = signed
+    return b64encode(hash_digest("sha256", data)).decode()
+
+
+def judge(stanza, signed, source, now, seen, max_age):
+    """Steps 3 to 7 of decide(), the gatekeeper's part, on a packet `stanza` authenticated:
+    decrypt, inner digest and fields, replay cache, packet age, the stanza's policy.
+
+    `replay_key` is set once the plaintext shows the stanza's AES key made it (16 digits
+    and a colon: no one else can make that), and from then on the caller must record it,
+    accepted or not.  A packet that authenticates but does not decrypt is not recorded
+    (as fwknopd does not): it can never open anything, and recording it would let
+    whoever holds only the HMAC key (a compromised packet reader) fill the cache.
+    """
     decision = Decision(source)
     now = time.time() if now is None else now
     decision.stanza = stanza
-    # Authenticated from here on.
     try:
         try:
             raw = b64decode(signed)
         except ValueError:
-            # Authenticated, so remembered all the same, but not a packet.
-            decision.replay_key = b64encode(hash_digest("sha256", signed)).decode()
             raise Reject("authenticated, but not valid base64")
-        decision.replay_key = b64encode(hash_digest("sha256", raw)).decode()
         # 3. Decrypt, 4. inner digest and fields.
         plaintext = decrypt(raw, stanza.key, stanza.mode)
         if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
             raise Reject("decryption failed: not a message (key_base64 or encryption_mode differ "
                          "from the client's, or the random value is not 16 digits)")
+        decision.replay_key = b64encode(hash_digest("sha256", raw)).decode()
         msg = parse_plaintext(plaintext)
         decision.message = msg
         # 5. Replay cache, 6. packet age, 7. stanza policy.
@@ -696,6 +718,23 @@ def decide(payload, source, now, stanzas, seen, max_age):
         return decision
     decision.accepted = True
     return decision
+
+
+def decide(payload, source, now, stanzas, seen, max_age):
+    """Decide on one captured UDP payload from address `source` (text) at time `now`
+    (None: the clock is read only for a packet that authenticates).
+
+    `stanzas` are the Stanza objects in config order; `seen(replay_key)` tells
+    whether a packet was already used.  Never raises: every problem becomes a
+    Decision with `accepted` False and a `reason`.  Whenever `replay_key` is set
+    (the packet authenticates and decrypts), the caller must record it, accepted or
+    not, so no such packet can be used twice.  The server runs this in two halves:
+    screen() in the packet reader, judge() in the privileged parent.
+    """
+    stanza, signed = screen(payload, source, stanzas)
+    if stanza is None:
+        return Decision(source, signed)
+    return judge(stanza, signed, source, now, seen, max_age)
 
 
 # ---------------------------------------------------------------------------
@@ -886,6 +925,57 @@ def parse_date(value, name):
     raise SpaError("%s = %r: expected YYYY-MM-DD" % (name, value))
 
 
+def parse_nat_destinations(value, name):
+    """`nat_destinations`: [(network, first port, last port)] from a list such as
+    `10.0.0.7:22, 10.0.1.0/24:8000-8099, [2001:db8::7]:22, 192.0.2.9` (IPv6 in brackets;
+    no port: any port)."""
+    import ipaddress
+    result = []
+    for item in value.split(",") if value.strip() else []:
+        item = item.strip()
+        if item.startswith("["):
+            host, sep, port = item[1:].partition("]")
+            if not sep or (port and not port.startswith(":")):
+                raise SpaError("%s: %r: expected [IPV6]:PORT" % (name, item))
+            port = port[1:]
+        elif item.count(":") > 1:
+            raise SpaError("%s: %r: write an IPv6 address in brackets: [%s]" % (name, item, item))
+        else:
+            host, _, port = item.partition(":")
+        try:
+            network = ipaddress.ip_network(host, strict=False)
+        except ValueError:
+            raise SpaError("%s: %r: expected an address or a network, optionally with "
+                           ":PORT or :PORT-PORT" % (name, item))
+        first, last = 1, 65535
+        if port:
+            low, _, high = port.partition("-")
+            if not all(p.isdigit() and len(p) <= 5 and 1 <= int(p) <= 65535
+                       for p in (low, high or low)):
+                raise SpaError("%s: %r: ports are 1-65535" % (name, item))
+            first, last = int(low), int(high or low)
+            if first > last:
+                raise SpaError("%s: %r: the port range is backwards" % (name, item))
+        result.append((network, first, last))
+    return result
+
+
+def nat_target_problem(address):
+    """Why `address` (an ipaddress object) can never be a NAT target, else None: no knock may
+    forward to no one, to a group, to loopback or to a whole network."""
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.version == 4 and (address.packed[0] == 0 or address.packed == b"\xff" * 4):
+        return "a broadcast or 'this network' address"
+    if address.version == 6 and (address.is_link_local or address.ipv4_mapped is not None):
+        return "a link-local or IPv4-mapped address"
+    return None
+
+
 class Stanza(object):
     """One `[client NAME]` section of the server config: who may knock, with which keys, for what."""
 
@@ -949,9 +1039,18 @@ class Stanza(object):
                                "unprivileged user" % where)
             if user.pw_uid == 0:
                 raise SpaError("%s: cmd_exec_user must not be root" % where)
+            if user.pw_gid == 0:
+                raise SpaError("%s: cmd_exec_user %s has group 0 (root): give it a group of "
+                               "its own" % (where, user.pw_name))
         self.enable_nat = parse_bool(get("enable_nat") or "no", where + ": enable_nat")
         self.nat_forward = self.enable_nat and forwarding
         self.nat_local = self.enable_nat and local_nat
+        # Where NAT access to another host may lead: nowhere unless listed.
+        self.nat_destinations = parse_nat_destinations(get("nat_destinations"),
+                                                       where + ": nat_destinations")
+        # Openings in force at once: each holds a little kernel memory that nothing else frees.
+        self.max_openings = parse_int(get("max_openings") or "1000", where + ": max_openings",
+                                      1, 1000000)
 
     def authenticate(self, payload):
         """The signed base64 text (prefix put back) if this stanza's HMAC key made the
@@ -994,9 +1093,14 @@ class Stanza(object):
             allow_ip = msg.allow_ip
         if self.require_username is not None and msg.username != self.require_username:
             raise Reject("username %r is not the required one" % msg.username)
-        denied = [pp for pp in msg.access if pp not in self.open_ports or pp in self.restrict_ports]
+        # The ports the client reaches: through local NAT, the one it is forwarded to.
+        local = nat is not None and nat[2]
+        reached = [(msg.access[0][0], nat[1])] if local else msg.access
+        denied = [pp for pp in reached if pp not in self.open_ports or pp in self.restrict_ports]
         if denied:
-            raise Reject("%s not in open_ports" % ",".join("%s/%d" % pp for pp in denied))
+            raise Reject("%s not in open_ports%s" % (",".join("%s/%d" % pp for pp in denied),
+                                                     " (the port local NAT leads to)" if local
+                                                     else ""))
         if msg.msg_type in TIMEOUT_TYPES and msg.client_timeout > 0:
             timeout = min(msg.client_timeout, self.max_fw_timeout)
         else:
@@ -1020,18 +1124,39 @@ class Stanza(object):
             address = str(ipaddress.ip_address(host))
         except ValueError:
             raise Reject("NAT host %r is not an address (spa.py resolves no names)" % host[:70])
-        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not sep or not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535:
             raise Reject("NAT port %r is not 1-65535" % port[:8])
         if len(msg.access) != 1:
             raise Reject("a NAT request names %d ports; it must name one" % len(msg.access))
-        return address, int(port), local
+        port = int(port)
+        target = ipaddress.ip_address(address)
+        problem = nat_target_problem(target)
+        if problem is None and not local:
+            problem = self.nat_destination_problem(target, port)
+        if problem is not None:
+            raise Reject("NAT to %s refused: %s" % (format_endpoint(address, port), problem))
+        return address, port, local
+
+    def nat_destination_problem(self, target, port):
+        """Why NAT access to another host may not lead to target:port, else None."""
+        if not self.nat_destinations:
+            return "the stanza has no nat_destinations"
+        for network, first, last in self.nat_destinations:
+            if target.version == network.version and target in network and first <= port <= last:
+                if network.num_addresses > 2 and target in (network.network_address,
+                                                            network.broadcast_address) \
+                        and target.version == 4:
+                    return "the network or broadcast address of %s" % network
+                return None
+        return "not in nat_destinations"
 
 
 STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
                   "restrict_ports", "access_expire", "enable_nat", "enable_cmd_exec",
                   "cmd_exec_user",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
-                  "require_username", "require_source_address"}
+                  "require_username", "require_source_address", "nat_destinations",
+                  "max_openings"}
 FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
 # [server] options that SIGHUP cannot change in a running server.
 RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
@@ -1233,6 +1358,9 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
         if problems:
             notes.append("%s: stanza left out: %s" % (name, "; ".join(problems)))
             continue
+        if forwarding:
+            notes.append("%s: NAT access to other hosts is refused: access.conf cannot name "
+                         "nat_destinations (a [client] stanza can)" % name)
         try:
             stanzas.append(Stanza(name, options, protect, where="%s stanza at %s" % (path, name),
                                   forwarding=forwarding, local_nat=local_nat))
@@ -1362,9 +1490,10 @@ class PackedMap(object):
                 free = offset
             i = i + 1 if i + 1 < capacity else 0
 
-    def _insert(self, raw, value):
-        """Put a key known to be absent (there is room)."""
-        free = self._find(raw)[1]
+    def _insert(self, raw, value, free=None):
+        """Put a key known to be absent (there is room), in the free slot found for it."""
+        if free is None:
+            free = self._find(raw)[1]
         if self.table[free] == self.GONE:
             self.gone -= 1
         self.table[free] = self.USED
@@ -1392,18 +1521,28 @@ class PackedMap(object):
         return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
 
     def __setitem__(self, key, value):
-        raw = self.encode(key)
-        offset = self._find(raw)[0]
-        if offset is not None:
-            self.value.pack_into(self.table, offset + 1 + self.size, value)
-            return
-        if 3 * (self.count + self.gone + 1) > 2 * self.capacity:
-            self._rebuild(lambda value: True)
-        self._insert(raw, value)
+        self._put(key, value, False)
 
     def update(self, pairs):
         for key, value in pairs.items():
             self[key] = value
+
+    def raise_to(self, key, value):
+        """The key's value becomes `value` if that is larger, or if the key is new."""
+        self._put(key, value, True)
+
+    def _put(self, key, value, only_larger):
+        raw = self.encode(key)
+        offset, free = self._find(raw)        # one probe, for a new key too
+        if offset is not None:
+            if not only_larger or value > self.value.unpack_from(self.table,
+                                                                  offset + 1 + self.size)[0]:
+                self.value.pack_into(self.table, offset + 1 + self.size, value)
+            return
+        if 3 * (self.count + self.gone + 1) > 2 * self.capacity:
+            self._rebuild(None)
+            free = None
+        self._insert(raw, value, free)
 
     def pop(self, key, default=None):
         offset = self._offset(key)
@@ -1433,15 +1572,25 @@ class PackedMap(object):
     def _rebuild(self, test):
         """A new table holding the entries whose value passes `test`, half full.
 
-        Entries move one at a time, straight from the old table: a list of them all
-        would be 10,000 small objects at once, whose memory the allocator would keep.
+        Entries move one at a time, slot by slot, straight from the old table (and no
+        tombstones to step over): a list of them all would be 10,000 small objects at
+        once, whose memory the allocator would keep.
         """
-        old = self.table
-        kept = sum(1 for _, value in self._raw_items(old) if test(value))
-        self._reset(max(16, 2 * (kept + 1)))
-        for raw, value in self._raw_items(old):
-            if test(value):
-                self._insert(raw, value)
+        old, slot, size = self.table, self.slot, self.size
+        keep = [test is None or test(value) for _, value in self._raw_items(old)]
+        self._reset(max(16, 2 * (sum(keep) + 1)))
+        table, capacity, index = self.table, self.capacity, 0
+        for offset in range(0, len(old), slot):
+            if old[offset] != self.USED:
+                continue
+            index += 1
+            if not keep[index - 1]:
+                continue
+            i = hash(old[offset + 1:offset + 1 + size]) % capacity
+            while table[i * slot] != self.EMPTY:       # a new table has no tombstones
+                i = i + 1 if i + 1 < capacity else 0
+            table[i * slot:(i + 1) * slot] = old[offset:offset + slot]
+        self.count = sum(keep)
 
     def copy(self):
         other = PackedMap(self.size, self.encode, self.decode, self.value.format)
@@ -1453,11 +1602,16 @@ class PackedMap(object):
         return other
 
 
+_B64_TEXT = B64_ALPHABET.decode()
+
+
 def _replay_digest(key):
     """What the replay cache keeps of a replay key (the base64 of a packet's SHA-256):
     its first 16 bytes.  128 bits tell packets apart as well as 256 here, where no one
     without the keys can make a packet that authenticates; a table of 10,000 then takes
     ~360 kB instead of ~640.  The cache file's own lines have these 16 bytes."""
+    if isinstance(key, str) and len(key) == 43 and not key.strip(_B64_TEXT):
+        return binascii.a2b_base64(key + "=")[:16]     # the usual form, in one call
     raw = b64decode(key)
     if len(raw) not in (16, 32):
         raise ValueError("not a replay digest")
@@ -1541,9 +1695,19 @@ class ReplayCache(object):
 
     A line is `<digest> <packet timestamp> <time seen>`, the digest being the base64
     of the first 16 bytes of the packet's SHA-256 (a whole one, as spa.py wrote
-    before, is read too: see _replay_digest).  An entry is kept while
-    its packet could still pass the age check; older entries are pruned, so the
-    file stays small.  `path` None keeps it in memory only (server --test).
+    before, is read too: see _replay_digest).  An entry is kept while its packet
+    could still pass the age check; older entries are pruned, so the file stays
+    small.  A packet timestamp is clamped to the window around the time seen: a stamp
+    far ahead keeps no entry longer than two windows (and one stamped 2^32-1 not
+    forever), and the file never holds more digits than a clock has.
+
+    `floor`: every packet stamped from then on that the cache was given is still in
+    it; earlier ones may have been pruned, so the gatekeeper refuses packets stamped
+    before it.  Only a wider window (SIGHUP, or a restart with a larger
+    max_packet_age) lets such a packet pass the age check: without the floor, a packet
+    pruned under a 3 s window could be used again under a 120 s one.  It is the
+    latest limit a prune has used, and the file's first line keeps it.
+    `path` None keeps it in memory only (server --test, the packet reader's copy).
 
     The directory must belong to root and be writable by no one else (it is made, mode
     0700, if missing).  Lines that cannot be read are skipped and counted (`skipped`).
@@ -1551,6 +1715,9 @@ class ReplayCache(object):
     (nothing may open), and the next attempt writes the whole cache anew, so the file
     never keeps the failed write's partial line.
     """
+
+    HEADER = "# spa.py replay cache: digest packet-time seen-time; floor %d\n"
+    LONGEST_LINE = 200
 
     def __init__(self, path, max_age, now=None):
         self.path, self.max_age = path, max_age
@@ -1560,6 +1727,7 @@ class ReplayCache(object):
         self.failure = None     # why the last write failed; None while every digest is durable
         self.skipped = 0        # lines of the file that could not be read
         self.lines = 0
+        self.floor = 0
         now = time.time() if now is None else now
         if path is None:
             return
@@ -1571,7 +1739,7 @@ class ReplayCache(object):
         problem = check_private_dir(directory)
         if problem:
             raise SpaError("replay cache: %s" % problem)
-        self._load(path)
+        self._load(path, now)
         self.prune(now)
         try:
             self.rewrite()
@@ -1580,7 +1748,7 @@ class ReplayCache(object):
                 raise SpaError("cannot write the replay cache %s: %s" % (path, e.strerror))
             self.failure = e.strerror
 
-    def _load(self, path):
+    def _load(self, path, now):
         try:
             f = open(path, "rb")
         except FileNotFoundError:
@@ -1588,12 +1756,25 @@ class ReplayCache(object):
         except OSError as e:
             raise SpaError("cannot read the replay cache %s: %s" % (path, e.strerror))
         with f:
+            # A file from before floors were recorded was pruned with a window we do not
+            # know: nothing stamped before its last change may pass.
+            self.floor = int(min(os.fstat(f.fileno()).st_mtime, now))
             for line in f:
-                if not line.strip() or line.startswith(b"#"):
+                if not line.strip():
+                    continue
+                if len(line) > self.LONGEST_LINE:
+                    self.skipped += 1
+                    continue
+                if line.startswith(b"#"):
+                    head, sep, floor = line.rpartition(b"; floor ")
+                    if sep and floor.strip().isdigit():
+                        self.floor = int(floor)
                     continue
                 try:
                     digest, stamp, seen = line.decode("ascii").split()
-                    self.entries[digest] = _u32(max(int(stamp), int(seen)))
+                    keep = max(int(stamp), int(seen))
+                    if keep <= now + 2 * self.max_age:      # else a forged stamp: dropped
+                        self.entries[digest] = _u32(keep)
                 except ValueError:            # not three fields, not numbers, not ASCII
                     self.skipped += 1
 
@@ -1616,21 +1797,22 @@ class ReplayCache(object):
         """Record [(digest, packet time)] with one write and one sync.  True once they are
         durable; False if they could not be written (`failure` says why): then the
         caller must open nothing.  They stay remembered here either way."""
+        now, lines = int(now), []
         for digest, packet_time in digests:
-            self.entries[digest] = _u32(max(packet_time, int(now)))
+            stamp = min(max(int(packet_time), now - self.max_age), now + self.max_age)
+            self.entries[digest] = _u32(max(stamp, now))
+            lines.append("%s %d %d\n" % (_replay_key(_replay_digest(digest)), stamp, now))
         if self.path is None or not digests:
             return True
         if self.fd is None:
             return self.retry()               # the whole cache, these digests with it
         try:
-            write_all(self.fd, "".join("%s %d %d\n" % (_replay_key(_replay_digest(digest)),
-                                                        packet_time, int(now))
-                                       for digest, packet_time in digests).encode())
+            write_all(self.fd, "".join(lines).encode())
             sync_file(self.fd)
         except OSError as e:
             self._failed(e)
             return False
-        self.lines += len(digests)
+        self.lines += len(lines)
         if self.lines > 2 * len(self.entries) + 1000:
             self.prune(now)
             try:
@@ -1660,6 +1842,9 @@ class ReplayCache(object):
 
     def prune(self, now):
         limit = int(now) - self.max_age       # the age check counts whole seconds too
+        # Never ahead of the clock: after a clock stepped back, packets stamped before the
+        # step are refused for one window, not until the clock catches up.
+        self.floor = min(max(self.floor, limit), int(now))
         self.entries.keep_if(lambda t: t >= limit)
 
     def rewrite(self):
@@ -1673,7 +1858,7 @@ class ReplayCache(object):
             return
 
         def write(fd):
-            chunk = bytearray(b"# spa.py replay cache: digest packet-time seen-time\n")
+            chunk = bytearray((self.HEADER % self.floor).encode())
             for digest, t in self.entries.items():
                 chunk += b"%s %d %d\n" % (digest.encode(), t, t)
                 if len(chunk) >= 65536:
@@ -1696,6 +1881,7 @@ class ReplayCache(object):
         """An in-memory copy (for the packet reader, which must not hold the file)."""
         seen = ReplayCache(None, self.max_age)
         seen.entries = self.entries.copy()
+        seen.floor = self.floor
         return seen
 
     def close(self):
@@ -1811,8 +1997,10 @@ class ElementBatch(object):
         self.first, self.deletes, self.last = [], [], []
         self.where = {}        # (place, key) -> its index in self.last
 
-    def put(self, place, key, seconds, data=None, fresh=False):
-        """The element is to be there for `seconds`; `fresh`: it is known not to be."""
+    def put(self, place, key, seconds, data=None, fresh=False, old_data=None):
+        """The element is to be there for `seconds`; `fresh`: it is known not to be.  A
+        map element that may be there with other data gives that as `old_data` (adding
+        it again with the new data would fail: "File exists")."""
         element = (place, key, data, seconds)
         known = self.where.get((place, key))
         if known is not None:
@@ -1820,7 +2008,7 @@ class ElementBatch(object):
                 self.last[known] = element
             return
         if not fresh:
-            self.first.append(element)
+            self.first.append(element if old_data is None else (place, key, old_data, seconds))
             self.deletes.append((place, key, None, None))
         self.where[(place, key)] = len(self.last)
         self.last.append(element)
@@ -1984,6 +2172,12 @@ def valid_interface_name(name):
     """A Linux interface name: 1-15 bytes, no slash, colon or white space."""
     return isinstance(name, str) and 0 < len(name.encode()) < 16 and \
         not any(c in name for c in "/: \t\n\0") and name not in (".", "..")
+
+
+def _opening_hash(key):
+    """8 bytes that tell openings (address text as inet_ntop writes it, proto, port) apart
+    within this process: 64 bits of its hash."""
+    return struct.pack("q", hash(key))
 
 
 def _opening(raw):
@@ -2320,37 +2514,60 @@ class NftFirewall(object):
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
         """Forward (address, proto, port) to to_address:to_port for `timeout` seconds: to
         another host (accepted in the forward chains), or to this one (local NAT, accepted
-        in the input chains).  Never shortens an opening.  (`now` is not used.)"""
+        in the input chains).  Never shortens an opening to the same target; a knock for
+        another target replaces the opening: the DNAT leads to the new target at once,
+        and what only the old one needed goes.  (`now` is not used: ends are kept on the
+        monotonic clock.)"""
         import ipaddress
         now = time.monotonic()
         address = str(ipaddress.ip_address(address))
-        to_address = str(ipaddress.ip_address(to_address))
+        to_address = _nat_target(address, to_address)
         key = (address, proto, port)
-        if self.nat_ends.get(key, (0,))[0] >= now + timeout:
+        old = self.nat_ends.get(key)
+        same = old is not None and old[1:] == (to_address, to_port, local)
+        if same and old[0] >= now + timeout:
             return False
+        new = self._nat_elements(address, proto, port, to_address, to_port, local)
         batch = ElementBatch()
-        self._nat_elements(batch, address, proto, port, to_address, to_port, timeout, local)
+        old_data = None
+        if old is not None and not same:
+            old_data = nft_key([old[1]], None, old[2])
+            # What the new target, the other NAT openings and a plain opening still need.
+            needed = {(place, element) for place, element, _ in new}
+            for other, (end, o_address, o_port, o_local) in self.nat_ends.items():
+                if other != key and end > now:
+                    needed.update((place, element) for place, element, _ in self._nat_elements(
+                        other[0], other[1], other[2], o_address, o_port, o_local))
+            if self.ends.get((address, proto, old[2]), 0) > now:
+                needed.update(self._elements_in(self.places, (address, proto, old[2])))
+            for place, element, _ in self._nat_elements(address, proto, port, *old[1:]):
+                if (place, element) not in needed:
+                    batch.remove(place, element)
+        for place, element, data in new:
+            batch.put(place, element, timeout, data=data, old_data=old_data if data else None)
         self.kernel.commit(batch)
         self.nat_ends[key] = (now + timeout, to_address, to_port, local)
         return True
 
-    def _nat_elements(self, batch, address, proto, port, to_address, to_port, timeout, local):
+    def _nat_elements(self, address, proto, port, to_address, to_port, local):
+        """[(place, key, data)] of the set and map elements one NAT opening needs: the DNAT,
+        and the accept of what it rewrote (local: in the input chains; else: forward)."""
         six = ":" in address
         number = PROTO_NUMBERS[proto]
-        batch.put(("inet", self.table, "dnat6" if six else "dnat4"), nft_key([address], number, port),
-                  timeout, data=nft_key([to_address], None, to_port))
+        elements = [(("inet", self.table, "dnat6" if six else "dnat4"),
+                     nft_key([address], number, port), nft_key([to_address], None, to_port))]
         if local:
-            batch.put(("inet", self.table, "lnat6" if six else "lnat4"),
-                      nft_key([address], number, to_port), timeout)
+            elements.append((("inet", self.table, "lnat6" if six else "lnat4"),
+                             nft_key([address], number, to_port), None))
             # Through default-drop chains elsewhere.
-            for place, element in self._elements_in(self.places[1:], (address, proto, to_port)):
-                batch.put(place, element, timeout)
-            return
+            return elements + [(place, element, None) for place, element in
+                               self._elements_in(self.places[1:], (address, proto, to_port))]
         for family, table, v4, v6 in self.fwd_places:
             set_name = v6 if six else v4
             if set_name:
-                batch.put((family, table, set_name), nft_key([address, to_address], number, to_port),
-                          timeout)
+                elements.append(((family, table, set_name),
+                                 nft_key([address, to_address], number, to_port), None))
+        return elements
 
     @staticmethod
     def _elements_in(places, key):
@@ -2420,8 +2637,9 @@ class NftFirewall(object):
                     batch.put(place, element, end - now)
             for (address, proto, port), (end, to_address, to_port, local) in self.nat_ends.items():
                 if end > now + 0.5:
-                    self._nat_elements(batch, address, proto, port, to_address, to_port,
-                                       end - now, local)
+                    for place, element, data in self._nat_elements(address, proto, port,
+                                                                   to_address, to_port, local):
+                        batch.put(place, element, end - now, data=data)
             self.kernel.commit(batch)
             self._say("warning", "the firewall was changed under us (a reload?): restored "
                       "table inet %s and %d opening(s) in force", self.table, len(alive))
@@ -3060,16 +3278,10 @@ class IptablesFirewall(object):
         """
         now = time.time() if now is None else now
         address = str(ipaddress.ip_address(address))   # nothing but addresses reach iptables
-        target = ipaddress.ip_address(to_address)
-        to_address = str(target)
+        to_address = _nat_target(address, to_address)
         port, to_port = int(port), int(to_port)
         if proto not in PROTO_NUMBERS or not 1 <= port <= 65535 or not 1 <= to_port <= 65535:
             raise ValueError("cannot NAT %s/%s to port %s" % (proto, port, to_port))
-        if _family(address) != _family(to_address):
-            raise ValueError("cannot NAT %s to %s: not the same address family"
-                             % (address, to_address))
-        if target.is_unspecified or target.is_multicast:
-            raise ValueError("cannot NAT to %s" % to_address)
         family = _family(address)
         if not self.nat:
             raise SpaError("NAT access is not enabled in the firewall back end")
@@ -3168,6 +3380,19 @@ def warn_without_forwarding(log, families):
 
 def _family(address):
     return 6 if ":" in address else 4
+
+
+def _nat_target(address, to_address):
+    """to_address as text, if NAT from `address` may lead there; ValueError if not (the
+    back ends' own check, behind the policy's)."""
+    import ipaddress
+    target = ipaddress.ip_address(to_address)
+    problem = nat_target_problem(target)
+    if problem is None and _family(address) != target.version:
+        problem = "not the same address family as %s" % address
+    if problem is not None:
+        raise ValueError("cannot NAT to %s: %s" % (to_address, problem))
+    return str(target)
 
 
 def _parse_opening(words, verdict="ACCEPT"):
@@ -3622,6 +3847,15 @@ def format_access(access):
     return ",".join("%s/%d" % pp for pp in access)
 
 
+def format_nat_destination(item):
+    """One (network, first port, last port) of nat_destinations, as the config writes it."""
+    network, first, last = item
+    text = "[%s]" % network if network.version == 6 else str(network)
+    if (first, last) == (1, 65535):
+        return text
+    return "%s:%d%s" % (text, first, "" if first == last else "-%d" % last)
+
+
 def format_endpoint(address, port):
     return "[%s]:%d" % (address, port) if ":" in address else "%s:%d" % (address, port)
 
@@ -3774,6 +4008,108 @@ def parse_frame(frame):
     return src, frame[udp + 8:udp + length]
 
 
+def frame_destination(frame):
+    """The destination address of an IP frame the BPF filter passed (see parse_frame)."""
+    if frame[0] >> 4 == 4:
+        return socket.inet_ntop(socket.AF_INET, frame[16:20])
+    return socket.inet_ntop(socket.AF_INET6, frame[24:40])
+
+
+class HostAddresses(object):
+    """This host's own addresses (in its network namespace), read over rtnetlink, and read
+    again once the kernel says they changed: a knock must be addressed to one of them, or
+    a router that forwards a knock to a host behind it would open itself.
+
+    `address in addresses` is the whole interface; an address missing from what was read
+    (one added a moment ago) makes it read them again, at most once a second.
+    """
+
+    NETLINK_ROUTE, RTM_NEWADDR, RTM_GETADDR, NLMSG_DONE, NLMSG_ERROR = 0, 20, 22, 3, 2
+    GROUPS = 0x10 | 0x100          # RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+    IFA_ADDRESS, IFA_LOCAL = 1, 2
+
+    def __init__(self):
+        self.addresses = frozenset()
+        self.read_at = None            # monotonic time of the last read
+        self.news = None
+        try:
+            self.news = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, self.NETLINK_ROUTE)
+            self.news.bind((0, self.GROUPS))
+            self.news.setblocking(False)
+        except OSError:                # no notifications: read them again on a miss
+            self.news = None
+
+    def __contains__(self, address):
+        if self.read_at is None or self._changed():
+            self._read()
+        if address in self.addresses:
+            return True
+        if time.monotonic() - self.read_at >= 1.0:
+            self._read()
+        return address in self.addresses
+
+    def _changed(self):
+        if self.news is None:           # no notifications: read them once a second
+            return time.monotonic() - self.read_at >= 1.0
+        changed = False
+        while True:
+            try:
+                if not self.news.recv(1 << 16):
+                    return changed
+                changed = True
+            except BlockingIOError:
+                return changed
+            except OSError:             # ENOBUFS: some were lost; what is left comes next time
+                return True
+
+    def _read(self):
+        self.read_at = time.monotonic()
+        try:
+            self.addresses = frozenset(self.dump())
+        except OSError:
+            pass                       # keep what we had
+
+    def dump(self):
+        """Every address of every interface (RTM_GETADDR), as text."""
+        found = []
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, self.NETLINK_ROUTE) as sock:
+            sock.bind((0, 0))
+            sock.settimeout(5)
+            # nlmsghdr (REQUEST | DUMP), then an ifaddrmsg for every family
+            sock.send(struct.pack("=IHHII", 24, self.RTM_GETADDR, 0x301, 1, 0) + bytes(8))
+            while True:
+                data = sock.recv(1 << 16)
+                offset = 0
+                while offset + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, offset)
+                    if kind in (self.NLMSG_DONE, self.NLMSG_ERROR) or length < 16:
+                        return found
+                    if kind == self.RTM_NEWADDR:
+                        found += self._addresses(data[offset + 16:offset + length])
+                    offset += (length + 3) & ~3
+
+    def _addresses(self, body):
+        """The local address of one RTM_NEWADDR message (IFA_LOCAL where there is one: on
+        a point-to-point link IFA_ADDRESS is the peer's)."""
+        family = body[0]
+        size = {socket.AF_INET: 4, socket.AF_INET6: 16}.get(family)
+        attrs, offset = {}, 8
+        while size and offset + 4 <= len(body):
+            length, kind = struct.unpack_from("=HH", body, offset)
+            if length < 4:
+                break
+            if kind in (self.IFA_ADDRESS, self.IFA_LOCAL) and length - 4 == size:
+                attrs[kind] = socket.inet_ntop(family, body[offset + 4:offset + length])
+            offset += (length + 3) & ~3
+        address = attrs.get(self.IFA_LOCAL, attrs.get(self.IFA_ADDRESS))
+        return [address] if address else []
+
+    def close(self):
+        if self.news is not None:
+            self.news.close()
+            self.news = None
+
+
 # ---------------------------------------------------------------------------
 # Logging: one line per decision, rejections rate-limited, never key material
 # ---------------------------------------------------------------------------
@@ -3782,6 +4118,17 @@ SYSLOG_SOCKET = "/dev/log"
 # Control characters (C0, DEL, C1) as \xNN: text from the packet reader cannot forge
 # lines or drive the terminal that shows the log.
 CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
+
+
+def log_field(text):
+    """A value for a log line, with control characters (and every other unprintable one)
+    escaped: no field, whoever chose it (a username, a command, a source, a reason that
+    quotes a packet), can start a line of its own or hide what follows.  Log applies it
+    to every argument: the one place that formats log fields."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 class Log(object):
@@ -3822,7 +4169,7 @@ class Log(object):
     def _write(self, level, text, args):
         if args:
             try:
-                text = text % args
+                text = text % tuple(log_field(a) if isinstance(a, str) else a for a in args)
             except (TypeError, ValueError):       # a bad format must not stop the server
                 text = "%s %r" % (text, args)
         if self.pipe is not None:
@@ -3901,9 +4248,62 @@ class RateLimiter(object):
 # The server runs as two processes.  The parent keeps root: it opens the capture
 # sockets, owns the firewall and the replay cache file, and reads nothing from
 # the network.  The child drops to an unprivileged user before it reads a single
-# packet; it captures, decides, and asks the parent over a pipe to record digests
-# and to open ports.  The parent checks every request against the config, so a
-# bug in packet parsing gives an attacker no more than a valid knock could get.
+# packet; it checks length, alphabet and HMAC (screen), and passes each packet that
+# authenticates to the parent over a pipe: one line of three words, the source
+# address, the destination address and the packet.  The parent believes none of
+# it: it checks the line, checks the HMAC again, decrypts, and decides itself
+# (judge, against the config and the host's state).  So a packet reader that an
+# attacker took over can pass on only packets that a key holder made, each once,
+# and get for them no more than their sender could have.
+
+REQUEST_LONGEST = 2 * 45 + MAX_WIRE_LEN + 16 + 3   # two addresses, a packet, an interface
+_ADDRESS_CHARS = b"0123456789abcdefABCDEF:."
+
+
+def request_line(source, destination, wire, interface=None):
+    """The packet reader's request for one packet that authenticated (with
+    bind_interface, the name of the interface it came in on is a fourth word)."""
+    line = b"%s %s %s" % (source.encode("ascii"), destination.encode("ascii"), wire)
+    if interface is not None:
+        line += b" " + interface.encode()
+    return line + b"\n"
+
+
+def parse_request(line):
+    """(source, destination, wire, interface or None) of one request line (without its
+    newline), checked strictly; ValueError for anything but two addresses (no scope, no
+    name, nothing else), a packet of the right length and alphabet, and maybe an
+    interface name."""
+    if len(line) > REQUEST_LONGEST:
+        raise ValueError("a line of %d bytes" % len(line))
+    words = line.split(b" ")
+    if len(words) not in (3, 4):
+        raise ValueError("%d words, not 3" % len(words))
+    source, destination = (_request_address(word) for word in words[:2])
+    wire = bytes(words[2])
+    if not MIN_WIRE_LEN <= len(wire) <= MAX_WIRE_LEN or wire.translate(None, B64_ALPHABET):
+        raise ValueError("not a packet")
+    interface = None
+    if len(words) == 4:
+        try:
+            interface = words[3].decode("ascii")
+        except UnicodeDecodeError:
+            interface = None
+        if not valid_interface_name(interface) or not interface.isprintable():
+            raise ValueError("not an interface name")
+    return source, destination, wire, interface
+
+
+def _request_address(word):
+    """An address as inet_ntop writes it (the reader's words are that already)."""
+    if not 2 <= len(word) <= 45 or word.translate(None, _ADDRESS_CHARS):
+        raise ValueError("not an address")
+    family = socket.AF_INET6 if b":" in word else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, word.decode("ascii")))
+    except OSError:
+        raise ValueError("not an address")
+
 
 def send_signal(log, pid, signum, what, group=False):
     """Signal a process (or its process group); False, logged, if that was refused.
@@ -3924,73 +4324,80 @@ def send_signal(log, pid, signum, what, group=False):
 
 
 class Gatekeeper(object):
-    """The privileged side: records replay digests durably, then opens the firewall."""
+    """The privileged side: decides on each packet the reader passes on, records replay
+    digests durably, then opens the firewall (or runs a command).
 
-    def __init__(self, config, firewall, replay, log):
+    `addresses` answers `address in addresses` for this host's own addresses
+    (HostAddresses); `commands` runs command messages (CommandRunner).
+    """
+
+    def __init__(self, config, firewall, replay, log, addresses=None, commands=None):
         self.config, self.firewall, self.replay, self.log = config, firewall, replay, log
-        self.stanzas = {s.name: s for s in config.stanzas}
-        self.commands = []     # (process, command, start) of command messages still running
+        self.addresses = HostAddresses() if addresses is None else addresses
+        self.commands = CommandRunner(log) if commands is None else commands
+        self.limiter = RateLimiter()
+        self.openings = {}     # stanza name -> PackedMap (address, proto, port) -> end
+        self.counts = {"accepted": 0, "refused": 0}
 
-    def record(self, key, stamp, now=None):
-        """Remember an authenticated packet (fsync'd); False if it was seen before."""
-        return self.serve([{"op": "record", "key": key, "stamp": stamp}], now) == [True]
+    def knock(self, source, destination, wire, now=None, interface=None):
+        """One packet passed on by a packet reader in this process (tests): through the
+        same line and the same checks as the pipe's.  Returns its Decision."""
+        line = request_line(source, destination, wire, interface)[:-1]
+        decisions, problem = self.serve_lines([line], now)
+        return decisions[0] if decisions else Decision(source, problem)
 
-    def grant(self, g, now=None):
-        """Open the firewall for one accepted packet; True when the firewall was changed."""
-        return self.serve([dict(g, op="grant")], now) == [True]
+    def serve_lines(self, lines, now=None):
+        """One round of the packet reader's requests (lines without their newline).
+
+        Returns (Decisions, problem): `problem` says why the reader must be replaced (it
+        sent a line no packet reader sends, or a request raised), else None; the lines
+        after a malformed one are not served.  Nothing a line holds makes it raise.
+        """
+        requests, problem = [], None
+        for line in lines:
+            try:
+                requests.append(parse_request(line))
+            except ValueError as e:
+                problem = "a malformed request (%s)" % e
+                break
+        decisions, failure = self.serve(requests, now)
+        return decisions, problem or failure
 
     def serve(self, requests, now=None):
-        """Carry out a batch of the packet reader's requests, after checking each one.
-
-        A request is {"op": "record", key, stamp} for a packet that authenticated but
-        was refused, or {"op": "grant", key, stamp, source, address, access [[proto,
-        port]...], timeout, stanza, user, nat (None or [address, port, local]),
-        command}.  All digests are written with one fsync, before the firewall is
-        changed; all plain openings go to the firewall in one change.  Returns a
-        True/False a request.
-        """
+        """Decide on [(source, destination, wire, interface)] and carry out what is
+        accepted: every new replay digest is written with one fsync before the firewall
+        changes, and all plain openings go in one change.  Returns (Decisions, problem
+        or None)."""
         now = time.time() if now is None else now
-        results, records, openings, grants = [], [], [], []
-        seen = set()
-        for request in requests:
-            g = self._check(request) if request.get("op") == "grant" else None
-            key = request.get("key")
-            fresh = isinstance(key, str) and len(key) == 43 and self.replay.valid(key) \
-                and key not in self.replay and key not in seen
-            if request.get("op") == "grant" and g is not None and not fresh:
-                self.log.error("refused a request from the packet reader for a packet seen before")
-            ok = fresh and (request.get("op") == "record" or g is not None)
-            if ok:
-                seen.add(key)
-                try:
-                    records.append((key, int(request.get("stamp", 0))))
-                except (TypeError, ValueError):
-                    records.append((key, int(now)))
-                if g is not None:
-                    grants.append((len(results), g))
-                    if g["nat"] is None and g["command"] is None:
-                        bound = (g["interface"],) if g["interface"] else ()
-                        openings += [(g["address"], proto, port, g["timeout"]) + bound
-                                     for proto, port in g["access"]]
-            results.append(ok and request.get("op") == "record")
-        if not records:
-            return results
-        if not self._durable(records, [g for _, g in grants], now):    # before anything opens
-            return [False] * len(results)
+        decisions, records, fresh, problem = [], [], set(), None
+        for source, destination, wire, interface in requests:
+            try:
+                d = self._decide(source, destination, wire, interface, now, fresh)
+            except Exception as e:          # never die of what the reader sends
+                d = Decision(source, "internal error %s: %s" % (type(e).__name__, e))
+                problem = problem or "a request raised %s: %s" % (type(e).__name__, e)
+            decisions.append(d)
+            if d.replay_key is not None and d.replay_key not in fresh \
+                    and d.replay_key not in self.replay:
+                fresh.add(d.replay_key)
+                records.append((d.replay_key, d.message.timestamp if d.message else now))
+        if records and not self._durable(records, decisions, now):   # before anything opens
+            for d in decisions:
+                if d.accepted:
+                    d.accepted, d.reason = False, ("no durable replay record (%s)"
+                                                   % self.replay.failure)
         try:
-            self.firewall.open_many(openings, now)
-            opened = True
-        except SpaError as e:
-            self.log.error("firewall change failed: %s", e)
-            opened = False
-        for index, g in grants:
-            results[index] = self._carry_out(g, now) if g["nat"] is not None or \
-                g["command"] is not None else opened
-            if results[index] and g["command"] is None:
-                self._log_grant(g)
-        return results
+            self._carry_out(decisions, now)
+        except Exception as e:
+            problem = problem or "a request raised %s: %s" % (type(e).__name__, e)
+            for d in decisions:
+                if d.accepted:
+                    d.accepted, d.reason = False, "internal error %s: %s" % (type(e).__name__, e)
+        for d in decisions:
+            self._log(d, now)
+        return decisions, problem
 
-    def _durable(self, records, grants, now):
+    def _durable(self, records, decisions, now):
         """Record the digests durably; False, logged, if that cannot be done (a full disk):
         then nothing opens.  The cache is written anew at the next knock and every second
         (retry_replay), and knocks are accepted again as soon as that works."""
@@ -4003,9 +4410,6 @@ class Gatekeeper(object):
         if failing is None:
             self.log.error("replay cache %s cannot be written (%s): knocks are refused until it "
                            "can", self.replay.path, self.replay.failure)
-        for g in grants:
-            self.log.error("refused the knock from %s [client %s]: no durable replay record (%s)",
-                           g.get("source"), g["stanza"].name, self.replay.failure)
         return False
 
     def retry_replay(self):
@@ -4014,149 +4418,268 @@ class Gatekeeper(object):
             self.log.info("replay cache %s can be written again: knocks are accepted again",
                           self.replay.path)
 
-    def _check(self, g):
-        """The request in checked form, or None (logged) if it is outside the policy."""
-        import ipaddress
-        stanza = self.stanzas.get(g.get("stanza"))
-        try:
-            command = g.get("command")
-            if command is not None:
-                if stanza is None or not stanza.enable_cmd_exec or not isinstance(command, str):
-                    raise LookupError()
-                return dict(g, stanza=stanza, nat=None, command=command)
-            access = [(str(p), int(n)) for p, n in g["access"]]
-            timeout = int(g["timeout"])
-            address = str(ipaddress.ip_address(g["address"]))
-            nat = g.get("nat")
-            if nat is not None:
-                nat = (str(ipaddress.ip_address(nat[0])), int(nat[1]), bool(nat[2]))
-            interface = None
-            if self.config.bind_interface:
-                # The reader says where the knock came in: one of the interfaces named.
-                interface = g["interface"]
-                if interface not in self.config.interfaces + self.config.optional_interfaces \
-                        or not valid_interface_name(interface):
-                    raise ValueError(interface)
-        except (KeyError, TypeError, ValueError, IndexError):
-            self.log.error("refused a malformed request from the packet reader")
-            return None
-        except LookupError:
-            stanza = None
-            access = []
-        if stanza is None or not access or not set(access) <= stanza.open_ports \
-                or set(access) & stanza.restrict_ports \
-                or not 1 <= timeout <= max(stanza.max_fw_timeout, stanza.fw_access_timeout) \
-                or any(proto not in PROTO_NUMBERS or not 1 <= port <= 65535
-                       for proto, port in access) \
-                or (nat is not None and not self._nat_allowed(stanza, access, address, nat)):
-            self.log.error("refused a request from the packet reader outside the policy of "
-                           "[client %s]", g.get("stanza"))
-            return None
-        return dict(g, stanza=stanza, access=access, timeout=timeout, address=address, nat=nat,
-                    command=None, interface=interface)
+    def _decide(self, source, destination, wire, interface, now, fresh):
+        stanza, signed = screen(wire, source, self.config.stanzas)
+        if stanza is None:       # a reader of an older config, or one that lies
+            return Decision(source, "passed on by the packet reader, but %s" % signed)
+        d = judge(stanza, signed, source, now, lambda key: key in self.replay or key in fresh,
+                  self.config.max_packet_age)
+        if d.accepted:
+            reason = self._host_problem(d, destination, interface, now)
+            if reason is not None:
+                d.accepted, d.reason = False, reason
+        return d
 
-    def _carry_out(self, g, now):
-        """A NAT opening or a command: one at a time."""
-        if g["command"] is not None:
-            return self.run_command_message(g["stanza"], g, now)
-        (proto, port), (to_address, to_port, local) = g["access"][0], g["nat"]
-        try:
-            self.firewall.open_nat(g["address"], proto, port, to_address, to_port, g["timeout"],
-                                   local, now)
-            return True
-        except SpaError as e:
-            self.log.error("firewall change failed for %s: %s", g["address"], e)
-            return False
+    def _host_problem(self, d, destination, interface, now):
+        """Why this host cannot grant an accepted packet now, else None: it must be
+        addressed to this host, have come in on an interface the config names (with
+        bind_interface), be vouched for by the replay cache, lead (local NAT) to this
+        host, and fit the stanza's max_openings."""
+        msg = d.message
+        if destination not in self.addresses:
+            return ("addressed to %s, not to this host: a knock for a host behind it opens "
+                    "nothing here" % destination)
+        if self.config.bind_interface:
+            if interface not in self.config.interfaces + self.config.optional_interfaces:
+                return "came in on %s, not an interface the config names" % interface
+            d.interface = interface
+        if msg.timestamp < self.replay.floor:
+            return ("stamped before what the replay cache still remembers (max_packet_age "
+                    "was raised): send a new packet")
+        if d.nat is not None and d.nat[2] and d.nat[0] not in self.addresses:
+            return "local NAT to %s: not an address of this host" % d.nat[0]
+        if msg.msg_type == MSG_COMMAND:
+            return None
+        return self._room(d, now)
 
-    def _log_grant(self, g):
-        nat = g["nat"]
-        what = format_access(g["access"]) if nat is None else "%s forwarded to %s" % (
-            format_access(g["access"]), format_endpoint(nat[0], nat[1]))
-        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s",
-                      g.get("source"), g["stanza"].name, g.get("user"), what, g["address"],
-                      g["timeout"], " on " + g["interface"] if g.get("interface") else "",
+    def _room(self, d, now):
+        """Count the packet's openings against its stanza's max_openings (openings in
+        force at once); why not, if they do not fit."""
+        stanza = d.stanza
+        access = d.message.access[:1] if d.nat is not None else d.message.access
+        keys = [(d.allow_ip, proto, port) for proto, port in access]
+        table = self.openings.get(stanza.name)
+        if table is None:
+            # Each opening as 8 bytes of its hash and its end in whole seconds: 13 bytes a
+            # slot, as the table is only counted, never listed.
+            table = self.openings[stanza.name] = PackedMap(8, _opening_hash, None, "!I")
+            table.purged = now
+        if len(table) + len(keys) > stanza.max_openings:     # near the limit: count exactly
+            if now - table.purged >= 1:                      # (ended ones go once a second)
+                table.keep_if(lambda end: end > now)
+                table.purged = now
+            new = sum(1 for key in keys if table.get(key, 0) <= now)
+            if len(table) + new > stanza.max_openings:
+                return ("[client %s] holds its max_openings (%d) already"
+                        % (stanza.name, stanza.max_openings))
+        for key in keys:
+            table.raise_to(key, int(now + d.timeout) + 1)
+        return None
+
+    def _carry_out(self, decisions, now):
+        """Open what was accepted: the plain openings in one change, NAT and commands one
+        by one.  A change that fails refuses its packets (logged); nothing raises."""
+        test = isinstance(self.firewall, DryRunFirewall)
+        plain = [d for d in decisions if d.accepted and d.nat is None
+                 and d.message.msg_type != MSG_COMMAND]
+        if plain:
+            try:
+                self.firewall.open_many([(d.allow_ip, proto, port, d.timeout)
+                                         + ((d.interface,) if d.interface else ())
+                                         for d in plain for proto, port in d.message.access],
+                                        now)
+            except (SpaError, ValueError, OSError) as e:
+                self.log.error("firewall change failed: %s", e)
+                for d in plain:
+                    d.accepted, d.reason = False, "the firewall change failed"
+        for d in decisions:
+            if not d.accepted or d.nat is None and d.message.msg_type != MSG_COMMAND:
+                continue
+            if d.nat is None:
+                reason = self.commands.start(d.stanza, d.message.command, d.source,
+                                             d.message.username, test)
+            else:
+                (proto, port), (to_address, to_port, local) = d.message.access[0], d.nat
+                try:
+                    self.firewall.open_nat(d.allow_ip, proto, port, to_address, to_port,
+                                           d.timeout, local, now)
+                    reason = None
+                except (SpaError, ValueError, OSError) as e:
+                    self.log.error("firewall change failed for %s: %s", d.allow_ip, e)
+                    reason = "the firewall change failed"
+            if reason is not None:
+                d.accepted, d.reason = False, reason
+
+    def _log(self, d, now):
+        """One line a decision: refusals rate-limited; with -v, the packet's fields too."""
+        fields = "; " + packet_fields(d, now) if self.log.verbose and d.message else ""
+        if not d.accepted:
+            self.counts["refused"] += 1
+            if self.limiter.allow():
+                self.log.info("rejected packet from %s%s: %s%s", d.source, " [client %s]"
+                              % d.stanza.name if d.stanza else "", d.reason, fields)
+            return
+        self.counts["accepted"] += 1
+        msg, nat = d.message, d.nat
+        if msg.msg_type == MSG_COMMAND:
+            if fields:
+                self.log.debug("packet from %s [client %s] accepted%s", d.source,
+                               d.stanza.name, fields)
+            return                       # CommandRunner said what it started
+        what = format_access(msg.access) if nat is None else "%s forwarded to %s" % (
+            format_access(msg.access), format_endpoint(nat[0], nat[1]))
+        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s%s",
+                      d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout,
+                      " on " + d.interface if d.interface else "",
                       " (test mode: firewall unchanged)"
-                      if isinstance(self.firewall, DryRunFirewall) else "")
+                      if isinstance(self.firewall, DryRunFirewall) else "", fields)
 
-    def run_command_message(self, stanza, g, now):
-        """Start the command of a type 0 message: no shell, as the stanza's cmd_exec_user."""
+    def tick(self):
+        """Once a second: reap commands, retry a replay cache that could not be written,
+        say how many refusals the rate limit kept out."""
+        self.commands.reap()
+        self.retry_replay()
+        self.log_suppressed()
+
+    def log_suppressed(self):
+        n = self.limiter.take_suppressed()
+        if n:
+            self.log.info("%d more %s were not logged (rate limit)", n,
+                          "packets" if self.log.verbose else "rejected packets")
+
+    def stats(self):
+        return ("gatekeeper: accepted %d, refused %d of the packets the reader passed on"
+                % (self.counts["accepted"], self.counts["refused"]))
+
+
+def packet_fields(d, now):
+    """An authenticated packet's fields in one line, for -v: never key material."""
+    m = d.message
+    parts = ["user %s" % m.username,
+             "timestamp %d (age %+d s)" % (m.timestamp, int(now) - m.timestamp),
+             "type %d (%s)" % (m.msg_type, MSG_NAMES.get(m.msg_type, "?")),
+             "allow IP %s%s" % (m.allow_ip, " (the source)" if m.allow_ip == "0.0.0.0" else ""),
+             "command %r" % m.command if m.msg_type == MSG_COMMAND
+             else "access %s" % (m.access_text() or "none")]
+    if m.nat_access is not None:
+        parts.append("NAT %s" % m.nat_access)
+    if m.msg_type in TIMEOUT_TYPES:
+        parts.append("client timeout %d s" % m.client_timeout)
+    if d.accepted and m.msg_type != MSG_COMMAND:
+        parts.append("open for %d s" % d.timeout)
+    return ", ".join(parts)
+
+
+class CommandRunner(object):
+    """Command messages (fwknop's type 0): each runs without a shell as the stanza's
+    cmd_exec_user (never root, never group 0), in a session and process group of its
+    own with no_new_privs and an empty environment but PATH; at the time limit
+    (COMMAND_TIME_LIMIT) the whole group is killed, children it left in the background
+    too; at most `most` groups run at once.  A kill that is refused (no CAP_KILL) is
+    logged, and the command left to end."""
+
+    MOST = 4
+    PR_SET_NO_NEW_PRIVS = 38
+
+    def __init__(self, log, limit=None, most=MOST):
+        self.log, self.most = log, most
+        self._limit = limit
+        self.running = []      # [process, command, start (monotonic), exit status or None]
+
+    @property
+    def limit(self):
+        return COMMAND_TIME_LIMIT if self._limit is None else self._limit
+
+    def start(self, stanza, command, source, username, test=False):
+        """Start one command; None when it started (or would, in test mode), else why not."""
+        import ctypes
         import pwd
         import shlex
         import subprocess
-        command = g["command"]
         try:
             argv = shlex.split(command)
-            user = pwd.getpwnam(stanza.cmd_exec_user)
+            user = pwd.getpwnam(stanza.cmd_exec_user or "")
         except (ValueError, KeyError) as e:
-            self.log.error("command from %s [client %s] not run: %s", g.get("source"),
-                           stanza.name, e)
-            return False
-        if isinstance(self.firewall, DryRunFirewall) or not argv:
+            return "command not run: %s" % e
+        if not argv:
+            return "command not run: it is empty"
+        if user.pw_uid == 0 or user.pw_gid == 0:
+            return "command not run: cmd_exec_user %s is root or in group 0" % user.pw_name
+        if test:
             self.log.info("accepted command from %s [client %s]: %r not run (test mode)",
-                          g.get("source"), stanza.name, command)
-            return True
+                          source, stanza.name, command)
+            return None
+        self.reap()
+        if len(self.running) >= self.most:
+            return "command not run: %d are running already, the most at once" % self.most
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
 
-        def become_user():
+        def become_user():          # in the child, between fork and exec
             os.setgroups([])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
-        try:     # a session of its own: killed as a group, and no signal of ours reaches it
+            if prctl(self.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+        try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
-                                    preexec_fn=become_user, env={"PATH": "/usr/bin:/bin"},
-                                    start_new_session=True)
-        except OSError as e:
-            self.log.error("command from %s [client %s] as %s failed to start: %s",
-                           g.get("source"), stanza.name, user.pw_name, e.strerror)
-            return False
+                                    preexec_fn=become_user, start_new_session=True,
+                                    env={"PATH": "/usr/bin:/bin"})
+        except (OSError, subprocess.SubprocessError) as e:
+            self.log.error("command from %s [client %s] as %s failed to start: %s", source,
+                           stanza.name, user.pw_name, getattr(e, "strerror", None) or e)
+            return "command failed to start"
         self.log.info("accepted command from %s [client %s] user %s: running %r as %s (pid %d)",
-                      g.get("source"), stanza.name, g.get("user"), command, user.pw_name,
-                      proc.pid)
-        self.commands.append((proc, command, time.monotonic()))
-        return True
+                      source, stanza.name, username, command, user.pw_name, proc.pid)
+        self.running.append([proc, command, time.monotonic(), None])
+        return None
 
-    def reap_commands(self, limit=None):
-        """Log how finished commands ended; stop those that run longer than `limit` seconds
-        (COMMAND_TIME_LIMIT).  A kill that fails is logged, and the command left to end."""
+    def reap(self):
+        """Log how commands ended; kill the group of any that ran past the limit.  A
+        command counts as running while anything of its group does."""
         import signal
-        limit = COMMAND_TIME_LIMIT if limit is None else limit
-        running = []
-        for proc, command, started in self.commands:
-            status = proc.poll()
-            if status is None and time.monotonic() - started > limit:
+        still = []
+        for entry in self.running:
+            proc, command, started, status = entry
+            if status is None:
+                status = entry[3] = proc.poll()
+                if status is not None:
+                    self._exited(proc, command, status)
+            alive = self._group_alive(proc.pid)
+            if alive and time.monotonic() - started > self.limit:
                 if send_signal(self.log, proc.pid, signal.SIGKILL, "command %r" % command, True):
-                    status = proc.wait()
-                    self.log.warning("command %r ran over %d s: killed", command, limit)
+                    self.log.warning("command %r ran over %d s: killed%s", command, self.limit,
+                                     "" if status is None else " what it left running")
+                    if status is None:
+                        entry[3] = proc.wait()
+                        self._exited(proc, command, entry[3])
+                    alive = False
                 else:
                     self.log.warning("command %r ran over %d s and could not be killed: left "
-                                     "running", command, limit)
-                    started = float("inf")          # tried once; its end is still logged
-            if status is None:
-                running.append((proc, command, started))
-            else:
-                self.log.info("command %r (pid %d) exited with status %d", command, proc.pid,
-                              status)
-        self.commands = running
+                                     "running", command, self.limit)
+                    entry[2] = float("inf")          # tried once; its end is still logged
+            if alive or entry[3] is None:
+                still.append(entry)
+        self.running = still
+
+    def _exited(self, proc, command, status):
+        self.log.info("command %r (pid %d) exited with status %d", command, proc.pid, status)
 
     @staticmethod
-    def _nat_allowed(stanza, access, address, nat):
-        to_address, to_port, local = nat
-        if len(access) != 1 or not 1 <= to_port <= 65535 or (":" in to_address) != (":" in address):
+    def _group_alive(pgid):
+        """Whether the process group still has a process (its leader's number stays taken
+        while it does, so it names no one else)."""
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
             return False
-        if local:
-            # Local NAT must lead to this host: only a local address can be bound.
-            family = socket.AF_INET6 if ":" in to_address else socket.AF_INET
-            try:
-                with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                    probe.bind((to_address, 0))
-            except OSError:
-                return False
-            return stanza.nat_local
-        return stanza.nat_forward
+        except PermissionError:
+            return True
 
 
 class GatePipe(object):
-    """The packet reader's handle on the gatekeeper in the parent: one JSON line a request.
+    """The packet reader's handle on the gatekeeper in the parent: one line a packet.
 
     Writes never block: what the pipe cannot take now waits here, so the reader goes on
     draining its capture sockets while the parent is busy.
@@ -4172,9 +4695,8 @@ class GatePipe(object):
         except (OSError, ImportError):
             pass
 
-    def _send(self, request):
-        import json
-        self.pending += (json.dumps(request) + "\n").encode()
+    def knock(self, source, destination, wire, now=None, interface=None):
+        self.pending += request_line(source, destination, wire, interface)
         self.flush()
 
     def flush(self):
@@ -4187,73 +4709,54 @@ class GatePipe(object):
             del self.pending[:written]
         return True
 
-    def record(self, key, stamp, now=None):
-        self._send({"op": "record", "key": key, "stamp": stamp})
-
-    def grant(self, g, now=None):
-        g = dict(g, op="grant")
-        self._send(g)
-
 
 class Reader(object):
-    """The unprivileged side: capture, decide(), log rejections, pass the rest to the gate."""
+    """The unprivileged side: capture, screen() each packet (length, alphabet, HMAC: it
+    needs no AES key), drop what it passed on before, log rejections, and pass on the
+    rest to the gate."""
 
     def __init__(self, config, gate, log, seen=None):
         self.config, self.gate, self.log = config, gate, log
+        self.stanzas = config.stanzas
+        # Digests of the packets passed on (and the parent's, at start): a replay of a
+        # knock stops here, without costing the parent a decryption.
         self.seen = seen if seen is not None else ReplayCache(None, config.max_packet_age)
         self.limiter = RateLimiter()
         self.sockets = []
-        self.counts = {"accepted": 0, "rejected": 0}
+        self.names = {}        # with bind_interface: capture socket's fd -> its interface
+        self.counts = {"passed": 0, "rejected": 0}
         self.kernel_drops = 0
         self.status = None     # /proc/self/status, opened before the sandbox (start_reader)
 
-    def handle(self, payload, source, now=None, interface=None):
-        """Decide on one payload and pass an accepted or authenticated one on; returns the
-        Decision.  `interface`: the one the knock came in on (with bind_interface)."""
-        d = decide(payload, source, now, self.config.stanzas, self.seen.__contains__,
-                   self.config.max_packet_age)
-        if d.replay_key is not None:
-            now = time.time() if now is None else now
-        if not d.accepted:
-            self.counts["rejected"] += 1
-            if d.replay_key is not None and d.replay_key not in self.seen:
-                stamp = d.message.timestamp if d.message is not None else int(now)
-                self.seen.add(d.replay_key, stamp, now)
-                self.gate.record(d.replay_key, stamp, now)
-            if self.limiter.allow():
-                stanza = " [client %s]" % d.stanza.name if d.stanza else ""
-                fields = "; " + self.fields(d, now) if self.log.verbose and d.message else ""
-                self.log.info("rejected packet from %s%s: %s%s", source, stanza, d.reason, fields)
-            return d
-        self.counts["accepted"] += 1
-        msg = d.message
-        if self.log.verbose and self.limiter.allow():
-            self.log.debug("packet from %s [client %s] accepted; %s", source, d.stanza.name,
-                           self.fields(d, now))
-        self.seen.add(d.replay_key, msg.timestamp, now)
-        self.gate.grant({"key": d.replay_key, "stamp": msg.timestamp, "source": source,
-                         "address": d.allow_ip, "access": msg.access, "timeout": d.timeout,
-                         "stanza": d.stanza.name, "user": msg.username, "nat": d.nat,
-                         "command": msg.command, "interface": interface}, now)
-        return d
+    def name_interfaces(self, sockets):
+        """With bind_interface, learn each capture socket's interface (each is bound to
+        one): before the sandbox, which refuses getsockname."""
+        if self.config.bind_interface:
+            self.names = {sock.fileno(): sock.getsockname()[0] for sock in sockets}
 
-    @staticmethod
-    def fields(d, now):
-        """An authenticated packet's fields in one line, for -v: never key material."""
-        m = d.message
-        parts = ["user %s" % m.username,
-                 "timestamp %d (age %+d s)" % (m.timestamp, int(now) - m.timestamp),
-                 "type %d (%s)" % (m.msg_type, MSG_NAMES.get(m.msg_type, "?")),
-                 "allow IP %s%s" % (m.allow_ip, " (the source)" if m.allow_ip == "0.0.0.0" else ""),
-                 "command %r" % m.command if m.msg_type == MSG_COMMAND
-                 else "access %s" % (m.access_text() or "none")]
-        if m.nat_access is not None:
-            parts.append("NAT %s" % m.nat_access)
-        if m.msg_type in TIMEOUT_TYPES:
-            parts.append("client timeout %d s" % m.client_timeout)
-        if d.accepted and m.msg_type != MSG_COMMAND:
-            parts.append("open for %d s" % d.timeout)
-        return ", ".join(parts)
+    def handle(self, payload, source, now=None, frame=None, destination=None, interface=None):
+        """Screen one payload from `source` (its frame, or `destination`, gives where it was
+        sent) and pass it on if it authenticates.  Returns why it was refused here, or
+        what the gate answers (from the pipe: None)."""
+        stanza, signed = screen(payload, source, self.stanzas)
+        if stanza is None:                # the flood's path: nothing more than this
+            self.counts["rejected"] += 1
+            if self.limiter.allow():
+                self.log.info("rejected packet from %s: %s", source, signed)
+            return signed
+        key = packet_key(signed)
+        if key in self.seen:
+            self.counts["rejected"] += 1
+            if self.limiter.allow():
+                self.log.info("rejected packet from %s [client %s]: replayed packet", source,
+                              stanza.name)
+            return "replayed packet"
+        now = time.time() if now is None else now
+        self.seen.add(key, now, now)
+        self.counts["passed"] += 1
+        if destination is None:
+            destination = frame_destination(frame)
+        return self.gate.knock(source, destination, payload, now, interface)
 
     def stats(self):
         """One line of counters for the log (SIGUSR1, and at exit); benchmarks parse it."""
@@ -4264,10 +4767,10 @@ class Reader(object):
             except OSError:
                 pass
         cpu = os.times()
-        return ("stats: received %d, accepted %d, rejected %d, kernel drops %d, cpu %.3f s, rss %d kB"
-                % (self.counts["accepted"] + self.counts["rejected"], self.counts["accepted"],
-                   self.counts["rejected"], self.kernel_drops, cpu[0] + cpu[1],
-                   rss_kb(self.status)))
+        return ("stats: received %d, passed on %d, rejected %d, kernel drops %d, cpu %.3f s, "
+                "rss %d kB" % (self.counts["passed"] + self.counts["rejected"],
+                               self.counts["passed"], self.counts["rejected"], self.kernel_drops,
+                               cpu[0] + cpu[1], rss_kb(self.status)))
 
     def run(self, sockets, parent_fd=None, poller=None):
         """Wait on the capture sockets and handle each knock as it arrives.
@@ -4279,12 +4782,12 @@ class Reader(object):
         import select
         self.sockets = sockets
         poller = select.epoll() if poller is None else poller
-        by_fd, names = {}, {}
+        if not self.names:
+            self.name_interfaces(sockets)
+        by_fd = {}
         for sock in sockets:
             poller.register(sock, select.EPOLLIN)
             by_fd[sock.fileno()] = sock
-            if self.config.bind_interface:       # each socket is bound to one interface
-                names[sock.fileno()] = sock.getsockname()[0]
         if parent_fd is not None:
             poller.register(parent_fd, 0)       # EPOLLERR: the parent has gone
         waiting = False                         # requests the pipe could not take yet
@@ -4299,7 +4802,7 @@ class Reader(object):
                     return
                 if event & (select.EPOLLERR | select.EPOLLHUP):
                     raise CaptureLost()
-                interface = names.get(fd)
+                interface = self.names.get(fd)
                 for _ in range(64):            # a batch, then let the other sockets in
                     try:
                         frame = sock.recv(2048)
@@ -4309,7 +4812,7 @@ class Reader(object):
                         raise CaptureLost()
                     source, payload = parse_frame(frame)
                     if source is not None:
-                        self.handle(payload, source, None, interface)
+                        self.handle(payload, source, None, frame, None, interface)
             if parent_fd is not None and hasattr(self.gate, "flush"):
                 still = not self.gate.flush()
                 if still != waiting:
@@ -4321,11 +4824,10 @@ class Reader(object):
                 self.log_suppressed()
 
     def log_suppressed(self):
-        """Log how many packets the rate limit left out since the last such line."""
+        """Log how many rejections the rate limit left out since the last such line."""
         n = self.limiter.take_suppressed()
         if n:
-            self.log.info("%d more %s were not logged (rate limit)", n,
-                          "packets" if self.log.verbose else "rejected packets")
+            self.log.info("%d more rejected packets were not logged (rate limit)", n)
 
 
 def crypto_available():
@@ -4336,8 +4838,9 @@ def crypto_available():
 
 def preload():
     """Import now everything the packet reader may need later, when it can no longer read
-    the files (the hashes' and pycryptodome's modules are loaded on first use)."""
-    import ipaddress, json, resource, select  # noqa: F401,E401
+    the files (the hashes' modules are loaded on first use), and what the parent needs
+    to decrypt, so that the two share it (pycryptodome's AES)."""
+    import ipaddress, resource, select  # noqa: F401,E401
     key = b"k" * 32
     for mode in ENCRYPTION_MODES:
         for hmac_type in HMAC_TYPES:
@@ -4557,6 +5060,7 @@ def start_reader(config, sockets, seen, log, user):
         # What the loop needs that the sandbox would refuse it later: the file the stats
         # line reads, and the epoll it waits in.
         reader.status = os.open("/proc/self/status", os.O_RDONLY)
+        reader.name_interfaces(sockets)
         poller = select.epoll()
         confine_reader((w, log_w), (reader.status,), log)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)      # what came meanwhile, now
@@ -4598,7 +5102,7 @@ class Supervisor(object):
     """The parent: runs the packet reader, serves its requests, handles signals, and keeps the
     capture going when interfaces come and go."""
 
-    MAX_LINE = 4096
+    MAX_LINE = 4096           # the longest log line of the reader's that is logged whole
     CAPTURE_LOST = 3          # the reader's exit status when a capture socket failed
     RESTART_DELAY = (0.1, 60.0)   # a reader that keeps dying: first and longest wait (doubling)
 
@@ -4704,8 +5208,10 @@ class Supervisor(object):
                     signum = pending.pop(0)
                     if signum in (signal.SIGTERM, signal.SIGINT):
                         return
-                    if signum == signal.SIGUSR1 and self.pid:
-                        send_signal(self.log, self.pid, signal.SIGUSR1, "the packet reader")
+                    if signum == signal.SIGUSR1:
+                        self.log.info("%s", self.gate.stats())
+                        if self.pid:
+                            send_signal(self.log, self.pid, signal.SIGUSR1, "the packet reader")
                     if signum == signal.SIGHUP:
                         self.reload()
                 if self.waiting and self.open_captures():
@@ -4713,8 +5219,7 @@ class Supervisor(object):
                 if time.monotonic() >= next_expire:      # once a second, however busy
                     next_expire = time.monotonic() + 1
                     self._expire(firewall)
-                    self.gate.reap_commands()
-                    self.gate.retry_replay()
+                    self.gate.tick()
                     self.strays = [pid for pid in self.strays if not os.waitpid(pid, os.WNOHANG)[0]]
                 if time.monotonic() >= next_check:     # in case the monitor missed something
                     next_check = time.monotonic() + every
@@ -4767,7 +5272,6 @@ class Supervisor(object):
             for name in later:            # until then the running values hold
                 setattr(config, name, getattr(old, name))
         self.config = self.gate.config = config
-        self.gate.stanzas = {s.name: s for s in config.stanzas}
         self.gate.replay.max_age = config.max_packet_age
         firewall = self.gate.firewall
         nat = config.enable_forwarding or config.enable_local_nat
@@ -4850,14 +5354,15 @@ class Supervisor(object):
             self._start()
 
     def _serve(self):
-        """Read and carry out the reader's requests; False once its pipe has closed.
+        """Read and carry out the reader's requests; False once its pipe has closed, or
+        once it sent what no packet reader sends (it is killed then, and replaced).
 
-        One read is one batch (one fsync, one firewall change): up to 16 KiB, ~60
-        requests.  A burst is served in rounds of that size, and each request is
-        decoded only when its turn comes (and dropped once checked): the transient
-        objects of a round are few and fit in the same memory round after round.
-        (Rounds of 64 KiB took ~900 kB at their peak, which the allocator kept.)
+        One read is one round (one fsync, one firewall change): up to 16 KiB, ~70
+        requests.  A burst is served in rounds of that size, each request checked
+        and decided in its turn: the transient objects of a round are few and fit in
+        the same memory round after round.
         """
+        import signal
         try:
             chunk = os.read(self.fd, 16384)
         except BlockingIOError:
@@ -4866,23 +5371,16 @@ class Supervisor(object):
             return False
         self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
-        if len(self.buffer) > self.MAX_LINE:
-            lines, self.buffer = [b"{}"], b""
-        if lines:
-            self.gate.serve(self._decoded(lines))
-        return True
-
-    def _decoded(self, lines):
-        import json
-        for line in lines:
-            try:
-                request = json.loads(line.decode())
-                if request.get("op") not in ("record", "grant"):
-                    raise ValueError(request)
-            except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
-                self.log.error("refused a malformed request from the packet reader")
-                continue
-            yield request
+        if len(self.buffer) > REQUEST_LONGEST:      # refused before it is ever whole
+            lines.append(self.buffer)
+            self.buffer = b""
+        problem = self.gate.serve_lines(lines)[1] if lines else None
+        if problem is None:
+            return True
+        self.log.error("packet reader: %s; replacing it", problem)
+        # (If the kill is refused, the reader still ends: its pipe is closed next.)
+        send_signal(self.log, self.pid, signal.SIGKILL, "the packet reader")
+        return False
 
     def _reap(self):
         import signal
@@ -5159,6 +5657,10 @@ def check_config_main(args):
                   stanza.fw_access_timeout, stanza.max_fw_timeout, stanza.hmac_type, stanza.mode,
                   "; user must be " + stanza.require_username if stanza.require_username else "",
                   "; refuses 0.0.0.0" if stanza.require_source_address else ""))
+        if stanza.nat_forward:
+            print("    NAT access to other hosts: %s" % (", ".join(
+                map(format_nat_destination, stanza.nat_destinations)) or
+                "none (no nat_destinations)"))
     for note in config.notes:
         print("  note  access.conf: %s" % note)
     print("verdict: %s" % ("ok" if not line.failures else "%d problem(s)" % len(line.failures)))

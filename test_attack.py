@@ -86,19 +86,25 @@ def decide(config, payload, source=SRC, now=NOW, seen=()):
                       config.max_packet_age)
 
 
+DST = "198.18.1.1"               # where they are sent: this host's address in these tests
+
+
 class Box(object):
-    """The server without capture: the packet reader (decide, log) in front of the gatekeeper
-    (the replay cache file, the dry-run firewall), wired as server_main wires them."""
+    """The server without capture: the packet reader (screen, log) in front of the gatekeeper
+    (decide, the replay cache file, the dry-run firewall), wired as server_main wires them,
+    with the request line between them."""
 
     def __init__(self, config, replay, firewall=None):
         log = spa.Log("stderr", False)
         self.config, self.replay = config, replay
         self.firewall = firewall or spa.DryRunFirewall(config.protect)
-        self.reader = spa.Reader(config, spa.Gatekeeper(config, self.firewall, replay, log), log,
-                                 replay.copy())
+        self.reader = spa.Reader(config, spa.Gatekeeper(config, self.firewall, replay, log, {DST}),
+                                 log, replay.copy())
 
     def handle(self, payload, source, now):
-        return self.reader.handle(payload, source, now)
+        """The Decision: the parent's, or the reader's refusal as one."""
+        d = self.reader.handle(payload, source, now, destination=DST)
+        return spa.Decision(source, d) if isinstance(d, str) else d
 
     def prune(self, now):
         """The housekeeping both processes do every few seconds."""
@@ -172,8 +178,8 @@ def test_decide_never_accepts_packets_sealed_with_other_keys(tmp_path):
         assert not d.accepted
         if hmac_key != HMAC_RAW:
             assert "HMAC does not match" in d.reason and d.replay_key is None
-        else:                             # authenticated, wrong key: refused, remembered
-            assert "decryption failed" in d.reason and d.replay_key is not None
+        else:         # authenticated, wrong key: refused, and no one's message: not recorded
+            assert "decryption failed" in d.reason and d.replay_key is None
     check()
 
 
@@ -297,7 +303,8 @@ def test_authenticated_hostile_plaintexts(tmp_path):
         event("accepted" if d.accepted else d.reason.split(" (")[0][:40])
         assert d.reason is None if d.accepted else d.reason
         assert "internal error" not in (d.reason or "")
-        assert d.replay_key is not None
+        # Recorded once the plaintext shows the keys made it: 16 digits and a colon.
+        assert (d.replay_key is not None) == (plain[:16].isdigit() and plain[16:17] == b":")
         if d.accepted:
             msg = d.message
             assert msg.msg_type in (spa.MSG_ACCESS, spa.MSG_TIMEOUT_ACCESS)
@@ -323,7 +330,7 @@ def test_authenticated_base64_junk(tmp_path):
         assert not d.accepted and d.reason
         if (len(spa.SALT_PREFIX) + len(text)) % 4 != 1:
             assert "internal error" not in d.reason
-            assert d.replay_key is not None
+            assert d.replay_key is None       # no one's message: nothing to remember
     check()
 
 
@@ -397,13 +404,18 @@ BAD_FIELDS = bad_field_cases()
 @pytest.mark.parametrize("plain,reason", [c[1:] for c in BAD_FIELDS],
                          ids=[c[0] for c in BAD_FIELDS])
 def test_authenticated_packet_with_a_bad_field(tmp_path, plain, reason):
-    """Refused for a clear reason, and the replay key is set; the server records it."""
+    """Refused for a clear reason, and the replay key is set; the server records it.  (But
+    for a random value that is not 16 digits and a colon: then the plaintext is nobody's
+    message, as far as the server can tell, and nothing is recorded.)"""
     server = make_server(tmp_path, {"alice": {"open_ports": "tcp/22"}})
     wire = sealed(plain)
     d = decide(server.config, wire)
     assert not d.accepted
     assert reason in d.reason, d.reason
     assert "internal error" not in d.reason
+    if not (plain[:16].isdigit() and plain[16:17] == b":"):
+        assert d.replay_key is None and server.handle(wire, SRC, NOW).reason == d.reason
+        return
     assert d.replay_key is not None
     handled = server.handle(wire, SRC, NOW)
     assert not handled.accepted and handled.replay_key in server.replay
@@ -452,14 +464,16 @@ def test_fixed_authenticated_truncated_base64(tmp_path):
     it into reason "internal error ValueError: truncated base64", and replay_key is None,
     although decide()'s contract is that every authenticated packet gets a replay key.
     Reproduce:  text = b"A" * 151; wire = text + spa.hmac_b64(hmac_key, b"U2FsdGVkX1" + text,
-    "sha256"); spa.decide(wire, ...).reason"""
+    "sha256"); spa.decide(wire, ...).reason
+    (Since the packet reader and the parent split decide(), only a packet that decrypts to a
+    message gets a replay key; this one is refused for its reason, and gets none.)"""
     config = server_config(tmp_path)
     text = b"A" * 151
     wire = text + spa.hmac_b64(HMAC_RAW, spa.SALT_PREFIX + text, "sha256")
     d = decide(config, wire)
     assert not d.accepted
     assert "internal error" not in d.reason, d.reason
-    assert d.replay_key is not None
+    assert d.replay_key is None        # since the split: only decrypted messages are recorded
 
 
 def test_fixed_allow_ip_with_leading_zeros_opens_another_address(tmp_path):

@@ -198,8 +198,11 @@ def test_vectors_accepted_when_the_stanza_matches(tmp_path, name, option):
 def test_nat_vectors_with_nat_enabled(tmp_path, name, nat, timeout):
     vec = vector(name)
     key = vec["key_b64"]
+    # Forwarding checks the port knocked on (5022) and the target against nat_destinations;
+    # local NAT the port it leads to (22), not the one knocked on (55000).
     config = server_config(tmp_path, {"vec": {"key_base64": key, "hmac_key_base64": vec["hmac_key_b64"],
-                                              "open_ports": "tcp/5022,tcp/55000",
+                                              "open_ports": "tcp/5022,tcp/22",
+                                              "nat_destinations": "10.11.12.0/24:22",
                                               "enable_nat": "yes"}},
                            enable_forwarding="yes", enable_local_nat="yes")
     d = decide(config, vec["wire"].encode(), now=vector_time(vec))
@@ -399,10 +402,11 @@ def test_wrong_keys_are_rejected(tmp_path):
     other = base64.b64encode(os.urandom(32)).decode()
     d = decide(config, knock(hmac_key=base64.b64encode(os.urandom(64)).decode()))
     assert not d.accepted and "HMAC does not match" in d.reason
-    # Right HMAC key, wrong encryption key: authenticated, so it is remembered, then refused.
+    # Right HMAC key, wrong encryption key: authenticated but no message, so refused and not
+    # remembered (it can never open anything; only a key holder's message is recorded).
     d = decide(config, knock(key=other))
     assert not d.accepted and "decryption failed" in d.reason
-    assert d.replay_key is not None
+    assert d.replay_key is None
 
 
 def test_random_bytes_never_raise(tmp_path):
@@ -497,7 +501,9 @@ def test_authenticated_bad_fields(tmp_path, field, value, reason):
     config = server_config(tmp_path)
     d = decide(config, knock(**{field: value}))
     assert not d.accepted and reason in d.reason
-    assert d.replay_key is not None           # remembered all the same
+    # Remembered all the same once the plaintext shows the AES key made it (16 digits
+    # and a colon); before that it is nobody's message and can never open anything.
+    assert (d.replay_key is not None) == (field != "rand")
 
 
 @pytest.mark.parametrize("allow_ip", ["300.1.1.1", "1.2.3", "::1", "a.b.c.d", "1.2.3.4.5"])
@@ -611,13 +617,18 @@ def test_packed_map_behaves_like_a_dict():
 
 
 def test_replay_cache_keeps_future_packets(tmp_path):
-    """A packet stamped in the future stays remembered until it could no longer pass."""
+    """A packet stamped ahead (within the window) stays remembered until it could no longer
+    pass; one stamped further ahead is refused by the age check and kept two windows."""
     path = str(tmp_path / "replay.cache")
     now = 1800000000
     cache = spa.ReplayCache(path, 120, now)
-    cache.add("F" * 43, now + 5000, now)
+    cache.add("F" * 43, now + 100, now)
+    cache.add("G" * 43, now + 5000, now)
     cache.close()
-    assert "F" * 43 in spa.ReplayCache(path, 120, now + 5000)
+    later = spa.ReplayCache(path, 120, now + 220)
+    assert "F" * 43 in later and "G" * 43 in later
+    later.close()
+    assert "F" * 43 not in spa.ReplayCache(path, 120, now + 241)
 
 
 def test_reader_records_authenticated_rejects(tmp_path):
@@ -625,42 +636,44 @@ def test_reader_records_authenticated_rejects(tmp_path):
     replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
     firewall = spa.DryRunFirewall(config.protect)
     log = spa.Log("stderr", False)
-    reader = spa.Reader(config, spa.Gatekeeper(config, firewall, replay, log), log, replay.copy())
+    here = {"198.18.0.1"}
+    reader = spa.Reader(config, spa.Gatekeeper(config, firewall, replay, log, here), log,
+                        replay.copy())
     bad = knock([("tcp", 80)])
-    assert not reader.handle(bad, "198.18.0.2").accepted
+    assert not reader.handle(bad, "198.18.0.2", destination="198.18.0.1").accepted
     good = knock()
-    assert reader.handle(good, "198.18.0.2").accepted
+    assert reader.handle(good, "198.18.0.2", destination="198.18.0.1").accepted
     assert firewall.opened == [("198.18.0.2", "tcp", 22, 30)]
     replay.close()
-    # Both are in the file: neither packet can be used again, even after a restart.
+    # Both are in the file: neither packet can be used again, even after a restart, and
+    # neither gets past the parent, whatever a packet reader passes on.
     restarted = spa.ReplayCache(config.replay_cache, config.max_packet_age)
-    reader = spa.Reader(config, spa.Gatekeeper(config, firewall, restarted, log), log,
-                        restarted.copy())
+    gate = spa.Gatekeeper(config, firewall, restarted, log, here)
+    reader = spa.Reader(config, gate, log, restarted.copy())
     for wire in (bad, good):
-        d = reader.handle(wire, "198.18.0.2")
+        assert reader.handle(wire, "198.18.0.2", destination="198.18.0.1") == "replayed packet"
+        d = gate.knock("198.18.0.2", "198.18.0.1", wire)
         assert not d.accepted and d.reason == "replayed packet"
     assert len(firewall.opened) == 1
 
 
-def test_gatekeeper_checks_what_the_reader_asks(tmp_path):
-    """A compromised packet reader can ask for no more than a valid knock could get."""
+def test_gatekeeper_decides_itself_on_what_the_reader_passes_on(tmp_path):
+    """The parent believes nothing of a request but that a packet arrived: it checks the
+    HMAC again, decrypts, and applies the policy itself; the packet decides what opens."""
     config = server_config(tmp_path, {"a": {"open_ports": "tcp/22", "max_fw_timeout": "60"}})
     replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
     firewall = spa.DryRunFirewall(config.protect)
-    gate = spa.Gatekeeper(config, firewall, replay, spa.Log("stderr", False))
-    ok = {"key": "K" * 43, "stamp": int(time.time()), "source": "198.18.0.2",
-          "address": "198.18.0.2", "access": [["tcp", 22]], "timeout": 30, "stanza": "a",
-          "user": "alice"}
-    for bad in ({"access": [["tcp", 23]]}, {"timeout": 61}, {"timeout": 0}, {"stanza": "zz"},
-                {"address": "198.18.0.2; flush ruleset"}, {"address": None}, {"access": []},
-                {"key": "short"}, {"access": "tcp/22"}, {"key": "!" * 43}, {"key": "K" * 42 + "="},
-                {"key": 43}):
-        assert not gate.grant(dict(ok, **bad)), bad
+    gate = spa.Gatekeeper(config, firewall, replay, spa.Log("stderr", False), {"198.18.0.1"})
+    for wire in (knock([("tcp", 23)]), knock(timestamp=int(time.time()) - 500), knock(hmac_key=KEY),
+                 knock(key=HMAC_KEY), b"A" * 204):
+        assert not gate.knock("198.18.0.2", "198.18.0.1", wire).accepted
     assert firewall.opened == []
-    assert gate.grant(ok)
-    assert not gate.grant(ok)                 # the same packet twice
-    assert firewall.opened == [("198.18.0.2", "tcp", 22, 30)]
-    assert "K" * 43 in spa.ReplayCache(config.replay_cache, config.max_packet_age)
+    wire = knock(timeout=60)
+    assert gate.knock("198.18.0.2", "198.18.0.1", wire).accepted
+    assert not gate.knock("198.18.0.2", "198.18.0.1", wire).accepted     # the same packet twice
+    assert firewall.opened == [("198.18.0.2", "tcp", 22, 60)]
+    assert spa.packet_key(spa.SALT_PREFIX + wire[:-43]) in \
+        spa.ReplayCache(config.replay_cache, config.max_packet_age)
 
 
 class RecordingGate(object):
@@ -1297,7 +1310,7 @@ def test_only_the_configured_interface_and_port_are_watched(tmp_path):
         wait_for_line(server, r"accepted packet from", 2)
         # SIGUSR1 logs the counters: only what the filter passed on this interface was seen.
         os.kill(server.pid, 10)
-        m = wait_for_line(server, r"stats: received (\d+), accepted (\d+), rejected (\d+), "
+        m = wait_for_line(server, r"stats: received (\d+), passed on (\d+), rejected (\d+), "
                           r"kernel drops (\d+), cpu [\d.]+ s, rss (\d+) kB", 2)
         assert [int(g) for g in m.groups()[:4]] == [2, 1, 1, 0]   # the garbage, the knock
         assert KEY not in server.log.text() and HMAC_KEY not in server.log.text()
@@ -2174,7 +2187,8 @@ def test_client_builds_nat_requests_as_fwknop_does(tmp_path, name):
 
 def nat_server(lab, tmp_path, **server):
     return start_server(lab, tmp_path, {"alice": {"fw_access_timeout": "4", "enable_nat": "yes",
-                                                  "open_ports": "tcp/5022,tcp/55000,tcp/8022"}},
+                                                  "open_ports": "tcp/5022,tcp/55000,tcp/8022",
+                                                  "nat_destinations": "%s:2222" % Lab.cli4(2)}},
                         **server)
 
 
@@ -2318,9 +2332,9 @@ def test_syslog_lines_say_spa_and_never_the_keys(tmp_path, monkeypatch):
     config = server_config(tmp_path)
     replay = spa.ReplayCache(None, 120)
     reader = spa.Reader(config, spa.Gatekeeper(config, spa.DryRunFirewall(config.protect),
-                                               replay, log), log, replay.copy())
+                                               replay, log, {"198.18.0.1"}), log, replay.copy())
     reader.handle(b"A" * 204, "198.18.0.2")
-    reader.handle(knock(), "198.18.0.2")
+    reader.handle(knock(), "198.18.0.2", destination="198.18.0.1")
     lines = [sink.recv(4096).decode(), sink.recv(4096).decode()]
     sink.close()
     assert re.match(r"<30>spa\[\d+\]: rejected packet from 198\.18\.0\.2: HMAC", lines[0])  # daemon.info

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A long fuzz run against spa.decide() and the config parsers.
+"""A long fuzz run against spa.decide(), the parent's request handling and the config parsers.
 
     python3 fuzz/fuzz_spa.py                    # 1,000,000 cases (a few minutes)
     python3 fuzz/fuzz_spa.py --cases 20000      # a short run
@@ -12,8 +12,10 @@ input; its first byte picks what it is fed to:
   wire         the bytes as a captured payload               must never be accepted
   b64wire      the bytes mapped onto the base64 alphabet     must never be accepted
   mutant       edits of a real, valid packet                 must never be accepted
-  authjunk     base64 text with a valid HMAC (a key holder)  refused, replay key set
+  authjunk     base64 text with a valid HMAC (a key holder)  refused, nothing to record
   plaintext    the bytes as a plaintext, sealed with the keys  policy holds if accepted
+  request      the bytes as lines from a packet reader to     never raises; opens only for
+               the parent (Gatekeeper.serve_lines)           packets made with the keys
   config       the bytes as spa.conf                         only SpaError may escape
   access_conf  the bytes as fwknop's access.conf             only SpaError may escape
 
@@ -41,15 +43,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-TARGETS = ("wire", "b64wire", "mutant", "authjunk", "plaintext", "config", "access_conf")
+TARGETS = ("wire", "b64wire", "mutant", "authjunk", "plaintext", "config", "access_conf",
+           "request")
 SRC = "198.18.1.2"
+ME = "198.18.1.1"                 # this host's address, to the gatekeeper under test
 B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 DICTIONARY = [b"[server]", b"[client a]", b"[default]", b"protect", b"tcp/22", b"udp/53",
               b"key_base64", b"hmac_key_base64", b"hmac_digest_type", b"open_ports", b"source",
               b"fw_access_timeout", b"max_fw_timeout", b"require_source_address", b"access_expire",
               b"restrict_ports", b"encryption_mode", b"protect_action", b"max_packet_age",
               b"SOURCE", b"KEY_BASE64", b"HMAC_KEY_BASE64", b"OPEN_PORTS", b"%include",
-              b"ANY", b"0.0.0.0,", b"198.18.1.2,", b"U2FsdGVkX1", b"=", b":", b",", b"\n", b" = "]
+              b"ANY", b"0.0.0.0,", b"198.18.1.2,", b"U2FsdGVkX1", b"=", b":", b",", b"\n", b" = ",
+              b" ", b"198.18.1.1 ", b"198.18.1.2 ", b"2001:db8::2 ", b"fe80::1%lo", b"::", b"Infinity",
+              b'{"op": "grant"', b"["]
 
 
 class Fuzz(object):
@@ -132,6 +138,13 @@ class Fuzz(object):
                   % (base64.b64encode(self.key).decode(), base64.b64encode(self.hmac_key).decode()))
         seeds.append(bytes([t("access_conf"), 0]) + access.encode())
         seeds.append(bytes([t("access_conf"), 1]) + access.encode())
+        lines = [spa.request_line(SRC, ME, w) for w in self.valid]
+        seeds += [bytes([t("request")]) + line for line in lines]
+        seeds.append(bytes([t("request")]) + b"".join(lines))
+        seeds += [bytes([t("request")]) + line for line in (
+            b'{"op": "grant", "stanza": [1], "timeout": 1e999, "stamp": Infinity}\n',
+            b"[" * 600 + b"\n", spa.request_line("2001:db8::2", "2001:db8::1", self.valid[0]),
+            lines[0].replace(SRC.encode(), b"fe80::1%lo"))]
         return seeds
 
     def vectors(self):
@@ -217,17 +230,29 @@ class Fuzz(object):
         if bytes(w) != base:
             self.check_unauthenticated("mutant", bytes(w), data)
 
-    def check_authenticated(self, target, wire, data):
+    def check_authenticated(self, target, wire, data, plain=None):
+        """A packet with a valid HMAC: its replay key is set exactly when its plaintext
+        (`plain`, where the fuzzer made one) shows the keys made it: 16 digits and ':'."""
         spa = self.spa
         d = self.decide(wire)
         in_range = spa.MIN_WIRE_LEN <= len(wire) <= spa.MAX_WIRE_LEN
+        message = plain is not None and plain[:16].isdigit() and plain[16:17] == b":"
         if d.reason and d.reason.startswith("internal error"):
             self.crash(target, "reason %r" % d.reason, data)
-        elif in_range and d.replay_key is None:
-            self.crash(target, "authenticated, but no replay key (reason %r)" % d.reason, data)
+        elif in_range and (d.replay_key is not None) != message:
+            self.crash(target, "replay key %s for %s (reason %r)" % (
+                "set" if d.replay_key else "missing", "a message" if message else "no message",
+                d.reason), data)
         if not d.accepted:
             return
         self.accepted[target] += 1
+        problems = self.policy_problems(d, SRC)
+        if problems:
+            self.crash(target, "accepted with " + "; ".join(problems), data)
+
+    def policy_problems(self, d, source):
+        """What an accepted Decision from `source` breaks of the policy (a list)."""
+        spa = self.spa
         msg, problems = d.message, []
         if msg.msg_type not in (spa.MSG_ACCESS, spa.MSG_TIMEOUT_ACCESS):
             problems.append("message type %r" % msg.msg_type)
@@ -235,7 +260,7 @@ class Fuzz(object):
             problems.append("timestamp outside the window")
         if not msg.access or not set(msg.access) <= d.stanza.open_ports:
             problems.append("ports %r" % msg.access)
-        if d.allow_ip != (SRC if msg.allow_ip == "0.0.0.0" else msg.allow_ip):
+        if d.allow_ip != (source if msg.allow_ip == "0.0.0.0" else msg.allow_ip):
             problems.append("allow IP %r" % d.allow_ip)
         if msg.allow_ip == "0.0.0.0" and d.stanza.require_source_address:
             problems.append("0.0.0.0 with require_source_address")
@@ -248,9 +273,9 @@ class Fuzz(object):
             if str(ipaddress.IPv4Address(d.allow_ip)) != d.allow_ip:
                 raise ValueError
         except ValueError:
-            problems.append("allow IP %r is not a canonical IPv4 address" % d.allow_ip)
-        if problems:
-            self.crash(target, "accepted with " + "; ".join(problems), data)
+            if d.allow_ip != source:
+                problems.append("allow IP %r is not a canonical IPv4 address" % d.allow_ip)
+        return problems
 
     def t_authjunk(self, body, data):
         text = bytes(B64[b & 63] for b in body)
@@ -265,7 +290,46 @@ class Fuzz(object):
             plain += b":" + self.spa.b64encode(hashlib.sha256(plain).digest())
         salt = hashlib.sha256(data).digest()[:8]
         wire = self.spa.seal(plain, self.key, self.hmac_key, salt=salt)
-        self.check_authenticated("plaintext", wire, data)
+        self.check_authenticated("plaintext", wire, data, plain)
+
+    def t_request(self, body, data):
+        """The bytes as a packet reader's lines to the parent: it never raises, fails no
+        request internally, asks for the reader to be replaced exactly when a line is
+        malformed, and opens only for the packets made with the keys, once each, as the
+        policy says, on this host's address."""
+        spa = self.spa
+        lines = body.split(b"\n")[:8]
+        gate = spa.Gatekeeper(self.config, spa.DryRunFirewall(self.config.protect),
+                              spa.ReplayCache(None, 120), Quiet(), {ME})
+        decisions, problem = gate.serve_lines(lines, self.now)
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append(spa.parse_request(line))
+            except ValueError:
+                break
+        if (problem is not None) != (len(parsed) < len(lines)) or "raised" in (problem or ""):
+            self.crash("request", "problem %r for %d of %d lines parsed" % (problem, len(parsed),
+                                                                            len(lines)), data)
+        opened = set()
+        for d, (source, destination, wire) in zip(decisions, parsed):
+            if "internal error" in (d.reason or ""):
+                self.crash("request", "reason %r" % d.reason, data)
+            if not d.accepted:
+                continue
+            self.accepted["request"] += 1
+            problems = self.policy_problems(d, source)
+            if wire not in self.valid:
+                problems.append("a packet the fuzzer made without the keys")
+            if wire in opened:
+                problems.append("the same packet twice")
+            if destination != ME:
+                problems.append("addressed to %s" % destination)
+            opened.add(wire)
+            if problems:
+                self.crash("request", "accepted with " + "; ".join(problems), data)
+        if len(gate.firewall.opened) > len(opened) * 2:
+            self.crash("request", "the firewall holds more than was accepted", data)
 
     def parse_config(self, target, text, data, access):
         spa = self.spa
@@ -300,14 +364,25 @@ class Fuzz(object):
                  "unchanged seed packets made with the keys not counted)"
                  % (sum(self.accepted[t] for t in ("wire", "b64wire", "mutant")), unauth,
                     self.seed_accepts),
-                 "  accepted with the keys: plaintext %d, authjunk %d"
-                 % (self.accepted["plaintext"], self.accepted["authjunk"]),
+                 "  accepted with the keys: plaintext %d, authjunk %d; requests granted "
+                 "(packets made with the keys, any words around them) %d"
+                 % (self.accepted["plaintext"], self.accepted["authjunk"],
+                    self.accepted["request"]),
                  "  crashes: %d in all, %d distinct" % (self.crashes, len(self.unique))]
         for (target, _), (path, description) in sorted(self.unique.items()):
             lines.append("    %s: %s\n      reproduce: python3 fuzz/fuzz_spa.py --replay %s"
                          % (target, description, path))
         print("\n".join(lines), flush=True)
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+class Quiet(object):
+    """The gatekeeper's log, thrown away."""
+
+    def _say(self, text, *args):
+        pass
+
+    debug = info = warning = error = _say
 
 
 def main(argv=None):

@@ -4511,28 +4511,31 @@ class Gatekeeper(object):
                 d.accepted, d.reason = False, reason
 
     def _log(self, d, now):
-        """One line a decision: refusals rate-limited; with -v, the packet's fields too."""
-        fields = "; " + packet_fields(d, now) if self.log.verbose and d.message else ""
+        """One line a decision, refusals rate-limited; with -v (verbose), the fields of each
+        packet that authenticated too (appended to a refusal; a line of their own, also
+        rate-limited, before an acceptance)."""
+        fields = packet_fields(d, now) if self.log.verbose and d.message else None
         if not d.accepted:
             self.counts["refused"] += 1
             if self.limiter.allow():
                 self.log.info("rejected packet from %s%s: %s%s", d.source, " [client %s]"
-                              % d.stanza.name if d.stanza else "", d.reason, fields)
+                              % d.stanza.name if d.stanza else "", d.reason,
+                              "; " + fields if fields else "")
             return
         self.counts["accepted"] += 1
+        if fields and self.limiter.allow():
+            self.log.debug("packet from %s [client %s] accepted; %s", d.source, d.stanza.name,
+                           fields)
         msg, nat = d.message, d.nat
         if msg.msg_type == MSG_COMMAND:
-            if fields:
-                self.log.debug("packet from %s [client %s] accepted%s", d.source,
-                               d.stanza.name, fields)
             return                       # CommandRunner said what it started
         what = format_access(msg.access) if nat is None else "%s forwarded to %s" % (
             format_access(msg.access), format_endpoint(nat[0], nat[1]))
-        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s%s",
+        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s",
                       d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout,
                       " on " + d.interface if d.interface else "",
                       " (test mode: firewall unchanged)"
-                      if isinstance(self.firewall, DryRunFirewall) else "", fields)
+                      if isinstance(self.firewall, DryRunFirewall) else "")
 
     def tick(self):
         """Once a second: reap commands, retry a replay cache that could not be written,
@@ -4582,13 +4585,8 @@ class CommandRunner(object):
     PR_SET_NO_NEW_PRIVS = 38
 
     def __init__(self, log, limit=None, most=MOST):
-        self.log, self.most = log, most
-        self._limit = limit
+        self.log, self.limit, self.most = log, limit, most     # limit None: the constant's
         self.running = []      # [process, command, start (monotonic), exit status or None]
-
-    @property
-    def limit(self):
-        return COMMAND_TIME_LIMIT if self._limit is None else self._limit
 
     def start(self, stanza, command, source, username, test=False):
         """Start one command; None when it started (or would, in test mode), else why not."""
@@ -4638,6 +4636,7 @@ class CommandRunner(object):
         """Log how commands ended; kill the group of any that ran past the limit.  A
         command counts as running while anything of its group does."""
         import signal
+        limit = COMMAND_TIME_LIMIT if self.limit is None else self.limit
         still = []
         for entry in self.running:
             proc, command, started, status = entry
@@ -4646,9 +4645,9 @@ class CommandRunner(object):
                 if status is not None:
                     self._exited(proc, command, status)
             alive = self._group_alive(proc.pid)
-            if alive and time.monotonic() - started > self.limit:
+            if alive and time.monotonic() - started > limit:
                 if send_signal(self.log, proc.pid, signal.SIGKILL, "command %r" % command, True):
-                    self.log.warning("command %r ran over %d s: killed%s", command, self.limit,
+                    self.log.warning("command %r ran over %d s: killed%s", command, limit,
                                      "" if status is None else " what it left running")
                     if status is None:
                         entry[3] = proc.wait()
@@ -4656,7 +4655,7 @@ class CommandRunner(object):
                     alive = False
                 else:
                     self.log.warning("command %r ran over %d s and could not be killed: left "
-                                     "running", command, self.limit)
+                                     "running", command, limit)
                     entry[2] = float("inf")          # tried once; its end is still logged
             if alive or entry[3] is None:
                 still.append(entry)
@@ -5072,7 +5071,8 @@ def start_reader(config, sockets, seen, log, user):
             code = 0
         except CaptureLost:
             code = Supervisor.CAPTURE_LOST
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # stopping already: say what was seen
+        # Stopping already: say what was seen.  (A mask, as the sandbox refuses sigaction.)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         reader.log_suppressed()
         log.info("%s", reader.stats())
     except SpaError as e:
@@ -6321,12 +6321,23 @@ max_packet_age = 120
 replay_cache = /var/lib/spa/replay.cache
 # stderr (for systemd's journal) or syslog (identity "spa").
 log = stderr
-# The unprivileged user that reads and parses packets.
-user = nobody
+# The unprivileged user that reads and parses packets.  Default: its own system user, spa
+# (setup.sh and `spa.py install` create it); without it, nobody, with a warning.
+# user = spa
 # Interfaces that may come and go (a PPPoE link): captured whenever they are there.
 # optional_interface = ppp0
 # fwknopd's access.conf, to load its stanzas too.
 # access_conf = /etc/fwknop/access.conf
+# The host's saved firewall, which must hold spa.py's protection so that a firewall reload
+# or a boot never leaves the ports open (spa.py firewall-config --write puts it there):
+# auto (the distribution's place), none, or the file(s): nft: the ruleset file
+# (/etc/nftables.conf); iptables: the IPv4 and IPv6 rules files.
+# saved_firewall = auto
+# nft: the file firewall-config writes spa.py's table to, which that ruleset includes.
+# nft_include = /etc/spa/spa.nft
+# yes: an opening holds only on the interface its knock came in on (interface must name
+# the interfaces, not "any").
+# bind_interface = no
 
 # One [client NAME] section per key pair, as spa.py keygen writes them.  The first one
 # whose source matches and whose keys authenticate the packet decides.  Besides the keys:
@@ -6336,6 +6347,10 @@ user = nobody
 #   max_fw_timeout = 300           the most a client may ask for (spa.py client -f)
 #   require_username = alice       the username the packet must carry
 #   require_source_address = no    yes: refuse packets that ask to open "for whoever sent this"
+#   max_openings = 1000            openings it may hold at once (each costs the kernel a little memory)
+#   nat_destinations = 10.0.0.7:22, 10.0.1.0/24:8000-8099, [2001:db8::7]:22
+#                                  with enable_nat = yes and [server] enable_forwarding = yes:
+#                                  the only hosts and ports a knock may forward to (none if absent)
 """
 
 

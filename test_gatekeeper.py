@@ -56,6 +56,8 @@ OTHER_HMAC = base64.b64encode(b"p" * 64).decode()
 class Logged(object):
     """A Log that keeps its lines (the gatekeeper's log, read by the tests)."""
 
+    verbose = False
+
     def __init__(self):
         self.lines = []
 
@@ -120,8 +122,14 @@ def test_request_lines_are_three_strict_words():
     for source, destination in ((SRC, ME), ("2001:db8:1::2", "2001:db8:1::1"), ("::", "::1")):
         line = spa.request_line(source, destination, wire)
         assert line.endswith(b"\n") and line.count(b" ") == 2
-        assert spa.parse_request(line[:-1]) == (source, destination, wire)
+        assert spa.parse_request(line[:-1]) == (source, destination, wire, None)
     assert spa.parse_request(b"2001:DB8:0::2 198.18.0.1 " + wire)[0] == "2001:db8::2"
+    # With bind_interface, the interface the knock came in on is a fourth word.
+    line = spa.request_line(SRC, ME, wire, "eth0")
+    assert spa.parse_request(line[:-1]) == (SRC, ME, wire, "eth0")
+    for interface in (b"", b"a/b", b"x" * 16, b"eth0:1", b"\xff", b"e\x1bth"):
+        with pytest.raises(ValueError):
+            spa.parse_request(line[:-5] + interface)
     good = spa.request_line(SRC, ME, wire)[:-1]
     bad = [b"", b" ", good + b" ", b" " + good, good.replace(b" ", b"  ", 1),
            good.replace(b" ", b"\t", 1), good + b"\0", good.replace(b"198.18.0.2", b"198.18.0.2\0"),
@@ -304,7 +312,7 @@ def test_any_line_from_the_reader_is_refused_or_granted_within_the_policy(tmp_pa
         new = gate.firewall.opened[before:]
         granted = [d for d in decisions if d.accepted]
         assert len(new) == len(granted)
-        for d, (source, destination, wire), opening in zip(
+        for d, (source, destination, wire, _), opening in zip(
                 [d for d in decisions if d.accepted], [p for p, d in zip(parsed, decisions)
                                                        if d.accepted], new):
             assert "internal error" not in (d.reason or "")

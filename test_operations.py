@@ -99,9 +99,9 @@ def alive(pid):
 
 
 def reader_dropped(server_pid, timeout=3.0):
-    """Wait until the server's packet reader runs as nobody; its pid."""
+    """Wait until the server's packet reader runs as its own user (spa.READER_USER); its pid."""
     import pwd
-    nobody = str(pwd.getpwnam("nobody").pw_uid)
+    nobody = str(pwd.getpwnam(spa.READER_USER).pw_uid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for pid in children(server_pid):
@@ -113,7 +113,7 @@ def reader_dropped(server_pid, timeout=3.0):
             if uids == [nobody] * 4:
                 return pid
         time.sleep(0.005)
-    raise TimeoutError("the packet reader did not become nobody")
+    raise TimeoutError("the packet reader did not become %s" % spa.READER_USER)
 
 
 def send_command(lab, command):
@@ -154,7 +154,7 @@ def test_server_under_the_unit_s_capabilities(tmp_path, without_kill):
             wait_for_line(server, r"cannot send signal 10 to the packet reader \(pid \d+\): "
                           r"Operation not permitted \(the server lacks CAP_KILL\)", 3, since=mark)
         else:
-            wait_for_line(server, r"stats: received 0, accepted 0", 3, since=mark)
+            wait_for_line(server, r"stats: received 0, passed on 0", 3, since=mark)
         assert closed(lab, "cli1", Lab.srv4(1))
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
         send_command(lab, "/bin/sleep 30")
@@ -414,7 +414,7 @@ def test_server_on_a_full_disk_refuses_knocks_and_recovers(tmp_path):
         wait_for_line(server, r"replay cache .*replay.cache cannot be written \(No space left on "
                       r"device\): knocks are refused until it can", 2)
         assert timed_knock(lab, "cli2", Lab.srv4(2)) is None
-        wait_for_line(server, r"refused the knock from 198\.18\.2\.2 \[client alice\]: no durable "
+        wait_for_line(server, r"rejected packet from 198\.18\.2\.2 \[client alice\]: no durable "
                       r"replay record \(No space left on device\)", 1)
         assert server.poll() is None and closed(lab, "cli2", Lab.srv4(2))
         disk.free()
@@ -432,7 +432,7 @@ def test_server_on_a_full_disk_refuses_knocks_and_recovers(tmp_path):
         wait_for_line(server, r"replay cache .*: skipped 1 line\(s\) that could not be read", 1)
         wait_for_line(server, r"cannot be written \(No space left on device\): knocks are refused", 1)
         assert timed_knock(lab, "cli2", Lab.srv4(2)) is None
-        wait_for_line(server, r"refused the knock from 198\.18\.2\.2", 1)
+        wait_for_line(server, r"rejected packet from 198\.18\.2\.2 \[client alice\]: no durable", 1)
         disk.free()
         assert timed_knock(lab, "cli2", Lab.srv4(2)) is not None
         assert Lab.stop_process(server) == 0
@@ -471,7 +471,8 @@ def test_install_sets_modes_whatever_the_umask(tmp_path):
     assert done.returncode == 0, done.stderr
     pyc = [p for p in modes(prefix) if p.endswith(".pyc")]
     assert len(pyc) == 1
-    expected = {"bin": "0o755", "bin/spa": "0o755", "lib": "0o755", "lib/spa": "0o755",
+    expected = {"bin": "0o755", "bin/spa": "0o755", "bin/spa.py": "0o777",     # (a symlink)
+                "lib": "0o755", "lib/spa": "0o755",
                 "lib/spa/spa.py": "0o644", "lib/spa/__pycache__": "0o755", pyc[0]: "0o644"}
     assert modes(prefix) == expected
     for where in ("lib/spa", "lib/spa/__pycache__"):
@@ -503,7 +504,8 @@ def test_install_follows_no_planted_symlink(tmp_path):
     assert not os.path.islink(str(prefix / "bin" / "spa"))
     assert not os.path.islink(str(prefix / "lib" / "spa" / "spa.py"))
     assert os.path.islink(str(prefix / "bin" / "spa.new"))            # left alone
-    assert sorted(os.listdir(str(prefix / "bin"))) == ["spa", "spa.new"]
+    assert sorted(os.listdir(str(prefix / "bin"))) == ["spa", "spa.new", "spa.py"]
+    assert os.readlink(str(prefix / "bin" / "spa.py")) == "spa"
 
 
 def test_install_refuses_directories_others_may_change(tmp_path):
@@ -813,10 +815,10 @@ def test_the_unit_under_a_real_systemd(tmp_path):
             box.run(["systemctl", "reload", "spa"])
             wait_journal(box, r"reloaded /etc/spa/spa.conf: 1 client stanza", mark)
             reader = int(box.run(["cat", "/proc/%d/task/%d/children" % (pid, pid)]).stdout.split()[0])
-            wait_uid(box, reader, "nobody")
+            wait_uid(box, reader, spa.READER_USER)
             mark = len(journal_lines(box))
             box.run(["systemctl", "kill", "--kill-who=main", "-s", "USR1", "spa"])
-            wait_journal(box, r"stats: received 0, accepted 0, rejected 0", mark)
+            wait_journal(box, r"stats: received 0, passed on 0, rejected 0", mark)
             assert closed(lab, "cli1", Lab.srv4(1))
             assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
             for command in ("/bin/true", "/bin/sleep 30"):

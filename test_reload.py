@@ -481,19 +481,16 @@ def test_bind_interface_needs_named_interfaces(tmp_path):
 def test_gatekeeper_takes_only_a_named_interface_from_the_reader(tmp_path):
     """With bind_interface, the parent opens for the interface the reader names only if the
     config names it; without, it ignores what the reader says."""
-    from test_spa import server_config
+    from test_spa import server_config, knock
     from test_ipt_nat import Log
     for bind, interface, opened in (("yes", "eth1", [("198.18.0.9", "tcp", 22, 30, "eth1")]),
                                     ("yes", "eth7", []), ("yes", None, []),
                                     ("no", "eth7", [("198.18.0.9", "tcp", 22, 30)])):
         config = server_config(tmp_path, interface="eth1, eth2", bind_interface=bind)
         firewall = spa.DryRunFirewall(config.protect)
-        gate = spa.Gatekeeper(config, firewall, spa.ReplayCache(None, 120), Log())
-        request = {"key": "k" * 43, "stamp": int(time.time()), "source": "198.18.0.9",
-                   "address": "198.18.0.9", "access": [["tcp", 22]], "timeout": 30,
-                   "stanza": "alice", "user": "u", "nat": None, "command": None,
-                   "interface": interface}
-        gate.grant(request)
+        gate = spa.Gatekeeper(config, firewall, spa.ReplayCache(None, 120), Log(),
+                              {"198.18.0.1"})
+        gate.knock("198.18.0.9", "198.18.0.1", knock(), interface=interface)
         assert firewall.opened == opened, (bind, interface)
 
 

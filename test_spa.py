@@ -676,29 +676,20 @@ def test_gatekeeper_decides_itself_on_what_the_reader_passes_on(tmp_path):
         spa.ReplayCache(config.replay_cache, config.max_packet_age)
 
 
-class RecordingGate(object):
-    """Stands in for the parent: what the reader asked of it."""
-
-    def __init__(self):
-        self.asked = []
-
-    def record(self, key, stamp, now=None):
-        self.asked.append(("record", key))
-
-    def grant(self, g, now=None):
-        self.asked.append(("grant", g))
-
-
 @pytest.mark.parametrize("verbose", [True, False])
 def test_server_v_logs_each_packet_s_decision_and_fields(tmp_path, capsys, verbose):
     """`server -v` (the Troubleshoot guide, the client's timeout error) says what each
-    authenticated packet asked for and what was decided, never a key; rate-limited."""
+    authenticated packet asked for and what was decided, never a key; rate-limited.  The
+    parent decides, so the parent says it."""
     config = server_config(tmp_path, {"alice": {"open_ports": "tcp/22", "fw_access_timeout": "40"}})
-    reader = spa.Reader(config, RecordingGate(), spa.Log("stderr", verbose))
+    replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
+    log = spa.Log("stderr", verbose)
+    gate = spa.Gatekeeper(config, spa.DryRunFirewall(config.protect), replay, log, {"198.18.0.1"})
+    reader = spa.Reader(config, gate, log, replay.copy())
     now = time.time()
-    reader.handle(knock(timeout=25, allow_ip="198.18.0.9"), "198.18.0.2", now)
-    reader.handle(knock([("tcp", 23)]), "198.18.0.2", now)
-    reader.handle(knock(hmac_key=base64.b64encode(b"x" * 64).decode()), "198.18.0.2", now)
+    for wire in (knock(timeout=25, allow_ip="198.18.0.9"), knock([("tcp", 23)]),
+                 knock(hmac_key=base64.b64encode(b"x" * 64).decode())):
+        reader.handle(wire, "198.18.0.2", now, destination="198.18.0.1")
     log = capsys.readouterr().err
     accepted = ("packet from 198.18.0.2 [client alice] accepted; user alice, timestamp %d (age "
                 "+0 s), type 3 (access with timeout), allow IP 198.18.0.9, access tcp/22, client "
@@ -707,14 +698,16 @@ def test_server_v_logs_each_packet_s_decision_and_fields(tmp_path, capsys, verbo
                 "alice, timestamp %d (age +0 s), type 1 (access), allow IP 0.0.0.0 (the source), "
                 "access tcp/23\n" % int(now))
     assert (accepted in log, rejected in log) == (verbose, verbose), log
+    assert "opened tcp/22 for 198.18.0.9 for 25 s (test mode: firewall unchanged)\n" in log
     assert "rejected packet from 198.18.0.2: HMAC does not match any stanza for this source\n" in log
     if not verbose:
         assert "tcp/23 not in open_ports\n" in log
     for secret in (KEY, HMAC_KEY, "a2tr", "aGho"):        # not even the keys' first bytes
         assert secret not in log
     for _ in range(100):                                  # a key holder's flood: bounded
-        reader.handle(knock(), "198.18.0.2")
-    assert len(capsys.readouterr().err.splitlines()) <= 20
+        reader.handle(knock(), "198.18.0.2", destination="198.18.0.1")
+    assert len(capsys.readouterr().err.splitlines()) <= 2 * 20 + 2
+    replay.close()
 
 
 def test_rejection_log_is_rate_limited():

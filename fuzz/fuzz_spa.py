@@ -312,7 +312,7 @@ class Fuzz(object):
             self.crash("request", "problem %r for %d of %d lines parsed" % (problem, len(parsed),
                                                                             len(lines)), data)
         opened = set()
-        for d, (source, destination, wire) in zip(decisions, parsed):
+        for d, (source, destination, wire, _) in zip(decisions, parsed):
             if "internal error" in (d.reason or ""):
                 self.crash("request", "reason %r" % d.reason, data)
             if not d.accepted:

@@ -4127,8 +4127,18 @@ def log_field(text):
     to every argument: the one place that formats log fields."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escaped(c):
+    """One character as Python writes it in a string's repr: no codec (the packet reader,
+    in its sandbox, could not load one)."""
+    n = ord(c)
+    return _ESCAPES.get(c) or ("\\x%02x" % n if n < 0x100 else "\\u%04x" % n if n < 0x10000
+                               else "\\U%08x" % n)
 
 
 class Log(object):

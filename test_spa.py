@@ -704,9 +704,11 @@ def test_server_v_logs_each_packet_s_decision_and_fields(tmp_path, capsys, verbo
         assert "tcp/23 not in open_ports\n" in log
     for secret in (KEY, HMAC_KEY, "a2tr", "aGho"):        # not even the keys' first bytes
         assert secret not in log
-    for _ in range(100):                                  # a key holder's flood: bounded
+    for _ in range(100):          # a key holder's flood: every opening logged, -v's fields bounded
         reader.handle(knock(), "198.18.0.2", destination="198.18.0.1")
-    assert len(capsys.readouterr().err.splitlines()) <= 2 * 20 + 2
+    lines = capsys.readouterr().err.splitlines()
+    assert sum("opened tcp/22 for 198.18.0.2" in line for line in lines) == 100
+    assert sum("accepted; user alice" in line for line in lines) <= 20
     replay.close()
 
 
@@ -2412,7 +2414,9 @@ def test_nft_netlink_changes_are_the_elements_nft_makes(tmp_path):
 
 def test_the_example_config_is_what_keygen_writes(tmp_path):
     """spa.conf.example is the text keygen --server-config starts a missing config from, word
-    for word; it has no stanza with placeholders to trip over; the result passes check-config."""
+    for word; it has no stanza with placeholders to trip over; the result passes check-config
+    but for the host's saved firewall, which `firewall-config --write` (the Quick start's
+    next line, run for real in test_readme.py) sets right: not done here, on this host."""
     with open(os.path.join(HERE, "spa.conf.example")) as f:
         text = f.read()
     assert text == spa.SERVER_CONFIG_TEMPLATE
@@ -2430,7 +2434,12 @@ def test_the_example_config_is_what_keygen_writes(tmp_path):
     made = made.replace("/var/lib/spa/replay.cache", str(tmp_path / "replay.cache"))
     write_private(str(conf), made)
     checked = run_spa("check-config", "-c", str(conf))
-    assert checked.returncode == (0 if os.geteuid() == 0 else 1), checked.stdout
+    failed = [line for line in checked.stdout.splitlines() if line.strip().startswith("FAIL")]
+    if os.geteuid() == 0:
+        assert all("saved firewall" in line for line in failed), checked.stdout
+        assert checked.returncode == (1 if failed else 0), checked.stdout
+    else:
+        assert checked.returncode == 1, checked.stdout
     assert "[client web1]: from any address; opens tcp/22,tcp/443" in checked.stdout
     # the client's section, printed, works with the server's stanza
     client = write_private(tmp_path / "client.conf", done.stdout)

@@ -55,8 +55,17 @@ except ImportError:
         fail "pip could not install pycryptodome, pytest and hypothesis for $(command -v python3)"
 fi
 # vermin checks that spa.py needs nothing newer than Python 3.6 (test_runs_on_python36).
-python3 -c 'import vermin' 2>/dev/null || pip_install python3 vermin ||
-    fail "pip could not install vermin, which test_runs_on_python36 needs"
+# Without it (no way to PyPI) that test checks with Python's own parser and a list of newer
+# APIs instead, a weaker check: said here, and again by the test run; in CI it is a failure.
+if ! python3 -c 'import vermin' 2>/dev/null && ! pip_install python3 vermin; then
+    if [ "${CI:-}" = true ]; then
+        fail "pip could not install vermin, which test_runs_on_python36 needs"
+    else
+        echo "setup.sh: note: pip could not install vermin (above); test_runs_on_python36 checks" \
+             "spa.py with Python's own parser instead, which misses newer library calls:" \
+             "'python3 -m pip install vermin' once PyPI can be reached" >&2
+    fi
+fi
 
 # spa.py promises Python 3.6: where pyenv has one, the tests run spa.py with it too
 # (test_real_python36_end_to_end); Debian and Ubuntu have none of their own.

@@ -1467,9 +1467,11 @@ def test_setup_sh_names_the_step_that_failed(tmp_path):
     for name, text in (("apt-get", "#!/bin/sh\nexit 0\n"), ("python3", STUB_PYTHON)):
         (stubs / name).write_text(text)
         os.chmod(str(stubs / name), 0o755)
-    done = subprocess.run(["sh", os.path.join(HERE, "setup.sh")], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
-                          env={"PATH": "%s:/usr/bin:/bin" % stubs, "HOME": str(tmp_path)})
+    def setup(**env):
+        env.update(PATH="%s:/usr/bin:/bin" % stubs, HOME=str(tmp_path))
+        return subprocess.run(["sh", os.path.join(HERE, "setup.sh")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=60, env=env)
+    done = setup(CI="true")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "setup.sh: FAILED: pip could not install vermin, which test_runs_on_python36 " \
         "needs" in done.stderr
@@ -1477,6 +1479,12 @@ def test_setup_sh_names_the_step_that_failed(tmp_path):
     assert "selftest ran" in done.stdout                      # the steps after it still ran
     assert done.stderr.rstrip().endswith("these steps failed:\n  - pip could not install "
                                          "vermin, which test_runs_on_python36 needs")
+    # Outside CI, vermin is optional (a weaker check stands in): said, not a failure.
+    done = setup()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pip: ERROR: No matching distribution found for vermin" in done.stderr
+    assert "setup.sh: note: pip could not install vermin" in done.stderr
+    assert "FAILED" not in done.stderr and "selftest ran" in done.stdout
 
 
 # Library calls and modules spa.py must not use, as they came after Python 3.6: what the

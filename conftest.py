@@ -19,4 +19,10 @@ def pytest_terminal_summary(terminalreporter):
     if test_spa is not None and not test_spa.PYTHONS36:
         terminalreporter.write_line(
             "python 3.6: none on this machine, so test_real_python36_end_to_end was not "
-            "collected; vermin still checks spa.py against 3.6 (test_runs_on_python36)")
+            "collected; test_runs_on_python36 still checks spa.py against 3.6 (with %s)"
+            % ("vermin" if _importable("vermin") else "Python's own parser: vermin is missing"))
+
+
+def _importable(name):
+    import importlib.util
+    return importlib.util.find_spec(name) is not None

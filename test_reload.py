@@ -337,7 +337,7 @@ def test_iptables_openings_end_by_the_monotonic_clock(tmp_path, monkeypatch, com
         ends = {row[0]: row[3] for row in fw.list()}
         # Each rule's end, read back by the stepped clock: what was left, not 1 h more.
         assert 26 <= ends[Lab.cli4(1)] <= 30 and 26 <= ends[Lab.cli6(1)] <= 30, ends
-        steer = lab.run("srv", [command, "-t", "nat", "-S", "SPA_STEER"]).stdout
+        steer = lab.run("srv", [command, "-w", "-t", "nat", "-S", "SPA_STEER"]).stdout
         assert Lab.cli4(1) in steer
 
 
@@ -385,7 +385,7 @@ def test_a_failing_iptables_restore_during_expiry_is_retried(tmp_path):
         assert closed(lab, "cli1", Lab.srv4(1))        # xt_time closed it in the kernel
         flag.unlink()
         wait_for_line(server, r"expired openings removed again, after \d+ failed attempt", 3)
-        assert "spa expires" not in lab.run("srv", ["iptables-legacy", "-S", "SPA_INPUT"]).stdout
+        assert "spa expires" not in lab.run("srv", ["iptables-legacy", "-w", "-S", "SPA_INPUT"]).stdout
         client_knock(lab, "cli1", Lab.srv4(1))     # and it goes on serving
         assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), P, 1.0) is not None
 

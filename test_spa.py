@@ -21,6 +21,8 @@ import time
 
 import pytest
 
+from conftest import without_coverage
+
 import spa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -863,7 +865,7 @@ def test_client_start_up_skips_what_it_does_not_need(python):
             "print(sorted(m for m in %r if m in sys.modules))\n"
             % (HERE, base64.b64encode(b"k" * 32).decode(), base64.b64encode(b"h" * 64).decode(),
                _NOT_IN_THE_CLIENT))
-    done = subprocess.run([python, "-c", code], stdout=subprocess.PIPE,
+    done = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, env=without_coverage(),
                           stderr=subprocess.PIPE, universal_newlines=True)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
@@ -882,7 +884,7 @@ def test_fallback_to_pycryptodome_s_interface_skips_its_file_probe(python):
             "    raise OSError('not there')\n"
             "spa._library_ecb = missing\n"
             "print(spa.aes_ecb().__qualname__, 'platform' in sys.modules)\n" % HERE)
-    done = subprocess.run([python, "-c", code], stdout=subprocess.PIPE,
+    done = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, env=without_coverage(),
                           stderr=subprocess.PIPE, universal_newlines=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["_module_ecb.<locals>.ecb", "False"]
@@ -1524,7 +1526,10 @@ def test_packets_are_read_without_privileges(tmp_path):
     spa_uid = pwd.getpwnam("spa").pw_uid
     with Lab(clients=1, prefix="spa") as lab:
         lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
-        server = start_server(lab, tmp_path)
+        # (unmeasured: coverage would load OpenSSL's libcrypto into the server)
+        server = lab.spawn("srv", [sys.executable, SPA, "server", "-c", lab_server_config(tmp_path),
+                                   "-v"], env=without_coverage())
+        wait_for_line(server, r"listening on", 15)
         wait_for_line(server, r"packets read as user spa", 1)
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None     # the firewall was changed
         readers = [p for p in children(server.pid) if "spa.py" in open("/proc/%d/cmdline" % p).read()]

@@ -1,4 +1,6 @@
 #!/usr/bin/env python3
+
+#!/usr/bin/env python3
 """spa.py - Single Packet Authorization in one readable file.
 
 A host that runs `spa.py server` shows nothing: the ports it protects look like
@@ -35,17 +37,20 @@ import time
 
 VERSION = "0.1.0"
 
+
+class SpaError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 1."""
+
+
+class Reject(Exception):
+    """A packet refused by the decision function; the message says why."""
+
+
 # ---------------------------------------------------------------------------
-# Constants and errors
+# The SPA packet: fwknop's wire format
 # ---------------------------------------------------------------------------
 
 DEFAULT_PORT = 62201                  # fwknop's default SPA port
-DEFAULT_CONFIG = "/etc/spa/spa.conf"
-DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
-READER_USER = "spa"                   # the packet reader's own system user (see install)
-USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-           "--shell", "/usr/sbin/nologin"]
-NFT_TABLE = "spa"                     # our own `inet` table; nothing else is touched
 
 MIN_WIRE_LEN = 140                    # fwknopd ignores shorter payloads
 MAX_WIRE_LEN = 399                    # fwknopd treats 400+ characters as GnuPG
@@ -58,9 +63,6 @@ HMAC_TYPES = {
     "sha384": ("sha384", 64), "sha512": ("sha512", 86),
     "sha3_256": ("sha3_256", 43), "sha3_512": ("sha3_512", 86),
 }
-# HMAC key length that `fwknop --key-gen` makes for each type.
-HMAC_KEY_BYTES = {"md5": 16, "sha1": 20, "sha256": 64, "sha384": 128,
-                  "sha512": 128, "sha3_256": 64, "sha3_512": 128}
 # The inner digest's type is known only by its length; 43 and 86 may be SHA-3.
 DIGESTS_BY_LEN = {22: ("md5",), 27: ("sha1",), 43: ("sha256", "sha3_256"),
                   64: ("sha384",), 86: ("sha512", "sha3_512")}
@@ -75,168 +77,7 @@ MSG_NAMES = {0: "command", 1: "access", 2: "NAT access", 3: "access with timeout
 TIMEOUT_TYPES = (MSG_TIMEOUT_ACCESS, MSG_TIMEOUT_NAT, MSG_TIMEOUT_LOCAL_NAT)
 NAT_TYPES = (MSG_NAT, MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
 PROTO_NUMBERS = {"tcp": 6, "udp": 17}
-COMMAND_TIME_LIMIT = 60               # seconds a command message may run before it is killed
 USERNAME_FORBIDDEN = set('"/\\[]:;|=,+*?<>')
-
-
-class SpaError(Exception):
-    """A mistake the user can fix: printed as one line, exit status 1."""
-
-
-class Reject(Exception):
-    """A packet refused by the decision function; the message says why."""
-
-
-# ---------------------------------------------------------------------------
-# Encoding and crypto
-# ---------------------------------------------------------------------------
-
-_AES = None      # pycryptodome's AES module, once imported (aes_module)
-_ECB = None      # the AES block function, once found (aes_ecb)
-
-# FIPS-197 appendix C.3: AES-256 of one block, checked before the block function is used.
-_KNOWN_ANSWER = (bytes(range(32)), bytes.fromhex("00112233445566778899aabbccddeeff"),
-                 bytes.fromhex("8ea2b7ca516745bfeafc49904b496089"))
-
-
-def pycryptodome():
-    """pycryptodome's top package: Debian's `Cryptodome` first, then PyPI's `Crypto`.
-
-    Imported on first use, so `--help` and keygen work without it and the
-    client's start-up does not pay for it before it has parsed its arguments.
-    """
-    import importlib
-    for package in ("Cryptodome", "Crypto"):
-        try:
-            top = importlib.import_module(package)
-        except ImportError:
-            continue
-        # The long-dead PyCrypto also imports as `Crypto`: version 2.x.
-        if tuple(getattr(top, "version_info", (0,)))[:1] >= (3,):
-            return top
-    raise SpaError("pycryptodome is missing: install it with "
-                   "'apt install python3-pycryptodome' or 'pip install pycryptodome'")
-
-
-def aes_module():
-    """pycryptodome's AES module, its public interface (see aes_ecb for why it is the
-    second choice)."""
-    global _AES
-    if _AES is None:
-        import importlib
-        name = pycryptodome().__name__
-        try:
-            _skip_architecture_probe(importlib.import_module(name + ".Util._raw_api"))
-            _AES = importlib.import_module(name + ".Cipher.AES")
-        except ImportError as e:
-            raise SpaError("pycryptodome is broken: %s" % e)
-    return _AES
-
-
-def aes_ecb():
-    """AES on whole 16-byte blocks as one function: ecb(key, data, decrypt=False) -> bytes.
-
-    It is pycryptodome's AES, called through ctypes in the shared library that
-    pycryptodome's AES module loads itself (its AES-NI build where the CPU has
-    AES-NI).  Importing that module would load pycryptodome's whole Cipher package:
-    all eleven of its modes, through ctypes.util, subprocess and tempfile, 20 ms of
-    the client's start-up and 2.5 MB of the server's memory that spa.py does not
-    need, as it chains the blocks itself (aes_crypt).  Where that library cannot be
-    found, or fails the FIPS-197 known answer, pycryptodome's public interface
-    (AES.new in ECB mode) does the same work.
-    """
-    global _ECB
-    if _ECB is None:
-        top = pycryptodome()
-        try:
-            ecb = _library_ecb(os.path.dirname(os.path.abspath(top.__file__)))
-            key, block, answer = _KNOWN_ANSWER
-            if ecb(key, block) != answer or ecb(key, answer, True) != block:
-                ecb = None
-        except Exception:       # not found, not loadable, not as declared: the fallback
-            ecb = None
-        _ECB = ecb or _module_ecb(aes_module())
-    return _ECB
-
-
-def _library_ecb(package_dir):
-    """aes_ecb() through pycryptodome's shared library (OSError if it is not there)."""
-    import ctypes
-    from importlib.machinery import EXTENSION_SUFFIXES
-
-    def load(folder, name):
-        for suffix in EXTENSION_SUFFIXES:
-            path = os.path.join(package_dir, folder, name + suffix)
-            if os.path.isfile(path):
-                return ctypes.CDLL(path)
-        raise OSError("%s not found in %s" % (name, package_dir))
-
-    lib, prefix = load("Cipher", "_raw_aes"), "AES"
-    try:
-        if load("Util", "_cpuid_c").have_aes_ni():
-            lib, prefix = load("Cipher", "_raw_aesni"), "AESNI"
-    except (OSError, AttributeError):
-        pass                                    # the portable build, then
-    mode = load("Cipher", "_raw_ecb")
-    pointer = ctypes.POINTER(ctypes.c_void_p)
-    # As pycryptodome's AES and ECB modules declare them: the ECB state takes over the
-    # AES state, and ECB_stop_operation frees both.
-    start_aes = getattr(lib, prefix + "_start_operation")
-    start_aes.argtypes = [ctypes.c_char_p, ctypes.c_size_t, pointer]
-    stop_aes = getattr(lib, prefix + "_stop_operation")
-    stop_aes.argtypes = [ctypes.c_void_p]
-    mode.ECB_start_operation.argtypes = [ctypes.c_void_p, pointer]
-    mode.ECB_stop_operation.argtypes = [ctypes.c_void_p]
-    run = {False: mode.ECB_encrypt, True: mode.ECB_decrypt}
-    for f in run.values():
-        f.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
-    # An output buffer's type, by length, kept: ctypes would make a new one each time,
-    # left for the garbage collector (a type is a cycle of objects).
-    buffers = {}
-
-    def ecb(key, data, decrypt=False):
-        if len(data) % 16:
-            raise ValueError("AES works on whole 16-byte blocks")
-        kind = buffers.get(len(data))
-        if kind is None:
-            kind = ctypes.c_char * len(data)
-            if len(buffers) < 256:
-                buffers[len(data)] = kind
-        out, cipher, state = kind(), ctypes.c_void_p(), ctypes.c_void_p()
-        if start_aes(key, len(key), ctypes.byref(cipher)):
-            raise ValueError("AES key setup failed (key length %d)" % len(key))
-        if mode.ECB_start_operation(cipher, ctypes.byref(state)):
-            stop_aes(cipher)
-            raise ValueError("AES: no ECB state")
-        try:
-            if run[decrypt](state, data, out, len(data)):
-                raise ValueError("AES failed")
-        finally:
-            mode.ECB_stop_operation(state)
-        return out.raw
-    return ecb
-
-
-def _module_ecb(aes):
-    """aes_ecb() through pycryptodome's public interface."""
-    def ecb(key, data, decrypt=False):
-        cipher = aes.new(key, aes.MODE_ECB)
-        return cipher.decrypt(data) if decrypt else cipher.encrypt(data)
-    return ecb
-
-
-def _skip_architecture_probe(raw_api):
-    """Spare pycryptodome its `file` subprocess when it loads its C code through ctypes.
-
-    pycryptodome's ctypes loader asks platform.architecture() once per process, which
-    runs `file` on the Python binary (6 ms of the client's start-up) and only uses the
-    answer to tell Windows DLLs apart.  Its result cache is a module-level list: fill it
-    with the answer platform.architecture() gives on Linux.  Left alone if that name is
-    not there (the cffi loader, other versions).
-    """
-    cache = getattr(raw_api, "cached_architecture", None)
-    if isinstance(cache, list) and not cache and sys.platform.startswith("linux"):
-        cache[:] = ["%dbit" % (8 * struct.calcsize("P")), "ELF"]
 
 
 def b64encode(data):
@@ -254,164 +95,6 @@ def b64decode(text):
     return base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
 
 
-# Where Python's own implementation of each hash is: 3.12 and later have the SHA-2
-# family in _sha2, older ones in _sha256 and _sha512.
-_BUILTIN_HASHES = {
-    "md5": (("_md5", "md5"),), "sha1": (("_sha1", "sha1"),),
-    "sha256": (("_sha2", "sha256"), ("_sha256", "sha256")),
-    "sha384": (("_sha2", "sha384"), ("_sha512", "sha384")),
-    "sha512": (("_sha2", "sha512"), ("_sha512", "sha512")),
-    "sha3_256": (("_sha3", "sha3_256"),), "sha3_512": (("_sha3", "sha3_512"),),
-}
-_HASHES = {}
-
-
-def hash_constructor(name):
-    """The constructor of hash `name`: Python's own implementation where it has one,
-    else hashlib's (OpenSSL).
-
-    Importing hashlib loads OpenSSL's libcrypto, which takes 6 ms of the client's
-    start and 3.5 MB of each server process's RSS; spa.py needs none of it: its
-    hashes are Python's own, and HMAC is built on them (Hmac).
-    """
-    ctor = _HASHES.get(name)
-    if ctor is None:
-        for module, attr in _BUILTIN_HASHES.get(name, ()):
-            try:
-                ctor = getattr(__import__(module), attr)
-                break
-            except (ImportError, AttributeError):
-                continue
-        else:
-            import hashlib
-            ctor = getattr(hashlib, name)
-        _HASHES[name] = ctor
-    return ctor
-
-
-def hash_digest(name, data):
-    """The hash `name` of `data`."""
-    return hash_constructor(name)(data).digest()
-
-
-try:    # what hmac.compare_digest is without OpenSSL; importing hmac would load it
-    from _operator import _compare_digest as compare_digest
-except ImportError:
-    from hmac import compare_digest
-
-_IPAD = bytes(b ^ 0x36 for b in range(256))
-_OPAD = bytes(b ^ 0x5C for b in range(256))
-
-
-class Hmac(object):
-    """HMAC (RFC 2104) with the key's two padded blocks hashed once, ahead of time: a
-    message then costs two copies of hash states, an update and a digest each.
-
-    `prefix` is fed in now, as if every message began with it.
-    """
-
-    def __init__(self, key, name, prefix=b""):
-        ctor = hash_constructor(name)
-        block = ctor().block_size
-        if len(key) > block:
-            key = ctor(key).digest()
-        key = key.ljust(block, b"\0")
-        self.inner, self.outer = ctor(key.translate(_IPAD)), ctor(key.translate(_OPAD))
-        self.inner.update(prefix)
-
-    def digest(self, message):
-        inner = self.inner.copy()
-        inner.update(message)
-        outer = self.outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
-
-
-def hmac_b64(key, data, hmac_type):
-    """The HMAC of `data` as fwknop appends it: base64 without padding."""
-    return b64encode(Hmac(key, HMAC_TYPES[hmac_type][0]).digest(data))
-
-
-def derive_key_iv(passphrase, salt):
-    """OpenSSL's EVP_BytesToKey with MD5 and one round: AES-256 key and IV.
-
-    fwknop uses its key as a passphrase, not as the AES key itself.
-    """
-    material, block = b"", b""
-    while len(material) < 48:
-        block = hash_digest("md5", block + passphrase + salt)
-        material += block
-    return material[:32], material[32:48]
-
-
-def _xor(a, b):
-    """a XOR b, two byte strings of one length: in one step, through Python's integers."""
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
-
-
-def aes_crypt(key, iv, data, mode, decrypt=False):
-    """AES in `mode` over `data` (whole blocks: fwknop pads in every mode), chained here
-    over aes_ecb() as OpenSSL chains it: CBC; CTR counting with the whole IV as one
-    128-bit big-endian number; CFB with 128-bit segments; OFB.
-
-    Decryption in CBC, CTR and CFB is one call for all the blocks (a packet's usual
-    case); what needs the block before is done a block at a time.
-    """
-    ecb = aes_ecb()
-    if mode not in ENCRYPTION_MODES:
-        raise ValueError("unknown encryption mode %r" % mode)
-    if len(data) % 16:
-        raise ValueError("AES works on whole 16-byte blocks")
-    if not data:
-        return b""
-    if mode == "cbc" and decrypt:
-        return _xor(ecb(key, data, True), iv + data[:-16])
-    if mode == "cfb" and decrypt:
-        return _xor(data, ecb(key, iv + data[:-16]))
-    if mode == "ctr":
-        first = int.from_bytes(iv, "big")
-        counters = b"".join(((first + i) % (1 << 128)).to_bytes(16, "big")
-                            for i in range(len(data) // 16))
-        return _xor(data, ecb(key, counters))
-    out, chain = [], iv
-    for i in range(0, len(data), 16):
-        block = data[i:i + 16]
-        if mode == "cbc":
-            chain = ecb(key, _xor(block, chain))
-            out.append(chain)
-        elif mode == "cfb":
-            chain = _xor(block, ecb(key, chain))
-            out.append(chain)
-        else:                                   # ofb: the same both ways
-            chain = ecb(key, chain)
-            out.append(_xor(block, chain))
-    return b"".join(out)
-
-
-def encrypt(plaintext, passphrase, mode="cbc", salt=None):
-    """Encrypt as `openssl enc -aes-256-<mode> -md md5` does: "Salted__" + salt + ciphertext."""
-    salt = os.urandom(8) if salt is None else salt
-    key, iv = derive_key_iv(passphrase, salt)
-    pad = 16 - len(plaintext) % 16                # PKCS#7, in every mode, as fwknop does
-    return b"Salted__" + salt + aes_crypt(key, iv, plaintext + bytes([pad]) * pad, mode)
-
-
-def decrypt(raw, passphrase, mode="cbc"):
-    """Reverse of encrypt(); raise Reject when the padding shows a wrong key or mode."""
-    if len(raw) < 32 or len(raw) % 16:
-        raise Reject("ciphertext length %d is not whole AES blocks" % len(raw))
-    key, iv = derive_key_iv(passphrase, raw[8:16])
-    padded = aes_crypt(key, iv, raw[16:], mode, decrypt=True)
-    pad = padded[-1]
-    if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
-        raise Reject("decryption failed (key_base64 or encryption_mode differ from the client's)")
-    return padded[:-pad]
-
-
-# ---------------------------------------------------------------------------
-# The packet format
-# ---------------------------------------------------------------------------
-
 def random_digits(n):
     """n random decimal digits from the system's CSPRNG, uniformly (rejection sampling)."""
     top = 10 ** n
@@ -420,6 +103,40 @@ def random_digits(n):
         value = int.from_bytes(os.urandom(8), "big")
         if value < limit:
             return "%0*d" % (n, value % top)
+
+
+_DIGITS = frozenset("0123456789")
+
+
+def parse_access(text, what="access", config=False):
+    """Parse 'tcp/22,udp/53' into [("tcp", 22), ("udp", 53)]: the one port-list parser.
+
+    As libfko checks a packet's access field (validate_access_msg), and so the
+    fwknop client its -A: items joined by ',' and nothing else, each `tcp/PORT` or
+    `udp/PORT` in lower case, PORT 1-65535 in at most 5 digits.  With config=True
+    (the server's own lists), as fwknopd reads OPEN_PORTS: blanks around an item and
+    the protocol's case do not matter; nothing else is forgiven.
+    """
+    result = []
+    for item in text.split(","):
+        word = item.strip() if config else item
+        proto, sep, port = word.partition("/")
+        proto = proto.lower() if config else proto
+        if not sep or proto not in PROTO_NUMBERS or not 1 <= len(port) <= 5 \
+                or not set(port) <= _DIGITS or not 1 <= int(port) <= 65535:
+            hint = ""
+            if not config and item != "".join(item.split()):
+                hint = " (no blanks: tcp/22,udp/53)"
+            elif not config and item != item.lower():
+                hint = " (in lower case)"
+            raise ValueError("%s %r: expected tcp/PORT or udp/PORT with PORT 1-65535%s"
+                             % (what, item, hint))
+        result.append((proto, int(port)))
+    return result
+
+
+def format_access(access):
+    return ",".join("%s/%d" % pp for pp in access)
 
 
 class Message(object):
@@ -481,40 +198,47 @@ class Message(object):
         return "\n".join("%-15s %s" % row for row in rows)
 
 
+def derive_key_iv(passphrase, salt):
+    """OpenSSL's EVP_BytesToKey with MD5 and one round: AES-256 key and IV.
+
+    fwknop uses its key as a passphrase, not as the AES key itself.
+    """
+    material, block = b"", b""
+    while len(material) < 48:
+        block = hash_digest("md5", block + passphrase + salt)
+        material += block
+    return material[:32], material[32:48]
+
+
+def encrypt(plaintext, passphrase, mode="cbc", salt=None):
+    """Encrypt as `openssl enc -aes-256-<mode> -md md5` does: "Salted__" + salt + ciphertext."""
+    salt = os.urandom(8) if salt is None else salt
+    key, iv = derive_key_iv(passphrase, salt)
+    pad = 16 - len(plaintext) % 16                # PKCS#7, in every mode, as fwknop does
+    return b"Salted__" + salt + aes_crypt(key, iv, plaintext + bytes([pad]) * pad, mode)
+
+
+def decrypt(raw, passphrase, mode="cbc"):
+    """Reverse of encrypt(); raise Reject when the padding shows a wrong key or mode."""
+    if len(raw) < 32 or len(raw) % 16:
+        raise Reject("ciphertext length %d is not whole AES blocks" % len(raw))
+    key, iv = derive_key_iv(passphrase, raw[8:16])
+    padded = aes_crypt(key, iv, raw[16:], mode, decrypt=True)
+    pad = padded[-1]
+    if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
+        raise Reject("decryption failed (key_base64 or encryption_mode differ from the client's)")
+    return padded[:-pad]
+
+
+def hmac_b64(key, data, hmac_type):
+    """The HMAC of `data` as fwknop appends it: base64 without padding."""
+    return b64encode(Hmac(key, HMAC_TYPES[hmac_type][0]).digest(data))
+
+
 def seal(plaintext, key, hmac_key, hmac_type="sha256", mode="cbc", salt=None):
     """Encrypt, then MAC: the wire text of one packet (bytes)."""
     text = b64encode(encrypt(plaintext, key, mode, salt))
     return text[len(SALT_PREFIX):] + hmac_b64(hmac_key, text, hmac_type)
-
-
-_DIGITS = frozenset("0123456789")
-
-
-def parse_access(text, what="access", config=False):
-    """Parse 'tcp/22,udp/53' into [("tcp", 22), ("udp", 53)]: the one port-list parser.
-
-    As libfko checks a packet's access field (validate_access_msg), and so the
-    fwknop client its -A: items joined by ',' and nothing else, each `tcp/PORT` or
-    `udp/PORT` in lower case, PORT 1-65535 in at most 5 digits.  With config=True
-    (the server's own lists), as fwknopd reads OPEN_PORTS: blanks around an item and
-    the protocol's case do not matter; nothing else is forgiven.
-    """
-    result = []
-    for item in text.split(","):
-        word = item.strip() if config else item
-        proto, sep, port = word.partition("/")
-        proto = proto.lower() if config else proto
-        if not sep or proto not in PROTO_NUMBERS or not 1 <= len(port) <= 5 \
-                or not set(port) <= _DIGITS or not 1 <= int(port) <= 65535:
-            hint = ""
-            if not config and item != "".join(item.split()):
-                hint = " (no blanks: tcp/22,udp/53)"
-            elif not config and item != item.lower():
-                hint = " (in lower case)"
-            raise ValueError("%s %r: expected tcp/PORT or udp/PORT with PORT 1-65535%s"
-                             % (what, item, hint))
-        result.append((proto, int(port)))
-    return result
 
 
 def _b64_field(text, limit, name):
@@ -534,6 +258,18 @@ def _valid_username(name):
     """Letters and digits (any script), and printable ASCII but fwknop's forbidden marks."""
     rest = name.translate(_USERNAME_ASCII)
     return bool(name) and (not rest or rest.isalnum())
+
+
+def _is_ipv4(text):
+    """Strict dotted quad, as fwknop's allow IP must be."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return False
+    for p in parts:
+        # No leading zeros: inet_aton (nft, fwknopd) reads 010 as octal, Python as decimal.
+        if not (p.isdigit() and len(p) <= 3 and int(p) <= 255 and p == str(int(p))):
+            return False
+    return True
 
 
 def parse_plaintext(plaintext):
@@ -609,22 +345,6 @@ def parse_plaintext(plaintext):
     return Message(username, allow_ip, access, client_timeout, int(stamp), rand, version,
                    msg_type, nat_access, server_auth, digest_type, command)
 
-
-def _is_ipv4(text):
-    """Strict dotted quad, as fwknop's allow IP must be."""
-    parts = text.split(".")
-    if len(parts) != 4:
-        return False
-    for p in parts:
-        # No leading zeros: inet_aton (nft, fwknopd) reads 010 as octal, Python as decimal.
-        if not (p.isdigit() and len(p) <= 3 and int(p) <= 255 and p == str(int(p))):
-            return False
-    return True
-
-
-# ---------------------------------------------------------------------------
-# The packet decision: a pure function of (payload, source, now, policy, replay state)
-# ---------------------------------------------------------------------------
 
 class Decision(object):
     """What the server should do with one packet, and why."""
@@ -738,7 +458,7 @@ def decide(payload, source, now, stanzas, seen, max_age):
 
 
 # ---------------------------------------------------------------------------
-# Config and policy
+# Files: keys read privately, state written durably
 # ---------------------------------------------------------------------------
 
 # Key files read where their permissions cannot be checked (no POSIX modes: Windows),
@@ -769,13 +489,6 @@ def check_private_file(path):
         raise SpaError("%s holds keys but belongs to another user (uid %d)" % (path, st.st_uid))
 
 
-def _under_home(path):
-    """Whether `path` lies in the user's home folder (on Windows, the profile, which only
-    its user and the administrators may read unless someone changed that)."""
-    home = os.path.normcase(os.path.abspath(os.path.expanduser("~")))
-    return os.path.normcase(os.path.abspath(path)).startswith(home.rstrip(os.sep) + os.sep)
-
-
 def read_private_text(path):
     """The text of a key-bearing file, after the permission check: the one place that reads one."""
     check_private_file(path)
@@ -789,6 +502,123 @@ def read_private_text(path):
     except UnicodeDecodeError as e:
         raise SpaError("%s is not UTF-8 text (byte %d)" % (path, e.start))
 
+
+def check_private_dir(path, writers=0o022):
+    """Why a directory where root keeps state or code is unsafe (one line), or None.
+
+    It must be a directory that belongs to root (or to this user) and that no one else may
+    write to (`writers`: group or others; others alone for install's directories, where
+    Debian lets the group staff write): whoever can write there can swap the files root
+    writes or runs.  (Checked on the modes: as root, os.access() says yes to everything.)
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return "cannot use %s: %s" % (path, e.strerror)
+    if not os.path.isdir(path):
+        return "%s is not a directory" % path
+    if st.st_uid not in (0, os.geteuid()):
+        return "%s belongs to uid %d, not to root: run 'chown root: %s'" % (path, st.st_uid, path)
+    if st.st_mode & writers:
+        return "%s is writable by %s (mode %04o): run 'chmod %s-w %s'" % (
+            path, "group or others" if writers & 0o020 else "others", st.st_mode & 0o7777,
+            "go" if writers & 0o020 else "o", path)
+    return None
+
+
+def sync_file(fd):
+    """Make what was written durable: fdatasync where there is one (it skips timestamps)."""
+    getattr(os, "fdatasync", os.fsync)(fd)
+
+
+def write_all(fd, data):
+    """os.write until all of `data` is written (a short write raises on the next call)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def create_temp_file(path, mode=0o600):
+    """(name, fd) of a new file next to `path`, with a random name, created only if no file,
+    link or symlink has that name (O_EXCL, O_NOFOLLOW): nothing planted is ever followed."""
+    for _ in range(10):
+        name = "%s.%s.tmp" % (path, binascii.hexlify(os.urandom(6)).decode())
+        try:
+            return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            continue
+    raise OSError(17, "cannot make a temporary file next to %s" % path)
+
+
+def replace_file(path, write, mode=0o600):
+    """Write a file anew and swap it in atomically: `write(fd)` fills a new file made next
+    to it (create_temp_file), which gets `mode` (whatever the umask), is synced and renamed
+    over `path` (a symlink there is replaced, never followed).  OSError if anything fails:
+    the new file is removed and `path` left as it was."""
+    tmp, fd = create_temp_file(path, mode)
+    try:
+        try:
+            write(fd)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_file(path, text, mode=0o644, check=None):
+    """Replace `path` with `text` at once (a new file in the same directory, renamed over it),
+    keeping an existing file's mode and owner; never following a symlink.  `check(new path)`,
+    if given, may refuse the new file (SpaError) before it replaces the old one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, 0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        owner = None
+    tmp = path + ".spa-new"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            sync_file(f.fileno())
+        os.chmod(tmp, mode)
+        if owner is not None:
+            os.chown(tmp, *owner)
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Policy and config
+# ---------------------------------------------------------------------------
 
 def read_ini(path, text=None):
     """Read an INI file (after the permission check); [default] gives defaults to every section."""
@@ -925,6 +755,20 @@ def parse_date(value, name):
     raise SpaError("%s = %r: expected YYYY-MM-DD" % (name, value))
 
 
+def _family(address):
+    return 6 if ":" in address else 4
+
+
+def format_endpoint(address, port):
+    return "[%s]:%d" % (address, port) if ":" in address else "%s:%d" % (address, port)
+
+
+def valid_interface_name(name):
+    """A Linux interface name: 1-15 bytes, no slash, colon or white space."""
+    return isinstance(name, str) and 0 < len(name.encode()) < 16 and \
+        not any(c in name for c in "/: \t\n\0") and name not in (".", "..")
+
+
 def parse_nat_destinations(value, name):
     """`nat_destinations`: [(network, first port, last port)] from a list such as
     `10.0.0.7:22, 10.0.1.0/24:8000-8099, [2001:db8::7]:22, 192.0.2.9` (IPv6 in brackets;
@@ -958,6 +802,15 @@ def parse_nat_destinations(value, name):
                 raise SpaError("%s: %r: the port range is backwards" % (name, item))
         result.append((network, first, last))
     return result
+
+
+def format_nat_destination(item):
+    """One (network, first port, last port) of nat_destinations, as the config writes it."""
+    network, first, last = item
+    text = "[%s]" % network if network.version == 6 else str(network)
+    if (first, last) == (1, 65535):
+        return text
+    return "%s:%d%s" % (text, first, "" if first == last else "-%d" % last)
 
 
 def nat_target_problem(address):
@@ -1164,6 +1017,33 @@ SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protec
                   "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
                   "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
                   "nft_include"}
+DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
+READER_USER = "spa"                   # the packet reader's own system user (see install)
+USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+           "--shell", "/usr/sbin/nologin"]
+
+
+def reader_user(path, name):
+    """The user the packet reader runs as: `name`, or else the dedicated `spa`, or else
+    nobody; and a warning for the log in that last case (other daemons run as nobody,
+    and any of them could signal the reader)."""
+    import pwd
+    if not name:
+        try:
+            pwd.getpwnam(READER_USER)
+            return READER_USER, None
+        except KeyError:
+            return "nobody", ("no user %s: the packet reader runs as nobody, which other "
+                              "daemons share; create it: %s" % (READER_USER, " ".join(
+                                  USERADD + [READER_USER])))
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise SpaError("%s: user = %s: no such user (the packet reader runs as this "
+                       "unprivileged user)" % (path, name))
+    if uid == 0:
+        raise SpaError("%s: user = %s: the packet reader must not run as root" % (path, name))
+    return name, None
 
 
 class ServerConfig(object):
@@ -1245,29 +1125,6 @@ class ServerConfig(object):
         if not self.protect:
             raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
                            "e.g. protect = tcp/22" % path)
-
-
-def reader_user(path, name):
-    """The user the packet reader runs as: `name`, or else the dedicated `spa`, or else
-    nobody; and a warning for the log in that last case (other daemons run as nobody,
-    and any of them could signal the reader)."""
-    import pwd
-    if not name:
-        try:
-            pwd.getpwnam(READER_USER)
-            return READER_USER, None
-        except KeyError:
-            return "nobody", ("no user %s: the packet reader runs as nobody, which other "
-                              "daemons share; create it: %s" % (READER_USER, " ".join(
-                                  USERADD + [READER_USER])))
-    try:
-        uid = pwd.getpwnam(name).pw_uid
-    except KeyError:
-        raise SpaError("%s: user = %s: no such user (the packet reader runs as this "
-                       "unprivileged user)" % (path, name))
-    if uid == 0:
-        raise SpaError("%s: user = %s: the packet reader must not run as root" % (path, name))
-    return name, None
 
 
 # fwknop access.conf variable -> our stanza option.
@@ -1440,168 +1297,6 @@ def _access_conf_stanza(name, pairs, notes):
 # Replay cache
 # ---------------------------------------------------------------------------
 
-def sync_file(fd):
-    """Make what was written durable: fdatasync where there is one (it skips timestamps)."""
-    getattr(os, "fdatasync", os.fsync)(fd)
-
-
-class PackedMap(object):
-    """A dict of fixed-size keys to one packed number each, all in one table of bytes.
-
-    Open addressing with linear probing, at most two thirds full.  10,000 entries
-    take 0.3-0.6 MB here instead of ~1.6 MB of small Python objects in a dict; and a
-    burst of knocks leaves no small objects behind, which would pin the memory the
-    burst used for its transient work.  The capacity is not a power of two, so a
-    table grows by a third at a time, not twice over.  `encode(key)` gives `size`
-    bytes (ValueError if it cannot), `decode(raw)` the key back.  Deleted entries
-    leave a tombstone until the next rebuild.
-    """
-
-    EMPTY, USED, GONE = 0, 1, 2
-
-    def __init__(self, size, encode, decode, value="!I"):
-        self.size, self.encode, self.decode = size, encode, decode
-        self.value = struct.Struct(value)
-        self.slot = 1 + size + self.value.size        # state, key, value
-        self._reset(16)
-
-    def _reset(self, capacity):
-        # A mapping of its own, private (copied on write in a forked child): when a
-        # bigger table replaces it, its memory goes back to the system, where a
-        # bytearray would leave a hole in the heap that only small things fill.
-        self.table = mmap.mmap(-1, self.slot * capacity, flags=mmap.MAP_PRIVATE)
-        self.capacity = capacity
-        self.count = self.gone = 0
-
-    def _find(self, raw):
-        """(offset of raw's slot or None, offset of the first free slot on its path)."""
-        table, slot, size, capacity = self.table, self.slot, self.size, self.capacity
-        i = hash(raw) % capacity
-        free = None
-        while True:
-            offset = i * slot
-            state = table[offset]
-            if state == self.EMPTY:
-                return None, offset if free is None else free
-            if state == self.USED:
-                if table[offset + 1:offset + 1 + size] == raw:
-                    return offset, None
-            elif free is None:
-                free = offset
-            i = i + 1 if i + 1 < capacity else 0
-
-    def _insert(self, raw, value, free=None):
-        """Put a key known to be absent (there is room), in the free slot found for it."""
-        if free is None:
-            free = self._find(raw)[1]
-        if self.table[free] == self.GONE:
-            self.gone -= 1
-        self.table[free] = self.USED
-        self.table[free + 1:free + 1 + self.size] = raw
-        self.value.pack_into(self.table, free + 1 + self.size, value)
-        self.count += 1
-
-    def __len__(self):
-        return self.count
-
-    def _offset(self, key):
-        """Where the key's entry is, or None (also for a key that cannot be encoded)."""
-        try:
-            return self._find(self.encode(key))[0]
-        except ValueError:
-            return None
-
-    def __contains__(self, key):
-        return self._offset(key) is not None
-
-    def get(self, key, default=None):
-        offset = self._offset(key)
-        if offset is None:
-            return default
-        return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
-
-    def __setitem__(self, key, value):
-        self._put(key, value, False)
-
-    def update(self, pairs):
-        for key, value in pairs.items():
-            self[key] = value
-
-    def raise_to(self, key, value):
-        """The key's value becomes `value` if that is larger, or if the key is new."""
-        self._put(key, value, True)
-
-    def _put(self, key, value, only_larger):
-        raw = self.encode(key)
-        offset, free = self._find(raw)        # one probe, for a new key too
-        if offset is not None:
-            if not only_larger or value > self.value.unpack_from(self.table,
-                                                                  offset + 1 + self.size)[0]:
-                self.value.pack_into(self.table, offset + 1 + self.size, value)
-            return
-        if 3 * (self.count + self.gone + 1) > 2 * self.capacity:
-            self._rebuild(None)
-            free = None
-        self._insert(raw, value, free)
-
-    def pop(self, key, default=None):
-        offset = self._offset(key)
-        if offset is None:
-            return default
-        self.table[offset] = self.GONE
-        self.count -= 1
-        self.gone += 1
-        return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
-
-    def _raw_items(self, table=None):
-        table = self.table if table is None else table
-        slot, size, unpack = self.slot, self.size, self.value.unpack_from
-        for offset in range(0, len(table), slot):
-            if table[offset] == self.USED:
-                yield bytes(table[offset + 1:offset + 1 + size]), unpack(table, offset + 1 + size)[0]
-
-    def items(self):
-        for raw, value in self._raw_items():
-            yield self.decode(raw), value
-
-    def keep_if(self, test):
-        """Drop the entries whose value fails `test`."""
-        if any(not test(value) for _, value in self._raw_items()):
-            self._rebuild(test)
-
-    def _rebuild(self, test):
-        """A new table holding the entries whose value passes `test`, half full.
-
-        Entries move one at a time, slot by slot, straight from the old table (and no
-        tombstones to step over): a list of them all would be 10,000 small objects at
-        once, whose memory the allocator would keep.
-        """
-        old, slot, size = self.table, self.slot, self.size
-        keep = [test is None or test(value) for _, value in self._raw_items(old)]
-        self._reset(max(16, 2 * (sum(keep) + 1)))
-        table, capacity, index = self.table, self.capacity, 0
-        for offset in range(0, len(old), slot):
-            if old[offset] != self.USED:
-                continue
-            index += 1
-            if not keep[index - 1]:
-                continue
-            i = hash(old[offset + 1:offset + 1 + size]) % capacity
-            while table[i * slot] != self.EMPTY:       # a new table has no tombstones
-                i = i + 1 if i + 1 < capacity else 0
-            table[i * slot:(i + 1) * slot] = old[offset:offset + slot]
-        self.count = sum(keep)
-
-    def copy(self):
-        other = PackedMap(self.size, self.encode, self.decode, self.value.format)
-        other._reset(self.capacity)
-        step = 1 << 16
-        for i in range(0, len(self.table), step):
-            other.table[i:i + step] = self.table[i:i + step]
-        other.count, other.gone = self.count, self.gone
-        return other
-
-
 _B64_TEXT = B64_ALPHABET.decode()
 
 
@@ -1624,70 +1319,6 @@ def _replay_key(raw):
 
 def _u32(number):
     return min(max(int(number), 0), 0xFFFFFFFF)
-
-
-def check_private_dir(path, writers=0o022):
-    """Why a directory where root keeps state or code is unsafe (one line), or None.
-
-    It must be a directory that belongs to root (or to this user) and that no one else may
-    write to (`writers`: group or others; others alone for install's directories, where
-    Debian lets the group staff write): whoever can write there can swap the files root
-    writes or runs.  (Checked on the modes: as root, os.access() says yes to everything.)
-    """
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return "cannot use %s: %s" % (path, e.strerror)
-    if not os.path.isdir(path):
-        return "%s is not a directory" % path
-    if st.st_uid not in (0, os.geteuid()):
-        return "%s belongs to uid %d, not to root: run 'chown root: %s'" % (path, st.st_uid, path)
-    if st.st_mode & writers:
-        return "%s is writable by %s (mode %04o): run 'chmod %s-w %s'" % (
-            path, "group or others" if writers & 0o020 else "others", st.st_mode & 0o7777,
-            "go" if writers & 0o020 else "o", path)
-    return None
-
-
-def create_temp_file(path, mode=0o600):
-    """(name, fd) of a new file next to `path`, with a random name, created only if no file,
-    link or symlink has that name (O_EXCL, O_NOFOLLOW): nothing planted is ever followed."""
-    for _ in range(10):
-        name = "%s.%s.tmp" % (path, binascii.hexlify(os.urandom(6)).decode())
-        try:
-            return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        except FileExistsError:
-            continue
-    raise OSError(17, "cannot make a temporary file next to %s" % path)
-
-
-def replace_file(path, write, mode=0o600):
-    """Write a file anew and swap it in atomically: `write(fd)` fills a new file made next
-    to it (create_temp_file), which gets `mode` (whatever the umask), is synced and renamed
-    over `path` (a symlink there is replaced, never followed).  OSError if anything fails:
-    the new file is removed and `path` left as it was."""
-    tmp, fd = create_temp_file(path, mode)
-    try:
-        try:
-            write(fd)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_all(fd, data):
-    """os.write until all of `data` is written (a short write raises on the next call)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class ReplayCache(object):
@@ -1891,8 +1522,7 @@ class ReplayCache(object):
 
 
 # ---------------------------------------------------------------------------
-# Firewall back ends: setup, open/open_many, open_nat, close, list, list_nat, expire,
-# restore, flush -- the same small interface for nft, iptables and a dry run
+# Firewall: one interface, three back ends
 # ---------------------------------------------------------------------------
 
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
@@ -1921,6 +1551,94 @@ def run_command(argv, stdin=None):
         raise SpaError("%s failed: %s" % (" ".join(argv[:3]),
                                           done.stderr.strip().replace("\n", " | ")))
     return done.stdout
+
+
+FORWARDING_SYSCTLS = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+PROC_SYS = "/proc/sys/"
+
+
+def warn_without_forwarding(log, families):
+    """NAT access to another host needs the kernel to forward; say so where it does not."""
+    if log is None:
+        return
+    for family in sorted(families):
+        name = FORWARDING_SYSCTLS[family]
+        try:
+            with open(PROC_SYS + name.replace(".", "/")) as f:
+                on = f.read().strip() != "0"
+        except OSError:
+            continue
+        if not on:
+            log.warning("NAT access to another host over IPv%d needs forwarding: "
+                        "%s is 0 (local NAT works without it)", family, name)
+
+
+def _nat_target(address, to_address):
+    """to_address as text, if NAT from `address` may lead there; ValueError if not (the
+    back ends' own check, behind the policy's)."""
+    import ipaddress
+    target = ipaddress.ip_address(to_address)
+    problem = nat_target_problem(target)
+    if problem is None and _family(address) != target.version:
+        problem = "not the same address family as %s" % address
+    if problem is not None:
+        raise ValueError("cannot NAT to %s: %s" % (to_address, problem))
+    return str(target)
+
+
+class DryRunFirewall(object):
+    """Changes nothing; records what it would do (server --test, firewall = none)."""
+
+    name = "none"
+
+    def __init__(self, protect, action="reject", log=None):
+        self.protect, self.action, self.log = protect, action, log
+        self.nat = self.steer = False
+        self.opened = []
+
+    def setup(self):
+        if self.log:
+            self.log.info("test mode: would protect %s (%s)", format_access(self.protect),
+                          self.action)
+
+    def open(self, address, proto, port, timeout, now=None, interface=None):
+        self.opened.append((address, proto, port, timeout) + ((interface,) if interface else ()))
+        return True
+
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+        self.opened.append((address, proto, port, timeout, to_address, to_port, local))
+        return True
+
+    def open_many(self, openings, now=None):
+        self.opened += openings
+        return len(openings)
+
+    def close(self, address, proto, port):
+        return False
+
+    def list(self):
+        return []
+
+    def list_nat(self):
+        return []
+
+    def expire(self, now=None):
+        return 0
+
+    monitored = False
+
+    def restore(self):
+        return False
+
+    def flush(self):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# nftables
+# ---------------------------------------------------------------------------
+
+NFT_TABLE = "spa"                     # our own `inet` table; nothing else is touched
 
 
 class RulesetMonitor(object):
@@ -2166,18 +1884,6 @@ def _bound_opening_key(key):
     if len(key) != 4 or not valid_interface_name(key[3]):
         raise ValueError("not an opening bound to an interface: %r" % (key,))
     return _opening_key(key[:3]) + key[3].encode().ljust(16, b"\0")
-
-
-def valid_interface_name(name):
-    """A Linux interface name: 1-15 bytes, no slash, colon or white space."""
-    return isinstance(name, str) and 0 < len(name.encode()) < 16 and \
-        not any(c in name for c in "/: \t\n\0") and name not in (".", "..")
-
-
-def _opening_hash(key):
-    """8 bytes that tell openings (address text as inet_ntop writes it, proto, port) apart
-    within this process: 64 bits of its hash."""
-    return struct.pack("q", hash(key))
 
 
 def _opening(raw):
@@ -2709,6 +2415,10 @@ class NftFirewall(object):
         return True
 
 
+# ---------------------------------------------------------------------------
+# iptables
+# ---------------------------------------------------------------------------
+
 IPT_CHAIN = "SPA_INPUT"               # our own chain in the filter table, jumped to from INPUT
 IPT_COMMENT = "spa expires "          # + the epoch second an opening ends (list, expire read it)
 IPT_WAIT = "10"                       # seconds to wait for the xtables lock before failing
@@ -2718,9 +2428,66 @@ IPT_NAT_CHAIN = "SPA_PREROUTING"          # nat table, jumped to from PREROUTING
 IPT_STEER_CHAIN = "SPA_STEER"             # nat table, jumped to from PREROUTING's end
 IPT_NAT_COMMENTS = {False: "spa nat expires ", True: "spa local nat expires "}   # by `local`
 IPT_ESTABLISHED = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
-FORWARDING_SYSCTLS = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
-PROC_SYS = "/proc/sys/"
 LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+
+
+def _parse_opening(words, verdict="ACCEPT"):
+    """((address, proto, port[, interface]), end) of one of our opening rules (`-S` words),
+    else None."""
+    import ipaddress
+    option = dict(zip(words, words[1:]))        # each word -> the word after it
+    comment = option.get("--comment", "")
+    if not comment.startswith(IPT_COMMENT) or option.get("-j") != verdict:
+        return None
+    try:
+        address = str(ipaddress.ip_interface(option["-s"]).ip)
+        port, end = int(option["--dport"]), int(comment[len(IPT_COMMENT):])
+    except (KeyError, ValueError):
+        return None
+    if option.get("-p") not in PROTO_NUMBERS:
+        return None
+    interface = (option["-i"],) if "-i" in option else ()
+    return (address, option["-p"], port) + interface, end
+
+
+def _parse_nat(words):
+    """((address, proto, port, to_address, to_port, local), end) of one of our NAT rules
+    (a DNAT, or the ACCEPT that goes with it, as `-S` words), else None."""
+    import ipaddress
+    option = dict(zip(words, words[1:]))        # each word -> the word after it
+    comment = option.get("--comment", "")
+    for local, prefix in sorted(IPT_NAT_COMMENTS.items()):
+        if comment.startswith(prefix):
+            break
+    else:
+        return None
+    try:
+        end = int(comment[len(prefix):])
+        address = str(ipaddress.ip_interface(option["-s"]).ip)
+        if option.get("-j") == "DNAT":
+            port = int(option["--dport"])
+            host, _, to_port = option["--to-destination"].rpartition(":")
+            if host.startswith("["):
+                host = host[1:-1] if host.endswith("]") else ""
+            to_address, to_port = str(ipaddress.ip_address(host)), int(to_port)
+        elif option.get("-j") == "ACCEPT":
+            port, to_port = int(option["--ctorigdstport"]), int(option["--dport"])
+            to_address = str(ipaddress.ip_interface(option["-d"]).ip)
+        else:
+            return None
+    except (KeyError, ValueError):
+        return None
+    if option.get("-p") not in PROTO_NUMBERS:
+        return None
+    return (address, option["-p"], port, to_address, to_port, local), end
+
+
+def _restore_words(words):
+    """One rule as an iptables-restore line: words with a space in double quotes."""
+    for word in words:
+        if '"' in word or "\n" in word or not word:
+            raise SpaError("cannot pass %r to iptables-restore" % word)
+    return " ".join('"%s"' % w if " " in w else w for w in words)
 
 
 class IptablesFirewall(object):
@@ -3362,96 +3129,25 @@ class IptablesFirewall(object):
         return rows
 
 
-def warn_without_forwarding(log, families):
-    """NAT access to another host needs the kernel to forward; say so where it does not."""
-    if log is None:
-        return
-    for family in sorted(families):
-        name = FORWARDING_SYSCTLS[family]
+# ---------------------------------------------------------------------------
+# Choosing the back end, and the host's saved firewall
+# ---------------------------------------------------------------------------
+
+def _iptables_in_use(flavour):
+    """True if that iptables flavour holds a rule or a non-ACCEPT policy (IPv4 or IPv6).
+
+    iptables-save lists only the tables that exist, and creates none.
+    """
+    for command in ("iptables-%s-save" % flavour, "ip6tables-%s-save" % flavour):
         try:
-            with open(PROC_SYS + name.replace(".", "/")) as f:
-                on = f.read().strip() != "0"
-        except OSError:
+            out = run_command([command])
+        except SpaError:
             continue
-        if not on:
-            log.warning("NAT access to another host over IPv%d needs forwarding: "
-                        "%s is 0 (local NAT works without it)", family, name)
-
-
-def _family(address):
-    return 6 if ":" in address else 4
-
-
-def _nat_target(address, to_address):
-    """to_address as text, if NAT from `address` may lead there; ValueError if not (the
-    back ends' own check, behind the policy's)."""
-    import ipaddress
-    target = ipaddress.ip_address(to_address)
-    problem = nat_target_problem(target)
-    if problem is None and _family(address) != target.version:
-        problem = "not the same address family as %s" % address
-    if problem is not None:
-        raise ValueError("cannot NAT to %s: %s" % (to_address, problem))
-    return str(target)
-
-
-def _parse_opening(words, verdict="ACCEPT"):
-    """((address, proto, port[, interface]), end) of one of our opening rules (`-S` words),
-    else None."""
-    import ipaddress
-    option = dict(zip(words, words[1:]))        # each word -> the word after it
-    comment = option.get("--comment", "")
-    if not comment.startswith(IPT_COMMENT) or option.get("-j") != verdict:
-        return None
-    try:
-        address = str(ipaddress.ip_interface(option["-s"]).ip)
-        port, end = int(option["--dport"]), int(comment[len(IPT_COMMENT):])
-    except (KeyError, ValueError):
-        return None
-    if option.get("-p") not in PROTO_NUMBERS:
-        return None
-    interface = (option["-i"],) if "-i" in option else ()
-    return (address, option["-p"], port) + interface, end
-
-
-def _parse_nat(words):
-    """((address, proto, port, to_address, to_port, local), end) of one of our NAT rules
-    (a DNAT, or the ACCEPT that goes with it, as `-S` words), else None."""
-    import ipaddress
-    option = dict(zip(words, words[1:]))        # each word -> the word after it
-    comment = option.get("--comment", "")
-    for local, prefix in sorted(IPT_NAT_COMMENTS.items()):
-        if comment.startswith(prefix):
-            break
-    else:
-        return None
-    try:
-        end = int(comment[len(prefix):])
-        address = str(ipaddress.ip_interface(option["-s"]).ip)
-        if option.get("-j") == "DNAT":
-            port = int(option["--dport"])
-            host, _, to_port = option["--to-destination"].rpartition(":")
-            if host.startswith("["):
-                host = host[1:-1] if host.endswith("]") else ""
-            to_address, to_port = str(ipaddress.ip_address(host)), int(to_port)
-        elif option.get("-j") == "ACCEPT":
-            port, to_port = int(option["--ctorigdstport"]), int(option["--dport"])
-            to_address = str(ipaddress.ip_interface(option["-d"]).ip)
-        else:
-            return None
-    except (KeyError, ValueError):
-        return None
-    if option.get("-p") not in PROTO_NUMBERS:
-        return None
-    return (address, option["-p"], port, to_address, to_port, local), end
-
-
-def _restore_words(words):
-    """One rule as an iptables-restore line: words with a space in double quotes."""
-    for word in words:
-        if '"' in word or "\n" in word or not word:
-            raise SpaError("cannot pass %r to iptables-restore" % word)
-    return " ".join('"%s"' % w if " " in w else w for w in words)
+        for line in out.splitlines():
+            if line.startswith("-A ") or (line.startswith(":") and len(line.split()) > 1
+                                          and line.split()[1] not in ("ACCEPT", "-")):
+                return True
+    return False
 
 
 def detect_firewall(log=None):
@@ -3497,71 +3193,6 @@ def detect_firewall(log=None):
     return choice
 
 
-def _iptables_in_use(flavour):
-    """True if that iptables flavour holds a rule or a non-ACCEPT policy (IPv4 or IPv6).
-
-    iptables-save lists only the tables that exist, and creates none.
-    """
-    for command in ("iptables-%s-save" % flavour, "ip6tables-%s-save" % flavour):
-        try:
-            out = run_command([command])
-        except SpaError:
-            continue
-        for line in out.splitlines():
-            if line.startswith("-A ") or (line.startswith(":") and len(line.split()) > 1
-                                          and line.split()[1] not in ("ACCEPT", "-")):
-                return True
-    return False
-
-
-class DryRunFirewall(object):
-    """Changes nothing; records what it would do (server --test, firewall = none)."""
-
-    name = "none"
-
-    def __init__(self, protect, action="reject", log=None):
-        self.protect, self.action, self.log = protect, action, log
-        self.nat = self.steer = False
-        self.opened = []
-
-    def setup(self):
-        if self.log:
-            self.log.info("test mode: would protect %s (%s)", format_access(self.protect),
-                          self.action)
-
-    def open(self, address, proto, port, timeout, now=None, interface=None):
-        self.opened.append((address, proto, port, timeout) + ((interface,) if interface else ()))
-        return True
-
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
-        self.opened.append((address, proto, port, timeout, to_address, to_port, local))
-        return True
-
-    def open_many(self, openings, now=None):
-        self.opened += openings
-        return len(openings)
-
-    def close(self, address, proto, port):
-        return False
-
-    def list(self):
-        return []
-
-    def list_nat(self):
-        return []
-
-    def expire(self, now=None):
-        return 0
-
-    monitored = False
-
-    def restore(self):
-        return False
-
-    def flush(self):
-        return False
-
-
 def make_firewall(config, test, log=None):
     """The back end the config asks for: nft, iptables (either flavour), or a dry run."""
     if test or config.firewall == "none":
@@ -3573,6 +3204,116 @@ def make_firewall(config, test, log=None):
                            bind=config.bind_interface)
     return IptablesFirewall(config.protect, config.protect_action, log, command=kind, nat=nat,
                             bind=config.bind_interface)
+
+
+def _uncommented(text):
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _nft_statement(line):
+    return line.split("#", 1)[0].strip().rstrip(";").strip()
+
+
+def nft_includes(main, text, path):
+    """True if the nft ruleset file `main` (its `text`) includes the file `path`, by name or
+    by a glob, at its top level (an include inside a table block would put our table inside
+    another: fw4's /etc/nftables.d/ is such a place), after its last `flush ruleset`."""
+    import fnmatch
+    depth, found = 0, False
+    for line in text.splitlines():
+        statement = _nft_statement(line)
+        if statement == "flush ruleset":
+            found = False                # what was included before is flushed
+        elif depth == 0 and statement.startswith("include "):
+            pattern = statement[len("include "):].strip().strip('"')
+            found = found or any(fnmatch.fnmatch(path, candidate) for candidate in (
+                pattern, os.path.join(os.path.dirname(main), pattern),
+                os.path.join("/etc", pattern)))
+        depth += statement.count("{") - statement.count("}")
+    return found
+
+
+def with_nft_include(text, path):
+    """The nft ruleset file `text` with an include of `path` right after its (last) `flush
+    ruleset` (at its start, after the first comment lines, if it flushes nothing)."""
+    lines = text.splitlines(True)
+    at = max((i + 1 for i, line in enumerate(lines)
+              if _nft_statement(line) == "flush ruleset"), default=None)
+    if at is None:
+        at = 0
+        while at < len(lines) and lines[at].startswith("#"):
+            at += 1
+    if at and not lines[at - 1].endswith("\n"):
+        lines[at - 1] += "\n"
+    return "".join(lines[:at] + ['include "%s"\n' % path] + lines[at:])
+
+
+def _rule_words(line):
+    """An iptables-restore rule line as words, the implicit `-m tcp`/`-m udp` left out and
+    quotes read, so that iptables-save's form and ours compare equal."""
+    import shlex
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        words = line.split()
+    out = []
+    for word in words:
+        if out and out[-1] == "-m" and word in ("tcp", "udp"):
+            out.pop()
+            continue
+        out.append(word)
+    return out
+
+
+def _filter_section(text):
+    """(lines before, the *filter section's lines between `*filter` and COMMIT, lines after);
+    the middle is None when the text has no *filter section."""
+    lines = text.splitlines()
+    try:
+        start = [line.strip() for line in lines].index("*filter")
+        end = start + 1 + [line.strip() for line in lines[start + 1:]].index("COMMIT")
+    except ValueError:
+        return lines, None, []
+    return lines[:start + 1], lines[start + 1:end], lines[end:]
+
+
+def _ours(line):
+    words = _rule_words(line)
+    return (words[:1] == [":" + IPT_CHAIN] or words[:2] == ["-A", IPT_CHAIN] or
+            words == ["-A", "INPUT", "-j", IPT_CHAIN])
+
+
+def iptables_rules_hold(text, lines):
+    """True if iptables-restore `text` has our chain with the protect rules of `lines` (in
+    their order; openings a save caught may sit among them) and the jump to it first in
+    INPUT, in its *filter table."""
+    _, body, _ = _filter_section(text)
+    if body is None:
+        return False
+    rules = [_rule_words(line) for line in body if line.strip().startswith("-")]
+    inputs = [words for words in rules if words[1:2] == ["INPUT"]]
+    want = [_rule_words(line) for line in lines if line.startswith("-A %s " % IPT_CHAIN)]
+    have = [words for words in rules if words[:2] == ["-A", IPT_CHAIN]
+            and _parse_opening(words[2:]) is None]
+    return (any(line.split()[:1] == [":" + IPT_CHAIN] for line in body) and
+            inputs[:1] == [["-A", "INPUT", "-j", IPT_CHAIN]] and have == want)
+
+
+def with_iptables_rules(text, lines):
+    """iptables-restore `text` with `lines` (saved_rules) in its *filter table, in place of
+    anything of ours it had (openings an iptables-save caught included): our chain declared
+    with the others, the jump and our rules before the first rule, so the jump comes first
+    in INPUT.  The other tables and rules stay as they are."""
+    head, body, tail = _filter_section(text)
+    declare = [line for line in lines if line.startswith(":")]
+    rules = [line for line in lines if not line.startswith(":")]
+    if body is None:
+        head = head + ["*filter"]
+        body, tail = [], ["COMMIT"]
+    body = [line for line in body if not _ours(line)]
+    first = next((i for i, line in enumerate(body) if line.strip().startswith("-")), len(body))
+    body = body[:first] + declare + rules + body[first:]
+    return "\n".join(head + body + tail) + "\n"
 
 
 class SavedFirewall(object):
@@ -3689,177 +3430,6 @@ class SavedFirewall(object):
                                         new])
 
 
-def _uncommented(text):
-    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def _read_text(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _nft_statement(line):
-    return line.split("#", 1)[0].strip().rstrip(";").strip()
-
-
-def nft_includes(main, text, path):
-    """True if the nft ruleset file `main` (its `text`) includes the file `path`, by name or
-    by a glob, at its top level (an include inside a table block would put our table inside
-    another: fw4's /etc/nftables.d/ is such a place), after its last `flush ruleset`."""
-    import fnmatch
-    depth, found = 0, False
-    for line in text.splitlines():
-        statement = _nft_statement(line)
-        if statement == "flush ruleset":
-            found = False                # what was included before is flushed
-        elif depth == 0 and statement.startswith("include "):
-            pattern = statement[len("include "):].strip().strip('"')
-            found = found or any(fnmatch.fnmatch(path, candidate) for candidate in (
-                pattern, os.path.join(os.path.dirname(main), pattern),
-                os.path.join("/etc", pattern)))
-        depth += statement.count("{") - statement.count("}")
-    return found
-
-
-def with_nft_include(text, path):
-    """The nft ruleset file `text` with an include of `path` right after its (last) `flush
-    ruleset` (at its start, after the first comment lines, if it flushes nothing)."""
-    lines = text.splitlines(True)
-    at = max((i + 1 for i, line in enumerate(lines)
-              if _nft_statement(line) == "flush ruleset"), default=None)
-    if at is None:
-        at = 0
-        while at < len(lines) and lines[at].startswith("#"):
-            at += 1
-    if at and not lines[at - 1].endswith("\n"):
-        lines[at - 1] += "\n"
-    return "".join(lines[:at] + ['include "%s"\n' % path] + lines[at:])
-
-
-def _rule_words(line):
-    """An iptables-restore rule line as words, the implicit `-m tcp`/`-m udp` left out and
-    quotes read, so that iptables-save's form and ours compare equal."""
-    import shlex
-    try:
-        words = shlex.split(line)
-    except ValueError:
-        words = line.split()
-    out = []
-    for word in words:
-        if out and out[-1] == "-m" and word in ("tcp", "udp"):
-            out.pop()
-            continue
-        out.append(word)
-    return out
-
-
-def _filter_section(text):
-    """(lines before, the *filter section's lines between `*filter` and COMMIT, lines after);
-    the middle is None when the text has no *filter section."""
-    lines = text.splitlines()
-    try:
-        start = [line.strip() for line in lines].index("*filter")
-        end = start + 1 + [line.strip() for line in lines[start + 1:]].index("COMMIT")
-    except ValueError:
-        return lines, None, []
-    return lines[:start + 1], lines[start + 1:end], lines[end:]
-
-
-def _ours(line):
-    words = _rule_words(line)
-    return (words[:1] == [":" + IPT_CHAIN] or words[:2] == ["-A", IPT_CHAIN] or
-            words == ["-A", "INPUT", "-j", IPT_CHAIN])
-
-
-def iptables_rules_hold(text, lines):
-    """True if iptables-restore `text` has our chain with the protect rules of `lines` (in
-    their order; openings a save caught may sit among them) and the jump to it first in
-    INPUT, in its *filter table."""
-    _, body, _ = _filter_section(text)
-    if body is None:
-        return False
-    rules = [_rule_words(line) for line in body if line.strip().startswith("-")]
-    inputs = [words for words in rules if words[1:2] == ["INPUT"]]
-    want = [_rule_words(line) for line in lines if line.startswith("-A %s " % IPT_CHAIN)]
-    have = [words for words in rules if words[:2] == ["-A", IPT_CHAIN]
-            and _parse_opening(words[2:]) is None]
-    return (any(line.split()[:1] == [":" + IPT_CHAIN] for line in body) and
-            inputs[:1] == [["-A", "INPUT", "-j", IPT_CHAIN]] and have == want)
-
-
-def with_iptables_rules(text, lines):
-    """iptables-restore `text` with `lines` (saved_rules) in its *filter table, in place of
-    anything of ours it had (openings an iptables-save caught included): our chain declared
-    with the others, the jump and our rules before the first rule, so the jump comes first
-    in INPUT.  The other tables and rules stay as they are."""
-    head, body, tail = _filter_section(text)
-    declare = [line for line in lines if line.startswith(":")]
-    rules = [line for line in lines if not line.startswith(":")]
-    if body is None:
-        head = head + ["*filter"]
-        body, tail = [], ["COMMIT"]
-    body = [line for line in body if not _ours(line)]
-    first = next((i for i, line in enumerate(body) if line.strip().startswith("-")), len(body))
-    body = body[:first] + declare + rules + body[first:]
-    return "\n".join(head + body + tail) + "\n"
-
-
-def write_file(path, text, mode=0o644, check=None):
-    """Replace `path` with `text` at once (a new file in the same directory, renamed over it),
-    keeping an existing file's mode and owner; never following a symlink.  `check(new path)`,
-    if given, may refuse the new file (SpaError) before it replaces the old one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, 0o755, exist_ok=True)
-    try:
-        st = os.lstat(path)
-        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
-    except FileNotFoundError:
-        owner = None
-    tmp = path + ".spa-new"
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            sync_file(f.fileno())
-        os.chmod(tmp, mode)
-        if owner is not None:
-            os.chown(tmp, *owner)
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def format_access(access):
-    return ",".join("%s/%d" % pp for pp in access)
-
-
-def format_nat_destination(item):
-    """One (network, first port, last port) of nat_destinations, as the config writes it."""
-    network, first, last = item
-    text = "[%s]" % network if network.version == 6 else str(network)
-    if (first, last) == (1, 65535):
-        return text
-    return "%s:%d%s" % (text, first, "" if first == last else "-%d" % last)
-
-
-def format_endpoint(address, port):
-    return "[%s]:%d" % (address, port) if ":" in address else "%s:%d" % (address, port)
-
-
 # ---------------------------------------------------------------------------
 # Capture: AF_PACKET sockets with a BPF filter in the kernel
 # ---------------------------------------------------------------------------
@@ -3872,22 +3442,27 @@ PACKET_HOST = 0
 SOL_PACKET, PACKET_STATISTICS = 263, 6
 
 
-def rss_kb(status=None):
-    """This process's resident memory in kB (0 where /proc is missing), read from
-    /proc/self/status, or from `status`, that file already open (the packet reader can
-    open no file)."""
-    try:
-        if status is None:
-            with open("/proc/self/status", "rb") as f:
-                text = f.read()
+def bpf_assemble(prog):
+    """Classic BPF from (op, k[, jump if true, jump if false]) tuples and ("label:",) marks;
+    a jump target is a label or None (the next instruction).  Returns (code, jt, jf, k)s."""
+    codes = {"ld": 0x20, "ldh": 0x28, "ldb": 0x30, "ldxmsh": 0xB1, "ldhx": 0x48,
+             "jeq": 0x15, "jgt": 0x25, "jge": 0x35, "jset": 0x45, "ret": 0x06}
+    labels, insns = {}, []
+    for op in prog:
+        if op[0].endswith(":"):
+            labels[op[0][:-1]] = len(insns)
         else:
-            text = os.pread(status, 8192, 0)
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith(b"VmRSS:"):
-            return int(line.split()[1])
-    return 0
+            insns.append(op)
+    out = []
+    for i, op in enumerate(insns):
+        if op[0].startswith("j"):
+            jt, jf = (0 if t is None else labels[t] - i - 1 for t in op[2:4])
+            if not (0 <= jt < 256 and 0 <= jf < 256):
+                raise ValueError("BPF jump out of range at %d" % i)
+            out.append((codes[op[0]], jt, jf, op[1]))
+        else:
+            out.append((codes[op[0]], 0, 0, op[1]))
+    return out
 
 
 def bpf_filter(port):
@@ -3913,29 +3488,6 @@ def bpf_filter(port):
         ("drop:",), ("ret", 0),
     ]
     return bpf_assemble(prog)
-
-
-def bpf_assemble(prog):
-    """Classic BPF from (op, k[, jump if true, jump if false]) tuples and ("label:",) marks;
-    a jump target is a label or None (the next instruction).  Returns (code, jt, jf, k)s."""
-    codes = {"ld": 0x20, "ldh": 0x28, "ldb": 0x30, "ldxmsh": 0xB1, "ldhx": 0x48,
-             "jeq": 0x15, "jgt": 0x25, "jge": 0x35, "jset": 0x45, "ret": 0x06}
-    labels, insns = {}, []
-    for op in prog:
-        if op[0].endswith(":"):
-            labels[op[0][:-1]] = len(insns)
-        else:
-            insns.append(op)
-    out = []
-    for i, op in enumerate(insns):
-        if op[0].startswith("j"):
-            jt, jf = (0 if t is None else labels[t] - i - 1 for t in op[2:4])
-            if not (0 <= jt < 256 and 0 <= jf < 256):
-                raise ValueError("BPF jump out of range at %d" % i)
-            out.append((codes[op[0]], jt, jf, op[1]))
-        else:
-            out.append((codes[op[0]], 0, 0, op[1]))
-    return out
 
 
 def sock_fprog(program):
@@ -4120,16 +3672,6 @@ SYSLOG_SOCKET = "/dev/log"
 CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
 
 
-def log_field(text):
-    """A value for a log line, with control characters (and every other unprintable one)
-    escaped: no field, whoever chose it (a username, a command, a source, a reason that
-    quotes a packet), can start a line of its own or hide what follows.  Log applies it
-    to every argument: the one place that formats log fields."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else _escaped(c) for c in text)
-
-
 _ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
@@ -4139,6 +3681,16 @@ def _escaped(c):
     n = ord(c)
     return _ESCAPES.get(c) or ("\\x%02x" % n if n < 0x100 else "\\u%04x" % n if n < 0x10000
                                else "\\U%08x" % n)
+
+
+def log_field(text):
+    """A value for a log line, with control characters (and every other unprintable one)
+    escaped: no field, whoever chose it (a username, a command, a source, a reason that
+    quotes a packet), can start a line of its own or hide what follows.  Log applies it
+    to every argument: the one place that formats log fields."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
 
 
 class Log(object):
@@ -4254,6 +3806,165 @@ class RateLimiter(object):
 # ---------------------------------------------------------------------------
 # Server: a privileged gatekeeper and an unprivileged packet reader
 # ---------------------------------------------------------------------------
+
+# --- The packet reader's sandbox ------------------------------------------------------
+#
+# After its privilege drop the reader confines itself as OpenSSH's pre-auth child does:
+# rlimits (no new descriptor, process, file growth or core dump) and a seccomp filter that
+# lets through only the system calls its loop makes.  Its descriptors: /dev/null on 0-2,
+# its capture sockets (receive only), its request pipe and its log pipe to the parent (the
+# only ones it may write to), /proc/self/status (read for the stats line) and the epoll
+# instance its loop waits in.
+
+PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 4, 22, 38
+SECCOMP_MODE_FILTER = 2
+SECCOMP_KILL, SECCOMP_ERRNO, SECCOMP_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+AUDIT_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7, "riscv64": 0xC00000F3}
+# System call numbers: x86_64's table, and the generic one that aarch64 and riscv64 share.
+_GENERIC_SYSCALLS = {
+    "recvfrom": 207, "epoll_pwait": 22, "epoll_ctl": 21, "clock_gettime": 113, "gettimeofday": 169, "times": 153,
+    "brk": 214, "munmap": 215, "mremap": 216, "madvise": 233, "rt_sigreturn": 139,
+    "rt_sigprocmask": 135, "restart_syscall": 128, "futex": 98, "getpid": 172, "close": 57,
+    "exit": 93, "exit_group": 94, "write": 64, "pread64": 67, "getsockopt": 209, "mmap": 222,
+    "mprotect": 226, "openat": 56, "openat2": 437, "execve": 221, "execveat": 281,
+    "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271}
+SYSCALLS = {
+    "x86_64": {
+        "recvfrom": 45, "epoll_wait": 232, "epoll_pwait": 281, "epoll_ctl": 233,
+        "clock_gettime": 228, "gettimeofday": 96,
+        "times": 100, "brk": 12, "munmap": 11, "mremap": 25, "madvise": 28, "rt_sigreturn": 15,
+        "rt_sigprocmask": 14, "restart_syscall": 219, "futex": 202, "getpid": 39, "close": 3,
+        "exit": 60, "exit_group": 231, "write": 1, "pread64": 17, "getsockopt": 55, "mmap": 9,
+        "mprotect": 10, "open": 2, "openat": 257, "openat2": 437, "execve": 59, "execveat": 322,
+        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311},
+    "aarch64": _GENERIC_SYSCALLS, "riscv64": _GENERIC_SYSCALLS,
+}
+# What the reader's loop calls (strace): receive, wait, clocks, memory, signals, exit.
+SECCOMP_ALLOWED = ("recvfrom", "epoll_wait", "epoll_pwait", "epoll_ctl", "clock_gettime",
+                   "gettimeofday", "times", "brk", "munmap", "mremap", "madvise",
+                   "rt_sigreturn", "rt_sigprocmask", "restart_syscall", "futex", "getpid",
+                   "close", "exit", "exit_group")
+# Calls no bug in the reader makes, only an attacker: they kill it (SIGSYS).
+SECCOMP_KILLED = ("execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev")
+
+
+def prctl(option, *args):
+    """prctl(2) through ctypes; OSError on failure."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, *[a if isinstance(a, bytes) else ctypes.c_ulong(a)
+                            for a in args + (0,) * (4 - len(args))]) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def seccomp_arch():
+    """The name of this process's system call table, or None where spa.py has none (a
+    32-bit Python on a 64-bit kernel counts as unknown: its calls use another table)."""
+    machine = os.uname().machine
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    if struct.calcsize("P") != 8 or sys.byteorder != "little" or machine not in SYSCALLS:
+        return None
+    return machine
+
+
+def seccomp_program(arch, writable, readable):
+    """The reader's seccomp filter, a classic BPF program over struct seccomp_data.
+
+    A call made for another architecture (a 32-bit entry into a 64-bit process) kills;
+    the calls in SECCOMP_ALLOWED pass; write only to the descriptors in `writable`, pread64
+    only from those in `readable`; getsockopt only for PACKET_STATISTICS; mmap and mprotect
+    never with PROT_EXEC; open and openat fail with EACCES (Python then reports an error),
+    SECCOMP_KILLED kills, and everything else fails with EPERM: new sockets, send, connect,
+    bind, setsockopt, ioctl, fork, kill, dup, pipe, setrlimit, prctl, unshare...
+    Arguments are compared by their low 32 bits (little-endian: offset 16 + 8 * n), which
+    is all the kernel reads of a descriptor or an int option.
+    """
+    import errno
+    numbers = SYSCALLS[arch]
+    arg = lambda n: 16 + 8 * n                         # noqa: E731
+    prog = [("ld", 4), ("jeq", AUDIT_ARCHES[arch], None, "kill"), ("ld", 0)]
+    prog += [("jeq", numbers[name], "allow", None) for name in SECCOMP_ALLOWED if name in numbers]
+    prog += [("jeq", numbers["write"], "write", None), ("jeq", numbers["pread64"], "pread", None),
+             ("jeq", numbers["getsockopt"], "getsockopt", None),
+             ("jeq", numbers["mmap"], "memory", None), ("jeq", numbers["mprotect"], "memory", None)]
+    prog += [("jeq", numbers[name], "kill", None) for name in SECCOMP_KILLED]
+    prog += [("jeq", numbers[name], "eacces", None) for name in ("open", "openat", "openat2")
+             if name in numbers]
+    prog += [("ret", SECCOMP_ERRNO | errno.EPERM)]
+    prog += [("write:",), ("ld", arg(0))] + [("jeq", fd, "allow", None) for fd in writable]
+    prog += [("ret", SECCOMP_ERRNO | errno.EPERM)]
+    prog += [("pread:",), ("ld", arg(0))] + [("jeq", fd, "allow", None) for fd in readable]
+    prog += [("ret", SECCOMP_ERRNO | errno.EPERM),
+             ("getsockopt:",), ("ld", arg(1)), ("jeq", SOL_PACKET, None, "eperm"),
+             ("ld", arg(2)), ("jeq", PACKET_STATISTICS, "allow", "eperm"),
+             ("memory:",), ("ld", arg(2)), ("jset", mmap.PROT_EXEC, "eperm", "allow"),
+             ("allow:",), ("ret", SECCOMP_ALLOW),
+             ("kill:",), ("ret", SECCOMP_KILL),
+             ("eacces:",), ("ret", SECCOMP_ERRNO | errno.EACCES),
+             ("eperm:",), ("ret", SECCOMP_ERRNO | errno.EPERM)]
+    return bpf_assemble(prog)
+
+
+def drop_privileges(user):
+    """Become `user` for good: no groups, no capabilities, no way back (confine_reader adds
+    no_new_privs), and not dumpable: no other process of that user may trace it or read
+    its memory (the keys)."""
+    import pwd
+    pw = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    prctl(PR_SET_DUMPABLE, 0)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise SpaError("could not drop root privileges")
+
+
+def close_fds_except(keep):
+    """Close every file descriptor of this process but those in `keep`."""
+    limit = min(os.sysconf("SC_OPEN_MAX"), 1 << 16)
+    low = 0
+    for fd in sorted(keep) + [limit]:
+        if fd > low:        # closerange(n, n) would close everything on some Pythons
+            os.closerange(low, fd)
+        low = fd + 1
+
+
+def take_free_descriptors(below):
+    """Put /dev/null on every free descriptor under `below`: with 3, descriptors 0-2 are
+    never the terminal, nor a pipe or socket of ours that a stray print() would write to."""
+    while True:
+        fd = os.open(os.devnull, os.O_RDWR)     # the lowest free descriptor
+        if fd >= below:
+            os.close(fd)
+            return
+
+
+def confine_reader(writable, readable, log):
+    """Enter the packet reader's sandbox (see above) for good: True with the seccomp filter
+    in place, False where it could not be (logged)."""
+    import resource
+    for limit in (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE,
+                  resource.RLIMIT_CORE):
+        resource.setrlimit(limit, (0, 0))
+    arch = seccomp_arch()
+    try:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)        # no exec can give privileges back; seccomp needs it
+        if arch is None:
+            raise OSError(0, "spa.py has no system call table for %s with a %d-bit Python"
+                          % (os.uname().machine, 8 * struct.calcsize("P")))
+        fprog, _code = sock_fprog(seccomp_program(arch, writable, readable))
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, fprog)
+    except OSError as e:
+        log.warning("packet reader: no seccomp filter (%s): it runs confined by its user, "
+                    "rlimits and closed files only", e.strerror)
+        return False
+    return True
+
+
 #
 # The server runs as two processes.  The parent keeps root: it opens the capture
 # sockets, owns the firewall and the replay cache file, and reads nothing from
@@ -4277,6 +3988,17 @@ def request_line(source, destination, wire, interface=None):
     if interface is not None:
         line += b" " + interface.encode()
     return line + b"\n"
+
+
+def _request_address(word):
+    """An address as inet_ntop writes it (the reader's words are that already)."""
+    if not 2 <= len(word) <= 45 or word.translate(None, _ADDRESS_CHARS):
+        raise ValueError("not an address")
+    family = socket.AF_INET6 if b":" in word else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, word.decode("ascii")))
+    except OSError:
+        raise ValueError("not an address")
 
 
 def parse_request(line):
@@ -4304,17 +4026,6 @@ def parse_request(line):
     return source, destination, wire, interface
 
 
-def _request_address(word):
-    """An address as inet_ntop writes it (the reader's words are that already)."""
-    if not 2 <= len(word) <= 45 or word.translate(None, _ADDRESS_CHARS):
-        raise ValueError("not an address")
-    family = socket.AF_INET6 if b":" in word else socket.AF_INET
-    try:
-        return socket.inet_ntop(family, socket.inet_pton(family, word.decode("ascii")))
-    except OSError:
-        raise ValueError("not an address")
-
-
 def send_signal(log, pid, signum, what, group=False):
     """Signal a process (or its process group); False, logged, if that was refused.
 
@@ -4331,6 +4042,137 @@ def send_signal(log, pid, signum, what, group=False):
                   " (the server lacks CAP_KILL)" if e.errno == 1 else "")
         return False
     return True
+
+
+COMMAND_TIME_LIMIT = 60               # seconds a command message may run before it is killed
+
+
+class CommandRunner(object):
+    """Command messages (fwknop's type 0): each runs without a shell as the stanza's
+    cmd_exec_user (never root, never group 0), in a session and process group of its
+    own with no_new_privs and an empty environment but PATH; at the time limit
+    (COMMAND_TIME_LIMIT) the whole group is killed, children it left in the background
+    too; at most `most` groups run at once.  A kill that is refused (no CAP_KILL) is
+    logged, and the command left to end."""
+
+    MOST = 4
+    PR_SET_NO_NEW_PRIVS = 38
+
+    def __init__(self, log, limit=None, most=MOST):
+        self.log, self.limit, self.most = log, limit, most     # limit None: the constant's
+        self.running = []      # [process, command, start (monotonic), exit status or None]
+
+    def start(self, stanza, command, source, username, test=False):
+        """Start one command; None when it started (or would, in test mode), else why not."""
+        import ctypes
+        import pwd
+        import shlex
+        import subprocess
+        try:
+            argv = shlex.split(command)
+            user = pwd.getpwnam(stanza.cmd_exec_user or "")
+        except (ValueError, KeyError) as e:
+            return "command not run: %s" % e
+        if not argv:
+            return "command not run: it is empty"
+        if user.pw_uid == 0 or user.pw_gid == 0:
+            return "command not run: cmd_exec_user %s is root or in group 0" % user.pw_name
+        if test:
+            self.log.info("accepted command from %s [client %s]: %r not run (test mode)",
+                          source, stanza.name, command)
+            return None
+        self.reap()
+        if len(self.running) >= self.most:
+            return "command not run: %d are running already, the most at once" % self.most
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+        def become_user():          # in the child, between fork and exec
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            if prctl(self.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
+                                    preexec_fn=become_user, start_new_session=True,
+                                    env={"PATH": "/usr/bin:/bin"})
+        except (OSError, subprocess.SubprocessError) as e:
+            self.log.error("command from %s [client %s] as %s failed to start: %s", source,
+                           stanza.name, user.pw_name, getattr(e, "strerror", None) or e)
+            return "command failed to start"
+        self.log.info("accepted command from %s [client %s] user %s: running %r as %s (pid %d)",
+                      source, stanza.name, username, command, user.pw_name, proc.pid)
+        self.running.append([proc, command, time.monotonic(), None])
+        return None
+
+    def reap(self):
+        """Log how commands ended; kill the group of any that ran past the limit.  A
+        command counts as running while anything of its group does."""
+        import signal
+        limit = COMMAND_TIME_LIMIT if self.limit is None else self.limit
+        still = []
+        for entry in self.running:
+            proc, command, started, status = entry
+            if status is None:
+                status = entry[3] = proc.poll()
+                if status is not None:
+                    self._exited(proc, command, status)
+            alive = self._group_alive(proc.pid)
+            if alive and time.monotonic() - started > limit:
+                if send_signal(self.log, proc.pid, signal.SIGKILL, "command %r" % command, True):
+                    self.log.warning("command %r ran over %d s: killed%s", command, limit,
+                                     "" if status is None else " what it left running")
+                    if status is None:
+                        entry[3] = proc.wait()
+                        self._exited(proc, command, entry[3])
+                    alive = False
+                else:
+                    self.log.warning("command %r ran over %d s and could not be killed: left "
+                                     "running", command, limit)
+                    entry[2] = float("inf")          # tried once; its end is still logged
+            if alive or entry[3] is None:
+                still.append(entry)
+        self.running = still
+
+    def _exited(self, proc, command, status):
+        self.log.info("command %r (pid %d) exited with status %d", command, proc.pid, status)
+
+    @staticmethod
+    def _group_alive(pgid):
+        """Whether the process group still has a process (its leader's number stays taken
+        while it does, so it names no one else)."""
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def _opening_hash(key):
+    """8 bytes that tell openings (address text as inet_ntop writes it, proto, port) apart
+    within this process: 64 bits of its hash."""
+    return struct.pack("q", hash(key))
+
+
+def packet_fields(d, now):
+    """An authenticated packet's fields in one line, for -v: never key material."""
+    m = d.message
+    parts = ["user %s" % m.username,
+             "timestamp %d (age %+d s)" % (m.timestamp, int(now) - m.timestamp),
+             "type %d (%s)" % (m.msg_type, MSG_NAMES.get(m.msg_type, "?")),
+             "allow IP %s%s" % (m.allow_ip, " (the source)" if m.allow_ip == "0.0.0.0" else ""),
+             "command %r" % m.command if m.msg_type == MSG_COMMAND
+             else "access %s" % (m.access_text() or "none")]
+    if m.nat_access is not None:
+        parts.append("NAT %s" % m.nat_access)
+    if m.msg_type in TIMEOUT_TYPES:
+        parts.append("client timeout %d s" % m.client_timeout)
+    if d.accepted and m.msg_type != MSG_COMMAND:
+        parts.append("open for %d s" % d.timeout)
+    return ", ".join(parts)
 
 
 class Gatekeeper(object):
@@ -4565,128 +4407,6 @@ class Gatekeeper(object):
                 % (self.counts["accepted"], self.counts["refused"]))
 
 
-def packet_fields(d, now):
-    """An authenticated packet's fields in one line, for -v: never key material."""
-    m = d.message
-    parts = ["user %s" % m.username,
-             "timestamp %d (age %+d s)" % (m.timestamp, int(now) - m.timestamp),
-             "type %d (%s)" % (m.msg_type, MSG_NAMES.get(m.msg_type, "?")),
-             "allow IP %s%s" % (m.allow_ip, " (the source)" if m.allow_ip == "0.0.0.0" else ""),
-             "command %r" % m.command if m.msg_type == MSG_COMMAND
-             else "access %s" % (m.access_text() or "none")]
-    if m.nat_access is not None:
-        parts.append("NAT %s" % m.nat_access)
-    if m.msg_type in TIMEOUT_TYPES:
-        parts.append("client timeout %d s" % m.client_timeout)
-    if d.accepted and m.msg_type != MSG_COMMAND:
-        parts.append("open for %d s" % d.timeout)
-    return ", ".join(parts)
-
-
-class CommandRunner(object):
-    """Command messages (fwknop's type 0): each runs without a shell as the stanza's
-    cmd_exec_user (never root, never group 0), in a session and process group of its
-    own with no_new_privs and an empty environment but PATH; at the time limit
-    (COMMAND_TIME_LIMIT) the whole group is killed, children it left in the background
-    too; at most `most` groups run at once.  A kill that is refused (no CAP_KILL) is
-    logged, and the command left to end."""
-
-    MOST = 4
-    PR_SET_NO_NEW_PRIVS = 38
-
-    def __init__(self, log, limit=None, most=MOST):
-        self.log, self.limit, self.most = log, limit, most     # limit None: the constant's
-        self.running = []      # [process, command, start (monotonic), exit status or None]
-
-    def start(self, stanza, command, source, username, test=False):
-        """Start one command; None when it started (or would, in test mode), else why not."""
-        import ctypes
-        import pwd
-        import shlex
-        import subprocess
-        try:
-            argv = shlex.split(command)
-            user = pwd.getpwnam(stanza.cmd_exec_user or "")
-        except (ValueError, KeyError) as e:
-            return "command not run: %s" % e
-        if not argv:
-            return "command not run: it is empty"
-        if user.pw_uid == 0 or user.pw_gid == 0:
-            return "command not run: cmd_exec_user %s is root or in group 0" % user.pw_name
-        if test:
-            self.log.info("accepted command from %s [client %s]: %r not run (test mode)",
-                          source, stanza.name, command)
-            return None
-        self.reap()
-        if len(self.running) >= self.most:
-            return "command not run: %d are running already, the most at once" % self.most
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-        def become_user():          # in the child, between fork and exec
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            if prctl(self.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
-                                    preexec_fn=become_user, start_new_session=True,
-                                    env={"PATH": "/usr/bin:/bin"})
-        except (OSError, subprocess.SubprocessError) as e:
-            self.log.error("command from %s [client %s] as %s failed to start: %s", source,
-                           stanza.name, user.pw_name, getattr(e, "strerror", None) or e)
-            return "command failed to start"
-        self.log.info("accepted command from %s [client %s] user %s: running %r as %s (pid %d)",
-                      source, stanza.name, username, command, user.pw_name, proc.pid)
-        self.running.append([proc, command, time.monotonic(), None])
-        return None
-
-    def reap(self):
-        """Log how commands ended; kill the group of any that ran past the limit.  A
-        command counts as running while anything of its group does."""
-        import signal
-        limit = COMMAND_TIME_LIMIT if self.limit is None else self.limit
-        still = []
-        for entry in self.running:
-            proc, command, started, status = entry
-            if status is None:
-                status = entry[3] = proc.poll()
-                if status is not None:
-                    self._exited(proc, command, status)
-            alive = self._group_alive(proc.pid)
-            if alive and time.monotonic() - started > limit:
-                if send_signal(self.log, proc.pid, signal.SIGKILL, "command %r" % command, True):
-                    self.log.warning("command %r ran over %d s: killed%s", command, limit,
-                                     "" if status is None else " what it left running")
-                    if status is None:
-                        entry[3] = proc.wait()
-                        self._exited(proc, command, entry[3])
-                    alive = False
-                else:
-                    self.log.warning("command %r ran over %d s and could not be killed: left "
-                                     "running", command, limit)
-                    entry[2] = float("inf")          # tried once; its end is still logged
-            if alive or entry[3] is None:
-                still.append(entry)
-        self.running = still
-
-    def _exited(self, proc, command, status):
-        self.log.info("command %r (pid %d) exited with status %d", command, proc.pid, status)
-
-    @staticmethod
-    def _group_alive(pgid):
-        """Whether the process group still has a process (its leader's number stays taken
-        while it does, so it names no one else)."""
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-
-
 class GatePipe(object):
     """The packet reader's handle on the gatekeeper in the parent: one line a packet.
 
@@ -4717,6 +4437,28 @@ class GatePipe(object):
                 return False
             del self.pending[:written]
         return True
+
+
+class CaptureLost(Exception):
+    """A capture socket failed: its interface went down or away."""
+
+
+def rss_kb(status=None):
+    """This process's resident memory in kB (0 where /proc is missing), read from
+    /proc/self/status, or from `status`, that file already open (the packet reader can
+    open no file)."""
+    try:
+        if status is None:
+            with open("/proc/self/status", "rb") as f:
+                text = f.read()
+        else:
+            text = os.pread(status, 8192, 0)
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(b"VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 class Reader(object):
@@ -4839,10 +4581,19 @@ class Reader(object):
             self.log.info("%d more rejected packets were not logged (rate limit)", n)
 
 
-def crypto_available():
-    """Fail early, with the install hint, where pycryptodome is missing (before the
-    firewall is set up)."""
-    aes_ecb()
+def crash_report():
+    """The exception being handled, as a traceback without source lines: the reader cannot
+    read them, nor import the traceback module then (which would cost each process 350 kB
+    if loaded before)."""
+    kind, error, tb = sys.exc_info()
+    lines = ["Traceback (most recent call last):"]
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        lines.append('  File "%s", line %d, in %s' % (code.co_filename, tb.tb_lineno,
+                                                      code.co_name))
+        tb = tb.tb_next
+    lines.append("%s: %s" % (kind.__name__, error) if str(error) else kind.__name__)
+    return "\n".join(lines)
 
 
 def preload():
@@ -4859,166 +4610,10 @@ def preload():
             parse_plaintext(decrypt(b64decode(SALT_PREFIX + wire[:-n]), key, mode))
 
 
-class CaptureLost(Exception):
-    """A capture socket failed: its interface went down or away."""
-
-
-def drop_privileges(user):
-    """Become `user` for good: no groups, no capabilities, no way back (confine_reader adds
-    no_new_privs), and not dumpable: no other process of that user may trace it or read
-    its memory (the keys)."""
-    import pwd
-    pw = pwd.getpwnam(user)
-    os.setgroups([])
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-    prctl(PR_SET_DUMPABLE, 0)
-    try:
-        os.setuid(0)
-    except PermissionError:
-        return
-    raise SpaError("could not drop root privileges")
-
-
-def close_fds_except(keep):
-    """Close every file descriptor of this process but those in `keep`."""
-    limit = min(os.sysconf("SC_OPEN_MAX"), 1 << 16)
-    low = 0
-    for fd in sorted(keep) + [limit]:
-        if fd > low:        # closerange(n, n) would close everything on some Pythons
-            os.closerange(low, fd)
-        low = fd + 1
-
-
-def take_free_descriptors(below):
-    """Put /dev/null on every free descriptor under `below`: with 3, descriptors 0-2 are
-    never the terminal, nor a pipe or socket of ours that a stray print() would write to."""
-    while True:
-        fd = os.open(os.devnull, os.O_RDWR)     # the lowest free descriptor
-        if fd >= below:
-            os.close(fd)
-            return
-
-
-# --- The packet reader's sandbox ------------------------------------------------------
-#
-# After its privilege drop the reader confines itself as OpenSSH's pre-auth child does:
-# rlimits (no new descriptor, process, file growth or core dump) and a seccomp filter that
-# lets through only the system calls its loop makes.  Its descriptors: /dev/null on 0-2,
-# its capture sockets (receive only), its request pipe and its log pipe to the parent (the
-# only ones it may write to), /proc/self/status (read for the stats line) and the epoll
-# instance its loop waits in.
-
-PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 4, 22, 38
-SECCOMP_MODE_FILTER = 2
-SECCOMP_KILL, SECCOMP_ERRNO, SECCOMP_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
-AUDIT_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7, "riscv64": 0xC00000F3}
-# System call numbers: x86_64's table, and the generic one that aarch64 and riscv64 share.
-_GENERIC_SYSCALLS = {
-    "recvfrom": 207, "epoll_pwait": 22, "epoll_ctl": 21, "clock_gettime": 113, "gettimeofday": 169, "times": 153,
-    "brk": 214, "munmap": 215, "mremap": 216, "madvise": 233, "rt_sigreturn": 139,
-    "rt_sigprocmask": 135, "restart_syscall": 128, "futex": 98, "getpid": 172, "close": 57,
-    "exit": 93, "exit_group": 94, "write": 64, "pread64": 67, "getsockopt": 209, "mmap": 222,
-    "mprotect": 226, "openat": 56, "openat2": 437, "execve": 221, "execveat": 281,
-    "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271}
-SYSCALLS = {
-    "x86_64": {
-        "recvfrom": 45, "epoll_wait": 232, "epoll_pwait": 281, "epoll_ctl": 233,
-        "clock_gettime": 228, "gettimeofday": 96,
-        "times": 100, "brk": 12, "munmap": 11, "mremap": 25, "madvise": 28, "rt_sigreturn": 15,
-        "rt_sigprocmask": 14, "restart_syscall": 219, "futex": 202, "getpid": 39, "close": 3,
-        "exit": 60, "exit_group": 231, "write": 1, "pread64": 17, "getsockopt": 55, "mmap": 9,
-        "mprotect": 10, "open": 2, "openat": 257, "openat2": 437, "execve": 59, "execveat": 322,
-        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311},
-    "aarch64": _GENERIC_SYSCALLS, "riscv64": _GENERIC_SYSCALLS,
-}
-# What the reader's loop calls (strace): receive, wait, clocks, memory, signals, exit.
-SECCOMP_ALLOWED = ("recvfrom", "epoll_wait", "epoll_pwait", "epoll_ctl", "clock_gettime",
-                   "gettimeofday", "times", "brk", "munmap", "mremap", "madvise",
-                   "rt_sigreturn", "rt_sigprocmask", "restart_syscall", "futex", "getpid",
-                   "close", "exit", "exit_group")
-# Calls no bug in the reader makes, only an attacker: they kill it (SIGSYS).
-SECCOMP_KILLED = ("execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev")
-
-
-def prctl(option, *args):
-    """prctl(2) through ctypes; OSError on failure."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, *[a if isinstance(a, bytes) else ctypes.c_ulong(a)
-                            for a in args + (0,) * (4 - len(args))]) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-
-
-def seccomp_arch():
-    """The name of this process's system call table, or None where spa.py has none (a
-    32-bit Python on a 64-bit kernel counts as unknown: its calls use another table)."""
-    machine = os.uname().machine
-    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-    if struct.calcsize("P") != 8 or sys.byteorder != "little" or machine not in SYSCALLS:
-        return None
-    return machine
-
-
-def seccomp_program(arch, writable, readable):
-    """The reader's seccomp filter, a classic BPF program over struct seccomp_data.
-
-    A call made for another architecture (a 32-bit entry into a 64-bit process) kills;
-    the calls in SECCOMP_ALLOWED pass; write only to the descriptors in `writable`, pread64
-    only from those in `readable`; getsockopt only for PACKET_STATISTICS; mmap and mprotect
-    never with PROT_EXEC; open and openat fail with EACCES (Python then reports an error),
-    SECCOMP_KILLED kills, and everything else fails with EPERM: new sockets, send, connect,
-    bind, setsockopt, ioctl, fork, kill, dup, pipe, setrlimit, prctl, unshare...
-    Arguments are compared by their low 32 bits (little-endian: offset 16 + 8 * n), which
-    is all the kernel reads of a descriptor or an int option.
-    """
-    import errno
-    numbers = SYSCALLS[arch]
-    arg = lambda n: 16 + 8 * n                         # noqa: E731
-    prog = [("ld", 4), ("jeq", AUDIT_ARCHES[arch], None, "kill"), ("ld", 0)]
-    prog += [("jeq", numbers[name], "allow", None) for name in SECCOMP_ALLOWED if name in numbers]
-    prog += [("jeq", numbers["write"], "write", None), ("jeq", numbers["pread64"], "pread", None),
-             ("jeq", numbers["getsockopt"], "getsockopt", None),
-             ("jeq", numbers["mmap"], "memory", None), ("jeq", numbers["mprotect"], "memory", None)]
-    prog += [("jeq", numbers[name], "kill", None) for name in SECCOMP_KILLED]
-    prog += [("jeq", numbers[name], "eacces", None) for name in ("open", "openat", "openat2")
-             if name in numbers]
-    prog += [("ret", SECCOMP_ERRNO | errno.EPERM)]
-    prog += [("write:",), ("ld", arg(0))] + [("jeq", fd, "allow", None) for fd in writable]
-    prog += [("ret", SECCOMP_ERRNO | errno.EPERM)]
-    prog += [("pread:",), ("ld", arg(0))] + [("jeq", fd, "allow", None) for fd in readable]
-    prog += [("ret", SECCOMP_ERRNO | errno.EPERM),
-             ("getsockopt:",), ("ld", arg(1)), ("jeq", SOL_PACKET, None, "eperm"),
-             ("ld", arg(2)), ("jeq", PACKET_STATISTICS, "allow", "eperm"),
-             ("memory:",), ("ld", arg(2)), ("jset", mmap.PROT_EXEC, "eperm", "allow"),
-             ("allow:",), ("ret", SECCOMP_ALLOW),
-             ("kill:",), ("ret", SECCOMP_KILL),
-             ("eacces:",), ("ret", SECCOMP_ERRNO | errno.EACCES),
-             ("eperm:",), ("ret", SECCOMP_ERRNO | errno.EPERM)]
-    return bpf_assemble(prog)
-
-
-def confine_reader(writable, readable, log):
-    """Enter the packet reader's sandbox (see above) for good: True with the seccomp filter
-    in place, False where it could not be (logged)."""
-    import resource
-    for limit in (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE,
-                  resource.RLIMIT_CORE):
-        resource.setrlimit(limit, (0, 0))
-    arch = seccomp_arch()
-    try:
-        prctl(PR_SET_NO_NEW_PRIVS, 1)        # no exec can give privileges back; seccomp needs it
-        if arch is None:
-            raise OSError(0, "spa.py has no system call table for %s with a %d-bit Python"
-                          % (os.uname().machine, 8 * struct.calcsize("P")))
-        fprog, _code = sock_fprog(seccomp_program(arch, writable, readable))
-        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, fprog)
-    except OSError as e:
-        log.warning("packet reader: no seccomp filter (%s): it runs confined by its user, "
-                    "rlimits and closed files only", e.strerror)
-        return False
-    return True
+def crypto_available():
+    """Fail early, with the install hint, where pycryptodome is missing (before the
+    firewall is set up)."""
+    aes_ecb()
 
 
 def start_reader(config, sockets, seen, log, user):
@@ -5091,21 +4686,6 @@ def start_reader(config, sockets, seen, log, user):
         log.error("packet reader crashed:\n%s", crash_report())
     finally:
         os._exit(code)
-
-
-def crash_report():
-    """The exception being handled, as a traceback without source lines: the reader cannot
-    read them, nor import the traceback module then (which would cost each process 350 kB
-    if loaded before)."""
-    kind, error, tb = sys.exc_info()
-    lines = ["Traceback (most recent call last):"]
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        lines.append('  File "%s", line %d, in %s' % (code.co_filename, tb.tb_lineno,
-                                                      code.co_name))
-        tb = tb.tb_next
-    lines.append("%s: %s" % (kind.__name__, error) if str(error) else kind.__name__)
-    return "\n".join(lines)
 
 
 class Supervisor(object):
@@ -5481,6 +5061,22 @@ def require_capabilities(names):
                        "lacks %s): run it as root" % " and ".join(missing))
 
 
+def warn_unsaved(config, firewall, log):
+    """Say at start if the host's saved firewall lacks our protection (SavedFirewall)."""
+    if config.saved_firewall == "none" or isinstance(firewall, DryRunFirewall):
+        return
+    try:
+        found = SavedFirewall(config, firewall).problems()
+    except SpaError as e:
+        found = [(config.path, "(%s)" % e, "spa.py check-config -c %s" % config.path)]
+    if found:
+        path, what, fix = found[0]
+        log.warning("the host's saved firewall does not hold spa.py's protection (%s %s): a "
+                    "firewall reload or a boot leaves %s open until this server puts it back; "
+                    "run  %s  (README.md: Keep the ports dark through reloads and boots)",
+                    path, what, format_access(config.protect), fix)
+
+
 def server_main(args):
     require_capabilities(["CAP_NET_ADMIN"] if args.list or args.flush else ["CAP_NET_RAW"])
     config = ServerConfig(args.config, args.access_conf)
@@ -5536,22 +5132,6 @@ def server_main(args):
         replay.close()
     log.info("stopping: protected ports stay closed; openings expire on their own")
     return 0
-
-
-def warn_unsaved(config, firewall, log):
-    """Say at start if the host's saved firewall lacks our protection (SavedFirewall)."""
-    if config.saved_firewall == "none" or isinstance(firewall, DryRunFirewall):
-        return
-    try:
-        found = SavedFirewall(config, firewall).problems()
-    except SpaError as e:
-        found = [(config.path, "(%s)" % e, "spa.py check-config -c %s" % config.path)]
-    if found:
-        path, what, fix = found[0]
-        log.warning("the host's saved firewall does not hold spa.py's protection (%s %s): a "
-                    "firewall reload or a boot leaves %s open until this server puts it back; "
-                    "run  %s  (README.md: Keep the ports dark through reloads and boots)",
-                    path, what, format_access(config.protect), fix)
 
 
 def firewall_config_main(args):
@@ -5856,6 +5436,22 @@ def section_named(config, name, destinations):
     return matches[0]
 
 
+def _allow_choice(options):
+    """A config section's choice of the address to open for, or None."""
+    allow = (options.get("allow_ip") or "").strip()
+    if allow.lower() == "source":
+        return ("source",)
+    if allow.lower() == "resolve":
+        return ("resolve", "allow_ip = resolve")
+    if allow:
+        return ("ip", allow)
+    if parse_bool(options.get("source_ip") or "no", "source_ip"):
+        return ("source",)
+    if options.get("allow") or options.get("resolve"):
+        return ("resolve", options.get("allow") or options["resolve"])
+    return None
+
+
 def client_settings(args):
     """Merge the config section (spa.py's INI or fwknop's rc) with the command line, which wins.
 
@@ -5922,22 +5518,6 @@ def client_settings(args):
     return opts
 
 
-def _allow_choice(options):
-    """A config section's choice of the address to open for, or None."""
-    allow = (options.get("allow_ip") or "").strip()
-    if allow.lower() == "source":
-        return ("source",)
-    if allow.lower() == "resolve":
-        return ("resolve", "allow_ip = resolve")
-    if allow:
-        return ("ip", allow)
-    if parse_bool(options.get("source_ip") or "no", "source_ip"):
-        return ("source",)
-    if options.get("allow") or options.get("resolve"):
-        return ("resolve", options.get("allow") or options["resolve"])
-    return None
-
-
 def resolve_public_ip(url, timeout=10, origin="-R", user_agent=None):
     """Ask `url` (the user's choice; none is built in) which IPv4 address we come from.
 
@@ -5977,6 +5557,98 @@ def resolve_public_ip(url, timeout=10, origin="-R", user_agent=None):
         if _is_ipv4(candidate):
             return candidate
     raise SpaError("%s did not answer with an IPv4 address" % url)
+
+
+TIME_UNITS = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min": 60,
+              "mins": 60, "minute": 60, "minutes": 60, "h": 3600, "hour": 3600, "hours": 3600,
+              "d": 86400, "day": 86400, "days": 86400}
+
+
+def parse_time_offset(text):
+    """fwknop's time offset ('60', '90sec', '5min', '-2hours', '1day') in seconds."""
+    text = (text or "").strip()
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    number = "".join(c for c in digits[:6] if c in _DIGITS)
+    unit = digits[len(number):].strip().lower()
+    if not text:
+        return 0
+    if not number or int(number) > 65536 or unit not in TIME_UNITS:
+        raise SpaError("time offset %r: expected a number of seconds, or of min, hours or days "
+                       "(e.g. 90sec, 5min, 2hours)" % text)
+    return sign * int(number) * TIME_UNITS[unit]
+
+
+def _name_arg(host):
+    """A host for getaddrinfo(): ASCII as bytes, which spares loading the idna codec."""
+    try:
+        return host.encode("ascii")
+    except UnicodeEncodeError:
+        return host
+
+
+IP_VERSIONS = {None: 0, "": 0, "4": socket.AF_INET, "6": socket.AF_INET6}
+
+
+def addresses(host, port, kind, version=None):
+    """getaddrinfo() for `host`, IPv4 first: fwknop's client knocks over IPv4 only and
+    fwknopd listens on IPv4, so a name with both kinds of address is knocked over IPv4
+    unless -6 (version "6") says otherwise; -4 or -6 leave out the other kind."""
+    version = str(version or "").strip()
+    if version not in IP_VERSIONS:
+        raise SpaError("ip_version = %r: expected 4 or 6" % version)
+    try:
+        infos = socket.getaddrinfo(_name_arg(host), port, IP_VERSIONS[version], kind)
+    except socket.gaierror as e:
+        raise SpaError("cannot resolve %s%s: %s" % (
+            host, " to an IPv%s address (-%s)" % (version, version) if version else "",
+            e.strerror))
+    return sorted(infos, key=lambda info: info[0] != socket.AF_INET)
+
+
+def resolve_address(host, version=None):
+    """An address for a name: a spa.py server resolves no names in NAT requests."""
+    return addresses(host, None, socket.SOCK_DGRAM, version)[0][4][0]
+
+
+def split_host_port(text, option="--connect"):
+    """'host:22', '[2001:db8::1]:22' -> (host, 22)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
+        raise SpaError("%s %r: expected HOST:PORT (an IPv6 address in brackets)" % (option, text))
+    return host.strip("[]"), int(port)
+
+
+def nat_request(opts, access, timeout):
+    """(message type, NAT field, access) for -N/--nat-access and --nat-local, as fwknop
+    builds them: -N HOST[:PORT] forwards the -A port to HOST:PORT (the -A port if none);
+    --nat-local forwards the --nat-port (or the -A port) to the -A port on the server."""
+    nat_local = opts.get("nat_local")
+    if isinstance(nat_local, str):
+        nat_local = parse_bool(nat_local, "nat_local")
+    nat_access, nat_port = opts.get("nat_access"), opts.get("nat_port")
+    if not nat_access and not nat_local:
+        if nat_port:
+            raise SpaError("--nat-port goes with --nat-local")
+        return (MSG_TIMEOUT_ACCESS if timeout else MSG_ACCESS), None, access
+    if nat_access and nat_local:
+        raise SpaError("give -N/--nat-access or --nat-local, not both")
+    if len(access) != 1:
+        raise SpaError("NAT access takes one port in -A, not %d" % len(access))
+    proto, port = access[0]
+    version = opts.get("ip_version")
+    if nat_local:
+        host = resolve_address(opts["destination"], version)
+        if nat_port:
+            access = [(proto, parse_int(str(nat_port), "nat_port", 1, 65535))]
+        field = "%s,%d" % (host, port)
+        return (MSG_TIMEOUT_LOCAL_NAT if timeout else MSG_LOCAL_NAT), field, access
+    if nat_access.startswith("[") or nat_access.count(":") == 1:
+        host, to_port = split_host_port(nat_access, "-N/--nat-access")
+    else:
+        host, to_port = nat_access, port          # a name or address without a port
+    field = "%s,%d" % (resolve_address(host, version), to_port)
+    return (MSG_TIMEOUT_NAT if timeout else MSG_NAT), field, access
 
 
 def build_packet(opts, now=None):
@@ -6022,90 +5694,6 @@ def build_packet(opts, now=None):
     return msg, wire
 
 
-TIME_UNITS = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min": 60,
-              "mins": 60, "minute": 60, "minutes": 60, "h": 3600, "hour": 3600, "hours": 3600,
-              "d": 86400, "day": 86400, "days": 86400}
-
-
-def parse_time_offset(text):
-    """fwknop's time offset ('60', '90sec', '5min', '-2hours', '1day') in seconds."""
-    text = (text or "").strip()
-    sign = -1 if text.startswith("-") else 1
-    digits = text.lstrip("+-")
-    number = "".join(c for c in digits[:6] if c in _DIGITS)
-    unit = digits[len(number):].strip().lower()
-    if not text:
-        return 0
-    if not number or int(number) > 65536 or unit not in TIME_UNITS:
-        raise SpaError("time offset %r: expected a number of seconds, or of min, hours or days "
-                       "(e.g. 90sec, 5min, 2hours)" % text)
-    return sign * int(number) * TIME_UNITS[unit]
-
-
-def nat_request(opts, access, timeout):
-    """(message type, NAT field, access) for -N/--nat-access and --nat-local, as fwknop
-    builds them: -N HOST[:PORT] forwards the -A port to HOST:PORT (the -A port if none);
-    --nat-local forwards the --nat-port (or the -A port) to the -A port on the server."""
-    nat_local = opts.get("nat_local")
-    if isinstance(nat_local, str):
-        nat_local = parse_bool(nat_local, "nat_local")
-    nat_access, nat_port = opts.get("nat_access"), opts.get("nat_port")
-    if not nat_access and not nat_local:
-        if nat_port:
-            raise SpaError("--nat-port goes with --nat-local")
-        return (MSG_TIMEOUT_ACCESS if timeout else MSG_ACCESS), None, access
-    if nat_access and nat_local:
-        raise SpaError("give -N/--nat-access or --nat-local, not both")
-    if len(access) != 1:
-        raise SpaError("NAT access takes one port in -A, not %d" % len(access))
-    proto, port = access[0]
-    version = opts.get("ip_version")
-    if nat_local:
-        host = resolve_address(opts["destination"], version)
-        if nat_port:
-            access = [(proto, parse_int(str(nat_port), "nat_port", 1, 65535))]
-        field = "%s,%d" % (host, port)
-        return (MSG_TIMEOUT_LOCAL_NAT if timeout else MSG_LOCAL_NAT), field, access
-    if nat_access.startswith("[") or nat_access.count(":") == 1:
-        host, to_port = split_host_port(nat_access, "-N/--nat-access")
-    else:
-        host, to_port = nat_access, port          # a name or address without a port
-    field = "%s,%d" % (resolve_address(host, version), to_port)
-    return (MSG_TIMEOUT_NAT if timeout else MSG_NAT), field, access
-
-
-def _name_arg(host):
-    """A host for getaddrinfo(): ASCII as bytes, which spares loading the idna codec."""
-    try:
-        return host.encode("ascii")
-    except UnicodeEncodeError:
-        return host
-
-
-IP_VERSIONS = {None: 0, "": 0, "4": socket.AF_INET, "6": socket.AF_INET6}
-
-
-def addresses(host, port, kind, version=None):
-    """getaddrinfo() for `host`, IPv4 first: fwknop's client knocks over IPv4 only and
-    fwknopd listens on IPv4, so a name with both kinds of address is knocked over IPv4
-    unless -6 (version "6") says otherwise; -4 or -6 leave out the other kind."""
-    version = str(version or "").strip()
-    if version not in IP_VERSIONS:
-        raise SpaError("ip_version = %r: expected 4 or 6" % version)
-    try:
-        infos = socket.getaddrinfo(_name_arg(host), port, IP_VERSIONS[version], kind)
-    except socket.gaierror as e:
-        raise SpaError("cannot resolve %s%s: %s" % (
-            host, " to an IPv%s address (-%s)" % (version, version) if version else "",
-            e.strerror))
-    return sorted(infos, key=lambda info: info[0] != socket.AF_INET)
-
-
-def resolve_address(host, version=None):
-    """An address for a name: a spa.py server resolves no names in NAT requests."""
-    return addresses(host, None, socket.SOCK_DGRAM, version)[0][4][0]
-
-
 def send_packet(wire, host, port, version=None, source_port=None):
     """Send the packet as one UDP datagram to the first of `host`'s addresses (IPv4 first).
 
@@ -6121,14 +5709,6 @@ def send_packet(wire, host, port, version=None, source_port=None):
             raise SpaError("cannot send to %s port %d: %s" % (address[0], port, e.strerror))
     others = sorted(set(i[4][0] for i in infos if i[0] != family))
     return address[0], others
-
-
-def split_host_port(text, option="--connect"):
-    """'host:22', '[2001:db8::1]:22' -> (host, 22)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
-        raise SpaError("%s %r: expected HOST:PORT (an IPv6 address in brackets)" % (option, text))
-    return host.strip("[]"), int(port)
 
 
 def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, prefer=None,
@@ -6169,56 +5749,6 @@ def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, 
                    % (host, port, wait, why))
 
 
-def relay(sock, fd_in=0, fd_out=1):
-    """Copy stdin to the socket and the socket to stdout until both sides are done (like nc).
-
-    With select() where it takes stdin; on Windows, where it takes only sockets, with a
-    thread for stdin.  A connection the other side breaks off (a reset) is a one-line
-    SpaError; a reader of our output that went away (ssh closed) ends the relay quietly.
-    """
-    import select
-    try:
-        select.select([fd_in], [], [], 0)
-    except (OSError, ValueError):
-        return _relay_with_a_thread(sock, fd_in, fd_out)
-    inputs = [fd_in, sock]
-    while sock in inputs:
-        for ready in select.select(inputs, [], [])[0]:
-            if ready is sock:
-                if not _to_output(sock, fd_out):
-                    return
-            elif not _to_socket(sock, fd_in):
-                inputs.remove(fd_in)
-
-
-def _relay_with_a_thread(sock, fd_in, fd_out):
-    """relay() where select() cannot wait for stdin: a thread copies stdin to the socket."""
-    import threading
-    try:
-        import msvcrt               # Windows: no newline translation on the pipes
-        for fd in (fd_in, fd_out):
-            msvcrt.setmode(fd, os.O_BINARY)
-    except (ImportError, OSError):
-        pass
-    failed = []
-
-    def forward():
-        try:
-            while _to_socket(sock, fd_in):
-                pass
-        except SpaError as e:
-            failed.append(e)
-            try:
-                sock.shutdown(socket.SHUT_RDWR)     # wakes the reading side
-            except OSError:
-                pass
-    threading.Thread(target=forward, daemon=True).start()
-    while _to_output(sock, fd_out):
-        pass
-    if failed:
-        raise failed[0]
-
-
 def _to_output(sock, fd_out):
     """Copy what the socket has to fd_out; False when the connection or the output ended."""
     try:
@@ -6250,6 +5780,63 @@ def _to_socket(sock, fd_in):
             raise SpaError("the connection was broken off: %s" % (e.strerror or e))
         # Too late to say we are done: reading the socket tells what became of it.
     return bool(data)
+
+
+def _relay_with_a_thread(sock, fd_in, fd_out):
+    """relay() where select() cannot wait for stdin: a thread copies stdin to the socket."""
+    import threading
+    try:
+        import msvcrt               # Windows: no newline translation on the pipes
+        for fd in (fd_in, fd_out):
+            msvcrt.setmode(fd, os.O_BINARY)
+    except (ImportError, OSError):
+        pass
+    failed = []
+
+    def forward():
+        try:
+            while _to_socket(sock, fd_in):
+                pass
+        except SpaError as e:
+            failed.append(e)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)     # wakes the reading side
+            except OSError:
+                pass
+    threading.Thread(target=forward, daemon=True).start()
+    while _to_output(sock, fd_out):
+        pass
+    if failed:
+        raise failed[0]
+
+
+def relay(sock, fd_in=0, fd_out=1):
+    """Copy stdin to the socket and the socket to stdout until both sides are done (like nc).
+
+    With select() where it takes stdin; on Windows, where it takes only sockets, with a
+    thread for stdin.  A connection the other side breaks off (a reset) is a one-line
+    SpaError; a reader of our output that went away (ssh closed) ends the relay quietly.
+    """
+    import select
+    try:
+        select.select([fd_in], [], [], 0)
+    except (OSError, ValueError):
+        return _relay_with_a_thread(sock, fd_in, fd_out)
+    inputs = [fd_in, sock]
+    while sock in inputs:
+        for ready in select.select(inputs, [], [])[0]:
+            if ready is sock:
+                if not _to_output(sock, fd_out):
+                    return
+            elif not _to_socket(sock, fd_in):
+                inputs.remove(fd_in)
+
+
+def _under_home(path):
+    """Whether `path` lies in the user's home folder (on Windows, the profile, which only
+    its user and the administrators may read unless someone changed that)."""
+    home = os.path.normcase(os.path.abspath(os.path.expanduser("~")))
+    return os.path.normcase(os.path.abspath(path)).startswith(home.rstrip(os.sep) + os.sep)
 
 
 def client_main(args):
@@ -6302,6 +5889,10 @@ def client_main(args):
 # ---------------------------------------------------------------------------
 # keygen
 # ---------------------------------------------------------------------------
+
+# HMAC key length that `fwknop --key-gen` makes for each type.
+HMAC_KEY_BYTES = {"md5": 16, "sha1": 20, "sha256": 64, "sha384": 128,
+                  "sha512": 128, "sha3_256": 64, "sha3_512": 128}
 
 # What `keygen --server-config` writes when the server config is missing: spa.conf.example,
 # word for word (a test holds them equal), with the keygen's ports in `protect`.
@@ -6854,6 +6445,29 @@ def _install_dir(path, ours=False):
         os.chmod(path, 0o755)
 
 
+def create_reader_user():
+    """Create the packet reader's system user `spa` where it is missing; says what it did."""
+    import pwd
+    import shutil
+    try:
+        pwd.getpwnam(READER_USER)
+        return "the packet reader runs as the user %s" % READER_USER
+    except KeyError:
+        pass
+    command = USERADD + [READER_USER]
+    later = "(the packet reader runs as nobody until it exists)"
+    if os.geteuid() != 0:
+        return "note: no user %s: as root, run %s %s" % (READER_USER, " ".join(command), later)
+    useradd = shutil.which(command[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    try:
+        if useradd is None:
+            raise SpaError("%s not found" % command[0])
+        run_command([useradd] + command[1:])
+    except SpaError as e:
+        return "note: could not create the system user %s: %s %s" % (READER_USER, e, later)
+    return "created the system user %s, which the packet reader runs as" % READER_USER
+
+
 def install_main(args):
     """Copy this file to PREFIX/lib/spa, compile it, and write the launcher PREFIX/bin/spa
     (and PREFIX/bin/spa.py, a link to it, so that every line of README.md runs as typed).
@@ -6906,32 +6520,11 @@ def install_main(args):
     return 0
 
 
-def create_reader_user():
-    """Create the packet reader's system user `spa` where it is missing; says what it did."""
-    import pwd
-    import shutil
-    try:
-        pwd.getpwnam(READER_USER)
-        return "the packet reader runs as the user %s" % READER_USER
-    except KeyError:
-        pass
-    command = USERADD + [READER_USER]
-    later = "(the packet reader runs as nobody until it exists)"
-    if os.geteuid() != 0:
-        return "note: no user %s: as root, run %s %s" % (READER_USER, " ".join(command), later)
-    useradd = shutil.which(command[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    try:
-        if useradd is None:
-            raise SpaError("%s not found" % command[0])
-        run_command([useradd] + command[1:])
-    except SpaError as e:
-        return "note: could not create the system user %s: %s %s" % (READER_USER, e, later)
-    return "created the system user %s, which the packet reader runs as" % READER_USER
-
-
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+
+DEFAULT_CONFIG = "/etc/spa/spa.conf"
 
 EXAMPLES = """examples:
   spa.py keygen -n web1 -D web1.example.org -A tcp/22 -o web1.keys
@@ -6956,6 +6549,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
             except (AttributeError, ValueError, OSError):
                 columns = 80
         super().__init__(prog, width=max(columns, 40) - 2)
+
+
+def _shown_word(word):
+    """A command-line word as an error may show it: an option's name, never a value."""
+    name, equals, _ = word.partition("=")
+    long_option = name[:2] == "--" and 3 <= len(name) <= 40 and all(
+        c.isalnum() or c == "-" for c in name[2:])
+    short_option = len(name) == 2 and name[0] == "-" and name[1].isalnum()
+    return name + ("=..." if equals else "") if long_option or short_option else "..."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -6983,36 +6585,6 @@ class _Parser(argparse.ArgumentParser):
             message = re.sub(r"(^|[\s'\"=])%s(?=$|[\s'\",)])" % re.escape(value), r"\1...",
                              message)
         super().error(message)
-
-
-def _shown_word(word):
-    """A command-line word as an error may show it: an option's name, never a value."""
-    name, equals, _ = word.partition("=")
-    long_option = name[:2] == "--" and 3 <= len(name) <= 40 and all(
-        c.isalnum() or c == "-" for c in name[2:])
-    short_option = len(name) == 2 and name[0] == "-" and name[1].isalnum()
-    return name + ("=..." if equals else "") if long_option or short_option else "..."
-
-
-def build_parser(argv=None):
-    """The command line parser.  Given argv, only the options of the subcommand it names
-    are built (the others still list in --help): a quicker start for `spa client`."""
-    fmt = _HelpFormatter
-    named = argv[0] if argv else None
-    _Parser.argv = tuple(argv or ())
-    p = _Parser(
-        prog="spa.py", formatter_class=fmt, epilog=EXAMPLES,
-        description="Single Packet Authorization, wire-compatible with fwknop.")
-    p.add_argument("--version", action="version", version="spa.py " + VERSION)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    names = [n for n, _ in _SUBCOMMANDS]
-    for name, add_options in _SUBCOMMANDS:
-        if named in names and named != name:
-            sub.add_parser(name, formatter_class=fmt, help=_SUBCOMMAND_HELP[name])
-        else:
-            add_options(sub, fmt)
-    return p
 
 
 _SUBCOMMAND_HELP = {
@@ -7211,6 +6783,27 @@ _SUBCOMMANDS = [("keygen", _keygen_options), ("client", _client_options),
                 ("install", _install_options), ("selftest", _selftest_options)]
 
 
+def build_parser(argv=None):
+    """The command line parser.  Given argv, only the options of the subcommand it names
+    are built (the others still list in --help): a quicker start for `spa client`."""
+    fmt = _HelpFormatter
+    named = argv[0] if argv else None
+    _Parser.argv = tuple(argv or ())
+    p = _Parser(
+        prog="spa.py", formatter_class=fmt, epilog=EXAMPLES,
+        description="Single Packet Authorization, wire-compatible with fwknop.")
+    p.add_argument("--version", action="version", version="spa.py " + VERSION)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    names = [n for n, _ in _SUBCOMMANDS]
+    for name, add_options in _SUBCOMMANDS:
+        if named in names and named != name:
+            sub.add_parser(name, formatter_class=fmt, help=_SUBCOMMAND_HELP[name])
+        else:
+            add_options(sub, fmt)
+    return p
+
+
 def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
@@ -7232,6 +6825,432 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+# ---------------------------------------------------------------------------
+# Speed and memory: AES through pycryptodome's library, Python's own hashes, PackedMap
+# ---------------------------------------------------------------------------
+
+_AES = None      # pycryptodome's AES module, once imported (aes_module)
+_ECB = None      # the AES block function, once found (aes_ecb)
+
+# FIPS-197 appendix C.3: AES-256 of one block, checked before the block function is used.
+_KNOWN_ANSWER = (bytes(range(32)), bytes.fromhex("00112233445566778899aabbccddeeff"),
+                 bytes.fromhex("8ea2b7ca516745bfeafc49904b496089"))
+
+
+def pycryptodome():
+    """pycryptodome's top package: Debian's `Cryptodome` first, then PyPI's `Crypto`.
+
+    Imported on first use, so `--help` and keygen work without it and the
+    client's start-up does not pay for it before it has parsed its arguments.
+    """
+    import importlib
+    for package in ("Cryptodome", "Crypto"):
+        try:
+            top = importlib.import_module(package)
+        except ImportError:
+            continue
+        # The long-dead PyCrypto also imports as `Crypto`: version 2.x.
+        if tuple(getattr(top, "version_info", (0,)))[:1] >= (3,):
+            return top
+    raise SpaError("pycryptodome is missing: install it with "
+                   "'apt install python3-pycryptodome' or 'pip install pycryptodome'")
+
+
+def _skip_architecture_probe(raw_api):
+    """Spare pycryptodome its `file` subprocess when it loads its C code through ctypes.
+
+    pycryptodome's ctypes loader asks platform.architecture() once per process, which
+    runs `file` on the Python binary (6 ms of the client's start-up) and only uses the
+    answer to tell Windows DLLs apart.  Its result cache is a module-level list: fill it
+    with the answer platform.architecture() gives on Linux.  Left alone if that name is
+    not there (the cffi loader, other versions).
+    """
+    cache = getattr(raw_api, "cached_architecture", None)
+    if isinstance(cache, list) and not cache and sys.platform.startswith("linux"):
+        cache[:] = ["%dbit" % (8 * struct.calcsize("P")), "ELF"]
+
+
+def aes_module():
+    """pycryptodome's AES module, its public interface (see aes_ecb for why it is the
+    second choice)."""
+    global _AES
+    if _AES is None:
+        import importlib
+        name = pycryptodome().__name__
+        try:
+            _skip_architecture_probe(importlib.import_module(name + ".Util._raw_api"))
+            _AES = importlib.import_module(name + ".Cipher.AES")
+        except ImportError as e:
+            raise SpaError("pycryptodome is broken: %s" % e)
+    return _AES
+
+
+def _library_ecb(package_dir):
+    """aes_ecb() through pycryptodome's shared library (OSError if it is not there)."""
+    import ctypes
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    def load(folder, name):
+        for suffix in EXTENSION_SUFFIXES:
+            path = os.path.join(package_dir, folder, name + suffix)
+            if os.path.isfile(path):
+                return ctypes.CDLL(path)
+        raise OSError("%s not found in %s" % (name, package_dir))
+
+    lib, prefix = load("Cipher", "_raw_aes"), "AES"
+    try:
+        if load("Util", "_cpuid_c").have_aes_ni():
+            lib, prefix = load("Cipher", "_raw_aesni"), "AESNI"
+    except (OSError, AttributeError):
+        pass                                    # the portable build, then
+    mode = load("Cipher", "_raw_ecb")
+    pointer = ctypes.POINTER(ctypes.c_void_p)
+    # As pycryptodome's AES and ECB modules declare them: the ECB state takes over the
+    # AES state, and ECB_stop_operation frees both.
+    start_aes = getattr(lib, prefix + "_start_operation")
+    start_aes.argtypes = [ctypes.c_char_p, ctypes.c_size_t, pointer]
+    stop_aes = getattr(lib, prefix + "_stop_operation")
+    stop_aes.argtypes = [ctypes.c_void_p]
+    mode.ECB_start_operation.argtypes = [ctypes.c_void_p, pointer]
+    mode.ECB_stop_operation.argtypes = [ctypes.c_void_p]
+    run = {False: mode.ECB_encrypt, True: mode.ECB_decrypt}
+    for f in run.values():
+        f.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    # An output buffer's type, by length, kept: ctypes would make a new one each time,
+    # left for the garbage collector (a type is a cycle of objects).
+    buffers = {}
+
+    def ecb(key, data, decrypt=False):
+        if len(data) % 16:
+            raise ValueError("AES works on whole 16-byte blocks")
+        kind = buffers.get(len(data))
+        if kind is None:
+            kind = ctypes.c_char * len(data)
+            if len(buffers) < 256:
+                buffers[len(data)] = kind
+        out, cipher, state = kind(), ctypes.c_void_p(), ctypes.c_void_p()
+        if start_aes(key, len(key), ctypes.byref(cipher)):
+            raise ValueError("AES key setup failed (key length %d)" % len(key))
+        if mode.ECB_start_operation(cipher, ctypes.byref(state)):
+            stop_aes(cipher)
+            raise ValueError("AES: no ECB state")
+        try:
+            if run[decrypt](state, data, out, len(data)):
+                raise ValueError("AES failed")
+        finally:
+            mode.ECB_stop_operation(state)
+        return out.raw
+    return ecb
+
+
+def _module_ecb(aes):
+    """aes_ecb() through pycryptodome's public interface."""
+    def ecb(key, data, decrypt=False):
+        cipher = aes.new(key, aes.MODE_ECB)
+        return cipher.decrypt(data) if decrypt else cipher.encrypt(data)
+    return ecb
+
+
+def aes_ecb():
+    """AES on whole 16-byte blocks as one function: ecb(key, data, decrypt=False) -> bytes.
+
+    It is pycryptodome's AES, called through ctypes in the shared library that
+    pycryptodome's AES module loads itself (its AES-NI build where the CPU has
+    AES-NI).  Importing that module would load pycryptodome's whole Cipher package:
+    all eleven of its modes, through ctypes.util, subprocess and tempfile, 20 ms of
+    the client's start-up and 2.5 MB of the server's memory that spa.py does not
+    need, as it chains the blocks itself (aes_crypt).  Where that library cannot be
+    found, or fails the FIPS-197 known answer, pycryptodome's public interface
+    (AES.new in ECB mode) does the same work.
+    """
+    global _ECB
+    if _ECB is None:
+        top = pycryptodome()
+        try:
+            ecb = _library_ecb(os.path.dirname(os.path.abspath(top.__file__)))
+            key, block, answer = _KNOWN_ANSWER
+            if ecb(key, block) != answer or ecb(key, answer, True) != block:
+                ecb = None
+        except Exception:       # not found, not loadable, not as declared: the fallback
+            ecb = None
+        _ECB = ecb or _module_ecb(aes_module())
+    return _ECB
+
+
+def _xor(a, b):
+    """a XOR b, two byte strings of one length: in one step, through Python's integers."""
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
+def aes_crypt(key, iv, data, mode, decrypt=False):
+    """AES in `mode` over `data` (whole blocks: fwknop pads in every mode), chained here
+    over aes_ecb() as OpenSSL chains it: CBC; CTR counting with the whole IV as one
+    128-bit big-endian number; CFB with 128-bit segments; OFB.
+
+    Decryption in CBC, CTR and CFB is one call for all the blocks (a packet's usual
+    case); what needs the block before is done a block at a time.
+    """
+    ecb = aes_ecb()
+    if mode not in ENCRYPTION_MODES:
+        raise ValueError("unknown encryption mode %r" % mode)
+    if len(data) % 16:
+        raise ValueError("AES works on whole 16-byte blocks")
+    if not data:
+        return b""
+    if mode == "cbc" and decrypt:
+        return _xor(ecb(key, data, True), iv + data[:-16])
+    if mode == "cfb" and decrypt:
+        return _xor(data, ecb(key, iv + data[:-16]))
+    if mode == "ctr":
+        first = int.from_bytes(iv, "big")
+        counters = b"".join(((first + i) % (1 << 128)).to_bytes(16, "big")
+                            for i in range(len(data) // 16))
+        return _xor(data, ecb(key, counters))
+    out, chain = [], iv
+    for i in range(0, len(data), 16):
+        block = data[i:i + 16]
+        if mode == "cbc":
+            chain = ecb(key, _xor(block, chain))
+            out.append(chain)
+        elif mode == "cfb":
+            chain = _xor(block, ecb(key, chain))
+            out.append(chain)
+        else:                                   # ofb: the same both ways
+            chain = ecb(key, chain)
+            out.append(_xor(block, chain))
+    return b"".join(out)
+
+
+# Where Python's own implementation of each hash is: 3.12 and later have the SHA-2
+# family in _sha2, older ones in _sha256 and _sha512.
+_BUILTIN_HASHES = {
+    "md5": (("_md5", "md5"),), "sha1": (("_sha1", "sha1"),),
+    "sha256": (("_sha2", "sha256"), ("_sha256", "sha256")),
+    "sha384": (("_sha2", "sha384"), ("_sha512", "sha384")),
+    "sha512": (("_sha2", "sha512"), ("_sha512", "sha512")),
+    "sha3_256": (("_sha3", "sha3_256"),), "sha3_512": (("_sha3", "sha3_512"),),
+}
+_HASHES = {}
+
+
+def hash_constructor(name):
+    """The constructor of hash `name`: Python's own implementation where it has one,
+    else hashlib's (OpenSSL).
+
+    Importing hashlib loads OpenSSL's libcrypto, which takes 6 ms of the client's
+    start and 3.5 MB of each server process's RSS; spa.py needs none of it: its
+    hashes are Python's own, and HMAC is built on them (Hmac).
+    """
+    ctor = _HASHES.get(name)
+    if ctor is None:
+        for module, attr in _BUILTIN_HASHES.get(name, ()):
+            try:
+                ctor = getattr(__import__(module), attr)
+                break
+            except (ImportError, AttributeError):
+                continue
+        else:
+            import hashlib
+            ctor = getattr(hashlib, name)
+        _HASHES[name] = ctor
+    return ctor
+
+
+def hash_digest(name, data):
+    """The hash `name` of `data`."""
+    return hash_constructor(name)(data).digest()
+
+
+try:    # what hmac.compare_digest is without OpenSSL; importing hmac would load it
+    from _operator import _compare_digest as compare_digest
+except ImportError:
+    from hmac import compare_digest
+
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+class Hmac(object):
+    """HMAC (RFC 2104) with the key's two padded blocks hashed once, ahead of time: a
+    message then costs two copies of hash states, an update and a digest each.
+
+    `prefix` is fed in now, as if every message began with it.
+    """
+
+    def __init__(self, key, name, prefix=b""):
+        ctor = hash_constructor(name)
+        block = ctor().block_size
+        if len(key) > block:
+            key = ctor(key).digest()
+        key = key.ljust(block, b"\0")
+        self.inner, self.outer = ctor(key.translate(_IPAD)), ctor(key.translate(_OPAD))
+        self.inner.update(prefix)
+
+    def digest(self, message):
+        inner = self.inner.copy()
+        inner.update(message)
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+class PackedMap(object):
+    """A dict of fixed-size keys to one packed number each, all in one table of bytes.
+
+    Open addressing with linear probing, at most two thirds full.  10,000 entries
+    take 0.3-0.6 MB here instead of ~1.6 MB of small Python objects in a dict; and a
+    burst of knocks leaves no small objects behind, which would pin the memory the
+    burst used for its transient work.  The capacity is not a power of two, so a
+    table grows by a third at a time, not twice over.  `encode(key)` gives `size`
+    bytes (ValueError if it cannot), `decode(raw)` the key back.  Deleted entries
+    leave a tombstone until the next rebuild.
+    """
+
+    EMPTY, USED, GONE = 0, 1, 2
+
+    def __init__(self, size, encode, decode, value="!I"):
+        self.size, self.encode, self.decode = size, encode, decode
+        self.value = struct.Struct(value)
+        self.slot = 1 + size + self.value.size        # state, key, value
+        self._reset(16)
+
+    def _reset(self, capacity):
+        # A mapping of its own, private (copied on write in a forked child): when a
+        # bigger table replaces it, its memory goes back to the system, where a
+        # bytearray would leave a hole in the heap that only small things fill.
+        self.table = mmap.mmap(-1, self.slot * capacity, flags=mmap.MAP_PRIVATE)
+        self.capacity = capacity
+        self.count = self.gone = 0
+
+    def _find(self, raw):
+        """(offset of raw's slot or None, offset of the first free slot on its path)."""
+        table, slot, size, capacity = self.table, self.slot, self.size, self.capacity
+        i = hash(raw) % capacity
+        free = None
+        while True:
+            offset = i * slot
+            state = table[offset]
+            if state == self.EMPTY:
+                return None, offset if free is None else free
+            if state == self.USED:
+                if table[offset + 1:offset + 1 + size] == raw:
+                    return offset, None
+            elif free is None:
+                free = offset
+            i = i + 1 if i + 1 < capacity else 0
+
+    def _insert(self, raw, value, free=None):
+        """Put a key known to be absent (there is room), in the free slot found for it."""
+        if free is None:
+            free = self._find(raw)[1]
+        if self.table[free] == self.GONE:
+            self.gone -= 1
+        self.table[free] = self.USED
+        self.table[free + 1:free + 1 + self.size] = raw
+        self.value.pack_into(self.table, free + 1 + self.size, value)
+        self.count += 1
+
+    def __len__(self):
+        return self.count
+
+    def _offset(self, key):
+        """Where the key's entry is, or None (also for a key that cannot be encoded)."""
+        try:
+            return self._find(self.encode(key))[0]
+        except ValueError:
+            return None
+
+    def __contains__(self, key):
+        return self._offset(key) is not None
+
+    def get(self, key, default=None):
+        offset = self._offset(key)
+        if offset is None:
+            return default
+        return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
+
+    def __setitem__(self, key, value):
+        self._put(key, value, False)
+
+    def update(self, pairs):
+        for key, value in pairs.items():
+            self[key] = value
+
+    def raise_to(self, key, value):
+        """The key's value becomes `value` if that is larger, or if the key is new."""
+        self._put(key, value, True)
+
+    def _put(self, key, value, only_larger):
+        raw = self.encode(key)
+        offset, free = self._find(raw)        # one probe, for a new key too
+        if offset is not None:
+            if not only_larger or value > self.value.unpack_from(self.table,
+                                                                  offset + 1 + self.size)[0]:
+                self.value.pack_into(self.table, offset + 1 + self.size, value)
+            return
+        if 3 * (self.count + self.gone + 1) > 2 * self.capacity:
+            self._rebuild(None)
+            free = None
+        self._insert(raw, value, free)
+
+    def pop(self, key, default=None):
+        offset = self._offset(key)
+        if offset is None:
+            return default
+        self.table[offset] = self.GONE
+        self.count -= 1
+        self.gone += 1
+        return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
+
+    def _raw_items(self, table=None):
+        table = self.table if table is None else table
+        slot, size, unpack = self.slot, self.size, self.value.unpack_from
+        for offset in range(0, len(table), slot):
+            if table[offset] == self.USED:
+                yield bytes(table[offset + 1:offset + 1 + size]), unpack(table, offset + 1 + size)[0]
+
+    def items(self):
+        for raw, value in self._raw_items():
+            yield self.decode(raw), value
+
+    def keep_if(self, test):
+        """Drop the entries whose value fails `test`."""
+        if any(not test(value) for _, value in self._raw_items()):
+            self._rebuild(test)
+
+    def _rebuild(self, test):
+        """A new table holding the entries whose value passes `test`, half full.
+
+        Entries move one at a time, slot by slot, straight from the old table (and no
+        tombstones to step over): a list of them all would be 10,000 small objects at
+        once, whose memory the allocator would keep.
+        """
+        old, slot, size = self.table, self.slot, self.size
+        keep = [test is None or test(value) for _, value in self._raw_items(old)]
+        self._reset(max(16, 2 * (sum(keep) + 1)))
+        table, capacity, index = self.table, self.capacity, 0
+        for offset in range(0, len(old), slot):
+            if old[offset] != self.USED:
+                continue
+            index += 1
+            if not keep[index - 1]:
+                continue
+            i = hash(old[offset + 1:offset + 1 + size]) % capacity
+            while table[i * slot] != self.EMPTY:       # a new table has no tombstones
+                i = i + 1 if i + 1 < capacity else 0
+            table[i * slot:(i + 1) * slot] = old[offset:offset + slot]
+        self.count = sum(keep)
+
+    def copy(self):
+        other = PackedMap(self.size, self.encode, self.decode, self.value.format)
+        other._reset(self.capacity)
+        step = 1 << 16
+        for i in range(0, len(self.table), step):
+            other.table[i:i + step] = self.table[i:i + step]
+        other.count, other.gone = self.count, self.gone
+        return other
 
 
 if __name__ == "__main__":

@@ -1,6 +1,4 @@
 #!/usr/bin/env python3
-
-#!/usr/bin/env python3
 """spa.py - Single Packet Authorization in one readable file.
 
 A host that runs `spa.py server` shows nothing: the ports it protects look like
@@ -12,17 +10,31 @@ even if the server has died.
 
 The packet is fwknop's (AES-256-CBC with OpenSSL's salted key derivation, an
 inner digest, and an HMAC over the base64 text: encrypt-then-MAC), so fwknop
-clients and fwknopd interoperate with spa.py both ways.
+clients and fwknopd interoperate with spa.py both ways.  The file opens with that
+format, as the reference a reader of fwknop's wire format can read.
 
 Needs Python 3.6 or newer and pycryptodome (imported as Cryptodome, Debian's
 python3-pycryptodome, or as Crypto, PyPI's pycryptodome).  The server needs
 root (CAP_NET_RAW to capture, CAP_NET_ADMIN to change the firewall) and nft or
 iptables; it parses packets in a child process that has given up root.
 
-Sections, in dependency order: constants and errors; encoding and crypto; the
-packet format; the packet decision; config and policy; replay cache; firewall
-back ends (nft, iptables, a dry run); capture; logging; server; client; keygen;
-selftest; install; command line.  README.md documents every command and option.
+Sections, each under a banner, in dependency order (what a section uses stands above
+it, but for the last one):
+  The SPA packet: fwknop's wire format     seal() and unseal(), the decision
+  Files                                    key files read privately, state kept durably
+  Policy and config                        [server], [client NAME], fwknop's access.conf
+  Replay cache                             no packet opens anything twice
+  Firewall: one interface                  what every back end does; the dry run
+  nftables, iptables                       the two real back ends
+  Choosing the back end; the saved firewall
+  Capture                                  AF_PACKET sockets and their BPF filter
+  Logging
+  Server                                   the reader's sandbox, the command runner, the
+                                           gatekeeper, the packet reader, the supervisor
+  Client, keygen, selftest, install, Command line
+  Speed and memory                         AES, hashes, HMAC and a packed table, made
+                                           fast to start and small (README: Performance)
+README.md documents every command and option.
 """
 
 import argparse
@@ -34,6 +46,7 @@ import socket
 import struct
 import sys
 import time
+from collections import namedtuple      # (loaded already: argparse imports it)
 
 VERSION = "0.1.0"
 
@@ -49,36 +62,104 @@ class Reject(Exception):
 # ---------------------------------------------------------------------------
 # The SPA packet: fwknop's wire format
 # ---------------------------------------------------------------------------
+#
+# What one packet is, how it is made (seal) and taken apart (unseal), and how the server
+# decides on it (screen, judge: decide), with no I/O: functions of their arguments.
+# Nothing here trusts a packet: only the length check, the alphabet check and the HMAC
+# touch its bytes before the HMAC has passed.  The names are fwknop's (fwknop 2.6.10,
+# libfko; its source files in brackets), so a reader who knows fwknop finds each part
+# under the name it has there.  The primitives (AES, the hashes, HMAC) are the standard
+# ones; how spa.py makes them quick to load and small sits in the last section.
+#
+# A packet as the client builds it, from the inside out:
+#
+#  1. The message, fields joined by ':' (fko_encode.c, Message.encode):
+#
+#       rand_value : username : timestamp : version : type : message
+#                                   [ : nat_access ] [ : server_auth ] [ : client_timeout ]
+#
+#       rand_value      16 random decimal digits (FKO_RAND_VAL_SIZE)
+#       username        base64 of the user's name, at most 48 bytes decoded
+#       timestamp       Unix seconds, decimal; the server allows +-120 s (packet age)
+#       version         "3.0.0" (FKO_PROTOCOL_VERSION); never checked by a server
+#       type            0-6, the message type (MSG_* below)
+#       message         base64 of "ALLOW_IP,tcp/22,udp/53" (type 0: "ALLOW_IP,command");
+#                       ALLOW_IP 0.0.0.0 asks for the packet's own source address
+#       nat_access      types 2, 4, 5, 6: base64 of "HOST,PORT"
+#       server_auth     optional, any text, base64; no fwknop client sets it
+#       client_timeout  types 3, 4, 6: seconds, decimal
+#
+#  2. The SPA digest (fko_digest.c): plaintext P = message ":" b64(SHA-256(message)).  A
+#     check inside the encryption, not an authentication; its type (MD5, SHA-1, SHA-2,
+#     SHA-3) is known only by its length (DIGESTS_BY_LEN).
+#
+#  3. Rijndael (cipher_funcs.c), as `openssl enc -aes-256-cbc -md md5 -salt` does it:
+#
+#       salt          8 random bytes
+#       key, IV       EVP_BytesToKey(MD5, passphrase, salt, 1 round): D1 = MD5(pass || salt),
+#                     Di = MD5(Di-1 || pass || salt); key = D1 || D2 (32 bytes), IV = D3
+#       R             "Salted__" || salt || AES-256-CBC(key, IV, P || PKCS#7 padding)
+#
+#     The passphrase is KEY_BASE64 decoded (or KEY as it is), never the AES key itself.
+#     CTR, CFB and OFB modes work the same way; nothing on the wire says which is used.
+#
+#  4. Base64 (fko_funcs.c): B = base64(R) without '='.  B always begins with
+#     "U2FsdGVkX1" (base64 of "Salted__": B64_RIJNDAEL_SALT), which is cut off the wire.
+#
+#  5. The HMAC (fko_hmac.c): M = base64(HMAC-SHA-256(HMAC key, B)) without '=', over B
+#     *with* its "U2FsdGVkX1" put back, appended with no separator:
+#
+#       wire = B without "U2FsdGVkX1"  ||  M
+#              '-- ciphertext -------'     '-- 43 characters for SHA-256 (HMAC_TYPES)
+#
+#     140 to 399 characters of A-Z a-z 0-9 + / in one UDP datagram to port 62201.
+#
+# A server undoes it in the opposite order (unseal; in the server screen(), then judge()):
+# length and alphabet; the HMAC, split off by the length of the stanza's HMAC type (the
+# packet does not say) and compared in constant time over the text with "U2FsdGVkX1" put
+# back; base64, with the '=' padding put back; decryption, where "16 digits and ':'" at
+# the start shows that the key was right; the SPA digest; each field (parse_plaintext).
+# Base64 everywhere: fwknop writes it without '=' (b64encode) and reads it with or
+# without (b64decode).
 
-DEFAULT_PORT = 62201                  # fwknop's default SPA port
-
-MIN_WIRE_LEN = 140                    # fwknopd ignores shorter payloads
-MAX_WIRE_LEN = 399                    # fwknopd treats 400+ characters as GnuPG
-SALT_PREFIX = b"U2FsdGVkX1"           # base64 of "Salted__", stripped on the wire
+DEFAULT_PORT = 62201                  # FKO_DEFAULT_PORT: the UDP port knocks go to
+MIN_WIRE_LEN = 140                    # MIN_SPA_DATA_SIZE: fwknopd ignores shorter payloads
+MAX_WIRE_LEN = 399                    # fwknopd takes 400+ characters as GnuPG, never AES
+SALT_PREFIX = b"U2FsdGVkX1"           # B64_RIJNDAEL_SALT: base64 of "Salted__", not on the wire
 B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
-# HMAC type -> (hashlib name, length of its base64 text without padding).
+# HMAC_DIGEST_TYPE -> (hash name, length of the HMAC's base64 text without padding): the
+# receiver splits the HMAC off by this length, so the type is the stanza's, not the packet's.
 HMAC_TYPES = {
     "md5": ("md5", 22), "sha1": ("sha1", 27), "sha256": ("sha256", 43),
     "sha384": ("sha384", 64), "sha512": ("sha512", 86),
     "sha3_256": ("sha3_256", 43), "sha3_512": ("sha3_512", 86),
 }
-# The inner digest's type is known only by its length; 43 and 86 may be SHA-3.
+# The SPA digest's type is known only by its length; 43 and 86 may be SHA-3 too.
 DIGESTS_BY_LEN = {22: ("md5",), 27: ("sha1",), 43: ("sha256", "sha3_256"),
                   64: ("sha384",), 86: ("sha512", "sha3_512")}
+# ENCRYPTION_MODE: fwknop's Rijndael modes that spa.py speaks (not ECB, legacy IV, GnuPG).
 ENCRYPTION_MODES = ("cbc", "ctr", "cfb", "ofb")
 
-# fwknop message types.
-MSG_COMMAND, MSG_ACCESS, MSG_NAT, MSG_TIMEOUT_ACCESS = 0, 1, 2, 3
-MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT = 4, 5, 6
+# Message types (fko_message_type_t).  A client timeout turns 1 into 3, 2 into 4 and
+# 5 into 6 (fko_client_timeout.c).
+MSG_COMMAND = 0                       # FKO_COMMAND_MSG: run a command on the server
+MSG_ACCESS = 1                        # FKO_ACCESS_MSG: open ports for the allow IP
+MSG_NAT = 2                           # FKO_NAT_ACCESS_MSG: forward a port to another host
+MSG_TIMEOUT_ACCESS = 3                # FKO_CLIENT_TIMEOUT_ACCESS_MSG
+MSG_TIMEOUT_NAT = 4                   # FKO_CLIENT_TIMEOUT_NAT_ACCESS_MSG
+MSG_LOCAL_NAT = 5                     # FKO_LOCAL_NAT_ACCESS_MSG: forward to a port of the server
+MSG_TIMEOUT_LOCAL_NAT = 6             # FKO_CLIENT_TIMEOUT_LOCAL_NAT_ACCESS_MSG
 MSG_NAMES = {0: "command", 1: "access", 2: "NAT access", 3: "access with timeout",
              4: "NAT access with timeout", 5: "local NAT access",
              6: "local NAT access with timeout"}
 TIMEOUT_TYPES = (MSG_TIMEOUT_ACCESS, MSG_TIMEOUT_NAT, MSG_TIMEOUT_LOCAL_NAT)
 NAT_TYPES = (MSG_NAT, MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
-PROTO_NUMBERS = {"tcp": 6, "udp": 17}
-USERNAME_FORBIDDEN = set('"/\\[]:;|=,+*?<>')
+PROTO_NUMBERS = {"tcp": 6, "udp": 17}       # the protocols an access field may name
+USERNAME_FORBIDDEN = set('"/\\[]:;|=,+*?<>')      # as fko_user.c's validate_username
 
+
+# --- Base64, as fwknop writes it ------------------------------------------------------
 
 def b64encode(data):
     """Standard base64 without '=' padding, as fwknop writes it (returns bytes)."""
@@ -95,8 +176,13 @@ def b64decode(text):
     return base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
 
 
+# --- 1, 2. The message and its SPA digest ---------------------------------------------
+
 def random_digits(n):
-    """n random decimal digits from the system's CSPRNG, uniformly (rejection sampling)."""
+    """n random decimal digits from the system's CSPRNG, uniformly (rejection sampling).
+
+    fwknop's client concatenates rand() values seeded from /dev/urandom; any 16 digits
+    do, as long as no one can guess them: they make two packets of one second differ."""
     top = 10 ** n
     limit = (1 << 64) // top * top
     while True:
@@ -136,11 +222,16 @@ def parse_access(text, what="access", config=False):
 
 
 def format_access(access):
+    """[("tcp", 22), ("udp", 53)] as 'tcp/22,udp/53': the one way a port list is written
+    (parse_access reads it back)."""
     return ",".join("%s/%d" % pp for pp in access)
 
 
 class Message(object):
-    """The fields of one SPA message, fwknop's names in fwknop's order."""
+    """The fields of one SPA message, fwknop's names in fwknop's order (step 1).
+
+    `access` is a port list [("tcp", 22), ...]; a command message (type 0) carries
+    `command` instead.  `digest_type` names the SPA digest's hash (step 2)."""
 
     __slots__ = ("rand", "username", "timestamp", "version", "msg_type", "allow_ip",
                  "access", "nat_access", "server_auth", "client_timeout", "digest_type",
@@ -165,10 +256,12 @@ class Message(object):
         self.command = command                # type 0 (command) messages carry this instead
 
     def access_text(self):
-        return ",".join("%s/%d" % pp for pp in self.access)
+        """The access part of the message field: 'tcp/22,udp/53'."""
+        return format_access(self.access)
 
     def encode(self):
-        """The plaintext that gets encrypted: fields joined by ':' and the inner digest."""
+        """The plaintext that gets encrypted: fields joined by ':' and the SPA digest.
+        parse_plaintext() is its mirror."""
         fields = [self.rand, b64encode(self.username.encode()).decode(), str(self.timestamp),
                   self.version, str(self.msg_type),
                   b64encode(("%s,%s" % (self.allow_ip, self.command if self.msg_type == MSG_COMMAND
@@ -198,10 +291,13 @@ class Message(object):
         return "\n".join("%-15s %s" % row for row in rows)
 
 
+# --- 3. Rijndael: OpenSSL's salted encryption -----------------------------------------
+
 def derive_key_iv(passphrase, salt):
     """OpenSSL's EVP_BytesToKey with MD5 and one round: AES-256 key and IV.
 
-    fwknop uses its key as a passphrase, not as the AES key itself.
+    fwknop uses its key as a passphrase, not as the AES key itself (fwknopd's manual
+    calls this PBKDF1), so a key of any length up to 32 bytes gives an AES-256 key.
     """
     material, block = b"", b""
     while len(material) < 48:
@@ -219,7 +315,9 @@ def encrypt(plaintext, passphrase, mode="cbc", salt=None):
 
 
 def decrypt(raw, passphrase, mode="cbc"):
-    """Reverse of encrypt(); raise Reject when the padding shows a wrong key or mode."""
+    """Reverse of encrypt(); raise Reject when the padding shows a wrong key or mode.
+
+    The salt is read from bytes 8-15; like fwknop, "Salted__" itself is not checked."""
     if len(raw) < 32 or len(raw) % 16:
         raise Reject("ciphertext length %d is not whole AES blocks" % len(raw))
     key, iv = derive_key_iv(passphrase, raw[8:16])
@@ -230,18 +328,72 @@ def decrypt(raw, passphrase, mode="cbc"):
     return padded[:-pad]
 
 
+# --- 4, 5. Base64, the prefix cut off, the HMAC: the wire ----------------------------
+
 def hmac_b64(key, data, hmac_type):
     """The HMAC of `data` as fwknop appends it: base64 without padding."""
     return b64encode(Hmac(key, HMAC_TYPES[hmac_type][0]).digest(data))
 
 
 def seal(plaintext, key, hmac_key, hmac_type="sha256", mode="cbc", salt=None):
-    """Encrypt, then MAC: the wire text of one packet (bytes)."""
+    """Encrypt, then MAC: the wire text of one packet (bytes).  unseal() is its mirror.
+
+    The HMAC covers the base64 text with "U2FsdGVkX1" (SALT_PREFIX) on it; the wire
+    leaves that prefix out, as every fwknop packet starts with it."""
     text = b64encode(encrypt(plaintext, key, mode, salt))
     return text[len(SALT_PREFIX):] + hmac_b64(hmac_key, text, hmac_type)
 
 
+# --- Taking a packet apart: the mirror of seal() and of Message.encode() --------------
+
+def authenticate(wire, mac, mac_len):
+    """The signed text, "U2FsdGVkX1" put back, if `mac` (an Hmac with the HMAC key and
+    SALT_PREFIX fed in already) made the HMAC that ends the wire, else None.
+
+    The HMAC is the last `mac_len` characters (the stanza's HMAC type says how many: a
+    packet does not).  Compared in constant time.  This runs on every packet a flood
+    brings, so it does only this: one HMAC from a precomputed state, one compare.
+    """
+    mac_text = binascii.b2a_base64(mac.digest(wire[:-mac_len]), newline=False).rstrip(b"=")
+    if compare_digest(mac_text, wire[-mac_len:]):
+        return SALT_PREFIX + wire[:-mac_len]
+    return None
+
+
+def decrypt_signed(signed, key, mode):
+    """The plaintext of an authenticated packet's signed text; Reject if it is not one.
+
+    The first 16 characters must be digits and the 17th ':' (the random value and its
+    separator): as libfko checks, what shows that the key was right, since AES itself
+    decrypts anything."""
+    try:
+        raw = b64decode(signed)
+    except ValueError:
+        raise Reject("authenticated, but not valid base64")
+    plaintext = decrypt(raw, key, mode)
+    if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
+        raise Reject("decryption failed: not a message (key_base64 or encryption_mode differ "
+                     "from the client's, or the random value is not 16 digits)")
+    return plaintext
+
+
+def unseal(wire, key, hmac_key, hmac_type="sha256", mode="cbc"):
+    """The plaintext of a packet, the mirror of seal(): its HMAC checked, then decrypted
+    (decrypt_signed); Reject says what failed.  parse_plaintext() then reads its fields.
+
+    The server does the same in two processes, with each stanza's HMAC state made once:
+    screen() in the packet reader, judge() in the privileged parent.
+    """
+    mac = Hmac(hmac_key, HMAC_TYPES[hmac_type][0], SALT_PREFIX)
+    signed = authenticate(wire, mac, HMAC_TYPES[hmac_type][1])
+    if signed is None:
+        raise Reject("HMAC does not match")
+    return decrypt_signed(signed, key, mode)
+
+
 def _b64_field(text, limit, name):
+    """A base64 field's text (username, message, nat_access, server_auth): at most
+    `limit` characters (libfko's MAX_SPA_*_SIZE), ASCII once decoded."""
     if not 1 <= len(text) <= limit:
         raise Reject("%s field has %d base64 characters (1-%d allowed)" % (name, len(text), limit))
     try:
@@ -272,11 +424,8 @@ def _is_ipv4(text):
     return True
 
 
-def parse_plaintext(plaintext):
-    """Parse a decrypted plaintext into a Message, checking the inner digest and every field.
-
-    Only ever called on authenticated bytes: the HMAC has already passed.
-    """
+def _digest_checked(plaintext):
+    """(the message, the SPA digest's type) of a plaintext whose digest matches."""
     try:
         text = plaintext.decode("ascii")
     except UnicodeDecodeError:
@@ -286,30 +435,14 @@ def parse_plaintext(plaintext):
     body, _, inner = text.rpartition(":")
     for name in DIGESTS_BY_LEN.get(len(inner), ()):
         if compare_digest(b64encode(hash_digest(name, body.encode())), inner.encode()):
-            digest_type = name
-            break
-    else:
-        raise Reject("inner digest does not match the message")
+            return body, name
+    raise Reject("inner digest does not match the message")
 
-    fields = body.split(":")
-    if len(fields) < 6:
-        raise Reject("message has %d fields, at least 6 needed" % len(fields))
-    rand, user, stamp, version, mtype, message = fields[:6]
-    rest = fields[6:]
-    if len(rand) != 16 or not rand.isdigit():
-        raise Reject("random value is not 16 digits")
-    username = _b64_field(user, 64, "username")
-    if not _valid_username(username):
-        raise Reject("username has characters fwknop does not allow")
-    if not stamp.isdigit() or len(stamp) > 12:
-        raise Reject("timestamp is not a number")
-    if not 1 <= len(version) <= 8:
-        raise Reject("version field has %d characters (1-8 allowed)" % len(version))
-    if not mtype.isdigit() or len(mtype) > 2 or int(mtype) > 6:
-        raise Reject("unknown message type %r" % mtype)
-    msg_type = int(mtype)
-    message = _b64_field(message, 256, "message")
 
+def _optional_fields(msg_type, rest):
+    """(nat_access, server_auth, client_timeout) from the fields after the message: the
+    NAT field first for NAT types, the timeout last for timeout types, and what is left
+    between them, if anything, is server_auth (fko_decode.c)."""
     nat_access = server_auth = None
     client_timeout = 0
     if msg_type in NAT_TYPES:
@@ -324,27 +457,69 @@ def parse_plaintext(plaintext):
         raise Reject("message has %d unexpected fields" % (len(rest) - 1))
     if rest:
         server_auth = _b64_field(rest[0], 64, "server auth")
+    return nat_access, server_auth, client_timeout
 
+
+def _access_or_command(msg_type, message):
+    """(allow IP, port list, command) of a decoded message field: "ALLOW_IP,tcp/22,..."
+    (fko_message.c), or "ALLOW_IP,command" for a command message."""
     allow_ip, sep, spec = message.partition(",")
     if not sep:
         raise Reject("message has no allow IP")
     if not _is_ipv4(allow_ip):
         raise Reject("allow IP %r is not an IPv4 address" % allow_ip[:16])
-    command = None
     if msg_type == MSG_COMMAND:
-        access, command = [], spec
-        if not command:
+        if not spec:
             raise Reject("command message without a command")
-    else:
-        if spec != spec.lower():
-            raise Reject("access %r is not lower case" % spec[:40])
-        try:
-            access = parse_access(spec)
-        except ValueError as e:
-            raise Reject(str(e))
+        return allow_ip, [], spec
+    if spec != spec.lower():
+        raise Reject("access %r is not lower case" % spec[:40])
+    try:
+        return allow_ip, parse_access(spec), None
+    except ValueError as e:
+        raise Reject(str(e))
+
+
+def parse_plaintext(plaintext):
+    """The Message in a decrypted plaintext, the mirror of Message.encode(): the SPA
+    digest and every field checked as libfko checks them (fko_decode.c); Reject says
+    which failed.
+
+    Only ever called on authenticated bytes: the HMAC has already passed.
+    """
+    body, digest_type = _digest_checked(plaintext)
+    fields = body.split(":")
+    if len(fields) < 6:
+        raise Reject("message has %d fields, at least 6 needed" % len(fields))
+    rand, user, stamp, version, mtype, message = fields[:6]
+    if len(rand) != 16 or not rand.isdigit():
+        raise Reject("random value is not 16 digits")
+    username = _b64_field(user, 64, "username")
+    if not _valid_username(username):
+        raise Reject("username has characters fwknop does not allow")
+    if not stamp.isdigit() or len(stamp) > 12:
+        raise Reject("timestamp is not a number")
+    if not 1 <= len(version) <= 8:
+        raise Reject("version field has %d characters (1-8 allowed)" % len(version))
+    if not mtype.isdigit() or len(mtype) > 2 or int(mtype) > 6:
+        raise Reject("unknown message type %r" % mtype)
+    msg_type = int(mtype)
+    message = _b64_field(message, 256, "message")
+    nat_access, server_auth, client_timeout = _optional_fields(msg_type, fields[6:])
+    allow_ip, access, command = _access_or_command(msg_type, message)
     return Message(username, allow_ip, access, client_timeout, int(stamp), rand, version,
                    msg_type, nat_access, server_auth, digest_type, command)
 
+
+# --- The decision: a pure function of (payload, source, now, policy, replay state) ----
+#
+# decide() answers for one packet: accept (open what for whom, how long) or refuse
+# (why).  It reads no clock unless asked to, and changes nothing: its caller records the
+# replay key and opens the firewall.  The server runs it in two halves, so that the
+# process that reads the network never holds the AES key: screen() in the packet reader
+# (length, alphabet, HMAC) and judge() in the privileged parent (the rest).  A stanza (the
+# policy section's Stanza) brings what the decision asks of the config: matches_source(),
+# its HMAC state (mac, mac_len), its AES key and mode, and authorize().
 
 class Decision(object):
     """What the server should do with one packet, and why."""
@@ -379,7 +554,7 @@ def screen(payload, source, stanzas):
         if stanza.sources is not None and not stanza.matches_source(source):
             continue
         matched = True
-        signed = stanza.authenticate(payload)
+        signed = authenticate(payload, stanza.mac, stanza.mac_len)
         if signed is not None:
             return stanza, signed
     return None, ("HMAC does not match any stanza for this source" if matched
@@ -388,7 +563,8 @@ def screen(payload, source, stanzas):
 
 def packet_key(signed):
     """The replay key of an authenticated packet: the base64 of the SHA-256 of its
-    ciphertext (of the signed text itself if that is not base64)."""
+    ciphertext (of the signed text itself if that is not base64).  fwknop hashes the
+    wire text; the ciphertext is the same for every form the wire may take."""
     try:
         data = b64decode(signed)
     except ValueError:
@@ -410,16 +586,9 @@ def judge(stanza, signed, source, now, seen, max_age):
     now = time.time() if now is None else now
     decision.stanza = stanza
     try:
-        try:
-            raw = b64decode(signed)
-        except ValueError:
-            raise Reject("authenticated, but not valid base64")
         # 3. Decrypt, 4. inner digest and fields.
-        plaintext = decrypt(raw, stanza.key, stanza.mode)
-        if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
-            raise Reject("decryption failed: not a message (key_base64 or encryption_mode differ "
-                         "from the client's, or the random value is not 16 digits)")
-        decision.replay_key = b64encode(hash_digest("sha256", raw)).decode()
+        plaintext = decrypt_signed(signed, stanza.key, stanza.mode)
+        decision.replay_key = packet_key(signed)
         msg = parse_plaintext(plaintext)
         decision.message = msg
         # 5. Replay cache, 6. packet age, 7. stanza policy.
@@ -905,15 +1074,6 @@ class Stanza(object):
         self.max_openings = parse_int(get("max_openings") or "1000", where + ": max_openings",
                                       1, 1000000)
 
-    def authenticate(self, payload):
-        """The signed base64 text (prefix put back) if this stanza's HMAC key made the
-        packet's HMAC, else None.  Compares in constant time."""
-        n = self.mac_len
-        mac = self.mac.digest(payload[:-n])         # (the U2FsdGVkX1 prefix is in already)
-        if compare_digest(binascii.b2a_base64(mac, newline=False).rstrip(b"="), payload[-n:]):
-            return SALT_PREFIX + payload[:-n]
-        return None
-
     def matches_source(self, source):
         if self.sources is None:
             return True
@@ -951,7 +1111,7 @@ class Stanza(object):
         reached = [(msg.access[0][0], nat[1])] if local else msg.access
         denied = [pp for pp in reached if pp not in self.open_ports or pp in self.restrict_ports]
         if denied:
-            raise Reject("%s not in open_ports%s" % (",".join("%s/%d" % pp for pp in denied),
+            raise Reject("%s not in open_ports%s" % (format_access(denied),
                                                      " (the port local NAT leads to)" if local
                                                      else ""))
         if msg.msg_type in TIMEOUT_TYPES and msg.client_timeout > 0:
@@ -4606,8 +4766,7 @@ def preload():
         for hmac_type in HMAC_TYPES:
             plaintext = Message("u", "0.0.0.0", [("tcp", 1)], digest_type=hmac_type).encode()
             wire = seal(plaintext, key, b"h", hmac_type, mode)
-            n = HMAC_TYPES[hmac_type][1]
-            parse_plaintext(decrypt(b64decode(SALT_PREFIX + wire[:-n]), key, mode))
+            parse_plaintext(unseal(wire, key, b"h", hmac_type, mode))
 
 
 def crypto_available():

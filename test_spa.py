@@ -238,6 +238,8 @@ def test_reference_values_of_decoded_json(name):
     if vec["mode"] in spa.ENCRYPTION_MODES:
         plaintext = spa.decrypt(spa.b64decode(signed), key, vec["mode"])
         assert plaintext.decode() == ref["plaintext"]
+        if n:
+            assert spa.unseal(wire, key, hkey, vec["hmac_type"], vec["mode"]) == plaintext
         msg, f = spa.parse_plaintext(plaintext), ref["fields"]
         assert (msg.rand, msg.username, msg.timestamp, msg.version, msg.msg_type) == \
             (f["rand_val"], f["username"], f["timestamp"], f["version"], f["message_type"])
@@ -278,6 +280,25 @@ def test_encode_then_decode(tmp_path, hmac_type, mode):
     assert d.message.msg_type == spa.MSG_TIMEOUT_ACCESS
     assert d.timeout == 45 and d.allow_ip == "198.18.0.2"
     assert d.replay_key and len(d.replay_key) == 43
+
+
+@pytest.mark.parametrize("hmac_type", sorted(spa.HMAC_TYPES))
+@pytest.mark.parametrize("mode", spa.ENCRYPTION_MODES)
+def test_unseal_is_the_mirror_of_seal(hmac_type, mode):
+    """unseal(seal(plaintext)) is the plaintext, for every HMAC type and mode; a changed
+    character, another HMAC key or another AES key is refused, each for its reason."""
+    key, hkey = os.urandom(32), os.urandom(64)
+    plaintext = spa.Message("alice", "0.0.0.0", [("tcp", 22)], digest_type="sha384").encode()
+    wire = spa.seal(plaintext, key, hkey, hmac_type, mode)
+    assert spa.unseal(wire, key, hkey, hmac_type, mode) == plaintext
+    assert spa.parse_plaintext(spa.unseal(wire, key, hkey, hmac_type, mode)).access == [("tcp", 22)]
+    flipped = wire[:20] + (b"A" if wire[20:21] != b"A" else b"B") + wire[21:]
+    for bad, keys, reason in ((flipped, (key, hkey), "HMAC does not match"),
+                              (wire, (key, os.urandom(64)), "HMAC does not match"),
+                              (wire, (os.urandom(32), hkey), "decryption failed")):
+        with pytest.raises(spa.Reject) as refused:
+            spa.unseal(bad, keys[0], keys[1], hmac_type, mode)
+        assert str(refused.value).startswith(reason)
 
 
 def _pycryptodome_reference(key, iv, data, mode, decrypt):
@@ -706,11 +727,14 @@ def test_server_v_logs_each_packet_s_decision_and_fields(tmp_path, capsys, verbo
         assert "tcp/23 not in open_ports\n" in log
     for secret in (KEY, HMAC_KEY, "a2tr", "aGho"):        # not even the keys' first bytes
         assert secret not in log
+    start = time.monotonic()
     for _ in range(100):          # a key holder's flood: every opening logged, -v's fields bounded
         reader.handle(knock(), "198.18.0.2", destination="198.18.0.1")
+    took = time.monotonic() - start
     lines = capsys.readouterr().err.splitlines()
     assert sum("opened tcp/22 for 198.18.0.2" in line for line in lines) == 100
-    assert sum("accepted; user alice" in line for line in lines) <= 20
+    # a burst of 20 lines, then 5 a second (a slow machine takes a second or two for these)
+    assert sum("accepted; user alice" in line for line in lines) <= 20 + 5 * took
     replay.close()
 
 
@@ -1209,8 +1233,9 @@ def test_knock_opens_for_the_knocker_alone_ipv4_and_ipv6(tmp_path):
         assert wait_tcp_open(lab.name("cli1"), Lab.srv6(1), SERVICE_PORT, 1.0) is not None
         assert closed(lab, "cli2", Lab.srv6(2))
         listed = spa_list(lab, server.conf)
-        assert re.search(r"198\.18\.1\.2\s+tcp/8022\s+(29|30) s left", listed)
-        assert re.search(r"2001:db8:1::2\s+tcp/8022\s+(29|30) s left", listed)
+        # 30 s, less what the checks since each knock took (seconds on a loaded machine)
+        assert re.search(r"198\.18\.1\.2\s+tcp/8022\s+(2[4-9]|30) s left", listed), listed
+        assert re.search(r"2001:db8:1::2\s+tcp/8022\s+(2[4-9]|30) s left", listed), listed
         # Timed knocks from fresh packets, both families, each from a closed port.
         for _ in range(5):
             lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])

@@ -1746,20 +1746,99 @@ def _nat_target(address, to_address):
     return str(target)
 
 
-class DryRunFirewall(object):
+class Firewall(object):
+    """What the server asks of a firewall back end: one small interface, which nft,
+    iptables and the dry run share (as bottle.py's server adapters share theirs).
+
+    An opening lets (address, protocol, port) in for some seconds, and the kernel itself
+    ends it, so that it ends on time even if the server has died; the protected ports
+    refuse everyone else, as `action` says (protect_action: reject or drop).  The back
+    ends trust their callers for policy (the gatekeeper decided), not for form: an
+    address that is not one, or a NAT target that never may be, raises ValueError.
+
+    Attributes every back end has: `name` (as [server] firewall names it), `protect`
+    ([("tcp", 22), ...]), `action`, `nat` (NAT access on), `steer` (refused TCP
+    connections redirected to port 0, so that the kernel's own reset answers them),
+    `bind` (openings keyed on the knock's interface too), `monitored` (nftables' change
+    notifications tell of a reload: RulesetMonitor), `log` (None: say nothing).
+    """
+
+    name = None
+    monitored = False
+
+    def __init__(self, protect, action="reject", log=None, nat=False, bind=False):
+        self.protect, self.action, self.log, self.nat, self.bind = protect, action, log, nat, bind
+        self.steer = action == "reject" and any(p == "tcp" for p, _ in protect)
+
+    def reconfigure(self, protect, action, nat):
+        """New protect, protect_action and NAT switch (at SIGHUP); setup() applies them."""
+        self.protect, self.action, self.nat = protect, action, nat
+        self.steer = action == "reject" and any(p == "tcp" for p, _ in protect)
+
+    def setup(self):
+        """Make or refresh our tables, chains and protect rules; openings in force stay."""
+        raise NotImplementedError
+
+    def open(self, address, proto, port, timeout, now=None, interface=None):
+        """Open (address, proto, port) for `timeout` seconds, never shortening an opening;
+        True if the firewall changed.  With bind, `interface` is the knock's."""
+        raise NotImplementedError
+
+    def open_many(self, openings, now=None):
+        """Open [(address, proto, port, seconds[, interface])]; returns how many changed."""
+        return sum(self.open(*opening[:4], now=now, interface=(opening[4:] or (None,))[0])
+                   for opening in openings)
+
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+        """NAT access (fwknop's message types 2, 4, 5, 6) for `timeout` seconds: connections
+        from `address` to `port` go to to_address:to_port (local: a port of this host)."""
+        raise NotImplementedError
+
+    def close(self, address, proto, port):
+        """Remove the openings of (address, proto, port) now; True if there was one."""
+        raise NotImplementedError
+
+    def list(self):
+        """The openings in force, read from the kernel:
+        [(address, proto, port, seconds left, interface or "")]."""
+        return []
+
+    def list_nat(self):
+        """NAT openings in force, read from the kernel:
+        [(address, proto, port, to address, to port, local, seconds left)]."""
+        return []
+
+    def expire(self, now=None):
+        """Forget (and remove, where the kernel does not) the openings past their end;
+        returns how many rules went."""
+        return 0
+
+    def restore(self):
+        """Put back what a reload of the host's firewall removed; True if it did."""
+        return False
+
+    def flush(self):
+        """Remove everything of ours; True if there was anything."""
+        return False
+
+    def _say(self, level, text, *args):
+        if self.log is not None:
+            getattr(self.log, level)(text, *args)
+
+
+class DryRunFirewall(Firewall):
     """Changes nothing; records what it would do (server --test, firewall = none)."""
 
     name = "none"
 
     def __init__(self, protect, action="reject", log=None):
-        self.protect, self.action, self.log = protect, action, log
-        self.nat = self.steer = False
+        Firewall.__init__(self, protect, action, log)
+        self.steer = False
         self.opened = []
 
     def setup(self):
-        if self.log:
-            self.log.info("test mode: would protect %s (%s)", format_access(self.protect),
-                          self.action)
+        self._say("info", "test mode: would protect %s (%s)", format_access(self.protect),
+                  self.action)
 
     def open(self, address, proto, port, timeout, now=None, interface=None):
         self.opened.append((address, proto, port, timeout) + ((interface,) if interface else ()))
@@ -1774,23 +1853,6 @@ class DryRunFirewall(object):
         return len(openings)
 
     def close(self, address, proto, port):
-        return False
-
-    def list(self):
-        return []
-
-    def list_nat(self):
-        return []
-
-    def expire(self, now=None):
-        return 0
-
-    monitored = False
-
-    def restore(self):
-        return False
-
-    def flush(self):
         return False
 
 
@@ -2056,7 +2118,7 @@ def _opening(raw):
     return key + (raw[20:].rstrip(b"\0").decode(),) if len(raw) > 20 else key
 
 
-class NftFirewall(object):
+class NftFirewall(Firewall):
     """nftables: our own `inet` table with two timeout sets and one input chain.
 
     New connections to the protected ports are refused unless (source address,
@@ -2108,11 +2170,12 @@ class NftFirewall(object):
           "ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept"])]
     STEER_CHAIN = ("steer", "{ type nat hook prerouting priority -90; policy accept; }")
 
+    monitored = True           # nftables' notifications tell of a reload
+
     def __init__(self, protect, action="reject", table=NFT_TABLE, log=None, nat=False,
                  bind=False):
-        self.protect, self.action, self.table, self.nat = protect, action, table, nat
-        self.log, self.bind = log, bind
-        self.steer = action == "reject" and any(p == "tcp" for p, _ in protect)
+        Firewall.__init__(self, protect, action, log, nat, bind)
+        self.table = table
         # (address, proto, port[, interface]) -> monotonic end of the opening; one past
         # its end counts as absent, and is dropped at the next purge (expire) or rebuild.
         self.ends = PackedMap(36, _bound_opening_key, _opening, "d") if bind else \
@@ -2125,14 +2188,9 @@ class NftFirewall(object):
         self.places = [("inet", table, "allow4", "allow6")]
         self.fwd_places = [("inet", table, "fwd4", "fwd6")] if nat else []
         self.handle = None             # our table's handle: a new one means it was made anew
-        self.monitored = True          # nftables' notifications tell of a reload
 
     def _nft(self, commands):
         return run_command(["nft", "-f", "-"], "\n".join(commands) + "\n")
-
-    def _say(self, level, text, *args):
-        if self.log is not None:
-            getattr(self.log, level)(text, *args)
 
     def commands(self):
         """The nft commands that make our table, its sets, chains and rules.  setup() runs
@@ -2650,7 +2708,7 @@ def _restore_words(words):
     return " ".join('"%s"' % w if " " in w else w for w in words)
 
 
-class IptablesFirewall(object):
+class IptablesFirewall(Firewall):
     """iptables (either flavour): our own chain in the filter tables of iptables and ip6tables.
 
         -I INPUT 1 -j SPA_INPUT
@@ -2680,7 +2738,7 @@ class IptablesFirewall(object):
         if command not in IPT_COMMANDS:
             raise SpaError("firewall = %s: expected one of %s"
                            % (command, ", ".join(IPT_COMMANDS)))
-        self.protect, self.action, self.log, self.bind = protect, action, log, bind
+        Firewall.__init__(self, protect, action, log, bool(nat), bind)
         self.commands = {4: command, 6: command.replace("ip", "ip6", 1)}    # ip6tables-nft...
         self.monitored = command == "iptables-nft"      # it speaks nftables: notified too
         # A kernel booted with ipv6.disable=1 has no ip6tables tables (and no IPv6 to guard).
@@ -2688,14 +2746,16 @@ class IptablesFirewall(object):
         # (address, proto, port[, interface]) -> the epoch second its rule ends (the rule's
         # text), and -> its end on the monotonic clock (when expire() removes it)
         self.ends, self.deadlines = {}, {}
-        self.nat = bool(nat)
         self.nat_ends = {}     # (address, proto, port, to_address, to_port, local) -> end
         self.nat_deadlines = {}
         # Families whose nat table works; setup() drops one that does not (a kernel or an
         # OpenWrt build without IPv6 NAT), so that IPv4 NAT still works there.
         self.nat_families = set(self.families) if self.nat else set()
-        self.steer = action == "reject" and any(p == "tcp" for p, _ in protect)
         self.steer_families = set()        # where the nat table lets us steer (setup)
+
+    def reconfigure(self, protect, action, nat):
+        Firewall.reconfigure(self, protect, action, nat)
+        self.nat_families = set(self.families) if nat else set()
 
     def _ipt(self, family, table, *args):
         return run_command([self.commands[family], "--wait=" + IPT_WAIT, "-t", table]
@@ -2713,10 +2773,6 @@ class IptablesFirewall(object):
             run_command([self.commands[family] + "-restore", "--wait=" + IPT_WAIT, "--noflush"],
                         text)
         return bool(text)
-
-    def _restore(self, family, lines):
-        """Apply `lines` (iptables-restore syntax) to the filter table in one commit."""
-        self._restore_tables(family, [("filter", lines)])
 
     def _table(self, family, table, names, chain=None):
         """{chain: [rule as a word list]} of the chains `names` of `table` that exist, from
@@ -3023,8 +3079,8 @@ class IptablesFirewall(object):
         for k in nat_due:
             del self.nat_ends[k]
         self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
-        if removed and self.log:
-            self.log.info("removed %d expired opening rule%s", removed, "s" * (removed != 1))
+        if removed:
+            self._say("info", "removed %d expired opening rule%s", removed, "s" * (removed != 1))
         return removed
 
     def intact(self):
@@ -3081,13 +3137,11 @@ class IptablesFirewall(object):
             for key, d in sorted(nat_alive, key=lambda item: item[1]):
                 self._put_nat(key, int(now + d - mono))
                 self.nat_deadlines[key] = d
-            if self.log:
-                self.log.warning("the firewall was changed under us (a reload?): restored our "
-                                 "chains and %d opening(s) in force", len(alive) + len(nat_alive))
+            self._say("warning", "the firewall was changed under us (a reload?): restored our "
+                      "chains and %d opening(s) in force", len(alive) + len(nat_alive))
             return True
         except SpaError as e:
-            if self.log:
-                self.log.error("could not restore the firewall: %s", e)
+            self._say("error", "could not restore the firewall: %s", e)
             return False
 
     def flush(self):
@@ -5029,12 +5083,7 @@ class Supervisor(object):
                     (old.protect, old.protect_action, firewall.nat):
                 # The NAT switches too: the stanzas the new config made follow them already,
                 # so the firewall's NAT chains (made or removed by setup) must as well.
-                firewall.protect, firewall.action, firewall.nat = \
-                    config.protect, config.protect_action, nat
-                firewall.steer = firewall.action == "reject" and \
-                    any(p == "tcp" for p, _ in firewall.protect)
-                if isinstance(firewall, IptablesFirewall):
-                    firewall.nat_families = set(firewall.families) if nat else set()
+                firewall.reconfigure(config.protect, config.protect_action, nat)
                 firewall.setup()
         except SpaError as e:
             self.log.error("firewall update failed: %s", e)
@@ -5255,7 +5304,7 @@ def server_main(args):
         for address, proto, port, left, interface in sorted(rows):
             print("%-40s %s/%-5d %5d s left%s" % (address, proto, port, left,
                                                   " (on %s)" % interface if interface else ""))
-        nat_rows = firewall.list_nat() if hasattr(firewall, "list_nat") else []
+        nat_rows = firewall.list_nat()
         for address, proto, port, to_address, to_port, local, left in sorted(nat_rows):
             print("%-40s %s/%-5d %5d s left, forwarded to %s%s" % (
                 address, proto, port, left, format_endpoint(to_address, to_port),

@@ -2367,6 +2367,23 @@ def test_syslog_lines_say_spa_and_never_the_keys(tmp_path, monkeypatch):
     assert not any(secret in "".join(lines) for secret in (KEY, HMAC_KEY))
 
 
+def test_every_back_end_offers_the_firewall_interface():
+    """nft, iptables and the dry run share one small interface (spa.Firewall): each has its
+    own setup, open, open_nat and close, and answers every method the server calls."""
+    methods = ("setup", "open", "open_many", "open_nat", "close", "list", "list_nat", "expire",
+               "restore", "flush", "reconfigure")
+    for back_end in (spa.NftFirewall, spa.IptablesFirewall, spa.DryRunFirewall):
+        assert issubclass(back_end, spa.Firewall)
+        for name in ("setup", "open", "open_nat", "close"):
+            assert getattr(back_end, name) is not getattr(spa.Firewall, name), (back_end, name)
+        assert all(callable(getattr(back_end, name)) for name in methods)
+    dry = spa.DryRunFirewall([("tcp", 22)], "reject")
+    assert (dry.name, dry.steer, dry.nat, dry.monitored) == ("none", False, False, False)
+    assert dry.open_many([("198.18.0.2", "tcp", 22, 30)]) == 1 and dry.list() == []
+    dry.reconfigure([("udp", 53)], "drop", True)
+    assert (dry.protect, dry.action, dry.nat, dry.steer) == ([("udp", 53)], "drop", True, False)
+
+
 def test_nft_close_removes_an_opening_now(tmp_path):
     need_nft()
     with Lab(clients=1, prefix="spa") as lab:

@@ -3924,7 +3924,7 @@ class Log(object):
     @classmethod
     def to_pipe(cls, fd, verbose=False):
         """The packet reader's log: "LEVEL text" lines on the pipe `fd`, never blocking (a
-        line the pipe cannot take now is lost); the parent logs them (Supervisor._relay)."""
+        line the pipe cannot take now is lost); the parent logs them (ReaderProcess.relay)."""
         log = cls(verbose=verbose)
         log.pipe = fd
         os.set_blocking(fd, False)
@@ -4831,9 +4831,8 @@ def crypto_available():
 
 def start_reader(config, sockets, seen, log, user):
     """Fork the packet reader; returns (pid, read end of its request pipe, read end of its
-    log pipe)."""
+    log pipe).  The child runs _reader_main() and never returns here."""
     import gc
-    import select
     import signal
     r, w = os.pipe()
     log_r, log_w = os.pipe()
@@ -4848,47 +4847,32 @@ def start_reader(config, sockets, seen, log, user):
     caught = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
     pid = os.fork()
-    if pid:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(w)
-        os.close(log_w)
-        return pid, r, log_r
+    if pid == 0:
+        _reader_main(config, sockets, seen, log, user, (w, log_w), mask)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    os.close(w)
+    os.close(log_w)
+    return pid, r, log_r
+
+
+def _reader_main(config, sockets, seen, log, user, pipes, mask):
+    """The packet reader's whole life, in the forked child: confine itself, read packets
+    until the parent goes away, say what it saw; its exit status tells the parent why it
+    ended (ReaderProcess.CAPTURE_LOST: a capture socket failed)."""
+    import signal
     code = 1
     try:
-        log = Log.to_pipe(log_w, log.verbose)
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent stops us with SIGTERM
-        # A session of its own, without the terminal: no TIOCSTI into the admin's shell.
-        os.setsid()
-        # Nothing of the parent's may leak in: the terminal, its netlink sockets, the replay
-        # cache file...
-        close_fds_except({w, log_w} | {sock.fileno() for sock in sockets})
-        take_free_descriptors(3)
-        if user and os.geteuid() == 0:
-            drop_privileges(user)
-        reader = Reader(config, GatePipe(w), log, seen)
-
-        def stop(signum, frame):
-            raise SystemExit
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
-        # What the loop needs that the sandbox would refuse it later: the file the stats
-        # line reads, and the epoll it waits in.
-        reader.status = os.open("/proc/self/status", os.O_RDONLY)
-        reader.name_interfaces(sockets)
-        poller = select.epoll()
-        confine_reader((w, log_w), (reader.status,), log)
+        log = Log.to_pipe(pipes[1], log.verbose)
+        reader, poller = _confined_reader(config, sockets, seen, log, user, pipes)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)      # what came meanwhile, now
         try:
             # returns when the parent closes its end of the pipe
-            reader.run(sockets, w, poller)
+            reader.run(sockets, pipes[0], poller)
             code = 0
         except (SystemExit, BrokenPipeError):   # SIGTERM; a request after the pipe closed
             code = 0
         except CaptureLost:
-            code = Supervisor.CAPTURE_LOST
+            code = ReaderProcess.CAPTURE_LOST
         # Stopping already: say what was seen.  (A mask, as the sandbox refuses sigaction.)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         reader.log_suppressed()
@@ -4901,26 +4885,217 @@ def start_reader(config, sockets, seen, log, user):
         os._exit(code)
 
 
-class Supervisor(object):
-    """The parent: runs the packet reader, serves its requests, handles signals, and keeps the
-    capture going when interfaces come and go."""
+def _confined_reader(config, sockets, seen, log, user, pipes):
+    """In the forked child: the steps of the reader's confinement, in their order (see the
+    sandbox above), and the Reader, ready to run; (reader, the epoll it waits in)."""
+    import select
+    import signal
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent stops us with SIGTERM
+    # A session of its own, without the terminal: no TIOCSTI into the admin's shell.
+    os.setsid()
+    # Nothing of the parent's may leak in: the terminal, its netlink sockets, the replay
+    # cache file...
+    close_fds_except(set(pipes) | {sock.fileno() for sock in sockets})
+    take_free_descriptors(3)
+    if user and os.geteuid() == 0:
+        drop_privileges(user)
+    reader = Reader(config, GatePipe(pipes[0]), log, seen)
+
+    def stop(signum, frame):
+        raise SystemExit
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
+    # What the loop needs that the sandbox would refuse it later: the file the stats
+    # line reads, and the epoll it waits in.
+    reader.status = os.open("/proc/self/status", os.O_RDONLY)
+    reader.name_interfaces(sockets)
+    poller = select.epoll()
+    confine_reader(pipes, (reader.status,), log)
+    return reader, poller
+
+
+class ReaderProcess(object):
+    """The packet reader as the parent sees it, one process at a time: it starts it
+    (start_reader), logs what it writes to its log pipe, serves its requests through the
+    gatekeeper, stops it and reaps it; after a death it says when the next may start.
+
+    It trusts nothing the reader sends: a log line is untrusted text (escaped, capped,
+    rate-limited), a request the gatekeeper checks again, and a line no packet reader
+    sends gets the reader killed and replaced.
+    """
 
     MAX_LINE = 4096           # the longest log line of the reader's that is logged whole
     CAPTURE_LOST = 3          # the reader's exit status when a capture socket failed
     RESTART_DELAY = (0.1, 60.0)   # a reader that keeps dying: first and longest wait (doubling)
 
+    def __init__(self, gate, log, user=None):
+        self.gate, self.log, self.user = gate, log, user
+        self.pid = self.fd = self.log_fd = None     # the reader, its request and log pipes
+        self.buffer = self.log_buffer = b""         # what came of a line not yet whole
+        self.started = self.restart_at = 0.0    # when the reader started; when the next may
+        self.delay = 0.0
+        self.lines = RateLimiter(rate=10.0, burst=100)    # a reader flooding the log
+        self.strays = []      # readers that did not stop when told: reaped when they end
+
+    def start(self, config, sockets):
+        """Fork a reader of `sockets` for `config`, with a copy of the replay cache."""
+        self.pid, self.fd, self.log_fd = start_reader(config, sockets, self.gate.replay.copy(),
+                                                      self.log, self.user)
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self.log_fd, False)
+        self.buffer = self.log_buffer = b""
+        self.started = time.monotonic()
+
+    def back_off(self, status):
+        """A reader died: start the next one after a wait that doubles while readers keep
+        dying young (up to a minute), so a crash loop costs little, and never give up:
+        meanwhile the firewall stays as it is and knocks wait in the capture buffer."""
+        first, longest = self.RESTART_DELAY
+        young = time.monotonic() - self.started < longest
+        self.delay = min(longest, max(first, 2 * self.delay)) if young else first
+        self.restart_at = time.monotonic() + self.delay
+        self.log.error("packet reader stopped (%s): starting a new one in %s s", status,
+                       "%.3g" % self.delay)
+
+    def relay(self):
+        """Log what the packet reader wrote to its log pipe ("LEVEL text" lines), as
+        untrusted text: control characters escaped, lines capped, at most 10 a second
+        after a burst of 100.  Closes the pipe at its end; False when nothing was there."""
+        try:
+            chunk = os.read(self.log_fd, 16384)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            os.close(self.log_fd)
+            self.log_fd = None
+            chunk = b"\n" if self.log_buffer else b""
+        *lines, self.log_buffer = (self.log_buffer + chunk).split(b"\n")
+        if len(self.log_buffer) > self.MAX_LINE:
+            lines.append(self.log_buffer)
+            self.log_buffer = b""
+        for line in filter(None, lines):
+            if not self.lines.allow():
+                continue
+            missed = self.lines.take_suppressed()
+            if missed:
+                self.log.warning("%d lines of the packet reader were not logged (rate limit)",
+                                 missed)
+            text = line[:self.MAX_LINE].decode("utf-8", "replace").translate(CONTROL_ESCAPES)
+            level, _, rest = text.partition(" ")
+            if level in Log.SEVERITY:
+                getattr(self.log, level)("%s", rest)
+            else:
+                self.log.info("%s", text)
+        return True
+
+    def serve(self):
+        """Read and carry out the reader's requests; False once its pipe has closed, or
+        once it sent what no packet reader sends (it is killed then, and replaced).
+
+        One read is one round (one fsync, one firewall change): up to 16 KiB, ~70
+        requests.  A burst is served in rounds of that size, each request checked
+        and decided in its turn: the transient objects of a round are few and fit in
+        the same memory round after round.
+        """
+        import signal
+        try:
+            chunk = os.read(self.fd, 16384)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        if len(self.buffer) > REQUEST_LONGEST:      # refused before it is ever whole
+            lines.append(self.buffer)
+            self.buffer = b""
+        problem = self.gate.serve_lines(lines)[1] if lines else None
+        if problem is None:
+            return True
+        self.log.error("packet reader: %s; replacing it", problem)
+        # (If the kill is refused, the reader still ends: its pipe is closed next.)
+        send_signal(self.log, self.pid, signal.SIGKILL, "the packet reader")
+        return False
+
+    def reap(self):
+        """After its request pipe closed: wait for the reader, log its last lines; (its
+        exit status or None, how it ended in words)."""
+        import signal
+        os.close(self.fd)
+        _, status = os.waitpid(self.pid, 0)
+        self._close_log()
+        self.pid = self.fd = None
+        if os.WIFEXITED(status):
+            return os.WEXITSTATUS(status), "exit status %d" % os.WEXITSTATUS(status)
+        return None, "killed by signal %d%s" % (
+            os.WTERMSIG(status), ": a system call its sandbox forbids"
+            if os.WTERMSIG(status) == signal.SIGSYS else "")
+
+    def stop(self, wait=2.0):
+        """Stop the packet reader: carry out what it has sent, then close its pipe.
+
+        The reader ends as soon as its pipe to us closes (it polls for that), so no
+        signal is needed: a root parent without CAP_KILL may not signal it (another
+        user), and a signal could land in the middle of a request.  A request written
+        between the last read and the close is lost: a knock then opens nothing (the
+        digest was never recorded; the client knocks again).  A reader that has not
+        ended after `wait` seconds is killed; if even that is refused, it is left to
+        end (logged), and reaped later.
+        """
+        import select
+        import signal
+        if not self.pid:
+            return
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while poller.poll(0) and self.serve():     # what is waiting now, round by round
+            pass
+        os.close(self.fd)
+        pid, self.pid, self.fd = self.pid, None, None
+        try:
+            for step in (wait, 1.0):
+                deadline = time.monotonic() + step
+                while time.monotonic() < deadline:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        return
+                    time.sleep(0.002)
+                if step == wait:
+                    send_signal(self.log, pid, signal.SIGKILL, "the packet reader")
+            self.log.error("the packet reader (pid %d) did not stop; left behind", pid)
+            self.strays.append(pid)
+        finally:
+            self._close_log()
+
+    def reap_strays(self):
+        """Reap the readers left behind (stop) that have ended since."""
+        self.strays = [pid for pid in self.strays if not os.waitpid(pid, os.WNOHANG)[0]]
+
+    def _close_log(self):
+        """Log the last lines of a reader that has ended (a traceback, its stats), then
+        close its log pipe; one still held open (a reader left behind) is closed as it is."""
+        while self.log_fd is not None and self.relay():
+            pass
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+            self.log_fd = None
+
+
+class Supervisor(object):
+    """The parent's event loop: it keeps a packet reader running (ReaderProcess), handles
+    signals (SIGHUP reloads, SIGUSR1 logs counters), keeps the capture going when
+    interfaces come and go, removes expired openings every second, and puts back what a
+    reload of the host's firewall removed."""
+
     def __init__(self, args, config, gate, log):
         self.args, self.config, self.gate, self.log = args, config, gate, log
         self.user = config.user if os.geteuid() == 0 else None
+        self.reader = ReaderProcess(gate, log, self.user)
         self.captures = {}    # interface -> socket, for those that are there
         self.waiting = set()  # interfaces that went away (or were not there at start)
-        self.pid = self.fd = self.log_fd = None
-        self.buffer = self.log_buffer = b""
-        self.started = self.restart_at = 0.0    # when the reader started; when the next may
-        self.delay = 0.0
-        self.reader_lines = RateLimiter(rate=10.0, burst=100)    # a reader flooding the log
         self.expire_failed = 0    # expire() failures in a row
-        self.strays = []      # readers that did not stop when told: reaped when they end
 
     def open_captures(self, first=False):
         """Open capture sockets for every configured interface not captured yet.
@@ -4965,11 +5140,10 @@ class Supervisor(object):
             signal.signal(sig, lambda signum, frame: self.pending.append(signum))
 
     def run(self):
-        import select
-        import signal
+        """Serve until SIGTERM or SIGINT: wait for what comes (_wait), then the signals, the
+        interfaces that came back, and the tasks of every second and every few seconds."""
         if not hasattr(self, "pending"):
             self.catch_signals()
-        wake_r, pending = self.wake_r, self.pending
         firewall = self.gate.firewall
         monitor = self._monitor(firewall)
         every = 10 if monitor is not None else 2
@@ -4977,61 +5151,71 @@ class Supervisor(object):
         next_expire = time.monotonic() + 1
         try:
             while True:
-                wait = 1000
-                if self.pid is None and self.captures:
-                    wait = max(0, min(wait, 1000 * (self.restart_at - time.monotonic())))
-                    if wait == 0:
-                        self._start()
-                        wait = 1000
-                poller = select.poll()
-                if self.fd is not None:
-                    poller.register(self.fd, select.POLLIN)
-                if self.log_fd is not None:
-                    poller.register(self.log_fd, select.POLLIN)
-                poller.register(wake_r, select.POLLIN)
-                if monitor is not None:
-                    poller.register(monitor, select.POLLIN)
-                for fd, _ in poller.poll(wait):
-                    if fd == wake_r:
-                        os.read(wake_r, 512)
-                    elif monitor is not None and fd == monitor.fileno():
-                        if monitor.news():
-                            firewall.restore()
-                    elif fd == self.log_fd:
-                        self._relay()
-                    elif fd == self.fd and not self._serve():
-                        code, status = self._reap()
-                        if code == self.CAPTURE_LOST:
-                            self.log.warning("packet reader lost its capture: reopening it")
-                            self.close_captures()
-                            self.open_captures()
-                            continue
-                        self._back_off(status)
-                while pending:
-                    signum = pending.pop(0)
-                    if signum in (signal.SIGTERM, signal.SIGINT):
-                        return
-                    if signum == signal.SIGUSR1:
-                        self.log.info("%s", self.gate.stats())
-                        if self.pid:
-                            send_signal(self.log, self.pid, signal.SIGUSR1, "the packet reader")
-                    if signum == signal.SIGHUP:
-                        self.reload()
+                self._wait(monitor)
+                if not self._signals():
+                    return
                 if self.waiting and self.open_captures():
                     self._restart()     # a reader for the interfaces that are back
                 if time.monotonic() >= next_expire:      # once a second, however busy
                     next_expire = time.monotonic() + 1
                     self._expire(firewall)
                     self.gate.tick()
-                    self.strays = [pid for pid in self.strays if not os.waitpid(pid, os.WNOHANG)[0]]
+                    self.reader.reap_strays()
                 if time.monotonic() >= next_check:     # in case the monitor missed something
                     next_check = time.monotonic() + every
                     firewall.restore()
                     self.gate.replay.prune(time.time())   # not at every batch: it walks all
         finally:
-            self._stop()
+            self.reader.stop()
             if monitor is not None:
                 monitor.close()
+
+    def _wait(self, monitor):
+        """Wait up to a second for the reader's requests or log lines, a signal or news of
+        the ruleset (`monitor`), and handle what came; start a reader when one is due."""
+        import select
+        reader = self.reader
+        wait = 1000
+        if reader.pid is None and self.captures:
+            wait = max(0, min(wait, 1000 * (reader.restart_at - time.monotonic())))
+            if wait == 0:
+                reader.start(self.config, list(self.captures.values()))
+                wait = 1000
+        poller = select.poll()
+        for fd in (reader.fd, reader.log_fd, self.wake_r, monitor):
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(wait):
+            if fd == self.wake_r:
+                os.read(self.wake_r, 512)
+            elif monitor is not None and fd == monitor.fileno():
+                if monitor.news():
+                    self.gate.firewall.restore()
+            elif fd == reader.log_fd:
+                reader.relay()
+            elif fd == reader.fd and not reader.serve():
+                code, status = reader.reap()
+                if code == reader.CAPTURE_LOST:
+                    self.log.warning("packet reader lost its capture: reopening it")
+                    self.close_captures()
+                    self.open_captures()
+                else:
+                    reader.back_off(status)
+
+    def _signals(self):
+        """Handle the signals that came; False for SIGTERM or SIGINT: time to stop."""
+        import signal
+        while self.pending:
+            signum = self.pending.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                return False
+            if signum == signal.SIGUSR1:
+                self.log.info("%s", self.gate.stats())
+                if self.reader.pid:
+                    send_signal(self.log, self.reader.pid, signal.SIGUSR1, "the packet reader")
+            if signum == signal.SIGHUP:
+                self.reload()
+        return True
 
     def _expire(self, firewall):
         """Remove expired openings.  A failure (iptables-restore that could not get the
@@ -5057,6 +5241,11 @@ class Supervisor(object):
             return RulesetMonitor()
         except OSError:
             return None
+
+    def _restart(self):
+        self.reader.stop()
+        if self.captures:
+            self.reader.start(self.config, list(self.captures.values()))
 
     def reload(self):
         """SIGHUP: read the config again; openings in force and the replay cache stay."""
@@ -5094,147 +5283,6 @@ class Supervisor(object):
         self._restart()
         self.log.info("reloaded %s: %d client stanza(s); protecting %s (%s)", config.path,
                       len(config.stanzas), format_access(config.protect), config.protect_action)
-
-    def _start(self):
-        self.pid, self.fd, self.log_fd = start_reader(
-            self.config, list(self.captures.values()), self.gate.replay.copy(), self.log,
-            self.user)
-        os.set_blocking(self.fd, False)
-        os.set_blocking(self.log_fd, False)
-        self.buffer = self.log_buffer = b""
-        self.started = time.monotonic()
-
-    def _back_off(self, status):
-        """A reader died: start the next one after a wait that doubles while readers keep
-        dying young (up to a minute), so a crash loop costs little, and never give up:
-        meanwhile the firewall stays as it is and knocks wait in the capture buffer."""
-        first, longest = self.RESTART_DELAY
-        young = time.monotonic() - self.started < longest
-        self.delay = min(longest, max(first, 2 * self.delay)) if young else first
-        self.restart_at = time.monotonic() + self.delay
-        self.log.error("packet reader stopped (%s): starting a new one in %s s", status,
-                       "%.3g" % self.delay)
-
-    def _relay(self):
-        """Log what the packet reader wrote to its log pipe ("LEVEL text" lines), as
-        untrusted text: control characters escaped, lines capped, at most 10 a second
-        after a burst of 100.  Closes the pipe at its end; False when nothing was there."""
-        try:
-            chunk = os.read(self.log_fd, 16384)
-        except BlockingIOError:
-            return False
-        if not chunk:
-            os.close(self.log_fd)
-            self.log_fd = None
-            chunk = b"\n" if self.log_buffer else b""
-        *lines, self.log_buffer = (self.log_buffer + chunk).split(b"\n")
-        if len(self.log_buffer) > self.MAX_LINE:
-            lines.append(self.log_buffer)
-            self.log_buffer = b""
-        for line in filter(None, lines):
-            if not self.reader_lines.allow():
-                continue
-            missed = self.reader_lines.take_suppressed()
-            if missed:
-                self.log.warning("%d lines of the packet reader were not logged (rate limit)",
-                                 missed)
-            text = line[:self.MAX_LINE].decode("utf-8", "replace").translate(CONTROL_ESCAPES)
-            level, _, rest = text.partition(" ")
-            if level in Log.SEVERITY:
-                getattr(self.log, level)("%s", rest)
-            else:
-                self.log.info("%s", text)
-        return True
-
-    def _restart(self):
-        self._stop()
-        if self.captures:
-            self._start()
-
-    def _serve(self):
-        """Read and carry out the reader's requests; False once its pipe has closed, or
-        once it sent what no packet reader sends (it is killed then, and replaced).
-
-        One read is one round (one fsync, one firewall change): up to 16 KiB, ~70
-        requests.  A burst is served in rounds of that size, each request checked
-        and decided in its turn: the transient objects of a round are few and fit in
-        the same memory round after round.
-        """
-        import signal
-        try:
-            chunk = os.read(self.fd, 16384)
-        except BlockingIOError:
-            return True
-        if not chunk:
-            return False
-        self.buffer += chunk
-        *lines, self.buffer = self.buffer.split(b"\n")
-        if len(self.buffer) > REQUEST_LONGEST:      # refused before it is ever whole
-            lines.append(self.buffer)
-            self.buffer = b""
-        problem = self.gate.serve_lines(lines)[1] if lines else None
-        if problem is None:
-            return True
-        self.log.error("packet reader: %s; replacing it", problem)
-        # (If the kill is refused, the reader still ends: its pipe is closed next.)
-        send_signal(self.log, self.pid, signal.SIGKILL, "the packet reader")
-        return False
-
-    def _reap(self):
-        import signal
-        os.close(self.fd)
-        _, status = os.waitpid(self.pid, 0)
-        self._close_log()
-        self.pid = self.fd = None
-        if os.WIFEXITED(status):
-            return os.WEXITSTATUS(status), "exit status %d" % os.WEXITSTATUS(status)
-        return None, "killed by signal %d%s" % (
-            os.WTERMSIG(status), ": a system call its sandbox forbids"
-            if os.WTERMSIG(status) == signal.SIGSYS else "")
-
-    def _stop(self, wait=2.0):
-        """Stop the packet reader: carry out what it has sent, then close its pipe.
-
-        The reader ends as soon as its pipe to us closes (it polls for that), so no
-        signal is needed: a root parent without CAP_KILL may not signal it (another
-        user), and a signal could land in the middle of a request.  A request written
-        between the last read and the close is lost: a knock then opens nothing (the
-        digest was never recorded; the client knocks again).  A reader that has not
-        ended after `wait` seconds is killed; if even that is refused, it is left to
-        end (logged), and reaped later.
-        """
-        import select
-        import signal
-        if not self.pid:
-            return
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        while poller.poll(0) and self._serve():     # what is waiting now, round by round
-            pass
-        os.close(self.fd)
-        pid, self.pid, self.fd = self.pid, None, None
-        try:
-            for step in (wait, 1.0):
-                deadline = time.monotonic() + step
-                while time.monotonic() < deadline:
-                    if os.waitpid(pid, os.WNOHANG)[0]:
-                        return
-                    time.sleep(0.002)
-                if step == wait:
-                    send_signal(self.log, pid, signal.SIGKILL, "the packet reader")
-            self.log.error("the packet reader (pid %d) did not stop; left behind", pid)
-            self.strays.append(pid)
-        finally:
-            self._close_log()
-
-    def _close_log(self):
-        """Log the last lines of a reader that has ended (a traceback, its stats), then
-        close its log pipe; one still held open (a reader left behind) is closed as it is."""
-        while self.log_fd is not None and self._relay():
-            pass
-        if self.log_fd is not None:
-            os.close(self.log_fd)
-            self.log_fd = None
 
 
 def notify_systemd(state):

@@ -2648,6 +2648,13 @@ IPT_NAT_COMMENTS = {False: "spa nat expires ", True: "spa local nat expires "}  
 IPT_ESTABLISHED = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
 LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
+# A NAT opening: connections from `address` to `proto`/`port` go to to_address:to_port (local:
+# a port of this host).  Its rules (a DNAT and the ACCEPT of what it rewrote) carry its end.
+NatOpening = namedtuple("NatOpening", "address proto port to_address to_port local")
+# One rule of ours as read from the kernel: its opening (a plain one's key, or a NatOpening),
+# its end (epoch seconds), where it is, and its words as `iptables -S` gives them.
+IptRule = namedtuple("IptRule", "key end table chain words")
+
 
 def _parse_opening(words, verdict="ACCEPT"):
     """((address, proto, port[, interface]), end) of one of our opening rules (`-S` words),
@@ -2669,8 +2676,8 @@ def _parse_opening(words, verdict="ACCEPT"):
 
 
 def _parse_nat(words):
-    """((address, proto, port, to_address, to_port, local), end) of one of our NAT rules
-    (a DNAT, or the ACCEPT that goes with it, as `-S` words), else None."""
+    """(NatOpening, end) of one of our NAT rules (a DNAT, or the ACCEPT that goes with it,
+    as `-S` words), else None."""
     import ipaddress
     option = dict(zip(words, words[1:]))        # each word -> the word after it
     comment = option.get("--comment", "")
@@ -2697,7 +2704,12 @@ def _parse_nat(words):
         return None
     if option.get("-p") not in PROTO_NUMBERS:
         return None
-    return (address, option["-p"], port, to_address, to_port, local), end
+    return NatOpening(address, option["-p"], port, to_address, to_port, local), end
+
+
+def _newest_first(ends):
+    """The items of {key: end}, the latest end first (ties in the order of the keys)."""
+    return sorted(ends.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _restore_words(words):
@@ -2792,13 +2804,9 @@ class IptablesFirewall(Firewall):
                     rules.append(line.split()[2:])
         return chains
 
-    def _chains(self, family, chain=None):
-        """INPUT and our chain of the filter table (see _table)."""
-        return self._table(family, "filter", ("INPUT", IPT_CHAIN), chain)
-
     def _openings(self, family, table="filter", chain=IPT_CHAIN):
-        """[(key, end, rule words)] of the opening rules in our chain (or, in the nat table,
-        the RETURNs of SPA_STEER)."""
+        """[IptRule] of the opening rules in our chain (or, in the nat table, the RETURNs of
+        SPA_STEER)."""
         try:
             rules = self._table(family, table, (chain,), chain).get(chain, [])
         except SpaError:
@@ -2808,7 +2816,7 @@ class IptablesFirewall(Firewall):
         for words in rules:
             opening = _parse_opening(words, verdict)
             if opening is not None:
-                found.append(opening + (words,))
+                found.append(IptRule(opening[0], opening[1], table, chain, words))
         return found
 
     def _opening_rule(self, key, end, verdict="ACCEPT"):
@@ -2874,85 +2882,12 @@ class IptablesFirewall(Firewall):
         known = self.deadlines
         self.ends, self.nat_ends = {}, {}
         for family in self.families:
-            filt = self._table(family, "filter", ("INPUT", "FORWARD", IPT_CHAIN,
-                                                   IPT_FORWARD_CHAIN))
-            nat = None
-            if self.steer or self.nat or self._nat_table_may_hold_ours(family, filt):
-                try:
-                    nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN,
-                                                      IPT_STEER_CHAIN))
-                except SpaError as e:
-                    steer = "; refused TCP connections are answered by REJECT, not by the " \
-                        "kernel" if self.steer else ""
-                    if self.nat and self.log:
-                        self.log.warning("no NAT access over IPv%d: the nat table does not "
-                                         "work here (%s)%s", family, e, steer)
-                    elif steer and self.log:
-                        self.log.warning("IPv%d: the nat table does not work here (%s)%s",
-                                         family, e, steer)
+            filt, nat = self._read_tables(family)
             use_nat = self.nat and nat is not None
-            for flag, families in ((use_nat, self.nat_families),
-                                   (self.steer and nat is not None, self.steer_families)):
-                if flag:
-                    families.add(family)
-                else:
-                    families.discard(family)
-
-            ends, nat_ends = {}, {}
-            for words in filt.get(IPT_CHAIN, []):
-                opening = _parse_opening(words)
-                if opening is not None and opening[1] > now:
-                    ends[opening[0]] = max(opening[1], ends.get(opening[0], 0))
-            if use_nat:
-                # Either rule of a NAT opening brings back both (a reload may have taken one).
-                for words in (filt.get(IPT_CHAIN, []) + filt.get(IPT_FORWARD_CHAIN, [])
-                              + nat.get(IPT_NAT_CHAIN, [])):
-                    parsed = _parse_nat(words)
-                    if parsed is not None and parsed[1] > now:
-                        nat_ends[parsed[0]] = max(parsed[1], nat_ends.get(parsed[0], 0))
-                # One NAT opening per DNAT match (address, proto, port): the latest end wins.
-                latest = {}
-                for key, end in sorted(nat_ends.items(), key=lambda item: item[1]):
-                    latest[key[:3]] = (key, end)
-                nat_ends = dict(latest.values())
+            ends, nat_ends = self._in_force(filt, nat if use_nat else None, now)
             self.ends.update(ends)
             self.nat_ends.update(nat_ends)
-
-            def newest_first(items):
-                return sorted(items, key=lambda item: (-item[1], item[0]))
-
-            # `:CHAIN` creates our chain, or empties it when it exists (with --noflush).
-            filter_lines = [":%s - [0:0]" % IPT_CHAIN]
-            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(k, e)))
-                             for k, e in newest_first(ends.items())]
-            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._nat_accept_rule(k, e)))
-                             for k, e in newest_first(nat_ends.items()) if k[5]]
-            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
-                             for rule in self._protect_rules(family, family in self.steer_families)]
-            filter_lines += self._jump_lines(filt, "INPUT", IPT_CHAIN)
-            nat_lines = []
-            if use_nat:
-                filter_lines.append(":%s - [0:0]" % IPT_FORWARD_CHAIN)
-                filter_lines += ["-A %s %s" % (IPT_FORWARD_CHAIN,
-                                               _restore_words(self._nat_accept_rule(k, e)))
-                                 for k, e in newest_first(nat_ends.items()) if not k[5]]
-                filter_lines.append("-A %s %s" % (IPT_FORWARD_CHAIN,
-                                                  _restore_words(IPT_ESTABLISHED)))
-                filter_lines += self._jump_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
-                nat_lines = [":%s - [0:0]" % IPT_NAT_CHAIN]
-                nat_lines += ["-A %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
-                              for k, e in newest_first(nat_ends.items())]
-                nat_lines += self._jump_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
-            else:
-                # NAT off: what an earlier run with NAT on left goes, DNATs first.
-                filter_lines += self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
-                if nat is not None:
-                    nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
-            if family in self.steer_families:
-                nat_lines += self._steer_lines(nat, {k: e for k, e in ends.items()
-                                                     if self._steered(k)})
-            elif nat is not None:
-                nat_lines += self._removal_lines(nat, "PREROUTING", IPT_STEER_CHAIN)
+            filter_lines, nat_lines = self._setup_lines(family, filt, nat, ends, nat_ends)
             # With NAT on, the ACCEPTs before the DNATs that lead to them.
             self._restore_tables(family, [("filter", filter_lines), ("nat", nat_lines)] if use_nat
                                  else [("nat", nat_lines), ("filter", filter_lines)])
@@ -2963,6 +2898,91 @@ class IptablesFirewall(Firewall):
                               for k, e in self.nat_ends.items()}
         if self.nat:
             warn_without_forwarding(self.log, self.nat_families)
+
+    def _read_tables(self, family):
+        """(filter chains, nat chains or None) of ours and of their parents, for setup(); notes
+        in nat_families and steer_families whether this family's nat table works."""
+        filt = self._table(family, "filter", ("INPUT", "FORWARD", IPT_CHAIN, IPT_FORWARD_CHAIN))
+        nat = None
+        if self.steer or self.nat or self._nat_table_may_hold_ours(family, filt):
+            try:
+                nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN, IPT_STEER_CHAIN))
+            except SpaError as e:
+                steer = "; refused TCP connections are answered by REJECT, not by the " \
+                    "kernel" if self.steer else ""
+                if self.nat:
+                    self._say("warning", "no NAT access over IPv%d: the nat table does not "
+                              "work here (%s)%s", family, e, steer)
+                elif steer:
+                    self._say("warning", "IPv%d: the nat table does not work here (%s)%s",
+                              family, e, steer)
+        for flag, families in ((self.nat and nat is not None, self.nat_families),
+                               (self.steer and nat is not None, self.steer_families)):
+            if flag:
+                families.add(family)
+            else:
+                families.discard(family)
+        return filt, nat
+
+    @staticmethod
+    def _in_force(filt, nat, now):
+        """({key: end} of the plain openings, {NatOpening: end} of the NAT ones) that the
+        chains read (_read_tables; nat None: NAT is off) hold and that have not ended."""
+        ends, nat_ends = {}, {}
+        for words in filt.get(IPT_CHAIN, []):
+            opening = _parse_opening(words)
+            if opening is not None and opening[1] > now:
+                ends[opening[0]] = max(opening[1], ends.get(opening[0], 0))
+        if nat is None:
+            return ends, nat_ends
+        # Either rule of a NAT opening brings back both (a reload may have taken one).
+        for words in (filt.get(IPT_CHAIN, []) + filt.get(IPT_FORWARD_CHAIN, [])
+                      + nat.get(IPT_NAT_CHAIN, [])):
+            parsed = _parse_nat(words)
+            if parsed is not None and parsed[1] > now:
+                nat_ends[parsed[0]] = max(parsed[1], nat_ends.get(parsed[0], 0))
+        # One NAT opening per DNAT match (address, proto, port): the latest end wins.
+        latest = {}
+        for key, end in sorted(nat_ends.items(), key=lambda item: item[1]):
+            latest[key[:3]] = (key, end)
+        return ends, dict(latest.values())
+
+    def _setup_lines(self, family, filt, nat, ends, nat_ends):
+        """The iptables-restore lines (filter, nat) that make our chains anew, with the
+        openings in force, and leave one jump to each at the top of its parent chain."""
+        use_nat = family in self.nat_families
+        # `:CHAIN` creates our chain, or empties it when it exists (with --noflush).
+        filter_lines = [":%s - [0:0]" % IPT_CHAIN]
+        filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(k, e)))
+                         for k, e in _newest_first(ends)]
+        filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._nat_accept_rule(k, e)))
+                         for k, e in _newest_first(nat_ends) if k.local]
+        filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
+                         for rule in self._protect_rules(family, family in self.steer_families)]
+        filter_lines += self._jump_lines(filt, "INPUT", IPT_CHAIN)
+        nat_lines = []
+        if use_nat:
+            filter_lines.append(":%s - [0:0]" % IPT_FORWARD_CHAIN)
+            filter_lines += ["-A %s %s" % (IPT_FORWARD_CHAIN,
+                                           _restore_words(self._nat_accept_rule(k, e)))
+                             for k, e in _newest_first(nat_ends) if not k.local]
+            filter_lines.append("-A %s %s" % (IPT_FORWARD_CHAIN, _restore_words(IPT_ESTABLISHED)))
+            filter_lines += self._jump_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
+            nat_lines = [":%s - [0:0]" % IPT_NAT_CHAIN]
+            nat_lines += ["-A %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
+                          for k, e in _newest_first(nat_ends)]
+            nat_lines += self._jump_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+        else:
+            # NAT off: what an earlier run with NAT on left goes, DNATs first.
+            filter_lines += self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
+            if nat is not None:
+                nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+        if family in self.steer_families:
+            nat_lines += self._steer_lines(nat, {k: e for k, e in ends.items()
+                                                 if self._steered(k)})
+        elif nat is not None:
+            nat_lines += self._removal_lines(nat, "PREROUTING", IPT_STEER_CHAIN)
+        return filter_lines, nat_lines
 
     def _key(self, address, proto, port, interface=None):
         """The key of an opening; raises ValueError for anything but an address, tcp or udp,
@@ -3020,20 +3040,15 @@ class IptablesFirewall(Firewall):
         self.ends[key], self.deadlines[key] = end, deadline
         return True
 
-    def open_many(self, openings, now=None):
-        """Open [(address, proto, port, seconds[, interface])]; returns how many changed."""
-        return sum(self.open(*opening[:4], now=now, interface=(opening[4:] or (None,))[0])
-                   for opening in openings)
-
     def close(self, address, proto, port):
         """Remove every opening of (address, proto, port) now (on every interface); True if
         there was one."""
         import ipaddress
         key = (str(ipaddress.ip_address(address)), proto, int(port))
         family = _family(key[0])
-        gone = [o[2] for o in self._openings(family) if o[0][:3] == key]
-        steered = [o[2] for o in self._openings(family, "nat", IPT_STEER_CHAIN)
-                   if o[0][:3] == key] if family in self.steer_families else []
+        gone = [o.words for o in self._openings(family) if o.key[:3] == key]
+        steered = [o.words for o in self._openings(family, "nat", IPT_STEER_CHAIN)
+                   if o.key[:3] == key] if family in self.steer_families else []
         self._restore_tables(family, [
             ("nat", ["-D %s %s" % (IPT_STEER_CHAIN, _restore_words(w)) for w in steered]),
             ("filter", ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in gone])])
@@ -3048,7 +3063,7 @@ class IptablesFirewall(Firewall):
         now = time.time()
         return [key[:3] + (int(end - now), key[3] if len(key) > 3 else "")
                 for family in self.families
-                for key, end, _ in self._openings(family) if end > now]
+                for key, end, _, _, _ in self._openings(family) if end > now]
 
     def expire(self, now=None):
         """Remove the plain and NAT rules whose end has passed; returns how many rules (a NAT
@@ -3065,11 +3080,11 @@ class IptablesFirewall(Firewall):
         for family in sorted(set(_family(k[0]) for k in due | nat_due)):
             plain, steered = [], []
             if any(_family(k[0]) == family for k in due):
-                plain = [o[2] for o in self._openings(family) if o[0] in due or o[1] <= now]
+                plain = [o.words for o in self._openings(family) if o.key in due or o.end <= now]
                 if family in self.steer_families:
-                    steered = [o[2] for o in self._openings(family, "nat", IPT_STEER_CHAIN)
-                               if o[0] in due or o[1] <= now]
-            rules = [r for r in self._nat_rules(family) if r[0] in nat_due or r[1] <= now] \
+                    steered = [o.words for o in self._openings(family, "nat", IPT_STEER_CHAIN)
+                               if o.key in due or o.end <= now]
+            rules = [r for r in self._nat_rules(family) if r.key in nat_due or r.end <= now] \
                 if any(_family(k[0]) == family for k in nat_due) else []
             self._delete_nat(family, rules, plain, steered)
             removed += len(plain) + len(rules)
@@ -3203,10 +3218,10 @@ class IptablesFirewall(Firewall):
 
     @staticmethod
     def _accept_chain(key):
-        return IPT_CHAIN if key[5] else IPT_FORWARD_CHAIN
+        return IPT_CHAIN if key.local else IPT_FORWARD_CHAIN
 
     def _nat_rules(self, family):
-        """[(key, end, table, chain, words)] of every NAT rule of ours in the kernel."""
+        """[IptRule] of every NAT rule of ours in the kernel."""
         found = []
         try:
             filt = self._table(family, "filter", (IPT_CHAIN, IPT_FORWARD_CHAIN))
@@ -3225,7 +3240,7 @@ class IptablesFirewall(Firewall):
             for words in rules:
                 parsed = _parse_nat(words)
                 if parsed is not None:
-                    found.append(parsed + (table, chain, words))
+                    found.append(IptRule(parsed[0], parsed[1], table, chain, words))
         return found
 
     @staticmethod
@@ -3268,7 +3283,7 @@ class IptablesFirewall(Firewall):
             raise SpaError("NAT access is not enabled in the firewall back end")
         if family not in self.nat_families:
             raise SpaError("NAT access over IPv%d is not available on this host" % family)
-        key = (address, proto, port, to_address, to_port, bool(local))
+        key = NatOpening(address, proto, port, to_address, to_port, bool(local))
         end = int(math.ceil(now + timeout))
         changed = self._put_nat(key, end)
         if changed:       # its end on the monotonic clock, which expire() and restore() go by
@@ -3316,19 +3331,20 @@ class IptablesFirewall(Firewall):
         """Remove every NAT opening of (address, proto, port) now; True if there was one."""
         match = (str(ipaddress.ip_address(address)), proto, int(port))
         family = _family(match[0])
-        gone = [r for r in self._nat_rules(family) if r[0][:3] == match]
+        gone = [r for r in self._nat_rules(family) if r.key[:3] == match]
         self._delete_nat(family, gone)
         self.nat_ends = {k: e for k, e in self.nat_ends.items() if k[:3] != match}
-        return any(r[2] == "nat" for r in gone)
+        return any(r.table == "nat" for r in gone)
 
     def _delete_nat(self, family, rules, plain=(), steered=()):
         """Delete NAT rules (from _nat_rules), plain SPA_INPUT rules and their SPA_STEER
         RETURNs: DNATs first."""
         return self._restore_tables(family, [
-            ("nat", ["-D %s %s" % (r[3], _restore_words(r[4])) for r in rules if r[2] == "nat"]
+            ("nat", ["-D %s %s" % (r.chain, _restore_words(r.words)) for r in rules
+                     if r.table == "nat"]
              + ["-D %s %s" % (IPT_STEER_CHAIN, _restore_words(w)) for w in steered]),
-            ("filter", ["-D %s %s" % (r[3], _restore_words(r[4]))
-                        for r in rules if r[2] == "filter"]
+            ("filter", ["-D %s %s" % (r.chain, _restore_words(r.words))
+                        for r in rules if r.table == "filter"]
              + ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in plain])])
 
     def list_nat(self):

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -2382,6 +2383,20 @@ def test_every_back_end_offers_the_firewall_interface():
     assert dry.open_many([("198.18.0.2", "tcp", 22, 30)]) == 1 and dry.list() == []
     dry.reconfigure([("udp", 53)], "drop", True)
     assert (dry.protect, dry.action, dry.nat, dry.steer) == ([("udp", 53)], "drop", True, False)
+
+
+def test_iptables_nat_rules_read_back_as_named_openings():
+    """A NAT opening's two rules (the DNAT and the ACCEPT of what it rewrote) read back, as
+    `iptables -S` words, as the NatOpening they were made from, fields by name."""
+    fw = spa.IptablesFirewall([("tcp", 22)], nat=True)
+    for key in (spa.NatOpening("198.18.0.2", "tcp", 5022, "198.18.1.9", 22, False),
+                spa.NatOpening("2001:db8::2", "udp", 53, "2001:db8:1::9", 5353, True)):
+        for rule in (fw._dnat_rule(key, 1795846272), fw._nat_accept_rule(key, 1795846272)):
+            words = shlex.split(spa._restore_words(rule))
+            found, end = spa._parse_nat(words)
+            assert (found, end) == (key, 1795846272)
+            assert (found.to_address, found.to_port, found.local) == key[3:]
+        assert fw._accept_chain(key) == (spa.IPT_CHAIN if key.local else spa.IPT_FORWARD_CHAIN)
 
 
 def test_nft_close_removes_an_opening_now(tmp_path):

@@ -713,25 +713,34 @@ def create_temp_file(path, mode=0o600):
     for _ in range(10):
         name = "%s.%s.tmp" % (path, binascii.hexlify(os.urandom(6)).decode())
         try:
-            return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                                 getattr(os, "O_NOFOLLOW", 0), mode)
         except FileExistsError:
             continue
     raise OSError(17, "cannot make a temporary file next to %s" % path)
 
 
-def replace_file(path, write, mode=0o600):
-    """Write a file anew and swap it in atomically: `write(fd)` fills a new file made next
-    to it (create_temp_file), which gets `mode` (whatever the umask), is synced and renamed
-    over `path` (a symlink there is replaced, never followed).  OSError if anything fails:
-    the new file is removed and `path` left as it was."""
+def replace_file(path, write, mode=0o600, owner=None, check=None):
+    """Write a file anew and swap it in atomically, the one way spa.py writes a file that
+    matters (the replay cache, the saved firewall, the server config, the installed
+    files): `write(fd)` fills a new file made next to it (create_temp_file), which gets
+    `mode` (whatever the umask) and `owner` ((uid, gid) if given), is synced, may be
+    refused by `check(its name)` (SpaError), and is renamed over `path` (a symlink there is
+    replaced, never followed).  If anything fails the new file is removed and `path` left
+    as it was."""
     tmp, fd = create_temp_file(path, mode)
     try:
         try:
             write(fd)
-            os.fchmod(fd, mode)
+            if hasattr(os, "fchmod"):       # (Windows has no modes to speak of)
+                os.fchmod(fd, mode)
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.fsync(fd)
         finally:
             os.close(fd)
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -742,39 +751,19 @@ def replace_file(path, write, mode=0o600):
 
 
 def write_file(path, text, mode=0o644, check=None):
-    """Replace `path` with `text` at once (a new file in the same directory, renamed over it),
-    keeping an existing file's mode and owner; never following a symlink.  `check(new path)`,
-    if given, may refuse the new file (SpaError) before it replaces the old one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, 0o755, exist_ok=True)
+    """Replace `path` with `text` at once (replace_file), keeping an existing file's mode and
+    owner; the folder is made if it is missing.  `check(new name)`, if given, may refuse the
+    new file (SpaError) before it replaces the old one."""
+    import locale
+    os.makedirs(os.path.dirname(os.path.abspath(path)), 0o755, exist_ok=True)
+    owner = None
     try:
         st = os.lstat(path)
         mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
     except FileNotFoundError:
-        owner = None
-    tmp = path + ".spa-new"
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
         pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            sync_file(f.fileno())
-        os.chmod(tmp, mode)
-        if owner is not None:
-            os.chown(tmp, *owner)
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    data = text.encode(locale.getpreferredencoding(False))     # as open(path, "w") writes
+    replace_file(path, lambda fd: write_all(fd, data), mode, owner, check)
 
 
 def _read_text(path):
@@ -789,17 +778,11 @@ def _read_text(path):
 # Policy and config
 # ---------------------------------------------------------------------------
 
-def read_ini(path, text=None):
-    """Read an INI file (after the permission check); [default] gives defaults to every section."""
-    import configparser
-    text = read_private_text(path) if text is None else text
-    parser = configparser.ConfigParser(default_section="default", interpolation=None,
-                                       inline_comment_prefixes=("#", ";"))
-    try:
-        parser.read_string(text, path)
-    except configparser.Error as e:
-        raise SpaError(_ini_error(path, text, e))
-    return parser
+def _showable(name):
+    """Whether a name read from a file may be shown in a message: a word that does not look
+    like a variable's name may be a key pasted on a line of its own."""
+    return name[:1].isalpha() and len(name) <= 32 and (len(name) <= 16 or "_" in name) \
+        and all(c.isalnum() or c == "_" for c in name)
 
 
 def _ini_error(path, text, e):
@@ -825,11 +808,17 @@ def _ini_error(path, text, e):
         "may hold a key)" % where
 
 
-def _showable(name):
-    """Whether a name read from a file may be shown in a message: a word that does not look
-    like a variable's name may be a key pasted on a line of its own."""
-    return name[:1].isalpha() and len(name) <= 32 and (len(name) <= 16 or "_" in name) \
-        and all(c.isalnum() or c == "_" for c in name)
+def read_ini(path, text=None):
+    """Read an INI file (after the permission check); [default] gives defaults to every section."""
+    import configparser
+    text = read_private_text(path) if text is None else text
+    parser = configparser.ConfigParser(default_section="default", interpolation=None,
+                                       inline_comment_prefixes=("#", ";"))
+    try:
+        parser.read_string(text, path)
+    except configparser.Error as e:
+        raise SpaError(_ini_error(path, text, e))
+    return parser
 
 
 NOT_SHOWN = "not a `VARIABLE value` line (not shown: it may hold a key)"
@@ -925,11 +914,19 @@ def parse_date(value, name):
 
 
 def _family(address):
+    """6 for an IPv6 address (text), 4 for an IPv4 one: the one place that tells them apart
+    (an address is checked before it gets here)."""
     return 6 if ":" in address else 4
 
 
+def _socket_family(address):
+    """socket.AF_INET6 or socket.AF_INET, for an address (text)."""
+    return socket.AF_INET6 if _family(address) == 6 else socket.AF_INET
+
+
 def format_endpoint(address, port):
-    return "[%s]:%d" % (address, port) if ":" in address else "%s:%d" % (address, port)
+    """address:port, an IPv6 address in brackets: '[2001:db8::7]:22'."""
+    return ("[%s]:%d" if _family(address) == 6 else "%s:%d") % (address, port)
 
 
 def valid_interface_name(name):
@@ -998,37 +995,72 @@ def nat_target_problem(address):
     return None
 
 
+# Where an accepted NAT request leads: to address:port, `local` if that is a port of this host
+# (fwknop's local NAT, message types 5 and 6).
+NatTarget = namedtuple("NatTarget", "address port local")
+
+
+STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
+                  "restrict_ports", "access_expire", "enable_nat", "enable_cmd_exec",
+                  "cmd_exec_user",
+                  "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
+                  "require_username", "require_source_address", "nat_destinations",
+                  "max_openings"}
+
+
+def _parse_sources(value, where):
+    """`source`: None for any, else [ip_network] from a list of addresses and networks."""
+    import ipaddress
+    if value.lower() == "any":
+        return None
+    try:
+        return [ipaddress.ip_network(s.strip(), strict=False) for s in value.split(",")]
+    except ValueError as e:
+        raise SpaError("%s: source: %s" % (where, e))
+
+
+def _parse_port_set(value, name, where, default):
+    """A port list of the config (open_ports, restrict_ports) as a set; `default` if empty."""
+    try:
+        return set(parse_access(value, name, True)) if value else set(default)
+    except ValueError as e:
+        raise SpaError("%s: %s" % (where, e))
+
+
+def _check_command_user(name, where):
+    """cmd_exec_user must be an existing user, neither root nor of group 0: a command
+    message runs as that user (CommandRunner)."""
+    import pwd
+    try:
+        user = pwd.getpwnam(name or "")
+    except KeyError:
+        raise SpaError("%s: enable_cmd_exec needs cmd_exec_user, an existing "
+                       "unprivileged user" % where)
+    if user.pw_uid == 0:
+        raise SpaError("%s: cmd_exec_user must not be root" % where)
+    if user.pw_gid == 0:
+        raise SpaError("%s: cmd_exec_user %s has group 0 (root): give it a group of "
+                       "its own" % (where, user.pw_name))
+
+
 class Stanza(object):
     """One `[client NAME]` section of the server config: who may knock, with which keys, for what."""
 
     def __init__(self, name, options, protect, where=None, forwarding=False, local_nat=False):
-        import ipaddress
         where = where or "[client %s]" % name
         self.name = name
         unknown = set(options) - STANZA_OPTIONS
         if unknown:
             raise SpaError("%s: unknown option %s" % (where, _shown_names(unknown)))
         get = lambda option: (options.get(option) or "").strip()
-        source = get("source") or "any"
-        if source.lower() == "any":
-            self.sources = None
-        else:
-            try:
-                self.sources = [ipaddress.ip_network(s.strip(), strict=False)
-                                for s in source.split(",")]
-            except ValueError as e:
-                raise SpaError("%s: source: %s" % (where, e))
+        self.sources = _parse_sources(get("source") or "any", where)
         # A passphrase is taken as it is, blanks and all, as fwknopd takes it.
         key_get = lambda option: options.get(option) or "" if option in ("key", "hmac_key") \
             else get(option)
         self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(key_get, where)
         self.mac_len = HMAC_TYPES[self.hmac_type][1]
         self.mac = Hmac(self.hmac_key, HMAC_TYPES[self.hmac_type][0], SALT_PREFIX)
-        try:
-            self.open_ports = set(parse_access(get("open_ports"), "open_ports", True)) \
-                if get("open_ports") else set(protect)
-        except ValueError as e:
-            raise SpaError("%s: %s" % (where, e))
+        self.open_ports = _parse_port_set(get("open_ports"), "open_ports", where, protect)
         if not self.open_ports:
             raise SpaError("%s: open_ports is empty and [server] protects nothing" % where)
         # A timeout of 0 would mean "forever" to nftables: never allow it.
@@ -1039,12 +1071,7 @@ class Stanza(object):
         self.require_username = get("require_username") or None
         self.require_source_address = parse_bool(get("require_source_address") or "no",
                                                  where + ": require_source_address")
-        try:
-            self.restrict_ports = set(parse_access(get("restrict_ports"), "restrict_ports",
-                                                    True)) \
-                if get("restrict_ports") else set()
-        except ValueError as e:
-            raise SpaError("%s: %s" % (where, e))
+        self.restrict_ports = _parse_port_set(get("restrict_ports"), "restrict_ports", where, ())
         self.access_expire = parse_date(get("access_expire"), where + ": access_expire") \
             if get("access_expire") else None
         # NAT access needs the stanza's consent and the server's ([server] enable_forwarding,
@@ -1053,17 +1080,7 @@ class Stanza(object):
         self.enable_cmd_exec = parse_bool(get("enable_cmd_exec") or "no", where + ": enable_cmd_exec")
         self.cmd_exec_user = get("cmd_exec_user") or None
         if self.enable_cmd_exec:
-            import pwd
-            try:
-                user = pwd.getpwnam(self.cmd_exec_user or "")
-            except KeyError:
-                raise SpaError("%s: enable_cmd_exec needs cmd_exec_user, an existing "
-                               "unprivileged user" % where)
-            if user.pw_uid == 0:
-                raise SpaError("%s: cmd_exec_user must not be root" % where)
-            if user.pw_gid == 0:
-                raise SpaError("%s: cmd_exec_user %s has group 0 (root): give it a group of "
-                               "its own" % (where, user.pw_name))
+            _check_command_user(self.cmd_exec_user, where)
         self.enable_nat = parse_bool(get("enable_nat") or "no", where + ": enable_nat")
         self.nat_forward = self.enable_nat and forwarding
         self.nat_local = self.enable_nat and local_nat
@@ -1084,7 +1101,7 @@ class Stanza(object):
     def authorize(self, msg, source, now):
         """Apply this stanza's policy to an authenticated message.
 
-        Returns (allow IP, seconds, NAT) where NAT is None or (address, port, local);
+        Returns (allow IP, seconds, NAT) where NAT is None or a NatTarget;
         raises Reject.
         """
         if self.access_expire is not None and now >= self.access_expire:
@@ -1107,8 +1124,8 @@ class Stanza(object):
         if self.require_username is not None and msg.username != self.require_username:
             raise Reject("username %r is not the required one" % msg.username)
         # The ports the client reaches: through local NAT, the one it is forwarded to.
-        local = nat is not None and nat[2]
-        reached = [(msg.access[0][0], nat[1])] if local else msg.access
+        local = nat is not None and nat.local
+        reached = [(msg.access[0][0], nat.port)] if local else msg.access
         denied = [pp for pp in reached if pp not in self.open_ports or pp in self.restrict_ports]
         if denied:
             raise Reject("%s not in open_ports%s" % (format_access(denied),
@@ -1118,13 +1135,13 @@ class Stanza(object):
             timeout = min(msg.client_timeout, self.max_fw_timeout)
         else:
             timeout = self.fw_access_timeout
-        if nat is not None and (":" in nat[0]) != (":" in allow_ip):
+        if nat is not None and _family(nat.address) != _family(allow_ip):
             raise Reject("NAT to %s for %s: the addresses are of different families"
-                         % (nat[0], allow_ip))
+                         % (nat.address, allow_ip))
         return allow_ip, timeout, nat
 
     def _nat(self, msg):
-        """(address, port, local) of a NAT request this stanza allows, else Reject."""
+        """The NatTarget of a NAT request this stanza allows, else Reject."""
         import ipaddress
         local = msg.msg_type in (MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
         if not (self.nat_local if local else self.nat_forward):
@@ -1148,7 +1165,7 @@ class Stanza(object):
             problem = self.nat_destination_problem(target, port)
         if problem is not None:
             raise Reject("NAT to %s refused: %s" % (format_endpoint(address, port), problem))
-        return address, port, local
+        return NatTarget(address, port, local)
 
     def nat_destination_problem(self, target, port):
         """Why NAT access to another host may not lead to target:port, else None."""
@@ -1164,129 +1181,6 @@ class Stanza(object):
         return "not in nat_destinations"
 
 
-STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
-                  "restrict_ports", "access_expire", "enable_nat", "enable_cmd_exec",
-                  "cmd_exec_user",
-                  "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
-                  "require_username", "require_source_address", "nat_destinations",
-                  "max_openings"}
-FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
-# [server] options that SIGHUP cannot change in a running server.
-RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
-SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
-                  "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
-                  "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
-                  "nft_include"}
-DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
-READER_USER = "spa"                   # the packet reader's own system user (see install)
-USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-           "--shell", "/usr/sbin/nologin"]
-
-
-def reader_user(path, name):
-    """The user the packet reader runs as: `name`, or else the dedicated `spa`, or else
-    nobody; and a warning for the log in that last case (other daemons run as nobody,
-    and any of them could signal the reader)."""
-    import pwd
-    if not name:
-        try:
-            pwd.getpwnam(READER_USER)
-            return READER_USER, None
-        except KeyError:
-            return "nobody", ("no user %s: the packet reader runs as nobody, which other "
-                              "daemons share; create it: %s" % (READER_USER, " ".join(
-                                  USERADD + [READER_USER])))
-    try:
-        uid = pwd.getpwnam(name).pw_uid
-    except KeyError:
-        raise SpaError("%s: user = %s: no such user (the packet reader runs as this "
-                       "unprivileged user)" % (path, name))
-    if uid == 0:
-        raise SpaError("%s: user = %s: the packet reader must not run as root" % (path, name))
-    return name, None
-
-
-class ServerConfig(object):
-    """The whole server config: the [server] section and the client stanzas."""
-
-    def __init__(self, path, access_conf=None):
-        parser = read_ini(path)
-        self.path = path
-        self.notes = []        # what an imported fwknop access.conf asked that we do not honour
-        section = parser["server"] if parser.has_section("server") else {}
-        get = lambda option, default: section.get(option, default).strip()
-        unknown = set(section) - SERVER_OPTIONS - set(parser.defaults())
-        if unknown:
-            raise SpaError("%s: [server]: unknown option %s" % (path, _shown_names(unknown)))
-        self.optional_interfaces = [i.strip() for i in get("optional_interface", "").split(",")
-                                    if i.strip()]
-        self.interfaces = [i.strip() for i in get("interface", "" if self.optional_interfaces
-                                                  else "any").split(",") if i.strip()]
-        self.port = parse_int(get("port", str(DEFAULT_PORT)), "port", 1, 65535)
-        self.firewall = get("firewall", "nft").lower()
-        if self.firewall not in FIREWALLS:
-            raise SpaError("%s: firewall = %r: expected %s (none changes nothing)"
-                           % (path, self.firewall, ", ".join(FIREWALLS)))
-        try:
-            self.protect = parse_access(get("protect", ""), "protect", True) \
-                if get("protect", "") else []
-        except ValueError as e:
-            raise SpaError("%s: [server]: %s" % (path, e))
-        self.protect_action = get("protect_action", "reject").lower()
-        if self.protect_action not in ("reject", "drop"):
-            raise SpaError("%s: protect_action = %r: expected reject or drop"
-                           % (path, self.protect_action))
-        self.max_packet_age = parse_int(get("max_packet_age", "120"), "max_packet_age", 1, 86400)
-        self.replay_cache = get("replay_cache", DEFAULT_REPLAY_CACHE)
-        self.log = get("log", "stderr").lower()
-        if self.log not in ("stderr", "syslog"):
-            raise SpaError("%s: log = %r: expected stderr or syslog" % (path, self.log))
-        self.enable_forwarding = parse_bool(get("enable_forwarding", "no"), "enable_forwarding")
-        self.enable_local_nat = parse_bool(get("enable_local_nat", "no"), "enable_local_nat")
-        # Openings keyed on the interface the knock came in on, too.
-        self.bind_interface = parse_bool(get("bind_interface", "no"), "bind_interface")
-        named = self.interfaces + self.optional_interfaces
-        if self.bind_interface and ("any" in named or not named):
-            raise SpaError("%s: bind_interface = yes needs interface to name the interfaces "
-                           "knocks come in on (not any): each opening is bound to one" % path)
-        bad = [name for name in named if name != "any" and not valid_interface_name(name)]
-        if bad:
-            raise SpaError("%s: interface %r: not an interface name" % (path, bad[0]))
-        # Where the host keeps its firewall for reloads and boots (SavedFirewall).
-        saved = get("saved_firewall", "auto")
-        self.saved_firewall = saved.lower() if saved.lower() in ("auto", "none") else \
-            [p.strip() for p in saved.split(",") if p.strip()]
-        self.nft_include = get("nft_include", "") or None
-        for name, value in (("saved_firewall", self.saved_firewall),
-                            ("nft_include", [self.nft_include or "/"])):
-            if isinstance(value, list) and not all(os.path.isabs(p) for p in value):
-                raise SpaError("%s: %s: expected auto, none or absolute paths" % (path, name))
-        self.user, self.user_note = reader_user(path, get("user", ""))
-        self.stanzas = []
-        for name in parser.sections():
-            kind, _, client = name.partition(" ")
-            if name == "server":
-                continue
-            if kind != "client" or not client.strip():
-                raise SpaError("%s: unknown section [%s]: expected [server] or [client NAME]"
-                               % (path, name))
-            self.stanzas.append(Stanza(client.strip(), dict(parser[name]), self.protect,
-                                       forwarding=self.enable_forwarding,
-                                       local_nat=self.enable_local_nat))
-        access_conf = access_conf or get("access_conf", "")
-        if access_conf:
-            stanzas, self.notes = read_access_conf(access_conf, self.protect,
-                                                   self.enable_forwarding, self.enable_local_nat)
-            self.stanzas += stanzas
-        if not self.stanzas:
-            raise SpaError("%s: no [client NAME] section%s: nobody could knock" % (
-                path, " and no usable stanza in %s (%s)" % (access_conf, "; ".join(self.notes))
-                if access_conf else ""))
-        if not self.protect:
-            raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
-                           "e.g. protect = tcp/22" % path)
-
-
 # fwknop access.conf variable -> our stanza option.
 ACCESS_CONF_NAMES = {
     "SOURCE": "source", "OPEN_PORTS": "open_ports", "RESTRICT_PORTS": "restrict_ports",
@@ -1296,10 +1190,14 @@ ACCESS_CONF_NAMES = {
     "MAX_FW_TIMEOUT": "max_fw_timeout", "REQUIRE_USERNAME": "require_username",
     "ACCESS_EXPIRE": "access_expire", "ACCESS_EXPIRE_EPOCH": "access_expire",
 }
+
+
 # fwknopd's yes/no variables (true when the value starts with Y or y, as fwknopd reads them).
 ACCESS_CONF_BOOLS = {"REQUIRE_SOURCE_ADDRESS": "require_source_address",
                      "REQUIRE_SOURCE": "require_source_address",
                      "ENABLE_CMD_EXEC": "enable_cmd_exec"}
+
+
 # What fwknopd does and spa.py does not (yet): a stanza that asks for it is left out.  The
 # yes/no ones ask for it only with Y.
 ACCESS_CONF_UNSUPPORTED = {
@@ -1308,12 +1206,24 @@ ACCESS_CONF_UNSUPPORTED = {
     "DISABLE_DNAT": "NAT (DISABLE_DNAT)", "CMD_CYCLE_OPEN": "command cycles (CMD_CYCLE_OPEN)",
     "CMD_CYCLE_CLOSE": "command cycles (CMD_CYCLE_CLOSE)",
     "CMD_CYCLE_TIMER": "command cycles (CMD_CYCLE_TIMER)"}
+
+
 ACCESS_CONF_UNSUPPORTED_BOOLS = {"FORCE_MASQUERADE", "FORWARD_ALL", "DISABLE_DNAT"}
+
+
 # Settings of command messages that spa.py has no use for: it never uses sudo, and runs a
 # command with the user's own group.
 ACCESS_CONF_CMD = {"CMD_EXEC_GROUP", "CMD_SUDO_EXEC_USER", "CMD_SUDO_EXEC_GROUP"}
+
+
 # The key variables, the only ones fwknopd takes from a %include_keys file.
 ACCESS_CONF_KEYS = ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64")
+
+
+def _fwknop_variable(word):
+    """The variable a line of fwknop's files sets: its first word, a ':' at its end (and
+    whatever follows the last ':') dropped, as fwknop reads access.conf and ~/.fwknoprc."""
+    return word[:word.rindex(":")] if ":" in word else word
 
 
 def access_conf_lines(path):
@@ -1329,10 +1239,97 @@ def access_conf_lines(path):
         words = line.split(None, 1)
         if not words or words[0][0] in "#;":
             continue
-        var = words[0][:words[0].rindex(":")] if ":" in words[0] else words[0]
+        var = _fwknop_variable(words[0])
         value = words[1].split(";", 1)[0] if len(words) > 1 else ""
         lines.append((number, var, value if var in ("KEY", "HMAC_KEY") else value.strip()))
     return lines
+
+
+class _AccessConfStanza(object):
+    """One access.conf stanza turned into our stanza options, line by line: what it asks
+    that spa.py does not do (`unsupported`), what spa.py cannot read (`problems`), and what
+    spa.py does differently (said in `notes`, the notes of the whole file)."""
+
+    def __init__(self, name, notes):
+        self.name, self.notes = name, notes
+        self.options, self.unsupported, self.problems = {}, [], []
+        self.gpg = False
+
+    def line(self, number, var, value):
+        options, unsupported, problems = self.options, self.unsupported, self.problems
+        yes = value[:1] in ("Y", "y")
+        if not _showable(var.lstrip("%")):
+            problems.append("line %d is %s" % (number, NOT_SHOWN))
+        elif not value.strip():
+            problems.append("%s has no value (line %d)" % (var, number))
+        elif var in ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64") \
+                and value.upper() == "__CHANGEME__":
+            problems.append("%s is still __CHANGEME__ (line %d)" % (var, number))
+        elif var in ("FW_ACCESS_TIMEOUT", "MAX_FW_TIMEOUT") and value.isdigit() and int(value) == 0:
+            options.pop(ACCESS_CONF_NAMES[var], None)   # fwknopd's default (30, 300 s) is ours
+        elif var in ACCESS_CONF_NAMES:
+            options[ACCESS_CONF_NAMES[var]] = value
+            if var in ACCESS_CONF_KEYS:        # the last of KEY and KEY_BASE64 counts
+                other = var[:-7] if var.endswith("_BASE64") else var + "_BASE64"
+                options.pop(ACCESS_CONF_NAMES[other], None)
+        elif var in ACCESS_CONF_BOOLS:
+            options[ACCESS_CONF_BOOLS[var]] = "yes" if yes else "no"
+        elif var == "DESTINATION":
+            if not any(d.strip().upper() == "ANY" for d in value.split(",")):
+                unsupported.append("DESTINATION %s (only ANY, which restricts nothing)" % value)
+        elif var == "ENCRYPTION_MODE":
+            mode = value.lower()
+            if mode == "asymmetric":
+                self.gpg = True
+            elif mode in ENCRYPTION_MODES:
+                options["encryption_mode"] = mode
+            else:
+                unsupported.append("ENCRYPTION_MODE %s" % value)
+        elif var in ACCESS_CONF_UNSUPPORTED:
+            if yes or var not in ACCESS_CONF_UNSUPPORTED_BOOLS:
+                unsupported.append(ACCESS_CONF_UNSUPPORTED[var])
+        elif var.startswith("GPG_"):
+            self.gpg = True
+        elif var == "ENABLE_CMD_SUDO_EXEC":
+            if yes:
+                self.notes.append("%s: ENABLE_CMD_SUDO_EXEC is not honoured: spa.py uses no sudo"
+                                  % self.name)
+        elif var not in ACCESS_CONF_CMD:
+            problems.append("%s is not a variable fwknopd knows (it would ignore it; names are "
+                            "case-sensitive)" % var)
+
+    def finish(self):
+        """(options, problems): the checks of the stanza as a whole, after its last line."""
+        name, options, unsupported, notes = self.name, self.options, self.unsupported, self.notes
+        if not options.get("key_base64") and not options.get("key"):
+            unsupported.append("GnuPG-only stanzas" if self.gpg else "a stanza without an AES key")
+        elif self.gpg:
+            notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
+        if not options.get("hmac_key_base64") and not options.get("hmac_key"):
+            unsupported.append("packets without an HMAC")
+        if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
+            options["enable_cmd_exec"] = "no"     # fwknopd would run them as root: never
+            notes.append("%s: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER: spa.py "
+                         "never runs commands as root" % name)
+        if unsupported:
+            self.problems.insert(0, "spa.py does not support %s" % ", ".join(unsupported))
+        if any(s.strip().upper() == "ANY" for s in options.get("source", "").split(",")):
+            options["source"] = "any"
+        # fwknopd has no per-stanza NAT switch: its ENABLE_IPT_FORWARDING / ENABLE_IPT_LOCAL_NAT
+        # are ours in [server], and they decide for its stanzas.
+        options["enable_nat"] = "yes"
+        return options, self.problems
+
+
+def _access_conf_stanza(name, pairs, notes):
+    """The stanza options of one access.conf stanza, and what stops spa.py from loading it."""
+    stanza = _AccessConfStanza(name, notes)
+    for number, var, value in pairs:
+        if isinstance(value, SpaError):
+            stanza.problems.append(str(value))
+            continue
+        stanza.line(number, var, value)
+    return stanza.finish()
 
 
 def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
@@ -1386,71 +1383,133 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
     return stanzas, notes
 
 
-def _access_conf_stanza(name, pairs, notes):
-    """The stanza options of one access.conf stanza, and what stops spa.py from loading it."""
-    options, unsupported, problems = {}, [], []
-    gpg = False
-    for number, var, value in pairs:
-        if isinstance(value, SpaError):
-            problems.append(str(value))
-            continue
-        yes = value[:1] in ("Y", "y")
-        if not _showable(var.lstrip("%")):
-            problems.append("line %d is %s" % (number, NOT_SHOWN))
-        elif not value.strip():
-            problems.append("%s has no value (line %d)" % (var, number))
-        elif var in ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64") \
-                and value.upper() == "__CHANGEME__":
-            problems.append("%s is still __CHANGEME__ (line %d)" % (var, number))
-        elif var in ("FW_ACCESS_TIMEOUT", "MAX_FW_TIMEOUT") and value.isdigit() and int(value) == 0:
-            options.pop(ACCESS_CONF_NAMES[var], None)   # fwknopd's default (30, 300 s) is ours
-        elif var in ACCESS_CONF_NAMES:
-            options[ACCESS_CONF_NAMES[var]] = value
-            if var in ACCESS_CONF_KEYS:        # the last of KEY and KEY_BASE64 counts
-                other = var[:-7] if var.endswith("_BASE64") else var + "_BASE64"
-                options.pop(ACCESS_CONF_NAMES[other], None)
-        elif var in ACCESS_CONF_BOOLS:
-            options[ACCESS_CONF_BOOLS[var]] = "yes" if yes else "no"
-        elif var == "DESTINATION":
-            if not any(d.strip().upper() == "ANY" for d in value.split(",")):
-                unsupported.append("DESTINATION %s (only ANY, which restricts nothing)" % value)
-        elif var == "ENCRYPTION_MODE":
-            mode = value.lower()
-            if mode == "asymmetric":
-                gpg = True
-            elif mode in ENCRYPTION_MODES:
-                options["encryption_mode"] = mode
-            else:
-                unsupported.append("ENCRYPTION_MODE %s" % value)
-        elif var in ACCESS_CONF_UNSUPPORTED:
-            if yes or var not in ACCESS_CONF_UNSUPPORTED_BOOLS:
-                unsupported.append(ACCESS_CONF_UNSUPPORTED[var])
-        elif var.startswith("GPG_"):
-            gpg = True
-        elif var == "ENABLE_CMD_SUDO_EXEC":
-            if yes:
-                notes.append("%s: ENABLE_CMD_SUDO_EXEC is not honoured: spa.py uses no sudo" % name)
-        elif var not in ACCESS_CONF_CMD:
-            problems.append("%s is not a variable fwknopd knows (it would ignore it; names are "
-                            "case-sensitive)" % var)
-    if not options.get("key_base64") and not options.get("key"):
-        unsupported.append("GnuPG-only stanzas" if gpg else "a stanza without an AES key")
-    elif gpg:
-        notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
-    if not options.get("hmac_key_base64") and not options.get("hmac_key"):
-        unsupported.append("packets without an HMAC")
-    if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
-        options["enable_cmd_exec"] = "no"     # fwknopd would run them as root: never
-        notes.append("%s: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER: spa.py "
-                     "never runs commands as root" % name)
-    if unsupported:
-        problems.insert(0, "spa.py does not support %s" % ", ".join(unsupported))
-    if any(s.strip().upper() == "ANY" for s in options.get("source", "").split(",")):
-        options["source"] = "any"
-    # fwknopd has no per-stanza NAT switch: its ENABLE_IPT_FORWARDING / ENABLE_IPT_LOCAL_NAT
-    # are ours in [server], and they decide for its stanzas.
-    options["enable_nat"] = "yes"
-    return options, problems
+FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
+# [server] options that SIGHUP cannot change in a running server.
+RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
+SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
+                  "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
+                  "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
+                  "nft_include"}
+DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
+READER_USER = "spa"                   # the packet reader's own system user (see install)
+USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+           "--shell", "/usr/sbin/nologin"]
+
+
+def reader_user(path, name):
+    """The user the packet reader runs as: `name`, or else the dedicated `spa`, or else
+    nobody; and a warning for the log in that last case (other daemons run as nobody,
+    and any of them could signal the reader)."""
+    import pwd
+    if not name:
+        try:
+            pwd.getpwnam(READER_USER)
+            return READER_USER, None
+        except KeyError:
+            return "nobody", ("no user %s: the packet reader runs as nobody, which other "
+                              "daemons share; create it: %s" % (READER_USER, " ".join(
+                                  USERADD + [READER_USER])))
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise SpaError("%s: user = %s: no such user (the packet reader runs as this "
+                       "unprivileged user)" % (path, name))
+    if uid == 0:
+        raise SpaError("%s: user = %s: the packet reader must not run as root" % (path, name))
+    return name, None
+
+
+def _comma_list(text):
+    """'eth0, wg0' -> ['eth0', 'wg0']: the words of a comma-separated option."""
+    return [word.strip() for word in text.split(",") if word.strip()]
+
+
+class ServerConfig(object):
+    """The whole server config: the [server] section and the client stanzas."""
+
+    def __init__(self, path, access_conf=None):
+        parser = read_ini(path)
+        self.path = path
+        self.notes = []        # what an imported fwknop access.conf asked that we do not honour
+        section = parser["server"] if parser.has_section("server") else {}
+        get = lambda option, default: section.get(option, default).strip()
+        unknown = set(section) - SERVER_OPTIONS - set(parser.defaults())
+        if unknown:
+            raise SpaError("%s: [server]: unknown option %s" % (path, _shown_names(unknown)))
+        self._read_server(get)
+        self.user, self.user_note = reader_user(path, get("user", ""))
+        self._read_stanzas(parser, access_conf or get("access_conf", ""))
+        if not self.protect:
+            raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
+                           "e.g. protect = tcp/22" % path)
+
+    def _read_server(self, get):
+        """The [server] options but `user` and `access_conf`; `get(option, default)`."""
+        path = self.path
+        self.optional_interfaces = _comma_list(get("optional_interface", ""))
+        self.interfaces = _comma_list(get("interface", "" if self.optional_interfaces else "any"))
+        self.port = parse_int(get("port", str(DEFAULT_PORT)), "port", 1, 65535)
+        self.firewall = get("firewall", "nft").lower()
+        if self.firewall not in FIREWALLS:
+            raise SpaError("%s: firewall = %r: expected %s (none changes nothing)"
+                           % (path, self.firewall, ", ".join(FIREWALLS)))
+        try:
+            self.protect = parse_access(get("protect", ""), "protect", True) \
+                if get("protect", "") else []
+        except ValueError as e:
+            raise SpaError("%s: [server]: %s" % (path, e))
+        self.protect_action = get("protect_action", "reject").lower()
+        if self.protect_action not in ("reject", "drop"):
+            raise SpaError("%s: protect_action = %r: expected reject or drop"
+                           % (path, self.protect_action))
+        self.max_packet_age = parse_int(get("max_packet_age", "120"), "max_packet_age", 1, 86400)
+        self.replay_cache = get("replay_cache", DEFAULT_REPLAY_CACHE)
+        self.log = get("log", "stderr").lower()
+        if self.log not in ("stderr", "syslog"):
+            raise SpaError("%s: log = %r: expected stderr or syslog" % (path, self.log))
+        self.enable_forwarding = parse_bool(get("enable_forwarding", "no"), "enable_forwarding")
+        self.enable_local_nat = parse_bool(get("enable_local_nat", "no"), "enable_local_nat")
+        # Openings keyed on the interface the knock came in on, too.
+        self.bind_interface = parse_bool(get("bind_interface", "no"), "bind_interface")
+        named = self.interfaces + self.optional_interfaces
+        if self.bind_interface and ("any" in named or not named):
+            raise SpaError("%s: bind_interface = yes needs interface to name the interfaces "
+                           "knocks come in on (not any): each opening is bound to one" % path)
+        bad = [name for name in named if name != "any" and not valid_interface_name(name)]
+        if bad:
+            raise SpaError("%s: interface %r: not an interface name" % (path, bad[0]))
+        # Where the host keeps its firewall for reloads and boots (SavedFirewall).
+        saved = get("saved_firewall", "auto")
+        self.saved_firewall = saved.lower() if saved.lower() in ("auto", "none") else \
+            _comma_list(saved)
+        self.nft_include = get("nft_include", "") or None
+        for name, value in (("saved_firewall", self.saved_firewall),
+                            ("nft_include", [self.nft_include or "/"])):
+            if isinstance(value, list) and not all(os.path.isabs(p) for p in value):
+                raise SpaError("%s: %s: expected auto, none or absolute paths" % (path, name))
+
+    def _read_stanzas(self, parser, access_conf):
+        """The [client NAME] stanzas, then those of fwknop's access.conf (if one is named)."""
+        path = self.path
+        self.stanzas = []
+        for name in parser.sections():
+            kind, _, client = name.partition(" ")
+            if name == "server":
+                continue
+            if kind != "client" or not client.strip():
+                raise SpaError("%s: unknown section [%s]: expected [server] or [client NAME]"
+                               % (path, name))
+            self.stanzas.append(Stanza(client.strip(), dict(parser[name]), self.protect,
+                                       forwarding=self.enable_forwarding,
+                                       local_nat=self.enable_local_nat))
+        if access_conf:
+            stanzas, self.notes = read_access_conf(access_conf, self.protect,
+                                                   self.enable_forwarding, self.enable_local_nat)
+            self.stanzas += stanzas
+        if not self.stanzas:
+            raise SpaError("%s: no [client NAME] section%s: nobody could knock" % (
+                path, " and no usable stanza in %s (%s)" % (access_conf, "; ".join(self.notes))
+                if access_conf else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -1911,7 +1970,7 @@ class RulesetMonitor(object):
 def nft_key(addresses, proto=None, port=None):
     """The bytes of an nftables concatenation `address [. address] [. proto] [. port]`, as
     nft builds it: each field in network byte order, padded to a 4-byte register."""
-    fields = [socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
+    fields = [socket.inet_pton(_socket_family(a), a)
               for a in addresses]
     if proto is not None:
         fields.append(struct.pack("B3x", proto))
@@ -2085,6 +2144,10 @@ class NftNetlink(object):
             self.sock = None
 
 
+# A NAT opening in the nft back end: its end (monotonic clock) and where it leads.
+NatEnd = namedtuple("NatEnd", "end to_address to_port local")
+
+
 def _opening_key(key):
     """(address, proto, port) as 20 bytes: family, address (16), protocol, port;
     ValueError for anything else."""
@@ -2092,7 +2155,7 @@ def _opening_key(key):
     if proto not in PROTO_NUMBERS or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError("not an opening: %r" % (key,))
     try:
-        if ":" in address:
+        if _family(address) == 6:
             packed = b"\x06" + socket.inet_pton(socket.AF_INET6, address)
         else:
             packed = b"\x04" + socket.inet_pton(socket.AF_INET, address) + bytes(12)
@@ -2181,7 +2244,7 @@ class NftFirewall(Firewall):
         self.ends = PackedMap(36, _bound_opening_key, _opening, "d") if bind else \
             PackedMap(20, _opening_key, _opening, "d")
         self.next_purge = 0
-        self.nat_ends = {}     # (address, proto, port) -> (monotonic end, to address, to port, local)
+        self.nat_ends = {}     # (address, proto, port) -> NatEnd
         self.kernel = NftNetlink()
         # Where openings go: (family, table, IPv4 set, IPv6 set); ours first.  Forwarded
         # NAT connections go into the fwd sets, keyed source . destination . proto . port.
@@ -2449,34 +2512,34 @@ class NftFirewall(Firewall):
         key = (address, proto, port)
         old = self.nat_ends.get(key)
         same = old is not None and old[1:] == (to_address, to_port, local)
-        if same and old[0] >= now + timeout:
+        if same and old.end >= now + timeout:
             return False
         new = self._nat_elements(address, proto, port, to_address, to_port, local)
         batch = ElementBatch()
         old_data = None
         if old is not None and not same:
-            old_data = nft_key([old[1]], None, old[2])
+            old_data = nft_key([old.to_address], None, old.to_port)
             # What the new target, the other NAT openings and a plain opening still need.
             needed = {(place, element) for place, element, _ in new}
             for other, (end, o_address, o_port, o_local) in self.nat_ends.items():
                 if other != key and end > now:
                     needed.update((place, element) for place, element, _ in self._nat_elements(
                         other[0], other[1], other[2], o_address, o_port, o_local))
-            if self.ends.get((address, proto, old[2]), 0) > now:
-                needed.update(self._elements_in(self.places, (address, proto, old[2])))
+            if self.ends.get((address, proto, old.to_port), 0) > now:
+                needed.update(self._elements_in(self.places, (address, proto, old.to_port)))
             for place, element, _ in self._nat_elements(address, proto, port, *old[1:]):
                 if (place, element) not in needed:
                     batch.remove(place, element)
         for place, element, data in new:
             batch.put(place, element, timeout, data=data, old_data=old_data if data else None)
         self.kernel.commit(batch)
-        self.nat_ends[key] = (now + timeout, to_address, to_port, local)
+        self.nat_ends[key] = NatEnd(now + timeout, to_address, to_port, local)
         return True
 
     def _nat_elements(self, address, proto, port, to_address, to_port, local):
         """[(place, key, data)] of the set and map elements one NAT opening needs: the DNAT,
         and the accept of what it rewrote (local: in the input chains; else: forward)."""
-        six = ":" in address
+        six = _family(address) == 6
         number = PROTO_NUMBERS[proto]
         elements = [(("inet", self.table, "dnat6" if six else "dnat4"),
                      nft_key([address], number, port), nft_key([to_address], None, to_port))]
@@ -2503,7 +2566,7 @@ class NftFirewall(Firewall):
         if len(key) > 3:
             element = key[3].encode().ljust(16, b"\0") + element
         for family, table, v4, v6 in places:
-            set_name = v6 if ":" in address else v4
+            set_name = v6 if _family(address) == 6 else v4
             if set_name:
                 yield (family, table, set_name + ("_if" if len(key) > 3 else "")), element
 
@@ -2525,7 +2588,7 @@ class NftFirewall(Firewall):
         if now >= self.next_purge:
             self.ends.keep_if(lambda end: end > now)
             self.next_purge = now + 30
-        for key in [k for k, v in self.nat_ends.items() if v[0] <= now]:
+        for key in [k for k, v in self.nat_ends.items() if v.end <= now]:
             del self.nat_ends[key]
         return 0
 
@@ -3206,7 +3269,7 @@ class IptablesFirewall(Firewall):
 
     def _dnat_rule(self, key, end):
         address, proto, port, to_address, to_port, local = key
-        target = ("[%s]:%d" if _family(to_address) == 6 else "%s:%d") % (to_address, to_port)
+        target = format_endpoint(to_address, to_port)
         return (["-s", address, "-p", proto, "--dport", str(port)]
                 + self._nat_until(local, end) + ["-j", "DNAT", "--to-destination", target])
 
@@ -4224,9 +4287,10 @@ def _request_address(word):
     """An address as inet_ntop writes it (the reader's words are that already)."""
     if not 2 <= len(word) <= 45 or word.translate(None, _ADDRESS_CHARS):
         raise ValueError("not an address")
-    family = socket.AF_INET6 if b":" in word else socket.AF_INET
+    text = word.decode("ascii")                 # (the alphabet is checked: it is ASCII)
+    family = _socket_family(text)
     try:
-        return socket.inet_ntop(family, socket.inet_pton(family, word.decode("ascii")))
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
     except OSError:
         raise ValueError("not an address")
 
@@ -4277,6 +4341,16 @@ def send_signal(log, pid, signum, what, group=False):
 COMMAND_TIME_LIMIT = 60               # seconds a command message may run before it is killed
 
 
+class _Command(object):
+    """A command that CommandRunner started: its process, its text, when it started
+    (monotonic), and its exit status once it has one (its group may outlive it)."""
+
+    __slots__ = ("proc", "command", "started", "status")
+
+    def __init__(self, proc, command, started):
+        self.proc, self.command, self.started, self.status = proc, command, started, None
+
+
 class CommandRunner(object):
     """Command messages (fwknop's type 0): each runs without a shell as the stanza's
     cmd_exec_user (never root, never group 0), in a session and process group of its
@@ -4286,11 +4360,10 @@ class CommandRunner(object):
     logged, and the command left to end."""
 
     MOST = 4
-    PR_SET_NO_NEW_PRIVS = 38
 
     def __init__(self, log, limit=None, most=MOST):
         self.log, self.limit, self.most = log, limit, most     # limit None: the constant's
-        self.running = []      # [process, command, start (monotonic), exit status or None]
+        self.running = []      # [_Command]
 
     def start(self, stanza, command, source, username, test=False):
         """Start one command; None when it started (or would, in test mode), else why not."""
@@ -4320,7 +4393,7 @@ class CommandRunner(object):
             os.setgroups([])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
-            if prctl(self.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -4333,7 +4406,7 @@ class CommandRunner(object):
             return "command failed to start"
         self.log.info("accepted command from %s [client %s] user %s: running %r as %s (pid %d)",
                       source, stanza.name, username, command, user.pw_name, proc.pid)
-        self.running.append([proc, command, time.monotonic(), None])
+        self.running.append(_Command(proc, command, time.monotonic()))
         return None
 
     def reap(self):
@@ -4343,25 +4416,25 @@ class CommandRunner(object):
         limit = COMMAND_TIME_LIMIT if self.limit is None else self.limit
         still = []
         for entry in self.running:
-            proc, command, started, status = entry
+            proc, command, status = entry.proc, entry.command, entry.status
             if status is None:
-                status = entry[3] = proc.poll()
+                status = entry.status = proc.poll()
                 if status is not None:
                     self._exited(proc, command, status)
             alive = self._group_alive(proc.pid)
-            if alive and time.monotonic() - started > limit:
+            if alive and time.monotonic() - entry.started > limit:
                 if send_signal(self.log, proc.pid, signal.SIGKILL, "command %r" % command, True):
                     self.log.warning("command %r ran over %d s: killed%s", command, limit,
                                      "" if status is None else " what it left running")
                     if status is None:
-                        entry[3] = proc.wait()
-                        self._exited(proc, command, entry[3])
+                        entry.status = proc.wait()
+                        self._exited(proc, command, entry.status)
                     alive = False
                 else:
                     self.log.warning("command %r ran over %d s and could not be killed: left "
                                      "running", command, limit)
-                    entry[2] = float("inf")          # tried once; its end is still logged
-            if alive or entry[3] is None:
+                    entry.started = float("inf")     # tried once; its end is still logged
+            if alive or entry.status is None:
                 still.append(entry)
         self.running = still
 
@@ -4528,8 +4601,8 @@ class Gatekeeper(object):
         if msg.timestamp < self.replay.floor:
             return ("stamped before what the replay cache still remembers (max_packet_age "
                     "was raised): send a new packet")
-        if d.nat is not None and d.nat[2] and d.nat[0] not in self.addresses:
-            return "local NAT to %s: not an address of this host" % d.nat[0]
+        if d.nat is not None and d.nat.local and d.nat.address not in self.addresses:
+            return "local NAT to %s: not an address of this host" % d.nat.address
         if msg.msg_type == MSG_COMMAND:
             return None
         return self._room(d, now)
@@ -4612,7 +4685,7 @@ class Gatekeeper(object):
         if msg.msg_type == MSG_COMMAND:
             return                       # CommandRunner said what it started
         what = format_access(msg.access) if nat is None else "%s forwarded to %s" % (
-            format_access(msg.access), format_endpoint(nat[0], nat[1]))
+            format_access(msg.access), format_endpoint(nat.address, nat.port))
         self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s",
                       d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout,
                       " on " + d.interface if d.interface else "",
@@ -4671,6 +4744,9 @@ class GatePipe(object):
 
 class CaptureLost(Exception):
     """A capture socket failed: its interface went down or away."""
+
+
+CAPTURE_LOST = 3          # the reader's exit status then: the parent opens the capture anew
 
 
 def rss_kb(status=None):
@@ -4845,62 +4921,6 @@ def crypto_available():
     aes_ecb()
 
 
-def start_reader(config, sockets, seen, log, user):
-    """Fork the packet reader; returns (pid, read end of its request pipe, read end of its
-    log pipe).  The child runs _reader_main() and never returns here."""
-    import gc
-    import signal
-    r, w = os.pipe()
-    log_r, log_w = os.pipe()
-    # Load what the reader needs before the fork, while files are readable: then it is
-    # shared with the parent (ctypes, pycryptodome's libraries, the hash modules, the
-    # modules decide() uses), not loaded twice.  Python 3.7+: the child's garbage
-    # collector leaves shared pages alone.
-    preload()
-    getattr(gc, "freeze", lambda: None)()
-    # Signals wait, blocked, until each side has its own handlers: one that reached the
-    # child before then would run the parent's handler there (lost) or end it (SIG_DFL).
-    caught = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
-    pid = os.fork()
-    if pid == 0:
-        _reader_main(config, sockets, seen, log, user, (w, log_w), mask)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    os.close(w)
-    os.close(log_w)
-    return pid, r, log_r
-
-
-def _reader_main(config, sockets, seen, log, user, pipes, mask):
-    """The packet reader's whole life, in the forked child: confine itself, read packets
-    until the parent goes away, say what it saw; its exit status tells the parent why it
-    ended (ReaderProcess.CAPTURE_LOST: a capture socket failed)."""
-    import signal
-    code = 1
-    try:
-        log = Log.to_pipe(pipes[1], log.verbose)
-        reader, poller = _confined_reader(config, sockets, seen, log, user, pipes)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)      # what came meanwhile, now
-        try:
-            # returns when the parent closes its end of the pipe
-            reader.run(sockets, pipes[0], poller)
-            code = 0
-        except (SystemExit, BrokenPipeError):   # SIGTERM; a request after the pipe closed
-            code = 0
-        except CaptureLost:
-            code = ReaderProcess.CAPTURE_LOST
-        # Stopping already: say what was seen.  (A mask, as the sandbox refuses sigaction.)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        reader.log_suppressed()
-        log.info("%s", reader.stats())
-    except SpaError as e:
-        log.error("packet reader: %s", e)
-    except BaseException:
-        log.error("packet reader crashed:\n%s", crash_report())
-    finally:
-        os._exit(code)
-
-
 def _confined_reader(config, sockets, seen, log, user, pipes):
     """In the forked child: the steps of the reader's confinement, in their order (see the
     sandbox above), and the Reader, ready to run; (reader, the epoll it waits in)."""
@@ -4933,6 +4953,62 @@ def _confined_reader(config, sockets, seen, log, user, pipes):
     return reader, poller
 
 
+def _reader_main(config, sockets, seen, log, user, pipes, mask):
+    """The packet reader's whole life, in the forked child: confine itself, read packets
+    until the parent goes away, say what it saw; its exit status tells the parent why it
+    ended (CAPTURE_LOST: a capture socket failed)."""
+    import signal
+    code = 1
+    try:
+        log = Log.to_pipe(pipes[1], log.verbose)
+        reader, poller = _confined_reader(config, sockets, seen, log, user, pipes)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)      # what came meanwhile, now
+        try:
+            # returns when the parent closes its end of the pipe
+            reader.run(sockets, pipes[0], poller)
+            code = 0
+        except (SystemExit, BrokenPipeError):   # SIGTERM; a request after the pipe closed
+            code = 0
+        except CaptureLost:
+            code = CAPTURE_LOST
+        # Stopping already: say what was seen.  (A mask, as the sandbox refuses sigaction.)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        reader.log_suppressed()
+        log.info("%s", reader.stats())
+    except SpaError as e:
+        log.error("packet reader: %s", e)
+    except BaseException:
+        log.error("packet reader crashed:\n%s", crash_report())
+    finally:
+        os._exit(code)
+
+
+def start_reader(config, sockets, seen, log, user):
+    """Fork the packet reader; returns (pid, read end of its request pipe, read end of its
+    log pipe).  The child runs _reader_main() and never returns here."""
+    import gc
+    import signal
+    r, w = os.pipe()
+    log_r, log_w = os.pipe()
+    # Load what the reader needs before the fork, while files are readable: then it is
+    # shared with the parent (ctypes, pycryptodome's libraries, the hash modules, the
+    # modules decide() uses), not loaded twice.  Python 3.7+: the child's garbage
+    # collector leaves shared pages alone.
+    preload()
+    getattr(gc, "freeze", lambda: None)()
+    # Signals wait, blocked, until each side has its own handlers: one that reached the
+    # child before then would run the parent's handler there (lost) or end it (SIG_DFL).
+    caught = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
+    pid = os.fork()
+    if pid == 0:
+        _reader_main(config, sockets, seen, log, user, (w, log_w), mask)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    os.close(w)
+    os.close(log_w)
+    return pid, r, log_r
+
+
 class ReaderProcess(object):
     """The packet reader as the parent sees it, one process at a time: it starts it
     (start_reader), logs what it writes to its log pipe, serves its requests through the
@@ -4944,7 +5020,6 @@ class ReaderProcess(object):
     """
 
     MAX_LINE = 4096           # the longest log line of the reader's that is logged whole
-    CAPTURE_LOST = 3          # the reader's exit status when a capture socket failed
     RESTART_DELAY = (0.1, 60.0)   # a reader that keeps dying: first and longest wait (doubling)
 
     def __init__(self, gate, log, user=None):
@@ -5211,7 +5286,7 @@ class Supervisor(object):
                 reader.relay()
             elif fd == reader.fd and not reader.serve():
                 code, status = reader.reap()
-                if code == reader.CAPTURE_LOST:
+                if code == CAPTURE_LOST:
                     self.log.warning("packet reader lost its capture: reopening it")
                     self.close_captures()
                     self.open_captures()
@@ -5641,7 +5716,7 @@ def read_fwknoprc(path, text):
             continue
         if current is None:
             continue                       # fwknop reads nothing before the first section
-        var = words[0][:words[0].rindex(":")] if ":" in words[0] else words[0]
+        var = _fwknop_variable(words[0])
         value = words[1] if len(words) > 1 else ""
         for end in " \t;#":
             value = value.split(end, 1)[0]
@@ -5724,6 +5799,39 @@ def _allow_choice(options):
     return None
 
 
+def _config_layers(args):
+    """The option layers of the config section the command line names (-c, -n), [default]
+    first: [{option: value}], none without a config file."""
+    if args.no_rc_file and args.name and not args.config:
+        raise SpaError("-n/--name needs a config file and --no-rc-file says to read none: "
+                       "give -c FILE")
+    config = args.config or (default_client_config() if args.name else None)
+    if not config:
+        return []
+    path = os.path.expanduser(config)
+    name = args.name or "default"
+    text = read_private_text(path)
+    if is_fwknoprc(text):
+        sections = read_fwknoprc(path, text)
+        used = name.lower()
+        if used != "default" and used not in sections:
+            used = section_named(config, name, {n: s.options.get("destination")
+                                                for n, s in sections.items()})
+        for layer in ("default", used):
+            if layer in sections and sections[layer].problems:
+                raise SpaError(sections[layer].problems[0])
+        return [sections[n].options for n in ("default", used) if n in sections]
+    parser = read_ini(path, text)
+    if name != "default":
+        name = section_named(config, name, {n: parser[n].get("destination")
+                                             for n in parser.sections()})
+    section = dict(parser[name] if name != "default" else parser.defaults())
+    unknown = set(section) - CLIENT_OPTIONS
+    if unknown:
+        raise SpaError("%s: [%s]: unknown option %s" % (config, name, _shown_names(unknown)))
+    return [section]
+
+
 def client_settings(args):
     """Merge the config section (spa.py's INI or fwknop's rc) with the command line, which wins.
 
@@ -5732,36 +5840,7 @@ def client_settings(args):
     ALLOW_IP beats RESOLVE_IP_HTTPS within one); where none chose, a resolve URL means
     -R, as it does to fwknop, and nothing means the packet's source address.
     """
-    layers = []
-    if args.no_rc_file and args.name and not args.config:
-        raise SpaError("-n/--name needs a config file and --no-rc-file says to read none: "
-                       "give -c FILE")
-    config = args.config or (default_client_config() if args.name else None)
-    if config:
-        path = os.path.expanduser(config)
-        name = args.name or "default"
-        text = read_private_text(path)
-        if is_fwknoprc(text):
-            sections = read_fwknoprc(path, text)
-            used = name.lower()
-            if used != "default" and used not in sections:
-                used = section_named(config, name, {n: s.options.get("destination")
-                                                    for n, s in sections.items()})
-            for layer in ("default", used):
-                if layer in sections and sections[layer].problems:
-                    raise SpaError(sections[layer].problems[0])
-            layers = [sections[n].options for n in ("default", used) if n in sections]
-        else:
-            parser = read_ini(path, text)
-            if name != "default":
-                name = section_named(config, name, {n: parser[n].get("destination")
-                                                     for n in parser.sections()})
-            section = dict(parser[name] if name != "default" else parser.defaults())
-            unknown = set(section) - CLIENT_OPTIONS
-            if unknown:
-                raise SpaError("%s: [%s]: unknown option %s"
-                               % (config, name, _shown_names(unknown)))
-            layers = [section]
+    layers = _config_layers(args)
     section = {}
     for layer in layers:
         section.update(layer)
@@ -6149,7 +6228,7 @@ def client_main(args):
                   "it" % path, file=sys.stderr)
     knock()
     if connect and not args.test:
-        prefer = (socket.AF_INET6 if ":" in knocked[0] else socket.AF_INET) if knocked else None
+        prefer = _socket_family(knocked[0]) if knocked else None
         with connect_when_open(connect[0], connect[1], knock, args.connect_wait,
                                version=version, prefer=prefer, asked=asked) as sock:
             if args.verbose:
@@ -6279,25 +6358,6 @@ def replace_section(text, header, block):
     return "".join(lines[:start]) + block + gap + "".join(lines[end:]), True
 
 
-def private_temp_file(path, text):
-    """A new file of mode 0600 beside `path` holding `text`, to be renamed over it; its name."""
-    import tempfile
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=folder)
-    except OSError as e:
-        raise SpaError("cannot write in %s: %s" % (folder, e.strerror))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-    except OSError as e:
-        os.unlink(tmp)
-        raise SpaError("cannot write %s: %s" % (path, e.strerror))
-
-
 def add_to_server_config(path, name, stanza, access):
     """Put [client NAME] into the server config at `path`, replacing one of that name; make
     the file from SERVER_CONFIG_TEMPLATE (mode 0600, a new folder 0700) when it is missing.
@@ -6316,14 +6376,17 @@ def add_to_server_config(path, name, stanza, access):
         text = re.sub(r"(?m)^protect = .*$", "protect = " + access, SERVER_CONFIG_TEMPLATE)
         made = True
     text, replaced = replace_section(text, "client " + name, stanza)
-    tmp = private_temp_file(path, text)
+
+    def loads(tmp):
+        try:
+            ServerConfig(tmp)
+        except SpaError as e:
+            raise SpaError("%s not changed: with [client %s] it would not load: %s"
+                           % (path, name, str(e).replace(tmp, path)))
     try:
-        ServerConfig(tmp)
-    except SpaError as e:
-        os.unlink(tmp)
-        raise SpaError("%s not changed: with [client %s] it would not load: %s"
-                       % (path, name, str(e).replace(tmp, path)))
-    os.replace(tmp, path)
+        write_file(path, text, 0o600, loads)
+    except OSError as e:
+        raise SpaError("cannot write %s: %s" % (path, e.strerror or e))
     return ("wrote %s (mode 0600) from the template, protecting %s, with [client %s]"
             % (path, access, name) if made else "%s [client %s] %s %s"
             % ("replaced" if replaced else "added", name, "in" if replaced else "to", path))
@@ -6498,7 +6561,7 @@ class SelfTest(object):
 
     def connect(self, address, timeout=0.3):
         """'open', 'refused' or 'filtered': what a client sees of the protected port."""
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        family = _socket_family(address)
 
         def attempt():
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -6518,7 +6581,7 @@ class SelfTest(object):
         if wire is None:
             msg = Message("selftest", "0.0.0.0", [("tcp", self.PORT)])
             wire = seal(msg.encode(), self.key, self.hmac_key)
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        family = _socket_family(address)
         sock = in_netns(self.cli, lambda: socket.socket(family, socket.SOCK_DGRAM))
         with sock:
             sock.sendto(wire, (address, DEFAULT_PORT))
@@ -6591,7 +6654,7 @@ def selftest_main(args):
         t.start_server(conf)
         say("  ok    server running (real capture, firewall nft) with tcp/%d protected" % t.PORT)
         for address in ("198.18.254.1", "2001:db8:fe::1"):
-            family = "IPv6" if ":" in address else "IPv4"
+            family = "IPv%d" % _family(address)
             state = t.connect(address)
             check(state != "open", "%s: before a knock the port is %s, like a port with no service"
                   % (family, state))
@@ -6832,6 +6895,14 @@ def _shown_word(word):
     return name + ("=..." if equals else "") if long_option or short_option else "..."
 
 
+_SUBCOMMAND_HELP = {
+    "keygen": "make a new key pair", "client": "send a knock",
+    "server": "run the server (root)", "check-config": "validate a server config",
+    "firewall-config": "keep the ports dark through firewall reloads and boots (root)",
+    "install": "install spa.py with a fast launcher",
+    "selftest": "prove it works on this machine (root)"}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose errors never show a value given on the command line: one
     of them may be a key (`--key-base64-hmac KEY` after an option it does not know would
@@ -6859,14 +6930,6 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-_SUBCOMMAND_HELP = {
-    "keygen": "make a new key pair", "client": "send a knock",
-    "server": "run the server (root)", "check-config": "validate a server config",
-    "firewall-config": "keep the ports dark through firewall reloads and boots (root)",
-    "install": "install spa.py with a fast launcher",
-    "selftest": "prove it works on this machine (root)"}
-
-
 def _keygen_options(sub, fmt):
     k = sub.add_parser("keygen", formatter_class=fmt, help=_SUBCOMMAND_HELP["keygen"],
                        description="Print fresh random keys (as `fwknop --key-gen` does) and "
@@ -6889,19 +6952,8 @@ def _keygen_options(sub, fmt):
                    "ports); then print only the client's section")
 
 
-def _client_options(sub, fmt):
-    c = sub.add_parser("client", formatter_class=fmt, help=_SUBCOMMAND_HELP["client"],
-                       description="Build one SPA packet and send it over UDP (no privileges "
-                       "needed).  fwknop's option names work too (--key-base64-rijndael, "
-                       "--spoof-user, ...; README.md lists them).",
-                       epilog="examples:\n"
-                       "  spa.py client -n web1                 # knock with [web1] of ~/.spa.conf\n"
-                       "  spa.py client -c ~/.fwknoprc -n web1  # fwknop's client settings\n"
-                       "  spa.py client -D 198.51.100.7 -A tcp/22 -c ~/.spa.conf -n web1 --test -v\n"
-                       "  ssh -o 'ProxyCommand spa.py client -n %h --connect %h:%p' web1\n\n"
-                       "Keys given on the command line are visible to every user in the process\n"
-                       "list: keep them in a config file of mode 0600 instead.")
-    hidden = argparse.SUPPRESS
+def _client_request_options(c):
+    """The client's options: where to knock, and what to ask for."""
     c.add_argument("-D", "--destination", metavar="HOST", help="the server: name, IPv4 or IPv6")
     c.add_argument("-p", "--server-port", dest="server_port", metavar="PORT",
                    help="UDP port of the server (default %d)" % DEFAULT_PORT)
@@ -6933,6 +6985,10 @@ def _client_options(sub, fmt):
                    help="ask for this many seconds (the server caps it)")
     c.add_argument("-U", "--user", "--spoof-user", dest="user", metavar="NAME",
                    help="username to send (default: $SPOOF_USER, else your login name)")
+
+
+def _client_packet_options(c):
+    """The client's options: the keys, and how the packet is made."""
     c.add_argument("--key-base64", "--key-base64-rijndael", dest="key_base64", metavar="KEY",
                    help="encryption key")
     c.add_argument("--hmac-key-base64", "--key-base64-hmac", dest="hmac_key_base64",
@@ -6955,6 +7011,12 @@ def _client_options(sub, fmt):
                    help="take TIME from the packet's timestamp (a server's clock behind yours)")
     c.add_argument("-u", "--user-agent", dest="user_agent", metavar="TEXT",
                    help="the User-Agent of -R's request")
+
+
+def _client_run_options(c):
+    """The client's options: its config file, what it does after the knock, and fwknop's
+    options that change nothing here."""
+    hidden = argparse.SUPPRESS
     c.add_argument("-c", "--config", "--rc-file", metavar="FILE",
                    help="read settings from this file: spa.py's INI or fwknop's ~/.fwknoprc")
     c.add_argument("-n", "--name", "--named-config", metavar="SECTION",
@@ -6978,6 +7040,23 @@ def _client_options(sub, fmt):
     for name in ("--use-hmac", "--no-save-args", "--no-home-dir", "--use-wget-user-agent"):
         c.add_argument(name, dest="ignored", action="store_true", help=hidden)
     c.add_argument("-w", "--wget-cmd", dest="ignored", help=hidden)
+
+
+def _client_options(sub, fmt):
+    c = sub.add_parser("client", formatter_class=fmt, help=_SUBCOMMAND_HELP["client"],
+                       description="Build one SPA packet and send it over UDP (no privileges "
+                       "needed).  fwknop's option names work too (--key-base64-rijndael, "
+                       "--spoof-user, ...; README.md lists them).",
+                       epilog="examples:\n"
+                       "  spa.py client -n web1                 # knock with [web1] of ~/.spa.conf\n"
+                       "  spa.py client -c ~/.fwknoprc -n web1  # fwknop's client settings\n"
+                       "  spa.py client -D 198.51.100.7 -A tcp/22 -c ~/.spa.conf -n web1 --test -v\n"
+                       "  ssh -o 'ProxyCommand spa.py client -n %h --connect %h:%p' web1\n\n"
+                       "Keys given on the command line are visible to every user in the process\n"
+                       "list: keep them in a config file of mode 0600 instead.")
+    _client_request_options(c)
+    _client_packet_options(c)
+    _client_run_options(c)
 
 
 def _server_options(sub, fmt):

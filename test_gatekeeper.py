@@ -724,7 +724,7 @@ def test_the_whole_group_of_a_command_is_killed_at_the_time_limit():
     log = Logged()
     runner = spa.CommandRunner(log, limit=1.0)
     assert runner.start(Stanza(), "/bin/sh -c 'sleep 60 & exit 0'", SRC, "alice") is None
-    group = runner.running[0][0].pid
+    group = runner.running[0].proc.pid
     assert wait_reaped(runner, lambda: "exited with status 0" in log.text())
     os.killpg(group, 0)                              # the sleep is still there
     assert len(runner.running) == 1                  # and counts as running

@@ -1063,7 +1063,7 @@ def test_keygen_adds_or_replaces_the_stanza_in_the_server_config(tmp_path):
                    str(tmp_path / "mallory.conf"))
     assert done.returncode == 1 and "not changed" in done.stderr and "unknown option bogus" in done.stderr
     assert "mallory" not in open(str(conf)).read() and not (tmp_path / "mallory.conf").exists()
-    assert not [n for n in os.listdir(str(tmp_path)) if n.startswith(".spa.conf.")]
+    assert sorted(os.listdir(str(tmp_path))) == ["exists", "spa.conf"]   # no temporary file left
     done = run_spa("keygen", "-n", "x]\nsource", "--server-config", str(conf))
     assert done.returncode == 1 and "a section name of letters" in done.stderr
 

@@ -328,7 +328,7 @@ def decrypt(raw, passphrase, mode="cbc"):
     return padded[:-pad]
 
 
-# --- 4, 5. Base64, the prefix cut off, the HMAC: the wire ----------------------------
+# --- 4, 5. Base64, the prefix cut off, the HMAC: the wire -----------------------------
 
 def hmac_b64(key, data, hmac_type):
     """The HMAC of `data` as fwknop appends it: base64 without padding."""
@@ -629,6 +629,12 @@ def decide(payload, source, now, stanzas, seen, max_age):
 # ---------------------------------------------------------------------------
 # Files: keys read privately, state written durably
 # ---------------------------------------------------------------------------
+#
+# A file that holds keys is read only if no one else may read it (check_private_file),
+# and never echoed; a file the server writes (the replay cache, the saved firewall, the
+# installed launcher) is written to a new file next to it and renamed over it at once
+# (replace_file), in a directory no one else may write to (check_private_dir), never
+# through a symlink someone planted.
 
 # Key files read where their permissions cannot be checked (no POSIX modes: Windows),
 # for the client to say so.
@@ -777,6 +783,13 @@ def _read_text(path):
 # ---------------------------------------------------------------------------
 # Policy and config
 # ---------------------------------------------------------------------------
+#
+# The server's config: [server] (ServerConfig) and one [client NAME] per key pair
+# (Stanza: who may knock, with which keys, for what), and fwknop's access.conf, whose
+# stanzas become Stanzas too.  A Stanza is the policy judge() asks: authorize() turns an
+# authenticated message into (allow IP, seconds, NAT target) or a refusal.  Config files
+# are trusted, but read as if a key could be on any line: an error names the file and
+# the line, never the line's text.
 
 def _showable(name):
     """Whether a name read from a file may be shown in a message: a word that does not look
@@ -825,11 +838,13 @@ NOT_SHOWN = "not a `VARIABLE value` line (not shown: it may hold a key)"
 
 
 def _shown_names(names):
+    """Option names for an error message, any that may be a key replaced by words."""
     return ", ".join(sorted(n if _showable(n) else "a name not shown (it may be a key)"
                             for n in names))
 
 
 def parse_bool(value, name):
+    """A yes/no option (yes, true, on, 1 and their opposites, in any case)."""
     v = value.strip().lower()
     if v in ("y", "yes", "true", "on", "1"):
         return True
@@ -839,6 +854,7 @@ def parse_bool(value, name):
 
 
 def parse_int(value, name, low, high):
+    """A whole-number option, which must lie from `low` to `high`."""
     try:
         n = int(value)
     except ValueError:
@@ -861,6 +877,8 @@ def parse_key(value, name, low, high):
 
 
 def _one_key(get, where, name, longest):
+    """One key of a section: `NAME` (a passphrase, as fwknop's KEY) or `NAME_base64`,
+    not both; at most `longest` bytes."""
     if get(name + "_base64") and get(name):
         raise SpaError("%s: give %s_base64 or %s, not both" % (where, name, name))
     if get(name):
@@ -876,6 +894,7 @@ def _one_key(get, where, name, longest):
 
 
 def parse_hmac_type(value, name="hmac_digest_type"):
+    """An HMAC type as fwknop names it (SHA256, sha-256...) -> a key of HMAC_TYPES."""
     v = value.strip().lower().replace("-", "_")
     if v not in HMAC_TYPES:
         raise SpaError("%s = %r: expected one of %s" % (name, value, ", ".join(HMAC_TYPES)))
@@ -1092,6 +1111,7 @@ class Stanza(object):
                                       1, 1000000)
 
     def matches_source(self, source):
+        """Whether a packet from `source` (an address as text) may use this stanza."""
         if self.sources is None:
             return True
         import ipaddress
@@ -1515,6 +1535,11 @@ class ServerConfig(object):
 # ---------------------------------------------------------------------------
 # Replay cache
 # ---------------------------------------------------------------------------
+#
+# No packet may open anything twice.  The digest of every packet that authenticates and
+# decrypts is written durably before anything opens (fdatasync), and kept while the
+# packet could still pass the age check; a restart reads the file again.  The file is
+# the server's own (root's directory); a line it cannot read is skipped and counted.
 
 _B64_TEXT = B64_ALPHABET.decode()
 
@@ -1522,8 +1547,8 @@ _B64_TEXT = B64_ALPHABET.decode()
 def _replay_digest(key):
     """What the replay cache keeps of a replay key (the base64 of a packet's SHA-256):
     its first 16 bytes.  128 bits tell packets apart as well as 256 here, where no one
-    without the keys can make a packet that authenticates; a table of 10,000 then takes
-    ~360 kB instead of ~640.  The cache file's own lines have these 16 bytes."""
+    without the keys can make a packet that authenticates, and the table is near half
+    the size (README.md: Performance).  The cache file's own lines have these 16 bytes."""
     if isinstance(key, str) and len(key) == 43 and not key.strip(_B64_TEXT):
         return binascii.a2b_base64(key + "=")[:16]     # the usual form, in one call
     raw = b64decode(key)
@@ -1599,6 +1624,8 @@ class ReplayCache(object):
             self.failure = e.strerror
 
     def _load(self, path, now):
+        """Read the cache file (missing: nothing to read); lines it cannot read are
+        skipped and counted, entries stamped impossibly far ahead dropped."""
         try:
             f = open(path, "rb")
         except FileNotFoundError:
@@ -1685,12 +1712,14 @@ class ReplayCache(object):
         return True
 
     def _failed(self, error):
+        """A write failed: say why, and write the whole file anew next time."""
         self.failure = error.strerror or str(error)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
     def prune(self, now):
+        """Drop the entries no packet could still use; the floor rises with them."""
         limit = int(now) - self.max_age       # the age check counts whole seconds too
         # Never ahead of the clock: after a clock stepped back, packets stamped before the
         # step are refused for one window, not until the clock catches up.
@@ -1743,6 +1772,13 @@ class ReplayCache(object):
 # ---------------------------------------------------------------------------
 # Firewall: one interface, three back ends
 # ---------------------------------------------------------------------------
+#
+# What the server asks of a firewall (Firewall, a small base class), and the dry run
+# (DryRunFirewall, for --test and firewall = none).  The two real back ends follow:
+# nftables, then iptables.  Back ends change only what is theirs (their own table or
+# chains, and a marked rule where the host's own chains would drop an opening), and run
+# their tools with argument lists (run_command), never through a shell.  A new back end
+# (firewalld, pf) is a subclass of Firewall, chosen in make_firewall().
 
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
@@ -1918,6 +1954,12 @@ class DryRunFirewall(Firewall):
 # ---------------------------------------------------------------------------
 # nftables
 # ---------------------------------------------------------------------------
+#
+# Our own table `inet spa`: timeout sets of (address, protocol, port) that an accept rule
+# looks up, the protect rules, and, with NAT, a DNAT map and the sets that accept what it
+# rewrote.  Tables, chains and rules are made with `nft -f`; an opening is a set element
+# sent over netlink (NftNetlink), whose timeout the kernel keeps.  What nft prints back
+# (JSON) is parsed, nothing else read.
 
 NFT_TABLE = "spa"                     # our own `inet` table; nothing else is touched
 
@@ -2023,9 +2065,9 @@ class ElementBatch(object):
 
 class NftNetlink(object):
     """Element changes sent straight to the kernel on a netlink socket, each batch one
-    nftables transaction, as `nft` sends them: no nft process to keep (~5 MB, more as
-    its cache grows), 0.1 ms for an opening, 60 ms for 10,000.  Tables, chains and
-    rules are still made by `nft -f` at setup.
+    nftables transaction, as `nft` sends them: no nft process to keep (its memory grows
+    with its cache), and no process started for an opening (README.md: Performance).
+    Tables, chains and rules are still made by `nft -f` at setup.
     """
 
     NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES = 12, 10
@@ -2253,6 +2295,7 @@ class NftFirewall(Firewall):
         self.handle = None             # our table's handle: a new one means it was made anew
 
     def _nft(self, commands):
+        """Run nft commands, as one `nft -f -` transaction."""
         return run_command(["nft", "-f", "-"], "\n".join(commands) + "\n")
 
     def commands(self):
@@ -2299,6 +2342,7 @@ class NftFirewall(Firewall):
         return ["add table " + t] + sets + chain
 
     def _ports(self, proto):
+        """The protected ports of `proto`, as an nft set's elements: '22, 443'."""
         return ", ".join(str(p) for p in sorted(set(p for pr, p in self.protect if pr == proto)))
 
     def _steer_commands(self):
@@ -2338,6 +2382,8 @@ class NftFirewall(Firewall):
         return commands
 
     def _load(self):
+        """Make our table with `commands()`; a table an older spa.py left that nft
+        cannot change into ours is deleted and made anew (its openings lost)."""
         t = "inet " + self.table
         try:
             self._nft(self.commands())
@@ -2379,6 +2425,7 @@ class NftFirewall(Firewall):
                 pass
 
     def _handle(self, items):
+        """Our table's handle in a ruleset listing, or None."""
         for item in items:
             table = item.get("table", {})
             if (table.get("family"), table.get("name")) == ("inet", self.table):
@@ -2386,6 +2433,7 @@ class NftFirewall(Firewall):
         return None
 
     def _ruleset(self):
+        """The whole ruleset as nft's JSON items (nft -j list ruleset)."""
         import json
         return json.loads(run_command(["nft", "-t", "-j", "list", "ruleset"]))["nftables"]
 
@@ -2458,6 +2506,7 @@ class NftFirewall(Firewall):
         return len(verdicts) == 1 and ("drop" in verdicts[0] or "reject" in verdicts[0])
 
     def _has_mark(self, items, family, table, chain, mark=MARK):
+        """Whether the chain holds our rule with the comment `mark`."""
         return any(r.get("rule", {}).get("comment") == mark and
                    (r["rule"]["family"], r["rule"]["table"], r["rule"]["chain"]) ==
                    (family, table, chain) for r in items if "rule" in r)
@@ -2699,6 +2748,12 @@ class NftFirewall(Firewall):
 # ---------------------------------------------------------------------------
 # iptables
 # ---------------------------------------------------------------------------
+#
+# Our own chains (SPA_INPUT, with NAT SPA_FORWARD and SPA_PREROUTING, and SPA_STEER),
+# jumped to from the top of the host's chains, changed only with iptables-restore
+# --noflush (atomic, one process).  Each opening is a rule whose `time` match carries its
+# end into the kernel, and whose comment carries it back to us when the rules are read
+# again (`iptables -S`): the only state the back end keeps is what the kernel holds.
 
 IPT_CHAIN = "SPA_INPUT"               # our own chain in the filter table, jumped to from INPUT
 IPT_COMMENT = "spa expires "          # + the epoch second an opening ends (list, expire read it)
@@ -2833,6 +2888,7 @@ class IptablesFirewall(Firewall):
         self.nat_families = set(self.families) if nat else set()
 
     def _ipt(self, family, table, *args):
+        """Run iptables (or ip6tables) on `table`, waiting for the xtables lock."""
         return run_command([self.commands[family], "--wait=" + IPT_WAIT, "-t", table]
                            + list(args))
 
@@ -2884,6 +2940,8 @@ class IptablesFirewall(Firewall):
 
     def _opening_rule(self, key, end, verdict="ACCEPT"):
         # xt_time matches up to and including the second --datestop: stop one before `end`.
+        """The words of an opening's rule: ACCEPT in SPA_INPUT, or RETURN in
+        SPA_STEER, matching until `end` (epoch seconds) and saying so in its comment."""
         stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
         address, proto, port = key[:3]
         return (["-s", address] + (["-i", key[3]] if len(key) > 3 else []) +
@@ -2897,6 +2955,9 @@ class IptablesFirewall(Firewall):
             and ("tcp", key[2]) in self.protect
 
     def _protect_rules(self, family, steer=False):
+        """SPA_INPUT's rules after the openings: established connections return
+        to the host's rules, what SPA_STEER redirected (steer) is accepted, and the protected
+        ports are refused as protect_action says."""
         rules = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]]
         if steer:
             # What SPA_STEER sent to port 0 is to get the kernel's reset, as the protected
@@ -3263,17 +3324,21 @@ class IptablesFirewall(Firewall):
 
     @staticmethod
     def _nat_until(local, end):
+        """A NAT rule's end: the time match and the comment that carries it."""
         stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
         return ["-m", "time", "--datestop", stop,
                 "-m", "comment", "--comment", IPT_NAT_COMMENTS[local] + str(end)]
 
     def _dnat_rule(self, key, end):
+        """The words of a NAT opening's DNAT rule (SPA_PREROUTING)."""
         address, proto, port, to_address, to_port, local = key
         target = format_endpoint(to_address, to_port)
         return (["-s", address, "-p", proto, "--dport", str(port)]
                 + self._nat_until(local, end) + ["-j", "DNAT", "--to-destination", target])
 
     def _nat_accept_rule(self, key, end):
+        """The words of the rule that accepts what a NAT opening's DNAT
+        rewrote: in SPA_INPUT for local NAT, in SPA_FORWARD for another host."""
         address, proto, port, to_address, to_port, local = key
         return (["-s", address, "-d", to_address, "-p", proto, "--dport", str(to_port),
                  "-m", "conntrack", "--ctstate", "DNAT", "--ctorigdstport", str(port)]
@@ -3281,6 +3346,7 @@ class IptablesFirewall(Firewall):
 
     @staticmethod
     def _accept_chain(key):
+        """Where a NAT opening's ACCEPT goes (see _nat_accept_rule)."""
         return IPT_CHAIN if key.local else IPT_FORWARD_CHAIN
 
     def _nat_rules(self, family):
@@ -3317,14 +3383,13 @@ class IptablesFirewall(Firewall):
 
     @staticmethod
     def _removal_lines(chains, parent, chain):
+        """Lines that remove the jumps to `chain` from `parent`, then `chain`."""
         lines = ["-D %s -j %s" % (parent, chain)] * chains.get(parent, []).count(["-j", chain])
         if chain in chains:
             lines += ["-F %s" % chain, "-X %s" % chain]
         return lines
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
-        import math
-        import ipaddress
         """NAT access for `timeout` seconds: (address, proto, port) -> to_address:to_port.
 
         local=False (fwknop types 2/4): DNAT, and forward the DNATed connection to another
@@ -3335,6 +3400,8 @@ class IptablesFirewall(Firewall):
         port) is replaced, its rules deleted in the same run.  Ends at now + timeout rounded
         up to a whole second, in the kernel.  Returns True if it changed the firewall.
         """
+        import math
+        import ipaddress
         now = time.time() if now is None else now
         address = str(ipaddress.ip_address(address))   # nothing but addresses reach iptables
         to_address = _nat_target(address, to_address)
@@ -3355,6 +3422,9 @@ class IptablesFirewall(Firewall):
         return changed
 
     def _put_nat(self, key, end):
+        """Make the rules of NAT opening `key`, ending at the epoch second `end`,
+        replacing those of an opening with the same (address, proto, port); False if it is open
+        longer already.  If our chains were changed behind our back, rebuild them and retry once."""
         family = _family(key[0])
         for attempt in (1, 2):
             old = self.nat_ends.get(key)
@@ -3390,8 +3460,8 @@ class IptablesFirewall(Firewall):
         return True
 
     def close_nat(self, address, proto, port):
-        import ipaddress
         """Remove every NAT opening of (address, proto, port) now; True if there was one."""
+        import ipaddress
         match = (str(ipaddress.ip_address(address)), proto, int(port))
         family = _family(match[0])
         gone = [r for r in self._nat_rules(family) if r.key[:3] == match]
@@ -3425,6 +3495,13 @@ class IptablesFirewall(Firewall):
 # ---------------------------------------------------------------------------
 # Choosing the back end, and the host's saved firewall
 # ---------------------------------------------------------------------------
+#
+# firewall = auto looks at the host's rules to choose nft or an iptables flavour.  The
+# saved firewall (SavedFirewall) is the host's own ruleset files, which a reload or a
+# boot loads: firewall-config puts our protect rules there, so that the protected ports
+# are never open, with the server running or not.  Those files are the host's: spa.py
+# edits only its own lines, and checks the result with nft -c or iptables-restore --test
+# before it replaces one.
 
 def _iptables_in_use(flavour):
     """True if that iptables flavour holds a rule or a non-ACCEPT policy (IPv4 or IPv6).
@@ -3654,6 +3731,7 @@ class SavedFirewall(object):
             self.rules = dict(zip(firewall.families, paths))
 
     def include_text(self):
+        """The file nft_include holds: our table's commands, under a note."""
         return ("# spa.py's table, written by `spa.py firewall-config` from\n"
                 "# %s; run that again when protect or protect_action change.\n"
                 "# The host's saved ruleset includes this file, so that a reload or a boot\n"
@@ -3688,6 +3766,7 @@ class SavedFirewall(object):
         return found
 
     def describe(self):
+        """Where the saved protection is, for a line of check-config."""
         if self.kind == "nft":
             return "%s%s" % (self.include, ", included by %s" % self.main if self.main else
                              " (fw4 includes it)")
@@ -3726,6 +3805,12 @@ class SavedFirewall(object):
 # ---------------------------------------------------------------------------
 # Capture: AF_PACKET sockets with a BPF filter in the kernel
 # ---------------------------------------------------------------------------
+#
+# The knocks are read where the firewall cannot hide them: an AF_PACKET socket per
+# interface, whose classic BPF program (in the kernel, locked) passes only unfragmented
+# UDP to the knock port, addressed to this host, of a length a packet could have.  Nothing
+# binds the port and nothing answers.  Frames are parsed only as far as the addresses and
+# the UDP payload; HostAddresses tells which addresses are this host's.
 
 ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
 SO_ATTACH_FILTER, SO_LOCK_FILTER = 26, 44
@@ -3894,6 +3979,8 @@ class HostAddresses(object):
         return address in self.addresses
 
     def _changed(self):
+        """Whether the kernel said that the addresses changed since they were
+        read (without notifications: whether a second has passed)."""
         if self.news is None:           # no notifications: read them once a second
             return time.monotonic() - self.read_at >= 1.0
         changed = False
@@ -3908,6 +3995,7 @@ class HostAddresses(object):
                 return True
 
     def _read(self):
+        """Read the addresses again (keeping the old ones if that fails)."""
         self.read_at = time.monotonic()
         try:
             self.addresses = frozenset(self.dump())
@@ -3958,6 +4046,10 @@ class HostAddresses(object):
 # ---------------------------------------------------------------------------
 # Logging: one line per decision, rejections rate-limited, never key material
 # ---------------------------------------------------------------------------
+#
+# The server's log (Log: stderr or syslog, no logging module), and the rate limit that
+# keeps a flood of refusals from filling a disk.  Every field is escaped (log_field):
+# a username, a command or a reason may come from a packet.
 
 SYSLOG_SOCKET = "/dev/log"
 # Control characters (C0, DEL, C1) as \xNN: text from the packet reader cannot forge
@@ -3988,7 +4080,8 @@ def log_field(text):
 
 class Log(object):
     """The server's log: a line per event on stderr with a time stamp, or to syslog as
-    `spa[PID]`, facility daemon.  (The logging module would cost each process ~1 MB.)"""
+    `spa[PID]`, facility daemon.  (The logging module would cost each process memory:
+    README.md, Performance.)"""
 
     SEVERITY = {"error": 3, "warning": 4, "info": 6, "debug": 7}
     FACILITY_DAEMON = 3
@@ -4010,6 +4103,7 @@ class Log(object):
         return log
 
     def _connect(self):
+        """Connect to syslog's socket (datagram, else stream)."""
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
             sock = socket.socket(socket.AF_UNIX, kind)
             try:
@@ -4022,6 +4116,9 @@ class Log(object):
         raise SpaError("cannot log to syslog (%s): %s" % (SYSLOG_SOCKET, error.strerror))
 
     def _write(self, level, text, args):
+        """Format one line (each argument escaped, log_field) and write it: to the
+        parent's pipe (the packet reader), to syslog, or to stderr with a time stamp.  Never
+        raises: the server must not stop because its log cannot be written."""
         if args:
             try:
                 text = text % tuple(log_field(a) if isinstance(a, str) else a for a in args)
@@ -4078,6 +4175,7 @@ class RateLimiter(object):
         self.suppressed = 0
 
     def allow(self, now=None):
+        """Whether one more line may be logged now; counts the ones refused."""
         now = time.monotonic() if now is None else now
         if now < self.empty_until:   # the usual case in a flood
             self.suppressed += 1
@@ -4092,6 +4190,7 @@ class RateLimiter(object):
         return False
 
     def take_suppressed(self):
+        """How many lines were refused since the last call (and start anew)."""
         n, self.suppressed = self.suppressed, 0
         return n
 
@@ -4099,6 +4198,24 @@ class RateLimiter(object):
 # ---------------------------------------------------------------------------
 # Server: a privileged gatekeeper and an unprivileged packet reader
 # ---------------------------------------------------------------------------
+#
+# The server runs as two processes.  The parent keeps root: it opens the capture
+# sockets, owns the firewall and the replay cache file, and reads nothing from
+# the network.  The child drops to an unprivileged user before it reads a single
+# packet; it checks length, alphabet and HMAC (screen), and passes each packet that
+# authenticates to the parent over a pipe: one line of three words, the source
+# address, the destination address and the packet.  The parent believes none of
+# it: it checks the line, checks the HMAC again, decrypts, and decides itself
+# (judge, against the config and the host's state).  So a packet reader that an
+# attacker took over can pass on only packets that a key holder made, each once,
+# and get for them no more than their sender could have.
+#
+# It trusts the config and the kernel; the packet reader is trusted with nothing but
+# reading packets, and its requests and log lines are checked as hostile.  In this
+# section's order: the reader's sandbox, the pipe protocol (request lines), the command
+# runner, the gatekeeper (the parent's decisions), the packet reader, the reader's
+# process seen from the parent (ReaderProcess), the supervisor's event loop, and the
+# entry points (server, firewall-config, check-config).
 
 # --- The packet reader's sandbox ------------------------------------------------------
 #
@@ -4258,17 +4375,7 @@ def confine_reader(writable, readable, log):
     return True
 
 
-#
-# The server runs as two processes.  The parent keeps root: it opens the capture
-# sockets, owns the firewall and the replay cache file, and reads nothing from
-# the network.  The child drops to an unprivileged user before it reads a single
-# packet; it checks length, alphabet and HMAC (screen), and passes each packet that
-# authenticates to the parent over a pipe: one line of three words, the source
-# address, the destination address and the packet.  The parent believes none of
-# it: it checks the line, checks the HMAC again, decrypts, and decides itself
-# (judge, against the config and the host's state).  So a packet reader that an
-# attacker took over can pass on only packets that a key holder made, each once,
-# and get for them no more than their sender could have.
+# --- The pipe protocol: one request line a packet -------------------------------------
 
 REQUEST_LONGEST = 2 * 45 + MAX_WIRE_LEN + 16 + 3   # two addresses, a packet, an interface
 _ADDRESS_CHARS = b"0123456789abcdefABCDEF:."
@@ -4337,6 +4444,8 @@ def send_signal(log, pid, signum, what, group=False):
         return False
     return True
 
+
+# --- The command runner (fwknop's command messages) -----------------------------------
 
 COMMAND_TIME_LIMIT = 60               # seconds a command message may run before it is killed
 
@@ -4439,6 +4548,7 @@ class CommandRunner(object):
         self.running = still
 
     def _exited(self, proc, command, status):
+        """Log how a command ended."""
         self.log.info("command %r (pid %d) exited with status %d", command, proc.pid, status)
 
     @staticmethod
@@ -4453,6 +4563,8 @@ class CommandRunner(object):
         except PermissionError:
             return True
 
+
+# --- The gatekeeper: the parent decides -----------------------------------------------
 
 def _opening_hash(key):
     """8 bytes that tell openings (address text as inet_ntop writes it, proto, port) apart
@@ -4574,6 +4686,9 @@ class Gatekeeper(object):
                           self.replay.path)
 
     def _decide(self, source, destination, wire, interface, now, fresh):
+        """Decide on one request: screen() again (a reader may lie), judge() against
+        the config, then what this host allows (_host_problem).  `fresh`: the replay keys of
+        this round, not yet in the cache."""
         stanza, signed = screen(wire, source, self.config.stanzas)
         if stanza is None:       # a reader of an older config, or one that lies
             return Decision(source, "passed on by the packet reader, but %s" % signed)
@@ -4700,15 +4815,19 @@ class Gatekeeper(object):
         self.log_suppressed()
 
     def log_suppressed(self):
+        """Log how many refusals the rate limit left out since the last such line."""
         n = self.limiter.take_suppressed()
         if n:
             self.log.info("%d more %s were not logged (rate limit)", n,
                           "packets" if self.log.verbose else "rejected packets")
 
     def stats(self):
+        """One line of counters for the log (SIGUSR1)."""
         return ("gatekeeper: accepted %d, refused %d of the packets the reader passed on"
                 % (self.counts["accepted"], self.counts["refused"]))
 
+
+# --- The packet reader ----------------------------------------------------------------
 
 class GatePipe(object):
     """The packet reader's handle on the gatekeeper in the parent: one line a packet.
@@ -4728,6 +4847,7 @@ class GatePipe(object):
             pass
 
     def knock(self, source, destination, wire, now=None, interface=None):
+        """Pass one packet on to the parent (Reader.handle calls it)."""
         self.pending += request_line(source, destination, wire, interface)
         self.flush()
 
@@ -4889,8 +5009,8 @@ class Reader(object):
 
 def crash_report():
     """The exception being handled, as a traceback without source lines: the reader cannot
-    read them, nor import the traceback module then (which would cost each process 350 kB
-    if loaded before)."""
+    read them, nor import the traceback module then (loaded before, it would cost each
+    process memory: README.md, Performance)."""
     kind, error, tb = sys.exc_info()
     lines = ["Traceback (most recent call last):"]
     while tb is not None:
@@ -4920,6 +5040,8 @@ def crypto_available():
     firewall is set up)."""
     aes_ecb()
 
+
+# --- The reader's process: started, served, stopped by the parent ---------------------
 
 def _confined_reader(config, sockets, seen, log, user, pipes):
     """In the forked child: the steps of the reader's confinement, in their order (see the
@@ -5174,6 +5296,8 @@ class ReaderProcess(object):
             self.log_fd = None
 
 
+# --- The supervisor: the parent's event loop ------------------------------------------
+
 class Supervisor(object):
     """The parent's event loop: it keeps a packet reader running (ReaderProcess), handles
     signals (SIGHUP reloads, SIGUSR1 logs counters), keeps the capture going when
@@ -5214,6 +5338,7 @@ class Supervisor(object):
         return opened
 
     def close_captures(self):
+        """Close every capture socket (a new reader gets new ones)."""
         for sock in self.captures.values():
             sock.close()
         self.captures = {}
@@ -5326,6 +5451,8 @@ class Supervisor(object):
             self.expire_failed = 0
 
     def _monitor(self, firewall):
+        """nftables' change notifications where the back end may be changed under us
+        (RulesetMonitor), else None: then restore() runs every 2 s instead of every 10."""
         if not firewall.monitored:
             return None
         try:
@@ -5334,6 +5461,7 @@ class Supervisor(object):
             return None
 
     def _restart(self):
+        """A new packet reader, for a new config or new capture sockets."""
         self.reader.stop()
         if self.captures:
             self.reader.start(self.config, list(self.captures.values()))
@@ -5375,6 +5503,8 @@ class Supervisor(object):
         self.log.info("reloaded %s: %d client stanza(s); protecting %s (%s)", config.path,
                       len(config.stanzas), format_access(config.protect), config.protect_action)
 
+
+# --- Entry points: server, firewall-config, check-config ------------------------------
 
 def notify_systemd(state):
     """Tell systemd how the server is (Type=notify: READY=1 once it protects and listens, so
@@ -5425,6 +5555,9 @@ def warn_unsaved(config, firewall, log):
 
 
 def server_main(args):
+    """`spa.py server`: load the config, set up the firewall and the replay cache,
+    and supervise the packet reader until SIGTERM; or, with --list and --flush, show or
+    remove what spa.py put in the firewall."""
     require_capabilities(["CAP_NET_ADMIN"] if args.list or args.flush else ["CAP_NET_RAW"])
     config = ServerConfig(args.config, args.access_conf)
     if not (args.test or args.list or args.flush or config.firewall == "none"):
@@ -5522,6 +5655,7 @@ class Checklist(object):
     """The `ok` / `FAIL` lines of check-config and selftest, and what failed."""
 
     def __init__(self, say=print):
+        """`say` prints a line; failures are collected."""
         self.say = say
         self.failures = []
 
@@ -5607,6 +5741,12 @@ def check_config_main(args):
 # ---------------------------------------------------------------------------
 # Client
 # ---------------------------------------------------------------------------
+#
+# `spa.py client`: settings from the command line over a config section (spa.py's INI, or
+# fwknop's ~/.fwknoprc read as fwknop reads it), one packet built (build_packet) and sent
+# as one UDP datagram; with --connect, a wait for the port and a relay of stdin and
+# stdout (ssh's ProxyCommand).  The client trusts its user and config; it also runs on
+# macOS, the BSDs and Windows, so it uses nothing Linux alone has.
 
 CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip", "fw_timeout",
                   "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",
@@ -5759,6 +5899,7 @@ def is_fwknoprc(text):
 
 
 def default_client_config():
+    """The client's config file when -n names a section and -c names no file."""
     for path in ("~/.spa.conf", "~/.fwknoprc"):
         if os.path.exists(os.path.expanduser(path)):
             return path
@@ -6191,6 +6332,9 @@ def _under_home(path):
 
 
 def client_main(args):
+    """`spa.py client`: build the packet and send it (or print it, --test); with
+    --connect, wait for the port and relay stdin and stdout to it, knocking once more
+    halfway if it has not opened."""
     opts = client_settings(args)
     if args.server_proto and args.server_proto.lower() != "udp":
         raise SpaError("-P/--server-proto %s: spa.py's client sends over UDP only"
@@ -6240,6 +6384,10 @@ def client_main(args):
 # ---------------------------------------------------------------------------
 # keygen
 # ---------------------------------------------------------------------------
+#
+# Fresh keys, as `fwknop --key-gen` makes them, and the sections that use them: printed,
+# or put straight into the server's config (--server-config), which must still load
+# afterwards or is left as it was.
 
 # HMAC key length that `fwknop --key-gen` makes for each type.
 HMAC_KEY_BYTES = {"md5": 16, "sha1": 20, "sha256": 64, "sha384": 128,
@@ -6313,6 +6461,7 @@ def keygen_keys(hmac_type="sha256"):
 
 
 def server_stanza(name, keys, hmac_type, access):
+    """The [client NAME] stanza keygen writes into the server's config."""
     return ("[client {name}]\nsource = any\nopen_ports = {access}\nkey_base64 = {key}\n"
             "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
                 name=name, access=access, key=keys[0], hkey=keys[1], htype=hmac_type)
@@ -6393,6 +6542,9 @@ def add_to_server_config(path, name, stanza, access):
 
 
 def keygen_main(args):
+    """`spa.py keygen`: fresh keys, and the server's and the client's sections; with
+    --server-config the server's goes straight into its config; -o writes to a new file
+    (0600), made first, so that a server never holds keys its client cannot get."""
     import re
     hmac_type = parse_hmac_type(args.hmac_digest, "--hmac-digest")
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$", args.name):
@@ -6439,6 +6591,10 @@ def keygen_main(args):
 # ---------------------------------------------------------------------------
 # selftest: the whole thing, for real, in two throwaway network namespaces
 # ---------------------------------------------------------------------------
+#
+# `spa.py selftest` proves on this machine what the tests prove: a real server, capture
+# and firewall in one namespace, knocks from another, each step shown; the host's own
+# firewall is never touched, and everything made is removed.
 
 def in_netns(name, fn):
     """Run fn() in a short-lived thread that has entered network namespace `name`.
@@ -6484,9 +6640,12 @@ class SelfTest(object):
         self.log = []
 
     def ip(self, *args):
+        """Run `ip` with these arguments (SpaError if it fails)."""
         run_command(["ip"] + list(args))
 
     def build(self, timeout):
+        """Make the two namespaces and the veth pair between them, and a server
+        config (fresh keys, the given fw_access_timeout) in a temporary folder; its path."""
         import tempfile
         for name in (self.srv, self.cli):
             self.ip("netns", "add", name)
@@ -6513,6 +6672,7 @@ class SelfTest(object):
         return conf
 
     def start_service(self):
+        """A TCP service on the protected port in the server's namespace."""
         import threading
 
         def listen():
@@ -6533,6 +6693,7 @@ class SelfTest(object):
         threading.Thread(target=serve, daemon=True).start()
 
     def start_server(self, conf):
+        """Start `spa.py server` in the server's namespace; wait until it listens."""
         import subprocess
         import threading
         self.server = subprocess.Popen(
@@ -6549,6 +6710,7 @@ class SelfTest(object):
             raise SpaError("the server did not start: %s" % " | ".join(self.log[-3:]))
 
     def wait_log(self, text, seconds):
+        """Wait up to `seconds` for a server log line holding `text`."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if any(text in line for line in self.log):
@@ -6578,6 +6740,7 @@ class SelfTest(object):
         return in_netns(self.cli, attempt)
 
     def knock(self, address, wire=None):
+        """Send a knock (a new one, or `wire` again) from the client's namespace."""
         if wire is None:
             msg = Message("selftest", "0.0.0.0", [("tcp", self.PORT)])
             wire = seal(msg.encode(), self.key, self.hmac_key)
@@ -6588,6 +6751,7 @@ class SelfTest(object):
         return wire
 
     def wait_open(self, address, seconds=1.0):
+        """Seconds until the port opened for the client, or None within `seconds`."""
         start = time.monotonic()
         while time.monotonic() - start < seconds:
             if self.connect(address, 0.05) == "open":
@@ -6596,6 +6760,7 @@ class SelfTest(object):
         return None
 
     def cleanup(self):
+        """Stop the server and the service; remove the namespaces and the files."""
         import shutil
         import signal
         if self.server is not None and self.server.poll() is None:
@@ -6687,6 +6852,10 @@ def selftest_main(args):
 # ---------------------------------------------------------------------------
 # install: a launcher, so that Python reuses the compiled code
 # ---------------------------------------------------------------------------
+#
+# `spa.py install` copies this file, compiles it, and writes a launcher that root will
+# run: so every directory on the way must be root's, every file is written under a
+# random name and renamed (replace_file), and the launcher runs Python isolated (-I).
 
 LAUNCHER = """#!{python} -I
 # spa.py's launcher, written by `spa.py install`: importing spa (rather than running
@@ -6858,6 +7027,10 @@ def install_main(args):
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+#
+# argparse, built only for the subcommand given (a quicker start for the client), with
+# errors that never show a value of the command line (it may be a key); main() turns an
+# SpaError into one line and exit status 1.
 
 DEFAULT_CONFIG = "/etc/spa/spa.conf"
 
@@ -6872,7 +7045,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """argparse's formatter, sized from $COLUMNS or the terminal without importing shutil.
 
     argparse makes one of these for every option it adds, and each would import
-    shutil (1.5 ms of the client's start-up) just to ask for the terminal's width.
+    shutil (a part of the client's start-up: README.md, Performance) just to ask for the
+    terminal's width.
     """
 
     def __init__(self, prog):
@@ -6911,12 +7085,14 @@ class _Parser(argparse.ArgumentParser):
     argv = ()
 
     def parse_args(self, args=None, namespace=None):
+        """argparse's, with an unknown argument named but never shown."""
         args, extra = self.parse_known_args(args, namespace)
         if extra:
             self.error("unrecognized arguments: %s" % " ".join(map(_shown_word, extra)))
         return args
 
     def error(self, message):
+        """argparse's error, every value given on the command line replaced by '...'."""
         import re
         values = set()
         for word in _Parser.argv:
@@ -6931,6 +7107,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _keygen_options(sub, fmt):
+    """`spa.py keygen`'s options."""
     k = sub.add_parser("keygen", formatter_class=fmt, help=_SUBCOMMAND_HELP["keygen"],
                        description="Print fresh random keys (as `fwknop --key-gen` does) and "
                        "ready-to-paste server and client sections; or put the server's "
@@ -7043,6 +7220,7 @@ def _client_run_options(c):
 
 
 def _client_options(sub, fmt):
+    """`spa.py client`'s options; fwknop's names for them work as well."""
     c = sub.add_parser("client", formatter_class=fmt, help=_SUBCOMMAND_HELP["client"],
                        description="Build one SPA packet and send it over UDP (no privileges "
                        "needed).  fwknop's option names work too (--key-base64-rijndael, "
@@ -7060,6 +7238,7 @@ def _client_options(sub, fmt):
 
 
 def _server_options(sub, fmt):
+    """`spa.py server`'s options."""
     s = sub.add_parser("server", formatter_class=fmt, help=_SUBCOMMAND_HELP["server"],
                        description="Capture knocks and open the firewall for authorised clients.",
                        epilog="examples:\n  spa.py server -c /etc/spa/spa.conf -v\n"
@@ -7079,6 +7258,7 @@ def _server_options(sub, fmt):
 
 
 def _check_config_options(sub, fmt):
+    """`spa.py check-config`'s options."""
     cc = sub.add_parser("check-config", formatter_class=fmt, help=_SUBCOMMAND_HELP["check-config"],
                         description="Parse and check a server config: keys, permissions, "
                         "interfaces, the firewall tool; print what the server would protect.",
@@ -7090,6 +7270,7 @@ def _check_config_options(sub, fmt):
 
 
 def _firewall_config_options(sub, fmt):
+    """`spa.py firewall-config`'s options."""
     f = sub.add_parser("firewall-config", formatter_class=fmt,
                        help=_SUBCOMMAND_HELP["firewall-config"],
                        description="Put spa.py's protect rules into the host's saved firewall, so that\n"
@@ -7108,6 +7289,7 @@ def _firewall_config_options(sub, fmt):
 
 
 def _install_options(sub, fmt):
+    """`spa.py install`'s options."""
     i = sub.add_parser("install", formatter_class=fmt, help=_SUBCOMMAND_HELP["install"],
                        description="Copy spa.py to PREFIX/lib/spa, compile it, and write the "
                        "launcher PREFIX/bin/spa: `spa client ...` then starts faster and the "
@@ -7120,6 +7302,7 @@ def _install_options(sub, fmt):
 
 
 def _selftest_options(sub, fmt):
+    """`spa.py selftest`'s options (none)."""
     sub.add_parser("selftest", formatter_class=fmt, help=_SUBCOMMAND_HELP["selftest"],
                    description="Build two throwaway network namespaces, run a server with this "
                    "machine's real capture and firewall in one, knock from the other, and show "
@@ -7156,6 +7339,8 @@ def build_parser(argv=None):
 
 
 def main(argv=None):
+    """The command line: run a subcommand; an SpaError becomes one line on stderr and
+    exit status 1 (no traceback), Ctrl-C exit status 130."""
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["client"]:
@@ -7179,8 +7364,16 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------
-# Speed and memory: AES through pycryptodome's library, Python's own hashes, PackedMap
+# Speed and memory: AES, the hashes and HMAC, PackedMap
 # ---------------------------------------------------------------------------
+#
+# The primitives the rest calls through small functions (aes_crypt, hash_digest,
+# compare_digest, Hmac) and one container (PackedMap), made quick to start and small: the
+# client's start-up and the server's memory are measured (README.md: Performance).  AES
+# is pycryptodome's, called through ctypes in the library its AES module loads, with the
+# modes chained here; the hashes are Python's own (no OpenSSL); HMAC is RFC 2104 over them
+# with the key's blocks hashed once.  Each is checked against a known answer or the
+# reference implementation in the tests.  Nothing here reads anything from outside.
 
 _AES = None      # pycryptodome's AES module, once imported (aes_module)
 _ECB = None      # the AES block function, once found (aes_ecb)
@@ -7213,7 +7406,7 @@ def _skip_architecture_probe(raw_api):
     """Spare pycryptodome its `file` subprocess when it loads its C code through ctypes.
 
     pycryptodome's ctypes loader asks platform.architecture() once per process, which
-    runs `file` on the Python binary (6 ms of the client's start-up) and only uses the
+    runs `file` on the Python binary (a process: README.md, Performance) and only uses the
     answer to tell Windows DLLs apart.  Its result cache is a module-level list: fill it
     with the answer platform.architecture() gives on Linux.  Left alone if that name is
     not there (the cffi loader, other versions).
@@ -7310,9 +7503,9 @@ def aes_ecb():
     It is pycryptodome's AES, called through ctypes in the shared library that
     pycryptodome's AES module loads itself (its AES-NI build where the CPU has
     AES-NI).  Importing that module would load pycryptodome's whole Cipher package:
-    all eleven of its modes, through ctypes.util, subprocess and tempfile, 20 ms of
-    the client's start-up and 2.5 MB of the server's memory that spa.py does not
-    need, as it chains the blocks itself (aes_crypt).  Where that library cannot be
+    all eleven of its modes, through ctypes.util, subprocess and tempfile: start-up time
+    and memory (README.md: Performance) that spa.py does not need, as it chains the
+    blocks itself (aes_crypt).  Where that library cannot be
     found, or fails the FIPS-197 known answer, pycryptodome's public interface
     (AES.new in ECB mode) does the same work.
     """
@@ -7390,9 +7583,9 @@ def hash_constructor(name):
     """The constructor of hash `name`: Python's own implementation where it has one,
     else hashlib's (OpenSSL).
 
-    Importing hashlib loads OpenSSL's libcrypto, which takes 6 ms of the client's
-    start and 3.5 MB of each server process's RSS; spa.py needs none of it: its
-    hashes are Python's own, and HMAC is built on them (Hmac).
+    Importing hashlib loads OpenSSL's libcrypto, which the client's start-up and each
+    server process's memory would pay for (README.md: Performance); spa.py needs none of
+    it: its hashes are Python's own, and HMAC is built on them (Hmac).
     """
     ctor = _HASHES.get(name)
     if ctor is None:
@@ -7440,6 +7633,7 @@ class Hmac(object):
         self.inner.update(prefix)
 
     def digest(self, message):
+        """The HMAC of `message` (after the prefix given at the start)."""
         inner = self.inner.copy()
         inner.update(message)
         outer = self.outer.copy()
@@ -7450,8 +7644,8 @@ class Hmac(object):
 class PackedMap(object):
     """A dict of fixed-size keys to one packed number each, all in one table of bytes.
 
-    Open addressing with linear probing, at most two thirds full.  10,000 entries
-    take 0.3-0.6 MB here instead of ~1.6 MB of small Python objects in a dict; and a
+    Open addressing with linear probing, at most two thirds full.  The entries take a
+    third of what a dict of small Python objects would (README.md: Performance), and a
     burst of knocks leaves no small objects behind, which would pin the memory the
     burst used for its transient work.  The capacity is not a power of two, so a
     table grows by a third at a time, not twice over.  `encode(key)` gives `size`
@@ -7471,6 +7665,7 @@ class PackedMap(object):
         # A mapping of its own, private (copied on write in a forked child): when a
         # bigger table replaces it, its memory goes back to the system, where a
         # bytearray would leave a hole in the heap that only small things fill.
+        """An empty table of `capacity` slots."""
         self.table = mmap.mmap(-1, self.slot * capacity, flags=mmap.MAP_PRIVATE)
         self.capacity = capacity
         self.count = self.gone = 0
@@ -7517,6 +7712,7 @@ class PackedMap(object):
         return self._offset(key) is not None
 
     def get(self, key, default=None):
+        """The key's value, or `default`."""
         offset = self._offset(key)
         if offset is None:
             return default
@@ -7534,6 +7730,7 @@ class PackedMap(object):
         self._put(key, value, True)
 
     def _put(self, key, value, only_larger):
+        """Set the key's value (only_larger: only if larger, or new), growing the table."""
         raw = self.encode(key)
         offset, free = self._find(raw)        # one probe, for a new key too
         if offset is not None:
@@ -7547,6 +7744,7 @@ class PackedMap(object):
         self._insert(raw, value, free)
 
     def pop(self, key, default=None):
+        """Remove the key (a tombstone stays until the next rebuild); its value."""
         offset = self._offset(key)
         if offset is None:
             return default
@@ -7556,6 +7754,7 @@ class PackedMap(object):
         return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
 
     def _raw_items(self, table=None):
+        """(raw key, value) of every entry, slot by slot."""
         table = self.table if table is None else table
         slot, size, unpack = self.slot, self.size, self.value.unpack_from
         for offset in range(0, len(table), slot):
@@ -7595,6 +7794,7 @@ class PackedMap(object):
         self.count = sum(keep)
 
     def copy(self):
+        """A copy with a table of its own."""
         other = PackedMap(self.size, self.encode, self.decode, self.value.format)
         other._reset(self.capacity)
         step = 1 << 16

@@ -1145,6 +1145,20 @@ def ipv4_udp(dport, payload, proto=17, frag=0, ihl=5):
         (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
 
 
+def udp_frame(source, destination, payload, dport=62201):
+    """An IPv4 or IPv6 UDP frame as a cooked AF_PACKET socket delivers it."""
+    import socket as socketmod
+    udp = (40000).to_bytes(2, "big") + dport.to_bytes(2, "big") + \
+        (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
+    if ":" in source:
+        return (bytes([0x60, 0, 0, 0]) + len(udp).to_bytes(2, "big") + bytes([17, 64]) +
+                socketmod.inet_pton(socketmod.AF_INET6, source) +
+                socketmod.inet_pton(socketmod.AF_INET6, destination) + udp)
+    return (bytes([0x45, 0]) + (20 + len(udp)).to_bytes(2, "big") + b"\0\0\0\0" +
+            bytes([64, 17]) + b"\0\0" + socketmod.inet_aton(source) +
+            socketmod.inet_aton(destination) + udp)
+
+
 def test_bpf_program_logic():
     prog = spa.bpf_filter(62201)
     good = knock()
@@ -1167,6 +1181,12 @@ def test_parse_frame():
     good = knock()
     src, payload = spa.parse_frame(ipv4_udp(62201, good, ihl=6) + b"\0" * 10)   # link padding
     assert src == "198.18.0.2" and payload == good
+    frame = udp_frame("2001:db8:1::2", "2001:db8:1::1", good)
+    assert spa.parse_frame(frame) == ("2001:db8:1::2", good)
+    assert spa.frame_destination(frame) == "2001:db8:1::1"
+    assert spa.frame_destination(udp_frame("198.18.0.2", "198.18.0.1", good)) == "198.18.0.1"
+    for short in (b"", b"E" * 27, frame[:47], b"\x70" + frame[1:]):    # too short; IP version 7
+        assert spa.parse_frame(short) == (None, b"")
 
 
 def test_capture_sees_knocks_the_firewall_drops(tmp_path):
@@ -1293,6 +1313,227 @@ def test_syslog_lines_say_spa_and_never_the_keys(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------
 # Server: a privileged gatekeeper and an unprivileged packet reader
 # ---------------------------------------------------------------------------
+
+class Lines(object):
+    """A log that keeps its lines (as Log would write them, %-formatted)."""
+
+    verbose = False
+
+    def __init__(self):
+        self.lines = []
+
+    def _line(self, text, *args):
+        self.lines.append(text % args if args else text)
+
+    debug = info = warning = error = _line
+
+
+def test_reader_run_passes_knocks_on_and_ends_with_its_parent(tmp_path):
+    """Reader.run as the packet reader runs it, here in this process over a socket pair
+    that stands for a capture socket (its frames kept whole): each knock that authenticates goes to the parent
+    as a request line (IPv4 and IPv6), garbage and a replay stay; it returns when the
+    parent's end of the pipe closes, and raises CaptureLost when its socket fails."""
+    import socket as socketmod
+    import threading
+    config = server_config(tmp_path)
+    log = Lines()
+    for ending in ("parent", "capture"):
+        capture, feed = socketmod.socketpair(socketmod.AF_UNIX, socketmod.SOCK_SEQPACKET)
+        capture.setblocking(False)
+        r, w = os.pipe()
+        reader = spa.Reader(config, spa.GatePipe(w), log)
+        first, second = knock(), knock([("tcp", 22)], allow_ip="198.18.0.9")
+        for frame in (udp_frame("198.18.0.2", "198.18.0.1", first), b"garbage",
+                      udp_frame("198.18.0.2", "198.18.0.1", first),          # a replay
+                      udp_frame("198.18.0.2", "198.18.0.1", b"A" * 204),
+                      udp_frame("2001:db8:1::2", "2001:db8:1::1", second)):
+            feed.send(frame)
+        ended = []
+
+        def run():
+            try:
+                reader.run([capture], w)
+                ended.append("returned")
+            except spa.CaptureLost:
+                ended.append("capture lost")
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        received = b""
+        while received.count(b"\n") < 2:
+            received += os.read(r, 4096)
+        lines = [spa.parse_request(line) for line in received.splitlines()]
+        assert lines == [("198.18.0.2", "198.18.0.1", first, None),
+                         ("2001:db8:1::2", "2001:db8:1::1", second, None)]
+        assert reader.counts == {"passed": 2, "rejected": 2}
+        (os.close(r) if ending == "parent" else feed.close())     # the parent, or the capture, ends
+        thread.join(5)
+        assert ended == ["returned" if ending == "parent" else "capture lost"]
+        capture.close()
+        os.close(w)
+        (feed.close() if ending == "parent" else os.close(r))
+    assert any("replayed packet" in line for line in log.lines)
+
+
+def test_the_readers_pipe_never_blocks_it():
+    """GatePipe: what the pipe cannot take now waits, and goes at the next flush."""
+    r, w = os.pipe()
+    try:
+        pipe = spa.GatePipe(w)
+        wire = knock()
+        sent = 0
+        while pipe.flush():                          # fill the pipe: one request at a time
+            pipe.knock("198.18.0.2", "198.18.0.1", wire)
+            sent += 1
+        assert pipe.pending and not pipe.flush()
+        received = b""
+        while received.count(b"\n") < sent:
+            received += os.read(r, 1 << 16)
+            pipe.flush()
+        assert not pipe.pending and pipe.flush()
+        assert received.splitlines()[0] == spa.request_line("198.18.0.2", "198.18.0.1", wire)[:-1]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_readers_log_and_stats_and_crash_report(tmp_path):
+    """What the reader says goes to the parent as "LEVEL text" lines (escaped, never
+    blocking, lost rather than waited for when the pipe is gone); its stats line reads
+    /proc/self/status through a descriptor opened before the sandbox; a crash report is
+    a traceback without source lines."""
+    r, w = os.pipe()
+    log = spa.Log.to_pipe(w, verbose=True)
+    log.info("rejected packet from %s: %s", "198.18.0.2", "forged\nline")
+    log.debug("a %s", "detail")
+    assert os.read(r, 4096) == b"info rejected packet from 198.18.0.2: forged\\nline\n" \
+        b"debug a detail\n"
+    config = server_config(tmp_path)
+    reader = spa.Reader(config, spa.GatePipe(w), log)
+    reader.sockets = [socket_pair_end()]
+    reader.limiter.suppressed = 3
+    reader.log_suppressed()
+    assert os.read(r, 4096) == b"info 3 more rejected packets were not logged (rate limit)\n"
+    assert spa.rss_kb() > 1000
+    reader.status = os.open("/proc/self/status", os.O_RDONLY)
+    try:
+        line = reader.stats()
+    finally:
+        os.close(reader.status)
+        reader.sockets[0].close()
+    assert re.match(r"stats: received 0, passed on 0, rejected 0, kernel drops 0, cpu [\d.]+ s, "
+                    r"rss [1-9]\d* kB$", line), line
+    assert spa.rss_kb(-1) == 0                      # a descriptor that is not there
+    os.close(r)
+    log.info("the parent is gone")                  # lost, silently
+    os.close(w)
+    try:
+        {}["missing"]
+    except KeyError:
+        report = spa.crash_report()
+    assert report.startswith("Traceback (most recent call last):\n  File ")
+    assert "in test_the_readers_log_and_stats_and_crash_report" in report
+    assert report.endswith("KeyError: 'missing'")
+
+
+def socket_pair_end():
+    """A socket that is no capture socket: its statistics cannot be read (skipped)."""
+    import socket as socketmod
+    one, other = socketmod.socketpair()
+    other.close()
+    return one
+
+
+READER_CHILD = r"""
+import json, os, signal, socket, sys
+sys.path.insert(0, sys.argv[1])
+import spa
+pipe, log_pipe, case = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+confined = []
+spa.confine_reader = lambda writable, readable, log: confined.append([list(writable),
+                                                                       list(readable)])
+os._exit = sys.exit            # so that this process ends as usual, its coverage saved
+spa.preload()                  # as start_reader does: the user it becomes may read no module
+config = spa.ServerConfig(sys.argv[2])
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+stray = os.open("/dev/null", os.O_RDONLY)          # a descriptor the reader must not keep
+log = spa.Log()
+def is_open(fd):
+    try:
+        return bool(os.fstat(fd))
+    except OSError:                # the descriptor that listed them, closed since
+        return False
+
+
+if case == "steps":
+    reader, poller = spa._confined_reader(config, [sock], None, log, "nobody",
+                                          (pipe, log_pipe))
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f)
+    os.write(pipe, json.dumps({
+        "session": os.getsid(0) == os.getpid(), "uid": os.getuid(), "groups": os.getgroups(),
+        "confined": confined,
+        "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd") if is_open(int(fd))),
+        "keep": sorted([pipe, log_pipe, sock.fileno(), reader.status, poller.fileno()]),
+        "null": [os.path.samestat(os.fstat(fd), os.stat(os.devnull)) for fd in (0, 1, 2)],
+        "status": reader.status}).encode())
+else:
+    def run(self, sockets, parent_fd=None, poller=None):
+        if case == "capture lost":
+            raise spa.CaptureLost()
+        if case == "crash":
+            raise ValueError("a bug")
+        raise spa.SpaError("cannot go on")
+    spa.Reader.run = run
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    spa._reader_main(config, [sock], None, log, None, (pipe, log_pipe), mask)
+"""
+
+
+@pytest.mark.parametrize("case", ["steps", "capture lost", "crash", "error"])
+def test_the_reader_child_s_steps_and_how_it_ends(tmp_path, case):
+    """The packet reader's side of the fork (_reader_main, _confined_reader), run in a
+    process of its own with the sandbox itself left out (test_sandbox.py tests it): a
+    session of its own, /dev/null on 0-2, no descriptor but its pipes, capture sockets,
+    /proc/self/status and its epoll, the reader's user, then confine_reader with its two
+    pipes; a lost capture ends it with CAPTURE_LOST, a bug or an error with 1, each said
+    on its log pipe."""
+    netns_lab.need(os.geteuid() == 0, "dropping privileges needs root")
+    config = server_config(tmp_path)
+    pipe_r, pipe_w = os.pipe()
+    log_r, log_w = os.pipe()
+    try:
+        done = subprocess.run([sys.executable, "-c", READER_CHILD, HERE, config.path,
+                               str(pipe_w), str(log_w), case], pass_fds=(pipe_w, log_w),
+                              timeout=30)
+        os.close(pipe_w)
+        os.close(log_w)
+        pipe_w = log_w = None
+        with os.fdopen(pipe_r, "rb") as f, os.fdopen(log_r, "rb") as g:
+            pipe_r = log_r = None
+            said, logged = f.read(), g.read().decode()
+    finally:
+        for fd in (pipe_r, pipe_w, log_r, log_w):
+            if fd is not None:
+                os.close(fd)
+    if case == "steps":
+        assert done.returncode == 0
+        seen = json.loads(said.decode())
+        assert seen["session"] and seen["null"] == [True] * 3
+        assert seen["uid"] == spa_uid("nobody") and seen["groups"] == []
+        assert seen["fds"] == [0, 1, 2] + seen["keep"]
+        assert seen["confined"] == [[[int(arg) for arg in done.args[5:7]], [seen["status"]]]]
+        return
+    code, line = {"capture lost": (spa.CAPTURE_LOST, "info stats: received 0"),
+                  "crash": (1, "error packet reader crashed:\nTraceback (most recent call last):"),
+                  "error": (1, "error packet reader: cannot go on")}[case]
+    assert done.returncode == code, logged
+    assert logged.startswith(line), logged
+
+
+def spa_uid(name):
+    import pwd
+    return pwd.getpwnam(name).pw_uid
+
 
 def test_reader_records_authenticated_rejects(tmp_path):
     config = server_config(tmp_path, {"a": {"open_ports": "tcp/22"}})

@@ -535,6 +535,23 @@ def test_packet_age_window(tmp_path):
             assert "outside the 120 s window" in d.reason
 
 
+def test_a_bug_in_the_policy_refuses_and_never_raises(tmp_path):
+    """judge() turns any exception of a policy (a bug) into a refusal that names it, with
+    the replay key already set; the replay key of a signed text that is not base64 is the
+    hash of the text itself."""
+    config = server_config(tmp_path)
+    stanza = config.stanzas[0]
+
+    def broken(msg, source, now):
+        raise RuntimeError("a bug")
+    stanza.authorize = broken
+    d = decide(config, knock())
+    assert not d.accepted and d.reason == "internal error RuntimeError: a bug"
+    assert d.replay_key is not None
+    assert spa.packet_key(b"not base64!") == spa.b64encode(hashlib.sha256(b"not base64!")
+                                                            .digest()).decode()
+
+
 def test_first_authenticating_stanza_wins_and_source_lists(tmp_path):
     other_h = base64.b64encode(b"o" * 64).decode()
     config = server_config(tmp_path, {
@@ -554,6 +571,31 @@ def test_first_authenticating_stanza_wins_and_source_lists(tmp_path):
 # ---------------------------------------------------------------------------
 # Files: keys read privately, state written durably
 # ---------------------------------------------------------------------------
+
+def test_files_root_writes_are_made_safely(tmp_path, monkeypatch):
+    """check_private_dir says why a directory will not do (missing, not one); a temporary
+    file is never one whose name is taken (ten tries, then an error); a write that fails
+    leaves the old file as it was and no temporary file behind."""
+    assert spa.check_private_dir(str(tmp_path / "none")).startswith("cannot use %s: " % (tmp_path / "none"))
+    (tmp_path / "file").write_text("")
+    assert spa.check_private_dir(str(tmp_path / "file")) == "%s is not a directory" % (tmp_path / "file")
+    target = str(tmp_path / "target")
+    monkeypatch.setattr(spa.os, "urandom", lambda n: b"\0" * n)
+    name, fd = spa.create_temp_file(target)
+    os.close(fd)
+    with pytest.raises(OSError, match="cannot make a temporary file next to"):
+        spa.create_temp_file(target)                      # its one name is taken now
+    os.unlink(name)
+    monkeypatch.undo()
+    (tmp_path / "target").write_text("old")
+
+    def fails(fd):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        spa.replace_file(target, fails)
+    assert (tmp_path / "target").read_text() == "old"
+    assert sorted(os.listdir(str(tmp_path))) == ["file", "target"]
+
 
 def test_readable_key_file_is_refused(tmp_path):
     path = write_private(tmp_path / "spa.conf", "[server]\nprotect = tcp/22\n")
@@ -593,11 +635,53 @@ def test_policy_username_and_source_address(tmp_path):
     assert d.accepted and d.allow_ip == "198.18.0.9"
 
 
+def test_nat_requests_the_stanza_refuses(tmp_path):
+    """A NAT request must name an address (no names), a port, one port to open, and a
+    target of the allow IP's family; an access message must carry the required user."""
+    config = server_config(tmp_path, {"alice": {"enable_nat": "yes", "require_username": "alice",
+                                                "open_ports": "tcp/22,tcp/2222",
+                                                "nat_destinations": "10.0.0.7:22, [2001:db8::7]:22"}},
+                           enable_forwarding="yes")
+    stanza, now = config.stanzas[0], time.time()
+    cases = [("inner.example,22", [("tcp", 2222)], "198.18.0.9",
+              "NAT host 'inner.example' is not an address (spa.py resolves no names)"),
+             ("10.0.0.7,99999", [("tcp", 2222)], "198.18.0.9", "NAT port '99999' is not 1-65535"),
+             ("10.0.0.7,22", [("tcp", 2222), ("tcp", 22)], "198.18.0.9",
+              "a NAT request names 2 ports; it must name one"),
+             ("2001:db8::7,22", [("tcp", 2222)], "198.18.0.9",
+              "NAT to 2001:db8::7 for 198.18.0.9: the addresses are of different families")]
+    for nat_access, access, allow_ip, reason in cases:
+        msg = spa.Message("alice", allow_ip, access, msg_type=spa.MSG_NAT, nat_access=nat_access)
+        with pytest.raises(spa.Reject) as refused:
+            stanza.authorize(msg, "198.18.0.2", now)
+        assert str(refused.value) == reason
+    msg = spa.Message("mallory", "0.0.0.0", [("tcp", 22)])
+    with pytest.raises(spa.Reject, match="username 'mallory' is not the required one"):
+        stanza.authorize(msg, "198.18.0.2", now)
+    target = stanza.authorize(spa.Message("alice", "198.18.0.9", [("tcp", 2222)],
+                                          msg_type=spa.MSG_NAT, nat_access="10.0.0.7,22"),
+                              "198.18.0.2", now)[2]
+    assert (target.address, target.port, target.local) == ("10.0.0.7", 22, False)
+
+
 def test_client_timeout_is_capped(tmp_path):
     config = server_config(tmp_path, {"a": {"fw_access_timeout": "7", "max_fw_timeout": "60"}})
     assert decide(config, knock()).timeout == 7
     assert decide(config, knock(timeout=20)).timeout == 20
     assert decide(config, knock(timeout=5000)).timeout == 60
+
+
+def test_ini_errors_name_the_line_not_its_text(tmp_path):
+    """A section given twice, or a file configparser cannot read at all: the error names
+    the file (and line), never a line's text."""
+    path = write_private(tmp_path / "spa.conf", "[server]\nprotect = tcp/22\n[server]\n")
+    with pytest.raises(spa.SpaError) as e:
+        spa.read_ini(path)
+    assert str(e.value) == "%s line 3 (in [server]): section [server] appears twice" % path
+
+    class Broken(Exception):
+        pass
+    assert spa._ini_error(path, "", Broken()) == "%s: not an INI file (Broken)" % path
 
 
 @pytest.mark.parametrize("text,message", [
@@ -688,6 +772,30 @@ def test_fwknopd_access_conf_is_read(tmp_path):
     assert not expired.accepted and "expired on 2020-01-01" in expired.reason
 
 
+def test_access_conf_includes_and_what_it_cannot_honour(tmp_path):
+    """%include reads another file (its stanzas load too); %include_keys that cannot be
+    read leaves its stanza out, named; a key still __CHANGEME__ or a GnuPG-only stanza is
+    left out; with forwarding on, access.conf's stanzas refuse NAT to other hosts."""
+    keys = "KEY_BASE64 %s\nHMAC_KEY_BASE64 %s\n" % (KEY, HMAC_KEY)
+    extra = write_private(tmp_path / "extra.conf", "SOURCE ANY\n" + keys)
+    main = write_private(tmp_path / "access.conf", (
+        "%%include %s\n"
+        "SOURCE 198.18.0.0/24\n%%include_keys %s\n"
+        "SOURCE 198.18.1.0/24\nKEY __CHANGEME__\nHMAC_KEY_BASE64 %s\n"
+        "SOURCE 198.18.2.0/24\nENCRYPTION_MODE asymmetric\nGPG_DECRYPT_ID ABCD1234\n"
+        "HMAC_KEY_BASE64 %s\n") % (extra, tmp_path / "no-such-keys", HMAC_KEY, HMAC_KEY))
+    stanzas, notes = spa.read_access_conf(main, [("tcp", 22)], forwarding=True)
+    assert [s.name for s in stanzas] == ["extra.conf:1"]
+    text = "\n".join(notes)
+    assert "cannot read %s: No such file" % (tmp_path / "no-such-keys") in notes[1]
+    assert notes[1].startswith("access.conf:2: stanza left out: ")
+    assert notes[2].startswith("access.conf:4: stanza left out: ")
+    assert notes[2].endswith("KEY is still __CHANGEME__ (line 5)")
+    assert "access.conf:7: stanza left out: spa.py does not support GnuPG-only stanzas" in text
+    assert "extra.conf:1: NAT access to other hosts is refused: access.conf cannot name " \
+        "nat_destinations" in text
+
+
 def test_access_conf_alone_and_readable_refused(tmp_path):
     path = write_private(tmp_path / "access.conf",
                          ACCESS_CONF.format(key=KEY, hkey=HMAC_KEY, other=HMAC_KEY))
@@ -769,6 +877,28 @@ def test_replay_cache_keeps_128_bits_of_each_digest(tmp_path):
     assert full[2] in again
 
 
+def test_replay_cache_compacts_itself_and_reads_what_it_can(tmp_path):
+    """The file is written anew once it holds many more lines than live entries (each
+    packet appends one); a line too long to be one is skipped and counted; a cache that
+    cannot be read or made is an error in words."""
+    path = str(tmp_path / "replay.cache")
+    cache = spa.ReplayCache(path, 120)
+    now = time.time()
+    digest = spa.b64encode(hashlib.sha256(b"one").digest()).decode()
+    assert cache.add_many([(digest, now)] * 1100, now)     # 1,100 lines for one entry
+    with open(path) as f:
+        assert len(f.read().splitlines()) == 2              # the header and the entry
+    cache.close()
+    with open(path, "a") as f:
+        f.write("x" * 500 + "\n")
+    assert spa.ReplayCache(path, 120).skipped == 1
+    with pytest.raises(spa.SpaError, match="cannot read the replay cache"):
+        spa.ReplayCache(str(tmp_path), 120)              # a directory
+    (tmp_path / "file").write_text("")
+    with pytest.raises(spa.SpaError, match="cannot make the replay cache's directory"):
+        spa.ReplayCache(str(tmp_path / "file" / "replay.cache"), 120)
+
+
 def test_replay_cache_keeps_future_packets(tmp_path):
     """A packet stamped ahead (within the window) stays remembered until it could no longer
     pass; one stamped further ahead is refused by the age check and kept two windows."""
@@ -806,6 +936,25 @@ def test_replay_opens_nothing_even_after_a_restart(tmp_path):
 # ---------------------------------------------------------------------------
 # Firewall: one interface, three back ends
 # ---------------------------------------------------------------------------
+
+def test_the_firewall_interface_s_defaults():
+    """What a back end does not do itself: nothing to list, expire, restore or flush; the
+    methods every back end must have raise NotImplementedError in the base class."""
+    fw = spa.Firewall([("tcp", 22)], "drop")
+    assert (fw.list(), fw.list_nat(), fw.expire(), fw.restore(), fw.flush()) == \
+        ([], [], 0, False, False)
+    assert (fw.steer, fw.monitored, fw.name) == (False, False, None)
+    for call in (fw.setup, lambda: fw.open("198.18.0.2", "tcp", 22, 30),
+                 lambda: fw.open_many([("198.18.0.2", "tcp", 22, 30)]),
+                 lambda: fw.open_nat("198.18.0.2", "tcp", 22, "10.0.0.7", 22, 30, False),
+                 lambda: fw.close("198.18.0.2", "tcp", 22)):
+        with pytest.raises(NotImplementedError):
+            call()
+    dry = spa.DryRunFirewall([("tcp", 22)])
+    assert dry.open("198.18.0.2", "tcp", 22, 30, interface="eth0") is True
+    assert dry.opened == [("198.18.0.2", "tcp", 22, 30, "eth0")]
+    assert dry.close("198.18.0.2", "tcp", 22) is False
+
 
 def test_every_back_end_offers_the_firewall_interface():
     """nft, iptables and the dry run share one small interface (spa.Firewall): each has its
@@ -872,6 +1021,30 @@ def test_test_mode_and_flush(tmp_path):
 # ---------------------------------------------------------------------------
 # nftables
 # ---------------------------------------------------------------------------
+
+def test_nft_without_nat_in_the_kernel_refuses_with_reject(monkeypatch):
+    """A kernel without NAT (nf_nat, nft_redir, fib) cannot steer refused connections to
+    port 0: setup() loads the table without the steer chain, says so, and the reject rule
+    answers.  (nft itself is played here by a stand-in that refuses `redirect`.)"""
+    ran = []
+
+    def nft(argv, stdin=None):
+        ran.append(stdin or " ".join(argv))
+        if stdin and "redirect to" in stdin:
+            raise spa.SpaError("nft failed: Error: Could not process rule: No such file")
+        return '{"nftables": []}' if "list" in argv else ""
+    monkeypatch.setattr(spa, "run_command", nft)
+    log = Lines()
+    fw = spa.NftFirewall([("tcp", 22)], "reject", log=log)
+    assert fw.steer
+    fw.setup()
+    assert not fw.steer and "steer" not in "\n".join(fw.commands())
+    assert "reject with tcp reset" in "\n".join(fw.commands())
+    assert [line for line in log.lines if "answered by nftables' reject, not by the kernel" in line]
+    # tried twice with the steer chain (the second time anew, as for an old table), then without
+    assert [("redirect" in text, "delete table" in text) for text in ran if "add table" in text] \
+        == [(True, False), (True, True), (False, False)]
+
 
 def test_nft_close_removes_an_opening_now(tmp_path):
     need_nft()
@@ -1039,6 +1212,34 @@ def test_iptables_nat_rules_read_back_as_named_openings():
         assert fw._accept_chain(key) == (spa.IPT_CHAIN if key.local else spa.IPT_FORWARD_CHAIN)
 
 
+def test_iptables_without_ip6tables_or_a_nat_table(monkeypatch):
+    """Where ip6tables (or the nat table) does not work, the IPv4 side still does: flush
+    skips it, setup says NAT over IPv6 is not available, nothing is open there; a rule
+    whose quoting shlex cannot read is not one of ours; a restore that fails is logged."""
+    fake = netns_lab.FakeCommands({
+        "ip6tables": spa.SpaError("ip6tables failed: can't initialize ip6tables table"),
+        ("iptables", "nat", "-S"): spa.SpaError("iptables failed: no nat table"),
+        ("iptables", "filter", "-S"): "-P INPUT ACCEPT\n-N SPA_INPUT\n"
+                                  "-A SPA_INPUT -m comment --comment \"broken -j ACCEPT\n"})
+    monkeypatch.setattr(spa, "run_command", fake)
+    log = Lines()
+    fw = spa.IptablesFirewall([("tcp", 22)], log=log, nat=True)
+    fw.families = (4, 6)
+    assert fw._table(4, "filter", ("SPA_INPUT",)) == \
+        {"SPA_INPUT": [["-m", "comment", "--comment", '"broken', "-j", "ACCEPT"]]}
+    assert fw._openings(6) == [] and fw._nat_rules(6) == []
+    assert fw.flush() is True                 # IPv4's chain went; IPv6 was skipped
+    fake.outputs["ip6tables"] = ""
+    fw.setup()
+    assert fw.nat_families == {6} and fw.steer_families == {6}
+    assert "no NAT access over IPv4: the nat table does not work here (iptables failed: no nat " \
+        "table); refused TCP connections are answered by REJECT, not by the kernel" in log.lines
+    fake.outputs["iptables-restore"] = spa.SpaError("iptables-restore failed: the xtables lock")
+    fw.deadlines = {("198.18.0.2", "tcp", 22): time.monotonic() + 30}
+    assert fw.restore() is False
+    assert log.lines[-1].startswith("could not restore the firewall: iptables-restore failed")
+
+
 def iptables_default_drop(lab, command):
     """A classic default-drop host: policy DROP, established and neighbour discovery accepted."""
     v6 = command.replace("ip", "ip6", 1)
@@ -1096,6 +1297,36 @@ def test_iptables_back_end_end_to_end(tmp_path, command):
 # ---------------------------------------------------------------------------
 # Choosing the back end, and the host's saved firewall
 # ---------------------------------------------------------------------------
+
+def test_firewall_config_refuses_and_leaves_files_as_they_were(tmp_path, monkeypatch, capsys):
+    """firewall-config: nothing to save with firewall = none or saved_firewall = none; a
+    ruleset file that nft would not load (nft -c) is not replaced; a file that cannot be
+    written is an error in words."""
+    for option, message in (({"firewall": "none"}, "firewall = none: there is no firewall"),
+                            ({"saved_firewall": "none"}, "saved_firewall = none in")):
+        config = server_config(tmp_path, **option)
+        assert spa.main(["firewall-config", "-c", config.path, "--write"]) == 1
+        assert message in capsys.readouterr().err
+    main = tmp_path / "nftables.conf"
+    main.write_text("flush ruleset\n")
+
+    def nft(argv, stdin=None):
+        if argv[:2] == ["nft", "-c"]:
+            raise spa.SpaError("nft failed: Error: syntax error")
+        return ""
+    monkeypatch.setattr(spa, "run_command", nft)
+    config = server_config(tmp_path, saved_firewall=str(main), nft_include=str(tmp_path / "spa.nft"))
+    assert spa.main(["firewall-config", "-c", config.path, "--write"]) == 1
+    assert "%s would not load (nft failed: Error: syntax error): left as it was" % main \
+        in capsys.readouterr().err
+    assert main.read_text() == "flush ruleset\n"
+    (tmp_path / "file").write_text("")
+    config = server_config(tmp_path, saved_firewall=str(main),
+                           nft_include=str(tmp_path / "file" / "spa.nft"))
+    assert spa.main(["firewall-config", "-c", config.path, "--write"]) == 1
+    assert "cannot write %s: " % (tmp_path / "file" / "spa.nft") \
+        in capsys.readouterr().err
+
 
 def test_firewall_auto_picks_iptables_where_iptables_nft_rules(tmp_path):
     need_lab("iptables-nft")
@@ -1187,6 +1418,42 @@ def test_parse_frame():
     assert spa.frame_destination(udp_frame("198.18.0.2", "198.18.0.1", good)) == "198.18.0.1"
     for short in (b"", b"E" * 27, frame[:47], b"\x70" + frame[1:]):    # too short; IP version 7
         assert spa.parse_frame(short) == (None, b"")
+
+
+def test_host_addresses_without_notifications_or_a_dump(monkeypatch):
+    """This host's addresses: without rtnetlink's notifications they are read again once a
+    second; lost notifications (ENOBUFS) mean a read; a read that fails keeps what was."""
+    hosts = spa.HostAddresses()
+    assert "127.0.0.1" in hosts and "198.51.100.250" not in hosts
+
+    class Lost(object):
+        def recv(self, size):
+            raise OSError(105, "No buffer space available")
+
+        def close(self):
+            pass
+    hosts.news.close()
+    hosts.news = Lost()
+    assert hosts._changed() is True
+    hosts.news = None
+    hosts.read_at = time.monotonic()
+    assert hosts._changed() is False
+    hosts.read_at -= 2
+    assert hosts._changed() is True
+
+    def fails():
+        raise OSError(1, "Operation not permitted")
+    monkeypatch.setattr(hosts, "dump", fails)
+    hosts._read()
+    assert "127.0.0.1" in hosts.addresses             # kept
+    real = spa.socket.socket
+
+    def no_netlink(family, *args):
+        if family == spa.socket.AF_NETLINK:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(family, *args)
+    monkeypatch.setattr(spa.socket, "socket", no_netlink)
+    assert spa.HostAddresses().news is None
 
 
 def test_capture_sees_knocks_the_firewall_drops(tmp_path):
@@ -1308,6 +1575,39 @@ def test_syslog_lines_say_spa_and_never_the_keys(tmp_path, monkeypatch):
     assert re.match(r"<30>spa\[\d+\]: rejected packet from 198\.18\.0\.2: HMAC", lines[0])  # daemon.info
     assert re.match(r"<30>spa\[\d+\]: accepted packet from 198\.18\.0\.2 \[client alice\]", lines[1])
     assert not any(secret in "".join(lines) for secret in (KEY, HMAC_KEY))
+
+
+def test_the_log_never_stops_the_server(tmp_path, monkeypatch, capsys):
+    """A format that does not fit its arguments, a closed stderr, a syslog that went away
+    (reconnected once, then given up): each is survived, and what can be said is."""
+    import io
+    import socket as socketmod
+    log = spa.Log()
+    log.info("two %s %s", "args")                       # one missing: logged as it came
+    assert capsys.readouterr().err.endswith(" spa: two %s %s ('args',)\n")
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stderr", closed)
+    log.error("nowhere to say it")                      # no exception
+    monkeypatch.undo()
+    path = str(tmp_path / "log")
+    sink = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+    sink.bind(path)
+    monkeypatch.setattr(spa, "SYSLOG_SOCKET", path)
+    log = spa.Log("syslog")
+    sink.close()
+    os.unlink(path)                                     # syslog restarts, on a new socket
+    sink = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+    sink.bind(path)
+    sink.settimeout(2)
+    log.warning("after the restart")
+    assert sink.recv(4096) == b"<28>spa[%d]: after the restart\0" % os.getpid()
+    sink.close()
+    os.unlink(path)
+    log.info("and while it is away")                    # reconnecting fails: no exception
+    with pytest.raises(spa.SpaError) as e:
+        spa.Log("syslog")
+    assert str(e.value).startswith("cannot log to syslog (%s): " % path)
 
 
 # ---------------------------------------------------------------------------
@@ -1829,6 +2129,57 @@ def test_optional_interface_may_be_missing_at_start(tmp_path):
         assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
 
 
+def test_ready_is_told_to_systemd_and_the_variable_dropped(tmp_path, monkeypatch):
+    """Type=notify: READY=1 goes to $NOTIFY_SOCKET (a path, or an abstract name with '@'),
+    which no child of the server then sees; outside systemd nothing happens."""
+    import socket as socketmod
+    for name in (str(tmp_path / "notify"), "@spa-test-notify-%d" % os.getpid()):
+        sink = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_DGRAM)
+        sink.bind(name if name.startswith("/") else "\0" + name[1:])
+        sink.settimeout(2)
+        monkeypatch.setenv("NOTIFY_SOCKET", name)
+        spa.notify_systemd("READY=1")
+        assert sink.recv(64) == b"READY=1" and "NOTIFY_SOCKET" not in os.environ
+        sink.close()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    spa.notify_systemd("READY=1")                       # no one there: no exception
+    spa.notify_systemd("READY=1")                       # no variable: nothing to do
+    assert "NOTIFY_SOCKET" not in os.environ
+
+
+class Named(object):
+    """A stanza as CommandRunner sees one: a name and a cmd_exec_user."""
+
+    def __init__(self, user):
+        self.name, self.cmd_exec_user = "ops", user
+
+
+def test_command_runner_refuses_what_it_cannot_run_as_asked():
+    """A command is not run when it cannot be parsed, is empty, has no user or a user of
+    root's, or when `most` already run; in test mode it is said and not run; one that
+    cannot start is logged; each says why (the gatekeeper refuses the packet with it)."""
+    log = Lines()
+    runner = spa.CommandRunner(log, most=0)
+    assert runner.start(Named("nobody"), "echo 'unclosed", "198.18.0.2", "alice") \
+        .startswith("command not run: No closing quotation")
+    assert runner.start(Named("no-such-user-here"), "true", "198.18.0.2", "alice") \
+        .startswith("command not run: ")
+    assert runner.start(Named("nobody"), "  ", "198.18.0.2", "alice") == \
+        "command not run: it is empty"
+    assert runner.start(Named("root"), "true", "198.18.0.2", "alice") == \
+        "command not run: cmd_exec_user root is root or in group 0"
+    assert runner.start(Named("nobody"), "true", "198.18.0.2", "alice", test=True) is None
+    assert log.lines[-1] == "accepted command from 198.18.0.2 [client ops]: 'true' not run " \
+        "(test mode)"
+    assert runner.start(Named("nobody"), "true", "198.18.0.2", "alice") == \
+        "command not run: 0 are running already, the most at once"
+    if os.geteuid() == 0:
+        runner.most = 1
+        assert runner.start(Named("nobody"), "/no/such/program", "198.18.0.2", "alice") == \
+            "command failed to start"
+        assert "as nobody failed to start" in log.lines[-1] and runner.running == []
+
+
 def test_check_config(tmp_path):
     conf = write_private(tmp_path / "spa.conf", "[server]\ninterface = lo, nope0\nprotect = tcp/22\n"
                          "saved_firewall = none\nreplay_cache = %s\n"
@@ -2053,6 +2404,38 @@ def test_client_names_what_it_cannot_honour_in_fwknoprc(tmp_path, line, message)
                        "[web1]\nSPA_SERVER 198.18.0.1\nACCESS tcp/22\n%s\n" % (KEY, HMAC_KEY, line))
     done = run_spa("client", "-c", rc, "-n", "web1", "--test")
     assert done.returncode == 1 and message in done.stderr
+
+
+def test_fwknoprc_lines_read_as_fwknop_reads_them():
+    """Lines before the first section are ignored (as by fwknop); a variable without a
+    value, or one fwknop does not know, is a problem of its section; ALLOW_IP resolve is
+    -R; INI sections choose their allow IP the same ways."""
+    sections = spa.read_fwknoprc("rc", "KEY_BASE64 ignored\n[web1]\nSPA_SERVER\nMADE_UP yes\n"
+                                       "ALLOW_IP resolve\n")
+    assert set(sections) == {"web1"}
+    assert sections["web1"].problems == ["rc [web1] line 3: SPA_SERVER has no value",
+                                         "rc [web1] line 4: MADE_UP is not a variable fwknop knows"]
+    assert sections["web1"].options["allow"] == "ALLOW_IP resolve in rc [web1]"
+    assert spa._allow_choice({"allow_ip": "Source"}) == ("source",)
+    assert spa._allow_choice({"allow_ip": "resolve"}) == ("resolve", "allow_ip = resolve")
+    assert spa._allow_choice({"allow_ip": "198.18.0.9"}) == ("ip", "198.18.0.9")
+    assert spa._allow_choice({}) is None
+
+
+def test_nat_options_that_do_not_go_together():
+    """--nat-port needs --nat-local, -N and --nat-local exclude each other, NAT takes one
+    port; nat_local from a config file is a yes/no; -N without a port forwards the -A
+    port."""
+    access = [("tcp", 22)]
+    for opts, message in (({"nat_port": "2222"}, "--nat-port goes with --nat-local"),
+                          ({"nat_access": "10.0.0.7", "nat_local": "yes"},
+                           "give -N/--nat-access or --nat-local, not both"),
+                          ({"nat_access": "10.0.0.7"}, "NAT access takes one port in -A, not 2")):
+        with pytest.raises(spa.SpaError, match=re.escape(message)):
+            spa.nat_request(opts, access * (2 if "one port" in message else 1), 0)
+    assert spa.nat_request({"nat_local": "no"}, access, 0) == (spa.MSG_ACCESS, None, access)
+    assert spa.nat_request({"nat_access": "10.0.0.7"}, access, 30) == \
+        (spa.MSG_TIMEOUT_NAT, "10.0.0.7,22", access)
 
 
 def test_fwknoprc_allow_ip_source_and_passphrase_keys(tmp_path):
@@ -2283,6 +2666,14 @@ def test_keygen_adds_or_replaces_the_stanza_in_the_server_config(tmp_path):
     assert done.returncode == 1 and "a section name of letters" in done.stderr
 
 
+def test_keygen_refuses_bad_ports_and_unwritable_output(tmp_path):
+    done = run_spa("keygen", "-A", "tcp/99999")
+    assert done.returncode == 1 and "access 'tcp/99999': expected tcp/PORT" in done.stderr
+    done = run_spa("keygen", "-o", str(tmp_path / "none" / "keys"))
+    assert done.returncode == 1 and "cannot create %s: No such file" % (tmp_path / "none" / "keys") \
+        in done.stderr
+
+
 def test_the_example_config_is_what_keygen_writes(tmp_path):
     """spa.conf.example is the text keygen --server-config starts a missing config from, word
     for word; it has no stanza with placeholders to trip over; the result passes check-config
@@ -2366,11 +2757,41 @@ def test_selftest_names_what_is_missing(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "FAIL  missing: root" in out and "FAIL  missing: nft (Debian: apt install nftables)" in out
     assert "verdict: FAIL" in out
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
+
+    def no_aes():
+        raise spa.SpaError("pycryptodome is missing: install it")
+    monkeypatch.setattr(spa, "aes_ecb", no_aes)
+    monkeypatch.delattr(spa.socket, "AF_PACKET")
+    missing = spa.selftest_missing()
+    assert "the ip command (Debian: apt install iproute2)" in missing
+    assert "pycryptodome is missing: install it" in missing
+    assert "AF_PACKET sockets (Linux only)" in missing
 
 
 # ---------------------------------------------------------------------------
 # install: a launcher, so that Python reuses the compiled code
 # ---------------------------------------------------------------------------
+
+def test_install_names_the_python_it_will_not_use(tmp_path):
+    """--python must be an executable file, root's, with a name a #! line can hold; one
+    that cannot load pycryptodome is used only with a warning."""
+    assert spa._interpreter_problem(str(tmp_path / "none")) == \
+        "%s is not an executable file" % (tmp_path / "none")
+    spaced = tmp_path / "my python"
+    spaced.mkdir()
+    os.symlink(sys.executable, str(spaced / "python3"))
+    assert spa._interpreter_problem(str(spaced / "python3")).endswith("cannot go in a #! line")
+    with pytest.raises(spa.SpaError, match="no Python to run spa.py with"):
+        spa.choose_python(str(tmp_path / "none"))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    script = plain / "python3"
+    script.write_text("#!/bin/sh\nexit 1\n")          # runs, but loads nothing
+    os.chmod(str(script), 0o755)
+    python, why = spa.choose_python(str(script))
+    assert python == str(script) and "WARNING: %s cannot load pycryptodome" % script in why
+
 
 def test_install_writes_a_launcher_that_reuses_compiled_code(tmp_path):
     prefix = tmp_path / "prefix"
@@ -2394,6 +2815,13 @@ def test_install_writes_a_launcher_that_reuses_compiled_code(tmp_path):
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+
+def test_ctrl_c_ends_with_status_130(monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(spa, "keygen_main", interrupted)
+    assert spa.main(["keygen"]) == 130
+
 
 def test_help_shows_examples():
     for args in ([], ["keygen"], ["client"], ["server"], ["check-config"], ["selftest"],
@@ -2484,6 +2912,30 @@ def test_aes_is_called_in_pycryptodome_s_library(monkeypatch):
         monkeypatch.setattr(spa, "_library_ecb", broken)
         assert spa.aes_ecb().__qualname__.startswith("_module_ecb.")
         assert spa.aes_ecb()(key, block) == answer
+
+
+def test_the_aes_block_function_refuses_what_is_not_aes(monkeypatch):
+    """Whole blocks only, and a key AES has; a hash Python does not have itself comes from
+    hashlib; a pycryptodome without its AES module is an error in words."""
+    for ecb in (_library_ecb(), spa._module_ecb(spa.aes_module())):
+        with pytest.raises(ValueError):
+            ecb(b"k" * 32, b"x" * 15)
+        with pytest.raises(ValueError):
+            ecb(b"k" * 15, b"x" * 16)
+    monkeypatch.setattr(spa, "_BUILTIN_HASHES", {"sha256": (("_no_such_module", "sha256"),)})
+    monkeypatch.setattr(spa, "_HASHES", {})
+    assert spa.hash_constructor("sha256") is hashlib.sha256
+    monkeypatch.setattr(spa, "_AES", None)
+    import importlib
+    real = importlib.import_module
+
+    def no_aes(name, *args):
+        if name.endswith(".Cipher.AES"):
+            raise ImportError("No module named %r" % name)
+        return real(name, *args)
+    monkeypatch.setattr(importlib, "import_module", no_aes)
+    with pytest.raises(spa.SpaError, match="pycryptodome is broken: No module named"):
+        spa.aes_module()
 
 
 def test_hashes_and_hmac_are_those_of_hashlib_and_hmac():

@@ -1909,8 +1909,25 @@ class Firewall(object):
         return 0
 
     def restore(self):
-        """Put back what a reload of the host's firewall removed; True if it did."""
-        return False
+        """Put back what a reload of the host's firewall removed, if it removed anything
+        (intact, _put_back); True if it did.  Logged either way; never raises."""
+        try:
+            if self.intact():
+                return False
+            what = self._put_back()
+        except SpaError as e:
+            self._say("error", "could not restore the firewall: %s", e)
+            return False
+        self._say("warning", "the firewall was changed under us (a reload?): restored %s", what)
+        return True
+
+    def intact(self):
+        """False if something of ours is missing from the kernel (a reload removed it)."""
+        return True
+
+    def _put_back(self):
+        """Make what is ours again, with the openings in force; says what, in words."""
+        raise NotImplementedError
 
     def flush(self):
         """Remove everything of ours; True if there was anything."""
@@ -2658,31 +2675,23 @@ class NftFirewall(Firewall):
                 return False
         return True
 
-    def restore(self):
-        """Put back our table, rules and the openings in force, if something removed them.
-        An opening comes back with what was left of it, never more."""
-        try:
-            if self.intact():
-                return False
-            self.setup()
-            now = time.monotonic()
-            alive = [(k, end) for k, end in self.ends.items() if end > now + 0.5]
-            batch = ElementBatch()
-            for key, end in alive:
-                for place, element in self._elements_in(self.places, key):
-                    batch.put(place, element, end - now)
-            for (address, proto, port), (end, to_address, to_port, local) in self.nat_ends.items():
-                if end > now + 0.5:
-                    for place, element, data in self._nat_elements(address, proto, port,
-                                                                   to_address, to_port, local):
-                        batch.put(place, element, end - now, data=data)
-            self.kernel.commit(batch)
-            self._say("warning", "the firewall was changed under us (a reload?): restored "
-                      "table inet %s and %d opening(s) in force", self.table, len(alive))
-            return True
-        except SpaError as e:
-            self._say("error", "could not restore the firewall: %s", e)
-            return False
+    def _put_back(self):
+        """Our table, rules and the openings in force, made again.  An opening comes back
+        with what was left of it, never more."""
+        self.setup()
+        now = time.monotonic()
+        alive = [(k, end) for k, end in self.ends.items() if end > now + 0.5]
+        batch = ElementBatch()
+        for key, end in alive:
+            for place, element in self._elements_in(self.places, key):
+                batch.put(place, element, end - now)
+        for (address, proto, port), (end, to_address, to_port, local) in self.nat_ends.items():
+            if end > now + 0.5:
+                for place, element, data in self._nat_elements(address, proto, port,
+                                                               to_address, to_port, local):
+                    batch.put(place, element, end - now, data=data)
+        self.kernel.commit(batch)
+        return "table inet %s and %d opening(s) in force" % (self.table, len(alive))
 
     def _elements(self, kind, name):
         """(key, data or None, seconds left) of each element of our set or map `name`; the
@@ -3256,32 +3265,24 @@ class IptablesFirewall(Firewall):
                     return False
         return True
 
-    def restore(self):
-        """Put back our chains, their jumps and the openings (plain and NAT) in force, if
-        something removed them (iptables-restore of the host's rules, ufw reload).  An
-        opening comes back with what was left of it on the monotonic clock, never more."""
-        try:
-            if self.intact():
-                return False
-            deadlines, nat_deadlines = dict(self.deadlines), dict(self.nat_deadlines)
-            nat_keys = list(self.nat_ends)
-            self.setup()
-            now, mono = time.time(), time.monotonic()
-            alive = [(key, d) for key, d in deadlines.items() if d > mono + 0.5]
-            for key, d in alive:
-                self._put(key, int(now + d - mono), d)
-            nat_alive = [(key, nat_deadlines[key]) for key in nat_keys
-                         if nat_deadlines.get(key, 0) > mono + 0.5
-                         and _family(key[0]) in self.nat_families]
-            for key, d in sorted(nat_alive, key=lambda item: item[1]):
-                self._put_nat(key, int(now + d - mono))
-                self.nat_deadlines[key] = d
-            self._say("warning", "the firewall was changed under us (a reload?): restored our "
-                      "chains and %d opening(s) in force", len(alive) + len(nat_alive))
-            return True
-        except SpaError as e:
-            self._say("error", "could not restore the firewall: %s", e)
-            return False
+    def _put_back(self):
+        """Our chains, their jumps and the openings (plain and NAT) in force, made again
+        (after iptables-restore of the host's rules, a ufw reload).  An opening comes back
+        with what was left of it on the monotonic clock, never more."""
+        deadlines, nat_deadlines = dict(self.deadlines), dict(self.nat_deadlines)
+        nat_keys = list(self.nat_ends)
+        self.setup()
+        now, mono = time.time(), time.monotonic()
+        alive = [(key, d) for key, d in deadlines.items() if d > mono + 0.5]
+        for key, d in alive:
+            self._put(key, int(now + d - mono), d)
+        nat_alive = [(key, nat_deadlines[key]) for key in nat_keys
+                     if nat_deadlines.get(key, 0) > mono + 0.5
+                     and _family(key[0]) in self.nat_families]
+        for key, d in sorted(nat_alive, key=lambda item: item[1]):
+            self._put_nat(key, int(now + d - mono))
+            self.nat_deadlines[key] = d
+        return "our chains and %d opening(s) in force" % (len(alive) + len(nat_alive))
 
     def flush(self):
         """Remove our chains and the jumps to them (NAT ones too, even with nat=False)."""
@@ -4189,6 +4190,12 @@ class RateLimiter(object):
         self.suppressed += 1
         return False
 
+    def log_suppressed(self, log, what):
+        """Log how many `what` (lines of a kind) were refused since the last such line."""
+        n = self.take_suppressed()
+        if n:
+            log.info("%d more %s were not logged (rate limit)", n, what)
+
     def take_suppressed(self):
         """How many lines were refused since the last call (and start anew)."""
         n, self.suppressed = self.suppressed, 0
@@ -4816,10 +4823,8 @@ class Gatekeeper(object):
 
     def log_suppressed(self):
         """Log how many refusals the rate limit left out since the last such line."""
-        n = self.limiter.take_suppressed()
-        if n:
-            self.log.info("%d more %s were not logged (rate limit)", n,
-                          "packets" if self.log.verbose else "rejected packets")
+        self.limiter.log_suppressed(self.log, "packets" if self.log.verbose
+                                    else "rejected packets")
 
     def stats(self):
         """One line of counters for the log (SIGUSR1)."""
@@ -5002,9 +5007,7 @@ class Reader(object):
 
     def log_suppressed(self):
         """Log how many rejections the rate limit left out since the last such line."""
-        n = self.limiter.take_suppressed()
-        if n:
-            self.log.info("%d more rejected packets were not logged (rate limit)", n)
+        self.limiter.log_suppressed(self.log, "rejected packets")
 
 
 def crash_report():
@@ -7237,6 +7240,15 @@ def _client_options(sub, fmt):
     _client_run_options(c)
 
 
+def _config_options(parser, access_conf=True):
+    """The server config's options, the same for server, check-config and firewall-config."""
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                        help="config file (default %s)" % DEFAULT_CONFIG)
+    if access_conf:
+        parser.add_argument("--access-conf", dest="access_conf", metavar="FILE",
+                            help="also load the client stanzas of fwknopd's access.conf")
+
+
 def _server_options(sub, fmt):
     """`spa.py server`'s options."""
     s = sub.add_parser("server", formatter_class=fmt, help=_SUBCOMMAND_HELP["server"],
@@ -7244,10 +7256,7 @@ def _server_options(sub, fmt):
                        epilog="examples:\n  spa.py server -c /etc/spa/spa.conf -v\n"
                        "  spa.py server -c /etc/spa/spa.conf --list\n"
                        "  spa.py server -c /etc/spa/spa.conf --flush")
-    s.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                   help="config file (default %s)" % DEFAULT_CONFIG)
-    s.add_argument("--access-conf", dest="access_conf", metavar="FILE",
-                   help="also load the client stanzas of fwknopd's access.conf")
+    _config_options(s)
     s.add_argument("-v", "--verbose", action="store_true",
                    help="log every authenticated packet's fields with its decision (never keys)")
     s.add_argument("--test", action="store_true",
@@ -7263,10 +7272,7 @@ def _check_config_options(sub, fmt):
                         description="Parse and check a server config: keys, permissions, "
                         "interfaces, the firewall tool; print what the server would protect.",
                         epilog="example:\n  spa.py check-config -c /etc/spa/spa.conf")
-    cc.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                    help="config file (default %s)" % DEFAULT_CONFIG)
-    cc.add_argument("--access-conf", dest="access_conf", metavar="FILE",
-                    help="also load the client stanzas of fwknopd's access.conf")
+    _config_options(cc)
 
 
 def _firewall_config_options(sub, fmt):
@@ -7281,8 +7287,7 @@ def _firewall_config_options(sub, fmt):
                        "iptables: adds SPA_INPUT to the rules files (/etc/iptables/rules.v4, .v6).\n"
                        "Without --write, shows the changes.",
                        epilog="example:\n  sudo spa.py firewall-config -c /etc/spa/spa.conf --write")
-    f.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                   help="config file (default %s)" % DEFAULT_CONFIG)
+    _config_options(f, access_conf=False)
     f.add_argument("--write", action="store_true",
                    help="make the changes (each file checked with nft -c or iptables-restore "
                    "--test first)")

@@ -3226,6 +3226,39 @@ if PYTHONS36:
         _real_python36_end_to_end)
 
 
+def banners(path):
+    """The section titles of a file, in order: each between two lines of dashes."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    rule = "# " + "-" * 75
+    return [lines[i + 1][2:] for i in range(len(lines) - 2)
+            if lines[i] == rule and lines[i + 2] == rule]
+
+
+def test_spa_py_reads_as_the_reference_of_fwknop_s_format():
+    """spa.py opens with the protocol, under fwknop's names, within its first 800 lines
+    (the diagram, seal and unseal, the decision); its functions stay short (60 lines at
+    most); and this file's sections are spa.py's, in spa.py's order."""
+    import ast
+    with open(SPA) as f:
+        text = f.read()
+    head = "\n".join(text.splitlines()[:800])
+    for name in ("def seal(", "def unseal(", "class Message(", "def parse_plaintext(",
+                 "def derive_key_iv(", "def screen(", "def judge(", "def decide("):
+        assert name in head, name
+    for word in ("EVP_BytesToKey", "U2FsdGVkX1", "B64_RIJNDAEL_SALT", "FKO_ACCESS_MSG",
+                 "rand_value", "nat_access", "server_auth", "client_timeout", "SPA digest"):
+        assert word in head, word
+    assert banners(SPA)[0] == "The SPA packet: fwknop's wire format"
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(text))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 60]
+    assert long == [], "functions over 60 lines: %s" % long
+    mine = [title for title in banners(os.path.join(HERE, "test_spa.py"))
+            if not title.startswith(("Helpers:", "The whole tool:"))]
+    assert mine == banners(SPA)
+
+
 def test_zz_report_knock_times():
     """Prints the knock-to-open times the integration tests saw (run with -s to read them)."""
     if not KNOCKS:

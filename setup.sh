@@ -22,9 +22,10 @@ apt-get update -qq || { echo "setup.sh: FAILED: apt-get update (see apt's messag
 # client and server to test against, pytest and hypothesis, nmap, hyperfine, OpenSSH,
 # systemd (the README's unit runs under it, booted in a throwaway container: nothing of this
 # machine's changes), and the kernel headers (the system call numbers that the packet
-# reader's seccomp filter is checked against).
+# reader's seccomp filter is checked against), and coverage (CI prints spa.py's line coverage).
 apt-get install -y -qq --no-install-recommends \
     nftables iptables iproute2 python3 python3-pycryptodome python3-pytest python3-hypothesis \
+    python3-coverage \
     linux-libc-dev python3-pip fwknop-client fwknop-server nmap hyperfine openssh-client openssh-server \
     systemd >/dev/null ||
     { echo "setup.sh: FAILED: apt-get install (see apt's message above)" >&2; exit 1; }
@@ -66,6 +67,9 @@ if ! python3 -c 'import vermin' 2>/dev/null && ! pip_install python3 vermin; the
              "'python3 -m pip install vermin' once PyPI can be reached" >&2
     fi
 fi
+# coverage measures which lines of spa.py the tests run (conftest.py, in CI).
+python3 -c 'import coverage' 2>/dev/null || pip_install python3 coverage ||
+    fail "pip could not install coverage, which the tests' coverage report (CI) needs"
 
 # spa.py promises Python 3.6: where pyenv has one, the tests run spa.py with it too
 # (test_real_python36_end_to_end); Debian and Ubuntu have none of their own.

@@ -10,17 +10,31 @@ even if the server has died.
 
 The packet is fwknop's (AES-256-CBC with OpenSSL's salted key derivation, an
 inner digest, and an HMAC over the base64 text: encrypt-then-MAC), so fwknop
-clients and fwknopd interoperate with spa.py both ways.
+clients and fwknopd interoperate with spa.py both ways.  The file opens with that
+format, as the reference a reader of fwknop's wire format can read.
 
 Needs Python 3.6 or newer and pycryptodome (imported as Cryptodome, Debian's
 python3-pycryptodome, or as Crypto, PyPI's pycryptodome).  The server needs
 root (CAP_NET_RAW to capture, CAP_NET_ADMIN to change the firewall) and nft or
 iptables; it parses packets in a child process that has given up root.
 
-Sections, in dependency order: constants and errors; encoding and crypto; the
-packet format; the packet decision; config and policy; replay cache; firewall
-back ends (nft, iptables, a dry run); capture; logging; server; client; keygen;
-selftest; install; command line.  README.md documents every command and option.
+Sections, each under a banner, in dependency order (what a section uses stands above
+it, but for the last one):
+  The SPA packet: fwknop's wire format     seal() and unseal(), the decision
+  Files                                    key files read privately, state kept durably
+  Policy and config                        [server], [client NAME], fwknop's access.conf
+  Replay cache                             no packet opens anything twice
+  Firewall: one interface                  what every back end does; the dry run
+  nftables, iptables                       the two real back ends
+  Choosing the back end; the saved firewall
+  Capture                                  AF_PACKET sockets and their BPF filter
+  Logging
+  Server                                   the reader's sandbox, the command runner, the
+                                           gatekeeper, the packet reader, the supervisor
+  Client, keygen, selftest, install, Command line
+  Speed and memory                         AES, hashes, HMAC and a packed table, made
+                                           fast to start and small (README: Performance)
+README.md documents every command and option.
 """
 
 import argparse
@@ -32,51 +46,9 @@ import socket
 import struct
 import sys
 import time
+from collections import namedtuple      # (loaded already: argparse imports it)
 
 VERSION = "0.1.0"
-
-# ---------------------------------------------------------------------------
-# Constants and errors
-# ---------------------------------------------------------------------------
-
-DEFAULT_PORT = 62201                  # fwknop's default SPA port
-DEFAULT_CONFIG = "/etc/spa/spa.conf"
-DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
-READER_USER = "spa"                   # the packet reader's own system user (see install)
-USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-           "--shell", "/usr/sbin/nologin"]
-NFT_TABLE = "spa"                     # our own `inet` table; nothing else is touched
-
-MIN_WIRE_LEN = 140                    # fwknopd ignores shorter payloads
-MAX_WIRE_LEN = 399                    # fwknopd treats 400+ characters as GnuPG
-SALT_PREFIX = b"U2FsdGVkX1"           # base64 of "Salted__", stripped on the wire
-B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-# HMAC type -> (hashlib name, length of its base64 text without padding).
-HMAC_TYPES = {
-    "md5": ("md5", 22), "sha1": ("sha1", 27), "sha256": ("sha256", 43),
-    "sha384": ("sha384", 64), "sha512": ("sha512", 86),
-    "sha3_256": ("sha3_256", 43), "sha3_512": ("sha3_512", 86),
-}
-# HMAC key length that `fwknop --key-gen` makes for each type.
-HMAC_KEY_BYTES = {"md5": 16, "sha1": 20, "sha256": 64, "sha384": 128,
-                  "sha512": 128, "sha3_256": 64, "sha3_512": 128}
-# The inner digest's type is known only by its length; 43 and 86 may be SHA-3.
-DIGESTS_BY_LEN = {22: ("md5",), 27: ("sha1",), 43: ("sha256", "sha3_256"),
-                  64: ("sha384",), 86: ("sha512", "sha3_512")}
-ENCRYPTION_MODES = ("cbc", "ctr", "cfb", "ofb")
-
-# fwknop message types.
-MSG_COMMAND, MSG_ACCESS, MSG_NAT, MSG_TIMEOUT_ACCESS = 0, 1, 2, 3
-MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT = 4, 5, 6
-MSG_NAMES = {0: "command", 1: "access", 2: "NAT access", 3: "access with timeout",
-             4: "NAT access with timeout", 5: "local NAT access",
-             6: "local NAT access with timeout"}
-TIMEOUT_TYPES = (MSG_TIMEOUT_ACCESS, MSG_TIMEOUT_NAT, MSG_TIMEOUT_LOCAL_NAT)
-NAT_TYPES = (MSG_NAT, MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
-PROTO_NUMBERS = {"tcp": 6, "udp": 17}
-COMMAND_TIME_LIMIT = 60               # seconds a command message may run before it is killed
-USERNAME_FORBIDDEN = set('"/\\[]:;|=,+*?<>')
 
 
 class SpaError(Exception):
@@ -88,156 +60,106 @@ class Reject(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Encoding and crypto
+# The SPA packet: fwknop's wire format
 # ---------------------------------------------------------------------------
+#
+# What one packet is, how it is made (seal) and taken apart (unseal), and how the server
+# decides on it (screen, judge: decide), with no I/O: functions of their arguments.
+# Nothing here trusts a packet: only the length check, the alphabet check and the HMAC
+# touch its bytes before the HMAC has passed.  The names are fwknop's (fwknop 2.6.10,
+# libfko; its source files in brackets), so a reader who knows fwknop finds each part
+# under the name it has there.  The primitives (AES, the hashes, HMAC) are the standard
+# ones; how spa.py makes them quick to load and small sits in the last section.
+#
+# A packet as the client builds it, from the inside out:
+#
+#  1. The message, fields joined by ':' (fko_encode.c, Message.encode):
+#
+#       rand_value : username : timestamp : version : type : message
+#                                   [ : nat_access ] [ : server_auth ] [ : client_timeout ]
+#
+#       rand_value      16 random decimal digits (FKO_RAND_VAL_SIZE)
+#       username        base64 of the user's name, at most 48 bytes decoded
+#       timestamp       Unix seconds, decimal; the server allows +-120 s (packet age)
+#       version         "3.0.0" (FKO_PROTOCOL_VERSION); never checked by a server
+#       type            0-6, the message type (MSG_* below)
+#       message         base64 of "ALLOW_IP,tcp/22,udp/53" (type 0: "ALLOW_IP,command");
+#                       ALLOW_IP 0.0.0.0 asks for the packet's own source address
+#       nat_access      types 2, 4, 5, 6: base64 of "HOST,PORT"
+#       server_auth     optional, any text, base64; no fwknop client sets it
+#       client_timeout  types 3, 4, 6: seconds, decimal
+#
+#  2. The SPA digest (fko_digest.c): plaintext P = message ":" b64(SHA-256(message)).  A
+#     check inside the encryption, not an authentication; its type (MD5, SHA-1, SHA-2,
+#     SHA-3) is known only by its length (DIGESTS_BY_LEN).
+#
+#  3. Rijndael (cipher_funcs.c), as `openssl enc -aes-256-cbc -md md5 -salt` does it:
+#
+#       salt          8 random bytes
+#       key, IV       EVP_BytesToKey(MD5, passphrase, salt, 1 round): D1 = MD5(pass || salt),
+#                     Di = MD5(Di-1 || pass || salt); key = D1 || D2 (32 bytes), IV = D3
+#       R             "Salted__" || salt || AES-256-CBC(key, IV, P || PKCS#7 padding)
+#
+#     The passphrase is KEY_BASE64 decoded (or KEY as it is), never the AES key itself.
+#     CTR, CFB and OFB modes work the same way; nothing on the wire says which is used.
+#
+#  4. Base64 (fko_funcs.c): B = base64(R) without '='.  B always begins with
+#     "U2FsdGVkX1" (base64 of "Salted__": B64_RIJNDAEL_SALT), which is cut off the wire.
+#
+#  5. The HMAC (fko_hmac.c): M = base64(HMAC-SHA-256(HMAC key, B)) without '=', over B
+#     *with* its "U2FsdGVkX1" put back, appended with no separator:
+#
+#       wire = B without "U2FsdGVkX1"  ||  M
+#              '-- ciphertext -------'     '-- 43 characters for SHA-256 (HMAC_TYPES)
+#
+#     140 to 399 characters of A-Z a-z 0-9 + / in one UDP datagram to port 62201.
+#
+# A server undoes it in the opposite order (unseal; in the server screen(), then judge()):
+# length and alphabet; the HMAC, split off by the length of the stanza's HMAC type (the
+# packet does not say) and compared in constant time over the text with "U2FsdGVkX1" put
+# back; base64, with the '=' padding put back; decryption, where "16 digits and ':'" at
+# the start shows that the key was right; the SPA digest; each field (parse_plaintext).
+# Base64 everywhere: fwknop writes it without '=' (b64encode) and reads it with or
+# without (b64decode).
 
-_AES = None      # pycryptodome's AES module, once imported (aes_module)
-_ECB = None      # the AES block function, once found (aes_ecb)
+DEFAULT_PORT = 62201                  # FKO_DEFAULT_PORT: the UDP port knocks go to
+MIN_WIRE_LEN = 140                    # MIN_SPA_DATA_SIZE: fwknopd ignores shorter payloads
+MAX_WIRE_LEN = 399                    # fwknopd takes 400+ characters as GnuPG, never AES
+SALT_PREFIX = b"U2FsdGVkX1"           # B64_RIJNDAEL_SALT: base64 of "Salted__", not on the wire
+B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
-# FIPS-197 appendix C.3: AES-256 of one block, checked before the block function is used.
-_KNOWN_ANSWER = (bytes(range(32)), bytes.fromhex("00112233445566778899aabbccddeeff"),
-                 bytes.fromhex("8ea2b7ca516745bfeafc49904b496089"))
+# HMAC_DIGEST_TYPE -> (hash name, length of the HMAC's base64 text without padding): the
+# receiver splits the HMAC off by this length, so the type is the stanza's, not the packet's.
+HMAC_TYPES = {
+    "md5": ("md5", 22), "sha1": ("sha1", 27), "sha256": ("sha256", 43),
+    "sha384": ("sha384", 64), "sha512": ("sha512", 86),
+    "sha3_256": ("sha3_256", 43), "sha3_512": ("sha3_512", 86),
+}
+# The SPA digest's type is known only by its length; 43 and 86 may be SHA-3 too.
+DIGESTS_BY_LEN = {22: ("md5",), 27: ("sha1",), 43: ("sha256", "sha3_256"),
+                  64: ("sha384",), 86: ("sha512", "sha3_512")}
+# ENCRYPTION_MODE: fwknop's Rijndael modes that spa.py speaks (not ECB, legacy IV, GnuPG).
+ENCRYPTION_MODES = ("cbc", "ctr", "cfb", "ofb")
 
-
-def pycryptodome():
-    """pycryptodome's top package: Debian's `Cryptodome` first, then PyPI's `Crypto`.
-
-    Imported on first use, so `--help` and keygen work without it and the
-    client's start-up does not pay for it before it has parsed its arguments.
-    """
-    import importlib
-    for package in ("Cryptodome", "Crypto"):
-        try:
-            top = importlib.import_module(package)
-        except ImportError:
-            continue
-        # The long-dead PyCrypto also imports as `Crypto`: version 2.x.
-        if tuple(getattr(top, "version_info", (0,)))[:1] >= (3,):
-            return top
-    raise SpaError("pycryptodome is missing: install it with "
-                   "'apt install python3-pycryptodome' or 'pip install pycryptodome'")
-
-
-def aes_module():
-    """pycryptodome's AES module, its public interface (see aes_ecb for why it is the
-    second choice)."""
-    global _AES
-    if _AES is None:
-        import importlib
-        name = pycryptodome().__name__
-        try:
-            _skip_architecture_probe(importlib.import_module(name + ".Util._raw_api"))
-            _AES = importlib.import_module(name + ".Cipher.AES")
-        except ImportError as e:
-            raise SpaError("pycryptodome is broken: %s" % e)
-    return _AES
-
-
-def aes_ecb():
-    """AES on whole 16-byte blocks as one function: ecb(key, data, decrypt=False) -> bytes.
-
-    It is pycryptodome's AES, called through ctypes in the shared library that
-    pycryptodome's AES module loads itself (its AES-NI build where the CPU has
-    AES-NI).  Importing that module would load pycryptodome's whole Cipher package:
-    all eleven of its modes, through ctypes.util, subprocess and tempfile, 20 ms of
-    the client's start-up and 2.5 MB of the server's memory that spa.py does not
-    need, as it chains the blocks itself (aes_crypt).  Where that library cannot be
-    found, or fails the FIPS-197 known answer, pycryptodome's public interface
-    (AES.new in ECB mode) does the same work.
-    """
-    global _ECB
-    if _ECB is None:
-        top = pycryptodome()
-        try:
-            ecb = _library_ecb(os.path.dirname(os.path.abspath(top.__file__)))
-            key, block, answer = _KNOWN_ANSWER
-            if ecb(key, block) != answer or ecb(key, answer, True) != block:
-                ecb = None
-        except Exception:       # not found, not loadable, not as declared: the fallback
-            ecb = None
-        _ECB = ecb or _module_ecb(aes_module())
-    return _ECB
-
-
-def _library_ecb(package_dir):
-    """aes_ecb() through pycryptodome's shared library (OSError if it is not there)."""
-    import ctypes
-    from importlib.machinery import EXTENSION_SUFFIXES
-
-    def load(folder, name):
-        for suffix in EXTENSION_SUFFIXES:
-            path = os.path.join(package_dir, folder, name + suffix)
-            if os.path.isfile(path):
-                return ctypes.CDLL(path)
-        raise OSError("%s not found in %s" % (name, package_dir))
-
-    lib, prefix = load("Cipher", "_raw_aes"), "AES"
-    try:
-        if load("Util", "_cpuid_c").have_aes_ni():
-            lib, prefix = load("Cipher", "_raw_aesni"), "AESNI"
-    except (OSError, AttributeError):
-        pass                                    # the portable build, then
-    mode = load("Cipher", "_raw_ecb")
-    pointer = ctypes.POINTER(ctypes.c_void_p)
-    # As pycryptodome's AES and ECB modules declare them: the ECB state takes over the
-    # AES state, and ECB_stop_operation frees both.
-    start_aes = getattr(lib, prefix + "_start_operation")
-    start_aes.argtypes = [ctypes.c_char_p, ctypes.c_size_t, pointer]
-    stop_aes = getattr(lib, prefix + "_stop_operation")
-    stop_aes.argtypes = [ctypes.c_void_p]
-    mode.ECB_start_operation.argtypes = [ctypes.c_void_p, pointer]
-    mode.ECB_stop_operation.argtypes = [ctypes.c_void_p]
-    run = {False: mode.ECB_encrypt, True: mode.ECB_decrypt}
-    for f in run.values():
-        f.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
-    # An output buffer's type, by length, kept: ctypes would make a new one each time,
-    # left for the garbage collector (a type is a cycle of objects).
-    buffers = {}
-
-    def ecb(key, data, decrypt=False):
-        if len(data) % 16:
-            raise ValueError("AES works on whole 16-byte blocks")
-        kind = buffers.get(len(data))
-        if kind is None:
-            kind = ctypes.c_char * len(data)
-            if len(buffers) < 256:
-                buffers[len(data)] = kind
-        out, cipher, state = kind(), ctypes.c_void_p(), ctypes.c_void_p()
-        if start_aes(key, len(key), ctypes.byref(cipher)):
-            raise ValueError("AES key setup failed (key length %d)" % len(key))
-        if mode.ECB_start_operation(cipher, ctypes.byref(state)):
-            stop_aes(cipher)
-            raise ValueError("AES: no ECB state")
-        try:
-            if run[decrypt](state, data, out, len(data)):
-                raise ValueError("AES failed")
-        finally:
-            mode.ECB_stop_operation(state)
-        return out.raw
-    return ecb
+# Message types (fko_message_type_t).  A client timeout turns 1 into 3, 2 into 4 and
+# 5 into 6 (fko_client_timeout.c).
+MSG_COMMAND = 0                       # FKO_COMMAND_MSG: run a command on the server
+MSG_ACCESS = 1                        # FKO_ACCESS_MSG: open ports for the allow IP
+MSG_NAT = 2                           # FKO_NAT_ACCESS_MSG: forward a port to another host
+MSG_TIMEOUT_ACCESS = 3                # FKO_CLIENT_TIMEOUT_ACCESS_MSG
+MSG_TIMEOUT_NAT = 4                   # FKO_CLIENT_TIMEOUT_NAT_ACCESS_MSG
+MSG_LOCAL_NAT = 5                     # FKO_LOCAL_NAT_ACCESS_MSG: forward to a port of the server
+MSG_TIMEOUT_LOCAL_NAT = 6             # FKO_CLIENT_TIMEOUT_LOCAL_NAT_ACCESS_MSG
+MSG_NAMES = {0: "command", 1: "access", 2: "NAT access", 3: "access with timeout",
+             4: "NAT access with timeout", 5: "local NAT access",
+             6: "local NAT access with timeout"}
+TIMEOUT_TYPES = (MSG_TIMEOUT_ACCESS, MSG_TIMEOUT_NAT, MSG_TIMEOUT_LOCAL_NAT)
+NAT_TYPES = (MSG_NAT, MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
+PROTO_NUMBERS = {"tcp": 6, "udp": 17}       # the protocols an access field may name
+USERNAME_FORBIDDEN = set('"/\\[]:;|=,+*?<>')      # as fko_user.c's validate_username
 
 
-def _module_ecb(aes):
-    """aes_ecb() through pycryptodome's public interface."""
-    def ecb(key, data, decrypt=False):
-        cipher = aes.new(key, aes.MODE_ECB)
-        return cipher.decrypt(data) if decrypt else cipher.encrypt(data)
-    return ecb
-
-
-def _skip_architecture_probe(raw_api):
-    """Spare pycryptodome its `file` subprocess when it loads its C code through ctypes.
-
-    pycryptodome's ctypes loader asks platform.architecture() once per process, which
-    runs `file` on the Python binary (6 ms of the client's start-up) and only uses the
-    answer to tell Windows DLLs apart.  Its result cache is a module-level list: fill it
-    with the answer platform.architecture() gives on Linux.  Left alone if that name is
-    not there (the cffi loader, other versions).
-    """
-    cache = getattr(raw_api, "cached_architecture", None)
-    if isinstance(cache, list) and not cache and sys.platform.startswith("linux"):
-        cache[:] = ["%dbit" % (8 * struct.calcsize("P")), "ELF"]
-
+# --- Base64, as fwknop writes it ------------------------------------------------------
 
 def b64encode(data):
     """Standard base64 without '=' padding, as fwknop writes it (returns bytes)."""
@@ -254,237 +176,19 @@ def b64decode(text):
     return base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
 
 
-# Where Python's own implementation of each hash is: 3.12 and later have the SHA-2
-# family in _sha2, older ones in _sha256 and _sha512.
-_BUILTIN_HASHES = {
-    "md5": (("_md5", "md5"),), "sha1": (("_sha1", "sha1"),),
-    "sha256": (("_sha2", "sha256"), ("_sha256", "sha256")),
-    "sha384": (("_sha2", "sha384"), ("_sha512", "sha384")),
-    "sha512": (("_sha2", "sha512"), ("_sha512", "sha512")),
-    "sha3_256": (("_sha3", "sha3_256"),), "sha3_512": (("_sha3", "sha3_512"),),
-}
-_HASHES = {}
-
-
-def hash_constructor(name):
-    """The constructor of hash `name`: Python's own implementation where it has one,
-    else hashlib's (OpenSSL).
-
-    Importing hashlib loads OpenSSL's libcrypto, which takes 6 ms of the client's
-    start and 3.5 MB of each server process's RSS; spa.py needs none of it: its
-    hashes are Python's own, and HMAC is built on them (Hmac).
-    """
-    ctor = _HASHES.get(name)
-    if ctor is None:
-        for module, attr in _BUILTIN_HASHES.get(name, ()):
-            try:
-                ctor = getattr(__import__(module), attr)
-                break
-            except (ImportError, AttributeError):
-                continue
-        else:
-            import hashlib
-            ctor = getattr(hashlib, name)
-        _HASHES[name] = ctor
-    return ctor
-
-
-def hash_digest(name, data):
-    """The hash `name` of `data`."""
-    return hash_constructor(name)(data).digest()
-
-
-try:    # what hmac.compare_digest is without OpenSSL; importing hmac would load it
-    from _operator import _compare_digest as compare_digest
-except ImportError:
-    from hmac import compare_digest
-
-_IPAD = bytes(b ^ 0x36 for b in range(256))
-_OPAD = bytes(b ^ 0x5C for b in range(256))
-
-
-class Hmac(object):
-    """HMAC (RFC 2104) with the key's two padded blocks hashed once, ahead of time: a
-    message then costs two copies of hash states, an update and a digest each.
-
-    `prefix` is fed in now, as if every message began with it.
-    """
-
-    def __init__(self, key, name, prefix=b""):
-        ctor = hash_constructor(name)
-        block = ctor().block_size
-        if len(key) > block:
-            key = ctor(key).digest()
-        key = key.ljust(block, b"\0")
-        self.inner, self.outer = ctor(key.translate(_IPAD)), ctor(key.translate(_OPAD))
-        self.inner.update(prefix)
-
-    def digest(self, message):
-        inner = self.inner.copy()
-        inner.update(message)
-        outer = self.outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
-
-
-def hmac_b64(key, data, hmac_type):
-    """The HMAC of `data` as fwknop appends it: base64 without padding."""
-    return b64encode(Hmac(key, HMAC_TYPES[hmac_type][0]).digest(data))
-
-
-def derive_key_iv(passphrase, salt):
-    """OpenSSL's EVP_BytesToKey with MD5 and one round: AES-256 key and IV.
-
-    fwknop uses its key as a passphrase, not as the AES key itself.
-    """
-    material, block = b"", b""
-    while len(material) < 48:
-        block = hash_digest("md5", block + passphrase + salt)
-        material += block
-    return material[:32], material[32:48]
-
-
-def _xor(a, b):
-    """a XOR b, two byte strings of one length: in one step, through Python's integers."""
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
-
-
-def aes_crypt(key, iv, data, mode, decrypt=False):
-    """AES in `mode` over `data` (whole blocks: fwknop pads in every mode), chained here
-    over aes_ecb() as OpenSSL chains it: CBC; CTR counting with the whole IV as one
-    128-bit big-endian number; CFB with 128-bit segments; OFB.
-
-    Decryption in CBC, CTR and CFB is one call for all the blocks (a packet's usual
-    case); what needs the block before is done a block at a time.
-    """
-    ecb = aes_ecb()
-    if mode not in ENCRYPTION_MODES:
-        raise ValueError("unknown encryption mode %r" % mode)
-    if len(data) % 16:
-        raise ValueError("AES works on whole 16-byte blocks")
-    if not data:
-        return b""
-    if mode == "cbc" and decrypt:
-        return _xor(ecb(key, data, True), iv + data[:-16])
-    if mode == "cfb" and decrypt:
-        return _xor(data, ecb(key, iv + data[:-16]))
-    if mode == "ctr":
-        first = int.from_bytes(iv, "big")
-        counters = b"".join(((first + i) % (1 << 128)).to_bytes(16, "big")
-                            for i in range(len(data) // 16))
-        return _xor(data, ecb(key, counters))
-    out, chain = [], iv
-    for i in range(0, len(data), 16):
-        block = data[i:i + 16]
-        if mode == "cbc":
-            chain = ecb(key, _xor(block, chain))
-            out.append(chain)
-        elif mode == "cfb":
-            chain = _xor(block, ecb(key, chain))
-            out.append(chain)
-        else:                                   # ofb: the same both ways
-            chain = ecb(key, chain)
-            out.append(_xor(block, chain))
-    return b"".join(out)
-
-
-def encrypt(plaintext, passphrase, mode="cbc", salt=None):
-    """Encrypt as `openssl enc -aes-256-<mode> -md md5` does: "Salted__" + salt + ciphertext."""
-    salt = os.urandom(8) if salt is None else salt
-    key, iv = derive_key_iv(passphrase, salt)
-    pad = 16 - len(plaintext) % 16                # PKCS#7, in every mode, as fwknop does
-    return b"Salted__" + salt + aes_crypt(key, iv, plaintext + bytes([pad]) * pad, mode)
-
-
-def decrypt(raw, passphrase, mode="cbc"):
-    """Reverse of encrypt(); raise Reject when the padding shows a wrong key or mode."""
-    if len(raw) < 32 or len(raw) % 16:
-        raise Reject("ciphertext length %d is not whole AES blocks" % len(raw))
-    key, iv = derive_key_iv(passphrase, raw[8:16])
-    padded = aes_crypt(key, iv, raw[16:], mode, decrypt=True)
-    pad = padded[-1]
-    if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
-        raise Reject("decryption failed (key_base64 or encryption_mode differ from the client's)")
-    return padded[:-pad]
-
-
-# ---------------------------------------------------------------------------
-# The packet format
-# ---------------------------------------------------------------------------
+# --- 1, 2. The message and its SPA digest ---------------------------------------------
 
 def random_digits(n):
-    """n random decimal digits from the system's CSPRNG, uniformly (rejection sampling)."""
+    """n random decimal digits from the system's CSPRNG, uniformly (rejection sampling).
+
+    fwknop's client concatenates rand() values seeded from /dev/urandom; any 16 digits
+    do, as long as no one can guess them: they make two packets of one second differ."""
     top = 10 ** n
     limit = (1 << 64) // top * top
     while True:
         value = int.from_bytes(os.urandom(8), "big")
         if value < limit:
             return "%0*d" % (n, value % top)
-
-
-class Message(object):
-    """The fields of one SPA message, fwknop's names in fwknop's order."""
-
-    __slots__ = ("rand", "username", "timestamp", "version", "msg_type", "allow_ip",
-                 "access", "nat_access", "server_auth", "client_timeout", "digest_type",
-                 "command")
-
-    def __init__(self, username, allow_ip, access, client_timeout=0, timestamp=None,
-                 rand=None, version="3.0.0", msg_type=None, nat_access=None,
-                 server_auth=None, digest_type="sha256", command=None):
-        self.rand = rand if rand is not None else random_digits(16)
-        self.username = username
-        self.timestamp = int(time.time()) if timestamp is None else timestamp
-        self.version = version
-        if msg_type is None:
-            msg_type = MSG_TIMEOUT_ACCESS if client_timeout else MSG_ACCESS
-        self.msg_type = msg_type
-        self.allow_ip = allow_ip
-        self.access = list(access)            # [("tcp", 22), ...]
-        self.nat_access = nat_access
-        self.server_auth = server_auth
-        self.client_timeout = client_timeout
-        self.digest_type = digest_type
-        self.command = command                # type 0 (command) messages carry this instead
-
-    def access_text(self):
-        return ",".join("%s/%d" % pp for pp in self.access)
-
-    def encode(self):
-        """The plaintext that gets encrypted: fields joined by ':' and the inner digest."""
-        fields = [self.rand, b64encode(self.username.encode()).decode(), str(self.timestamp),
-                  self.version, str(self.msg_type),
-                  b64encode(("%s,%s" % (self.allow_ip, self.command if self.msg_type == MSG_COMMAND
-                                        else self.access_text())).encode()).decode()]
-        if self.nat_access is not None:
-            fields.append(b64encode(self.nat_access.encode()).decode())
-        if self.server_auth is not None:
-            fields.append(b64encode(self.server_auth.encode()).decode())
-        if self.msg_type in TIMEOUT_TYPES:
-            fields.append(str(self.client_timeout))
-        body = ":".join(fields).encode()
-        return body + b":" + b64encode(hash_digest(self.digest_type, body))
-
-    def describe(self):
-        """Human-readable field dump for `client --test -v` and debug logs (no key material)."""
-        rows = [("random value", self.rand), ("username", self.username),
-                ("timestamp", self.timestamp), ("version", self.version),
-                ("message type", "%d (%s)" % (self.msg_type, MSG_NAMES.get(self.msg_type, "?"))),
-                ("allow ip", self.allow_ip)]
-        rows.append(("command", self.command) if self.msg_type == MSG_COMMAND
-                    else ("access", self.access_text()))
-        if self.nat_access is not None:
-            rows.append(("nat access", self.nat_access))
-        if self.msg_type in TIMEOUT_TYPES:
-            rows.append(("client timeout", self.client_timeout))
-        rows.append(("digest type", self.digest_type))
-        return "\n".join("%-15s %s" % row for row in rows)
-
-
-def seal(plaintext, key, hmac_key, hmac_type="sha256", mode="cbc", salt=None):
-    """Encrypt, then MAC: the wire text of one packet (bytes)."""
-    text = b64encode(encrypt(plaintext, key, mode, salt))
-    return text[len(SALT_PREFIX):] + hmac_b64(hmac_key, text, hmac_type)
 
 
 _DIGITS = frozenset("0123456789")
@@ -517,7 +221,179 @@ def parse_access(text, what="access", config=False):
     return result
 
 
+def format_access(access):
+    """[("tcp", 22), ("udp", 53)] as 'tcp/22,udp/53': the one way a port list is written
+    (parse_access reads it back)."""
+    return ",".join("%s/%d" % pp for pp in access)
+
+
+class Message(object):
+    """The fields of one SPA message, fwknop's names in fwknop's order (step 1).
+
+    `access` is a port list [("tcp", 22), ...]; a command message (type 0) carries
+    `command` instead.  `digest_type` names the SPA digest's hash (step 2)."""
+
+    __slots__ = ("rand", "username", "timestamp", "version", "msg_type", "allow_ip",
+                 "access", "nat_access", "server_auth", "client_timeout", "digest_type",
+                 "command")
+
+    def __init__(self, username, allow_ip, access, client_timeout=0, timestamp=None,
+                 rand=None, version="3.0.0", msg_type=None, nat_access=None,
+                 server_auth=None, digest_type="sha256", command=None):
+        self.rand = rand if rand is not None else random_digits(16)
+        self.username = username
+        self.timestamp = int(time.time()) if timestamp is None else timestamp
+        self.version = version
+        if msg_type is None:
+            msg_type = MSG_TIMEOUT_ACCESS if client_timeout else MSG_ACCESS
+        self.msg_type = msg_type
+        self.allow_ip = allow_ip
+        self.access = list(access)            # [("tcp", 22), ...]
+        self.nat_access = nat_access
+        self.server_auth = server_auth
+        self.client_timeout = client_timeout
+        self.digest_type = digest_type
+        self.command = command                # type 0 (command) messages carry this instead
+
+    def access_text(self):
+        """The access part of the message field: 'tcp/22,udp/53'."""
+        return format_access(self.access)
+
+    def encode(self):
+        """The plaintext that gets encrypted: fields joined by ':' and the SPA digest.
+        parse_plaintext() is its mirror."""
+        fields = [self.rand, b64encode(self.username.encode()).decode(), str(self.timestamp),
+                  self.version, str(self.msg_type),
+                  b64encode(("%s,%s" % (self.allow_ip, self.command if self.msg_type == MSG_COMMAND
+                                        else self.access_text())).encode()).decode()]
+        if self.nat_access is not None:
+            fields.append(b64encode(self.nat_access.encode()).decode())
+        if self.server_auth is not None:
+            fields.append(b64encode(self.server_auth.encode()).decode())
+        if self.msg_type in TIMEOUT_TYPES:
+            fields.append(str(self.client_timeout))
+        body = ":".join(fields).encode()
+        return body + b":" + b64encode(hash_digest(self.digest_type, body))
+
+    def describe(self):
+        """Human-readable field dump for `client --test -v` and debug logs (no key material)."""
+        rows = [("random value", self.rand), ("username", self.username),
+                ("timestamp", self.timestamp), ("version", self.version),
+                ("message type", "%d (%s)" % (self.msg_type, MSG_NAMES.get(self.msg_type, "?"))),
+                ("allow ip", self.allow_ip)]
+        rows.append(("command", self.command) if self.msg_type == MSG_COMMAND
+                    else ("access", self.access_text()))
+        if self.nat_access is not None:
+            rows.append(("nat access", self.nat_access))
+        if self.msg_type in TIMEOUT_TYPES:
+            rows.append(("client timeout", self.client_timeout))
+        rows.append(("digest type", self.digest_type))
+        return "\n".join("%-15s %s" % row for row in rows)
+
+
+# --- 3. Rijndael: OpenSSL's salted encryption -----------------------------------------
+
+def derive_key_iv(passphrase, salt):
+    """OpenSSL's EVP_BytesToKey with MD5 and one round: AES-256 key and IV.
+
+    fwknop uses its key as a passphrase, not as the AES key itself (fwknopd's manual
+    calls this PBKDF1), so a key of any length up to 32 bytes gives an AES-256 key.
+    """
+    material, block = b"", b""
+    while len(material) < 48:
+        block = hash_digest("md5", block + passphrase + salt)
+        material += block
+    return material[:32], material[32:48]
+
+
+def encrypt(plaintext, passphrase, mode="cbc", salt=None):
+    """Encrypt as `openssl enc -aes-256-<mode> -md md5` does: "Salted__" + salt + ciphertext."""
+    salt = os.urandom(8) if salt is None else salt
+    key, iv = derive_key_iv(passphrase, salt)
+    pad = 16 - len(plaintext) % 16                # PKCS#7, in every mode, as fwknop does
+    return b"Salted__" + salt + aes_crypt(key, iv, plaintext + bytes([pad]) * pad, mode)
+
+
+def decrypt(raw, passphrase, mode="cbc"):
+    """Reverse of encrypt(); raise Reject when the padding shows a wrong key or mode.
+
+    The salt is read from bytes 8-15; like fwknop, "Salted__" itself is not checked."""
+    if len(raw) < 32 or len(raw) % 16:
+        raise Reject("ciphertext length %d is not whole AES blocks" % len(raw))
+    key, iv = derive_key_iv(passphrase, raw[8:16])
+    padded = aes_crypt(key, iv, raw[16:], mode, decrypt=True)
+    pad = padded[-1]
+    if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
+        raise Reject("decryption failed (key_base64 or encryption_mode differ from the client's)")
+    return padded[:-pad]
+
+
+# --- 4, 5. Base64, the prefix cut off, the HMAC: the wire -----------------------------
+
+def hmac_b64(key, data, hmac_type):
+    """The HMAC of `data` as fwknop appends it: base64 without padding."""
+    return b64encode(Hmac(key, HMAC_TYPES[hmac_type][0]).digest(data))
+
+
+def seal(plaintext, key, hmac_key, hmac_type="sha256", mode="cbc", salt=None):
+    """Encrypt, then MAC: the wire text of one packet (bytes).  unseal() is its mirror.
+
+    The HMAC covers the base64 text with "U2FsdGVkX1" (SALT_PREFIX) on it; the wire
+    leaves that prefix out, as every fwknop packet starts with it."""
+    text = b64encode(encrypt(plaintext, key, mode, salt))
+    return text[len(SALT_PREFIX):] + hmac_b64(hmac_key, text, hmac_type)
+
+
+# --- Taking a packet apart: the mirror of seal() and of Message.encode() --------------
+
+def authenticate(wire, mac, mac_len):
+    """The signed text, "U2FsdGVkX1" put back, if `mac` (an Hmac with the HMAC key and
+    SALT_PREFIX fed in already) made the HMAC that ends the wire, else None.
+
+    The HMAC is the last `mac_len` characters (the stanza's HMAC type says how many: a
+    packet does not).  Compared in constant time.  This runs on every packet a flood
+    brings, so it does only this: one HMAC from a precomputed state, one compare.
+    """
+    mac_text = binascii.b2a_base64(mac.digest(wire[:-mac_len]), newline=False).rstrip(b"=")
+    if compare_digest(mac_text, wire[-mac_len:]):
+        return SALT_PREFIX + wire[:-mac_len]
+    return None
+
+
+def decrypt_signed(signed, key, mode):
+    """The plaintext of an authenticated packet's signed text; Reject if it is not one.
+
+    The first 16 characters must be digits and the 17th ':' (the random value and its
+    separator): as libfko checks, what shows that the key was right, since AES itself
+    decrypts anything."""
+    try:
+        raw = b64decode(signed)
+    except ValueError:
+        raise Reject("authenticated, but not valid base64")
+    plaintext = decrypt(raw, key, mode)
+    if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
+        raise Reject("decryption failed: not a message (key_base64 or encryption_mode differ "
+                     "from the client's, or the random value is not 16 digits)")
+    return plaintext
+
+
+def unseal(wire, key, hmac_key, hmac_type="sha256", mode="cbc"):
+    """The plaintext of a packet, the mirror of seal(): its HMAC checked, then decrypted
+    (decrypt_signed); Reject says what failed.  parse_plaintext() then reads its fields.
+
+    The server does the same in two processes, with each stanza's HMAC state made once:
+    screen() in the packet reader, judge() in the privileged parent.
+    """
+    mac = Hmac(hmac_key, HMAC_TYPES[hmac_type][0], SALT_PREFIX)
+    signed = authenticate(wire, mac, HMAC_TYPES[hmac_type][1])
+    if signed is None:
+        raise Reject("HMAC does not match")
+    return decrypt_signed(signed, key, mode)
+
+
 def _b64_field(text, limit, name):
+    """A base64 field's text (username, message, nat_access, server_auth): at most
+    `limit` characters (libfko's MAX_SPA_*_SIZE), ASCII once decoded."""
     if not 1 <= len(text) <= limit:
         raise Reject("%s field has %d base64 characters (1-%d allowed)" % (name, len(text), limit))
     try:
@@ -536,11 +412,20 @@ def _valid_username(name):
     return bool(name) and (not rest or rest.isalnum())
 
 
-def parse_plaintext(plaintext):
-    """Parse a decrypted plaintext into a Message, checking the inner digest and every field.
+def _is_ipv4(text):
+    """Strict dotted quad, as fwknop's allow IP must be."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return False
+    for p in parts:
+        # No leading zeros: inet_aton (nft, fwknopd) reads 010 as octal, Python as decimal.
+        if not (p.isdigit() and len(p) <= 3 and int(p) <= 255 and p == str(int(p))):
+            return False
+    return True
 
-    Only ever called on authenticated bytes: the HMAC has already passed.
-    """
+
+def _digest_checked(plaintext):
+    """(the message, the SPA digest's type) of a plaintext whose digest matches."""
     try:
         text = plaintext.decode("ascii")
     except UnicodeDecodeError:
@@ -550,30 +435,14 @@ def parse_plaintext(plaintext):
     body, _, inner = text.rpartition(":")
     for name in DIGESTS_BY_LEN.get(len(inner), ()):
         if compare_digest(b64encode(hash_digest(name, body.encode())), inner.encode()):
-            digest_type = name
-            break
-    else:
-        raise Reject("inner digest does not match the message")
+            return body, name
+    raise Reject("inner digest does not match the message")
 
-    fields = body.split(":")
-    if len(fields) < 6:
-        raise Reject("message has %d fields, at least 6 needed" % len(fields))
-    rand, user, stamp, version, mtype, message = fields[:6]
-    rest = fields[6:]
-    if len(rand) != 16 or not rand.isdigit():
-        raise Reject("random value is not 16 digits")
-    username = _b64_field(user, 64, "username")
-    if not _valid_username(username):
-        raise Reject("username has characters fwknop does not allow")
-    if not stamp.isdigit() or len(stamp) > 12:
-        raise Reject("timestamp is not a number")
-    if not 1 <= len(version) <= 8:
-        raise Reject("version field has %d characters (1-8 allowed)" % len(version))
-    if not mtype.isdigit() or len(mtype) > 2 or int(mtype) > 6:
-        raise Reject("unknown message type %r" % mtype)
-    msg_type = int(mtype)
-    message = _b64_field(message, 256, "message")
 
+def _optional_fields(msg_type, rest):
+    """(nat_access, server_auth, client_timeout) from the fields after the message: the
+    NAT field first for NAT types, the timeout last for timeout types, and what is left
+    between them, if anything, is server_auth (fko_decode.c)."""
     nat_access = server_auth = None
     client_timeout = 0
     if msg_type in NAT_TYPES:
@@ -588,43 +457,69 @@ def parse_plaintext(plaintext):
         raise Reject("message has %d unexpected fields" % (len(rest) - 1))
     if rest:
         server_auth = _b64_field(rest[0], 64, "server auth")
+    return nat_access, server_auth, client_timeout
 
+
+def _access_or_command(msg_type, message):
+    """(allow IP, port list, command) of a decoded message field: "ALLOW_IP,tcp/22,..."
+    (fko_message.c), or "ALLOW_IP,command" for a command message."""
     allow_ip, sep, spec = message.partition(",")
     if not sep:
         raise Reject("message has no allow IP")
     if not _is_ipv4(allow_ip):
         raise Reject("allow IP %r is not an IPv4 address" % allow_ip[:16])
-    command = None
     if msg_type == MSG_COMMAND:
-        access, command = [], spec
-        if not command:
+        if not spec:
             raise Reject("command message without a command")
-    else:
-        if spec != spec.lower():
-            raise Reject("access %r is not lower case" % spec[:40])
-        try:
-            access = parse_access(spec)
-        except ValueError as e:
-            raise Reject(str(e))
+        return allow_ip, [], spec
+    if spec != spec.lower():
+        raise Reject("access %r is not lower case" % spec[:40])
+    try:
+        return allow_ip, parse_access(spec), None
+    except ValueError as e:
+        raise Reject(str(e))
+
+
+def parse_plaintext(plaintext):
+    """The Message in a decrypted plaintext, the mirror of Message.encode(): the SPA
+    digest and every field checked as libfko checks them (fko_decode.c); Reject says
+    which failed.
+
+    Only ever called on authenticated bytes: the HMAC has already passed.
+    """
+    body, digest_type = _digest_checked(plaintext)
+    fields = body.split(":")
+    if len(fields) < 6:
+        raise Reject("message has %d fields, at least 6 needed" % len(fields))
+    rand, user, stamp, version, mtype, message = fields[:6]
+    if len(rand) != 16 or not rand.isdigit():
+        raise Reject("random value is not 16 digits")
+    username = _b64_field(user, 64, "username")
+    if not _valid_username(username):
+        raise Reject("username has characters fwknop does not allow")
+    if not stamp.isdigit() or len(stamp) > 12:
+        raise Reject("timestamp is not a number")
+    if not 1 <= len(version) <= 8:
+        raise Reject("version field has %d characters (1-8 allowed)" % len(version))
+    if not mtype.isdigit() or len(mtype) > 2 or int(mtype) > 6:
+        raise Reject("unknown message type %r" % mtype)
+    msg_type = int(mtype)
+    message = _b64_field(message, 256, "message")
+    nat_access, server_auth, client_timeout = _optional_fields(msg_type, fields[6:])
+    allow_ip, access, command = _access_or_command(msg_type, message)
     return Message(username, allow_ip, access, client_timeout, int(stamp), rand, version,
                    msg_type, nat_access, server_auth, digest_type, command)
 
 
-def _is_ipv4(text):
-    """Strict dotted quad, as fwknop's allow IP must be."""
-    parts = text.split(".")
-    if len(parts) != 4:
-        return False
-    for p in parts:
-        # No leading zeros: inet_aton (nft, fwknopd) reads 010 as octal, Python as decimal.
-        if not (p.isdigit() and len(p) <= 3 and int(p) <= 255 and p == str(int(p))):
-            return False
-    return True
-
-
-# ---------------------------------------------------------------------------
-# The packet decision: a pure function of (payload, source, now, policy, replay state)
-# ---------------------------------------------------------------------------
+# --- The decision: a pure function of (payload, source, now, policy, replay state) ----
+#
+# decide() answers for one packet: accept (open what for whom, how long) or refuse
+# (why).  It reads no clock unless asked to, and changes nothing: its caller records the
+# replay key and opens the firewall.  The server runs it in two halves, so that the
+# process that reads the network never holds the AES key: screen() in the packet reader
+# (length, alphabet, HMAC) and judge() in the privileged parent (the rest).  A stanza (the
+# policy section's Stanza) brings what the decision asks of the config: matches_source(),
+# its HMAC state (mac, mac_len), its AES key and mode, and authorize().
 
 class Decision(object):
     """What the server should do with one packet, and why."""
@@ -659,7 +554,7 @@ def screen(payload, source, stanzas):
         if stanza.sources is not None and not stanza.matches_source(source):
             continue
         matched = True
-        signed = stanza.authenticate(payload)
+        signed = authenticate(payload, stanza.mac, stanza.mac_len)
         if signed is not None:
             return stanza, signed
     return None, ("HMAC does not match any stanza for this source" if matched
@@ -668,7 +563,8 @@ def screen(payload, source, stanzas):
 
 def packet_key(signed):
     """The replay key of an authenticated packet: the base64 of the SHA-256 of its
-    ciphertext (of the signed text itself if that is not base64)."""
+    ciphertext (of the signed text itself if that is not base64).  fwknop hashes the
+    wire text; the ciphertext is the same for every form the wire may take."""
     try:
         data = b64decode(signed)
     except ValueError:
@@ -690,16 +586,9 @@ def judge(stanza, signed, source, now, seen, max_age):
     now = time.time() if now is None else now
     decision.stanza = stanza
     try:
-        try:
-            raw = b64decode(signed)
-        except ValueError:
-            raise Reject("authenticated, but not valid base64")
         # 3. Decrypt, 4. inner digest and fields.
-        plaintext = decrypt(raw, stanza.key, stanza.mode)
-        if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
-            raise Reject("decryption failed: not a message (key_base64 or encryption_mode differ "
-                         "from the client's, or the random value is not 16 digits)")
-        decision.replay_key = b64encode(hash_digest("sha256", raw)).decode()
+        plaintext = decrypt_signed(signed, stanza.key, stanza.mode)
+        decision.replay_key = packet_key(signed)
         msg = parse_plaintext(plaintext)
         decision.message = msg
         # 5. Replay cache, 6. packet age, 7. stanza policy.
@@ -738,8 +627,14 @@ def decide(payload, source, now, stanzas, seen, max_age):
 
 
 # ---------------------------------------------------------------------------
-# Config and policy
+# Files: keys read privately, state written durably
 # ---------------------------------------------------------------------------
+#
+# A file that holds keys is read only if no one else may read it (check_private_file),
+# and never echoed; a file the server writes (the replay cache, the saved firewall, the
+# installed launcher) is written to a new file next to it and renamed over it at once
+# (replace_file), in a directory no one else may write to (check_private_dir), never
+# through a symlink someone planted.
 
 # Key files read where their permissions cannot be checked (no POSIX modes: Windows),
 # for the client to say so.
@@ -769,13 +664,6 @@ def check_private_file(path):
         raise SpaError("%s holds keys but belongs to another user (uid %d)" % (path, st.st_uid))
 
 
-def _under_home(path):
-    """Whether `path` lies in the user's home folder (on Windows, the profile, which only
-    its user and the administrators may read unless someone changed that)."""
-    home = os.path.normcase(os.path.abspath(os.path.expanduser("~")))
-    return os.path.normcase(os.path.abspath(path)).startswith(home.rstrip(os.sep) + os.sep)
-
-
 def read_private_text(path):
     """The text of a key-bearing file, after the permission check: the one place that reads one."""
     check_private_file(path)
@@ -790,17 +678,124 @@ def read_private_text(path):
         raise SpaError("%s is not UTF-8 text (byte %d)" % (path, e.start))
 
 
-def read_ini(path, text=None):
-    """Read an INI file (after the permission check); [default] gives defaults to every section."""
-    import configparser
-    text = read_private_text(path) if text is None else text
-    parser = configparser.ConfigParser(default_section="default", interpolation=None,
-                                       inline_comment_prefixes=("#", ";"))
+def check_private_dir(path, writers=0o022):
+    """Why a directory where root keeps state or code is unsafe (one line), or None.
+
+    It must be a directory that belongs to root (or to this user) and that no one else may
+    write to (`writers`: group or others; others alone for install's directories, where
+    Debian lets the group staff write): whoever can write there can swap the files root
+    writes or runs.  (Checked on the modes: as root, os.access() says yes to everything.)
+    """
     try:
-        parser.read_string(text, path)
-    except configparser.Error as e:
-        raise SpaError(_ini_error(path, text, e))
-    return parser
+        st = os.stat(path)
+    except OSError as e:
+        return "cannot use %s: %s" % (path, e.strerror)
+    if not os.path.isdir(path):
+        return "%s is not a directory" % path
+    if st.st_uid not in (0, os.geteuid()):
+        return "%s belongs to uid %d, not to root: run 'chown root: %s'" % (path, st.st_uid, path)
+    if st.st_mode & writers:
+        return "%s is writable by %s (mode %04o): run 'chmod %s-w %s'" % (
+            path, "group or others" if writers & 0o020 else "others", st.st_mode & 0o7777,
+            "go" if writers & 0o020 else "o", path)
+    return None
+
+
+def sync_file(fd):
+    """Make what was written durable: fdatasync where there is one (it skips timestamps)."""
+    getattr(os, "fdatasync", os.fsync)(fd)
+
+
+def write_all(fd, data):
+    """os.write until all of `data` is written (a short write raises on the next call)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def create_temp_file(path, mode=0o600):
+    """(name, fd) of a new file next to `path`, with a random name, created only if no file,
+    link or symlink has that name (O_EXCL, O_NOFOLLOW): nothing planted is ever followed."""
+    for _ in range(10):
+        name = "%s.%s.tmp" % (path, binascii.hexlify(os.urandom(6)).decode())
+        try:
+            return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                                 getattr(os, "O_NOFOLLOW", 0), mode)
+        except FileExistsError:
+            continue
+    raise OSError(17, "cannot make a temporary file next to %s" % path)
+
+
+def replace_file(path, write, mode=0o600, owner=None, check=None):
+    """Write a file anew and swap it in atomically, the one way spa.py writes a file that
+    matters (the replay cache, the saved firewall, the server config, the installed
+    files): `write(fd)` fills a new file made next to it (create_temp_file), which gets
+    `mode` (whatever the umask) and `owner` ((uid, gid) if given), is synced, may be
+    refused by `check(its name)` (SpaError), and is renamed over `path` (a symlink there is
+    replaced, never followed).  If anything fails the new file is removed and `path` left
+    as it was."""
+    tmp, fd = create_temp_file(path, mode)
+    try:
+        try:
+            write(fd)
+            if hasattr(os, "fchmod"):       # (Windows has no modes to speak of)
+                os.fchmod(fd, mode)
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_file(path, text, mode=0o644, check=None):
+    """Replace `path` with `text` at once (replace_file), keeping an existing file's mode and
+    owner; the folder is made if it is missing.  `check(new name)`, if given, may refuse the
+    new file (SpaError) before it replaces the old one."""
+    import locale
+    os.makedirs(os.path.dirname(os.path.abspath(path)), 0o755, exist_ok=True)
+    owner = None
+    try:
+        st = os.lstat(path)
+        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        pass
+    data = text.encode(locale.getpreferredencoding(False))     # as open(path, "w") writes
+    replace_file(path, lambda fd: write_all(fd, data), mode, owner, check)
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Policy and config
+# ---------------------------------------------------------------------------
+#
+# The server's config: [server] (ServerConfig) and one [client NAME] per key pair
+# (Stanza: who may knock, with which keys, for what), and fwknop's access.conf, whose
+# stanzas become Stanzas too.  A Stanza is the policy judge() asks: authorize() turns an
+# authenticated message into (allow IP, seconds, NAT target) or a refusal.  Config files
+# are trusted, but read as if a key could be on any line: an error names the file and
+# the line, never the line's text.
+
+def _showable(name):
+    """Whether a name read from a file may be shown in a message: a word that does not look
+    like a variable's name may be a key pasted on a line of its own."""
+    return name[:1].isalpha() and len(name) <= 32 and (len(name) <= 16 or "_" in name) \
+        and all(c.isalnum() or c == "_" for c in name)
 
 
 def _ini_error(path, text, e):
@@ -826,22 +821,30 @@ def _ini_error(path, text, e):
         "may hold a key)" % where
 
 
-def _showable(name):
-    """Whether a name read from a file may be shown in a message: a word that does not look
-    like a variable's name may be a key pasted on a line of its own."""
-    return name[:1].isalpha() and len(name) <= 32 and (len(name) <= 16 or "_" in name) \
-        and all(c.isalnum() or c == "_" for c in name)
+def read_ini(path, text=None):
+    """Read an INI file (after the permission check); [default] gives defaults to every section."""
+    import configparser
+    text = read_private_text(path) if text is None else text
+    parser = configparser.ConfigParser(default_section="default", interpolation=None,
+                                       inline_comment_prefixes=("#", ";"))
+    try:
+        parser.read_string(text, path)
+    except configparser.Error as e:
+        raise SpaError(_ini_error(path, text, e))
+    return parser
 
 
 NOT_SHOWN = "not a `VARIABLE value` line (not shown: it may hold a key)"
 
 
 def _shown_names(names):
+    """Option names for an error message, any that may be a key replaced by words."""
     return ", ".join(sorted(n if _showable(n) else "a name not shown (it may be a key)"
                             for n in names))
 
 
 def parse_bool(value, name):
+    """A yes/no option (yes, true, on, 1 and their opposites, in any case)."""
     v = value.strip().lower()
     if v in ("y", "yes", "true", "on", "1"):
         return True
@@ -851,6 +854,7 @@ def parse_bool(value, name):
 
 
 def parse_int(value, name, low, high):
+    """A whole-number option, which must lie from `low` to `high`."""
     try:
         n = int(value)
     except ValueError:
@@ -873,6 +877,8 @@ def parse_key(value, name, low, high):
 
 
 def _one_key(get, where, name, longest):
+    """One key of a section: `NAME` (a passphrase, as fwknop's KEY) or `NAME_base64`,
+    not both; at most `longest` bytes."""
     if get(name + "_base64") and get(name):
         raise SpaError("%s: give %s_base64 or %s, not both" % (where, name, name))
     if get(name):
@@ -888,6 +894,7 @@ def _one_key(get, where, name, longest):
 
 
 def parse_hmac_type(value, name="hmac_digest_type"):
+    """An HMAC type as fwknop names it (SHA256, sha-256...) -> a key of HMAC_TYPES."""
     v = value.strip().lower().replace("-", "_")
     if v not in HMAC_TYPES:
         raise SpaError("%s = %r: expected one of %s" % (name, value, ", ".join(HMAC_TYPES)))
@@ -925,6 +932,28 @@ def parse_date(value, name):
     raise SpaError("%s = %r: expected YYYY-MM-DD" % (name, value))
 
 
+def _family(address):
+    """6 for an IPv6 address (text), 4 for an IPv4 one: the one place that tells them apart
+    (an address is checked before it gets here)."""
+    return 6 if ":" in address else 4
+
+
+def _socket_family(address):
+    """socket.AF_INET6 or socket.AF_INET, for an address (text)."""
+    return socket.AF_INET6 if _family(address) == 6 else socket.AF_INET
+
+
+def format_endpoint(address, port):
+    """address:port, an IPv6 address in brackets: '[2001:db8::7]:22'."""
+    return ("[%s]:%d" if _family(address) == 6 else "%s:%d") % (address, port)
+
+
+def valid_interface_name(name):
+    """A Linux interface name: 1-15 bytes, no slash, colon or white space."""
+    return isinstance(name, str) and 0 < len(name.encode()) < 16 and \
+        not any(c in name for c in "/: \t\n\0") and name not in (".", "..")
+
+
 def parse_nat_destinations(value, name):
     """`nat_destinations`: [(network, first port, last port)] from a list such as
     `10.0.0.7:22, 10.0.1.0/24:8000-8099, [2001:db8::7]:22, 192.0.2.9` (IPv6 in brackets;
@@ -960,6 +989,15 @@ def parse_nat_destinations(value, name):
     return result
 
 
+def format_nat_destination(item):
+    """One (network, first port, last port) of nat_destinations, as the config writes it."""
+    network, first, last = item
+    text = "[%s]" % network if network.version == 6 else str(network)
+    if (first, last) == (1, 65535):
+        return text
+    return "%s:%d%s" % (text, first, "" if first == last else "-%d" % last)
+
+
 def nat_target_problem(address):
     """Why `address` (an ipaddress object) can never be a NAT target, else None: no knock may
     forward to no one, to a group, to loopback or to a whole network."""
@@ -976,37 +1014,72 @@ def nat_target_problem(address):
     return None
 
 
+# Where an accepted NAT request leads: to address:port, `local` if that is a port of this host
+# (fwknop's local NAT, message types 5 and 6).
+NatTarget = namedtuple("NatTarget", "address port local")
+
+
+STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
+                  "restrict_ports", "access_expire", "enable_nat", "enable_cmd_exec",
+                  "cmd_exec_user",
+                  "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
+                  "require_username", "require_source_address", "nat_destinations",
+                  "max_openings"}
+
+
+def _parse_sources(value, where):
+    """`source`: None for any, else [ip_network] from a list of addresses and networks."""
+    import ipaddress
+    if value.lower() == "any":
+        return None
+    try:
+        return [ipaddress.ip_network(s.strip(), strict=False) for s in value.split(",")]
+    except ValueError as e:
+        raise SpaError("%s: source: %s" % (where, e))
+
+
+def _parse_port_set(value, name, where, default):
+    """A port list of the config (open_ports, restrict_ports) as a set; `default` if empty."""
+    try:
+        return set(parse_access(value, name, True)) if value else set(default)
+    except ValueError as e:
+        raise SpaError("%s: %s" % (where, e))
+
+
+def _check_command_user(name, where):
+    """cmd_exec_user must be an existing user, neither root nor of group 0: a command
+    message runs as that user (CommandRunner)."""
+    import pwd
+    try:
+        user = pwd.getpwnam(name or "")
+    except KeyError:
+        raise SpaError("%s: enable_cmd_exec needs cmd_exec_user, an existing "
+                       "unprivileged user" % where)
+    if user.pw_uid == 0:
+        raise SpaError("%s: cmd_exec_user must not be root" % where)
+    if user.pw_gid == 0:
+        raise SpaError("%s: cmd_exec_user %s has group 0 (root): give it a group of "
+                       "its own" % (where, user.pw_name))
+
+
 class Stanza(object):
     """One `[client NAME]` section of the server config: who may knock, with which keys, for what."""
 
     def __init__(self, name, options, protect, where=None, forwarding=False, local_nat=False):
-        import ipaddress
         where = where or "[client %s]" % name
         self.name = name
         unknown = set(options) - STANZA_OPTIONS
         if unknown:
             raise SpaError("%s: unknown option %s" % (where, _shown_names(unknown)))
         get = lambda option: (options.get(option) or "").strip()
-        source = get("source") or "any"
-        if source.lower() == "any":
-            self.sources = None
-        else:
-            try:
-                self.sources = [ipaddress.ip_network(s.strip(), strict=False)
-                                for s in source.split(",")]
-            except ValueError as e:
-                raise SpaError("%s: source: %s" % (where, e))
+        self.sources = _parse_sources(get("source") or "any", where)
         # A passphrase is taken as it is, blanks and all, as fwknopd takes it.
         key_get = lambda option: options.get(option) or "" if option in ("key", "hmac_key") \
             else get(option)
         self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(key_get, where)
         self.mac_len = HMAC_TYPES[self.hmac_type][1]
         self.mac = Hmac(self.hmac_key, HMAC_TYPES[self.hmac_type][0], SALT_PREFIX)
-        try:
-            self.open_ports = set(parse_access(get("open_ports"), "open_ports", True)) \
-                if get("open_ports") else set(protect)
-        except ValueError as e:
-            raise SpaError("%s: %s" % (where, e))
+        self.open_ports = _parse_port_set(get("open_ports"), "open_ports", where, protect)
         if not self.open_ports:
             raise SpaError("%s: open_ports is empty and [server] protects nothing" % where)
         # A timeout of 0 would mean "forever" to nftables: never allow it.
@@ -1017,12 +1090,7 @@ class Stanza(object):
         self.require_username = get("require_username") or None
         self.require_source_address = parse_bool(get("require_source_address") or "no",
                                                  where + ": require_source_address")
-        try:
-            self.restrict_ports = set(parse_access(get("restrict_ports"), "restrict_ports",
-                                                    True)) \
-                if get("restrict_ports") else set()
-        except ValueError as e:
-            raise SpaError("%s: %s" % (where, e))
+        self.restrict_ports = _parse_port_set(get("restrict_ports"), "restrict_ports", where, ())
         self.access_expire = parse_date(get("access_expire"), where + ": access_expire") \
             if get("access_expire") else None
         # NAT access needs the stanza's consent and the server's ([server] enable_forwarding,
@@ -1031,17 +1099,7 @@ class Stanza(object):
         self.enable_cmd_exec = parse_bool(get("enable_cmd_exec") or "no", where + ": enable_cmd_exec")
         self.cmd_exec_user = get("cmd_exec_user") or None
         if self.enable_cmd_exec:
-            import pwd
-            try:
-                user = pwd.getpwnam(self.cmd_exec_user or "")
-            except KeyError:
-                raise SpaError("%s: enable_cmd_exec needs cmd_exec_user, an existing "
-                               "unprivileged user" % where)
-            if user.pw_uid == 0:
-                raise SpaError("%s: cmd_exec_user must not be root" % where)
-            if user.pw_gid == 0:
-                raise SpaError("%s: cmd_exec_user %s has group 0 (root): give it a group of "
-                               "its own" % (where, user.pw_name))
+            _check_command_user(self.cmd_exec_user, where)
         self.enable_nat = parse_bool(get("enable_nat") or "no", where + ": enable_nat")
         self.nat_forward = self.enable_nat and forwarding
         self.nat_local = self.enable_nat and local_nat
@@ -1052,16 +1110,8 @@ class Stanza(object):
         self.max_openings = parse_int(get("max_openings") or "1000", where + ": max_openings",
                                       1, 1000000)
 
-    def authenticate(self, payload):
-        """The signed base64 text (prefix put back) if this stanza's HMAC key made the
-        packet's HMAC, else None.  Compares in constant time."""
-        n = self.mac_len
-        mac = self.mac.digest(payload[:-n])         # (the U2FsdGVkX1 prefix is in already)
-        if compare_digest(binascii.b2a_base64(mac, newline=False).rstrip(b"="), payload[-n:]):
-            return SALT_PREFIX + payload[:-n]
-        return None
-
     def matches_source(self, source):
+        """Whether a packet from `source` (an address as text) may use this stanza."""
         if self.sources is None:
             return True
         import ipaddress
@@ -1071,7 +1121,7 @@ class Stanza(object):
     def authorize(self, msg, source, now):
         """Apply this stanza's policy to an authenticated message.
 
-        Returns (allow IP, seconds, NAT) where NAT is None or (address, port, local);
+        Returns (allow IP, seconds, NAT) where NAT is None or a NatTarget;
         raises Reject.
         """
         if self.access_expire is not None and now >= self.access_expire:
@@ -1094,24 +1144,24 @@ class Stanza(object):
         if self.require_username is not None and msg.username != self.require_username:
             raise Reject("username %r is not the required one" % msg.username)
         # The ports the client reaches: through local NAT, the one it is forwarded to.
-        local = nat is not None and nat[2]
-        reached = [(msg.access[0][0], nat[1])] if local else msg.access
+        local = nat is not None and nat.local
+        reached = [(msg.access[0][0], nat.port)] if local else msg.access
         denied = [pp for pp in reached if pp not in self.open_ports or pp in self.restrict_ports]
         if denied:
-            raise Reject("%s not in open_ports%s" % (",".join("%s/%d" % pp for pp in denied),
+            raise Reject("%s not in open_ports%s" % (format_access(denied),
                                                      " (the port local NAT leads to)" if local
                                                      else ""))
         if msg.msg_type in TIMEOUT_TYPES and msg.client_timeout > 0:
             timeout = min(msg.client_timeout, self.max_fw_timeout)
         else:
             timeout = self.fw_access_timeout
-        if nat is not None and (":" in nat[0]) != (":" in allow_ip):
+        if nat is not None and _family(nat.address) != _family(allow_ip):
             raise Reject("NAT to %s for %s: the addresses are of different families"
-                         % (nat[0], allow_ip))
+                         % (nat.address, allow_ip))
         return allow_ip, timeout, nat
 
     def _nat(self, msg):
-        """(address, port, local) of a NAT request this stanza allows, else Reject."""
+        """The NatTarget of a NAT request this stanza allows, else Reject."""
         import ipaddress
         local = msg.msg_type in (MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
         if not (self.nat_local if local else self.nat_forward):
@@ -1135,7 +1185,7 @@ class Stanza(object):
             problem = self.nat_destination_problem(target, port)
         if problem is not None:
             raise Reject("NAT to %s refused: %s" % (format_endpoint(address, port), problem))
-        return address, port, local
+        return NatTarget(address, port, local)
 
     def nat_destination_problem(self, target, port):
         """Why NAT access to another host may not lead to target:port, else None."""
@@ -1151,125 +1201,6 @@ class Stanza(object):
         return "not in nat_destinations"
 
 
-STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
-                  "restrict_ports", "access_expire", "enable_nat", "enable_cmd_exec",
-                  "cmd_exec_user",
-                  "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
-                  "require_username", "require_source_address", "nat_destinations",
-                  "max_openings"}
-FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
-# [server] options that SIGHUP cannot change in a running server.
-RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
-SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
-                  "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
-                  "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
-                  "nft_include"}
-
-
-class ServerConfig(object):
-    """The whole server config: the [server] section and the client stanzas."""
-
-    def __init__(self, path, access_conf=None):
-        parser = read_ini(path)
-        self.path = path
-        self.notes = []        # what an imported fwknop access.conf asked that we do not honour
-        section = parser["server"] if parser.has_section("server") else {}
-        get = lambda option, default: section.get(option, default).strip()
-        unknown = set(section) - SERVER_OPTIONS - set(parser.defaults())
-        if unknown:
-            raise SpaError("%s: [server]: unknown option %s" % (path, _shown_names(unknown)))
-        self.optional_interfaces = [i.strip() for i in get("optional_interface", "").split(",")
-                                    if i.strip()]
-        self.interfaces = [i.strip() for i in get("interface", "" if self.optional_interfaces
-                                                  else "any").split(",") if i.strip()]
-        self.port = parse_int(get("port", str(DEFAULT_PORT)), "port", 1, 65535)
-        self.firewall = get("firewall", "nft").lower()
-        if self.firewall not in FIREWALLS:
-            raise SpaError("%s: firewall = %r: expected %s (none changes nothing)"
-                           % (path, self.firewall, ", ".join(FIREWALLS)))
-        try:
-            self.protect = parse_access(get("protect", ""), "protect", True) \
-                if get("protect", "") else []
-        except ValueError as e:
-            raise SpaError("%s: [server]: %s" % (path, e))
-        self.protect_action = get("protect_action", "reject").lower()
-        if self.protect_action not in ("reject", "drop"):
-            raise SpaError("%s: protect_action = %r: expected reject or drop"
-                           % (path, self.protect_action))
-        self.max_packet_age = parse_int(get("max_packet_age", "120"), "max_packet_age", 1, 86400)
-        self.replay_cache = get("replay_cache", DEFAULT_REPLAY_CACHE)
-        self.log = get("log", "stderr").lower()
-        if self.log not in ("stderr", "syslog"):
-            raise SpaError("%s: log = %r: expected stderr or syslog" % (path, self.log))
-        self.enable_forwarding = parse_bool(get("enable_forwarding", "no"), "enable_forwarding")
-        self.enable_local_nat = parse_bool(get("enable_local_nat", "no"), "enable_local_nat")
-        # Openings keyed on the interface the knock came in on, too.
-        self.bind_interface = parse_bool(get("bind_interface", "no"), "bind_interface")
-        named = self.interfaces + self.optional_interfaces
-        if self.bind_interface and ("any" in named or not named):
-            raise SpaError("%s: bind_interface = yes needs interface to name the interfaces "
-                           "knocks come in on (not any): each opening is bound to one" % path)
-        bad = [name for name in named if name != "any" and not valid_interface_name(name)]
-        if bad:
-            raise SpaError("%s: interface %r: not an interface name" % (path, bad[0]))
-        # Where the host keeps its firewall for reloads and boots (SavedFirewall).
-        saved = get("saved_firewall", "auto")
-        self.saved_firewall = saved.lower() if saved.lower() in ("auto", "none") else \
-            [p.strip() for p in saved.split(",") if p.strip()]
-        self.nft_include = get("nft_include", "") or None
-        for name, value in (("saved_firewall", self.saved_firewall),
-                            ("nft_include", [self.nft_include or "/"])):
-            if isinstance(value, list) and not all(os.path.isabs(p) for p in value):
-                raise SpaError("%s: %s: expected auto, none or absolute paths" % (path, name))
-        self.user, self.user_note = reader_user(path, get("user", ""))
-        self.stanzas = []
-        for name in parser.sections():
-            kind, _, client = name.partition(" ")
-            if name == "server":
-                continue
-            if kind != "client" or not client.strip():
-                raise SpaError("%s: unknown section [%s]: expected [server] or [client NAME]"
-                               % (path, name))
-            self.stanzas.append(Stanza(client.strip(), dict(parser[name]), self.protect,
-                                       forwarding=self.enable_forwarding,
-                                       local_nat=self.enable_local_nat))
-        access_conf = access_conf or get("access_conf", "")
-        if access_conf:
-            stanzas, self.notes = read_access_conf(access_conf, self.protect,
-                                                   self.enable_forwarding, self.enable_local_nat)
-            self.stanzas += stanzas
-        if not self.stanzas:
-            raise SpaError("%s: no [client NAME] section%s: nobody could knock" % (
-                path, " and no usable stanza in %s (%s)" % (access_conf, "; ".join(self.notes))
-                if access_conf else ""))
-        if not self.protect:
-            raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
-                           "e.g. protect = tcp/22" % path)
-
-
-def reader_user(path, name):
-    """The user the packet reader runs as: `name`, or else the dedicated `spa`, or else
-    nobody; and a warning for the log in that last case (other daemons run as nobody,
-    and any of them could signal the reader)."""
-    import pwd
-    if not name:
-        try:
-            pwd.getpwnam(READER_USER)
-            return READER_USER, None
-        except KeyError:
-            return "nobody", ("no user %s: the packet reader runs as nobody, which other "
-                              "daemons share; create it: %s" % (READER_USER, " ".join(
-                                  USERADD + [READER_USER])))
-    try:
-        uid = pwd.getpwnam(name).pw_uid
-    except KeyError:
-        raise SpaError("%s: user = %s: no such user (the packet reader runs as this "
-                       "unprivileged user)" % (path, name))
-    if uid == 0:
-        raise SpaError("%s: user = %s: the packet reader must not run as root" % (path, name))
-    return name, None
-
-
 # fwknop access.conf variable -> our stanza option.
 ACCESS_CONF_NAMES = {
     "SOURCE": "source", "OPEN_PORTS": "open_ports", "RESTRICT_PORTS": "restrict_ports",
@@ -1279,10 +1210,14 @@ ACCESS_CONF_NAMES = {
     "MAX_FW_TIMEOUT": "max_fw_timeout", "REQUIRE_USERNAME": "require_username",
     "ACCESS_EXPIRE": "access_expire", "ACCESS_EXPIRE_EPOCH": "access_expire",
 }
+
+
 # fwknopd's yes/no variables (true when the value starts with Y or y, as fwknopd reads them).
 ACCESS_CONF_BOOLS = {"REQUIRE_SOURCE_ADDRESS": "require_source_address",
                      "REQUIRE_SOURCE": "require_source_address",
                      "ENABLE_CMD_EXEC": "enable_cmd_exec"}
+
+
 # What fwknopd does and spa.py does not (yet): a stanza that asks for it is left out.  The
 # yes/no ones ask for it only with Y.
 ACCESS_CONF_UNSUPPORTED = {
@@ -1291,12 +1226,24 @@ ACCESS_CONF_UNSUPPORTED = {
     "DISABLE_DNAT": "NAT (DISABLE_DNAT)", "CMD_CYCLE_OPEN": "command cycles (CMD_CYCLE_OPEN)",
     "CMD_CYCLE_CLOSE": "command cycles (CMD_CYCLE_CLOSE)",
     "CMD_CYCLE_TIMER": "command cycles (CMD_CYCLE_TIMER)"}
+
+
 ACCESS_CONF_UNSUPPORTED_BOOLS = {"FORCE_MASQUERADE", "FORWARD_ALL", "DISABLE_DNAT"}
+
+
 # Settings of command messages that spa.py has no use for: it never uses sudo, and runs a
 # command with the user's own group.
 ACCESS_CONF_CMD = {"CMD_EXEC_GROUP", "CMD_SUDO_EXEC_USER", "CMD_SUDO_EXEC_GROUP"}
+
+
 # The key variables, the only ones fwknopd takes from a %include_keys file.
 ACCESS_CONF_KEYS = ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64")
+
+
+def _fwknop_variable(word):
+    """The variable a line of fwknop's files sets: its first word, a ':' at its end (and
+    whatever follows the last ':') dropped, as fwknop reads access.conf and ~/.fwknoprc."""
+    return word[:word.rindex(":")] if ":" in word else word
 
 
 def access_conf_lines(path):
@@ -1312,10 +1259,97 @@ def access_conf_lines(path):
         words = line.split(None, 1)
         if not words or words[0][0] in "#;":
             continue
-        var = words[0][:words[0].rindex(":")] if ":" in words[0] else words[0]
+        var = _fwknop_variable(words[0])
         value = words[1].split(";", 1)[0] if len(words) > 1 else ""
         lines.append((number, var, value if var in ("KEY", "HMAC_KEY") else value.strip()))
     return lines
+
+
+class _AccessConfStanza(object):
+    """One access.conf stanza turned into our stanza options, line by line: what it asks
+    that spa.py does not do (`unsupported`), what spa.py cannot read (`problems`), and what
+    spa.py does differently (said in `notes`, the notes of the whole file)."""
+
+    def __init__(self, name, notes):
+        self.name, self.notes = name, notes
+        self.options, self.unsupported, self.problems = {}, [], []
+        self.gpg = False
+
+    def line(self, number, var, value):
+        options, unsupported, problems = self.options, self.unsupported, self.problems
+        yes = value[:1] in ("Y", "y")
+        if not _showable(var.lstrip("%")):
+            problems.append("line %d is %s" % (number, NOT_SHOWN))
+        elif not value.strip():
+            problems.append("%s has no value (line %d)" % (var, number))
+        elif var in ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64") \
+                and value.upper() == "__CHANGEME__":
+            problems.append("%s is still __CHANGEME__ (line %d)" % (var, number))
+        elif var in ("FW_ACCESS_TIMEOUT", "MAX_FW_TIMEOUT") and value.isdigit() and int(value) == 0:
+            options.pop(ACCESS_CONF_NAMES[var], None)   # fwknopd's default (30, 300 s) is ours
+        elif var in ACCESS_CONF_NAMES:
+            options[ACCESS_CONF_NAMES[var]] = value
+            if var in ACCESS_CONF_KEYS:        # the last of KEY and KEY_BASE64 counts
+                other = var[:-7] if var.endswith("_BASE64") else var + "_BASE64"
+                options.pop(ACCESS_CONF_NAMES[other], None)
+        elif var in ACCESS_CONF_BOOLS:
+            options[ACCESS_CONF_BOOLS[var]] = "yes" if yes else "no"
+        elif var == "DESTINATION":
+            if not any(d.strip().upper() == "ANY" for d in value.split(",")):
+                unsupported.append("DESTINATION %s (only ANY, which restricts nothing)" % value)
+        elif var == "ENCRYPTION_MODE":
+            mode = value.lower()
+            if mode == "asymmetric":
+                self.gpg = True
+            elif mode in ENCRYPTION_MODES:
+                options["encryption_mode"] = mode
+            else:
+                unsupported.append("ENCRYPTION_MODE %s" % value)
+        elif var in ACCESS_CONF_UNSUPPORTED:
+            if yes or var not in ACCESS_CONF_UNSUPPORTED_BOOLS:
+                unsupported.append(ACCESS_CONF_UNSUPPORTED[var])
+        elif var.startswith("GPG_"):
+            self.gpg = True
+        elif var == "ENABLE_CMD_SUDO_EXEC":
+            if yes:
+                self.notes.append("%s: ENABLE_CMD_SUDO_EXEC is not honoured: spa.py uses no sudo"
+                                  % self.name)
+        elif var not in ACCESS_CONF_CMD:
+            problems.append("%s is not a variable fwknopd knows (it would ignore it; names are "
+                            "case-sensitive)" % var)
+
+    def finish(self):
+        """(options, problems): the checks of the stanza as a whole, after its last line."""
+        name, options, unsupported, notes = self.name, self.options, self.unsupported, self.notes
+        if not options.get("key_base64") and not options.get("key"):
+            unsupported.append("GnuPG-only stanzas" if self.gpg else "a stanza without an AES key")
+        elif self.gpg:
+            notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
+        if not options.get("hmac_key_base64") and not options.get("hmac_key"):
+            unsupported.append("packets without an HMAC")
+        if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
+            options["enable_cmd_exec"] = "no"     # fwknopd would run them as root: never
+            notes.append("%s: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER: spa.py "
+                         "never runs commands as root" % name)
+        if unsupported:
+            self.problems.insert(0, "spa.py does not support %s" % ", ".join(unsupported))
+        if any(s.strip().upper() == "ANY" for s in options.get("source", "").split(",")):
+            options["source"] = "any"
+        # fwknopd has no per-stanza NAT switch: its ENABLE_IPT_FORWARDING / ENABLE_IPT_LOCAL_NAT
+        # are ours in [server], and they decide for its stanzas.
+        options["enable_nat"] = "yes"
+        return options, self.problems
+
+
+def _access_conf_stanza(name, pairs, notes):
+    """The stanza options of one access.conf stanza, and what stops spa.py from loading it."""
+    stanza = _AccessConfStanza(name, notes)
+    for number, var, value in pairs:
+        if isinstance(value, SpaError):
+            stanza.problems.append(str(value))
+            continue
+        stanza.line(number, var, value)
+    return stanza.finish()
 
 
 def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
@@ -1369,238 +1403,143 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
     return stanzas, notes
 
 
-def _access_conf_stanza(name, pairs, notes):
-    """The stanza options of one access.conf stanza, and what stops spa.py from loading it."""
-    options, unsupported, problems = {}, [], []
-    gpg = False
-    for number, var, value in pairs:
-        if isinstance(value, SpaError):
-            problems.append(str(value))
-            continue
-        yes = value[:1] in ("Y", "y")
-        if not _showable(var.lstrip("%")):
-            problems.append("line %d is %s" % (number, NOT_SHOWN))
-        elif not value.strip():
-            problems.append("%s has no value (line %d)" % (var, number))
-        elif var in ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64") \
-                and value.upper() == "__CHANGEME__":
-            problems.append("%s is still __CHANGEME__ (line %d)" % (var, number))
-        elif var in ("FW_ACCESS_TIMEOUT", "MAX_FW_TIMEOUT") and value.isdigit() and int(value) == 0:
-            options.pop(ACCESS_CONF_NAMES[var], None)   # fwknopd's default (30, 300 s) is ours
-        elif var in ACCESS_CONF_NAMES:
-            options[ACCESS_CONF_NAMES[var]] = value
-            if var in ACCESS_CONF_KEYS:        # the last of KEY and KEY_BASE64 counts
-                other = var[:-7] if var.endswith("_BASE64") else var + "_BASE64"
-                options.pop(ACCESS_CONF_NAMES[other], None)
-        elif var in ACCESS_CONF_BOOLS:
-            options[ACCESS_CONF_BOOLS[var]] = "yes" if yes else "no"
-        elif var == "DESTINATION":
-            if not any(d.strip().upper() == "ANY" for d in value.split(",")):
-                unsupported.append("DESTINATION %s (only ANY, which restricts nothing)" % value)
-        elif var == "ENCRYPTION_MODE":
-            mode = value.lower()
-            if mode == "asymmetric":
-                gpg = True
-            elif mode in ENCRYPTION_MODES:
-                options["encryption_mode"] = mode
-            else:
-                unsupported.append("ENCRYPTION_MODE %s" % value)
-        elif var in ACCESS_CONF_UNSUPPORTED:
-            if yes or var not in ACCESS_CONF_UNSUPPORTED_BOOLS:
-                unsupported.append(ACCESS_CONF_UNSUPPORTED[var])
-        elif var.startswith("GPG_"):
-            gpg = True
-        elif var == "ENABLE_CMD_SUDO_EXEC":
-            if yes:
-                notes.append("%s: ENABLE_CMD_SUDO_EXEC is not honoured: spa.py uses no sudo" % name)
-        elif var not in ACCESS_CONF_CMD:
-            problems.append("%s is not a variable fwknopd knows (it would ignore it; names are "
-                            "case-sensitive)" % var)
-    if not options.get("key_base64") and not options.get("key"):
-        unsupported.append("GnuPG-only stanzas" if gpg else "a stanza without an AES key")
-    elif gpg:
-        notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
-    if not options.get("hmac_key_base64") and not options.get("hmac_key"):
-        unsupported.append("packets without an HMAC")
-    if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
-        options["enable_cmd_exec"] = "no"     # fwknopd would run them as root: never
-        notes.append("%s: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER: spa.py "
-                     "never runs commands as root" % name)
-    if unsupported:
-        problems.insert(0, "spa.py does not support %s" % ", ".join(unsupported))
-    if any(s.strip().upper() == "ANY" for s in options.get("source", "").split(",")):
-        options["source"] = "any"
-    # fwknopd has no per-stanza NAT switch: its ENABLE_IPT_FORWARDING / ENABLE_IPT_LOCAL_NAT
-    # are ours in [server], and they decide for its stanzas.
-    options["enable_nat"] = "yes"
-    return options, problems
+FIREWALLS = ("nft", "auto", "iptables", "iptables-nft", "iptables-legacy", "none")
+# [server] options that SIGHUP cannot change in a running server.
+RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
+SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
+                  "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
+                  "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
+                  "nft_include"}
+DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
+READER_USER = "spa"                   # the packet reader's own system user (see install)
+USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+           "--shell", "/usr/sbin/nologin"]
+
+
+def reader_user(path, name):
+    """The user the packet reader runs as: `name`, or else the dedicated `spa`, or else
+    nobody; and a warning for the log in that last case (other daemons run as nobody,
+    and any of them could signal the reader)."""
+    import pwd
+    if not name:
+        try:
+            pwd.getpwnam(READER_USER)
+            return READER_USER, None
+        except KeyError:
+            return "nobody", ("no user %s: the packet reader runs as nobody, which other "
+                              "daemons share; create it: %s" % (READER_USER, " ".join(
+                                  USERADD + [READER_USER])))
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise SpaError("%s: user = %s: no such user (the packet reader runs as this "
+                       "unprivileged user)" % (path, name))
+    if uid == 0:
+        raise SpaError("%s: user = %s: the packet reader must not run as root" % (path, name))
+    return name, None
+
+
+def _comma_list(text):
+    """'eth0, wg0' -> ['eth0', 'wg0']: the words of a comma-separated option."""
+    return [word.strip() for word in text.split(",") if word.strip()]
+
+
+class ServerConfig(object):
+    """The whole server config: the [server] section and the client stanzas."""
+
+    def __init__(self, path, access_conf=None):
+        parser = read_ini(path)
+        self.path = path
+        self.notes = []        # what an imported fwknop access.conf asked that we do not honour
+        section = parser["server"] if parser.has_section("server") else {}
+        get = lambda option, default: section.get(option, default).strip()
+        unknown = set(section) - SERVER_OPTIONS - set(parser.defaults())
+        if unknown:
+            raise SpaError("%s: [server]: unknown option %s" % (path, _shown_names(unknown)))
+        self._read_server(get)
+        self.user, self.user_note = reader_user(path, get("user", ""))
+        self._read_stanzas(parser, access_conf or get("access_conf", ""))
+        if not self.protect:
+            raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
+                           "e.g. protect = tcp/22" % path)
+
+    def _read_server(self, get):
+        """The [server] options but `user` and `access_conf`; `get(option, default)`."""
+        path = self.path
+        self.optional_interfaces = _comma_list(get("optional_interface", ""))
+        self.interfaces = _comma_list(get("interface", "" if self.optional_interfaces else "any"))
+        self.port = parse_int(get("port", str(DEFAULT_PORT)), "port", 1, 65535)
+        self.firewall = get("firewall", "nft").lower()
+        if self.firewall not in FIREWALLS:
+            raise SpaError("%s: firewall = %r: expected %s (none changes nothing)"
+                           % (path, self.firewall, ", ".join(FIREWALLS)))
+        try:
+            self.protect = parse_access(get("protect", ""), "protect", True) \
+                if get("protect", "") else []
+        except ValueError as e:
+            raise SpaError("%s: [server]: %s" % (path, e))
+        self.protect_action = get("protect_action", "reject").lower()
+        if self.protect_action not in ("reject", "drop"):
+            raise SpaError("%s: protect_action = %r: expected reject or drop"
+                           % (path, self.protect_action))
+        self.max_packet_age = parse_int(get("max_packet_age", "120"), "max_packet_age", 1, 86400)
+        self.replay_cache = get("replay_cache", DEFAULT_REPLAY_CACHE)
+        self.log = get("log", "stderr").lower()
+        if self.log not in ("stderr", "syslog"):
+            raise SpaError("%s: log = %r: expected stderr or syslog" % (path, self.log))
+        self.enable_forwarding = parse_bool(get("enable_forwarding", "no"), "enable_forwarding")
+        self.enable_local_nat = parse_bool(get("enable_local_nat", "no"), "enable_local_nat")
+        # Openings keyed on the interface the knock came in on, too.
+        self.bind_interface = parse_bool(get("bind_interface", "no"), "bind_interface")
+        named = self.interfaces + self.optional_interfaces
+        if self.bind_interface and ("any" in named or not named):
+            raise SpaError("%s: bind_interface = yes needs interface to name the interfaces "
+                           "knocks come in on (not any): each opening is bound to one" % path)
+        bad = [name for name in named if name != "any" and not valid_interface_name(name)]
+        if bad:
+            raise SpaError("%s: interface %r: not an interface name" % (path, bad[0]))
+        # Where the host keeps its firewall for reloads and boots (SavedFirewall).
+        saved = get("saved_firewall", "auto")
+        self.saved_firewall = saved.lower() if saved.lower() in ("auto", "none") else \
+            _comma_list(saved)
+        self.nft_include = get("nft_include", "") or None
+        for name, value in (("saved_firewall", self.saved_firewall),
+                            ("nft_include", [self.nft_include or "/"])):
+            if isinstance(value, list) and not all(os.path.isabs(p) for p in value):
+                raise SpaError("%s: %s: expected auto, none or absolute paths" % (path, name))
+
+    def _read_stanzas(self, parser, access_conf):
+        """The [client NAME] stanzas, then those of fwknop's access.conf (if one is named)."""
+        path = self.path
+        self.stanzas = []
+        for name in parser.sections():
+            kind, _, client = name.partition(" ")
+            if name == "server":
+                continue
+            if kind != "client" or not client.strip():
+                raise SpaError("%s: unknown section [%s]: expected [server] or [client NAME]"
+                               % (path, name))
+            self.stanzas.append(Stanza(client.strip(), dict(parser[name]), self.protect,
+                                       forwarding=self.enable_forwarding,
+                                       local_nat=self.enable_local_nat))
+        if access_conf:
+            stanzas, self.notes = read_access_conf(access_conf, self.protect,
+                                                   self.enable_forwarding, self.enable_local_nat)
+            self.stanzas += stanzas
+        if not self.stanzas:
+            raise SpaError("%s: no [client NAME] section%s: nobody could knock" % (
+                path, " and no usable stanza in %s (%s)" % (access_conf, "; ".join(self.notes))
+                if access_conf else ""))
 
 
 # ---------------------------------------------------------------------------
 # Replay cache
 # ---------------------------------------------------------------------------
-
-def sync_file(fd):
-    """Make what was written durable: fdatasync where there is one (it skips timestamps)."""
-    getattr(os, "fdatasync", os.fsync)(fd)
-
-
-class PackedMap(object):
-    """A dict of fixed-size keys to one packed number each, all in one table of bytes.
-
-    Open addressing with linear probing, at most two thirds full.  10,000 entries
-    take 0.3-0.6 MB here instead of ~1.6 MB of small Python objects in a dict; and a
-    burst of knocks leaves no small objects behind, which would pin the memory the
-    burst used for its transient work.  The capacity is not a power of two, so a
-    table grows by a third at a time, not twice over.  `encode(key)` gives `size`
-    bytes (ValueError if it cannot), `decode(raw)` the key back.  Deleted entries
-    leave a tombstone until the next rebuild.
-    """
-
-    EMPTY, USED, GONE = 0, 1, 2
-
-    def __init__(self, size, encode, decode, value="!I"):
-        self.size, self.encode, self.decode = size, encode, decode
-        self.value = struct.Struct(value)
-        self.slot = 1 + size + self.value.size        # state, key, value
-        self._reset(16)
-
-    def _reset(self, capacity):
-        # A mapping of its own, private (copied on write in a forked child): when a
-        # bigger table replaces it, its memory goes back to the system, where a
-        # bytearray would leave a hole in the heap that only small things fill.
-        self.table = mmap.mmap(-1, self.slot * capacity, flags=mmap.MAP_PRIVATE)
-        self.capacity = capacity
-        self.count = self.gone = 0
-
-    def _find(self, raw):
-        """(offset of raw's slot or None, offset of the first free slot on its path)."""
-        table, slot, size, capacity = self.table, self.slot, self.size, self.capacity
-        i = hash(raw) % capacity
-        free = None
-        while True:
-            offset = i * slot
-            state = table[offset]
-            if state == self.EMPTY:
-                return None, offset if free is None else free
-            if state == self.USED:
-                if table[offset + 1:offset + 1 + size] == raw:
-                    return offset, None
-            elif free is None:
-                free = offset
-            i = i + 1 if i + 1 < capacity else 0
-
-    def _insert(self, raw, value, free=None):
-        """Put a key known to be absent (there is room), in the free slot found for it."""
-        if free is None:
-            free = self._find(raw)[1]
-        if self.table[free] == self.GONE:
-            self.gone -= 1
-        self.table[free] = self.USED
-        self.table[free + 1:free + 1 + self.size] = raw
-        self.value.pack_into(self.table, free + 1 + self.size, value)
-        self.count += 1
-
-    def __len__(self):
-        return self.count
-
-    def _offset(self, key):
-        """Where the key's entry is, or None (also for a key that cannot be encoded)."""
-        try:
-            return self._find(self.encode(key))[0]
-        except ValueError:
-            return None
-
-    def __contains__(self, key):
-        return self._offset(key) is not None
-
-    def get(self, key, default=None):
-        offset = self._offset(key)
-        if offset is None:
-            return default
-        return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
-
-    def __setitem__(self, key, value):
-        self._put(key, value, False)
-
-    def update(self, pairs):
-        for key, value in pairs.items():
-            self[key] = value
-
-    def raise_to(self, key, value):
-        """The key's value becomes `value` if that is larger, or if the key is new."""
-        self._put(key, value, True)
-
-    def _put(self, key, value, only_larger):
-        raw = self.encode(key)
-        offset, free = self._find(raw)        # one probe, for a new key too
-        if offset is not None:
-            if not only_larger or value > self.value.unpack_from(self.table,
-                                                                  offset + 1 + self.size)[0]:
-                self.value.pack_into(self.table, offset + 1 + self.size, value)
-            return
-        if 3 * (self.count + self.gone + 1) > 2 * self.capacity:
-            self._rebuild(None)
-            free = None
-        self._insert(raw, value, free)
-
-    def pop(self, key, default=None):
-        offset = self._offset(key)
-        if offset is None:
-            return default
-        self.table[offset] = self.GONE
-        self.count -= 1
-        self.gone += 1
-        return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
-
-    def _raw_items(self, table=None):
-        table = self.table if table is None else table
-        slot, size, unpack = self.slot, self.size, self.value.unpack_from
-        for offset in range(0, len(table), slot):
-            if table[offset] == self.USED:
-                yield bytes(table[offset + 1:offset + 1 + size]), unpack(table, offset + 1 + size)[0]
-
-    def items(self):
-        for raw, value in self._raw_items():
-            yield self.decode(raw), value
-
-    def keep_if(self, test):
-        """Drop the entries whose value fails `test`."""
-        if any(not test(value) for _, value in self._raw_items()):
-            self._rebuild(test)
-
-    def _rebuild(self, test):
-        """A new table holding the entries whose value passes `test`, half full.
-
-        Entries move one at a time, slot by slot, straight from the old table (and no
-        tombstones to step over): a list of them all would be 10,000 small objects at
-        once, whose memory the allocator would keep.
-        """
-        old, slot, size = self.table, self.slot, self.size
-        keep = [test is None or test(value) for _, value in self._raw_items(old)]
-        self._reset(max(16, 2 * (sum(keep) + 1)))
-        table, capacity, index = self.table, self.capacity, 0
-        for offset in range(0, len(old), slot):
-            if old[offset] != self.USED:
-                continue
-            index += 1
-            if not keep[index - 1]:
-                continue
-            i = hash(old[offset + 1:offset + 1 + size]) % capacity
-            while table[i * slot] != self.EMPTY:       # a new table has no tombstones
-                i = i + 1 if i + 1 < capacity else 0
-            table[i * slot:(i + 1) * slot] = old[offset:offset + slot]
-        self.count = sum(keep)
-
-    def copy(self):
-        other = PackedMap(self.size, self.encode, self.decode, self.value.format)
-        other._reset(self.capacity)
-        step = 1 << 16
-        for i in range(0, len(self.table), step):
-            other.table[i:i + step] = self.table[i:i + step]
-        other.count, other.gone = self.count, self.gone
-        return other
-
+#
+# No packet may open anything twice.  The digest of every packet that authenticates and
+# decrypts is written durably before anything opens (fdatasync), and kept while the
+# packet could still pass the age check; a restart reads the file again.  The file is
+# the server's own (root's directory); a line it cannot read is skipped and counted.
 
 _B64_TEXT = B64_ALPHABET.decode()
 
@@ -1608,8 +1547,8 @@ _B64_TEXT = B64_ALPHABET.decode()
 def _replay_digest(key):
     """What the replay cache keeps of a replay key (the base64 of a packet's SHA-256):
     its first 16 bytes.  128 bits tell packets apart as well as 256 here, where no one
-    without the keys can make a packet that authenticates; a table of 10,000 then takes
-    ~360 kB instead of ~640.  The cache file's own lines have these 16 bytes."""
+    without the keys can make a packet that authenticates, and the table is near half
+    the size (README.md: Performance).  The cache file's own lines have these 16 bytes."""
     if isinstance(key, str) and len(key) == 43 and not key.strip(_B64_TEXT):
         return binascii.a2b_base64(key + "=")[:16]     # the usual form, in one call
     raw = b64decode(key)
@@ -1624,70 +1563,6 @@ def _replay_key(raw):
 
 def _u32(number):
     return min(max(int(number), 0), 0xFFFFFFFF)
-
-
-def check_private_dir(path, writers=0o022):
-    """Why a directory where root keeps state or code is unsafe (one line), or None.
-
-    It must be a directory that belongs to root (or to this user) and that no one else may
-    write to (`writers`: group or others; others alone for install's directories, where
-    Debian lets the group staff write): whoever can write there can swap the files root
-    writes or runs.  (Checked on the modes: as root, os.access() says yes to everything.)
-    """
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return "cannot use %s: %s" % (path, e.strerror)
-    if not os.path.isdir(path):
-        return "%s is not a directory" % path
-    if st.st_uid not in (0, os.geteuid()):
-        return "%s belongs to uid %d, not to root: run 'chown root: %s'" % (path, st.st_uid, path)
-    if st.st_mode & writers:
-        return "%s is writable by %s (mode %04o): run 'chmod %s-w %s'" % (
-            path, "group or others" if writers & 0o020 else "others", st.st_mode & 0o7777,
-            "go" if writers & 0o020 else "o", path)
-    return None
-
-
-def create_temp_file(path, mode=0o600):
-    """(name, fd) of a new file next to `path`, with a random name, created only if no file,
-    link or symlink has that name (O_EXCL, O_NOFOLLOW): nothing planted is ever followed."""
-    for _ in range(10):
-        name = "%s.%s.tmp" % (path, binascii.hexlify(os.urandom(6)).decode())
-        try:
-            return name, os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        except FileExistsError:
-            continue
-    raise OSError(17, "cannot make a temporary file next to %s" % path)
-
-
-def replace_file(path, write, mode=0o600):
-    """Write a file anew and swap it in atomically: `write(fd)` fills a new file made next
-    to it (create_temp_file), which gets `mode` (whatever the umask), is synced and renamed
-    over `path` (a symlink there is replaced, never followed).  OSError if anything fails:
-    the new file is removed and `path` left as it was."""
-    tmp, fd = create_temp_file(path, mode)
-    try:
-        try:
-            write(fd)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_all(fd, data):
-    """os.write until all of `data` is written (a short write raises on the next call)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class ReplayCache(object):
@@ -1749,6 +1624,8 @@ class ReplayCache(object):
             self.failure = e.strerror
 
     def _load(self, path, now):
+        """Read the cache file (missing: nothing to read); lines it cannot read are
+        skipped and counted, entries stamped impossibly far ahead dropped."""
         try:
             f = open(path, "rb")
         except FileNotFoundError:
@@ -1835,12 +1712,14 @@ class ReplayCache(object):
         return True
 
     def _failed(self, error):
+        """A write failed: say why, and write the whole file anew next time."""
         self.failure = error.strerror or str(error)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
     def prune(self, now):
+        """Drop the entries no packet could still use; the floor rises with them."""
         limit = int(now) - self.max_age       # the age check counts whole seconds too
         # Never ahead of the clock: after a clock stepped back, packets stamped before the
         # step are refused for one window, not until the clock catches up.
@@ -1891,9 +1770,15 @@ class ReplayCache(object):
 
 
 # ---------------------------------------------------------------------------
-# Firewall back ends: setup, open/open_many, open_nat, close, list, list_nat, expire,
-# restore, flush -- the same small interface for nft, iptables and a dry run
+# Firewall: one interface, three back ends
 # ---------------------------------------------------------------------------
+#
+# What the server asks of a firewall (Firewall, a small base class), and the dry run
+# (DryRunFirewall, for --test and firewall = none).  The two real back ends follow:
+# nftables, then iptables.  Back ends change only what is theirs (their own table or
+# chains, and a marked rule where the host's own chains would drop an opening), and run
+# their tools with argument lists (run_command), never through a shell.  A new back end
+# (firewalld, pf) is a subclass of Firewall, chosen in make_firewall().
 
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
@@ -1921,6 +1806,179 @@ def run_command(argv, stdin=None):
         raise SpaError("%s failed: %s" % (" ".join(argv[:3]),
                                           done.stderr.strip().replace("\n", " | ")))
     return done.stdout
+
+
+FORWARDING_SYSCTLS = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+PROC_SYS = "/proc/sys/"
+
+
+def warn_without_forwarding(log, families):
+    """NAT access to another host needs the kernel to forward; say so where it does not."""
+    if log is None:
+        return
+    for family in sorted(families):
+        name = FORWARDING_SYSCTLS[family]
+        try:
+            with open(PROC_SYS + name.replace(".", "/")) as f:
+                on = f.read().strip() != "0"
+        except OSError:
+            continue
+        if not on:
+            log.warning("NAT access to another host over IPv%d needs forwarding: "
+                        "%s is 0 (local NAT works without it)", family, name)
+
+
+def _nat_target(address, to_address):
+    """to_address as text, if NAT from `address` may lead there; ValueError if not (the
+    back ends' own check, behind the policy's)."""
+    import ipaddress
+    target = ipaddress.ip_address(to_address)
+    problem = nat_target_problem(target)
+    if problem is None and _family(address) != target.version:
+        problem = "not the same address family as %s" % address
+    if problem is not None:
+        raise ValueError("cannot NAT to %s: %s" % (to_address, problem))
+    return str(target)
+
+
+class Firewall(object):
+    """What the server asks of a firewall back end: one small interface, which nft,
+    iptables and the dry run share (as bottle.py's server adapters share theirs).
+
+    An opening lets (address, protocol, port) in for some seconds, and the kernel itself
+    ends it, so that it ends on time even if the server has died; the protected ports
+    refuse everyone else, as `action` says (protect_action: reject or drop).  The back
+    ends trust their callers for policy (the gatekeeper decided), not for form: an
+    address that is not one, or a NAT target that never may be, raises ValueError.
+
+    Attributes every back end has: `name` (as [server] firewall names it), `protect`
+    ([("tcp", 22), ...]), `action`, `nat` (NAT access on), `steer` (refused TCP
+    connections redirected to port 0, so that the kernel's own reset answers them),
+    `bind` (openings keyed on the knock's interface too), `monitored` (nftables' change
+    notifications tell of a reload: RulesetMonitor), `log` (None: say nothing).
+    """
+
+    name = None
+    monitored = False
+
+    def __init__(self, protect, action="reject", log=None, nat=False, bind=False):
+        self.protect, self.action, self.log, self.nat, self.bind = protect, action, log, nat, bind
+        self.steer = action == "reject" and any(p == "tcp" for p, _ in protect)
+
+    def reconfigure(self, protect, action, nat):
+        """New protect, protect_action and NAT switch (at SIGHUP); setup() applies them."""
+        self.protect, self.action, self.nat = protect, action, nat
+        self.steer = action == "reject" and any(p == "tcp" for p, _ in protect)
+
+    def setup(self):
+        """Make or refresh our tables, chains and protect rules; openings in force stay."""
+        raise NotImplementedError
+
+    def open(self, address, proto, port, timeout, now=None, interface=None):
+        """Open (address, proto, port) for `timeout` seconds, never shortening an opening;
+        True if the firewall changed.  With bind, `interface` is the knock's."""
+        raise NotImplementedError
+
+    def open_many(self, openings, now=None):
+        """Open [(address, proto, port, seconds[, interface])]; returns how many changed."""
+        return sum(self.open(*opening[:4], now=now, interface=(opening[4:] or (None,))[0])
+                   for opening in openings)
+
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+        """NAT access (fwknop's message types 2, 4, 5, 6) for `timeout` seconds: connections
+        from `address` to `port` go to to_address:to_port (local: a port of this host)."""
+        raise NotImplementedError
+
+    def close(self, address, proto, port):
+        """Remove the openings of (address, proto, port) now; True if there was one."""
+        raise NotImplementedError
+
+    def list(self):
+        """The openings in force, read from the kernel:
+        [(address, proto, port, seconds left, interface or "")]."""
+        return []
+
+    def list_nat(self):
+        """NAT openings in force, read from the kernel:
+        [(address, proto, port, to address, to port, local, seconds left)]."""
+        return []
+
+    def expire(self, now=None):
+        """Forget (and remove, where the kernel does not) the openings past their end;
+        returns how many rules went."""
+        return 0
+
+    def restore(self):
+        """Put back what a reload of the host's firewall removed, if it removed anything
+        (intact, _put_back); True if it did.  Logged either way; never raises."""
+        try:
+            if self.intact():
+                return False
+            what = self._put_back()
+        except SpaError as e:
+            self._say("error", "could not restore the firewall: %s", e)
+            return False
+        self._say("warning", "the firewall was changed under us (a reload?): restored %s", what)
+        return True
+
+    def intact(self):
+        """False if something of ours is missing from the kernel (a reload removed it)."""
+        return True
+
+    def _put_back(self):
+        """Make what is ours again, with the openings in force; says what, in words."""
+        raise NotImplementedError
+
+    def flush(self):
+        """Remove everything of ours; True if there was anything."""
+        return False
+
+    def _say(self, level, text, *args):
+        if self.log is not None:
+            getattr(self.log, level)(text, *args)
+
+
+class DryRunFirewall(Firewall):
+    """Changes nothing; records what it would do (server --test, firewall = none)."""
+
+    name = "none"
+
+    def __init__(self, protect, action="reject", log=None):
+        Firewall.__init__(self, protect, action, log)
+        self.steer = False
+        self.opened = []
+
+    def setup(self):
+        self._say("info", "test mode: would protect %s (%s)", format_access(self.protect),
+                  self.action)
+
+    def open(self, address, proto, port, timeout, now=None, interface=None):
+        self.opened.append((address, proto, port, timeout) + ((interface,) if interface else ()))
+        return True
+
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+        self.opened.append((address, proto, port, timeout, to_address, to_port, local))
+        return True
+
+    def open_many(self, openings, now=None):
+        self.opened += openings
+        return len(openings)
+
+    def close(self, address, proto, port):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# nftables
+# ---------------------------------------------------------------------------
+#
+# Our own table `inet spa`: timeout sets of (address, protocol, port) that an accept rule
+# looks up, the protect rules, and, with NAT, a DNAT map and the sets that accept what it
+# rewrote.  Tables, chains and rules are made with `nft -f`; an opening is a set element
+# sent over netlink (NftNetlink), whose timeout the kernel keeps.  What nft prints back
+# (JSON) is parsed, nothing else read.
+
+NFT_TABLE = "spa"                     # our own `inet` table; nothing else is touched
 
 
 class RulesetMonitor(object):
@@ -1971,7 +2029,7 @@ class RulesetMonitor(object):
 def nft_key(addresses, proto=None, port=None):
     """The bytes of an nftables concatenation `address [. address] [. proto] [. port]`, as
     nft builds it: each field in network byte order, padded to a 4-byte register."""
-    fields = [socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
+    fields = [socket.inet_pton(_socket_family(a), a)
               for a in addresses]
     if proto is not None:
         fields.append(struct.pack("B3x", proto))
@@ -2024,9 +2082,9 @@ class ElementBatch(object):
 
 class NftNetlink(object):
     """Element changes sent straight to the kernel on a netlink socket, each batch one
-    nftables transaction, as `nft` sends them: no nft process to keep (~5 MB, more as
-    its cache grows), 0.1 ms for an opening, 60 ms for 10,000.  Tables, chains and
-    rules are still made by `nft -f` at setup.
+    nftables transaction, as `nft` sends them: no nft process to keep (its memory grows
+    with its cache), and no process started for an opening (README.md: Performance).
+    Tables, chains and rules are still made by `nft -f` at setup.
     """
 
     NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES = 12, 10
@@ -2145,6 +2203,10 @@ class NftNetlink(object):
             self.sock = None
 
 
+# A NAT opening in the nft back end: its end (monotonic clock) and where it leads.
+NatEnd = namedtuple("NatEnd", "end to_address to_port local")
+
+
 def _opening_key(key):
     """(address, proto, port) as 20 bytes: family, address (16), protocol, port;
     ValueError for anything else."""
@@ -2152,7 +2214,7 @@ def _opening_key(key):
     if proto not in PROTO_NUMBERS or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError("not an opening: %r" % (key,))
     try:
-        if ":" in address:
+        if _family(address) == 6:
             packed = b"\x06" + socket.inet_pton(socket.AF_INET6, address)
         else:
             packed = b"\x04" + socket.inet_pton(socket.AF_INET, address) + bytes(12)
@@ -2168,18 +2230,6 @@ def _bound_opening_key(key):
     return _opening_key(key[:3]) + key[3].encode().ljust(16, b"\0")
 
 
-def valid_interface_name(name):
-    """A Linux interface name: 1-15 bytes, no slash, colon or white space."""
-    return isinstance(name, str) and 0 < len(name.encode()) < 16 and \
-        not any(c in name for c in "/: \t\n\0") and name not in (".", "..")
-
-
-def _opening_hash(key):
-    """8 bytes that tell openings (address text as inet_ntop writes it, proto, port) apart
-    within this process: 64 bits of its hash."""
-    return struct.pack("q", hash(key))
-
-
 def _opening(raw):
     if raw[0] == 6:
         address = socket.inet_ntop(socket.AF_INET6, raw[1:17])
@@ -2190,7 +2240,7 @@ def _opening(raw):
     return key + (raw[20:].rstrip(b"\0").decode(),) if len(raw) > 20 else key
 
 
-class NftFirewall(object):
+class NftFirewall(Firewall):
     """nftables: our own `inet` table with two timeout sets and one input chain.
 
     New connections to the protected ports are refused unless (source address,
@@ -2242,31 +2292,28 @@ class NftFirewall(object):
           "ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept"])]
     STEER_CHAIN = ("steer", "{ type nat hook prerouting priority -90; policy accept; }")
 
+    monitored = True           # nftables' notifications tell of a reload
+
     def __init__(self, protect, action="reject", table=NFT_TABLE, log=None, nat=False,
                  bind=False):
-        self.protect, self.action, self.table, self.nat = protect, action, table, nat
-        self.log, self.bind = log, bind
-        self.steer = action == "reject" and any(p == "tcp" for p, _ in protect)
+        Firewall.__init__(self, protect, action, log, nat, bind)
+        self.table = table
         # (address, proto, port[, interface]) -> monotonic end of the opening; one past
         # its end counts as absent, and is dropped at the next purge (expire) or rebuild.
         self.ends = PackedMap(36, _bound_opening_key, _opening, "d") if bind else \
             PackedMap(20, _opening_key, _opening, "d")
         self.next_purge = 0
-        self.nat_ends = {}     # (address, proto, port) -> (monotonic end, to address, to port, local)
+        self.nat_ends = {}     # (address, proto, port) -> NatEnd
         self.kernel = NftNetlink()
         # Where openings go: (family, table, IPv4 set, IPv6 set); ours first.  Forwarded
         # NAT connections go into the fwd sets, keyed source . destination . proto . port.
         self.places = [("inet", table, "allow4", "allow6")]
         self.fwd_places = [("inet", table, "fwd4", "fwd6")] if nat else []
         self.handle = None             # our table's handle: a new one means it was made anew
-        self.monitored = True          # nftables' notifications tell of a reload
 
     def _nft(self, commands):
+        """Run nft commands, as one `nft -f -` transaction."""
         return run_command(["nft", "-f", "-"], "\n".join(commands) + "\n")
-
-    def _say(self, level, text, *args):
-        if self.log is not None:
-            getattr(self.log, level)(text, *args)
 
     def commands(self):
         """The nft commands that make our table, its sets, chains and rules.  setup() runs
@@ -2312,6 +2359,7 @@ class NftFirewall(object):
         return ["add table " + t] + sets + chain
 
     def _ports(self, proto):
+        """The protected ports of `proto`, as an nft set's elements: '22, 443'."""
         return ", ".join(str(p) for p in sorted(set(p for pr, p in self.protect if pr == proto)))
 
     def _steer_commands(self):
@@ -2351,6 +2399,8 @@ class NftFirewall(object):
         return commands
 
     def _load(self):
+        """Make our table with `commands()`; a table an older spa.py left that nft
+        cannot change into ours is deleted and made anew (its openings lost)."""
         t = "inet " + self.table
         try:
             self._nft(self.commands())
@@ -2392,6 +2442,7 @@ class NftFirewall(object):
                 pass
 
     def _handle(self, items):
+        """Our table's handle in a ruleset listing, or None."""
         for item in items:
             table = item.get("table", {})
             if (table.get("family"), table.get("name")) == ("inet", self.table):
@@ -2399,6 +2450,7 @@ class NftFirewall(object):
         return None
 
     def _ruleset(self):
+        """The whole ruleset as nft's JSON items (nft -j list ruleset)."""
         import json
         return json.loads(run_command(["nft", "-t", "-j", "list", "ruleset"]))["nftables"]
 
@@ -2471,6 +2523,7 @@ class NftFirewall(object):
         return len(verdicts) == 1 and ("drop" in verdicts[0] or "reject" in verdicts[0])
 
     def _has_mark(self, items, family, table, chain, mark=MARK):
+        """Whether the chain holds our rule with the comment `mark`."""
         return any(r.get("rule", {}).get("comment") == mark and
                    (r["rule"]["family"], r["rule"]["table"], r["rule"]["chain"]) ==
                    (family, table, chain) for r in items if "rule" in r)
@@ -2525,34 +2578,34 @@ class NftFirewall(object):
         key = (address, proto, port)
         old = self.nat_ends.get(key)
         same = old is not None and old[1:] == (to_address, to_port, local)
-        if same and old[0] >= now + timeout:
+        if same and old.end >= now + timeout:
             return False
         new = self._nat_elements(address, proto, port, to_address, to_port, local)
         batch = ElementBatch()
         old_data = None
         if old is not None and not same:
-            old_data = nft_key([old[1]], None, old[2])
+            old_data = nft_key([old.to_address], None, old.to_port)
             # What the new target, the other NAT openings and a plain opening still need.
             needed = {(place, element) for place, element, _ in new}
             for other, (end, o_address, o_port, o_local) in self.nat_ends.items():
                 if other != key and end > now:
                     needed.update((place, element) for place, element, _ in self._nat_elements(
                         other[0], other[1], other[2], o_address, o_port, o_local))
-            if self.ends.get((address, proto, old[2]), 0) > now:
-                needed.update(self._elements_in(self.places, (address, proto, old[2])))
+            if self.ends.get((address, proto, old.to_port), 0) > now:
+                needed.update(self._elements_in(self.places, (address, proto, old.to_port)))
             for place, element, _ in self._nat_elements(address, proto, port, *old[1:]):
                 if (place, element) not in needed:
                     batch.remove(place, element)
         for place, element, data in new:
             batch.put(place, element, timeout, data=data, old_data=old_data if data else None)
         self.kernel.commit(batch)
-        self.nat_ends[key] = (now + timeout, to_address, to_port, local)
+        self.nat_ends[key] = NatEnd(now + timeout, to_address, to_port, local)
         return True
 
     def _nat_elements(self, address, proto, port, to_address, to_port, local):
         """[(place, key, data)] of the set and map elements one NAT opening needs: the DNAT,
         and the accept of what it rewrote (local: in the input chains; else: forward)."""
-        six = ":" in address
+        six = _family(address) == 6
         number = PROTO_NUMBERS[proto]
         elements = [(("inet", self.table, "dnat6" if six else "dnat4"),
                      nft_key([address], number, port), nft_key([to_address], None, to_port))]
@@ -2579,7 +2632,7 @@ class NftFirewall(object):
         if len(key) > 3:
             element = key[3].encode().ljust(16, b"\0") + element
         for family, table, v4, v6 in places:
-            set_name = v6 if ":" in address else v4
+            set_name = v6 if _family(address) == 6 else v4
             if set_name:
                 yield (family, table, set_name + ("_if" if len(key) > 3 else "")), element
 
@@ -2601,7 +2654,7 @@ class NftFirewall(object):
         if now >= self.next_purge:
             self.ends.keep_if(lambda end: end > now)
             self.next_purge = now + 30
-        for key in [k for k, v in self.nat_ends.items() if v[0] <= now]:
+        for key in [k for k, v in self.nat_ends.items() if v.end <= now]:
             del self.nat_ends[key]
         return 0
 
@@ -2622,31 +2675,23 @@ class NftFirewall(object):
                 return False
         return True
 
-    def restore(self):
-        """Put back our table, rules and the openings in force, if something removed them.
-        An opening comes back with what was left of it, never more."""
-        try:
-            if self.intact():
-                return False
-            self.setup()
-            now = time.monotonic()
-            alive = [(k, end) for k, end in self.ends.items() if end > now + 0.5]
-            batch = ElementBatch()
-            for key, end in alive:
-                for place, element in self._elements_in(self.places, key):
-                    batch.put(place, element, end - now)
-            for (address, proto, port), (end, to_address, to_port, local) in self.nat_ends.items():
-                if end > now + 0.5:
-                    for place, element, data in self._nat_elements(address, proto, port,
-                                                                   to_address, to_port, local):
-                        batch.put(place, element, end - now, data=data)
-            self.kernel.commit(batch)
-            self._say("warning", "the firewall was changed under us (a reload?): restored "
-                      "table inet %s and %d opening(s) in force", self.table, len(alive))
-            return True
-        except SpaError as e:
-            self._say("error", "could not restore the firewall: %s", e)
-            return False
+    def _put_back(self):
+        """Our table, rules and the openings in force, made again.  An opening comes back
+        with what was left of it, never more."""
+        self.setup()
+        now = time.monotonic()
+        alive = [(k, end) for k, end in self.ends.items() if end > now + 0.5]
+        batch = ElementBatch()
+        for key, end in alive:
+            for place, element in self._elements_in(self.places, key):
+                batch.put(place, element, end - now)
+        for (address, proto, port), (end, to_address, to_port, local) in self.nat_ends.items():
+            if end > now + 0.5:
+                for place, element, data in self._nat_elements(address, proto, port,
+                                                               to_address, to_port, local):
+                    batch.put(place, element, end - now, data=data)
+        self.kernel.commit(batch)
+        return "table inet %s and %d opening(s) in force" % (self.table, len(alive))
 
     def _elements(self, kind, name):
         """(key, data or None, seconds left) of each element of our set or map `name`; the
@@ -2709,6 +2754,16 @@ class NftFirewall(object):
         return True
 
 
+# ---------------------------------------------------------------------------
+# iptables
+# ---------------------------------------------------------------------------
+#
+# Our own chains (SPA_INPUT, with NAT SPA_FORWARD and SPA_PREROUTING, and SPA_STEER),
+# jumped to from the top of the host's chains, changed only with iptables-restore
+# --noflush (atomic, one process).  Each opening is a rule whose `time` match carries its
+# end into the kernel, and whose comment carries it back to us when the rules are read
+# again (`iptables -S`): the only state the back end keeps is what the kernel holds.
+
 IPT_CHAIN = "SPA_INPUT"               # our own chain in the filter table, jumped to from INPUT
 IPT_COMMENT = "spa expires "          # + the epoch second an opening ends (list, expire read it)
 IPT_WAIT = "10"                       # seconds to wait for the xtables lock before failing
@@ -2718,12 +2773,81 @@ IPT_NAT_CHAIN = "SPA_PREROUTING"          # nat table, jumped to from PREROUTING
 IPT_STEER_CHAIN = "SPA_STEER"             # nat table, jumped to from PREROUTING's end
 IPT_NAT_COMMENTS = {False: "spa nat expires ", True: "spa local nat expires "}   # by `local`
 IPT_ESTABLISHED = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
-FORWARDING_SYSCTLS = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
-PROC_SYS = "/proc/sys/"
 LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
+# A NAT opening: connections from `address` to `proto`/`port` go to to_address:to_port (local:
+# a port of this host).  Its rules (a DNAT and the ACCEPT of what it rewrote) carry its end.
+NatOpening = namedtuple("NatOpening", "address proto port to_address to_port local")
+# One rule of ours as read from the kernel: its opening (a plain one's key, or a NatOpening),
+# its end (epoch seconds), where it is, and its words as `iptables -S` gives them.
+IptRule = namedtuple("IptRule", "key end table chain words")
 
-class IptablesFirewall(object):
+
+def _parse_opening(words, verdict="ACCEPT"):
+    """((address, proto, port[, interface]), end) of one of our opening rules (`-S` words),
+    else None."""
+    import ipaddress
+    option = dict(zip(words, words[1:]))        # each word -> the word after it
+    comment = option.get("--comment", "")
+    if not comment.startswith(IPT_COMMENT) or option.get("-j") != verdict:
+        return None
+    try:
+        address = str(ipaddress.ip_interface(option["-s"]).ip)
+        port, end = int(option["--dport"]), int(comment[len(IPT_COMMENT):])
+    except (KeyError, ValueError):
+        return None
+    if option.get("-p") not in PROTO_NUMBERS:
+        return None
+    interface = (option["-i"],) if "-i" in option else ()
+    return (address, option["-p"], port) + interface, end
+
+
+def _parse_nat(words):
+    """(NatOpening, end) of one of our NAT rules (a DNAT, or the ACCEPT that goes with it,
+    as `-S` words), else None."""
+    import ipaddress
+    option = dict(zip(words, words[1:]))        # each word -> the word after it
+    comment = option.get("--comment", "")
+    for local, prefix in sorted(IPT_NAT_COMMENTS.items()):
+        if comment.startswith(prefix):
+            break
+    else:
+        return None
+    try:
+        end = int(comment[len(prefix):])
+        address = str(ipaddress.ip_interface(option["-s"]).ip)
+        if option.get("-j") == "DNAT":
+            port = int(option["--dport"])
+            host, _, to_port = option["--to-destination"].rpartition(":")
+            if host.startswith("["):
+                host = host[1:-1] if host.endswith("]") else ""
+            to_address, to_port = str(ipaddress.ip_address(host)), int(to_port)
+        elif option.get("-j") == "ACCEPT":
+            port, to_port = int(option["--ctorigdstport"]), int(option["--dport"])
+            to_address = str(ipaddress.ip_interface(option["-d"]).ip)
+        else:
+            return None
+    except (KeyError, ValueError):
+        return None
+    if option.get("-p") not in PROTO_NUMBERS:
+        return None
+    return NatOpening(address, option["-p"], port, to_address, to_port, local), end
+
+
+def _newest_first(ends):
+    """The items of {key: end}, the latest end first (ties in the order of the keys)."""
+    return sorted(ends.items(), key=lambda item: (-item[1], item[0]))
+
+
+def _restore_words(words):
+    """One rule as an iptables-restore line: words with a space in double quotes."""
+    for word in words:
+        if '"' in word or "\n" in word or not word:
+            raise SpaError("cannot pass %r to iptables-restore" % word)
+    return " ".join('"%s"' % w if " " in w else w for w in words)
+
+
+class IptablesFirewall(Firewall):
     """iptables (either flavour): our own chain in the filter tables of iptables and ip6tables.
 
         -I INPUT 1 -j SPA_INPUT
@@ -2753,7 +2877,7 @@ class IptablesFirewall(object):
         if command not in IPT_COMMANDS:
             raise SpaError("firewall = %s: expected one of %s"
                            % (command, ", ".join(IPT_COMMANDS)))
-        self.protect, self.action, self.log, self.bind = protect, action, log, bind
+        Firewall.__init__(self, protect, action, log, bool(nat), bind)
         self.commands = {4: command, 6: command.replace("ip", "ip6", 1)}    # ip6tables-nft...
         self.monitored = command == "iptables-nft"      # it speaks nftables: notified too
         # A kernel booted with ipv6.disable=1 has no ip6tables tables (and no IPv6 to guard).
@@ -2761,16 +2885,19 @@ class IptablesFirewall(object):
         # (address, proto, port[, interface]) -> the epoch second its rule ends (the rule's
         # text), and -> its end on the monotonic clock (when expire() removes it)
         self.ends, self.deadlines = {}, {}
-        self.nat = bool(nat)
         self.nat_ends = {}     # (address, proto, port, to_address, to_port, local) -> end
         self.nat_deadlines = {}
         # Families whose nat table works; setup() drops one that does not (a kernel or an
         # OpenWrt build without IPv6 NAT), so that IPv4 NAT still works there.
         self.nat_families = set(self.families) if self.nat else set()
-        self.steer = action == "reject" and any(p == "tcp" for p, _ in protect)
         self.steer_families = set()        # where the nat table lets us steer (setup)
 
+    def reconfigure(self, protect, action, nat):
+        Firewall.reconfigure(self, protect, action, nat)
+        self.nat_families = set(self.families) if nat else set()
+
     def _ipt(self, family, table, *args):
+        """Run iptables (or ip6tables) on `table`, waiting for the xtables lock."""
         return run_command([self.commands[family], "--wait=" + IPT_WAIT, "-t", table]
                            + list(args))
 
@@ -2786,10 +2913,6 @@ class IptablesFirewall(object):
             run_command([self.commands[family] + "-restore", "--wait=" + IPT_WAIT, "--noflush"],
                         text)
         return bool(text)
-
-    def _restore(self, family, lines):
-        """Apply `lines` (iptables-restore syntax) to the filter table in one commit."""
-        self._restore_tables(family, [("filter", lines)])
 
     def _table(self, family, table, names, chain=None):
         """{chain: [rule as a word list]} of the chains `names` of `table` that exist, from
@@ -2809,13 +2932,9 @@ class IptablesFirewall(object):
                     rules.append(line.split()[2:])
         return chains
 
-    def _chains(self, family, chain=None):
-        """INPUT and our chain of the filter table (see _table)."""
-        return self._table(family, "filter", ("INPUT", IPT_CHAIN), chain)
-
     def _openings(self, family, table="filter", chain=IPT_CHAIN):
-        """[(key, end, rule words)] of the opening rules in our chain (or, in the nat table,
-        the RETURNs of SPA_STEER)."""
+        """[IptRule] of the opening rules in our chain (or, in the nat table, the RETURNs of
+        SPA_STEER)."""
         try:
             rules = self._table(family, table, (chain,), chain).get(chain, [])
         except SpaError:
@@ -2825,11 +2944,13 @@ class IptablesFirewall(object):
         for words in rules:
             opening = _parse_opening(words, verdict)
             if opening is not None:
-                found.append(opening + (words,))
+                found.append(IptRule(opening[0], opening[1], table, chain, words))
         return found
 
     def _opening_rule(self, key, end, verdict="ACCEPT"):
         # xt_time matches up to and including the second --datestop: stop one before `end`.
+        """The words of an opening's rule: ACCEPT in SPA_INPUT, or RETURN in
+        SPA_STEER, matching until `end` (epoch seconds) and saying so in its comment."""
         stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
         address, proto, port = key[:3]
         return (["-s", address] + (["-i", key[3]] if len(key) > 3 else []) +
@@ -2843,6 +2964,9 @@ class IptablesFirewall(object):
             and ("tcp", key[2]) in self.protect
 
     def _protect_rules(self, family, steer=False):
+        """SPA_INPUT's rules after the openings: established connections return
+        to the host's rules, what SPA_STEER redirected (steer) is accepted, and the protected
+        ports are refused as protect_action says."""
         rules = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]]
         if steer:
             # What SPA_STEER sent to port 0 is to get the kernel's reset, as the protected
@@ -2891,85 +3015,12 @@ class IptablesFirewall(object):
         known = self.deadlines
         self.ends, self.nat_ends = {}, {}
         for family in self.families:
-            filt = self._table(family, "filter", ("INPUT", "FORWARD", IPT_CHAIN,
-                                                   IPT_FORWARD_CHAIN))
-            nat = None
-            if self.steer or self.nat or self._nat_table_may_hold_ours(family, filt):
-                try:
-                    nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN,
-                                                      IPT_STEER_CHAIN))
-                except SpaError as e:
-                    steer = "; refused TCP connections are answered by REJECT, not by the " \
-                        "kernel" if self.steer else ""
-                    if self.nat and self.log:
-                        self.log.warning("no NAT access over IPv%d: the nat table does not "
-                                         "work here (%s)%s", family, e, steer)
-                    elif steer and self.log:
-                        self.log.warning("IPv%d: the nat table does not work here (%s)%s",
-                                         family, e, steer)
+            filt, nat = self._read_tables(family)
             use_nat = self.nat and nat is not None
-            for flag, families in ((use_nat, self.nat_families),
-                                   (self.steer and nat is not None, self.steer_families)):
-                if flag:
-                    families.add(family)
-                else:
-                    families.discard(family)
-
-            ends, nat_ends = {}, {}
-            for words in filt.get(IPT_CHAIN, []):
-                opening = _parse_opening(words)
-                if opening is not None and opening[1] > now:
-                    ends[opening[0]] = max(opening[1], ends.get(opening[0], 0))
-            if use_nat:
-                # Either rule of a NAT opening brings back both (a reload may have taken one).
-                for words in (filt.get(IPT_CHAIN, []) + filt.get(IPT_FORWARD_CHAIN, [])
-                              + nat.get(IPT_NAT_CHAIN, [])):
-                    parsed = _parse_nat(words)
-                    if parsed is not None and parsed[1] > now:
-                        nat_ends[parsed[0]] = max(parsed[1], nat_ends.get(parsed[0], 0))
-                # One NAT opening per DNAT match (address, proto, port): the latest end wins.
-                latest = {}
-                for key, end in sorted(nat_ends.items(), key=lambda item: item[1]):
-                    latest[key[:3]] = (key, end)
-                nat_ends = dict(latest.values())
+            ends, nat_ends = self._in_force(filt, nat if use_nat else None, now)
             self.ends.update(ends)
             self.nat_ends.update(nat_ends)
-
-            def newest_first(items):
-                return sorted(items, key=lambda item: (-item[1], item[0]))
-
-            # `:CHAIN` creates our chain, or empties it when it exists (with --noflush).
-            filter_lines = [":%s - [0:0]" % IPT_CHAIN]
-            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(k, e)))
-                             for k, e in newest_first(ends.items())]
-            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._nat_accept_rule(k, e)))
-                             for k, e in newest_first(nat_ends.items()) if k[5]]
-            filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
-                             for rule in self._protect_rules(family, family in self.steer_families)]
-            filter_lines += self._jump_lines(filt, "INPUT", IPT_CHAIN)
-            nat_lines = []
-            if use_nat:
-                filter_lines.append(":%s - [0:0]" % IPT_FORWARD_CHAIN)
-                filter_lines += ["-A %s %s" % (IPT_FORWARD_CHAIN,
-                                               _restore_words(self._nat_accept_rule(k, e)))
-                                 for k, e in newest_first(nat_ends.items()) if not k[5]]
-                filter_lines.append("-A %s %s" % (IPT_FORWARD_CHAIN,
-                                                  _restore_words(IPT_ESTABLISHED)))
-                filter_lines += self._jump_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
-                nat_lines = [":%s - [0:0]" % IPT_NAT_CHAIN]
-                nat_lines += ["-A %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
-                              for k, e in newest_first(nat_ends.items())]
-                nat_lines += self._jump_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
-            else:
-                # NAT off: what an earlier run with NAT on left goes, DNATs first.
-                filter_lines += self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
-                if nat is not None:
-                    nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
-            if family in self.steer_families:
-                nat_lines += self._steer_lines(nat, {k: e for k, e in ends.items()
-                                                     if self._steered(k)})
-            elif nat is not None:
-                nat_lines += self._removal_lines(nat, "PREROUTING", IPT_STEER_CHAIN)
+            filter_lines, nat_lines = self._setup_lines(family, filt, nat, ends, nat_ends)
             # With NAT on, the ACCEPTs before the DNATs that lead to them.
             self._restore_tables(family, [("filter", filter_lines), ("nat", nat_lines)] if use_nat
                                  else [("nat", nat_lines), ("filter", filter_lines)])
@@ -2980,6 +3031,91 @@ class IptablesFirewall(object):
                               for k, e in self.nat_ends.items()}
         if self.nat:
             warn_without_forwarding(self.log, self.nat_families)
+
+    def _read_tables(self, family):
+        """(filter chains, nat chains or None) of ours and of their parents, for setup(); notes
+        in nat_families and steer_families whether this family's nat table works."""
+        filt = self._table(family, "filter", ("INPUT", "FORWARD", IPT_CHAIN, IPT_FORWARD_CHAIN))
+        nat = None
+        if self.steer or self.nat or self._nat_table_may_hold_ours(family, filt):
+            try:
+                nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN, IPT_STEER_CHAIN))
+            except SpaError as e:
+                steer = "; refused TCP connections are answered by REJECT, not by the " \
+                    "kernel" if self.steer else ""
+                if self.nat:
+                    self._say("warning", "no NAT access over IPv%d: the nat table does not "
+                              "work here (%s)%s", family, e, steer)
+                elif steer:
+                    self._say("warning", "IPv%d: the nat table does not work here (%s)%s",
+                              family, e, steer)
+        for flag, families in ((self.nat and nat is not None, self.nat_families),
+                               (self.steer and nat is not None, self.steer_families)):
+            if flag:
+                families.add(family)
+            else:
+                families.discard(family)
+        return filt, nat
+
+    @staticmethod
+    def _in_force(filt, nat, now):
+        """({key: end} of the plain openings, {NatOpening: end} of the NAT ones) that the
+        chains read (_read_tables; nat None: NAT is off) hold and that have not ended."""
+        ends, nat_ends = {}, {}
+        for words in filt.get(IPT_CHAIN, []):
+            opening = _parse_opening(words)
+            if opening is not None and opening[1] > now:
+                ends[opening[0]] = max(opening[1], ends.get(opening[0], 0))
+        if nat is None:
+            return ends, nat_ends
+        # Either rule of a NAT opening brings back both (a reload may have taken one).
+        for words in (filt.get(IPT_CHAIN, []) + filt.get(IPT_FORWARD_CHAIN, [])
+                      + nat.get(IPT_NAT_CHAIN, [])):
+            parsed = _parse_nat(words)
+            if parsed is not None and parsed[1] > now:
+                nat_ends[parsed[0]] = max(parsed[1], nat_ends.get(parsed[0], 0))
+        # One NAT opening per DNAT match (address, proto, port): the latest end wins.
+        latest = {}
+        for key, end in sorted(nat_ends.items(), key=lambda item: item[1]):
+            latest[key[:3]] = (key, end)
+        return ends, dict(latest.values())
+
+    def _setup_lines(self, family, filt, nat, ends, nat_ends):
+        """The iptables-restore lines (filter, nat) that make our chains anew, with the
+        openings in force, and leave one jump to each at the top of its parent chain."""
+        use_nat = family in self.nat_families
+        # `:CHAIN` creates our chain, or empties it when it exists (with --noflush).
+        filter_lines = [":%s - [0:0]" % IPT_CHAIN]
+        filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(k, e)))
+                         for k, e in _newest_first(ends)]
+        filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._nat_accept_rule(k, e)))
+                         for k, e in _newest_first(nat_ends) if k.local]
+        filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
+                         for rule in self._protect_rules(family, family in self.steer_families)]
+        filter_lines += self._jump_lines(filt, "INPUT", IPT_CHAIN)
+        nat_lines = []
+        if use_nat:
+            filter_lines.append(":%s - [0:0]" % IPT_FORWARD_CHAIN)
+            filter_lines += ["-A %s %s" % (IPT_FORWARD_CHAIN,
+                                           _restore_words(self._nat_accept_rule(k, e)))
+                             for k, e in _newest_first(nat_ends) if not k.local]
+            filter_lines.append("-A %s %s" % (IPT_FORWARD_CHAIN, _restore_words(IPT_ESTABLISHED)))
+            filter_lines += self._jump_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
+            nat_lines = [":%s - [0:0]" % IPT_NAT_CHAIN]
+            nat_lines += ["-A %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
+                          for k, e in _newest_first(nat_ends)]
+            nat_lines += self._jump_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+        else:
+            # NAT off: what an earlier run with NAT on left goes, DNATs first.
+            filter_lines += self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
+            if nat is not None:
+                nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+        if family in self.steer_families:
+            nat_lines += self._steer_lines(nat, {k: e for k, e in ends.items()
+                                                 if self._steered(k)})
+        elif nat is not None:
+            nat_lines += self._removal_lines(nat, "PREROUTING", IPT_STEER_CHAIN)
+        return filter_lines, nat_lines
 
     def _key(self, address, proto, port, interface=None):
         """The key of an opening; raises ValueError for anything but an address, tcp or udp,
@@ -3037,20 +3173,15 @@ class IptablesFirewall(object):
         self.ends[key], self.deadlines[key] = end, deadline
         return True
 
-    def open_many(self, openings, now=None):
-        """Open [(address, proto, port, seconds[, interface])]; returns how many changed."""
-        return sum(self.open(*opening[:4], now=now, interface=(opening[4:] or (None,))[0])
-                   for opening in openings)
-
     def close(self, address, proto, port):
         """Remove every opening of (address, proto, port) now (on every interface); True if
         there was one."""
         import ipaddress
         key = (str(ipaddress.ip_address(address)), proto, int(port))
         family = _family(key[0])
-        gone = [o[2] for o in self._openings(family) if o[0][:3] == key]
-        steered = [o[2] for o in self._openings(family, "nat", IPT_STEER_CHAIN)
-                   if o[0][:3] == key] if family in self.steer_families else []
+        gone = [o.words for o in self._openings(family) if o.key[:3] == key]
+        steered = [o.words for o in self._openings(family, "nat", IPT_STEER_CHAIN)
+                   if o.key[:3] == key] if family in self.steer_families else []
         self._restore_tables(family, [
             ("nat", ["-D %s %s" % (IPT_STEER_CHAIN, _restore_words(w)) for w in steered]),
             ("filter", ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in gone])])
@@ -3065,7 +3196,7 @@ class IptablesFirewall(object):
         now = time.time()
         return [key[:3] + (int(end - now), key[3] if len(key) > 3 else "")
                 for family in self.families
-                for key, end, _ in self._openings(family) if end > now]
+                for key, end, _, _, _ in self._openings(family) if end > now]
 
     def expire(self, now=None):
         """Remove the plain and NAT rules whose end has passed; returns how many rules (a NAT
@@ -3082,11 +3213,11 @@ class IptablesFirewall(object):
         for family in sorted(set(_family(k[0]) for k in due | nat_due)):
             plain, steered = [], []
             if any(_family(k[0]) == family for k in due):
-                plain = [o[2] for o in self._openings(family) if o[0] in due or o[1] <= now]
+                plain = [o.words for o in self._openings(family) if o.key in due or o.end <= now]
                 if family in self.steer_families:
-                    steered = [o[2] for o in self._openings(family, "nat", IPT_STEER_CHAIN)
-                               if o[0] in due or o[1] <= now]
-            rules = [r for r in self._nat_rules(family) if r[0] in nat_due or r[1] <= now] \
+                    steered = [o.words for o in self._openings(family, "nat", IPT_STEER_CHAIN)
+                               if o.key in due or o.end <= now]
+            rules = [r for r in self._nat_rules(family) if r.key in nat_due or r.end <= now] \
                 if any(_family(k[0]) == family for k in nat_due) else []
             self._delete_nat(family, rules, plain, steered)
             removed += len(plain) + len(rules)
@@ -3096,8 +3227,8 @@ class IptablesFirewall(object):
         for k in nat_due:
             del self.nat_ends[k]
         self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
-        if removed and self.log:
-            self.log.info("removed %d expired opening rule%s", removed, "s" * (removed != 1))
+        if removed:
+            self._say("info", "removed %d expired opening rule%s", removed, "s" * (removed != 1))
         return removed
 
     def intact(self):
@@ -3134,34 +3265,24 @@ class IptablesFirewall(object):
                     return False
         return True
 
-    def restore(self):
-        """Put back our chains, their jumps and the openings (plain and NAT) in force, if
-        something removed them (iptables-restore of the host's rules, ufw reload).  An
-        opening comes back with what was left of it on the monotonic clock, never more."""
-        try:
-            if self.intact():
-                return False
-            deadlines, nat_deadlines = dict(self.deadlines), dict(self.nat_deadlines)
-            nat_keys = list(self.nat_ends)
-            self.setup()
-            now, mono = time.time(), time.monotonic()
-            alive = [(key, d) for key, d in deadlines.items() if d > mono + 0.5]
-            for key, d in alive:
-                self._put(key, int(now + d - mono), d)
-            nat_alive = [(key, nat_deadlines[key]) for key in nat_keys
-                         if nat_deadlines.get(key, 0) > mono + 0.5
-                         and _family(key[0]) in self.nat_families]
-            for key, d in sorted(nat_alive, key=lambda item: item[1]):
-                self._put_nat(key, int(now + d - mono))
-                self.nat_deadlines[key] = d
-            if self.log:
-                self.log.warning("the firewall was changed under us (a reload?): restored our "
-                                 "chains and %d opening(s) in force", len(alive) + len(nat_alive))
-            return True
-        except SpaError as e:
-            if self.log:
-                self.log.error("could not restore the firewall: %s", e)
-            return False
+    def _put_back(self):
+        """Our chains, their jumps and the openings (plain and NAT) in force, made again
+        (after iptables-restore of the host's rules, a ufw reload).  An opening comes back
+        with what was left of it on the monotonic clock, never more."""
+        deadlines, nat_deadlines = dict(self.deadlines), dict(self.nat_deadlines)
+        nat_keys = list(self.nat_ends)
+        self.setup()
+        now, mono = time.time(), time.monotonic()
+        alive = [(key, d) for key, d in deadlines.items() if d > mono + 0.5]
+        for key, d in alive:
+            self._put(key, int(now + d - mono), d)
+        nat_alive = [(key, nat_deadlines[key]) for key in nat_keys
+                     if nat_deadlines.get(key, 0) > mono + 0.5
+                     and _family(key[0]) in self.nat_families]
+        for key, d in sorted(nat_alive, key=lambda item: item[1]):
+            self._put_nat(key, int(now + d - mono))
+            self.nat_deadlines[key] = d
+        return "our chains and %d opening(s) in force" % (len(alive) + len(nat_alive))
 
     def flush(self):
         """Remove our chains and the jumps to them (NAT ones too, even with nat=False)."""
@@ -3204,17 +3325,21 @@ class IptablesFirewall(object):
 
     @staticmethod
     def _nat_until(local, end):
+        """A NAT rule's end: the time match and the comment that carries it."""
         stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
         return ["-m", "time", "--datestop", stop,
                 "-m", "comment", "--comment", IPT_NAT_COMMENTS[local] + str(end)]
 
     def _dnat_rule(self, key, end):
+        """The words of a NAT opening's DNAT rule (SPA_PREROUTING)."""
         address, proto, port, to_address, to_port, local = key
-        target = ("[%s]:%d" if _family(to_address) == 6 else "%s:%d") % (to_address, to_port)
+        target = format_endpoint(to_address, to_port)
         return (["-s", address, "-p", proto, "--dport", str(port)]
                 + self._nat_until(local, end) + ["-j", "DNAT", "--to-destination", target])
 
     def _nat_accept_rule(self, key, end):
+        """The words of the rule that accepts what a NAT opening's DNAT
+        rewrote: in SPA_INPUT for local NAT, in SPA_FORWARD for another host."""
         address, proto, port, to_address, to_port, local = key
         return (["-s", address, "-d", to_address, "-p", proto, "--dport", str(to_port),
                  "-m", "conntrack", "--ctstate", "DNAT", "--ctorigdstport", str(port)]
@@ -3222,10 +3347,11 @@ class IptablesFirewall(object):
 
     @staticmethod
     def _accept_chain(key):
-        return IPT_CHAIN if key[5] else IPT_FORWARD_CHAIN
+        """Where a NAT opening's ACCEPT goes (see _nat_accept_rule)."""
+        return IPT_CHAIN if key.local else IPT_FORWARD_CHAIN
 
     def _nat_rules(self, family):
-        """[(key, end, table, chain, words)] of every NAT rule of ours in the kernel."""
+        """[IptRule] of every NAT rule of ours in the kernel."""
         found = []
         try:
             filt = self._table(family, "filter", (IPT_CHAIN, IPT_FORWARD_CHAIN))
@@ -3244,7 +3370,7 @@ class IptablesFirewall(object):
             for words in rules:
                 parsed = _parse_nat(words)
                 if parsed is not None:
-                    found.append(parsed + (table, chain, words))
+                    found.append(IptRule(parsed[0], parsed[1], table, chain, words))
         return found
 
     @staticmethod
@@ -3258,14 +3384,13 @@ class IptablesFirewall(object):
 
     @staticmethod
     def _removal_lines(chains, parent, chain):
+        """Lines that remove the jumps to `chain` from `parent`, then `chain`."""
         lines = ["-D %s -j %s" % (parent, chain)] * chains.get(parent, []).count(["-j", chain])
         if chain in chains:
             lines += ["-F %s" % chain, "-X %s" % chain]
         return lines
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
-        import math
-        import ipaddress
         """NAT access for `timeout` seconds: (address, proto, port) -> to_address:to_port.
 
         local=False (fwknop types 2/4): DNAT, and forward the DNATed connection to another
@@ -3276,6 +3401,8 @@ class IptablesFirewall(object):
         port) is replaced, its rules deleted in the same run.  Ends at now + timeout rounded
         up to a whole second, in the kernel.  Returns True if it changed the firewall.
         """
+        import math
+        import ipaddress
         now = time.time() if now is None else now
         address = str(ipaddress.ip_address(address))   # nothing but addresses reach iptables
         to_address = _nat_target(address, to_address)
@@ -3287,7 +3414,7 @@ class IptablesFirewall(object):
             raise SpaError("NAT access is not enabled in the firewall back end")
         if family not in self.nat_families:
             raise SpaError("NAT access over IPv%d is not available on this host" % family)
-        key = (address, proto, port, to_address, to_port, bool(local))
+        key = NatOpening(address, proto, port, to_address, to_port, bool(local))
         end = int(math.ceil(now + timeout))
         changed = self._put_nat(key, end)
         if changed:       # its end on the monotonic clock, which expire() and restore() go by
@@ -3296,6 +3423,9 @@ class IptablesFirewall(object):
         return changed
 
     def _put_nat(self, key, end):
+        """Make the rules of NAT opening `key`, ending at the epoch second `end`,
+        replacing those of an opening with the same (address, proto, port); False if it is open
+        longer already.  If our chains were changed behind our back, rebuild them and retry once."""
         family = _family(key[0])
         for attempt in (1, 2):
             old = self.nat_ends.get(key)
@@ -3331,23 +3461,24 @@ class IptablesFirewall(object):
         return True
 
     def close_nat(self, address, proto, port):
-        import ipaddress
         """Remove every NAT opening of (address, proto, port) now; True if there was one."""
+        import ipaddress
         match = (str(ipaddress.ip_address(address)), proto, int(port))
         family = _family(match[0])
-        gone = [r for r in self._nat_rules(family) if r[0][:3] == match]
+        gone = [r for r in self._nat_rules(family) if r.key[:3] == match]
         self._delete_nat(family, gone)
         self.nat_ends = {k: e for k, e in self.nat_ends.items() if k[:3] != match}
-        return any(r[2] == "nat" for r in gone)
+        return any(r.table == "nat" for r in gone)
 
     def _delete_nat(self, family, rules, plain=(), steered=()):
         """Delete NAT rules (from _nat_rules), plain SPA_INPUT rules and their SPA_STEER
         RETURNs: DNATs first."""
         return self._restore_tables(family, [
-            ("nat", ["-D %s %s" % (r[3], _restore_words(r[4])) for r in rules if r[2] == "nat"]
+            ("nat", ["-D %s %s" % (r.chain, _restore_words(r.words)) for r in rules
+                     if r.table == "nat"]
              + ["-D %s %s" % (IPT_STEER_CHAIN, _restore_words(w)) for w in steered]),
-            ("filter", ["-D %s %s" % (r[3], _restore_words(r[4]))
-                        for r in rules if r[2] == "filter"]
+            ("filter", ["-D %s %s" % (r.chain, _restore_words(r.words))
+                        for r in rules if r.table == "filter"]
              + ["-D %s %s" % (IPT_CHAIN, _restore_words(w)) for w in plain])])
 
     def list_nat(self):
@@ -3362,96 +3493,32 @@ class IptablesFirewall(object):
         return rows
 
 
-def warn_without_forwarding(log, families):
-    """NAT access to another host needs the kernel to forward; say so where it does not."""
-    if log is None:
-        return
-    for family in sorted(families):
-        name = FORWARDING_SYSCTLS[family]
+# ---------------------------------------------------------------------------
+# Choosing the back end, and the host's saved firewall
+# ---------------------------------------------------------------------------
+#
+# firewall = auto looks at the host's rules to choose nft or an iptables flavour.  The
+# saved firewall (SavedFirewall) is the host's own ruleset files, which a reload or a
+# boot loads: firewall-config puts our protect rules there, so that the protected ports
+# are never open, with the server running or not.  Those files are the host's: spa.py
+# edits only its own lines, and checks the result with nft -c or iptables-restore --test
+# before it replaces one.
+
+def _iptables_in_use(flavour):
+    """True if that iptables flavour holds a rule or a non-ACCEPT policy (IPv4 or IPv6).
+
+    iptables-save lists only the tables that exist, and creates none.
+    """
+    for command in ("iptables-%s-save" % flavour, "ip6tables-%s-save" % flavour):
         try:
-            with open(PROC_SYS + name.replace(".", "/")) as f:
-                on = f.read().strip() != "0"
-        except OSError:
+            out = run_command([command])
+        except SpaError:
             continue
-        if not on:
-            log.warning("NAT access to another host over IPv%d needs forwarding: "
-                        "%s is 0 (local NAT works without it)", family, name)
-
-
-def _family(address):
-    return 6 if ":" in address else 4
-
-
-def _nat_target(address, to_address):
-    """to_address as text, if NAT from `address` may lead there; ValueError if not (the
-    back ends' own check, behind the policy's)."""
-    import ipaddress
-    target = ipaddress.ip_address(to_address)
-    problem = nat_target_problem(target)
-    if problem is None and _family(address) != target.version:
-        problem = "not the same address family as %s" % address
-    if problem is not None:
-        raise ValueError("cannot NAT to %s: %s" % (to_address, problem))
-    return str(target)
-
-
-def _parse_opening(words, verdict="ACCEPT"):
-    """((address, proto, port[, interface]), end) of one of our opening rules (`-S` words),
-    else None."""
-    import ipaddress
-    option = dict(zip(words, words[1:]))        # each word -> the word after it
-    comment = option.get("--comment", "")
-    if not comment.startswith(IPT_COMMENT) or option.get("-j") != verdict:
-        return None
-    try:
-        address = str(ipaddress.ip_interface(option["-s"]).ip)
-        port, end = int(option["--dport"]), int(comment[len(IPT_COMMENT):])
-    except (KeyError, ValueError):
-        return None
-    if option.get("-p") not in PROTO_NUMBERS:
-        return None
-    interface = (option["-i"],) if "-i" in option else ()
-    return (address, option["-p"], port) + interface, end
-
-
-def _parse_nat(words):
-    """((address, proto, port, to_address, to_port, local), end) of one of our NAT rules
-    (a DNAT, or the ACCEPT that goes with it, as `-S` words), else None."""
-    import ipaddress
-    option = dict(zip(words, words[1:]))        # each word -> the word after it
-    comment = option.get("--comment", "")
-    for local, prefix in sorted(IPT_NAT_COMMENTS.items()):
-        if comment.startswith(prefix):
-            break
-    else:
-        return None
-    try:
-        end = int(comment[len(prefix):])
-        address = str(ipaddress.ip_interface(option["-s"]).ip)
-        if option.get("-j") == "DNAT":
-            port = int(option["--dport"])
-            host, _, to_port = option["--to-destination"].rpartition(":")
-            if host.startswith("["):
-                host = host[1:-1] if host.endswith("]") else ""
-            to_address, to_port = str(ipaddress.ip_address(host)), int(to_port)
-        elif option.get("-j") == "ACCEPT":
-            port, to_port = int(option["--ctorigdstport"]), int(option["--dport"])
-            to_address = str(ipaddress.ip_interface(option["-d"]).ip)
-        else:
-            return None
-    except (KeyError, ValueError):
-        return None
-    if option.get("-p") not in PROTO_NUMBERS:
-        return None
-    return (address, option["-p"], port, to_address, to_port, local), end
-
-
-def _restore_words(words):
-    """One rule as an iptables-restore line: words with a space in double quotes."""
-    for word in words:
-        if '"' in word or "\n" in word or not word:
-            raise SpaError("cannot pass %r to iptables-restore" % word)
-    return " ".join('"%s"' % w if " " in w else w for w in words)
+        for line in out.splitlines():
+            if line.startswith("-A ") or (line.startswith(":") and len(line.split()) > 1
+                                          and line.split()[1] not in ("ACCEPT", "-")):
+                return True
+    return False
 
 
 def detect_firewall(log=None):
@@ -3497,71 +3564,6 @@ def detect_firewall(log=None):
     return choice
 
 
-def _iptables_in_use(flavour):
-    """True if that iptables flavour holds a rule or a non-ACCEPT policy (IPv4 or IPv6).
-
-    iptables-save lists only the tables that exist, and creates none.
-    """
-    for command in ("iptables-%s-save" % flavour, "ip6tables-%s-save" % flavour):
-        try:
-            out = run_command([command])
-        except SpaError:
-            continue
-        for line in out.splitlines():
-            if line.startswith("-A ") or (line.startswith(":") and len(line.split()) > 1
-                                          and line.split()[1] not in ("ACCEPT", "-")):
-                return True
-    return False
-
-
-class DryRunFirewall(object):
-    """Changes nothing; records what it would do (server --test, firewall = none)."""
-
-    name = "none"
-
-    def __init__(self, protect, action="reject", log=None):
-        self.protect, self.action, self.log = protect, action, log
-        self.nat = self.steer = False
-        self.opened = []
-
-    def setup(self):
-        if self.log:
-            self.log.info("test mode: would protect %s (%s)", format_access(self.protect),
-                          self.action)
-
-    def open(self, address, proto, port, timeout, now=None, interface=None):
-        self.opened.append((address, proto, port, timeout) + ((interface,) if interface else ()))
-        return True
-
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
-        self.opened.append((address, proto, port, timeout, to_address, to_port, local))
-        return True
-
-    def open_many(self, openings, now=None):
-        self.opened += openings
-        return len(openings)
-
-    def close(self, address, proto, port):
-        return False
-
-    def list(self):
-        return []
-
-    def list_nat(self):
-        return []
-
-    def expire(self, now=None):
-        return 0
-
-    monitored = False
-
-    def restore(self):
-        return False
-
-    def flush(self):
-        return False
-
-
 def make_firewall(config, test, log=None):
     """The back end the config asks for: nft, iptables (either flavour), or a dry run."""
     if test or config.firewall == "none":
@@ -3575,130 +3577,8 @@ def make_firewall(config, test, log=None):
                             bind=config.bind_interface)
 
 
-class SavedFirewall(object):
-    """spa.py's protection in the host's own saved firewall, so that a firewall reload or a
-    boot loads it with the host's rules, in the same transaction: the protected ports are
-    never open for a moment, whether the server runs or not.  The server only adds openings
-    (and puts back, from its memory, those a reload removed).
-
-    nft: our table's commands in a file of their own (`nft_include`), which the host's
-    ruleset file includes (Debian's /etc/nftables.conf starts with `flush ruleset`, so
-    anything not in it is gone after a reload).  fw4 (OpenWrt) includes the files in
-    /usr/share/nftables.d/ruleset-post/ by itself, after its own table.  iptables: our chain
-    with its protect rules, and the jump to it first in INPUT, in the *filter table of the
-    files iptables-restore loads (iptables-persistent's /etc/iptables/rules.v4 and
-    rules.v6, iptables-services' /etc/sysconfig/iptables and ip6tables).
-    """
-
-    FW4_DIR = "/usr/share/nftables.d/ruleset-post"
-
-    def __init__(self, config, firewall):
-        self.config, self.firewall = config, firewall
-        self.kind = "nft" if isinstance(firewall, NftFirewall) else "iptables"
-        self.main = self.include = None
-        self.rules = {}                         # iptables: family -> rules file
-        paths = config.saved_firewall
-        if self.kind == "nft":
-            fw4 = os.path.isdir(os.path.dirname(self.FW4_DIR)) or os.path.exists("/sbin/fw4")
-            self.include = config.nft_include or (
-                os.path.join(self.FW4_DIR, "spa.nft") if fw4 and paths == "auto"
-                else "/etc/spa/spa.nft")
-            if paths == "auto" and not fw4:
-                self.main = next((p for p in ("/etc/sysconfig/nftables.conf", "/etc/nftables.nft")
-                                  if os.path.exists(p)), "/etc/nftables.conf")
-            elif paths != "auto":
-                self.main = paths[0]
-        else:
-            if paths == "auto":
-                rhel = os.path.exists("/etc/sysconfig/iptables") or (
-                    os.path.isdir("/etc/sysconfig") and not os.path.isdir("/etc/iptables"))
-                paths = ["/etc/sysconfig/iptables", "/etc/sysconfig/ip6tables"] if rhel else \
-                    ["/etc/iptables/rules.v4", "/etc/iptables/rules.v6"]
-            if len(paths) < len(firewall.families):
-                raise SpaError("saved_firewall: name the IPv4 and the IPv6 rules files, in "
-                               "that order (iptables-restore and ip6tables-restore load them)")
-            self.rules = dict(zip(firewall.families, paths))
-
-    def include_text(self):
-        return ("# spa.py's table, written by `spa.py firewall-config` from\n"
-                "# %s; run that again when protect or protect_action change.\n"
-                "# The host's saved ruleset includes this file, so that a reload or a boot\n"
-                "# loads spa.py's protection in the same transaction as the host's own rules;\n"
-                "# the running server puts the openings in.  Loading it again changes nothing\n"
-                "# but the rules.\n" % os.path.abspath(self.config.path)) + \
-            "\n".join(self.firewall.commands()) + "\n"
-
-    def problems(self):
-        """What is missing from the saved firewall, as [(path, what, how to fix it)]."""
-        found = []
-        fix = "spa.py firewall-config -c %s --write" % self.config.path
-        if self.kind == "nft":
-            current = _read_text(self.include)
-            if current is None:
-                found.append((self.include, "missing", fix))
-            elif _uncommented(current) != _uncommented(self.include_text()):
-                found.append((self.include, "out of date (protect or protect_action changed?)",
-                              fix))
-            if self.main is not None and not nft_includes(self.main, _read_text(self.main) or "",
-                                                          self.include):
-                found.append((self.main, 'does not include "%s"' % self.include,
-                              "%s, or add the line  include \"%s\"  after its flush ruleset"
-                              % (fix, self.include)))
-        else:
-            for family, path in sorted(self.rules.items()):
-                text = _read_text(path)
-                if text is None or not iptables_rules_hold(text, self.firewall.saved_rules(family)):
-                    found.append((path, "missing" if text is None else
-                                  "does not hold %s's protect rules, first in INPUT" % IPT_CHAIN,
-                                  fix))
-        return found
-
-    def describe(self):
-        if self.kind == "nft":
-            return "%s%s" % (self.include, ", included by %s" % self.main if self.main else
-                             " (fw4 includes it)")
-        return ", ".join(path for _, path in sorted(self.rules.items()))
-
-    def changes(self):
-        """[(path, new text, why)] that make the saved firewall hold our protection."""
-        out = []
-        if self.kind == "nft":
-            if _uncommented(_read_text(self.include) or "") != _uncommented(self.include_text()):
-                out.append((self.include, self.include_text(), "spa.py's table"))
-            if self.main is not None:
-                text = _read_text(self.main) or ""
-                if not nft_includes(self.main, text, self.include):
-                    out.append((self.main, with_nft_include(text, self.include),
-                                'include "%s"' % self.include))
-        else:
-            for family, path in sorted(self.rules.items()):
-                text = _read_text(path) or ""
-                new = with_iptables_rules(text, self.firewall.saved_rules(family))
-                if new != text:
-                    out.append((path, new, "%s, first in INPUT" % IPT_CHAIN))
-        return out
-
-    def checker(self, path):
-        """What reads the file at `path` as the firewall tool would at a reload, without
-        applying it (SpaError if it cannot): for write_file's `check`."""
-        if self.kind == "nft":
-            return None if path == self.include else \
-                (lambda new: run_command(["nft", "-c", "-f", new]))
-        family = [f for f, p in self.rules.items() if p == path][0]
-        return lambda new: run_command([self.firewall.commands[family] + "-restore", "--test",
-                                        new])
-
-
 def _uncommented(text):
     return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def _read_text(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError):
-        return None
 
 
 def _nft_statement(line):
@@ -3807,62 +3687,131 @@ def with_iptables_rules(text, lines):
     return "\n".join(head + body + tail) + "\n"
 
 
-def write_file(path, text, mode=0o644, check=None):
-    """Replace `path` with `text` at once (a new file in the same directory, renamed over it),
-    keeping an existing file's mode and owner; never following a symlink.  `check(new path)`,
-    if given, may refuse the new file (SpaError) before it replaces the old one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, 0o755, exist_ok=True)
-    try:
-        st = os.lstat(path)
-        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
-    except FileNotFoundError:
-        owner = None
-    tmp = path + ".spa-new"
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            sync_file(f.fileno())
-        os.chmod(tmp, mode)
-        if owner is not None:
-            os.chown(tmp, *owner)
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+class SavedFirewall(object):
+    """spa.py's protection in the host's own saved firewall, so that a firewall reload or a
+    boot loads it with the host's rules, in the same transaction: the protected ports are
+    never open for a moment, whether the server runs or not.  The server only adds openings
+    (and puts back, from its memory, those a reload removed).
 
+    nft: our table's commands in a file of their own (`nft_include`), which the host's
+    ruleset file includes (Debian's /etc/nftables.conf starts with `flush ruleset`, so
+    anything not in it is gone after a reload).  fw4 (OpenWrt) includes the files in
+    /usr/share/nftables.d/ruleset-post/ by itself, after its own table.  iptables: our chain
+    with its protect rules, and the jump to it first in INPUT, in the *filter table of the
+    files iptables-restore loads (iptables-persistent's /etc/iptables/rules.v4 and
+    rules.v6, iptables-services' /etc/sysconfig/iptables and ip6tables).
+    """
 
-def format_access(access):
-    return ",".join("%s/%d" % pp for pp in access)
+    FW4_DIR = "/usr/share/nftables.d/ruleset-post"
 
+    def __init__(self, config, firewall):
+        self.config, self.firewall = config, firewall
+        self.kind = "nft" if isinstance(firewall, NftFirewall) else "iptables"
+        self.main = self.include = None
+        self.rules = {}                         # iptables: family -> rules file
+        paths = config.saved_firewall
+        if self.kind == "nft":
+            fw4 = os.path.isdir(os.path.dirname(self.FW4_DIR)) or os.path.exists("/sbin/fw4")
+            self.include = config.nft_include or (
+                os.path.join(self.FW4_DIR, "spa.nft") if fw4 and paths == "auto"
+                else "/etc/spa/spa.nft")
+            if paths == "auto" and not fw4:
+                self.main = next((p for p in ("/etc/sysconfig/nftables.conf", "/etc/nftables.nft")
+                                  if os.path.exists(p)), "/etc/nftables.conf")
+            elif paths != "auto":
+                self.main = paths[0]
+        else:
+            if paths == "auto":
+                rhel = os.path.exists("/etc/sysconfig/iptables") or (
+                    os.path.isdir("/etc/sysconfig") and not os.path.isdir("/etc/iptables"))
+                paths = ["/etc/sysconfig/iptables", "/etc/sysconfig/ip6tables"] if rhel else \
+                    ["/etc/iptables/rules.v4", "/etc/iptables/rules.v6"]
+            if len(paths) < len(firewall.families):
+                raise SpaError("saved_firewall: name the IPv4 and the IPv6 rules files, in "
+                               "that order (iptables-restore and ip6tables-restore load them)")
+            self.rules = dict(zip(firewall.families, paths))
 
-def format_nat_destination(item):
-    """One (network, first port, last port) of nat_destinations, as the config writes it."""
-    network, first, last = item
-    text = "[%s]" % network if network.version == 6 else str(network)
-    if (first, last) == (1, 65535):
-        return text
-    return "%s:%d%s" % (text, first, "" if first == last else "-%d" % last)
+    def include_text(self):
+        """The file nft_include holds: our table's commands, under a note."""
+        return ("# spa.py's table, written by `spa.py firewall-config` from\n"
+                "# %s; run that again when protect or protect_action change.\n"
+                "# The host's saved ruleset includes this file, so that a reload or a boot\n"
+                "# loads spa.py's protection in the same transaction as the host's own rules;\n"
+                "# the running server puts the openings in.  Loading it again changes nothing\n"
+                "# but the rules.\n" % os.path.abspath(self.config.path)) + \
+            "\n".join(self.firewall.commands()) + "\n"
 
+    def problems(self):
+        """What is missing from the saved firewall, as [(path, what, how to fix it)]."""
+        found = []
+        fix = "spa.py firewall-config -c %s --write" % self.config.path
+        if self.kind == "nft":
+            current = _read_text(self.include)
+            if current is None:
+                found.append((self.include, "missing", fix))
+            elif _uncommented(current) != _uncommented(self.include_text()):
+                found.append((self.include, "out of date (protect or protect_action changed?)",
+                              fix))
+            if self.main is not None and not nft_includes(self.main, _read_text(self.main) or "",
+                                                          self.include):
+                found.append((self.main, 'does not include "%s"' % self.include,
+                              "%s, or add the line  include \"%s\"  after its flush ruleset"
+                              % (fix, self.include)))
+        else:
+            for family, path in sorted(self.rules.items()):
+                text = _read_text(path)
+                if text is None or not iptables_rules_hold(text, self.firewall.saved_rules(family)):
+                    found.append((path, "missing" if text is None else
+                                  "does not hold %s's protect rules, first in INPUT" % IPT_CHAIN,
+                                  fix))
+        return found
 
-def format_endpoint(address, port):
-    return "[%s]:%d" % (address, port) if ":" in address else "%s:%d" % (address, port)
+    def describe(self):
+        """Where the saved protection is, for a line of check-config."""
+        if self.kind == "nft":
+            return "%s%s" % (self.include, ", included by %s" % self.main if self.main else
+                             " (fw4 includes it)")
+        return ", ".join(path for _, path in sorted(self.rules.items()))
+
+    def changes(self):
+        """[(path, new text, why)] that make the saved firewall hold our protection."""
+        out = []
+        if self.kind == "nft":
+            if _uncommented(_read_text(self.include) or "") != _uncommented(self.include_text()):
+                out.append((self.include, self.include_text(), "spa.py's table"))
+            if self.main is not None:
+                text = _read_text(self.main) or ""
+                if not nft_includes(self.main, text, self.include):
+                    out.append((self.main, with_nft_include(text, self.include),
+                                'include "%s"' % self.include))
+        else:
+            for family, path in sorted(self.rules.items()):
+                text = _read_text(path) or ""
+                new = with_iptables_rules(text, self.firewall.saved_rules(family))
+                if new != text:
+                    out.append((path, new, "%s, first in INPUT" % IPT_CHAIN))
+        return out
+
+    def checker(self, path):
+        """What reads the file at `path` as the firewall tool would at a reload, without
+        applying it (SpaError if it cannot): for write_file's `check`."""
+        if self.kind == "nft":
+            return None if path == self.include else \
+                (lambda new: run_command(["nft", "-c", "-f", new]))
+        family = [f for f, p in self.rules.items() if p == path][0]
+        return lambda new: run_command([self.firewall.commands[family] + "-restore", "--test",
+                                        new])
 
 
 # ---------------------------------------------------------------------------
 # Capture: AF_PACKET sockets with a BPF filter in the kernel
 # ---------------------------------------------------------------------------
+#
+# The knocks are read where the firewall cannot hide them: an AF_PACKET socket per
+# interface, whose classic BPF program (in the kernel, locked) passes only unfragmented
+# UDP to the knock port, addressed to this host, of a length a packet could have.  Nothing
+# binds the port and nothing answers.  Frames are parsed only as far as the addresses and
+# the UDP payload; HostAddresses tells which addresses are this host's.
 
 ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
 SO_ATTACH_FILTER, SO_LOCK_FILTER = 26, 44
@@ -3872,22 +3821,27 @@ PACKET_HOST = 0
 SOL_PACKET, PACKET_STATISTICS = 263, 6
 
 
-def rss_kb(status=None):
-    """This process's resident memory in kB (0 where /proc is missing), read from
-    /proc/self/status, or from `status`, that file already open (the packet reader can
-    open no file)."""
-    try:
-        if status is None:
-            with open("/proc/self/status", "rb") as f:
-                text = f.read()
+def bpf_assemble(prog):
+    """Classic BPF from (op, k[, jump if true, jump if false]) tuples and ("label:",) marks;
+    a jump target is a label or None (the next instruction).  Returns (code, jt, jf, k)s."""
+    codes = {"ld": 0x20, "ldh": 0x28, "ldb": 0x30, "ldxmsh": 0xB1, "ldhx": 0x48,
+             "jeq": 0x15, "jgt": 0x25, "jge": 0x35, "jset": 0x45, "ret": 0x06}
+    labels, insns = {}, []
+    for op in prog:
+        if op[0].endswith(":"):
+            labels[op[0][:-1]] = len(insns)
         else:
-            text = os.pread(status, 8192, 0)
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith(b"VmRSS:"):
-            return int(line.split()[1])
-    return 0
+            insns.append(op)
+    out = []
+    for i, op in enumerate(insns):
+        if op[0].startswith("j"):
+            jt, jf = (0 if t is None else labels[t] - i - 1 for t in op[2:4])
+            if not (0 <= jt < 256 and 0 <= jf < 256):
+                raise ValueError("BPF jump out of range at %d" % i)
+            out.append((codes[op[0]], jt, jf, op[1]))
+        else:
+            out.append((codes[op[0]], 0, 0, op[1]))
+    return out
 
 
 def bpf_filter(port):
@@ -3913,29 +3867,6 @@ def bpf_filter(port):
         ("drop:",), ("ret", 0),
     ]
     return bpf_assemble(prog)
-
-
-def bpf_assemble(prog):
-    """Classic BPF from (op, k[, jump if true, jump if false]) tuples and ("label:",) marks;
-    a jump target is a label or None (the next instruction).  Returns (code, jt, jf, k)s."""
-    codes = {"ld": 0x20, "ldh": 0x28, "ldb": 0x30, "ldxmsh": 0xB1, "ldhx": 0x48,
-             "jeq": 0x15, "jgt": 0x25, "jge": 0x35, "jset": 0x45, "ret": 0x06}
-    labels, insns = {}, []
-    for op in prog:
-        if op[0].endswith(":"):
-            labels[op[0][:-1]] = len(insns)
-        else:
-            insns.append(op)
-    out = []
-    for i, op in enumerate(insns):
-        if op[0].startswith("j"):
-            jt, jf = (0 if t is None else labels[t] - i - 1 for t in op[2:4])
-            if not (0 <= jt < 256 and 0 <= jf < 256):
-                raise ValueError("BPF jump out of range at %d" % i)
-            out.append((codes[op[0]], jt, jf, op[1]))
-        else:
-            out.append((codes[op[0]], 0, 0, op[1]))
-    return out
 
 
 def sock_fprog(program):
@@ -4049,6 +3980,8 @@ class HostAddresses(object):
         return address in self.addresses
 
     def _changed(self):
+        """Whether the kernel said that the addresses changed since they were
+        read (without notifications: whether a second has passed)."""
         if self.news is None:           # no notifications: read them once a second
             return time.monotonic() - self.read_at >= 1.0
         changed = False
@@ -4063,6 +3996,7 @@ class HostAddresses(object):
                 return True
 
     def _read(self):
+        """Read the addresses again (keeping the old ones if that fails)."""
         self.read_at = time.monotonic()
         try:
             self.addresses = frozenset(self.dump())
@@ -4113,21 +4047,15 @@ class HostAddresses(object):
 # ---------------------------------------------------------------------------
 # Logging: one line per decision, rejections rate-limited, never key material
 # ---------------------------------------------------------------------------
+#
+# The server's log (Log: stderr or syslog, no logging module), and the rate limit that
+# keeps a flood of refusals from filling a disk.  Every field is escaped (log_field):
+# a username, a command or a reason may come from a packet.
 
 SYSLOG_SOCKET = "/dev/log"
 # Control characters (C0, DEL, C1) as \xNN: text from the packet reader cannot forge
 # lines or drive the terminal that shows the log.
 CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
-
-
-def log_field(text):
-    """A value for a log line, with control characters (and every other unprintable one)
-    escaped: no field, whoever chose it (a username, a command, a source, a reason that
-    quotes a packet), can start a line of its own or hide what follows.  Log applies it
-    to every argument: the one place that formats log fields."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else _escaped(c) for c in text)
 
 
 _ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
@@ -4141,9 +4069,20 @@ def _escaped(c):
                                else "\\U%08x" % n)
 
 
+def log_field(text):
+    """A value for a log line, with control characters (and every other unprintable one)
+    escaped: no field, whoever chose it (a username, a command, a source, a reason that
+    quotes a packet), can start a line of its own or hide what follows.  Log applies it
+    to every argument: the one place that formats log fields."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
 class Log(object):
     """The server's log: a line per event on stderr with a time stamp, or to syslog as
-    `spa[PID]`, facility daemon.  (The logging module would cost each process ~1 MB.)"""
+    `spa[PID]`, facility daemon.  (The logging module would cost each process memory:
+    README.md, Performance.)"""
 
     SEVERITY = {"error": 3, "warning": 4, "info": 6, "debug": 7}
     FACILITY_DAEMON = 3
@@ -4158,13 +4097,14 @@ class Log(object):
     @classmethod
     def to_pipe(cls, fd, verbose=False):
         """The packet reader's log: "LEVEL text" lines on the pipe `fd`, never blocking (a
-        line the pipe cannot take now is lost); the parent logs them (Supervisor._relay)."""
+        line the pipe cannot take now is lost); the parent logs them (ReaderProcess.relay)."""
         log = cls(verbose=verbose)
         log.pipe = fd
         os.set_blocking(fd, False)
         return log
 
     def _connect(self):
+        """Connect to syslog's socket (datagram, else stream)."""
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
             sock = socket.socket(socket.AF_UNIX, kind)
             try:
@@ -4177,6 +4117,9 @@ class Log(object):
         raise SpaError("cannot log to syslog (%s): %s" % (SYSLOG_SOCKET, error.strerror))
 
     def _write(self, level, text, args):
+        """Format one line (each argument escaped, log_field) and write it: to the
+        parent's pipe (the packet reader), to syslog, or to stderr with a time stamp.  Never
+        raises: the server must not stop because its log cannot be written."""
         if args:
             try:
                 text = text % tuple(log_field(a) if isinstance(a, str) else a for a in args)
@@ -4233,6 +4176,7 @@ class RateLimiter(object):
         self.suppressed = 0
 
     def allow(self, now=None):
+        """Whether one more line may be logged now; counts the ones refused."""
         now = time.monotonic() if now is None else now
         if now < self.empty_until:   # the usual case in a flood
             self.suppressed += 1
@@ -4246,7 +4190,14 @@ class RateLimiter(object):
         self.suppressed += 1
         return False
 
+    def log_suppressed(self, log, what):
+        """Log how many `what` (lines of a kind) were refused since the last such line."""
+        n = self.take_suppressed()
+        if n:
+            log.info("%d more %s were not logged (rate limit)", n, what)
+
     def take_suppressed(self):
+        """How many lines were refused since the last call (and start anew)."""
         n, self.suppressed = self.suppressed, 0
         return n
 
@@ -4265,6 +4216,173 @@ class RateLimiter(object):
 # (judge, against the config and the host's state).  So a packet reader that an
 # attacker took over can pass on only packets that a key holder made, each once,
 # and get for them no more than their sender could have.
+#
+# It trusts the config and the kernel; the packet reader is trusted with nothing but
+# reading packets, and its requests and log lines are checked as hostile.  In this
+# section's order: the reader's sandbox, the pipe protocol (request lines), the command
+# runner, the gatekeeper (the parent's decisions), the packet reader, the reader's
+# process seen from the parent (ReaderProcess), the supervisor's event loop, and the
+# entry points (server, firewall-config, check-config).
+
+# --- The packet reader's sandbox ------------------------------------------------------
+#
+# After its privilege drop the reader confines itself as OpenSSH's pre-auth child does:
+# rlimits (no new descriptor, process, file growth or core dump) and a seccomp filter that
+# lets through only the system calls its loop makes.  Its descriptors: /dev/null on 0-2,
+# its capture sockets (receive only), its request pipe and its log pipe to the parent (the
+# only ones it may write to), /proc/self/status (read for the stats line) and the epoll
+# instance its loop waits in.
+
+PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 4, 22, 38
+SECCOMP_MODE_FILTER = 2
+SECCOMP_KILL, SECCOMP_ERRNO, SECCOMP_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+AUDIT_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7, "riscv64": 0xC00000F3}
+# System call numbers: x86_64's table, and the generic one that aarch64 and riscv64 share.
+_GENERIC_SYSCALLS = {
+    "recvfrom": 207, "epoll_pwait": 22, "epoll_ctl": 21, "clock_gettime": 113, "gettimeofday": 169, "times": 153,
+    "brk": 214, "munmap": 215, "mremap": 216, "madvise": 233, "rt_sigreturn": 139,
+    "rt_sigprocmask": 135, "restart_syscall": 128, "futex": 98, "getpid": 172, "close": 57,
+    "exit": 93, "exit_group": 94, "write": 64, "pread64": 67, "getsockopt": 209, "mmap": 222,
+    "mprotect": 226, "openat": 56, "openat2": 437, "execve": 221, "execveat": 281,
+    "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271}
+SYSCALLS = {
+    "x86_64": {
+        "recvfrom": 45, "epoll_wait": 232, "epoll_pwait": 281, "epoll_ctl": 233,
+        "clock_gettime": 228, "gettimeofday": 96,
+        "times": 100, "brk": 12, "munmap": 11, "mremap": 25, "madvise": 28, "rt_sigreturn": 15,
+        "rt_sigprocmask": 14, "restart_syscall": 219, "futex": 202, "getpid": 39, "close": 3,
+        "exit": 60, "exit_group": 231, "write": 1, "pread64": 17, "getsockopt": 55, "mmap": 9,
+        "mprotect": 10, "open": 2, "openat": 257, "openat2": 437, "execve": 59, "execveat": 322,
+        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311},
+    "aarch64": _GENERIC_SYSCALLS, "riscv64": _GENERIC_SYSCALLS,
+}
+# What the reader's loop calls (strace): receive, wait, clocks, memory, signals, exit.
+SECCOMP_ALLOWED = ("recvfrom", "epoll_wait", "epoll_pwait", "epoll_ctl", "clock_gettime",
+                   "gettimeofday", "times", "brk", "munmap", "mremap", "madvise",
+                   "rt_sigreturn", "rt_sigprocmask", "restart_syscall", "futex", "getpid",
+                   "close", "exit", "exit_group")
+# Calls no bug in the reader makes, only an attacker: they kill it (SIGSYS).
+SECCOMP_KILLED = ("execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev")
+
+
+def prctl(option, *args):
+    """prctl(2) through ctypes; OSError on failure."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, *[a if isinstance(a, bytes) else ctypes.c_ulong(a)
+                            for a in args + (0,) * (4 - len(args))]) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def seccomp_arch():
+    """The name of this process's system call table, or None where spa.py has none (a
+    32-bit Python on a 64-bit kernel counts as unknown: its calls use another table)."""
+    machine = os.uname().machine
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    if struct.calcsize("P") != 8 or sys.byteorder != "little" or machine not in SYSCALLS:
+        return None
+    return machine
+
+
+def seccomp_program(arch, writable, readable):
+    """The reader's seccomp filter, a classic BPF program over struct seccomp_data.
+
+    A call made for another architecture (a 32-bit entry into a 64-bit process) kills;
+    the calls in SECCOMP_ALLOWED pass; write only to the descriptors in `writable`, pread64
+    only from those in `readable`; getsockopt only for PACKET_STATISTICS; mmap and mprotect
+    never with PROT_EXEC; open and openat fail with EACCES (Python then reports an error),
+    SECCOMP_KILLED kills, and everything else fails with EPERM: new sockets, send, connect,
+    bind, setsockopt, ioctl, fork, kill, dup, pipe, setrlimit, prctl, unshare...
+    Arguments are compared by their low 32 bits (little-endian: offset 16 + 8 * n), which
+    is all the kernel reads of a descriptor or an int option.
+    """
+    import errno
+    numbers = SYSCALLS[arch]
+    arg = lambda n: 16 + 8 * n                         # noqa: E731
+    prog = [("ld", 4), ("jeq", AUDIT_ARCHES[arch], None, "kill"), ("ld", 0)]
+    prog += [("jeq", numbers[name], "allow", None) for name in SECCOMP_ALLOWED if name in numbers]
+    prog += [("jeq", numbers["write"], "write", None), ("jeq", numbers["pread64"], "pread", None),
+             ("jeq", numbers["getsockopt"], "getsockopt", None),
+             ("jeq", numbers["mmap"], "memory", None), ("jeq", numbers["mprotect"], "memory", None)]
+    prog += [("jeq", numbers[name], "kill", None) for name in SECCOMP_KILLED]
+    prog += [("jeq", numbers[name], "eacces", None) for name in ("open", "openat", "openat2")
+             if name in numbers]
+    prog += [("ret", SECCOMP_ERRNO | errno.EPERM)]
+    prog += [("write:",), ("ld", arg(0))] + [("jeq", fd, "allow", None) for fd in writable]
+    prog += [("ret", SECCOMP_ERRNO | errno.EPERM)]
+    prog += [("pread:",), ("ld", arg(0))] + [("jeq", fd, "allow", None) for fd in readable]
+    prog += [("ret", SECCOMP_ERRNO | errno.EPERM),
+             ("getsockopt:",), ("ld", arg(1)), ("jeq", SOL_PACKET, None, "eperm"),
+             ("ld", arg(2)), ("jeq", PACKET_STATISTICS, "allow", "eperm"),
+             ("memory:",), ("ld", arg(2)), ("jset", mmap.PROT_EXEC, "eperm", "allow"),
+             ("allow:",), ("ret", SECCOMP_ALLOW),
+             ("kill:",), ("ret", SECCOMP_KILL),
+             ("eacces:",), ("ret", SECCOMP_ERRNO | errno.EACCES),
+             ("eperm:",), ("ret", SECCOMP_ERRNO | errno.EPERM)]
+    return bpf_assemble(prog)
+
+
+def drop_privileges(user):
+    """Become `user` for good: no groups, no capabilities, no way back (confine_reader adds
+    no_new_privs), and not dumpable: no other process of that user may trace it or read
+    its memory (the keys)."""
+    import pwd
+    pw = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    prctl(PR_SET_DUMPABLE, 0)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise SpaError("could not drop root privileges")
+
+
+def close_fds_except(keep):
+    """Close every file descriptor of this process but those in `keep`."""
+    limit = min(os.sysconf("SC_OPEN_MAX"), 1 << 16)
+    low = 0
+    for fd in sorted(keep) + [limit]:
+        if fd > low:        # closerange(n, n) would close everything on some Pythons
+            os.closerange(low, fd)
+        low = fd + 1
+
+
+def take_free_descriptors(below):
+    """Put /dev/null on every free descriptor under `below`: with 3, descriptors 0-2 are
+    never the terminal, nor a pipe or socket of ours that a stray print() would write to."""
+    while True:
+        fd = os.open(os.devnull, os.O_RDWR)     # the lowest free descriptor
+        if fd >= below:
+            os.close(fd)
+            return
+
+
+def confine_reader(writable, readable, log):
+    """Enter the packet reader's sandbox (see above) for good: True with the seccomp filter
+    in place, False where it could not be (logged)."""
+    import resource
+    for limit in (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE,
+                  resource.RLIMIT_CORE):
+        resource.setrlimit(limit, (0, 0))
+    arch = seccomp_arch()
+    try:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)        # no exec can give privileges back; seccomp needs it
+        if arch is None:
+            raise OSError(0, "spa.py has no system call table for %s with a %d-bit Python"
+                          % (os.uname().machine, 8 * struct.calcsize("P")))
+        fprog, _code = sock_fprog(seccomp_program(arch, writable, readable))
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, fprog)
+    except OSError as e:
+        log.warning("packet reader: no seccomp filter (%s): it runs confined by its user, "
+                    "rlimits and closed files only", e.strerror)
+        return False
+    return True
+
+
+# --- The pipe protocol: one request line a packet -------------------------------------
 
 REQUEST_LONGEST = 2 * 45 + MAX_WIRE_LEN + 16 + 3   # two addresses, a packet, an interface
 _ADDRESS_CHARS = b"0123456789abcdefABCDEF:."
@@ -4277,6 +4395,18 @@ def request_line(source, destination, wire, interface=None):
     if interface is not None:
         line += b" " + interface.encode()
     return line + b"\n"
+
+
+def _request_address(word):
+    """An address as inet_ntop writes it (the reader's words are that already)."""
+    if not 2 <= len(word) <= 45 or word.translate(None, _ADDRESS_CHARS):
+        raise ValueError("not an address")
+    text = word.decode("ascii")                 # (the alphabet is checked: it is ASCII)
+    family = _socket_family(text)
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except OSError:
+        raise ValueError("not an address")
 
 
 def parse_request(line):
@@ -4304,17 +4434,6 @@ def parse_request(line):
     return source, destination, wire, interface
 
 
-def _request_address(word):
-    """An address as inet_ntop writes it (the reader's words are that already)."""
-    if not 2 <= len(word) <= 45 or word.translate(None, _ADDRESS_CHARS):
-        raise ValueError("not an address")
-    family = socket.AF_INET6 if b":" in word else socket.AF_INET
-    try:
-        return socket.inet_ntop(family, socket.inet_pton(family, word.decode("ascii")))
-    except OSError:
-        raise ValueError("not an address")
-
-
 def send_signal(log, pid, signum, what, group=False):
     """Signal a process (or its process group); False, logged, if that was refused.
 
@@ -4331,6 +4450,151 @@ def send_signal(log, pid, signum, what, group=False):
                   " (the server lacks CAP_KILL)" if e.errno == 1 else "")
         return False
     return True
+
+
+# --- The command runner (fwknop's command messages) -----------------------------------
+
+COMMAND_TIME_LIMIT = 60               # seconds a command message may run before it is killed
+
+
+class _Command(object):
+    """A command that CommandRunner started: its process, its text, when it started
+    (monotonic), and its exit status once it has one (its group may outlive it)."""
+
+    __slots__ = ("proc", "command", "started", "status")
+
+    def __init__(self, proc, command, started):
+        self.proc, self.command, self.started, self.status = proc, command, started, None
+
+
+class CommandRunner(object):
+    """Command messages (fwknop's type 0): each runs without a shell as the stanza's
+    cmd_exec_user (never root, never group 0), in a session and process group of its
+    own with no_new_privs and an empty environment but PATH; at the time limit
+    (COMMAND_TIME_LIMIT) the whole group is killed, children it left in the background
+    too; at most `most` groups run at once.  A kill that is refused (no CAP_KILL) is
+    logged, and the command left to end."""
+
+    MOST = 4
+
+    def __init__(self, log, limit=None, most=MOST):
+        self.log, self.limit, self.most = log, limit, most     # limit None: the constant's
+        self.running = []      # [_Command]
+
+    def start(self, stanza, command, source, username, test=False):
+        """Start one command; None when it started (or would, in test mode), else why not."""
+        import ctypes
+        import pwd
+        import shlex
+        import subprocess
+        try:
+            argv = shlex.split(command)
+            user = pwd.getpwnam(stanza.cmd_exec_user or "")
+        except (ValueError, KeyError) as e:
+            return "command not run: %s" % e
+        if not argv:
+            return "command not run: it is empty"
+        if user.pw_uid == 0 or user.pw_gid == 0:
+            return "command not run: cmd_exec_user %s is root or in group 0" % user.pw_name
+        if test:
+            self.log.info("accepted command from %s [client %s]: %r not run (test mode)",
+                          source, stanza.name, command)
+            return None
+        self.reap()
+        if len(self.running) >= self.most:
+            return "command not run: %d are running already, the most at once" % self.most
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+        def become_user():          # in the child, between fork and exec
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
+                                    preexec_fn=become_user, start_new_session=True,
+                                    env={"PATH": "/usr/bin:/bin"})
+        except (OSError, subprocess.SubprocessError) as e:
+            self.log.error("command from %s [client %s] as %s failed to start: %s", source,
+                           stanza.name, user.pw_name, getattr(e, "strerror", None) or e)
+            return "command failed to start"
+        self.log.info("accepted command from %s [client %s] user %s: running %r as %s (pid %d)",
+                      source, stanza.name, username, command, user.pw_name, proc.pid)
+        self.running.append(_Command(proc, command, time.monotonic()))
+        return None
+
+    def reap(self):
+        """Log how commands ended; kill the group of any that ran past the limit.  A
+        command counts as running while anything of its group does."""
+        import signal
+        limit = COMMAND_TIME_LIMIT if self.limit is None else self.limit
+        still = []
+        for entry in self.running:
+            proc, command, status = entry.proc, entry.command, entry.status
+            if status is None:
+                status = entry.status = proc.poll()
+                if status is not None:
+                    self._exited(proc, command, status)
+            alive = self._group_alive(proc.pid)
+            if alive and time.monotonic() - entry.started > limit:
+                if send_signal(self.log, proc.pid, signal.SIGKILL, "command %r" % command, True):
+                    self.log.warning("command %r ran over %d s: killed%s", command, limit,
+                                     "" if status is None else " what it left running")
+                    if status is None:
+                        entry.status = proc.wait()
+                        self._exited(proc, command, entry.status)
+                    alive = False
+                else:
+                    self.log.warning("command %r ran over %d s and could not be killed: left "
+                                     "running", command, limit)
+                    entry.started = float("inf")     # tried once; its end is still logged
+            if alive or entry.status is None:
+                still.append(entry)
+        self.running = still
+
+    def _exited(self, proc, command, status):
+        """Log how a command ended."""
+        self.log.info("command %r (pid %d) exited with status %d", command, proc.pid, status)
+
+    @staticmethod
+    def _group_alive(pgid):
+        """Whether the process group still has a process (its leader's number stays taken
+        while it does, so it names no one else)."""
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+# --- The gatekeeper: the parent decides -----------------------------------------------
+
+def _opening_hash(key):
+    """8 bytes that tell openings (address text as inet_ntop writes it, proto, port) apart
+    within this process: 64 bits of its hash."""
+    return struct.pack("q", hash(key))
+
+
+def packet_fields(d, now):
+    """An authenticated packet's fields in one line, for -v: never key material."""
+    m = d.message
+    parts = ["user %s" % m.username,
+             "timestamp %d (age %+d s)" % (m.timestamp, int(now) - m.timestamp),
+             "type %d (%s)" % (m.msg_type, MSG_NAMES.get(m.msg_type, "?")),
+             "allow IP %s%s" % (m.allow_ip, " (the source)" if m.allow_ip == "0.0.0.0" else ""),
+             "command %r" % m.command if m.msg_type == MSG_COMMAND
+             else "access %s" % (m.access_text() or "none")]
+    if m.nat_access is not None:
+        parts.append("NAT %s" % m.nat_access)
+    if m.msg_type in TIMEOUT_TYPES:
+        parts.append("client timeout %d s" % m.client_timeout)
+    if d.accepted and m.msg_type != MSG_COMMAND:
+        parts.append("open for %d s" % d.timeout)
+    return ", ".join(parts)
 
 
 class Gatekeeper(object):
@@ -4429,6 +4693,9 @@ class Gatekeeper(object):
                           self.replay.path)
 
     def _decide(self, source, destination, wire, interface, now, fresh):
+        """Decide on one request: screen() again (a reader may lie), judge() against
+        the config, then what this host allows (_host_problem).  `fresh`: the replay keys of
+        this round, not yet in the cache."""
         stanza, signed = screen(wire, source, self.config.stanzas)
         if stanza is None:       # a reader of an older config, or one that lies
             return Decision(source, "passed on by the packet reader, but %s" % signed)
@@ -4456,8 +4723,8 @@ class Gatekeeper(object):
         if msg.timestamp < self.replay.floor:
             return ("stamped before what the replay cache still remembers (max_packet_age "
                     "was raised): send a new packet")
-        if d.nat is not None and d.nat[2] and d.nat[0] not in self.addresses:
-            return "local NAT to %s: not an address of this host" % d.nat[0]
+        if d.nat is not None and d.nat.local and d.nat.address not in self.addresses:
+            return "local NAT to %s: not an address of this host" % d.nat.address
         if msg.msg_type == MSG_COMMAND:
             return None
         return self._room(d, now)
@@ -4540,7 +4807,7 @@ class Gatekeeper(object):
         if msg.msg_type == MSG_COMMAND:
             return                       # CommandRunner said what it started
         what = format_access(msg.access) if nat is None else "%s forwarded to %s" % (
-            format_access(msg.access), format_endpoint(nat[0], nat[1]))
+            format_access(msg.access), format_endpoint(nat.address, nat.port))
         self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s",
                       d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout,
                       " on " + d.interface if d.interface else "",
@@ -4555,137 +4822,17 @@ class Gatekeeper(object):
         self.log_suppressed()
 
     def log_suppressed(self):
-        n = self.limiter.take_suppressed()
-        if n:
-            self.log.info("%d more %s were not logged (rate limit)", n,
-                          "packets" if self.log.verbose else "rejected packets")
+        """Log how many refusals the rate limit left out since the last such line."""
+        self.limiter.log_suppressed(self.log, "packets" if self.log.verbose
+                                    else "rejected packets")
 
     def stats(self):
+        """One line of counters for the log (SIGUSR1)."""
         return ("gatekeeper: accepted %d, refused %d of the packets the reader passed on"
                 % (self.counts["accepted"], self.counts["refused"]))
 
 
-def packet_fields(d, now):
-    """An authenticated packet's fields in one line, for -v: never key material."""
-    m = d.message
-    parts = ["user %s" % m.username,
-             "timestamp %d (age %+d s)" % (m.timestamp, int(now) - m.timestamp),
-             "type %d (%s)" % (m.msg_type, MSG_NAMES.get(m.msg_type, "?")),
-             "allow IP %s%s" % (m.allow_ip, " (the source)" if m.allow_ip == "0.0.0.0" else ""),
-             "command %r" % m.command if m.msg_type == MSG_COMMAND
-             else "access %s" % (m.access_text() or "none")]
-    if m.nat_access is not None:
-        parts.append("NAT %s" % m.nat_access)
-    if m.msg_type in TIMEOUT_TYPES:
-        parts.append("client timeout %d s" % m.client_timeout)
-    if d.accepted and m.msg_type != MSG_COMMAND:
-        parts.append("open for %d s" % d.timeout)
-    return ", ".join(parts)
-
-
-class CommandRunner(object):
-    """Command messages (fwknop's type 0): each runs without a shell as the stanza's
-    cmd_exec_user (never root, never group 0), in a session and process group of its
-    own with no_new_privs and an empty environment but PATH; at the time limit
-    (COMMAND_TIME_LIMIT) the whole group is killed, children it left in the background
-    too; at most `most` groups run at once.  A kill that is refused (no CAP_KILL) is
-    logged, and the command left to end."""
-
-    MOST = 4
-    PR_SET_NO_NEW_PRIVS = 38
-
-    def __init__(self, log, limit=None, most=MOST):
-        self.log, self.limit, self.most = log, limit, most     # limit None: the constant's
-        self.running = []      # [process, command, start (monotonic), exit status or None]
-
-    def start(self, stanza, command, source, username, test=False):
-        """Start one command; None when it started (or would, in test mode), else why not."""
-        import ctypes
-        import pwd
-        import shlex
-        import subprocess
-        try:
-            argv = shlex.split(command)
-            user = pwd.getpwnam(stanza.cmd_exec_user or "")
-        except (ValueError, KeyError) as e:
-            return "command not run: %s" % e
-        if not argv:
-            return "command not run: it is empty"
-        if user.pw_uid == 0 or user.pw_gid == 0:
-            return "command not run: cmd_exec_user %s is root or in group 0" % user.pw_name
-        if test:
-            self.log.info("accepted command from %s [client %s]: %r not run (test mode)",
-                          source, stanza.name, command)
-            return None
-        self.reap()
-        if len(self.running) >= self.most:
-            return "command not run: %d are running already, the most at once" % self.most
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-        def become_user():          # in the child, between fork and exec
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            if prctl(self.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
-                                    preexec_fn=become_user, start_new_session=True,
-                                    env={"PATH": "/usr/bin:/bin"})
-        except (OSError, subprocess.SubprocessError) as e:
-            self.log.error("command from %s [client %s] as %s failed to start: %s", source,
-                           stanza.name, user.pw_name, getattr(e, "strerror", None) or e)
-            return "command failed to start"
-        self.log.info("accepted command from %s [client %s] user %s: running %r as %s (pid %d)",
-                      source, stanza.name, username, command, user.pw_name, proc.pid)
-        self.running.append([proc, command, time.monotonic(), None])
-        return None
-
-    def reap(self):
-        """Log how commands ended; kill the group of any that ran past the limit.  A
-        command counts as running while anything of its group does."""
-        import signal
-        limit = COMMAND_TIME_LIMIT if self.limit is None else self.limit
-        still = []
-        for entry in self.running:
-            proc, command, started, status = entry
-            if status is None:
-                status = entry[3] = proc.poll()
-                if status is not None:
-                    self._exited(proc, command, status)
-            alive = self._group_alive(proc.pid)
-            if alive and time.monotonic() - started > limit:
-                if send_signal(self.log, proc.pid, signal.SIGKILL, "command %r" % command, True):
-                    self.log.warning("command %r ran over %d s: killed%s", command, limit,
-                                     "" if status is None else " what it left running")
-                    if status is None:
-                        entry[3] = proc.wait()
-                        self._exited(proc, command, entry[3])
-                    alive = False
-                else:
-                    self.log.warning("command %r ran over %d s and could not be killed: left "
-                                     "running", command, limit)
-                    entry[2] = float("inf")          # tried once; its end is still logged
-            if alive or entry[3] is None:
-                still.append(entry)
-        self.running = still
-
-    def _exited(self, proc, command, status):
-        self.log.info("command %r (pid %d) exited with status %d", command, proc.pid, status)
-
-    @staticmethod
-    def _group_alive(pgid):
-        """Whether the process group still has a process (its leader's number stays taken
-        while it does, so it names no one else)."""
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-
+# --- The packet reader ----------------------------------------------------------------
 
 class GatePipe(object):
     """The packet reader's handle on the gatekeeper in the parent: one line a packet.
@@ -4705,6 +4852,7 @@ class GatePipe(object):
             pass
 
     def knock(self, source, destination, wire, now=None, interface=None):
+        """Pass one packet on to the parent (Reader.handle calls it)."""
         self.pending += request_line(source, destination, wire, interface)
         self.flush()
 
@@ -4717,6 +4865,31 @@ class GatePipe(object):
                 return False
             del self.pending[:written]
         return True
+
+
+class CaptureLost(Exception):
+    """A capture socket failed: its interface went down or away."""
+
+
+CAPTURE_LOST = 3          # the reader's exit status then: the parent opens the capture anew
+
+
+def rss_kb(status=None):
+    """This process's resident memory in kB (0 where /proc is missing), read from
+    /proc/self/status, or from `status`, that file already open (the packet reader can
+    open no file)."""
+    try:
+        if status is None:
+            with open("/proc/self/status", "rb") as f:
+                text = f.read()
+        else:
+            text = os.pread(status, 8192, 0)
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(b"VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 class Reader(object):
@@ -4834,15 +5007,22 @@ class Reader(object):
 
     def log_suppressed(self):
         """Log how many rejections the rate limit left out since the last such line."""
-        n = self.limiter.take_suppressed()
-        if n:
-            self.log.info("%d more rejected packets were not logged (rate limit)", n)
+        self.limiter.log_suppressed(self.log, "rejected packets")
 
 
-def crypto_available():
-    """Fail early, with the install hint, where pycryptodome is missing (before the
-    firewall is set up)."""
-    aes_ecb()
+def crash_report():
+    """The exception being handled, as a traceback without source lines: the reader cannot
+    read them, nor import the traceback module then (loaded before, it would cost each
+    process memory: README.md, Performance)."""
+    kind, error, tb = sys.exc_info()
+    lines = ["Traceback (most recent call last):"]
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        lines.append('  File "%s", line %d, in %s' % (code.co_filename, tb.tb_lineno,
+                                                      code.co_name))
+        tb = tb.tb_next
+    lines.append("%s: %s" % (kind.__name__, error) if str(error) else kind.__name__)
+    return "\n".join(lines)
 
 
 def preload():
@@ -4855,177 +5035,83 @@ def preload():
         for hmac_type in HMAC_TYPES:
             plaintext = Message("u", "0.0.0.0", [("tcp", 1)], digest_type=hmac_type).encode()
             wire = seal(plaintext, key, b"h", hmac_type, mode)
-            n = HMAC_TYPES[hmac_type][1]
-            parse_plaintext(decrypt(b64decode(SALT_PREFIX + wire[:-n]), key, mode))
+            parse_plaintext(unseal(wire, key, b"h", hmac_type, mode))
 
 
-class CaptureLost(Exception):
-    """A capture socket failed: its interface went down or away."""
+def crypto_available():
+    """Fail early, with the install hint, where pycryptodome is missing (before the
+    firewall is set up)."""
+    aes_ecb()
 
 
-def drop_privileges(user):
-    """Become `user` for good: no groups, no capabilities, no way back (confine_reader adds
-    no_new_privs), and not dumpable: no other process of that user may trace it or read
-    its memory (the keys)."""
-    import pwd
-    pw = pwd.getpwnam(user)
-    os.setgroups([])
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-    prctl(PR_SET_DUMPABLE, 0)
+# --- The reader's process: started, served, stopped by the parent ---------------------
+
+def _confined_reader(config, sockets, seen, log, user, pipes):
+    """In the forked child: the steps of the reader's confinement, in their order (see the
+    sandbox above), and the Reader, ready to run; (reader, the epoll it waits in)."""
+    import select
+    import signal
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent stops us with SIGTERM
+    # A session of its own, without the terminal: no TIOCSTI into the admin's shell.
+    os.setsid()
+    # Nothing of the parent's may leak in: the terminal, its netlink sockets, the replay
+    # cache file...
+    close_fds_except(set(pipes) | {sock.fileno() for sock in sockets})
+    take_free_descriptors(3)
+    if user and os.geteuid() == 0:
+        drop_privileges(user)
+    reader = Reader(config, GatePipe(pipes[0]), log, seen)
+
+    def stop(signum, frame):
+        raise SystemExit
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
+    # What the loop needs that the sandbox would refuse it later: the file the stats
+    # line reads, and the epoll it waits in.
+    reader.status = os.open("/proc/self/status", os.O_RDONLY)
+    reader.name_interfaces(sockets)
+    poller = select.epoll()
+    confine_reader(pipes, (reader.status,), log)
+    return reader, poller
+
+
+def _reader_main(config, sockets, seen, log, user, pipes, mask):
+    """The packet reader's whole life, in the forked child: confine itself, read packets
+    until the parent goes away, say what it saw; its exit status tells the parent why it
+    ended (CAPTURE_LOST: a capture socket failed)."""
+    import signal
+    code = 1
     try:
-        os.setuid(0)
-    except PermissionError:
-        return
-    raise SpaError("could not drop root privileges")
-
-
-def close_fds_except(keep):
-    """Close every file descriptor of this process but those in `keep`."""
-    limit = min(os.sysconf("SC_OPEN_MAX"), 1 << 16)
-    low = 0
-    for fd in sorted(keep) + [limit]:
-        if fd > low:        # closerange(n, n) would close everything on some Pythons
-            os.closerange(low, fd)
-        low = fd + 1
-
-
-def take_free_descriptors(below):
-    """Put /dev/null on every free descriptor under `below`: with 3, descriptors 0-2 are
-    never the terminal, nor a pipe or socket of ours that a stray print() would write to."""
-    while True:
-        fd = os.open(os.devnull, os.O_RDWR)     # the lowest free descriptor
-        if fd >= below:
-            os.close(fd)
-            return
-
-
-# --- The packet reader's sandbox ------------------------------------------------------
-#
-# After its privilege drop the reader confines itself as OpenSSH's pre-auth child does:
-# rlimits (no new descriptor, process, file growth or core dump) and a seccomp filter that
-# lets through only the system calls its loop makes.  Its descriptors: /dev/null on 0-2,
-# its capture sockets (receive only), its request pipe and its log pipe to the parent (the
-# only ones it may write to), /proc/self/status (read for the stats line) and the epoll
-# instance its loop waits in.
-
-PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 4, 22, 38
-SECCOMP_MODE_FILTER = 2
-SECCOMP_KILL, SECCOMP_ERRNO, SECCOMP_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
-AUDIT_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7, "riscv64": 0xC00000F3}
-# System call numbers: x86_64's table, and the generic one that aarch64 and riscv64 share.
-_GENERIC_SYSCALLS = {
-    "recvfrom": 207, "epoll_pwait": 22, "epoll_ctl": 21, "clock_gettime": 113, "gettimeofday": 169, "times": 153,
-    "brk": 214, "munmap": 215, "mremap": 216, "madvise": 233, "rt_sigreturn": 139,
-    "rt_sigprocmask": 135, "restart_syscall": 128, "futex": 98, "getpid": 172, "close": 57,
-    "exit": 93, "exit_group": 94, "write": 64, "pread64": 67, "getsockopt": 209, "mmap": 222,
-    "mprotect": 226, "openat": 56, "openat2": 437, "execve": 221, "execveat": 281,
-    "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271}
-SYSCALLS = {
-    "x86_64": {
-        "recvfrom": 45, "epoll_wait": 232, "epoll_pwait": 281, "epoll_ctl": 233,
-        "clock_gettime": 228, "gettimeofday": 96,
-        "times": 100, "brk": 12, "munmap": 11, "mremap": 25, "madvise": 28, "rt_sigreturn": 15,
-        "rt_sigprocmask": 14, "restart_syscall": 219, "futex": 202, "getpid": 39, "close": 3,
-        "exit": 60, "exit_group": 231, "write": 1, "pread64": 17, "getsockopt": 55, "mmap": 9,
-        "mprotect": 10, "open": 2, "openat": 257, "openat2": 437, "execve": 59, "execveat": 322,
-        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311},
-    "aarch64": _GENERIC_SYSCALLS, "riscv64": _GENERIC_SYSCALLS,
-}
-# What the reader's loop calls (strace): receive, wait, clocks, memory, signals, exit.
-SECCOMP_ALLOWED = ("recvfrom", "epoll_wait", "epoll_pwait", "epoll_ctl", "clock_gettime",
-                   "gettimeofday", "times", "brk", "munmap", "mremap", "madvise",
-                   "rt_sigreturn", "rt_sigprocmask", "restart_syscall", "futex", "getpid",
-                   "close", "exit", "exit_group")
-# Calls no bug in the reader makes, only an attacker: they kill it (SIGSYS).
-SECCOMP_KILLED = ("execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev")
-
-
-def prctl(option, *args):
-    """prctl(2) through ctypes; OSError on failure."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, *[a if isinstance(a, bytes) else ctypes.c_ulong(a)
-                            for a in args + (0,) * (4 - len(args))]) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-
-
-def seccomp_arch():
-    """The name of this process's system call table, or None where spa.py has none (a
-    32-bit Python on a 64-bit kernel counts as unknown: its calls use another table)."""
-    machine = os.uname().machine
-    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-    if struct.calcsize("P") != 8 or sys.byteorder != "little" or machine not in SYSCALLS:
-        return None
-    return machine
-
-
-def seccomp_program(arch, writable, readable):
-    """The reader's seccomp filter, a classic BPF program over struct seccomp_data.
-
-    A call made for another architecture (a 32-bit entry into a 64-bit process) kills;
-    the calls in SECCOMP_ALLOWED pass; write only to the descriptors in `writable`, pread64
-    only from those in `readable`; getsockopt only for PACKET_STATISTICS; mmap and mprotect
-    never with PROT_EXEC; open and openat fail with EACCES (Python then reports an error),
-    SECCOMP_KILLED kills, and everything else fails with EPERM: new sockets, send, connect,
-    bind, setsockopt, ioctl, fork, kill, dup, pipe, setrlimit, prctl, unshare...
-    Arguments are compared by their low 32 bits (little-endian: offset 16 + 8 * n), which
-    is all the kernel reads of a descriptor or an int option.
-    """
-    import errno
-    numbers = SYSCALLS[arch]
-    arg = lambda n: 16 + 8 * n                         # noqa: E731
-    prog = [("ld", 4), ("jeq", AUDIT_ARCHES[arch], None, "kill"), ("ld", 0)]
-    prog += [("jeq", numbers[name], "allow", None) for name in SECCOMP_ALLOWED if name in numbers]
-    prog += [("jeq", numbers["write"], "write", None), ("jeq", numbers["pread64"], "pread", None),
-             ("jeq", numbers["getsockopt"], "getsockopt", None),
-             ("jeq", numbers["mmap"], "memory", None), ("jeq", numbers["mprotect"], "memory", None)]
-    prog += [("jeq", numbers[name], "kill", None) for name in SECCOMP_KILLED]
-    prog += [("jeq", numbers[name], "eacces", None) for name in ("open", "openat", "openat2")
-             if name in numbers]
-    prog += [("ret", SECCOMP_ERRNO | errno.EPERM)]
-    prog += [("write:",), ("ld", arg(0))] + [("jeq", fd, "allow", None) for fd in writable]
-    prog += [("ret", SECCOMP_ERRNO | errno.EPERM)]
-    prog += [("pread:",), ("ld", arg(0))] + [("jeq", fd, "allow", None) for fd in readable]
-    prog += [("ret", SECCOMP_ERRNO | errno.EPERM),
-             ("getsockopt:",), ("ld", arg(1)), ("jeq", SOL_PACKET, None, "eperm"),
-             ("ld", arg(2)), ("jeq", PACKET_STATISTICS, "allow", "eperm"),
-             ("memory:",), ("ld", arg(2)), ("jset", mmap.PROT_EXEC, "eperm", "allow"),
-             ("allow:",), ("ret", SECCOMP_ALLOW),
-             ("kill:",), ("ret", SECCOMP_KILL),
-             ("eacces:",), ("ret", SECCOMP_ERRNO | errno.EACCES),
-             ("eperm:",), ("ret", SECCOMP_ERRNO | errno.EPERM)]
-    return bpf_assemble(prog)
-
-
-def confine_reader(writable, readable, log):
-    """Enter the packet reader's sandbox (see above) for good: True with the seccomp filter
-    in place, False where it could not be (logged)."""
-    import resource
-    for limit in (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE,
-                  resource.RLIMIT_CORE):
-        resource.setrlimit(limit, (0, 0))
-    arch = seccomp_arch()
-    try:
-        prctl(PR_SET_NO_NEW_PRIVS, 1)        # no exec can give privileges back; seccomp needs it
-        if arch is None:
-            raise OSError(0, "spa.py has no system call table for %s with a %d-bit Python"
-                          % (os.uname().machine, 8 * struct.calcsize("P")))
-        fprog, _code = sock_fprog(seccomp_program(arch, writable, readable))
-        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, fprog)
-    except OSError as e:
-        log.warning("packet reader: no seccomp filter (%s): it runs confined by its user, "
-                    "rlimits and closed files only", e.strerror)
-        return False
-    return True
+        log = Log.to_pipe(pipes[1], log.verbose)
+        reader, poller = _confined_reader(config, sockets, seen, log, user, pipes)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)      # what came meanwhile, now
+        try:
+            # returns when the parent closes its end of the pipe
+            reader.run(sockets, pipes[0], poller)
+            code = 0
+        except (SystemExit, BrokenPipeError):   # SIGTERM; a request after the pipe closed
+            code = 0
+        except CaptureLost:
+            code = CAPTURE_LOST
+        # Stopping already: say what was seen.  (A mask, as the sandbox refuses sigaction.)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        reader.log_suppressed()
+        log.info("%s", reader.stats())
+    except SpaError as e:
+        log.error("packet reader: %s", e)
+    except BaseException:
+        log.error("packet reader crashed:\n%s", crash_report())
+    finally:
+        os._exit(code)
 
 
 def start_reader(config, sockets, seen, log, user):
     """Fork the packet reader; returns (pid, read end of its request pipe, read end of its
-    log pipe)."""
+    log pipe).  The child runs _reader_main() and never returns here."""
     import gc
-    import select
     import signal
     r, w = os.pipe()
     log_r, log_w = os.pipe()
@@ -5040,283 +5126,46 @@ def start_reader(config, sockets, seen, log, user):
     caught = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
     pid = os.fork()
-    if pid:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(w)
-        os.close(log_w)
-        return pid, r, log_r
-    code = 1
-    try:
-        log = Log.to_pipe(log_w, log.verbose)
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent stops us with SIGTERM
-        # A session of its own, without the terminal: no TIOCSTI into the admin's shell.
-        os.setsid()
-        # Nothing of the parent's may leak in: the terminal, its netlink sockets, the replay
-        # cache file...
-        close_fds_except({w, log_w} | {sock.fileno() for sock in sockets})
-        take_free_descriptors(3)
-        if user and os.geteuid() == 0:
-            drop_privileges(user)
-        reader = Reader(config, GatePipe(w), log, seen)
-
-        def stop(signum, frame):
-            raise SystemExit
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("%s", reader.stats()))
-        # What the loop needs that the sandbox would refuse it later: the file the stats
-        # line reads, and the epoll it waits in.
-        reader.status = os.open("/proc/self/status", os.O_RDONLY)
-        reader.name_interfaces(sockets)
-        poller = select.epoll()
-        confine_reader((w, log_w), (reader.status,), log)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)      # what came meanwhile, now
-        try:
-            # returns when the parent closes its end of the pipe
-            reader.run(sockets, w, poller)
-            code = 0
-        except (SystemExit, BrokenPipeError):   # SIGTERM; a request after the pipe closed
-            code = 0
-        except CaptureLost:
-            code = Supervisor.CAPTURE_LOST
-        # Stopping already: say what was seen.  (A mask, as the sandbox refuses sigaction.)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        reader.log_suppressed()
-        log.info("%s", reader.stats())
-    except SpaError as e:
-        log.error("packet reader: %s", e)
-    except BaseException:
-        log.error("packet reader crashed:\n%s", crash_report())
-    finally:
-        os._exit(code)
+    if pid == 0:
+        _reader_main(config, sockets, seen, log, user, (w, log_w), mask)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    os.close(w)
+    os.close(log_w)
+    return pid, r, log_r
 
 
-def crash_report():
-    """The exception being handled, as a traceback without source lines: the reader cannot
-    read them, nor import the traceback module then (which would cost each process 350 kB
-    if loaded before)."""
-    kind, error, tb = sys.exc_info()
-    lines = ["Traceback (most recent call last):"]
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        lines.append('  File "%s", line %d, in %s' % (code.co_filename, tb.tb_lineno,
-                                                      code.co_name))
-        tb = tb.tb_next
-    lines.append("%s: %s" % (kind.__name__, error) if str(error) else kind.__name__)
-    return "\n".join(lines)
+class ReaderProcess(object):
+    """The packet reader as the parent sees it, one process at a time: it starts it
+    (start_reader), logs what it writes to its log pipe, serves its requests through the
+    gatekeeper, stops it and reaps it; after a death it says when the next may start.
 
-
-class Supervisor(object):
-    """The parent: runs the packet reader, serves its requests, handles signals, and keeps the
-    capture going when interfaces come and go."""
+    It trusts nothing the reader sends: a log line is untrusted text (escaped, capped,
+    rate-limited), a request the gatekeeper checks again, and a line no packet reader
+    sends gets the reader killed and replaced.
+    """
 
     MAX_LINE = 4096           # the longest log line of the reader's that is logged whole
-    CAPTURE_LOST = 3          # the reader's exit status when a capture socket failed
     RESTART_DELAY = (0.1, 60.0)   # a reader that keeps dying: first and longest wait (doubling)
 
-    def __init__(self, args, config, gate, log):
-        self.args, self.config, self.gate, self.log = args, config, gate, log
-        self.user = config.user if os.geteuid() == 0 else None
-        self.captures = {}    # interface -> socket, for those that are there
-        self.waiting = set()  # interfaces that went away (or were not there at start)
-        self.pid = self.fd = self.log_fd = None
-        self.buffer = self.log_buffer = b""
+    def __init__(self, gate, log, user=None):
+        self.gate, self.log, self.user = gate, log, user
+        self.pid = self.fd = self.log_fd = None     # the reader, its request and log pipes
+        self.buffer = self.log_buffer = b""         # what came of a line not yet whole
         self.started = self.restart_at = 0.0    # when the reader started; when the next may
         self.delay = 0.0
-        self.reader_lines = RateLimiter(rate=10.0, burst=100)    # a reader flooding the log
-        self.expire_failed = 0    # expire() failures in a row
+        self.lines = RateLimiter(rate=10.0, burst=100)    # a reader flooding the log
         self.strays = []      # readers that did not stop when told: reaped when they end
 
-    def open_captures(self, first=False):
-        """Open capture sockets for every configured interface not captured yet.
-
-        A missing interface is an error at start unless it is listed as optional;
-        later (a link that went away) it is retried every second.
-        """
-        opened = False
-        for interface in self.config.interfaces + self.config.optional_interfaces:
-            if interface in self.captures:
-                continue
-            try:
-                self.captures[interface] = open_capture(interface, self.config.port)
-                opened = True
-                if not first:
-                    self.log.info("capturing on %s again", interface)
-            except SpaError as e:
-                if first and interface in self.config.interfaces:
-                    raise
-                if first or interface not in self.waiting:
-                    self.log.warning("%s: waiting for it to come back", e)
-                self.waiting.add(interface)
-                continue
-            self.waiting.discard(interface)
-        return opened
-
-    def close_captures(self):
-        for sock in self.captures.values():
-            sock.close()
-        self.captures = {}
-
-    def catch_signals(self):
-        """From now on SIGTERM, SIGINT, SIGHUP and SIGUSR1 wait in `pending` for run(), which
-        a byte on the wake-up pipe wakes: caught before the server says it listens, so an
-        early `systemctl reload` cannot end it."""
-        import signal
-        self.wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        self.pending = []
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, lambda signum, frame: self.pending.append(signum))
-
-    def run(self):
-        import select
-        import signal
-        if not hasattr(self, "pending"):
-            self.catch_signals()
-        wake_r, pending = self.wake_r, self.pending
-        firewall = self.gate.firewall
-        monitor = self._monitor(firewall)
-        every = 10 if monitor is not None else 2
-        next_check = time.monotonic() + every
-        next_expire = time.monotonic() + 1
-        try:
-            while True:
-                wait = 1000
-                if self.pid is None and self.captures:
-                    wait = max(0, min(wait, 1000 * (self.restart_at - time.monotonic())))
-                    if wait == 0:
-                        self._start()
-                        wait = 1000
-                poller = select.poll()
-                if self.fd is not None:
-                    poller.register(self.fd, select.POLLIN)
-                if self.log_fd is not None:
-                    poller.register(self.log_fd, select.POLLIN)
-                poller.register(wake_r, select.POLLIN)
-                if monitor is not None:
-                    poller.register(monitor, select.POLLIN)
-                for fd, _ in poller.poll(wait):
-                    if fd == wake_r:
-                        os.read(wake_r, 512)
-                    elif monitor is not None and fd == monitor.fileno():
-                        if monitor.news():
-                            firewall.restore()
-                    elif fd == self.log_fd:
-                        self._relay()
-                    elif fd == self.fd and not self._serve():
-                        code, status = self._reap()
-                        if code == self.CAPTURE_LOST:
-                            self.log.warning("packet reader lost its capture: reopening it")
-                            self.close_captures()
-                            self.open_captures()
-                            continue
-                        self._back_off(status)
-                while pending:
-                    signum = pending.pop(0)
-                    if signum in (signal.SIGTERM, signal.SIGINT):
-                        return
-                    if signum == signal.SIGUSR1:
-                        self.log.info("%s", self.gate.stats())
-                        if self.pid:
-                            send_signal(self.log, self.pid, signal.SIGUSR1, "the packet reader")
-                    if signum == signal.SIGHUP:
-                        self.reload()
-                if self.waiting and self.open_captures():
-                    self._restart()     # a reader for the interfaces that are back
-                if time.monotonic() >= next_expire:      # once a second, however busy
-                    next_expire = time.monotonic() + 1
-                    self._expire(firewall)
-                    self.gate.tick()
-                    self.strays = [pid for pid in self.strays if not os.waitpid(pid, os.WNOHANG)[0]]
-                if time.monotonic() >= next_check:     # in case the monitor missed something
-                    next_check = time.monotonic() + every
-                    firewall.restore()
-                    self.gate.replay.prune(time.time())   # not at every batch: it walks all
-        finally:
-            self._stop()
-            if monitor is not None:
-                monitor.close()
-
-    def _expire(self, firewall):
-        """Remove expired openings.  A failure (iptables-restore that could not get the
-        xtables lock, say) is logged once and tried again every second until it works:
-        meanwhile the kernel's own timeouts close the openings."""
-        try:
-            firewall.expire()
-        except SpaError as e:
-            if not self.expire_failed:
-                self.log.error("could not remove expired openings (%s): trying again every "
-                               "second", e)
-            self.expire_failed += 1
-            return
-        if self.expire_failed:
-            self.log.info("expired openings removed again, after %d failed attempt(s)",
-                          self.expire_failed)
-            self.expire_failed = 0
-
-    def _monitor(self, firewall):
-        if not firewall.monitored:
-            return None
-        try:
-            return RulesetMonitor()
-        except OSError:
-            return None
-
-    def reload(self):
-        """SIGHUP: read the config again; openings in force and the replay cache stay."""
-        try:
-            config = ServerConfig(self.args.config, self.args.access_conf)
-        except SpaError as e:
-            self.log.error("config reload failed, keeping the running config: %s", e)
-            return
-        for note in config.notes:
-            self.log.warning("access.conf: %s", note)
-        old = self.config
-        later = [name for name in RESTART_OPTIONS if getattr(config, name) != getattr(old, name)]
-        if later:
-            self.log.warning("%s: changed, but takes effect only when the server restarts",
-                             ", ".join(later))
-            for name in later:            # until then the running values hold
-                setattr(config, name, getattr(old, name))
-        self.config = self.gate.config = config
-        self.gate.replay.max_age = config.max_packet_age
-        firewall = self.gate.firewall
-        nat = config.enable_forwarding or config.enable_local_nat
-        try:
-            if (config.protect, config.protect_action, nat) != \
-                    (old.protect, old.protect_action, firewall.nat):
-                # The NAT switches too: the stanzas the new config made follow them already,
-                # so the firewall's NAT chains (made or removed by setup) must as well.
-                firewall.protect, firewall.action, firewall.nat = \
-                    config.protect, config.protect_action, nat
-                firewall.steer = firewall.action == "reject" and \
-                    any(p == "tcp" for p, _ in firewall.protect)
-                if isinstance(firewall, IptablesFirewall):
-                    firewall.nat_families = set(firewall.families) if nat else set()
-                firewall.setup()
-        except SpaError as e:
-            self.log.error("firewall update failed: %s", e)
-        if (config.interfaces, config.optional_interfaces, config.port) != \
-                (old.interfaces, old.optional_interfaces, old.port):
-            self.close_captures()
-            self.open_captures()
-        self._restart()
-        self.log.info("reloaded %s: %d client stanza(s); protecting %s (%s)", config.path,
-                      len(config.stanzas), format_access(config.protect), config.protect_action)
-
-    def _start(self):
-        self.pid, self.fd, self.log_fd = start_reader(
-            self.config, list(self.captures.values()), self.gate.replay.copy(), self.log,
-            self.user)
+    def start(self, config, sockets):
+        """Fork a reader of `sockets` for `config`, with a copy of the replay cache."""
+        self.pid, self.fd, self.log_fd = start_reader(config, sockets, self.gate.replay.copy(),
+                                                      self.log, self.user)
         os.set_blocking(self.fd, False)
         os.set_blocking(self.log_fd, False)
         self.buffer = self.log_buffer = b""
         self.started = time.monotonic()
 
-    def _back_off(self, status):
+    def back_off(self, status):
         """A reader died: start the next one after a wait that doubles while readers keep
         dying young (up to a minute), so a crash loop costs little, and never give up:
         meanwhile the firewall stays as it is and knocks wait in the capture buffer."""
@@ -5327,7 +5176,7 @@ class Supervisor(object):
         self.log.error("packet reader stopped (%s): starting a new one in %s s", status,
                        "%.3g" % self.delay)
 
-    def _relay(self):
+    def relay(self):
         """Log what the packet reader wrote to its log pipe ("LEVEL text" lines), as
         untrusted text: control characters escaped, lines capped, at most 10 a second
         after a burst of 100.  Closes the pipe at its end; False when nothing was there."""
@@ -5344,9 +5193,9 @@ class Supervisor(object):
             lines.append(self.log_buffer)
             self.log_buffer = b""
         for line in filter(None, lines):
-            if not self.reader_lines.allow():
+            if not self.lines.allow():
                 continue
-            missed = self.reader_lines.take_suppressed()
+            missed = self.lines.take_suppressed()
             if missed:
                 self.log.warning("%d lines of the packet reader were not logged (rate limit)",
                                  missed)
@@ -5358,12 +5207,7 @@ class Supervisor(object):
                 self.log.info("%s", text)
         return True
 
-    def _restart(self):
-        self._stop()
-        if self.captures:
-            self._start()
-
-    def _serve(self):
+    def serve(self):
         """Read and carry out the reader's requests; False once its pipe has closed, or
         once it sent what no packet reader sends (it is killed then, and replaced).
 
@@ -5392,7 +5236,9 @@ class Supervisor(object):
         send_signal(self.log, self.pid, signal.SIGKILL, "the packet reader")
         return False
 
-    def _reap(self):
+    def reap(self):
+        """After its request pipe closed: wait for the reader, log its last lines; (its
+        exit status or None, how it ended in words)."""
         import signal
         os.close(self.fd)
         _, status = os.waitpid(self.pid, 0)
@@ -5404,7 +5250,7 @@ class Supervisor(object):
             os.WTERMSIG(status), ": a system call its sandbox forbids"
             if os.WTERMSIG(status) == signal.SIGSYS else "")
 
-    def _stop(self, wait=2.0):
+    def stop(self, wait=2.0):
         """Stop the packet reader: carry out what it has sent, then close its pipe.
 
         The reader ends as soon as its pipe to us closes (it polls for that), so no
@@ -5421,7 +5267,7 @@ class Supervisor(object):
             return
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
-        while poller.poll(0) and self._serve():     # what is waiting now, round by round
+        while poller.poll(0) and self.serve():     # what is waiting now, round by round
             pass
         os.close(self.fd)
         pid, self.pid, self.fd = self.pid, None, None
@@ -5439,15 +5285,229 @@ class Supervisor(object):
         finally:
             self._close_log()
 
+    def reap_strays(self):
+        """Reap the readers left behind (stop) that have ended since."""
+        self.strays = [pid for pid in self.strays if not os.waitpid(pid, os.WNOHANG)[0]]
+
     def _close_log(self):
         """Log the last lines of a reader that has ended (a traceback, its stats), then
         close its log pipe; one still held open (a reader left behind) is closed as it is."""
-        while self.log_fd is not None and self._relay():
+        while self.log_fd is not None and self.relay():
             pass
         if self.log_fd is not None:
             os.close(self.log_fd)
             self.log_fd = None
 
+
+# --- The supervisor: the parent's event loop ------------------------------------------
+
+class Supervisor(object):
+    """The parent's event loop: it keeps a packet reader running (ReaderProcess), handles
+    signals (SIGHUP reloads, SIGUSR1 logs counters), keeps the capture going when
+    interfaces come and go, removes expired openings every second, and puts back what a
+    reload of the host's firewall removed."""
+
+    def __init__(self, args, config, gate, log):
+        self.args, self.config, self.gate, self.log = args, config, gate, log
+        self.user = config.user if os.geteuid() == 0 else None
+        self.reader = ReaderProcess(gate, log, self.user)
+        self.captures = {}    # interface -> socket, for those that are there
+        self.waiting = set()  # interfaces that went away (or were not there at start)
+        self.expire_failed = 0    # expire() failures in a row
+
+    def open_captures(self, first=False):
+        """Open capture sockets for every configured interface not captured yet.
+
+        A missing interface is an error at start unless it is listed as optional;
+        later (a link that went away) it is retried every second.
+        """
+        opened = False
+        for interface in self.config.interfaces + self.config.optional_interfaces:
+            if interface in self.captures:
+                continue
+            try:
+                self.captures[interface] = open_capture(interface, self.config.port)
+                opened = True
+                if not first:
+                    self.log.info("capturing on %s again", interface)
+            except SpaError as e:
+                if first and interface in self.config.interfaces:
+                    raise
+                if first or interface not in self.waiting:
+                    self.log.warning("%s: waiting for it to come back", e)
+                self.waiting.add(interface)
+                continue
+            self.waiting.discard(interface)
+        return opened
+
+    def close_captures(self):
+        """Close every capture socket (a new reader gets new ones)."""
+        for sock in self.captures.values():
+            sock.close()
+        self.captures = {}
+
+    def catch_signals(self):
+        """From now on SIGTERM, SIGINT, SIGHUP and SIGUSR1 wait in `pending` for run(), which
+        a byte on the wake-up pipe wakes: caught before the server says it listens, so an
+        early `systemctl reload` cannot end it."""
+        import signal
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        self.pending = []
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: self.pending.append(signum))
+
+    def run(self):
+        """Serve until SIGTERM or SIGINT: wait for what comes (_wait), then the signals, the
+        interfaces that came back, and the tasks of every second and every few seconds."""
+        if not hasattr(self, "pending"):
+            self.catch_signals()
+        firewall = self.gate.firewall
+        monitor = self._monitor(firewall)
+        every = 10 if monitor is not None else 2
+        next_check = time.monotonic() + every
+        next_expire = time.monotonic() + 1
+        try:
+            while True:
+                self._wait(monitor)
+                if not self._signals():
+                    return
+                if self.waiting and self.open_captures():
+                    self._restart()     # a reader for the interfaces that are back
+                if time.monotonic() >= next_expire:      # once a second, however busy
+                    next_expire = time.monotonic() + 1
+                    self._expire(firewall)
+                    self.gate.tick()
+                    self.reader.reap_strays()
+                if time.monotonic() >= next_check:     # in case the monitor missed something
+                    next_check = time.monotonic() + every
+                    firewall.restore()
+                    self.gate.replay.prune(time.time())   # not at every batch: it walks all
+        finally:
+            self.reader.stop()
+            if monitor is not None:
+                monitor.close()
+
+    def _wait(self, monitor):
+        """Wait up to a second for the reader's requests or log lines, a signal or news of
+        the ruleset (`monitor`), and handle what came; start a reader when one is due."""
+        import select
+        reader = self.reader
+        wait = 1000
+        if reader.pid is None and self.captures:
+            wait = max(0, min(wait, 1000 * (reader.restart_at - time.monotonic())))
+            if wait == 0:
+                reader.start(self.config, list(self.captures.values()))
+                wait = 1000
+        poller = select.poll()
+        for fd in (reader.fd, reader.log_fd, self.wake_r, monitor):
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(wait):
+            if fd == self.wake_r:
+                os.read(self.wake_r, 512)
+            elif monitor is not None and fd == monitor.fileno():
+                if monitor.news():
+                    self.gate.firewall.restore()
+            elif fd == reader.log_fd:
+                reader.relay()
+            elif fd == reader.fd and not reader.serve():
+                code, status = reader.reap()
+                if code == CAPTURE_LOST:
+                    self.log.warning("packet reader lost its capture: reopening it")
+                    self.close_captures()
+                    self.open_captures()
+                else:
+                    reader.back_off(status)
+
+    def _signals(self):
+        """Handle the signals that came; False for SIGTERM or SIGINT: time to stop."""
+        import signal
+        while self.pending:
+            signum = self.pending.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                return False
+            if signum == signal.SIGUSR1:
+                self.log.info("%s", self.gate.stats())
+                if self.reader.pid:
+                    send_signal(self.log, self.reader.pid, signal.SIGUSR1, "the packet reader")
+            if signum == signal.SIGHUP:
+                self.reload()
+        return True
+
+    def _expire(self, firewall):
+        """Remove expired openings.  A failure (iptables-restore that could not get the
+        xtables lock, say) is logged once and tried again every second until it works:
+        meanwhile the kernel's own timeouts close the openings."""
+        try:
+            firewall.expire()
+        except SpaError as e:
+            if not self.expire_failed:
+                self.log.error("could not remove expired openings (%s): trying again every "
+                               "second", e)
+            self.expire_failed += 1
+            return
+        if self.expire_failed:
+            self.log.info("expired openings removed again, after %d failed attempt(s)",
+                          self.expire_failed)
+            self.expire_failed = 0
+
+    def _monitor(self, firewall):
+        """nftables' change notifications where the back end may be changed under us
+        (RulesetMonitor), else None: then restore() runs every 2 s instead of every 10."""
+        if not firewall.monitored:
+            return None
+        try:
+            return RulesetMonitor()
+        except OSError:
+            return None
+
+    def _restart(self):
+        """A new packet reader, for a new config or new capture sockets."""
+        self.reader.stop()
+        if self.captures:
+            self.reader.start(self.config, list(self.captures.values()))
+
+    def reload(self):
+        """SIGHUP: read the config again; openings in force and the replay cache stay."""
+        try:
+            config = ServerConfig(self.args.config, self.args.access_conf)
+        except SpaError as e:
+            self.log.error("config reload failed, keeping the running config: %s", e)
+            return
+        for note in config.notes:
+            self.log.warning("access.conf: %s", note)
+        old = self.config
+        later = [name for name in RESTART_OPTIONS if getattr(config, name) != getattr(old, name)]
+        if later:
+            self.log.warning("%s: changed, but takes effect only when the server restarts",
+                             ", ".join(later))
+            for name in later:            # until then the running values hold
+                setattr(config, name, getattr(old, name))
+        self.config = self.gate.config = config
+        self.gate.replay.max_age = config.max_packet_age
+        firewall = self.gate.firewall
+        nat = config.enable_forwarding or config.enable_local_nat
+        try:
+            if (config.protect, config.protect_action, nat) != \
+                    (old.protect, old.protect_action, firewall.nat):
+                # The NAT switches too: the stanzas the new config made follow them already,
+                # so the firewall's NAT chains (made or removed by setup) must as well.
+                firewall.reconfigure(config.protect, config.protect_action, nat)
+                firewall.setup()
+        except SpaError as e:
+            self.log.error("firewall update failed: %s", e)
+        if (config.interfaces, config.optional_interfaces, config.port) != \
+                (old.interfaces, old.optional_interfaces, old.port):
+            self.close_captures()
+            self.open_captures()
+        self._restart()
+        self.log.info("reloaded %s: %d client stanza(s); protecting %s (%s)", config.path,
+                      len(config.stanzas), format_access(config.protect), config.protect_action)
+
+
+# --- Entry points: server, firewall-config, check-config ------------------------------
 
 def notify_systemd(state):
     """Tell systemd how the server is (Type=notify: READY=1 once it protects and listens, so
@@ -5481,7 +5541,26 @@ def require_capabilities(names):
                        "lacks %s): run it as root" % " and ".join(missing))
 
 
+def warn_unsaved(config, firewall, log):
+    """Say at start if the host's saved firewall lacks our protection (SavedFirewall)."""
+    if config.saved_firewall == "none" or isinstance(firewall, DryRunFirewall):
+        return
+    try:
+        found = SavedFirewall(config, firewall).problems()
+    except SpaError as e:
+        found = [(config.path, "(%s)" % e, "spa.py check-config -c %s" % config.path)]
+    if found:
+        path, what, fix = found[0]
+        log.warning("the host's saved firewall does not hold spa.py's protection (%s %s): a "
+                    "firewall reload or a boot leaves %s open until this server puts it back; "
+                    "run  %s  (README.md: Keep the ports dark through reloads and boots)",
+                    path, what, format_access(config.protect), fix)
+
+
 def server_main(args):
+    """`spa.py server`: load the config, set up the firewall and the replay cache,
+    and supervise the packet reader until SIGTERM; or, with --list and --flush, show or
+    remove what spa.py put in the firewall."""
     require_capabilities(["CAP_NET_ADMIN"] if args.list or args.flush else ["CAP_NET_RAW"])
     config = ServerConfig(args.config, args.access_conf)
     if not (args.test or args.list or args.flush or config.firewall == "none"):
@@ -5500,7 +5579,7 @@ def server_main(args):
         for address, proto, port, left, interface in sorted(rows):
             print("%-40s %s/%-5d %5d s left%s" % (address, proto, port, left,
                                                   " (on %s)" % interface if interface else ""))
-        nat_rows = firewall.list_nat() if hasattr(firewall, "list_nat") else []
+        nat_rows = firewall.list_nat()
         for address, proto, port, to_address, to_port, local, left in sorted(nat_rows):
             print("%-40s %s/%-5d %5d s left, forwarded to %s%s" % (
                 address, proto, port, left, format_endpoint(to_address, to_port),
@@ -5536,22 +5615,6 @@ def server_main(args):
         replay.close()
     log.info("stopping: protected ports stay closed; openings expire on their own")
     return 0
-
-
-def warn_unsaved(config, firewall, log):
-    """Say at start if the host's saved firewall lacks our protection (SavedFirewall)."""
-    if config.saved_firewall == "none" or isinstance(firewall, DryRunFirewall):
-        return
-    try:
-        found = SavedFirewall(config, firewall).problems()
-    except SpaError as e:
-        found = [(config.path, "(%s)" % e, "spa.py check-config -c %s" % config.path)]
-    if found:
-        path, what, fix = found[0]
-        log.warning("the host's saved firewall does not hold spa.py's protection (%s %s): a "
-                    "firewall reload or a boot leaves %s open until this server puts it back; "
-                    "run  %s  (README.md: Keep the ports dark through reloads and boots)",
-                    path, what, format_access(config.protect), fix)
 
 
 def firewall_config_main(args):
@@ -5595,6 +5658,7 @@ class Checklist(object):
     """The `ok` / `FAIL` lines of check-config and selftest, and what failed."""
 
     def __init__(self, say=print):
+        """`say` prints a line; failures are collected."""
         self.say = say
         self.failures = []
 
@@ -5680,6 +5744,12 @@ def check_config_main(args):
 # ---------------------------------------------------------------------------
 # Client
 # ---------------------------------------------------------------------------
+#
+# `spa.py client`: settings from the command line over a config section (spa.py's INI, or
+# fwknop's ~/.fwknoprc read as fwknop reads it), one packet built (build_packet) and sent
+# as one UDP datagram; with --connect, a wait for the port and a relay of stdin and
+# stdout (ssh's ProxyCommand).  The client trusts its user and config; it also runs on
+# macOS, the BSDs and Windows, so it uses nothing Linux alone has.
 
 CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip", "fw_timeout",
                   "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",
@@ -5789,7 +5859,7 @@ def read_fwknoprc(path, text):
             continue
         if current is None:
             continue                       # fwknop reads nothing before the first section
-        var = words[0][:words[0].rindex(":")] if ":" in words[0] else words[0]
+        var = _fwknop_variable(words[0])
         value = words[1] if len(words) > 1 else ""
         for end in " \t;#":
             value = value.split(end, 1)[0]
@@ -5832,6 +5902,7 @@ def is_fwknoprc(text):
 
 
 def default_client_config():
+    """The client's config file when -n names a section and -c names no file."""
     for path in ("~/.spa.conf", "~/.fwknoprc"):
         if os.path.exists(os.path.expanduser(path)):
             return path
@@ -5856,6 +5927,55 @@ def section_named(config, name, destinations):
     return matches[0]
 
 
+def _allow_choice(options):
+    """A config section's choice of the address to open for, or None."""
+    allow = (options.get("allow_ip") or "").strip()
+    if allow.lower() == "source":
+        return ("source",)
+    if allow.lower() == "resolve":
+        return ("resolve", "allow_ip = resolve")
+    if allow:
+        return ("ip", allow)
+    if parse_bool(options.get("source_ip") or "no", "source_ip"):
+        return ("source",)
+    if options.get("allow") or options.get("resolve"):
+        return ("resolve", options.get("allow") or options["resolve"])
+    return None
+
+
+def _config_layers(args):
+    """The option layers of the config section the command line names (-c, -n), [default]
+    first: [{option: value}], none without a config file."""
+    if args.no_rc_file and args.name and not args.config:
+        raise SpaError("-n/--name needs a config file and --no-rc-file says to read none: "
+                       "give -c FILE")
+    config = args.config or (default_client_config() if args.name else None)
+    if not config:
+        return []
+    path = os.path.expanduser(config)
+    name = args.name or "default"
+    text = read_private_text(path)
+    if is_fwknoprc(text):
+        sections = read_fwknoprc(path, text)
+        used = name.lower()
+        if used != "default" and used not in sections:
+            used = section_named(config, name, {n: s.options.get("destination")
+                                                for n, s in sections.items()})
+        for layer in ("default", used):
+            if layer in sections and sections[layer].problems:
+                raise SpaError(sections[layer].problems[0])
+        return [sections[n].options for n in ("default", used) if n in sections]
+    parser = read_ini(path, text)
+    if name != "default":
+        name = section_named(config, name, {n: parser[n].get("destination")
+                                             for n in parser.sections()})
+    section = dict(parser[name] if name != "default" else parser.defaults())
+    unknown = set(section) - CLIENT_OPTIONS
+    if unknown:
+        raise SpaError("%s: [%s]: unknown option %s" % (config, name, _shown_names(unknown)))
+    return [section]
+
+
 def client_settings(args):
     """Merge the config section (spa.py's INI or fwknop's rc) with the command line, which wins.
 
@@ -5864,36 +5984,7 @@ def client_settings(args):
     ALLOW_IP beats RESOLVE_IP_HTTPS within one); where none chose, a resolve URL means
     -R, as it does to fwknop, and nothing means the packet's source address.
     """
-    layers = []
-    if args.no_rc_file and args.name and not args.config:
-        raise SpaError("-n/--name needs a config file and --no-rc-file says to read none: "
-                       "give -c FILE")
-    config = args.config or (default_client_config() if args.name else None)
-    if config:
-        path = os.path.expanduser(config)
-        name = args.name or "default"
-        text = read_private_text(path)
-        if is_fwknoprc(text):
-            sections = read_fwknoprc(path, text)
-            used = name.lower()
-            if used != "default" and used not in sections:
-                used = section_named(config, name, {n: s.options.get("destination")
-                                                    for n, s in sections.items()})
-            for layer in ("default", used):
-                if layer in sections and sections[layer].problems:
-                    raise SpaError(sections[layer].problems[0])
-            layers = [sections[n].options for n in ("default", used) if n in sections]
-        else:
-            parser = read_ini(path, text)
-            if name != "default":
-                name = section_named(config, name, {n: parser[n].get("destination")
-                                                     for n in parser.sections()})
-            section = dict(parser[name] if name != "default" else parser.defaults())
-            unknown = set(section) - CLIENT_OPTIONS
-            if unknown:
-                raise SpaError("%s: [%s]: unknown option %s"
-                               % (config, name, _shown_names(unknown)))
-            layers = [section]
+    layers = _config_layers(args)
     section = {}
     for layer in layers:
         section.update(layer)
@@ -5920,22 +6011,6 @@ def client_settings(args):
     opts["source_ip"] = kind[0] == "source"
     opts["resolve"] = kind[1] if kind[0] == "resolve" else False
     return opts
-
-
-def _allow_choice(options):
-    """A config section's choice of the address to open for, or None."""
-    allow = (options.get("allow_ip") or "").strip()
-    if allow.lower() == "source":
-        return ("source",)
-    if allow.lower() == "resolve":
-        return ("resolve", "allow_ip = resolve")
-    if allow:
-        return ("ip", allow)
-    if parse_bool(options.get("source_ip") or "no", "source_ip"):
-        return ("source",)
-    if options.get("allow") or options.get("resolve"):
-        return ("resolve", options.get("allow") or options["resolve"])
-    return None
 
 
 def resolve_public_ip(url, timeout=10, origin="-R", user_agent=None):
@@ -5977,6 +6052,98 @@ def resolve_public_ip(url, timeout=10, origin="-R", user_agent=None):
         if _is_ipv4(candidate):
             return candidate
     raise SpaError("%s did not answer with an IPv4 address" % url)
+
+
+TIME_UNITS = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min": 60,
+              "mins": 60, "minute": 60, "minutes": 60, "h": 3600, "hour": 3600, "hours": 3600,
+              "d": 86400, "day": 86400, "days": 86400}
+
+
+def parse_time_offset(text):
+    """fwknop's time offset ('60', '90sec', '5min', '-2hours', '1day') in seconds."""
+    text = (text or "").strip()
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    number = "".join(c for c in digits[:6] if c in _DIGITS)
+    unit = digits[len(number):].strip().lower()
+    if not text:
+        return 0
+    if not number or int(number) > 65536 or unit not in TIME_UNITS:
+        raise SpaError("time offset %r: expected a number of seconds, or of min, hours or days "
+                       "(e.g. 90sec, 5min, 2hours)" % text)
+    return sign * int(number) * TIME_UNITS[unit]
+
+
+def _name_arg(host):
+    """A host for getaddrinfo(): ASCII as bytes, which spares loading the idna codec."""
+    try:
+        return host.encode("ascii")
+    except UnicodeEncodeError:
+        return host
+
+
+IP_VERSIONS = {None: 0, "": 0, "4": socket.AF_INET, "6": socket.AF_INET6}
+
+
+def addresses(host, port, kind, version=None):
+    """getaddrinfo() for `host`, IPv4 first: fwknop's client knocks over IPv4 only and
+    fwknopd listens on IPv4, so a name with both kinds of address is knocked over IPv4
+    unless -6 (version "6") says otherwise; -4 or -6 leave out the other kind."""
+    version = str(version or "").strip()
+    if version not in IP_VERSIONS:
+        raise SpaError("ip_version = %r: expected 4 or 6" % version)
+    try:
+        infos = socket.getaddrinfo(_name_arg(host), port, IP_VERSIONS[version], kind)
+    except socket.gaierror as e:
+        raise SpaError("cannot resolve %s%s: %s" % (
+            host, " to an IPv%s address (-%s)" % (version, version) if version else "",
+            e.strerror))
+    return sorted(infos, key=lambda info: info[0] != socket.AF_INET)
+
+
+def resolve_address(host, version=None):
+    """An address for a name: a spa.py server resolves no names in NAT requests."""
+    return addresses(host, None, socket.SOCK_DGRAM, version)[0][4][0]
+
+
+def split_host_port(text, option="--connect"):
+    """'host:22', '[2001:db8::1]:22' -> (host, 22)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
+        raise SpaError("%s %r: expected HOST:PORT (an IPv6 address in brackets)" % (option, text))
+    return host.strip("[]"), int(port)
+
+
+def nat_request(opts, access, timeout):
+    """(message type, NAT field, access) for -N/--nat-access and --nat-local, as fwknop
+    builds them: -N HOST[:PORT] forwards the -A port to HOST:PORT (the -A port if none);
+    --nat-local forwards the --nat-port (or the -A port) to the -A port on the server."""
+    nat_local = opts.get("nat_local")
+    if isinstance(nat_local, str):
+        nat_local = parse_bool(nat_local, "nat_local")
+    nat_access, nat_port = opts.get("nat_access"), opts.get("nat_port")
+    if not nat_access and not nat_local:
+        if nat_port:
+            raise SpaError("--nat-port goes with --nat-local")
+        return (MSG_TIMEOUT_ACCESS if timeout else MSG_ACCESS), None, access
+    if nat_access and nat_local:
+        raise SpaError("give -N/--nat-access or --nat-local, not both")
+    if len(access) != 1:
+        raise SpaError("NAT access takes one port in -A, not %d" % len(access))
+    proto, port = access[0]
+    version = opts.get("ip_version")
+    if nat_local:
+        host = resolve_address(opts["destination"], version)
+        if nat_port:
+            access = [(proto, parse_int(str(nat_port), "nat_port", 1, 65535))]
+        field = "%s,%d" % (host, port)
+        return (MSG_TIMEOUT_LOCAL_NAT if timeout else MSG_LOCAL_NAT), field, access
+    if nat_access.startswith("[") or nat_access.count(":") == 1:
+        host, to_port = split_host_port(nat_access, "-N/--nat-access")
+    else:
+        host, to_port = nat_access, port          # a name or address without a port
+    field = "%s,%d" % (resolve_address(host, version), to_port)
+    return (MSG_TIMEOUT_NAT if timeout else MSG_NAT), field, access
 
 
 def build_packet(opts, now=None):
@@ -6022,90 +6189,6 @@ def build_packet(opts, now=None):
     return msg, wire
 
 
-TIME_UNITS = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min": 60,
-              "mins": 60, "minute": 60, "minutes": 60, "h": 3600, "hour": 3600, "hours": 3600,
-              "d": 86400, "day": 86400, "days": 86400}
-
-
-def parse_time_offset(text):
-    """fwknop's time offset ('60', '90sec', '5min', '-2hours', '1day') in seconds."""
-    text = (text or "").strip()
-    sign = -1 if text.startswith("-") else 1
-    digits = text.lstrip("+-")
-    number = "".join(c for c in digits[:6] if c in _DIGITS)
-    unit = digits[len(number):].strip().lower()
-    if not text:
-        return 0
-    if not number or int(number) > 65536 or unit not in TIME_UNITS:
-        raise SpaError("time offset %r: expected a number of seconds, or of min, hours or days "
-                       "(e.g. 90sec, 5min, 2hours)" % text)
-    return sign * int(number) * TIME_UNITS[unit]
-
-
-def nat_request(opts, access, timeout):
-    """(message type, NAT field, access) for -N/--nat-access and --nat-local, as fwknop
-    builds them: -N HOST[:PORT] forwards the -A port to HOST:PORT (the -A port if none);
-    --nat-local forwards the --nat-port (or the -A port) to the -A port on the server."""
-    nat_local = opts.get("nat_local")
-    if isinstance(nat_local, str):
-        nat_local = parse_bool(nat_local, "nat_local")
-    nat_access, nat_port = opts.get("nat_access"), opts.get("nat_port")
-    if not nat_access and not nat_local:
-        if nat_port:
-            raise SpaError("--nat-port goes with --nat-local")
-        return (MSG_TIMEOUT_ACCESS if timeout else MSG_ACCESS), None, access
-    if nat_access and nat_local:
-        raise SpaError("give -N/--nat-access or --nat-local, not both")
-    if len(access) != 1:
-        raise SpaError("NAT access takes one port in -A, not %d" % len(access))
-    proto, port = access[0]
-    version = opts.get("ip_version")
-    if nat_local:
-        host = resolve_address(opts["destination"], version)
-        if nat_port:
-            access = [(proto, parse_int(str(nat_port), "nat_port", 1, 65535))]
-        field = "%s,%d" % (host, port)
-        return (MSG_TIMEOUT_LOCAL_NAT if timeout else MSG_LOCAL_NAT), field, access
-    if nat_access.startswith("[") or nat_access.count(":") == 1:
-        host, to_port = split_host_port(nat_access, "-N/--nat-access")
-    else:
-        host, to_port = nat_access, port          # a name or address without a port
-    field = "%s,%d" % (resolve_address(host, version), to_port)
-    return (MSG_TIMEOUT_NAT if timeout else MSG_NAT), field, access
-
-
-def _name_arg(host):
-    """A host for getaddrinfo(): ASCII as bytes, which spares loading the idna codec."""
-    try:
-        return host.encode("ascii")
-    except UnicodeEncodeError:
-        return host
-
-
-IP_VERSIONS = {None: 0, "": 0, "4": socket.AF_INET, "6": socket.AF_INET6}
-
-
-def addresses(host, port, kind, version=None):
-    """getaddrinfo() for `host`, IPv4 first: fwknop's client knocks over IPv4 only and
-    fwknopd listens on IPv4, so a name with both kinds of address is knocked over IPv4
-    unless -6 (version "6") says otherwise; -4 or -6 leave out the other kind."""
-    version = str(version or "").strip()
-    if version not in IP_VERSIONS:
-        raise SpaError("ip_version = %r: expected 4 or 6" % version)
-    try:
-        infos = socket.getaddrinfo(_name_arg(host), port, IP_VERSIONS[version], kind)
-    except socket.gaierror as e:
-        raise SpaError("cannot resolve %s%s: %s" % (
-            host, " to an IPv%s address (-%s)" % (version, version) if version else "",
-            e.strerror))
-    return sorted(infos, key=lambda info: info[0] != socket.AF_INET)
-
-
-def resolve_address(host, version=None):
-    """An address for a name: a spa.py server resolves no names in NAT requests."""
-    return addresses(host, None, socket.SOCK_DGRAM, version)[0][4][0]
-
-
 def send_packet(wire, host, port, version=None, source_port=None):
     """Send the packet as one UDP datagram to the first of `host`'s addresses (IPv4 first).
 
@@ -6121,14 +6204,6 @@ def send_packet(wire, host, port, version=None, source_port=None):
             raise SpaError("cannot send to %s port %d: %s" % (address[0], port, e.strerror))
     others = sorted(set(i[4][0] for i in infos if i[0] != family))
     return address[0], others
-
-
-def split_host_port(text, option="--connect"):
-    """'host:22', '[2001:db8::1]:22' -> (host, 22)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
-        raise SpaError("%s %r: expected HOST:PORT (an IPv6 address in brackets)" % (option, text))
-    return host.strip("[]"), int(port)
 
 
 def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, prefer=None,
@@ -6169,56 +6244,6 @@ def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, 
                    % (host, port, wait, why))
 
 
-def relay(sock, fd_in=0, fd_out=1):
-    """Copy stdin to the socket and the socket to stdout until both sides are done (like nc).
-
-    With select() where it takes stdin; on Windows, where it takes only sockets, with a
-    thread for stdin.  A connection the other side breaks off (a reset) is a one-line
-    SpaError; a reader of our output that went away (ssh closed) ends the relay quietly.
-    """
-    import select
-    try:
-        select.select([fd_in], [], [], 0)
-    except (OSError, ValueError):
-        return _relay_with_a_thread(sock, fd_in, fd_out)
-    inputs = [fd_in, sock]
-    while sock in inputs:
-        for ready in select.select(inputs, [], [])[0]:
-            if ready is sock:
-                if not _to_output(sock, fd_out):
-                    return
-            elif not _to_socket(sock, fd_in):
-                inputs.remove(fd_in)
-
-
-def _relay_with_a_thread(sock, fd_in, fd_out):
-    """relay() where select() cannot wait for stdin: a thread copies stdin to the socket."""
-    import threading
-    try:
-        import msvcrt               # Windows: no newline translation on the pipes
-        for fd in (fd_in, fd_out):
-            msvcrt.setmode(fd, os.O_BINARY)
-    except (ImportError, OSError):
-        pass
-    failed = []
-
-    def forward():
-        try:
-            while _to_socket(sock, fd_in):
-                pass
-        except SpaError as e:
-            failed.append(e)
-            try:
-                sock.shutdown(socket.SHUT_RDWR)     # wakes the reading side
-            except OSError:
-                pass
-    threading.Thread(target=forward, daemon=True).start()
-    while _to_output(sock, fd_out):
-        pass
-    if failed:
-        raise failed[0]
-
-
 def _to_output(sock, fd_out):
     """Copy what the socket has to fd_out; False when the connection or the output ended."""
     try:
@@ -6252,7 +6277,67 @@ def _to_socket(sock, fd_in):
     return bool(data)
 
 
+def _relay_with_a_thread(sock, fd_in, fd_out):
+    """relay() where select() cannot wait for stdin: a thread copies stdin to the socket."""
+    import threading
+    try:
+        import msvcrt               # Windows: no newline translation on the pipes
+        for fd in (fd_in, fd_out):
+            msvcrt.setmode(fd, os.O_BINARY)
+    except (ImportError, OSError):
+        pass
+    failed = []
+
+    def forward():
+        try:
+            while _to_socket(sock, fd_in):
+                pass
+        except SpaError as e:
+            failed.append(e)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)     # wakes the reading side
+            except OSError:
+                pass
+    threading.Thread(target=forward, daemon=True).start()
+    while _to_output(sock, fd_out):
+        pass
+    if failed:
+        raise failed[0]
+
+
+def relay(sock, fd_in=0, fd_out=1):
+    """Copy stdin to the socket and the socket to stdout until both sides are done (like nc).
+
+    With select() where it takes stdin; on Windows, where it takes only sockets, with a
+    thread for stdin.  A connection the other side breaks off (a reset) is a one-line
+    SpaError; a reader of our output that went away (ssh closed) ends the relay quietly.
+    """
+    import select
+    try:
+        select.select([fd_in], [], [], 0)
+    except (OSError, ValueError):
+        return _relay_with_a_thread(sock, fd_in, fd_out)
+    inputs = [fd_in, sock]
+    while sock in inputs:
+        for ready in select.select(inputs, [], [])[0]:
+            if ready is sock:
+                if not _to_output(sock, fd_out):
+                    return
+            elif not _to_socket(sock, fd_in):
+                inputs.remove(fd_in)
+
+
+def _under_home(path):
+    """Whether `path` lies in the user's home folder (on Windows, the profile, which only
+    its user and the administrators may read unless someone changed that)."""
+    home = os.path.normcase(os.path.abspath(os.path.expanduser("~")))
+    return os.path.normcase(os.path.abspath(path)).startswith(home.rstrip(os.sep) + os.sep)
+
+
 def client_main(args):
+    """`spa.py client`: build the packet and send it (or print it, --test); with
+    --connect, wait for the port and relay stdin and stdout to it, knocking once more
+    halfway if it has not opened."""
     opts = client_settings(args)
     if args.server_proto and args.server_proto.lower() != "udp":
         raise SpaError("-P/--server-proto %s: spa.py's client sends over UDP only"
@@ -6290,7 +6375,7 @@ def client_main(args):
                   "it" % path, file=sys.stderr)
     knock()
     if connect and not args.test:
-        prefer = (socket.AF_INET6 if ":" in knocked[0] else socket.AF_INET) if knocked else None
+        prefer = _socket_family(knocked[0]) if knocked else None
         with connect_when_open(connect[0], connect[1], knock, args.connect_wait,
                                version=version, prefer=prefer, asked=asked) as sock:
             if args.verbose:
@@ -6302,6 +6387,14 @@ def client_main(args):
 # ---------------------------------------------------------------------------
 # keygen
 # ---------------------------------------------------------------------------
+#
+# Fresh keys, as `fwknop --key-gen` makes them, and the sections that use them: printed,
+# or put straight into the server's config (--server-config), which must still load
+# afterwards or is left as it was.
+
+# HMAC key length that `fwknop --key-gen` makes for each type.
+HMAC_KEY_BYTES = {"md5": 16, "sha1": 20, "sha256": 64, "sha384": 128,
+                  "sha512": 128, "sha3_256": 64, "sha3_512": 128}
 
 # What `keygen --server-config` writes when the server config is missing: spa.conf.example,
 # word for word (a test holds them equal), with the keygen's ports in `protect`.
@@ -6371,6 +6464,7 @@ def keygen_keys(hmac_type="sha256"):
 
 
 def server_stanza(name, keys, hmac_type, access):
+    """The [client NAME] stanza keygen writes into the server's config."""
     return ("[client {name}]\nsource = any\nopen_ports = {access}\nkey_base64 = {key}\n"
             "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
                 name=name, access=access, key=keys[0], hkey=keys[1], htype=hmac_type)
@@ -6416,25 +6510,6 @@ def replace_section(text, header, block):
     return "".join(lines[:start]) + block + gap + "".join(lines[end:]), True
 
 
-def private_temp_file(path, text):
-    """A new file of mode 0600 beside `path` holding `text`, to be renamed over it; its name."""
-    import tempfile
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=folder)
-    except OSError as e:
-        raise SpaError("cannot write in %s: %s" % (folder, e.strerror))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-    except OSError as e:
-        os.unlink(tmp)
-        raise SpaError("cannot write %s: %s" % (path, e.strerror))
-
-
 def add_to_server_config(path, name, stanza, access):
     """Put [client NAME] into the server config at `path`, replacing one of that name; make
     the file from SERVER_CONFIG_TEMPLATE (mode 0600, a new folder 0700) when it is missing.
@@ -6453,20 +6528,26 @@ def add_to_server_config(path, name, stanza, access):
         text = re.sub(r"(?m)^protect = .*$", "protect = " + access, SERVER_CONFIG_TEMPLATE)
         made = True
     text, replaced = replace_section(text, "client " + name, stanza)
-    tmp = private_temp_file(path, text)
+
+    def loads(tmp):
+        try:
+            ServerConfig(tmp)
+        except SpaError as e:
+            raise SpaError("%s not changed: with [client %s] it would not load: %s"
+                           % (path, name, str(e).replace(tmp, path)))
     try:
-        ServerConfig(tmp)
-    except SpaError as e:
-        os.unlink(tmp)
-        raise SpaError("%s not changed: with [client %s] it would not load: %s"
-                       % (path, name, str(e).replace(tmp, path)))
-    os.replace(tmp, path)
+        write_file(path, text, 0o600, loads)
+    except OSError as e:
+        raise SpaError("cannot write %s: %s" % (path, e.strerror or e))
     return ("wrote %s (mode 0600) from the template, protecting %s, with [client %s]"
             % (path, access, name) if made else "%s [client %s] %s %s"
             % ("replaced" if replaced else "added", name, "in" if replaced else "to", path))
 
 
 def keygen_main(args):
+    """`spa.py keygen`: fresh keys, and the server's and the client's sections; with
+    --server-config the server's goes straight into its config; -o writes to a new file
+    (0600), made first, so that a server never holds keys its client cannot get."""
     import re
     hmac_type = parse_hmac_type(args.hmac_digest, "--hmac-digest")
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$", args.name):
@@ -6513,6 +6594,10 @@ def keygen_main(args):
 # ---------------------------------------------------------------------------
 # selftest: the whole thing, for real, in two throwaway network namespaces
 # ---------------------------------------------------------------------------
+#
+# `spa.py selftest` proves on this machine what the tests prove: a real server, capture
+# and firewall in one namespace, knocks from another, each step shown; the host's own
+# firewall is never touched, and everything made is removed.
 
 def in_netns(name, fn):
     """Run fn() in a short-lived thread that has entered network namespace `name`.
@@ -6558,9 +6643,12 @@ class SelfTest(object):
         self.log = []
 
     def ip(self, *args):
+        """Run `ip` with these arguments (SpaError if it fails)."""
         run_command(["ip"] + list(args))
 
     def build(self, timeout):
+        """Make the two namespaces and the veth pair between them, and a server
+        config (fresh keys, the given fw_access_timeout) in a temporary folder; its path."""
         import tempfile
         for name in (self.srv, self.cli):
             self.ip("netns", "add", name)
@@ -6587,6 +6675,7 @@ class SelfTest(object):
         return conf
 
     def start_service(self):
+        """A TCP service on the protected port in the server's namespace."""
         import threading
 
         def listen():
@@ -6607,6 +6696,7 @@ class SelfTest(object):
         threading.Thread(target=serve, daemon=True).start()
 
     def start_server(self, conf):
+        """Start `spa.py server` in the server's namespace; wait until it listens."""
         import subprocess
         import threading
         self.server = subprocess.Popen(
@@ -6623,6 +6713,7 @@ class SelfTest(object):
             raise SpaError("the server did not start: %s" % " | ".join(self.log[-3:]))
 
     def wait_log(self, text, seconds):
+        """Wait up to `seconds` for a server log line holding `text`."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if any(text in line for line in self.log):
@@ -6635,7 +6726,7 @@ class SelfTest(object):
 
     def connect(self, address, timeout=0.3):
         """'open', 'refused' or 'filtered': what a client sees of the protected port."""
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        family = _socket_family(address)
 
         def attempt():
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -6652,16 +6743,18 @@ class SelfTest(object):
         return in_netns(self.cli, attempt)
 
     def knock(self, address, wire=None):
+        """Send a knock (a new one, or `wire` again) from the client's namespace."""
         if wire is None:
             msg = Message("selftest", "0.0.0.0", [("tcp", self.PORT)])
             wire = seal(msg.encode(), self.key, self.hmac_key)
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        family = _socket_family(address)
         sock = in_netns(self.cli, lambda: socket.socket(family, socket.SOCK_DGRAM))
         with sock:
             sock.sendto(wire, (address, DEFAULT_PORT))
         return wire
 
     def wait_open(self, address, seconds=1.0):
+        """Seconds until the port opened for the client, or None within `seconds`."""
         start = time.monotonic()
         while time.monotonic() - start < seconds:
             if self.connect(address, 0.05) == "open":
@@ -6670,6 +6763,7 @@ class SelfTest(object):
         return None
 
     def cleanup(self):
+        """Stop the server and the service; remove the namespaces and the files."""
         import shutil
         import signal
         if self.server is not None and self.server.poll() is None:
@@ -6728,7 +6822,7 @@ def selftest_main(args):
         t.start_server(conf)
         say("  ok    server running (real capture, firewall nft) with tcp/%d protected" % t.PORT)
         for address in ("198.18.254.1", "2001:db8:fe::1"):
-            family = "IPv6" if ":" in address else "IPv4"
+            family = "IPv%d" % _family(address)
             state = t.connect(address)
             check(state != "open", "%s: before a knock the port is %s, like a port with no service"
                   % (family, state))
@@ -6761,6 +6855,10 @@ def selftest_main(args):
 # ---------------------------------------------------------------------------
 # install: a launcher, so that Python reuses the compiled code
 # ---------------------------------------------------------------------------
+#
+# `spa.py install` copies this file, compiles it, and writes a launcher that root will
+# run: so every directory on the way must be root's, every file is written under a
+# random name and renamed (replace_file), and the launcher runs Python isolated (-I).
 
 LAUNCHER = """#!{python} -I
 # spa.py's launcher, written by `spa.py install`: importing spa (rather than running
@@ -6854,6 +6952,29 @@ def _install_dir(path, ours=False):
         os.chmod(path, 0o755)
 
 
+def create_reader_user():
+    """Create the packet reader's system user `spa` where it is missing; says what it did."""
+    import pwd
+    import shutil
+    try:
+        pwd.getpwnam(READER_USER)
+        return "the packet reader runs as the user %s" % READER_USER
+    except KeyError:
+        pass
+    command = USERADD + [READER_USER]
+    later = "(the packet reader runs as nobody until it exists)"
+    if os.geteuid() != 0:
+        return "note: no user %s: as root, run %s %s" % (READER_USER, " ".join(command), later)
+    useradd = shutil.which(command[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    try:
+        if useradd is None:
+            raise SpaError("%s not found" % command[0])
+        run_command([useradd] + command[1:])
+    except SpaError as e:
+        return "note: could not create the system user %s: %s %s" % (READER_USER, e, later)
+    return "created the system user %s, which the packet reader runs as" % READER_USER
+
+
 def install_main(args):
     """Copy this file to PREFIX/lib/spa, compile it, and write the launcher PREFIX/bin/spa
     (and PREFIX/bin/spa.py, a link to it, so that every line of README.md runs as typed).
@@ -6906,32 +7027,15 @@ def install_main(args):
     return 0
 
 
-def create_reader_user():
-    """Create the packet reader's system user `spa` where it is missing; says what it did."""
-    import pwd
-    import shutil
-    try:
-        pwd.getpwnam(READER_USER)
-        return "the packet reader runs as the user %s" % READER_USER
-    except KeyError:
-        pass
-    command = USERADD + [READER_USER]
-    later = "(the packet reader runs as nobody until it exists)"
-    if os.geteuid() != 0:
-        return "note: no user %s: as root, run %s %s" % (READER_USER, " ".join(command), later)
-    useradd = shutil.which(command[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    try:
-        if useradd is None:
-            raise SpaError("%s not found" % command[0])
-        run_command([useradd] + command[1:])
-    except SpaError as e:
-        return "note: could not create the system user %s: %s %s" % (READER_USER, e, later)
-    return "created the system user %s, which the packet reader runs as" % READER_USER
-
-
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+#
+# argparse, built only for the subcommand given (a quicker start for the client), with
+# errors that never show a value of the command line (it may be a key); main() turns an
+# SpaError into one line and exit status 1.
+
+DEFAULT_CONFIG = "/etc/spa/spa.conf"
 
 EXAMPLES = """examples:
   spa.py keygen -n web1 -D web1.example.org -A tcp/22 -o web1.keys
@@ -6944,7 +7048,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """argparse's formatter, sized from $COLUMNS or the terminal without importing shutil.
 
     argparse makes one of these for every option it adds, and each would import
-    shutil (1.5 ms of the client's start-up) just to ask for the terminal's width.
+    shutil (a part of the client's start-up: README.md, Performance) just to ask for the
+    terminal's width.
     """
 
     def __init__(self, prog):
@@ -6958,6 +7063,23 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, width=max(columns, 40) - 2)
 
 
+def _shown_word(word):
+    """A command-line word as an error may show it: an option's name, never a value."""
+    name, equals, _ = word.partition("=")
+    long_option = name[:2] == "--" and 3 <= len(name) <= 40 and all(
+        c.isalnum() or c == "-" for c in name[2:])
+    short_option = len(name) == 2 and name[0] == "-" and name[1].isalnum()
+    return name + ("=..." if equals else "") if long_option or short_option else "..."
+
+
+_SUBCOMMAND_HELP = {
+    "keygen": "make a new key pair", "client": "send a knock",
+    "server": "run the server (root)", "check-config": "validate a server config",
+    "firewall-config": "keep the ports dark through firewall reloads and boots (root)",
+    "install": "install spa.py with a fast launcher",
+    "selftest": "prove it works on this machine (root)"}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose errors never show a value given on the command line: one
     of them may be a key (`--key-base64-hmac KEY` after an option it does not know would
@@ -6966,12 +7088,14 @@ class _Parser(argparse.ArgumentParser):
     argv = ()
 
     def parse_args(self, args=None, namespace=None):
+        """argparse's, with an unknown argument named but never shown."""
         args, extra = self.parse_known_args(args, namespace)
         if extra:
             self.error("unrecognized arguments: %s" % " ".join(map(_shown_word, extra)))
         return args
 
     def error(self, message):
+        """argparse's error, every value given on the command line replaced by '...'."""
         import re
         values = set()
         for word in _Parser.argv:
@@ -6985,45 +7109,8 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _shown_word(word):
-    """A command-line word as an error may show it: an option's name, never a value."""
-    name, equals, _ = word.partition("=")
-    long_option = name[:2] == "--" and 3 <= len(name) <= 40 and all(
-        c.isalnum() or c == "-" for c in name[2:])
-    short_option = len(name) == 2 and name[0] == "-" and name[1].isalnum()
-    return name + ("=..." if equals else "") if long_option or short_option else "..."
-
-
-def build_parser(argv=None):
-    """The command line parser.  Given argv, only the options of the subcommand it names
-    are built (the others still list in --help): a quicker start for `spa client`."""
-    fmt = _HelpFormatter
-    named = argv[0] if argv else None
-    _Parser.argv = tuple(argv or ())
-    p = _Parser(
-        prog="spa.py", formatter_class=fmt, epilog=EXAMPLES,
-        description="Single Packet Authorization, wire-compatible with fwknop.")
-    p.add_argument("--version", action="version", version="spa.py " + VERSION)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    names = [n for n, _ in _SUBCOMMANDS]
-    for name, add_options in _SUBCOMMANDS:
-        if named in names and named != name:
-            sub.add_parser(name, formatter_class=fmt, help=_SUBCOMMAND_HELP[name])
-        else:
-            add_options(sub, fmt)
-    return p
-
-
-_SUBCOMMAND_HELP = {
-    "keygen": "make a new key pair", "client": "send a knock",
-    "server": "run the server (root)", "check-config": "validate a server config",
-    "firewall-config": "keep the ports dark through firewall reloads and boots (root)",
-    "install": "install spa.py with a fast launcher",
-    "selftest": "prove it works on this machine (root)"}
-
-
 def _keygen_options(sub, fmt):
+    """`spa.py keygen`'s options."""
     k = sub.add_parser("keygen", formatter_class=fmt, help=_SUBCOMMAND_HELP["keygen"],
                        description="Print fresh random keys (as `fwknop --key-gen` does) and "
                        "ready-to-paste server and client sections; or put the server's "
@@ -7045,19 +7132,8 @@ def _keygen_options(sub, fmt):
                    "ports); then print only the client's section")
 
 
-def _client_options(sub, fmt):
-    c = sub.add_parser("client", formatter_class=fmt, help=_SUBCOMMAND_HELP["client"],
-                       description="Build one SPA packet and send it over UDP (no privileges "
-                       "needed).  fwknop's option names work too (--key-base64-rijndael, "
-                       "--spoof-user, ...; README.md lists them).",
-                       epilog="examples:\n"
-                       "  spa.py client -n web1                 # knock with [web1] of ~/.spa.conf\n"
-                       "  spa.py client -c ~/.fwknoprc -n web1  # fwknop's client settings\n"
-                       "  spa.py client -D 198.51.100.7 -A tcp/22 -c ~/.spa.conf -n web1 --test -v\n"
-                       "  ssh -o 'ProxyCommand spa.py client -n %h --connect %h:%p' web1\n\n"
-                       "Keys given on the command line are visible to every user in the process\n"
-                       "list: keep them in a config file of mode 0600 instead.")
-    hidden = argparse.SUPPRESS
+def _client_request_options(c):
+    """The client's options: where to knock, and what to ask for."""
     c.add_argument("-D", "--destination", metavar="HOST", help="the server: name, IPv4 or IPv6")
     c.add_argument("-p", "--server-port", dest="server_port", metavar="PORT",
                    help="UDP port of the server (default %d)" % DEFAULT_PORT)
@@ -7089,6 +7165,10 @@ def _client_options(sub, fmt):
                    help="ask for this many seconds (the server caps it)")
     c.add_argument("-U", "--user", "--spoof-user", dest="user", metavar="NAME",
                    help="username to send (default: $SPOOF_USER, else your login name)")
+
+
+def _client_packet_options(c):
+    """The client's options: the keys, and how the packet is made."""
     c.add_argument("--key-base64", "--key-base64-rijndael", dest="key_base64", metavar="KEY",
                    help="encryption key")
     c.add_argument("--hmac-key-base64", "--key-base64-hmac", dest="hmac_key_base64",
@@ -7111,6 +7191,12 @@ def _client_options(sub, fmt):
                    help="take TIME from the packet's timestamp (a server's clock behind yours)")
     c.add_argument("-u", "--user-agent", dest="user_agent", metavar="TEXT",
                    help="the User-Agent of -R's request")
+
+
+def _client_run_options(c):
+    """The client's options: its config file, what it does after the knock, and fwknop's
+    options that change nothing here."""
+    hidden = argparse.SUPPRESS
     c.add_argument("-c", "--config", "--rc-file", metavar="FILE",
                    help="read settings from this file: spa.py's INI or fwknop's ~/.fwknoprc")
     c.add_argument("-n", "--name", "--named-config", metavar="SECTION",
@@ -7136,16 +7222,41 @@ def _client_options(sub, fmt):
     c.add_argument("-w", "--wget-cmd", dest="ignored", help=hidden)
 
 
+def _client_options(sub, fmt):
+    """`spa.py client`'s options; fwknop's names for them work as well."""
+    c = sub.add_parser("client", formatter_class=fmt, help=_SUBCOMMAND_HELP["client"],
+                       description="Build one SPA packet and send it over UDP (no privileges "
+                       "needed).  fwknop's option names work too (--key-base64-rijndael, "
+                       "--spoof-user, ...; README.md lists them).",
+                       epilog="examples:\n"
+                       "  spa.py client -n web1                 # knock with [web1] of ~/.spa.conf\n"
+                       "  spa.py client -c ~/.fwknoprc -n web1  # fwknop's client settings\n"
+                       "  spa.py client -D 198.51.100.7 -A tcp/22 -c ~/.spa.conf -n web1 --test -v\n"
+                       "  ssh -o 'ProxyCommand spa.py client -n %h --connect %h:%p' web1\n\n"
+                       "Keys given on the command line are visible to every user in the process\n"
+                       "list: keep them in a config file of mode 0600 instead.")
+    _client_request_options(c)
+    _client_packet_options(c)
+    _client_run_options(c)
+
+
+def _config_options(parser, access_conf=True):
+    """The server config's options, the same for server, check-config and firewall-config."""
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                        help="config file (default %s)" % DEFAULT_CONFIG)
+    if access_conf:
+        parser.add_argument("--access-conf", dest="access_conf", metavar="FILE",
+                            help="also load the client stanzas of fwknopd's access.conf")
+
+
 def _server_options(sub, fmt):
+    """`spa.py server`'s options."""
     s = sub.add_parser("server", formatter_class=fmt, help=_SUBCOMMAND_HELP["server"],
                        description="Capture knocks and open the firewall for authorised clients.",
                        epilog="examples:\n  spa.py server -c /etc/spa/spa.conf -v\n"
                        "  spa.py server -c /etc/spa/spa.conf --list\n"
                        "  spa.py server -c /etc/spa/spa.conf --flush")
-    s.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                   help="config file (default %s)" % DEFAULT_CONFIG)
-    s.add_argument("--access-conf", dest="access_conf", metavar="FILE",
-                   help="also load the client stanzas of fwknopd's access.conf")
+    _config_options(s)
     s.add_argument("-v", "--verbose", action="store_true",
                    help="log every authenticated packet's fields with its decision (never keys)")
     s.add_argument("--test", action="store_true",
@@ -7156,17 +7267,16 @@ def _server_options(sub, fmt):
 
 
 def _check_config_options(sub, fmt):
+    """`spa.py check-config`'s options."""
     cc = sub.add_parser("check-config", formatter_class=fmt, help=_SUBCOMMAND_HELP["check-config"],
                         description="Parse and check a server config: keys, permissions, "
                         "interfaces, the firewall tool; print what the server would protect.",
                         epilog="example:\n  spa.py check-config -c /etc/spa/spa.conf")
-    cc.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                    help="config file (default %s)" % DEFAULT_CONFIG)
-    cc.add_argument("--access-conf", dest="access_conf", metavar="FILE",
-                    help="also load the client stanzas of fwknopd's access.conf")
+    _config_options(cc)
 
 
 def _firewall_config_options(sub, fmt):
+    """`spa.py firewall-config`'s options."""
     f = sub.add_parser("firewall-config", formatter_class=fmt,
                        help=_SUBCOMMAND_HELP["firewall-config"],
                        description="Put spa.py's protect rules into the host's saved firewall, so that\n"
@@ -7177,14 +7287,14 @@ def _firewall_config_options(sub, fmt):
                        "iptables: adds SPA_INPUT to the rules files (/etc/iptables/rules.v4, .v6).\n"
                        "Without --write, shows the changes.",
                        epilog="example:\n  sudo spa.py firewall-config -c /etc/spa/spa.conf --write")
-    f.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
-                   help="config file (default %s)" % DEFAULT_CONFIG)
+    _config_options(f, access_conf=False)
     f.add_argument("--write", action="store_true",
                    help="make the changes (each file checked with nft -c or iptables-restore "
                    "--test first)")
 
 
 def _install_options(sub, fmt):
+    """`spa.py install`'s options."""
     i = sub.add_parser("install", formatter_class=fmt, help=_SUBCOMMAND_HELP["install"],
                        description="Copy spa.py to PREFIX/lib/spa, compile it, and write the "
                        "launcher PREFIX/bin/spa: `spa client ...` then starts faster and the "
@@ -7197,6 +7307,7 @@ def _install_options(sub, fmt):
 
 
 def _selftest_options(sub, fmt):
+    """`spa.py selftest`'s options (none)."""
     sub.add_parser("selftest", formatter_class=fmt, help=_SUBCOMMAND_HELP["selftest"],
                    description="Build two throwaway network namespaces, run a server with this "
                    "machine's real capture and firewall in one, knock from the other, and show "
@@ -7211,7 +7322,30 @@ _SUBCOMMANDS = [("keygen", _keygen_options), ("client", _client_options),
                 ("install", _install_options), ("selftest", _selftest_options)]
 
 
+def build_parser(argv=None):
+    """The command line parser.  Given argv, only the options of the subcommand it names
+    are built (the others still list in --help): a quicker start for `spa client`."""
+    fmt = _HelpFormatter
+    named = argv[0] if argv else None
+    _Parser.argv = tuple(argv or ())
+    p = _Parser(
+        prog="spa.py", formatter_class=fmt, epilog=EXAMPLES,
+        description="Single Packet Authorization, wire-compatible with fwknop.")
+    p.add_argument("--version", action="version", version="spa.py " + VERSION)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    names = [n for n, _ in _SUBCOMMANDS]
+    for name, add_options in _SUBCOMMANDS:
+        if named in names and named != name:
+            sub.add_parser(name, formatter_class=fmt, help=_SUBCOMMAND_HELP[name])
+        else:
+            add_options(sub, fmt)
+    return p
+
+
 def main(argv=None):
+    """The command line: run a subcommand; an SpaError becomes one line on stderr and
+    exit status 1 (no traceback), Ctrl-C exit status 130."""
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["client"]:
@@ -7232,6 +7366,447 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+# ---------------------------------------------------------------------------
+# Speed and memory: AES, the hashes and HMAC, PackedMap
+# ---------------------------------------------------------------------------
+#
+# The primitives the rest calls through small functions (aes_crypt, hash_digest,
+# compare_digest, Hmac) and one container (PackedMap), made quick to start and small: the
+# client's start-up and the server's memory are measured (README.md: Performance).  AES
+# is pycryptodome's, called through ctypes in the library its AES module loads, with the
+# modes chained here; the hashes are Python's own (no OpenSSL); HMAC is RFC 2104 over them
+# with the key's blocks hashed once.  Each is checked against a known answer or the
+# reference implementation in the tests.  Nothing here reads anything from outside.
+
+_AES = None      # pycryptodome's AES module, once imported (aes_module)
+_ECB = None      # the AES block function, once found (aes_ecb)
+
+# FIPS-197 appendix C.3: AES-256 of one block, checked before the block function is used.
+_KNOWN_ANSWER = (bytes(range(32)), bytes.fromhex("00112233445566778899aabbccddeeff"),
+                 bytes.fromhex("8ea2b7ca516745bfeafc49904b496089"))
+
+
+def pycryptodome():
+    """pycryptodome's top package: Debian's `Cryptodome` first, then PyPI's `Crypto`.
+
+    Imported on first use, so `--help` and keygen work without it and the
+    client's start-up does not pay for it before it has parsed its arguments.
+    """
+    import importlib
+    for package in ("Cryptodome", "Crypto"):
+        try:
+            top = importlib.import_module(package)
+        except ImportError:
+            continue
+        # The long-dead PyCrypto also imports as `Crypto`: version 2.x.
+        if tuple(getattr(top, "version_info", (0,)))[:1] >= (3,):
+            return top
+    raise SpaError("pycryptodome is missing: install it with "
+                   "'apt install python3-pycryptodome' or 'pip install pycryptodome'")
+
+
+def _skip_architecture_probe(raw_api):
+    """Spare pycryptodome its `file` subprocess when it loads its C code through ctypes.
+
+    pycryptodome's ctypes loader asks platform.architecture() once per process, which
+    runs `file` on the Python binary (a process: README.md, Performance) and only uses the
+    answer to tell Windows DLLs apart.  Its result cache is a module-level list: fill it
+    with the answer platform.architecture() gives on Linux.  Left alone if that name is
+    not there (the cffi loader, other versions).
+    """
+    cache = getattr(raw_api, "cached_architecture", None)
+    if isinstance(cache, list) and not cache and sys.platform.startswith("linux"):
+        cache[:] = ["%dbit" % (8 * struct.calcsize("P")), "ELF"]
+
+
+def aes_module():
+    """pycryptodome's AES module, its public interface (see aes_ecb for why it is the
+    second choice)."""
+    global _AES
+    if _AES is None:
+        import importlib
+        name = pycryptodome().__name__
+        try:
+            _skip_architecture_probe(importlib.import_module(name + ".Util._raw_api"))
+            _AES = importlib.import_module(name + ".Cipher.AES")
+        except ImportError as e:
+            raise SpaError("pycryptodome is broken: %s" % e)
+    return _AES
+
+
+def _library_ecb(package_dir):
+    """aes_ecb() through pycryptodome's shared library (OSError if it is not there)."""
+    import ctypes
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    def load(folder, name):
+        for suffix in EXTENSION_SUFFIXES:
+            path = os.path.join(package_dir, folder, name + suffix)
+            if os.path.isfile(path):
+                return ctypes.CDLL(path)
+        raise OSError("%s not found in %s" % (name, package_dir))
+
+    lib, prefix = load("Cipher", "_raw_aes"), "AES"
+    try:
+        if load("Util", "_cpuid_c").have_aes_ni():
+            lib, prefix = load("Cipher", "_raw_aesni"), "AESNI"
+    except (OSError, AttributeError):
+        pass                                    # the portable build, then
+    mode = load("Cipher", "_raw_ecb")
+    pointer = ctypes.POINTER(ctypes.c_void_p)
+    # As pycryptodome's AES and ECB modules declare them: the ECB state takes over the
+    # AES state, and ECB_stop_operation frees both.
+    start_aes = getattr(lib, prefix + "_start_operation")
+    start_aes.argtypes = [ctypes.c_char_p, ctypes.c_size_t, pointer]
+    stop_aes = getattr(lib, prefix + "_stop_operation")
+    stop_aes.argtypes = [ctypes.c_void_p]
+    mode.ECB_start_operation.argtypes = [ctypes.c_void_p, pointer]
+    mode.ECB_stop_operation.argtypes = [ctypes.c_void_p]
+    run = {False: mode.ECB_encrypt, True: mode.ECB_decrypt}
+    for f in run.values():
+        f.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    # An output buffer's type, by length, kept: ctypes would make a new one each time,
+    # left for the garbage collector (a type is a cycle of objects).
+    buffers = {}
+
+    def ecb(key, data, decrypt=False):
+        if len(data) % 16:
+            raise ValueError("AES works on whole 16-byte blocks")
+        kind = buffers.get(len(data))
+        if kind is None:
+            kind = ctypes.c_char * len(data)
+            if len(buffers) < 256:
+                buffers[len(data)] = kind
+        out, cipher, state = kind(), ctypes.c_void_p(), ctypes.c_void_p()
+        if start_aes(key, len(key), ctypes.byref(cipher)):
+            raise ValueError("AES key setup failed (key length %d)" % len(key))
+        if mode.ECB_start_operation(cipher, ctypes.byref(state)):
+            stop_aes(cipher)
+            raise ValueError("AES: no ECB state")
+        try:
+            if run[decrypt](state, data, out, len(data)):
+                raise ValueError("AES failed")
+        finally:
+            mode.ECB_stop_operation(state)
+        return out.raw
+    return ecb
+
+
+def _module_ecb(aes):
+    """aes_ecb() through pycryptodome's public interface."""
+    def ecb(key, data, decrypt=False):
+        cipher = aes.new(key, aes.MODE_ECB)
+        return cipher.decrypt(data) if decrypt else cipher.encrypt(data)
+    return ecb
+
+
+def aes_ecb():
+    """AES on whole 16-byte blocks as one function: ecb(key, data, decrypt=False) -> bytes.
+
+    It is pycryptodome's AES, called through ctypes in the shared library that
+    pycryptodome's AES module loads itself (its AES-NI build where the CPU has
+    AES-NI).  Importing that module would load pycryptodome's whole Cipher package:
+    all eleven of its modes, through ctypes.util, subprocess and tempfile: start-up time
+    and memory (README.md: Performance) that spa.py does not need, as it chains the
+    blocks itself (aes_crypt).  Where that library cannot be
+    found, or fails the FIPS-197 known answer, pycryptodome's public interface
+    (AES.new in ECB mode) does the same work.
+    """
+    global _ECB
+    if _ECB is None:
+        top = pycryptodome()
+        try:
+            ecb = _library_ecb(os.path.dirname(os.path.abspath(top.__file__)))
+            key, block, answer = _KNOWN_ANSWER
+            if ecb(key, block) != answer or ecb(key, answer, True) != block:
+                ecb = None
+        except Exception:       # not found, not loadable, not as declared: the fallback
+            ecb = None
+        _ECB = ecb or _module_ecb(aes_module())
+    return _ECB
+
+
+def _xor(a, b):
+    """a XOR b, two byte strings of one length: in one step, through Python's integers."""
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
+def aes_crypt(key, iv, data, mode, decrypt=False):
+    """AES in `mode` over `data` (whole blocks: fwknop pads in every mode), chained here
+    over aes_ecb() as OpenSSL chains it: CBC; CTR counting with the whole IV as one
+    128-bit big-endian number; CFB with 128-bit segments; OFB.
+
+    Decryption in CBC, CTR and CFB is one call for all the blocks (a packet's usual
+    case); what needs the block before is done a block at a time.
+    """
+    ecb = aes_ecb()
+    if mode not in ENCRYPTION_MODES:
+        raise ValueError("unknown encryption mode %r" % mode)
+    if len(data) % 16:
+        raise ValueError("AES works on whole 16-byte blocks")
+    if not data:
+        return b""
+    if mode == "cbc" and decrypt:
+        return _xor(ecb(key, data, True), iv + data[:-16])
+    if mode == "cfb" and decrypt:
+        return _xor(data, ecb(key, iv + data[:-16]))
+    if mode == "ctr":
+        first = int.from_bytes(iv, "big")
+        counters = b"".join(((first + i) % (1 << 128)).to_bytes(16, "big")
+                            for i in range(len(data) // 16))
+        return _xor(data, ecb(key, counters))
+    out, chain = [], iv
+    for i in range(0, len(data), 16):
+        block = data[i:i + 16]
+        if mode == "cbc":
+            chain = ecb(key, _xor(block, chain))
+            out.append(chain)
+        elif mode == "cfb":
+            chain = _xor(block, ecb(key, chain))
+            out.append(chain)
+        else:                                   # ofb: the same both ways
+            chain = ecb(key, chain)
+            out.append(_xor(block, chain))
+    return b"".join(out)
+
+
+# Where Python's own implementation of each hash is: 3.12 and later have the SHA-2
+# family in _sha2, older ones in _sha256 and _sha512.
+_BUILTIN_HASHES = {
+    "md5": (("_md5", "md5"),), "sha1": (("_sha1", "sha1"),),
+    "sha256": (("_sha2", "sha256"), ("_sha256", "sha256")),
+    "sha384": (("_sha2", "sha384"), ("_sha512", "sha384")),
+    "sha512": (("_sha2", "sha512"), ("_sha512", "sha512")),
+    "sha3_256": (("_sha3", "sha3_256"),), "sha3_512": (("_sha3", "sha3_512"),),
+}
+_HASHES = {}
+
+
+def hash_constructor(name):
+    """The constructor of hash `name`: Python's own implementation where it has one,
+    else hashlib's (OpenSSL).
+
+    Importing hashlib loads OpenSSL's libcrypto, which the client's start-up and each
+    server process's memory would pay for (README.md: Performance); spa.py needs none of
+    it: its hashes are Python's own, and HMAC is built on them (Hmac).
+    """
+    ctor = _HASHES.get(name)
+    if ctor is None:
+        for module, attr in _BUILTIN_HASHES.get(name, ()):
+            try:
+                ctor = getattr(__import__(module), attr)
+                break
+            except (ImportError, AttributeError):
+                continue
+        else:
+            import hashlib
+            ctor = getattr(hashlib, name)
+        _HASHES[name] = ctor
+    return ctor
+
+
+def hash_digest(name, data):
+    """The hash `name` of `data`."""
+    return hash_constructor(name)(data).digest()
+
+
+try:    # what hmac.compare_digest is without OpenSSL; importing hmac would load it
+    from _operator import _compare_digest as compare_digest
+except ImportError:
+    from hmac import compare_digest
+
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+class Hmac(object):
+    """HMAC (RFC 2104) with the key's two padded blocks hashed once, ahead of time: a
+    message then costs two copies of hash states, an update and a digest each.
+
+    `prefix` is fed in now, as if every message began with it.
+    """
+
+    def __init__(self, key, name, prefix=b""):
+        ctor = hash_constructor(name)
+        block = ctor().block_size
+        if len(key) > block:
+            key = ctor(key).digest()
+        key = key.ljust(block, b"\0")
+        self.inner, self.outer = ctor(key.translate(_IPAD)), ctor(key.translate(_OPAD))
+        self.inner.update(prefix)
+
+    def digest(self, message):
+        """The HMAC of `message` (after the prefix given at the start)."""
+        inner = self.inner.copy()
+        inner.update(message)
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+class PackedMap(object):
+    """A dict of fixed-size keys to one packed number each, all in one table of bytes.
+
+    Open addressing with linear probing, at most two thirds full.  The entries take a
+    third of what a dict of small Python objects would (README.md: Performance), and a
+    burst of knocks leaves no small objects behind, which would pin the memory the
+    burst used for its transient work.  The capacity is not a power of two, so a
+    table grows by a third at a time, not twice over.  `encode(key)` gives `size`
+    bytes (ValueError if it cannot), `decode(raw)` the key back.  Deleted entries
+    leave a tombstone until the next rebuild.
+    """
+
+    EMPTY, USED, GONE = 0, 1, 2
+
+    def __init__(self, size, encode, decode, value="!I"):
+        self.size, self.encode, self.decode = size, encode, decode
+        self.value = struct.Struct(value)
+        self.slot = 1 + size + self.value.size        # state, key, value
+        self._reset(16)
+
+    def _reset(self, capacity):
+        # A mapping of its own, private (copied on write in a forked child): when a
+        # bigger table replaces it, its memory goes back to the system, where a
+        # bytearray would leave a hole in the heap that only small things fill.
+        """An empty table of `capacity` slots."""
+        self.table = mmap.mmap(-1, self.slot * capacity, flags=mmap.MAP_PRIVATE)
+        self.capacity = capacity
+        self.count = self.gone = 0
+
+    def _find(self, raw):
+        """(offset of raw's slot or None, offset of the first free slot on its path)."""
+        table, slot, size, capacity = self.table, self.slot, self.size, self.capacity
+        i = hash(raw) % capacity
+        free = None
+        while True:
+            offset = i * slot
+            state = table[offset]
+            if state == self.EMPTY:
+                return None, offset if free is None else free
+            if state == self.USED:
+                if table[offset + 1:offset + 1 + size] == raw:
+                    return offset, None
+            elif free is None:
+                free = offset
+            i = i + 1 if i + 1 < capacity else 0
+
+    def _insert(self, raw, value, free=None):
+        """Put a key known to be absent (there is room), in the free slot found for it."""
+        if free is None:
+            free = self._find(raw)[1]
+        if self.table[free] == self.GONE:
+            self.gone -= 1
+        self.table[free] = self.USED
+        self.table[free + 1:free + 1 + self.size] = raw
+        self.value.pack_into(self.table, free + 1 + self.size, value)
+        self.count += 1
+
+    def __len__(self):
+        return self.count
+
+    def _offset(self, key):
+        """Where the key's entry is, or None (also for a key that cannot be encoded)."""
+        try:
+            return self._find(self.encode(key))[0]
+        except ValueError:
+            return None
+
+    def __contains__(self, key):
+        return self._offset(key) is not None
+
+    def get(self, key, default=None):
+        """The key's value, or `default`."""
+        offset = self._offset(key)
+        if offset is None:
+            return default
+        return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
+
+    def __setitem__(self, key, value):
+        self._put(key, value, False)
+
+    def update(self, pairs):
+        for key, value in pairs.items():
+            self[key] = value
+
+    def raise_to(self, key, value):
+        """The key's value becomes `value` if that is larger, or if the key is new."""
+        self._put(key, value, True)
+
+    def _put(self, key, value, only_larger):
+        """Set the key's value (only_larger: only if larger, or new), growing the table."""
+        raw = self.encode(key)
+        offset, free = self._find(raw)        # one probe, for a new key too
+        if offset is not None:
+            if not only_larger or value > self.value.unpack_from(self.table,
+                                                                  offset + 1 + self.size)[0]:
+                self.value.pack_into(self.table, offset + 1 + self.size, value)
+            return
+        if 3 * (self.count + self.gone + 1) > 2 * self.capacity:
+            self._rebuild(None)
+            free = None
+        self._insert(raw, value, free)
+
+    def pop(self, key, default=None):
+        """Remove the key (a tombstone stays until the next rebuild); its value."""
+        offset = self._offset(key)
+        if offset is None:
+            return default
+        self.table[offset] = self.GONE
+        self.count -= 1
+        self.gone += 1
+        return self.value.unpack_from(self.table, offset + 1 + self.size)[0]
+
+    def _raw_items(self, table=None):
+        """(raw key, value) of every entry, slot by slot."""
+        table = self.table if table is None else table
+        slot, size, unpack = self.slot, self.size, self.value.unpack_from
+        for offset in range(0, len(table), slot):
+            if table[offset] == self.USED:
+                yield bytes(table[offset + 1:offset + 1 + size]), unpack(table, offset + 1 + size)[0]
+
+    def items(self):
+        for raw, value in self._raw_items():
+            yield self.decode(raw), value
+
+    def keep_if(self, test):
+        """Drop the entries whose value fails `test`."""
+        if any(not test(value) for _, value in self._raw_items()):
+            self._rebuild(test)
+
+    def _rebuild(self, test):
+        """A new table holding the entries whose value passes `test`, half full.
+
+        Entries move one at a time, slot by slot, straight from the old table (and no
+        tombstones to step over): a list of them all would be 10,000 small objects at
+        once, whose memory the allocator would keep.
+        """
+        old, slot, size = self.table, self.slot, self.size
+        keep = [test is None or test(value) for _, value in self._raw_items(old)]
+        self._reset(max(16, 2 * (sum(keep) + 1)))
+        table, capacity, index = self.table, self.capacity, 0
+        for offset in range(0, len(old), slot):
+            if old[offset] != self.USED:
+                continue
+            index += 1
+            if not keep[index - 1]:
+                continue
+            i = hash(old[offset + 1:offset + 1 + size]) % capacity
+            while table[i * slot] != self.EMPTY:       # a new table has no tombstones
+                i = i + 1 if i + 1 < capacity else 0
+            table[i * slot:(i + 1) * slot] = old[offset:offset + slot]
+        self.count = sum(keep)
+
+    def copy(self):
+        """A copy with a table of its own."""
+        other = PackedMap(self.size, self.encode, self.decode, self.value.format)
+        other._reset(self.capacity)
+        step = 1 << 16
+        for i in range(0, len(self.table), step):
+            other.table[i:i + step] = self.table[i:i + step]
+        other.count, other.gone = self.count, self.gone
+        return other
 
 
 if __name__ == "__main__":

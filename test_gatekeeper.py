@@ -144,7 +144,7 @@ def test_request_lines_are_three_strict_words():
 
 
 class Supervised(object):
-    """A Supervisor serving a real pipe, with a real (sleeping) process as its packet reader."""
+    """A ReaderProcess serving a real pipe, with a real (sleeping) process as its packet reader."""
 
     def __init__(self, tmp_path, firewall=None):
         config = server_config(tmp_path, dict({"alice": {"fw_access_timeout": "30"}}, **CMD_STANZA),
@@ -154,7 +154,7 @@ class Supervised(object):
         self.replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
         gate = spa.Gatekeeper(config, self.firewall, self.replay, self.log)
         gate.addresses = {ME, "198.18.1.1"}
-        self.supervisor = spa.Supervisor(None, config, gate, self.log)
+        self.supervisor = spa.ReaderProcess(gate, self.log)
         self.reader = subprocess.Popen(["sleep", "30"])
         self.supervisor.pid = self.reader.pid
         r, self.w = os.pipe()
@@ -166,7 +166,7 @@ class Supervised(object):
         stopped listening to this reader."""
         os.write(self.w, data)
         while True:
-            if not self.supervisor._serve():
+            if not self.supervisor.serve():
                 return False
             try:
                 if not os.read(self.supervisor.fd, 0) and not self._more():
@@ -724,7 +724,7 @@ def test_the_whole_group_of_a_command_is_killed_at_the_time_limit():
     log = Logged()
     runner = spa.CommandRunner(log, limit=1.0)
     assert runner.start(Stanza(), "/bin/sh -c 'sleep 60 & exit 0'", SRC, "alice") is None
-    group = runner.running[0][0].pid
+    group = runner.running[0].proc.pid
     assert wait_reaped(runner, lambda: "exited with status 0" in log.text())
     os.killpg(group, 0)                              # the sleep is still there
     assert len(runner.running) == 1                  # and counts as running

@@ -924,12 +924,11 @@ def stubborn_reader():
 def test_a_reader_that_does_not_end_is_killed_or_left_logged(tmp_path, monkeypatch):
     """The reader ends when its pipe closes; one that does not is killed after `wait`; if
     even that is refused (no CAP_KILL), it is logged and left, never waited for forever."""
-    config = server_conf(tmp_path)
     log = ListLog()
-    sup = spa.Supervisor(None, spa.ServerConfig(config), None, log)
+    sup = spa.ReaderProcess(None, log)
     sup.pid, sup.fd = stubborn_reader()
     start = time.monotonic()
-    sup._stop(wait=0.3)
+    sup.stop(wait=0.3)
     assert 0.3 <= time.monotonic() - start < 1.0
     assert sup.pid is None and sup.strays == [] and log.lines == []
     pid, sup.fd = stubborn_reader()
@@ -937,7 +936,7 @@ def test_a_reader_that_does_not_end_is_killed_or_left_logged(tmp_path, monkeypat
     refused = []
     monkeypatch.setattr(spa, "send_signal", lambda *args: refused.append(args[1:3]) or False)
     try:
-        sup._stop(wait=0.2)
+        sup.stop(wait=0.2)
         assert refused == [(pid, signal.SIGKILL)]
         assert log.lines == ["the packet reader (pid %d) did not stop; left behind" % pid]
         assert sup.strays == [pid] and alive(pid)

@@ -289,7 +289,7 @@ def test_a_reader_that_keeps_dying_is_restarted_for_ever(tmp_path):
     with Lab(clients=1, prefix="sbx") as lab:
         lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
         server = CompromisedServer(lab, tmp_path, [crash] * 8,
-                                   patch={"Supervisor.RESTART_DELAY": "(0.02, 0.16)"}).start()
+                                   patch={"ReaderProcess.RESTART_DELAY": "(0.02, 0.16)"}).start()
         wait_for_line(server, r"ValueError: reader 7 crashed on purpose", 10)
         time.sleep(0.5)
         waits = re.findall(r"packet reader stopped \(exit status 1\): starting a new one in "
@@ -398,10 +398,8 @@ def test_seccomp_arch_knows_only_its_tables(monkeypatch):
 
 def relay_of(chunks, capsys):
     """Feed `chunks` (bytes written by a reader; a number: seconds to wait) through a
-    Supervisor's log relay, then end the pipe; returns what the parent logged."""
-    sup = spa.Supervisor.__new__(spa.Supervisor)
-    sup.log, sup.log_buffer = spa.Log(), b""
-    sup.reader_lines = spa.RateLimiter(rate=10.0, burst=100)
+    ReaderProcess's log relay, then end the pipe; returns what the parent logged."""
+    sup = spa.ReaderProcess(None, spa.Log())
     r, w = os.pipe()
     sup.log_fd = r
     os.set_blocking(r, False)
@@ -411,15 +409,15 @@ def relay_of(chunks, capsys):
             time.sleep(chunk)
             continue
         os.write(w, chunk)
-        sup._relay()
+        sup.relay()
     os.close(w)
-    while sup.log_fd is not None and sup._relay():
+    while sup.log_fd is not None and sup.relay():
         pass
     return [line.split(" spa: ", 1)[1] for line in capsys.readouterr().err.splitlines()]
 
 
 def test_the_parent_logs_the_reader_s_lines_as_untrusted_text(capsys):
-    cap = spa.Supervisor.MAX_LINE
+    cap = spa.ReaderProcess.MAX_LINE
     out = relay_of([b"info rejected packet from 198.18.0.2: bad\n",
                     b"error packet reader crashed:\nTraceback\n",
                     b"info forged\rline \x1b[2J\xc2\x9b31m and \xe9t\xc3\xa9\n",

@@ -654,12 +654,18 @@ def check_private_file(path):
         raise SpaError("cannot read %s: %s" % (path, e.strerror))
     except ValueError:                     # a NUL byte in the name
         raise SpaError("%r is not a usable file name" % path)
+    check_private_stat(st, path)
+
+
+def check_private_stat(st, path, fix=None):
+    """check_private_file's test of an os.stat() result: also for a file already open (a
+    key file given on stdin or --fd).  `fix`: what to say instead of 'chmod 600 PATH'."""
     if not hasattr(os, "geteuid"):
         UNCHECKED_FILES.append(path)
         return
     if st.st_mode & 0o077:
         raise SpaError("%s holds keys but is readable by group or others (mode %04o): "
-                       "run 'chmod 600 %s'" % (path, st.st_mode & 0o7777, path))
+                       "%s" % (path, st.st_mode & 0o7777, fix or "run 'chmod 600 %s'" % path))
     if st.st_uid not in (0, os.geteuid()):
         raise SpaError("%s holds keys but belongs to another user (uid %d)" % (path, st.st_uid))
 
@@ -5755,7 +5761,7 @@ CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip
                   "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",
                   "key", "hmac_key", "resolve_url", "nat_access", "nat_local", "nat_port",
                   "server_cmd", "ip_version", "digest_type", "source_port", "time_offset",
-                  "user_agent"}
+                  "user_agent", "key_file", "get_key", "get_hmac_key"}
 
 # ~/.fwknoprc variable -> our option name; the values carry over as they are.
 FWKNOPRC_NAMES = {
@@ -5766,7 +5772,7 @@ FWKNOPRC_NAMES = {
     "ENCRYPTION_MODE": "encryption_mode", "RESOLVE_URL": "resolve_url",
     "NAT_ACCESS": "nat_access", "NAT_PORT": "nat_port", "DIGEST_TYPE": "digest_type",
     "SPA_SOURCE_PORT": "source_port", "TIME_OFFSET": "time_offset",
-    "HTTP_USER_AGENT": "user_agent",
+    "HTTP_USER_AGENT": "user_agent", "KEY_FILE": "get_key", "HMAC_KEY_FILE": "get_hmac_key",
 }
 # fwknop's yes/no variables (to fwknop only Y, in either case, is yes) -> (option, its yes).
 FWKNOPRC_FLAGS = {"NAT_LOCAL": ("nat_local", "yes"), "SERVER_RESOLVE_IPV4": ("ip_version", "4"),
@@ -5780,8 +5786,7 @@ FWKNOPRC_UNSUPPORTED_FLAGS = {"USE_GPG", "USE_GPG_AGENT", "GPG_NO_SIGNING_PW", "
                               "NAT_RAND_PORT"}
 # Every other variable fwknop knows, which spa.py's client does not do.
 FWKNOPRC_UNSUPPORTED = {"GPG_RECIPIENT", "GPG_SIGNER", "GPG_HOMEDIR", "GPG_EXE", "GPG_SIGNING_PW",
-                        "GPG_SIGNING_PW_BASE64", "SPOOF_SOURCE_IP", "KEY_FILE", "HMAC_KEY_FILE",
-                        "SPA_SERVER_PROTO"}
+                        "GPG_SIGNING_PW_BASE64", "SPOOF_SOURCE_IP", "SPA_SERVER_PROTO"}
 # fwknop client options that spa.py's client does not have, and why.  Refused by name
 # (refuse_fwknop_only_options): their values are never shown, some are keys.
 FWKNOP_ONLY_OPTIONS = dict(
@@ -5792,8 +5797,6 @@ FWKNOP_ONLY_OPTIONS = dict(
     [(o, "it sends one UDP datagram to one port") for o in (
         "-r", "--rand-port", "-H", "--http-proxy", "--icmp-type", "--icmp-code")] +
     [("--nat-rand-port", "give the port with --nat-port")] +
-    [(o, "keep keys in a config file of mode 0600 (-c FILE -n NAME)") for o in (
-        "-G", "--get-key", "--get-hmac-key", "--stdin", "--fd")] +
     [(o, "make keys with 'spa.py keygen'") for o in (
         "-k", "--key-gen", "-K", "--key-gen-file", "--key-len", "--hmac-key-len",
         "--save-rc-stanza", "--force-stanza")] +
@@ -5976,6 +5979,224 @@ def _config_layers(args):
     return [section]
 
 
+# Keys without a command line (fwknop's -G/--get-key, --get-hmac-key, --stdin, --fd, and
+# spa.py's --key-file): each key comes from the first place that gives it, the command line
+# before the section and the section before [default]; two ways in one place are an error.
+# A key read from a file or a descriptor is never shown, nor is a line of it.
+
+# A key file's variables (the key lines of a ~/.fwknoprc, as `fwknop -k` prints them).
+KEY_FILE_VARIABLES = {"KEY_BASE64": "key_base64", "KEY": "key",
+                      "HMAC_KEY_BASE64": "hmac_key_base64", "HMAC_KEY": "hmac_key"}
+# Which keys each option gives: "key" (the encryption key), "hmac" (the HMAC key).
+KEY_GIVERS = {"key_base64": ("key",), "key": ("key",), "get_key": ("key",),
+              "hmac_key_base64": ("hmac",), "hmac_key": ("hmac",), "get_hmac_key": ("hmac",),
+              "key_file": ("key", "hmac")}
+# The options' names on the command line, for errors.
+KEY_FLAGS = {"key_base64": "--key-base64", "key": "--key-rijndael", "get_key": "-G/--get-key",
+             "hmac_key_base64": "--hmac-key-base64", "hmac_key": "--key-hmac",
+             "get_hmac_key": "--get-hmac-key", "key_file": "--key-file", "stream": "--stdin/--fd"}
+KEY_STREAM_LIMIT = 65536        # bytes read from --stdin or --fd at most
+
+
+def _checked_key(option, value, where):
+    """A key's value as a key file or stream gave it, checked as parse_keys() will check it:
+    base64 that decodes to 1-32 bytes (HMAC: 1-128), or a passphrase of at most that many."""
+    longest = 128 if option.startswith("hmac") else 32
+    if option.endswith("_base64"):
+        parse_key(value, where, 1, longest)
+    elif len(value.encode()) > longest:
+        raise SpaError("%s is longer than %d bytes" % (where, longest))
+    return value
+
+
+def read_key_lines(text, origin):
+    """{option: value} for both keys from a key file's text: `KEY_BASE64: ...` and
+    `HMAC_KEY_BASE64: ...` lines (or the passphrases KEY and HMAC_KEY), read as the same
+    lines of a ~/.fwknoprc (a value ends at a blank, ';' or '#'); blank lines and comments
+    ('#', ';') skipped; each key once; nothing else."""
+    found, seen = {}, {}
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split(None, 1)
+        if not words or words[0][0] in "#;":
+            continue
+        var = _fwknop_variable(words[0])
+        where = "%s line %d" % (origin, number)
+        if var not in KEY_FILE_VARIABLES:
+            raise SpaError("%s: not a KEY_BASE64 or HMAC_KEY_BASE64 line (not shown: it may "
+                           "hold a key)" % where)
+        option = KEY_FILE_VARIABLES[var]
+        kind = "hmac" if option.startswith("hmac") else "key"
+        if kind in seen:
+            raise SpaError("%s: %s gives the %s key again (line %d gave it)" % (
+                where, var, "HMAC" if kind == "hmac" else "encryption", seen[kind]))
+        value = words[1] if len(words) > 1 else ""
+        for end in " \t;#":
+            value = value.split(end, 1)[0]
+        if not value:
+            raise SpaError("%s: %s has no value" % (where, var))
+        found[option], seen[kind] = _checked_key(option, value, "%s: %s" % (where, var)), number
+    if "key" not in seen:
+        raise SpaError("%s has no KEY_BASE64 line (nor KEY): no encryption key" % origin)
+    if "hmac" not in seen:
+        raise SpaError("%s has no HMAC_KEY_BASE64 line (nor HMAC_KEY): spa.py always uses "
+                       "an HMAC" % origin)
+    return found
+
+
+def read_passphrase_file(path, destination, option):
+    """fwknop's -G/--get-key (and --get-hmac-key) file: the passphrase of the last
+    `HOST: passphrase` line whose HOST is the destination as given (-D), the way fwknop
+    reads it: blanks and '=' before HOST and after the ':' skipped, the passphrase running
+    to the end of its line (blanks kept; a CR before the newline dropped); lines starting
+    with '#' or ';' are comments; other lines are skipped."""
+    if not destination:
+        raise SpaError("%s %s: the file holds a passphrase for each server: give the server "
+                       "with -D HOST" % (KEY_FLAGS[option], path))
+    text = read_private_text(os.path.expanduser(path))
+    passphrase = None
+    for line in text.split("\n"):
+        line = line.lstrip(" \t=")
+        if line[:1] in ("#", ";") or not line.startswith(destination + ":"):
+            continue
+        passphrase = line[len(destination) + 1:].lstrip(" \t=")
+        if passphrase.endswith("\r"):
+            passphrase = passphrase[:-1]
+    if not passphrase:
+        raise SpaError("%s has no `%s: passphrase` line (%s)" % (path, destination,
+                                                                 KEY_FLAGS[option]))
+    name = "key" if option == "get_key" else "hmac_key"
+    return {name: _checked_key(name, passphrase, "%s: the passphrase for %s" % (path, destination))}
+
+
+def _is_key_line(line):
+    """Whether a stream's first line starts a key file: `KEY_BASE64`, `HMAC_KEY_BASE64`,
+    `KEY:` or `HMAC_KEY:` (a passphrase such as `KEY lime` stays a passphrase)."""
+    words = line.split(None, 1)
+    return bool(words) and words[0] in ("KEY_BASE64", "KEY_BASE64:", "HMAC_KEY_BASE64",
+                                        "HMAC_KEY_BASE64:", "KEY:", "HMAC_KEY:")
+
+
+def read_key_stream(fd, origin):
+    """Keys read from a file descriptor (--stdin: 0, --fd N): {option: value}.
+
+    Its first line is the encryption passphrase, as fwknop's --stdin and --fd read it (one
+    line, which gives the encryption key alone); unless that line starts a key file
+    (_is_key_line): then the whole stream is one (read_key_lines) and gives both keys.  A
+    regular file behind the descriptor must be private, as a key file must."""
+    import stat
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise SpaError("%s: %s" % (origin, e.strerror))
+    if stat.S_ISREG(st.st_mode):
+        check_private_stat(st, origin, "run 'chmod 600' on the file given there")
+    data = b""
+    while len(data) <= KEY_STREAM_LIMIT:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError as e:
+            raise SpaError("cannot read %s: %s" % (origin, e.strerror))
+        data += chunk
+        if not chunk or b"\n" in data and not _is_key_line(data.split(b"\n", 1)[0].decode(
+                "utf-8", "replace")):
+            break
+    if len(data) > KEY_STREAM_LIMIT:
+        raise SpaError("%s gives more than %d bytes: not keys" % (origin, KEY_STREAM_LIMIT))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpaError("%s is not UTF-8 text (byte %d)" % (origin, e.start))
+    first = text.split("\n", 1)[0]
+    if _is_key_line(first):
+        return read_key_lines(text, origin)
+    passphrase = first[:-1] if first.endswith("\r") else first
+    if not passphrase:
+        raise SpaError("%s gives no key: its first line, the encryption passphrase, is empty"
+                       % origin)
+    return {"key": _checked_key("key", passphrase, "%s: the passphrase" % origin)}
+
+
+def _key_kinds(option, value):
+    """The keys an option gives: ("key",), ("hmac",) or both; the stream's as it read."""
+    if option == "stream":
+        return tuple(set(KEY_GIVERS[o][0] for o in value))
+    return KEY_GIVERS[option]
+
+
+def _keys_from(option, value, destination, loaded):
+    """{key option: value} that `option` gives (`value`: a key, or a file's name); a key
+    file is read once (`loaded`)."""
+    if option == "stream":
+        return value
+    if option == "key_file":
+        if value not in loaded:
+            loaded[value] = read_key_lines(read_private_text(os.path.expanduser(value)), value)
+        return loaded[value]
+    if option in ("get_key", "get_hmac_key"):
+        return read_passphrase_file(value, destination, option)
+    return {option: value}
+
+
+def choose_keys(places, destination):
+    """{option: value} for the two keys: each from the first of `places` ((where, {option:
+    value}, whether to name options as on the command line), the command line first) that
+    gives it.  One place that gives a key two ways is an error; a key file is read only if
+    it is used, a --get-key file only for the key it gives."""
+    chosen, loaded = {}, {}
+    for kind, name in (("key", "encryption key"), ("hmac", "HMAC key")):
+        for where, given, flags in places:
+            givers = sorted(o for o, v in given.items() if v and kind in _key_kinds(o, v))
+            if len(givers) > 1:
+                raise SpaError("%s gives the %s twice (%s): give it one way" % (
+                    where, name, " and ".join(KEY_FLAGS[o] if flags else o for o in givers)))
+            if givers:
+                keys = _keys_from(givers[0], given[givers[0]], destination, loaded)
+                chosen.update((o, v) for o, v in keys.items() if KEY_GIVERS[o] == (kind,))
+                break
+    return chosen
+
+
+def _key_stream(args):
+    """The keys --stdin or --fd N give, read at once ({} without either)."""
+    fd = getattr(args, "fd", None)
+    if not getattr(args, "stdin", False) and fd is None:
+        return {}
+    if args.stdin and fd is not None:
+        raise SpaError("give --stdin or --fd N, not both")
+    fd = 0 if args.stdin else parse_int(fd, "--fd", 0, 65535)
+    if fd == 0 and getattr(args, "connect", None):
+        raise SpaError("--connect relays stdin, so the keys cannot come from it: give them "
+                       "with --fd N (e.g. --fd 3 3<FILE) or --key-file FILE")
+    return read_key_stream(fd, "stdin" if fd == 0 else "file descriptor %d (--fd)" % fd)
+
+
+def client_keys(args, layers, destination):
+    """The client's two keys, {option: value}, from the command line (--key-base64 ...,
+    --key-file, -G, --get-hmac-key, --stdin, --fd) before the config section's options
+    before [default]'s (choose_keys)."""
+    cli = dict((option, getattr(args, option, None)) for option in KEY_GIVERS)
+    cli["stream"] = _key_stream(args)
+    places = [("the command line", cli, True)]
+    for n, layer in reversed(list(enumerate(layers))):
+        where = "[default]" if n == 0 and len(layers) > 1 else "the config section"
+        places.append((where, dict((o, layer.get(o)) for o in KEY_GIVERS), False))
+    keys = choose_keys(places, destination)
+    if cli["stream"] and not any(KEY_GIVERS[o] == ("hmac",) for o in keys):
+        raise SpaError("no HMAC key: the first line of %s is the encryption passphrase "
+                       "alone, as fwknop reads it; give the HMAC key another way (--key-hmac, "
+                       "--get-hmac-key, the config), or give both keys there as KEY_BASE64 and "
+                       "HMAC_KEY_BASE64 lines" % ("stdin" if args.stdin else "--fd"))
+    return keys
+
+
+def split_host_port(text, option="--connect"):
+    """'host:22', '[2001:db8::1]:22' -> (host, 22)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
+        raise SpaError("%s %r: expected HOST:PORT (an IPv6 address in brackets)" % (option, text))
+    return host.strip("[]"), int(port)
+
+
 def client_settings(args):
     """Merge the config section (spa.py's INI or fwknop's rc) with the command line, which wins.
 
@@ -5996,6 +6217,11 @@ def client_settings(args):
         # A passphrase is taken as it is, blanks and all, as fwknop takes it.
         opts[option] = value.strip() if isinstance(value, str) and option not in (
             "key", "hmac_key") else value
+    if args.connect and not opts.get("destination"):
+        opts["destination"] = split_host_port(args.connect)[0]
+    for option in KEY_FILE_VARIABLES.values():
+        opts[option] = None
+    opts.update(client_keys(args, layers, opts.get("destination")))
     if args.time_offset_plus or args.time_offset_minus:
         opts["time_offset"] = ("+" + args.time_offset_plus if args.time_offset_plus
                                else "-" + args.time_offset_minus)
@@ -6104,14 +6330,6 @@ def addresses(host, port, kind, version=None):
 def resolve_address(host, version=None):
     """An address for a name: a spa.py server resolves no names in NAT requests."""
     return addresses(host, None, socket.SOCK_DGRAM, version)[0][4][0]
-
-
-def split_host_port(text, option="--connect"):
-    """'host:22', '[2001:db8::1]:22' -> (host, 22)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
-        raise SpaError("%s %r: expected HOST:PORT (an IPv6 address in brackets)" % (option, text))
-    return host.strip("[]"), int(port)
 
 
 def nat_request(opts, access, timeout):
@@ -6343,8 +6561,6 @@ def client_main(args):
         raise SpaError("-P/--server-proto %s: spa.py's client sends over UDP only"
                        % args.server_proto)
     connect = split_host_port(args.connect) if args.connect else None
-    if connect and not opts.get("destination"):
-        opts["destination"] = connect[0]
     port = parse_int(str(opts.get("server_port") or DEFAULT_PORT), "server_port", 1, 65535)
     source_port = parse_int(str(opts["source_port"]), "source_port", 1, 65535) \
         if opts.get("source_port") else None
@@ -7177,6 +7393,18 @@ def _client_packet_options(c):
                    help="encryption key as a fwknop-style passphrase")
     c.add_argument("--key-hmac", dest="hmac_key", metavar="PASSPHRASE",
                    help="HMAC key as a fwknop-style passphrase")
+    c.add_argument("--key-file", dest="key_file", metavar="FILE",
+                   help="both keys from FILE (mode 0600): KEY_BASE64 and HMAC_KEY_BASE64 lines, "
+                   "as `fwknop -k` prints them")
+    c.add_argument("-G", "--get-key", dest="get_key", metavar="FILE",
+                   help="the encryption passphrase from FILE (mode 0600), fwknop's format: a "
+                   "`HOST: passphrase` line for -D's HOST")
+    c.add_argument("--get-hmac-key", dest="get_hmac_key", metavar="FILE",
+                   help="the HMAC passphrase from such a file")
+    c.add_argument("--stdin", action="store_true",
+                   help="read the key from stdin: its first line is the encryption passphrase "
+                   "(as for fwknop), or KEY_BASE64 and HMAC_KEY_BASE64 lines give both keys")
+    c.add_argument("--fd", metavar="N", help="the same from file descriptor N")
     c.add_argument("--hmac-digest", "--hmac-digest-type", dest="hmac_digest_type",
                    metavar="TYPE", help="HMAC type: sha256 (default), sha384, sha512")
     c.add_argument("-M", "--encryption-mode", dest="encryption_mode", metavar="MODE",
@@ -7234,7 +7462,7 @@ def _client_options(sub, fmt):
                        "  spa.py client -D 198.51.100.7 -A tcp/22 -c ~/.spa.conf -n web1 --test -v\n"
                        "  ssh -o 'ProxyCommand spa.py client -n %h --connect %h:%p' web1\n\n"
                        "Keys given on the command line are visible to every user in the process\n"
-                       "list: keep them in a config file of mode 0600 instead.")
+                       "list: keep them in a config file of mode 0600 (or --key-file, -G, --stdin).")
     _client_request_options(c)
     _client_packet_options(c)
     _client_run_options(c)

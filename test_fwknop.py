@@ -386,7 +386,7 @@ def test_fwknop_command_lines_work_unchanged(tmp_path, argv):
 
 def test_fwknop_options_spa_py_does_not_have_are_named_without_their_values(tmp_path):
     for argv, name in ((["--gpg-recipient-key", KEY], "--gpg-recipient-key"),
-                       (["--get-key=" + str(tmp_path / "k")], "--get-key"),
+                       (["--save-packet=" + str(tmp_path / "k")], "--save-packet"),
                        (["-Q", "198.18.0.9"], "-Q"), (["--key-gen"], "--key-gen")):
         done = run_spa("client", "-D", "198.18.0.1", "-A", "tcp/22", "--key-base64-rijndael", KEY,
                        "--key-base64-hmac", HMAC_KEY, *argv)

@@ -292,3 +292,14 @@ def test_without_posix_modes_a_key_file_is_read_and_listed_as_unchecked(tmp_path
         os.close(fd)
     assert spa.UNCHECKED_FILES == [path, "stdin"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_get_key_needs_the_destination_and_a_stream_must_be_text(tmp_path):
+    get_key = write_private(tmp_path / "get-key", "%s: %s\n" % (SERVER, PASS))
+    done = run_spa("client", "-A", ACCESS, "--test", "-G", get_key, "--key-hmac", HPASS)
+    assert done.returncode == 1 and "give the server with -D HOST" in done.stderr
+    done = subprocess.run([sys.executable, SPA, "client", "-D", SERVER, "-A", ACCESS, "--test",
+                           "--stdin", "--key-hmac", HPASS], input=b"\xff" + PASS.encode() + b"\n",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert done.returncode == 1 and b"stdin is not UTF-8 text (byte 0)" in done.stderr
+    assert_no_key(done.stderr.decode())

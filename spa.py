@@ -6187,6 +6187,11 @@ def check_config_main(args):
             print("    NAT access to other hosts: %s" % (", ".join(
                 map(format_nat_destination, stanza.nat_destinations)) or
                 "none (no nat_destinations)"))
+        if stanza.cmd_cycle_open:
+            print("    hooks: cmd_cycle_open %s; cmd_cycle_close %s; as %s" % (
+                " ".join(stanza.cmd_cycle_open), "NONE" if stanza.cmd_cycle_close is None else
+                "%s, %s s later" % (" ".join(stanza.cmd_cycle_close), stanza.cmd_cycle_timer
+                                    or "the opening's timeout"), stanza.cmd_cycle_user))
     for note in config.notes:
         print("  note  access.conf: %s" % note)
     print("verdict: %s" % ("ok" if not line.failures else "%d problem(s)" % len(line.failures)))

@@ -411,33 +411,40 @@ def test_the_close_runs_after_a_crash_and_a_restart(tmp_path, hookdir, overdue):
         assert len(runs(hookdir, "close")) == 1            # once, not again
 
 
-NFT_TABLE = """table inet hk {
-    set allowed { type ipv4_addr . inet_service; }
+NFT_TABLE = """table inet gate {
+    set knocked { type ipv4_addr . inet_service; }
     chain input {
         type filter hook input priority 0; policy accept;
-        tcp dport %d ip saddr . tcp dport @allowed accept
+        tcp dport %d ip saddr . tcp dport @knocked accept
         tcp dport %d reject with tcp reset
     }
 }
 """ % (SERVICE_PORT, SERVICE_PORT)
 
 
+def readme_hooks():
+    """The hooks of README.md's guide "Run commands at open and close", as written there."""
+    with open(os.path.join(os.path.dirname(SPA), "README.md")) as f:
+        guide = f.read().split("### Run commands at open and close (hooks)\n", 1)[1]
+    block = guide.split("```ini\n", 1)[1].split("```", 1)[0]
+    return dict(line.split(" = ", 1) for line in block.splitlines()
+                if line.startswith("cmd_cycle_"))
+
+
 def test_firewall_none_with_hooks_that_run_nft_opens_a_real_service(tmp_path):
-    """firewall = none: spa.py changes no firewall; the hooks (as root, written so) add and
-    remove an element of a set in a table of their own, and a real TCP service opens and
-    closes with them."""
+    """firewall = none: spa.py changes no firewall; README's hooks (as root, written so) add
+    and remove an element of a set in the host's own table, and a real TCP service opens
+    and closes with them."""
     need_lab("nft")
     need_nft()
     with Lab(clients=1, prefix=PREFIX) as lab:
         dest = lab.srv4(1)
         lab.run("srv", ["nft", "-f", "-"], input=NFT_TABLE)
         lab.tcp_service("srv", dest, SERVICE_PORT)
-        element = ["{", "$IP", ".", "$PORT", "}"]
-        conf = lab_server_config(tmp_path, {"alice": {
-            "cmd_cycle_open": " ".join(["nft", "add", "element", "inet", "hk", "allowed"] + element),
-            "cmd_cycle_close": " ".join(["nft", "delete", "element", "inet", "hk", "allowed"]
-                                        + element),
-            "cmd_cycle_user": "root", "cmd_cycle_timer": "3"}}, firewall="none")
+        hooks = readme_hooks()
+        assert hooks["cmd_cycle_user"] == "root"
+        hooks["cmd_cycle_timer"] = "3"
+        conf = lab_server_config(tmp_path, {"alice": hooks}, firewall="none")
         server = spawn_server(lab, conf)
         assert not tcp_connect_ok(lab.name("cli1"), dest, SERVICE_PORT, 0.3)
         assert "table inet spa" not in lab.run("srv", ["nft", "list", "tables"]).stdout
@@ -450,7 +457,7 @@ def test_firewall_none_with_hooks_that_run_nft_opens_a_real_service(tmp_path):
         log = server.log.text()
         assert "(by its hooks: firewall = none)" in log
         assert "cmd_cycle_close of [client alice] %s tcp/%d: running nft delete element inet " \
-            "hk allowed { %s . %d } as root" % (lab.cli4(1), SERVICE_PORT, lab.cli4(1),
+            "gate knocked { %s . %d } as root" % (lab.cli4(1), SERVICE_PORT, lab.cli4(1),
                                                 SERVICE_PORT) in log, log
 
 

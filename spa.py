@@ -24,7 +24,7 @@ it, but for the last one):
   Files                                    key files read privately, state kept durably
   Policy and config                        [server], [client NAME], fwknop's access.conf
   Replay cache                             no packet opens anything twice
-  Firewall: one interface                  what every back end does; the dry run
+  Firewall: one interface                  what every back end does; the dry run; none
   nftables, iptables                       the two real back ends
   Choosing the back end; the saved firewall
   Capture                                  AF_PACKET sockets and their BPF filter
@@ -4382,9 +4382,10 @@ class RateLimiter(object):
 # It trusts the config and the kernel; the packet reader is trusted with nothing but
 # reading packets, and its requests and log lines are checked as hostile.  In this
 # section's order: the reader's sandbox, the pipe protocol (request lines), the command
-# runner, the gatekeeper (the parent's decisions), the packet reader, the reader's
-# process seen from the parent (ReaderProcess), the supervisor's event loop, and the
-# entry points (server, firewall-config, check-config).
+# runner, the hooks (commands at open and close), the gatekeeper (the parent's
+# decisions), the packet reader, the reader's process seen from the parent
+# (ReaderProcess), the supervisor's event loop, and the entry points (server,
+# firewall-config, check-config).
 
 # --- The packet reader's sandbox ------------------------------------------------------
 #
@@ -6868,7 +6869,7 @@ interface = any
 # UDP port the knocks are sent to (fwknop's default).  Nothing listens on it.
 port = 62201
 # Firewall back end: nft, iptables, iptables-nft, iptables-legacy, or auto (nft unless the
-# host keeps its rules in iptables).  "none" changes nothing: a dry run.
+# host keeps its rules in iptables).  "none": no firewall, the stanzas' hooks do the work.
 firewall = nft
 # Ports kept dark until a knock opens them for one address.
 protect = tcp/22

@@ -72,7 +72,7 @@ def hookdir():
                 "{ id -u; grep NoNewPrivs /proc/self/status | tr -d ' \\t'; "
                 "echo \"PATH=$PATH HOME=$HOME\"; printf '%%s\\n' \"$@\"; } > \"$out.tmp\" "
                 "&& mv \"$out.tmp\" \"$out\"\n"
-                "echo \"hook $1 ran\"\n" % path)
+                "printf 'hook %%s ran\\033[2J\\n' \"$1\"\n" % path)
     os.chmod(script, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -409,6 +409,30 @@ def test_the_close_runs_after_a_crash_and_a_restart(tmp_path, hookdir, overdue):
         assert wait_for(lambda: "cmd_cycle_close of [client alice] %s tcp/%d%s" % (
             lab.cli4(1), SERVICE_PORT, " (" if overdue else ": running") in server.log.text(), 3)
         assert len(runs(hookdir, "close")) == 1            # once, not again
+        # The hook's output in the log, its control characters escaped.
+        assert wait_for(lambda: "exited with status 0; its output: hook close ran\\x1b[2J"
+                        in server.log.text(), 3), server.log.text()
+
+
+def test_pending_closes_read_what_they_can_and_drop_what_can_never_run(tmp_path, hookdir):
+    need_root()
+    path = str(tmp_path / "pending-closes")
+    good = {"due": time.time() - 1, "user": "nobody", "argv": [hookdir + "/record", "close"],
+            "what": "[client a] 198.18.0.2 tcp/22", "key": ["a", "198.18.0.2", "tcp", 22]}
+    gone = dict(good, user="no-such-user-hk", what="[client b] 198.18.0.3 tcp/22",
+                key=["b", "198.18.0.3", "tcp", 22])
+    with open(path, "w") as f:
+        f.write("\n".join([json.dumps(good), "{not json", json.dumps(dict(good, argv=[])),
+                           json.dumps(gone), json.dumps({"due": 1})]) + "\n")
+    closes = spa.PendingCloses(path)
+    assert closes.skipped == 3 and len(closes.entries) == 2
+    gate = hook_gate(tmp_path / "g", hook_stanza(hookdir))
+    gate.closes = closes
+    gate.run_closes()
+    assert "cmd_cycle_close of [client b] 198.18.0.3 tcp/22 not run: no user no-such-user-hk" \
+        in gate.log.text()
+    assert closes.entries == [] and open(path).read() == ""
+    assert tick_until(gate, lambda: runs(hookdir, "close"))
 
 
 NFT_TABLE = """table inet gate {

@@ -525,3 +525,36 @@ def test_the_fwknop_client_knocks_on_hooks_from_an_access_conf_as_fwknopd_runs_t
             assert wait_for(lambda: runs(hookdir, "open"), 5), fwknopd.log.text()
         theirs = runs(hookdir, "open")[0]
         assert theirs["argv"] == ours["argv"]
+
+
+def test_nat_variables_and_how_many_hooks_run_at_once(tmp_path, hookdir):
+    """A local NAT knock gives $NAT_IP and $NAT_PORT; past the most hooks at once a knock is
+    refused; a close waits while its own open still runs."""
+    need_root()
+    gate = hook_gate(tmp_path, hook_stanza(
+        hookdir, enable_nat="yes", cmd_cycle_timer="1",
+        cmd_cycle_open="%s/record open $IP $PORT $NAT_IP $NAT_PORT" % hookdir,
+        cmd_cycle_close="%s/record close $NAT_IP $NAT_PORT" % hookdir),
+        protect="tcp/22022", enable_local_nat="yes")
+    msg = spa.Message("alice", "0.0.0.0", [("tcp", 55000)], msg_type=spa.MSG_LOCAL_NAT,
+                      nat_access=ME + ",22022")
+    wire = spa.seal(msg.encode(), spa.b64decode(KEY), spa.b64decode(HMAC_KEY))
+    d = gate.knock(SRC, ME, wire)
+    assert d.accepted, d.reason
+    assert "opened tcp/55000 forwarded to %s:22022 for %s" % (ME, SRC) in gate.log.text()
+    assert tick_until(gate, lambda: runs(hookdir, "close"))
+    assert runs(hookdir, "open")[0]["argv"] == ["open", SRC, "55000", ME, "22022"]
+    assert runs(hookdir, "close")[0]["argv"] == ["close", ME, "22022"]
+    # One hook at most, and an open that takes 2 s: the next knock is refused, and the
+    # close (due after 1 s) waits for the open to end.
+    gate = hook_gate(tmp_path / "slow", hook_stanza(
+        hookdir, cmd_cycle_open="/bin/sleep 2", cmd_cycle_close="%s/record late" % hookdir))
+    gate.hooks.most = 1
+    start = time.time()
+    assert gate.knock(SRC, ME, knock()).accepted
+    d = gate.knock("198.18.0.3", ME, knock(access=[("tcp", 22)]))
+    assert not d.accepted and d.reason == "cmd_cycle_open not run: 1 hooks run already, the " \
+        "most at once"
+    assert tick_until(gate, lambda: runs(hookdir, "late"), 8)
+    assert runs(hookdir, "late")[0]["time"] >= start + 2
+    assert gate.firewall.close(SRC, "tcp", 22) and not gate.firewall.close(SRC, "tcp", 22)

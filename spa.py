@@ -4843,18 +4843,28 @@ class HookRunner(CommandRunner):
 
 
 class PendingCloses(object):
-    """The hooks' closes not run yet, kept durably: a file of one JSON object a line
-    ({"due": wall-clock seconds, "user", "argv", "what", "key"}), written anew and swapped
-    in (replace_file, with fsync) at every change, in the replay cache's private folder.
-    A server that starts after a crash runs the overdue ones at once and waits for the
-    others.  A close is removed only once it has started: after a crash in between it may
+    """The hooks' closes not run yet, kept durably in a journal in the replay cache's private
+    folder: a line a close ({"id", "due": wall-clock seconds, "user", "argv", "what",
+    "key"}; a later line of the same id moves it later), a line {"done": id} once it has
+    started; each change appended and synced before it counts.  It is compacted (written
+    anew and swapped in: replace_file) at start and when done lines outnumber the rest.  A
+    server that starts after a crash runs the overdue closes at once and waits for the
+    others.  A close is forgotten only once it has started: after a crash in between it may
     run twice, never not at all.  `path` None: in memory only."""
 
     def __init__(self, path):
-        import json
-        self.path, self.entries, self.skipped = path, [], 0
+        self.path, self.pending, self.skipped, self.fd, self.lines = path, {}, 0, None, 0
         if path is None:
             return
+        self._load(path)
+        try:
+            self._rewrite()
+        except OSError as e:
+            raise SpaError("cannot write %s: %s" % (path, e.strerror or e))
+
+    def _load(self, path):
+        """Read the journal (missing: nothing pending); lines it cannot read are counted."""
+        import json
         try:
             with open(path) as f:
                 lines = f.read().splitlines()
@@ -4865,52 +4875,86 @@ class PendingCloses(object):
         for line in lines:
             try:
                 entry = json.loads(line)
+                if "done" in entry:
+                    self.pending.pop(str(entry["done"]), None)
+                    continue
                 if not (isinstance(entry["argv"], list) and entry["argv"]
                         and all(isinstance(a, str) for a in entry["argv"])):
                     raise ValueError("argv")
                 entry["due"], entry["key"] = float(entry["due"]), tuple(entry["key"])
                 entry["user"], entry["what"] = str(entry["user"]), str(entry["what"])
-                self.entries.append(entry)
-            except (ValueError, KeyError, TypeError):
+                self.pending[str(entry["id"])] = entry
+            except (ValueError, KeyError, TypeError, AttributeError):
                 self.skipped += 1
 
+    @property
+    def entries(self):
+        return list(self.pending.values())
+
     def add(self, entries):
-        """Record new closes (one write); the same close (user and argv) already pending
-        is kept once, for the later time.  OSError if they could not be made durable."""
-        before = [dict(entry) for entry in self.entries]
+        """Record new closes (one write, one sync); the same close (user and argv) already
+        pending is kept once, for the later time.  OSError if they could not be made
+        durable: then nothing changed."""
+        import json
+        same = {(e["user"], tuple(e["argv"])): e for e in self.pending.values()}
+        changed = {}
         for new in entries:
-            same = [old for old in self.entries
-                    if (old["user"], old["argv"]) == (new["user"], new["argv"])]
-            if same:
-                same[0]["due"] = max(same[0]["due"], new["due"])
-            else:
-                self.entries.append(new)
-        try:
-            self.save()
-        except OSError:
-            self.entries = before
-            raise
+            old = changed.get((new["user"], tuple(new["argv"]))) or \
+                same.get((new["user"], tuple(new["argv"])))
+            entry = dict(old or new, due=max(old["due"], new["due"]) if old else new["due"])
+            entry.setdefault("id", binascii.hexlify(os.urandom(8)).decode())
+            changed[(entry["user"], tuple(entry["argv"]))] = entry
+        self._append([json.dumps(e, sort_keys=True) for e in changed.values()])
+        for entry in changed.values():
+            self.pending[entry["id"]] = entry
 
     def due(self, now):
         """The closes whose time has come, the earliest first."""
-        return sorted((e for e in self.entries if e["due"] <= now), key=lambda e: e["due"])
+        return sorted((e for e in self.pending.values() if e["due"] <= now),
+                      key=lambda e: e["due"])
 
     def remove(self, gone):
-        """Forget closes that were started (or can never be); written at once."""
-        self.entries = [entry for entry in self.entries if not any(entry is g for g in gone)]
-        self.save()
-
-    def save(self):
+        """Forget closes that were started (or can never run), at once in memory; the
+        journal says so too (OSError if it could not)."""
         import json
-        if self.path is None:
+        for entry in gone:
+            self.pending.pop(entry["id"], None)
+        self._append([json.dumps({"done": entry["id"]}) for entry in gone])
+
+    def _append(self, lines):
+        """Append lines to the journal and sync; the whole file anew after a failed write,
+        or once done lines outnumber the pending ones."""
+        if self.path is None or not lines:
             return
-        text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in self.entries)
+        if self.fd is None or self.lines + len(lines) > 2 * len(self.pending) + 100:
+            self._rewrite(lines)
+            return
+        try:
+            write_all(self.fd, "".join(line + "\n" for line in lines).encode())
+            sync_file(self.fd)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise
+        self.lines += len(lines)
+
+    def _rewrite(self, more=()):
+        """Write the pending closes (and `more` lines) to a new file, swap it in, and
+        append to it from then on."""
+        import json
+        text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.pending.values()) + \
+            "".join(line + "\n" for line in more)
         replace_file(self.path, lambda fd: write_all(fd, text.encode()))
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        self.lines = len(self.pending) + len(more)
 
 
 # --- The gatekeeper: the parent decides -----------------------------------------------

@@ -92,6 +92,19 @@ def runs(hookdir, event):
     return found
 
 
+def pending_in(path):
+    """The closes the journal at `path` holds pending (read only: the server keeps it)."""
+    pending = {}
+    with open(path) as f:
+        for line in f:
+            entry = json.loads(line)
+            if "done" in entry:
+                pending.pop(entry["done"], None)
+            else:
+                pending[entry["id"]] = entry
+    return list(pending.values())
+
+
 def hook_stanza(hookdir, **options):
     stanza = {"cmd_cycle_open": "%s/record open %s" % (hookdir, ARGS),
               "cmd_cycle_close": "%s/record close %s" % (hookdir, ARGS),
@@ -255,14 +268,13 @@ def test_open_then_close_after_the_timer_with_fwknop_s_variables(tmp_path, hookd
         assert run["uid"] == nobody and run["nnp"] == "NoNewPrivs:1"
         assert run["env"] == "PATH=%s HOME=" % spa.HookRunner.PATH
     assert runs(hookdir, "close") == []
-    with open(gate.closes.path) as f:
-        pending = [json.loads(line) for line in f]
+    pending = pending_in(gate.closes.path)
     assert sorted(p["argv"][6] for p in pending) == ["22", "53"]
     assert tick_until(gate, lambda: len(runs(hookdir, "close")) == 2)
     closes = runs(hookdir, "close")
     assert all(r["time"] >= now + 1 - 0.05 for r in closes)
     assert sorted(r["argv"][1:] for r in closes) == sorted(r["argv"][1:] for r in opens)
-    assert open(gate.closes.path).read() == ""
+    assert pending_in(gate.closes.path) == [] and gate.closes.entries == []
     assert tick_until(gate, lambda: "exited with status 0; its output: hook close ran"
                       in gate.log.text())
 
@@ -340,14 +352,18 @@ def test_root_only_when_written_and_the_test_mode_runs_nothing(tmp_path, hookdir
 def test_a_close_that_cannot_be_recorded_refuses_the_knock(tmp_path, hookdir):
     need_root()
     gate = hook_gate(tmp_path, hook_stanza(hookdir))
-    os.mkdir(gate.closes.path)                  # a folder where the file must go
-    try:
-        d = gate.knock(SRC, ME, knock())
-    finally:
-        os.rmdir(gate.closes.path)
+    os.close(gate.closes.fd)
+    gate.closes.fd = os.open("/dev/full", os.O_WRONLY)      # every write: ENOSPC
+    d = gate.knock(SRC, ME, knock())
     assert not d.accepted and d.reason == "its cmd_cycle_close could not be recorded"
+    assert "cannot write the pending closes to %s: No space left on device" % gate.closes.path \
+        in gate.log.text()
     time.sleep(0.3)
-    assert runs(hookdir, "open") == []          # its open never ran
+    assert runs(hookdir, "open") == [] and gate.closes.entries == []   # its open never ran
+    # The next knock writes the journal anew, and is accepted.
+    assert gate.knock(SRC, ME, knock()).accepted
+    assert len(pending_in(gate.closes.path)) == 1
+    assert tick_until(gate, lambda: runs(hookdir, "open"))
 
 
 # ---------------------------------------------------------------------------
@@ -391,8 +407,7 @@ def test_the_close_runs_after_a_crash_and_a_restart(tmp_path, hookdir, overdue):
         assert wait_for(lambda: runs(hookdir, "open"), 5), server.log.text()
         kill_hard(server)
         assert runs(hookdir, "close") == []
-        with open(tmp_path / "pending-closes") as f:
-            assert json.loads(f.readline())["argv"][1] == "close"
+        assert [e["argv"][1] for e in pending_in(tmp_path / "pending-closes")] == ["close"]
         if overdue:
             time.sleep(max(0, start + 5 - time.time()))
         server = spawn_server(lab, conf)
@@ -405,7 +420,7 @@ def test_the_close_runs_after_a_crash_and_a_restart(tmp_path, hookdir, overdue):
             assert ran["time"] - restarted < 1.5
         else:
             assert ran["time"] >= start + 4 - 0.1
-        assert wait_for(lambda: open(tmp_path / "pending-closes").read() == "", 3)
+        assert wait_for(lambda: pending_in(tmp_path / "pending-closes") == [], 3)
         assert wait_for(lambda: "cmd_cycle_close of [client alice] %s tcp/%d%s" % (
             lab.cli4(1), SERVICE_PORT, " (" if overdue else ": running") in server.log.text(), 3)
         assert len(runs(hookdir, "close")) == 1            # once, not again
@@ -417,21 +432,27 @@ def test_the_close_runs_after_a_crash_and_a_restart(tmp_path, hookdir, overdue):
 def test_pending_closes_read_what_they_can_and_drop_what_can_never_run(tmp_path, hookdir):
     need_root()
     path = str(tmp_path / "pending-closes")
-    good = {"due": time.time() - 1, "user": "nobody", "argv": [hookdir + "/record", "close"],
-            "what": "[client a] 198.18.0.2 tcp/22", "key": ["a", "198.18.0.2", "tcp", 22]}
-    gone = dict(good, user="no-such-user-hk", what="[client b] 198.18.0.3 tcp/22",
+    good = {"id": "g", "due": time.time() - 1, "user": "nobody",
+            "argv": [hookdir + "/record", "close"], "what": "[client a] 198.18.0.2 tcp/22",
+            "key": ["a", "198.18.0.2", "tcp", 22]}
+    gone = dict(good, id="b", user="no-such-user-hk", what="[client b] 198.18.0.3 tcp/22",
                 key=["b", "198.18.0.3", "tcp", 22])
     with open(path, "w") as f:
-        f.write("\n".join([json.dumps(good), "{not json", json.dumps(dict(good, argv=[])),
-                           json.dumps(gone), json.dumps({"due": 1})]) + "\n")
+        f.write("\n".join([json.dumps(dict(good, due=1)), json.dumps(dict(good, id="x")),
+                           "{not json", json.dumps(dict(good, id="y", argv=[])), json.dumps(gone),
+                           json.dumps({"due": 1}), json.dumps({"done": "x"}), json.dumps(good),
+                           "7"]) + "\n")
     closes = spa.PendingCloses(path)
-    assert closes.skipped == 3 and len(closes.entries) == 2
+    assert closes.skipped == 4 and [(e["id"], e["due"]) for e in closes.entries] == [
+        ("g", good["due"]), ("b", good["due"])]
+    assert sorted(e["id"] for e in pending_in(path)) == ["b", "g"]      # compacted at start
     gate = hook_gate(tmp_path / "g", hook_stanza(hookdir))
     gate.closes = closes
     gate.run_closes()
     assert "cmd_cycle_close of [client b] 198.18.0.3 tcp/22 not run: no user no-such-user-hk" \
         in gate.log.text()
-    assert closes.entries == [] and open(path).read() == ""
+    assert closes.entries == [] and pending_in(path) == []
+    assert spa.PendingCloses(path).entries == [] and open(path).read() == ""   # compacted
     assert tick_until(gate, lambda: runs(hookdir, "close"))
 
 

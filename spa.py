@@ -5872,6 +5872,9 @@ class Supervisor(object):
             self.reader.stop()
             if monitor is not None:
                 monitor.close()
+            if self.gate.closes.entries:
+                self.log.warning("%d hook close(s) pending: they run when the server starts "
+                                 "again (%s)", len(self.gate.closes.entries), self.gate.closes.path)
 
     def _wait(self, monitor):
         """Wait up to a second for the reader's requests or log lines, a signal or news of

@@ -424,6 +424,12 @@ def test_the_close_runs_after_a_crash_and_a_restart(tmp_path, hookdir, overdue):
         assert wait_for(lambda: "cmd_cycle_close of [client alice] %s tcp/%d%s" % (
             lab.cli4(1), SERVICE_PORT, " (" if overdue else ": running") in server.log.text(), 3)
         assert len(runs(hookdir, "close")) == 1            # once, not again
+        # A server stopped while a close is pending says so.
+        client_knock(lab, "cli1", dest)
+        assert wait_for(lambda: len(runs(hookdir, "open")) == 2, 5), server.log.text()
+        Lab.stop_process(server)
+        assert "1 hook close(s) pending: they run when the server starts again" in \
+            server.log.text()
         # The hook's output in the log, its control characters escaped.
         assert wait_for(lambda: "exited with status 0; its output: hook close ran\\x1b[2J"
                         in server.log.text(), 3), server.log.text()
@@ -493,9 +499,13 @@ def test_firewall_none_with_hooks_that_run_nft_opens_a_real_service(tmp_path):
         server = spawn_server(lab, conf)
         assert not tcp_connect_ok(lab.name("cli1"), dest, SERVICE_PORT, 0.3)
         assert "table inet spa" not in lab.run("srv", ["nft", "list", "tables"]).stdout
+        start = time.monotonic()
         client_knock(lab, "cli1", dest)
-        opened = wait_tcp_open(lab.name("cli1"), dest, SERVICE_PORT, 3.0, poll_ms=5)
+        sent = time.monotonic()
+        opened = wait_tcp_open(lab.name("cli1"), dest, SERVICE_PORT, 3.0, poll_ms=2)
         assert opened is not None, server.log.text()
+        print("\nthrough an nft hook: the client ran %.0f ms; the port was open %.0f ms after "
+              "it ended" % (1000 * (sent - start), 1000 * opened))
         assert wait_for(lambda: not tcp_connect_ok(lab.name("cli1"), dest, SERVICE_PORT, 0.3),
                         6), server.log.text()
         assert "table inet spa" not in lab.run("srv", ["nft", "list", "tables"]).stdout

@@ -772,6 +772,35 @@ def write_file(path, text, mode=0o644, check=None):
     replace_file(path, lambda fd: write_all(fd, data), mode, owner, check)
 
 
+def read_pending_closes(path):
+    """({id: close}, lines that could not be read) of a PendingCloses journal, read only;
+    a missing file holds nothing."""
+    import json
+    pending, skipped = {}, 0
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return pending, skipped
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpaError("cannot read %s: %s" % (path, getattr(e, "strerror", None) or e))
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            if "done" in entry:
+                pending.pop(str(entry["done"]), None)
+                continue
+            if not (isinstance(entry["argv"], list) and entry["argv"]
+                    and all(isinstance(a, str) for a in entry["argv"])):
+                raise ValueError("argv")
+            entry["due"], entry["key"] = float(entry["due"]), tuple(entry["key"])
+            entry["user"], entry["what"] = str(entry["user"]), str(entry["what"])
+            pending[str(entry["id"])] = entry
+        except (ValueError, KeyError, TypeError, AttributeError):
+            skipped += 1
+    return pending, skipped
+
+
 def _read_text(path):
     try:
         with open(path) as f:
@@ -2099,10 +2128,20 @@ class NoFirewall(Firewall):
 
     name = "none"
 
-    def __init__(self, protect, action="reject", log=None):
+    def __init__(self, protect, action="reject", log=None, journal=None):
         Firewall.__init__(self, protect, action, log)
         self.steer = False
         self.ends = {}         # (address, proto, port) -> end (wall clock)
+        self.journal = journal   # the hooks' pending closes (PendingCloses), for list()
+
+    def list(self):
+        """What the hooks hold open: the pending closes the journal keeps, by the time
+        left until each runs (read only; the server keeps the file)."""
+        if self.journal is None:
+            return []
+        now = time.time()
+        return [(e["key"][1], e["key"][2], e["key"][3], max(0, int(e["due"] - now)), "")
+                for e in read_pending_closes(self.journal)[0].values() if len(e["key"]) == 4]
 
     def setup(self):
         self._say("info", "firewall = none: spa.py changes no firewall; the stanzas' hooks "
@@ -3729,7 +3768,7 @@ def make_firewall(config, test, log=None):
     if test:
         return DryRunFirewall(config.protect, config.protect_action, log)
     if config.firewall == "none":
-        return NoFirewall(config.protect, config.protect_action, log)
+        return NoFirewall(config.protect, config.protect_action, log, config.pending_closes)
     kind = detect_firewall(log) if config.firewall == "auto" else config.firewall
     nat = config.enable_forwarding or config.enable_local_nat
     if kind == "nft":
@@ -4863,29 +4902,7 @@ class PendingCloses(object):
             raise SpaError("cannot write %s: %s" % (path, e.strerror or e))
 
     def _load(self, path):
-        """Read the journal (missing: nothing pending); lines it cannot read are counted."""
-        import json
-        try:
-            with open(path) as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return
-        except (OSError, UnicodeDecodeError) as e:
-            raise SpaError("cannot read %s: %s" % (path, getattr(e, "strerror", None) or e))
-        for line in lines:
-            try:
-                entry = json.loads(line)
-                if "done" in entry:
-                    self.pending.pop(str(entry["done"]), None)
-                    continue
-                if not (isinstance(entry["argv"], list) and entry["argv"]
-                        and all(isinstance(a, str) for a in entry["argv"])):
-                    raise ValueError("argv")
-                entry["due"], entry["key"] = float(entry["due"]), tuple(entry["key"])
-                entry["user"], entry["what"] = str(entry["user"]), str(entry["what"])
-                self.pending[str(entry["id"])] = entry
-            except (ValueError, KeyError, TypeError, AttributeError):
-                self.skipped += 1
+        self.pending, self.skipped = read_pending_closes(path)
 
     @property
     def entries(self):

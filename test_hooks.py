@@ -21,6 +21,7 @@ namespaces, the real fwknop client and fwknopd):
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -405,6 +406,9 @@ def test_the_close_runs_after_a_crash_and_a_restart(tmp_path, hookdir, overdue):
         start = time.time()
         client_knock(lab, "cli1", dest)
         assert wait_for(lambda: runs(hookdir, "open"), 5), server.log.text()
+        listed = lab.run("srv", [sys.executable, SPA, "server", "-c", conf, "--list"]).stdout
+        assert re.match(r"%s +tcp/%d +[0-4] s left\n$" % (re.escape(lab.cli4(1)), SERVICE_PORT),
+                        listed), listed
         kill_hard(server)
         assert runs(hookdir, "close") == []
         assert [e["argv"][1] for e in pending_in(tmp_path / "pending-closes")] == ["close"]

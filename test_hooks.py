@@ -198,7 +198,13 @@ def test_firewall_none_needs_hooks_in_every_stanza(tmp_path):
     config = server_config(tmp_path, {"a": {"cmd_cycle_open": "/bin/true",
                                             "cmd_cycle_close": "NONE",
                                             "cmd_cycle_user": "nobody"}}, firewall="none")
-    assert isinstance(spa.make_firewall(config, False), spa.NoFirewall)
+    none = spa.make_firewall(config, False)
+    assert isinstance(none, spa.NoFirewall) and none.name == "none" and not none.steer
+    for name in ("setup", "open", "open_many", "open_nat", "close", "list", "list_nat",
+                 "expire", "restore", "flush", "reconfigure"):
+        assert callable(getattr(none, name))
+    assert none.open_nat(SRC, "tcp", 22, ME, 2222, 1, True, now=0) and none.list() == []
+    assert none.expire(now=2) == 0 and none.ends == {}
     assert isinstance(spa.make_firewall(config, True), spa.DryRunFirewall)
     assert config.pending_closes == str(tmp_path / "pending-closes")
 
@@ -558,6 +564,7 @@ def test_the_fwknop_client_knocks_on_hooks_from_an_access_conf_as_fwknopd_runs_t
         with FwknopdServer(lab, "srv", lab.srv_if[1], stanza, srv_dir) as fwknopd:
             lab.run("cli1", fwknop)
             assert wait_for(lambda: runs(hookdir, "open"), 5), fwknopd.log.text()
+            assert fwknopd.rules() == []        # it opens nothing itself for a command cycle
         theirs = runs(hookdir, "open")[0]
         assert theirs["argv"] == ours["argv"]
 

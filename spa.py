@@ -24,7 +24,7 @@ it, but for the last one):
   Files                                    key files read privately, state kept durably
   Policy and config                        [server], [client NAME], fwknop's access.conf
   Replay cache                             no packet opens anything twice
-  Firewall: one interface                  what every back end does; the dry run
+  Firewall: one interface                  what every back end does; the dry run; none
   nftables, iptables                       the two real back ends
   Choosing the back end; the saved firewall
   Capture                                  AF_PACKET sockets and their BPF filter
@@ -525,7 +525,7 @@ class Decision(object):
     """What the server should do with one packet, and why."""
 
     __slots__ = ("accepted", "reason", "source", "stanza", "replay_key", "message",
-                 "allow_ip", "timeout", "nat", "interface")
+                 "allow_ip", "timeout", "nat", "interface", "hooks")
 
     def __init__(self, source, reason=None):
         self.accepted = False
@@ -533,7 +533,7 @@ class Decision(object):
         self.source = source
         self.stanza = self.replay_key = self.message = self.allow_ip = None
         self.timeout = 0
-        self.nat = self.interface = None
+        self.nat = self.interface = self.hooks = None
 
 
 def screen(payload, source, stanzas):
@@ -776,6 +776,35 @@ def write_file(path, text, mode=0o644, check=None):
         pass
     data = text.encode(locale.getpreferredencoding(False))     # as open(path, "w") writes
     replace_file(path, lambda fd: write_all(fd, data), mode, owner, check)
+
+
+def read_pending_closes(path):
+    """({id: close}, lines that could not be read) of a PendingCloses journal, read only;
+    a missing file holds nothing."""
+    import json
+    pending, skipped = {}, 0
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return pending, skipped
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpaError("cannot read %s: %s" % (path, getattr(e, "strerror", None) or e))
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            if "done" in entry:
+                pending.pop(str(entry["done"]), None)
+                continue
+            if not (isinstance(entry["argv"], list) and entry["argv"]
+                    and all(isinstance(a, str) for a in entry["argv"])):
+                raise ValueError("argv")
+            entry["due"], entry["key"] = float(entry["due"]), tuple(entry["key"])
+            entry["user"], entry["what"] = str(entry["user"]), str(entry["what"])
+            pending[str(entry["id"])] = entry
+        except (ValueError, KeyError, TypeError, AttributeError):
+            skipped += 1
+    return pending, skipped
 
 
 def _read_text(path):
@@ -1030,7 +1059,8 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "cmd_exec_user",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address", "nat_destinations",
-                  "max_openings"}
+                  "max_openings", "cmd_cycle_open", "cmd_cycle_close", "cmd_cycle_timer",
+                  "cmd_cycle_user"}
 
 
 def _parse_sources(value, where):
@@ -1066,6 +1096,84 @@ def _check_command_user(name, where):
     if user.pw_gid == 0:
         raise SpaError("%s: cmd_exec_user %s has group 0 (root): give it a group of "
                        "its own" % (where, user.pw_name))
+
+
+# The variables a hook's arguments may hold (fwknop's CMD_CYCLE_* names and meanings, in
+# server/cmd_cycle.c): each is replaced inside an argument, never through a shell.
+HOOK_VARIABLES = {
+    "IP": "the address opened (the packet's allow IP, or its source for 0.0.0.0)",
+    "SRC": "the same as $IP", "PKT_SRC": "the knock's source address",
+    "DST": "the address the knock was sent to", "PORT": "the port opened",
+    "PROTO": "the protocol opened, as its number (6 tcp, 17 udp), as fwknopd gives it",
+    "TIMEOUT": "when the close is due, in seconds since 1970 (the packet's timestamp "
+               "plus the timer, as fwknopd counts it)",
+    "CLIENT_TIMEOUT": "the timer: seconds from the open to the close",
+    "NAT_IP": "a NAT request's target address", "NAT_PORT": "a NAT request's target port"}
+
+
+def _hook_variables_used(argv):
+    """The $NAMES in a hook's arguments (SpaError, to be prefixed, for a $NAME not known)."""
+    import re
+    used = set()
+    for arg in argv:
+        for name in re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", arg):
+            if name not in HOOK_VARIABLES:
+                raise SpaError("$%s is not a variable (%s)" % (
+                    name if _showable(name) else "...", ", ".join(
+                        "$" + n for n in sorted(HOOK_VARIABLES))))
+            used.add(name)
+    return used
+
+
+def parse_hook(value, where, name):
+    """A hook (cmd_cycle_open, cmd_cycle_close): the argument list of one command, split
+    as a shell would split it but run without one; None for NONE (cmd_cycle_close only)."""
+    import shlex
+    if name == "cmd_cycle_close" and value.strip().upper() == "NONE":
+        return None
+    try:
+        argv = shlex.split(value)
+    except ValueError as e:
+        raise SpaError("%s: %s: %s" % (where, name, e))
+    if not argv:
+        raise SpaError("%s: %s is empty" % (where, name))
+    if "$" in argv[0]:
+        raise SpaError("%s: %s: the program (its first word) may not be a variable"
+                       % (where, name))
+    try:
+        _hook_variables_used(argv)
+    except SpaError as e:
+        raise SpaError("%s: %s: %s" % (where, name, e))
+    return argv
+
+
+def expand_hook(argv, values):
+    """A hook's arguments with its variables replaced, argument by argument (no shell,
+    no splitting: a value is never more than part of one argument).  `values` maps each
+    variable to its text; a variable it lacks (NAT_IP for a plain opening) raises
+    ValueError."""
+    import re
+
+    def value(match):
+        if match.group(1) not in values:
+            raise ValueError("$%s has no value for this request" % match.group(1))
+        return values[match.group(1)]
+    return [re.sub(r"\$([A-Za-z_][A-Za-z0-9_]*)", value, arg) for arg in argv]
+
+
+def check_hook_user(name, where):
+    """cmd_cycle_user: an existing user; root only when named `root` outright, never a
+    user of group 0 other than root (a hook runs as this user: HookRunner)."""
+    import pwd
+    try:
+        user = pwd.getpwnam(name or "")
+    except KeyError:
+        raise SpaError("%s: cmd_cycle_open needs cmd_cycle_user, an existing user (root "
+                       "only if you write root)" % where)
+    if (user.pw_uid == 0 or user.pw_gid == 0) and name != "root":
+        raise SpaError("%s: cmd_cycle_user %s is root or of group 0: write cmd_cycle_user = "
+                       "root if hooks must run as root" % (where, user.pw_name))
+    return user
 
 
 class Stanza(object):
@@ -1115,6 +1223,34 @@ class Stanza(object):
         # Openings in force at once: each holds a little kernel memory that nothing else frees.
         self.max_openings = parse_int(get("max_openings") or "1000", where + ": max_openings",
                                       1, 1000000)
+        self._read_hooks(get, where)
+
+    def _read_hooks(self, get, where):
+        """Hooks (fwknop's command cycles): cmd_cycle_open runs at each opening and
+        cmd_cycle_close `cmd_cycle_timer` seconds later, as cmd_cycle_user."""
+        self.cmd_cycle_open = parse_hook(get("cmd_cycle_open"), where, "cmd_cycle_open") \
+            if get("cmd_cycle_open") else None
+        self.cmd_cycle_close = parse_hook(get("cmd_cycle_close"), where, "cmd_cycle_close") \
+            if get("cmd_cycle_close") else None
+        self.cmd_cycle_timer = parse_int(get("cmd_cycle_timer"), where + ": cmd_cycle_timer",
+                                         1, 86400) if get("cmd_cycle_timer") else None
+        self.cmd_cycle_user = get("cmd_cycle_user") or None
+        if self.cmd_cycle_open is None:
+            if get("cmd_cycle_close") or get("cmd_cycle_timer") or get("cmd_cycle_user"):
+                raise SpaError("%s: cmd_cycle_close, cmd_cycle_timer and cmd_cycle_user need "
+                               "cmd_cycle_open" % where)
+            return
+        if not get("cmd_cycle_close"):
+            raise SpaError("%s: cmd_cycle_open needs cmd_cycle_close (NONE: no close, the "
+                           "opening is for good)" % where)
+        check_hook_user(self.cmd_cycle_user, where)
+
+    def hook_timer(self, msg, timeout):
+        """Seconds from a hook's open to its close: the client's timeout (capped, as for
+        an opening) if it asked for one, else cmd_cycle_timer, else the opening's."""
+        if msg.msg_type in TIMEOUT_TYPES and msg.client_timeout > 0:
+            return timeout
+        return self.cmd_cycle_timer or timeout
 
     def matches_source(self, source):
         """Whether a packet from `source` (an address as text) may use this stanza."""
@@ -1215,6 +1351,9 @@ ACCESS_CONF_NAMES = {
     "FW_ACCESS_TIMEOUT": "fw_access_timeout", "CMD_EXEC_USER": "cmd_exec_user",
     "MAX_FW_TIMEOUT": "max_fw_timeout", "REQUIRE_USERNAME": "require_username",
     "ACCESS_EXPIRE": "access_expire", "ACCESS_EXPIRE_EPOCH": "access_expire",
+    "CMD_CYCLE_OPEN": "cmd_cycle_open", "CMD_CYCLE_CLOSE": "cmd_cycle_close",
+    "CMD_CYCLE_TIMER": "cmd_cycle_timer",
+    "CMD_CYCLE_USER": "cmd_cycle_user",     # spa.py's own: fwknopd runs command cycles as root
 }
 
 
@@ -1229,9 +1368,7 @@ ACCESS_CONF_BOOLS = {"REQUIRE_SOURCE_ADDRESS": "require_source_address",
 ACCESS_CONF_UNSUPPORTED = {
     "FORCE_NAT": "NAT (FORCE_NAT)", "FORCE_SNAT": "NAT (FORCE_SNAT)",
     "FORCE_MASQUERADE": "NAT (FORCE_MASQUERADE)", "FORWARD_ALL": "NAT (FORWARD_ALL)",
-    "DISABLE_DNAT": "NAT (DISABLE_DNAT)", "CMD_CYCLE_OPEN": "command cycles (CMD_CYCLE_OPEN)",
-    "CMD_CYCLE_CLOSE": "command cycles (CMD_CYCLE_CLOSE)",
-    "CMD_CYCLE_TIMER": "command cycles (CMD_CYCLE_TIMER)"}
+    "DISABLE_DNAT": "NAT (DISABLE_DNAT)"}
 
 
 ACCESS_CONF_UNSUPPORTED_BOOLS = {"FORCE_MASQUERADE", "FORWARD_ALL", "DISABLE_DNAT"}
@@ -1337,6 +1474,10 @@ class _AccessConfStanza(object):
             options["enable_cmd_exec"] = "no"     # fwknopd would run them as root: never
             notes.append("%s: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER: spa.py "
                          "never runs commands as root" % name)
+        if options.get("cmd_cycle_open") and not options.get("cmd_cycle_user"):
+            options["cmd_cycle_user"] = "nobody"  # fwknopd would run them as root: not unasked
+            notes.append("%s: CMD_CYCLE_OPEN and CMD_CYCLE_CLOSE run as nobody (fwknopd runs "
+                         "them as root): name their user with CMD_CYCLE_USER, root too" % name)
         if unsupported:
             self.problems.insert(0, "spa.py does not support %s" % ", ".join(unsupported))
         if any(s.strip().upper() == "ANY" for s in options.get("source", "").split(",")):
@@ -1363,7 +1504,7 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
 
     Read as fwknopd reads it (access_conf_lines; variable names are case-sensitive).
     A stanza that needs what spa.py does not do (GnuPG, NAT, a DESTINATION other
-    than ANY, command cycles, ECB or legacy mode, no HMAC key), or that it cannot
+    than ANY, ECB or legacy mode, no HMAC key), or that it cannot
     read, is left out and a note names it and why, rather than being loaded with a
     restriction quietly dropped; the other stanzas load.
     """
@@ -1477,7 +1618,7 @@ class ServerConfig(object):
         self.port = parse_int(get("port", str(DEFAULT_PORT)), "port", 1, 65535)
         self.firewall = get("firewall", "nft").lower()
         if self.firewall not in FIREWALLS:
-            raise SpaError("%s: firewall = %r: expected %s (none changes nothing)"
+            raise SpaError("%s: firewall = %r: expected %s (none: hooks do the work)"
                            % (path, self.firewall, ", ".join(FIREWALLS)))
         try:
             self.protect = parse_access(get("protect", ""), "protect", True) \
@@ -1536,6 +1677,17 @@ class ServerConfig(object):
             raise SpaError("%s: no [client NAME] section%s: nobody could knock" % (
                 path, " and no usable stanza in %s (%s)" % (access_conf, "; ".join(self.notes))
                 if access_conf else ""))
+        bare = [stanza.name for stanza in self.stanzas if stanza.cmd_cycle_open is None]
+        if self.firewall == "none" and bare:
+            raise SpaError("%s: firewall = none, and [client %s] has no cmd_cycle_open: its "
+                           "knocks would open nothing (hooks do the work without a firewall)"
+                           % (path, bare[0]))
+
+    @property
+    def pending_closes(self):
+        """The file that keeps the hooks' pending closes: next to the replay cache."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.replay_cache)),
+                            "pending-closes")
 
 
 # ---------------------------------------------------------------------------
@@ -1779,8 +1931,9 @@ class ReplayCache(object):
 # Firewall: one interface, three back ends
 # ---------------------------------------------------------------------------
 #
-# What the server asks of a firewall (Firewall, a small base class), and the dry run
-# (DryRunFirewall, for --test and firewall = none).  The two real back ends follow:
+# What the server asks of a firewall (Firewall, a small base class), the dry run
+# (DryRunFirewall, for --test) and no firewall at all (NoFirewall, firewall = none: hooks
+# do the work).  The two real back ends follow:
 # nftables, then iptables.  Back ends change only what is theirs (their own table or
 # chains, and a marked rule where the host's own chains would drop an opening), and run
 # their tools with argument lists (run_command), never through a shell.  A new back end
@@ -1945,7 +2098,7 @@ class Firewall(object):
 
 
 class DryRunFirewall(Firewall):
-    """Changes nothing; records what it would do (server --test, firewall = none)."""
+    """Changes nothing; records what it would do (server --test)."""
 
     name = "none"
 
@@ -1972,6 +2125,51 @@ class DryRunFirewall(Firewall):
 
     def close(self, address, proto, port):
         return False
+
+
+class NoFirewall(Firewall):
+    """firewall = none: spa.py changes no firewall; every stanza's hooks (cmd_cycle_open and
+    cmd_cycle_close: pf on another box, a cloud security group, an ipset) open and close.
+    It keeps the book of what is open, until when, for the log and for max_openings."""
+
+    name = "none"
+
+    def __init__(self, protect, action="reject", log=None, journal=None):
+        Firewall.__init__(self, protect, action, log)
+        self.steer = False
+        self.ends = {}         # (address, proto, port) -> end (wall clock)
+        self.journal = journal   # the hooks' pending closes (PendingCloses), for list()
+
+    def list(self):
+        """What the hooks hold open: the pending closes the journal keeps, by the time
+        left until each runs (read only; the server keeps the file)."""
+        if self.journal is None:
+            return []
+        now = time.time()
+        return [(e["key"][1], e["key"][2], e["key"][3], max(0, int(e["due"] - now)), "")
+                for e in read_pending_closes(self.journal)[0].values() if len(e["key"]) == 4]
+
+    def setup(self):
+        self._say("info", "firewall = none: spa.py changes no firewall; the stanzas' hooks "
+                  "open and close %s", format_access(self.protect))
+
+    def open(self, address, proto, port, timeout, now=None, interface=None):
+        now = time.time() if now is None else now
+        key = (address, proto, port)
+        self.ends[key] = max(self.ends.get(key, 0), now + timeout)
+        return True
+
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+        return self.open(address, proto, port, timeout, now)
+
+    def close(self, address, proto, port):
+        return self.ends.pop((address, proto, port), None) is not None
+
+    def expire(self, now=None):
+        now = time.time() if now is None else now
+        for key in [key for key, end in self.ends.items() if end <= now]:
+            del self.ends[key]
+        return 0
 
 
 # ---------------------------------------------------------------------------
@@ -3571,9 +3769,12 @@ def detect_firewall(log=None):
 
 
 def make_firewall(config, test, log=None):
-    """The back end the config asks for: nft, iptables (either flavour), or a dry run."""
-    if test or config.firewall == "none":
+    """The back end the config asks for: nft, iptables (either flavour), none (the hooks
+    do the work), or a dry run (--test)."""
+    if test:
         return DryRunFirewall(config.protect, config.protect_action, log)
+    if config.firewall == "none":
+        return NoFirewall(config.protect, config.protect_action, log, config.pending_closes)
     kind = detect_firewall(log) if config.firewall == "auto" else config.firewall
     nat = config.enable_forwarding or config.enable_local_nat
     if kind == "nft":
@@ -4226,9 +4427,10 @@ class RateLimiter(object):
 # It trusts the config and the kernel; the packet reader is trusted with nothing but
 # reading packets, and its requests and log lines are checked as hostile.  In this
 # section's order: the reader's sandbox, the pipe protocol (request lines), the command
-# runner, the gatekeeper (the parent's decisions), the packet reader, the reader's
-# process seen from the parent (ReaderProcess), the supervisor's event loop, and the
-# entry points (server, firewall-config, check-config).
+# runner, the hooks (commands at open and close), the gatekeeper (the parent's
+# decisions), the packet reader, the reader's process seen from the parent
+# (ReaderProcess), the supervisor's event loop, and the entry points (server,
+# firewall-config, check-config).
 
 # --- The packet reader's sandbox ------------------------------------------------------
 #
@@ -4465,12 +4667,14 @@ COMMAND_TIME_LIMIT = 60               # seconds a command message may run before
 
 class _Command(object):
     """A command that CommandRunner started: its process, its text, when it started
-    (monotonic), and its exit status once it has one (its group may outlive it)."""
+    (monotonic), its exit status once it has one (its group may outlive it), and, for a
+    hook, the pipe its output comes through, what was kept of it, and its key."""
 
-    __slots__ = ("proc", "command", "started", "status")
+    __slots__ = ("proc", "command", "started", "status", "pipe", "output", "key")
 
-    def __init__(self, proc, command, started):
+    def __init__(self, proc, command, started, key=None):
         self.proc, self.command, self.started, self.status = proc, command, started, None
+        self.pipe, self.output, self.key = None, bytearray(), key
 
 
 class CommandRunner(object):
@@ -4482,14 +4686,20 @@ class CommandRunner(object):
     logged, and the command left to end."""
 
     MOST = 4
+    PATH = "/usr/bin:/bin"
+    WHAT = "command"
 
-    def __init__(self, log, limit=None, most=MOST):
-        self.log, self.limit, self.most = log, limit, most     # limit None: the constant's
+    def __init__(self, log, limit=None, most=None):
+        self.log, self.limit = log, limit          # limit None: the module's constant
+        self.most = self.MOST if most is None else most
         self.running = []      # [_Command]
+
+    @staticmethod
+    def _default_limit():
+        return COMMAND_TIME_LIMIT
 
     def start(self, stanza, command, source, username, test=False):
         """Start one command; None when it started (or would, in test mode), else why not."""
-        import ctypes
         import pwd
         import shlex
         import subprocess
@@ -4509,19 +4719,8 @@ class CommandRunner(object):
         self.reap()
         if len(self.running) >= self.most:
             return "command not run: %d are running already, the most at once" % self.most
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-        def become_user():          # in the child, between fork and exec
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
-                                    preexec_fn=become_user, start_new_session=True,
-                                    env={"PATH": "/usr/bin:/bin"})
+            proc = self._spawn(argv, user, False)
         except (OSError, subprocess.SubprocessError) as e:
             self.log.error("command from %s [client %s] as %s failed to start: %s", source,
                            stanza.name, user.pw_name, getattr(e, "strerror", None) or e)
@@ -4531,38 +4730,69 @@ class CommandRunner(object):
         self.running.append(_Command(proc, command, time.monotonic()))
         return None
 
+    def _spawn(self, argv, user, capture):
+        """Popen(argv) as `user` (a pwd entry): no shell, a session of its own, no_new_privs,
+        the environment PATH alone; with `capture`, its output (stdout and stderr) on a
+        non-blocking pipe, else nowhere."""
+        import ctypes
+        import subprocess
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+        def become_user():          # in the child, between fork and exec
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+        out = subprocess.PIPE if capture else subprocess.DEVNULL
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT if capture else subprocess.DEVNULL,
+                                close_fds=True, cwd="/", preexec_fn=become_user,
+                                start_new_session=True, env={"PATH": self.PATH})
+        if capture:
+            os.set_blocking(proc.stdout.fileno(), False)
+        return proc
+
     def reap(self):
         """Log how commands ended; kill the group of any that ran past the limit.  A
         command counts as running while anything of its group does."""
         import signal
-        limit = COMMAND_TIME_LIMIT if self.limit is None else self.limit
+        limit = self._default_limit() if self.limit is None else self.limit
         still = []
         for entry in self.running:
             proc, command, status = entry.proc, entry.command, entry.status
+            self._drain(entry)
             if status is None:
                 status = entry.status = proc.poll()
                 if status is not None:
-                    self._exited(proc, command, status)
+                    self._exited(entry, status)
             alive = self._group_alive(proc.pid)
             if alive and time.monotonic() - entry.started > limit:
-                if send_signal(self.log, proc.pid, signal.SIGKILL, "command %r" % command, True):
-                    self.log.warning("command %r ran over %d s: killed%s", command, limit,
+                if send_signal(self.log, proc.pid, signal.SIGKILL, "%s %r" % (self.WHAT, command),
+                               True):
+                    self.log.warning("%s %r ran over %d s: killed%s", self.WHAT, command, limit,
                                      "" if status is None else " what it left running")
                     if status is None:
                         entry.status = proc.wait()
-                        self._exited(proc, command, entry.status)
+                        self._exited(entry, entry.status)
                     alive = False
                 else:
-                    self.log.warning("command %r ran over %d s and could not be killed: left "
-                                     "running", command, limit)
+                    self.log.warning("%s %r ran over %d s and could not be killed: left "
+                                     "running", self.WHAT, command, limit)
                     entry.started = float("inf")     # tried once; its end is still logged
             if alive or entry.status is None:
                 still.append(entry)
+            elif entry.pipe is not None:
+                entry.pipe.close()
         self.running = still
 
-    def _exited(self, proc, command, status):
+    def _drain(self, entry):
+        """Read what a hook wrote since the last look (without waiting)."""
+
+    def _exited(self, entry, status):
         """Log how a command ended."""
-        self.log.info("command %r (pid %d) exited with status %d", command, proc.pid, status)
+        self.log.info("command %r (pid %d) exited with status %d", entry.command,
+                      entry.proc.pid, status)
 
     @staticmethod
     def _group_alive(pgid):
@@ -4575,6 +4805,179 @@ class CommandRunner(object):
             return False
         except PermissionError:
             return True
+
+
+# --- Hooks: commands at each opening and after it (fwknop's command cycles) -----------
+#
+# A stanza's cmd_cycle_open runs when a knock opens a port, cmd_cycle_close its timer
+# later (fwknopd's CMD_CYCLE_OPEN, CMD_CYCLE_CLOSE, CMD_CYCLE_TIMER; knockd's start and
+# stop commands).  Each is an argument list with fwknop's variables ($IP, $PORT...)
+# replaced inside its arguments from the request the gatekeeper accepted, run without a
+# shell as cmd_cycle_user (HookRunner).  A close is written durably (PendingCloses) before
+# its open runs, so it runs on time across a restart, and at start after a crash.
+
+HOOK_TIME_LIMIT = 30                  # seconds a hook may run before its group is killed
+HOOK_OUTPUT_KEPT = 2000               # bytes of a hook's output that are logged
+
+
+class HookRunner(CommandRunner):
+    """Runs hooks as CommandRunner runs commands (a session of their own, no_new_privs,
+    PATH alone, the group killed at HOOK_TIME_LIMIT), as cmd_cycle_user (root only when
+    it is `root`), with PATH's sbin folders; their output is read as it comes, the first
+    HOOK_OUTPUT_KEPT bytes logged with the exit status, as untrusted text."""
+
+    MOST = 16
+    PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    WHAT = "hook"
+
+    @staticmethod
+    def _default_limit():
+        return HOOK_TIME_LIMIT
+
+    def run(self, argv, user_name, what, key=None):
+        """Start one hook; None when it started, else why not ("busy" when as many run as
+        may: try again later)."""
+        import pwd
+        import subprocess
+        try:
+            user = pwd.getpwnam(user_name or "")
+        except KeyError:
+            return "no user %s" % user_name
+        if (user.pw_uid == 0 or user.pw_gid == 0) and user_name != "root":
+            return "cmd_cycle_user %s is root or of group 0" % user_name
+        self.reap()
+        if len(self.running) >= self.most:
+            return "busy"
+        try:
+            proc = self._spawn(argv, user, True)
+        except (OSError, subprocess.SubprocessError) as e:
+            return "it failed to start: %s" % (getattr(e, "strerror", None) or e)
+        self.log.info("%s: running %s as %s (pid %d)", what, " ".join(argv), user.pw_name,
+                      proc.pid)
+        entry = _Command(proc, what, time.monotonic(), key)
+        entry.pipe = proc.stdout
+        self.running.append(entry)
+        return None
+
+    def busy(self, key):
+        """Whether a hook of `key` (stanza, address, proto, port) still runs."""
+        self.reap()
+        return any(entry.key == key for entry in self.running)
+
+    def _drain(self, entry):
+        """Read what the hook wrote since the last look, keeping its first bytes."""
+        while entry.pipe is not None and not entry.pipe.closed:
+            try:
+                data = os.read(entry.pipe.fileno(), 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                return
+            entry.output += data[:max(0, HOOK_OUTPUT_KEPT + 1 - len(entry.output))]
+
+    def _exited(self, entry, status):
+        """Log how a hook ended, with what it wrote (escaped by the log)."""
+        self._drain(entry)
+        text = bytes(entry.output[:HOOK_OUTPUT_KEPT]).decode("utf-8", "replace").strip()
+        more = " (more left out)" if len(entry.output) > HOOK_OUTPUT_KEPT else ""
+        (self.log.info if status == 0 else self.log.warning)(
+            "%s (pid %d) exited with status %d%s", entry.command, entry.proc.pid, status,
+            "; its output: %s%s" % (text, more) if text else "")
+
+
+class PendingCloses(object):
+    """The hooks' closes not run yet, kept durably in a journal in the replay cache's private
+    folder: a line a close ({"id", "due": wall-clock seconds, "user", "argv", "what",
+    "key"}; a later line of the same id moves it later), a line {"done": id} once it has
+    started; each change appended and synced before it counts.  It is compacted (written
+    anew and swapped in: replace_file) at start and when done lines outnumber the rest.  A
+    server that starts after a crash runs the overdue closes at once and waits for the
+    others.  A close is forgotten only once it has started: after a crash in between it may
+    run twice, never not at all.  `path` None: in memory only."""
+
+    def __init__(self, path):
+        self.path, self.pending, self.skipped, self.fd, self.lines = path, {}, 0, None, 0
+        if path is None:
+            return
+        self._load(path)
+        try:
+            self._rewrite()
+        except OSError as e:
+            raise SpaError("cannot write %s: %s" % (path, e.strerror or e))
+
+    def _load(self, path):
+        self.pending, self.skipped = read_pending_closes(path)
+
+    @property
+    def entries(self):
+        return list(self.pending.values())
+
+    def add(self, entries):
+        """Record new closes (one write, one sync); the same close (user and argv) already
+        pending is kept once, for the later time.  OSError if they could not be made
+        durable: then nothing changed."""
+        import json
+        same = {(e["user"], tuple(e["argv"])): e for e in self.pending.values()}
+        changed = {}
+        for new in entries:
+            old = changed.get((new["user"], tuple(new["argv"]))) or \
+                same.get((new["user"], tuple(new["argv"])))
+            entry = dict(old or new, due=max(old["due"], new["due"]) if old else new["due"])
+            entry.setdefault("id", binascii.hexlify(os.urandom(8)).decode())
+            changed[(entry["user"], tuple(entry["argv"]))] = entry
+        self._append([json.dumps(e, sort_keys=True) for e in changed.values()])
+        for entry in changed.values():
+            self.pending[entry["id"]] = entry
+
+    def due(self, now):
+        """The closes whose time has come, the earliest first."""
+        return sorted((e for e in self.pending.values() if e["due"] <= now),
+                      key=lambda e: e["due"])
+
+    def remove(self, gone):
+        """Forget closes that were started (or can never run), at once in memory; the
+        journal says so too (OSError if it could not)."""
+        import json
+        for entry in gone:
+            self.pending.pop(entry["id"], None)
+        self._append([json.dumps({"done": entry["id"]}) for entry in gone])
+
+    def _append(self, lines):
+        """Append lines to the journal and sync; the whole file anew after a failed write,
+        or once done lines outnumber the pending ones."""
+        if self.path is None or not lines:
+            return
+        if self.fd is None or self.lines + len(lines) > 2 * len(self.pending) + 100:
+            self._rewrite(lines)
+            return
+        try:
+            write_all(self.fd, "".join(line + "\n" for line in lines).encode())
+            sync_file(self.fd)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise
+        self.lines += len(lines)
+
+    def _rewrite(self, more=()):
+        """Write the pending closes (and `more` lines) to a new file, swap it in, and
+        append to it from then on."""
+        import json
+        text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.pending.values()) + \
+            "".join(line + "\n" for line in more)
+        replace_file(self.path, lambda fd: write_all(fd, text.encode()))
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        self.lines = len(self.pending) + len(more)
 
 
 # --- The gatekeeper: the parent decides -----------------------------------------------
@@ -4608,13 +5011,18 @@ class Gatekeeper(object):
     digests durably, then opens the firewall (or runs a command).
 
     `addresses` answers `address in addresses` for this host's own addresses
-    (HostAddresses); `commands` runs command messages (CommandRunner).
+    (HostAddresses); `commands` runs command messages (CommandRunner); `hooks` runs the
+    stanzas' hooks (HookRunner), `closes` keeps their pending closes (PendingCloses).
     """
 
-    def __init__(self, config, firewall, replay, log, addresses=None, commands=None):
+    def __init__(self, config, firewall, replay, log, addresses=None, commands=None,
+                 hooks=None, closes=None):
         self.config, self.firewall, self.replay, self.log = config, firewall, replay, log
         self.addresses = HostAddresses() if addresses is None else addresses
         self.commands = CommandRunner(log) if commands is None else commands
+        self.hooks = HookRunner(log) if hooks is None else hooks
+        self.closes = PendingCloses(None) if closes is None else closes
+        self.test = isinstance(firewall, DryRunFirewall)
         self.limiter = RateLimiter()
         self.openings = {}     # stanza name -> PackedMap (address, proto, port) -> end
         self.counts = {"accepted": 0, "refused": 0}
@@ -4666,6 +5074,7 @@ class Gatekeeper(object):
                 if d.accepted:
                     d.accepted, d.reason = False, ("no durable replay record (%s)"
                                                    % self.replay.failure)
+        self._record_closes(decisions)                   # before any hook opens
         try:
             self._carry_out(decisions, now)
         except Exception as e:
@@ -4709,9 +5118,92 @@ class Gatekeeper(object):
                   self.config.max_packet_age)
         if d.accepted:
             reason = self._host_problem(d, destination, interface, now)
+            if reason is None and stanza.cmd_cycle_open and d.message.msg_type != MSG_COMMAND:
+                try:
+                    d.hooks = self._hook_calls(d, destination, now)
+                except ValueError as e:
+                    reason = "cmd_cycle_open or cmd_cycle_close: %s" % e
             if reason is not None:
                 d.accepted, d.reason = False, reason
         return d
+
+    @staticmethod
+    def _hook_calls(d, destination, now):
+        """The hooks an accepted opening runs, one for each port it opens: [(open argv,
+        close entry for PendingCloses or None, key, what)], fwknop's variables taken from
+        the request as the policy accepted it.  ValueError if one cannot be made."""
+        stanza, msg = d.stanza, d.message
+        timer = stanza.hook_timer(msg, d.timeout)
+        values = {"IP": d.allow_ip, "SRC": d.allow_ip, "PKT_SRC": d.source, "DST": destination,
+                  "TIMEOUT": str(msg.timestamp + timer), "CLIENT_TIMEOUT": str(timer)}
+        if d.nat is not None:
+            values.update(NAT_IP=d.nat.address, NAT_PORT=str(d.nat.port))
+        calls = []
+        for proto, port in msg.access[:1] if d.nat is not None else msg.access:
+            values.update(PORT=str(port), PROTO=str(PROTO_NUMBERS[proto]))
+            key = (stanza.name, d.allow_ip, proto, port)
+            what = "[client %s] %s %s/%d" % key
+            close = None if stanza.cmd_cycle_close is None else {
+                "due": now + timer, "user": stanza.cmd_cycle_user, "what": what, "key": key,
+                "argv": expand_hook(stanza.cmd_cycle_close, values)}
+            calls.append((expand_hook(stanza.cmd_cycle_open, values), close, key, what))
+        return calls
+
+    def _record_closes(self, decisions):
+        """Write the closes of this round's hooks durably (PendingCloses), in one write,
+        before any of their opens runs; if that fails, those knocks are refused."""
+        closes = [close for d in decisions if d.accepted and d.hooks
+                  for _, close, _, _ in d.hooks if close is not None]
+        if not closes or self.test:
+            return
+        try:
+            self.closes.add(closes)
+        except OSError as e:
+            self.log.error("cannot write the pending closes to %s: %s", self.closes.path,
+                           e.strerror or e)
+            for d in decisions:
+                if d.accepted and d.hooks:
+                    d.accepted, d.reason = False, "its cmd_cycle_close could not be recorded"
+
+    def _run_opens(self, d):
+        """Start an accepted knock's cmd_cycle_open hooks; why not, else None."""
+        for argv, _, key, what in d.hooks:
+            if self.test:
+                self.log.info("test mode: cmd_cycle_open of %s not run: %s", what, " ".join(argv))
+                continue
+            reason = self.hooks.run(argv, d.stanza.cmd_cycle_user, "cmd_cycle_open of " + what,
+                                    key)
+            if reason is not None:
+                return "cmd_cycle_open not run: %s" % (
+                    "%d hooks run already, the most at once" % self.hooks.most
+                    if reason == "busy" else reason)
+        return None
+
+    def run_closes(self, now=None):
+        """Start the closes whose time has come (every second, and at start those a stopped
+        server left); a close waits while its own open still runs, or while as many hooks
+        run as may."""
+        now = time.time() if now is None else now
+        started = []
+        for entry in self.closes.due(now):
+            if self.hooks.busy(entry["key"]):
+                continue
+            late = now - entry["due"]
+            reason = self.hooks.run(entry["argv"], entry["user"], "cmd_cycle_close of %s%s" % (
+                entry["what"], " (%d s late: the server was not running)" % late
+                if late > 5 else ""), entry["key"])
+            if reason == "busy":
+                break
+            if reason is not None:
+                self.log.error("cmd_cycle_close of %s not run: %s", entry["what"], reason)
+            started.append(entry)
+        if started:
+            try:
+                self.closes.remove(started)
+            except OSError as e:
+                self.log.error("cannot write the pending closes to %s: %s (a close that ran "
+                               "may run again after a restart)", self.closes.path,
+                               e.strerror or e)
 
     def _host_problem(self, d, destination, interface, now):
         """Why this host cannot grant an accepted packet now, else None: it must be
@@ -4762,7 +5254,12 @@ class Gatekeeper(object):
     def _carry_out(self, decisions, now):
         """Open what was accepted: the plain openings in one change, NAT and commands one
         by one.  A change that fails refuses its packets (logged); nothing raises."""
-        test = isinstance(self.firewall, DryRunFirewall)
+        test = self.test
+        for d in decisions:
+            if d.accepted and d.hooks:
+                reason = self._run_opens(d)
+                if reason is not None:
+                    d.accepted, d.reason = False, reason
         plain = [d for d in decisions if d.accepted and d.nat is None
                  and d.message.msg_type != MSG_COMMAND]
         if plain:
@@ -4817,13 +5314,17 @@ class Gatekeeper(object):
         self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s",
                       d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout,
                       " on " + d.interface if d.interface else "",
-                      " (test mode: firewall unchanged)"
-                      if isinstance(self.firewall, DryRunFirewall) else "")
+                      " (test mode: firewall unchanged)" if self.test else
+                      " (by its hooks: firewall = none)"
+                      if isinstance(self.firewall, NoFirewall) else "")
 
     def tick(self):
-        """Once a second: reap commands, retry a replay cache that could not be written,
-        say how many refusals the rate limit kept out."""
+        """Once a second: reap commands and hooks, run the closes that are due, retry a
+        replay cache that could not be written, say how many refusals the rate limit kept
+        out."""
         self.commands.reap()
+        self.hooks.reap()
+        self.run_closes()
         self.retry_replay()
         self.log_suppressed()
 
@@ -5394,6 +5895,9 @@ class Supervisor(object):
             self.reader.stop()
             if monitor is not None:
                 monitor.close()
+            if self.gate.closes.entries:
+                self.log.warning("%d hook close(s) pending: they run when the server starts "
+                                 "again (%s)", len(self.gate.closes.entries), self.gate.closes.path)
 
     def _wait(self, monitor):
         """Wait up to a second for the reader's requests or log lines, a signal or news of
@@ -5549,7 +6053,7 @@ def require_capabilities(names):
 
 def warn_unsaved(config, firewall, log):
     """Say at start if the host's saved firewall lacks our protection (SavedFirewall)."""
-    if config.saved_firewall == "none" or isinstance(firewall, DryRunFirewall):
+    if config.saved_firewall == "none" or isinstance(firewall, (DryRunFirewall, NoFirewall)):
         return
     try:
         found = SavedFirewall(config, firewall).problems()
@@ -5561,6 +6065,17 @@ def warn_unsaved(config, firewall, log):
                     "firewall reload or a boot leaves %s open until this server puts it back; "
                     "run  %s  (README.md: Keep the ports dark through reloads and boots)",
                     path, what, format_access(config.protect), fix)
+
+
+def pending_closes(config, test, log):
+    """The hooks' closes a stopped server left (PendingCloses), said in the log."""
+    closes = PendingCloses(None if test else config.pending_closes)
+    if closes.skipped:
+        log.warning("%s: skipped %d line(s) that could not be read", closes.path, closes.skipped)
+    if closes.entries:
+        log.info("%d hook close(s) pending from before the start: the overdue ones run at "
+                 "once, the others on time", len(closes.entries))
+    return closes
 
 
 def server_main(args):
@@ -5602,10 +6117,12 @@ def server_main(args):
     if replay.failure is not None:
         log.error("replay cache %s cannot be written (%s): knocks are refused until it can",
                   config.replay_cache, replay.failure)
-    supervisor = Supervisor(args, config, Gatekeeper(config, firewall, replay, log), log)
+    gate = Gatekeeper(config, firewall, replay, log, closes=pending_closes(config, args.test, log))
+    supervisor = Supervisor(args, config, gate, log)
     supervisor.catch_signals()
     supervisor.open_captures(first=True)
     firewall.setup()
+    gate.run_closes()              # the overdue ones a stopped server left
     if not args.test:
         warn_unsaved(config, firewall, log)
     log.info("listening on %s udp/%d; protecting %s (%s); %d client stanza(s); packets read as "
@@ -5741,6 +6258,11 @@ def check_config_main(args):
             print("    NAT access to other hosts: %s" % (", ".join(
                 map(format_nat_destination, stanza.nat_destinations)) or
                 "none (no nat_destinations)"))
+        if stanza.cmd_cycle_open:
+            print("    hooks: cmd_cycle_open %s; cmd_cycle_close %s; as %s" % (
+                " ".join(stanza.cmd_cycle_open), "NONE" if stanza.cmd_cycle_close is None else
+                "%s, %s s later" % (" ".join(stanza.cmd_cycle_close), stanza.cmd_cycle_timer
+                                    or "the opening's timeout"), stanza.cmd_cycle_user))
     for note in config.notes:
         print("  note  access.conf: %s" % note)
     print("verdict: %s" % ("ok" if not line.failures else "%d problem(s)" % len(line.failures)))
@@ -6627,7 +7149,7 @@ interface = any
 # UDP port the knocks are sent to (fwknop's default).  Nothing listens on it.
 port = 62201
 # Firewall back end: nft, iptables, iptables-nft, iptables-legacy, or auto (nft unless the
-# host keeps its rules in iptables).  "none" changes nothing: a dry run.
+# host keeps its rules in iptables).  "none": no firewall, the stanzas' hooks do the work.
 firewall = nft
 # Ports kept dark until a knock opens them for one address.
 protect = tcp/22

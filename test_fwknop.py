@@ -442,7 +442,7 @@ def test_fwknop_files_with_a_pasted_key_never_echo_it(tmp_path):
     stanza = "SOURCE ANY\n%s\nKEY_BASE64 %s\nHMAC_KEY_BASE64 %s\n" % (OTHER_KEY, KEY, HMAC_KEY)
     access = write_private(tmp_path / "access.conf", stanza)
     conf = write_private(tmp_path / "spa.conf", "[server]\nprotect = tcp/22\nreplay_cache = %s\n"
-                         "firewall = none\naccess_conf = %s\n" % (tmp_path / "r", access))
+                         "saved_firewall = none\naccess_conf = %s\n" % (tmp_path / "r", access))
     done = run_spa("check-config", "-c", conf)       # all left out: the error says why
     assert done.returncode == 1 and "no usable stanza in %s (access.conf:1: stanza left out: " \
         "line 2 is not a `VARIABLE value` line" % access in done.stderr, done.stderr

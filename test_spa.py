@@ -1302,9 +1302,11 @@ def test_firewall_config_refuses_and_leaves_files_as_they_were(tmp_path, monkeyp
     """firewall-config: nothing to save with firewall = none or saved_firewall = none; a
     ruleset file that nft would not load (nft -c) is not replaced; a file that cannot be
     written is an error in words."""
+    hooks = {"alice": {"cmd_cycle_open": "/bin/true", "cmd_cycle_close": "NONE",
+                       "cmd_cycle_user": "nobody"}}       # (firewall = none needs hooks)
     for option, message in (({"firewall": "none"}, "firewall = none: there is no firewall"),
                             ({"saved_firewall": "none"}, "saved_firewall = none in")):
-        config = server_config(tmp_path, **option)
+        config = server_config(tmp_path, hooks, **option)
         assert spa.main(["firewall-config", "-c", config.path, "--write"]) == 1
         assert message in capsys.readouterr().err
     main = tmp_path / "nftables.conf"

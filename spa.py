@@ -138,8 +138,15 @@ HMAC_TYPES = {
 # The SPA digest's type is known only by its length; 43 and 86 may be SHA-3 too.
 DIGESTS_BY_LEN = {22: ("md5",), 27: ("sha1",), 43: ("sha256", "sha3_256"),
                   64: ("sha384",), 86: ("sha512", "sha3_512")}
-# ENCRYPTION_MODE: fwknop's Rijndael modes that spa.py speaks (not ECB, legacy IV, GnuPG).
+# ENCRYPTION_MODE: fwknop's Rijndael modes that spa.py speaks (not ECB, legacy IV).
 ENCRYPTION_MODES = ("cbc", "ctr", "cfb", "ofb")
+# GnuPG instead of Rijndael (step 3'): "hQ" (B64_GPG_PREFIX) is the base64 of 0x85 0x01-0x0f,
+# the header of the session key packet that an RSA or ElGamal key of 2048 bits or more
+# makes; it is cut off the wire as "U2FsdGVkX1" is.  A GnuPG packet is 400 (MIN_GNUPG_MSG_SIZE)
+# to 1500 (MAX_SPA_PACKET_LEN) characters, so its length alone says which kind it is.
+GPG_PREFIX = b"hQ"
+MIN_GPG_WIRE_LEN = 400
+MAX_GPG_WIRE_LEN = 1500
 
 # Message types (fko_message_type_t).  A client timeout turns 1 into 3, 2 into 4 and
 # 5 into 6 (fko_client_timeout.c).
@@ -344,11 +351,24 @@ def seal(plaintext, key, hmac_key, hmac_type="sha256", mode="cbc", salt=None):
     return text[len(SALT_PREFIX):] + hmac_b64(hmac_key, text, hmac_type)
 
 
+def gpg_seal(plaintext, gpg, hmac_key, hmac_type="sha256"):
+    """fwknop's GnuPG packet (fko_encryption.c gpg_encrypt): step 3 done by `gpg` (a GnuPG:
+    encrypted to its recipient, signed by its signer if it has one), then as seal() with
+    "hQ" (GPG_PREFIX) in the place of "U2FsdGVkX1".  The HMAC stays: the server's gpg only
+    ever reads authenticated bytes."""
+    text = b64encode(gpg.encrypt(plaintext))
+    if not text.startswith(GPG_PREFIX):
+        raise SpaError("gpg's packet does not start with 'hQ': fwknop's GnuPG mode needs an "
+                       "RSA (or ElGamal) recipient key of 2048 bits or more")
+    return text[len(GPG_PREFIX):] + hmac_b64(hmac_key, text, hmac_type)
+
+
 # --- Taking a packet apart: the mirror of seal() and of Message.encode() --------------
 
-def authenticate(wire, mac, mac_len):
-    """The signed text, "U2FsdGVkX1" put back, if `mac` (an Hmac with the HMAC key and
-    SALT_PREFIX fed in already) made the HMAC that ends the wire, else None.
+def authenticate(wire, mac, mac_len, prefix=SALT_PREFIX):
+    """The signed text, "U2FsdGVkX1" (a GnuPG packet's "hQ") put back, if `mac` (an Hmac
+    with the HMAC key and that prefix fed in already) made the HMAC that ends the wire,
+    else None.
 
     The HMAC is the last `mac_len` characters (the stanza's HMAC type says how many: a
     packet does not).  Compared in constant time.  This runs on every packet a flood
@@ -356,7 +376,7 @@ def authenticate(wire, mac, mac_len):
     """
     mac_text = binascii.b2a_base64(mac.digest(wire[:-mac_len]), newline=False).rstrip(b"=")
     if compare_digest(mac_text, wire[-mac_len:]):
-        return SALT_PREFIX + wire[:-mac_len]
+        return prefix + wire[:-mac_len]
     return None
 
 
@@ -543,8 +563,10 @@ def screen(payload, source, stanzas):
 
     This is the path every flood packet takes, so it allocates as little as it can.
     """
-    # 1. Length and alphabet.
-    if not MIN_WIRE_LEN <= len(payload) <= MAX_WIRE_LEN:
+    # 1. Length and alphabet; 400 characters or more is a GnuPG packet, as for fwknopd.
+    gpg = len(payload) > MAX_WIRE_LEN
+    if len(payload) < MIN_WIRE_LEN or gpg and not (
+            len(payload) <= MAX_GPG_WIRE_LEN and any(s.gpg_mac is not None for s in stanzas)):
         return None, "length %d outside %d-%d" % (len(payload), MIN_WIRE_LEN, MAX_WIRE_LEN)
     if payload.translate(None, B64_ALPHABET):
         return None, "not base64"
@@ -553,12 +575,15 @@ def screen(payload, source, stanzas):
     for stanza in stanzas:
         if stanza.sources is not None and not stanza.matches_source(source):
             continue
+        mac = stanza.gpg_mac if gpg else stanza.mac
+        if mac is None:
+            continue
         matched = True
-        signed = authenticate(payload, stanza.mac, stanza.mac_len)
+        signed = authenticate(payload, mac, stanza.mac_len, GPG_PREFIX if gpg else SALT_PREFIX)
         if signed is not None:
             return stanza, signed
     return None, ("HMAC does not match any stanza for this source" if matched
-                  else "no stanza for source %s" % source)
+                  else "no %sstanza for source %s" % ("GnuPG " if gpg else "", source))
 
 
 def packet_key(signed):
@@ -570,6 +595,27 @@ def packet_key(signed):
     except ValueError:
         data = signed
     return b64encode(hash_digest("sha256", data)).decode()
+
+
+def open_signed(stanza, signed, seen):
+    """(plaintext, replay key) of an authenticated packet's signed text: decrypted with the
+    stanza's AES key, or (it starts with "hQ") by its GnuPG keyring, whose signer the
+    stanza must accept (Stanza.gpg_open).  Reject if not.  A GnuPG packet's replay key is
+    checked before gpg runs: anyone may encrypt to a public key, so only the signature
+    (or, without gpg_require_sig, the decryption) vouches for it."""
+    if signed[:len(GPG_PREFIX)] != GPG_PREFIX:
+        return decrypt_signed(signed, stanza.key, stanza.mode), packet_key(signed)
+    key = packet_key(signed)
+    if seen(key):
+        raise Reject("replayed packet")
+    try:
+        raw = b64decode(signed)
+    except ValueError:
+        raise Reject("authenticated, but not valid base64")
+    plaintext = stanza.gpg_open(raw)
+    if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
+        raise Reject("gpg decrypted it, but it is not a message")
+    return plaintext, key
 
 
 def judge(stanza, signed, source, now, seen, max_age):
@@ -587,8 +633,7 @@ def judge(stanza, signed, source, now, seen, max_age):
     decision.stanza = stanza
     try:
         # 3. Decrypt, 4. inner digest and fields.
-        plaintext = decrypt_signed(signed, stanza.key, stanza.mode)
-        decision.replay_key = packet_key(signed)
+        plaintext, decision.replay_key = open_signed(stanza, signed, seen)
         msg = parse_plaintext(plaintext)
         decision.message = msg
         # 5. Replay cache, 6. packet age, 7. stanza policy.
@@ -780,6 +825,194 @@ def _read_text(path):
         return None
 
 
+# --- GnuPG keyrings and the gpg binary --------------------------------------------------
+#
+# fwknop's GnuPG mode through the `gpg` binary (GnuPG 2; fwknop uses gpgme, which runs the
+# same binary): argument lists, never a shell; a passphrase only ever through a pipe
+# (--pinentry-mode loopback --passphrase-fd), never on a command line; the results read
+# from --status-fd, not from gpg's messages.  The server runs gpg as its own unprivileged
+# user (gpg_user, spa-gpg) on a private copy of each keyring (private_keyring), with a
+# time limit, and only on bytes whose HMAC has passed.
+
+GPG_TIMEOUT = 10.0        # seconds one gpg run may take
+GPG_USER = "spa-gpg"      # the server's gpg runs as this user (gpg_user)
+GPG_USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+               "--shell", "/usr/sbin/nologin"]
+
+
+def _gpg_status(text):
+    """{keyword: [the words after it, for each line]} of gpg's --status-fd output."""
+    status = {}
+    for line in text.decode("utf-8", "replace").splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "[GNUPG:]":
+            status.setdefault(words[1], []).append(words[2:])
+    return status
+
+
+def _become(user):
+    """A preexec_fn that makes the child `user`, with that user's group and no others."""
+    import pwd
+    pw = pwd.getpwnam(user)
+
+    def become():
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    return become
+
+
+class GnuPG(object):
+    """The gpg binary on one keyring (`home`, None: gpg's default), run as `user` (None:
+    as this process).  `agent`: let gpg-agent ask for passphrases (its pinentry) instead
+    of passing them through a pipe.  `refuse_root`: never run gpg as root (the server's)."""
+
+    def __init__(self, home=None, user=None, agent=False, refuse_root=False,
+                 timeout=GPG_TIMEOUT):
+        self.home, self.user, self.agent = home, user, agent
+        self.refuse_root, self.timeout = refuse_root, timeout
+        self.recipient = self.signer = self.passphrase = None
+
+    def run(self, args, data, passphrase=None):
+        """(exit status, stdout, {status keyword: [words]}) of one gpg run on `data`."""
+        import subprocess
+        gpg = find_tool("gpg")
+        if gpg is None:
+            raise SpaError("gpg not found: install GnuPG (Debian: apt-get install gnupg)")
+        if self.refuse_root and self.user is None and hasattr(os, "geteuid") \
+                and os.geteuid() == 0:
+            raise SpaError("refusing to run gpg as root: the server runs it as gpg_user")
+        status_r, status_w = os.pipe()
+        pass_r = pass_w = None
+        argv = [gpg, "--batch", "--no-tty", "--quiet", "--status-fd", str(status_w)]
+        if self.home:
+            argv += ["--homedir", self.home]
+        if not self.agent:
+            pass_r, pass_w = os.pipe()
+            argv += ["--pinentry-mode", "loopback", "--passphrase-fd", str(pass_r)]
+            os.write(pass_w, (passphrase or b"") + b"\n")     # small: the pipe holds it
+            os.close(pass_w)
+        env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "LC_ALL": "C"}
+        if self.user is not None:
+            env["HOME"] = self.home or "/nonexistent"
+        else:
+            env.update((k, v) for k, v in os.environ.items()
+                       if k in ("HOME", "GNUPGHOME", "GPG_TTY", "DISPLAY", "GPG_AGENT_INFO"))
+        keep = [fd for fd in (status_w, pass_r) if fd is not None]
+        try:
+            proc = subprocess.Popen(argv + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=keep, env=env,
+                                    preexec_fn=_become(self.user) if self.user else None)
+        finally:
+            for fd in keep:
+                os.close(fd)
+        try:
+            out, _ = proc.communicate(data, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            os.close(status_r)
+            raise Reject("gpg took more than %g s" % self.timeout)
+        with os.fdopen(status_r, "rb") as f:
+            status = _gpg_status(f.read())
+        return proc.returncode, out, status
+
+    def encrypt(self, plaintext):
+        """The binary OpenPGP message of `plaintext`: encrypted to self.recipient, and signed
+        by self.signer (with self.passphrase) if there is one (fwknop's gpg_encrypt)."""
+        args = ["--trust-model", "always", "--compress-algo", "none", "--encrypt",
+                "--recipient", self.recipient]
+        if self.signer:
+            args += ["--sign", "--local-user", self.signer]
+        code, out, status = self.run(args + ["--output", "-"], plaintext, self.passphrase)
+        if code != 0 or "END_ENCRYPTION" not in status:
+            why = status.get("INV_RECP") and "no usable key %s" % self.recipient or \
+                status.get("INV_SGNR") and "no usable signing key %s" % self.signer or \
+                status.get("BAD_PASSPHRASE") and "wrong passphrase for %s" % self.signer or \
+                status.get("FAILURE") and " ".join(status["FAILURE"][0]) or "exit %d" % code
+            raise SpaError("gpg could not encrypt%s: %s (keyring %s)" % (
+                " and sign" if self.signer else "", why, self.home or "the default"))
+        return out
+
+    def decrypt(self, raw, passphrase=None):
+        """(plaintext, the fingerprints of the key that made its one good signature and of
+        its primary key, or () if unsigned); Reject if it does not decrypt, or its
+        signature is bad.  The signature is not weighed by the web of trust: the stanza
+        names the signers it accepts."""
+        code, out, status = self.run(["--trust-model", "always", "--decrypt", "--output", "-"],
+                                     raw, passphrase)
+        if "DECRYPTION_OKAY" not in status or "DECRYPTION_FAILED" in status:
+            why = ("wrong gpg_decrypt_pw" if "BAD_PASSPHRASE" in status else
+                   "no secret key for it in the keyring" if "NO_SECKEY" in status else
+                   "gpg exit %d" % code)
+            raise Reject("gpg could not decrypt it: %s" % why)
+        signatures = status.get("NEWSIG", [])
+        if not signatures:
+            return out, ()
+        valid = status.get("VALIDSIG", [])
+        if len(signatures) != 1 or len(valid) != 1 or "GOODSIG" not in status:
+            bad = [k for k in ("BADSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "ERRSIG")
+                   if k in status]
+            raise Reject("its signature does not check (%s)" % (
+                ", ".join(bad) if bad else "%d signatures" % len(signatures)))
+        return out, (valid[0][0].upper(), valid[0][-1].upper())
+
+
+def private_keyring(home, user):
+    """A copy of the keyring directory `home` that only `user` may read (a new directory of
+    mode 0700 that `user` owns, under /run, else the temporary directory), for the server's
+    gpg to run on as that user: it never sees the real keyring, nor the real keyring it.
+    Only regular files are copied (no agent sockets, no symlinks)."""
+    import pwd
+    import shutil
+    import tempfile
+    pw = pwd.getpwnam(user)
+    try:
+        st = os.stat(home)
+    except OSError as e:
+        raise SpaError("GnuPG keyring %s: %s" % (home, e.strerror))
+    if not os.path.isdir(home) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o077:
+        raise SpaError("GnuPG keyring %s must be a directory of root's that only root may "
+                       "open (it holds a secret key): chown root: %s; chmod 700 %s"
+                       % (home, home, home))
+    base = "/run" if os.access("/run", os.W_OK) else None
+    copy = tempfile.mkdtemp(prefix="spa-gpg-", dir=base)
+    try:
+        for root, dirs, files in os.walk(home):
+            target = os.path.join(copy, os.path.relpath(root, home))
+            if root != home:
+                os.mkdir(target, 0o700)
+            for name in files:
+                path = os.path.join(root, name)
+                st = os.lstat(path)
+                if not name.startswith("S.") and (st.st_mode & 0o170000) == 0o100000:
+                    shutil.copyfile(path, os.path.join(target, name))
+                    os.chmod(os.path.join(target, name), 0o600)
+            for name in [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                dirs.remove(name)
+        for root, dirs, files in os.walk(copy):
+            for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+                os.chown(name, pw.pw_uid, pw.pw_gid)
+    except OSError as e:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise SpaError("cannot copy the GnuPG keyring %s for %s: %s" % (home, user, e))
+    return copy
+
+
+def remove_keyring(copy):
+    """Stop the gpg-agent that gpg started on a private keyring copy, and remove it."""
+    import shutil
+    import subprocess
+    gpgconf = find_tool("gpgconf")
+    if gpgconf is not None:
+        try:
+            subprocess.call([gpgconf, "--homedir", copy, "--kill", "gpg-agent"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    shutil.rmtree(copy, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------
 # Policy and config
 # ---------------------------------------------------------------------------
@@ -876,9 +1109,9 @@ def parse_key(value, name, low, high):
     return key
 
 
-def _one_key(get, where, name, longest):
+def _one_key(get, where, name, longest, optional=False):
     """One key of a section: `NAME` (a passphrase, as fwknop's KEY) or `NAME_base64`,
-    not both; at most `longest` bytes."""
+    not both; at most `longest` bytes (None if `optional` and neither is given)."""
     if get(name + "_base64") and get(name):
         raise SpaError("%s: give %s_base64 or %s, not both" % (where, name, name))
     if get(name):
@@ -887,6 +1120,8 @@ def _one_key(get, where, name, longest):
             raise SpaError("%s: %s is longer than %d bytes" % (where, name, longest))
         return key
     if not get(name + "_base64"):
+        if optional:
+            return None
         raise SpaError("%s: %s_base64 is missing (%s)" % (
             where, name, "make keys with 'spa.py keygen'" if name == "key"
             else "spa.py always uses an HMAC"))
@@ -901,13 +1136,14 @@ def parse_hmac_type(value, name="hmac_digest_type"):
     return v
 
 
-def parse_keys(get, where):
+def parse_keys(get, where, gpg=False):
     """The keys shared by server stanzas and client sections: (key, hmac_key, hmac_type, mode).
 
     `key` and `hmac_key` are fwknop's plain passphrases (KEY, HMAC_KEY), for keys
-    carried over from fwknop; `spa.py keygen` makes the base64 kind.
+    carried over from fwknop; `spa.py keygen` makes the base64 kind.  With `gpg` (GnuPG
+    does the encryption) the AES key may be left out: then `key` is None.
     """
-    key = _one_key(get, where, "key", 32)
+    key = _one_key(get, where, "key", 32, optional=gpg)
     hmac_key = _one_key(get, where, "hmac_key", 128)
     if key == hmac_key:
         raise SpaError("%s: key_base64 and hmac_key_base64 must differ" % where)
@@ -1024,7 +1260,8 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "cmd_exec_user",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address", "nat_destinations",
-                  "max_openings"}
+                  "max_openings", "gpg_home_dir", "gpg_decrypt_id", "gpg_decrypt_pw",
+                  "gpg_allow_no_pw", "gpg_require_sig", "gpg_remote_id", "gpg_fingerprint_id"}
 
 
 def _parse_sources(value, where):
@@ -1076,9 +1313,15 @@ class Stanza(object):
         # A passphrase is taken as it is, blanks and all, as fwknopd takes it.
         key_get = lambda option: options.get(option) or "" if option in ("key", "hmac_key") \
             else get(option)
-        self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(key_get, where)
+        self._read_gpg(options, get, where)
+        self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(key_get, where,
+                                                                        self.gpg is not None)
+        if self.gpg_decrypt_pw is not None and self.gpg_decrypt_pw == self.hmac_key:
+            raise SpaError("%s: gpg_decrypt_pw and the HMAC key must differ" % where)
         self.mac_len = HMAC_TYPES[self.hmac_type][1]
-        self.mac = Hmac(self.hmac_key, HMAC_TYPES[self.hmac_type][0], SALT_PREFIX)
+        hash_name = HMAC_TYPES[self.hmac_type][0]
+        self.mac = None if self.key is None else Hmac(self.hmac_key, hash_name, SALT_PREFIX)
+        self.gpg_mac = None if self.gpg is None else Hmac(self.hmac_key, hash_name, GPG_PREFIX)
         self.open_ports = _parse_port_set(get("open_ports"), "open_ports", where, protect)
         if not self.open_ports:
             raise SpaError("%s: open_ports is empty and [server] protects nothing" % where)
@@ -1109,6 +1352,57 @@ class Stanza(object):
         # Openings in force at once: each holds a little kernel memory that nothing else frees.
         self.max_openings = parse_int(get("max_openings") or "1000", where + ": max_openings",
                                       1, 1000000)
+
+    def _read_gpg(self, options, get, where):
+        """The GnuPG options (fwknop's GPG_*): self.gpg is None unless the stanza takes
+        GnuPG packets, which needs gpg_decrypt_id and gpg_decrypt_pw or gpg_allow_no_pw;
+        gpg_require_sig (on by default, as for fwknopd) needs the signers it accepts."""
+        self.gpg = self.gpg_decrypt_pw = None
+        self.gpg_home_dir = get("gpg_home_dir") or None
+        self.gpg_decrypt_id = get("gpg_decrypt_id") or None
+        allow_no_pw = parse_bool(get("gpg_allow_no_pw") or "no", where + ": gpg_allow_no_pw")
+        if options.get("gpg_decrypt_pw") and not allow_no_pw:
+            self.gpg_decrypt_pw = options["gpg_decrypt_pw"].encode()
+        self.gpg_require_sig = parse_bool(get("gpg_require_sig") or "yes",
+                                          where + ": gpg_require_sig")
+        words = lambda option: [w.upper() for w in get(option).replace(",", " ").split()]
+        self.gpg_remote_ids, self.gpg_fingerprints = words("gpg_remote_id"), \
+            [w.replace(":", "") for w in words("gpg_fingerprint_id")]
+        bad = [w for w in self.gpg_remote_ids if len(w) not in (8, 16) or
+               w.strip("0123456789ABCDEF")] + [w for w in self.gpg_fingerprints if len(w) != 40
+                                              or w.strip("0123456789ABCDEF")]
+        if not self.gpg_decrypt_id:
+            if any(get(o) for o in STANZA_OPTIONS if o.startswith("gpg_")):
+                raise SpaError("%s: GnuPG options without gpg_decrypt_id (the server's key)"
+                               % where)
+            return
+        if self.gpg_decrypt_pw is None and not allow_no_pw:
+            raise SpaError("%s: give gpg_decrypt_pw, or gpg_allow_no_pw = yes for a key without "
+                           "a passphrase" % where)
+        if bad:
+            raise SpaError("%s: %r is not a key ID (8 or 16 hex digits) or fingerprint (40)"
+                           % (where, bad[0][:40]))
+        if self.gpg_require_sig and not (self.gpg_remote_ids or self.gpg_fingerprints):
+            raise SpaError("%s: gpg_require_sig needs gpg_fingerprint_id or gpg_remote_id: "
+                           "the signers whose packets it takes" % where)
+        self.gpg = GnuPG(self.gpg_home_dir, refuse_root=True)
+
+    def gpg_open(self, raw):
+        """The plaintext of a GnuPG packet, decrypted by self.gpg; with gpg_require_sig, only
+        if one of gpg_fingerprint_id made its good signature (or, without that list, one
+        whose fingerprint ends in a gpg_remote_id).  Reject says why not."""
+        plaintext, signer = self.gpg.decrypt(raw, self.gpg_decrypt_pw)
+        if not self.gpg_require_sig:
+            return plaintext
+        if not signer:
+            raise Reject("not signed, and gpg_require_sig is on")
+        if self.gpg_fingerprints:
+            if not set(signer) & set(self.gpg_fingerprints):
+                raise Reject("signed by %s, which is not in gpg_fingerprint_id" % signer[0])
+        if self.gpg_remote_ids and not any(f.endswith(i) for f in signer
+                                           for i in self.gpg_remote_ids):
+            raise Reject("signed by %s, which is not in gpg_remote_id" % signer[0][-16:])
+        return plaintext
 
     def matches_source(self, source):
         """Whether a packet from `source` (an address as text) may use this stanza."""
@@ -1409,7 +1703,7 @@ RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
 SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
                   "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
                   "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
-                  "nft_include"}
+                  "nft_include", "gpg_user"}
 DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
 READER_USER = "spa"                   # the packet reader's own system user (see install)
 USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
@@ -1458,6 +1752,8 @@ class ServerConfig(object):
             raise SpaError("%s: [server]: unknown option %s" % (path, _shown_names(unknown)))
         self._read_server(get)
         self.user, self.user_note = reader_user(path, get("user", ""))
+        self.gpg_user = get("gpg_user", GPG_USER)
+        self.gpg_copies = []
         self._read_stanzas(parser, access_conf or get("access_conf", ""))
         if not self.protect:
             raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
@@ -1508,6 +1804,39 @@ class ServerConfig(object):
             if isinstance(value, list) and not all(os.path.isabs(p) for p in value):
                 raise SpaError("%s: %s: expected auto, none or absolute paths" % (path, name))
 
+    def start_gpg(self):
+        """As root: give each GnuPG stanza a gpg that runs as gpg_user on a private copy of its
+        keyring (one copy a keyring), never as root, never as the packet reader's user."""
+        import pwd
+        stanzas = [stanza for stanza in self.stanzas if stanza.gpg is not None]
+        if not stanzas or not hasattr(os, "geteuid") or os.geteuid() != 0:
+            return
+        try:
+            uid = pwd.getpwnam(self.gpg_user).pw_uid
+        except KeyError:
+            raise SpaError("%s: no user %s, which gpg runs as for the GnuPG stanzas: create it "
+                           "(%s %s) or name another with gpg_user" % (
+                               self.path, self.gpg_user, " ".join(GPG_USERADD), self.gpg_user))
+        if uid == 0 or self.gpg_user == self.user:
+            raise SpaError("%s: gpg_user = %s: gpg must run as a user of its own, not root nor "
+                           "the packet reader's" % (self.path, self.gpg_user))
+        copies = {}
+        try:
+            for stanza in stanzas:
+                home = os.path.abspath(os.path.expanduser(stanza.gpg_home_dir or "~/.gnupg"))
+                if home not in copies:
+                    copies[home] = private_keyring(home, self.gpg_user)
+                    self.gpg_copies.append(copies[home])
+                stanza.gpg = GnuPG(copies[home], self.gpg_user, refuse_root=True)
+        except SpaError:
+            self.stop_gpg()
+            raise
+
+    def stop_gpg(self):
+        """Remove the private keyring copies (and stop their gpg-agents)."""
+        while self.gpg_copies:
+            remove_keyring(self.gpg_copies.pop())
+
     def _read_stanzas(self, parser, access_conf):
         """The [client NAME] stanzas, then those of fwknop's access.conf (if one is named)."""
         path = self.path
@@ -1526,6 +1855,8 @@ class ServerConfig(object):
             stanzas, self.notes = read_access_conf(access_conf, self.protect,
                                                    self.enable_forwarding, self.enable_local_nat)
             self.stanzas += stanzas
+        gpg = any(stanza.gpg is not None for stanza in self.stanzas)
+        self.longest_wire = MAX_GPG_WIRE_LEN if gpg else MAX_WIRE_LEN
         if not self.stanzas:
             raise SpaError("%s: no [client NAME] section%s: nobody could knock" % (
                 path, " and no usable stanza in %s (%s)" % (access_conf, "; ".join(self.notes))
@@ -3844,13 +4175,13 @@ def bpf_assemble(prog):
     return out
 
 
-def bpf_filter(port):
+def bpf_filter(port, longest=MAX_WIRE_LEN):
     """A classic BPF program passing only UDP to `port`, IPv4 or IPv6, addressed to this host,
     unfragmented, with a payload length spa.py could accept.  It runs on cooked
     (SOCK_DGRAM) frames, where the IP header starts at offset 0, so it works on
     any link type.  Returns a list of (code, jt, jf, k) with jumps resolved.
     """
-    lo, hi = MIN_WIRE_LEN + 8, MAX_WIRE_LEN + 8           # UDP length = payload + 8
+    lo, hi = MIN_WIRE_LEN + 8, longest + 8                # UDP length = payload + 8
     prog = [
         ("ld", SKF_AD_PKTTYPE), ("jeq", PACKET_HOST, None, "drop"),
         ("ld", SKF_AD_PROTOCOL), ("jeq", ETH_P_IP, None, "v6"),
@@ -3888,8 +4219,9 @@ def attach_filter(sock, program):
         pass
 
 
-def open_capture(interface, port):
-    """One non-blocking AF_PACKET socket that sees the knocks even when the firewall drops them."""
+def open_capture(interface, port, longest=MAX_WIRE_LEN):
+    """One non-blocking AF_PACKET socket that sees the knocks even when the firewall drops them
+    (payloads up to `longest` characters: MAX_GPG_WIRE_LEN with GnuPG stanzas)."""
     try:
         if interface == "any":
             # Python cannot bind to "all interfaces": leave the socket unbound instead.
@@ -3898,7 +4230,7 @@ def open_capture(interface, port):
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
     except PermissionError:
         raise SpaError("capture needs root (CAP_NET_RAW): run the server as root")
-    attach_filter(sock, bpf_filter(port))
+    attach_filter(sock, bpf_filter(port, longest))
     if interface != "any":
         try:
             sock.bind((interface, ETH_P_ALL))
@@ -4384,7 +4716,7 @@ def confine_reader(writable, readable, log):
 
 # --- The pipe protocol: one request line a packet -------------------------------------
 
-REQUEST_LONGEST = 2 * 45 + MAX_WIRE_LEN + 16 + 3   # two addresses, a packet, an interface
+REQUEST_LONGEST = 2 * 45 + MAX_GPG_WIRE_LEN + 16 + 3   # two addresses, a packet, an interface
 _ADDRESS_CHARS = b"0123456789abcdefABCDEF:."
 
 
@@ -4421,7 +4753,7 @@ def parse_request(line):
         raise ValueError("%d words, not 3" % len(words))
     source, destination = (_request_address(word) for word in words[:2])
     wire = bytes(words[2])
-    if not MIN_WIRE_LEN <= len(wire) <= MAX_WIRE_LEN or wire.translate(None, B64_ALPHABET):
+    if not MIN_WIRE_LEN <= len(wire) <= MAX_GPG_WIRE_LEN or wire.translate(None, B64_ALPHABET):
         raise ValueError("not a packet")
     interface = None
     if len(words) == 4:
@@ -5326,7 +5658,8 @@ class Supervisor(object):
             if interface in self.captures:
                 continue
             try:
-                self.captures[interface] = open_capture(interface, self.config.port)
+                self.captures[interface] = open_capture(interface, self.config.port,
+                                                        self.config.longest_wire)
                 opened = True
                 if not first:
                     self.log.info("capturing on %s again", interface)
@@ -5473,6 +5806,7 @@ class Supervisor(object):
         """SIGHUP: read the config again; openings in force and the replay cache stay."""
         try:
             config = ServerConfig(self.args.config, self.args.access_conf)
+            config.start_gpg()
         except SpaError as e:
             self.log.error("config reload failed, keeping the running config: %s", e)
             return
@@ -5486,6 +5820,7 @@ class Supervisor(object):
             for name in later:            # until then the running values hold
                 setattr(config, name, getattr(old, name))
         self.config = self.gate.config = config
+        old.stop_gpg()
         self.gate.replay.max_age = config.max_packet_age
         firewall = self.gate.firewall
         nat = config.enable_forwarding or config.enable_local_nat
@@ -5498,8 +5833,8 @@ class Supervisor(object):
                 firewall.setup()
         except SpaError as e:
             self.log.error("firewall update failed: %s", e)
-        if (config.interfaces, config.optional_interfaces, config.port) != \
-                (old.interfaces, old.optional_interfaces, old.port):
+        if (config.interfaces, config.optional_interfaces, config.port, config.longest_wire) != \
+                (old.interfaces, old.optional_interfaces, old.port, old.longest_wire):
             self.close_captures()
             self.open_captures()
         self._restart()
@@ -5588,6 +5923,16 @@ def server_main(args):
             print("no open authorizations")
         return 0
     crypto_available()
+    config.start_gpg()
+    try:
+        return _serve(args, config, firewall, log)
+    finally:
+        config.stop_gpg()
+
+
+def _serve(args, config, firewall, log):
+    """server_main's part once the config is read: the replay cache, the firewall, the
+    supervisor until SIGTERM."""
     # Replay cache first, so a config or permission problem stops us before any change.
     replay = ReplayCache(None if args.test else config.replay_cache, config.max_packet_age)
     if replay.skipped:
@@ -5613,6 +5958,7 @@ def server_main(args):
         supervisor.run()
     finally:
         replay.close()
+        supervisor.config.stop_gpg()
     log.info("stopping: protected ports stay closed; openings expire on their own")
     return 0
 
@@ -5755,7 +6101,8 @@ CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip
                   "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",
                   "key", "hmac_key", "resolve_url", "nat_access", "nat_local", "nat_port",
                   "server_cmd", "ip_version", "digest_type", "source_port", "time_offset",
-                  "user_agent"}
+                  "user_agent", "use_gpg", "gpg_recipient", "gpg_signer", "gpg_home_dir",
+                  "gpg_signing_pw", "gpg_signing_pw_base64", "gpg_no_signing_pw", "gpg_agent"}
 
 # ~/.fwknoprc variable -> our option name; the values carry over as they are.
 FWKNOPRC_NAMES = {
@@ -5766,28 +6113,28 @@ FWKNOPRC_NAMES = {
     "ENCRYPTION_MODE": "encryption_mode", "RESOLVE_URL": "resolve_url",
     "NAT_ACCESS": "nat_access", "NAT_PORT": "nat_port", "DIGEST_TYPE": "digest_type",
     "SPA_SOURCE_PORT": "source_port", "TIME_OFFSET": "time_offset",
-    "HTTP_USER_AGENT": "user_agent",
+    "HTTP_USER_AGENT": "user_agent", "GPG_RECIPIENT": "gpg_recipient", "GPG_SIGNER": "gpg_signer",
+    "GPG_HOMEDIR": "gpg_home_dir", "GPG_SIGNING_PW": "gpg_signing_pw",
+    "GPG_SIGNING_PW_BASE64": "gpg_signing_pw_base64",
 }
 # fwknop's yes/no variables (to fwknop only Y, in either case, is yes) -> (option, its yes).
 FWKNOPRC_FLAGS = {"NAT_LOCAL": ("nat_local", "yes"), "SERVER_RESOLVE_IPV4": ("ip_version", "4"),
                   "RESOLVE_IP_HTTPS": ("resolve", True), "RESOLVE_IP_HTTP": ("resolve", True),
-                  "RESOLVE_HTTP_ONLY": ("resolve", True)}
+                  "RESOLVE_HTTP_ONLY": ("resolve", True), "USE_GPG": ("use_gpg", "yes"),
+                  "USE_GPG_AGENT": ("gpg_agent", "yes"),
+                  "GPG_NO_SIGNING_PW": ("gpg_no_signing_pw", "yes")}
 # Variables that change nothing spa.py's client does: it uses an HMAC whenever it has the
 # key (as fwknop does, whatever USE_HMAC says), runs no wget and saves no command lines.
 FWKNOPRC_HARMLESS = {"USE_HMAC", "VERBOSE", "WGET_CMD", "NO_SAVE_ARGS", "USE_WGET_USER_AGENT"}
 # yes/no variables that ask with Y for what spa.py's client does not do.
-FWKNOPRC_UNSUPPORTED_FLAGS = {"USE_GPG", "USE_GPG_AGENT", "GPG_NO_SIGNING_PW", "RAND_PORT",
-                              "NAT_RAND_PORT"}
+FWKNOPRC_UNSUPPORTED_FLAGS = {"RAND_PORT", "NAT_RAND_PORT"}
 # Every other variable fwknop knows, which spa.py's client does not do.
-FWKNOPRC_UNSUPPORTED = {"GPG_RECIPIENT", "GPG_SIGNER", "GPG_HOMEDIR", "GPG_EXE", "GPG_SIGNING_PW",
-                        "GPG_SIGNING_PW_BASE64", "SPOOF_SOURCE_IP", "KEY_FILE", "HMAC_KEY_FILE",
+FWKNOPRC_UNSUPPORTED = {"GPG_EXE", "SPOOF_SOURCE_IP", "KEY_FILE", "HMAC_KEY_FILE",
                         "SPA_SERVER_PROTO"}
 # fwknop client options that spa.py's client does not have, and why.  Refused by name
 # (refuse_fwknop_only_options): their values are never shown, some are keys.
 FWKNOP_ONLY_OPTIONS = dict(
-    [(o, "it does no GnuPG") for o in (
-        "-g", "--gpg-encryption", "--gpg-recipient-key", "--gpg-signer-key", "--gpg-home-dir",
-        "--gpg-exe", "--gpg-agent", "--gpg-no-signing-pw")] +
+    [("--gpg-exe", "it runs the gpg on PATH")] +
     [(o, "it sends from its own address only") for o in ("-Q", "--spoof-source", "--spoof-src")] +
     [(o, "it sends one UDP datagram to one port") for o in (
         "-r", "--rand-port", "-H", "--http-proxy", "--icmp-type", "--icmp-code")] +
@@ -5995,7 +6342,7 @@ def client_settings(args):
             value = section.get(option)
         # A passphrase is taken as it is, blanks and all, as fwknop takes it.
         opts[option] = value.strip() if isinstance(value, str) and option not in (
-            "key", "hmac_key") else value
+            "key", "hmac_key", "gpg_signing_pw") else value
     if args.time_offset_plus or args.time_offset_minus:
         opts["time_offset"] = ("+" + args.time_offset_plus if args.time_offset_plus
                                else "-" + args.time_offset_minus)
@@ -6146,11 +6493,41 @@ def nat_request(opts, access, timeout):
     return (MSG_TIMEOUT_NAT if timeout else MSG_NAT), field, access
 
 
+def _signing_passphrase(opts):
+    """The passphrase of the GnuPG signing key: the section's gpg_signing_pw (or its
+    _base64), else asked for on the terminal; never from the command line."""
+    if opts.get("gpg_signing_pw"):
+        return opts["gpg_signing_pw"].encode()
+    if opts.get("gpg_signing_pw_base64"):
+        return parse_key(opts["gpg_signing_pw_base64"], "gpg_signing_pw_base64", 1, 1024)
+    if not sys.stdin.isatty():
+        raise SpaError("the GnuPG signing key's passphrase: put gpg_signing_pw in the config "
+                       "section (mode 0600), or use --gpg-agent or --gpg-no-signing-pw")
+    import getpass
+    return getpass.getpass("passphrase of GnuPG key %s: " % opts["gpg_signer"]).encode()
+
+
+def client_gpg(opts):
+    """The GnuPG that makes a GnuPG packet (-g, --gpg-recipient), or None for AES."""
+    yes = lambda option: parse_bool(opts.get(option) or "no", option)
+    if not (yes("use_gpg") or opts.get("gpg_recipient")):
+        return None
+    if not opts.get("gpg_recipient"):
+        raise SpaError("GnuPG mode needs the server's key: give --gpg-recipient KEY")
+    home = opts.get("gpg_home_dir")
+    gpg = GnuPG(os.path.expanduser(home) if home else None, agent=yes("gpg_agent"))
+    gpg.recipient, gpg.signer = opts["gpg_recipient"], opts.get("gpg_signer")
+    if gpg.signer and not gpg.agent and not yes("gpg_no_signing_pw"):
+        gpg.passphrase = _signing_passphrase(opts)
+    return gpg
+
+
 def build_packet(opts, now=None):
     """Validate the client's settings and build (Message, wire text) for them."""
     get = lambda option: opts.get(option) or ""
     where = "client"
-    key, hmac_key, hmac_type, mode = parse_keys(get, where)
+    gpg = client_gpg(opts)
+    key, hmac_key, hmac_type, mode = parse_keys(get, where, gpg is not None)
     if not opts.get("destination"):
         raise SpaError("no destination: give -D HOST or destination = HOST in the config section")
     if not opts.get("access") and not opts.get("server_cmd"):
@@ -6182,6 +6559,12 @@ def build_packet(opts, now=None):
     stamp = int(time.time() if now is None else now) + parse_time_offset(opts.get("time_offset"))
     msg = Message(user, allow_ip, access, timeout, msg_type=msg_type, nat_access=nat_access,
                   timestamp=stamp, command=command, digest_type=digest)
+    if gpg is not None:
+        wire = gpg_seal(msg.encode(), gpg, hmac_key, hmac_type)
+        if len(wire) > MAX_GPG_WIRE_LEN:
+            raise SpaError("the packet would be %d characters; fwknop servers accept at most %d: "
+                           "use 2048-bit keys" % (len(wire), MAX_GPG_WIRE_LEN))
+        return msg, wire
     wire = seal(msg.encode(), key, hmac_key, hmac_type, mode)
     if len(wire) > MAX_WIRE_LEN:
         raise SpaError("the packet would be %d characters; fwknop servers accept at most %d: "
@@ -7183,6 +7566,19 @@ def _client_packet_options(c):
                    help="cbc (default), ctr, cfb or ofb, as the server's stanza says")
     c.add_argument("-m", "--digest-type", dest="digest_type", metavar="TYPE",
                    help="the packet's inner digest: sha256 (default), sha384, sha512, ...")
+    c.add_argument("-g", "--gpg-encryption", dest="use_gpg", action="store_const", const="yes",
+                   help="GnuPG instead of AES (implied by --gpg-recipient)")
+    c.add_argument("--gpg-recipient", "--gpg-recipient-key", dest="gpg_recipient",
+                   metavar="KEY", help="GnuPG: the server's key (ID, fingerprint or e-mail)")
+    c.add_argument("--gpg-signer-key", dest="gpg_signer", metavar="KEY",
+                   help="GnuPG: your key, which signs the packet (the server requires it)")
+    c.add_argument("--gpg-home-dir", dest="gpg_home_dir", metavar="DIR",
+                   help="GnuPG: the keyring directory (default ~/.gnupg)")
+    c.add_argument("--gpg-no-signing-pw", dest="gpg_no_signing_pw", action="store_const",
+                   const="yes", help="GnuPG: the signing key has no passphrase")
+    c.add_argument("--gpg-agent", dest="gpg_agent", action="store_const", const="yes",
+                   help="GnuPG: let gpg-agent ask for the signing key's passphrase (without "
+                   "it: gpg_signing_pw in the config section, else a prompt)")
     c.add_argument("-S", "--source-port", dest="source_port", metavar="PORT",
                    help="send the knock from this UDP port")
     c.add_argument("--time-offset-plus", dest="time_offset_plus", metavar="TIME",

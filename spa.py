@@ -926,10 +926,13 @@ class GnuPG(object):
             args += ["--sign", "--local-user", self.signer]
         code, out, status = self.run(args + ["--output", "-"], plaintext, self.passphrase)
         if code != 0 or "END_ENCRYPTION" not in status:
+            failure = (status.get("FAILURE") or [["", "0"]])[0]
+            bad_pw = "BAD_PASSPHRASE" in status or failure[-1].isdigit() and \
+                int(failure[-1]) & 0xFFFF in (11, 99)     # GPG_ERR_BAD_PASSPHRASE, _CANCELED
             why = status.get("INV_RECP") and "no usable key %s" % self.recipient or \
                 status.get("INV_SGNR") and "no usable signing key %s" % self.signer or \
-                status.get("BAD_PASSPHRASE") and "wrong passphrase for %s" % self.signer or \
-                status.get("FAILURE") and " ".join(status["FAILURE"][0]) or "exit %d" % code
+                bad_pw and "wrong or no passphrase for %s" % self.signer or \
+                " ".join(failure) or "exit %d" % code
             raise SpaError("gpg could not encrypt%s: %s (keyring %s)" % (
                 " and sign" if self.signer else "", why, self.home or "the default"))
         return out
@@ -1503,13 +1506,17 @@ ACCESS_CONF_NAMES = {
     "FW_ACCESS_TIMEOUT": "fw_access_timeout", "CMD_EXEC_USER": "cmd_exec_user",
     "MAX_FW_TIMEOUT": "max_fw_timeout", "REQUIRE_USERNAME": "require_username",
     "ACCESS_EXPIRE": "access_expire", "ACCESS_EXPIRE_EPOCH": "access_expire",
+    "GPG_HOME_DIR": "gpg_home_dir", "GPG_DECRYPT_ID": "gpg_decrypt_id",
+    "GPG_DECRYPT_PW": "gpg_decrypt_pw", "GPG_REMOTE_ID": "gpg_remote_id",
+    "GPG_FINGERPRINT_ID": "gpg_fingerprint_id",
 }
 
 
 # fwknopd's yes/no variables (true when the value starts with Y or y, as fwknopd reads them).
 ACCESS_CONF_BOOLS = {"REQUIRE_SOURCE_ADDRESS": "require_source_address",
                      "REQUIRE_SOURCE": "require_source_address",
-                     "ENABLE_CMD_EXEC": "enable_cmd_exec"}
+                     "ENABLE_CMD_EXEC": "enable_cmd_exec", "GPG_ALLOW_NO_PW": "gpg_allow_no_pw",
+                     "GPG_REQUIRE_SIG": "gpg_require_sig"}
 
 
 # What fwknopd does and spa.py does not (yet): a stanza that asks for it is left out.  The
@@ -1555,7 +1562,8 @@ def access_conf_lines(path):
             continue
         var = _fwknop_variable(words[0])
         value = words[1].split(";", 1)[0] if len(words) > 1 else ""
-        lines.append((number, var, value if var in ("KEY", "HMAC_KEY") else value.strip()))
+        lines.append((number, var, value if var in ("KEY", "HMAC_KEY", "GPG_DECRYPT_PW")
+                      else value.strip()))
     return lines
 
 
@@ -1567,7 +1575,7 @@ class _AccessConfStanza(object):
     def __init__(self, name, notes):
         self.name, self.notes = name, notes
         self.options, self.unsupported, self.problems = {}, [], []
-        self.gpg = False
+        self.gpg_disable_sig = False
 
     def line(self, number, var, value):
         options, unsupported, problems = self.options, self.unsupported, self.problems
@@ -1576,7 +1584,7 @@ class _AccessConfStanza(object):
             problems.append("line %d is %s" % (number, NOT_SHOWN))
         elif not value.strip():
             problems.append("%s has no value (line %d)" % (var, number))
-        elif var in ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64") \
+        elif var in ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64", "GPG_DECRYPT_PW") \
                 and value.upper() == "__CHANGEME__":
             problems.append("%s is still __CHANGEME__ (line %d)" % (var, number))
         elif var in ("FW_ACCESS_TIMEOUT", "MAX_FW_TIMEOUT") and value.isdigit() and int(value) == 0:
@@ -1594,7 +1602,7 @@ class _AccessConfStanza(object):
         elif var == "ENCRYPTION_MODE":
             mode = value.lower()
             if mode == "asymmetric":
-                self.gpg = True
+                pass                         # GnuPG: the GPG_* variables make it
             elif mode in ENCRYPTION_MODES:
                 options["encryption_mode"] = mode
             else:
@@ -1602,8 +1610,8 @@ class _AccessConfStanza(object):
         elif var in ACCESS_CONF_UNSUPPORTED:
             if yes or var not in ACCESS_CONF_UNSUPPORTED_BOOLS:
                 unsupported.append(ACCESS_CONF_UNSUPPORTED[var])
-        elif var.startswith("GPG_"):
-            self.gpg = True
+        elif var in ("GPG_DISABLE_SIG", "GPG_IGNORE_SIG_VERIFY_ERROR", "GPG_EXE"):
+            self.gpg_line(var, yes)
         elif var == "ENABLE_CMD_SUDO_EXEC":
             if yes:
                 self.notes.append("%s: ENABLE_CMD_SUDO_EXEC is not honoured: spa.py uses no sudo"
@@ -1612,13 +1620,31 @@ class _AccessConfStanza(object):
             problems.append("%s is not a variable fwknopd knows (it would ignore it; names are "
                             "case-sensitive)" % var)
 
+    def gpg_line(self, var, yes):
+        """fwknopd's GnuPG variables that are not stanza options: GPG_DISABLE_SIG turns
+        gpg_require_sig off (unless GPG_REQUIRE_SIG is Y); spa.py never takes a bad
+        signature, and runs the gpg on PATH."""
+        if var == "GPG_DISABLE_SIG":
+            self.gpg_disable_sig = yes
+        elif yes or var == "GPG_EXE":
+            self.notes.append("%s: %s is not honoured: %s" % (self.name, var, (
+                "spa.py runs the gpg on PATH" if var == "GPG_EXE" else
+                "spa.py never accepts a bad signature (it does not weigh the web of trust: "
+                "GPG_FINGERPRINT_ID / GPG_REMOTE_ID name the signers)")))
+
     def finish(self):
         """(options, problems): the checks of the stanza as a whole, after its last line."""
         name, options, unsupported, notes = self.name, self.options, self.unsupported, self.notes
-        if not options.get("key_base64") and not options.get("key"):
-            unsupported.append("GnuPG-only stanzas" if self.gpg else "a stanza without an AES key")
-        elif self.gpg:
-            notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
+        if self.gpg_disable_sig and options.get("gpg_require_sig") != "yes":
+            options["gpg_require_sig"] = "no"
+        gpg = options.get("gpg_decrypt_pw") or options.get("gpg_allow_no_pw") == "yes"
+        if not gpg:         # as fwknopd: GPG_* without a passphrase (or ALLOW_NO_PW) is no GnuPG
+            for option in [o for o in options if o.startswith("gpg_")]:
+                del options[option]
+        elif not options.get("gpg_decrypt_id"):
+            self.problems.append("GPG_DECRYPT_ID is missing (the server's key)")
+        if not options.get("key_base64") and not options.get("key") and not gpg:
+            unsupported.append("a stanza without an AES key")
         if not options.get("hmac_key_base64") and not options.get("hmac_key"):
             unsupported.append("packets without an HMAC")
         if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
@@ -1650,7 +1676,7 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
     """Turn fwknop's access.conf into Stanzas: ([Stanza], [notes on what is not honoured]).
 
     Read as fwknopd reads it (access_conf_lines; variable names are case-sensitive).
-    A stanza that needs what spa.py does not do (GnuPG, NAT, a DESTINATION other
+    A stanza that needs what spa.py does not do (NAT, a DESTINATION other
     than ANY, command cycles, ECB or legacy mode, no HMAC key), or that it cannot
     read, is left out and a note names it and why, rather than being loaded with a
     restriction quietly dropped; the other stanzas load.

@@ -4742,7 +4742,8 @@ def confine_reader(writable, readable, log):
 
 # --- The pipe protocol: one request line a packet -------------------------------------
 
-REQUEST_LONGEST = 2 * 45 + MAX_GPG_WIRE_LEN + 16 + 3   # two addresses, a packet, an interface
+REQUEST_LONGEST = 2 * 45 + MAX_WIRE_LEN + 16 + 3   # two addresses, a packet, an interface
+REQUEST_EXTRA = 2 * 45 + 16 + 3                   # all but the packet
 _ADDRESS_CHARS = b"0123456789abcdefABCDEF:."
 
 
@@ -4767,19 +4768,19 @@ def _request_address(word):
         raise ValueError("not an address")
 
 
-def parse_request(line):
+def parse_request(line, longest_wire=MAX_WIRE_LEN):
     """(source, destination, wire, interface or None) of one request line (without its
     newline), checked strictly; ValueError for anything but two addresses (no scope, no
     name, nothing else), a packet of the right length and alphabet, and maybe an
     interface name."""
-    if len(line) > REQUEST_LONGEST:
+    if len(line) > REQUEST_EXTRA + longest_wire:
         raise ValueError("a line of %d bytes" % len(line))
     words = line.split(b" ")
     if len(words) not in (3, 4):
         raise ValueError("%d words, not 3" % len(words))
     source, destination = (_request_address(word) for word in words[:2])
     wire = bytes(words[2])
-    if not MIN_WIRE_LEN <= len(wire) <= MAX_GPG_WIRE_LEN or wire.translate(None, B64_ALPHABET):
+    if not MIN_WIRE_LEN <= len(wire) <= longest_wire or wire.translate(None, B64_ALPHABET):
         raise ValueError("not a packet")
     interface = None
     if len(words) == 4:
@@ -4988,7 +4989,7 @@ class Gatekeeper(object):
         requests, problem = [], None
         for line in lines:
             try:
-                requests.append(parse_request(line))
+                requests.append(parse_request(line, self.config.longest_wire))
             except ValueError as e:
                 problem = "a malformed request (%s)" % e
                 break
@@ -5583,7 +5584,7 @@ class ReaderProcess(object):
             return False
         self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
-        if len(self.buffer) > REQUEST_LONGEST:      # refused before it is ever whole
+        if len(self.buffer) > REQUEST_EXTRA + self.gate.config.longest_wire:   # never whole
             lines.append(self.buffer)
             self.buffer = b""
         problem = self.gate.serve_lines(lines)[1] if lines else None

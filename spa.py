@@ -836,8 +836,7 @@ def _read_text(path):
 
 GPG_TIMEOUT = 10.0        # seconds one gpg run may take
 GPG_USER = "spa-gpg"      # the server's gpg runs as this user (gpg_user)
-GPG_USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-               "--shell", "/usr/sbin/nologin"]
+GPG_MAX_OUTPUT = 4096     # bytes of plaintext the server's gpg may write (a message: < 1500)
 
 
 def _gpg_status(text):
@@ -865,12 +864,13 @@ def _become(user):
 class GnuPG(object):
     """The gpg binary on one keyring (`home`, None: gpg's default), run as `user` (None:
     as this process).  `agent`: let gpg-agent ask for passphrases (its pinentry) instead
-    of passing them through a pipe.  `refuse_root`: never run gpg as root (the server's)."""
+    of passing them through a pipe.  `server`: the server's, which never runs gpg as root,
+    reads no gpg.conf (--no-options: no key servers, nothing a keyring's owner set), and
+    takes at most GPG_MAX_OUTPUT bytes of plaintext (no decompression bomb)."""
 
-    def __init__(self, home=None, user=None, agent=False, refuse_root=False,
-                 timeout=GPG_TIMEOUT):
+    def __init__(self, home=None, user=None, agent=False, server=False, timeout=GPG_TIMEOUT):
         self.home, self.user, self.agent = home, user, agent
-        self.refuse_root, self.timeout = refuse_root, timeout
+        self.server, self.timeout = server, timeout
         self.recipient = self.signer = self.passphrase = None
 
     def run(self, args, data, passphrase=None):
@@ -879,12 +879,14 @@ class GnuPG(object):
         gpg = find_tool("gpg")
         if gpg is None:
             raise SpaError("gpg not found: install GnuPG (Debian: apt-get install gnupg)")
-        if self.refuse_root and self.user is None and hasattr(os, "geteuid") \
+        if self.server and self.user is None and hasattr(os, "geteuid") \
                 and os.geteuid() == 0:
             raise SpaError("refusing to run gpg as root: the server runs it as gpg_user")
         status_r, status_w = os.pipe()
         pass_r = pass_w = None
         argv = [gpg, "--batch", "--no-tty", "--quiet", "--status-fd", str(status_w)]
+        if self.server:
+            argv += ["--no-options", "--no-auto-key-retrieve", "--max-output", str(GPG_MAX_OUTPUT)]
         if self.home:
             argv += ["--homedir", self.home]
         if not self.agent:
@@ -937,18 +939,24 @@ class GnuPG(object):
                 " and sign" if self.signer else "", why, self.home or "the default"))
         return out
 
-    def decrypt(self, raw, passphrase=None):
+    def decrypt(self, raw, passphrase=None, key_id=None):
         """(plaintext, the fingerprints of the key that made its one good signature and of
-        its primary key, or () if unsigned); Reject if it does not decrypt, or its
-        signature is bad.  The signature is not weighed by the web of trust: the stanza
-        names the signers it accepts."""
+        its primary key, or () if unsigned); Reject if it does not decrypt with a secret key
+        (with `key_id`, hex: that one) of the keyring, or its signature is bad.  The
+        signature is not weighed by the web of trust: the stanza names the signers it
+        accepts."""
         code, out, status = self.run(["--trust-model", "always", "--decrypt", "--output", "-"],
                                      raw, passphrase)
+        used = [word.upper() for words in status.get("DECRYPTION_KEY", []) for word in words[:2]]
         if "DECRYPTION_OKAY" not in status or "DECRYPTION_FAILED" in status:
             why = ("wrong gpg_decrypt_pw" if "BAD_PASSPHRASE" in status else
                    "no secret key for it in the keyring" if "NO_SECKEY" in status else
                    "gpg exit %d" % code)
             raise Reject("gpg could not decrypt it: %s" % why)
+        if not used:       # a passphrase (a symmetric session key), not a key, opened it
+            raise Reject("gpg decrypted it without a key of the keyring")
+        if key_id and not any(fpr.endswith(key_id) for fpr in used):
+            raise Reject("encrypted to %s, not to gpg_decrypt_id" % used[0])
         signatures = status.get("NEWSIG", [])
         if not signatures:
             return out, ()
@@ -1388,13 +1396,15 @@ class Stanza(object):
         if self.gpg_require_sig and not (self.gpg_remote_ids or self.gpg_fingerprints):
             raise SpaError("%s: gpg_require_sig needs gpg_fingerprint_id or gpg_remote_id: "
                            "the signers whose packets it takes" % where)
-        self.gpg = GnuPG(self.gpg_home_dir, refuse_root=True)
+        self.gpg = GnuPG(self.gpg_home_dir, server=True)
 
     def gpg_open(self, raw):
         """The plaintext of a GnuPG packet, decrypted by self.gpg; with gpg_require_sig, only
         if one of gpg_fingerprint_id made its good signature (or, without that list, one
         whose fingerprint ends in a gpg_remote_id).  Reject says why not."""
-        plaintext, signer = self.gpg.decrypt(raw, self.gpg_decrypt_pw)
+        key_id = self.gpg_decrypt_id.replace(" ", "").upper()
+        hex_id = len(key_id) in (8, 16, 40) and not key_id.strip("0123456789ABCDEF")
+        plaintext, signer = self.gpg.decrypt(raw, self.gpg_decrypt_pw, key_id if hex_id else None)
         if not self.gpg_require_sig:
             return plaintext
         if not signer:
@@ -1842,7 +1852,7 @@ class ServerConfig(object):
         except KeyError:
             raise SpaError("%s: no user %s, which gpg runs as for the GnuPG stanzas: create it "
                            "(%s %s) or name another with gpg_user" % (
-                               self.path, self.gpg_user, " ".join(GPG_USERADD), self.gpg_user))
+                               self.path, self.gpg_user, " ".join(USERADD), self.gpg_user))
         if uid == 0 or self.gpg_user == self.user:
             raise SpaError("%s: gpg_user = %s: gpg must run as a user of its own, not root nor "
                            "the packet reader's" % (self.path, self.gpg_user))
@@ -1853,7 +1863,7 @@ class ServerConfig(object):
                 if home not in copies:
                     copies[home] = private_keyring(home, self.gpg_user)
                     self.gpg_copies.append(copies[home])
-                stanza.gpg = GnuPG(copies[home], self.gpg_user, refuse_root=True)
+                stanza.gpg = GnuPG(copies[home], self.gpg_user, server=True)
         except SpaError:
             self.stop_gpg()
             raise
@@ -6873,32 +6883,71 @@ def keygen_keys(hmac_type="sha256"):
             base64.b64encode(os.urandom(HMAC_KEY_BYTES[hmac_type])).decode())
 
 
-def server_stanza(name, keys, hmac_type, access):
-    """The [client NAME] stanza keygen writes into the server's config."""
-    return ("[client {name}]\nsource = any\nopen_ports = {access}\nkey_base64 = {key}\n"
+def gpg_fingerprint(gpg, key):
+    """The fingerprint of the one key of gpg's keyring that `key` (an ID, a fingerprint or
+    a user ID) names; SpaError if none or more than one."""
+    code, out, _ = gpg.run(["--with-colons", "--list-keys", "--", key], b"")
+    lines = out.decode("utf-8", "replace").splitlines()
+    fprs = [lines[i + 1].split(":")[9] for i, line in enumerate(lines[:-1])
+            if line.startswith("pub:") and lines[i + 1].startswith("fpr:")]
+    if code != 0 or len(fprs) != 1:
+        raise SpaError("GnuPG key %r: %s in keyring %s" % (
+            key, "%d keys match" % len(fprs) if fprs else "no such key", gpg.home or "~/.gnupg"))
+    return fprs[0].upper()
+
+
+def keygen_gpg(recipient, signer, home):
+    """(server's fingerprint, client's fingerprint) for keygen's GnuPG sections, looked up
+    in the keyring `home`, and the server's key tried: fwknop's format needs its "hQ"."""
+    gpg = GnuPG(os.path.expanduser(home) if home else None)
+    fprs = gpg_fingerprint(gpg, recipient), gpg_fingerprint(gpg, signer)
+    gpg.recipient = fprs[0]
+    gpg_seal(b"a trial", gpg, b"h", "sha256")
+    return fprs
+
+
+def server_stanza(name, keys, hmac_type, access, gpg=None):
+    """The [client NAME] stanza keygen writes into the server's config; with `gpg` (the
+    fingerprints of the server's key and the client's), a GnuPG stanza."""
+    secret = "key_base64 = %s\n" % keys[0] if gpg is None else ""
+    text = ("[client {name}]\nsource = any\nopen_ports = {access}\n{secret}"
             "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
-                name=name, access=access, key=keys[0], hkey=keys[1], htype=hmac_type)
+                name=name, access=access, secret=secret, hkey=keys[1], htype=hmac_type)
+    if gpg is not None:
+        text += ("# GnuPG: the server's key decrypts (in root's ~/.gnupg unless gpg_home_dir says"
+                 "\n# otherwise); the client's key must sign.  A key with a passphrase: give\n"
+                 "# gpg_decrypt_pw = PASSPHRASE instead of gpg_allow_no_pw.\n"
+                 "gpg_decrypt_id = %s\ngpg_allow_no_pw = yes\ngpg_fingerprint_id = %s\n" % gpg)
+    return text
 
 
-def client_section(name, keys, hmac_type, access, destination=None):
+def client_section(name, keys, hmac_type, access, destination=None, gpg=None):
     """The client's section; without a destination, a line that says how to give one (a
-    made-up host would only fail later, with `cannot resolve`)."""
+    made-up host would only fail later, with `cannot resolve`); with `gpg`, GnuPG's."""
     where = "destination = %s" % destination if destination else \
         "# destination = the server's name or address (or give it with spa.py client -D)"
-    return ("# On the client, in ~/.spa.conf (mode 0600), then: spa.py client -n {name}\n"
-            "[{name}]\n{where}\naccess = {access}\nkey_base64 = {key}\n"
+    secret = "key_base64 = %s\n" % keys[0] if gpg is None else ""
+    text = ("# On the client, in ~/.spa.conf (mode 0600), then: spa.py client -n {name}\n"
+            "[{name}]\n{where}\naccess = {access}\n{secret}"
             "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
-                name=name, where=where, access=access, key=keys[0], hkey=keys[1],
+                name=name, where=where, access=access, secret=secret, hkey=keys[1],
                 htype=hmac_type)
+    if gpg is not None:
+        text += ("gpg_recipient = %s\ngpg_signer = %s\n# gpg_home_dir = ~/.gnupg\n"
+                 "# gpg_signing_pw = the signing key's passphrase (else: asked for, or "
+                 "--gpg-agent)\n" % gpg)
+    return text
 
 
-def keygen_text(hmac_type="sha256", name="myhost", destination=None, access="tcp/22"):
+def keygen_text(hmac_type="sha256", name="myhost", destination=None, access="tcp/22", gpg=None):
     """keygen's whole output: the keys as fwknop prints them, then both sections."""
     keys = keygen_keys(hmac_type)
-    return ("KEY_BASE64: %s\nHMAC_KEY_BASE64: %s\n\n# On the server, in /etc/spa/spa.conf "
+    head = "HMAC_KEY_BASE64: %s\n" % keys[1] if gpg else \
+        "KEY_BASE64: %s\nHMAC_KEY_BASE64: %s\n" % keys
+    return ("%s\n# On the server, in /etc/spa/spa.conf "
             "(mode 0600), or let keygen put it there with --server-config /etc/spa/spa.conf:\n"
-            "%s\n%s" % (keys[0], keys[1], server_stanza(name, keys, hmac_type, access),
-                         client_section(name, keys, hmac_type, access, destination)))
+            "%s\n%s" % (head, server_stanza(name, keys, hmac_type, access, gpg),
+                         client_section(name, keys, hmac_type, access, destination, gpg)))
 
 
 def replace_section(text, header, block):
@@ -6976,13 +7025,19 @@ def keygen_main(args):
         except OSError as e:
             raise SpaError("cannot create %s: %s" % (args.output, e.strerror))
     try:
+        gpg = None
+        if args.gpg_recipient or args.gpg_signer:
+            if not (args.gpg_recipient and args.gpg_signer):
+                raise SpaError("GnuPG sections need both --gpg-recipient (the server's key) "
+                               "and --gpg-signer-key (the client's)")
+            gpg = keygen_gpg(args.gpg_recipient, args.gpg_signer, args.gpg_home_dir)
         if args.server_config:
             keys = keygen_keys(hmac_type)
-            done = add_to_server_config(args.server_config, args.name,
-                                        server_stanza(args.name, keys, hmac_type, access), access)
-            text = client_section(args.name, keys, hmac_type, access, args.destination)
+            done = add_to_server_config(args.server_config, args.name, server_stanza(
+                args.name, keys, hmac_type, access, gpg), access)
+            text = client_section(args.name, keys, hmac_type, access, args.destination, gpg)
         else:
-            text = keygen_text(hmac_type, args.name, args.destination, access)
+            text = keygen_text(hmac_type, args.name, args.destination, access, gpg)
     except BaseException:
         if out is not None:
             out.close()
@@ -7362,27 +7417,33 @@ def _install_dir(path, ours=False):
         os.chmod(path, 0o755)
 
 
-def create_reader_user():
-    """Create the packet reader's system user `spa` where it is missing; says what it did."""
+def create_system_user(name, role, later):
+    """Create the system user `name` where it is missing; says what it did.  `role`: what
+    runs as it ("the packet reader runs as"); `later`: what happens until it exists."""
     import pwd
     import shutil
     try:
-        pwd.getpwnam(READER_USER)
-        return "the packet reader runs as the user %s" % READER_USER
+        pwd.getpwnam(name)
+        return "%s the user %s" % (role, name)
     except KeyError:
         pass
-    command = USERADD + [READER_USER]
-    later = "(the packet reader runs as nobody until it exists)"
+    command = USERADD + [name]
     if os.geteuid() != 0:
-        return "note: no user %s: as root, run %s %s" % (READER_USER, " ".join(command), later)
+        return "note: no user %s: as root, run %s %s" % (name, " ".join(command), later)
     useradd = shutil.which(command[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     try:
         if useradd is None:
             raise SpaError("%s not found" % command[0])
         run_command([useradd] + command[1:])
     except SpaError as e:
-        return "note: could not create the system user %s: %s %s" % (READER_USER, e, later)
-    return "created the system user %s, which the packet reader runs as" % READER_USER
+        return "note: could not create the system user %s: %s %s" % (name, e, later)
+    return "created the system user %s, which %s" % (name, role)
+
+
+def create_reader_user():
+    """Create the packet reader's system user `spa` where it is missing; says what it did."""
+    return create_system_user(READER_USER, "the packet reader runs as",
+                              "(the packet reader runs as nobody until it exists)")
 
 
 def install_main(args):
@@ -7434,6 +7495,8 @@ def install_main(args):
           % (target, launcher, launcher))
     print("the launcher runs %s -I (isolated): %s" % (python, why))
     print(create_reader_user())
+    print(create_system_user(GPG_USER, "the server's gpg (GnuPG stanzas) runs as",
+                             "(GnuPG stanzas cannot be used until it exists)"))
     return 0
 
 
@@ -7540,6 +7603,12 @@ def _keygen_options(sub, fmt):
                    help="add [client NAME] to this server config, or replace it (a missing "
                    "file is made from spa.conf.example's text, mode 0600, protecting -A's "
                    "ports); then print only the client's section")
+    k.add_argument("--gpg-recipient", "--gpg-recipient-key", dest="gpg_recipient", metavar="KEY",
+                   help="GnuPG sections: the server's key, which the packets are encrypted to")
+    k.add_argument("--gpg-signer-key", dest="gpg_signer", metavar="KEY",
+                   help="GnuPG sections: the client's key, which signs them")
+    k.add_argument("--gpg-home-dir", dest="gpg_home_dir", metavar="DIR",
+                   help="the keyring that holds both public keys (default ~/.gnupg)")
 
 
 def _client_request_options(c):

@@ -6600,7 +6600,7 @@ def build_packet(opts, now=None):
         wire = gpg_seal(msg.encode(), gpg, hmac_key, hmac_type)
         if len(wire) > MAX_GPG_WIRE_LEN:
             raise SpaError("the packet would be %d characters; fwknop servers accept at most %d: "
-                           "use 2048-bit keys" % (len(wire), MAX_GPG_WIRE_LEN))
+                           "use GnuPG keys of 2048 or 3072 bits" % (len(wire), MAX_GPG_WIRE_LEN))
         return msg, wire
     wire = seal(msg.encode(), key, hmac_key, hmac_type, mode)
     if len(wire) > MAX_WIRE_LEN:

@@ -6070,6 +6070,50 @@ def check_saved_firewall(config, line):
         print("        %s %s: run  %s" % (path, what, fix))
 
 
+def _gpg_key_problem(gpg, key, secret=False):
+    """Why gpg's keyring lacks the (secret) key `key`, else None."""
+    code, out, _ = gpg.run(["--with-colons", "--list-secret-keys" if secret else "--list-keys",
+                            "--", key], b"")
+    if code != 0 or not out.strip():
+        return "no %skey %s in its keyring" % ("secret " if secret else "", key)
+    return None
+
+
+def check_gpg(config, line):
+    """check-config's part for GnuPG stanzas: gpg_user, the keyrings (copied as the server
+    copies them), the server's secret key and the signers' public keys in each."""
+    stanzas = [stanza for stanza in config.stanzas if stanza.gpg is not None]
+    if not stanzas:
+        return
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        line(False, "GnuPG stanzas: cannot be checked without root")
+        return
+    try:
+        config.start_gpg()
+        line(True, "gpg runs as user %s on private copies of %d keyring(s)"
+             % (config.gpg_user, len(config.gpg_copies)))
+        for stanza in stanzas:
+            problems = [p for p in [_gpg_key_problem(stanza.gpg, stanza.gpg_decrypt_id, True)] +
+                        [_gpg_key_problem(stanza.gpg, fpr) for fpr in stanza.gpg_fingerprints]
+                        if p]
+            line(not problems, "[client %s]: GnuPG: %s" % (stanza.name, "; ".join(problems) if
+                                                            problems else "its keyring has the "
+                                                            "server's secret key and the signers'"))
+    except (SpaError, Reject) as e:
+        line(False, "GnuPG stanzas: %s" % e)
+    finally:
+        config.stop_gpg()
+
+
+def _crypto_text(stanza):
+    """How a stanza's packets are encrypted, for check-config."""
+    aes = stanza.mode if stanza.key is not None else None
+    gpg = None if stanza.gpg is None else "GnuPG, %s" % (
+        "signed by %s" % ", ".join(stanza.gpg_fingerprints + stanza.gpg_remote_ids)
+        if stanza.gpg_require_sig else "signature not required")
+    return " and ".join(t for t in (aes, gpg) if t)
+
+
 def check_config_main(args):
     """Validate a server config as far as it can be without running the server."""
     config = ServerConfig(args.config, args.access_conf)
@@ -6106,12 +6150,14 @@ def check_config_main(args):
     print("  packets are read as user %s" % config.user)
     if config.user_note:
         print("  note  %s" % config.user_note)
+    check_gpg(config, line)
     for stanza in config.stanzas:
         print("  [client %s]: from %s; opens %s for %d s (a client may ask for up to %d s); "
               "HMAC %s, %s%s%s" % (
                   stanza.name, "any address" if stanza.sources is None
                   else ", ".join(map(str, stanza.sources)), format_access(sorted(stanza.open_ports)),
-                  stanza.fw_access_timeout, stanza.max_fw_timeout, stanza.hmac_type, stanza.mode,
+                  stanza.fw_access_timeout, stanza.max_fw_timeout, stanza.hmac_type,
+                  _crypto_text(stanza),
                   "; user must be " + stanza.require_username if stanza.require_username else "",
                   "; refuses 0.0.0.0" if stanza.require_source_address else ""))
         if stanza.nat_forward:

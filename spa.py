@@ -861,6 +861,14 @@ def _become(user):
     return become
 
 
+def _bad_passphrase(status):
+    """Whether gpg's status says a passphrase was wrong or missing (GPG_ERR_BAD_PASSPHRASE,
+    GPG_ERR_CANCELED, GPG_ERR_NO_PASSPHRASE in an ERROR or FAILURE line)."""
+    codes = [words[-1] for key in ("ERROR", "FAILURE") for words in status.get(key, [])]
+    return "BAD_PASSPHRASE" in status or any(
+        code.isdigit() and int(code) & 0xFFFF in (11, 99, 177) for code in codes)
+
+
 class GnuPG(object):
     """The gpg binary on one keyring (`home`, None: gpg's default), run as `user` (None:
     as this process).  `agent`: let gpg-agent ask for passphrases (its pinentry) instead
@@ -928,13 +936,10 @@ class GnuPG(object):
             args += ["--sign", "--local-user", self.signer]
         code, out, status = self.run(args + ["--output", "-"], plaintext, self.passphrase)
         if code != 0 or "END_ENCRYPTION" not in status:
-            failure = (status.get("FAILURE") or [["", "0"]])[0]
-            bad_pw = "BAD_PASSPHRASE" in status or failure[-1].isdigit() and \
-                int(failure[-1]) & 0xFFFF in (11, 99)     # GPG_ERR_BAD_PASSPHRASE, _CANCELED
             why = status.get("INV_RECP") and "no usable key %s" % self.recipient or \
                 status.get("INV_SGNR") and "no usable signing key %s" % self.signer or \
-                bad_pw and "wrong or no passphrase for %s" % self.signer or \
-                " ".join(failure) or "exit %d" % code
+                _bad_passphrase(status) and "wrong or no passphrase for %s" % self.signer or \
+                " ".join((status.get("FAILURE") or [[]])[0]) or "exit %d" % code
             raise SpaError("gpg could not encrypt%s: %s (keyring %s)" % (
                 " and sign" if self.signer else "", why, self.home or "the default"))
         return out
@@ -949,9 +954,9 @@ class GnuPG(object):
                                      raw, passphrase)
         used = [word.upper() for words in status.get("DECRYPTION_KEY", []) for word in words[:2]]
         if "DECRYPTION_OKAY" not in status or "DECRYPTION_FAILED" in status:
-            why = ("wrong gpg_decrypt_pw" if "BAD_PASSPHRASE" in status else
-                   "no secret key for it in the keyring" if "NO_SECKEY" in status else
-                   "gpg exit %d" % code)
+            why = ("no secret key for it in the keyring" if "NO_SECKEY" in status else
+                   "wrong or no gpg_decrypt_pw" if _bad_passphrase(status) or
+                   not used and "KEY_CONSIDERED" in status else "gpg exit %d" % code)
             raise Reject("gpg could not decrypt it: %s" % why)
         if not used:       # a passphrase (a symmetric session key), not a key, opened it
             raise Reject("gpg decrypted it without a key of the keyring")

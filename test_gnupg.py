@@ -7,6 +7,7 @@ import base64
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ import spa
 from netns_lab import Lab, need_lab, udp_send, wait_for_line, wait_tcp_open
 from test_spa import HMAC_KEY, SERVICE_PORT, SPA, closed, need_nft, run_spa, write_private
 
+DECRYPT_PW = "decrypt-pass"    # the second server key's
 SIGN_PW = "signpass"           # the client's signing key's passphrase
 
 
@@ -52,6 +54,9 @@ def keys():
     k.server_fpr = make_key(k.server, "spa server <server@example.org>")
     k.client_fpr = make_key(k.client, "spa client <client@example.org>", SIGN_PW)
     k.stranger_fpr = make_key(k.stranger, "stranger <x@example.org>")
+    # A second server key, with a passphrase (gpg_decrypt_pw).
+    k.locked_fpr = make_key(k.server, "spa locked <locked@example.org>", DECRYPT_PW)
+    gpg(k.client, "--import", data=gpg(k.server, "--export", k.locked_fpr))
     gpg(k.client, "--import", data=gpg(k.server, "--export", k.server_fpr))
     gpg(k.stranger, "--import", data=gpg(k.server, "--export", k.server_fpr))
     for home, fpr in ((k.client, k.client_fpr), (k.stranger, k.stranger_fpr)):
@@ -185,6 +190,40 @@ def test_the_signer_decides(keys, tmp_path, served):
     assert d.accepted, d.reason
 
 
+def sealed(raw):
+    """The wire text of a raw OpenPGP message, as gpg_seal makes it, with the test HMAC key."""
+    text = spa.b64encode(raw)
+    assert text.startswith(b"hQ")
+    return text[2:] + spa.hmac_b64(base64.b64decode(HMAC_KEY), text, "sha256")
+
+
+def test_a_server_key_with_a_passphrase(keys, tmp_path, served):
+    """gpg_decrypt_pw reaches gpg through a pipe; a wrong one opens nothing; a packet for
+    another key of the keyring than gpg_decrypt_id's is refused."""
+    wire = spa_gpg_packet(tmp_path, keys, GPG_RECIPIENT=keys.locked_fpr)
+    locked = dict(gpg_decrypt_id=keys.locked_fpr, gpg_allow_no_pw=None)
+    d = served(wire, gpg_decrypt_pw=DECRYPT_PW, **locked)
+    assert d.accepted, d.reason
+    d = served(wire, gpg_decrypt_pw="wrong", **locked)
+    assert not d.accepted and d.reason == "gpg could not decrypt it: wrong or no gpg_decrypt_pw"
+    assert d.replay_key is None
+    d = served(wire, gpg_decrypt_pw=DECRYPT_PW, gpg_allow_no_pw=None,
+               gpg_decrypt_id=keys.server_fpr[-16:])
+    assert d.reason == "encrypted to %s, not to gpg_decrypt_id" % keys.locked_fpr
+
+
+def test_a_passphrase_alone_opens_nothing(keys, served):
+    """A message that gpg opens with the passphrase it is given (a symmetric session key
+    next to one for a key the server lacks), not with a key of the keyring: refused."""
+    raw = gpg(keys.stranger, "--pinentry-mode", "loopback", "--passphrase", DECRYPT_PW,
+              "--trust-model", "always", "--encrypt", "--symmetric", "-r", keys.stranger_fpr,
+              data=b"1234567890123456:" + b"x" * 60)
+    d = served(sealed(raw), gpg_decrypt_pw=DECRYPT_PW, gpg_allow_no_pw=None,
+               gpg_require_sig="no", gpg_fingerprint_id=None)
+    assert not d.accepted and d.replay_key is None
+    assert d.reason == "gpg decrypted it without a key of the keyring"
+
+
 def test_gpg_reads_only_authenticated_bytes(keys, tmp_path, served, monkeypatch):
     """A packet whose HMAC does not match never reaches gpg; one that does, but that gpg
     cannot decrypt, is refused and not recorded."""
@@ -220,6 +259,10 @@ def test_the_keyring_copy_is_gpg_users_alone(keys, tmp_path):
             config.start_gpg()
     finally:
         os.chmod(keys.server, 0o700)
+    missing = spa.ServerConfig(write_config(tmp_path / "missing.conf", {"alice": stanza(keys)},
+                                            gpg_user="no-such-gpg-user"))
+    with pytest.raises(spa.SpaError, match="no user no-such-gpg-user, which gpg runs as"):
+        missing.start_gpg()
     # Never as root, nor as the packet reader's user.
     for user in ("root", config.user):
         bad = spa.ServerConfig(write_config(tmp_path / "bad.conf", {"alice": stanza(keys)},
@@ -315,10 +358,16 @@ def test_spa_server_opens_for_fwknops_gpg_client(keys, tmp_path):
                 env=dict(os.environ, HOME=str(tmp_path)))
         assert wait_tcp_open(lab.name("cli1"), Lab.srv4(1), SERVICE_PORT, 5.0) is not None
         wait_for_line(server, r"accepted packet from 198\.18\.1\.2", 5)
-        # The same packet again: refused as a replay.
+        # SIGHUP: a new private keyring copy, the old one removed; knocks still open.
+        mark = server.log.mark()
+        server.send_signal(signal.SIGHUP)
+        wait_for_line(server, r"reloaded", 5, since=mark)
+        lab.run("cli1", [sys.executable, SPA, "client", "-c", rc_file, "-n", "srv"],
+                env=dict(os.environ, HOME=str(tmp_path)))
+        wait_for_line(server, r"accepted packet from 198\.18\.1\.2", 5, since=mark)
+        copies = [d for d in os.listdir("/run") if d.startswith("spa-gpg-")]
         lab.stop_process(server)
-    assert not [d for d in os.listdir("/run") if d.startswith("spa-gpg-") and
-                os.stat(os.path.join("/run", d)).st_mtime > os.stat(conf).st_mtime]
+    assert set(copies) - set(os.listdir("/run")) == set(copies)   # all removed at exit
 
 
 def test_fwknopd_opens_for_spa_gpg_client(keys, tmp_path):
@@ -352,3 +401,52 @@ def test_fwknopd_opens_for_spa_gpg_client(keys, tmp_path):
                 fwknopd.log.wait(fwknopd.RULE_ADDED, 2)
         finally:
             subprocess.call(["gpgconf", "--homedir", home, "--kill", "gpg-agent"])
+
+
+def test_keygen_prints_gnupg_sections_that_work(keys, tmp_path, served):
+    """keygen --gpg-recipient --gpg-signer-key: the fingerprints looked up, a fresh HMAC key,
+    no AES key; the server's stanza loads and takes the packet the client's section makes."""
+    done = run_spa("keygen", "-n", "web1", "-D", "198.18.1.1", "-A", "tcp/%d" % SERVICE_PORT,
+                   "--gpg-recipient", "spa server", "--gpg-signer-key", "client@example.org",
+                   "--gpg-home-dir", keys.client)
+    assert done.returncode == 0, done.stderr
+    server, client = done.stdout.split("# On the client")
+    client = "# On the client" + client
+    assert "gpg_decrypt_id = %s" % keys.server_fpr in server and "key_base64 = " not in \
+        server.replace("hmac_key_base64", "")
+    assert "gpg_fingerprint_id = %s" % keys.client_fpr in server
+    assert "gpg_recipient = %s\ngpg_signer = %s" % (keys.server_fpr, keys.client_fpr) in client
+    conf = write_private(tmp_path / "spa.conf", "[server]\nprotect = tcp/%d\nreplay_cache = %s\n"
+                         "gpg_user = %s\n" % (SERVICE_PORT, tmp_path / "replay", gpg_user()) +
+                         server[server.index("[client web1]"):] +
+                         "gpg_home_dir = %s\n" % keys.server)
+    cli = write_private(tmp_path / "cli.conf", client + "gpg_home_dir = %s\ngpg_signing_pw = %s\n"
+                        % (keys.client, SIGN_PW))
+    packet = run_spa("client", "-c", cli, "-n", "web1", "--test")
+    assert packet.returncode == 0, packet.stderr
+    config = spa.ServerConfig(conf)
+    config.start_gpg()
+    try:
+        d = spa.decide(packet.stdout.strip().encode(), "198.18.1.2", None, config.stanzas,
+                       lambda key: False, 120)
+        assert d.accepted, d.reason
+    finally:
+        config.stop_gpg()
+    # A key that makes no "hQ" packet, or one that is not there: refused, named.
+    done = run_spa("keygen", "--gpg-recipient", "nobody@example.org", "--gpg-signer-key",
+                   "client@example.org", "--gpg-home-dir", keys.client)
+    assert done.returncode == 1 and "'nobody@example.org': no such key" in done.stderr
+    done = run_spa("keygen", "--gpg-recipient", "spa server")
+    assert done.returncode == 1 and "need both --gpg-recipient" in done.stderr
+
+
+def test_check_config_checks_gnupg_stanzas(keys, tmp_path):
+    conf = write_config(tmp_path / "spa.conf", {"alice": stanza(keys)}, firewall="none")
+    done = run_spa("check-config", "-c", conf)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok    gpg runs as user %s on private copies of 1 keyring(s)" % gpg_user() in done.stdout
+    assert "GnuPG, signed by %s" % keys.client_fpr in done.stdout
+    conf = write_config(tmp_path / "spa.conf", {"alice": stanza(
+        keys, gpg_fingerprint_id=keys.client_fpr[:-1] + "0")}, firewall="none")
+    done = run_spa("check-config", "-c", conf)
+    assert done.returncode == 1 and "FAIL  [client alice]: GnuPG: no key" in done.stdout

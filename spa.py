@@ -9,8 +9,9 @@ with a timeout kept by the kernel itself, so the port goes dark again on time
 even if the server has died.
 
 The packet is fwknop's (AES-256-CBC with OpenSSL's salted key derivation, an
-inner digest, and an HMAC over the base64 text: encrypt-then-MAC), so fwknop
-clients and fwknopd interoperate with spa.py both ways.  The file opens with that
+inner digest, and an HMAC over the base64 text: encrypt-then-MAC; or fwknop's GnuPG
+mode, through the gpg binary), so fwknop clients and fwknopd interoperate with spa.py
+both ways.  The file opens with that
 format, as the reference a reader of fwknop's wire format can read.
 
 Needs Python 3.6 or newer and pycryptodome (imported as Cryptodome, Debian's
@@ -623,7 +624,8 @@ def judge(stanza, signed, source, now, seen, max_age):
     decrypt, inner digest and fields, replay cache, packet age, the stanza's policy.
 
     `replay_key` is set once the plaintext shows the stanza's AES key made it (16 digits
-    and a colon: no one else can make that), and from then on the caller must record it,
+    and a colon: no one else can make that; a GnuPG packet: once its signature passed, or
+    without gpg_require_sig, its decryption), and from then on the caller must record it,
     accepted or not.  A packet that authenticates but does not decrypt is not recorded
     (as fwknopd does not): it can never open anything, and recording it would let
     whoever holds only the HMAC key (a compromised packet reader) fill the cache.

@@ -450,3 +450,17 @@ def test_check_config_checks_gnupg_stanzas(keys, tmp_path):
         keys, gpg_fingerprint_id=keys.client_fpr[:-1] + "0")}, firewall="none")
     done = run_spa("check-config", "-c", conf)
     assert done.returncode == 1 and "FAIL  [client alice]: GnuPG: no key" in done.stdout
+
+
+def test_fwknoprc_gpg_variables(keys, tmp_path, served):
+    """~/.fwknoprc's GPG_SIGNING_PW_BASE64 and USE_GPG_AGENT (gpg-agent asks, here for a key
+    without a passphrase: nothing to ask) are honoured; GPG_EXE is named as not."""
+    b64 = base64.b64encode(SIGN_PW.encode()).decode()
+    wire = spa_gpg_packet(tmp_path, keys, GPG_SIGNING_PW=None, GPG_SIGNING_PW_BASE64=b64)
+    assert served(wire).accepted
+    stranger = spa_gpg_packet(tmp_path, keys, signer=keys.stranger_fpr, home=keys.stranger,
+                              GPG_SIGNING_PW=None, USE_GPG_AGENT="Y")
+    assert served(stranger, gpg_fingerprint_id=keys.stranger_fpr).accepted
+    rc_file = fwknoprc(tmp_path, keys, GPG_EXE="/usr/bin/gpg")
+    done = run_spa("client", "-c", rc_file, "-n", "srv", "--test")
+    assert done.returncode == 1 and "[srv]: GPG_EXE is not supported" in done.stderr

@@ -915,18 +915,26 @@ class GnuPG(object):
             proc = subprocess.Popen(argv + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, pass_fds=keep, env=env,
                                     preexec_fn=_become(self.user) if self.user else None)
+        except OSError as e:
+            os.close(status_r)
+            raise SpaError("cannot run %s: %s" % (gpg, e.strerror or e))
         finally:
             for fd in keep:
                 os.close(fd)
-        try:
-            out, _ = proc.communicate(data, timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            os.close(status_r)
-            raise Reject("gpg took more than %g s" % self.timeout)
-        with os.fdopen(status_r, "rb") as f:
-            status = _gpg_status(f.read())
+        with os.fdopen(status_r, "rb") as status_file:
+            try:
+                out, _ = proc.communicate(data, timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise Reject("gpg took more than %g s" % self.timeout)
+            # gpg has written its status and exited; should a gpg-agent it started hold the
+            # pipe too, the read must not wait for that.
+            os.set_blocking(status_r, False)
+            try:
+                status = _gpg_status(status_file.read() or b"")
+            except BlockingIOError:
+                status = {}
         return proc.returncode, out, status
 
     def encrypt(self, plaintext):
@@ -6594,7 +6602,9 @@ def _signing_passphrase(opts):
         raise SpaError("the GnuPG signing key's passphrase: put gpg_signing_pw in the config "
                        "section (mode 0600), or use --gpg-agent or --gpg-no-signing-pw")
     import getpass
-    return getpass.getpass("passphrase of GnuPG key %s: " % opts["gpg_signer"]).encode()
+    # Kept for a second knock (--connect knocks again halfway): asked for once.
+    opts["gpg_signing_pw"] = getpass.getpass("passphrase of GnuPG key %s: " % opts["gpg_signer"])
+    return opts["gpg_signing_pw"].encode()
 
 
 def client_gpg(opts):

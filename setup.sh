@@ -22,12 +22,13 @@ apt-get update -qq || { echo "setup.sh: FAILED: apt-get update (see apt's messag
 # client and server to test against, pytest and hypothesis, nmap, hyperfine, OpenSSH,
 # systemd (the README's unit runs under it, booted in a throwaway container: nothing of this
 # machine's changes), and the kernel headers (the system call numbers that the packet
-# reader's seccomp filter is checked against), and coverage (CI prints spa.py's line coverage).
+# reader's seccomp filter is checked against), coverage (CI prints spa.py's line coverage),
+# and GnuPG (fwknop's GnuPG mode: spa.py runs the gpg binary).
 apt-get install -y -qq --no-install-recommends \
     nftables iptables iproute2 python3 python3-pycryptodome python3-pytest python3-hypothesis \
     python3-coverage \
     linux-libc-dev python3-pip fwknop-client fwknop-server nmap hyperfine openssh-client openssh-server \
-    systemd >/dev/null ||
+    systemd gnupg >/dev/null ||
     { echo "setup.sh: FAILED: apt-get install (see apt's message above)" >&2; exit 1; }
 
 # pip_install PYTHON PACKAGE...: plain pip first, then with --break-system-packages (Debian 12

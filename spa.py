@@ -9,8 +9,9 @@ with a timeout kept by the kernel itself, so the port goes dark again on time
 even if the server has died.
 
 The packet is fwknop's (AES-256-CBC with OpenSSL's salted key derivation, an
-inner digest, and an HMAC over the base64 text: encrypt-then-MAC), so fwknop
-clients and fwknopd interoperate with spa.py both ways.  The file opens with that
+inner digest, and an HMAC over the base64 text: encrypt-then-MAC; or fwknop's GnuPG
+mode, through the gpg binary), so fwknop clients and fwknopd interoperate with spa.py
+both ways.  The file opens with that
 format, as the reference a reader of fwknop's wire format can read.
 
 Needs Python 3.6 or newer and pycryptodome (imported as Cryptodome, Debian's
@@ -138,8 +139,15 @@ HMAC_TYPES = {
 # The SPA digest's type is known only by its length; 43 and 86 may be SHA-3 too.
 DIGESTS_BY_LEN = {22: ("md5",), 27: ("sha1",), 43: ("sha256", "sha3_256"),
                   64: ("sha384",), 86: ("sha512", "sha3_512")}
-# ENCRYPTION_MODE: fwknop's Rijndael modes that spa.py speaks (not ECB, legacy IV, GnuPG).
+# ENCRYPTION_MODE: fwknop's Rijndael modes that spa.py speaks (not ECB, legacy IV).
 ENCRYPTION_MODES = ("cbc", "ctr", "cfb", "ofb")
+# GnuPG instead of Rijndael (step 3'): "hQ" (B64_GPG_PREFIX) is the base64 of 0x85 0x01-0x0f,
+# the header of the session key packet that an RSA or ElGamal key of 2048 bits or more
+# makes; it is cut off the wire as "U2FsdGVkX1" is.  A GnuPG packet is 400 (MIN_GNUPG_MSG_SIZE)
+# to 1500 (MAX_SPA_PACKET_LEN) characters, so its length alone says which kind it is.
+GPG_PREFIX = b"hQ"
+MIN_GPG_WIRE_LEN = 400
+MAX_GPG_WIRE_LEN = 1500
 
 # Message types (fko_message_type_t).  A client timeout turns 1 into 3, 2 into 4 and
 # 5 into 6 (fko_client_timeout.c).
@@ -344,11 +352,24 @@ def seal(plaintext, key, hmac_key, hmac_type="sha256", mode="cbc", salt=None):
     return text[len(SALT_PREFIX):] + hmac_b64(hmac_key, text, hmac_type)
 
 
+def gpg_seal(plaintext, gpg, hmac_key, hmac_type="sha256"):
+    """fwknop's GnuPG packet (fko_encryption.c gpg_encrypt): step 3 done by `gpg` (a GnuPG:
+    encrypted to its recipient, signed by its signer if it has one), then as seal() with
+    "hQ" (GPG_PREFIX) in the place of "U2FsdGVkX1".  The HMAC stays: the server's gpg only
+    ever reads authenticated bytes."""
+    text = b64encode(gpg.encrypt(plaintext))
+    if not text.startswith(GPG_PREFIX):
+        raise SpaError("gpg's packet does not start with 'hQ': fwknop's GnuPG mode needs an "
+                       "RSA (or ElGamal) recipient key of 2048 bits or more")
+    return text[len(GPG_PREFIX):] + hmac_b64(hmac_key, text, hmac_type)
+
+
 # --- Taking a packet apart: the mirror of seal() and of Message.encode() --------------
 
-def authenticate(wire, mac, mac_len):
-    """The signed text, "U2FsdGVkX1" put back, if `mac` (an Hmac with the HMAC key and
-    SALT_PREFIX fed in already) made the HMAC that ends the wire, else None.
+def authenticate(wire, mac, mac_len, prefix=SALT_PREFIX):
+    """The signed text, "U2FsdGVkX1" (a GnuPG packet's "hQ") put back, if `mac` (an Hmac
+    with the HMAC key and that prefix fed in already) made the HMAC that ends the wire,
+    else None.
 
     The HMAC is the last `mac_len` characters (the stanza's HMAC type says how many: a
     packet does not).  Compared in constant time.  This runs on every packet a flood
@@ -356,7 +377,7 @@ def authenticate(wire, mac, mac_len):
     """
     mac_text = binascii.b2a_base64(mac.digest(wire[:-mac_len]), newline=False).rstrip(b"=")
     if compare_digest(mac_text, wire[-mac_len:]):
-        return SALT_PREFIX + wire[:-mac_len]
+        return prefix + wire[:-mac_len]
     return None
 
 
@@ -543,8 +564,10 @@ def screen(payload, source, stanzas):
 
     This is the path every flood packet takes, so it allocates as little as it can.
     """
-    # 1. Length and alphabet.
-    if not MIN_WIRE_LEN <= len(payload) <= MAX_WIRE_LEN:
+    # 1. Length and alphabet; 400 characters or more is a GnuPG packet, as for fwknopd.
+    gpg = len(payload) > MAX_WIRE_LEN
+    if len(payload) < MIN_WIRE_LEN or gpg and not (
+            len(payload) <= MAX_GPG_WIRE_LEN and any(s.gpg_mac is not None for s in stanzas)):
         return None, "length %d outside %d-%d" % (len(payload), MIN_WIRE_LEN, MAX_WIRE_LEN)
     if payload.translate(None, B64_ALPHABET):
         return None, "not base64"
@@ -553,12 +576,15 @@ def screen(payload, source, stanzas):
     for stanza in stanzas:
         if stanza.sources is not None and not stanza.matches_source(source):
             continue
+        mac = stanza.gpg_mac if gpg else stanza.mac
+        if mac is None:
+            continue
         matched = True
-        signed = authenticate(payload, stanza.mac, stanza.mac_len)
+        signed = authenticate(payload, mac, stanza.mac_len, GPG_PREFIX if gpg else SALT_PREFIX)
         if signed is not None:
             return stanza, signed
     return None, ("HMAC does not match any stanza for this source" if matched
-                  else "no stanza for source %s" % source)
+                  else "no %sstanza for source %s" % ("GnuPG " if gpg else "", source))
 
 
 def packet_key(signed):
@@ -572,12 +598,34 @@ def packet_key(signed):
     return b64encode(hash_digest("sha256", data)).decode()
 
 
+def open_signed(stanza, signed, seen):
+    """(plaintext, replay key) of an authenticated packet's signed text: decrypted with the
+    stanza's AES key, or (it starts with "hQ") by its GnuPG keyring, whose signer the
+    stanza must accept (Stanza.gpg_open).  Reject if not.  A GnuPG packet's replay key is
+    checked before gpg runs: anyone may encrypt to a public key, so only the signature
+    (or, without gpg_require_sig, the decryption) vouches for it."""
+    if signed[:len(GPG_PREFIX)] != GPG_PREFIX:
+        return decrypt_signed(signed, stanza.key, stanza.mode), packet_key(signed)
+    key = packet_key(signed)
+    if seen(key):
+        raise Reject("replayed packet")
+    try:
+        raw = b64decode(signed)
+    except ValueError:
+        raise Reject("authenticated, but not valid base64")
+    plaintext = stanza.gpg_open(raw)
+    if not (plaintext[:16].isdigit() and plaintext[16:17] == b":"):
+        raise Reject("gpg decrypted it, but it is not a message")
+    return plaintext, key
+
+
 def judge(stanza, signed, source, now, seen, max_age):
     """Steps 3 to 7 of decide(), the gatekeeper's part, on a packet `stanza` authenticated:
     decrypt, inner digest and fields, replay cache, packet age, the stanza's policy.
 
     `replay_key` is set once the plaintext shows the stanza's AES key made it (16 digits
-    and a colon: no one else can make that), and from then on the caller must record it,
+    and a colon: no one else can make that; a GnuPG packet: once its signature passed, or
+    without gpg_require_sig, its decryption), and from then on the caller must record it,
     accepted or not.  A packet that authenticates but does not decrypt is not recorded
     (as fwknopd does not): it can never open anything, and recording it would let
     whoever holds only the HMAC key (a compromised packet reader) fill the cache.
@@ -587,8 +635,7 @@ def judge(stanza, signed, source, now, seen, max_age):
     decision.stanza = stanza
     try:
         # 3. Decrypt, 4. inner digest and fields.
-        plaintext = decrypt_signed(signed, stanza.key, stanza.mode)
-        decision.replay_key = packet_key(signed)
+        plaintext, decision.replay_key = open_signed(stanza, signed, seen)
         msg = parse_plaintext(plaintext)
         decision.message = msg
         # 5. Replay cache, 6. packet age, 7. stanza policy.
@@ -815,6 +862,218 @@ def _read_text(path):
         return None
 
 
+# --- GnuPG keyrings and the gpg binary --------------------------------------------------
+#
+# fwknop's GnuPG mode through the `gpg` binary (GnuPG 2; fwknop uses gpgme, which runs the
+# same binary): argument lists, never a shell; a passphrase only ever through a pipe
+# (--pinentry-mode loopback --passphrase-fd), never on a command line; the results read
+# from --status-fd, not from gpg's messages.  The server runs gpg as its own unprivileged
+# user (gpg_user, spa-gpg) on a private copy of each keyring (private_keyring), with a
+# time limit, and only on bytes whose HMAC has passed.
+
+GPG_TIMEOUT = 10.0        # seconds one gpg run may take
+GPG_USER = "spa-gpg"      # the server's gpg runs as this user (gpg_user)
+GPG_MAX_OUTPUT = 4096     # bytes of plaintext the server's gpg may write (a message: < 1500)
+
+
+def _gpg_status(text):
+    """{keyword: [the words after it, for each line]} of gpg's --status-fd output."""
+    status = {}
+    for line in text.decode("utf-8", "replace").splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "[GNUPG:]":
+            status.setdefault(words[1], []).append(words[2:])
+    return status
+
+
+def _become(user):
+    """A preexec_fn that makes the child `user`, with that user's group and no others."""
+    import pwd
+    pw = pwd.getpwnam(user)
+
+    def become():
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    return become
+
+
+def _bad_passphrase(status):
+    """Whether gpg's status says a passphrase was wrong or missing (GPG_ERR_BAD_PASSPHRASE,
+    GPG_ERR_CANCELED, GPG_ERR_NO_PASSPHRASE in an ERROR or FAILURE line)."""
+    codes = [words[-1] for key in ("ERROR", "FAILURE") for words in status.get(key, [])]
+    return "BAD_PASSPHRASE" in status or any(
+        code.isdigit() and int(code) & 0xFFFF in (11, 99, 177) for code in codes)
+
+
+class GnuPG(object):
+    """The gpg binary on one keyring (`home`, None: gpg's default), run as `user` (None:
+    as this process).  `agent`: let gpg-agent ask for passphrases (its pinentry) instead
+    of passing them through a pipe.  `server`: the server's, which never runs gpg as root,
+    reads no gpg.conf (--no-options: no key servers, nothing a keyring's owner set), and
+    takes at most GPG_MAX_OUTPUT bytes of plaintext (no decompression bomb)."""
+
+    def __init__(self, home=None, user=None, agent=False, server=False, timeout=GPG_TIMEOUT):
+        self.home, self.user, self.agent = home, user, agent
+        self.server, self.timeout = server, timeout
+        self.recipient = self.signer = self.passphrase = None
+
+    def run(self, args, data, passphrase=None):
+        """(exit status, stdout, {status keyword: [words]}) of one gpg run on `data`."""
+        import subprocess
+        gpg = find_tool("gpg")
+        if gpg is None:
+            raise SpaError("gpg not found: install GnuPG (Debian: apt-get install gnupg)")
+        if self.server and self.user is None and hasattr(os, "geteuid") \
+                and os.geteuid() == 0:
+            raise SpaError("refusing to run gpg as root: the server runs it as gpg_user")
+        status_r, status_w = os.pipe()
+        pass_r = pass_w = None
+        argv = [gpg, "--batch", "--no-tty", "--quiet", "--status-fd", str(status_w)]
+        if self.server:
+            argv += ["--no-options", "--no-auto-key-retrieve", "--max-output", str(GPG_MAX_OUTPUT)]
+        if self.home:
+            argv += ["--homedir", self.home]
+        if not self.agent:
+            pass_r, pass_w = os.pipe()
+            argv += ["--pinentry-mode", "loopback", "--passphrase-fd", str(pass_r)]
+            os.write(pass_w, (passphrase or b"") + b"\n")     # small: the pipe holds it
+            os.close(pass_w)
+        env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "LC_ALL": "C"}
+        if self.user is not None:
+            env["HOME"] = self.home or "/nonexistent"
+        else:
+            env.update((k, v) for k, v in os.environ.items()
+                       if k in ("HOME", "GNUPGHOME", "GPG_TTY", "DISPLAY", "GPG_AGENT_INFO"))
+        keep = [fd for fd in (status_w, pass_r) if fd is not None]
+        try:
+            proc = subprocess.Popen(argv + args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=keep, env=env,
+                                    preexec_fn=_become(self.user) if self.user else None)
+        except OSError as e:
+            os.close(status_r)
+            raise SpaError("cannot run %s: %s" % (gpg, e.strerror or e))
+        finally:
+            for fd in keep:
+                os.close(fd)
+        with os.fdopen(status_r, "rb") as status_file:
+            try:
+                out, _ = proc.communicate(data, timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise Reject("gpg took more than %g s" % self.timeout)
+            # gpg has written its status and exited; should a gpg-agent it started hold the
+            # pipe too, the read must not wait for that.
+            os.set_blocking(status_r, False)
+            try:
+                status = _gpg_status(status_file.read() or b"")
+            except BlockingIOError:
+                status = {}
+        return proc.returncode, out, status
+
+    def encrypt(self, plaintext):
+        """The binary OpenPGP message of `plaintext`: encrypted to self.recipient, and signed
+        by self.signer (with self.passphrase) if there is one (fwknop's gpg_encrypt)."""
+        args = ["--trust-model", "always", "--compress-algo", "none", "--encrypt",
+                "--recipient", self.recipient]
+        if self.signer:
+            args += ["--sign", "--local-user", self.signer]
+        code, out, status = self.run(args + ["--output", "-"], plaintext, self.passphrase)
+        if code != 0 or "END_ENCRYPTION" not in status:
+            why = status.get("INV_RECP") and "no usable key %s" % self.recipient or \
+                status.get("INV_SGNR") and "no usable signing key %s" % self.signer or \
+                _bad_passphrase(status) and "wrong or no passphrase for %s" % self.signer or \
+                " ".join((status.get("FAILURE") or [[]])[0]) or "exit %d" % code
+            raise SpaError("gpg could not encrypt%s: %s (keyring %s)" % (
+                " and sign" if self.signer else "", why, self.home or "the default"))
+        return out
+
+    def decrypt(self, raw, passphrase=None, key_id=None):
+        """(plaintext, the fingerprints of the key that made its one good signature and of
+        its primary key, or () if unsigned); Reject if it does not decrypt with a secret key
+        (with `key_id`, hex: that one) of the keyring, or its signature is bad.  The
+        signature is not weighed by the web of trust: the stanza names the signers it
+        accepts."""
+        code, out, status = self.run(["--trust-model", "always", "--decrypt", "--output", "-"],
+                                     raw, passphrase)
+        used = [word.upper() for words in status.get("DECRYPTION_KEY", []) for word in words[:2]]
+        if "DECRYPTION_OKAY" not in status or "DECRYPTION_FAILED" in status:
+            why = ("no secret key for it in the keyring" if "NO_SECKEY" in status else
+                   "wrong or no gpg_decrypt_pw" if _bad_passphrase(status) or
+                   not used and "KEY_CONSIDERED" in status else "gpg exit %d" % code)
+            raise Reject("gpg could not decrypt it: %s" % why)
+        if not used:       # a passphrase (a symmetric session key), not a key, opened it
+            raise Reject("gpg decrypted it without a key of the keyring")
+        if key_id and not any(fpr.endswith(key_id) for fpr in used):
+            raise Reject("encrypted to %s, not to gpg_decrypt_id" % used[0])
+        signatures = status.get("NEWSIG", [])
+        if not signatures:
+            return out, ()
+        valid = status.get("VALIDSIG", [])
+        if len(signatures) != 1 or len(valid) != 1 or "GOODSIG" not in status:
+            bad = [k for k in ("BADSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "ERRSIG")
+                   if k in status]
+            raise Reject("its signature does not check (%s)" % (
+                ", ".join(bad) if bad else "%d signatures" % len(signatures)))
+        return out, (valid[0][0].upper(), valid[0][-1].upper())
+
+
+def private_keyring(home, user):
+    """A copy of the keyring directory `home` that only `user` may read (a new directory of
+    mode 0700 that `user` owns, under /run, else the temporary directory), for the server's
+    gpg to run on as that user: it never sees the real keyring, nor the real keyring it.
+    Only regular files are copied (no agent sockets, no symlinks)."""
+    import pwd
+    import shutil
+    import tempfile
+    pw = pwd.getpwnam(user)
+    try:
+        st = os.stat(home)
+    except OSError as e:
+        raise SpaError("GnuPG keyring %s: %s" % (home, e.strerror))
+    if not os.path.isdir(home) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o077:
+        raise SpaError("GnuPG keyring %s must be a directory of root's that only root may "
+                       "open (it holds a secret key): chown root: %s; chmod 700 %s"
+                       % (home, home, home))
+    base = "/run" if os.access("/run", os.W_OK) else None
+    copy = tempfile.mkdtemp(prefix="spa-gpg-", dir=base)
+    try:
+        for root, dirs, files in os.walk(home):
+            target = os.path.join(copy, os.path.relpath(root, home))
+            if root != home:
+                os.mkdir(target, 0o700)
+            for name in files:
+                path = os.path.join(root, name)
+                st = os.lstat(path)
+                if not name.startswith("S.") and (st.st_mode & 0o170000) == 0o100000:
+                    shutil.copyfile(path, os.path.join(target, name))
+                    os.chmod(os.path.join(target, name), 0o600)
+            for name in [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                dirs.remove(name)
+        for root, dirs, files in os.walk(copy):
+            for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+                os.chown(name, pw.pw_uid, pw.pw_gid)
+    except OSError as e:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise SpaError("cannot copy the GnuPG keyring %s for %s: %s" % (home, user, e))
+    return copy
+
+
+def remove_keyring(copy):
+    """Stop the gpg-agent that gpg started on a private keyring copy, and remove it."""
+    import shutil
+    import subprocess
+    gpgconf = find_tool("gpgconf")
+    if gpgconf is not None:
+        try:
+            subprocess.call([gpgconf, "--homedir", copy, "--kill", "gpg-agent"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    shutil.rmtree(copy, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------
 # Policy and config
 # ---------------------------------------------------------------------------
@@ -911,9 +1170,9 @@ def parse_key(value, name, low, high):
     return key
 
 
-def _one_key(get, where, name, longest):
+def _one_key(get, where, name, longest, optional=False):
     """One key of a section: `NAME` (a passphrase, as fwknop's KEY) or `NAME_base64`,
-    not both; at most `longest` bytes."""
+    not both; at most `longest` bytes (None if `optional` and neither is given)."""
     if get(name + "_base64") and get(name):
         raise SpaError("%s: give %s_base64 or %s, not both" % (where, name, name))
     if get(name):
@@ -922,6 +1181,8 @@ def _one_key(get, where, name, longest):
             raise SpaError("%s: %s is longer than %d bytes" % (where, name, longest))
         return key
     if not get(name + "_base64"):
+        if optional:
+            return None
         raise SpaError("%s: %s_base64 is missing (%s)" % (
             where, name, "make keys with 'spa.py keygen'" if name == "key"
             else "spa.py always uses an HMAC"))
@@ -936,13 +1197,14 @@ def parse_hmac_type(value, name="hmac_digest_type"):
     return v
 
 
-def parse_keys(get, where):
+def parse_keys(get, where, gpg=False):
     """The keys shared by server stanzas and client sections: (key, hmac_key, hmac_type, mode).
 
     `key` and `hmac_key` are fwknop's plain passphrases (KEY, HMAC_KEY), for keys
-    carried over from fwknop; `spa.py keygen` makes the base64 kind.
+    carried over from fwknop; `spa.py keygen` makes the base64 kind.  With `gpg` (GnuPG
+    does the encryption) the AES key may be left out: then `key` is None.
     """
-    key = _one_key(get, where, "key", 32)
+    key = _one_key(get, where, "key", 32, optional=gpg)
     hmac_key = _one_key(get, where, "hmac_key", 128)
     if key == hmac_key:
         raise SpaError("%s: key_base64 and hmac_key_base64 must differ" % where)
@@ -1060,7 +1322,8 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address", "nat_destinations",
                   "max_openings", "cmd_cycle_open", "cmd_cycle_close", "cmd_cycle_timer",
-                  "cmd_cycle_user"}
+                  "cmd_cycle_user", "gpg_home_dir", "gpg_decrypt_id", "gpg_decrypt_pw",
+                  "gpg_allow_no_pw", "gpg_require_sig", "gpg_remote_id", "gpg_fingerprint_id"}
 
 
 def _parse_sources(value, where):
@@ -1190,9 +1453,15 @@ class Stanza(object):
         # A passphrase is taken as it is, blanks and all, as fwknopd takes it.
         key_get = lambda option: options.get(option) or "" if option in ("key", "hmac_key") \
             else get(option)
-        self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(key_get, where)
+        self._read_gpg(options, get, where)
+        self.key, self.hmac_key, self.hmac_type, self.mode = parse_keys(key_get, where,
+                                                                        self.gpg is not None)
+        if self.gpg_decrypt_pw is not None and self.gpg_decrypt_pw == self.hmac_key:
+            raise SpaError("%s: gpg_decrypt_pw and the HMAC key must differ" % where)
         self.mac_len = HMAC_TYPES[self.hmac_type][1]
-        self.mac = Hmac(self.hmac_key, HMAC_TYPES[self.hmac_type][0], SALT_PREFIX)
+        hash_name = HMAC_TYPES[self.hmac_type][0]
+        self.mac = None if self.key is None else Hmac(self.hmac_key, hash_name, SALT_PREFIX)
+        self.gpg_mac = None if self.gpg is None else Hmac(self.hmac_key, hash_name, GPG_PREFIX)
         self.open_ports = _parse_port_set(get("open_ports"), "open_ports", where, protect)
         if not self.open_ports:
             raise SpaError("%s: open_ports is empty and [server] protects nothing" % where)
@@ -1251,6 +1520,59 @@ class Stanza(object):
         if msg.msg_type in TIMEOUT_TYPES and msg.client_timeout > 0:
             return timeout
         return self.cmd_cycle_timer or timeout
+
+    def _read_gpg(self, options, get, where):
+        """The GnuPG options (fwknop's GPG_*): self.gpg is None unless the stanza takes
+        GnuPG packets, which needs gpg_decrypt_id and gpg_decrypt_pw or gpg_allow_no_pw;
+        gpg_require_sig (on by default, as for fwknopd) needs the signers it accepts."""
+        self.gpg = self.gpg_decrypt_pw = None
+        self.gpg_home_dir = get("gpg_home_dir") or None
+        self.gpg_decrypt_id = get("gpg_decrypt_id") or None
+        allow_no_pw = parse_bool(get("gpg_allow_no_pw") or "no", where + ": gpg_allow_no_pw")
+        if options.get("gpg_decrypt_pw") and not allow_no_pw:
+            self.gpg_decrypt_pw = options["gpg_decrypt_pw"].encode()
+        self.gpg_require_sig = parse_bool(get("gpg_require_sig") or "yes",
+                                          where + ": gpg_require_sig")
+        words = lambda option: [w.upper() for w in get(option).replace(",", " ").split()]
+        self.gpg_remote_ids, self.gpg_fingerprints = words("gpg_remote_id"), \
+            [w.replace(":", "") for w in words("gpg_fingerprint_id")]
+        bad = [w for w in self.gpg_remote_ids if len(w) not in (8, 16) or
+               w.strip("0123456789ABCDEF")] + [w for w in self.gpg_fingerprints if len(w) != 40
+                                              or w.strip("0123456789ABCDEF")]
+        if not self.gpg_decrypt_id:
+            if any(get(o) for o in STANZA_OPTIONS if o.startswith("gpg_")):
+                raise SpaError("%s: GnuPG options without gpg_decrypt_id (the server's key)"
+                               % where)
+            return
+        if self.gpg_decrypt_pw is None and not allow_no_pw:
+            raise SpaError("%s: give gpg_decrypt_pw, or gpg_allow_no_pw = yes for a key without "
+                           "a passphrase" % where)
+        if bad:
+            raise SpaError("%s: %r is not a key ID (8 or 16 hex digits) or fingerprint (40)"
+                           % (where, bad[0][:40]))
+        if self.gpg_require_sig and not (self.gpg_remote_ids or self.gpg_fingerprints):
+            raise SpaError("%s: gpg_require_sig needs gpg_fingerprint_id or gpg_remote_id: "
+                           "the signers whose packets it takes" % where)
+        self.gpg = GnuPG(self.gpg_home_dir, server=True)
+
+    def gpg_open(self, raw):
+        """The plaintext of a GnuPG packet, decrypted by self.gpg; with gpg_require_sig, only
+        if one of gpg_fingerprint_id made its good signature (or, without that list, one
+        whose fingerprint ends in a gpg_remote_id).  Reject says why not."""
+        key_id = self.gpg_decrypt_id.replace(" ", "").upper()
+        hex_id = len(key_id) in (8, 16, 40) and not key_id.strip("0123456789ABCDEF")
+        plaintext, signer = self.gpg.decrypt(raw, self.gpg_decrypt_pw, key_id if hex_id else None)
+        if not self.gpg_require_sig:
+            return plaintext
+        if not signer:
+            raise Reject("not signed, and gpg_require_sig is on")
+        if self.gpg_fingerprints:
+            if not set(signer) & set(self.gpg_fingerprints):
+                raise Reject("signed by %s, which is not in gpg_fingerprint_id" % signer[0])
+        if self.gpg_remote_ids and not any(f.endswith(i) for f in signer
+                                           for i in self.gpg_remote_ids):
+            raise Reject("signed by %s, which is not in gpg_remote_id" % signer[0][-16:])
+        return plaintext
 
     def matches_source(self, source):
         """Whether a packet from `source` (an address as text) may use this stanza."""
@@ -1354,13 +1676,17 @@ ACCESS_CONF_NAMES = {
     "CMD_CYCLE_OPEN": "cmd_cycle_open", "CMD_CYCLE_CLOSE": "cmd_cycle_close",
     "CMD_CYCLE_TIMER": "cmd_cycle_timer",
     "CMD_CYCLE_USER": "cmd_cycle_user",     # spa.py's own: fwknopd runs command cycles as root
+    "GPG_HOME_DIR": "gpg_home_dir", "GPG_DECRYPT_ID": "gpg_decrypt_id",
+    "GPG_DECRYPT_PW": "gpg_decrypt_pw", "GPG_REMOTE_ID": "gpg_remote_id",
+    "GPG_FINGERPRINT_ID": "gpg_fingerprint_id",
 }
 
 
 # fwknopd's yes/no variables (true when the value starts with Y or y, as fwknopd reads them).
 ACCESS_CONF_BOOLS = {"REQUIRE_SOURCE_ADDRESS": "require_source_address",
                      "REQUIRE_SOURCE": "require_source_address",
-                     "ENABLE_CMD_EXEC": "enable_cmd_exec"}
+                     "ENABLE_CMD_EXEC": "enable_cmd_exec", "GPG_ALLOW_NO_PW": "gpg_allow_no_pw",
+                     "GPG_REQUIRE_SIG": "gpg_require_sig"}
 
 
 # What fwknopd does and spa.py does not (yet): a stanza that asks for it is left out.  The
@@ -1404,7 +1730,8 @@ def access_conf_lines(path):
             continue
         var = _fwknop_variable(words[0])
         value = words[1].split(";", 1)[0] if len(words) > 1 else ""
-        lines.append((number, var, value if var in ("KEY", "HMAC_KEY") else value.strip()))
+        lines.append((number, var, value if var in ("KEY", "HMAC_KEY", "GPG_DECRYPT_PW")
+                      else value.strip()))
     return lines
 
 
@@ -1416,7 +1743,7 @@ class _AccessConfStanza(object):
     def __init__(self, name, notes):
         self.name, self.notes = name, notes
         self.options, self.unsupported, self.problems = {}, [], []
-        self.gpg = False
+        self.gpg_disable_sig = False
 
     def line(self, number, var, value):
         options, unsupported, problems = self.options, self.unsupported, self.problems
@@ -1425,7 +1752,7 @@ class _AccessConfStanza(object):
             problems.append("line %d is %s" % (number, NOT_SHOWN))
         elif not value.strip():
             problems.append("%s has no value (line %d)" % (var, number))
-        elif var in ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64") \
+        elif var in ("KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64", "GPG_DECRYPT_PW") \
                 and value.upper() == "__CHANGEME__":
             problems.append("%s is still __CHANGEME__ (line %d)" % (var, number))
         elif var in ("FW_ACCESS_TIMEOUT", "MAX_FW_TIMEOUT") and value.isdigit() and int(value) == 0:
@@ -1443,7 +1770,7 @@ class _AccessConfStanza(object):
         elif var == "ENCRYPTION_MODE":
             mode = value.lower()
             if mode == "asymmetric":
-                self.gpg = True
+                pass                         # GnuPG: the GPG_* variables make it
             elif mode in ENCRYPTION_MODES:
                 options["encryption_mode"] = mode
             else:
@@ -1451,8 +1778,8 @@ class _AccessConfStanza(object):
         elif var in ACCESS_CONF_UNSUPPORTED:
             if yes or var not in ACCESS_CONF_UNSUPPORTED_BOOLS:
                 unsupported.append(ACCESS_CONF_UNSUPPORTED[var])
-        elif var.startswith("GPG_"):
-            self.gpg = True
+        elif var in ("GPG_DISABLE_SIG", "GPG_IGNORE_SIG_VERIFY_ERROR", "GPG_EXE"):
+            self.gpg_line(var, yes)
         elif var == "ENABLE_CMD_SUDO_EXEC":
             if yes:
                 self.notes.append("%s: ENABLE_CMD_SUDO_EXEC is not honoured: spa.py uses no sudo"
@@ -1461,13 +1788,31 @@ class _AccessConfStanza(object):
             problems.append("%s is not a variable fwknopd knows (it would ignore it; names are "
                             "case-sensitive)" % var)
 
+    def gpg_line(self, var, yes):
+        """fwknopd's GnuPG variables that are not stanza options: GPG_DISABLE_SIG turns
+        gpg_require_sig off (unless GPG_REQUIRE_SIG is Y); spa.py never takes a bad
+        signature, and runs the gpg on PATH."""
+        if var == "GPG_DISABLE_SIG":
+            self.gpg_disable_sig = yes
+        elif yes or var == "GPG_EXE":
+            self.notes.append("%s: %s is not honoured: %s" % (self.name, var, (
+                "spa.py runs the gpg on PATH" if var == "GPG_EXE" else
+                "spa.py never accepts a bad signature (it does not weigh the web of trust: "
+                "GPG_FINGERPRINT_ID / GPG_REMOTE_ID name the signers)")))
+
     def finish(self):
         """(options, problems): the checks of the stanza as a whole, after its last line."""
         name, options, unsupported, notes = self.name, self.options, self.unsupported, self.notes
-        if not options.get("key_base64") and not options.get("key"):
-            unsupported.append("GnuPG-only stanzas" if self.gpg else "a stanza without an AES key")
-        elif self.gpg:
-            notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
+        if self.gpg_disable_sig and options.get("gpg_require_sig") != "yes":
+            options["gpg_require_sig"] = "no"
+        gpg = options.get("gpg_decrypt_pw") or options.get("gpg_allow_no_pw") == "yes"
+        if not gpg:         # as fwknopd: GPG_* without a passphrase (or ALLOW_NO_PW) is no GnuPG
+            for option in [o for o in options if o.startswith("gpg_")]:
+                del options[option]
+        elif not options.get("gpg_decrypt_id"):
+            self.problems.append("GPG_DECRYPT_ID is missing (the server's key)")
+        if not options.get("key_base64") and not options.get("key") and not gpg:
+            unsupported.append("a stanza without an AES key")
         if not options.get("hmac_key_base64") and not options.get("hmac_key"):
             unsupported.append("packets without an HMAC")
         if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
@@ -1503,7 +1848,7 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
     """Turn fwknop's access.conf into Stanzas: ([Stanza], [notes on what is not honoured]).
 
     Read as fwknopd reads it (access_conf_lines; variable names are case-sensitive).
-    A stanza that needs what spa.py does not do (GnuPG, NAT, a DESTINATION other
+    A stanza that needs what spa.py does not do (NAT, a DESTINATION other
     than ANY, ECB or legacy mode, no HMAC key), or that it cannot
     read, is left out and a note names it and why, rather than being loaded with a
     restriction quietly dropped; the other stanzas load.
@@ -1556,7 +1901,7 @@ RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
 SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
                   "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
                   "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
-                  "nft_include"}
+                  "nft_include", "gpg_user"}
 DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
 READER_USER = "spa"                   # the packet reader's own system user (see install)
 USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
@@ -1605,6 +1950,8 @@ class ServerConfig(object):
             raise SpaError("%s: [server]: unknown option %s" % (path, _shown_names(unknown)))
         self._read_server(get)
         self.user, self.user_note = reader_user(path, get("user", ""))
+        self.gpg_user = get("gpg_user", GPG_USER)
+        self.gpg_copies = []
         self._read_stanzas(parser, access_conf or get("access_conf", ""))
         if not self.protect:
             raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
@@ -1655,6 +2002,39 @@ class ServerConfig(object):
             if isinstance(value, list) and not all(os.path.isabs(p) for p in value):
                 raise SpaError("%s: %s: expected auto, none or absolute paths" % (path, name))
 
+    def start_gpg(self):
+        """As root: give each GnuPG stanza a gpg that runs as gpg_user on a private copy of its
+        keyring (one copy a keyring), never as root, never as the packet reader's user."""
+        import pwd
+        stanzas = [stanza for stanza in self.stanzas if stanza.gpg is not None]
+        if not stanzas or not hasattr(os, "geteuid") or os.geteuid() != 0:
+            return
+        try:
+            uid = pwd.getpwnam(self.gpg_user).pw_uid
+        except KeyError:
+            raise SpaError("%s: no user %s, which gpg runs as for the GnuPG stanzas: create it "
+                           "(%s %s) or name another with gpg_user" % (
+                               self.path, self.gpg_user, " ".join(USERADD), self.gpg_user))
+        if uid == 0 or self.gpg_user == self.user:
+            raise SpaError("%s: gpg_user = %s: gpg must run as a user of its own, not root nor "
+                           "the packet reader's" % (self.path, self.gpg_user))
+        copies = {}
+        try:
+            for stanza in stanzas:
+                home = os.path.abspath(os.path.expanduser(stanza.gpg_home_dir or "~/.gnupg"))
+                if home not in copies:
+                    copies[home] = private_keyring(home, self.gpg_user)
+                    self.gpg_copies.append(copies[home])
+                stanza.gpg = GnuPG(copies[home], self.gpg_user, server=True)
+        except SpaError:
+            self.stop_gpg()
+            raise
+
+    def stop_gpg(self):
+        """Remove the private keyring copies (and stop their gpg-agents)."""
+        while self.gpg_copies:
+            remove_keyring(self.gpg_copies.pop())
+
     def _read_stanzas(self, parser, access_conf):
         """The [client NAME] stanzas, then those of fwknop's access.conf (if one is named)."""
         path = self.path
@@ -1673,6 +2053,8 @@ class ServerConfig(object):
             stanzas, self.notes = read_access_conf(access_conf, self.protect,
                                                    self.enable_forwarding, self.enable_local_nat)
             self.stanzas += stanzas
+        gpg = any(stanza.gpg is not None for stanza in self.stanzas)
+        self.longest_wire = MAX_GPG_WIRE_LEN if gpg else MAX_WIRE_LEN
         if not self.stanzas:
             raise SpaError("%s: no [client NAME] section%s: nobody could knock" % (
                 path, " and no usable stanza in %s (%s)" % (access_conf, "; ".join(self.notes))
@@ -4051,13 +4433,13 @@ def bpf_assemble(prog):
     return out
 
 
-def bpf_filter(port):
+def bpf_filter(port, longest=MAX_WIRE_LEN):
     """A classic BPF program passing only UDP to `port`, IPv4 or IPv6, addressed to this host,
     unfragmented, with a payload length spa.py could accept.  It runs on cooked
     (SOCK_DGRAM) frames, where the IP header starts at offset 0, so it works on
     any link type.  Returns a list of (code, jt, jf, k) with jumps resolved.
     """
-    lo, hi = MIN_WIRE_LEN + 8, MAX_WIRE_LEN + 8           # UDP length = payload + 8
+    lo, hi = MIN_WIRE_LEN + 8, longest + 8                # UDP length = payload + 8
     prog = [
         ("ld", SKF_AD_PKTTYPE), ("jeq", PACKET_HOST, None, "drop"),
         ("ld", SKF_AD_PROTOCOL), ("jeq", ETH_P_IP, None, "v6"),
@@ -4095,8 +4477,9 @@ def attach_filter(sock, program):
         pass
 
 
-def open_capture(interface, port):
-    """One non-blocking AF_PACKET socket that sees the knocks even when the firewall drops them."""
+def open_capture(interface, port, longest=MAX_WIRE_LEN):
+    """One non-blocking AF_PACKET socket that sees the knocks even when the firewall drops them
+    (payloads up to `longest` characters: MAX_GPG_WIRE_LEN with GnuPG stanzas)."""
     try:
         if interface == "any":
             # Python cannot bind to "all interfaces": leave the socket unbound instead.
@@ -4105,7 +4488,7 @@ def open_capture(interface, port):
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
     except PermissionError:
         raise SpaError("capture needs root (CAP_NET_RAW): run the server as root")
-    attach_filter(sock, bpf_filter(port))
+    attach_filter(sock, bpf_filter(port, longest))
     if interface != "any":
         try:
             sock.bind((interface, ETH_P_ALL))
@@ -4593,6 +4976,7 @@ def confine_reader(writable, readable, log):
 # --- The pipe protocol: one request line a packet -------------------------------------
 
 REQUEST_LONGEST = 2 * 45 + MAX_WIRE_LEN + 16 + 3   # two addresses, a packet, an interface
+REQUEST_EXTRA = 2 * 45 + 16 + 3                   # all but the packet
 _ADDRESS_CHARS = b"0123456789abcdefABCDEF:."
 
 
@@ -4617,19 +5001,19 @@ def _request_address(word):
         raise ValueError("not an address")
 
 
-def parse_request(line):
+def parse_request(line, longest_wire=MAX_WIRE_LEN):
     """(source, destination, wire, interface or None) of one request line (without its
     newline), checked strictly; ValueError for anything but two addresses (no scope, no
     name, nothing else), a packet of the right length and alphabet, and maybe an
     interface name."""
-    if len(line) > REQUEST_LONGEST:
+    if len(line) > REQUEST_EXTRA + longest_wire:
         raise ValueError("a line of %d bytes" % len(line))
     words = line.split(b" ")
     if len(words) not in (3, 4):
         raise ValueError("%d words, not 3" % len(words))
     source, destination = (_request_address(word) for word in words[:2])
     wire = bytes(words[2])
-    if not MIN_WIRE_LEN <= len(wire) <= MAX_WIRE_LEN or wire.translate(None, B64_ALPHABET):
+    if not MIN_WIRE_LEN <= len(wire) <= longest_wire or wire.translate(None, B64_ALPHABET):
         raise ValueError("not a packet")
     interface = None
     if len(words) == 4:
@@ -5044,7 +5428,7 @@ class Gatekeeper(object):
         requests, problem = [], None
         for line in lines:
             try:
-                requests.append(parse_request(line))
+                requests.append(parse_request(line, self.config.longest_wire))
             except ValueError as e:
                 problem = "a malformed request (%s)" % e
                 break
@@ -5732,7 +6116,7 @@ class ReaderProcess(object):
             return False
         self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
-        if len(self.buffer) > REQUEST_LONGEST:      # refused before it is ever whole
+        if len(self.buffer) > REQUEST_EXTRA + self.gate.config.longest_wire:   # never whole
             lines.append(self.buffer)
             self.buffer = b""
         problem = self.gate.serve_lines(lines)[1] if lines else None
@@ -5833,7 +6217,8 @@ class Supervisor(object):
             if interface in self.captures:
                 continue
             try:
-                self.captures[interface] = open_capture(interface, self.config.port)
+                self.captures[interface] = open_capture(interface, self.config.port,
+                                                        self.config.longest_wire)
                 opened = True
                 if not first:
                     self.log.info("capturing on %s again", interface)
@@ -5983,6 +6368,7 @@ class Supervisor(object):
         """SIGHUP: read the config again; openings in force and the replay cache stay."""
         try:
             config = ServerConfig(self.args.config, self.args.access_conf)
+            config.start_gpg()
         except SpaError as e:
             self.log.error("config reload failed, keeping the running config: %s", e)
             return
@@ -5996,6 +6382,7 @@ class Supervisor(object):
             for name in later:            # until then the running values hold
                 setattr(config, name, getattr(old, name))
         self.config = self.gate.config = config
+        old.stop_gpg()
         self.gate.replay.max_age = config.max_packet_age
         firewall = self.gate.firewall
         nat = config.enable_forwarding or config.enable_local_nat
@@ -6008,8 +6395,8 @@ class Supervisor(object):
                 firewall.setup()
         except SpaError as e:
             self.log.error("firewall update failed: %s", e)
-        if (config.interfaces, config.optional_interfaces, config.port) != \
-                (old.interfaces, old.optional_interfaces, old.port):
+        if (config.interfaces, config.optional_interfaces, config.port, config.longest_wire) != \
+                (old.interfaces, old.optional_interfaces, old.port, old.longest_wire):
             self.close_captures()
             self.open_captures()
         self._restart()
@@ -6109,6 +6496,16 @@ def server_main(args):
             print("no open authorizations")
         return 0
     crypto_available()
+    config.start_gpg()
+    try:
+        return _serve(args, config, firewall, log)
+    finally:
+        config.stop_gpg()
+
+
+def _serve(args, config, firewall, log):
+    """server_main's part once the config is read: the replay cache, the firewall, the
+    supervisor until SIGTERM."""
     # Replay cache first, so a config or permission problem stops us before any change.
     replay = ReplayCache(None if args.test else config.replay_cache, config.max_packet_age)
     if replay.skipped:
@@ -6136,6 +6533,7 @@ def server_main(args):
         supervisor.run()
     finally:
         replay.close()
+        supervisor.config.stop_gpg()
     log.info("stopping: protected ports stay closed; openings expire on their own")
     return 0
 
@@ -6210,6 +6608,50 @@ def check_saved_firewall(config, line):
         print("        %s %s: run  %s" % (path, what, fix))
 
 
+def _gpg_key_problem(gpg, key, secret=False):
+    """Why gpg's keyring lacks the (secret) key `key`, else None."""
+    code, out, _ = gpg.run(["--with-colons", "--list-secret-keys" if secret else "--list-keys",
+                            "--", key], b"")
+    if code != 0 or not out.strip():
+        return "no %skey %s in its keyring" % ("secret " if secret else "", key)
+    return None
+
+
+def check_gpg(config, line):
+    """check-config's part for GnuPG stanzas: gpg_user, the keyrings (copied as the server
+    copies them), the server's secret key and the signers' public keys in each."""
+    stanzas = [stanza for stanza in config.stanzas if stanza.gpg is not None]
+    if not stanzas:
+        return
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        line(False, "GnuPG stanzas: cannot be checked without root")
+        return
+    try:
+        config.start_gpg()
+        line(True, "gpg runs as user %s on private copies of %d keyring(s)"
+             % (config.gpg_user, len(config.gpg_copies)))
+        for stanza in stanzas:
+            problems = [p for p in [_gpg_key_problem(stanza.gpg, stanza.gpg_decrypt_id, True)] +
+                        [_gpg_key_problem(stanza.gpg, fpr) for fpr in stanza.gpg_fingerprints]
+                        if p]
+            line(not problems, "[client %s]: GnuPG: %s" % (stanza.name, "; ".join(problems) if
+                                                            problems else "its keyring has the "
+                                                            "server's secret key and the signers'"))
+    except (SpaError, Reject) as e:
+        line(False, "GnuPG stanzas: %s" % e)
+    finally:
+        config.stop_gpg()
+
+
+def _crypto_text(stanza):
+    """How a stanza's packets are encrypted, for check-config."""
+    aes = stanza.mode if stanza.key is not None else None
+    gpg = None if stanza.gpg is None else "GnuPG, %s" % (
+        "signed by %s" % ", ".join(stanza.gpg_fingerprints + stanza.gpg_remote_ids)
+        if stanza.gpg_require_sig else "signature not required")
+    return " and ".join(t for t in (aes, gpg) if t)
+
+
 def check_config_main(args):
     """Validate a server config as far as it can be without running the server."""
     config = ServerConfig(args.config, args.access_conf)
@@ -6246,12 +6688,14 @@ def check_config_main(args):
     print("  packets are read as user %s" % config.user)
     if config.user_note:
         print("  note  %s" % config.user_note)
+    check_gpg(config, line)
     for stanza in config.stanzas:
         print("  [client %s]: from %s; opens %s for %d s (a client may ask for up to %d s); "
               "HMAC %s, %s%s%s" % (
                   stanza.name, "any address" if stanza.sources is None
                   else ", ".join(map(str, stanza.sources)), format_access(sorted(stanza.open_ports)),
-                  stanza.fw_access_timeout, stanza.max_fw_timeout, stanza.hmac_type, stanza.mode,
+                  stanza.fw_access_timeout, stanza.max_fw_timeout, stanza.hmac_type,
+                  _crypto_text(stanza),
                   "; user must be " + stanza.require_username if stanza.require_username else "",
                   "; refuses 0.0.0.0" if stanza.require_source_address else ""))
         if stanza.nat_forward:
@@ -6283,7 +6727,9 @@ CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip
                   "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",
                   "key", "hmac_key", "resolve_url", "nat_access", "nat_local", "nat_port",
                   "server_cmd", "ip_version", "digest_type", "source_port", "time_offset",
-                  "user_agent", "key_file", "get_key", "get_hmac_key"}
+                  "user_agent", "key_file", "get_key", "get_hmac_key", "use_gpg",
+                  "gpg_recipient", "gpg_signer", "gpg_home_dir", "gpg_signing_pw",
+                  "gpg_signing_pw_base64", "gpg_no_signing_pw", "gpg_agent"}
 
 # ~/.fwknoprc variable -> our option name; the values carry over as they are.
 FWKNOPRC_NAMES = {
@@ -6295,26 +6741,27 @@ FWKNOPRC_NAMES = {
     "NAT_ACCESS": "nat_access", "NAT_PORT": "nat_port", "DIGEST_TYPE": "digest_type",
     "SPA_SOURCE_PORT": "source_port", "TIME_OFFSET": "time_offset",
     "HTTP_USER_AGENT": "user_agent", "KEY_FILE": "get_key", "HMAC_KEY_FILE": "get_hmac_key",
+    "GPG_RECIPIENT": "gpg_recipient", "GPG_SIGNER": "gpg_signer",
+    "GPG_HOMEDIR": "gpg_home_dir", "GPG_SIGNING_PW": "gpg_signing_pw",
+    "GPG_SIGNING_PW_BASE64": "gpg_signing_pw_base64",
 }
 # fwknop's yes/no variables (to fwknop only Y, in either case, is yes) -> (option, its yes).
 FWKNOPRC_FLAGS = {"NAT_LOCAL": ("nat_local", "yes"), "SERVER_RESOLVE_IPV4": ("ip_version", "4"),
                   "RESOLVE_IP_HTTPS": ("resolve", True), "RESOLVE_IP_HTTP": ("resolve", True),
-                  "RESOLVE_HTTP_ONLY": ("resolve", True)}
+                  "RESOLVE_HTTP_ONLY": ("resolve", True), "USE_GPG": ("use_gpg", "yes"),
+                  "USE_GPG_AGENT": ("gpg_agent", "yes"),
+                  "GPG_NO_SIGNING_PW": ("gpg_no_signing_pw", "yes")}
 # Variables that change nothing spa.py's client does: it uses an HMAC whenever it has the
 # key (as fwknop does, whatever USE_HMAC says), runs no wget and saves no command lines.
 FWKNOPRC_HARMLESS = {"USE_HMAC", "VERBOSE", "WGET_CMD", "NO_SAVE_ARGS", "USE_WGET_USER_AGENT"}
 # yes/no variables that ask with Y for what spa.py's client does not do.
-FWKNOPRC_UNSUPPORTED_FLAGS = {"USE_GPG", "USE_GPG_AGENT", "GPG_NO_SIGNING_PW", "RAND_PORT",
-                              "NAT_RAND_PORT"}
+FWKNOPRC_UNSUPPORTED_FLAGS = {"RAND_PORT", "NAT_RAND_PORT"}
 # Every other variable fwknop knows, which spa.py's client does not do.
-FWKNOPRC_UNSUPPORTED = {"GPG_RECIPIENT", "GPG_SIGNER", "GPG_HOMEDIR", "GPG_EXE", "GPG_SIGNING_PW",
-                        "GPG_SIGNING_PW_BASE64", "SPOOF_SOURCE_IP", "SPA_SERVER_PROTO"}
+FWKNOPRC_UNSUPPORTED = {"GPG_EXE", "SPOOF_SOURCE_IP", "SPA_SERVER_PROTO"}
 # fwknop client options that spa.py's client does not have, and why.  Refused by name
 # (refuse_fwknop_only_options): their values are never shown, some are keys.
 FWKNOP_ONLY_OPTIONS = dict(
-    [(o, "it does no GnuPG") for o in (
-        "-g", "--gpg-encryption", "--gpg-recipient-key", "--gpg-signer-key", "--gpg-home-dir",
-        "--gpg-exe", "--gpg-agent", "--gpg-no-signing-pw")] +
+    [("--gpg-exe", "it runs the gpg on PATH")] +
     [(o, "it sends from its own address only") for o in ("-Q", "--spoof-source", "--spoof-src")] +
     [(o, "it sends one UDP datagram to one port") for o in (
         "-r", "--rand-port", "-H", "--http-proxy", "--icmp-type", "--icmp-code")] +
@@ -6738,7 +7185,7 @@ def client_settings(args):
             value = section.get(option)
         # A passphrase is taken as it is, blanks and all, as fwknop takes it.
         opts[option] = value.strip() if isinstance(value, str) and option not in (
-            "key", "hmac_key") else value
+            "key", "hmac_key", "gpg_signing_pw") else value
     if args.connect and not opts.get("destination"):
         opts["destination"] = split_host_port(args.connect)[0]
     for option in KEY_FILE_VARIABLES.values():
@@ -6886,11 +7333,43 @@ def nat_request(opts, access, timeout):
     return (MSG_TIMEOUT_NAT if timeout else MSG_NAT), field, access
 
 
+def _signing_passphrase(opts):
+    """The passphrase of the GnuPG signing key: the section's gpg_signing_pw (or its
+    _base64), else asked for on the terminal; never from the command line."""
+    if opts.get("gpg_signing_pw"):
+        return opts["gpg_signing_pw"].encode()
+    if opts.get("gpg_signing_pw_base64"):
+        return parse_key(opts["gpg_signing_pw_base64"], "gpg_signing_pw_base64", 1, 1024)
+    if not sys.stdin.isatty():
+        raise SpaError("the GnuPG signing key's passphrase: put gpg_signing_pw in the config "
+                       "section (mode 0600), or use --gpg-agent or --gpg-no-signing-pw")
+    import getpass
+    # Kept for a second knock (--connect knocks again halfway): asked for once.
+    opts["gpg_signing_pw"] = getpass.getpass("passphrase of GnuPG key %s: " % opts["gpg_signer"])
+    return opts["gpg_signing_pw"].encode()
+
+
+def client_gpg(opts):
+    """The GnuPG that makes a GnuPG packet (-g, --gpg-recipient), or None for AES."""
+    yes = lambda option: parse_bool(opts.get(option) or "no", option)
+    if not (yes("use_gpg") or opts.get("gpg_recipient")):
+        return None
+    if not opts.get("gpg_recipient"):
+        raise SpaError("GnuPG mode needs the server's key: give --gpg-recipient KEY")
+    home = opts.get("gpg_home_dir")
+    gpg = GnuPG(os.path.expanduser(home) if home else None, agent=yes("gpg_agent"))
+    gpg.recipient, gpg.signer = opts["gpg_recipient"], opts.get("gpg_signer")
+    if gpg.signer and not gpg.agent and not yes("gpg_no_signing_pw"):
+        gpg.passphrase = _signing_passphrase(opts)
+    return gpg
+
+
 def build_packet(opts, now=None):
     """Validate the client's settings and build (Message, wire text) for them."""
     get = lambda option: opts.get(option) or ""
     where = "client"
-    key, hmac_key, hmac_type, mode = parse_keys(get, where)
+    gpg = client_gpg(opts)
+    key, hmac_key, hmac_type, mode = parse_keys(get, where, gpg is not None)
     if not opts.get("destination"):
         raise SpaError("no destination: give -D HOST or destination = HOST in the config section")
     if not opts.get("access") and not opts.get("server_cmd"):
@@ -6922,6 +7401,12 @@ def build_packet(opts, now=None):
     stamp = int(time.time() if now is None else now) + parse_time_offset(opts.get("time_offset"))
     msg = Message(user, allow_ip, access, timeout, msg_type=msg_type, nat_access=nat_access,
                   timestamp=stamp, command=command, digest_type=digest)
+    if gpg is not None:
+        wire = gpg_seal(msg.encode(), gpg, hmac_key, hmac_type)
+        if len(wire) > MAX_GPG_WIRE_LEN:
+            raise SpaError("the packet would be %d characters; fwknop servers accept at most %d: "
+                           "use GnuPG keys of 2048 or 3072 bits" % (len(wire), MAX_GPG_WIRE_LEN))
+        return msg, wire
     wire = seal(msg.encode(), key, hmac_key, hmac_type, mode)
     if len(wire) > MAX_WIRE_LEN:
         raise SpaError("the packet would be %d characters; fwknop servers accept at most %d: "
@@ -7201,32 +7686,71 @@ def keygen_keys(hmac_type="sha256"):
             base64.b64encode(os.urandom(HMAC_KEY_BYTES[hmac_type])).decode())
 
 
-def server_stanza(name, keys, hmac_type, access):
-    """The [client NAME] stanza keygen writes into the server's config."""
-    return ("[client {name}]\nsource = any\nopen_ports = {access}\nkey_base64 = {key}\n"
+def gpg_fingerprint(gpg, key):
+    """The fingerprint of the one key of gpg's keyring that `key` (an ID, a fingerprint or
+    a user ID) names; SpaError if none or more than one."""
+    code, out, _ = gpg.run(["--with-colons", "--list-keys", "--", key], b"")
+    lines = out.decode("utf-8", "replace").splitlines()
+    fprs = [lines[i + 1].split(":")[9] for i, line in enumerate(lines[:-1])
+            if line.startswith("pub:") and lines[i + 1].startswith("fpr:")]
+    if code != 0 or len(fprs) != 1:
+        raise SpaError("GnuPG key %r: %s in keyring %s" % (
+            key, "%d keys match" % len(fprs) if fprs else "no such key", gpg.home or "~/.gnupg"))
+    return fprs[0].upper()
+
+
+def keygen_gpg(recipient, signer, home):
+    """(server's fingerprint, client's fingerprint) for keygen's GnuPG sections, looked up
+    in the keyring `home`, and the server's key tried: fwknop's format needs its "hQ"."""
+    gpg = GnuPG(os.path.expanduser(home) if home else None)
+    fprs = gpg_fingerprint(gpg, recipient), gpg_fingerprint(gpg, signer)
+    gpg.recipient = fprs[0]
+    gpg_seal(b"a trial", gpg, b"h", "sha256")
+    return fprs
+
+
+def server_stanza(name, keys, hmac_type, access, gpg=None):
+    """The [client NAME] stanza keygen writes into the server's config; with `gpg` (the
+    fingerprints of the server's key and the client's), a GnuPG stanza."""
+    secret = "key_base64 = %s\n" % keys[0] if gpg is None else ""
+    text = ("[client {name}]\nsource = any\nopen_ports = {access}\n{secret}"
             "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
-                name=name, access=access, key=keys[0], hkey=keys[1], htype=hmac_type)
+                name=name, access=access, secret=secret, hkey=keys[1], htype=hmac_type)
+    if gpg is not None:
+        text += ("# GnuPG: the server's key decrypts (in root's ~/.gnupg unless gpg_home_dir says"
+                 "\n# otherwise); the client's key must sign.  A key with a passphrase: give\n"
+                 "# gpg_decrypt_pw = PASSPHRASE instead of gpg_allow_no_pw.\n"
+                 "gpg_decrypt_id = %s\ngpg_allow_no_pw = yes\ngpg_fingerprint_id = %s\n" % gpg)
+    return text
 
 
-def client_section(name, keys, hmac_type, access, destination=None):
+def client_section(name, keys, hmac_type, access, destination=None, gpg=None):
     """The client's section; without a destination, a line that says how to give one (a
-    made-up host would only fail later, with `cannot resolve`)."""
+    made-up host would only fail later, with `cannot resolve`); with `gpg`, GnuPG's."""
     where = "destination = %s" % destination if destination else \
         "# destination = the server's name or address (or give it with spa.py client -D)"
-    return ("# On the client, in ~/.spa.conf (mode 0600), then: spa.py client -n {name}\n"
-            "[{name}]\n{where}\naccess = {access}\nkey_base64 = {key}\n"
+    secret = "key_base64 = %s\n" % keys[0] if gpg is None else ""
+    text = ("# On the client, in ~/.spa.conf (mode 0600), then: spa.py client -n {name}\n"
+            "[{name}]\n{where}\naccess = {access}\n{secret}"
             "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
-                name=name, where=where, access=access, key=keys[0], hkey=keys[1],
+                name=name, where=where, access=access, secret=secret, hkey=keys[1],
                 htype=hmac_type)
+    if gpg is not None:
+        text += ("gpg_recipient = %s\ngpg_signer = %s\n# gpg_home_dir = ~/.gnupg\n"
+                 "# gpg_signing_pw = the signing key's passphrase (else: asked for, or "
+                 "--gpg-agent)\n" % gpg)
+    return text
 
 
-def keygen_text(hmac_type="sha256", name="myhost", destination=None, access="tcp/22"):
+def keygen_text(hmac_type="sha256", name="myhost", destination=None, access="tcp/22", gpg=None):
     """keygen's whole output: the keys as fwknop prints them, then both sections."""
     keys = keygen_keys(hmac_type)
-    return ("KEY_BASE64: %s\nHMAC_KEY_BASE64: %s\n\n# On the server, in /etc/spa/spa.conf "
+    head = "HMAC_KEY_BASE64: %s\n" % keys[1] if gpg else \
+        "KEY_BASE64: %s\nHMAC_KEY_BASE64: %s\n" % keys
+    return ("%s\n# On the server, in /etc/spa/spa.conf "
             "(mode 0600), or let keygen put it there with --server-config /etc/spa/spa.conf:\n"
-            "%s\n%s" % (keys[0], keys[1], server_stanza(name, keys, hmac_type, access),
-                         client_section(name, keys, hmac_type, access, destination)))
+            "%s\n%s" % (head, server_stanza(name, keys, hmac_type, access, gpg),
+                         client_section(name, keys, hmac_type, access, destination, gpg)))
 
 
 def replace_section(text, header, block):
@@ -7304,13 +7828,19 @@ def keygen_main(args):
         except OSError as e:
             raise SpaError("cannot create %s: %s" % (args.output, e.strerror))
     try:
+        gpg = None
+        if args.gpg_recipient or args.gpg_signer:
+            if not (args.gpg_recipient and args.gpg_signer):
+                raise SpaError("GnuPG sections need both --gpg-recipient (the server's key) "
+                               "and --gpg-signer-key (the client's)")
+            gpg = keygen_gpg(args.gpg_recipient, args.gpg_signer, args.gpg_home_dir)
         if args.server_config:
             keys = keygen_keys(hmac_type)
-            done = add_to_server_config(args.server_config, args.name,
-                                        server_stanza(args.name, keys, hmac_type, access), access)
-            text = client_section(args.name, keys, hmac_type, access, args.destination)
+            done = add_to_server_config(args.server_config, args.name, server_stanza(
+                args.name, keys, hmac_type, access, gpg), access)
+            text = client_section(args.name, keys, hmac_type, access, args.destination, gpg)
         else:
-            text = keygen_text(hmac_type, args.name, args.destination, access)
+            text = keygen_text(hmac_type, args.name, args.destination, access, gpg)
     except BaseException:
         if out is not None:
             out.close()
@@ -7690,27 +8220,33 @@ def _install_dir(path, ours=False):
         os.chmod(path, 0o755)
 
 
-def create_reader_user():
-    """Create the packet reader's system user `spa` where it is missing; says what it did."""
+def create_system_user(name, role, later):
+    """Create the system user `name` where it is missing; says what it did.  `role`: what
+    runs as it ("the packet reader runs as"); `later`: what happens until it exists."""
     import pwd
     import shutil
     try:
-        pwd.getpwnam(READER_USER)
-        return "the packet reader runs as the user %s" % READER_USER
+        pwd.getpwnam(name)
+        return "%s the user %s" % (role, name)
     except KeyError:
         pass
-    command = USERADD + [READER_USER]
-    later = "(the packet reader runs as nobody until it exists)"
+    command = USERADD + [name]
     if os.geteuid() != 0:
-        return "note: no user %s: as root, run %s %s" % (READER_USER, " ".join(command), later)
+        return "note: no user %s: as root, run %s %s" % (name, " ".join(command), later)
     useradd = shutil.which(command[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     try:
         if useradd is None:
             raise SpaError("%s not found" % command[0])
         run_command([useradd] + command[1:])
     except SpaError as e:
-        return "note: could not create the system user %s: %s %s" % (READER_USER, e, later)
-    return "created the system user %s, which the packet reader runs as" % READER_USER
+        return "note: could not create the system user %s: %s %s" % (name, e, later)
+    return "created the system user %s, which %s" % (name, role)
+
+
+def create_reader_user():
+    """Create the packet reader's system user `spa` where it is missing; says what it did."""
+    return create_system_user(READER_USER, "the packet reader runs as",
+                              "(the packet reader runs as nobody until it exists)")
 
 
 def install_main(args):
@@ -7762,6 +8298,8 @@ def install_main(args):
           % (target, launcher, launcher))
     print("the launcher runs %s -I (isolated): %s" % (python, why))
     print(create_reader_user())
+    print(create_system_user(GPG_USER, "the server's gpg (GnuPG stanzas) runs as",
+                             "(GnuPG stanzas cannot be used until it exists)"))
     return 0
 
 
@@ -7868,6 +8406,12 @@ def _keygen_options(sub, fmt):
                    help="add [client NAME] to this server config, or replace it (a missing "
                    "file is made from spa.conf.example's text, mode 0600, protecting -A's "
                    "ports); then print only the client's section")
+    k.add_argument("--gpg-recipient", "--gpg-recipient-key", dest="gpg_recipient", metavar="KEY",
+                   help="GnuPG sections: the server's key, which the packets are encrypted to")
+    k.add_argument("--gpg-signer-key", dest="gpg_signer", metavar="KEY",
+                   help="GnuPG sections: the client's key, which signs them")
+    k.add_argument("--gpg-home-dir", dest="gpg_home_dir", metavar="DIR",
+                   help="the keyring that holds both public keys (default ~/.gnupg)")
 
 
 def _client_request_options(c):
@@ -7933,6 +8477,19 @@ def _client_packet_options(c):
                    help="cbc (default), ctr, cfb or ofb, as the server's stanza says")
     c.add_argument("-m", "--digest-type", dest="digest_type", metavar="TYPE",
                    help="the packet's inner digest: sha256 (default), sha384, sha512, ...")
+    c.add_argument("-g", "--gpg-encryption", dest="use_gpg", action="store_const", const="yes",
+                   help="GnuPG instead of AES (implied by --gpg-recipient)")
+    c.add_argument("--gpg-recipient", "--gpg-recipient-key", dest="gpg_recipient",
+                   metavar="KEY", help="GnuPG: the server's key (ID, fingerprint or e-mail)")
+    c.add_argument("--gpg-signer-key", dest="gpg_signer", metavar="KEY",
+                   help="GnuPG: your key, which signs the packet (the server requires it)")
+    c.add_argument("--gpg-home-dir", dest="gpg_home_dir", metavar="DIR",
+                   help="GnuPG: the keyring directory (default ~/.gnupg)")
+    c.add_argument("--gpg-no-signing-pw", dest="gpg_no_signing_pw", action="store_const",
+                   const="yes", help="GnuPG: the signing key has no passphrase")
+    c.add_argument("--gpg-agent", dest="gpg_agent", action="store_const", const="yes",
+                   help="GnuPG: let gpg-agent ask for the signing key's passphrase (without "
+                   "it: gpg_signing_pw in the config section, else a prompt)")
     c.add_argument("-S", "--source-port", dest="source_port", metavar="PORT",
                    help="send the knock from this UDP port")
     c.add_argument("--time-offset-plus", dest="time_offset_plus", metavar="TIME",

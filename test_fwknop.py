@@ -321,7 +321,7 @@ ALLOW_IP            source
 [gpg]
 SPA_SERVER          198.18.0.1
 ACCESS              tcp/22
-GPG_RECIPIENT       1234ABCD
+GPG_EXE             /usr/bin/gpg
 KEY_BASE64          {key}
 HMAC_KEY_BASE64     {hkey}
 """
@@ -338,7 +338,7 @@ def test_fwknoprc_problem_refuses_only_its_section_when_used(tmp_path):
         assert d.accepted and e.accepted, (d.reason, e.reason)
         assert fields(d)[:7] == fields(e)[:7] and d.stanza.name == stanza
     done = run_spa("client", "-c", rc, "-n", "gpg", "--test")
-    assert done.returncode == 1 and "[gpg]: GPG_RECIPIENT is not supported" in done.stderr
+    assert done.returncode == 1 and "[gpg]: GPG_EXE is not supported" in done.stderr
     # [default] is read for every section, by fwknop as by spa.py.
     with open(rc, "a") as f:
         f.write("[Default]\nRAND_PORT Y\n")
@@ -385,7 +385,7 @@ def test_fwknop_command_lines_work_unchanged(tmp_path, argv):
 
 
 def test_fwknop_options_spa_py_does_not_have_are_named_without_their_values(tmp_path):
-    for argv, name in ((["--gpg-recipient-key", KEY], "--gpg-recipient-key"),
+    for argv, name in ((["--gpg-exe", KEY], "--gpg-exe"),
                        (["--save-packet=" + str(tmp_path / "k")], "--save-packet"),
                        (["-Q", "198.18.0.9"], "-Q"), (["--key-gen"], "--key-gen")):
         done = run_spa("client", "-D", "198.18.0.1", "-A", "tcp/22", "--key-base64-rijndael", KEY,

@@ -759,8 +759,8 @@ def test_fwknopd_access_conf_is_read(tmp_path):
     assert names == ["alice", "access.conf:%d" % lines[0], "access.conf:%d" % lines[3]]
     notes = "\n".join(config.notes)
     assert "access.conf:%d: stanza left out: spa.py does not support DESTINATION" % lines[1] in notes
-    assert "access.conf:%d: stanza left out: spa.py does not support GnuPG-only stanzas" \
-        % lines[2] in notes
+    assert "access.conf:%d: stanza left out: spa.py does not support a stanza without an AES " \
+        "key" % lines[2] in notes        # GPG_* without GPG_DECRYPT_PW: no GnuPG, as for fwknopd
     assert "access.conf:%d: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER" % lines[3] in notes
     assert "access.conf:%d: ENABLE_CMD_SUDO_EXEC is not honoured" % lines[3] in notes
     assert not config.stanzas[2].enable_cmd_exec
@@ -791,7 +791,8 @@ def test_access_conf_includes_and_what_it_cannot_honour(tmp_path):
     assert notes[1].startswith("access.conf:2: stanza left out: ")
     assert notes[2].startswith("access.conf:4: stanza left out: ")
     assert notes[2].endswith("KEY is still __CHANGEME__ (line 5)")
-    assert "access.conf:7: stanza left out: spa.py does not support GnuPG-only stanzas" in text
+    assert "access.conf:7: stanza left out: spa.py does not support a stanza without an AES " \
+        "key" in text
     assert "extra.conf:1: NAT access to other hosts is refused: access.conf cannot name " \
         "nat_destinations" in text
 
@@ -2397,8 +2398,8 @@ def test_client_reads_the_rc_file_fwknop_writes(tmp_path):
 
 
 @pytest.mark.parametrize("line,message", [
-    ("USE_GPG Y", "USE_GPG is not supported"),
-    ("GPG_RECIPIENT 1234ABCD", "GPG_RECIPIENT is not supported"),
+    ("RAND_PORT Y", "RAND_PORT is not supported"),
+    ("GPG_EXE /usr/bin/gpg", "GPG_EXE is not supported"),
     ("SPA_SERVER_PROTO tcp", "UDP only"),
 ])
 def test_client_names_what_it_cannot_honour_in_fwknoprc(tmp_path, line, message):

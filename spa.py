@@ -1533,6 +1533,11 @@ class ServerConfig(object):
             raise SpaError("%s: http_proxies: %s (expected addresses or networks of the "
                            "proxies whose X-Forwarded-For is believed)" % (path, e))
 
+    def transports_text(self):
+        """'udp/62201, icmp, http/80': what knocks are read from, for the log."""
+        return ", ".join(name if name == "icmp" else "%s/%d" % (
+            name, self.http_port if name == "http" else self.port) for name in self.transports)
+
     def _read_stanzas(self, parser, access_conf):
         """The [client NAME] stanzas, then those of fwknop's access.conf (if one is named)."""
         path = self.path
@@ -5771,8 +5776,9 @@ def server_main(args):
     firewall.setup()
     if not args.test:
         warn_unsaved(config, firewall, log)
-    log.info("listening on %s udp/%d; protecting %s (%s); %d client stanza(s); packets read as "
-             "user %s%s", ",".join(config.interfaces + config.optional_interfaces), config.port,
+    log.info("listening on %s %s; protecting %s (%s); %d client stanza(s); packets read as "
+             "user %s%s", ",".join(config.interfaces + config.optional_interfaces),
+             config.transports_text(),
              format_access(config.protect), config.protect_action, len(config.stanzas),
              supervisor.user or "(unchanged: not root)", "; test mode" if args.test else "")
     if config.user_note and supervisor.user:

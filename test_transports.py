@@ -19,6 +19,7 @@ named tp<pid>x<n>-*, addresses only 198.18.0.0/15 and 2001:db8::/32.
 """
 
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -448,8 +449,9 @@ def test_http_knock_with_and_without_a_web_server(tmp_path):
         server = start_spa(lab, tmp_path, transports="http", http_port=WEB,
                            stanzas={"alice": {"fw_access_timeout": "1"}})
         done = spa_client(lab, Lab.srv4(1), "http", "-p", str(WEB), check=False)
-        assert done.returncode == 1 and "Connection refused" in done.stderr
-        assert len(done.stderr.strip().splitlines()) <= 2 and "Traceback" not in done.stderr
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1] == "spa.py client: error: cannot send to " \
+            "198.18.1.1 port %d (-P http): Connection refused" % WEB
         assert closed(lab, Lab.srv4(1))
         raw_get(lab, knock([("tcp", SERVICE_PORT)]))
         assert opens(lab, Lab.srv4(1)), server.log.text()
@@ -491,3 +493,100 @@ def test_x_forwarded_for_end_to_end(tmp_path):
         request("cli1", Lab.cli4(2))
         wait_for_line(server, r"accepted packet from 198\.18\.1\.2", 2, since=mark)
         assert not tcp_connect_ok(lab.name("cli2"), Lab.srv4(2), SERVICE_PORT, 0.3)
+
+
+# --- What a scanner sees: the same host, with every transport enabled or no spa.py ---------
+
+P, R, UNUSED = SERVICE_PORT, 8023, 8081
+TCP_PORTS = (P, R, PORT, WEB, UNUSED)
+UDP_PORTS = (PORT, 62202)
+SPA_SHAPED = "8" + "A" * 203         # captured over every transport, refused by its HMAC
+
+DEFAULT_DROP = """table inet host {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        ct state invalid drop
+        iif lo accept
+        icmp type { echo-request, destination-unreachable, time-exceeded } accept
+        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, echo-request,
+                      destination-unreachable, packet-too-big, time-exceeded } accept
+        tcp dport { %d, %d } accept
+    }
+}
+""" % (WEB, UNUSED)
+
+
+def scan(lab):
+    """nmap's SYN and UDP scans, plain and with SPA-shaped data in every probe (TCP, UDP,
+    ICMP echo), its ping with SPA-shaped data, and an HTTP GET whose path is SPA-shaped,
+    IPv4 and IPv6: {(family, what, proto, port): what was seen}."""
+    import test_attack
+    result = {}
+    for family, target in (("ipv4", Lab.srv4(1)), ("ipv6", Lab.srv6(1))):
+        six = ["-6"] if family == "ipv6" else []
+        ports = ["-p", "T:%s,U:%s" % (",".join(map(str, TCP_PORTS)), ",".join(map(str, UDP_PORTS)))]
+        for what, data in (("plain", []), ("spa-shaped", ["--data-string", SPA_SHAPED])):
+            argv = test_attack.NMAP + six + ["-sS", "-sU"] + data + ports + ["-oX", "-", target]
+            found = test_attack.parse_nmap(lab.run("cli1", argv, timeout=60).stdout)
+            for (proto, port), state in found.items():
+                result[(family, what, proto, port)] = state
+            argv = [w for w in test_attack.NMAP if w != "-Pn"] + six + ["-sn", "-PE", "--disable-arp-ping"] + data + \
+                ["-oX", "-", target]
+            status = __import__("xml.etree.ElementTree").etree.ElementTree.fromstring(
+                lab.run("cli1", argv, timeout=60).stdout).find("host/status")
+            result[(family, what, "ping", 0)] = (status.get("state"), status.get("reason"))
+        with netns_lab.ns_socket(lab.name("cli1"), socket.AF_INET6 if six else socket.AF_INET) as s:
+            s.settimeout(5)
+            s.connect((target, WEB))
+            s.sendall(spa.http_request(SPA_SHAPED.encode(), target))
+            answer = b""
+            while True:            # Connection: close
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        result[(family, "http", "tcp", WEB)] = (lines[0], sorted(
+            line.split(b":")[0] for line in lines[1:]), body)
+    return result
+
+
+@pytest.mark.parametrize("policy", ["no host firewall", "default-drop host"])
+def test_nmap_sees_the_same_host_with_every_transport_enabled(tmp_path, policy):
+    """Scan 1: no service behind P, no spa.py.  Scan 2: the service, spa.py with
+    transports = udp, tcp, icmp, http and a web server on http_port: identical, and the
+    server did capture the SPA-shaped probes over each transport (and said nothing)."""
+    need_lab("nft", "nmap")
+    with Lab(clients=1, prefix="tp") as lab:
+        srv = lab.name("srv")
+        netns_lab.ns_sysctl(srv, "net.ipv4.icmp_ratelimit", 0)
+        netns_lab.ns_sysctl(srv, "net.ipv6.icmp.ratelimit", 0)
+        web_server(lab, tmp_path / "www")
+        if policy != "no host firewall":
+            lab.run("srv", ["nft", "-f", "-"], input=DEFAULT_DROP)
+        before = scan(lab)
+        lab.tcp_service("srv", "::", P)
+        server = start_spa(lab, tmp_path, transports=ALL, http_port=WEB,
+                           protect_action="reject" if policy == "no host firewall" else "drop")
+        mark = server.log.mark()
+        during = scan(lab)
+        lab.stop_process(server)
+        text = server.log.text()
+    assert "listening on any udp/%d, tcp/%d, icmp, http/%d;" % (PORT, PORT, WEB) in text
+    text = text[mark:]
+    assert {k: (v, during.get(k)) for k, v in before.items() if during.get(k) != v} == {}
+    assert set(before) == set(during)
+    assert before[("ipv4", "http", "tcp", WEB)][:2] == (b"HTTP/1.0 404 File not found", [
+        b"Connection", b"Content-Length", b"Content-Type", b"Date", b"Server"])
+    assert before[("ipv4", "plain", "ping", 0)] == ("up", "echo-reply")
+    # The probes reached the reader over each transport: TCP to the knock port, UDP, ICMP
+    # echo (nmap's SYN probes carry the data; so do its echo requests), the GET.
+    for source in (Lab.cli4(1), Lab.cli6(1)):
+        assert "rejected packet from %s: HMAC does not match" % source in text, text
+    assert "accepted packet" not in text
+    # One SPA-shaped probe a family over each of the four (more where the host's silence
+    # makes nmap try again): only udp would be 2 at most.
+    received = int(re.search(r"stats: received (\d+)", text).group(1))
+    assert received == 8 if policy == "no host firewall" else received >= 8

@@ -4073,40 +4073,47 @@ class HttpKnocks(object):
         return None
 
 
-def _segment_knock(frame, source, proto, start, end, http):
-    """The knock in a TCP segment's data or an ICMP echo's data (see parse_frame)."""
-    if proto == 6 and len(frame) >= start + 20:
-        data = frame[start + (frame[start + 12] >> 4) * 4:end]
-        if http is not None and struct.unpack_from("!H", frame, start + 2)[0] == http.port:
-            return http.knock(data, source)
-        return source, data
-    if proto in (1, 58):
-        return source, frame[start + 8:end]
-    return None, b""
-
-
-def parse_frame(frame, http=None):
-    """Source address and knock of an IP frame the BPF filter passed, or (None, b''):
-    UDP's payload; TCP's data (knocks over tcp, or with `http` (HttpKnocks) a GET to its
-    port); ICMP's echo data.  The filter passed only the enabled transports."""
+def parse_frame(frame):
+    """Source address and UDP payload of an IP frame the BPF filter passed, or (None, b'')."""
     if len(frame) < 28:
         return None, b""
     version = frame[0] >> 4
     if version == 4:
         ihl = (frame[0] & 15) * 4
         src = socket.inet_ntop(socket.AF_INET, frame[12:16])
-        udp, proto = ihl, frame[9]
+        udp = ihl
     elif version == 6 and len(frame) >= 48:
         src = socket.inet_ntop(socket.AF_INET6, frame[8:24])
-        udp, proto = 40, frame[6]
+        udp = 40
     else:
         return None, b""
-    if proto != 17:
-        end = struct.unpack_from("!H", frame, 2 if version == 4 else 4)[0] + (
-            0 if version == 4 else 40)
-        return _segment_knock(frame, src, proto, udp, end, http)
     length = struct.unpack_from("!H", frame, udp + 4)[0] if len(frame) >= udp + 8 else 0
     return src, frame[udp + 8:udp + length]
+
+
+def parse_any_frame(frame, http=None):
+    """parse_frame() for servers with transports besides udp: the source and the knock
+    in UDP's payload, TCP's data (a tcp knock, or with `http` (HttpKnocks) a GET to its
+    port) or ICMP's echo data.  The filter passed only the enabled transports."""
+    version = frame[0] >> 4 if frame else 0
+    if version == 4 and len(frame) >= 28:
+        start, proto, end = (frame[0] & 15) * 4, frame[9], struct.unpack_from("!H", frame, 2)[0]
+        src = socket.inet_ntop(socket.AF_INET, frame[12:16])
+    elif version == 6 and len(frame) >= 48:
+        start, proto, end = 40, frame[6], 40 + struct.unpack_from("!H", frame, 4)[0]
+        src = socket.inet_ntop(socket.AF_INET6, frame[8:24])
+    else:
+        return None, b""
+    if proto == 17:
+        return parse_frame(frame)
+    if proto == 6 and len(frame) >= start + 20:
+        data = frame[start + (frame[start + 12] >> 4) * 4:end]
+        if http is not None and struct.unpack_from("!H", frame, start + 2)[0] == http.port:
+            return http.knock(data, src)
+        return src, data
+    if proto in (1, 58):
+        return src, frame[start + 8:end]
+    return None, b""
 
 
 def frame_destination(frame):
@@ -5079,8 +5086,11 @@ class Reader(object):
         self.counts = {"passed": 0, "rejected": 0}
         self.kernel_drops = 0
         self.status = None     # /proc/self/status, opened before the sandbox (start_reader)
-        self.http = HttpKnocks(config.http_port, config.http_proxies) \
-            if "http" in getattr(config, "transports", ()) else None
+        # The frame parser: for udp alone, the shortest (the flood's path costs no more).
+        transports = getattr(config, "transports", ("udp",))
+        http = HttpKnocks(config.http_port, config.http_proxies) if "http" in transports else None
+        self.parse_frame = parse_frame if transports == ("udp",) else \
+            (lambda frame: parse_any_frame(frame, http))
 
     def name_interfaces(self, sockets):
         """With bind_interface, learn each capture socket's interface (each is bound to
@@ -5164,7 +5174,7 @@ class Reader(object):
                         break
                     except OSError:            # ENETDOWN: the interface went away
                         raise CaptureLost()
-                    source, payload = parse_frame(frame, self.http)
+                    source, payload = self.parse_frame(frame)
                     if source is not None:
                         self.handle(payload, source, None, frame, None, interface)
             if parent_fd is not None and hasattr(self.gate, "flush"):

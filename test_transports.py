@@ -201,16 +201,31 @@ def test_parse_frame_over_each_transport():
                       ip_frame(6, tcp(good, options=b"\x01" * 12), source, dest),
                       ip_frame(1, icmp(good), source, dest),
                       ip_frame(6, tcp(get(good), 80), source, dest)):
-            assert spa.parse_frame(frame + b"\0" * 6, http) == (source, good)  # link padding
+            assert spa.parse_any_frame(frame + b"\0" * 6, http) == (source, good)  # link padding
             assert spa.frame_destination(frame) == dest
     # Without http, a GET is a TCP knock like any other (the filter passed it to `port`).
     frame = ip_frame(6, tcp(get(good), 80))
-    assert spa.parse_frame(frame) == ("198.18.1.2", get(good))
+    assert spa.parse_any_frame(frame) == ("198.18.1.2", get(good))
     # A GET whose path does not end within a knock's length, or that is not a GET.
-    assert spa.parse_frame(ip_frame(6, tcp(b"GET /" + b"A" * 500, 80)), http) == (None, b"")
-    assert spa.parse_frame(ip_frame(6, tcp(b"HEAD /" + good + b" HTTP/1.1", 80)),
+    assert spa.parse_any_frame(ip_frame(6, tcp(b"GET /" + b"A" * 500, 80)), http) == (None, b"")
+    assert spa.parse_any_frame(ip_frame(6, tcp(b"HEAD /" + good + b" HTTP/1.1", 80)),
                            http) == (None, b"")
-    assert spa.parse_frame(ip_frame(6, b"\0" * 10), http) == (None, b"")   # truncated TCP
+    assert spa.parse_any_frame(ip_frame(6, b"\0" * 10), http) == (None, b"")   # truncated TCP
+    assert spa.parse_any_frame(b"") == spa.parse_any_frame(b"\x45" * 27) == (None, b"")
+
+
+def test_the_reader_parses_udp_alone_with_the_shortest_parser(tmp_path):
+    """udp alone: parse_frame, as before there were transports (the flood path costs no
+    more); with others, parse_any_frame, with the http port and proxies of the config."""
+    log = spa.Log("stderr")
+    reader = spa.Reader(server_config(tmp_path), None, log)
+    assert reader.parse_frame is spa.parse_frame
+    reader = spa.Reader(server_config(tmp_path, transports="udp, http", http_port="8080",
+                                      http_proxies="198.18.2.2"), None, log)
+    good = knock()
+    xff = get(good, b"X-Forwarded-For: 198.18.1.2\r\n")
+    assert reader.parse_frame(ip_frame(6, tcp(xff, 8080), "198.18.2.2")) == ("198.18.1.2", good)
+    assert reader.parse_frame(ip_frame(17, udp(good))) == ("198.18.1.2", good)
 
 
 def test_x_forwarded_for_only_from_the_proxies_configured():
@@ -220,24 +235,24 @@ def test_x_forwarded_for_only_from_the_proxies_configured():
     http = spa.HttpKnocks(80, proxies)
     xff = b"X-Forwarded-For: 203.0.113.9, 198.18.1.2\r\n"
     from_proxy = ip_frame(6, tcp(get(good, xff), 80), "198.18.2.2")
-    assert spa.parse_frame(from_proxy, http) == ("198.18.1.2", good)     # the last entry
+    assert spa.parse_any_frame(from_proxy, http) == ("198.18.1.2", good)     # the last entry
     # Entries that are trusted proxies themselves are skipped (a chain of ours).
     chain = b"x-forwarded-for: 198.18.1.2\r\nX-Forwarded-For: 2001:db8:2::7\r\n"
-    assert spa.parse_frame(ip_frame(6, tcp(get(good, chain), 80), "198.18.2.2"),
+    assert spa.parse_any_frame(ip_frame(6, tcp(get(good, chain), 80), "198.18.2.2"),
                            http) == ("198.18.1.2", good)
     # From anywhere else the header changes nothing: the packet's source is the source.
     elsewhere = ip_frame(6, tcp(get(good, xff), 80), "198.18.3.2")
-    assert spa.parse_frame(elsewhere, http) == ("198.18.3.2", good)
-    assert spa.parse_frame(from_proxy, spa.HttpKnocks(80)) == ("198.18.2.2", good)
+    assert spa.parse_any_frame(elsewhere, http) == ("198.18.3.2", good)
+    assert spa.parse_any_frame(from_proxy, spa.HttpKnocks(80)) == ("198.18.2.2", good)
     # A trusted proxy without the header: its own address; with a bad one: dropped.
-    assert spa.parse_frame(ip_frame(6, tcp(get(good), 80), "198.18.2.2"),
+    assert spa.parse_any_frame(ip_frame(6, tcp(get(good), 80), "198.18.2.2"),
                            http) == ("198.18.2.2", good)
     for bad in (b"X-Forwarded-For: unknown\r\n", b"X-Forwarded-For: 198.18.2.2\r\n"):
-        assert spa.parse_frame(ip_frame(6, tcp(get(good, bad), 80), "198.18.2.2"),
+        assert spa.parse_any_frame(ip_frame(6, tcp(get(good, bad), 80), "198.18.2.2"),
                                http)[0] is None
     # A header after the request's end is the body's, not a header.
     body = get(good) + b"X-Forwarded-For: 203.0.113.9\r\n"
-    assert spa.parse_frame(ip_frame(6, tcp(body, 80), "198.18.2.2"), http)[0] == "198.18.2.2"
+    assert spa.parse_any_frame(ip_frame(6, tcp(body, 80), "198.18.2.2"), http)[0] == "198.18.2.2"
 
 
 # ---------------------------------------------------------------------------

@@ -4040,9 +4040,10 @@ class HttpKnocks(object):
         self.port, self.proxies = port, list(proxies)
 
     def knock(self, data, source):
-        """(source, knock) from the TCP data of a request, or (None, b'')."""
+        """(source, knock) from the TCP data of a request, or (None, b'') for one whose
+        path cannot be a knock by its length (the web site's own requests, not logged)."""
         end = data.find(b" ", 5, 6 + MAX_WIRE_LEN)
-        if not data.startswith(b"GET /") or end < 0:
+        if not data.startswith(b"GET /") or end < 5 + MIN_WIRE_LEN:
             return None, b""
         if self.proxies and self._trusted(source):
             source = self.forwarded_for(data, source)

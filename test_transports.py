@@ -206,8 +206,13 @@ def test_parse_frame_over_each_transport():
     # Without http, a GET is a TCP knock like any other (the filter passed it to `port`).
     frame = ip_frame(6, tcp(get(good), 80))
     assert spa.parse_any_frame(frame) == ("198.18.1.2", get(good))
-    # A GET whose path does not end within a knock's length, or that is not a GET.
+    # A GET whose path does not end within a knock's length (the web site's own requests:
+    # not even logged), or that is not a GET.
     assert spa.parse_any_frame(ip_frame(6, tcp(b"GET /" + b"A" * 500, 80)), http) == (None, b"")
+    for path in (b"index.html", b"A" * 139):
+        assert spa.parse_any_frame(ip_frame(6, tcp(get(path) + b"X" * 200, 80)),
+                                   http) == (None, b"")
+    assert spa.parse_any_frame(ip_frame(6, tcp(get(b"A" * 140), 80)), http)[1] == b"A" * 140
     assert spa.parse_any_frame(ip_frame(6, tcp(b"HEAD /" + good + b" HTTP/1.1", 80)),
                            http) == (None, b"")
     assert spa.parse_any_frame(ip_frame(6, b"\0" * 10), http) == (None, b"")   # truncated TCP
@@ -605,3 +610,28 @@ def test_nmap_sees_the_same_host_with_every_transport_enabled(tmp_path, policy):
     # makes nmap try again): only udp would be 2 at most.
     received = int(re.search(r"stats: received (\d+)", text).group(1))
     assert received == 8 if policy == "no host firewall" else received >= 8
+
+
+def test_sighup_changes_the_transports(tmp_path):
+    """A reload that adds icmp (and drops udp) captures anew with the new program: an ICMP
+    knock ignored before opens after; a UDP knock, seen before, is not seen after."""
+    need_lab("nft")
+    with Lab(clients=1, prefix="tp") as lab:
+        lab.tcp_service("srv", "::", SERVICE_PORT)
+        server = start_spa(lab, tmp_path, stanzas={"alice": {"fw_access_timeout": "1"}})
+        mark = server.log.mark()
+        spa_client(lab, Lab.srv4(1), "icmp")
+        time.sleep(0.3)
+        assert closed(lab, Lab.srv4(1)) and "packet from" not in "".join(server.log.lines[mark:])
+        lab_server_config(tmp_path, stanzas={"alice": {"fw_access_timeout": "1"}},
+                          transports="icmp")          # the server's config, rewritten
+        mark = server.log.mark()
+        os.kill(server.pid, 1)
+        wait_for_line(server, r"reloaded ", 3, since=mark)
+        assert "restarts" not in "\n".join(server.log.lines[mark:])
+        spa_client(lab, Lab.srv6(1), "icmp")
+        assert opens(lab, Lab.srv6(1)), server.log.text()
+        mark = server.log.mark()
+        spa_client(lab, Lab.srv4(1), "udp")
+        time.sleep(0.3)
+        assert "packet from" not in "".join(server.log.lines[mark:]) and closed(lab, Lab.srv4(1))

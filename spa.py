@@ -3839,9 +3839,10 @@ class SavedFirewall(object):
 #
 # The knocks are read where the firewall cannot hide them: an AF_PACKET socket per
 # interface, whose classic BPF program (in the kernel, locked) passes only unfragmented
-# UDP to the knock port, addressed to this host, of a length a packet could have.  Nothing
-# binds the port and nothing answers.  Frames are parsed only as far as the addresses and
-# the UDP payload; HostAddresses tells which addresses are this host's.
+# UDP to the knock port, addressed to this host, of a length a packet could have (and,
+# with more [server] transports, TCP data to the knock port, ICMP echo data, HTTP GETs to
+# the web server).  Nothing binds the port and nothing answers.  Frames are parsed only as
+# far as the addresses and the knock; HostAddresses tells which addresses are this host's.
 
 ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
 SO_ATTACH_FILTER, SO_LOCK_FILTER = 26, 44
@@ -3886,7 +3887,7 @@ def _bpf_length_check(lo, hi):
     return [("jge", lo, None, "drop"), ("jgt", hi, "drop", "pass")]
 
 
-def _bpf_v4_sections(protos, port, http_port):
+def _bpf_v4_sections(protos, port):
     """IPv4 sections per protocol: unfragmented, X = header length, then the checks."""
     lo, hi = MIN_WIRE_LEN, MAX_WIRE_LEN
     head = [("ldh", 6), ("jset", 0x3FFF, "drop", None), ("ldxmsh", 0)]
@@ -3914,7 +3915,7 @@ def _bpf_v4_sections(protos, port, http_port):
     return out
 
 
-def _bpf_v6_sections(protos, port, http_port):
+def _bpf_v6_sections(protos, port):
     """IPv6 sections per protocol (the next header must be it: no extension headers)."""
     lo, hi = MIN_WIRE_LEN, MAX_WIRE_LEN
     out = []
@@ -3969,9 +3970,9 @@ def bpf_filter(port, transports=("udp",), http_port=DEFAULT_HTTP_PORT):
 
     prog = [("ld", SKF_AD_PKTTYPE), ("jeq", PACKET_HOST, None, "drop"),
             ("ld", SKF_AD_PROTOCOL), ("jeq", ETH_P_IP, None, "v6")]
-    prog += dispatch(4, 9) + _bpf_v4_sections(protos, port, http_port)
+    prog += dispatch(4, 9) + _bpf_v4_sections(protos, port)
     prog += [("v6:",), ("jeq", ETH_P_IPV6, None, "drop")]
-    prog += dispatch(6, 6) + _bpf_v6_sections(protos, port, http_port)
+    prog += dispatch(6, 6) + _bpf_v6_sections(protos, port)
     prog += [("pass:",), ("ret", 0xFFFF), ("drop:",), ("ret", 0)]
     return bpf_assemble(prog)
 
@@ -5933,9 +5934,11 @@ def check_config_main(args):
 #
 # `spa.py client`: settings from the command line over a config section (spa.py's INI, or
 # fwknop's ~/.fwknoprc read as fwknop reads it), one packet built (build_packet) and sent
-# as one UDP datagram; with --connect, a wait for the port and a relay of stdin and
+# as one UDP datagram (or, -P, in a raw TCP segment or ICMP echo request, which need root,
+# or an HTTP GET: send_knock); with --connect, a wait for the port and a relay of stdin and
 # stdout (ssh's ProxyCommand).  The client trusts its user and config; it also runs on
-# macOS, the BSDs and Windows, so it uses nothing Linux alone has.
+# macOS, the BSDs and Windows, so it uses nothing Linux alone has (but -P tcpraw, whose raw
+# TCP socket the BSDs and Windows refuse, as they refuse fwknop's).
 
 CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip", "fw_timeout",
                   "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",

@@ -5887,8 +5887,8 @@ def check_config_main(args):
             exists = False
         line(exists or optional, "interface %s%s%s" % (interface, " (optional)" if optional else "",
                                                        "" if exists else ": not there now"))
-    print("  knock port udp/%d; protects %s (%s); packets must be within %d s of this clock"
-          % (config.port, format_access(config.protect), config.protect_action,
+    print("  knocks over %s; protects %s (%s); packets must be within %d s of this clock"
+          % (config.transports_text(), format_access(config.protect), config.protect_action,
              config.max_packet_age))
     if config.firewall != "none":
         if os.geteuid() != 0:

@@ -635,3 +635,20 @@ def test_sighup_changes_the_transports(tmp_path):
         spa_client(lab, Lab.srv4(1), "udp")
         time.sleep(0.3)
         assert "packet from" not in "".join(server.log.lines[mark:]) and closed(lab, Lab.srv4(1))
+
+
+def test_fwknoprc_spa_server_proto_is_the_client_s_proto(tmp_path):
+    """SPA_SERVER_PROTO in ~/.fwknoprc is -P: tcpraw, icmp and http are taken; tcp and udpraw
+    stop the client with a line that names them."""
+    sections = spa.read_fwknoprc("rc", "[web1]\nSPA_SERVER_PROTO icmp\n")
+    assert sections["web1"].options["server_proto"] == "icmp" and not sections["web1"].problems
+    for proto, ok in (("http", True), ("tcp", False), ("udpraw", False)):
+        rc = write_private(tmp_path / "rc", "[web1]\nSPA_SERVER 198.18.1.1\nACCESS tcp/22\n"
+                           "KEY_BASE64 %s\nHMAC_KEY_BASE64 %s\nSPA_SERVER_PROTO %s\n"
+                           % (KEY, HMAC_KEY, proto))
+        done = subprocess.run([sys.executable, SPA, "client", "-c", rc, "-n", "web1", "--test"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=30)
+        assert (done.returncode == 0) == ok, done.stderr
+        if not ok:
+            assert "(SPA_SERVER_PROTO) %s: expected udp, tcpraw, icmp, http" % proto in done.stderr

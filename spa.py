@@ -6446,8 +6446,10 @@ def send_raw(proto, wire, info, port, source_port=None):
 
 
 def http_request(wire, host, user_agent=None):
-    """fwknop's HTTP knock: a GET whose path is the knock, '+' as '-' and '/' as '_'."""
+    """fwknop's HTTP knock: a GET whose path is the knock, '+' as '-' and '/' as '_' (the
+    Host header as fwknop writes it, an IPv6 address in brackets as HTTP wants it)."""
     path = wire.translate(bytes.maketrans(b"+/", b"-_")).decode("ascii")
+    host = "[%s]" % host if ":" in host and not host.startswith("[") else host
     return ("GET /%s HTTP/1.1\r\nUser-Agent: %s\r\nAccept: */*\r\nHost: %s\r\n"
             "Connection: close\r\n\r\n" % (path, user_agent or "Fwknop/spa.py-" + VERSION,
                                              host)).encode("ascii")

@@ -305,6 +305,7 @@ def test_client_http_request_is_fwknops(tmp_path):
     assert norm(ours) == norm(theirs) == ["User-Agent", "Accept", "Host", "Connection"]
     assert "User-Agent: Fwknop/2.6.10\r\n" in ours and "Host: 198.18.1.1\r\n" in ours
     assert spa.http_request(b"x", "h").decode().split("\r\n")[1].startswith("User-Agent: Fwknop/")
+    assert "\r\nHost: [2001:db8:1::1]\r\n" in spa.http_request(b"x", "2001:db8:1::1").decode()
 
 
 def test_client_refuses_what_it_does_not_send():

@@ -4058,9 +4058,13 @@ class HttpKnocks(object):
     def forwarded_for(self, data, proxy):
         """The address X-Forwarded-For gives: its last entry that is not a trusted proxy
         (the one the nearest trusted proxy saw).  None (the packet is dropped) if the
-        header names no such valid address; `proxy` itself when there is no header."""
+        header names no such valid address, or if the headers do not end in this segment
+        (the header may be in the next); `proxy` itself when there is no header."""
         import ipaddress
-        head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+        head, end, _ = data.partition(b"\r\n\r\n")
+        if not end:
+            return None
+        head = head.split(b"\r\n")[1:]
         values = [line.split(b":", 1)[1] for line in head
                   if line[:16].lower() == b"x-forwarded-for:"]
         if not values:

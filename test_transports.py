@@ -255,6 +255,10 @@ def test_x_forwarded_for_only_from_the_proxies_configured():
     for bad in (b"X-Forwarded-For: unknown\r\n", b"X-Forwarded-For: 198.18.2.2\r\n"):
         assert spa.parse_any_frame(ip_frame(6, tcp(get(good, bad), 80), "198.18.2.2"),
                                http)[0] is None
+    # Headers that do not end in this segment: X-Forwarded-For may be in the next one.
+    cut = get(good, xff)[:-2]
+    assert spa.parse_any_frame(ip_frame(6, tcp(cut, 80), "198.18.2.2"), http)[0] is None
+    assert spa.parse_any_frame(ip_frame(6, tcp(cut, 80), "198.18.3.2"), http)[0] == "198.18.3.2"
     # A header after the request's end is the body's, not a header.
     body = get(good) + b"X-Forwarded-For: 203.0.113.9\r\n"
     assert spa.parse_any_frame(ip_frame(6, tcp(body, 80), "198.18.2.2"), http)[0] == "198.18.2.2"

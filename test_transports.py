@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -293,7 +294,8 @@ def fwknop_http_request(tmp_path, *extra):
     argv = netns_lab.fwknop_client_argv("198.18.1.1", "tcp/22", KEY, HMAC_KEY, "-P", "http",
                                         "--test", "-v", *extra)
     done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          universal_newlines=True, timeout=30, env=dict(os.environ, HOME=str(tmp_path)))
+                          universal_newlines=True, timeout=30,
+                          env=dict(os.environ, HOME=str(tmp_path)))
     start = done.stdout.index("GET /")
     return done.stdout[start:done.stdout.index("\n\n", start)]
 
@@ -556,10 +558,9 @@ def scan(lab):
             found = test_attack.parse_nmap(lab.run("cli1", argv, timeout=60).stdout)
             for (proto, port), state in found.items():
                 result[(family, what, proto, port)] = state
-            argv = [w for w in test_attack.NMAP if w != "-Pn"] + six + ["-sn", "-PE", "--disable-arp-ping"] + data + \
-                ["-oX", "-", target]
-            status = __import__("xml.etree.ElementTree").etree.ElementTree.fromstring(
-                lab.run("cli1", argv, timeout=60).stdout).find("host/status")
+            argv = [w for w in test_attack.NMAP if w != "-Pn"] + six + \
+                ["-sn", "-PE", "--disable-arp-ping"] + data + ["-oX", "-", target]
+            status = ET.fromstring(lab.run("cli1", argv, timeout=60).stdout).find("host/status")
             result[(family, what, "ping", 0)] = (status.get("state"), status.get("reason"))
         with netns_lab.ns_socket(lab.name("cli1"), socket.AF_INET6 if six else socket.AF_INET) as s:
             s.settimeout(5)

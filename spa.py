@@ -1901,8 +1901,10 @@ RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
 SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
                   "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
                   "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
-                  "nft_include", "gpg_user"}
+                  "nft_include", "gpg_user", "transports", "http_port", "http_proxies"}
 DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
+TRANSPORTS = ("udp", "tcp", "icmp", "http")   # what knocks may come over ([server] transports)
+DEFAULT_HTTP_PORT = 80
 READER_USER = "spa"                   # the packet reader's own system user (see install)
 USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
            "--shell", "/usr/sbin/nologin"]
@@ -1985,6 +1987,7 @@ class ServerConfig(object):
         self.enable_local_nat = parse_bool(get("enable_local_nat", "no"), "enable_local_nat")
         # Openings keyed on the interface the knock came in on, too.
         self.bind_interface = parse_bool(get("bind_interface", "no"), "bind_interface")
+        self._read_transports(get)
         named = self.interfaces + self.optional_interfaces
         if self.bind_interface and ("any" in named or not named):
             raise SpaError("%s: bind_interface = yes needs interface to name the interfaces "
@@ -2034,6 +2037,33 @@ class ServerConfig(object):
         """Remove the private keyring copies (and stop their gpg-agents)."""
         while self.gpg_copies:
             remove_keyring(self.gpg_copies.pop())
+
+    def _read_transports(self, get):
+        """`transports` (udp, tcp, icmp, http), `http_port` and `http_proxies`."""
+        path = self.path
+        names = [word.lower() for word in _comma_list(get("transports", "udp"))]
+        bad = [name for name in names if name not in TRANSPORTS]
+        if bad or not names:
+            raise SpaError("%s: transports = %s: expected one or more of %s" % (
+                path, ", ".join(bad) or "(nothing)", ", ".join(TRANSPORTS)))
+        self.transports = tuple(t for t in TRANSPORTS if t in names)
+        self.http_port = parse_int(get("http_port", str(DEFAULT_HTTP_PORT)), "http_port", 1,
+                                   65535)
+        if "tcp" in names and "http" in names and self.http_port == self.port:
+            raise SpaError("%s: http_port = %d is the knock port: tcp and http need two ports"
+                           % (path, self.http_port))
+        import ipaddress
+        try:       # the proxies whose X-Forwarded-For header is believed: none by default
+            self.http_proxies = [ipaddress.ip_network(word, strict=False)
+                                 for word in _comma_list(get("http_proxies", ""))]
+        except ValueError as e:
+            raise SpaError("%s: http_proxies: %s (expected addresses or networks of the "
+                           "proxies whose X-Forwarded-For is believed)" % (path, e))
+
+    def transports_text(self):
+        """'udp/62201, icmp, http/80': what knocks are read from, for the log."""
+        return ", ".join(name if name == "icmp" else "%s/%d" % (
+            name, self.http_port if name == "http" else self.port) for name in self.transports)
 
     def _read_stanzas(self, parser, access_conf):
         """The [client NAME] stanzas, then those of fwknop's access.conf (if one is named)."""
@@ -4398,9 +4428,10 @@ class SavedFirewall(object):
 #
 # The knocks are read where the firewall cannot hide them: an AF_PACKET socket per
 # interface, whose classic BPF program (in the kernel, locked) passes only unfragmented
-# UDP to the knock port, addressed to this host, of a length a packet could have.  Nothing
-# binds the port and nothing answers.  Frames are parsed only as far as the addresses and
-# the UDP payload; HostAddresses tells which addresses are this host's.
+# UDP to the knock port, addressed to this host, of a length a packet could have (and,
+# with more [server] transports, TCP data to the knock port, ICMP echo data, HTTP GETs to
+# the web server).  Nothing binds the port and nothing answers.  Frames are parsed only as
+# far as the addresses and the knock; HostAddresses tells which addresses are this host's.
 
 ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
 SO_ATTACH_FILTER, SO_LOCK_FILTER = 26, 44
@@ -4413,7 +4444,9 @@ SOL_PACKET, PACKET_STATISTICS = 263, 6
 def bpf_assemble(prog):
     """Classic BPF from (op, k[, jump if true, jump if false]) tuples and ("label:",) marks;
     a jump target is a label or None (the next instruction).  Returns (code, jt, jf, k)s."""
-    codes = {"ld": 0x20, "ldh": 0x28, "ldb": 0x30, "ldxmsh": 0xB1, "ldhx": 0x48,
+    codes = {"ld": 0x20, "ldh": 0x28, "ldb": 0x30, "ldxmsh": 0xB1, "ldwx": 0x40, "ldhx": 0x48,
+             "ldbx": 0x50, "add": 0x04, "sub": 0x14, "and": 0x54, "rsh": 0x74, "addx": 0x0C,
+             "subx": 0x1C, "tax": 0x07, "txa": 0x87,
              "jeq": 0x15, "jgt": 0x25, "jge": 0x35, "jset": 0x45, "ret": 0x06}
     labels, insns = {}, []
     for op in prog:
@@ -4433,28 +4466,104 @@ def bpf_assemble(prog):
     return out
 
 
-def bpf_filter(port, longest=MAX_WIRE_LEN):
-    """A classic BPF program passing only UDP to `port`, IPv4 or IPv6, addressed to this host,
-    unfragmented, with a payload length spa.py could accept.  It runs on cooked
-    (SOCK_DGRAM) frames, where the IP header starts at offset 0, so it works on
-    any link type.  Returns a list of (code, jt, jf, k) with jumps resolved.
+ICMP_ECHO_TYPES = {4: (8, 0), 6: (128, 129)}   # echo request and reply, as fwknop sends either
+HTTP_GET = 0x47455420                          # "GET ", then "/": fwknop's knock over HTTP
+MAX_HTTP_LEN = 2048 - 60 - 60                  # what one recv() holds past the headers
+
+
+def _bpf_length_check(lo, hi):
+    """The end of a section: pass if lo <= A <= hi."""
+    return [("jge", lo, None, "drop"), ("jgt", hi, "drop", "pass")]
+
+
+def _bpf_v4_sections(protos, port, longest):
+    """IPv4 sections per protocol: unfragmented, X = header length, then the checks."""
+    lo, hi = MIN_WIRE_LEN, longest
+    head = [("ldh", 6), ("jset", 0x3FFF, "drop", None), ("ldxmsh", 0)]
+    out = []
+    if 17 in protos:
+        out += [("v4_17:",)] + head + [("ldhx", 2), ("jeq", port, None, "drop"), ("ldhx", 4)] \
+            + _bpf_length_check(lo + 8, hi + 8)
+    if 6 in protos:
+        # X = IP header + TCP header; A = the data's length (total length - X)
+        tcp = [("ldbx", 12), ("and", 0xF0), ("rsh", 2), ("addx", 0), ("tax", 0)]
+        out += [("v4_6:",)] + head + [("ldhx", 2)]
+        out += [("jeq", p, "v4_%s" % name, None) for name, p in protos[6]] + [("ret", 0)]
+        for name, _ in protos[6]:
+            out += [("v4_%s:" % name,)] + tcp
+            if name == "http":
+                out += [("ldwx", 0), ("jeq", HTTP_GET, None, "drop"), ("ldbx", 4),
+                        ("jeq", ord("/"), None, "drop")]
+            out += [("ldh", 2), ("subx", 0)] + _bpf_length_check(
+                *((lo + 5, MAX_HTTP_LEN) if name == "http" else (lo, hi)))
+    if 1 in protos:
+        request, reply = ICMP_ECHO_TYPES[4]
+        out += [("v4_1:",)] + head + [("ldbx", 0), ("jeq", request, "v4_echo", None),
+                                      ("jeq", reply, None, "drop"), ("v4_echo:",),
+                                      ("ldh", 2), ("subx", 0)] + _bpf_length_check(lo + 8, hi + 8)
+    return out
+
+
+def _bpf_v6_sections(protos, port, longest):
+    """IPv6 sections per protocol (the next header must be it: no extension headers)."""
+    lo, hi = MIN_WIRE_LEN, longest
+    out = []
+    if 17 in protos:
+        out += [("v6_17:",), ("ldh", 42), ("jeq", port, None, "drop"), ("ldh", 44)] \
+            + _bpf_length_check(lo + 8, hi + 8)
+    if 6 in protos:
+        out += [("v6_6:",), ("ldh", 42)]
+        out += [("jeq", p, "v6_%s" % name, None) for name, p in protos[6]] + [("ret", 0)]
+        for name, _ in protos[6]:
+            # X = the TCP header's length (+ 40 for the loads); A = the data's length
+            out += [("v6_%s:" % name,), ("ldb", 52), ("and", 0xF0), ("rsh", 2)]
+            if name == "http":
+                out += [("add", 40), ("tax", 0), ("ldwx", 0), ("jeq", HTTP_GET, None, "drop"),
+                        ("ldbx", 4), ("jeq", ord("/"), None, "drop"), ("txa", 0),
+                        ("sub", 40), ("tax", 0)]
+            else:
+                out += [("tax", 0)]
+            out += [("ldh", 4), ("subx", 0)] + _bpf_length_check(
+                *((lo + 5, MAX_HTTP_LEN) if name == "http" else (lo, hi)))
+    if 1 in protos:
+        request, reply = ICMP_ECHO_TYPES[6]
+        out += [("v6_1:",), ("ldb", 40), ("jeq", request, "v6_echo", None),
+                ("jeq", reply, None, "drop"), ("v6_echo:",), ("ldh", 4)] \
+            + _bpf_length_check(lo + 8, hi + 8)
+    return out
+
+
+def bpf_filter(port, transports=("udp",), http_port=DEFAULT_HTTP_PORT, longest=MAX_WIRE_LEN):
+    """A classic BPF program passing only the knocks of the enabled `transports`, IPv4 or
+    IPv6, addressed to this host, unfragmented, with a payload length spa.py could accept:
+    udp: UDP to `port`; tcp: TCP data to `port`; icmp: ICMP/ICMPv6 echo (request or reply)
+    data; http: TCP data to `http_port` that begins "GET /".  It runs on cooked
+    (SOCK_DGRAM) frames, where the IP header starts at offset 0, so it works on any link
+    type.  For udp alone it is the shortest program.  `longest`: the longest payload
+    (MAX_GPG_WIRE_LEN with GnuPG stanzas).  Returns (code, jt, jf, k)s.
     """
-    lo, hi = MIN_WIRE_LEN + 8, longest + 8                # UDP length = payload + 8
-    prog = [
-        ("ld", SKF_AD_PKTTYPE), ("jeq", PACKET_HOST, None, "drop"),
-        ("ld", SKF_AD_PROTOCOL), ("jeq", ETH_P_IP, None, "v6"),
-        ("ldb", 9), ("jeq", 17, None, "drop"),              # IPv4: protocol UDP
-        ("ldh", 6), ("jset", 0x3FFF, "drop", None),         # no fragments
-        ("ldxmsh", 0),                                      # X = IPv4 header length
-        ("ldhx", 2), ("jeq", port, None, "drop"),           # UDP destination port
-        ("ldhx", 4), ("jge", lo, None, "drop"), ("jgt", hi, "drop", "pass"),
-        ("v6:",), ("jeq", ETH_P_IPV6, None, "drop"),
-        ("ldb", 6), ("jeq", 17, None, "drop"),              # IPv6: next header UDP
-        ("ldh", 42), ("jeq", port, None, "drop"),
-        ("ldh", 44), ("jge", lo, None, "drop"), ("jgt", hi, "drop", "pass"),
-        ("pass:",), ("ret", 0xFFFF),
-        ("drop:",), ("ret", 0),
-    ]
+    protos = {}
+    for name in TRANSPORTS:
+        if name in transports:
+            number = {"udp": 17, "tcp": 6, "icmp": 1, "http": 6}[name]
+            protos.setdefault(number, []).append((name, http_port if name == "http" else port))
+    numbers = sorted(protos, key=[17, 6, 1].index)
+    v6_numbers = {17: 17, 6: 6, 1: 58}
+
+    def dispatch(family, offset):
+        out = [("ldb", offset)]
+        for i, number in enumerate(numbers):
+            last = i == len(numbers) - 1
+            out.append(("jeq", number if family == 4 else v6_numbers[number],
+                        "v%d_%d" % (family, number), "drop" if last else None))
+        return out
+
+    prog = [("ld", SKF_AD_PKTTYPE), ("jeq", PACKET_HOST, None, "drop"),
+            ("ld", SKF_AD_PROTOCOL), ("jeq", ETH_P_IP, None, "v6")]
+    prog += dispatch(4, 9) + _bpf_v4_sections(protos, port, longest)
+    prog += [("v6:",), ("jeq", ETH_P_IPV6, None, "drop")]
+    prog += dispatch(6, 6) + _bpf_v6_sections(protos, port, longest)
+    prog += [("pass:",), ("ret", 0xFFFF), ("drop:",), ("ret", 0)]
     return bpf_assemble(prog)
 
 
@@ -4477,9 +4586,10 @@ def attach_filter(sock, program):
         pass
 
 
-def open_capture(interface, port, longest=MAX_WIRE_LEN):
-    """One non-blocking AF_PACKET socket that sees the knocks even when the firewall drops them
-    (payloads up to `longest` characters: MAX_GPG_WIRE_LEN with GnuPG stanzas)."""
+def open_capture(interface, port, transports=("udp",), http_port=DEFAULT_HTTP_PORT,
+                 longest=MAX_WIRE_LEN):
+    """One non-blocking AF_PACKET socket that sees the knocks (over the `transports`, see
+    bpf_filter; payloads up to `longest` characters) even when the firewall drops them."""
     try:
         if interface == "any":
             # Python cannot bind to "all interfaces": leave the socket unbound instead.
@@ -4488,7 +4598,7 @@ def open_capture(interface, port, longest=MAX_WIRE_LEN):
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
     except PermissionError:
         raise SpaError("capture needs root (CAP_NET_RAW): run the server as root")
-    attach_filter(sock, bpf_filter(port, longest))
+    attach_filter(sock, bpf_filter(port, transports, http_port, longest))
     if interface != "any":
         try:
             sock.bind((interface, ETH_P_ALL))
@@ -4511,6 +4621,55 @@ def open_capture(interface, port, longest=MAX_WIRE_LEN):
     return sock
 
 
+class HttpKnocks(object):
+    """Knocks in HTTP GETs to the web server on `port` (fwknop's --server-proto http):
+    the path is the knock, with '-' for '+' and '_' for '/'.  From the addresses in
+    `proxies` (trusted proxies), the X-Forwarded-For header names the knock's source."""
+
+    PATH = bytes.maketrans(b"-_", b"+/")
+
+    def __init__(self, port=DEFAULT_HTTP_PORT, proxies=()):
+        self.port, self.proxies = port, list(proxies)
+
+    def knock(self, data, source):
+        """(source, knock) from the TCP data of a request, or (None, b'') for one whose
+        path cannot be a knock by its length (the web site's own requests, not logged)."""
+        end = data.find(b" ", 5, 6 + MAX_GPG_WIRE_LEN)
+        if not data.startswith(b"GET /") or end < 5 + MIN_WIRE_LEN:
+            return None, b""
+        if self.proxies and self._trusted(source):
+            source = self.forwarded_for(data, source)
+        return source, data[5:end].translate(self.PATH)
+
+    def _trusted(self, address):
+        import ipaddress
+        ip = ipaddress.ip_address(address)
+        return any(ip in net for net in self.proxies)
+
+    def forwarded_for(self, data, proxy):
+        """The address X-Forwarded-For gives: its last entry that is not a trusted proxy
+        (the one the nearest trusted proxy saw).  None (the packet is dropped) if the
+        header names no such valid address, or if the headers do not end in this segment
+        (the header may be in the next); `proxy` itself when there is no header."""
+        import ipaddress
+        head, end, _ = data.partition(b"\r\n\r\n")
+        if not end:
+            return None
+        head = head.split(b"\r\n")[1:]
+        values = [line.split(b":", 1)[1] for line in head
+                  if line[:16].lower() == b"x-forwarded-for:"]
+        if not values:
+            return proxy
+        for word in reversed(b",".join(values).split(b",")):
+            try:
+                address = ipaddress.ip_address(word.strip().decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                return None
+            if not any(address in net for net in self.proxies):
+                return str(address)
+        return None
+
+
 def parse_frame(frame):
     """Source address and UDP payload of an IP frame the BPF filter passed, or (None, b'')."""
     if len(frame) < 28:
@@ -4527,6 +4686,31 @@ def parse_frame(frame):
         return None, b""
     length = struct.unpack_from("!H", frame, udp + 4)[0] if len(frame) >= udp + 8 else 0
     return src, frame[udp + 8:udp + length]
+
+
+def parse_any_frame(frame, http=None):
+    """parse_frame() for servers with transports besides udp: the source and the knock
+    in UDP's payload, TCP's data (a tcp knock, or with `http` (HttpKnocks) a GET to its
+    port) or ICMP's echo data.  The filter passed only the enabled transports."""
+    version = frame[0] >> 4 if frame else 0
+    if version == 4 and len(frame) >= 28:
+        start, proto, end = (frame[0] & 15) * 4, frame[9], struct.unpack_from("!H", frame, 2)[0]
+        src = socket.inet_ntop(socket.AF_INET, frame[12:16])
+    elif version == 6 and len(frame) >= 48:
+        start, proto, end = 40, frame[6], 40 + struct.unpack_from("!H", frame, 4)[0]
+        src = socket.inet_ntop(socket.AF_INET6, frame[8:24])
+    else:
+        return None, b""
+    if proto == 17:
+        return parse_frame(frame)
+    if proto == 6 and len(frame) >= start + 20:
+        data = frame[start + (frame[start + 12] >> 4) * 4:end]
+        if http is not None and struct.unpack_from("!H", frame, start + 2)[0] == http.port:
+            return http.knock(data, src)
+        return src, data
+    if proto in (1, 58):
+        return src, frame[start + 8:end]
+    return None, b""
 
 
 def frame_destination(frame):
@@ -5800,6 +5984,11 @@ class Reader(object):
         self.counts = {"passed": 0, "rejected": 0}
         self.kernel_drops = 0
         self.status = None     # /proc/self/status, opened before the sandbox (start_reader)
+        # The frame parser: for udp alone, the shortest (the flood's path costs no more).
+        transports = getattr(config, "transports", ("udp",))
+        http = HttpKnocks(config.http_port, config.http_proxies) if "http" in transports else None
+        self.parse_frame = parse_frame if transports == ("udp",) else \
+            (lambda frame: parse_any_frame(frame, http))
 
     def name_interfaces(self, sockets):
         """With bind_interface, learn each capture socket's interface (each is bound to
@@ -5883,7 +6072,7 @@ class Reader(object):
                         break
                     except OSError:            # ENETDOWN: the interface went away
                         raise CaptureLost()
-                    source, payload = parse_frame(frame)
+                    source, payload = self.parse_frame(frame)
                     if source is not None:
                         self.handle(payload, source, None, frame, None, interface)
             if parent_fd is not None and hasattr(self.gate, "flush"):
@@ -6218,6 +6407,8 @@ class Supervisor(object):
                 continue
             try:
                 self.captures[interface] = open_capture(interface, self.config.port,
+                                                        self.config.transports,
+                                                        self.config.http_port,
                                                         self.config.longest_wire)
                 opened = True
                 if not first:
@@ -6395,8 +6586,9 @@ class Supervisor(object):
                 firewall.setup()
         except SpaError as e:
             self.log.error("firewall update failed: %s", e)
-        if (config.interfaces, config.optional_interfaces, config.port, config.longest_wire) != \
-                (old.interfaces, old.optional_interfaces, old.port, old.longest_wire):
+        capture = ("interfaces", "optional_interfaces", "port", "transports", "http_port",
+                   "longest_wire")
+        if [getattr(config, name) for name in capture] != [getattr(old, name) for name in capture]:
             self.close_captures()
             self.open_captures()
         self._restart()
@@ -6522,8 +6714,9 @@ def _serve(args, config, firewall, log):
     gate.run_closes()              # the overdue ones a stopped server left
     if not args.test:
         warn_unsaved(config, firewall, log)
-    log.info("listening on %s udp/%d; protecting %s (%s); %d client stanza(s); packets read as "
-             "user %s%s", ",".join(config.interfaces + config.optional_interfaces), config.port,
+    log.info("listening on %s %s; protecting %s (%s); %d client stanza(s); packets read as "
+             "user %s%s", ",".join(config.interfaces + config.optional_interfaces),
+             config.transports_text(),
              format_access(config.protect), config.protect_action, len(config.stanzas),
              supervisor.user or "(unchanged: not root)", "; test mode" if args.test else "")
     if config.user_note and supervisor.user:
@@ -6665,8 +6858,8 @@ def check_config_main(args):
             exists = False
         line(exists or optional, "interface %s%s%s" % (interface, " (optional)" if optional else "",
                                                        "" if exists else ": not there now"))
-    print("  knock port udp/%d; protects %s (%s); packets must be within %d s of this clock"
-          % (config.port, format_access(config.protect), config.protect_action,
+    print("  knocks over %s; protects %s (%s); packets must be within %d s of this clock"
+          % (config.transports_text(), format_access(config.protect), config.protect_action,
              config.max_packet_age))
     if config.firewall != "none":
         if os.geteuid() != 0:
@@ -6719,9 +6912,11 @@ def check_config_main(args):
 #
 # `spa.py client`: settings from the command line over a config section (spa.py's INI, or
 # fwknop's ~/.fwknoprc read as fwknop reads it), one packet built (build_packet) and sent
-# as one UDP datagram; with --connect, a wait for the port and a relay of stdin and
+# as one UDP datagram (or, -P, in a raw TCP segment or ICMP echo request, which need root,
+# or an HTTP GET: send_knock); with --connect, a wait for the port and a relay of stdin and
 # stdout (ssh's ProxyCommand).  The client trusts its user and config; it also runs on
-# macOS, the BSDs and Windows, so it uses nothing Linux alone has.
+# macOS, the BSDs and Windows, so it uses nothing Linux alone has (but -P tcpraw, whose raw
+# TCP socket the BSDs and Windows refuse, as they refuse fwknop's).
 
 CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip", "fw_timeout",
                   "user", "key_base64", "hmac_key_base64", "hmac_digest_type", "encryption_mode",
@@ -6729,7 +6924,7 @@ CLIENT_OPTIONS = {"destination", "server_port", "access", "allow_ip", "source_ip
                   "server_cmd", "ip_version", "digest_type", "source_port", "time_offset",
                   "user_agent", "key_file", "get_key", "get_hmac_key", "use_gpg",
                   "gpg_recipient", "gpg_signer", "gpg_home_dir", "gpg_signing_pw",
-                  "gpg_signing_pw_base64", "gpg_no_signing_pw", "gpg_agent"}
+                  "gpg_signing_pw_base64", "gpg_no_signing_pw", "gpg_agent", "server_proto"}
 
 # ~/.fwknoprc variable -> our option name; the values carry over as they are.
 FWKNOPRC_NAMES = {
@@ -6740,7 +6935,7 @@ FWKNOPRC_NAMES = {
     "ENCRYPTION_MODE": "encryption_mode", "RESOLVE_URL": "resolve_url",
     "NAT_ACCESS": "nat_access", "NAT_PORT": "nat_port", "DIGEST_TYPE": "digest_type",
     "SPA_SOURCE_PORT": "source_port", "TIME_OFFSET": "time_offset",
-    "HTTP_USER_AGENT": "user_agent", "KEY_FILE": "get_key", "HMAC_KEY_FILE": "get_hmac_key",
+    "HTTP_USER_AGENT": "user_agent", "SPA_SERVER_PROTO": "server_proto", "KEY_FILE": "get_key", "HMAC_KEY_FILE": "get_hmac_key",
     "GPG_RECIPIENT": "gpg_recipient", "GPG_SIGNER": "gpg_signer",
     "GPG_HOMEDIR": "gpg_home_dir", "GPG_SIGNING_PW": "gpg_signing_pw",
     "GPG_SIGNING_PW_BASE64": "gpg_signing_pw_base64",
@@ -6757,14 +6952,16 @@ FWKNOPRC_HARMLESS = {"USE_HMAC", "VERBOSE", "WGET_CMD", "NO_SAVE_ARGS", "USE_WGE
 # yes/no variables that ask with Y for what spa.py's client does not do.
 FWKNOPRC_UNSUPPORTED_FLAGS = {"RAND_PORT", "NAT_RAND_PORT"}
 # Every other variable fwknop knows, which spa.py's client does not do.
-FWKNOPRC_UNSUPPORTED = {"GPG_EXE", "SPOOF_SOURCE_IP", "SPA_SERVER_PROTO"}
+FWKNOPRC_UNSUPPORTED = {"GPG_EXE", "SPOOF_SOURCE_IP"}
 # fwknop client options that spa.py's client does not have, and why.  Refused by name
 # (refuse_fwknop_only_options): their values are never shown, some are keys.
 FWKNOP_ONLY_OPTIONS = dict(
     [("--gpg-exe", "it runs the gpg on PATH")] +
     [(o, "it sends from its own address only") for o in ("-Q", "--spoof-source", "--spoof-src")] +
-    [(o, "it sends one UDP datagram to one port") for o in (
-        "-r", "--rand-port", "-H", "--http-proxy", "--icmp-type", "--icmp-code")] +
+    [(o, "it knocks on one port") for o in ("-r", "--rand-port")] +
+    [(o, "it knocks over HTTP straight to the server (-P http)") for o in (
+        "-H", "--http-proxy")] +
+    [(o, "-P icmp sends an echo request") for o in ("--icmp-type", "--icmp-code")] +
     [("--nat-rand-port", "give the port with --nat-port")] +
     [(o, "make keys with 'spa.py keygen'") for o in (
         "-k", "--key-gen", "-K", "--key-gen-file", "--key-len", "--hmac-key-len",
@@ -6855,12 +7052,10 @@ def read_fwknoprc(path, text):
                 current.options["allow"] = "ALLOW_IP resolve in %s" % where
             else:
                 current.options["allow_ip"] = value
-        elif var == "SPA_SERVER_PROTO" and value.lower() == "udp" or var in FWKNOPRC_HARMLESS \
-                or var in FWKNOPRC_UNSUPPORTED_FLAGS and value.upper() != "Y":
+        elif var in FWKNOPRC_HARMLESS or var in FWKNOPRC_UNSUPPORTED_FLAGS and value.upper() != "Y":
             pass
         elif var in FWKNOPRC_UNSUPPORTED or var in FWKNOPRC_UNSUPPORTED_FLAGS:
-            current.problems.append("%s: %s is not supported by spa.py's client%s" % (
-                where, var, " (it sends over UDP only)" if var == "SPA_SERVER_PROTO" else ""))
+            current.problems.append("%s: %s is not supported by spa.py's client" % (where, var))
         else:
             current.problems.append("%s line %d: %s is not a variable fwknop knows"
                                     % (where, number, var))
@@ -7431,6 +7626,88 @@ def send_packet(wire, host, port, version=None, source_port=None):
     return address[0], others
 
 
+SERVER_PROTOS = ("udp", "tcpraw", "icmp", "http")     # -P: fwknop's names for the transports
+
+
+def inet_checksum(data):
+    """The Internet checksum (RFC 1071) of `data`."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _raw_segment(proto, wire, family, source, destination, port, source_port):
+    """A TCP segment (SYN carrying the knock, as fwknop's tcpraw sends it) or an ICMP
+    echo request carrying it, checksum filled in (ICMPv6's the kernel fills in)."""
+    import random
+    if proto == "icmp":
+        kind = 8 if family == socket.AF_INET else 128
+        head = struct.pack("!BBHHH", kind, 0, 0, random.randrange(1 << 16), 1)
+        if family == socket.AF_INET:
+            head = head[:2] + struct.pack("!H", inet_checksum(head + wire)) + head[4:]
+        return head + wire
+    head = struct.pack("!HHIIBBHHH", source_port or random.randrange(32768, 61000), port,
+                       random.randrange(1 << 32), 0, 5 << 4, 0x02, 64240, 0, 0)
+    segment = head + wire
+    packed = socket.inet_pton(family, source) + socket.inet_pton(family, destination)
+    pseudo = packed + (struct.pack("!BBH", 0, 6, len(segment)) if family == socket.AF_INET
+                       else struct.pack("!IxxxB", len(segment), 6))
+    return head[:16] + struct.pack("!H", inet_checksum(pseudo + segment)) + head[18:] + wire
+
+
+def send_raw(proto, wire, info, port, source_port=None):
+    """Send the knock in one raw TCP segment (tcpraw) or ICMP echo request (icmp) to the
+    address in getaddrinfo() entry `info`: root only, as with fwknop."""
+    family, address = info[0], info[4]
+    number = 6 if proto == "tcpraw" else (1 if family == socket.AF_INET else 58)
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:     # our address on that route
+        probe.connect(address)
+        source = probe.getsockname()[0]
+    try:
+        sock = socket.socket(family, socket.SOCK_RAW, number)
+    except PermissionError:
+        raise SpaError("-P %s sends a raw packet: run the client as root (as with fwknop), "
+                       "or knock over udp or http" % proto)
+    with sock:
+        segment = _raw_segment("icmp" if proto == "icmp" else "tcp", wire, family,
+                               source.split("%")[0], address[0].split("%")[0], port, source_port)
+        sock.sendto(segment, (address[0], 0) + tuple(address[2:]))
+
+
+def http_request(wire, host, user_agent=None):
+    """fwknop's HTTP knock: a GET whose path is the knock, '+' as '-' and '/' as '_' (the
+    Host header as fwknop writes it, an IPv6 address in brackets as HTTP wants it)."""
+    path = wire.translate(bytes.maketrans(b"+/", b"-_")).decode("ascii")
+    host = "[%s]" % host if ":" in host and not host.startswith("[") else host
+    return ("GET /%s HTTP/1.1\r\nUser-Agent: %s\r\nAccept: */*\r\nHost: %s\r\n"
+            "Connection: close\r\n\r\n" % (path, user_agent or "Fwknop/spa.py-" + VERSION,
+                                             host)).encode("ascii")
+
+
+def send_knock(wire, host, port, version=None, source_port=None, proto="udp", user_agent=None):
+    """Send the knock over `proto` (SERVER_PROTOS) to the first of `host`'s addresses
+    (IPv4 first): one UDP datagram, one raw TCP segment, one ICMP echo request, or an
+    HTTP GET to the web server on `port`.  Returns (the address knocked, the addresses of
+    the other family) for -v."""
+    if proto == "udp":
+        return send_packet(wire, host, port, version, source_port)
+    infos = addresses(host, port, socket.SOCK_STREAM, version)
+    info = infos[0]
+    try:
+        if proto == "http":
+            with socket.create_connection(info[4][:2], timeout=10) as sock:
+                sock.sendall(http_request(wire, host, user_agent))
+        else:
+            send_raw(proto, wire, info, port, source_port)
+    except OSError as e:
+        raise SpaError("cannot send to %s port %d (-P %s): %s" % (
+            info[4][0], port, proto, e.strerror or e))
+    return info[4][0], sorted(set(i[4][0] for i in infos if i[0] != info[0]))
+
+
 def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, prefer=None,
                       asked=None):
     """Connect to host:port, retrying until the knock has opened it; re-knock once halfway.
@@ -7564,11 +7841,13 @@ def client_main(args):
     --connect, wait for the port and relay stdin and stdout to it, knocking once more
     halfway if it has not opened."""
     opts = client_settings(args)
-    if args.server_proto and args.server_proto.lower() != "udp":
-        raise SpaError("-P/--server-proto %s: spa.py's client sends over UDP only"
-                       % args.server_proto)
+    proto = (opts.get("server_proto") or "udp").lower()
+    if proto not in SERVER_PROTOS:
+        raise SpaError("-P/--server-proto (SPA_SERVER_PROTO) %s: expected %s (spa.py's client "
+                       "has no tcp or udpraw)" % (proto, ", ".join(SERVER_PROTOS)))
     connect = split_host_port(args.connect) if args.connect else None
-    port = parse_int(str(opts.get("server_port") or DEFAULT_PORT), "server_port", 1, 65535)
+    port = parse_int(str(opts.get("server_port") or (
+        DEFAULT_HTTP_PORT if proto == "http" else DEFAULT_PORT)), "server_port", 1, 65535)
     source_port = parse_int(str(opts["source_port"]), "source_port", 1, 65535) \
         if opts.get("source_port") else None
     version = opts.get("ip_version")
@@ -7584,10 +7863,11 @@ def client_main(args):
         if args.test:
             print(wire.decode())
             return
-        address, others = send_packet(wire, opts["destination"], port, version, source_port)
+        address, others = send_knock(wire, opts["destination"], port, version, source_port,
+                                     proto, opts.get("user_agent"))
         knocked.append(address)
         if args.verbose:
-            print("sent %d bytes to %s udp/%d%s" % (len(wire), address, port, (
+            print("sent %d bytes to %s %s/%d%s" % (len(wire), address, proto, port, (
                 " (%s also has %s: -6 knocks there; IPv4 goes first, as with fwknop)"
                 % (opts["destination"], ", ".join(others))) if others else ""), file=sys.stderr)
 
@@ -8418,7 +8698,8 @@ def _client_request_options(c):
     """The client's options: where to knock, and what to ask for."""
     c.add_argument("-D", "--destination", metavar="HOST", help="the server: name, IPv4 or IPv6")
     c.add_argument("-p", "--server-port", dest="server_port", metavar="PORT",
-                   help="UDP port of the server (default %d)" % DEFAULT_PORT)
+                   help="the server's knock port (default %d; -P http: the web server's, "
+                   "default 80)" % DEFAULT_PORT)
     c.add_argument("-A", "--access", metavar="PORTS", help="ports to open, e.g. tcp/22,udp/53")
     c.add_argument("-a", "--allow-ip", dest="allow_ip", metavar="IP",
                    help="open for this IPv4 address instead of the packet's source")
@@ -8490,14 +8771,19 @@ def _client_packet_options(c):
     c.add_argument("--gpg-agent", dest="gpg_agent", action="store_const", const="yes",
                    help="GnuPG: let gpg-agent ask for the signing key's passphrase (without "
                    "it: gpg_signing_pw in the config section, else a prompt)")
+    c.add_argument("-P", "--server-proto", dest="server_proto", metavar="PROTO",
+                   help="how the knock travels: udp (default), tcpraw (one TCP segment to "
+                   "the port), icmp (an ICMP echo request), http (a GET to the web server "
+                   "on the port, default 80); tcpraw and icmp need root, as with fwknop; "
+                   "the server must list it in transports")
     c.add_argument("-S", "--source-port", dest="source_port", metavar="PORT",
-                   help="send the knock from this UDP port")
+                   help="send the knock from this port (udp, tcpraw)")
     c.add_argument("--time-offset-plus", dest="time_offset_plus", metavar="TIME",
                    help="add TIME (90sec, 5min, 2hours, 1day) to the packet's timestamp")
     c.add_argument("--time-offset-minus", dest="time_offset_minus", metavar="TIME",
                    help="take TIME from the packet's timestamp (a server's clock behind yours)")
     c.add_argument("-u", "--user-agent", dest="user_agent", metavar="TEXT",
-                   help="the User-Agent of -R's request")
+                   help="the User-Agent of -R's request and of -P http's knock")
 
 
 def _client_run_options(c):
@@ -8522,8 +8808,7 @@ def _client_run_options(c):
                    help="print the packet's fields and the address knocked")
     c.add_argument("-V", "--version", action="version", version="spa.py " + VERSION)
     # fwknop's options that change nothing here: spa.py always uses an HMAC, saves no
-    # command lines and runs no wget; the protocol is UDP (-P udp) or refused.
-    c.add_argument("-P", "--server-proto", dest="server_proto", help=hidden)
+    # command lines and runs no wget.
     for name in ("--use-hmac", "--no-save-args", "--no-home-dir", "--use-wget-user-agent"):
         c.add_argument(name, dest="ignored", action="store_true", help=hidden)
     c.add_argument("-w", "--wget-cmd", dest="ignored", help=hidden)

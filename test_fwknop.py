@@ -395,7 +395,7 @@ def test_fwknop_options_spa_py_does_not_have_are_named_without_their_values(tmp_
         assert_no_key(done.stderr)
     done = run_spa("client", "-D", "198.18.0.1", "-A", "tcp/22", "--key-base64", KEY,
                    "--hmac-key-base64", HMAC_KEY, "-P", "tcp", "--test")
-    assert done.returncode == 1 and "UDP only" in done.stderr
+    assert done.returncode == 1 and "has no tcp or udpraw" in done.stderr
 
 
 # --- no error echoes a key --------------------------------------------------------------------

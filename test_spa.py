@@ -2400,7 +2400,7 @@ def test_client_reads_the_rc_file_fwknop_writes(tmp_path):
 @pytest.mark.parametrize("line,message", [
     ("RAND_PORT Y", "RAND_PORT is not supported"),
     ("GPG_EXE /usr/bin/gpg", "GPG_EXE is not supported"),
-    ("SPA_SERVER_PROTO tcp", "UDP only"),
+    ("SPA_SERVER_PROTO tcp", "has no tcp or udpraw"),
 ])
 def test_client_names_what_it_cannot_honour_in_fwknoprc(tmp_path, line, message):
     rc = write_private(tmp_path / "rc", "[default]\nKEY_BASE64 %s\nHMAC_KEY_BASE64 %s\n"

@@ -441,13 +441,15 @@ def test_keygen_prints_gnupg_sections_that_work(keys, tmp_path, served):
 
 
 def test_check_config_checks_gnupg_stanzas(keys, tmp_path):
-    conf = write_config(tmp_path / "spa.conf", {"alice": stanza(keys)}, firewall="none")
+    conf = write_config(tmp_path / "spa.conf", {"alice": stanza(keys)}, firewall="nft",
+                        saved_firewall="none")
     done = run_spa("check-config", "-c", conf)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok    gpg runs as user %s on private copies of 1 keyring(s)" % gpg_user() in done.stdout
     assert "GnuPG, signed by %s" % keys.client_fpr in done.stdout
     conf = write_config(tmp_path / "spa.conf", {"alice": stanza(
-        keys, gpg_fingerprint_id=keys.client_fpr[:-1] + "0")}, firewall="none")
+        keys, gpg_fingerprint_id=keys.client_fpr[:-1] + "0")}, firewall="nft",
+        saved_firewall="none")
     done = run_spa("check-config", "-c", conf)
     assert done.returncode == 1 and "FAIL  [client alice]: GnuPG: no key" in done.stdout
 

@@ -158,7 +158,7 @@ def test_each_program_passes_what_its_transports_need(family):
         ip_frame(6, tcp(good, dport=PORT + 1), source, dest),          # another port
         ip_frame(6, tcp(get(good), 81), source, dest),                 # not the web port
         ip_frame(6, tcp(b"POST /" + good, 80), source, dest),          # not a GET
-        ip_frame(6, tcp(b"GET " + good, 80), source, dest),            # not "GET /"
+        ip_frame(6, tcp(b"GET A" + good, 80), source, dest),           # not "GET /"
         ip_frame(6, tcp(b"A" * 139), source, dest),                    # too short
         ip_frame(6, tcp(b"A" * 400), source, dest),                    # too long
         ip_frame(6, tcp(b""), source, dest),                           # a bare SYN

@@ -3819,6 +3819,22 @@ SKF_AD_PROTOCOL = 0xFFFFF000          # SKF_AD_OFF + 0: the frame's ethertype
 SKF_AD_PKTTYPE = 0xFFFFF004           # SKF_AD_OFF + 4: PACKET_HOST, _OUTGOING, ...
 PACKET_HOST = 0
 SOL_PACKET, PACKET_STATISTICS = 263, 6
+# The receive ring (PACKET_MMAP, TPACKET_V2): the kernel writes each frame the filter
+# passes into a ring of fixed-size frames that the packet reader maps and reads in
+# batches, with no system call per packet.  A frame: a 32-byte tpacket2_hdr (status,
+# length, captured length, offsets), the link address, then the IP packet at tp_net (80:
+# TPACKET_ALIGN(52) + 16 on a cooked socket).  RING_FRAME holds the longest frame the
+# filter passes (60 bytes of IPv4 header, 8 of UDP, MAX_WIRE_LEN); a longer one would be
+# cut short, and the reader refuses what was cut.  The ring is RING_BYTES of kernel
+# memory, mapped into the reader whole: it counts in its PSS from the start (README.md,
+# Performance), and holds RING_FRAMES frames when the reader falls behind.
+PACKET_RX_RING, PACKET_VERSION, TPACKET_V2 = 5, 10, 1
+TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
+SO_RCVBUFFORCE = 33
+RING_FRAME = (80 + 60 + 8 + MAX_WIRE_LEN + 15) & ~15
+RING_BLOCK = max(mmap.PAGESIZE, 4096)
+RING_BYTES = 2 << 20
+RING_FRAMES = (RING_BYTES // RING_BLOCK) * (RING_BLOCK // RING_FRAME)
 
 
 def bpf_assemble(prog):
@@ -3888,8 +3904,33 @@ def attach_filter(sock, program):
         pass
 
 
+class InterfaceDown(SpaError):
+    """The interface to capture on is there but down: the server waits for it to come up."""
+
+
+def _capture_buffer(sock):
+    """The receive ring (see RING_BYTES) on a capture socket, set before it is bound; where
+    the kernel has none, a socket buffer of 32 MiB instead, room for ~30,000 knocks (memory
+    only when full).  Returns whether the ring is there."""
+    try:
+        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+        sock.setsockopt(SOL_PACKET, PACKET_RX_RING, struct.pack(
+            "IIII", RING_BLOCK, RING_BYTES // RING_BLOCK, RING_FRAME, RING_FRAMES))
+        return True
+    except OSError:
+        pass
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+    except OSError:
+        pass
+    return False
+
+
 def open_capture(interface, port):
-    """One non-blocking AF_PACKET socket that sees the knocks even when the firewall drops them."""
+    """One non-blocking AF_PACKET socket that sees the knocks even when the firewall drops
+    them, with its receive ring.  InterfaceDown if `interface` is down: a socket bound to
+    it would report ENETDOWN at once (and its reader would end, again and again)."""
+    import errno
     try:
         if interface == "any":
             # Python cannot bind to "all interfaces": leave the socket unbound instead.
@@ -3899,18 +3940,16 @@ def open_capture(interface, port):
     except PermissionError:
         raise SpaError("capture needs root (CAP_NET_RAW): run the server as root")
     attach_filter(sock, bpf_filter(port))
+    _capture_buffer(sock)
     if interface != "any":
         try:
             sock.bind((interface, ETH_P_ALL))
         except OSError as e:
             sock.close()
             raise SpaError("cannot capture on interface %r: %s" % (interface, e.strerror))
-    try:
-        # SO_RCVBUFFORCE: room for ~30,000 knocks, so a burst of valid ones (each costs a
-        # decryption) waits in the queue instead of being dropped; memory only when full.
-        sock.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)
-    except OSError:
-        pass
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ENETDOWN:
+            sock.close()
+            raise InterfaceDown("cannot capture on interface %r: it is down" % interface)
     sock.setblocking(False)
     # Frames queued before the filter was attached (unbound socket) are dropped here.
     while interface == "any":
@@ -3919,6 +3958,46 @@ def open_capture(interface, port):
         except BlockingIOError:
             break
     return sock
+
+
+class Ring(object):
+    """A capture socket's receive ring (see RING_BYTES), mapped into this process: frames
+    are read in the ring's order from `next`, each handed back to the kernel (its status
+    set to TP_STATUS_KERNEL) once read.  Map it before the sandbox: Python's mmap
+    duplicates the descriptor, which the sandbox refuses."""
+
+    HEADER = struct.Struct("=III2xH")       # tp_status, tp_len, tp_snaplen, (tp_mac), tp_net
+
+    def __init__(self, sock):
+        self.map = mmap.mmap(sock.fileno(), RING_BYTES)
+        per_block = RING_BLOCK // RING_FRAME
+        self.offsets = [block * RING_BLOCK + i * RING_FRAME
+                        for block in range(RING_BYTES // RING_BLOCK) for i in range(per_block)]
+        self.next = 0
+
+    @classmethod
+    def of(cls, sock):
+        """The ring of `sock` mapped, or None where it has none (a socket the parent did
+        not give one: the kernel refuses the mapping)."""
+        try:
+            return cls(sock)
+        except (OSError, ValueError):
+            return None
+
+    def find(self):
+        """After a miss at `next` (a new reader of a ring another one read before, where
+        the kernel writes elsewhere): move `next` to the first frame ready after it;
+        False if none is."""
+        count, status = len(self.offsets), self.map
+        for step in range(1, count):
+            i = (self.next + step) % count
+            if struct.unpack_from("=I", status, self.offsets[i])[0] & TP_STATUS_USER:
+                self.next = i
+                return True
+        return False
+
+    def close(self):
+        self.map.close()
 
 
 def parse_frame(frame):
@@ -4909,6 +4988,16 @@ class Reader(object):
         self.counts = {"passed": 0, "rejected": 0}
         self.kernel_drops = 0
         self.status = None     # /proc/self/status, opened before the sandbox (start_reader)
+        self.rings = None      # capture socket's fd -> its Ring, mapped before the sandbox
+
+    def map_rings(self, sockets):
+        """Map the receive ring of each capture socket that has one (before the sandbox);
+        the others are read with recv()."""
+        self.rings = {}
+        for sock in sockets:
+            ring = Ring.of(sock)
+            if ring is not None:
+                self.rings[sock.fileno()] = ring
 
     def name_interfaces(self, sockets):
         """With bind_interface, learn each capture socket's interface (each is bound to
@@ -4940,6 +5029,49 @@ class Reader(object):
             destination = frame_destination(frame)
         return self.gate.knock(source, destination, payload, now, interface)
 
+    def refuse_cut(self, length):
+        """A frame the ring cut short (longer than any knock): refused whole."""
+        self.counts["rejected"] += 1
+        if self.limiter.allow():
+            self.log.info("rejected packet: a frame of %d bytes, longer than any knock (the "
+                          "capture ring keeps %d)", length, RING_FRAME - 80)
+
+    def read_ring(self, ring, interface, batch=256):
+        """Handle the frames ready in `ring`, up to `batch`, each handed back to the kernel
+        once parsed: the flood's path, with no system call."""
+        view, offsets, header, handle = ring.map, ring.offsets, Ring.HEADER.unpack_from, self.handle
+        i, count = ring.next, len(offsets)
+        if not header(view, offsets[i])[0] & TP_STATUS_USER and not ring.find():
+            return
+        i = ring.next
+        for _ in range(batch):
+            at = offsets[i]
+            status, length, kept, net = header(view, at)
+            if not status & TP_STATUS_USER:
+                break
+            frame = view[at + net:at + net + kept]
+            view[at:at + 4] = b"\0\0\0\0"               # TP_STATUS_KERNEL: the kernel's again
+            i = ring.next = i + 1 if i + 1 < count else 0
+            if kept != length:
+                self.refuse_cut(length)
+                continue
+            source, payload = parse_frame(frame)
+            if source is not None:
+                handle(payload, source, None, frame, None, interface)
+
+    def read_socket(self, sock, interface, batch=64):
+        """Handle the frames waiting in a capture socket without a ring, up to `batch`."""
+        for _ in range(batch):
+            try:
+                frame = sock.recv(2048)
+            except BlockingIOError:
+                return
+            except OSError:            # ENETDOWN: the interface went down or away
+                raise CaptureLost()
+            source, payload = parse_frame(frame)
+            if source is not None:
+                self.handle(payload, source, None, frame, None, interface)
+
     def stats(self):
         """One line of counters for the log (SIGUSR1, and at exit); benchmarks parse it."""
         for sock in self.sockets:
@@ -4966,6 +5098,9 @@ class Reader(object):
         poller = select.epoll() if poller is None else poller
         if not self.names:
             self.name_interfaces(sockets)
+        if self.rings is None:
+            self.map_rings(sockets)
+        rings = self.rings
         by_fd = {}
         for sock in sockets:
             poller.register(sock, select.EPOLLIN)
@@ -4984,17 +5119,12 @@ class Reader(object):
                     return
                 if event & (select.EPOLLERR | select.EPOLLHUP):
                     raise CaptureLost()
-                interface = self.names.get(fd)
-                for _ in range(64):            # a batch, then let the other sockets in
-                    try:
-                        frame = sock.recv(2048)
-                    except BlockingIOError:
-                        break
-                    except OSError:            # ENETDOWN: the interface went away
-                        raise CaptureLost()
-                    source, payload = parse_frame(frame)
-                    if source is not None:
-                        self.handle(payload, source, None, frame, None, interface)
+                # A batch from each socket in turn, so one flooded interface cannot
+                # starve the others.
+                if fd in rings:
+                    self.read_ring(rings[fd], self.names.get(fd))
+                else:
+                    self.read_socket(sock, self.names.get(fd))
             if parent_fd is not None and hasattr(self.gate, "flush"):
                 still = not self.gate.flush()
                 if still != waiting:
@@ -5073,6 +5203,7 @@ def _confined_reader(config, sockets, seen, log, user, pipes):
     # line reads, and the epoll it waits in.
     reader.status = os.open("/proc/self/status", os.O_RDONLY)
     reader.name_interfaces(sockets)
+    reader.map_rings(sockets)
     poller = select.epoll()
     confine_reader(pipes, (reader.status,), log)
     return reader, poller
@@ -5318,8 +5449,9 @@ class Supervisor(object):
     def open_captures(self, first=False):
         """Open capture sockets for every configured interface not captured yet.
 
-        A missing interface is an error at start unless it is listed as optional;
-        later (a link that went away) it is retried every second.
+        A missing interface is an error at start unless it is listed as optional; one
+        that is down is waited for; later (a link that went away or down) it is retried
+        every second.
         """
         opened = False
         for interface in self.config.interfaces + self.config.optional_interfaces:
@@ -5331,7 +5463,8 @@ class Supervisor(object):
                 if not first:
                     self.log.info("capturing on %s again", interface)
             except SpaError as e:
-                if first and interface in self.config.interfaces:
+                if first and interface in self.config.interfaces and \
+                        not isinstance(e, InterfaceDown):
                     raise
                 if first or interface not in self.waiting:
                     self.log.warning("%s: waiting for it to come back", e)

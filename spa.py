@@ -6339,6 +6339,20 @@ def send_packet(wire, host, port, version=None, source_port=None):
     return address[0], others
 
 
+REPEAT_GAP = 0.02          # seconds between the copies of --repeat
+
+
+def send_copies(wire, host, port, version=None, source_port=None, copies=1):
+    """send_packet() `copies` times, REPEAT_GAP apart: a server that drops packets under
+    a flood (README.md, Performance) loses each copy independently; it acts on the first
+    that arrives and refuses the others as replays."""
+    for i in range(copies):
+        if i:
+            time.sleep(REPEAT_GAP)
+        sent = send_packet(wire, host, port, version, source_port)
+    return sent
+
+
 def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, prefer=None,
                       asked=None):
     """Connect to host:port, retrying until the knock has opened it; re-knock once halfway.
@@ -6482,6 +6496,8 @@ def client_main(args):
     source_port = parse_int(str(opts["source_port"]), "source_port", 1, 65535) \
         if opts.get("source_port") else None
     version = opts.get("ip_version")
+    if not 1 <= args.repeat <= 100:
+        raise SpaError("--repeat %d: send the packet 1 to 100 times" % args.repeat)
     knocked = []
 
     asked = []          # the ports the knock asks for, which --connect should be among
@@ -6494,10 +6510,12 @@ def client_main(args):
         if args.test:
             print(wire.decode())
             return
-        address, others = send_packet(wire, opts["destination"], port, version, source_port)
+        address, others = send_copies(wire, opts["destination"], port, version, source_port,
+                                      args.repeat)
         knocked.append(address)
         if args.verbose:
-            print("sent %d bytes to %s udp/%d%s" % (len(wire), address, port, (
+            print("sent %d bytes to %s udp/%d%s%s" % (
+                len(wire), address, port, " %d times" % args.repeat if args.repeat > 1 else "", (
                 " (%s also has %s: -6 knocks there; IPv4 goes first, as with fwknop)"
                 % (opts["destination"], ", ".join(others))) if others else ""), file=sys.stderr)
 
@@ -7342,6 +7360,10 @@ def _client_run_options(c):
                    "stdin/stdout to it (for ssh's ProxyCommand)")
     c.add_argument("--connect-wait", dest="connect_wait", type=float, default=10.0,
                    metavar="SECONDS", help="how long --connect waits for the port (default 10)")
+    c.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="send the packet N times, %d ms apart, for a server under a flood that "
+                   "loses packets (the server opens once; it refuses the copies as replays)"
+                   % (1000 * REPEAT_GAP))
     c.add_argument("-T", "--test", action="store_true",
                    help="print the packet instead of sending it")
     c.add_argument("-v", "--verbose", action="store_true",

@@ -628,7 +628,15 @@ class FloodSender(object):
                 os.killpg(proc.pid, signal.SIGINT)     # trafgen: stop, bounded by seconds
                 proc.wait(10)
         elapsed = time.monotonic() - self.t0
-        sent = self.tx() - self.tx0
+        # What the senders say they sent (the interface's counter counts the probes too).
+        sent = 0
+        for proc in self.procs:
+            proc.log.wait_eof(2.0)
+            text = "\n".join(proc.log.lines)
+            if self.tool == "trafgen":
+                sent += sum(int(n) for n in re.findall(r"(\d+) packets outgoing", text))
+            else:
+                sent += sum(json.loads(m)["sent"] for m in re.findall(r"flood-done (.*)", text))
         return {"sent": sent, "elapsed": elapsed, "rate": sent / elapsed if elapsed > 0 else 0.0,
                 "tool": self.tool, "processes": len(self.procs)}
 
@@ -734,7 +742,10 @@ class CpuLimit(object):
             f.write(text)
 
     def wrap(self, argv):
-        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', self.procs] + list(argv)
+        # Through this process's root: `ip netns exec` mounts a /sys of its own, without
+        # the cgroup hierarchies.
+        procs = "/proc/%d/root%s" % (os.getpid(), self.procs)
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs] + list(argv)
 
     def close(self):
         for _ in range(200):
@@ -994,9 +1005,6 @@ def run_flood(lab, server, cfg, rate, seconds, knocks=(), repeat=1):
     d["sender"] = sent
     d["offered_pps"] = rate or None
     d["repeat"] = repeat
-    seen = (d["handled"] or 0) + (d["kernel_drops"] or 0)
-    d["drop_pct"] = 100.0 * d["kernel_drops"] / seen if seen and d["kernel_drops"] is not None \
-        else None
     d["cpu_us_per_packet"] = d["cpu_s"] / d["handled"] * 1e6 if d["handled"] else None
     busy = max(t_moved - t_start, sent["elapsed"])
     d["handled_pps"] = d["handled"] / busy if busy > 0 else None
@@ -1005,6 +1013,9 @@ def run_flood(lab, server, cfg, rate, seconds, knocks=(), repeat=1):
         # arrive too: an estimate, a little high at the lowest rates).
         d["kernel_drops_estimated"] = True
         d["kernel_drops"] = max(0, d["arrived"] - d["handled"])
+    seen = (d["handled"] or 0) + (d["kernel_drops"] or 0)
+    d["drop_pct"] = 100.0 * d["kernel_drops"] / seen if seen and d["kernel_drops"] is not None \
+        else None
     if knocks:
         opened = [r for r in probe_result if r is not None]
         d["knocks"] = len(probe_result)

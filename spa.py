@@ -1678,7 +1678,8 @@ class ReplayCache(object):
         for digest, packet_time in digests:
             stamp = min(max(int(packet_time), now - self.max_age), now + self.max_age)
             self.entries[digest] = _u32(max(stamp, now))
-            lines.append("%s %d %d\n" % (_replay_key(_replay_digest(digest)), stamp, now))
+            if self.path is not None:       # (the packet reader's copy writes no file)
+                lines.append("%s %d %d\n" % (_replay_key(_replay_digest(digest)), stamp, now))
         if self.path is None or not digests:
             return True
         if self.fd is None:
@@ -4931,9 +4932,10 @@ class GatePipe(object):
             pass
 
     def knock(self, source, destination, wire, now=None, interface=None):
-        """Pass one packet on to the parent (Reader.handle calls it)."""
+        """Pass one packet on to the parent (Reader.handle calls it): it goes at the next
+        flush(), which the reader's loop makes after each batch of frames, so a burst of
+        knocks costs one write a batch, not one a knock."""
         self.pending += request_line(source, destination, wire, interface)
-        self.flush()
 
     def flush(self):
         """Write what the pipe takes now; True when nothing is left waiting."""
@@ -4976,6 +4978,8 @@ class Reader(object):
     needs no AES key), drop what it passed on before, log rejections, and pass on the
     rest to the gate."""
 
+    BURST = 10000          # knocks its replay table takes without growing
+
     def __init__(self, config, gate, log, seen=None):
         self.config, self.gate, self.log = config, gate, log
         self.stanzas = config.stanzas
@@ -4989,6 +4993,9 @@ class Reader(object):
         self.kernel_drops = 0
         self.status = None     # /proc/self/status, opened before the sandbox (start_reader)
         self.rings = None      # capture socket's fd -> its Ring, mapped before the sandbox
+        # Room for a burst of knocks without growing the table of digests mid-burst (each
+        # growth moves every entry while the ring fills): memory only as entries come.
+        self.seen.entries.reserve(self.BURST)
 
     def map_rings(self, sockets):
         """Map the receive ring of each capture socket that has one (before the sandbox);
@@ -7819,6 +7826,7 @@ class PackedMap(object):
         self.size, self.encode, self.decode = size, encode, decode
         self.value = struct.Struct(value)
         self.slot = 1 + size + self.value.size        # state, key, value
+        self.reserved = 0                             # entries the table holds at least
         self._reset(16)
 
     def _reset(self, capacity):
@@ -7939,7 +7947,7 @@ class PackedMap(object):
         """
         old, slot, size = self.table, self.slot, self.size
         keep = [test is None or test(value) for _, value in self._raw_items(old)]
-        self._reset(max(16, 2 * (sum(keep) + 1)))
+        self._reset(max(16, 2 * (sum(keep) + 1), 3 * self.reserved // 2 + 2))
         table, capacity, index = self.table, self.capacity, 0
         for offset in range(0, len(old), slot):
             if old[offset] != self.USED:
@@ -7953,9 +7961,17 @@ class PackedMap(object):
             table[i * slot:(i + 1) * slot] = old[offset:offset + slot]
         self.count = sum(keep)
 
+    def reserve(self, n):
+        """From now on the table has room for `n` entries without growing, pruned or not.
+        The room is mapped, not touched: its pages count only as entries fill them."""
+        self.reserved = n
+        if 3 * (n + 1) > 2 * self.capacity:
+            self._rebuild(None)
+
     def copy(self):
         """A copy with a table of its own."""
         other = PackedMap(self.size, self.encode, self.decode, self.value.format)
+        other.reserved = self.reserved
         other._reset(self.capacity)
         step = 1 << 16
         for i in range(0, len(self.table), step):

@@ -321,3 +321,21 @@ def test_the_router_cgroup_holds_a_process_to_its_share_of_a_core():
         wall = time.monotonic() - t
         cpu = float(proc.stdout)
         assert cpu / wall <= 0.2, (cpu, wall, limit.kind)    # 10 %, and a start-up's slack
+
+
+def test_the_readers_replay_table_takes_a_burst_without_growing(tmp_path):
+    """PackedMap.reserve: room for the reader's burst from the start, kept through a prune
+    (growing mid-burst would move every entry while the ring fills)."""
+    reader = _reader(tmp_path)
+    table = reader.seen.entries
+    capacity = table.capacity
+    assert 3 * spa.Reader.BURST <= 2 * capacity
+    now = time.time()
+    for i in range(2000):
+        reader.seen.add(spa.packet_key(b"knock %d" % i), now - 1000 * (i % 2), now - 1000 * (i % 2))
+    assert table.capacity == capacity and len(table) == 2000
+    reader.seen.prune(now)                        # half of them are old: the table stays
+    assert len(table) == 1000 and table.capacity == capacity
+    assert all(spa.packet_key(b"knock %d" % i) in reader.seen for i in range(0, 2000, 2))
+    copy = reader.seen.copy()
+    assert copy.entries.reserved == spa.Reader.BURST and copy.entries.capacity == capacity

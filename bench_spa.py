@@ -2,16 +2,18 @@
 """bench_spa.py - benchmark spa.py's server against fwknopd on the same topology.
 
 Run it as root on any Linux box that has what setup.sh installs (nft, iptables,
-iproute2, Debian's fwknop-server and fwknop-client, hyperfine, pycryptodome):
+iproute2, Debian's fwknop-server and fwknop-client, hyperfine, netsniff-ng's trafgen,
+pycryptodome):
 
-    python3 bench_spa.py                   # the full benchmark: about 6 minutes on 2 cores
+    python3 bench_spa.py                   # the full benchmark: about 8 minutes on 2 cores
+    python3 bench_spa.py --servers spa.py --parts flood   # one server, some figures
     python3 bench_spa.py --json out.json   # ... and save every raw number
     python3 bench_spa.py --smoke           # a few knocks, ~1 s floods, tiny N: well under a minute
 
 It builds throwaway network namespaces (prefix "bench"; addresses only in
 198.18.0.0/15 and 2001:db8::/32), never touches the host's own network or
 firewall, kills only the processes it started and deletes its namespaces when it
-ends, also on Ctrl-C or SIGTERM.  A hard time budget (--budget, 590 s by default)
+ends, also on Ctrl-C or SIGTERM.  A hard time budget (--budget, 900 s by default)
 stops it by itself; every flood is bounded by a packet count and by seconds.
 
 Topology (netns_lab.Lab with one client):
@@ -51,22 +53,36 @@ spa.py's goal):
                          Debian's /usr/bin/python3, and the `fwknop` client.
   flood resistance       SPA-shaped garbage (base64 alphabet, the length of a real
                          packet, 204 characters, so each one costs the server an HMAC)
-                         at 1k, 5k, 20k, 50k, 100k packets/s and at the sender's
-                         maximum, 15 s each, from one sender process (sendmmsg(2)) in
-                         the client namespace; 50 valid knocks from fresh addresses
-                         spread over each run.  Reported: % of the valid knocks whose
-                         port opened within 1 s (connects every 2 ms), the rate the
-                         sender achieved and the rate the server handled, the highest
-                         rate up to which 100% held, peak server RSS, log lines written.
+                         at 1k, 5k, 20k, 50k, 100k, 150k, 200k packets/s and at the
+                         sender's maximum, 10 s each, and at the maximum again with each
+                         knock sent 3 times 20 ms apart (as `spa.py client --repeat 3`);
+                         50 valid knocks from fresh addresses spread over each run.  The
+                         sender: trafgen (Debian's netsniff-ng: whole frames through a
+                         PACKET_MMAP ring of its own, one process per CPU at the maximum,
+                         one at a set rate), or with --python-sender (or without trafgen)
+                         this script's sendmmsg(2) processes, one per CPU at the maximum.
+                         Reported: % of the valid knocks whose port opened within 1 s
+                         (connects every 2 ms), the rate the sender achieved (its own
+                         count) and the rate the server handled, the kernel's drops (the
+                         capture socket's PACKET_STATISTICS for spa.py; for fwknopd the
+                         datagrams to the knock port that arrived, counted by an nft
+                         counter of the benchmark's own, less those it handled), the
+                         highest rate up to which 100% held, peak server RSS and PSS, log
+                         lines written.
   garbage cost           A 5 s flood at the sender's maximum rate, no knocks: server
                          CPU seconds divided by the packets it handled = microseconds
                          per rejected packet; packets handled per second; packets that
-                         reached the server's interface but were dropped before the
-                         server read them.  Packets handled and drops: spa.py's SIGUSR1
-                         stats line; for fwknopd its log (one "SPA Packet from IP" line
-                         per packet it examines), drops estimated as arrived (the
-                         interface's rx counter) minus handled, as its pcap ring's drops
-                         cannot be read from outside.
+                         reached the server but were dropped before the server read
+                         them (spa.py's SIGUSR1 stats line; for fwknopd, estimated as
+                         above: its log has one "SPA Packet from IP" line per packet it
+                         examines).
+  router                 Each server again, in a fresh lab, in a cgroup of its own
+                         limited to 10 % of one core (cgroup v2's cpu.max, or v1's
+                         cpu.cfs_quota_us where the cpu controller is on v1), from its
+                         first instruction: start-up time (start to "ready"), idle PSS,
+                         knock-to-open (30 knocks), and garbage floods of 500, 1k, 2k,
+                         5k, 10k, 20k, 50k packets/s, 5 s each with 10 knocks, up to the
+                         first rate at which a knock fails to open.
   scale                  N knocks from N distinct addresses sent in one burst (N = 10,
                          100, 1000, 10000; each asks for 300 s so all stay open): how
                          many got authorized (the server's "opened" log lines, which
@@ -162,7 +178,7 @@ class Settings(object):
         self.max_sender_pps = 2000000      # the count bound of a max-rate flood, per second
         self.scale_ns = [10, 30] if smoke else [10, 100, 1000, 10000]
         self.scale_stall = 3.0             # stop waiting after this long without progress
-        self.budget = 170 if smoke else 590
+        self.budget = 170 if smoke else 900
         self.garbage_length = 204          # main() sets it to a real packet's length
         self.python_sender = False         # --python-sender: sendmmsg processes, not trafgen
         self.tmpdir = None                 # bench_server sets it (trafgen's config)
@@ -661,6 +677,24 @@ class BenchLab(netns_lab.Lab):
         # (an AnyIP "local" route), so a socket there can bind any of its addresses.
         self._ip("-n", self.srv, "route", "add", KNOCK_NET, "via", self.cli4(1))
         self._ip("-n", self.cli, "route", "add", "local", KNOCK_NET, "dev", "lo")
+        # A counter of the datagrams that reach the server for the knock port (a table
+        # of the benchmark's own, before everything else): what fwknopd's drops are
+        # estimated from, as its pcap ring's cannot be read from outside.
+        netns_lab._run(["ip", "netns", "exec", self.srv, "nft", "-f", "-"], input=(
+            "table inet bench {\n counter knocks { }\n chain pre { type filter hook prerouting "
+            "priority -500; udp dport %d counter name knocks; }\n}\n" % KNOCK_PORT))
+
+    def knock_packets(self):
+        """Datagrams to the knock port that reached the server's stack so far (or None)."""
+        res = self.run("srv", ["nft", "-j", "list", "counter", "inet", "bench", "knocks"],
+                       check=False)
+        try:
+            for item in json.loads(res.stdout)["nftables"]:
+                if "counter" in item:
+                    return int(item["counter"]["packets"])
+        except (ValueError, KeyError, TypeError):
+            pass
+        return None
 
     def rx_packets(self):
         """Packets received on the server's interface so far (None if unreadable)."""
@@ -796,6 +830,7 @@ class Counters(object):
         self.rss_kb, self.pss_kb, self.procs = tree_memory_kb(server.pid)
         self.log_lines, self.log_bytes = server.log_size()
         self.rx = server.lab.rx_packets()
+        self.udp = server.lab.knock_packets()
 
     def delta(self, before):
         d = {"seconds": self.t - before.t, "handled": self.handled - before.handled,
@@ -803,7 +838,9 @@ class Counters(object):
              "log_bytes": self.log_bytes - before.log_bytes, "rss_kb": self.rss_kb,
              "pss_kb": self.pss_kb, "processes": self.procs,
              "arrived": (self.rx - before.rx) if self.rx is not None and before.rx is not None
-             else None}
+             else None,
+             "arrived_udp": (self.udp - before.udp)
+             if self.udp is not None and before.udp is not None else None}
         d["kernel_drops"] = (self.drops - before.drops
                              if self.drops is not None and before.drops is not None else None)
         return d
@@ -1008,11 +1045,10 @@ def run_flood(lab, server, cfg, rate, seconds, knocks=(), repeat=1):
     d["cpu_us_per_packet"] = d["cpu_s"] / d["handled"] * 1e6 if d["handled"] else None
     busy = max(t_moved - t_start, sent["elapsed"])
     d["handled_pps"] = d["handled"] / busy if busy > 0 else None
-    if d["kernel_drops"] is None and d["arrived"] is not None:
-        # fwknopd: arrived on the interface but never handled (the probes' TCP packets
-        # arrive too: an estimate, a little high at the lowest rates).
+    if d["kernel_drops"] is None and d["arrived_udp"] is not None:
+        # fwknopd: datagrams to the knock port that arrived but were never handled.
         d["kernel_drops_estimated"] = True
-        d["kernel_drops"] = max(0, d["arrived"] - d["handled"])
+        d["kernel_drops"] = max(0, d["arrived_udp"] - d["handled"])
     seen = (d["handled"] or 0) + (d["kernel_drops"] or 0)
     d["drop_pct"] = 100.0 * d["kernel_drops"] / seen if seen and d["kernel_drops"] is not None \
         else None
@@ -1058,7 +1094,7 @@ def measure_flood(lab, server, cfg, runs_wanted=None):
 
 def measure_garbage(lab, server, cfg):
     r = run_flood(lab, server, cfg, 0, cfg.garbage_seconds)
-    arrived = r["arrived"]
+    arrived = r["arrived_udp"] if r.get("arrived_udp") is not None else r["arrived"]
     r["drop_pct_of_arrived"] = (100.0 * r["kernel_drops"] / arrived
                                 if arrived and r["kernel_drops"] is not None else None)
     log("%s: garbage: sender %.0f pps, %d sent, %s arrived; handled %d = %s/s, %s us CPU each; "
@@ -1146,8 +1182,8 @@ def measure_scale(lab, server, cfg, budget):
             time.sleep(0.002)
         after = server.counters()
         d = after.delta(before)
-        if d["kernel_drops"] is None and d["arrived"] is not None:    # fwknopd: estimated
-            d["kernel_drops"] = max(0, d["arrived"] - d["handled"])
+        if d["kernel_drops"] is None and d["arrived_udp"] is not None:    # fwknopd: estimated
+            d["kernel_drops"] = max(0, d["arrived_udp"] - d["handled"])
         addresses = server.fw_addresses()
         entries = None if addresses is None else len(addresses)
         mine = None if addresses is None else len(set(srcs) & set(addresses))
@@ -1582,7 +1618,7 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="a quick run: a few knocks, ~1 s floods, tiny N")
     p.add_argument("--json", metavar="FILE", help="save every raw number to FILE")
     p.add_argument("--budget", type=float, metavar="SECONDS",
-                   help="hard time limit (default 590, or 170 with --smoke)")
+                   help="hard time limit (default 900, or 170 with --smoke)")
     p.add_argument("--servers", default="spa.py,fwknopd",
                    help="which servers to run, in order (default spa.py,fwknopd)")
     p.add_argument("--parts", default=",".join(PARTS),

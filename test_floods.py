@@ -14,8 +14,9 @@ namespaces (real capture through the ring, real nftables, a real TCP service):
    down, it waits as well.
 4. `spa.py client --repeat N`: N copies, the port opens once, the copies are refused as
    replays.
-5. The ring on its own (unit): the reader finds where the kernel writes after another
-   reader read the ring before it, and refuses a frame cut short.
+5. The ring on its own (unit), and after a reload (real): a new reader finds where the
+   kernel writes after another reader read the ring before it; a frame cut short is
+   refused; the reader's replay table takes a burst without growing.
 6. bench_spa.py's pieces that need no flood: the router's cgroup holds a busy process to
    its share of one core (cgroup v2's cpu.max or v1's cfs quota).
 
@@ -344,3 +345,26 @@ def test_the_readers_replay_table_takes_a_burst_without_growing(tmp_path):
     assert all(spa.packet_key(b"knock %d" % i) in reader.seen for i in range(0, 2000, 2))
     copy = reader.seen.copy()
     assert copy.entries.reserved == spa.Reader.BURST and copy.entries.capacity == capacity
+
+
+def test_a_new_reader_finds_where_the_kernel_writes_in_the_ring(tmp_path):
+    """After a reload the new packet reader maps the same ring, whose kernel side goes on
+    where the old reader left it (not at frame 0): knocks still open, at once."""
+    need_nft()
+    with Lab(clients=1, prefix=PREFIX) as lab:
+        lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        server = start_server(lab, tmp_path, interface=lab.srv_if[1])
+        first = reader_pid(server)
+        for _ in range(5):                          # the kernel's side moves on by 5+ frames
+            assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+            lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])
+        mark = server.log.mark()
+        os.kill(server.pid, 1)                      # SIGHUP: a new reader
+        wait_for_line(server, r"reloaded", 5, since=mark)
+        deadline = time.monotonic() + 5
+        while reader_pid(server) == first:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for _ in range(3):
+            assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+            lab.run("srv", ["nft", "flush", "set", "inet", "spa", "allow4"])

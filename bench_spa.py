@@ -775,6 +775,22 @@ class CpuLimit(object):
         with open(path, "w") as f:
             f.write(text)
 
+    @classmethod
+    def sweep_stale(cls):
+        """Remove the cgroups of benchmarks that ended without removing theirs (killed):
+        bench-spa-PID-* where PID is no longer running (a cgroup with a process in it
+        cannot be removed, and is left)."""
+        for root in cls._mounts():
+            if root is None or not os.path.isdir(root):
+                continue
+            for name in os.listdir(root):
+                m = re.match(r"bench-spa-(\d+)-", name)
+                if m and not os.path.exists("/proc/%s" % m.group(1)):
+                    try:
+                        os.rmdir(os.path.join(root, name))
+                    except OSError:
+                        pass
+
     def wrap(self, argv):
         # Through this process's root: `ip netns exec` mounts a /sys of its own, without
         # the cgroup hierarchies.
@@ -1652,6 +1668,7 @@ def main(argv=None):
         print("bench_spa.py: %s" % e, file=sys.stderr)
         return 2
     netns_lab.sweep_stale(PREFIX)
+    CpuLimit.sweep_stale()
 
     keys = (os.urandom(32), os.urandom(64))
     cfg.garbage_length = len(make_knock(keys))    # a real packet's length, 204

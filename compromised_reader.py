@@ -92,6 +92,28 @@ def _serve(spec_path):
     return spa.main(["server", "-c", spec["config"], "-v"])
 
 
+def _frames(sock, ring):
+    """Every frame waiting on a capture socket: from its receive ring if it has one (each
+    handed back to the kernel), else with recv()."""
+    import spa
+    out = []
+    while ring is not None:
+        at = ring.offsets[ring.next]
+        status, length, kept, net = spa.Ring.HEADER.unpack_from(ring.map, at)
+        if not status & spa.TP_STATUS_USER:
+            if not ring.find():
+                return out
+            continue
+        out.append(ring.map[at + net:at + net + kept])
+        ring.map[at:at + 4] = bytes(4)
+        ring.next = (ring.next + 1) % len(ring.offsets)
+    try:
+        while True:
+            out.append(sock.recv(2048))
+    except BlockingIOError:
+        return out
+
+
 def _attack_globals(reader, sockets, pipe, poller, index, spec):
     def report(name, text):
         reader.log.info("attack %d %s: %s", index, name, text)
@@ -112,19 +134,16 @@ def _attack_globals(reader, sockets, pipe, poller, index, spec):
         import time
         end, frames = time.monotonic() + seconds, []
         by_fd = {sock.fileno(): sock for sock in sockets}
+        rings = reader.rings or {}         # what the reader mapped before its sandbox
         for fd in by_fd:                   # the reader's own epoll (no new one can be made)
             poller.register(fd, select.EPOLLIN)
         try:
             while time.monotonic() < end:
                 for fd, _ in poller.poll(max(0, end - time.monotonic())):
-                    try:
-                        while True:
-                            frame = by_fd[fd].recv(2048)
-                            if GO_MARKER in frame:
-                                return frames
-                            frames.append(frame)
-                    except BlockingIOError:
-                        pass
+                    for frame in _frames(by_fd[fd], rings.get(fd)):
+                        if GO_MARKER in frame:
+                            return frames
+                        frames.append(frame)
             return None
         finally:
             for fd in by_fd:

@@ -19,7 +19,8 @@ command -v apt-get >/dev/null ||
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq || { echo "setup.sh: FAILED: apt-get update (see apt's message above)" >&2; exit 1; }
 # The tool: nftables and pycryptodome.  The tests: iptables, iproute2, the real fwknop
-# client and server to test against, pytest and hypothesis, nmap, hyperfine, OpenSSH,
+# client and server to test against, pytest and hypothesis, nmap, hyperfine, trafgen (netsniff-ng:
+# bench_spa.py's flood sender), OpenSSH,
 # systemd (the README's unit runs under it, booted in a throwaway container: nothing of this
 # machine's changes), and the kernel headers (the system call numbers that the packet
 # reader's seccomp filter is checked against), coverage (CI prints spa.py's line coverage),
@@ -27,8 +28,8 @@ apt-get update -qq || { echo "setup.sh: FAILED: apt-get update (see apt's messag
 apt-get install -y -qq --no-install-recommends \
     nftables iptables iproute2 python3 python3-pycryptodome python3-pytest python3-hypothesis \
     python3-coverage \
-    linux-libc-dev python3-pip fwknop-client fwknop-server nmap hyperfine openssh-client openssh-server \
-    systemd gnupg >/dev/null ||
+    linux-libc-dev python3-pip fwknop-client fwknop-server nmap hyperfine netsniff-ng openssh-client \
+    openssh-server systemd gnupg >/dev/null ||
     { echo "setup.sh: FAILED: apt-get install (see apt's message above)" >&2; exit 1; }
 
 # pip_install PYTHON PACKAGE...: plain pip first, then with --break-system-packages (Debian 12

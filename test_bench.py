@@ -1,7 +1,7 @@
 """bench_spa.py --smoke runs end to end and prints every figure for both servers.
 
 Only the shape of the output is checked, never a timing: the numbers depend on the
-machine.  Needs root, nft, iptables, fwknop(d), hyperfine and ss (see setup.sh);
+machine.  Needs root, nft, iptables, fwknop(d), hyperfine, ss and trafgen (see setup.sh);
 outside CI it skips when they are missing, with CI=true that is a failure.
 """
 
@@ -20,13 +20,18 @@ FIGURES = [
     "knock-to-open median", "knock-to-open p95", "knock-to-open: knocks opened",
     "client cost",
     "flood 1.0k pps: valid knocks opened", "flood max pps: valid knocks opened",
-    "flood: highest rate with 100% opened", "flood: peak server RSS", "flood: log lines written",
+    "flood max pps, each knock sent 3 times: valid knocks opened",
+    "flood: highest rate with 100% opened", "flood: peak server RSS", "flood: peak server PSS",
+    "flood: log lines written",
     "garbage cost", "garbage: packets handled per second", "garbage: kernel drops",
     "scale N=10: authorized", "scale N=10: authorizations per second",
     "scale N=10: firewall entries", "scale N=30: authorized",
     "memory: PSS idle", "memory: PSS after the floods", "memory: PSS holding",
     "memory: RSS idle", "memory: RSS after the floods", "memory: RSS holding",
     "memory: RSS growth",
+    "router (10% of one core): knock-to-open median", "router (10% of one core): knock-to-open p95",
+    "router (10% of one core): highest garbage rate with 100% opened",
+    "router (10% of one core): start-up", "router (10% of one core): PSS idle",
 ]
 
 
@@ -57,7 +62,7 @@ def _netns_names():
 
 
 def test_bench_smoke_prints_every_figure_for_both_servers(tmp_path):
-    netns_lab.need_lab("nft", "iptables", "fwknopd", "fwknop", "hyperfine", "ss")
+    netns_lab.need_lab("nft", "iptables", "fwknopd", "fwknop", "hyperfine", "ss", "trafgen")
     netns_lab.need(_crypto_ok(), "pycryptodome is not installed")
     out_json = tmp_path / "bench.json"
     proc = subprocess.Popen([sys.executable, BENCH, "--smoke", "--json", str(out_json)],
@@ -83,8 +88,12 @@ def test_bench_smoke_prints_every_figure_for_both_servers(tmp_path):
     data = json.loads(out_json.read_text())
     assert set(data["servers"]) == {"spa.py", "fwknopd"}
     for name, server in data["servers"].items():
-        for part in ("latency", "flood", "garbage", "scale", "memory_idle", "memory_holding"):
+        for part in ("latency", "flood", "garbage", "scale", "memory_idle", "memory_holding",
+                     "router"):
             assert server.get(part), "%s: no %s figures in the JSON" % (name, part)
+        for run in server["flood"]["runs"]:          # the sender's rate and the drops, each run
+            assert run["sender"]["rate"] > 0 and run["sender"]["tool"], run["sender"]
+            assert run["kernel_drops"] is not None, run
     assert data["client_cost"]["spa.py"]["runs"] >= 2
     assert {r["figure"] for r in data["rows"]} == set(rows)
 

@@ -127,6 +127,12 @@ attempt("raise_file_limit", libc_call, "setrlimit", resource.RLIMIT_NOFILE,
         ctypes.byref((ctypes.c_ulong * 2)(1024, 1024)))
 attempt("ioctl", fcntl.ioctl, capture.fileno(), 0x8913, struct.pack("16sH22s", interface.encode(), 0, b""))
 attempt("executable_memory", mmap.mmap, -1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)
+# The capture socket's receive ring (mapped before the sandbox): no new size or version,
+# no executable mapping of it.
+attempt("ring_resize", capture.setsockopt, SOL_PACKET, 5, struct.pack("IIII", 4096, 4, 2048, 8))
+attempt("ring_version", capture.setsockopt, SOL_PACKET, 10, 0)
+attempt("ring_executable", libc_call, "mmap", None, ctypes.c_size_t(2 << 20), 5, 1,
+        capture.fileno(), ctypes.c_long(0))
 '''
 
 EXEC = r'''

@@ -100,6 +100,9 @@ def test_knocks_open_under_a_bounded_flood_read_through_the_ring(tmp_path):
         lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
         server = start_server(lab, tmp_path, interface=lab.srv_if[1])
         reader = reader_pid(server)
+        deadline = time.monotonic() + 10      # the reader maps its ring after its uid changes
+        while spa.RING_BYTES not in ring_mappings(reader) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert spa.RING_BYTES in ring_mappings(reader), ring_mappings(reader)
         before, _ = stats(server)
         sender = flood(lab, 4.0, 20000, 80000)

@@ -536,10 +536,12 @@ class Decision(object):
         self.nat = self.interface = None
 
 
-def screen(payload, source, stanzas):
+def screen(payload, source, stanzas, destination=None):
     """Steps 1 and 2 of decide(), all the packet reader does: (the first stanza whose source
-    matches and whose HMAC key made the packet's HMAC, the signed text with the prefix put
-    back), or (None, why not).  Nothing else ever reads unauthenticated bytes.
+    (and, given `destination`, whose destination: fwknop's DESTINATION) matches and whose
+    HMAC key made the packet's HMAC, the signed text with the prefix put back), or (None,
+    why not).  Nothing else ever reads unauthenticated bytes.  The packet reader leaves
+    the destination out (a first sieve); the gatekeeper gives it.
 
     This is the path every flood packet takes, so it allocates as little as it can.
     """
@@ -553,12 +555,16 @@ def screen(payload, source, stanzas):
     for stanza in stanzas:
         if stanza.sources is not None and not stanza.matches_source(source):
             continue
+        if destination is not None and stanza.destinations is not None and \
+                not stanza.matches_destination(destination):
+            continue
         matched = True
         signed = authenticate(payload, stanza.mac, stanza.mac_len)
         if signed is not None:
             return stanza, signed
     return None, ("HMAC does not match any stanza for this source" if matched
-                  else "no stanza for source %s" % source)
+                  else "no stanza for source %s%s" % (source, "" if destination is None
+                                                      else " and destination %s" % destination))
 
 
 def packet_key(signed):
@@ -609,7 +615,7 @@ def judge(stanza, signed, source, now, seen, max_age):
     return decision
 
 
-def decide(payload, source, now, stanzas, seen, max_age):
+def decide(payload, source, now, stanzas, seen, max_age, destination=None):
     """Decide on one captured UDP payload from address `source` (text) at time `now`
     (None: the clock is read only for a packet that authenticates).
 
@@ -618,9 +624,10 @@ def decide(payload, source, now, stanzas, seen, max_age):
     Decision with `accepted` False and a `reason`.  Whenever `replay_key` is set
     (the packet authenticates and decrypts), the caller must record it, accepted or
     not, so no such packet can be used twice.  The server runs this in two halves:
-    screen() in the packet reader, judge() in the privileged parent.
+    screen() in the packet reader, judge() in the privileged parent.  `destination`:
+    where the packet was sent (the stanzas' DESTINATION); None checks none.
     """
-    stanza, signed = screen(payload, source, stanzas)
+    stanza, signed = screen(payload, source, stanzas, destination)
     if stanza is None:
         return Decision(source, signed)
     return judge(stanza, signed, source, now, seen, max_age)
@@ -1014,9 +1021,16 @@ def nat_target_problem(address):
     return None
 
 
+# How a NAT opening forwards (fwknop's FORCE_SNAT, FORCE_MASQUERADE, DISABLE_DNAT, FORWARD_ALL
+# and fwknopd.conf's ENABLE_IPT_SNAT): `dnat` False forwards without a DNAT (the client sends
+# to the inner address itself); `snat` None, "masquerade" or the address to SNAT to;
+# `forward_all` accepts everything forwarded from the allow IP, not only the one service.
+NatMode = namedtuple("NatMode", "dnat snat forward_all")
+PLAIN_NAT = NatMode(True, None, False)
+
 # Where an accepted NAT request leads: to address:port, `local` if that is a port of this host
-# (fwknop's local NAT, message types 5 and 6).
-NatTarget = namedtuple("NatTarget", "address port local")
+# (fwknop's local NAT, message types 5 and 6), forwarded as `mode` (a NatMode) says.
+NatTarget = namedtuple("NatTarget", "address port local mode")
 
 
 STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
@@ -1024,18 +1038,51 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "cmd_exec_user",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address", "nat_destinations",
-                  "max_openings"}
+                  "max_openings", "force_nat", "force_snat", "force_masquerade", "disable_dnat",
+                  "forward_all", "destination"}
 
 
-def _parse_sources(value, where):
-    """`source`: None for any, else [ip_network] from a list of addresses and networks."""
+def _parse_sources(value, where, name="source"):
+    """`source` (or `destination`): None for any, else [ip_network] from a list of addresses
+    and networks."""
     import ipaddress
-    if value.lower() == "any":
+    if any(s.strip().lower() == "any" for s in value.split(",")):
         return None
     try:
         return [ipaddress.ip_network(s.strip(), strict=False) for s in value.split(",")]
     except ValueError as e:
-        raise SpaError("%s: source: %s" % (where, e))
+        raise SpaError("%s: %s: %s" % (where, name, e))
+
+
+def parse_nat_address(value, name):
+    """An address a NAT opening may lead to or SNAT to (force_nat, force_snat,
+    snat_translate_ip): an ipaddress object, else SpaError."""
+    import ipaddress
+    try:
+        address = ipaddress.ip_address(value.strip().strip("[]"))
+    except ValueError:
+        raise SpaError("%s = %r: expected an IP address" % (name, value))
+    problem = nat_target_problem(address)
+    if problem is not None:
+        raise SpaError("%s = %s: %s cannot be used" % (name, value, problem))
+    return address
+
+
+def parse_force_nat(value, name):
+    """`force_nat`: (address, port) from IP:PORT, [IPV6]:PORT or fwknop's `IP PORT`."""
+    text = value.strip()
+    if " " in text:
+        host, _, port = text.partition(" ")
+    elif text.startswith("["):
+        host, _, port = text.partition("]")
+        port = port[1:] if port.startswith(":") else ""
+    else:
+        host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+    port = port.strip()
+    if not (port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise SpaError("%s = %r: expected IP:PORT ([IPV6]:PORT), the port 1-65535"
+                       % (name, value))
+    return str(parse_nat_address(host, name)), int(port)
 
 
 def _parse_port_set(value, name, where, default):
@@ -1065,7 +1112,8 @@ def _check_command_user(name, where):
 class Stanza(object):
     """One `[client NAME]` section of the server config: who may knock, with which keys, for what."""
 
-    def __init__(self, name, options, protect, where=None, forwarding=False, local_nat=False):
+    def __init__(self, name, options, protect, where=None, forwarding=False, local_nat=False,
+                 snat=None):
         where = where or "[client %s]" % name
         self.name = name
         unknown = set(options) - STANZA_OPTIONS
@@ -1073,6 +1121,8 @@ class Stanza(object):
             raise SpaError("%s: unknown option %s" % (where, _shown_names(unknown)))
         get = lambda option: (options.get(option) or "").strip()
         self.sources = _parse_sources(get("source") or "any", where)
+        # fwknop's DESTINATION: the addresses a knock must be sent to (None: any).
+        self.destinations = _parse_sources(get("destination") or "any", where, "destination")
         # A passphrase is taken as it is, blanks and all, as fwknopd takes it.
         key_get = lambda option: options.get(option) or "" if option in ("key", "hmac_key") \
             else get(option)
@@ -1109,6 +1159,54 @@ class Stanza(object):
         # Openings in force at once: each holds a little kernel memory that nothing else frees.
         self.max_openings = parse_int(get("max_openings") or "1000", where + ": max_openings",
                                       1, 1000000)
+        self._read_nat_modes(get, where, forwarding, snat or {})
+
+    def _read_nat_modes(self, get, where, forwarding, server_snat):
+        """force_nat, force_snat, force_masquerade, disable_dnat, forward_all (fwknop's
+        access.conf variables), checked as fwknopd checks them; `server_snat`: [server]
+        enable_snat's {family: "masquerade" or address}."""
+        flag = lambda name: parse_bool(get(name) or "no", where + ": " + name)
+        self.force_nat = parse_force_nat(get("force_nat"), where + ": force_nat") \
+            if get("force_nat") else None
+        force_snat = parse_nat_address(get("force_snat"), where + ": force_snat") \
+            if get("force_snat") else None
+        masquerade = flag("force_masquerade")
+        self.disable_dnat, self.forward_all = flag("disable_dnat"), flag("forward_all")
+        if (force_snat or masquerade) and not (self.force_nat or self.forward_all):
+            raise SpaError("%s: force_snat and force_masquerade need force_nat or forward_all"
+                           % where)
+        if force_snat and masquerade:
+            raise SpaError("%s: force_snat and force_masquerade: give one of them" % where)
+        needs = [name for name, on in (("force_nat", self.force_nat), ("force_snat", force_snat),
+                                       ("force_masquerade", masquerade),
+                                       ("disable_dnat", self.disable_dnat),
+                                       ("forward_all", self.forward_all)) if on]
+        if needs and not forwarding:
+            raise SpaError("%s: %s needs [server] enable_forwarding = yes" % (where, needs[0]))
+        if (self.disable_dnat or self.forward_all) and not (self.force_nat or self.enable_nat):
+            raise SpaError("%s: disable_dnat and forward_all need force_nat or enable_nat = yes"
+                           % where)
+        # SNAT of what this stanza forwards, by family: its own, else the server's.
+        self.snat = {4: "masquerade", 6: "masquerade"} if masquerade else \
+            {force_snat.version: str(force_snat)} if force_snat else dict(server_snat)
+        self.snat_forced = bool(force_snat or masquerade)
+
+    def nat_mode(self, family):
+        """The NatMode of this stanza's NAT openings to another host over IPv`family`;
+        Reject if its force_snat is of the other family."""
+        snat = self.snat.get(family)
+        if snat is None and self.snat_forced:
+            raise Reject("force_snat %s cannot SNAT an IPv%d connection" % (
+                list(self.snat.values())[0], family))
+        return NatMode(not self.disable_dnat, snat, self.forward_all)
+
+    def matches_destination(self, destination):
+        """Whether a knock sent to `destination` (an address as text) may use this stanza."""
+        if self.destinations is None:
+            return True
+        import ipaddress
+        address = ipaddress.ip_address(destination)
+        return any(address in net for net in self.destinations)
 
     def matches_source(self, source):
         """Whether a packet from `source` (an address as text) may use this stanza."""
@@ -1134,7 +1232,10 @@ class Stanza(object):
             if self.require_username is not None and msg.username != self.require_username:
                 raise Reject("username %r is not the required one" % msg.username)
             return (source if msg.allow_ip == "0.0.0.0" else msg.allow_ip), 0, None
-        nat = self._nat(msg) if msg.msg_type in NAT_TYPES else None
+        if self.force_nat is not None:          # every request goes where the stanza says
+            nat = self._forced_nat(msg)
+        else:
+            nat = self._nat(msg) if msg.msg_type in NAT_TYPES else None
         if msg.allow_ip == "0.0.0.0":
             if self.require_source_address:
                 raise Reject("allow IP 0.0.0.0 refused: require_source_address is on")
@@ -1158,7 +1259,16 @@ class Stanza(object):
         if nat is not None and _family(nat.address) != _family(allow_ip):
             raise Reject("NAT to %s for %s: the addresses are of different families"
                          % (nat.address, allow_ip))
+        if nat is not None and not nat.local:
+            nat = nat._replace(mode=self.nat_mode(_family(allow_ip)))
         return allow_ip, timeout, nat
+
+    def _forced_nat(self, msg):
+        """force_nat: the NatTarget of any access request (its one port) to this stanza."""
+        if len(msg.access) != 1:
+            raise Reject("force_nat: the request names %d ports; it must name one"
+                         % len(msg.access))
+        return NatTarget(self.force_nat[0], self.force_nat[1], False, PLAIN_NAT)
 
     def _nat(self, msg):
         """The NatTarget of a NAT request this stanza allows, else Reject."""
@@ -1185,7 +1295,7 @@ class Stanza(object):
             problem = self.nat_destination_problem(target, port)
         if problem is not None:
             raise Reject("NAT to %s refused: %s" % (format_endpoint(address, port), problem))
-        return NatTarget(address, port, local)
+        return NatTarget(address, port, local, PLAIN_NAT)
 
     def nat_destination_problem(self, target, port):
         """Why NAT access to another host may not lead to target:port, else None."""
@@ -1209,26 +1319,24 @@ ACCESS_CONF_NAMES = {
     "FW_ACCESS_TIMEOUT": "fw_access_timeout", "CMD_EXEC_USER": "cmd_exec_user",
     "MAX_FW_TIMEOUT": "max_fw_timeout", "REQUIRE_USERNAME": "require_username",
     "ACCESS_EXPIRE": "access_expire", "ACCESS_EXPIRE_EPOCH": "access_expire",
+    "FORCE_NAT": "force_nat", "FORCE_SNAT": "force_snat", "DESTINATION": "destination",
 }
 
 
 # fwknopd's yes/no variables (true when the value starts with Y or y, as fwknopd reads them).
 ACCESS_CONF_BOOLS = {"REQUIRE_SOURCE_ADDRESS": "require_source_address",
                      "REQUIRE_SOURCE": "require_source_address",
-                     "ENABLE_CMD_EXEC": "enable_cmd_exec"}
+                     "ENABLE_CMD_EXEC": "enable_cmd_exec",
+                     "FORCE_MASQUERADE": "force_masquerade", "DISABLE_DNAT": "disable_dnat",
+                     "FORWARD_ALL": "forward_all"}
 
 
 # What fwknopd does and spa.py does not (yet): a stanza that asks for it is left out.  The
 # yes/no ones ask for it only with Y.
 ACCESS_CONF_UNSUPPORTED = {
-    "FORCE_NAT": "NAT (FORCE_NAT)", "FORCE_SNAT": "NAT (FORCE_SNAT)",
-    "FORCE_MASQUERADE": "NAT (FORCE_MASQUERADE)", "FORWARD_ALL": "NAT (FORWARD_ALL)",
-    "DISABLE_DNAT": "NAT (DISABLE_DNAT)", "CMD_CYCLE_OPEN": "command cycles (CMD_CYCLE_OPEN)",
+    "CMD_CYCLE_OPEN": "command cycles (CMD_CYCLE_OPEN)",
     "CMD_CYCLE_CLOSE": "command cycles (CMD_CYCLE_CLOSE)",
     "CMD_CYCLE_TIMER": "command cycles (CMD_CYCLE_TIMER)"}
-
-
-ACCESS_CONF_UNSUPPORTED_BOOLS = {"FORCE_MASQUERADE", "FORWARD_ALL", "DISABLE_DNAT"}
 
 
 # Settings of command messages that spa.py has no use for: it never uses sudo, and runs a
@@ -1294,9 +1402,6 @@ class _AccessConfStanza(object):
                 options.pop(ACCESS_CONF_NAMES[other], None)
         elif var in ACCESS_CONF_BOOLS:
             options[ACCESS_CONF_BOOLS[var]] = "yes" if yes else "no"
-        elif var == "DESTINATION":
-            if not any(d.strip().upper() == "ANY" for d in value.split(",")):
-                unsupported.append("DESTINATION %s (only ANY, which restricts nothing)" % value)
         elif var == "ENCRYPTION_MODE":
             mode = value.lower()
             if mode == "asymmetric":
@@ -1306,8 +1411,7 @@ class _AccessConfStanza(object):
             else:
                 unsupported.append("ENCRYPTION_MODE %s" % value)
         elif var in ACCESS_CONF_UNSUPPORTED:
-            if yes or var not in ACCESS_CONF_UNSUPPORTED_BOOLS:
-                unsupported.append(ACCESS_CONF_UNSUPPORTED[var])
+            unsupported.append(ACCESS_CONF_UNSUPPORTED[var])
         elif var.startswith("GPG_"):
             self.gpg = True
         elif var == "ENABLE_CMD_SUDO_EXEC":
@@ -1352,12 +1456,12 @@ def _access_conf_stanza(name, pairs, notes):
     return stanza.finish()
 
 
-def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
+def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0, snat=None):
     """Turn fwknop's access.conf into Stanzas: ([Stanza], [notes on what is not honoured]).
 
     Read as fwknopd reads it (access_conf_lines; variable names are case-sensitive).
-    A stanza that needs what spa.py does not do (GnuPG, NAT, a DESTINATION other
-    than ANY, command cycles, ECB or legacy mode, no HMAC key), or that it cannot
+    A stanza that needs what spa.py does not do (GnuPG, command cycles, ECB or
+    legacy mode, no HMAC key, FORCE_NAT without [server] enable_forwarding), or that it cannot
     read, is left out and a note names it and why, rather than being loaded with a
     restriction quietly dropped; the other stanzas load.
     """
@@ -1371,7 +1475,8 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
                 raise SpaError("%s line %d: %r is not a usable file name" % (path, number, value))
             files = [value] if var == "%include" else sorted(glob.glob(os.path.join(value, "*.conf")))
             for name in files:
-                more, more_notes = read_access_conf(name, protect, forwarding, local_nat, depth + 1)
+                more, more_notes = read_access_conf(name, protect, forwarding, local_nat,
+                                                    depth + 1, snat)
                 stanzas += more
                 notes += more_notes
             continue
@@ -1392,12 +1497,12 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
         if problems:
             notes.append("%s: stanza left out: %s" % (name, "; ".join(problems)))
             continue
-        if forwarding:
+        if forwarding and not options.get("force_nat"):
             notes.append("%s: NAT access to other hosts is refused: access.conf cannot name "
                          "nat_destinations (a [client] stanza can)" % name)
         try:
             stanzas.append(Stanza(name, options, protect, where="%s stanza at %s" % (path, name),
-                                  forwarding=forwarding, local_nat=local_nat))
+                                  forwarding=forwarding, local_nat=local_nat, snat=snat))
         except SpaError as e:
             notes.append("%s: stanza left out: %s" % (name, e))
     return stanzas, notes
@@ -1409,7 +1514,7 @@ RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
 SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
                   "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
                   "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
-                  "nft_include"}
+                  "nft_include", "enable_snat", "snat_translate_ip"}
 DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
 READER_USER = "spa"                   # the packet reader's own system user (see install)
 USERADD = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
@@ -1489,6 +1594,18 @@ class ServerConfig(object):
             raise SpaError("%s: log = %r: expected stderr or syslog" % (path, self.log))
         self.enable_forwarding = parse_bool(get("enable_forwarding", "no"), "enable_forwarding")
         self.enable_local_nat = parse_bool(get("enable_local_nat", "no"), "enable_local_nat")
+        # fwknopd.conf's ENABLE_IPT_SNAT and SNAT_TRANSLATE_IP: SNAT what NAT access forwards,
+        # to that address (for its family; MASQUERADE for the other), else MASQUERADE.
+        self.snat = {}
+        if parse_bool(get("enable_snat", "no"), "enable_snat"):
+            if not self.enable_forwarding:
+                raise SpaError("%s: enable_snat needs enable_forwarding = yes" % path)
+            self.snat = {4: "masquerade", 6: "masquerade"}
+            if get("snat_translate_ip", ""):
+                address = parse_nat_address(get("snat_translate_ip", ""), "snat_translate_ip")
+                self.snat[address.version] = str(address)
+        elif get("snat_translate_ip", ""):
+            raise SpaError("%s: snat_translate_ip needs enable_snat = yes" % path)
         # Openings keyed on the interface the knock came in on, too.
         self.bind_interface = parse_bool(get("bind_interface", "no"), "bind_interface")
         named = self.interfaces + self.optional_interfaces
@@ -1521,10 +1638,11 @@ class ServerConfig(object):
                                % (path, name))
             self.stanzas.append(Stanza(client.strip(), dict(parser[name]), self.protect,
                                        forwarding=self.enable_forwarding,
-                                       local_nat=self.enable_local_nat))
+                                       local_nat=self.enable_local_nat, snat=self.snat))
         if access_conf:
             stanzas, self.notes = read_access_conf(access_conf, self.protect,
-                                                   self.enable_forwarding, self.enable_local_nat)
+                                                   self.enable_forwarding, self.enable_local_nat,
+                                                   snat=self.snat)
             self.stanzas += stanzas
         if not self.stanzas:
             raise SpaError("%s: no [client NAME] section%s: nobody could knock" % (
@@ -1841,6 +1959,15 @@ def _nat_target(address, to_address):
     return str(target)
 
 
+def _nat_mode(address, mode):
+    """`mode` (a NatMode) if a NAT opening from `address` may be forwarded so; ValueError if
+    not: an SNAT only to `masquerade` or an address of the same family."""
+    dnat, snat, forward_all = mode
+    if snat not in (None, "masquerade"):
+        snat = _nat_target(address, snat)
+    return NatMode(bool(dnat), snat, bool(forward_all))
+
+
 class Firewall(object):
     """What the server asks of a firewall back end: one small interface, which nft,
     iptables and the dry run share (as bottle.py's server adapters share theirs).
@@ -1884,9 +2011,11 @@ class Firewall(object):
         return sum(self.open(*opening[:4], now=now, interface=(opening[4:] or (None,))[0])
                    for opening in openings)
 
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
+                 mode=PLAIN_NAT):
         """NAT access (fwknop's message types 2, 4, 5, 6) for `timeout` seconds: connections
-        from `address` to `port` go to to_address:to_port (local: a port of this host)."""
+        from `address` to `port` go to to_address:to_port (local: a port of this host),
+        forwarded as `mode` (a NatMode: with or without DNAT, SNAT, everything) says."""
         raise NotImplementedError
 
     def close(self, address, proto, port):
@@ -1956,8 +2085,10 @@ class DryRunFirewall(Firewall):
         self.opened.append((address, proto, port, timeout) + ((interface,) if interface else ()))
         return True
 
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
-        self.opened.append((address, proto, port, timeout, to_address, to_port, local))
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
+                 mode=PLAIN_NAT):
+        self.opened.append((address, proto, port, timeout, to_address, to_port, local)
+                           + (() if mode == PLAIN_NAT else (mode,)))
         return True
 
     def open_many(self, openings, now=None):
@@ -2204,7 +2335,7 @@ class NftNetlink(object):
 
 
 # A NAT opening in the nft back end: its end (monotonic clock) and where it leads.
-NatEnd = namedtuple("NatEnd", "end to_address to_port local")
+NatEnd = namedtuple("NatEnd", "end to_address to_port local mode")
 
 
 def _opening_key(key):
@@ -2272,6 +2403,7 @@ class NftFirewall(Firewall):
     STEER_PORT = 0              # no socket can listen on port 0: the kernel always resets
     MARK_BOUND = "spa.py if"           # the accept rule of openings bound to an interface
     MARK_STEER = "spa.py steer"
+    MARK_ALL = "spa.py all"            # the accept of forward_all openings (forward chains)
     NAT_SETS = [
         ("map", "dnat4", "{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . "
          "inet_service; flags timeout; }"),
@@ -2283,13 +2415,32 @@ class NftFirewall(Firewall):
          "flags timeout; }"),
         ("set", "fwd6", "{ type ipv6_addr . ipv6_addr . inet_proto . inet_service; "
          "flags timeout; }")]
+    # forward_all, and SNAT (a map to the address) or MASQUERADE (a set), of one service
+    # (keyed as the fwd sets) or of everything from the address (the `all` ones).
+    for _v in "46":
+        _a = "ipv%s_addr" % _v
+        _service = "%s . %s . inet_proto . inet_service" % (_a, _a)
+        NAT_SETS += [("set", "fwall" + _v, "{ type %s; flags timeout; }" % _a),
+                     ("map", "snat" + _v, "{ type %s : %s; flags timeout; }" % (_service, _a)),
+                     ("set", "masq" + _v, "{ type %s; flags timeout; }" % _service),
+                     ("map", "snatall" + _v, "{ type %s : %s; flags timeout; }" % (_a, _a)),
+                     ("set", "masqall" + _v, "{ type %s; flags timeout; }" % _a)]
+    del _v, _a, _service
     NAT_CHAINS = [
         ("prerouting", "{ type nat hook prerouting priority dstnat; policy accept; }",
          ["dnat ip to ip saddr . meta l4proto . th dport map @dnat4",
           "dnat ip6 to ip6 saddr . meta l4proto . th dport map @dnat6"]),
         ("forward", "{ type filter hook forward priority 0; policy accept; }",
          ["ip saddr . ip daddr . meta l4proto . th dport @fwd4 accept",
-          "ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept"])]
+          "ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept",
+          "ip saddr @fwall4 accept", "ip6 saddr @fwall6 accept"]),
+        ("postrouting", "{ type nat hook postrouting priority srcnat; policy accept; }",
+         ["snat ip to ip saddr . ip daddr . meta l4proto . th dport map @snat4",
+          "snat ip6 to ip6 saddr . ip6 daddr . meta l4proto . th dport map @snat6",
+          "ip saddr . ip daddr . meta l4proto . th dport @masq4 masquerade",
+          "ip6 saddr . ip6 daddr . meta l4proto . th dport @masq6 masquerade",
+          "snat ip to ip saddr map @snatall4", "snat ip6 to ip6 saddr map @snatall6",
+          "ip saddr @masqall4 masquerade", "ip6 saddr @masqall6 masquerade"])]
     STEER_CHAIN = ("steer", "{ type nat hook prerouting priority -90; policy accept; }")
 
     monitored = True           # nftables' notifications tell of a reload
@@ -2489,6 +2640,8 @@ class NftFirewall(Firewall):
                     if bound:
                         commands.append("add set %s %s_if { type ifname . %sinet_proto . "
                                         "inet_service; flags timeout; }" % (where, set_name, kinds))
+            if hook == "forward":
+                commands += self._forward_all_commands(items, where, name, v4, v6)
             for mark, interface, wanted in ((self.MARK, "", True),
                                             (self.MARK_BOUND, "iifname . ", bound)):
                 if not wanted or self._has_mark(items, family, table, name, mark):
@@ -2511,6 +2664,21 @@ class NftFirewall(Firewall):
                       if hook == "forward" else "")
             places.append((family, table, v4, v6))
         return places
+
+    def _forward_all_commands(self, items, where, chain, v4, v6):
+        """The sets and the rule (marked MARK_ALL) that accept everything forwarded from an
+        address with a forward_all opening, in another table's default-drop forward chain."""
+        family, table = where.split()
+        commands = []
+        for set_name, ip in ((v4, "ip"), (v6, "ip6")):
+            if set_name:
+                all_set = set_name.replace("fwd", "fwall")
+                commands.append("add set %s %s { type %s_addr; flags timeout; }"
+                                % (where, all_set, "ipv4" if ip == "ip" else "ipv6"))
+                if not self._has_mark(items, family, table, chain, self.MARK_ALL):
+                    commands.append('insert rule %s %s %s saddr @%s accept comment "%s"'
+                                    % (where, chain, ip, all_set, self.MARK_ALL))
+        return commands
 
     @staticmethod
     def _ends_in_drop(items, family, table, chain):
@@ -2564,62 +2732,90 @@ class NftFirewall(Firewall):
         self.ends.update(changed)
         return len(changed)
 
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
+                 mode=PLAIN_NAT):
         """Forward (address, proto, port) to to_address:to_port for `timeout` seconds: to
         another host (accepted in the forward chains), or to this one (local NAT, accepted
-        in the input chains).  Never shortens an opening to the same target; a knock for
-        another target replaces the opening: the DNAT leads to the new target at once,
-        and what only the old one needed goes.  (`now` is not used: ends are kept on the
-        monotonic clock.)"""
+        in the input chains), as `mode` says.  Never shortens an opening to the same target;
+        a knock for another target replaces the opening: the DNAT leads to the new target at
+        once, and what only the old one needed goes.  An element other openings share
+        (forward_all's, keyed on the address alone) keeps the longest end any of them needs.
+        (`now` is not used: ends are kept on the monotonic clock.)"""
         import ipaddress
         now = time.monotonic()
         address = str(ipaddress.ip_address(address))
         to_address = _nat_target(address, to_address)
+        mode = PLAIN_NAT if local else _nat_mode(address, mode)
         key = (address, proto, port)
         old = self.nat_ends.get(key)
-        same = old is not None and old[1:] == (to_address, to_port, local)
+        same = old is not None and old[1:] == (to_address, to_port, local, mode)
         if same and old.end >= now + timeout:
             return False
-        new = self._nat_elements(address, proto, port, to_address, to_port, local)
+        new = self._nat_elements(address, proto, port, to_address, to_port, local, mode)
+        needed = self._nat_needs(key, now)       # what the other openings need, until when
+        plain = (address, proto, old.to_port) if old is not None else None
+        if plain is not None and self.ends.get(plain, 0) > now:   # a plain opening's too
+            needed.update((item, self.ends[plain]) for item in self._elements_in(self.places,
+                                                                                plain))
         batch = ElementBatch()
-        old_data = None
-        if old is not None and not same:
-            old_data = nft_key([old.to_address], None, old.to_port)
-            # What the new target, the other NAT openings and a plain opening still need.
-            needed = {(place, element) for place, element, _ in new}
-            for other, (end, o_address, o_port, o_local) in self.nat_ends.items():
-                if other != key and end > now:
-                    needed.update((place, element) for place, element, _ in self._nat_elements(
-                        other[0], other[1], other[2], o_address, o_port, o_local))
-            if self.ends.get((address, proto, old.to_port), 0) > now:
-                needed.update(self._elements_in(self.places, (address, proto, old.to_port)))
-            for place, element, _ in self._nat_elements(address, proto, port, *old[1:]):
-                if (place, element) not in needed:
+        old_data = {}
+        if old is not None:
+            for place, element, data in self._nat_elements(address, proto, port, *old[1:]):
+                old_data[(place, element)] = data
+                if not same and (place, element) not in needed and \
+                        (place, element) not in [(p, e) for p, e, _ in new]:
                     batch.remove(place, element)
         for place, element, data in new:
-            batch.put(place, element, timeout, data=data, old_data=old_data if data else None)
+            seconds = max(timeout, needed.get((place, element), 0) - now)
+            batch.put(place, element, seconds, data=data,
+                      old_data=old_data.get((place, element)) if data else None)
         self.kernel.commit(batch)
-        self.nat_ends[key] = NatEnd(now + timeout, to_address, to_port, local)
+        self.nat_ends[key] = NatEnd(now + timeout, to_address, to_port, local, mode)
         return True
 
-    def _nat_elements(self, address, proto, port, to_address, to_port, local):
-        """[(place, key, data)] of the set and map elements one NAT opening needs: the DNAT,
-        and the accept of what it rewrote (local: in the input chains; else: forward)."""
+    def _nat_needs(self, but, now):
+        """{(place, element): end} of the elements the NAT openings in force other than `but`
+        need, each with the latest end."""
+        needed = {}
+        for other, (end, o_address, o_port, o_local, o_mode) in self.nat_ends.items():
+            if other != but and end > now:
+                for place, element, _ in self._nat_elements(other[0], other[1], other[2],
+                                                            o_address, o_port, o_local, o_mode):
+                    needed[(place, element)] = max(end, needed.get((place, element), 0))
+        return needed
+
+    def _nat_elements(self, address, proto, port, to_address, to_port, local, mode=PLAIN_NAT):
+        """[(place, key, data)] of the set and map elements one NAT opening needs: the DNAT
+        (unless disable_dnat), the accept of what it forwards (local: in the input chains;
+        else: forward, the one service or, forward_all, everything from the address), and
+        its SNAT or MASQUERADE."""
         six = _family(address) == 6
+        v = "6" if six else "4"
         number = PROTO_NUMBERS[proto]
-        elements = [(("inet", self.table, "dnat6" if six else "dnat4"),
-                     nft_key([address], number, port), nft_key([to_address], None, to_port))]
+        elements = []
+        if mode.dnat:
+            elements.append((("inet", self.table, "dnat" + v), nft_key([address], number, port),
+                             nft_key([to_address], None, to_port)))
         if local:
-            elements.append((("inet", self.table, "lnat6" if six else "lnat4"),
+            elements.append((("inet", self.table, "lnat" + v),
                              nft_key([address], number, to_port), None))
             # Through default-drop chains elsewhere.
             return elements + [(place, element, None) for place, element in
                                self._elements_in(self.places[1:], (address, proto, to_port))]
+        service = nft_key([address, to_address], number, to_port)
         for family, table, v4, v6 in self.fwd_places:
             set_name = v6 if six else v4
-            if set_name:
-                elements.append(((family, table, set_name),
-                                 nft_key([address, to_address], number, to_port), None))
+            if set_name and mode.forward_all:
+                elements.append(((family, table, set_name.replace("fwd", "fwall")),
+                                 nft_key([address]), None))
+            elif set_name:
+                elements.append(((family, table, set_name), service, None))
+        if mode.snat is not None:
+            which = ("masq" if mode.snat == "masquerade" else "snat") + \
+                ("all" if mode.forward_all else "") + v
+            elements.append((("inet", self.table, which),
+                             nft_key([address]) if mode.forward_all else service,
+                             None if mode.snat == "masquerade" else nft_key([mode.snat])))
         return elements
 
     @staticmethod
@@ -2685,10 +2881,11 @@ class NftFirewall(Firewall):
         for key, end in alive:
             for place, element in self._elements_in(self.places, key):
                 batch.put(place, element, end - now)
-        for (address, proto, port), (end, to_address, to_port, local) in self.nat_ends.items():
+        for (address, proto, port), (end, to_address, to_port, local, mode) in \
+                self.nat_ends.items():
             if end > now + 0.5:
                 for place, element, data in self._nat_elements(address, proto, port,
-                                                               to_address, to_port, local):
+                                                               to_address, to_port, local, mode):
                     batch.put(place, element, end - now, data=data)
         self.kernel.commit(batch)
         return "table inet %s and %d opening(s) in force" % (self.table, len(alive))
@@ -2737,13 +2934,14 @@ class NftFirewall(Firewall):
         items = self._ruleset()
         commands = []
         for r in (i["rule"] for i in items if "rule" in i):
-            if r.get("comment") in (self.MARK, self.MARK_BOUND, self.MARK_STEER) and \
+            if r.get("comment") in (self.MARK, self.MARK_BOUND, self.MARK_STEER,
+                                    self.MARK_ALL) and \
                     r["table"] != self.table:
                 commands.append("delete rule %s %s %s handle %d"
                                 % (r["family"], r["table"], r["chain"], r["handle"]))
         for s in (i["set"] for i in items if "set" in i):
             if s["name"] in ("spa_allow4", "spa_allow6", "spa_fwd4", "spa_fwd6",
-                             "spa_allow4_if", "spa_allow6_if"):
+                             "spa_fwall4", "spa_fwall6", "spa_allow4_if", "spa_allow6_if"):
                 commands.append("delete set %s %s %s" % (s["family"], s["table"], s["name"]))
         if any(i.get("table", {}).get("name") == self.table and
                i["table"]["family"] == "inet" for i in items):
@@ -4696,7 +4894,7 @@ class Gatekeeper(object):
         """Decide on one request: screen() again (a reader may lie), judge() against
         the config, then what this host allows (_host_problem).  `fresh`: the replay keys of
         this round, not yet in the cache."""
-        stanza, signed = screen(wire, source, self.config.stanzas)
+        stanza, signed = screen(wire, source, self.config.stanzas, destination)
         if stanza is None:       # a reader of an older config, or one that lies
             return Decision(source, "passed on by the packet reader, but %s" % signed)
         d = judge(stanza, signed, source, now, lambda key: key in self.replay or key in fresh,
@@ -4776,10 +4974,10 @@ class Gatekeeper(object):
                 reason = self.commands.start(d.stanza, d.message.command, d.source,
                                              d.message.username, test)
             else:
-                (proto, port), (to_address, to_port, local) = d.message.access[0], d.nat
+                (proto, port), (to_address, to_port, local, mode) = d.message.access[0], d.nat
                 try:
                     self.firewall.open_nat(d.allow_ip, proto, port, to_address, to_port,
-                                           d.timeout, local, now)
+                                           d.timeout, local, now, mode)
                     reason = None
                 except (SpaError, ValueError, OSError) as e:
                     self.log.error("firewall change failed for %s: %s", d.allow_ip, e)

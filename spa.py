@@ -525,7 +525,7 @@ class Decision(object):
     """What the server should do with one packet, and why."""
 
     __slots__ = ("accepted", "reason", "source", "stanza", "replay_key", "message",
-                 "allow_ip", "timeout", "nat", "interface")
+                 "allow_ip", "timeout", "nat", "nat_mode", "interface")
 
     def __init__(self, source, reason=None):
         self.accepted = False
@@ -534,6 +534,7 @@ class Decision(object):
         self.stanza = self.replay_key = self.message = self.allow_ip = None
         self.timeout = 0
         self.nat = self.interface = None
+        self.nat_mode = PLAIN_NAT
 
 
 def screen(payload, source, stanzas, destination=None):
@@ -605,6 +606,8 @@ def judge(stanza, signed, source, now, seen, max_age):
             raise Reject("packet age %+d s outside the %d s window (check the client's clock)"
                          % (age, max_age))
         decision.allow_ip, decision.timeout, decision.nat = stanza.authorize(msg, source, now)
+        if decision.nat is not None and not decision.nat.local:
+            decision.nat_mode = stanza.nat_mode(_family(decision.allow_ip))
     except Reject as e:
         decision.reason = str(e)
         return decision
@@ -1029,8 +1032,8 @@ NatMode = namedtuple("NatMode", "dnat snat forward_all")
 PLAIN_NAT = NatMode(True, None, False)
 
 # Where an accepted NAT request leads: to address:port, `local` if that is a port of this host
-# (fwknop's local NAT, message types 5 and 6), forwarded as `mode` (a NatMode) says.
-NatTarget = namedtuple("NatTarget", "address port local mode")
+# (fwknop's local NAT, message types 5 and 6).  How it is forwarded: Decision.nat_mode.
+NatTarget = namedtuple("NatTarget", "address port local")
 
 
 STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type", "key", "hmac_key",
@@ -1259,8 +1262,6 @@ class Stanza(object):
         if nat is not None and _family(nat.address) != _family(allow_ip):
             raise Reject("NAT to %s for %s: the addresses are of different families"
                          % (nat.address, allow_ip))
-        if nat is not None and not nat.local:
-            nat = nat._replace(mode=self.nat_mode(_family(allow_ip)))
         return allow_ip, timeout, nat
 
     def _forced_nat(self, msg):
@@ -1268,7 +1269,7 @@ class Stanza(object):
         if len(msg.access) != 1:
             raise Reject("force_nat: the request names %d ports; it must name one"
                          % len(msg.access))
-        return NatTarget(self.force_nat[0], self.force_nat[1], False, PLAIN_NAT)
+        return NatTarget(self.force_nat[0], self.force_nat[1], False)
 
     def _nat(self, msg):
         """The NatTarget of a NAT request this stanza allows, else Reject."""
@@ -1295,7 +1296,7 @@ class Stanza(object):
             problem = self.nat_destination_problem(target, port)
         if problem is not None:
             raise Reject("NAT to %s refused: %s" % (format_endpoint(address, port), problem))
-        return NatTarget(address, port, local, PLAIN_NAT)
+        return NatTarget(address, port, local)
 
     def nat_destination_problem(self, target, port):
         """Why NAT access to another host may not lead to target:port, else None."""
@@ -2969,6 +2970,7 @@ IPT_COMMANDS = ("iptables", "iptables-nft", "iptables-legacy")
 IPT_FORWARD_CHAIN = "SPA_FORWARD"         # filter table, jumped to from FORWARD
 IPT_NAT_CHAIN = "SPA_PREROUTING"          # nat table, jumped to from PREROUTING
 IPT_STEER_CHAIN = "SPA_STEER"             # nat table, jumped to from PREROUTING's end
+IPT_SNAT_CHAIN = "SPA_POSTROUTING"        # nat table, jumped to from POSTROUTING (SNAT)
 IPT_NAT_COMMENTS = {False: "spa nat expires ", True: "spa local nat expires "}   # by `local`
 IPT_ESTABLISHED = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
 LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
@@ -3000,9 +3002,41 @@ def _parse_opening(words, verdict="ACCEPT"):
     return (address, option["-p"], port) + interface, end
 
 
-def _parse_nat(words):
-    """(NatOpening, end) of one of our NAT rules (a DNAT, or the ACCEPT that goes with it,
-    as `-S` words), else None."""
+def _nat_mode_words(key, mode):
+    """What a NAT rule's comment says after its end, for a mode other than PLAIN_NAT: the
+    whole opening (not every rule names it) and the mode: `tcp/5022 198.18.2.2:22 nodnat
+    all snat=198.18.2.1` (or `masq`)."""
+    if mode == PLAIN_NAT:
+        return ""
+    words = ["%s/%d" % (key.proto, key.port), format_endpoint(key.to_address, key.to_port)]
+    words += ["nodnat"] * (not mode.dnat) + ["all"] * mode.forward_all
+    if mode.snat is not None:
+        words.append("masq" if mode.snat == "masquerade" else "snat=" + mode.snat)
+    return " " + " ".join(words)
+
+
+def _parse_nat_comment(address, local, words):
+    """(NatOpening, NatMode) from the words of a NAT rule's comment after its end."""
+    import ipaddress
+    proto, _, port = words[0].partition("/")
+    host, _, to_port = words[1].rpartition(":")
+    if host.startswith("["):
+        host = host[1:-1] if host.endswith("]") else ""
+    snat = None
+    for word in words[2:]:
+        if word == "masq" or word.startswith("snat="):
+            snat = "masquerade" if word == "masq" else str(ipaddress.ip_address(word[5:]))
+        elif word not in ("nodnat", "all"):
+            raise ValueError(word)
+    if proto not in PROTO_NUMBERS:
+        raise ValueError(proto)
+    return (NatOpening(address, proto, int(port), str(ipaddress.ip_address(host)), int(to_port),
+                       local), NatMode("nodnat" not in words, snat, "all" in words))
+
+
+def _parse_nat_mode(words):
+    """(NatOpening, end, NatMode) of one of our NAT rules (a DNAT, the ACCEPT that goes with
+    it, an SNAT or MASQUERADE, as `-S` words), else None."""
     import ipaddress
     option = dict(zip(words, words[1:]))        # each word -> the word after it
     comment = option.get("--comment", "")
@@ -3012,8 +3046,12 @@ def _parse_nat(words):
     else:
         return None
     try:
-        end = int(comment[len(prefix):])
+        rest = comment[len(prefix):].split()
+        end = int(rest[0])
         address = str(ipaddress.ip_interface(option["-s"]).ip)
+        if len(rest) > 1:
+            opening, mode = _parse_nat_comment(address, local, rest[1:])
+            return opening, end, mode
         if option.get("-j") == "DNAT":
             port = int(option["--dport"])
             host, _, to_port = option["--to-destination"].rpartition(":")
@@ -3025,11 +3063,17 @@ def _parse_nat(words):
             to_address = str(ipaddress.ip_interface(option["-d"]).ip)
         else:
             return None
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, IndexError):
         return None
     if option.get("-p") not in PROTO_NUMBERS:
         return None
-    return NatOpening(address, option["-p"], port, to_address, to_port, local), end
+    return NatOpening(address, option["-p"], port, to_address, to_port, local), end, PLAIN_NAT
+
+
+def _parse_nat(words):
+    """(NatOpening, end) of one of our NAT rules (see _parse_nat_mode), else None."""
+    parsed = _parse_nat_mode(words)
+    return parsed and parsed[:2]
 
 
 def _newest_first(ends):
@@ -3084,6 +3128,7 @@ class IptablesFirewall(Firewall):
         # text), and -> its end on the monotonic clock (when expire() removes it)
         self.ends, self.deadlines = {}, {}
         self.nat_ends = {}     # (address, proto, port, to_address, to_port, local) -> end
+        self.nat_modes = {}    # the same -> its NatMode, where not PLAIN_NAT
         self.nat_deadlines = {}
         # Families whose nat table works; setup() drops one that does not (a kernel or an
         # OpenWrt build without IPv6 NAT), so that IPv4 NAT still works there.
@@ -3211,13 +3256,14 @@ class IptablesFirewall(Firewall):
         survive, expired ones go.  With nat=False, NAT chains left by an earlier run go."""
         now, mono = time.time(), time.monotonic()
         known = self.deadlines
-        self.ends, self.nat_ends = {}, {}
+        self.ends, self.nat_ends, self.nat_modes = {}, {}, {}
         for family in self.families:
             filt, nat = self._read_tables(family)
             use_nat = self.nat and nat is not None
-            ends, nat_ends = self._in_force(filt, nat if use_nat else None, now)
+            ends, nat_ends, modes = self._in_force(filt, nat if use_nat else None, now)
             self.ends.update(ends)
             self.nat_ends.update(nat_ends)
+            self.nat_modes.update(modes)
             filter_lines, nat_lines = self._setup_lines(family, filt, nat, ends, nat_ends)
             # With NAT on, the ACCEPTs before the DNATs that lead to them.
             self._restore_tables(family, [("filter", filter_lines), ("nat", nat_lines)] if use_nat
@@ -3237,7 +3283,8 @@ class IptablesFirewall(Firewall):
         nat = None
         if self.steer or self.nat or self._nat_table_may_hold_ours(family, filt):
             try:
-                nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN, IPT_STEER_CHAIN))
+                nat = self._table(family, "nat", ("PREROUTING", "POSTROUTING", IPT_NAT_CHAIN,
+                                                  IPT_STEER_CHAIN, IPT_SNAT_CHAIN))
             except SpaError as e:
                 steer = "; refused TCP connections are answered by REJECT, not by the " \
                     "kernel" if self.steer else ""
@@ -3257,57 +3304,62 @@ class IptablesFirewall(Firewall):
 
     @staticmethod
     def _in_force(filt, nat, now):
-        """({key: end} of the plain openings, {NatOpening: end} of the NAT ones) that the
-        chains read (_read_tables; nat None: NAT is off) hold and that have not ended."""
-        ends, nat_ends = {}, {}
+        """({key: end} of the plain openings, {NatOpening: end} of the NAT ones, {NatOpening:
+        NatMode} of those not PLAIN_NAT) that the chains read (_read_tables; nat None: NAT is
+        off) hold and that have not ended."""
+        ends, nat_ends, modes = {}, {}, {}
         for words in filt.get(IPT_CHAIN, []):
             opening = _parse_opening(words)
             if opening is not None and opening[1] > now:
                 ends[opening[0]] = max(opening[1], ends.get(opening[0], 0))
         if nat is None:
-            return ends, nat_ends
-        # Either rule of a NAT opening brings back both (a reload may have taken one).
+            return ends, nat_ends, modes
+        # Any rule of a NAT opening brings back all of them (a reload may have taken one).
         for words in (filt.get(IPT_CHAIN, []) + filt.get(IPT_FORWARD_CHAIN, [])
-                      + nat.get(IPT_NAT_CHAIN, [])):
-            parsed = _parse_nat(words)
+                      + nat.get(IPT_NAT_CHAIN, []) + nat.get(IPT_SNAT_CHAIN, [])):
+            parsed = _parse_nat_mode(words)
             if parsed is not None and parsed[1] > now:
                 nat_ends[parsed[0]] = max(parsed[1], nat_ends.get(parsed[0], 0))
+                modes[parsed[0]] = parsed[2]
         # One NAT opening per DNAT match (address, proto, port): the latest end wins.
         latest = {}
         for key, end in sorted(nat_ends.items(), key=lambda item: item[1]):
             latest[key[:3]] = (key, end)
-        return ends, dict(latest.values())
+        return ends, dict(latest.values()), {k: m for k, m in modes.items()
+                                             if latest[k[:3]][0] == k and m != PLAIN_NAT}
 
     def _setup_lines(self, family, filt, nat, ends, nat_ends):
         """The iptables-restore lines (filter, nat) that make our chains anew, with the
         openings in force, and leave one jump to each at the top of its parent chain."""
         use_nat = family in self.nat_families
+        nat_rules = [rule for k, e in _newest_first(nat_ends)
+                     for rule in self._nat_rule_set(k, e, self.nat_modes.get(k, PLAIN_NAT))]
+        in_chain = lambda chain: ["-A %s %s" % (chain, _restore_words(w))
+                                  for _, c, w in nat_rules if c == chain]
         # `:CHAIN` creates our chain, or empties it when it exists (with --noflush).
         filter_lines = [":%s - [0:0]" % IPT_CHAIN]
         filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(k, e)))
                          for k, e in _newest_first(ends)]
-        filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._nat_accept_rule(k, e)))
-                         for k, e in _newest_first(nat_ends) if k.local]
+        filter_lines += in_chain(IPT_CHAIN)
         filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
                          for rule in self._protect_rules(family, family in self.steer_families)]
         filter_lines += self._jump_lines(filt, "INPUT", IPT_CHAIN)
         nat_lines = []
         if use_nat:
             filter_lines.append(":%s - [0:0]" % IPT_FORWARD_CHAIN)
-            filter_lines += ["-A %s %s" % (IPT_FORWARD_CHAIN,
-                                           _restore_words(self._nat_accept_rule(k, e)))
-                             for k, e in _newest_first(nat_ends) if not k.local]
+            filter_lines += in_chain(IPT_FORWARD_CHAIN)
             filter_lines.append("-A %s %s" % (IPT_FORWARD_CHAIN, _restore_words(IPT_ESTABLISHED)))
             filter_lines += self._jump_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
-            nat_lines = [":%s - [0:0]" % IPT_NAT_CHAIN]
-            nat_lines += ["-A %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
-                          for k, e in _newest_first(nat_ends)]
+            nat_lines = [":%s - [0:0]" % IPT_NAT_CHAIN] + in_chain(IPT_NAT_CHAIN)
             nat_lines += self._jump_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+            nat_lines += [":%s - [0:0]" % IPT_SNAT_CHAIN] + in_chain(IPT_SNAT_CHAIN)
+            nat_lines += self._jump_lines(nat, "POSTROUTING", IPT_SNAT_CHAIN)
         else:
             # NAT off: what an earlier run with NAT on left goes, DNATs first.
             filter_lines += self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
             if nat is not None:
-                nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+                nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN) + \
+                    self._removal_lines(nat, "POSTROUTING", IPT_SNAT_CHAIN)
         if family in self.steer_families:
             nat_lines += self._steer_lines(nat, {k: e for k, e in ends.items()
                                                  if self._steered(k)})
@@ -3424,6 +3476,7 @@ class IptablesFirewall(Firewall):
             self.deadlines.pop(k, None)
         for k in nat_due:
             del self.nat_ends[k]
+            self.nat_modes.pop(k, None)
         self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
         if removed:
             self._say("info", "removed %d expired opening rule%s", removed, "s" * (removed != 1))
@@ -3445,13 +3498,15 @@ class IptablesFirewall(Firewall):
             if not wanted <= opened:
                 return False
             if family in self.nat_families | self.steer_families:
-                nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN, IPT_STEER_CHAIN))
+                nat = self._table(family, "nat", ("PREROUTING", "POSTROUTING", IPT_NAT_CHAIN,
+                                                  IPT_STEER_CHAIN, IPT_SNAT_CHAIN))
             if family in self.nat_families:
                 if not filt.get("FORWARD") or filt["FORWARD"][0] != ["-j", IPT_FORWARD_CHAIN] \
                         or IPT_ESTABLISHED not in filt.get(IPT_FORWARD_CHAIN, []):
                     return False
                 if not nat.get("PREROUTING") or nat["PREROUTING"][0] != ["-j", IPT_NAT_CHAIN] \
-                        or IPT_NAT_CHAIN not in nat:
+                        or IPT_NAT_CHAIN not in nat or IPT_SNAT_CHAIN not in nat or \
+                        nat.get("POSTROUTING", [[]])[0] != ["-j", IPT_SNAT_CHAIN]:
                     return False
             if family in self.steer_families:
                 steer = nat.get(IPT_STEER_CHAIN, [])
@@ -3468,7 +3523,7 @@ class IptablesFirewall(Firewall):
         (after iptables-restore of the host's rules, a ufw reload).  An opening comes back
         with what was left of it on the monotonic clock, never more."""
         deadlines, nat_deadlines = dict(self.deadlines), dict(self.nat_deadlines)
-        nat_keys = list(self.nat_ends)
+        nat_keys, modes = list(self.nat_ends), dict(self.nat_modes)
         self.setup()
         now, mono = time.time(), time.monotonic()
         alive = [(key, d) for key, d in deadlines.items() if d > mono + 0.5]
@@ -3478,7 +3533,7 @@ class IptablesFirewall(Firewall):
                      if nat_deadlines.get(key, 0) > mono + 0.5
                      and _family(key[0]) in self.nat_families]
         for key, d in sorted(nat_alive, key=lambda item: item[1]):
-            self._put_nat(key, int(now + d - mono))
+            self._put_nat(key, int(now + d - mono), modes.get(key, PLAIN_NAT))
             self.nat_deadlines[key] = d
         return "our chains and %d opening(s) in force" % (len(alive) + len(nat_alive))
 
@@ -3494,17 +3549,20 @@ class IptablesFirewall(Firewall):
             nat = {}
             if self.steer or self.nat or self._nat_table_may_hold_ours(family, filt):
                 try:
-                    nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN,
-                                                      IPT_STEER_CHAIN))
+                    nat = self._table(family, "nat", ("PREROUTING", "POSTROUTING",
+                                                      IPT_NAT_CHAIN, IPT_STEER_CHAIN,
+                                                      IPT_SNAT_CHAIN))
                 except SpaError:
                     nat = {}
             if self._restore_tables(family, [
                     ("nat", self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
-                     + self._removal_lines(nat, "PREROUTING", IPT_STEER_CHAIN)),
+                     + self._removal_lines(nat, "PREROUTING", IPT_STEER_CHAIN)
+                     + self._removal_lines(nat, "POSTROUTING", IPT_SNAT_CHAIN)),
                     ("filter", self._removal_lines(filt, "INPUT", IPT_CHAIN)
                      + self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN))]):
                 removed = True
         self.ends, self.nat_ends, self.deadlines, self.nat_deadlines = {}, {}, {}, {}
+        self.nat_modes = {}
         return removed
 
     # -- NAT access (fwknop message types 2, 4, 5, 6) and any-table helpers -----------
@@ -3522,31 +3580,59 @@ class IptablesFirewall(Firewall):
             return False
 
     @staticmethod
-    def _nat_until(local, end):
-        """A NAT rule's end: the time match and the comment that carries it."""
+    def _nat_until(key, end, mode=PLAIN_NAT):
+        """A NAT rule's end: the time match and the comment that carries it (and, for a mode
+        other than PLAIN_NAT, the whole opening: _nat_mode_words)."""
+        key = NatOpening(*key)
         stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
-        return ["-m", "time", "--datestop", stop,
-                "-m", "comment", "--comment", IPT_NAT_COMMENTS[local] + str(end)]
+        return ["-m", "time", "--datestop", stop, "-m", "comment", "--comment",
+                IPT_NAT_COMMENTS[key.local] + str(end) + _nat_mode_words(key, mode)]
 
-    def _dnat_rule(self, key, end):
+    def _dnat_rule(self, key, end, mode=PLAIN_NAT):
         """The words of a NAT opening's DNAT rule (SPA_PREROUTING)."""
         address, proto, port, to_address, to_port, local = key
         target = format_endpoint(to_address, to_port)
         return (["-s", address, "-p", proto, "--dport", str(port)]
-                + self._nat_until(local, end) + ["-j", "DNAT", "--to-destination", target])
+                + self._nat_until(key, end, mode) + ["-j", "DNAT", "--to-destination", target])
 
-    def _nat_accept_rule(self, key, end):
-        """The words of the rule that accepts what a NAT opening's DNAT
-        rewrote: in SPA_INPUT for local NAT, in SPA_FORWARD for another host."""
+    def _nat_accept_rule(self, key, end, mode=PLAIN_NAT):
+        """The words of the rule that accepts what a NAT opening forwards: in SPA_INPUT for
+        local NAT, in SPA_FORWARD for another host; what its DNAT rewrote, or (disable_dnat)
+        what the client sent to the inner host itself, or (forward_all) all it sends."""
         address, proto, port, to_address, to_port, local = key
-        return (["-s", address, "-d", to_address, "-p", proto, "--dport", str(to_port),
-                 "-m", "conntrack", "--ctstate", "DNAT", "--ctorigdstport", str(port)]
-                + self._nat_until(local, end) + ["-j", "ACCEPT"])
+        until = self._nat_until(key, end, mode) + ["-j", "ACCEPT"]
+        if mode.forward_all:
+            return ["-s", address] + until
+        service = ["-s", address, "-d", to_address, "-p", proto, "--dport", str(to_port)]
+        if not mode.dnat:
+            return service + until
+        return service + ["-m", "conntrack", "--ctstate", "DNAT", "--ctorigdstport",
+                          str(port)] + until
+
+    def _snat_rule(self, key, end, mode):
+        """The words of a NAT opening's SNAT or MASQUERADE rule (SPA_POSTROUTING): of the
+        forwarded service, or (forward_all) of all the address sends."""
+        address, proto, port, to_address, to_port, local = key
+        match = ["-s", address] if mode.forward_all else \
+            ["-s", address, "-d", to_address, "-p", proto, "--dport", str(to_port)]
+        target = ["MASQUERADE"] if mode.snat == "masquerade" else \
+            ["SNAT", "--to-source", mode.snat]
+        return match + self._nat_until(key, end, mode) + ["-j"] + target
 
     @staticmethod
     def _accept_chain(key):
         """Where a NAT opening's ACCEPT goes (see _nat_accept_rule)."""
         return IPT_CHAIN if key.local else IPT_FORWARD_CHAIN
+
+    def _nat_rule_set(self, key, end, mode=PLAIN_NAT):
+        """[(table, chain, words)] of every rule of a NAT opening, the filter one first."""
+        key = NatOpening(*key)
+        rules = [("filter", self._accept_chain(key), self._nat_accept_rule(key, end, mode))]
+        if mode.dnat:
+            rules.append(("nat", IPT_NAT_CHAIN, self._dnat_rule(key, end, mode)))
+        if mode.snat is not None:
+            rules.append(("nat", IPT_SNAT_CHAIN, self._snat_rule(key, end, mode)))
+        return rules
 
     def _nat_rules(self, family):
         """[IptRule] of every NAT rule of ours in the kernel."""
@@ -3556,14 +3642,12 @@ class IptablesFirewall(Firewall):
         except SpaError:
             filt = {}
         try:
-            nat = self._ipt(family, "nat", "-S", IPT_NAT_CHAIN) if family in self.nat_families \
-                else ""
+            nat = self._table(family, "nat", (IPT_NAT_CHAIN, IPT_SNAT_CHAIN)) \
+                if family in self.nat_families else {}
         except SpaError:           # no chain: nothing is NATed
-            nat = ""
-        import shlex
+            nat = {}
         tables = [("filter", chain, rules) for chain, rules in sorted(filt.items())]
-        tables.append(("nat", IPT_NAT_CHAIN, [shlex.split(line)[2:] for line in nat.splitlines()
-                                              if line.startswith("-A ")]))
+        tables += [("nat", chain, rules) for chain, rules in sorted(nat.items())]
         for table, chain, rules in tables:
             for words in rules:
                 parsed = _parse_nat(words)
@@ -3588,7 +3672,8 @@ class IptablesFirewall(Firewall):
             lines += ["-F %s" % chain, "-X %s" % chain]
         return lines
 
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
+                 mode=PLAIN_NAT):
         """NAT access for `timeout` seconds: (address, proto, port) -> to_address:to_port.
 
         local=False (fwknop types 2/4): DNAT, and forward the DNATed connection to another
@@ -3613,37 +3698,39 @@ class IptablesFirewall(Firewall):
         if family not in self.nat_families:
             raise SpaError("NAT access over IPv%d is not available on this host" % family)
         key = NatOpening(address, proto, port, to_address, to_port, bool(local))
+        mode = PLAIN_NAT if local else _nat_mode(address, mode)
         end = int(math.ceil(now + timeout))
-        changed = self._put_nat(key, end)
+        changed = self._put_nat(key, end, mode)
         if changed:       # its end on the monotonic clock, which expire() and restore() go by
             self.nat_deadlines[key] = time.monotonic() + end - now
         self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
         return changed
 
-    def _put_nat(self, key, end):
+    def _put_nat(self, key, end, mode=PLAIN_NAT):
         """Make the rules of NAT opening `key`, ending at the epoch second `end`,
         replacing those of an opening with the same (address, proto, port); False if it is open
         longer already.  If our chains were changed behind our back, rebuild them and retry once."""
         family = _family(key[0])
         for attempt in (1, 2):
-            old = self.nat_ends.get(key)
+            old = self.nat_ends.get(key) if self.nat_modes.get(key, PLAIN_NAT) == mode else None
             if old is not None and old >= end:
                 # After a failed first attempt this is success: each table commits on its
                 # own, so the filter part may have gone in before the nat part failed, and
                 # setup() has then rebuilt both rules from it.
                 return attempt == 2
             replaced = [(k, e) for k, e in self.nat_ends.items() if k[:3] == key[:3]]
+            gone = [rule for k, e in replaced
+                    for rule in self._nat_rule_set(k, e, self.nat_modes.get(k, PLAIN_NAT))]
+            new = self._nat_rule_set(key, end, mode)
             sections = [
-                # The new ACCEPT first, then the DNAT swap, then the old ACCEPTs go: no moment
-                # in which a DNAT of ours leads to nothing.
-                ("filter", ["-I %s 1 %s" % (self._accept_chain(key),
-                                            _restore_words(self._nat_accept_rule(key, end)))]),
-                ("nat", ["-I %s 1 %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(key, end)))]
-                 + ["-D %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
-                    for k, e in replaced]),
-                ("filter", ["-D %s %s" % (self._accept_chain(k),
-                                          _restore_words(self._nat_accept_rule(k, e)))
-                            for k, e in replaced])]
+                # The new ACCEPT first, then the DNAT (and SNAT) swap, then the old ACCEPTs
+                # go: no moment in which a DNAT of ours leads to nothing.
+                ("filter", ["-I %s 1 %s" % (c, _restore_words(w)) for t, c, w in new
+                            if t == "filter"]),
+                ("nat", ["-I %s 1 %s" % (c, _restore_words(w)) for t, c, w in new if t == "nat"]
+                 + ["-D %s %s" % (c, _restore_words(w)) for t, c, w in gone if t == "nat"]),
+                ("filter", ["-D %s %s" % (c, _restore_words(w)) for t, c, w in gone
+                            if t == "filter"])]
             try:
                 self._restore_tables(family, sections)
                 break
@@ -3655,7 +3742,10 @@ class IptablesFirewall(Firewall):
                     raise
         for k, _ in replaced:
             del self.nat_ends[k]
+            self.nat_modes.pop(k, None)
         self.nat_ends[key] = end
+        if mode != PLAIN_NAT:
+            self.nat_modes[key] = mode
         return True
 
     def close_nat(self, address, proto, port):
@@ -3666,7 +3756,8 @@ class IptablesFirewall(Firewall):
         gone = [r for r in self._nat_rules(family) if r.key[:3] == match]
         self._delete_nat(family, gone)
         self.nat_ends = {k: e for k, e in self.nat_ends.items() if k[:3] != match}
-        return any(r.table == "nat" for r in gone)
+        self.nat_modes = {k: m for k, m in self.nat_modes.items() if k in self.nat_ends}
+        return bool(gone)
 
     def _delete_nat(self, family, rules, plain=(), steered=()):
         """Delete NAT rules (from _nat_rules), plain SPA_INPUT rules and their SPA_STEER
@@ -3683,12 +3774,12 @@ class IptablesFirewall(Firewall):
         """NAT openings in force, read from the kernel:
         [(address, proto, port, to_address, to_port, local, seconds left)]."""
         now = time.time()
-        rows = []
+        ends = {}              # one row an opening, whichever of its rules are there
         for family in sorted(self.nat_families):
-            for key, end, table, _, _ in self._nat_rules(family):
-                if table == "nat" and end > now:
-                    rows.append(key + (int(end - now),))
-        return rows
+            for key, end, _, _, _ in self._nat_rules(family):
+                if end > now:
+                    ends[key] = max(end, ends.get(key, 0))
+        return [key + (int(end - now),) for key, end in sorted(ends.items())]
 
 
 # ---------------------------------------------------------------------------
@@ -4974,10 +5065,10 @@ class Gatekeeper(object):
                 reason = self.commands.start(d.stanza, d.message.command, d.source,
                                              d.message.username, test)
             else:
-                (proto, port), (to_address, to_port, local, mode) = d.message.access[0], d.nat
+                (proto, port), (to_address, to_port, local) = d.message.access[0], d.nat
                 try:
                     self.firewall.open_nat(d.allow_ip, proto, port, to_address, to_port,
-                                           d.timeout, local, now, mode)
+                                           d.timeout, local, now, d.nat_mode)
                     reason = None
                 except (SpaError, ValueError, OSError) as e:
                     self.log.error("firewall change failed for %s: %s", d.allow_ip, e)

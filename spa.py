@@ -2747,6 +2747,7 @@ class NftFirewall(Firewall):
         address = str(ipaddress.ip_address(address))
         to_address = _nat_target(address, to_address)
         mode = PLAIN_NAT if local else _nat_mode(address, mode)
+        port = port if mode.dnat else to_port     # no DNAT: the client goes to to_port itself
         key = (address, proto, port)
         old = self.nat_ends.get(key)
         same = old is not None and old[1:] == (to_address, to_port, local, mode)
@@ -2905,11 +2906,11 @@ class NftFirewall(Firewall):
                 e = key.get("elem", {})
                 fields = e["val"]["concat"]
                 interface = (fields.pop(0),) if name.endswith("_if") else ()
-                address, proto, port = fields
+                addresses, (proto, port) = fields[:-2], fields[-2:]    # fwd: two addresses
                 if isinstance(proto, int):
                     proto = {6: "tcp", 17: "udp"}.get(proto, str(proto))
-                yield (address, proto, int(port)) + interface, data and data["concat"], \
-                    int(e.get("expires", 0))
+                yield tuple(addresses) + (proto, int(port)) + interface, \
+                    data and data["concat"], int(e.get("expires", 0))
 
     def _kernel_openings(self):
         """[(key, seconds left)] of the openings in our sets (those of the other kind too)."""
@@ -2926,9 +2927,16 @@ class NftFirewall(Firewall):
         """NAT openings in force, read from the kernel:
         [(address, proto, port, to address, to port, local, seconds left)]."""
         local = {key for name in ("lnat4", "lnat6") for key, _, _ in self._elements("set", name)}
-        return [key + (to_address, int(to_port), (key[0], key[1], int(to_port)) in local, left)
+        rows = [key + (to_address, int(to_port), (key[0], key[1], int(to_port)) in local, left)
                 for name in ("dnat4", "dnat6")
                 for key, (to_address, to_port), left in self._elements("map", name)]
+        # Forwarding without a DNAT (disable_dnat): the port is the inner host's own.
+        dnat = {(row[0], row[1], row[3], row[4]) for row in rows}
+        return rows + [(address, proto, port, to_address, port, False, left)
+                       for name in ("fwd4", "fwd6")
+                       for (address, to_address, proto, port), _, left in
+                       self._elements("set", name)
+                       if (address, proto, to_address, port) not in dnat]
 
     def flush(self):
         """Remove our table, and our sets and rules in other tables."""
@@ -3697,8 +3705,9 @@ class IptablesFirewall(Firewall):
             raise SpaError("NAT access is not enabled in the firewall back end")
         if family not in self.nat_families:
             raise SpaError("NAT access over IPv%d is not available on this host" % family)
-        key = NatOpening(address, proto, port, to_address, to_port, bool(local))
         mode = PLAIN_NAT if local else _nat_mode(address, mode)
+        port = port if mode.dnat else to_port     # no DNAT: the client goes to to_port itself
+        key = NatOpening(address, proto, port, to_address, to_port, bool(local))
         end = int(math.ceil(now + timeout))
         changed = self._put_nat(key, end, mode)
         if changed:       # its end on the monotonic clock, which expire() and restore() go by

@@ -474,7 +474,7 @@ def test_iptables_restart_and_reload_keep_the_mode(kind):
         fw = firewall(lab, kind)
         fw.setup()
         key = spa.NatOpening(Lab.cli4(1), "tcp", NAT_PORT, Lab.cli4(2), INNER_PORT, False)
-        assert fw.nat_modes == {key: mode}
+        assert fw.firewall.nat_modes == {key: mode}
         assert fw.intact() and not fw.restore()
         lab.run("srv", [kind, "-w", "-t", "nat", "-F", "SPA_POSTROUTING"])
         lab.run("srv", [kind, "-w", "-t", "nat", "-D", "POSTROUTING", "-j", "SPA_POSTROUTING"])

@@ -4895,6 +4895,15 @@ def packet_fields(d, now):
     return ", ".join(parts)
 
 
+def _mode_words(mode):
+    """How a NAT opening forwards, for the log: '' for PLAIN_NAT, else ', without DNAT,
+    everything forwarded, SNAT to 198.18.2.9' (as much of it as holds)."""
+    words = ["without DNAT"] * (not mode.dnat) + ["everything forwarded"] * mode.forward_all
+    if mode.snat is not None:
+        words.append("masqueraded" if mode.snat == "masquerade" else "SNAT to " + mode.snat)
+    return "".join(", " + word for word in words)
+
+
 class Gatekeeper(object):
     """The privileged side: decides on each packet the reader passes on, records replay
     digests durably, then opens the firewall (or runs a command).
@@ -5106,9 +5115,9 @@ class Gatekeeper(object):
             return                       # CommandRunner said what it started
         what = format_access(msg.access) if nat is None else "%s forwarded to %s" % (
             format_access(msg.access), format_endpoint(nat.address, nat.port))
-        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s",
+        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s%s",
                       d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout,
-                      " on " + d.interface if d.interface else "",
+                      " on " + d.interface if d.interface else "", _mode_words(d.nat_mode),
                       " (test mode: firewall unchanged)"
                       if isinstance(self.firewall, DryRunFirewall) else "")
 

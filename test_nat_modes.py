@@ -182,8 +182,8 @@ def test_force_nat_turns_any_access_request_into_nat_to_its_host(tmp_path):
                         ([("tcp", 5022), ("udp", 53)], "must name one")):
         d = gate.knock("198.18.1.4", ME, knock(access, timestamp=int(now)), now)
         assert not d.accepted and why in d.reason
-    assert "opened tcp/5022 forwarded to 198.18.2.2:2222 for 198.18.1.2" in "\n".join(
-        gate.log.lines)
+    assert "opened tcp/5022 forwarded to 198.18.2.2:2222 for 198.18.1.2 for 30 s (test" in \
+        "\n".join(gate.log.lines)
 
 
 def test_each_stanza_forwards_as_its_mode_says(tmp_path):
@@ -219,6 +219,8 @@ def test_each_stanza_forwards_as_its_mode_says(tmp_path):
                                               base64.b64decode(HMAC_KEY)), now)
         assert d.accepted and d.nat_mode == NatMode(True, snat, False), d.reason
         assert gate.firewall.opened[-1][-1] == d.nat_mode
+    assert "198.18.3.2 for 30 s, without DNAT, everything forwarded, masqueraded (test" in \
+        "\n".join(gate.log.lines)
     d = gate.knock("198.18.5.2", ME, knock([("tcp", 5022)], timestamp=int(now)), now)
     assert not d.accepted and "force_snat 2001:db8:2::9 cannot SNAT an IPv4" in d.reason
 

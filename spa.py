@@ -2422,6 +2422,7 @@ class NftFirewall(Firewall):
         _a = "ipv%s_addr" % _v
         _service = "%s . %s . inet_proto . inet_service" % (_a, _a)
         NAT_SETS += [("set", "fwall" + _v, "{ type %s; flags timeout; }" % _a),
+                     ("set", "fwdd" + _v, "{ type %s; flags timeout; }" % _service),
                      ("map", "snat" + _v, "{ type %s : %s; flags timeout; }" % (_service, _a)),
                      ("set", "masq" + _v, "{ type %s; flags timeout; }" % _service),
                      ("map", "snatall" + _v, "{ type %s : %s; flags timeout; }" % (_a, _a)),
@@ -2432,8 +2433,10 @@ class NftFirewall(Firewall):
          ["dnat ip to ip saddr . meta l4proto . th dport map @dnat4",
           "dnat ip6 to ip6 saddr . meta l4proto . th dport map @dnat6"]),
         ("forward", "{ type filter hook forward priority 0; policy accept; }",
-         ["ip saddr . ip daddr . meta l4proto . th dport @fwd4 accept",
-          "ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept",
+         ["ct status dnat ip saddr . ip daddr . meta l4proto . th dport @fwd4 accept",
+          "ct status dnat ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept",
+          "ip saddr . ip daddr . meta l4proto . th dport @fwdd4 accept",
+          "ip6 saddr . ip6 daddr . meta l4proto . th dport @fwdd6 accept",
           "ip saddr @fwall4 accept", "ip6 saddr @fwall6 accept"]),
         ("postrouting", "{ type nat hook postrouting priority srcnat; policy accept; }",
          ["snat ip to ip saddr . ip daddr . meta l4proto . th dport map @snat4",
@@ -2642,15 +2645,16 @@ class NftFirewall(Firewall):
                         commands.append("add set %s %s_if { type ifname . %sinet_proto . "
                                         "inet_service; flags timeout; }" % (where, set_name, kinds))
             if hook == "forward":
-                commands += self._forward_all_commands(items, where, name, v4, v6)
+                commands += self._forward_mode_commands(items, where, name, v4, v6)
             for mark, interface, wanted in ((self.MARK, "", True),
                                             (self.MARK_BOUND, "iifname . ", bound)):
                 if not wanted or self._has_mark(items, family, table, name, mark):
                     continue
                 for set_name, ip in ((v4, "ip"), (v6, "ip6")):
-                    if set_name:
-                        commands.append('insert rule %s %s %s%s %s @%s%s accept comment "%s"'
-                                        % (where, name, interface, ip, key.format(ip), set_name,
+                    if set_name:       # forward: only what a DNAT of ours rewrote
+                        commands.append('insert rule %s %s %s%s%s %s @%s%s accept comment "%s"'
+                                        % (where, name, "ct status dnat " if hook == "forward"
+                                           else "", interface, ip, key.format(ip), set_name,
                                            "_if" if interface else "", mark))
             if self.steer and hook == "input" and \
                     not self._has_mark(items, family, table, name, self.MARK_STEER):
@@ -2666,19 +2670,27 @@ class NftFirewall(Firewall):
             places.append((family, table, v4, v6))
         return places
 
-    def _forward_all_commands(self, items, where, chain, v4, v6):
-        """The sets and the rule (marked MARK_ALL) that accept everything forwarded from an
-        address with a forward_all opening, in another table's default-drop forward chain."""
+    def _forward_mode_commands(self, items, where, chain, v4, v6):
+        """The sets and rules (marked MARK_ALL) that accept, in another table's default-drop
+        forward chain, what disable_dnat openings forward (`fwdd` sets, keyed as `fwd`
+        without its DNAT) and everything from an address with a forward_all opening."""
         family, table = where.split()
         commands = []
         for set_name, ip in ((v4, "ip"), (v6, "ip6")):
             if set_name:
-                all_set = set_name.replace("fwd", "fwall")
-                commands.append("add set %s %s { type %s_addr; flags timeout; }"
-                                % (where, all_set, "ipv4" if ip == "ip" else "ipv6"))
+                kind = "ipv4_addr" if ip == "ip" else "ipv6_addr"
+                direct, everything = set_name.replace("fwd", "fwdd"), set_name.replace("fwd",
+                                                                                       "fwall")
+                commands += ["add set %s %s { type %s . %s . inet_proto . inet_service; "
+                             "flags timeout; }" % (where, direct, kind, kind),
+                             "add set %s %s { type %s; flags timeout; }"
+                             % (where, everything, kind)]
                 if not self._has_mark(items, family, table, chain, self.MARK_ALL):
-                    commands.append('insert rule %s %s %s saddr @%s accept comment "%s"'
-                                    % (where, chain, ip, all_set, self.MARK_ALL))
+                    commands += ['insert rule %s %s %s saddr . %s daddr . meta l4proto . '
+                                 'th dport @%s accept comment "%s"'
+                                 % (where, chain, ip, ip, direct, self.MARK_ALL),
+                                 'insert rule %s %s %s saddr @%s accept comment "%s"'
+                                 % (where, chain, ip, everything, self.MARK_ALL)]
         return commands
 
     @staticmethod
@@ -2810,8 +2822,9 @@ class NftFirewall(Firewall):
             if set_name and mode.forward_all:
                 elements.append(((family, table, set_name.replace("fwd", "fwall")),
                                  nft_key([address]), None))
-            elif set_name:
-                elements.append(((family, table, set_name), service, None))
+            elif set_name:       # without a DNAT: a set whose accept does not ask for one
+                elements.append(((family, table, set_name if mode.dnat else
+                                  set_name.replace("fwd", "fwdd")), service, None))
         if mode.snat is not None:
             which = ("masq" if mode.snat == "masquerade" else "snat") + \
                 ("all" if mode.forward_all else "") + v
@@ -2931,12 +2944,10 @@ class NftFirewall(Firewall):
                 for name in ("dnat4", "dnat6")
                 for key, (to_address, to_port), left in self._elements("map", name)]
         # Forwarding without a DNAT (disable_dnat): the port is the inner host's own.
-        dnat = {(row[0], row[1], row[3], row[4]) for row in rows}
         return rows + [(address, proto, port, to_address, port, False, left)
-                       for name in ("fwd4", "fwd6")
+                       for name in ("fwdd4", "fwdd6")
                        for (address, to_address, proto, port), _, left in
-                       self._elements("set", name)
-                       if (address, proto, to_address, port) not in dnat]
+                       self._elements("set", name)]
 
     def flush(self):
         """Remove our table, and our sets and rules in other tables."""
@@ -2950,7 +2961,8 @@ class NftFirewall(Firewall):
                                 % (r["family"], r["table"], r["chain"], r["handle"]))
         for s in (i["set"] for i in items if "set" in i):
             if s["name"] in ("spa_allow4", "spa_allow6", "spa_fwd4", "spa_fwd6",
-                             "spa_fwall4", "spa_fwall6", "spa_allow4_if", "spa_allow6_if"):
+                             "spa_fwall4", "spa_fwall6", "spa_fwdd4", "spa_fwdd6",
+                             "spa_allow4_if", "spa_allow6_if"):
                 commands.append("delete set %s %s %s" % (s["family"], s["table"], s["name"]))
         if any(i.get("table", {}).get("name") == self.table and
                i["table"]["family"] == "inet" for i in items):

@@ -427,6 +427,30 @@ def test_disable_dnat_forwards_what_the_client_sends_to_the_inner_host(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_plain_nat_opening_accepts_only_what_its_dnat_rewrote(kind):
+    """The accept of a NAT opening matches only connections its DNAT rewrote, on every back
+    end: the knocker reaches the inner host through the server's port, not at the inner
+    host's own address (nft accepted that too, through a default-drop forward chain)."""
+    need(kind)
+    with Lab(clients=2, prefix="nt") as lab:
+        router(lab, kind)
+        inner_services(lab)
+        fw = firewall(lab, kind)
+        fw.setup()
+        cli1 = lab.name("cli1")
+        for family, c1, s1, c2, s2 in families(lab):
+            assert fw.open_nat(c1, "tcp", NAT_PORT, c2, INNER_PORT, 30, False)
+        for family, c1, s1, c2, s2 in families(lab):
+            assert tcp_try(cli1, s1, NAT_PORT) == banner(family, INNER_PORT)
+            assert tcp_try(cli1, c2, INNER_PORT) == "timeout"
+        if kind == "nft":
+            ruleset = lab.run("srv", ["nft", "list", "chain", "inet", "filter", "forward"]).stdout
+            assert "ct status dnat ip saddr . ip daddr . meta l4proto . th dport @spa_fwd4 " \
+                "accept" in ruleset
+        fw.flush()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_forward_all_forwards_everything_from_the_client_and_nothing_from_others(kind):
     """forward_all (with MASQUERADE, fwknop's SPA gateway): every protocol and port the
     client sends through the router passes, masqueraded; the DNAT of the requested port

@@ -1180,6 +1180,9 @@ class Stanza(object):
                            % where)
         if force_snat and masquerade:
             raise SpaError("%s: force_snat and force_masquerade: give one of them" % where)
+        if force_snat and self.force_nat and force_snat.version != _family(self.force_nat[0]):
+            raise SpaError("%s: force_snat %s and force_nat %s are of different families"
+                           % (where, force_snat, self.force_nat[0]))
         needs = [name for name, on in (("force_nat", self.force_nat), ("force_snat", force_snat),
                                        ("force_masquerade", masquerade),
                                        ("disable_dnat", self.disable_dnat),
@@ -6006,6 +6009,22 @@ def check_saved_firewall(config, line):
         print("        %s %s: run  %s" % (path, what, fix))
 
 
+def _stanza_nat_lines(stanza):
+    """check-config's lines on where a stanza's knocks must go and where NAT leads."""
+    lines = []
+    if stanza.destinations is not None:
+        lines.append("knocks must be sent to %s" % ", ".join(map(str, stanza.destinations)))
+    if stanza.force_nat is not None:
+        family = _family(stanza.force_nat[0])
+        lines.append("every request is forwarded to %s%s" % (
+            format_endpoint(*stanza.force_nat), _mode_words(stanza.nat_mode(family))))
+    elif stanza.nat_forward:
+        lines.append("NAT access to other hosts: %s" % (", ".join(
+            map(format_nat_destination, stanza.nat_destinations)) or
+            "none (no nat_destinations)"))
+    return lines
+
+
 def check_config_main(args):
     """Validate a server config as far as it can be without running the server."""
     config = ServerConfig(args.config, args.access_conf)
@@ -6050,10 +6069,8 @@ def check_config_main(args):
                   stanza.fw_access_timeout, stanza.max_fw_timeout, stanza.hmac_type, stanza.mode,
                   "; user must be " + stanza.require_username if stanza.require_username else "",
                   "; refuses 0.0.0.0" if stanza.require_source_address else ""))
-        if stanza.nat_forward:
-            print("    NAT access to other hosts: %s" % (", ".join(
-                map(format_nat_destination, stanza.nat_destinations)) or
-                "none (no nat_destinations)"))
+        for text in _stanza_nat_lines(stanza):
+            print("    " + text)
     for note in config.notes:
         print("  note  access.conf: %s" % note)
     print("verdict: %s" % ("ok" if not line.failures else "%d problem(s)" % len(line.failures)))

@@ -198,7 +198,8 @@ def test_each_stanza_forwards_as_its_mode_says(tmp_path):
         "plain": {"source": "198.18.4.0/24, 2001:db8::/32", "enable_nat": "yes",
                   "nat_destinations": "198.18.2.2:22, [2001:db8:2::2]:22",
                   "open_ports": "tcp/5022"},
-        "wrong": {"source": "198.18.5.0/24", "force_nat": "198.18.2.2:22",
+        "wrong": {"source": "198.18.5.0/24", "enable_nat": "yes", "forward_all": "yes",
+                  "nat_destinations": "198.18.2.2:22",
                   "force_snat": "2001:db8:2::9", "open_ports": "tcp/5022"}}
     gate = gatekeeper(tmp_path, stanzas, addresses=(ME, "2001:db8::1"), enable_forwarding="yes",
                       enable_snat="yes", snat_translate_ip="198.18.2.1")
@@ -221,7 +222,10 @@ def test_each_stanza_forwards_as_its_mode_says(tmp_path):
         assert gate.firewall.opened[-1][-1] == d.nat_mode
     assert "198.18.3.2 for 30 s, without DNAT, everything forwarded, masqueraded (test" in \
         "\n".join(gate.log.lines)
-    d = gate.knock("198.18.5.2", ME, knock([("tcp", 5022)], timestamp=int(now)), now)
+    msg = spa.Message("alice", "0.0.0.0", [("tcp", 5022)], msg_type=spa.MSG_NAT,
+                      nat_access="198.18.2.2,22", timestamp=int(now))
+    d = gate.knock("198.18.5.2", ME, spa.seal(msg.encode(), base64.b64decode(KEY),
+                                              base64.b64decode(HMAC_KEY)), now)
     assert not d.accepted and "force_snat 2001:db8:2::9 cannot SNAT an IPv4" in d.reason
 
 
@@ -284,6 +288,25 @@ def test_access_conf_names_load_with_their_meaning(tmp_path):
     config = server_config(tmp_path, access_conf=path)
     assert [s.name for s in config.stanzas] == ["alice"]
     assert "force_nat needs [server] enable_forwarding = yes" in "\n".join(config.notes)
+
+
+def test_check_config_says_where_knocks_go_and_how_they_forward(tmp_path):
+    import subprocess
+    config = server_config(tmp_path, {
+        "a": {"force_nat": "[2001:db8:2::2]:22", "force_masquerade": "yes", "forward_all": "yes",
+              "destination": "198.18.0.1, 2001:db8::/64", "open_ports": "tcp/5022"},
+        "b": {"force_nat": "198.18.2.2:22", "open_ports": "tcp/5022"}},
+        enable_forwarding="yes", enable_snat="yes", snat_translate_ip="198.18.2.1")
+    out = subprocess.run([sys.executable, SPA, "check-config", "-c", config.path],
+                         stdout=subprocess.PIPE, universal_newlines=True).stdout
+    assert "knocks must be sent to 198.18.0.1/32, 2001:db8::/64" in out
+    assert "every request is forwarded to [2001:db8:2::2]:22, everything forwarded, " \
+        "masqueraded" in out
+    assert "every request is forwarded to 198.18.2.2:22, SNAT to 198.18.2.1" in out
+    with pytest.raises(spa.SpaError, match="different families"):
+        server_config(tmp_path, {"a": {"force_nat": "198.18.2.2:22", "force_snat":
+                                       "2001:db8:2::9", "open_ports": "tcp/5022"}},
+                      enable_forwarding="yes")
 
 
 # ----------------------------------------------- the back ends' rules, no root

@@ -14,11 +14,9 @@ forwards), client 3 is a stranger; real TCP services; the real fwknop client whe
 """
 
 import base64
-import ipaddress
 import os
 import re
 import shlex
-import socket
 import sys
 import time
 
@@ -88,11 +86,14 @@ def inner_services(lab):
             for family, _, _, cli2, _ in families(lab) for port in (INNER_PORT, OTHER_PORT)}
 
 
-def last_peer(service):
+def reach(ns, address, port, service):
+    """(what a connection to address:port reads, the peer `service` saw for it)."""
+    before = len(service.peers)
+    got = tcp_try(ns, address, port)
     deadline = time.monotonic() + 2
-    while not service.peers and time.monotonic() < deadline:     # its accept thread may lag
+    while len(service.peers) <= before and time.monotonic() < deadline:
         time.sleep(0.01)
-    return service.peers[-1][0]
+    return got, service.peers[-1][0] if len(service.peers) > before else None
 
 
 def extra(family):
@@ -401,12 +402,13 @@ def test_snat_and_masquerade_change_the_source_the_inner_host_sees(kind):
                 assert fw.open_nat(c1, "tcp", NAT_PORT, c2, INNER_PORT, 2, False, now,
                                    NatMode(True, address, False))
             for family, c1, s1, c2, s2 in families(lab):
-                assert tcp_try(cli1, s1, NAT_PORT) == banner(family, INNER_PORT)
+                got, peer = reach(cli1, s1, NAT_PORT, inner[family, INNER_PORT])
+                assert got == banner(family, INNER_PORT)
                 extra = EXTRA4 if family == 4 else EXTRA6
                 # MASQUERADE takes an address of the way out (over IPv6 the kernel's source
                 # address selection may pick either of the two).
                 expected = {"client": [c1], "server": [s2, extra], "extra": [extra]}[seen]
-                assert last_peer(inner[family, INNER_PORT]) in expected, (snat, family)
+                assert peer in expected, (snat, family)
                 assert tcp_try(lab.name("cli3"), Lab.srv4(3) if family == 4 else Lab.srv6(3),
                                NAT_PORT) == "refused"
             sleep_until(now + 3.1)
@@ -435,8 +437,8 @@ def test_disable_dnat_forwards_what_the_client_sends_to_the_inner_host(kind):
             assert fw.open_nat(c1, "tcp", NAT_PORT, c2, INNER_PORT, 2, False, now,
                                NatMode(False, None, False))
         for family, c1, s1, c2, s2 in families(lab):
-            assert tcp_try(cli1, c2, INNER_PORT) == banner(family, INNER_PORT)
-            assert last_peer(inner[family, INNER_PORT]) == c1
+            assert reach(cli1, c2, INNER_PORT, inner[family, INNER_PORT]) == (
+                banner(family, INNER_PORT), c1)
             assert tcp_try(cli1, c2, OTHER_PORT) == "timeout"          # only that service
             assert tcp_try(cli1, s1, NAT_PORT) == "refused"            # no DNAT
             assert tcp_try(cli3, c2, INNER_PORT) == "timeout"
@@ -493,8 +495,8 @@ def test_forward_all_forwards_everything_from_the_client_and_nothing_from_others
                                NatMode(True, "masquerade", True))
         for family, c1, s1, c2, s2 in families(lab):
             for port in (INNER_PORT, OTHER_PORT):
-                assert tcp_try(cli1, c2, port) == banner(family, port)
-                assert last_peer(inner[family, port]) in (s2, extra(family))   # masqueraded
+                got, peer = reach(cli1, c2, port, inner[family, port])
+                assert got == banner(family, port) and peer in (s2, extra(family))  # masqueraded
             assert udp_try(cli1, c2, 53) in (b"knock from " + s2.encode(),
                                              b"knock from " + extra(family).encode())
             assert tcp_try(cli1, s1, NAT_PORT) == banner(family, INNER_PORT)
@@ -528,12 +530,12 @@ def test_iptables_restart_and_reload_keep_the_mode(kind):
         lab.run("srv", [kind, "-w", "-t", "nat", "-F", "SPA_POSTROUTING"])
         lab.run("srv", [kind, "-w", "-t", "nat", "-D", "POSTROUTING", "-j", "SPA_POSTROUTING"])
         lab.run("srv", [kind, "-w", "-t", "nat", "-X", "SPA_POSTROUTING"])
-        assert tcp_try(lab.name("cli1"), Lab.cli4(2), OTHER_PORT) == banner(4, OTHER_PORT)
-        assert last_peer(inner[4, OTHER_PORT]) == Lab.cli4(1)        # the SNAT went
+        assert reach(lab.name("cli1"), Lab.cli4(2), OTHER_PORT, inner[4, OTHER_PORT]) == (
+            banner(4, OTHER_PORT), Lab.cli4(1))                        # the SNAT went
         assert not fw.intact()
         assert fw.restore()
-        assert tcp_try(lab.name("cli1"), Lab.cli4(2), OTHER_PORT) == banner(4, OTHER_PORT)
-        assert last_peer(inner[4, OTHER_PORT]) == EXTRA4
+        assert reach(lab.name("cli1"), Lab.cli4(2), OTHER_PORT, inner[4, OTHER_PORT]) == (
+            banner(4, OTHER_PORT), EXTRA4)
         assert fw.flush()
         save = lab.run("srv", [kind + "-save"]).stdout
         assert "SPA_" not in save
@@ -577,9 +579,9 @@ def test_spa_client_plain_knock_reaches_the_forced_host(tmp_path, kind):
                              "--key-base64", KEY, "--hmac-key-base64", HMAC_KEY])
             wait_for_line(server, r"opened tcp/%d forwarded to %s for %s" % (
                 NAT_PORT, re.escape(spa.format_endpoint(c2, OTHER_PORT)), re.escape(c1)), 3)
-            assert tcp_try(lab.name("cli1"), s1, NAT_PORT) == banner(family, OTHER_PORT)
-            assert last_peer(inner[family, OTHER_PORT]) in ((EXTRA4,) if family == 4 else
-                                                            (s2, EXTRA6))
+            got, peer = reach(lab.name("cli1"), s1, NAT_PORT, inner[family, OTHER_PORT])
+            assert got == banner(family, OTHER_PORT)
+            assert peer in ((EXTRA4,) if family == 4 else (s2, EXTRA6))
         lab.stop_process(server)
 
 
@@ -610,6 +612,53 @@ def test_fwknop_client_and_access_conf_force_nat_and_destination(tmp_path, kind)
         fwknop_knock(lab, Lab.srv4(1))
         wait_for_line(server, r"opened tcp/%d forwarded to %s:%d" % (NAT_PORT, Lab.cli4(2),
                                                                      OTHER_PORT), 3)
-        assert tcp_try(lab.name("cli1"), Lab.srv4(1), NAT_PORT) == banner(4, OTHER_PORT)
-        assert last_peer(inner[4, OTHER_PORT]) == EXTRA4
+        assert reach(lab.name("cli1"), Lab.srv4(1), NAT_PORT, inner[4, OTHER_PORT]) == (
+            banner(4, OTHER_PORT), EXTRA4)
         lab.stop_process(server)
+
+
+def test_the_same_access_conf_forwards_alike_under_fwknopd_and_spa_py(tmp_path):
+    """One access.conf stanza (FORCE_NAT, FORCE_SNAT), loaded by the real fwknopd
+    (ENABLE_IPT_FORWARDING, its iptables back end) and by spa.py (--access-conf): the real
+    fwknop client's plain `-A tcp/5022` gives the same path to the inner host, which sees
+    the same SNAT address, through a router that drops the rest.  (fwknopd makes its SNAT
+    rule only with ENABLE_IPT_SNAT Y as well: without it FORCE_SNAT does nothing, measured
+    here; spa.py needs no [server] switch for a stanza's own force_snat.)"""
+    netns_lab.need_lab("fwknop", "fwknopd", "iptables")
+    stanza = {"SOURCE": "198.18.1.0/24", "OPEN_PORTS": "tcp/%d" % NAT_PORT,
+              "KEY_BASE64": KEY, "HMAC_KEY_BASE64": HMAC_KEY, "HMAC_DIGEST_TYPE": "sha256",
+              "FW_ACCESS_TIMEOUT": 10, "FORCE_NAT": "%s %d" % (Lab.cli4(2), OTHER_PORT),
+              "FORCE_SNAT": EXTRA4}
+    seen = {}
+    for daemon, conf in (("fwknopd", {"ENABLE_IPT_FORWARDING": "Y"}),
+                         ("fwknopd-snat", {"ENABLE_IPT_FORWARDING": "Y", "ENABLE_IPT_SNAT": "Y"}),
+                         ("spa.py", None)):
+        with Lab(clients=2, prefix="nt") as lab:
+            router(lab, "iptables-nft")
+            inner = inner_services(lab)
+            cli1 = lab.name("cli1")
+            assert tcp_try(cli1, Lab.srv4(1), NAT_PORT) == "refused"
+            if conf:
+                os.makedirs(str(tmp_path / daemon))
+                server = netns_lab.FwknopdServer(lab, "srv", lab.srv_if[1], stanza,
+                                                 tmp_path / daemon, conf=conf)
+                server.start()
+            else:
+                access = write_private(tmp_path / "access.conf", "".join(
+                    "%s %s\n" % kv for kv in stanza.items()))
+                server = spa_server(lab, tmp_path, {"other": {"source": "2001:db8::/32"}},
+                                    "iptables-nft", access_conf=access)
+            fwknop_knock(lab, Lab.srv4(1))
+            deadline = time.monotonic() + 3
+            while tcp_try(cli1, Lab.srv4(1), NAT_PORT) == "refused" and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)            # fwknopd adds its rules one iptables run at a time
+            seen[daemon] = reach(cli1, Lab.srv4(1), NAT_PORT, inner[4, OTHER_PORT])
+            if conf:
+                server.stop()
+            else:
+                lab.stop_process(server)
+    assert seen == {"fwknopd": (banner(4, OTHER_PORT), Lab.cli4(1)),
+                    "fwknopd-snat": (banner(4, OTHER_PORT), EXTRA4),
+                    "spa.py": (banner(4, OTHER_PORT), EXTRA4)}

@@ -1335,8 +1335,7 @@ ACCESS_CONF_BOOLS = {"REQUIRE_SOURCE_ADDRESS": "require_source_address",
                      "FORWARD_ALL": "forward_all"}
 
 
-# What fwknopd does and spa.py does not (yet): a stanza that asks for it is left out.  The
-# yes/no ones ask for it only with Y.
+# What fwknopd does and spa.py does not (yet): a stanza that asks for it is left out.
 ACCESS_CONF_UNSUPPORTED = {
     "CMD_CYCLE_OPEN": "command cycles (CMD_CYCLE_OPEN)",
     "CMD_CYCLE_CLOSE": "command cycles (CMD_CYCLE_CLOSE)",
@@ -2407,7 +2406,7 @@ class NftFirewall(Firewall):
     STEER_PORT = 0              # no socket can listen on port 0: the kernel always resets
     MARK_BOUND = "spa.py if"           # the accept rule of openings bound to an interface
     MARK_STEER = "spa.py steer"
-    MARK_ALL = "spa.py all"            # the accept of forward_all openings (forward chains)
+    MARK_ALL = "spa.py all"     # the accepts of disable_dnat and forward_all openings (forward)
     NAT_SETS = [
         ("map", "dnat4", "{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . "
          "inet_service; flags timeout; }"),

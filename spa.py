@@ -1434,6 +1434,12 @@ class _AccessConfStanza(object):
             notes.append("%s: GnuPG packets are refused; AES ones are accepted" % name)
         if not options.get("hmac_key_base64") and not options.get("hmac_key"):
             unsupported.append("packets without an HMAC")
+        if "yes" in (options.get("forward_all"), options.get("disable_dnat")) and \
+                not options.get("force_nat"):
+            # fwknopd forwards then to the host a NAT request names (or, with FORCE_SNAT
+            # or FORCE_MASQUERADE, to "0.0.0.0": its gateway); an access.conf stanza
+            # cannot name nat_destinations, so here nothing would forward.
+            unsupported.append("FORWARD_ALL or DISABLE_DNAT without FORCE_NAT")
         if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
             options["enable_cmd_exec"] = "no"     # fwknopd would run them as root: never
             notes.append("%s: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER: spa.py "
@@ -1464,7 +1470,8 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0, 
 
     Read as fwknopd reads it (access_conf_lines; variable names are case-sensitive).
     A stanza that needs what spa.py does not do (GnuPG, command cycles, ECB or
-    legacy mode, no HMAC key, FORCE_NAT without [server] enable_forwarding), or that it cannot
+    legacy mode, no HMAC key, FORCE_NAT without [server] enable_forwarding, FORWARD_ALL
+    or DISABLE_DNAT without FORCE_NAT), or that it cannot
     read, is left out and a note names it and why, rather than being loaded with a
     restriction quietly dropped; the other stanzas load.
     """
@@ -2824,6 +2831,9 @@ class NftFirewall(Firewall):
             if set_name and mode.forward_all:
                 elements.append(((family, table, set_name.replace("fwd", "fwall")),
                                  nft_key([address]), None))
+                if not mode.dnat and table == self.table:     # (for list_nat: its target)
+                    elements.append(((family, table, set_name.replace("fwd", "fwdd")),
+                                     service, None))
             elif set_name:       # without a DNAT: a set whose accept does not ask for one
                 elements.append(((family, table, set_name if mode.dnat else
                                   set_name.replace("fwd", "fwdd")), service, None))

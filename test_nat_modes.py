@@ -285,6 +285,14 @@ def test_access_conf_names_load_with_their_meaning(tmp_path):
     assert two.force_nat == ("2001:db8:2::2", 2222) and two.destinations is None
     assert two.nat_mode(6) == NatMode(False, "masquerade", True)
     assert not any("NAT access to other hosts is refused" in n for n in config.notes)
+    # FORWARD_ALL or DISABLE_DNAT without FORCE_NAT would forward nothing here: left out.
+    gateway = write_private(tmp_path / "gateway.conf", (
+        "SOURCE ANY\nKEY_BASE64 %s\nHMAC_KEY_BASE64 %s\nFORWARD_ALL Y\nDISABLE_DNAT Y\n"
+        "FORCE_MASQUERADE Y\n") % (KEY, HMAC_KEY))
+    config = server_config(tmp_path, access_conf=gateway, enable_forwarding="yes")
+    assert [s.name for s in config.stanzas] == ["alice"]
+    assert "gateway.conf:1: stanza left out: spa.py does not support FORWARD_ALL or " \
+        "DISABLE_DNAT without FORCE_NAT" in config.notes
     # Without forwarding, a FORCE_NAT stanza is left out and the note says why.
     config = server_config(tmp_path, access_conf=path)
     assert [s.name for s in config.stanzas] == ["alice"]
@@ -493,6 +501,11 @@ def test_forward_all_forwards_everything_from_the_client_and_nothing_from_others
         for family, c1, s1, c2, s2 in families(lab):
             assert fw.open_nat(c1, "tcp", NAT_PORT, c2, INNER_PORT, 2, False, now,
                                NatMode(True, "masquerade", True))
+            assert fw.open_nat(c1, "udp", 53, c2, 53, 2, False, now,        # as a gateway
+                               NatMode(False, "masquerade", True))
+        assert sorted(row[:6] for row in fw.list_nat()) == sorted(
+            [(c1, "tcp", NAT_PORT, c2, INNER_PORT, False) for _, c1, _, c2, _ in families(lab)]
+            + [(c1, "udp", 53, c2, 53, False) for _, c1, _, c2, _ in families(lab)])
         for family, c1, s1, c2, s2 in families(lab):
             for port in (INNER_PORT, OTHER_PORT):
                 got, peer = reach(cli1, c2, port, inner[family, port])

@@ -382,6 +382,7 @@ def test_nft_mode_elements():
                                 NatMode(False, "198.18.2.9", True))
     assert [(place[2], element, data) for place, element, data in elements] == [
         ("fwall4", key(["198.18.1.2"]), None),
+        ("fwdd4", key(["198.18.1.2", "198.18.2.2"], 6, 22), None),      # (for list_nat)
         ("snatall4", key(["198.18.1.2"]), nftkey(["198.18.2.9"]))]
     elements = fw._nat_elements("2001:db8:1::2", "udp", 53, "2001:db8:2::2", 5353, False,
                                 NatMode(True, "masquerade", False))

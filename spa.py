@@ -546,7 +546,7 @@ class Decision(object):
     """What the server should do with one packet, and why."""
 
     __slots__ = ("accepted", "reason", "source", "stanza", "replay_key", "message",
-                 "allow_ip", "timeout", "nat", "interface", "hooks")
+                 "allow_ip", "timeout", "nat", "nat_mode", "interface", "hooks")
 
     def __init__(self, source, reason=None):
         self.accepted = False
@@ -555,12 +555,15 @@ class Decision(object):
         self.stanza = self.replay_key = self.message = self.allow_ip = None
         self.timeout = 0
         self.nat = self.interface = self.hooks = None
+        self.nat_mode = PLAIN_NAT
 
 
-def screen(payload, source, stanzas):
+def screen(payload, source, stanzas, destination=None):
     """Steps 1 and 2 of decide(), all the packet reader does: (the first stanza whose source
-    matches and whose HMAC key made the packet's HMAC, the signed text with the prefix put
-    back), or (None, why not).  Nothing else ever reads unauthenticated bytes.
+    (and, given `destination`, whose destination: fwknop's DESTINATION) matches and whose
+    HMAC key made the packet's HMAC, the signed text with the prefix put back), or (None,
+    why not).  Nothing else ever reads unauthenticated bytes.  The packet reader leaves
+    the destination out (a first sieve); the gatekeeper gives it.
 
     This is the path every flood packet takes, so it allocates as little as it can.
     """
@@ -576,6 +579,9 @@ def screen(payload, source, stanzas):
     for stanza in stanzas:
         if stanza.sources is not None and not stanza.matches_source(source):
             continue
+        if destination is not None and stanza.destinations is not None and \
+                not stanza.matches_destination(destination):
+            continue
         mac = stanza.gpg_mac if gpg else stanza.mac
         if mac is None:
             continue
@@ -584,7 +590,9 @@ def screen(payload, source, stanzas):
         if signed is not None:
             return stanza, signed
     return None, ("HMAC does not match any stanza for this source" if matched
-                  else "no %sstanza for source %s" % ("GnuPG " if gpg else "", source))
+                  else "no %sstanza for source %s%s" % (
+                      "GnuPG " if gpg else "", source,
+                      "" if destination is None else " and destination %s" % destination))
 
 
 def packet_key(signed):
@@ -646,6 +654,8 @@ def judge(stanza, signed, source, now, seen, max_age):
             raise Reject("packet age %+d s outside the %d s window (check the client's clock)"
                          % (age, max_age))
         decision.allow_ip, decision.timeout, decision.nat = stanza.authorize(msg, source, now)
+        if decision.nat is not None and not decision.nat.local:
+            decision.nat_mode = stanza.nat_mode(_family(decision.allow_ip))
     except Reject as e:
         decision.reason = str(e)
         return decision
@@ -656,7 +666,7 @@ def judge(stanza, signed, source, now, seen, max_age):
     return decision
 
 
-def decide(payload, source, now, stanzas, seen, max_age):
+def decide(payload, source, now, stanzas, seen, max_age, destination=None):
     """Decide on one captured UDP payload from address `source` (text) at time `now`
     (None: the clock is read only for a packet that authenticates).
 
@@ -665,9 +675,10 @@ def decide(payload, source, now, stanzas, seen, max_age):
     Decision with `accepted` False and a `reason`.  Whenever `replay_key` is set
     (the packet authenticates and decrypts), the caller must record it, accepted or
     not, so no such packet can be used twice.  The server runs this in two halves:
-    screen() in the packet reader, judge() in the privileged parent.
+    screen() in the packet reader, judge() in the privileged parent.  `destination`:
+    where the packet was sent (the stanzas' DESTINATION); None checks none.
     """
-    stanza, signed = screen(payload, source, stanzas)
+    stanza, signed = screen(payload, source, stanzas, destination)
     if stanza is None:
         return Decision(source, signed)
     return judge(stanza, signed, source, now, seen, max_age)
@@ -1311,8 +1322,15 @@ def nat_target_problem(address):
     return None
 
 
+# How a NAT opening forwards (fwknop's FORCE_SNAT, FORCE_MASQUERADE, DISABLE_DNAT, FORWARD_ALL
+# and fwknopd.conf's ENABLE_IPT_SNAT): `dnat` False forwards without a DNAT (the client sends
+# to the inner address itself); `snat` None, "masquerade" or the address to SNAT to;
+# `forward_all` accepts everything forwarded from the allow IP, not only the one service.
+NatMode = namedtuple("NatMode", "dnat snat forward_all")
+PLAIN_NAT = NatMode(True, None, False)
+
 # Where an accepted NAT request leads: to address:port, `local` if that is a port of this host
-# (fwknop's local NAT, message types 5 and 6).
+# (fwknop's local NAT, message types 5 and 6).  How it is forwarded: Decision.nat_mode.
 NatTarget = namedtuple("NatTarget", "address port local")
 
 
@@ -1323,18 +1341,52 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "require_username", "require_source_address", "nat_destinations",
                   "max_openings", "cmd_cycle_open", "cmd_cycle_close", "cmd_cycle_timer",
                   "cmd_cycle_user", "gpg_home_dir", "gpg_decrypt_id", "gpg_decrypt_pw",
-                  "gpg_allow_no_pw", "gpg_require_sig", "gpg_remote_id", "gpg_fingerprint_id"}
+                  "gpg_allow_no_pw", "gpg_require_sig", "gpg_remote_id", "gpg_fingerprint_id",
+                  "force_nat", "force_snat", "force_masquerade", "disable_dnat",
+                  "forward_all", "destination"}
 
 
-def _parse_sources(value, where):
-    """`source`: None for any, else [ip_network] from a list of addresses and networks."""
+def _parse_sources(value, where, name="source"):
+    """`source` (or `destination`): None for any, else [ip_network] from a list of addresses
+    and networks."""
     import ipaddress
-    if value.lower() == "any":
+    if any(s.strip().lower() == "any" for s in value.split(",")):
         return None
     try:
         return [ipaddress.ip_network(s.strip(), strict=False) for s in value.split(",")]
     except ValueError as e:
-        raise SpaError("%s: source: %s" % (where, e))
+        raise SpaError("%s: %s: %s" % (where, name, e))
+
+
+def parse_nat_address(value, name):
+    """An address a NAT opening may lead to or SNAT to (force_nat, force_snat,
+    snat_translate_ip): an ipaddress object, else SpaError."""
+    import ipaddress
+    try:
+        address = ipaddress.ip_address(value.strip().strip("[]"))
+    except ValueError:
+        raise SpaError("%s = %r: expected an IP address" % (name, value))
+    problem = nat_target_problem(address)
+    if problem is not None:
+        raise SpaError("%s = %s: %s cannot be used" % (name, value, problem))
+    return address
+
+
+def parse_force_nat(value, name):
+    """`force_nat`: (address, port) from IP:PORT, [IPV6]:PORT or fwknop's `IP PORT`."""
+    text = value.strip()
+    if " " in text:
+        host, _, port = text.partition(" ")
+    elif text.startswith("["):
+        host, _, port = text.partition("]")
+        port = port[1:] if port.startswith(":") else ""
+    else:
+        host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+    port = port.strip()
+    if not (port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise SpaError("%s = %r: expected IP:PORT ([IPV6]:PORT), the port 1-65535"
+                       % (name, value))
+    return str(parse_nat_address(host, name)), int(port)
 
 
 def _parse_port_set(value, name, where, default):
@@ -1442,7 +1494,8 @@ def check_hook_user(name, where):
 class Stanza(object):
     """One `[client NAME]` section of the server config: who may knock, with which keys, for what."""
 
-    def __init__(self, name, options, protect, where=None, forwarding=False, local_nat=False):
+    def __init__(self, name, options, protect, where=None, forwarding=False, local_nat=False,
+                 snat=None):
         where = where or "[client %s]" % name
         self.name = name
         unknown = set(options) - STANZA_OPTIONS
@@ -1450,6 +1503,8 @@ class Stanza(object):
             raise SpaError("%s: unknown option %s" % (where, _shown_names(unknown)))
         get = lambda option: (options.get(option) or "").strip()
         self.sources = _parse_sources(get("source") or "any", where)
+        # fwknop's DESTINATION: the addresses a knock must be sent to (None: any).
+        self.destinations = _parse_sources(get("destination") or "any", where, "destination")
         # A passphrase is taken as it is, blanks and all, as fwknopd takes it.
         key_get = lambda option: options.get(option) or "" if option in ("key", "hmac_key") \
             else get(option)
@@ -1493,6 +1548,7 @@ class Stanza(object):
         self.max_openings = parse_int(get("max_openings") or "1000", where + ": max_openings",
                                       1, 1000000)
         self._read_hooks(get, where)
+        self._read_nat_modes(get, where, forwarding, snat or {})
 
     def _read_hooks(self, get, where):
         """Hooks (fwknop's command cycles): cmd_cycle_open runs at each opening and
@@ -1574,6 +1630,57 @@ class Stanza(object):
             raise Reject("signed by %s, which is not in gpg_remote_id" % signer[0][-16:])
         return plaintext
 
+
+    def _read_nat_modes(self, get, where, forwarding, server_snat):
+        """force_nat, force_snat, force_masquerade, disable_dnat, forward_all (fwknop's
+        access.conf variables), checked as fwknopd checks them; `server_snat`: [server]
+        enable_snat's {family: "masquerade" or address}."""
+        flag = lambda name: parse_bool(get(name) or "no", where + ": " + name)
+        self.force_nat = parse_force_nat(get("force_nat"), where + ": force_nat") \
+            if get("force_nat") else None
+        force_snat = parse_nat_address(get("force_snat"), where + ": force_snat") \
+            if get("force_snat") else None
+        masquerade = flag("force_masquerade")
+        self.disable_dnat, self.forward_all = flag("disable_dnat"), flag("forward_all")
+        if (force_snat or masquerade) and not (self.force_nat or self.forward_all):
+            raise SpaError("%s: force_snat and force_masquerade need force_nat or forward_all"
+                           % where)
+        if force_snat and masquerade:
+            raise SpaError("%s: force_snat and force_masquerade: give one of them" % where)
+        if force_snat and self.force_nat and force_snat.version != _family(self.force_nat[0]):
+            raise SpaError("%s: force_snat %s and force_nat %s are of different families"
+                           % (where, force_snat, self.force_nat[0]))
+        needs = [name for name, on in (("force_nat", self.force_nat), ("force_snat", force_snat),
+                                       ("force_masquerade", masquerade),
+                                       ("disable_dnat", self.disable_dnat),
+                                       ("forward_all", self.forward_all)) if on]
+        if needs and not forwarding:
+            raise SpaError("%s: %s needs [server] enable_forwarding = yes" % (where, needs[0]))
+        if (self.disable_dnat or self.forward_all) and not (self.force_nat or self.enable_nat):
+            raise SpaError("%s: disable_dnat and forward_all need force_nat or enable_nat = yes"
+                           % where)
+        # SNAT of what this stanza forwards, by family: its own, else the server's.
+        self.snat = {4: "masquerade", 6: "masquerade"} if masquerade else \
+            {force_snat.version: str(force_snat)} if force_snat else dict(server_snat)
+        self.snat_forced = bool(force_snat or masquerade)
+
+    def nat_mode(self, family):
+        """The NatMode of this stanza's NAT openings to another host over IPv`family`;
+        Reject if its force_snat is of the other family."""
+        snat = self.snat.get(family)
+        if snat is None and self.snat_forced:
+            raise Reject("force_snat %s cannot SNAT an IPv%d connection" % (
+                list(self.snat.values())[0], family))
+        return NatMode(not self.disable_dnat, snat, self.forward_all)
+
+    def matches_destination(self, destination):
+        """Whether a knock sent to `destination` (an address as text) may use this stanza."""
+        if self.destinations is None:
+            return True
+        import ipaddress
+        address = ipaddress.ip_address(destination)
+        return any(address in net for net in self.destinations)
+
     def matches_source(self, source):
         """Whether a packet from `source` (an address as text) may use this stanza."""
         if self.sources is None:
@@ -1598,7 +1705,10 @@ class Stanza(object):
             if self.require_username is not None and msg.username != self.require_username:
                 raise Reject("username %r is not the required one" % msg.username)
             return (source if msg.allow_ip == "0.0.0.0" else msg.allow_ip), 0, None
-        nat = self._nat(msg) if msg.msg_type in NAT_TYPES else None
+        if self.force_nat is not None:          # every request goes where the stanza says
+            nat = self._forced_nat(msg)
+        else:
+            nat = self._nat(msg) if msg.msg_type in NAT_TYPES else None
         if msg.allow_ip == "0.0.0.0":
             if self.require_source_address:
                 raise Reject("allow IP 0.0.0.0 refused: require_source_address is on")
@@ -1623,6 +1733,13 @@ class Stanza(object):
             raise Reject("NAT to %s for %s: the addresses are of different families"
                          % (nat.address, allow_ip))
         return allow_ip, timeout, nat
+
+    def _forced_nat(self, msg):
+        """force_nat: the NatTarget of any access request (its one port) to this stanza."""
+        if len(msg.access) != 1:
+            raise Reject("force_nat: the request names %d ports; it must name one"
+                         % len(msg.access))
+        return NatTarget(self.force_nat[0], self.force_nat[1], False)
 
     def _nat(self, msg):
         """The NatTarget of a NAT request this stanza allows, else Reject."""
@@ -1679,6 +1796,7 @@ ACCESS_CONF_NAMES = {
     "GPG_HOME_DIR": "gpg_home_dir", "GPG_DECRYPT_ID": "gpg_decrypt_id",
     "GPG_DECRYPT_PW": "gpg_decrypt_pw", "GPG_REMOTE_ID": "gpg_remote_id",
     "GPG_FINGERPRINT_ID": "gpg_fingerprint_id",
+    "FORCE_NAT": "force_nat", "FORCE_SNAT": "force_snat", "DESTINATION": "destination",
 }
 
 
@@ -1686,18 +1804,9 @@ ACCESS_CONF_NAMES = {
 ACCESS_CONF_BOOLS = {"REQUIRE_SOURCE_ADDRESS": "require_source_address",
                      "REQUIRE_SOURCE": "require_source_address",
                      "ENABLE_CMD_EXEC": "enable_cmd_exec", "GPG_ALLOW_NO_PW": "gpg_allow_no_pw",
-                     "GPG_REQUIRE_SIG": "gpg_require_sig"}
-
-
-# What fwknopd does and spa.py does not (yet): a stanza that asks for it is left out.  The
-# yes/no ones ask for it only with Y.
-ACCESS_CONF_UNSUPPORTED = {
-    "FORCE_NAT": "NAT (FORCE_NAT)", "FORCE_SNAT": "NAT (FORCE_SNAT)",
-    "FORCE_MASQUERADE": "NAT (FORCE_MASQUERADE)", "FORWARD_ALL": "NAT (FORWARD_ALL)",
-    "DISABLE_DNAT": "NAT (DISABLE_DNAT)"}
-
-
-ACCESS_CONF_UNSUPPORTED_BOOLS = {"FORCE_MASQUERADE", "FORWARD_ALL", "DISABLE_DNAT"}
+                     "GPG_REQUIRE_SIG": "gpg_require_sig",
+                     "FORCE_MASQUERADE": "force_masquerade", "DISABLE_DNAT": "disable_dnat",
+                     "FORWARD_ALL": "forward_all"}
 
 
 # Settings of command messages that spa.py has no use for: it never uses sudo, and runs a
@@ -1764,9 +1873,6 @@ class _AccessConfStanza(object):
                 options.pop(ACCESS_CONF_NAMES[other], None)
         elif var in ACCESS_CONF_BOOLS:
             options[ACCESS_CONF_BOOLS[var]] = "yes" if yes else "no"
-        elif var == "DESTINATION":
-            if not any(d.strip().upper() == "ANY" for d in value.split(",")):
-                unsupported.append("DESTINATION %s (only ANY, which restricts nothing)" % value)
         elif var == "ENCRYPTION_MODE":
             mode = value.lower()
             if mode == "asymmetric":
@@ -1775,9 +1881,6 @@ class _AccessConfStanza(object):
                 options["encryption_mode"] = mode
             else:
                 unsupported.append("ENCRYPTION_MODE %s" % value)
-        elif var in ACCESS_CONF_UNSUPPORTED:
-            if yes or var not in ACCESS_CONF_UNSUPPORTED_BOOLS:
-                unsupported.append(ACCESS_CONF_UNSUPPORTED[var])
         elif var in ("GPG_DISABLE_SIG", "GPG_IGNORE_SIG_VERIFY_ERROR", "GPG_EXE"):
             self.gpg_line(var, yes)
         elif var == "ENABLE_CMD_SUDO_EXEC":
@@ -1815,6 +1918,12 @@ class _AccessConfStanza(object):
             unsupported.append("a stanza without an AES key")
         if not options.get("hmac_key_base64") and not options.get("hmac_key"):
             unsupported.append("packets without an HMAC")
+        if "yes" in (options.get("forward_all"), options.get("disable_dnat")) and \
+                not options.get("force_nat"):
+            # fwknopd forwards then to the host a NAT request names (or, with FORCE_SNAT
+            # or FORCE_MASQUERADE, to "0.0.0.0": its gateway); an access.conf stanza
+            # cannot name nat_destinations, so here nothing would forward.
+            unsupported.append("FORWARD_ALL or DISABLE_DNAT without FORCE_NAT")
         if options.get("enable_cmd_exec") == "yes" and not options.get("cmd_exec_user"):
             options["enable_cmd_exec"] = "no"     # fwknopd would run them as root: never
             notes.append("%s: ENABLE_CMD_EXEC is not honoured without CMD_EXEC_USER: spa.py "
@@ -1844,12 +1953,13 @@ def _access_conf_stanza(name, pairs, notes):
     return stanza.finish()
 
 
-def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
+def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0, snat=None):
     """Turn fwknop's access.conf into Stanzas: ([Stanza], [notes on what is not honoured]).
 
     Read as fwknopd reads it (access_conf_lines; variable names are case-sensitive).
-    A stanza that needs what spa.py does not do (NAT, a DESTINATION other
-    than ANY, ECB or legacy mode, no HMAC key), or that it cannot
+    A stanza that needs what spa.py does not do (ECB or legacy mode, no HMAC key,
+    FORCE_NAT without [server] enable_forwarding, FORWARD_ALL or DISABLE_DNAT without
+    FORCE_NAT), or that it cannot
     read, is left out and a note names it and why, rather than being loaded with a
     restriction quietly dropped; the other stanzas load.
     """
@@ -1863,7 +1973,8 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
                 raise SpaError("%s line %d: %r is not a usable file name" % (path, number, value))
             files = [value] if var == "%include" else sorted(glob.glob(os.path.join(value, "*.conf")))
             for name in files:
-                more, more_notes = read_access_conf(name, protect, forwarding, local_nat, depth + 1)
+                more, more_notes = read_access_conf(name, protect, forwarding, local_nat,
+                                                    depth + 1, snat)
                 stanzas += more
                 notes += more_notes
             continue
@@ -1884,12 +1995,12 @@ def read_access_conf(path, protect, forwarding=False, local_nat=False, depth=0):
         if problems:
             notes.append("%s: stanza left out: %s" % (name, "; ".join(problems)))
             continue
-        if forwarding:
+        if forwarding and not options.get("force_nat"):
             notes.append("%s: NAT access to other hosts is refused: access.conf cannot name "
                          "nat_destinations (a [client] stanza can)" % name)
         try:
             stanzas.append(Stanza(name, options, protect, where="%s stanza at %s" % (path, name),
-                                  forwarding=forwarding, local_nat=local_nat))
+                                  forwarding=forwarding, local_nat=local_nat, snat=snat))
         except SpaError as e:
             notes.append("%s: stanza left out: %s" % (name, e))
     return stanzas, notes
@@ -1901,7 +2012,8 @@ RESTART_OPTIONS = ("firewall", "replay_cache", "user", "log", "bind_interface")
 SERVER_OPTIONS = {"interface", "optional_interface", "port", "firewall", "protect",
                   "protect_action", "max_packet_age", "replay_cache", "log", "user", "access_conf",
                   "enable_forwarding", "enable_local_nat", "bind_interface", "saved_firewall",
-                  "nft_include", "gpg_user", "transports", "http_port", "http_proxies"}
+                  "nft_include", "gpg_user", "transports", "http_port", "http_proxies",
+                  "enable_snat", "snat_translate_ip"}
 DEFAULT_REPLAY_CACHE = "/var/lib/spa/replay.cache"
 TRANSPORTS = ("udp", "tcp", "icmp", "http")   # what knocks may come over ([server] transports)
 DEFAULT_HTTP_PORT = 80
@@ -1985,6 +2097,18 @@ class ServerConfig(object):
             raise SpaError("%s: log = %r: expected stderr or syslog" % (path, self.log))
         self.enable_forwarding = parse_bool(get("enable_forwarding", "no"), "enable_forwarding")
         self.enable_local_nat = parse_bool(get("enable_local_nat", "no"), "enable_local_nat")
+        # fwknopd.conf's ENABLE_IPT_SNAT and SNAT_TRANSLATE_IP: SNAT what NAT access forwards,
+        # to that address (for its family; MASQUERADE for the other), else MASQUERADE.
+        self.snat = {}
+        if parse_bool(get("enable_snat", "no"), "enable_snat"):
+            if not self.enable_forwarding:
+                raise SpaError("%s: enable_snat needs enable_forwarding = yes" % path)
+            self.snat = {4: "masquerade", 6: "masquerade"}
+            if get("snat_translate_ip", ""):
+                address = parse_nat_address(get("snat_translate_ip", ""), "snat_translate_ip")
+                self.snat[address.version] = str(address)
+        elif get("snat_translate_ip", ""):
+            raise SpaError("%s: snat_translate_ip needs enable_snat = yes" % path)
         # Openings keyed on the interface the knock came in on, too.
         self.bind_interface = parse_bool(get("bind_interface", "no"), "bind_interface")
         self._read_transports(get)
@@ -2078,10 +2202,11 @@ class ServerConfig(object):
                                % (path, name))
             self.stanzas.append(Stanza(client.strip(), dict(parser[name]), self.protect,
                                        forwarding=self.enable_forwarding,
-                                       local_nat=self.enable_local_nat))
+                                       local_nat=self.enable_local_nat, snat=self.snat))
         if access_conf:
             stanzas, self.notes = read_access_conf(access_conf, self.protect,
-                                                   self.enable_forwarding, self.enable_local_nat)
+                                                   self.enable_forwarding, self.enable_local_nat,
+                                                   snat=self.snat)
             self.stanzas += stanzas
         gpg = any(stanza.gpg is not None for stanza in self.stanzas)
         self.longest_wire = MAX_GPG_WIRE_LEN if gpg else MAX_WIRE_LEN
@@ -2413,6 +2538,15 @@ def _nat_target(address, to_address):
     return str(target)
 
 
+def _nat_mode(address, mode):
+    """`mode` (a NatMode) if a NAT opening from `address` may be forwarded so; ValueError if
+    not: an SNAT only to `masquerade` or an address of the same family."""
+    dnat, snat, forward_all = mode
+    if snat not in (None, "masquerade"):
+        snat = _nat_target(address, snat)
+    return NatMode(bool(dnat), snat, bool(forward_all))
+
+
 class Firewall(object):
     """What the server asks of a firewall back end: one small interface, which nft,
     iptables and the dry run share (as bottle.py's server adapters share theirs).
@@ -2456,9 +2590,11 @@ class Firewall(object):
         return sum(self.open(*opening[:4], now=now, interface=(opening[4:] or (None,))[0])
                    for opening in openings)
 
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
+                 mode=PLAIN_NAT):
         """NAT access (fwknop's message types 2, 4, 5, 6) for `timeout` seconds: connections
-        from `address` to `port` go to to_address:to_port (local: a port of this host)."""
+        from `address` to `port` go to to_address:to_port (local: a port of this host),
+        forwarded as `mode` (a NatMode: with or without DNAT, SNAT, everything) says."""
         raise NotImplementedError
 
     def close(self, address, proto, port):
@@ -2528,8 +2664,10 @@ class DryRunFirewall(Firewall):
         self.opened.append((address, proto, port, timeout) + ((interface,) if interface else ()))
         return True
 
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
-        self.opened.append((address, proto, port, timeout, to_address, to_port, local))
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
+                 mode=PLAIN_NAT):
+        self.opened.append((address, proto, port, timeout, to_address, to_port, local)
+                           + (() if mode == PLAIN_NAT else (mode,)))
         return True
 
     def open_many(self, openings, now=None):
@@ -2821,7 +2959,7 @@ class NftNetlink(object):
 
 
 # A NAT opening in the nft back end: its end (monotonic clock) and where it leads.
-NatEnd = namedtuple("NatEnd", "end to_address to_port local")
+NatEnd = namedtuple("NatEnd", "end to_address to_port local mode")
 
 
 def _opening_key(key):
@@ -2889,6 +3027,7 @@ class NftFirewall(Firewall):
     STEER_PORT = 0              # no socket can listen on port 0: the kernel always resets
     MARK_BOUND = "spa.py if"           # the accept rule of openings bound to an interface
     MARK_STEER = "spa.py steer"
+    MARK_ALL = "spa.py all"     # the accepts of disable_dnat and forward_all openings (forward)
     NAT_SETS = [
         ("map", "dnat4", "{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . "
          "inet_service; flags timeout; }"),
@@ -2900,13 +3039,35 @@ class NftFirewall(Firewall):
          "flags timeout; }"),
         ("set", "fwd6", "{ type ipv6_addr . ipv6_addr . inet_proto . inet_service; "
          "flags timeout; }")]
+    # forward_all, and SNAT (a map to the address) or MASQUERADE (a set), of one service
+    # (keyed as the fwd sets) or of everything from the address (the `all` ones).
+    for _v in "46":
+        _a = "ipv%s_addr" % _v
+        _service = "%s . %s . inet_proto . inet_service" % (_a, _a)
+        NAT_SETS += [("set", "fwall" + _v, "{ type %s; flags timeout; }" % _a),
+                     ("set", "fwdd" + _v, "{ type %s; flags timeout; }" % _service),
+                     ("map", "snat" + _v, "{ type %s : %s; flags timeout; }" % (_service, _a)),
+                     ("set", "masq" + _v, "{ type %s; flags timeout; }" % _service),
+                     ("map", "snatall" + _v, "{ type %s : %s; flags timeout; }" % (_a, _a)),
+                     ("set", "masqall" + _v, "{ type %s; flags timeout; }" % _a)]
+    del _v, _a, _service
     NAT_CHAINS = [
         ("prerouting", "{ type nat hook prerouting priority dstnat; policy accept; }",
          ["dnat ip to ip saddr . meta l4proto . th dport map @dnat4",
           "dnat ip6 to ip6 saddr . meta l4proto . th dport map @dnat6"]),
         ("forward", "{ type filter hook forward priority 0; policy accept; }",
-         ["ip saddr . ip daddr . meta l4proto . th dport @fwd4 accept",
-          "ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept"])]
+         ["ct status dnat ip saddr . ip daddr . meta l4proto . th dport @fwd4 accept",
+          "ct status dnat ip6 saddr . ip6 daddr . meta l4proto . th dport @fwd6 accept",
+          "ip saddr . ip daddr . meta l4proto . th dport @fwdd4 accept",
+          "ip6 saddr . ip6 daddr . meta l4proto . th dport @fwdd6 accept",
+          "ip saddr @fwall4 accept", "ip6 saddr @fwall6 accept"]),
+        ("postrouting", "{ type nat hook postrouting priority srcnat; policy accept; }",
+         ["snat ip to ip saddr . ip daddr . meta l4proto . th dport map @snat4",
+          "snat ip6 to ip6 saddr . ip6 daddr . meta l4proto . th dport map @snat6",
+          "ip saddr . ip daddr . meta l4proto . th dport @masq4 masquerade",
+          "ip6 saddr . ip6 daddr . meta l4proto . th dport @masq6 masquerade",
+          "snat ip to ip saddr map @snatall4", "snat ip6 to ip6 saddr map @snatall6",
+          "ip saddr @masqall4 masquerade", "ip6 saddr @masqall6 masquerade"])]
     STEER_CHAIN = ("steer", "{ type nat hook prerouting priority -90; policy accept; }")
 
     monitored = True           # nftables' notifications tell of a reload
@@ -3106,14 +3267,17 @@ class NftFirewall(Firewall):
                     if bound:
                         commands.append("add set %s %s_if { type ifname . %sinet_proto . "
                                         "inet_service; flags timeout; }" % (where, set_name, kinds))
+            if hook == "forward":
+                commands += self._forward_mode_commands(items, where, name, v4, v6)
             for mark, interface, wanted in ((self.MARK, "", True),
                                             (self.MARK_BOUND, "iifname . ", bound)):
                 if not wanted or self._has_mark(items, family, table, name, mark):
                     continue
                 for set_name, ip in ((v4, "ip"), (v6, "ip6")):
-                    if set_name:
-                        commands.append('insert rule %s %s %s%s %s @%s%s accept comment "%s"'
-                                        % (where, name, interface, ip, key.format(ip), set_name,
+                    if set_name:       # forward: only what a DNAT of ours rewrote
+                        commands.append('insert rule %s %s %s%s%s %s @%s%s accept comment "%s"'
+                                        % (where, name, "ct status dnat " if hook == "forward"
+                                           else "", interface, ip, key.format(ip), set_name,
                                            "_if" if interface else "", mark))
             if self.steer and hook == "input" and \
                     not self._has_mark(items, family, table, name, self.MARK_STEER):
@@ -3128,6 +3292,29 @@ class NftFirewall(Firewall):
                       if hook == "forward" else "")
             places.append((family, table, v4, v6))
         return places
+
+    def _forward_mode_commands(self, items, where, chain, v4, v6):
+        """The sets and rules (marked MARK_ALL) that accept, in another table's default-drop
+        forward chain, what disable_dnat openings forward (`fwdd` sets, keyed as `fwd`
+        without its DNAT) and everything from an address with a forward_all opening."""
+        family, table = where.split()
+        commands = []
+        for set_name, ip in ((v4, "ip"), (v6, "ip6")):
+            if set_name:
+                kind = "ipv4_addr" if ip == "ip" else "ipv6_addr"
+                direct, everything = set_name.replace("fwd", "fwdd"), set_name.replace("fwd",
+                                                                                       "fwall")
+                commands += ["add set %s %s { type %s . %s . inet_proto . inet_service; "
+                             "flags timeout; }" % (where, direct, kind, kind),
+                             "add set %s %s { type %s; flags timeout; }"
+                             % (where, everything, kind)]
+                if not self._has_mark(items, family, table, chain, self.MARK_ALL):
+                    commands += ['insert rule %s %s %s saddr . %s daddr . meta l4proto . '
+                                 'th dport @%s accept comment "%s"'
+                                 % (where, chain, ip, ip, direct, self.MARK_ALL),
+                                 'insert rule %s %s %s saddr @%s accept comment "%s"'
+                                 % (where, chain, ip, everything, self.MARK_ALL)]
+        return commands
 
     @staticmethod
     def _ends_in_drop(items, family, table, chain):
@@ -3181,62 +3368,95 @@ class NftFirewall(Firewall):
         self.ends.update(changed)
         return len(changed)
 
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
+                 mode=PLAIN_NAT):
         """Forward (address, proto, port) to to_address:to_port for `timeout` seconds: to
         another host (accepted in the forward chains), or to this one (local NAT, accepted
-        in the input chains).  Never shortens an opening to the same target; a knock for
-        another target replaces the opening: the DNAT leads to the new target at once,
-        and what only the old one needed goes.  (`now` is not used: ends are kept on the
-        monotonic clock.)"""
+        in the input chains), as `mode` says.  Never shortens an opening to the same target;
+        a knock for another target replaces the opening: the DNAT leads to the new target at
+        once, and what only the old one needed goes.  An element other openings share
+        (forward_all's, keyed on the address alone) keeps the longest end any of them needs.
+        (`now` is not used: ends are kept on the monotonic clock.)"""
         import ipaddress
         now = time.monotonic()
         address = str(ipaddress.ip_address(address))
         to_address = _nat_target(address, to_address)
+        mode = PLAIN_NAT if local else _nat_mode(address, mode)
+        port = port if mode.dnat else to_port     # no DNAT: the client goes to to_port itself
         key = (address, proto, port)
         old = self.nat_ends.get(key)
-        same = old is not None and old[1:] == (to_address, to_port, local)
+        same = old is not None and old[1:] == (to_address, to_port, local, mode)
         if same and old.end >= now + timeout:
             return False
-        new = self._nat_elements(address, proto, port, to_address, to_port, local)
+        new = self._nat_elements(address, proto, port, to_address, to_port, local, mode)
+        needed = self._nat_needs(key, now)       # what the other openings need, until when
+        plain = (address, proto, old.to_port) if old is not None else None
+        if plain is not None and self.ends.get(plain, 0) > now:   # a plain opening's too
+            needed.update((item, self.ends[plain]) for item in self._elements_in(self.places,
+                                                                                plain))
         batch = ElementBatch()
-        old_data = None
-        if old is not None and not same:
-            old_data = nft_key([old.to_address], None, old.to_port)
-            # What the new target, the other NAT openings and a plain opening still need.
-            needed = {(place, element) for place, element, _ in new}
-            for other, (end, o_address, o_port, o_local) in self.nat_ends.items():
-                if other != key and end > now:
-                    needed.update((place, element) for place, element, _ in self._nat_elements(
-                        other[0], other[1], other[2], o_address, o_port, o_local))
-            if self.ends.get((address, proto, old.to_port), 0) > now:
-                needed.update(self._elements_in(self.places, (address, proto, old.to_port)))
-            for place, element, _ in self._nat_elements(address, proto, port, *old[1:]):
-                if (place, element) not in needed:
+        old_data = {}
+        if old is not None:
+            for place, element, data in self._nat_elements(address, proto, port, *old[1:]):
+                old_data[(place, element)] = data
+                if not same and (place, element) not in needed and \
+                        (place, element) not in [(p, e) for p, e, _ in new]:
                     batch.remove(place, element)
         for place, element, data in new:
-            batch.put(place, element, timeout, data=data, old_data=old_data if data else None)
+            seconds = max(timeout, needed.get((place, element), 0) - now)
+            batch.put(place, element, seconds, data=data,
+                      old_data=old_data.get((place, element)) if data else None)
         self.kernel.commit(batch)
-        self.nat_ends[key] = NatEnd(now + timeout, to_address, to_port, local)
+        self.nat_ends[key] = NatEnd(now + timeout, to_address, to_port, local, mode)
         return True
 
-    def _nat_elements(self, address, proto, port, to_address, to_port, local):
-        """[(place, key, data)] of the set and map elements one NAT opening needs: the DNAT,
-        and the accept of what it rewrote (local: in the input chains; else: forward)."""
+    def _nat_needs(self, but, now):
+        """{(place, element): end} of the elements the NAT openings in force other than `but`
+        need, each with the latest end."""
+        needed = {}
+        for other, (end, o_address, o_port, o_local, o_mode) in self.nat_ends.items():
+            if other != but and end > now:
+                for place, element, _ in self._nat_elements(other[0], other[1], other[2],
+                                                            o_address, o_port, o_local, o_mode):
+                    needed[(place, element)] = max(end, needed.get((place, element), 0))
+        return needed
+
+    def _nat_elements(self, address, proto, port, to_address, to_port, local, mode=PLAIN_NAT):
+        """[(place, key, data)] of the set and map elements one NAT opening needs: the DNAT
+        (unless disable_dnat), the accept of what it forwards (local: in the input chains;
+        else: forward, the one service or, forward_all, everything from the address), and
+        its SNAT or MASQUERADE."""
         six = _family(address) == 6
+        v = "6" if six else "4"
         number = PROTO_NUMBERS[proto]
-        elements = [(("inet", self.table, "dnat6" if six else "dnat4"),
-                     nft_key([address], number, port), nft_key([to_address], None, to_port))]
+        elements = []
+        if mode.dnat:
+            elements.append((("inet", self.table, "dnat" + v), nft_key([address], number, port),
+                             nft_key([to_address], None, to_port)))
         if local:
-            elements.append((("inet", self.table, "lnat6" if six else "lnat4"),
+            elements.append((("inet", self.table, "lnat" + v),
                              nft_key([address], number, to_port), None))
             # Through default-drop chains elsewhere.
             return elements + [(place, element, None) for place, element in
                                self._elements_in(self.places[1:], (address, proto, to_port))]
+        service = nft_key([address, to_address], number, to_port)
         for family, table, v4, v6 in self.fwd_places:
             set_name = v6 if six else v4
-            if set_name:
-                elements.append(((family, table, set_name),
-                                 nft_key([address, to_address], number, to_port), None))
+            if set_name and mode.forward_all:
+                elements.append(((family, table, set_name.replace("fwd", "fwall")),
+                                 nft_key([address]), None))
+                if not mode.dnat and table == self.table:     # (for list_nat: its target)
+                    elements.append(((family, table, set_name.replace("fwd", "fwdd")),
+                                     service, None))
+            elif set_name:       # without a DNAT: a set whose accept does not ask for one
+                elements.append(((family, table, set_name if mode.dnat else
+                                  set_name.replace("fwd", "fwdd")), service, None))
+        if mode.snat is not None:
+            which = ("masq" if mode.snat == "masquerade" else "snat") + \
+                ("all" if mode.forward_all else "") + v
+            elements.append((("inet", self.table, which),
+                             nft_key([address]) if mode.forward_all else service,
+                             None if mode.snat == "masquerade" else nft_key([mode.snat])))
         return elements
 
     @staticmethod
@@ -3302,10 +3522,11 @@ class NftFirewall(Firewall):
         for key, end in alive:
             for place, element in self._elements_in(self.places, key):
                 batch.put(place, element, end - now)
-        for (address, proto, port), (end, to_address, to_port, local) in self.nat_ends.items():
+        for (address, proto, port), (end, to_address, to_port, local, mode) in \
+                self.nat_ends.items():
             if end > now + 0.5:
                 for place, element, data in self._nat_elements(address, proto, port,
-                                                               to_address, to_port, local):
+                                                               to_address, to_port, local, mode):
                     batch.put(place, element, end - now, data=data)
         self.kernel.commit(batch)
         return "table inet %s and %d opening(s) in force" % (self.table, len(alive))
@@ -3324,11 +3545,11 @@ class NftFirewall(Firewall):
                 e = key.get("elem", {})
                 fields = e["val"]["concat"]
                 interface = (fields.pop(0),) if name.endswith("_if") else ()
-                address, proto, port = fields
+                addresses, (proto, port) = fields[:-2], fields[-2:]    # fwd: two addresses
                 if isinstance(proto, int):
                     proto = {6: "tcp", 17: "udp"}.get(proto, str(proto))
-                yield (address, proto, int(port)) + interface, data and data["concat"], \
-                    int(e.get("expires", 0))
+                yield tuple(addresses) + (proto, int(port)) + interface, \
+                    data and data["concat"], int(e.get("expires", 0))
 
     def _kernel_openings(self):
         """[(key, seconds left)] of the openings in our sets (those of the other kind too)."""
@@ -3345,21 +3566,28 @@ class NftFirewall(Firewall):
         """NAT openings in force, read from the kernel:
         [(address, proto, port, to address, to port, local, seconds left)]."""
         local = {key for name in ("lnat4", "lnat6") for key, _, _ in self._elements("set", name)}
-        return [key + (to_address, int(to_port), (key[0], key[1], int(to_port)) in local, left)
+        rows = [key + (to_address, int(to_port), (key[0], key[1], int(to_port)) in local, left)
                 for name in ("dnat4", "dnat6")
                 for key, (to_address, to_port), left in self._elements("map", name)]
+        # Forwarding without a DNAT (disable_dnat): the port is the inner host's own.
+        return rows + [(address, proto, port, to_address, port, False, left)
+                       for name in ("fwdd4", "fwdd6")
+                       for (address, to_address, proto, port), _, left in
+                       self._elements("set", name)]
 
     def flush(self):
         """Remove our table, and our sets and rules in other tables."""
         items = self._ruleset()
         commands = []
         for r in (i["rule"] for i in items if "rule" in i):
-            if r.get("comment") in (self.MARK, self.MARK_BOUND, self.MARK_STEER) and \
+            if r.get("comment") in (self.MARK, self.MARK_BOUND, self.MARK_STEER,
+                                    self.MARK_ALL) and \
                     r["table"] != self.table:
                 commands.append("delete rule %s %s %s handle %d"
                                 % (r["family"], r["table"], r["chain"], r["handle"]))
         for s in (i["set"] for i in items if "set" in i):
             if s["name"] in ("spa_allow4", "spa_allow6", "spa_fwd4", "spa_fwd6",
+                             "spa_fwall4", "spa_fwall6", "spa_fwdd4", "spa_fwdd6",
                              "spa_allow4_if", "spa_allow6_if"):
                 commands.append("delete set %s %s %s" % (s["family"], s["table"], s["name"]))
         if any(i.get("table", {}).get("name") == self.table and
@@ -3388,6 +3616,7 @@ IPT_COMMANDS = ("iptables", "iptables-nft", "iptables-legacy")
 IPT_FORWARD_CHAIN = "SPA_FORWARD"         # filter table, jumped to from FORWARD
 IPT_NAT_CHAIN = "SPA_PREROUTING"          # nat table, jumped to from PREROUTING
 IPT_STEER_CHAIN = "SPA_STEER"             # nat table, jumped to from PREROUTING's end
+IPT_SNAT_CHAIN = "SPA_POSTROUTING"        # nat table, jumped to from POSTROUTING (SNAT)
 IPT_NAT_COMMENTS = {False: "spa nat expires ", True: "spa local nat expires "}   # by `local`
 IPT_ESTABLISHED = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
 LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
@@ -3419,9 +3648,41 @@ def _parse_opening(words, verdict="ACCEPT"):
     return (address, option["-p"], port) + interface, end
 
 
-def _parse_nat(words):
-    """(NatOpening, end) of one of our NAT rules (a DNAT, or the ACCEPT that goes with it,
-    as `-S` words), else None."""
+def _nat_mode_words(key, mode):
+    """What a NAT rule's comment says after its end, for a mode other than PLAIN_NAT: the
+    whole opening (not every rule names it) and the mode: `tcp/5022 198.18.2.2:22 nodnat
+    all snat=198.18.2.1` (or `masq`)."""
+    if mode == PLAIN_NAT:
+        return ""
+    words = ["%s/%d" % (key.proto, key.port), format_endpoint(key.to_address, key.to_port)]
+    words += ["nodnat"] * (not mode.dnat) + ["all"] * mode.forward_all
+    if mode.snat is not None:
+        words.append("masq" if mode.snat == "masquerade" else "snat=" + mode.snat)
+    return " " + " ".join(words)
+
+
+def _parse_nat_comment(address, local, words):
+    """(NatOpening, NatMode) from the words of a NAT rule's comment after its end."""
+    import ipaddress
+    proto, _, port = words[0].partition("/")
+    host, _, to_port = words[1].rpartition(":")
+    if host.startswith("["):
+        host = host[1:-1] if host.endswith("]") else ""
+    snat = None
+    for word in words[2:]:
+        if word == "masq" or word.startswith("snat="):
+            snat = "masquerade" if word == "masq" else str(ipaddress.ip_address(word[5:]))
+        elif word not in ("nodnat", "all"):
+            raise ValueError(word)
+    if proto not in PROTO_NUMBERS:
+        raise ValueError(proto)
+    return (NatOpening(address, proto, int(port), str(ipaddress.ip_address(host)), int(to_port),
+                       local), NatMode("nodnat" not in words, snat, "all" in words))
+
+
+def _parse_nat_mode(words):
+    """(NatOpening, end, NatMode) of one of our NAT rules (a DNAT, the ACCEPT that goes with
+    it, an SNAT or MASQUERADE, as `-S` words), else None."""
     import ipaddress
     option = dict(zip(words, words[1:]))        # each word -> the word after it
     comment = option.get("--comment", "")
@@ -3431,8 +3692,12 @@ def _parse_nat(words):
     else:
         return None
     try:
-        end = int(comment[len(prefix):])
+        rest = comment[len(prefix):].split()
+        end = int(rest[0])
         address = str(ipaddress.ip_interface(option["-s"]).ip)
+        if len(rest) > 1:
+            opening, mode = _parse_nat_comment(address, local, rest[1:])
+            return opening, end, mode
         if option.get("-j") == "DNAT":
             port = int(option["--dport"])
             host, _, to_port = option["--to-destination"].rpartition(":")
@@ -3444,11 +3709,17 @@ def _parse_nat(words):
             to_address = str(ipaddress.ip_interface(option["-d"]).ip)
         else:
             return None
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, IndexError):
         return None
     if option.get("-p") not in PROTO_NUMBERS:
         return None
-    return NatOpening(address, option["-p"], port, to_address, to_port, local), end
+    return NatOpening(address, option["-p"], port, to_address, to_port, local), end, PLAIN_NAT
+
+
+def _parse_nat(words):
+    """(NatOpening, end) of one of our NAT rules (see _parse_nat_mode), else None."""
+    parsed = _parse_nat_mode(words)
+    return parsed and parsed[:2]
 
 
 def _newest_first(ends):
@@ -3503,6 +3774,7 @@ class IptablesFirewall(Firewall):
         # text), and -> its end on the monotonic clock (when expire() removes it)
         self.ends, self.deadlines = {}, {}
         self.nat_ends = {}     # (address, proto, port, to_address, to_port, local) -> end
+        self.nat_modes = {}    # the same -> its NatMode, where not PLAIN_NAT
         self.nat_deadlines = {}
         # Families whose nat table works; setup() drops one that does not (a kernel or an
         # OpenWrt build without IPv6 NAT), so that IPv4 NAT still works there.
@@ -3630,13 +3902,14 @@ class IptablesFirewall(Firewall):
         survive, expired ones go.  With nat=False, NAT chains left by an earlier run go."""
         now, mono = time.time(), time.monotonic()
         known = self.deadlines
-        self.ends, self.nat_ends = {}, {}
+        self.ends, self.nat_ends, self.nat_modes = {}, {}, {}
         for family in self.families:
             filt, nat = self._read_tables(family)
             use_nat = self.nat and nat is not None
-            ends, nat_ends = self._in_force(filt, nat if use_nat else None, now)
+            ends, nat_ends, modes = self._in_force(filt, nat if use_nat else None, now)
             self.ends.update(ends)
             self.nat_ends.update(nat_ends)
+            self.nat_modes.update(modes)
             filter_lines, nat_lines = self._setup_lines(family, filt, nat, ends, nat_ends)
             # With NAT on, the ACCEPTs before the DNATs that lead to them.
             self._restore_tables(family, [("filter", filter_lines), ("nat", nat_lines)] if use_nat
@@ -3656,7 +3929,8 @@ class IptablesFirewall(Firewall):
         nat = None
         if self.steer or self.nat or self._nat_table_may_hold_ours(family, filt):
             try:
-                nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN, IPT_STEER_CHAIN))
+                nat = self._table(family, "nat", ("PREROUTING", "POSTROUTING", IPT_NAT_CHAIN,
+                                                  IPT_STEER_CHAIN, IPT_SNAT_CHAIN))
             except SpaError as e:
                 steer = "; refused TCP connections are answered by REJECT, not by the " \
                     "kernel" if self.steer else ""
@@ -3676,57 +3950,62 @@ class IptablesFirewall(Firewall):
 
     @staticmethod
     def _in_force(filt, nat, now):
-        """({key: end} of the plain openings, {NatOpening: end} of the NAT ones) that the
-        chains read (_read_tables; nat None: NAT is off) hold and that have not ended."""
-        ends, nat_ends = {}, {}
+        """({key: end} of the plain openings, {NatOpening: end} of the NAT ones, {NatOpening:
+        NatMode} of those not PLAIN_NAT) that the chains read (_read_tables; nat None: NAT is
+        off) hold and that have not ended."""
+        ends, nat_ends, modes = {}, {}, {}
         for words in filt.get(IPT_CHAIN, []):
             opening = _parse_opening(words)
             if opening is not None and opening[1] > now:
                 ends[opening[0]] = max(opening[1], ends.get(opening[0], 0))
         if nat is None:
-            return ends, nat_ends
-        # Either rule of a NAT opening brings back both (a reload may have taken one).
+            return ends, nat_ends, modes
+        # Any rule of a NAT opening brings back all of them (a reload may have taken one).
         for words in (filt.get(IPT_CHAIN, []) + filt.get(IPT_FORWARD_CHAIN, [])
-                      + nat.get(IPT_NAT_CHAIN, [])):
-            parsed = _parse_nat(words)
+                      + nat.get(IPT_NAT_CHAIN, []) + nat.get(IPT_SNAT_CHAIN, [])):
+            parsed = _parse_nat_mode(words)
             if parsed is not None and parsed[1] > now:
                 nat_ends[parsed[0]] = max(parsed[1], nat_ends.get(parsed[0], 0))
+                modes[parsed[0]] = parsed[2]
         # One NAT opening per DNAT match (address, proto, port): the latest end wins.
         latest = {}
         for key, end in sorted(nat_ends.items(), key=lambda item: item[1]):
             latest[key[:3]] = (key, end)
-        return ends, dict(latest.values())
+        return ends, dict(latest.values()), {k: m for k, m in modes.items()
+                                             if latest[k[:3]][0] == k and m != PLAIN_NAT}
 
     def _setup_lines(self, family, filt, nat, ends, nat_ends):
         """The iptables-restore lines (filter, nat) that make our chains anew, with the
         openings in force, and leave one jump to each at the top of its parent chain."""
         use_nat = family in self.nat_families
+        nat_rules = [rule for k, e in _newest_first(nat_ends)
+                     for rule in self._nat_rule_set(k, e, self.nat_modes.get(k, PLAIN_NAT))]
+        in_chain = lambda chain: ["-A %s %s" % (chain, _restore_words(w))
+                                  for _, c, w in nat_rules if c == chain]
         # `:CHAIN` creates our chain, or empties it when it exists (with --noflush).
         filter_lines = [":%s - [0:0]" % IPT_CHAIN]
         filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._opening_rule(k, e)))
                          for k, e in _newest_first(ends)]
-        filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(self._nat_accept_rule(k, e)))
-                         for k, e in _newest_first(nat_ends) if k.local]
+        filter_lines += in_chain(IPT_CHAIN)
         filter_lines += ["-A %s %s" % (IPT_CHAIN, _restore_words(rule))
                          for rule in self._protect_rules(family, family in self.steer_families)]
         filter_lines += self._jump_lines(filt, "INPUT", IPT_CHAIN)
         nat_lines = []
         if use_nat:
             filter_lines.append(":%s - [0:0]" % IPT_FORWARD_CHAIN)
-            filter_lines += ["-A %s %s" % (IPT_FORWARD_CHAIN,
-                                           _restore_words(self._nat_accept_rule(k, e)))
-                             for k, e in _newest_first(nat_ends) if not k.local]
+            filter_lines += in_chain(IPT_FORWARD_CHAIN)
             filter_lines.append("-A %s %s" % (IPT_FORWARD_CHAIN, _restore_words(IPT_ESTABLISHED)))
             filter_lines += self._jump_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
-            nat_lines = [":%s - [0:0]" % IPT_NAT_CHAIN]
-            nat_lines += ["-A %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
-                          for k, e in _newest_first(nat_ends)]
+            nat_lines = [":%s - [0:0]" % IPT_NAT_CHAIN] + in_chain(IPT_NAT_CHAIN)
             nat_lines += self._jump_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+            nat_lines += [":%s - [0:0]" % IPT_SNAT_CHAIN] + in_chain(IPT_SNAT_CHAIN)
+            nat_lines += self._jump_lines(nat, "POSTROUTING", IPT_SNAT_CHAIN)
         else:
             # NAT off: what an earlier run with NAT on left goes, DNATs first.
             filter_lines += self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN)
             if nat is not None:
-                nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
+                nat_lines = self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN) + \
+                    self._removal_lines(nat, "POSTROUTING", IPT_SNAT_CHAIN)
         if family in self.steer_families:
             nat_lines += self._steer_lines(nat, {k: e for k, e in ends.items()
                                                  if self._steered(k)})
@@ -3843,6 +4122,7 @@ class IptablesFirewall(Firewall):
             self.deadlines.pop(k, None)
         for k in nat_due:
             del self.nat_ends[k]
+            self.nat_modes.pop(k, None)
         self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
         if removed:
             self._say("info", "removed %d expired opening rule%s", removed, "s" * (removed != 1))
@@ -3864,13 +4144,15 @@ class IptablesFirewall(Firewall):
             if not wanted <= opened:
                 return False
             if family in self.nat_families | self.steer_families:
-                nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN, IPT_STEER_CHAIN))
+                nat = self._table(family, "nat", ("PREROUTING", "POSTROUTING", IPT_NAT_CHAIN,
+                                                  IPT_STEER_CHAIN, IPT_SNAT_CHAIN))
             if family in self.nat_families:
                 if not filt.get("FORWARD") or filt["FORWARD"][0] != ["-j", IPT_FORWARD_CHAIN] \
                         or IPT_ESTABLISHED not in filt.get(IPT_FORWARD_CHAIN, []):
                     return False
                 if not nat.get("PREROUTING") or nat["PREROUTING"][0] != ["-j", IPT_NAT_CHAIN] \
-                        or IPT_NAT_CHAIN not in nat:
+                        or IPT_NAT_CHAIN not in nat or IPT_SNAT_CHAIN not in nat or \
+                        nat.get("POSTROUTING", [[]])[0] != ["-j", IPT_SNAT_CHAIN]:
                     return False
             if family in self.steer_families:
                 steer = nat.get(IPT_STEER_CHAIN, [])
@@ -3887,7 +4169,7 @@ class IptablesFirewall(Firewall):
         (after iptables-restore of the host's rules, a ufw reload).  An opening comes back
         with what was left of it on the monotonic clock, never more."""
         deadlines, nat_deadlines = dict(self.deadlines), dict(self.nat_deadlines)
-        nat_keys = list(self.nat_ends)
+        nat_keys, modes = list(self.nat_ends), dict(self.nat_modes)
         self.setup()
         now, mono = time.time(), time.monotonic()
         alive = [(key, d) for key, d in deadlines.items() if d > mono + 0.5]
@@ -3897,7 +4179,7 @@ class IptablesFirewall(Firewall):
                      if nat_deadlines.get(key, 0) > mono + 0.5
                      and _family(key[0]) in self.nat_families]
         for key, d in sorted(nat_alive, key=lambda item: item[1]):
-            self._put_nat(key, int(now + d - mono))
+            self._put_nat(key, int(now + d - mono), modes.get(key, PLAIN_NAT))
             self.nat_deadlines[key] = d
         return "our chains and %d opening(s) in force" % (len(alive) + len(nat_alive))
 
@@ -3913,17 +4195,20 @@ class IptablesFirewall(Firewall):
             nat = {}
             if self.steer or self.nat or self._nat_table_may_hold_ours(family, filt):
                 try:
-                    nat = self._table(family, "nat", ("PREROUTING", IPT_NAT_CHAIN,
-                                                      IPT_STEER_CHAIN))
+                    nat = self._table(family, "nat", ("PREROUTING", "POSTROUTING",
+                                                      IPT_NAT_CHAIN, IPT_STEER_CHAIN,
+                                                      IPT_SNAT_CHAIN))
                 except SpaError:
                     nat = {}
             if self._restore_tables(family, [
                     ("nat", self._removal_lines(nat, "PREROUTING", IPT_NAT_CHAIN)
-                     + self._removal_lines(nat, "PREROUTING", IPT_STEER_CHAIN)),
+                     + self._removal_lines(nat, "PREROUTING", IPT_STEER_CHAIN)
+                     + self._removal_lines(nat, "POSTROUTING", IPT_SNAT_CHAIN)),
                     ("filter", self._removal_lines(filt, "INPUT", IPT_CHAIN)
                      + self._removal_lines(filt, "FORWARD", IPT_FORWARD_CHAIN))]):
                 removed = True
         self.ends, self.nat_ends, self.deadlines, self.nat_deadlines = {}, {}, {}, {}
+        self.nat_modes = {}
         return removed
 
     # -- NAT access (fwknop message types 2, 4, 5, 6) and any-table helpers -----------
@@ -3941,31 +4226,59 @@ class IptablesFirewall(Firewall):
             return False
 
     @staticmethod
-    def _nat_until(local, end):
-        """A NAT rule's end: the time match and the comment that carries it."""
+    def _nat_until(key, end, mode=PLAIN_NAT):
+        """A NAT rule's end: the time match and the comment that carries it (and, for a mode
+        other than PLAIN_NAT, the whole opening: _nat_mode_words)."""
+        key = NatOpening(*key)
         stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
-        return ["-m", "time", "--datestop", stop,
-                "-m", "comment", "--comment", IPT_NAT_COMMENTS[local] + str(end)]
+        return ["-m", "time", "--datestop", stop, "-m", "comment", "--comment",
+                IPT_NAT_COMMENTS[key.local] + str(end) + _nat_mode_words(key, mode)]
 
-    def _dnat_rule(self, key, end):
+    def _dnat_rule(self, key, end, mode=PLAIN_NAT):
         """The words of a NAT opening's DNAT rule (SPA_PREROUTING)."""
         address, proto, port, to_address, to_port, local = key
         target = format_endpoint(to_address, to_port)
         return (["-s", address, "-p", proto, "--dport", str(port)]
-                + self._nat_until(local, end) + ["-j", "DNAT", "--to-destination", target])
+                + self._nat_until(key, end, mode) + ["-j", "DNAT", "--to-destination", target])
 
-    def _nat_accept_rule(self, key, end):
-        """The words of the rule that accepts what a NAT opening's DNAT
-        rewrote: in SPA_INPUT for local NAT, in SPA_FORWARD for another host."""
+    def _nat_accept_rule(self, key, end, mode=PLAIN_NAT):
+        """The words of the rule that accepts what a NAT opening forwards: in SPA_INPUT for
+        local NAT, in SPA_FORWARD for another host; what its DNAT rewrote, or (disable_dnat)
+        what the client sent to the inner host itself, or (forward_all) all it sends."""
         address, proto, port, to_address, to_port, local = key
-        return (["-s", address, "-d", to_address, "-p", proto, "--dport", str(to_port),
-                 "-m", "conntrack", "--ctstate", "DNAT", "--ctorigdstport", str(port)]
-                + self._nat_until(local, end) + ["-j", "ACCEPT"])
+        until = self._nat_until(key, end, mode) + ["-j", "ACCEPT"]
+        if mode.forward_all:
+            return ["-s", address] + until
+        service = ["-s", address, "-d", to_address, "-p", proto, "--dport", str(to_port)]
+        if not mode.dnat:
+            return service + until
+        return service + ["-m", "conntrack", "--ctstate", "DNAT", "--ctorigdstport",
+                          str(port)] + until
+
+    def _snat_rule(self, key, end, mode):
+        """The words of a NAT opening's SNAT or MASQUERADE rule (SPA_POSTROUTING): of the
+        forwarded service, or (forward_all) of all the address sends."""
+        address, proto, port, to_address, to_port, local = key
+        match = ["-s", address] if mode.forward_all else \
+            ["-s", address, "-d", to_address, "-p", proto, "--dport", str(to_port)]
+        target = ["MASQUERADE"] if mode.snat == "masquerade" else \
+            ["SNAT", "--to-source", mode.snat]
+        return match + self._nat_until(key, end, mode) + ["-j"] + target
 
     @staticmethod
     def _accept_chain(key):
         """Where a NAT opening's ACCEPT goes (see _nat_accept_rule)."""
         return IPT_CHAIN if key.local else IPT_FORWARD_CHAIN
+
+    def _nat_rule_set(self, key, end, mode=PLAIN_NAT):
+        """[(table, chain, words)] of every rule of a NAT opening, the filter one first."""
+        key = NatOpening(*key)
+        rules = [("filter", self._accept_chain(key), self._nat_accept_rule(key, end, mode))]
+        if mode.dnat:
+            rules.append(("nat", IPT_NAT_CHAIN, self._dnat_rule(key, end, mode)))
+        if mode.snat is not None:
+            rules.append(("nat", IPT_SNAT_CHAIN, self._snat_rule(key, end, mode)))
+        return rules
 
     def _nat_rules(self, family):
         """[IptRule] of every NAT rule of ours in the kernel."""
@@ -3975,14 +4288,12 @@ class IptablesFirewall(Firewall):
         except SpaError:
             filt = {}
         try:
-            nat = self._ipt(family, "nat", "-S", IPT_NAT_CHAIN) if family in self.nat_families \
-                else ""
+            nat = self._table(family, "nat", (IPT_NAT_CHAIN, IPT_SNAT_CHAIN)) \
+                if family in self.nat_families else {}
         except SpaError:           # no chain: nothing is NATed
-            nat = ""
-        import shlex
+            nat = {}
         tables = [("filter", chain, rules) for chain, rules in sorted(filt.items())]
-        tables.append(("nat", IPT_NAT_CHAIN, [shlex.split(line)[2:] for line in nat.splitlines()
-                                              if line.startswith("-A ")]))
+        tables += [("nat", chain, rules) for chain, rules in sorted(nat.items())]
         for table, chain, rules in tables:
             for words in rules:
                 parsed = _parse_nat(words)
@@ -4007,7 +4318,8 @@ class IptablesFirewall(Firewall):
             lines += ["-F %s" % chain, "-X %s" % chain]
         return lines
 
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
+                 mode=PLAIN_NAT):
         """NAT access for `timeout` seconds: (address, proto, port) -> to_address:to_port.
 
         local=False (fwknop types 2/4): DNAT, and forward the DNATed connection to another
@@ -4031,38 +4343,41 @@ class IptablesFirewall(Firewall):
             raise SpaError("NAT access is not enabled in the firewall back end")
         if family not in self.nat_families:
             raise SpaError("NAT access over IPv%d is not available on this host" % family)
+        mode = PLAIN_NAT if local else _nat_mode(address, mode)
+        port = port if mode.dnat else to_port     # no DNAT: the client goes to to_port itself
         key = NatOpening(address, proto, port, to_address, to_port, bool(local))
         end = int(math.ceil(now + timeout))
-        changed = self._put_nat(key, end)
+        changed = self._put_nat(key, end, mode)
         if changed:       # its end on the monotonic clock, which expire() and restore() go by
             self.nat_deadlines[key] = time.monotonic() + end - now
         self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
         return changed
 
-    def _put_nat(self, key, end):
+    def _put_nat(self, key, end, mode=PLAIN_NAT):
         """Make the rules of NAT opening `key`, ending at the epoch second `end`,
         replacing those of an opening with the same (address, proto, port); False if it is open
         longer already.  If our chains were changed behind our back, rebuild them and retry once."""
         family = _family(key[0])
         for attempt in (1, 2):
-            old = self.nat_ends.get(key)
+            old = self.nat_ends.get(key) if self.nat_modes.get(key, PLAIN_NAT) == mode else None
             if old is not None and old >= end:
                 # After a failed first attempt this is success: each table commits on its
                 # own, so the filter part may have gone in before the nat part failed, and
                 # setup() has then rebuilt both rules from it.
                 return attempt == 2
             replaced = [(k, e) for k, e in self.nat_ends.items() if k[:3] == key[:3]]
+            gone = [rule for k, e in replaced
+                    for rule in self._nat_rule_set(k, e, self.nat_modes.get(k, PLAIN_NAT))]
+            new = self._nat_rule_set(key, end, mode)
             sections = [
-                # The new ACCEPT first, then the DNAT swap, then the old ACCEPTs go: no moment
-                # in which a DNAT of ours leads to nothing.
-                ("filter", ["-I %s 1 %s" % (self._accept_chain(key),
-                                            _restore_words(self._nat_accept_rule(key, end)))]),
-                ("nat", ["-I %s 1 %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(key, end)))]
-                 + ["-D %s %s" % (IPT_NAT_CHAIN, _restore_words(self._dnat_rule(k, e)))
-                    for k, e in replaced]),
-                ("filter", ["-D %s %s" % (self._accept_chain(k),
-                                          _restore_words(self._nat_accept_rule(k, e)))
-                            for k, e in replaced])]
+                # The new ACCEPT first, then the DNAT (and SNAT) swap, then the old ACCEPTs
+                # go: no moment in which a DNAT of ours leads to nothing.
+                ("filter", ["-I %s 1 %s" % (c, _restore_words(w)) for t, c, w in new
+                            if t == "filter"]),
+                ("nat", ["-I %s 1 %s" % (c, _restore_words(w)) for t, c, w in new if t == "nat"]
+                 + ["-D %s %s" % (c, _restore_words(w)) for t, c, w in gone if t == "nat"]),
+                ("filter", ["-D %s %s" % (c, _restore_words(w)) for t, c, w in gone
+                            if t == "filter"])]
             try:
                 self._restore_tables(family, sections)
                 break
@@ -4074,7 +4389,10 @@ class IptablesFirewall(Firewall):
                     raise
         for k, _ in replaced:
             del self.nat_ends[k]
+            self.nat_modes.pop(k, None)
         self.nat_ends[key] = end
+        if mode != PLAIN_NAT:
+            self.nat_modes[key] = mode
         return True
 
     def close_nat(self, address, proto, port):
@@ -4085,7 +4403,8 @@ class IptablesFirewall(Firewall):
         gone = [r for r in self._nat_rules(family) if r.key[:3] == match]
         self._delete_nat(family, gone)
         self.nat_ends = {k: e for k, e in self.nat_ends.items() if k[:3] != match}
-        return any(r.table == "nat" for r in gone)
+        self.nat_modes = {k: m for k, m in self.nat_modes.items() if k in self.nat_ends}
+        return bool(gone)
 
     def _delete_nat(self, family, rules, plain=(), steered=()):
         """Delete NAT rules (from _nat_rules), plain SPA_INPUT rules and their SPA_STEER
@@ -4102,12 +4421,12 @@ class IptablesFirewall(Firewall):
         """NAT openings in force, read from the kernel:
         [(address, proto, port, to_address, to_port, local, seconds left)]."""
         now = time.time()
-        rows = []
+        ends = {}              # one row an opening, whichever of its rules are there
         for family in sorted(self.nat_families):
-            for key, end, table, _, _ in self._nat_rules(family):
-                if table == "nat" and end > now:
-                    rows.append(key + (int(end - now),))
-        return rows
+            for key, end, _, _, _ in self._nat_rules(family):
+                if end > now:
+                    ends[key] = max(end, ends.get(key, 0))
+        return [key + (int(end - now),) for key, end in sorted(ends.items())]
 
 
 # ---------------------------------------------------------------------------
@@ -5672,6 +5991,15 @@ def packet_fields(d, now):
     return ", ".join(parts)
 
 
+def _mode_words(mode):
+    """How a NAT opening forwards, for the log: '' for PLAIN_NAT, else ', without DNAT,
+    everything forwarded, SNAT to 198.18.2.9' (as much of it as holds)."""
+    words = ["without DNAT"] * (not mode.dnat) + ["everything forwarded"] * mode.forward_all
+    if mode.snat is not None:
+        words.append("masqueraded" if mode.snat == "masquerade" else "SNAT to " + mode.snat)
+    return "".join(", " + word for word in words)
+
+
 class Gatekeeper(object):
     """The privileged side: decides on each packet the reader passes on, records replay
     digests durably, then opens the firewall (or runs a command).
@@ -5778,7 +6106,7 @@ class Gatekeeper(object):
         """Decide on one request: screen() again (a reader may lie), judge() against
         the config, then what this host allows (_host_problem).  `fresh`: the replay keys of
         this round, not yet in the cache."""
-        stanza, signed = screen(wire, source, self.config.stanzas)
+        stanza, signed = screen(wire, source, self.config.stanzas, destination)
         if stanza is None:       # a reader of an older config, or one that lies
             return Decision(source, "passed on by the packet reader, but %s" % signed)
         d = judge(stanza, signed, source, now, lambda key: key in self.replay or key in fresh,
@@ -5949,7 +6277,7 @@ class Gatekeeper(object):
                 (proto, port), (to_address, to_port, local) = d.message.access[0], d.nat
                 try:
                     self.firewall.open_nat(d.allow_ip, proto, port, to_address, to_port,
-                                           d.timeout, local, now)
+                                           d.timeout, local, now, d.nat_mode)
                     reason = None
                 except (SpaError, ValueError, OSError) as e:
                     self.log.error("firewall change failed for %s: %s", d.allow_ip, e)
@@ -5978,9 +6306,9 @@ class Gatekeeper(object):
             return                       # CommandRunner said what it started
         what = format_access(msg.access) if nat is None else "%s forwarded to %s" % (
             format_access(msg.access), format_endpoint(nat.address, nat.port))
-        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s",
+        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s%s",
                       d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout,
-                      " on " + d.interface if d.interface else "",
+                      " on " + d.interface if d.interface else "", _mode_words(d.nat_mode),
                       " (test mode: firewall unchanged)" if self.test else
                       " (by its hooks: firewall = none)"
                       if isinstance(self.firewall, NoFirewall) else "")
@@ -7032,6 +7360,32 @@ def _crypto_text(stanza):
     return " and ".join(t for t in (aes, gpg) if t)
 
 
+def _stanza_nat_lines(stanza):
+    """check-config's lines on where a stanza's knocks must go and where NAT leads."""
+    lines = []
+    if stanza.destinations is not None:
+        lines.append("knocks must be sent to %s" % ", ".join(map(str, stanza.destinations)))
+    if stanza.force_nat is not None:
+        family = _family(stanza.force_nat[0])
+        lines.append("every request is forwarded to %s%s" % (
+            format_endpoint(*stanza.force_nat), _mode_words(stanza.nat_mode(family))))
+    elif stanza.nat_forward:
+        lines.append("NAT access to other hosts: %s" % (", ".join(
+            map(format_nat_destination, stanza.nat_destinations)) or
+            "none (no nat_destinations)"))
+    return lines
+
+
+def _stanza_hook_lines(stanza):
+    """check-config's line on a stanza's hooks (cmd_cycle_*), if it has them."""
+    if not stanza.cmd_cycle_open:
+        return []
+    return ["hooks: cmd_cycle_open %s; cmd_cycle_close %s; as %s" % (
+        " ".join(stanza.cmd_cycle_open), "NONE" if stanza.cmd_cycle_close is None else
+        "%s, %s s later" % (" ".join(stanza.cmd_cycle_close), stanza.cmd_cycle_timer
+                            or "the opening's timeout"), stanza.cmd_cycle_user)]
+
+
 def check_config_main(args):
     """Validate a server config as far as it can be without running the server."""
     config = ServerConfig(args.config, args.access_conf)
@@ -7078,15 +7432,8 @@ def check_config_main(args):
                   _crypto_text(stanza),
                   "; user must be " + stanza.require_username if stanza.require_username else "",
                   "; refuses 0.0.0.0" if stanza.require_source_address else ""))
-        if stanza.nat_forward:
-            print("    NAT access to other hosts: %s" % (", ".join(
-                map(format_nat_destination, stanza.nat_destinations)) or
-                "none (no nat_destinations)"))
-        if stanza.cmd_cycle_open:
-            print("    hooks: cmd_cycle_open %s; cmd_cycle_close %s; as %s" % (
-                " ".join(stanza.cmd_cycle_open), "NONE" if stanza.cmd_cycle_close is None else
-                "%s, %s s later" % (" ".join(stanza.cmd_cycle_close), stanza.cmd_cycle_timer
-                                    or "the opening's timeout"), stanza.cmd_cycle_user))
+        for text in _stanza_nat_lines(stanza) + _stanza_hook_lines(stanza):
+            print("    " + text)
     for note in config.notes:
         print("  note  access.conf: %s" % note)
     print("verdict: %s" % ("ok" if not line.failures else "%d problem(s)" % len(line.failures)))

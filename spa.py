@@ -2710,7 +2710,8 @@ class NoFirewall(Firewall):
         self.ends[key] = max(self.ends.get(key, 0), now + timeout)
         return True
 
-    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
+    def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
+                 mode=PLAIN_NAT):
         return self.open(address, proto, port, timeout, now)
 
     def close(self, address, proto, port):

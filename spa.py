@@ -1024,7 +1024,7 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "cmd_exec_user",
                   "encryption_mode", "open_ports", "fw_access_timeout", "max_fw_timeout",
                   "require_username", "require_source_address", "nat_destinations",
-                  "max_openings"}
+                  "max_openings", "single_use"}
 
 
 def _parse_sources(value, where):
@@ -1109,6 +1109,12 @@ class Stanza(object):
         # Openings in force at once: each holds a little kernel memory that nothing else frees.
         self.max_openings = parse_int(get("max_openings") or "1000", where + ": max_openings",
                                       1, 1000000)
+        # An opening that admits one new connection: the kernel ends it at that connection's
+        # first packet (README.md: Close the NAT-piggybacking window).
+        self.single_use = parse_bool(get("single_use") or "no", where + ": single_use")
+        if self.single_use and self.enable_nat:
+            raise SpaError("%s: single_use = yes with enable_nat = yes: spa.py has no "
+                           "single-use NAT openings (yet); set one of them to no" % where)
 
     def matches_source(self, source):
         """Whether a packet from `source` (an address as text) may use this stanza."""
@@ -1462,6 +1468,10 @@ class ServerConfig(object):
         if not self.protect:
             raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
                            "e.g. protect = tcp/22" % path)
+        self.single_use = any(stanza.single_use for stanza in self.stanzas)
+        if self.single_use and self.bind_interface:
+            raise SpaError("%s: bind_interface = yes with a single_use stanza: spa.py has no "
+                           "single-use openings bound to an interface (yet)" % path)
 
     def _read_server(self, get):
         """The [server] options but `user` and `access_conf`; `get(option, default)`."""
@@ -1855,11 +1865,13 @@ class Firewall(object):
     ([("tcp", 22), ...]), `action`, `nat` (NAT access on), `steer` (refused TCP
     connections redirected to port 0, so that the kernel's own reset answers them),
     `bind` (openings keyed on the knock's interface too), `monitored` (nftables' change
-    notifications tell of a reload: RulesetMonitor), `log` (None: say nothing).
+    notifications tell of a reload: RulesetMonitor), `once` (the rules of single-use
+    openings are in place: setup() makes them), `log` (None: say nothing).
     """
 
     name = None
     monitored = False
+    once = False        # single-use openings: open_once() (any stanza with single_use)
 
     def __init__(self, protect, action="reject", log=None, nat=False, bind=False):
         self.protect, self.action, self.log, self.nat, self.bind = protect, action, log, nat, bind
@@ -1884,6 +1896,13 @@ class Firewall(object):
         return sum(self.open(*opening[:4], now=now, interface=(opening[4:] or (None,))[0])
                    for opening in openings)
 
+    def open_once(self, openings, now=None):
+        """Single-use openings [(address, proto, port, seconds)]: each admits one new
+        connection, and the kernel ends it at that connection's first packet or after
+        `seconds`, whichever comes first.  Each call gives a fresh one (a consumed opening
+        is made again).  Needs `once` set before setup(); returns how many."""
+        raise NotImplementedError
+
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
         """NAT access (fwknop's message types 2, 4, 5, 6) for `timeout` seconds: connections
         from `address` to `port` go to to_address:to_port (local: a port of this host)."""
@@ -1895,7 +1914,8 @@ class Firewall(object):
 
     def list(self):
         """The openings in force, read from the kernel:
-        [(address, proto, port, seconds left, interface or "")]."""
+        [(address, proto, port, seconds left, interface or "")]; an unused single-use
+        opening has a sixth item, "single use"."""
         return []
 
     def list_nat(self):
@@ -1962,6 +1982,10 @@ class DryRunFirewall(Firewall):
 
     def open_many(self, openings, now=None):
         self.opened += openings
+        return len(openings)
+
+    def open_once(self, openings, now=None):
+        self.opened += [opening + ("single use",) for opening in openings]
         return len(openings)
 
     def close(self, address, proto, port):
@@ -2329,12 +2353,22 @@ class NftFirewall(Firewall):
         chain = ["add chain %s input { type filter hook input priority 0; policy accept; }" % t,
                  "flush chain %s input" % t,
                  "add rule %s input ct state established,related accept" % t]
+        if self.once:
+            sets += self._once_sets()
+            # A flow whose first packet got in (a SYN sent again, a UDP flow before its first
+            # reply) still counts as new: it was admitted once already.
+            chain.append("add rule %s input ct status confirmed accept" % t)
         for ip, v in (("ip", "4"), ("ip6", "6")):
             chain.append("add rule %s input %s saddr . meta l4proto . th dport @allow%s accept"
                          % (t, ip, v))
             if self.bind:
                 chain.append("add rule %s input iifname . %s saddr . meta l4proto . th dport "
                              "@allow%s_if accept" % (t, ip, v))
+            if self.once:
+                # The kernel ends a single-use opening at the first packet that uses it.
+                chain.append("add rule %s input ct state new %s saddr . meta l4proto . th dport "
+                             "@once%s delete @once%s { %s saddr . meta l4proto . th dport } accept"
+                             % (t, ip, v, v, ip))
         if self.nat:
             # Local NAT: only connections a DNAT of ours rewrote, not the port itself.
             chain += ["add rule %s input ct status dnat ip saddr . meta l4proto . th dport "
@@ -2358,6 +2392,12 @@ class NftFirewall(Firewall):
                 chain += ["add rule %s %s %s" % (t, name, rule) for rule in rules]
         return ["add table " + t] + sets + chain
 
+    def _once_sets(self):
+        """The commands that make the sets of single-use openings (once4, once6): a rule
+        deletes their elements, which makes them dynamic."""
+        return ["add set inet %s once%s { type ipv%s_addr . inet_proto . inet_service; "
+                "size 65535; flags dynamic,timeout; }" % (self.table, v, v) for v in "46"]
+
     def _ports(self, proto):
         """The protected ports of `proto`, as an nft set's elements: '22, 443'."""
         return ", ".join(str(p) for p in sorted(set(p for pr, p in self.protect if pr == proto)))
@@ -2371,6 +2411,8 @@ class NftFirewall(Firewall):
         rules = ["fib daddr type != local return"]
         for ip, v in (("ip", "4"), ("ip6", "6")):
             rules.append("%s saddr . meta l4proto . th dport @allow%s return" % (ip, v))
+            if self.once:
+                rules.append("%s saddr . meta l4proto . th dport @once%s return" % (ip, v))
             if self.bind:
                 rules.append("iifname . %s saddr . meta l4proto . th dport @allow%s_if return"
                              % (ip, v))
@@ -2386,7 +2428,8 @@ class NftFirewall(Firewall):
         t = "inet " + self.table
         unwanted = ([] if self.nat else [name for name, _, _ in self.NAT_CHAINS]
                     + [name for _, name, _ in self.NAT_SETS]) + \
-            ([] if self.steer else [self.STEER_CHAIN[0]])
+            ([] if self.steer else [self.STEER_CHAIN[0]]) + \
+            ([] if self.once else ["once4", "once6"])
         commands = []
         for item in items:
             for kind in ("chain", "set", "map"):
@@ -2564,6 +2607,25 @@ class NftFirewall(Firewall):
         self.ends.update(changed)
         return len(changed)
 
+    def open_once(self, openings, now=None):
+        """Single-use openings [(address, proto, port, seconds)] in one nft transaction: each
+        goes into once4/once6 anew (after a delete, so that one the kernel removed comes
+        back and one still there gets the new time).  A default-drop chain of another table
+        gets it as a plain opening: what it accepts, our chain refuses once it is used."""
+        if not self.once:
+            raise SpaError("single-use openings need the firewall set up for them")
+        now = time.monotonic()
+        batch = ElementBatch()
+        for address, proto, port, timeout in openings:
+            key = self._key(address, proto, port)
+            element = nft_key([key[0]], PROTO_NUMBERS[proto], port)
+            batch.put(("inet", self.table, "once%d" % _family(key[0])), element, timeout)
+            if self.ends.get(key, 0) < now + timeout:
+                for place, other in self._elements_in(self.places[1:], key):
+                    batch.put(place, other, timeout)
+        self.kernel.commit(batch)
+        return len(openings)
+
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
         """Forward (address, proto, port) to to_address:to_port for `timeout` seconds: to
         another host (accepted in the forward chains), or to this one (local NAT, accepted
@@ -2691,7 +2753,9 @@ class NftFirewall(Firewall):
                                                                to_address, to_port, local):
                     batch.put(place, element, end - now, data=data)
         self.kernel.commit(batch)
-        return "table inet %s and %d opening(s) in force" % (self.table, len(alive))
+        return "table inet %s and %d opening(s) in force%s" % (
+            self.table, len(alive), " (single-use openings are not put back: they may have "
+            "been used; knock again)" if self.once else "")
 
     def _elements(self, kind, name):
         """(key, data or None, seconds left) of each element of our set or map `name`; the
@@ -2721,8 +2785,11 @@ class NftFirewall(Firewall):
     def list(self):
         """The openings in force, read from the kernel:
         [(address, proto, port, seconds left, interface or "")]."""
+        once = [key + (left, "", "single use") for name in
+                (("once4", "once6") if self.once else ()) for key, _, left in
+                self._elements("set", name)]
         return [key[:3] + (left, key[3] if len(key) > 3 else "")
-                for key, left in self._kernel_openings()]
+                for key, left in self._kernel_openings()] + once
 
     def list_nat(self):
         """NAT openings in force, read from the kernel:
@@ -2772,6 +2839,8 @@ IPT_FORWARD_CHAIN = "SPA_FORWARD"         # filter table, jumped to from FORWARD
 IPT_NAT_CHAIN = "SPA_PREROUTING"          # nat table, jumped to from PREROUTING
 IPT_STEER_CHAIN = "SPA_STEER"             # nat table, jumped to from PREROUTING's end
 IPT_NAT_COMMENTS = {False: "spa nat expires ", True: "spa local nat expires "}   # by `local`
+IPT_ONCE_COMMENT = "spa once expires "      # a single-use opening's rule
+XT_RECENT = "/proc/thread-self/net/xt_recent/"     # xt_recent's lists (this thread's netns)
 IPT_ESTABLISHED = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
 LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
@@ -2783,17 +2852,17 @@ NatOpening = namedtuple("NatOpening", "address proto port to_address to_port loc
 IptRule = namedtuple("IptRule", "key end table chain words")
 
 
-def _parse_opening(words, verdict="ACCEPT"):
-    """((address, proto, port[, interface]), end) of one of our opening rules (`-S` words),
-    else None."""
+def _parse_opening(words, verdict="ACCEPT", prefix=IPT_COMMENT):
+    """((address, proto, port[, interface]), end) of one of our opening rules (`-S` words;
+    prefix IPT_ONCE_COMMENT: a single-use one), else None."""
     import ipaddress
     option = dict(zip(words, words[1:]))        # each word -> the word after it
     comment = option.get("--comment", "")
-    if not comment.startswith(IPT_COMMENT) or option.get("-j") != verdict:
+    if not comment.startswith(prefix) or option.get("-j") != verdict:
         return None
     try:
         address = str(ipaddress.ip_interface(option["-s"]).ip)
-        port, end = int(option["--dport"]), int(comment[len(IPT_COMMENT):])
+        port, end = int(option["--dport"]), int(comment[len(prefix):])
     except (KeyError, ValueError):
         return None
     if option.get("-p") not in PROTO_NUMBERS:
@@ -2887,6 +2956,7 @@ class IptablesFirewall(Firewall):
         self.ends, self.deadlines = {}, {}
         self.nat_ends = {}     # (address, proto, port, to_address, to_port, local) -> end
         self.nat_deadlines = {}
+        self.once_ends, self.once_deadlines = {}, {}    # single-use openings, as ends
         # Families whose nat table works; setup() drops one that does not (a kernel or an
         # OpenWrt build without IPv6 NAT), so that IPv4 NAT still works there.
         self.nat_families = set(self.families) if self.nat else set()
@@ -2968,6 +3038,11 @@ class IptablesFirewall(Firewall):
         to the host's rules, what SPA_STEER redirected (steer) is accepted, and the protected
         ports are refused as protect_action says."""
         rules = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]]
+        if self.once:
+            # A flow whose first packet got in (a SYN sent again, a UDP flow before its first
+            # reply) still counts as new: it was admitted once already.
+            rules.append(["-m", "conntrack", "--ctstate", "NEW", "--ctstatus", "CONFIRMED",
+                          "-j", "ACCEPT"])
         if steer:
             # What SPA_STEER sent to port 0 is to get the kernel's reset, as the protected
             # port would have without spa.py, whatever the host's own rules say.
@@ -3014,6 +3089,9 @@ class IptablesFirewall(Firewall):
         now, mono = time.time(), time.monotonic()
         known = self.deadlines
         self.ends, self.nat_ends = {}, {}
+        # Single-use openings go with the chain's rules (`:SPA_INPUT` empties it): one
+        # that was used cannot be told from one that was not once its rule is gone.
+        self.once_ends, self.once_deadlines = {}, {}
         for family in self.families:
             filt, nat = self._read_tables(family)
             use_nat = self.nat and nat is not None
@@ -3173,6 +3251,125 @@ class IptablesFirewall(Firewall):
         self.ends[key], self.deadlines[key] = end, deadline
         return True
 
+    # -- single-use openings: a rule with an xt_recent list per port --------------------------
+
+    @staticmethod
+    def _recent_name(proto, port):
+        """The xt_recent list of the single-use openings of proto/port (it holds addresses)."""
+        return "spa_%s%d" % (proto, port)
+
+    def _once_rule(self, key, end, verdict="ACCEPT"):
+        """The words of a single-use opening's rule until `end`: in SPA_INPUT, ACCEPT the
+        first packet of a new connection from the address while the port's xt_recent list
+        holds it, and take it out (--remove, the last match: only a packet that matched
+        all else can); in SPA_STEER, RETURN while the list holds it (--rcheck)."""
+        stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
+        address, proto, port = key
+        new = ["-m", "conntrack", "--ctstate", "NEW", "!", "--ctstatus", "CONFIRMED"] \
+            if verdict == "ACCEPT" else []
+        return (["-s", address, "-p", proto, "--dport", str(port)] + new +
+                ["-m", "time", "--datestop", stop, "-m", "comment", "--comment",
+                 IPT_ONCE_COMMENT + str(end), "-m", "recent",
+                 "--remove" if verdict == "ACCEPT" else "--rcheck",
+                 "--name", self._recent_name(proto, port), "--rsource", "-j", verdict])
+
+    def _recent(self, key, sign):
+        """Put the address of `key` into its port's xt_recent list ("+") or take it out."""
+        try:
+            with open(XT_RECENT + self._recent_name(*key[1:3]), "w") as f:
+                f.write("%s%s\n" % (sign, key[0]))
+        except OSError as e:
+            raise SpaError("cannot change xt_recent list %s: %s"
+                           % (self._recent_name(*key[1:3]), e.strerror or e))
+
+    def _recent_holds(self, key):
+        """Whether the port's xt_recent list holds the address: the opening is unused."""
+        import ipaddress
+        try:
+            with open(XT_RECENT + self._recent_name(*key[1:3])) as f:
+                text = f.read()
+        except OSError:
+            return False
+        wanted = ipaddress.ip_address(key[0])
+        for line in text.splitlines():
+            word = line.split(None, 1)[0] if line.strip() else ""
+            try:
+                if word.startswith("src=") and ipaddress.ip_address(word[4:]) == wanted:
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    def open_once(self, openings, now=None):
+        """Single-use openings [(address, proto, port, seconds)]: for each, its rule (which
+        replaces an earlier one of the same key), then its address into the list."""
+        import math
+        if not self.once:
+            raise SpaError("single-use openings need the firewall set up for them")
+        now = time.time() if now is None else now
+        for address, proto, port, timeout in openings:
+            key = self._key(address, proto, port)
+            end = int(math.ceil(now + timeout))
+            self._put_once(key, end, time.monotonic() + end - now)
+        return len(openings)
+
+    def _put_once(self, key, end, deadline):
+        """Make a single-use opening's rules (SPA_INPUT, and SPA_STEER where steered) and
+        put its address into the list; one left by an earlier knock goes."""
+        family = _family(key[0])
+        old = self.once_ends.get(key)
+        for attempt in (1, 2):
+            steer = self._steered(key)
+            lines = ["-I %s 1 %s" % (IPT_CHAIN, _restore_words(self._once_rule(key, end)))]
+            nat_lines = ["-I %s 1 %s" % (IPT_STEER_CHAIN, _restore_words(
+                self._once_rule(key, end, "RETURN")))] if steer else []
+            if old is not None:
+                lines.append("-D %s %s" % (IPT_CHAIN, _restore_words(self._once_rule(key, old))))
+                if steer:
+                    nat_lines.append("-D %s %s" % (IPT_STEER_CHAIN, _restore_words(
+                        self._once_rule(key, old, "RETURN"))))
+            try:
+                self._restore_tables(family, [("nat", nat_lines), ("filter", lines)])
+                break
+            except SpaError:
+                if attempt == 2 or old is None:
+                    raise
+                old = None              # its rule is gone (a reload): only the new one
+        self.once_ends[key], self.once_deadlines[key] = end, deadline
+        self._recent(key, "+")
+
+    def _once_in_force(self, family, now):
+        """[(key, end)] of the single-use rules in SPA_INPUT whose address is still in its
+        list (unused) and whose end has not come."""
+        try:
+            rules = self._table(family, "filter", (IPT_CHAIN,), IPT_CHAIN).get(IPT_CHAIN, [])
+        except SpaError:
+            return []
+        found = (_parse_opening(words, prefix=IPT_ONCE_COMMENT) for words in rules)
+        return [o for o in found if o is not None and o[1] > now and self._recent_holds(o[0])]
+
+    def _expire_once(self, now, mono):
+        """Remove the rules of single-use openings past their end; how many."""
+        due = {k for k, e in self.once_ends.items()
+               if e <= now or self.once_deadlines.get(k, 0) <= mono}
+        removed = 0
+        for family in sorted(set(_family(k[0]) for k in due)):
+            lines, nat_lines = [], []
+            for table, chain, verdict, out in (("filter", IPT_CHAIN, "ACCEPT", lines),
+                                               ("nat", IPT_STEER_CHAIN, "RETURN", nat_lines)):
+                if table == "nat" and family not in self.steer_families:
+                    continue
+                for words in self._table(family, table, (chain,), chain).get(chain, []):
+                    o = _parse_opening(words, verdict, IPT_ONCE_COMMENT)
+                    if o is not None and (o[0] in due or o[1] <= now):
+                        out.append("-D %s %s" % (chain, _restore_words(words)))
+            self._restore_tables(family, [("nat", nat_lines), ("filter", lines)])
+            removed += len(lines)
+        for k in due:
+            del self.once_ends[k]
+            self.once_deadlines.pop(k, None)
+        return removed
+
     def close(self, address, proto, port):
         """Remove every opening of (address, proto, port) now (on every interface); True if
         there was one."""
@@ -3194,9 +3391,11 @@ class IptablesFirewall(Firewall):
         """The openings in force, read from the kernel:
         [(address, proto, port, seconds left, interface or "")]."""
         now = time.time()
+        once = [key + (int(end - now), "", "single use") for family in self.families
+                for key, end in (self._once_in_force(family, now) if self.once else [])]
         return [key[:3] + (int(end - now), key[3] if len(key) > 3 else "")
                 for family in self.families
-                for key, end, _, _, _ in self._openings(family) if end > now]
+                for key, end, _, _, _ in self._openings(family) if end > now] + once
 
     def expire(self, now=None):
         """Remove the plain and NAT rules whose end has passed; returns how many rules (a NAT
@@ -3227,6 +3426,7 @@ class IptablesFirewall(Firewall):
         for k in nat_due:
             del self.nat_ends[k]
         self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
+        removed += self._expire_once(now, mono)
         if removed:
             self._say("info", "removed %d expired opening rule%s", removed, "s" * (removed != 1))
         return removed
@@ -3282,7 +3482,9 @@ class IptablesFirewall(Firewall):
         for key, d in sorted(nat_alive, key=lambda item: item[1]):
             self._put_nat(key, int(now + d - mono))
             self.nat_deadlines[key] = d
-        return "our chains and %d opening(s) in force" % (len(alive) + len(nat_alive))
+        return "our chains and %d opening(s) in force%s" % (
+            len(alive) + len(nat_alive), " (single-use openings are not put back: they may "
+            "have been used; knock again)" if self.once else "")
 
     def flush(self):
         """Remove our chains and the jumps to them (NAT ones too, even with nat=False)."""
@@ -3571,10 +3773,13 @@ def make_firewall(config, test, log=None):
     kind = detect_firewall(log) if config.firewall == "auto" else config.firewall
     nat = config.enable_forwarding or config.enable_local_nat
     if kind == "nft":
-        return NftFirewall(config.protect, config.protect_action, log=log, nat=nat,
-                           bind=config.bind_interface)
-    return IptablesFirewall(config.protect, config.protect_action, log, command=kind, nat=nat,
-                            bind=config.bind_interface)
+        firewall = NftFirewall(config.protect, config.protect_action, log=log, nat=nat,
+                               bind=config.bind_interface)
+    else:
+        firewall = IptablesFirewall(config.protect, config.protect_action, log, command=kind,
+                                    nat=nat, bind=config.bind_interface)
+    firewall.once = config.single_use
+    return firewall
 
 
 def _uncommented(text):
@@ -4759,15 +4964,17 @@ class Gatekeeper(object):
         test = isinstance(self.firewall, DryRunFirewall)
         plain = [d for d in decisions if d.accepted and d.nat is None
                  and d.message.msg_type != MSG_COMMAND]
-        if plain:
+        for single, change in ((False, self.firewall.open_many), (True, self.firewall.open_once)):
+            these = [d for d in plain if d.stanza.single_use == single]
+            if not these:
+                continue
             try:
-                self.firewall.open_many([(d.allow_ip, proto, port, d.timeout)
-                                         + ((d.interface,) if d.interface else ())
-                                         for d in plain for proto, port in d.message.access],
-                                        now)
+                change([(d.allow_ip, proto, port, d.timeout)
+                        + ((d.interface,) if d.interface else ())
+                        for d in these for proto, port in d.message.access], now)
             except (SpaError, ValueError, OSError) as e:
                 self.log.error("firewall change failed: %s", e)
-                for d in plain:
+                for d in these:
                     d.accepted, d.reason = False, "the firewall change failed"
         for d in decisions:
             if not d.accepted or d.nat is None and d.message.msg_type != MSG_COMMAND:
@@ -4808,9 +5015,10 @@ class Gatekeeper(object):
             return                       # CommandRunner said what it started
         what = format_access(msg.access) if nat is None else "%s forwarded to %s" % (
             format_access(msg.access), format_endpoint(nat.address, nat.port))
-        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s",
+        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s%s",
                       d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout,
                       " on " + d.interface if d.interface else "",
+                      ", for one connection (single_use)" if d.stanza.single_use else "",
                       " (test mode: firewall unchanged)"
                       if isinstance(self.firewall, DryRunFirewall) else "")
 
@@ -5490,11 +5698,13 @@ class Supervisor(object):
         firewall = self.gate.firewall
         nat = config.enable_forwarding or config.enable_local_nat
         try:
-            if (config.protect, config.protect_action, nat) != \
-                    (old.protect, old.protect_action, firewall.nat):
+            if (config.protect, config.protect_action, nat, config.single_use) != \
+                    (old.protect, old.protect_action, firewall.nat, firewall.once):
                 # The NAT switches too: the stanzas the new config made follow them already,
-                # so the firewall's NAT chains (made or removed by setup) must as well.
+                # so the firewall's NAT chains (made or removed by setup) must as well; and
+                # the rules of single-use openings.
                 firewall.reconfigure(config.protect, config.protect_action, nat)
+                firewall.once = config.single_use
                 firewall.setup()
         except SpaError as e:
             self.log.error("firewall update failed: %s", e)
@@ -5576,9 +5786,11 @@ def server_main(args):
         return 0
     if args.list:
         rows = firewall.list()
-        for address, proto, port, left, interface in sorted(rows):
-            print("%-40s %s/%-5d %5d s left%s" % (address, proto, port, left,
-                                                  " (on %s)" % interface if interface else ""))
+        for row in sorted(rows):
+            address, proto, port, left, interface = row[:5]
+            print("%-40s %s/%-5d %5d s left%s%s" % (address, proto, port, left,
+                                                    " (on %s)" % interface if interface else "",
+                                                    ", single use, unused" if row[5:] else ""))
         nat_rows = firewall.list_nat()
         for address, proto, port, to_address, to_port, local, left in sorted(nat_rows):
             print("%-40s %s/%-5d %5d s left, forwarded to %s%s" % (

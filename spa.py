@@ -1851,6 +1851,19 @@ def _nat_target(address, to_address):
     return str(target)
 
 
+# A single-use opening admits, for its first ONCE_GRACE seconds, only a connection from the
+# source port that the knock names (connect_port); until then the kernel drops (never
+# refuses) other new connections to it, so that a client's SYN is sent again after 1 s.
+ONCE_GRACE = 1
+
+
+def connect_port(rand):
+    """The TCP source port a spa.py client connects from after a knock whose random digits
+    are `rand` (--connect): 49152-65535, the dynamic ports.  A NAT that keeps source ports
+    (Linux's masquerade does when it can) shows the server the same one."""
+    return 49152 + int(rand) % 16384
+
+
 class Firewall(object):
     """What the server asks of a firewall back end: one small interface, which nft,
     iptables and the dry run share (as bottle.py's server adapters share theirs).
@@ -1897,10 +1910,11 @@ class Firewall(object):
                    for opening in openings)
 
     def open_once(self, openings, now=None):
-        """Single-use openings [(address, proto, port, seconds)]: each admits one new
-        connection, and the kernel ends it at that connection's first packet or after
-        `seconds`, whichever comes first.  Each call gives a fresh one (a consumed opening
-        is made again).  Needs `once` set before setup(); returns how many."""
+        """Single-use openings [(address, proto, port, seconds, source port)]: each admits
+        one new connection, and the kernel ends it at that connection's first packet or
+        after `seconds`, whichever comes first; for its first ONCE_GRACE seconds only from
+        `source port` (connect_port).  Each call gives a fresh one (a consumed opening is
+        made again).  Needs `once` set before setup(); returns how many."""
         raise NotImplementedError
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None):
@@ -2366,9 +2380,7 @@ class NftFirewall(Firewall):
                              "@allow%s_if accept" % (t, ip, v))
             if self.once:
                 # The kernel ends a single-use opening at the first packet that uses it.
-                chain.append("add rule %s input ct state new %s saddr . meta l4proto . th dport "
-                             "@once%s delete @once%s { %s saddr . meta l4proto . th dport } accept"
-                             % (t, ip, v, v, ip))
+                chain += ["add rule %s input %s" % (t, rule) for rule in self._once_rules(ip, v)]
         if self.nat:
             # Local NAT: only connections a DNAT of ours rewrote, not the port itself.
             chain += ["add rule %s input ct status dnat ip saddr . meta l4proto . th dport "
@@ -2393,10 +2405,24 @@ class NftFirewall(Firewall):
         return ["add table " + t] + sets + chain
 
     def _once_sets(self):
-        """The commands that make the sets of single-use openings (once4, once6): a rule
-        deletes their elements, which makes them dynamic."""
-        return ["add set inet %s once%s { type ipv%s_addr . inet_proto . inet_service; "
-                "size 65535; flags dynamic,timeout; }" % (self.table, v, v) for v in "46"]
+        """The commands that make the sets of single-use openings: once4/once6, one element
+        an opening, which the rule that admits a connection deletes (so they are dynamic);
+        oncep4/oncep6, the source port each prefers; grace4/grace6, openings in their first
+        ONCE_GRACE seconds."""
+        kind = "ipv%s_addr . inet_proto . inet_service"
+        return ["add set inet %s %s%s { type %s; size 65535; flags dynamic,timeout; }"
+                % (self.table, name, v, kind % v + extra) for v in "46"
+                for name, extra in (("once", ""), ("oncep", " . inet_service"), ("grace", ""))]
+
+    def _once_rules(self, ip, v):
+        """The input chain's rules of single-use openings of one family: the preferred
+        source port gets in; in the grace period everyone else is dropped; after it, the
+        first comer.  Whoever gets in takes the opening away."""
+        key = "%s saddr . meta l4proto . th dport" % ip
+        take = "@once%s delete @once%s { %s } accept" % (v, v, key)
+        return ["ct state new %s . th sport @oncep%s %s %s" % (key, v, key, take),
+                "ct state new %s @grace%s %s @once%s drop" % (key, v, key, v),
+                "ct state new %s %s" % (key, take)]
 
     def _ports(self, proto):
         """The protected ports of `proto`, as an nft set's elements: '22, 443'."""
@@ -2429,7 +2455,7 @@ class NftFirewall(Firewall):
         unwanted = ([] if self.nat else [name for name, _, _ in self.NAT_CHAINS]
                     + [name for _, name, _ in self.NAT_SETS]) + \
             ([] if self.steer else [self.STEER_CHAIN[0]]) + \
-            ([] if self.once else ["once4", "once6"])
+            ([] if self.once else ["once4", "once6", "oncep4", "oncep6", "grace4", "grace6"])
         commands = []
         for item in items:
             for kind in ("chain", "set", "map"):
@@ -2608,18 +2634,21 @@ class NftFirewall(Firewall):
         return len(changed)
 
     def open_once(self, openings, now=None):
-        """Single-use openings [(address, proto, port, seconds)] in one nft transaction: each
-        goes into once4/once6 anew (after a delete, so that one the kernel removed comes
-        back and one still there gets the new time).  A default-drop chain of another table
+        """Single-use openings [(address, proto, port, seconds, source port)] in one nft
+        transaction: each goes into once4/once6 (oncep, grace) anew (after a delete, so that
+        one the kernel removed comes back and one still there gets the new time).  A default-drop chain of another table
         gets it as a plain opening: what it accepts, our chain refuses once it is used."""
         if not self.once:
             raise SpaError("single-use openings need the firewall set up for them")
         now = time.monotonic()
         batch = ElementBatch()
-        for address, proto, port, timeout in openings:
+        for address, proto, port, timeout, sport in openings:
             key = self._key(address, proto, port)
-            element = nft_key([key[0]], PROTO_NUMBERS[proto], port)
-            batch.put(("inet", self.table, "once%d" % _family(key[0])), element, timeout)
+            element, v = nft_key([key[0]], PROTO_NUMBERS[proto], port), _family(key[0])
+            batch.put(("inet", self.table, "once%d" % v), element, timeout)
+            batch.put(("inet", self.table, "oncep%d" % v), element + struct.pack("!H2x", sport),
+                      timeout)
+            batch.put(("inet", self.table, "grace%d" % v), element, min(ONCE_GRACE, timeout))
             if self.ends.get(key, 0) < now + timeout:
                 for place, other in self._elements_in(self.places[1:], key):
                     batch.put(place, other, timeout)
@@ -3254,33 +3283,42 @@ class IptablesFirewall(Firewall):
     # -- single-use openings: a rule with an xt_recent list per port --------------------------
 
     @staticmethod
-    def _recent_name(proto, port):
-        """The xt_recent list of the single-use openings of proto/port (it holds addresses)."""
-        return "spa_%s%d" % (proto, port)
+    def _recent_name(proto, port, grace=False):
+        """The xt_recent list of the single-use openings of proto/port (addresses), or of
+        those in their grace period."""
+        return "spa_%s%s%d" % ("g" if grace else "", proto, port)
 
-    def _once_rule(self, key, end, verdict="ACCEPT"):
-        """The words of a single-use opening's rule until `end`: in SPA_INPUT, ACCEPT the
-        first packet of a new connection from the address while the port's xt_recent list
-        holds it, and take it out (--remove, the last match: only a packet that matched
-        all else can); in SPA_STEER, RETURN while the list holds it (--rcheck)."""
+    def _once_rules(self, key, end, sport, verdict="ACCEPT"):
+        """The word lists of a single-use opening's rules until `end`.  In SPA_INPUT: ACCEPT
+        the first packet of a new connection from the preferred source port while the
+        port's list holds the address, and take it out (--remove, the last match: only a
+        packet that matched all else can); in the grace period, DROP the others; after
+        it, ACCEPT and take out as the first did.  In SPA_STEER (verdict RETURN): RETURN
+        while the list holds the address (--rcheck)."""
         stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
         address, proto, port = key
-        new = ["-m", "conntrack", "--ctstate", "NEW", "!", "--ctstatus", "CONFIRMED"] \
-            if verdict == "ACCEPT" else []
-        return (["-s", address, "-p", proto, "--dport", str(port)] + new +
-                ["-m", "time", "--datestop", stop, "-m", "comment", "--comment",
-                 IPT_ONCE_COMMENT + str(end), "-m", "recent",
-                 "--remove" if verdict == "ACCEPT" else "--rcheck",
-                 "--name", self._recent_name(proto, port), "--rsource", "-j", verdict])
+        head = ["-s", address, "-p", proto]
+        tail = ["--dport", str(port)] + (["-m", "conntrack", "--ctstate", "NEW", "!",
+                                         "--ctstatus", "CONFIRMED"] if verdict != "RETURN"
+                                        else []) + \
+            ["-m", "time", "--datestop", stop, "-m", "comment", "--comment",
+             IPT_ONCE_COMMENT + str(end), "-m", "recent"]
+        name = ["--name", self._recent_name(proto, port), "--rsource"]
+        if verdict == "RETURN":
+            return [head + tail + ["--rcheck"] + name + ["-j", "RETURN"]]
+        return [head + ["--sport", str(sport)] + tail + ["--remove"] + name + ["-j", "ACCEPT"],
+                head + tail + ["--rcheck", "--seconds", str(ONCE_GRACE), "--name",
+                               self._recent_name(proto, port, True), "--rsource", "-j", "DROP"],
+                head + tail + ["--remove"] + name + ["-j", "ACCEPT"]]
 
-    def _recent(self, key, sign):
-        """Put the address of `key` into its port's xt_recent list ("+") or take it out."""
+    def _recent(self, key, grace=False):
+        """Put the address of `key` into its port's xt_recent list (or the grace one)."""
+        name = self._recent_name(key[1], key[2], grace)
         try:
-            with open(XT_RECENT + self._recent_name(*key[1:3]), "w") as f:
-                f.write("%s%s\n" % (sign, key[0]))
+            with open(XT_RECENT + name, "w") as f:
+                f.write("+%s\n" % key[0])
         except OSError as e:
-            raise SpaError("cannot change xt_recent list %s: %s"
-                           % (self._recent_name(*key[1:3]), e.strerror or e))
+            raise SpaError("cannot change xt_recent list %s: %s" % (name, e.strerror or e))
 
     def _recent_holds(self, key):
         """Whether the port's xt_recent list holds the address: the opening is unused."""
@@ -3301,42 +3339,45 @@ class IptablesFirewall(Firewall):
         return False
 
     def open_once(self, openings, now=None):
-        """Single-use openings [(address, proto, port, seconds)]: for each, its rule (which
-        replaces an earlier one of the same key), then its address into the list."""
+        """Single-use openings [(address, proto, port, seconds, source port)]: for each, its
+        rules (which replace an earlier one's), then its address into the lists."""
         import math
         if not self.once:
             raise SpaError("single-use openings need the firewall set up for them")
         now = time.time() if now is None else now
-        for address, proto, port, timeout in openings:
+        for address, proto, port, timeout, sport in openings:
             key = self._key(address, proto, port)
             end = int(math.ceil(now + timeout))
-            self._put_once(key, end, time.monotonic() + end - now)
+            self._put_once(key, (end, int(sport)), time.monotonic() + end - now)
         return len(openings)
 
-    def _put_once(self, key, end, deadline):
-        """Make a single-use opening's rules (SPA_INPUT, and SPA_STEER where steered) and
-        put its address into the list; one left by an earlier knock goes."""
+    def _put_once(self, key, mine, deadline):
+        """Make a single-use opening's rules (SPA_INPUT, and SPA_STEER where steered) and put
+        its address into the lists; those of an earlier knock go.  `mine`: (end, port)."""
         family = _family(key[0])
         old = self.once_ends.get(key)
         for attempt in (1, 2):
             steer = self._steered(key)
-            lines = ["-I %s 1 %s" % (IPT_CHAIN, _restore_words(self._once_rule(key, end)))]
+            lines = ["-I %s 1 %s" % (IPT_CHAIN, _restore_words(w))
+                     for w in reversed(self._once_rules(key, *mine))]
             nat_lines = ["-I %s 1 %s" % (IPT_STEER_CHAIN, _restore_words(
-                self._once_rule(key, end, "RETURN")))] if steer else []
+                self._once_rules(key, mine[0], 0, "RETURN")[0]))] if steer else []
             if old is not None:
-                lines.append("-D %s %s" % (IPT_CHAIN, _restore_words(self._once_rule(key, old))))
+                lines += ["-D %s %s" % (IPT_CHAIN, _restore_words(w))
+                          for w in self._once_rules(key, *old)]
                 if steer:
                     nat_lines.append("-D %s %s" % (IPT_STEER_CHAIN, _restore_words(
-                        self._once_rule(key, old, "RETURN"))))
+                        self._once_rules(key, old[0], 0, "RETURN")[0])))
             try:
                 self._restore_tables(family, [("nat", nat_lines), ("filter", lines)])
                 break
             except SpaError:
                 if attempt == 2 or old is None:
                     raise
-                old = None              # its rule is gone (a reload): only the new one
-        self.once_ends[key], self.once_deadlines[key] = end, deadline
-        self._recent(key, "+")
+                old = None              # its rules are gone (a reload): only the new ones
+        self.once_ends[key], self.once_deadlines[key] = mine, deadline
+        self._recent(key, grace=True)
+        self._recent(key)
 
     def _once_in_force(self, family, now):
         """[(key, end)] of the single-use rules in SPA_INPUT whose address is still in its
@@ -3345,26 +3386,29 @@ class IptablesFirewall(Firewall):
             rules = self._table(family, "filter", (IPT_CHAIN,), IPT_CHAIN).get(IPT_CHAIN, [])
         except SpaError:
             return []
-        found = (_parse_opening(words, prefix=IPT_ONCE_COMMENT) for words in rules)
-        return [o for o in found if o is not None and o[1] > now and self._recent_holds(o[0])]
+        found = dict(o for o in (_parse_opening(words, prefix=IPT_ONCE_COMMENT)
+                                 for words in rules) if o is not None and o[1] > now)
+        return [(key, end) for key, end in sorted(found.items()) if self._recent_holds(key)]
 
     def _expire_once(self, now, mono):
         """Remove the rules of single-use openings past their end; how many."""
-        due = {k for k, e in self.once_ends.items()
+        due = {k for k, (e, _) in self.once_ends.items()
                if e <= now or self.once_deadlines.get(k, 0) <= mono}
         removed = 0
         for family in sorted(set(_family(k[0]) for k in due)):
             lines, nat_lines = [], []
-            for table, chain, verdict, out in (("filter", IPT_CHAIN, "ACCEPT", lines),
-                                               ("nat", IPT_STEER_CHAIN, "RETURN", nat_lines)):
+            for table, chain, verdicts, out in (
+                    ("filter", IPT_CHAIN, ("ACCEPT", "DROP"), lines),
+                    ("nat", IPT_STEER_CHAIN, ("RETURN",), nat_lines)):
                 if table == "nat" and family not in self.steer_families:
                     continue
                 for words in self._table(family, table, (chain,), chain).get(chain, []):
-                    o = _parse_opening(words, verdict, IPT_ONCE_COMMENT)
+                    o = [_parse_opening(words, v, IPT_ONCE_COMMENT) for v in verdicts]
+                    o = next((x for x in o if x is not None), None)
                     if o is not None and (o[0] in due or o[1] <= now):
                         out.append("-D %s %s" % (chain, _restore_words(words)))
             self._restore_tables(family, [("nat", nat_lines), ("filter", lines)])
-            removed += len(lines)
+            removed += len(lines) // 3
         for k in due:
             del self.once_ends[k]
             self.once_deadlines.pop(k, None)
@@ -4969,8 +5013,10 @@ class Gatekeeper(object):
             if not these:
                 continue
             try:
+                # A single-use opening's last item: the source port a spa.py client uses.
                 change([(d.allow_ip, proto, port, d.timeout)
-                        + ((d.interface,) if d.interface else ())
+                        + ((connect_port(d.message.rand),) if single else
+                           (d.interface,) if d.interface else ())
                         for d in these for proto, port in d.message.access], now)
             except (SpaError, ValueError, OSError) as e:
                 self.log.error("firewall change failed: %s", e)
@@ -6418,35 +6464,102 @@ def send_packet(wire, host, port, version=None, source_port=None):
     return address[0], others
 
 
-def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, prefer=None,
-                      asked=None):
-    """Connect to host:port, retrying until the knock has opened it; re-knock once halfway.
+# --connect: after each knock, a new connection attempt (a fresh SYN) every 50 us for 10 ms,
+# then every ms, up to 64 in flight; a fresh knock when nothing connected for 0.05 s, then
+# 0.1, 0.2 s..., at most once a second (README.md: Close the NAT-piggybacking window).
+CONNECT_BURST, CONNECT_SPACING, CONNECT_PENDING = 0.01, (0.00005, 0.001), 64
+CONNECT_REKNOCK, CONNECT_UNANSWERED = (0.05, 1.0), 0.25
 
-    Tries the addresses of the family `prefer` (the knock's) first, then the others.
-    Returns the connected socket, or raises SpaError naming what to check.  `asked` is the
-    access list the knock asked for: a port not in it is named as the likely cause.
+
+def _connect_attempt(info, sport=None):
+    """A non-blocking connect to one of addresses()' entries, from source port `sport` if
+    given: (socket, None), or (None, the error) if it failed at once."""
+    import errno
+    family, kind, proto, _, address = info
+    sock = socket.socket(family, kind, proto)
+    sock.setblocking(False)
+    try:
+        if sport:
+            if os.name != "nt":     # on Windows, SO_REUSEADDR would take the port from another
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", sport))
+        err = sock.connect_ex(address)
+    except OSError as e:
+        err = e.errno or errno.EINVAL
+    if err in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035):  # 10035: Windows
+        return sock, None
+    sock.close()
+    return None, OSError(err, os.strerror(err))
+
+
+def _connected(pending, timeout):
+    """Wait up to `timeout` for the attempts in flight ({socket: start}); those that ended
+    leave `pending`.  Returns (the first connected socket or None, the last error or None)."""
+    import select
+    socks = list(pending)
+    _, writable, failed = select.select([], socks, socks, timeout)
+    winner, error = None, None
+    for sock in writable + [s for s in failed if s not in writable]:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        del pending[sock]
+        if err == 0 and winner is None and sock not in failed:
+            winner = sock
+        else:
+            error = OSError(err, os.strerror(err)) if err else error
+            sock.close()
+    return winner, error
+
+
+def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, asked=None,
+                      sport=None):
+    """Connect to host:port as soon as the knock has opened it, knocking again while it
+    has not: an opening that admits one connection (single_use) may have been taken by
+    someone behind the same NAT, and a fresh knock makes a fresh one.  `knock()` knocks
+    and returns its connect_port(); `sport`, the first knock's: one attempt at a time
+    comes from it (a single-use opening admits only that port at first), the others from
+    any port.
+
+    Tries the addresses of the family `prefer` (the knock's), all of them after half the
+    wait.  Returns the connected socket, or raises SpaError naming what to check.  `asked`
+    is the access list the knock asked for: a port not in it is named as the likely cause.
     """
     infos = addresses(host, port, socket.SOCK_STREAM, version)
-    infos.sort(key=lambda info: info[0] != prefer)
-    start = time.monotonic()
-    knocked_again = False
-    last = None
-    while time.monotonic() - start < wait:
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            sock.settimeout(attempt)
-            try:
-                sock.connect(address)
-                sock.settimeout(None)
+    preferred = [info for info in infos if info[0] == prefer] or infos
+    start = knocked = time.monotonic()
+    gap, pending, last, turn, bound = CONNECT_REKNOCK[0], {}, None, 0, None
+    try:
+        while time.monotonic() - start < wait:
+            now = time.monotonic()
+            if now - knocked >= gap:
+                sport = knock()
+                knocked, gap = now, min(gap * 2, CONNECT_REKNOCK[1])
+            for sock in [s for s, began in pending.items() if now - began > CONNECT_UNANSWERED]:
+                sock.close()          # no answer (protect_action = drop): a fresh one instead
+                del pending[sock]
+            candidates = preferred if now - start < wait / 2 else infos
+            if len(pending) < CONNECT_PENDING:
+                from_port = sport if sport and bound not in pending else None
+                sock, error = _connect_attempt(candidates[turn % len(candidates)], from_port)
+                turn += 1
+                if sock is None:
+                    last = error
+                    sport = sport if error.errno not in (98, 99, 10048) else None   # in use
+                else:
+                    pending[sock] = now
+                    bound = sock if from_port else bound
+            spacing = CONNECT_SPACING[now - knocked >= CONNECT_BURST]
+            if not pending:
+                time.sleep(spacing)
+                continue
+            sock, error = _connected(pending, spacing)
+            last = error or last
+            if sock is not None:
+                sock.setblocking(True)
                 return sock
-            except OSError as e:
-                last = e
-                sock.close()
-        if not knocked_again and time.monotonic() - start > wait / 2:
-            knock()
-            knocked_again = True
-        time.sleep(0.02)
-    why = getattr(last, "strerror", None) or last
+    finally:
+        for sock in pending:
+            sock.close()
+    why = getattr(last, "strerror", None) or last or "no answer"
     if asked is not None and ("tcp", port) not in asked:
         raise SpaError("%s port %d did not open within %.0f s (%s): tcp/%d was not among the "
                        "ports the knock asked for (%s): add it to -A or the section's access"
@@ -6548,8 +6661,8 @@ def _under_home(path):
 
 def client_main(args):
     """`spa.py client`: build the packet and send it (or print it, --test); with
-    --connect, wait for the port and relay stdin and stdout to it, knocking once more
-    halfway if it has not opened."""
+    --connect, connect as soon as the port opens (knocking again while it has not: a
+    single-use opening may have been taken) and relay stdin and stdout to it."""
     opts = client_settings(args)
     if args.server_proto and args.server_proto.lower() != "udp":
         raise SpaError("-P/--server-proto %s: spa.py's client sends over UDP only"
@@ -6566,30 +6679,33 @@ def client_main(args):
     asked = []          # the ports the knock asks for, which --connect should be among
 
     def knock():
+        """Send a fresh packet; returns the source port --connect is to use after it."""
         msg, wire = build_packet(opts)
         asked[:] = msg.access
         if args.verbose:
             print(msg.describe(), file=sys.stderr)
         if args.test:
             print(wire.decode())
-            return
+            return None
         address, others = send_packet(wire, opts["destination"], port, version, source_port)
         knocked.append(address)
         if args.verbose:
             print("sent %d bytes to %s udp/%d%s" % (len(wire), address, port, (
                 " (%s also has %s: -6 knocks there; IPv4 goes first, as with fwknop)"
                 % (opts["destination"], ", ".join(others))) if others else ""), file=sys.stderr)
+        return connect_port(msg.rand)
 
     for path in UNCHECKED_FILES:
         if args.verbose or not _under_home(path):
             print("spa.py client: note: this system has no POSIX file modes: spa.py cannot "
                   "check who may read %s, which holds keys; keep it where only you can read "
                   "it" % path, file=sys.stderr)
-    knock()
+    sport = knock()
     if connect and not args.test:
         prefer = _socket_family(knocked[0]) if knocked else None
         with connect_when_open(connect[0], connect[1], knock, args.connect_wait,
-                               version=version, prefer=prefer, asked=asked) as sock:
+                               version=version, prefer=prefer, asked=asked,
+                               sport=sport) as sock:
             if args.verbose:
                 print("connected to %s port %d" % sock.getpeername()[:2], file=sys.stderr)
             relay(sock)

@@ -227,7 +227,9 @@ def trial(nat, mode, family, conf):
     proc.wait(20)
     lines.thread.join(5)
     sent = lines.when("sent ")
+    began = None
     if mode == "once+separate":
+        began = time.monotonic()
         connected = connect_once_then_retry(nat.ns["kn"], server, PORT) if proc.returncode == 0 \
             else None
     else:
@@ -236,6 +238,7 @@ def trial(nat, mode, family, conf):
     ms = lambda t: None if t is None or sent is None else (t - sent) * 1000.0     # noqa: E731
     times = [ms(t) for t in neighbour.accepted]
     return {"mode": mode, "family": family, "knocker": ms(connected), "neighbour": times,
+            "began": ms(began),
             "tried": neighbour.tried, "rc": proc.returncode,
             "errors": "" if proc.returncode == 0 else "".join(line for _, line in lines.lines)}
 
@@ -272,8 +275,8 @@ def table(results):
     """The Markdown table of the results, one row per (firewall, family, mode)."""
     rows = ["| firewall | IP | knock | trials | knocker got in | neighbour got in (trials) | "
             "neighbour's connections | neighbour in from / to (ms after the knock, median) | "
-            "knocker in at (ms, median) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "knocker in at (ms, median) | knocker's connect began (ms, median) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     keys = []
     for r in results:
         key = (r["firewall"], r["family"], r["mode"])
@@ -283,12 +286,13 @@ def table(results):
         these = [r for r in results if (r["firewall"], r["family"], r["mode"]) ==
                  (firewall, family, mode)]
         got_in = [r for r in these if r["neighbour"]]
-        rows.append("| %s | IPv%d | %s | %d | %d | %d | %d | %s / %s | %s |" % (
+        rows.append("| %s | IPv%d | %s | %d | %d | %d | %d | %s / %s | %s | %s |" % (
             firewall, family, mode, len(these), sum(1 for r in these if r["knocker"] is not None),
             len(got_in), sum(len(r["neighbour"]) for r in these),
             _median([min(r["neighbour"]) for r in got_in]),
             _median([max(r["neighbour"]) for r in got_in]),
-            _median([r["knocker"] for r in these if r["knocker"] is not None])))
+            _median([r["knocker"] for r in these if r["knocker"] is not None]),
+            _median([r["began"] for r in these if r["began"] is not None])))
     return "\n".join(rows)
 
 

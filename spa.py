@@ -6464,10 +6464,10 @@ def send_packet(wire, host, port, version=None, source_port=None):
     return address[0], others
 
 
-# --connect: after each knock, a new connection attempt (a fresh SYN) every 50 us for 10 ms,
-# then every ms, up to 64 in flight; a fresh knock when nothing connected for 0.05 s, then
-# 0.1, 0.2 s..., at most once a second (README.md: Close the NAT-piggybacking window).
-CONNECT_BURST, CONNECT_SPACING, CONNECT_PENDING = 0.01, (0.00005, 0.001), 64
+# --connect: one connection attempt at a time (a fresh SYN each), the next as soon as one is
+# refused; one that goes unanswered for 0.25 s is given up.  A fresh knock when nothing
+# connected for 0.05 s, then 0.1, 0.2 s..., at most once a second, and never while an
+# attempt is under way (it could still use the opening: the new one would be left over).
 CONNECT_REKNOCK, CONNECT_UNANSWERED = (0.05, 1.0), 0.25
 
 
@@ -6492,22 +6492,15 @@ def _connect_attempt(info, sport=None):
     return None, OSError(err, os.strerror(err))
 
 
-def _connected(pending, timeout):
-    """Wait up to `timeout` for the attempts in flight ({socket: start}); those that ended
-    leave `pending`.  Returns (the first connected socket or None, the last error or None)."""
+def _connected(sock, timeout):
+    """Wait up to `timeout` for a connect under way: True (connected), False (still under
+    way), or the error that ended it."""
     import select
-    socks = list(pending)
-    _, writable, failed = select.select([], socks, socks, timeout)
-    winner, error = None, None
-    for sock in writable + [s for s in failed if s not in writable]:
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        del pending[sock]
-        if err == 0 and winner is None and sock not in failed:
-            winner = sock
-        else:
-            error = OSError(err, os.strerror(err)) if err else error
-            sock.close()
-    return winner, error
+    _, writable, failed = select.select([], [sock], [sock], timeout)
+    if not writable and not failed:
+        return False
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return OSError(err, os.strerror(err)) if err or failed else True
 
 
 def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, asked=None,
@@ -6515,9 +6508,9 @@ def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, a
     """Connect to host:port as soon as the knock has opened it, knocking again while it
     has not: an opening that admits one connection (single_use) may have been taken by
     someone behind the same NAT, and a fresh knock makes a fresh one.  `knock()` knocks
-    and returns its connect_port(); `sport`, the first knock's: one attempt at a time
-    comes from it (a single-use opening admits only that port at first), the others from
-    any port.
+    and returns its connect_port(); `sport`, the first knock's: the attempts come from it
+    (a single-use opening admits only that port at first), or from any port if it is
+    taken here.
 
     Tries the addresses of the family `prefer` (the knock's), all of them after half the
     wait.  Returns the connected socket, or raises SpaError naming what to check.  `asked`
@@ -6526,38 +6519,34 @@ def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, a
     infos = addresses(host, port, socket.SOCK_STREAM, version)
     preferred = [info for info in infos if info[0] == prefer] or infos
     start = knocked = time.monotonic()
-    gap, pending, last, turn, bound = CONNECT_REKNOCK[0], {}, None, 0, None
+    gap, last, turn, sock = CONNECT_REKNOCK[0], None, 0, None
     try:
         while time.monotonic() - start < wait:
             now = time.monotonic()
-            if now - knocked >= gap:
-                sport = knock()
-                knocked, gap = now, min(gap * 2, CONNECT_REKNOCK[1])
-            for sock in [s for s, began in pending.items() if now - began > CONNECT_UNANSWERED]:
-                sock.close()          # no answer (protect_action = drop): a fresh one instead
-                del pending[sock]
-            candidates = preferred if now - start < wait / 2 else infos
-            if len(pending) < CONNECT_PENDING:
-                from_port = sport if sport and bound not in pending else None
-                sock, error = _connect_attempt(candidates[turn % len(candidates)], from_port)
+            if sock is None:
+                if now - knocked >= gap:
+                    sport = knock()
+                    knocked, gap = now, min(gap * 2, CONNECT_REKNOCK[1])
+                candidates = preferred if now - start < wait / 2 else infos
+                sock, last = _connect_attempt(candidates[turn % len(candidates)], sport)
                 turn += 1
+                began = now
                 if sock is None:
-                    last = error
-                    sport = sport if error.errno not in (98, 99, 10048) else None   # in use
-                else:
-                    pending[sock] = now
-                    bound = sock if from_port else bound
-            spacing = CONNECT_SPACING[now - knocked >= CONNECT_BURST]
-            if not pending:
-                time.sleep(spacing)
-                continue
-            sock, error = _connected(pending, spacing)
-            last = error or last
-            if sock is not None:
+                    sport = sport if last.errno not in (98, 99, 10048) else None   # in use
+                    time.sleep(0.001)
+                    continue
+            done = _connected(sock, max(0.0, min(CONNECT_UNANSWERED - (now - began),
+                                                 wait - (now - start))))
+            if done is True:
                 sock.setblocking(True)
-                return sock
+                sock, connected = None, sock
+                return connected
+            if done is not False or time.monotonic() - began >= CONNECT_UNANSWERED:
+                last = done or last
+                sock.close()
+                sock = None
     finally:
-        for sock in pending:
+        if sock is not None:
             sock.close()
     why = getattr(last, "strerror", None) or last or "no answer"
     if asked is not None and ("tcp", port) not in asked:

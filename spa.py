@@ -3391,28 +3391,28 @@ class IptablesFirewall(Firewall):
         return [(key, end) for key, end in sorted(found.items()) if self._recent_holds(key)]
 
     def _expire_once(self, now, mono):
-        """Remove the rules of single-use openings past their end; how many."""
+        """Remove the rules of single-use openings past their end; how many.  They are named
+        by our own words (xt_recent's, as `-S` prints them, do not delete): one that is
+        gone already (a reload) is passed over."""
         due = {k for k, (e, _) in self.once_ends.items()
                if e <= now or self.once_deadlines.get(k, 0) <= mono}
-        removed = 0
-        for family in sorted(set(_family(k[0]) for k in due)):
-            lines, nat_lines = [], []
-            for table, chain, verdicts, out in (
-                    ("filter", IPT_CHAIN, ("ACCEPT", "DROP"), lines),
-                    ("nat", IPT_STEER_CHAIN, ("RETURN",), nat_lines)):
-                if table == "nat" and family not in self.steer_families:
-                    continue
-                for words in self._table(family, table, (chain,), chain).get(chain, []):
-                    o = [_parse_opening(words, v, IPT_ONCE_COMMENT) for v in verdicts]
-                    o = next((x for x in o if x is not None), None)
-                    if o is not None and (o[0] in due or o[1] <= now):
-                        out.append("-D %s %s" % (chain, _restore_words(words)))
-            self._restore_tables(family, [("nat", nat_lines), ("filter", lines)])
-            removed += len(lines) // 3
-        for k in due:
-            del self.once_ends[k]
-            self.once_deadlines.pop(k, None)
-        return removed
+        for key in sorted(due):
+            end, sport = self.once_ends.pop(key)
+            self.once_deadlines.pop(key, None)
+            lines = ["-D %s %s" % (IPT_CHAIN, _restore_words(w))
+                     for w in self._once_rules(key, end, sport)]
+            nat_lines = ["-D %s %s" % (IPT_STEER_CHAIN, _restore_words(
+                self._once_rules(key, end, 0, "RETURN")[0]))] if self._steered(key) else []
+            for section in (("nat", nat_lines), ("filter", lines)):
+                try:
+                    self._restore_tables(_family(key[0]), [section])
+                except SpaError:
+                    for line in section[1]:
+                        try:
+                            self._restore_tables(_family(key[0]), [(section[0], [line])])
+                        except SpaError:
+                            pass
+        return len(due)
 
     def close(self, address, proto, port):
         """Remove every opening of (address, proto, port) now (on every interface); True if

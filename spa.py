@@ -3292,8 +3292,8 @@ class IptablesFirewall(Firewall):
         """The word lists of a single-use opening's rules until `end`.  In SPA_INPUT: ACCEPT
         the first packet of a new connection from the preferred source port while the
         port's list holds the address, and take it out (--remove, the last match: only a
-        packet that matched all else can); in the grace period, DROP the others; after
-        it, ACCEPT and take out as the first did.  In SPA_STEER (verdict RETURN): RETURN
+        packet that matched all else can); in the grace period, DROP the others while it
+        is unused; after it, ACCEPT and take out as the first did.  In SPA_STEER (verdict RETURN): RETURN
         while the list holds the address (--rcheck)."""
         stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
         address, proto, port = key
@@ -3308,7 +3308,8 @@ class IptablesFirewall(Firewall):
             return [head + tail + ["--rcheck"] + name + ["-j", "RETURN"]]
         return [head + ["--sport", str(sport)] + tail + ["--remove"] + name + ["-j", "ACCEPT"],
                 head + tail + ["--rcheck", "--seconds", str(ONCE_GRACE), "--name",
-                               self._recent_name(proto, port, True), "--rsource", "-j", "DROP"],
+                               self._recent_name(proto, port, True), "--rsource",
+                               "-m", "recent", "--rcheck"] + name + ["-j", "DROP"],
                 head + tail + ["--remove"] + name + ["-j", "ACCEPT"]]
 
     def _recent(self, key, grace=False):

@@ -6769,6 +6769,8 @@ log = stderr
 #   require_username = alice       the username the packet must carry
 #   require_source_address = no    yes: refuse packets that ask to open "for whoever sent this"
 #   max_openings = 1000            openings it may hold at once (each costs the kernel a little memory)
+#   single_use = yes               each knock admits one connection (README.md: Close the
+#                                  NAT-piggybacking window): for spa.py client --connect
 #   nat_destinations = 10.0.0.7:22, 10.0.1.0/24:8000-8099, [2001:db8::7]:22
 #                                  with enable_nat = yes and [server] enable_forwarding = yes:
 #                                  the only hosts and ports a knock may forward to (none if absent)
@@ -6784,7 +6786,11 @@ def keygen_keys(hmac_type="sha256"):
 def server_stanza(name, keys, hmac_type, access):
     """The [client NAME] stanza keygen writes into the server's config."""
     return ("[client {name}]\nsource = any\nopen_ports = {access}\nkey_base64 = {key}\n"
-            "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n").format(
+            "hmac_key_base64 = {hkey}\nhmac_digest_type = {htype}\n"
+            "# yes: each knock admits one connection, so no one behind the same NAT can use\n"
+            "# it; for clients that connect with spa.py client --connect (ssh's ProxyCommand).\n"
+            "# Leave it off for fwknop clients and for several connections a knock.\n"
+            "# single_use = yes\n").format(
                 name=name, access=access, key=keys[0], hkey=keys[1], htype=hmac_type)
 
 

@@ -293,3 +293,22 @@ def test_fwknop_clients_get_in_after_the_grace_period_with_the_syn_sent_again(tm
         conn.close()
         out = lab.run("srv", [sys.executable, SPA, "server", "-c", str(conf), "--list"]).stdout
         assert out.strip() == "no open authorizations"
+
+
+def test_server_list_says_which_openings_are_single_use_and_unused(tmp_path, monkeypatch, capsys):
+    class Listed(spa.DryRunFirewall):
+        def list(self):
+            return [("198.18.1.2", "tcp", 22, 25, "", "single use"),
+                    ("198.18.1.3", "tcp", 22, 12, "")]
+    config = server_config(tmp_path, {"a": {"single_use": "yes"}})
+    made = []
+
+    def make_firewall(config, test, log=None):
+        made.append(config.single_use)
+        return Listed(config.protect)
+    monkeypatch.setattr(spa, "make_firewall", make_firewall)
+    assert spa.main(["server", "-c", config.path, "--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert made == [True]
+    assert out[0].startswith("198.18.1.2") and out[0].endswith("25 s left, single use, unused")
+    assert out[1].startswith("198.18.1.3") and out[1].endswith("12 s left")

@@ -54,7 +54,7 @@ class NatLab(object):
     """The server (lab's srv), the router (lab's cli1, masquerading out of its link to the
     server), and two hosts behind the router: the knocker ("kn") and the neighbour ("nb")."""
 
-    def __init__(self, lab):
+    def __init__(self, lab, random_ports=False):
         self.lab = lab
         self.ns = {}
         router = lab.name("cli1")
@@ -79,7 +79,8 @@ class NatLab(object):
             ns_sysctl(router, key, 1)
         lab.run("cli1", ["nft", "-f", "-"], input=(
             "table inet su_nat {\n chain post {\n  type nat hook postrouting priority srcnat;\n"
-            "  oifname %s masquerade\n }\n}\n" % lab.cli_if[1]))
+            "  oifname %s masquerade%s\n }\n}\n"
+            % (lab.cli_if[1], " fully-random" if random_ports else "")))
 
     def _ip(self, *args):
         netns_lab._run(["ip"] + list(args), timeout=20)
@@ -243,9 +244,10 @@ def trial(nat, mode, family, conf):
             "errors": "" if proc.returncode == 0 else "".join(line for _, line in lines.lines)}
 
 
-def measure(firewalls=FIREWALLS, families=(4, 6), modes=MODES, n=5, say=None):
+def measure(firewalls=FIREWALLS, families=(4, 6), modes=MODES, n=5, say=None,
+            random_ports=False):
     """Run n trials of each (firewall, family, mode); returns the trial dicts, each with its
-    firewall."""
+    firewall.  random_ports: a NAT that does not keep source ports (fully-random)."""
     results = []
     for firewall in firewalls:
         # Fresh namespaces for each: a connection of the neighbour's that got in earlier and
@@ -253,7 +255,7 @@ def measure(firewalls=FIREWALLS, families=(4, 6), modes=MODES, n=5, say=None):
         # through as its own (conntrack's doing, single_use or not), and `plain` leaves
         # thousands.  Each family's `plain` trials come after its single-use ones.
         with Lab(clients=1, prefix="su") as lab, tempfile.TemporaryDirectory() as folder:
-            nat = NatLab(lab)
+            nat = NatLab(lab, random_ports)
             lab.tcp_service("srv", "::", PORT)
             server, keys = start_server(lab, firewall, folder)
             conf = client_conf(folder, keys)
@@ -306,6 +308,8 @@ def main(argv=None):
                         help="a back end (default: all three)")
     parser.add_argument("-4", dest="families", action="append_const", const=4)
     parser.add_argument("-6", dest="families", action="append_const", const=6)
+    parser.add_argument("--random-ports", action="store_true",
+                        help="a NAT that does not keep source ports (masquerade fully-random)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
@@ -315,7 +319,8 @@ def main(argv=None):
                                           % (r["firewall"], r["family"], r["mode"],
                                              "-" if r["knocker"] is None else
                                              "%.1f ms" % r["knocker"], len(r["neighbour"]),
-                                             r["tried"]), file=sys.stderr))
+                                             r["tried"]), file=sys.stderr),
+                      random_ports=args.random_ports)
     print(table(results))
     return 0
 

@@ -6469,7 +6469,10 @@ def send_packet(wire, host, port, version=None, source_port=None):
 # refused; one that goes unanswered for 0.25 s is given up.  A fresh knock when nothing
 # connected for 0.05 s, then 0.1, 0.2 s..., at most once a second, and never while an
 # attempt is under way (it could still use the opening: the new one would be left over).
-CONNECT_REKNOCK, CONNECT_UNANSWERED = (0.05, 1.0), 0.25
+# After an attempt that went unanswered (dropped: a single-use opening in its grace
+# period, where a NAT changed the source port) not before 2 s: a knock would start the
+# grace period again.
+CONNECT_REKNOCK, CONNECT_UNANSWERED, CONNECT_REKNOCK_DROPPED = (0.05, 1.0), 0.25, 2.0
 
 
 def _connect_attempt(info, sport=None):
@@ -6520,12 +6523,12 @@ def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, a
     infos = addresses(host, port, socket.SOCK_STREAM, version)
     preferred = [info for info in infos if info[0] == prefer] or infos
     start = knocked = time.monotonic()
-    gap, last, turn, sock = CONNECT_REKNOCK[0], None, 0, None
+    gap, last, turn, sock, dropped = CONNECT_REKNOCK[0], None, 0, None, False
     try:
         while time.monotonic() - start < wait:
             now = time.monotonic()
             if sock is None:
-                if now - knocked >= gap:
+                if now - knocked >= (max(gap, CONNECT_REKNOCK_DROPPED) if dropped else gap):
                     sport = knock()
                     knocked, gap = now, min(gap * 2, CONNECT_REKNOCK[1])
                 candidates = preferred if now - start < wait / 2 else infos
@@ -6543,7 +6546,7 @@ def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, a
                 sock, connected = None, sock
                 return connected
             if done is not False or time.monotonic() - began >= CONNECT_UNANSWERED:
-                last = done or last
+                last, dropped = done or last, done is False
                 sock.close()
                 sock = None
     finally:

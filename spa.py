@@ -6520,6 +6520,7 @@ def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, a
     wait.  Returns the connected socket, or raises SpaError naming what to check.  `asked`
     is the access list the knock asked for: a port not in it is named as the likely cause.
     """
+    import errno
     infos = addresses(host, port, socket.SOCK_STREAM, version)
     preferred = [info for info in infos if info[0] == prefer] or infos
     start = knocked = time.monotonic()
@@ -6536,7 +6537,8 @@ def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, a
                 turn += 1
                 began = now
                 if sock is None:
-                    sport = sport if last.errno not in (98, 99, 10048) else None   # in use
+                    if last.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, 10048):
+                        sport = None        # the port is taken here: any port instead
                     time.sleep(0.001)
                     continue
             done = _connected(sock, max(0.0, min(CONNECT_UNANSWERED - (now - began),

@@ -1343,7 +1343,7 @@ STANZA_OPTIONS = {"source", "key_base64", "hmac_key_base64", "hmac_digest_type",
                   "cmd_cycle_user", "gpg_home_dir", "gpg_decrypt_id", "gpg_decrypt_pw",
                   "gpg_allow_no_pw", "gpg_require_sig", "gpg_remote_id", "gpg_fingerprint_id",
                   "force_nat", "force_snat", "force_masquerade", "disable_dnat",
-                  "forward_all", "destination"}
+                  "forward_all", "destination", "single_use"}
 
 
 def _parse_sources(value, where, name="source"):
@@ -1549,6 +1549,15 @@ class Stanza(object):
                                       1, 1000000)
         self._read_hooks(get, where)
         self._read_nat_modes(get, where, forwarding, snat or {})
+        self._read_single_use(get, where)
+
+    def _read_single_use(self, get, where):
+        """single_use: an opening that admits one new connection; the kernel ends it at that
+        connection's first packet (README.md: Close the NAT-piggybacking window)."""
+        self.single_use = parse_bool(get("single_use") or "no", where + ": single_use")
+        if self.single_use and (self.enable_nat or self.force_nat or self.forward_all):
+            raise SpaError("%s: single_use = yes with NAT (enable_nat, force_nat, forward_all): "
+                           "spa.py has no single-use NAT openings (yet); set one to no" % where)
 
     def _read_hooks(self, get, where):
         """Hooks (fwknop's command cycles): cmd_cycle_open runs at each opening and
@@ -2070,6 +2079,10 @@ class ServerConfig(object):
         if not self.protect:
             raise SpaError("%s: [server] protect is empty: name the ports to keep dark, "
                            "e.g. protect = tcp/22" % path)
+        self.single_use = any(stanza.single_use for stanza in self.stanzas)
+        if self.single_use and self.bind_interface:
+            raise SpaError("%s: bind_interface = yes with a single_use stanza: spa.py has no "
+                           "single-use openings bound to an interface (yet)" % path)
 
     def _read_server(self, get):
         """The [server] options but `user` and `access_conf`; `get(option, default)`."""
@@ -2219,6 +2232,11 @@ class ServerConfig(object):
             raise SpaError("%s: firewall = none, and [client %s] has no cmd_cycle_open: its "
                            "knocks would open nothing (hooks do the work without a firewall)"
                            % (path, bare[0]))
+        once = [stanza.name for stanza in self.stanzas if stanza.single_use]
+        if self.firewall == "none" and once:
+            raise SpaError("%s: firewall = none, and [client %s] has single_use = yes: only "
+                           "the kernel's firewall can end an opening at its first connection"
+                           % (path, once[0]))
 
     @property
     def pending_closes(self):
@@ -2547,6 +2565,19 @@ def _nat_mode(address, mode):
     return NatMode(bool(dnat), snat, bool(forward_all))
 
 
+# A single-use opening admits, for its first ONCE_GRACE seconds, only a connection from the
+# source port that the knock names (connect_port); until then the kernel drops (never
+# refuses) other new connections to it, so that a client's SYN is sent again after 1 s.
+ONCE_GRACE = 1
+
+
+def connect_port(rand):
+    """The TCP source port a spa.py client connects from after a knock whose random digits
+    are `rand` (--connect): 49152-65535, the dynamic ports.  A NAT that keeps source ports
+    (Linux's masquerade does when it can) shows the server the same one."""
+    return 49152 + int(rand) % 16384
+
+
 class Firewall(object):
     """What the server asks of a firewall back end: one small interface, which nft,
     iptables and the dry run share (as bottle.py's server adapters share theirs).
@@ -2561,11 +2592,13 @@ class Firewall(object):
     ([("tcp", 22), ...]), `action`, `nat` (NAT access on), `steer` (refused TCP
     connections redirected to port 0, so that the kernel's own reset answers them),
     `bind` (openings keyed on the knock's interface too), `monitored` (nftables' change
-    notifications tell of a reload: RulesetMonitor), `log` (None: say nothing).
+    notifications tell of a reload: RulesetMonitor), `once` (the rules of single-use
+    openings are in place: setup() makes them), `log` (None: say nothing).
     """
 
     name = None
     monitored = False
+    once = False        # single-use openings: open_once() (any stanza with single_use)
 
     def __init__(self, protect, action="reject", log=None, nat=False, bind=False):
         self.protect, self.action, self.log, self.nat, self.bind = protect, action, log, nat, bind
@@ -2590,6 +2623,14 @@ class Firewall(object):
         return sum(self.open(*opening[:4], now=now, interface=(opening[4:] or (None,))[0])
                    for opening in openings)
 
+    def open_once(self, openings, now=None):
+        """Single-use openings [(address, proto, port, seconds, source port)]: each admits
+        one new connection, and the kernel ends it at that connection's first packet or
+        after `seconds`, whichever comes first; for its first ONCE_GRACE seconds only from
+        `source port` (connect_port).  Each call gives a fresh one (a consumed opening is
+        made again).  Needs `once` set before setup(); returns how many."""
+        raise NotImplementedError
+
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
                  mode=PLAIN_NAT):
         """NAT access (fwknop's message types 2, 4, 5, 6) for `timeout` seconds: connections
@@ -2603,7 +2644,8 @@ class Firewall(object):
 
     def list(self):
         """The openings in force, read from the kernel:
-        [(address, proto, port, seconds left, interface or "")]."""
+        [(address, proto, port, seconds left, interface or "")]; an unused single-use
+        opening has a sixth item, "single use"."""
         return []
 
     def list_nat(self):
@@ -2672,6 +2714,10 @@ class DryRunFirewall(Firewall):
 
     def open_many(self, openings, now=None):
         self.opened += openings
+        return len(openings)
+
+    def open_once(self, openings, now=None):
+        self.opened += [opening + ("single use",) for opening in openings]
         return len(openings)
 
     def close(self, address, proto, port):
@@ -3108,12 +3154,20 @@ class NftFirewall(Firewall):
         chain = ["add chain %s input { type filter hook input priority 0; policy accept; }" % t,
                  "flush chain %s input" % t,
                  "add rule %s input ct state established,related accept" % t]
+        if self.once:
+            sets += self._once_sets()
+            # A flow whose first packet got in (a SYN sent again, a UDP flow before its first
+            # reply) still counts as new: it was admitted once already.
+            chain.append("add rule %s input ct status confirmed accept" % t)
         for ip, v in (("ip", "4"), ("ip6", "6")):
             chain.append("add rule %s input %s saddr . meta l4proto . th dport @allow%s accept"
                          % (t, ip, v))
             if self.bind:
                 chain.append("add rule %s input iifname . %s saddr . meta l4proto . th dport "
                              "@allow%s_if accept" % (t, ip, v))
+            if self.once:
+                # The kernel ends a single-use opening at the first packet that uses it.
+                chain += ["add rule %s input %s" % (t, rule) for rule in self._once_rules(ip, v)]
         if self.nat:
             # Local NAT: only connections a DNAT of ours rewrote, not the port itself.
             chain += ["add rule %s input ct status dnat ip saddr . meta l4proto . th dport "
@@ -3137,6 +3191,26 @@ class NftFirewall(Firewall):
                 chain += ["add rule %s %s %s" % (t, name, rule) for rule in rules]
         return ["add table " + t] + sets + chain
 
+    def _once_sets(self):
+        """The commands that make the sets of single-use openings: once4/once6, one element
+        an opening, which the rule that admits a connection deletes (so they are dynamic);
+        oncep4/oncep6, the source port each prefers; grace4/grace6, openings in their first
+        ONCE_GRACE seconds."""
+        kind = "ipv%s_addr . inet_proto . inet_service"
+        return ["add set inet %s %s%s { type %s; size 65535; flags dynamic,timeout; }"
+                % (self.table, name, v, kind % v + extra) for v in "46"
+                for name, extra in (("once", ""), ("oncep", " . inet_service"), ("grace", ""))]
+
+    def _once_rules(self, ip, v):
+        """The input chain's rules of single-use openings of one family: the preferred
+        source port gets in; in the grace period everyone else is dropped; after it, the
+        first comer.  Whoever gets in takes the opening away."""
+        key = "%s saddr . meta l4proto . th dport" % ip
+        take = "@once%s delete @once%s { %s } accept" % (v, v, key)
+        return ["ct state new %s . th sport @oncep%s %s %s" % (key, v, key, take),
+                "ct state new %s @grace%s %s @once%s drop" % (key, v, key, v),
+                "ct state new %s %s" % (key, take)]
+
     def _ports(self, proto):
         """The protected ports of `proto`, as an nft set's elements: '22, 443'."""
         return ", ".join(str(p) for p in sorted(set(p for pr, p in self.protect if pr == proto)))
@@ -3150,6 +3224,8 @@ class NftFirewall(Firewall):
         rules = ["fib daddr type != local return"]
         for ip, v in (("ip", "4"), ("ip6", "6")):
             rules.append("%s saddr . meta l4proto . th dport @allow%s return" % (ip, v))
+            if self.once:
+                rules.append("%s saddr . meta l4proto . th dport @once%s return" % (ip, v))
             if self.bind:
                 rules.append("iifname . %s saddr . meta l4proto . th dport @allow%s_if return"
                              % (ip, v))
@@ -3165,7 +3241,8 @@ class NftFirewall(Firewall):
         t = "inet " + self.table
         unwanted = ([] if self.nat else [name for name, _, _ in self.NAT_CHAINS]
                     + [name for _, name, _ in self.NAT_SETS]) + \
-            ([] if self.steer else [self.STEER_CHAIN[0]])
+            ([] if self.steer else [self.STEER_CHAIN[0]]) + \
+            ([] if self.once else ["once4", "once6", "oncep4", "oncep6", "grace4", "grace6"])
         commands = []
         for item in items:
             for kind in ("chain", "set", "map"):
@@ -3369,6 +3446,28 @@ class NftFirewall(Firewall):
         self.ends.update(changed)
         return len(changed)
 
+    def open_once(self, openings, now=None):
+        """Single-use openings [(address, proto, port, seconds, source port)] in one nft
+        transaction: each goes into once4/once6 (oncep, grace) anew (after a delete, so that
+        one the kernel removed comes back and one still there gets the new time).  A default-drop chain of another table
+        gets it as a plain opening: what it accepts, our chain refuses once it is used."""
+        if not self.once:
+            raise SpaError("single-use openings need the firewall set up for them")
+        now = time.monotonic()
+        batch = ElementBatch()
+        for address, proto, port, timeout, sport in openings:
+            key = self._key(address, proto, port)
+            element, v = nft_key([key[0]], PROTO_NUMBERS[proto], port), _family(key[0])
+            batch.put(("inet", self.table, "once%d" % v), element, timeout)
+            batch.put(("inet", self.table, "oncep%d" % v), element + struct.pack("!H2x", sport),
+                      timeout)
+            batch.put(("inet", self.table, "grace%d" % v), element, min(ONCE_GRACE, timeout))
+            if self.ends.get(key, 0) < now + timeout:
+                for place, other in self._elements_in(self.places[1:], key):
+                    batch.put(place, other, timeout)
+        self.kernel.commit(batch)
+        return len(openings)
+
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
                  mode=PLAIN_NAT):
         """Forward (address, proto, port) to to_address:to_port for `timeout` seconds: to
@@ -3530,7 +3629,9 @@ class NftFirewall(Firewall):
                                                                to_address, to_port, local, mode):
                     batch.put(place, element, end - now, data=data)
         self.kernel.commit(batch)
-        return "table inet %s and %d opening(s) in force" % (self.table, len(alive))
+        return "table inet %s and %d opening(s) in force%s" % (
+            self.table, len(alive), " (single-use openings are not put back: they may have "
+            "been used; knock again)" if self.once else "")
 
     def _elements(self, kind, name):
         """(key, data or None, seconds left) of each element of our set or map `name`; the
@@ -3560,8 +3661,11 @@ class NftFirewall(Firewall):
     def list(self):
         """The openings in force, read from the kernel:
         [(address, proto, port, seconds left, interface or "")]."""
+        once = [key + (left, "", "single use") for name in
+                (("once4", "once6") if self.once else ()) for key, _, left in
+                self._elements("set", name)]
         return [key[:3] + (left, key[3] if len(key) > 3 else "")
-                for key, left in self._kernel_openings()]
+                for key, left in self._kernel_openings()] + once
 
     def list_nat(self):
         """NAT openings in force, read from the kernel:
@@ -3619,6 +3723,8 @@ IPT_NAT_CHAIN = "SPA_PREROUTING"          # nat table, jumped to from PREROUTING
 IPT_STEER_CHAIN = "SPA_STEER"             # nat table, jumped to from PREROUTING's end
 IPT_SNAT_CHAIN = "SPA_POSTROUTING"        # nat table, jumped to from POSTROUTING (SNAT)
 IPT_NAT_COMMENTS = {False: "spa nat expires ", True: "spa local nat expires "}   # by `local`
+IPT_ONCE_COMMENT = "spa once expires "      # a single-use opening's rule
+XT_RECENT = "/proc/thread-self/net/xt_recent/"     # xt_recent's lists (this thread's netns)
 IPT_ESTABLISHED = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
 LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
@@ -3630,17 +3736,17 @@ NatOpening = namedtuple("NatOpening", "address proto port to_address to_port loc
 IptRule = namedtuple("IptRule", "key end table chain words")
 
 
-def _parse_opening(words, verdict="ACCEPT"):
-    """((address, proto, port[, interface]), end) of one of our opening rules (`-S` words),
-    else None."""
+def _parse_opening(words, verdict="ACCEPT", prefix=IPT_COMMENT):
+    """((address, proto, port[, interface]), end) of one of our opening rules (`-S` words;
+    prefix IPT_ONCE_COMMENT: a single-use one), else None."""
     import ipaddress
     option = dict(zip(words, words[1:]))        # each word -> the word after it
     comment = option.get("--comment", "")
-    if not comment.startswith(IPT_COMMENT) or option.get("-j") != verdict:
+    if not comment.startswith(prefix) or option.get("-j") != verdict:
         return None
     try:
         address = str(ipaddress.ip_interface(option["-s"]).ip)
-        port, end = int(option["--dport"]), int(comment[len(IPT_COMMENT):])
+        port, end = int(option["--dport"]), int(comment[len(prefix):])
     except (KeyError, ValueError):
         return None
     if option.get("-p") not in PROTO_NUMBERS:
@@ -3777,6 +3883,7 @@ class IptablesFirewall(Firewall):
         self.nat_ends = {}     # (address, proto, port, to_address, to_port, local) -> end
         self.nat_modes = {}    # the same -> its NatMode, where not PLAIN_NAT
         self.nat_deadlines = {}
+        self.once_ends, self.once_deadlines = {}, {}    # single-use openings, as ends
         # Families whose nat table works; setup() drops one that does not (a kernel or an
         # OpenWrt build without IPv6 NAT), so that IPv4 NAT still works there.
         self.nat_families = set(self.families) if self.nat else set()
@@ -3858,6 +3965,11 @@ class IptablesFirewall(Firewall):
         to the host's rules, what SPA_STEER redirected (steer) is accepted, and the protected
         ports are refused as protect_action says."""
         rules = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]]
+        if self.once:
+            # A flow whose first packet got in (a SYN sent again, a UDP flow before its first
+            # reply) still counts as new: it was admitted once already.
+            rules.append(["-m", "conntrack", "--ctstate", "NEW", "--ctstatus", "CONFIRMED",
+                          "-j", "ACCEPT"])
         if steer:
             # What SPA_STEER sent to port 0 is to get the kernel's reset, as the protected
             # port would have without spa.py, whatever the host's own rules say.
@@ -3904,6 +4016,9 @@ class IptablesFirewall(Firewall):
         now, mono = time.time(), time.monotonic()
         known = self.deadlines
         self.ends, self.nat_ends, self.nat_modes = {}, {}, {}
+        # Single-use openings go with the chain's rules (`:SPA_INPUT` empties it): one
+        # that was used cannot be told from one that was not once its rule is gone.
+        self.once_ends, self.once_deadlines = {}, {}
         for family in self.families:
             filt, nat = self._read_tables(family)
             use_nat = self.nat and nat is not None
@@ -4070,6 +4185,141 @@ class IptablesFirewall(Firewall):
         self.ends[key], self.deadlines[key] = end, deadline
         return True
 
+    # -- single-use openings: a rule with an xt_recent list per port --------------------------
+
+    @staticmethod
+    def _recent_name(proto, port, grace=False):
+        """The xt_recent list of the single-use openings of proto/port (addresses), or of
+        those in their grace period."""
+        return "spa_%s%s%d" % ("g" if grace else "", proto, port)
+
+    def _once_rules(self, key, end, sport, verdict="ACCEPT"):
+        """The word lists of a single-use opening's rules until `end`.  In SPA_INPUT: ACCEPT
+        the first packet of a new connection from the preferred source port while the
+        port's list holds the address, and take it out (--remove, the last match: only a
+        packet that matched all else can); in the grace period, DROP the others while it
+        is unused; after it, ACCEPT and take out as the first did.  In SPA_STEER (verdict RETURN): RETURN
+        while the list holds the address (--rcheck)."""
+        stop = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - 1))
+        address, proto, port = key
+        head = ["-s", address, "-p", proto]
+        tail = ["--dport", str(port)] + (["-m", "conntrack", "--ctstate", "NEW", "!",
+                                         "--ctstatus", "CONFIRMED"] if verdict != "RETURN"
+                                        else []) + \
+            ["-m", "time", "--datestop", stop, "-m", "comment", "--comment",
+             IPT_ONCE_COMMENT + str(end), "-m", "recent"]
+        name = ["--name", self._recent_name(proto, port), "--rsource"]
+        if verdict == "RETURN":
+            return [head + tail + ["--rcheck"] + name + ["-j", "RETURN"]]
+        return [head + ["--sport", str(sport)] + tail + ["--remove"] + name + ["-j", "ACCEPT"],
+                head + tail + ["--rcheck", "--seconds", str(ONCE_GRACE), "--name",
+                               self._recent_name(proto, port, True), "--rsource",
+                               "-m", "recent", "--rcheck"] + name + ["-j", "DROP"],
+                head + tail + ["--remove"] + name + ["-j", "ACCEPT"]]
+
+    def _recent(self, key, grace=False):
+        """Put the address of `key` into its port's xt_recent list (or the grace one)."""
+        name = self._recent_name(key[1], key[2], grace)
+        try:
+            with open(XT_RECENT + name, "w") as f:
+                f.write("+%s\n" % key[0])
+        except OSError as e:
+            raise SpaError("cannot change xt_recent list %s: %s" % (name, e.strerror or e))
+
+    def _recent_holds(self, key):
+        """Whether the port's xt_recent list holds the address: the opening is unused."""
+        import ipaddress
+        try:
+            with open(XT_RECENT + self._recent_name(*key[1:3])) as f:
+                text = f.read()
+        except OSError:
+            return False
+        wanted = ipaddress.ip_address(key[0])
+        for line in text.splitlines():
+            word = line.split(None, 1)[0] if line.strip() else ""
+            try:
+                if word.startswith("src=") and ipaddress.ip_address(word[4:]) == wanted:
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    def open_once(self, openings, now=None):
+        """Single-use openings [(address, proto, port, seconds, source port)]: for each, its
+        rules (which replace an earlier one's), then its address into the lists."""
+        import math
+        if not self.once:
+            raise SpaError("single-use openings need the firewall set up for them")
+        now = time.time() if now is None else now
+        for address, proto, port, timeout, sport in openings:
+            key = self._key(address, proto, port)
+            end = int(math.ceil(now + timeout))
+            self._put_once(key, (end, int(sport)), time.monotonic() + end - now)
+        return len(openings)
+
+    def _put_once(self, key, mine, deadline):
+        """Make a single-use opening's rules (SPA_INPUT, and SPA_STEER where steered) and put
+        its address into the lists; those of an earlier knock go.  `mine`: (end, port)."""
+        family = _family(key[0])
+        old = self.once_ends.get(key)
+        for attempt in (1, 2):
+            steer = self._steered(key)
+            lines = ["-I %s 1 %s" % (IPT_CHAIN, _restore_words(w))
+                     for w in reversed(self._once_rules(key, *mine))]
+            nat_lines = ["-I %s 1 %s" % (IPT_STEER_CHAIN, _restore_words(
+                self._once_rules(key, mine[0], 0, "RETURN")[0]))] if steer else []
+            if old is not None:
+                lines += ["-D %s %s" % (IPT_CHAIN, _restore_words(w))
+                          for w in self._once_rules(key, *old)]
+                if steer:
+                    nat_lines.append("-D %s %s" % (IPT_STEER_CHAIN, _restore_words(
+                        self._once_rules(key, old[0], 0, "RETURN")[0])))
+            try:
+                self._restore_tables(family, [("nat", nat_lines), ("filter", lines)])
+                break
+            except SpaError:
+                if attempt == 2 or old is None:
+                    raise
+                old = None              # its rules are gone (a reload): only the new ones
+        self.once_ends[key], self.once_deadlines[key] = mine, deadline
+        self._recent(key, grace=True)
+        self._recent(key)
+
+    def _once_in_force(self, family, now):
+        """[(key, end)] of the single-use rules in SPA_INPUT whose address is still in its
+        list (unused) and whose end has not come."""
+        try:
+            rules = self._table(family, "filter", (IPT_CHAIN,), IPT_CHAIN).get(IPT_CHAIN, [])
+        except SpaError:
+            return []
+        found = dict(o for o in (_parse_opening(words, prefix=IPT_ONCE_COMMENT)
+                                 for words in rules) if o is not None and o[1] > now)
+        return [(key, end) for key, end in sorted(found.items()) if self._recent_holds(key)]
+
+    def _expire_once(self, now, mono):
+        """Remove the rules of single-use openings past their end; how many.  They are named
+        by our own words (xt_recent's, as `-S` prints them, do not delete): one that is
+        gone already (a reload) is passed over."""
+        due = {k for k, (e, _) in self.once_ends.items()
+               if e <= now or self.once_deadlines.get(k, 0) <= mono}
+        for key in sorted(due):
+            end, sport = self.once_ends.pop(key)
+            self.once_deadlines.pop(key, None)
+            lines = ["-D %s %s" % (IPT_CHAIN, _restore_words(w))
+                     for w in self._once_rules(key, end, sport)]
+            nat_lines = ["-D %s %s" % (IPT_STEER_CHAIN, _restore_words(
+                self._once_rules(key, end, 0, "RETURN")[0]))] if self._steered(key) else []
+            for section in (("nat", nat_lines), ("filter", lines)):
+                try:
+                    self._restore_tables(_family(key[0]), [section])
+                except SpaError:
+                    for line in section[1]:
+                        try:
+                            self._restore_tables(_family(key[0]), [(section[0], [line])])
+                        except SpaError:
+                            pass
+        return len(due)
+
     def close(self, address, proto, port):
         """Remove every opening of (address, proto, port) now (on every interface); True if
         there was one."""
@@ -4091,9 +4341,11 @@ class IptablesFirewall(Firewall):
         """The openings in force, read from the kernel:
         [(address, proto, port, seconds left, interface or "")]."""
         now = time.time()
+        once = [key + (int(end - now), "", "single use") for family in self.families
+                for key, end in (self._once_in_force(family, now) if self.once else [])]
         return [key[:3] + (int(end - now), key[3] if len(key) > 3 else "")
                 for family in self.families
-                for key, end, _, _, _ in self._openings(family) if end > now]
+                for key, end, _, _, _ in self._openings(family) if end > now] + once
 
     def expire(self, now=None):
         """Remove the plain and NAT rules whose end has passed; returns how many rules (a NAT
@@ -4125,6 +4377,7 @@ class IptablesFirewall(Firewall):
             del self.nat_ends[k]
             self.nat_modes.pop(k, None)
         self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
+        removed += self._expire_once(now, mono)
         if removed:
             self._say("info", "removed %d expired opening rule%s", removed, "s" * (removed != 1))
         return removed
@@ -4182,7 +4435,9 @@ class IptablesFirewall(Firewall):
         for key, d in sorted(nat_alive, key=lambda item: item[1]):
             self._put_nat(key, int(now + d - mono), modes.get(key, PLAIN_NAT))
             self.nat_deadlines[key] = d
-        return "our chains and %d opening(s) in force" % (len(alive) + len(nat_alive))
+        return "our chains and %d opening(s) in force%s" % (
+            len(alive) + len(nat_alive), " (single-use openings are not put back: they may "
+            "have been used; knock again)" if self.once else "")
 
     def flush(self):
         """Remove our chains and the jumps to them (NAT ones too, even with nat=False)."""
@@ -4511,10 +4766,13 @@ def make_firewall(config, test, log=None):
     kind = detect_firewall(log) if config.firewall == "auto" else config.firewall
     nat = config.enable_forwarding or config.enable_local_nat
     if kind == "nft":
-        return NftFirewall(config.protect, config.protect_action, log=log, nat=nat,
-                           bind=config.bind_interface)
-    return IptablesFirewall(config.protect, config.protect_action, log, command=kind, nat=nat,
-                            bind=config.bind_interface)
+        firewall = NftFirewall(config.protect, config.protect_action, log=log, nat=nat,
+                               bind=config.bind_interface)
+    else:
+        firewall = IptablesFirewall(config.protect, config.protect_action, log, command=kind,
+                                    nat=nat, bind=config.bind_interface)
+    firewall.once = config.single_use
+    return firewall
 
 
 def _uncommented(text):
@@ -6258,15 +6516,19 @@ class Gatekeeper(object):
                     d.accepted, d.reason = False, reason
         plain = [d for d in decisions if d.accepted and d.nat is None
                  and d.message.msg_type != MSG_COMMAND]
-        if plain:
+        for single, change in ((False, self.firewall.open_many), (True, self.firewall.open_once)):
+            these = [d for d in plain if d.stanza.single_use == single]
+            if not these:
+                continue
             try:
-                self.firewall.open_many([(d.allow_ip, proto, port, d.timeout)
-                                         + ((d.interface,) if d.interface else ())
-                                         for d in plain for proto, port in d.message.access],
-                                        now)
+                # A single-use opening's last item: the source port a spa.py client uses.
+                change([(d.allow_ip, proto, port, d.timeout)
+                        + ((connect_port(d.message.rand),) if single else
+                           (d.interface,) if d.interface else ())
+                        for d in these for proto, port in d.message.access], now)
             except (SpaError, ValueError, OSError) as e:
                 self.log.error("firewall change failed: %s", e)
-                for d in plain:
+                for d in these:
                     d.accepted, d.reason = False, "the firewall change failed"
         for d in decisions:
             if not d.accepted or d.nat is None and d.message.msg_type != MSG_COMMAND:
@@ -6307,12 +6569,13 @@ class Gatekeeper(object):
             return                       # CommandRunner said what it started
         what = format_access(msg.access) if nat is None else "%s forwarded to %s" % (
             format_access(msg.access), format_endpoint(nat.address, nat.port))
-        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s%s%s",
-                      d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout,
-                      " on " + d.interface if d.interface else "", _mode_words(d.nat_mode),
-                      " (test mode: firewall unchanged)" if self.test else
-                      " (by its hooks: firewall = none)"
-                      if isinstance(self.firewall, NoFirewall) else "")
+        self.log.info("accepted packet from %s [client %s] user %s: opened %s for %s for %d s%s",
+                      d.source, d.stanza.name, msg.username, what, d.allow_ip, d.timeout, "".join((
+                          " on " + d.interface if d.interface else "", _mode_words(d.nat_mode),
+                          ", for one connection (single_use)" if d.stanza.single_use else "",
+                          " (test mode: firewall unchanged)" if self.test else
+                          " (by its hooks: firewall = none)"
+                          if isinstance(self.firewall, NoFirewall) else "")))
 
     def tick(self):
         """Once a second: reap commands and hooks, run the closes that are due, retry a
@@ -7094,11 +7357,13 @@ class Supervisor(object):
         firewall = self.gate.firewall
         nat = config.enable_forwarding or config.enable_local_nat
         try:
-            if (config.protect, config.protect_action, nat) != \
-                    (old.protect, old.protect_action, firewall.nat):
+            if (config.protect, config.protect_action, nat, config.single_use) != \
+                    (old.protect, old.protect_action, firewall.nat, firewall.once):
                 # The NAT switches too: the stanzas the new config made follow them already,
-                # so the firewall's NAT chains (made or removed by setup) must as well.
+                # so the firewall's NAT chains (made or removed by setup) must as well; and
+                # the rules of single-use openings.
                 firewall.reconfigure(config.protect, config.protect_action, nat)
+                firewall.once = config.single_use
                 firewall.setup()
         except SpaError as e:
             self.log.error("firewall update failed: %s", e)
@@ -7192,9 +7457,11 @@ def server_main(args):
         return 0
     if args.list:
         rows = firewall.list()
-        for address, proto, port, left, interface in sorted(rows):
-            print("%-40s %s/%-5d %5d s left%s" % (address, proto, port, left,
-                                                  " (on %s)" % interface if interface else ""))
+        for row in sorted(rows):
+            address, proto, port, left, interface = row[:5]
+            print("%-40s %s/%-5d %5d s left%s%s" % (address, proto, port, left,
+                                                    " (on %s)" % interface if interface else "",
+                                                    ", single use, unused" if row[5:] else ""))
         nat_rows = firewall.list_nat()
         for address, proto, port, to_address, to_port, local, left in sorted(nat_rows):
             print("%-40s %s/%-5d %5d s left, forwarded to %s%s" % (
@@ -8258,35 +8525,96 @@ def send_copies(wire, host, port, version=None, source_port=None, copies=1, prot
     return sent
 
 
-def connect_when_open(host, port, knock, wait=10.0, attempt=0.25, version=None, prefer=None,
-                      asked=None):
-    """Connect to host:port, retrying until the knock has opened it; re-knock once halfway.
+# --connect: one connection attempt at a time (a fresh SYN each), the next as soon as one is
+# refused; one that goes unanswered for 0.25 s is given up.  A fresh knock when nothing
+# connected for 0.05 s, then 0.1, 0.2 s..., at most once a second, and never while an
+# attempt is under way (it could still use the opening: the new one would be left over).
+# After an attempt that went unanswered (dropped: a single-use opening in its grace
+# period, where a NAT changed the source port) not before 2 s: a knock would start the
+# grace period again.
+CONNECT_REKNOCK, CONNECT_UNANSWERED, CONNECT_REKNOCK_DROPPED = (0.05, 1.0), 0.25, 2.0
 
-    Tries the addresses of the family `prefer` (the knock's) first, then the others.
-    Returns the connected socket, or raises SpaError naming what to check.  `asked` is the
-    access list the knock asked for: a port not in it is named as the likely cause.
+
+def _connect_attempt(info, sport=None):
+    """A non-blocking connect to one of addresses()' entries, from source port `sport` if
+    given: (socket, None), or (None, the error) if it failed at once."""
+    import errno
+    family, kind, proto, _, address = info
+    sock = socket.socket(family, kind, proto)
+    sock.setblocking(False)
+    try:
+        if sport:
+            if os.name != "nt":     # on Windows, SO_REUSEADDR would take the port from another
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", sport))
+        err = sock.connect_ex(address)
+    except OSError as e:
+        err = e.errno or errno.EINVAL
+    if err in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035):  # 10035: Windows
+        return sock, None
+    sock.close()
+    return None, OSError(err, os.strerror(err))
+
+
+def _connected(sock, timeout):
+    """Wait up to `timeout` for a connect under way: True (connected), False (still under
+    way), or the error that ended it."""
+    import select
+    _, writable, failed = select.select([], [sock], [sock], timeout)
+    if not writable and not failed:
+        return False
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return OSError(err, os.strerror(err)) if err or failed else True
+
+
+def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, asked=None,
+                      sport=None):
+    """Connect to host:port as soon as the knock has opened it, knocking again while it
+    has not: an opening that admits one connection (single_use) may have been taken by
+    someone behind the same NAT, and a fresh knock makes a fresh one.  `knock()` knocks
+    and returns its connect_port(); `sport`, the first knock's: the attempts come from it
+    (a single-use opening admits only that port at first), or from any port if it is
+    taken here.
+
+    Tries the addresses of the family `prefer` (the knock's), all of them after half the
+    wait.  Returns the connected socket, or raises SpaError naming what to check.  `asked`
+    is the access list the knock asked for: a port not in it is named as the likely cause.
     """
+    import errno
     infos = addresses(host, port, socket.SOCK_STREAM, version)
-    infos.sort(key=lambda info: info[0] != prefer)
-    start = time.monotonic()
-    knocked_again = False
-    last = None
-    while time.monotonic() - start < wait:
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            sock.settimeout(attempt)
-            try:
-                sock.connect(address)
-                sock.settimeout(None)
-                return sock
-            except OSError as e:
-                last = e
+    preferred = [info for info in infos if info[0] == prefer] or infos
+    start = knocked = time.monotonic()
+    gap, last, turn, sock, dropped = CONNECT_REKNOCK[0], None, 0, None, False
+    try:
+        while time.monotonic() - start < wait:
+            now = time.monotonic()
+            if sock is None:
+                if now - knocked >= (max(gap, CONNECT_REKNOCK_DROPPED) if dropped else gap):
+                    sport = knock()
+                    knocked, gap = now, min(gap * 2, CONNECT_REKNOCK[1])
+                candidates = preferred if now - start < wait / 2 else infos
+                sock, last = _connect_attempt(candidates[turn % len(candidates)], sport)
+                turn += 1
+                began = now
+                if sock is None:
+                    if last.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, 10048):
+                        sport = None        # the port is taken here: any port instead
+                    time.sleep(0.001)
+                    continue
+            done = _connected(sock, max(0.0, min(CONNECT_UNANSWERED - (now - began),
+                                                 wait - (now - start))))
+            if done is True:
+                sock.setblocking(True)
+                sock, connected = None, sock
+                return connected
+            if done is not False or time.monotonic() - began >= CONNECT_UNANSWERED:
+                last, dropped = done or last, done is False
                 sock.close()
-        if not knocked_again and time.monotonic() - start > wait / 2:
-            knock()
-            knocked_again = True
-        time.sleep(0.02)
-    why = getattr(last, "strerror", None) or last
+                sock = None
+    finally:
+        if sock is not None:
+            sock.close()
+    why = getattr(last, "strerror", None) or last or "no answer"
     if asked is not None and ("tcp", port) not in asked:
         raise SpaError("%s port %d did not open within %.0f s (%s): tcp/%d was not among the "
                        "ports the knock asked for (%s): add it to -A or the section's access"
@@ -8388,8 +8716,8 @@ def _under_home(path):
 
 def client_main(args):
     """`spa.py client`: build the packet and send it (or print it, --test); with
-    --connect, wait for the port and relay stdin and stdout to it, knocking once more
-    halfway if it has not opened."""
+    --connect, connect as soon as the port opens (knocking again while it has not: a
+    single-use opening may have been taken) and relay stdin and stdout to it."""
     opts = client_settings(args)
     proto = (opts.get("server_proto") or "udp").lower()
     if proto not in SERVER_PROTOS:
@@ -8408,13 +8736,14 @@ def client_main(args):
     asked = []          # the ports the knock asks for, which --connect should be among
 
     def knock():
+        """Send a fresh packet; returns the source port --connect is to use after it."""
         msg, wire = build_packet(opts)
         asked[:] = msg.access
         if args.verbose:
             print(msg.describe(), file=sys.stderr)
         if args.test:
             print(wire.decode())
-            return
+            return None
         address, others = send_copies(wire, opts["destination"], port, version, source_port,
                                       args.repeat, proto, opts.get("user_agent"))
         knocked.append(address)
@@ -8424,17 +8753,19 @@ def client_main(args):
                 else "", (
                 " (%s also has %s: -6 knocks there; IPv4 goes first, as with fwknop)"
                 % (opts["destination"], ", ".join(others))) if others else ""), file=sys.stderr)
+        return connect_port(msg.rand)
 
     for path in UNCHECKED_FILES:
         if args.verbose or not _under_home(path):
             print("spa.py client: note: this system has no POSIX file modes: spa.py cannot "
                   "check who may read %s, which holds keys; keep it where only you can read "
                   "it" % path, file=sys.stderr)
-    knock()
+    sport = knock()
     if connect and not args.test:
         prefer = _socket_family(knocked[0]) if knocked else None
         with connect_when_open(connect[0], connect[1], knock, args.connect_wait,
-                               version=version, prefer=prefer, asked=asked) as sock:
+                               version=version, prefer=prefer, asked=asked,
+                               sport=sport) as sock:
             if args.verbose:
                 print("connected to %s port %d" % sock.getpeername()[:2], file=sys.stderr)
             relay(sock)
@@ -8508,6 +8839,8 @@ log = stderr
 #   require_username = alice       the username the packet must carry
 #   require_source_address = no    yes: refuse packets that ask to open "for whoever sent this"
 #   max_openings = 1000            openings it may hold at once (each costs the kernel a little memory)
+#   single_use = yes               each knock admits one connection (README.md: Close the
+#                                  NAT-piggybacking window): for spa.py client --connect
 #   nat_destinations = 10.0.0.7:22, 10.0.1.0/24:8000-8099, [2001:db8::7]:22
 #                                  with enable_nat = yes and [server] enable_forwarding = yes:
 #                                  the only hosts and ports a knock may forward to (none if absent)
@@ -8555,7 +8888,10 @@ def server_stanza(name, keys, hmac_type, access, gpg=None):
                  "\n# otherwise); the client's key must sign.  A key with a passphrase: give\n"
                  "# gpg_decrypt_pw = PASSPHRASE instead of gpg_allow_no_pw.\n"
                  "gpg_decrypt_id = %s\ngpg_allow_no_pw = yes\ngpg_fingerprint_id = %s\n" % gpg)
-    return text
+    return text + ("# yes: each knock admits one connection, so no one behind the same NAT can\n"
+                   "# use it; for clients that connect with spa.py client --connect (ssh's\n"
+                   "# ProxyCommand).  Leave it off for fwknop clients and for several\n"
+                   "# connections a knock.\n# single_use = yes\n")
 
 
 def client_section(name, keys, hmac_type, access, destination=None, gpg=None):

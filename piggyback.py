@@ -245,16 +245,17 @@ def trial(nat, mode, family, conf):
 
 
 def measure(firewalls=FIREWALLS, families=(4, 6), modes=MODES, n=5, say=None,
-            random_ports=False):
+            random_ports=False, prefix="su"):
     """Run n trials of each (firewall, family, mode); returns the trial dicts, each with its
-    firewall.  random_ports: a NAT that does not keep source ports (fully-random)."""
+    firewall.  random_ports: a NAT that does not keep source ports (fully-random); prefix:
+    the Lab's namespace prefix."""
     results = []
     for firewall in firewalls:
         # Fresh namespaces for each: a connection of the neighbour's that got in earlier and
         # whose conntrack entry lives on lets a new one with the same addresses and ports
         # through as its own (conntrack's doing, single_use or not), and `plain` leaves
         # thousands.  Each family's `plain` trials come after its single-use ones.
-        with Lab(clients=1, prefix="su") as lab, tempfile.TemporaryDirectory() as folder:
+        with Lab(clients=1, prefix=prefix) as lab, tempfile.TemporaryDirectory() as folder:
             nat = NatLab(lab, random_ports)
             lab.tcp_service("srv", "::", PORT)
             server, keys = start_server(lab, firewall, folder)

@@ -311,6 +311,8 @@ def main(argv=None):
     parser.add_argument("-6", dest="families", action="append_const", const=6)
     parser.add_argument("--random-ports", action="store_true",
                         help="a NAT that does not keep source ports (masquerade fully-random)")
+    parser.add_argument("--prefix", default="su",
+                        help="the namespaces' name prefix (netns_lab's Lab; default su)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
@@ -321,7 +323,7 @@ def main(argv=None):
                                              "-" if r["knocker"] is None else
                                              "%.1f ms" % r["knocker"], len(r["neighbour"]),
                                              r["tried"]), file=sys.stderr),
-                      random_ports=args.random_ports)
+                      random_ports=args.random_ports, prefix=args.prefix)
     print(table(results))
     return 0
 

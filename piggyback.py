@@ -245,16 +245,17 @@ def trial(nat, mode, family, conf):
 
 
 def measure(firewalls=FIREWALLS, families=(4, 6), modes=MODES, n=5, say=None,
-            random_ports=False):
+            random_ports=False, prefix="su"):
     """Run n trials of each (firewall, family, mode); returns the trial dicts, each with its
-    firewall.  random_ports: a NAT that does not keep source ports (fully-random)."""
+    firewall.  random_ports: a NAT that does not keep source ports (fully-random); prefix:
+    the Lab's namespace prefix."""
     results = []
     for firewall in firewalls:
         # Fresh namespaces for each: a connection of the neighbour's that got in earlier and
         # whose conntrack entry lives on lets a new one with the same addresses and ports
         # through as its own (conntrack's doing, single_use or not), and `plain` leaves
         # thousands.  Each family's `plain` trials come after its single-use ones.
-        with Lab(clients=1, prefix="su") as lab, tempfile.TemporaryDirectory() as folder:
+        with Lab(clients=1, prefix=prefix) as lab, tempfile.TemporaryDirectory() as folder:
             nat = NatLab(lab, random_ports)
             lab.tcp_service("srv", "::", PORT)
             server, keys = start_server(lab, firewall, folder)
@@ -310,6 +311,8 @@ def main(argv=None):
     parser.add_argument("-6", dest="families", action="append_const", const=6)
     parser.add_argument("--random-ports", action="store_true",
                         help="a NAT that does not keep source ports (masquerade fully-random)")
+    parser.add_argument("--prefix", default="su",
+                        help="the namespaces' name prefix (netns_lab's Lab; default su)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
@@ -320,7 +323,7 @@ def main(argv=None):
                                              "-" if r["knocker"] is None else
                                              "%.1f ms" % r["knocker"], len(r["neighbour"]),
                                              r["tried"]), file=sys.stderr),
-                      random_ports=args.random_ports)
+                      random_ports=args.random_ports, prefix=args.prefix)
     print(table(results))
     return 0
 

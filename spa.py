@@ -3195,21 +3195,25 @@ class NftFirewall(Firewall):
         """The commands that make the sets of single-use openings: once4/once6, one element
         an opening, which the rule that admits a connection deletes (so they are dynamic);
         oncep4/oncep6, the source port each prefers; grace4/grace6, openings in their first
-        ONCE_GRACE seconds."""
+        ONCE_GRACE seconds; ready4/ready6, openings whose once element is wholly in place
+        (open_once() adds it in a transaction of its own, after the others)."""
         kind = "ipv%s_addr . inet_proto . inet_service"
         return ["add set inet %s %s%s { type %s; size 65535; flags dynamic,timeout; }"
                 % (self.table, name, v, kind % v + extra) for v in "46"
-                for name, extra in (("once", ""), ("oncep", " . inet_service"), ("grace", ""))]
+                for name, extra in (("once", ""), ("oncep", " . inet_service"), ("grace", ""),
+                                    ("ready", ""))]
 
     def _once_rules(self, ip, v):
-        """The input chain's rules of single-use openings of one family: the preferred
-        source port gets in; in the grace period everyone else is dropped; after it, the
-        first comer.  Whoever gets in takes the opening away."""
+        """The input chain's rules of single-use openings of one family, each only for an
+        opening that is ready: the preferred source port gets in; in the grace period
+        everyone else is dropped; after it, the first comer.  Whoever gets in takes the
+        opening away."""
         key = "%s saddr . meta l4proto . th dport" % ip
+        ready = "ct state new %s @ready%s %s" % (key, v, key)
         take = "@once%s delete @once%s { %s } accept" % (v, v, key)
-        return ["ct state new %s . th sport @oncep%s %s %s" % (key, v, key, take),
-                "ct state new %s @grace%s %s @once%s drop" % (key, v, key, v),
-                "ct state new %s %s" % (key, take)]
+        return ["%s . th sport @oncep%s %s %s" % (ready, v, key, take),
+                "%s @grace%s %s @once%s drop" % (ready, v, key, v),
+                "%s %s" % (ready, take)]
 
     def _ports(self, proto):
         """The protected ports of `proto`, as an nft set's elements: '22, 443'."""
@@ -3242,7 +3246,8 @@ class NftFirewall(Firewall):
         unwanted = ([] if self.nat else [name for name, _, _ in self.NAT_CHAINS]
                     + [name for _, name, _ in self.NAT_SETS]) + \
             ([] if self.steer else [self.STEER_CHAIN[0]]) + \
-            ([] if self.once else ["once4", "once6", "oncep4", "oncep6", "grace4", "grace6"])
+            ([] if self.once else ["once4", "once6", "oncep4", "oncep6", "grace4", "grace6",
+                                  "ready4", "ready6"])
         commands = []
         for item in items:
             for kind in ("chain", "set", "map"):
@@ -3447,25 +3452,34 @@ class NftFirewall(Firewall):
         return len(changed)
 
     def open_once(self, openings, now=None):
-        """Single-use openings [(address, proto, port, seconds, source port)] in one nft
-        transaction: each goes into once4/once6 (oncep, grace) anew (after a delete, so that
-        one the kernel removed comes back and one still there gets the new time).  A default-drop chain of another table
-        gets it as a plain opening: what it accepts, our chain refuses once it is used."""
+        """Single-use openings [(address, proto, port, seconds, source port)] in two nft
+        transactions.  The first takes each out of ready4/ready6 and puts it into
+        once4/once6 (oncep, grace) anew (after a delete, so that one the kernel removed
+        comes back and one still there gets the new time); a default-drop chain of another
+        table gets it as a plain opening: what it accepts, our chain refuses once it is
+        used.  The second, once the first is wholly done, puts it into ready4/ready6, which
+        the rules ask for: while a transaction is being committed, the packet path already
+        sees its new elements but cannot delete them (the kernel's delete looks for an
+        element in force in both generations), so a rule that took a once element still
+        being committed would accept without taking it: a second connection."""
         if not self.once:
             raise SpaError("single-use openings need the firewall set up for them")
         now = time.monotonic()
-        batch = ElementBatch()
+        batch, ready = ElementBatch(), ElementBatch()
         for address, proto, port, timeout, sport in openings:
             key = self._key(address, proto, port)
             element, v = nft_key([key[0]], PROTO_NUMBERS[proto], port), _family(key[0])
+            batch.remove(("inet", self.table, "ready%d" % v), element)
             batch.put(("inet", self.table, "once%d" % v), element, timeout)
             batch.put(("inet", self.table, "oncep%d" % v), element + struct.pack("!H2x", sport),
                       timeout)
             batch.put(("inet", self.table, "grace%d" % v), element, min(ONCE_GRACE, timeout))
+            ready.put(("inet", self.table, "ready%d" % v), element, timeout, fresh=True)
             if self.ends.get(key, 0) < now + timeout:
                 for place, other in self._elements_in(self.places[1:], key):
                     batch.put(place, other, timeout)
         self.kernel.commit(batch)
+        self.kernel.commit(ready)
         return len(openings)
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,

@@ -80,17 +80,38 @@ def test_nft_rules_of_single_use_openings_only_where_a_stanza_asks():
     assert "add set inet spa once4 { type ipv4_addr . inet_proto . inet_service; size 65535; " \
         "flags dynamic,timeout; }" in text
     assert "oncep6 { type ipv6_addr . inet_proto . inet_service . inet_service" in text
+    assert "add set inet spa ready6 { type ipv6_addr . inet_proto . inet_service; " in text
     rules = [c for c in fw.commands() if " input " in c and "once" in c]
-    # The preferred port, then the grace period's drop, then the first comer; each takes
-    # the opening away; the confirmed flow's own packets before all of them.
-    assert rules[0].endswith("ct state new ip saddr . meta l4proto . th dport . th sport "
+    # The preferred port, then the grace period's drop, then the first comer, each only for
+    # an opening that is ready; each takes the opening away; the confirmed flow's own
+    # packets before all of them.
+    ready = "ct state new ip saddr . meta l4proto . th dport @ready4 "
+    assert rules[0].endswith(ready + "ip saddr . meta l4proto . th dport . th sport "
                              "@oncep4 ip saddr . meta l4proto . th dport @once4 delete @once4 "
                              "{ ip saddr . meta l4proto . th dport } accept")
-    assert rules[1].endswith("@grace4 ip saddr . meta l4proto . th dport @once4 drop")
-    assert rules[2].endswith("ct state new ip saddr . meta l4proto . th dport @once4 delete "
+    assert rules[1].endswith(ready + "ip saddr . meta l4proto . th dport @grace4 "
+                             "ip saddr . meta l4proto . th dport @once4 drop")
+    assert rules[2].endswith(ready + "ip saddr . meta l4proto . th dport @once4 delete "
                              "@once4 { ip saddr . meta l4proto . th dport } accept")
     assert text.index("ct status confirmed accept") < text.index("@once4")
     assert "ip saddr . meta l4proto . th dport @once4 return" in text      # not steered
+
+
+def test_nft_makes_an_opening_ready_only_after_its_once_element_is_committed():
+    """The packet path sees the elements of a transaction being committed before it can
+    delete them: ready4 comes in a transaction of its own, after once4's."""
+    fw = spa.NftFirewall([("tcp", 22)])
+    fw.once = True
+    commits = []
+    fw.kernel = type("Kernel", (), {"commit": lambda self, batch: commits.append(batch)})()
+    assert fw.open_once([("198.18.0.9", "tcp", 22, 30, 50000)]) == 1
+    first, second = commits
+    names = lambda phase: sorted(place[2] for place, _, _, _ in phase)     # noqa: E731
+    assert names(first.last) == ["grace4", "once4", "oncep4"]
+    assert names(first.deletes) == ["grace4", "once4", "oncep4", "ready4"]   # not ready
+    assert (names(second.first), names(second.deletes), names(second.last)) == \
+        ([], [], ["ready4"])
+    assert second.last[0][3] == 30
 
 
 def test_iptables_rules_of_single_use_openings_parse_back():

@@ -1010,9 +1010,11 @@ class GnuPG(object):
                                      raw, passphrase)
         used = [word.upper() for words in status.get("DECRYPTION_KEY", []) for word in words[:2]]
         if "DECRYPTION_OKAY" not in status or "DECRYPTION_FAILED" in status:
-            why = ("no secret key for it in the keyring" if "NO_SECKEY" in status else
-                   "wrong or no gpg_decrypt_pw" if _bad_passphrase(status) or
-                   not used and "KEY_CONSIDERED" in status else "gpg exit %d" % code)
+            # gpg 2.4 says NO_SECKEY after a bad passphrase too: the passphrase first.
+            why = ("wrong or no gpg_decrypt_pw" if _bad_passphrase(status) else
+                   "no secret key for it in the keyring" if "NO_SECKEY" in status else
+                   "wrong or no gpg_decrypt_pw" if not used and "KEY_CONSIDERED" in status
+                   else "gpg exit %d" % code)
             raise Reject("gpg could not decrypt it: %s" % why)
         if not used:       # a passphrase (a symmetric session key), not a key, opened it
             raise Reject("gpg decrypted it without a key of the keyring")

@@ -440,7 +440,10 @@ def test_spa_py_client_knocks_on_fwknopd_over_each_transport(tmp_path):
             conf={"PCAP_FILTER": "udp port %d or tcp port %d or icmp or tcp port %d"
                                  % (PORT, PORT, WEB), "ENABLE_SPA_OVER_HTTP": "Y"})
         with fwknopd:
-            for proto in ("udp", "tcpraw", "icmp", "http"):
+            # Debian 13's fwknopd is built without libpcap: "forcing UDP server mode", where
+            # only a UDP knock reaches it (the other transports are tested against spa.py).
+            udp_server = "forcing UDP server mode" in fwknopd.log.text()
+            for proto in ("udp",) if udp_server else ("udp", "tcpraw", "icmp", "http"):
                 assert closed(lab, Lab.srv4(1)), proto
                 mark = fwknopd.log.mark()
                 spa_client(lab, Lab.srv4(1), proto, *(["-p", str(WEB)] if proto == "http" else []))

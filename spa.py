@@ -820,6 +820,20 @@ def replace_file(path, write, mode=0o600, owner=None, check=None):
         raise
 
 
+
+def reopen_appending(path, old_fd=None):
+    """After replace_file swapped in a journal's new copy (the replay cache, the pending
+    closes): close `old_fd` (the replaced file's, if any), make the rename durable (fsync
+    of the directory), and return a descriptor that appends to the new file."""
+    if old_fd is not None:
+        os.close(old_fd)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+
 def write_file(path, text, mode=0o644, check=None):
     """Replace `path` with `text` at once (replace_file), keeping an existing file's mode and
     owner; the folder is made if it is missing.  `check(new name)`, if given, may refuse the
@@ -2461,15 +2475,8 @@ class ReplayCache(object):
                     del chunk[:]
             write_all(fd, chunk)
         replace_file(self.path, write)
-        if self.fd is not None:        # the file it appends to is gone
-            os.close(self.fd)
-            self.fd = None
-        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        old, self.fd = self.fd, None   # the file it appends to is gone
+        self.fd = reopen_appending(self.path, old)
         self.lines = len(self.entries)
 
     def copy(self):
@@ -6228,15 +6235,8 @@ class PendingCloses(object):
         text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.pending.values()) + \
             "".join(line + "\n" for line in more)
         replace_file(self.path, lambda fd: write_all(fd, text.encode()))
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        old, self.fd = self.fd, None
+        self.fd = reopen_appending(self.path, old)
         self.lines = len(self.pending) + len(more)
 
 

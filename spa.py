@@ -47,6 +47,7 @@ import socket
 import struct
 import sys
 import time
+from binascii import b2a_base64
 from collections import namedtuple      # (loaded already: argparse imports it)
 
 VERSION = "0.1.0"
@@ -368,15 +369,10 @@ def gpg_seal(plaintext, gpg, hmac_key, hmac_type="sha256"):
 
 def authenticate(wire, mac, mac_len, prefix=SALT_PREFIX):
     """The signed text, "U2FsdGVkX1" (a GnuPG packet's "hQ") put back, if `mac` (an Hmac
-    with the HMAC key and that prefix fed in already) made the HMAC that ends the wire,
-    else None.
-
-    The HMAC is the last `mac_len` characters (the stanza's HMAC type says how many: a
-    packet does not).  Compared in constant time.  This runs on every packet a flood
-    brings, so it does only this: one HMAC from a precomputed state, one compare.
-    """
-    mac_text = binascii.b2a_base64(mac.digest(wire[:-mac_len]), newline=False).rstrip(b"=")
-    if compare_digest(mac_text, wire[-mac_len:]):
+    with the HMAC key and that prefix fed in already) made the HMAC that ends the wire
+    (Hmac.signs: its last `mac_len` characters, as the stanza's HMAC type says: a packet
+    does not), else None."""
+    if mac.signs(wire, mac_len):
         return prefix + wire[:-mac_len]
     return None
 
@@ -593,6 +589,28 @@ def screen(payload, source, stanzas, destination=None):
                   else "no %sstanza for source %s%s" % (
                       "GnuPG " if gpg else "", source,
                       "" if destination is None else " and destination %s" % destination))
+
+
+def hmac_sieve(stanzas):
+    """screen()'s first cut, for the flood's path: a function of a payload, False when no
+    stanza's HMAC key (its GnuPG one, for a payload longer than an AES packet can be)
+    made the payload's HMAC, or its length is outside what any stanza takes.  Then
+    screen() refuses it too, whatever its source: the packet reader runs this on every
+    packet, and screen() only on those it lets through, or to say why it refused one it
+    logs.  It reads nothing but the length and the HMAC (not even the alphabet)."""
+    aes = tuple((s.mac.signs, s.mac_len) for s in stanzas if s.mac is not None)
+    gpg = tuple((s.gpg_mac.signs, s.mac_len) for s in stanzas if s.gpg_mac is not None)
+    longest = MAX_GPG_WIRE_LEN if gpg else MAX_WIRE_LEN
+
+    def signed(payload):
+        length = len(payload)
+        if length < MIN_WIRE_LEN or length > longest:
+            return False
+        for signs, mac_len in (aes if length <= MAX_WIRE_LEN else gpg):
+            if signs(payload, mac_len):
+                return True
+        return False
+    return signed
 
 
 def packet_key(signed):
@@ -5369,22 +5387,31 @@ class Ring(object):
         self.map.close()
 
 
+def udp_payload(frame):
+    """The UDP payload of an IP frame the BPF filter passed (b'' if it is cut short): all
+    the flood's path reads of a frame."""
+    if len(frame) < 28:
+        return b""
+    udp = (frame[0] & 15) * 4 if frame[0] >> 4 == 4 else 40
+    if len(frame) < udp + 8:
+        return b""
+    return frame[udp + 8:udp + ((frame[udp + 4] << 8) | frame[udp + 5])]
+
+
+def frame_source(frame):
+    """The source address (text) of an IP frame, or None if it is not a whole IP header."""
+    version = frame[0] >> 4 if frame else 0
+    if version == 4 and len(frame) >= 28:
+        return socket.inet_ntop(socket.AF_INET, frame[12:16])
+    if version == 6 and len(frame) >= 48:
+        return socket.inet_ntop(socket.AF_INET6, frame[8:24])
+    return None
+
+
 def parse_frame(frame):
     """Source address and UDP payload of an IP frame the BPF filter passed, or (None, b'')."""
-    if len(frame) < 28:
-        return None, b""
-    version = frame[0] >> 4
-    if version == 4:
-        ihl = (frame[0] & 15) * 4
-        src = socket.inet_ntop(socket.AF_INET, frame[12:16])
-        udp = ihl
-    elif version == 6 and len(frame) >= 48:
-        src = socket.inet_ntop(socket.AF_INET6, frame[8:24])
-        udp = 40
-    else:
-        return None, b""
-    length = struct.unpack_from("!H", frame, udp + 4)[0] if len(frame) >= udp + 8 else 0
-    return src, frame[udp + 8:udp + length]
+    source = frame_source(frame)
+    return (None, b"") if source is None else (source, udp_payload(frame))
 
 
 def parse_any_frame(frame, http=None):
@@ -5647,6 +5674,11 @@ class RateLimiter(object):
         self.tokens, self.stamp = float(burst), time.monotonic()
         self.empty_until = 0.0       # no token before then: refuse without arithmetic
         self.suppressed = 0
+
+    def quiet(self):
+        """Whether no line may be logged now (the usual case in a flood), for callers
+        that count what they leave unsaid themselves (adding it to `suppressed`)."""
+        return time.monotonic() < self.empty_until
 
     def allow(self, now=None):
         """Whether one more line may be logged now; counts the ones refused."""
@@ -6712,6 +6744,9 @@ class Reader(object):
         http = HttpKnocks(config.http_port, config.http_proxies) if "http" in transports else None
         self.parse_frame = parse_frame if transports == ("udp",) else \
             (lambda frame: parse_any_frame(frame, http))
+        self.payload_of = udp_payload if transports == ("udp",) else \
+            (lambda frame: self.parse_frame(frame)[1])
+        self.signed = hmac_sieve(self.stanzas)
         self.rings = None      # capture socket's fd -> its Ring, mapped before the sandbox
         self.frame = ring_frame(transports, getattr(config, "longest_wire", MAX_WIRE_LEN))
         # Room for a burst of knocks without growing the table of digests mid-burst (each
@@ -6764,41 +6799,71 @@ class Reader(object):
             self.log.info("rejected packet: a frame of %d bytes, longer than any knock (the "
                           "capture ring keeps %d)", length, self.frame - 80)
 
+    def take(self, frames, interface):
+        """Screen a batch of frames: the flood's path.  A frame whose payload no key signed
+        (hmac_sieve) costs that and a count, and while the log has room, screen() says why
+        it is refused; the others go through handle()."""
+        payload_of, signed, limiter = self.payload_of, self.signed, self.limiter
+        quiet = limiter.quiet()                 # no room in the log now: count, say nothing
+        refused = said = 0
+        for frame in frames:
+            if signed(payload_of(frame)):
+                source, payload = self.parse_frame(frame)
+                if source is not None:
+                    self.handle(payload, source, None, frame, None, interface)
+                continue
+            refused += 1
+            if not quiet:
+                said += 1
+                quiet = not self.log_refusal(frame)
+        self.counts["rejected"] += refused
+        limiter.suppressed += refused - said
+
+    def log_refusal(self, frame):
+        """Log why screen() refuses a frame hmac_sieve() refused, if the rate limit lets
+        it (False if not: the limiter counted it)."""
+        if not self.limiter.allow():
+            return False
+        source, payload = self.parse_frame(frame)
+        self.log.info("rejected packet from %s: %s", source or "?",
+                      screen(payload, source, self.stanzas)[1] if source else
+                      "not an IP packet spa.py reads")
+        return True
+
     def read_ring(self, ring, interface, batch=256):
-        """Handle the frames ready in `ring`, up to `batch`, each handed back to the kernel
-        once parsed: the flood's path, with no system call."""
-        view, offsets, header, handle = ring.map, ring.offsets, Ring.HEADER.unpack_from, self.handle
+        """Take the frames ready in `ring`, up to `batch`, each handed back to the kernel
+        once copied: the flood's path, with no system call."""
+        view, offsets, header = ring.map, ring.offsets, Ring.HEADER.unpack_from
         i, count = ring.next, len(offsets)
         if not header(view, offsets[i])[0] & TP_STATUS_USER and not ring.find():
             return
-        i = ring.next
+        i, frames = ring.next, []
         for _ in range(batch):
             at = offsets[i]
             status, length, kept, net = header(view, at)
             if not status & TP_STATUS_USER:
                 break
-            frame = view[at + net:at + net + kept]
-            view[at:at + 4] = b"\0\0\0\0"               # TP_STATUS_KERNEL: the kernel's again
-            i = ring.next = i + 1 if i + 1 < count else 0
-            if kept != length:
+            if kept == length:
+                frames.append(view[at + net:at + net + kept])
+            else:
                 self.refuse_cut(length)
-                continue
-            source, payload = self.parse_frame(frame)
-            if source is not None:
-                handle(payload, source, None, frame, None, interface)
+            view[at:at + 4] = b"\0\0\0\0"               # TP_STATUS_KERNEL: the kernel's again
+            i = i + 1 if i + 1 < count else 0
+        ring.next = i
+        self.take(frames, interface)
 
     def read_socket(self, sock, interface, batch=64):
-        """Handle the frames waiting in a capture socket without a ring, up to `batch`."""
+        """Take the frames waiting in a capture socket without a ring, up to `batch`."""
+        frames = []
         for _ in range(batch):
             try:
-                frame = sock.recv(2048)
+                frames.append(sock.recv(2048))
             except BlockingIOError:
-                return
+                break
             except OSError:            # ENETDOWN: the interface went down or away
+                self.take(frames, interface)
                 raise CaptureLost()
-            source, payload = self.parse_frame(frame)
-            if source is not None:
-                self.handle(payload, source, None, frame, None, interface)
+        self.take(frames, interface)
 
     def stats(self):
         """One line of counters for the log (SIGUSR1, and at exit); benchmarks parse it."""
@@ -10146,6 +10211,18 @@ class Hmac(object):
         outer = self.outer.copy()
         outer.update(inner.digest())
         return outer.digest()
+
+    def signs(self, wire, mac_len):
+        """Whether this key made the HMAC that ends `wire`: its last `mac_len` characters,
+        the base64 (unpadded) of digest(the rest).  Compared in constant time.  This runs
+        on every packet a flood brings, so digest() is written out again here: one HMAC
+        from the precomputed states, one compare, no call more."""
+        inner = self.inner.copy()
+        inner.update(wire[:-mac_len])
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        mac_text = b2a_base64(outer.digest(), newline=False).rstrip(b"=")
+        return compare_digest(mac_text, wire[-mac_len:])
 
 
 def release_heap():

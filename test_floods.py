@@ -305,6 +305,72 @@ def test_a_ring_frame_cut_short_is_refused_and_handed_back(tmp_path):
                for line in reader.log.lines)
 
 
+def test_the_sieve_refuses_only_what_screen_refuses_from_every_source(tmp_path):
+    """hmac_sieve(), the flood's first cut, reads only the length and the HMAC: it lets
+    through every packet a stanza's key signed (from any source, screen() then decides),
+    and what it refuses, screen() refuses from every source."""
+    import base64
+    import random
+    from test_spa import HMAC_KEY, knock, server_config
+    other = base64.b64encode(b"o" * 64).decode()
+    config = server_config(tmp_path, {"alice": {}, "bob": {"source": "198.18.5.0/24",
+                                                           "hmac_key_base64": other}})
+    sieve = spa.hmac_sieve(config.stanzas)
+    rng = random.Random(16)
+    good = [knock(), knock(hmac_key=other, user="bob"),
+            knock(hmac_type="sha512", mode="cbc")]       # alice's HMAC type is sha256
+    garbage = [bytes(rng.choices(B64, k=n)) for n in (139, 140, 204, 399, 400, 900)]
+    last = b"A" if good[0][-1:] != b"A" else b"B"
+    body = b"!" + good[0][1:-43]                    # not base64, and its HMAC is right:
+    mac = spa.Hmac(base64.b64decode(HMAC_KEY), "sha256", spa.SALT_PREFIX).digest(body)
+    garbage += [bytes(rng.randrange(256) for _ in range(204)), good[0][:-1] + last,
+                body + base64.b64encode(mac).rstrip(b"=")]
+    assert [sieve(p) for p in good] == [True, True, False]
+    for payload in good + garbage:
+        for source in ("198.18.0.2", "198.18.5.7", "2001:db8::2"):
+            stanza, why = spa.screen(payload, source, config.stanzas)
+            assert sieve(payload) or stanza is None, (payload, source)
+    assert spa.screen(good[1], "198.18.0.2", config.stanzas)[0] is None    # bob's source only
+    assert spa.screen(good[1], "198.18.5.7", config.stanzas)[0].name == "bob"
+    assert not any(sieve(p) for p in garbage[:-1]) and sieve(garbage[-1])
+    assert spa.screen(garbage[-1], "198.18.0.2", config.stanzas) == (None, "not base64")
+
+
+def test_refused_frames_are_counted_and_logged_with_screen_s_reason_at_the_rate_limit(tmp_path):
+    """A batch of garbage: every frame counted as refused; the log says why (screen()'s
+    reason: not base64, the HMAC, no stanza for the source) for as many as the rate limit
+    allows, and counts the rest as suppressed; a knock in the same batch still passes."""
+    from test_spa import server_config
+    reader = spa.Reader(server_config(tmp_path, {"alice": {"source": "198.18.1.0/24"}}),
+                        Passes(), Collect())
+    frames = [_udp_frame(b"!" * 204), _udp_frame(B64[:50] * 4),
+              _udp_frame(B64[:50] * 4, src="198.18.9.9"), b"\x45 not an IP packet"]
+    frames += [_udp_frame(bytes(B64[(i * 5 + j) % 64] for j in range(204))) for i in range(60)]
+    frames.append(_udp_frame(packet()))
+    reader.take(frames, None)
+    assert reader.counts == {"passed": 1, "rejected": 64}
+    assert reader.gate.knocks == 1
+    lines = reader.log.lines
+    assert len(lines) == 20 and reader.limiter.suppressed == 44      # the limiter's burst
+    assert lines[0].endswith(": not base64")
+    assert lines[1].endswith(": HMAC does not match any stanza for this source")
+    assert lines[2].endswith(": no stanza for source 198.18.9.9")
+    assert lines[3] == "rejected packet from ?: not an IP packet spa.py reads"
+    reader.take(frames[4:10], None)                                   # the log is full now
+    assert reader.counts["rejected"] == 70 and reader.limiter.suppressed == 50
+    assert len(reader.log.lines) == 20
+
+
+class Passes(object):
+    """A gate that counts the knocks passed to it."""
+
+    def __init__(self):
+        self.knocks = 0
+
+    def knock(self, *args):
+        self.knocks += 1
+
+
 def test_a_socket_without_a_ring_is_read_with_recv(tmp_path):
     """Ring.of gives None for a socket the kernel has no ring for (the reader then uses
     recv), so the reader's tests over socket pairs and a kernel without rings still work."""

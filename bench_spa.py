@@ -1096,6 +1096,12 @@ def measure_flood(lab, server, cfg, runs_wanted=None):
             r["opened"], r["knocks"], cfg.flood_window, r["handled"],
             fmt(r["cpu_us_per_packet"]), r["kernel_drops"], fmt(r["drop_pct"]), r["log_lines"],
             load())
+        if r["opened"] < r["knocks"] / 2:        # something is wrong: show what the server said
+            unusual = [line for line in server.proc.log.lines[-2000:] if not re.search(
+                r"rejected packet|accepted packet|stats: |gatekeeper: accepted|SPA Packet|"
+                r"not logged", line)]
+            log("%s: fewer than half opened; the server's last unusual lines:\n  %s",
+                server.name, "\n  ".join(unusual[-15:]) or "(none)")
     best = None                         # the rate the sender reached, not the one asked
     for r in sorted((r for r in runs if r["repeat"] == 1), key=lambda r: r["sender"]["rate"]):
         if r["opened_pct"] < 100:
@@ -1624,6 +1630,17 @@ def preflight():
     return problems
 
 
+def flood_run(text):
+    """(rate, copies) of one --flood-runs entry: "20k", "150000", "max" or "0" (the
+    sender's maximum), each with an optional "xN" (send each knock N times)."""
+    m = re.match(r"^\s*(max|\d+(?:\.\d+)?k?)\s*(?:x\s*(\d+))?\s*$", text)
+    if not m:
+        raise ValueError("--flood-runs: %r is not RATE[xN] (e.g. 20k, max, max x3)" % text)
+    rate = m.group(1)
+    rate = 0 if rate == "max" else int(float(rate.rstrip("k")) * (1000 if rate.endswith("k") else 1))
+    return rate, int(m.group(2) or 1)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_flood"]:
@@ -1648,8 +1665,10 @@ def main(argv=None):
     cfg = Settings(args.smoke)
     cfg.python_sender = args.python_sender
     if args.flood_runs:
-        cfg.flood_runs = [(int(float(r.partition("x")[0])), int(r.partition("x")[2] or 1))
-                          for r in args.flood_runs.split(",")]
+        try:
+            cfg.flood_runs = [flood_run(r) for r in args.flood_runs.split(",")]
+        except ValueError as e:
+            p.error(str(e))
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     for part in parts:
         if part not in PARTS:

@@ -6721,9 +6721,10 @@ def rss_kb(status=None):
 
 
 class Reader(object):
-    """The unprivileged side: capture, screen() each packet (length, alphabet, HMAC: it
-    needs no AES key), drop what it passed on before, log rejections, and pass on the
-    rest to the gate."""
+    """The unprivileged side: capture, sieve each packet (hmac_sieve: length and HMAC, all
+    a flood's packet costs), screen() what the sieve lets through (length, alphabet, HMAC
+    against the stanzas for its source: it needs no AES key), drop what it passed on
+    before, log rejections, and pass on the rest to the gate."""
 
     BURST = 10000          # knocks its replay table takes without growing
 

@@ -81,8 +81,8 @@ spa.py's goal):
                          cpu.cfs_quota_us where the cpu controller is on v1), from its
                          first instruction: start-up time (start to "ready"), idle PSS,
                          knock-to-open (30 knocks), and garbage floods of 500, 1k, 2k,
-                         5k, 10k, 20k, 50k packets/s, 5 s each with 10 knocks, up to the
-                         first rate at which a knock fails to open.
+                         5k, 10k, 20k, 30k, 50k packets/s, 5 s each with 20 knocks, up
+                         to the first rate at which a knock fails to open.
   scale                  N knocks from N distinct addresses sent in one burst (N = 10,
                          100, 1000, 10000; each asks for 300 s so all stay open): how
                          many got authorized (the server's "opened" log lines, which
@@ -185,9 +185,10 @@ class Settings(object):
         # The router: both servers in a cgroup of 10 % of one core.
         self.router_share = 0.10
         self.router_knocks = 5 if smoke else 30
-        self.router_rates = [1000, 0] if smoke else [500, 1000, 2000, 5000, 10000, 20000, 50000]
+        self.router_rates = [1000, 0] if smoke else \
+            [500, 1000, 2000, 5000, 10000, 20000, 30000, 50000]
         self.router_flood_seconds = 1.0 if smoke else 5.0
-        self.router_flood_knocks = 3 if smoke else 10
+        self.router_flood_knocks = 3 if smoke else 20
 
     def scale_deadline(self, n):
         if self.smoke:

@@ -99,3 +99,21 @@ def test_bench_smoke_prints_every_figure_for_both_servers(tmp_path):
 
     leftovers = [n for n in _netns_names() if n.startswith("bench%dx" % proc.pid)]
     assert not leftovers, "bench_spa.py left namespaces behind: %s" % leftovers
+
+
+def test_flood_runs_are_read_as_the_help_writes_them():
+    """--flood-runs takes what its help and the docstring show: rates with k, max, xN."""
+    sys.path.insert(0, HERE)
+    import bench_spa
+    assert [bench_spa.flood_run(r) for r in ("1k", "150000", "max", "max x3", "0x2", "2.5k")] == \
+        [(1000, 1), (150000, 1), (0, 1), (0, 3), (0, 2), (2500, 1)]
+    for bad in ("fast", "1m", "x3", ""):
+        try:
+            bench_spa.flood_run(bad)
+        except ValueError as e:
+            assert "is not RATE[xN]" in str(e)
+        else:
+            raise AssertionError(bad)
+    res = subprocess.run([sys.executable, BENCH, "--flood-runs", "max,fast"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert res.returncode == 2 and "'fast' is not RATE[xN]" in res.stderr

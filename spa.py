@@ -4770,7 +4770,7 @@ class IptablesFirewall(Firewall):
         family = _family(key.address)
         old = self.once_nat.get(key[:3])
         new = self._once_nat_rules(key, *mine)
-        gone = self._once_nat_rules(*old[:2]) if old else []
+        gone = self._once_nat_rules(old[0], *old[1]) if old else []
         insert = lambda table: ["-I %s 1 %s" % (c, _restore_words(w))
                                 for t, c, w in reversed(new) if t == table]
         delete = lambda table: ["-D %s %s" % (c, _restore_words(w)) for t, c, w in gone

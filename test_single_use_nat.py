@@ -20,10 +20,10 @@ import pytest
 import netns_lab
 import spa
 from spa import NatMode, PLAIN_NAT
-from netns_lab import InNetns, Lab, ns_socket, sleep_until, tcp_try, wait_for_line
+from netns_lab import InNetns, Lab, ns_socket, sleep_until, tcp_try, udp_try, wait_for_line
 from test_spa import HMAC_KEY, KEY, server_config, write_private
 from test_nat_modes import (INNER_PORT, KINDS, NAT_PORT, OTHER_PORT, banner, families,
-                            gatekeeper, inner_services, need, router)
+                            gatekeeper, inner_services, need, router, spa_server)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPA = os.path.join(HERE, "spa.py")
@@ -235,4 +235,84 @@ def test_a_single_use_nat_opening_admits_one_connection_and_keeps_it(kind):
             assert fw.open_nat(c1, "tcp", NAT_PORT, c2, INNER_PORT, 30, False, None, PLAIN_NAT)
             for _ in range(2):
                 assert tcp_try(cli1, s1, NAT_PORT) == banner(family, INNER_PORT)
+        fw.flush()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_spa_client_connect_through_a_single_use_force_nat_stanza(tmp_path, kind):
+    """End to end: the real server (force_nat, single_use) and `spa.py client --connect`,
+    IPv4 and IPv6: the client's connection reaches the inner host and relays both ways, a
+    second one is refused; a knock left unused shows in --list as single use."""
+    need(kind)
+    with Lab(clients=2, prefix="sn") as lab:
+        router(lab, kind)
+        inner_services(lab)
+        server = spa_server(lab, tmp_path, {
+            "v4": {"source": "198.18.0.0/15", "open_ports": "tcp/%d" % NAT_PORT,
+                   "fw_access_timeout": "5", "single_use": "yes",
+                   "force_nat": "%s:%d" % (Lab.cli4(2), OTHER_PORT)},
+            "v6": {"source": "2001:db8::/32", "open_ports": "tcp/%d" % NAT_PORT,
+                   "fw_access_timeout": "5", "single_use": "yes", "force_masquerade": "yes",
+                   "force_nat": "[%s]:%d" % (Lab.cli6(2), OTHER_PORT)}}, kind)
+        cli1 = lab.name("cli1")
+        client = [sys.executable, SPA, "client", "-A", "tcp/%d" % NAT_PORT, "--key-base64",
+                  KEY, "--hmac-key-base64", HMAC_KEY]
+        for family, c1, s1, c2, s2 in families(lab):
+            done = lab.run("cli1", client + ["-D", s1, "--connect", spa.format_endpoint(
+                s1, NAT_PORT)], input="through the relay\n", timeout=20)
+            assert done.stdout == (banner(family, OTHER_PORT) + b"through the relay\n").decode()
+            wait_for_line(server, r"opened tcp/%d forwarded to %s for %s for 5 s.*for one "
+                          r"connection \(single_use\)" % (NAT_PORT, re.escape(
+                              spa.format_endpoint(c2, OTHER_PORT)), re.escape(c1)), 3)
+            assert tcp_try(cli1, s1, NAT_PORT) == "refused"
+        since = server.log.mark()
+        lab.run("cli1", client + ["-D", Lab.srv4(1)])
+        wait_for_line(server, r"opened tcp/%d forwarded to .* for %s " % (
+            NAT_PORT, re.escape(Lab.cli4(1))), 3, since)
+        listed = lab.run("srv", [sys.executable, SPA, "server", "-c", str(tmp_path / "spa.conf"),
+                                 "--list"]).stdout.splitlines()
+        assert [line.split()[0] for line in listed] == [Lab.cli4(1)], listed
+        assert listed[0].endswith("forwarded to %s:%d, single use, unused"
+                                  % (Lab.cli4(2), OTHER_PORT)), listed
+        lab.stop_process(server)
+
+
+LOCAL_PORT, SERVICE_PORT, UDP_PORT = 55000, 8022, 53
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_use_local_nat_and_a_udp_flow(kind):
+    """Local NAT (to a port of the server) is single-use too; so is a forwarded UDP opening:
+    its flow keeps its replies and may send more, a new flow is not forwarded."""
+    need(kind)
+    with Lab(clients=2, prefix="sn") as lab:
+        router(lab, kind)
+        lab.tcp_service("srv", "::", SERVICE_PORT)
+        lab.udp_echo("cli2", UDP_PORT, "::", tell_peer=True)
+        fw = firewall(lab, kind)
+        cli1 = lab.name("cli1")
+        for family, c1, s1, c2, s2 in families(lab):
+            assert tcp_try(cli1, s1, SERVICE_PORT) == "refused"
+            fw.open_nat(c1, "tcp", LOCAL_PORT, s1, SERVICE_PORT, 5, True, None, PLAIN_NAT, SPORT)
+            fw.open_nat(c1, "udp", UDP_PORT, c2, UDP_PORT, 5, False, None, PLAIN_NAT, SPORT)
+            assert sorted(row[1:3] + row[5:6] for row in fw.list_nat() if row[0] == c1) == [
+                ("tcp", LOCAL_PORT, True), ("udp", UDP_PORT, False)]
+            conn = connect_from(cli1, s1, LOCAL_PORT, SPORT)
+            assert not isinstance(conn, str), (family, conn)
+            assert conn.recv(64) == b"netns-lab\n"
+            assert tcp_try(cli1, s1, LOCAL_PORT) == "refused"
+            assert tcp_try(cli1, s1, SERVICE_PORT) == "refused"
+            with ns_socket(cli1, socket.AF_INET6 if family == 6 else socket.AF_INET,
+                           socket.SOCK_DGRAM) as u:
+                u.bind(("", SPORT))
+                u.settimeout(1)
+                for text in (b"one", b"two"):
+                    u.sendto(text, (s1, UDP_PORT))
+                    got, _, peer = u.recv(64).partition(b" from ")
+                    assert (got, peer.replace(b"::ffff:", b"")) == (text, c1.encode())
+            assert udp_try(cli1, s1, UDP_PORT) == "refused"          # the server's own port
+            assert [row for row in fw.list_nat() if row[0] == c1] == []
+            conn.sendall(b"still here")
+            assert conn.recv(64) == b"still here"
+            conn.close()
         fw.flush()

@@ -3149,7 +3149,9 @@ class NftFirewall(Firewall):
             PackedMap(20, _opening_key, _opening, "d")
         self.next_purge = 0
         self.nat_ends = {}     # (address, proto, port) -> NatEnd
-        self.once_targets = {}     # a single-use NAT opening's dnatonce key -> its data
+        # A single-use NAT opening's dnatonce key -> (its data, its end on the monotonic
+        # clock): a knock for another target must name the data it replaces.
+        self.once_targets = {}
         self.kernel = NftNetlink()
         # Where openings go: (family, table, IPv4 set, IPv6 set); ours first.  Forwarded
         # NAT connections go into the fwd sets, keyed source . destination . proto . port.
@@ -3337,10 +3339,11 @@ class NftFirewall(Firewall):
                 self._default_drop_places("forward", items)
             warn_without_forwarding(self.log, (4, 6))
             # What single-use NAT openings' DNATs lead to (a knock's new target replaces it).
+            now = time.monotonic()
             self.once_targets = {nft_key([k[0]], PROTO_NUMBERS[k[1]], k[2]):
-                                 nft_key([d[0]], None, int(d[1])) for v in "46"
-                                 for k, d, _ in self._elements("map", "dnatonce" + v)} \
-                if self.once else {}
+                                 (nft_key([d[0]], None, int(d[1])), now + left + 1)
+                                 for v in "46" for k, d, left in
+                                 self._elements("map", "dnatonce" + v)} if self.once else {}
         else:
             self.fwd_places, self.nat_ends = [], {}
         now = time.monotonic()
@@ -3594,18 +3597,19 @@ class NftFirewall(Firewall):
                                        ("oncep", key + struct.pack("!H2x", sport), timeout),
                                        ("grace", key, min(ONCE_GRACE, timeout))):
             batch.put(("inet", self.table, "%s%d" % (name, v)), element, seconds)
+        target = None
         for place, element, data in self._nat_elements(address, proto, port, to_address,
                                                        to_port, local, mode):
             if place == ("inet", self.table, "dnat%d" % v):
-                place = ("inet", self.table, "dnatonce%d" % v)
-                old = self.once_targets.get(element)
+                place, target = ("inet", self.table, "dnatonce%d" % v), (element, data)
+                old = self.once_targets.get(element, (None,))[0]
                 batch.put(place, element, timeout, data=data, old_data=old)
-                self.once_targets[element] = data
             else:
                 batch.put(place, element, max(timeout, needed.get((place, element), 0) - now),
                           data=data)
         ready.put(("inet", self.table, "ready%d" % v), key, timeout, fresh=True)
         self.kernel.commit(batch)
+        self.once_targets[target[0]] = (target[1], now + timeout)
         self.kernel.commit(ready)
         return True
 
@@ -3689,6 +3693,9 @@ class NftFirewall(Firewall):
         now = time.monotonic()
         if now >= self.next_purge:
             self.ends.keep_if(lambda end: end > now)
+            # (a second's margin: the kernel's end of an element comes a little after ours)
+            self.once_targets = {k: (d, end) for k, (d, end) in self.once_targets.items()
+                                 if end + 1 > now}
             self.next_purge = now + 30
         for key in [k for k, v in self.nat_ends.items() if v.end <= now]:
             del self.nat_ends[key]

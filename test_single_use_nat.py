@@ -288,6 +288,7 @@ def test_single_use_local_nat_and_a_udp_flow(kind):
     with Lab(clients=2, prefix="sn") as lab:
         router(lab, kind)
         lab.tcp_service("srv", "::", SERVICE_PORT)
+        lab.tcp_service("srv", "::", SERVICE_PORT + 1, b"other\n")
         lab.udp_echo("cli2", UDP_PORT, "::", tell_peer=True)
         fw = firewall(lab, kind)
         cli1 = lab.name("cli1")
@@ -314,5 +315,12 @@ def test_single_use_local_nat_and_a_udp_flow(kind):
             assert [row for row in fw.list_nat() if row[0] == c1] == []
             conn.sendall(b"still here")
             assert conn.recv(64) == b"still here"
+            conn.close()
+            # Knocks again, the second for another target: the DNAT leads there.
+            for target in (SERVICE_PORT, SERVICE_PORT + 1):
+                fw.open_nat(c1, "tcp", LOCAL_PORT, s1, target, 5, True, None, PLAIN_NAT,
+                            SPORT + 1)
+            conn = connect_from(cli1, s1, LOCAL_PORT, SPORT + 1)
+            assert not isinstance(conn, str) and conn.recv(64) == b"other\n", (family, conn)
             conn.close()
         fw.flush()

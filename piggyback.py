@@ -21,6 +21,8 @@ the knock was sent), and when the knocker got in.  Run as root:
 
     python3 piggyback.py -n 20                     # every back end, IPv4 and IPv6
     python3 piggyback.py -n 5 --firewall nft -4    # fewer
+    python3 piggyback.py -n 3 --forward            # NAT openings: the server forwards each
+                                                   # knock (force_nat) to an internal host
 
 It prints one Markdown table (README.md: Close the NAT-piggybacking window).
 test_piggyback.py runs it with a small N in CI and checks the counts, never the times.

@@ -6761,10 +6761,11 @@ class Gatekeeper(object):
             else:
                 (proto, port), (to_address, to_port, local) = d.message.access[0], d.nat
                 try:
+                    # A single-use one: the source port a spa.py client uses (`once`).
+                    once = {"once": connect_port(d.message.rand)} if d.stanza.single_use \
+                        else {}
                     self.firewall.open_nat(d.allow_ip, proto, port, to_address, to_port,
-                                           d.timeout, local, now, d.nat_mode,
-                                           connect_port(d.message.rand)
-                                           if d.stanza.single_use else None)
+                                           d.timeout, local, now, d.nat_mode, **once)
                     reason = None
                 except (SpaError, ValueError, OSError) as e:
                     self.log.error("firewall change failed for %s: %s", d.allow_ip, e)

@@ -3780,9 +3780,11 @@ class NftFirewall(Firewall):
         rows = [key + (to_address, int(to_port), (key[0], key[1], int(to_port)) in local, left)
                 for name in ("dnat4", "dnat6")
                 for key, (to_address, to_port), left in self._elements("map", name)]
-        if self.once:        # unused single-use ones: in natonce still
+        if self.once:        # unused single-use ones: in natonce still (and made: ready)
+            ready = {key for name in ("ready4", "ready6")
+                     for key, _, _ in self._elements("set", name)}
             unused = {key: left for name in ("natonce4", "natonce6")
-                      for key, _, left in self._elements("set", name)}
+                      for key, _, left in self._elements("set", name) if key in ready}
             rows += [key + (to_address, int(to_port), (key[0], key[1], int(to_port)) in local,
                             unused[key], "single use") for name in ("dnatonce4", "dnatonce6")
                      for key, (to_address, to_port), _ in self._elements("map", name)

@@ -324,3 +324,35 @@ def test_single_use_local_nat_and_a_udp_flow(kind):
             assert not isinstance(conn, str) and conn.recv(64) == b"other\n", (family, conn)
             conn.close()
         fw.flush()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_server_that_dies_half_way_leaves_nothing_reachable(kind):
+    """Fail closed: the server made a single-use NAT opening's first part and died before
+    the rest (nft: the transaction that makes it ready; iptables: the addresses into the
+    lists): no connection is forwarded, from the knock's port or any other."""
+    need(kind)
+    with Lab(clients=2, prefix="sn") as lab:
+        router(lab, kind)
+        inner_services(lab)
+        fw = firewall(lab, kind)
+        back_end, commits = fw.firewall, []
+        if kind == "nft":
+            real = back_end.kernel.commit
+
+            def first_only(batch):             # the first of each knock's two transactions
+                commits.append(batch)
+                if len(commits) % 2:
+                    real(batch)
+            back_end.kernel.commit = first_only
+        else:
+            back_end._recent = lambda *args, **kwargs: commits.append(args)
+        cli1 = lab.name("cli1")
+        for family, c1, s1, c2, s2 in families(lab):
+            fw.open_nat(c1, "tcp", NAT_PORT, c2, INNER_PORT, 5, False, None, PLAIN_NAT, SPORT)
+            assert connect_from(cli1, s1, NAT_PORT, SPORT) == "refused"
+            assert tcp_try(cli1, s1, NAT_PORT) == "refused"
+            assert tcp_try(cli1, c2, INNER_PORT) == "timeout"
+            assert unused(fw) == []
+        assert len(commits) == 4
+        fw.flush()

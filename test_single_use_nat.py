@@ -21,7 +21,7 @@ import netns_lab
 import spa
 from spa import NatMode, PLAIN_NAT
 from netns_lab import InNetns, Lab, ns_socket, sleep_until, tcp_try, udp_try, wait_for_line
-from test_spa import HMAC_KEY, KEY, server_config, write_private
+from test_spa import HMAC_KEY, KEY, server_config
 from test_nat_modes import (INNER_PORT, KINDS, NAT_PORT, OTHER_PORT, banner, families,
                             gatekeeper, inner_services, need, router, spa_server)
 
@@ -356,3 +356,29 @@ def test_a_server_that_dies_half_way_leaves_nothing_reachable(kind):
             assert unused(fw) == []
         assert len(commits) == 4
         fw.flush()
+
+
+def test_the_fwknop_client_asks_for_single_use_nat_access(tmp_path):
+    """The real fwknop client's NAT request (-N) to a single_use stanza with enable_nat:
+    a connect typed right after it is dropped in the grace period and forwarded when the
+    kernel sends its SYN again; a second connection is not forwarded."""
+    netns_lab.need_lab("nft", "fwknop")
+    with Lab(clients=2, prefix="sn") as lab:
+        router(lab, "nft")
+        inner_services(lab)
+        server = spa_server(lab, tmp_path, {"alice": {
+            "source": "198.18.0.0/15", "open_ports": "tcp/%d" % NAT_PORT, "enable_nat": "yes",
+            "nat_destinations": "%s:%d" % (Lab.cli4(2), INNER_PORT), "single_use": "yes"}}, "nft")
+        lab.run("cli1", netns_lab.fwknop_client_argv(
+            Lab.srv4(1), "tcp/%d" % NAT_PORT, KEY, HMAC_KEY, "-N",
+            "%s:%d" % (Lab.cli4(2), INNER_PORT)), env=dict(os.environ, HOME=str(tmp_path)))
+        wait_for_line(server, r"forwarded to %s:%d .*for one connection \(single_use\)"
+                      % (re.escape(Lab.cli4(2)), INNER_PORT), 5)
+        began = time.monotonic()
+        conn = connect_from(lab.name("cli1"), Lab.srv4(1), NAT_PORT, timeout=4)
+        assert not isinstance(conn, str), conn
+        assert time.monotonic() - began > 0.5            # the SYN sent again after 1 s
+        assert conn.recv(64) == banner(4, INNER_PORT)
+        assert tcp_try(lab.name("cli1"), Lab.srv4(1), NAT_PORT) == "refused"
+        conn.close()
+        lab.stop_process(server)

@@ -21,6 +21,8 @@ the knock was sent), and when the knocker got in.  Run as root:
 
     python3 piggyback.py -n 20                     # every back end, IPv4 and IPv6
     python3 piggyback.py -n 5 --firewall nft -4    # fewer
+    python3 piggyback.py -n 3 --forward            # NAT openings: the server forwards each
+                                                   # knock (force_nat) to an internal host
 
 It prints one Markdown table (README.md: Close the NAT-piggybacking window).
 test_piggyback.py runs it with a small N in CI and checks the counts, never the times.
@@ -148,17 +150,24 @@ def _keys():
     return base64.b64encode(os.urandom(32)).decode(), base64.b64encode(os.urandom(64)).decode()
 
 
-def start_server(lab, firewall, folder):
+def start_server(lab, firewall, folder, nat=False):
     """`spa.py server` in the server's namespace with stanzas `once` (single_use) and
-    `plain`; returns (process, {stanza: keys})."""
+    `plain`; returns (process, {stanza: keys}).  nat: each stanza forwards (force_nat) to
+    the same port of the internal host (the lab's client 2), one stanza a family."""
     keys = {"once": _keys(), "plain": _keys()}
     conf = os.path.join(folder, "spa-%s.conf" % firewall)
     text = ("[server]\ninterface = any\nprotect = tcp/%d\nfirewall = %s\nsaved_firewall = none\n"
-            "replay_cache = %s\n" % (PORT, firewall, os.path.join(folder, "replay-" + firewall)))
+            "replay_cache = %s\n%s" % (PORT, firewall, os.path.join(folder, "replay-" + firewall),
+                                       "enable_forwarding = yes\n" if nat else ""))
+    targets = [("", "198.18.0.0/15", "%s:%d" % (Lab.cli4(2), PORT)),
+               ("6", "2001:db8::/32", "[%s]:%d" % (Lab.cli6(2), PORT))] if nat else [("", "", "")]
     for name, (key, hmac_key) in sorted(keys.items()):
-        text += ("\n[client %s]\nkey_base64 = %s\nhmac_key_base64 = %s\nopen_ports = tcp/%d\n"
-                 "fw_access_timeout = %d\nmax_openings = 100000\nsingle_use = %s\n"
-                 % (name, key, hmac_key, PORT, TIMEOUT, "yes" if name == "once" else "no"))
+        for suffix, source, target in targets:
+            text += ("\n[client %s%s]\nkey_base64 = %s\nhmac_key_base64 = %s\nopen_ports = "
+                     "tcp/%d\nfw_access_timeout = %d\nmax_openings = 100000\nsingle_use = %s\n"
+                     % (name, suffix, key, hmac_key, PORT, TIMEOUT,
+                        "yes" if name == "once" else "no"))
+            text += "source = %s\nforce_nat = %s\n" % (source, target) if nat else ""
     _private(conf, text)
     server = lab.spawn("srv", [sys.executable, SPA, "server", "-c", conf, "-v"])
     wait_for_line(server, r"listening on", 20)
@@ -245,20 +254,25 @@ def trial(nat, mode, family, conf):
 
 
 def measure(firewalls=FIREWALLS, families=(4, 6), modes=MODES, n=5, say=None,
-            random_ports=False, prefix="su"):
+            random_ports=False, prefix="su", forward=False):
     """Run n trials of each (firewall, family, mode); returns the trial dicts, each with its
     firewall.  random_ports: a NAT that does not keep source ports (fully-random); prefix:
-    the Lab's namespace prefix."""
+    the Lab's namespace prefix; forward: the server forwards each knock's connection to
+    an internal host (single-use NAT openings), whose service answers in place of its own."""
     results = []
     for firewall in firewalls:
         # Fresh namespaces for each: a connection of the neighbour's that got in earlier and
         # whose conntrack entry lives on lets a new one with the same addresses and ports
         # through as its own (conntrack's doing, single_use or not), and `plain` leaves
         # thousands.  Each family's `plain` trials come after its single-use ones.
-        with Lab(clients=1, prefix=prefix) as lab, tempfile.TemporaryDirectory() as folder:
+        with Lab(clients=2 if forward else 1, prefix=prefix) as lab, \
+                tempfile.TemporaryDirectory() as folder:
             nat = NatLab(lab, random_ports)
-            lab.tcp_service("srv", "::", PORT)
-            server, keys = start_server(lab, firewall, folder)
+            if forward:
+                for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+                    ns_sysctl(lab.name("srv"), key, 1)
+            lab.tcp_service("cli2" if forward else "srv", "::", PORT)
+            server, keys = start_server(lab, firewall, folder, forward)
             conf = client_conf(folder, keys)
             for family in families:
                 for mode in sorted(modes, key=lambda m: m == "plain"):
@@ -313,17 +327,22 @@ def main(argv=None):
                         help="a NAT that does not keep source ports (masquerade fully-random)")
     parser.add_argument("--prefix", default="su",
                         help="the namespaces' name prefix (netns_lab's Lab; default su)")
+    parser.add_argument("--forward", action="store_true",
+                        help="NAT openings: the server forwards (force_nat) to an internal host")
+    parser.add_argument("--mode", action="append", choices=MODES,
+                        help="a way of knocking (default: all three)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
     results = measure(tuple(args.firewall or FIREWALLS), tuple(args.families or (4, 6)),
-                      MODES, args.n,
+                      tuple(args.mode or MODES), args.n,
                       say=lambda r: print("%-16s IPv%d %-14s knocker %s, neighbour %d of %d"
                                           % (r["firewall"], r["family"], r["mode"],
                                              "-" if r["knocker"] is None else
                                              "%.1f ms" % r["knocker"], len(r["neighbour"]),
                                              r["tried"]), file=sys.stderr),
-                      random_ports=args.random_ports, prefix=args.prefix)
+                      random_ports=args.random_ports, prefix=args.prefix,
+                      forward=args.forward)
     print(table(results))
     return 0
 

@@ -1589,9 +1589,14 @@ class Stanza(object):
         """single_use: an opening that admits one new connection; the kernel ends it at that
         connection's first packet (README.md: Close the NAT-piggybacking window)."""
         self.single_use = parse_bool(get("single_use") or "no", where + ": single_use")
-        if self.single_use and (self.enable_nat or self.force_nat or self.forward_all):
-            raise SpaError("%s: single_use = yes with NAT (enable_nat, force_nat, forward_all): "
-                           "spa.py has no single-use NAT openings (yet); set one to no" % where)
+        # A NAT opening is taken by the DNAT of its first connection (the nat chain sees
+        # only a connection's first packet); without one there is nothing to take it.
+        if self.single_use and (self.disable_dnat or self.forward_all):
+            raise SpaError("%s: single_use = yes with %s: a single-use NAT opening is taken "
+                           "by its connection's DNAT, and %s; set one to no" % (
+                               where, "disable_dnat" if self.disable_dnat else "forward_all",
+                               "disable_dnat has none" if self.disable_dnat else
+                               "forward_all forwards everything from the address"))
 
     def _read_hooks(self, get, where):
         """Hooks (fwknop's command cycles): cmd_cycle_open runs at each opening and
@@ -2659,10 +2664,14 @@ class Firewall(object):
         raise NotImplementedError
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
-                 mode=PLAIN_NAT):
+                 mode=PLAIN_NAT, once=None):
         """NAT access (fwknop's message types 2, 4, 5, 6) for `timeout` seconds: connections
         from `address` to `port` go to to_address:to_port (local: a port of this host),
-        forwarded as `mode` (a NatMode: with or without DNAT, SNAT, everything) says."""
+        forwarded as `mode` (a NatMode: with or without DNAT, SNAT, everything) says.
+        `once` (a source port, as open_once's): a single-use NAT opening, which the DNAT of
+        its first connection takes away (the mode must have a DNAT, and not forward_all);
+        for its first ONCE_GRACE seconds only from that port.  Needs `once` set before
+        setup(), as open_once."""
         raise NotImplementedError
 
     def close(self, address, proto, port):
@@ -2677,7 +2686,8 @@ class Firewall(object):
 
     def list_nat(self):
         """NAT openings in force, read from the kernel:
-        [(address, proto, port, to address, to port, local, seconds left)]."""
+        [(address, proto, port, to address, to port, local, seconds left)]; an unused
+        single-use one has an eighth item, "single use"."""
         return []
 
     def expire(self, now=None):
@@ -2734,9 +2744,10 @@ class DryRunFirewall(Firewall):
         return True
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
-                 mode=PLAIN_NAT):
+                 mode=PLAIN_NAT, once=None):
         self.opened.append((address, proto, port, timeout, to_address, to_port, local)
-                           + (() if mode == PLAIN_NAT else (mode,)))
+                           + (() if mode == PLAIN_NAT else (mode,))
+                           + (() if once is None else (once, "single use")))
         return True
 
     def open_many(self, openings, now=None):
@@ -2784,7 +2795,7 @@ class NoFirewall(Firewall):
         return True
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
-                 mode=PLAIN_NAT):
+                 mode=PLAIN_NAT, once=None):
         return self.open(address, proto, port, timeout, now)
 
     def close(self, address, proto, port):
@@ -3156,6 +3167,9 @@ class NftFirewall(Firewall):
             PackedMap(20, _opening_key, _opening, "d")
         self.next_purge = 0
         self.nat_ends = {}     # (address, proto, port) -> NatEnd
+        # A single-use NAT opening's dnatonce key -> (its data, its end on the monotonic
+        # clock): a knock for another target must name the data it replaces.
+        self.once_targets = {}
         self.kernel = NftNetlink()
         # Where openings go: (family, table, IPv4 set, IPv6 set); ours first.  Forwarded
         # NAT connections go into the fwd sets, keyed source . destination . proto . port.
@@ -3215,6 +3229,9 @@ class NftFirewall(Firewall):
             sets += ["add %s %s %s %s" % (kind, t, name, spec) for kind, name, spec in self.NAT_SETS]
             for name, spec, rules in self.NAT_CHAINS:
                 chain += ["add chain %s %s %s" % (t, name, spec), "flush chain %s %s" % (t, name)]
+                if name == "prerouting" and self.once:       # before the plain DNATs
+                    rules = self._once_nat_rules("ip", "4") + self._once_nat_rules("ip6", "6") \
+                        + rules
                 chain += ["add rule %s %s %s" % (t, name, rule) for rule in rules]
         return ["add table " + t] + sets + chain
 
@@ -3225,10 +3242,27 @@ class NftFirewall(Firewall):
         ONCE_GRACE seconds; ready4/ready6, openings whose once element is wholly in place
         (open_once() adds it in a transaction of its own, after the others)."""
         kind = "ipv%s_addr . inet_proto . inet_service"
-        return ["add set inet %s %s%s { type %s; size 65535; flags dynamic,timeout; }"
-                % (self.table, name, v, kind % v + extra) for v in "46"
-                for name, extra in (("once", ""), ("oncep", " . inet_service"), ("grace", ""),
-                                    ("ready", ""))]
+        names = (("once", ""), ("oncep", " . inet_service"), ("grace", ""), ("ready", "")) + \
+            ((("natonce", ""),) if self.nat else ())
+        sets = ["add set inet %s %s%s { type %s; size 65535; flags dynamic,timeout; }"
+                % (self.table, name, v, kind % v + extra) for v in "46" for name, extra in names]
+        # Single-use NAT openings: natonce4/natonce6 as once4/once6, their DNAT targets in a
+        # map of their own (dnat4/dnat6 would DNAT a second connection).
+        return sets + ["add map inet %s dnatonce%s { type %s : ipv%s_addr . inet_service; "
+                       "flags timeout; }" % (self.table, v, kind % v, v)
+                       for v in "46" if self.nat]
+
+    def _once_nat_rules(self, ip, v):
+        """The prerouting rules of single-use NAT openings of one family, as _once_rules
+        (ready, the preferred port, the grace period's drop, the first comer): the DNAT
+        that leads a connection to the opening's target takes the opening away."""
+        key = "%s saddr . meta l4proto . th dport" % ip
+        ready = "ct state new %s @ready%s %s" % (key, v, key)
+        take = "@natonce%s delete @natonce%s { %s } dnat %s to %s map @dnatonce%s" % (
+            v, v, key, ip, key, v)
+        return ["%s . th sport @oncep%s %s %s" % (ready, v, key, take),
+                "%s @grace%s %s @natonce%s drop" % (ready, v, key, v),
+                "%s %s" % (ready, take)]
 
     def _once_rules(self, ip, v):
         """The input chain's rules of single-use openings of one family, each only for an
@@ -3274,7 +3308,9 @@ class NftFirewall(Firewall):
                     + [name for _, name, _ in self.NAT_SETS]) + \
             ([] if self.steer else [self.STEER_CHAIN[0]]) + \
             ([] if self.once else ["once4", "once6", "oncep4", "oncep6", "grace4", "grace6",
-                                  "ready4", "ready6"])
+                                  "ready4", "ready6"]) + \
+            ([] if self.once and self.nat else ["natonce4", "natonce6", "dnatonce4",
+                                                "dnatonce6"])
         commands = []
         for item in items:
             for kind in ("chain", "set", "map"):
@@ -3320,6 +3356,12 @@ class NftFirewall(Firewall):
             self.fwd_places = [("inet", self.table, "fwd4", "fwd6")] + \
                 self._default_drop_places("forward", items)
             warn_without_forwarding(self.log, (4, 6))
+            # What single-use NAT openings' DNATs lead to (a knock's new target replaces it).
+            now = time.monotonic()
+            self.once_targets = {nft_key([k[0]], PROTO_NUMBERS[k[1]], k[2]):
+                                 (nft_key([d[0]], None, int(d[1])), now + left + 1)
+                                 for v in "46" for k, d, left in
+                                 self._elements("map", "dnatonce" + v)} if self.once else {}
         else:
             self.fwd_places, self.nat_ends = [], {}
         now = time.monotonic()
@@ -3510,19 +3552,23 @@ class NftFirewall(Firewall):
         return len(openings)
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
-                 mode=PLAIN_NAT):
+                 mode=PLAIN_NAT, once=None):
         """Forward (address, proto, port) to to_address:to_port for `timeout` seconds: to
         another host (accepted in the forward chains), or to this one (local NAT, accepted
         in the input chains), as `mode` says.  Never shortens an opening to the same target;
         a knock for another target replaces the opening: the DNAT leads to the new target at
         once, and what only the old one needed goes.  An element other openings share
         (forward_all's, keyed on the address alone) keeps the longest end any of them needs.
-        (`now` is not used: ends are kept on the monotonic clock.)"""
+        (`now` is not used: ends are kept on the monotonic clock.)  With `once`: a single-use
+        NAT opening (_open_nat_once)."""
         import ipaddress
         now = time.monotonic()
         address = str(ipaddress.ip_address(address))
         to_address = _nat_target(address, to_address)
         mode = PLAIN_NAT if local else _nat_mode(address, mode)
+        if once is not None:
+            return self._open_nat_once(address, proto, port, to_address, to_port, timeout,
+                                       local, mode, once)
         port = port if mode.dnat else to_port     # no DNAT: the client goes to to_port itself
         key = (address, proto, port)
         old = self.nat_ends.get(key)
@@ -3549,6 +3595,40 @@ class NftFirewall(Firewall):
                       old_data=old_data.get((place, element)) if data else None)
         self.kernel.commit(batch)
         self.nat_ends[key] = NatEnd(now + timeout, to_address, to_port, local, mode)
+        return True
+
+    def _open_nat_once(self, address, proto, port, to_address, to_port, timeout, local, mode,
+                       sport):
+        """A single-use NAT opening, in two transactions as open_once's: the first takes it
+        out of ready4/ready6 and puts it anew into natonce (oncep, grace), its DNAT into
+        dnatonce and what the DNAT leads to (the accept, an SNAT) with the rest, each never
+        shortened; the second puts it into ready4/ready6."""
+        if not (self.once and self.nat) or not mode.dnat or mode.forward_all:
+            raise SpaError("single-use NAT openings need a DNAT, not forward_all, and the "
+                           "firewall set up for them")
+        now, v = time.monotonic(), _family(address)
+        key = nft_key([address], PROTO_NUMBERS[proto], port)
+        needed = self._nat_needs(None, now)
+        batch, ready = ElementBatch(), ElementBatch()
+        batch.remove(("inet", self.table, "ready%d" % v), key)
+        for name, element, seconds in (("natonce", key, timeout),
+                                       ("oncep", key + struct.pack("!H2x", sport), timeout),
+                                       ("grace", key, min(ONCE_GRACE, timeout))):
+            batch.put(("inet", self.table, "%s%d" % (name, v)), element, seconds)
+        target = None
+        for place, element, data in self._nat_elements(address, proto, port, to_address,
+                                                       to_port, local, mode):
+            if place == ("inet", self.table, "dnat%d" % v):
+                place, target = ("inet", self.table, "dnatonce%d" % v), (element, data)
+                old = self.once_targets.get(element, (None,))[0]
+                batch.put(place, element, timeout, data=data, old_data=old)
+            else:
+                batch.put(place, element, max(timeout, needed.get((place, element), 0) - now),
+                          data=data)
+        ready.put(("inet", self.table, "ready%d" % v), key, timeout, fresh=True)
+        self.kernel.commit(batch)
+        self.once_targets[target[0]] = (target[1], now + timeout)
+        self.kernel.commit(ready)
         return True
 
     def _nat_needs(self, but, now):
@@ -3631,6 +3711,9 @@ class NftFirewall(Firewall):
         now = time.monotonic()
         if now >= self.next_purge:
             self.ends.keep_if(lambda end: end > now)
+            # (a second's margin: the kernel's end of an element comes a little after ours)
+            self.once_targets = {k: (d, end) for k, (d, end) in self.once_targets.items()
+                                 if end + 1 > now}
             self.next_purge = now + 30
         for key in [k for k, v in self.nat_ends.items() if v.end <= now]:
             del self.nat_ends[key]
@@ -3715,6 +3798,15 @@ class NftFirewall(Firewall):
         rows = [key + (to_address, int(to_port), (key[0], key[1], int(to_port)) in local, left)
                 for name in ("dnat4", "dnat6")
                 for key, (to_address, to_port), left in self._elements("map", name)]
+        if self.once:        # unused single-use ones: in natonce still (and made: ready)
+            ready = {key for name in ("ready4", "ready6")
+                     for key, _, _ in self._elements("set", name)}
+            unused = {key: left for name in ("natonce4", "natonce6")
+                      for key, _, left in self._elements("set", name) if key in ready}
+            rows += [key + (to_address, int(to_port), (key[0], key[1], int(to_port)) in local,
+                            unused[key], "single use") for name in ("dnatonce4", "dnatonce6")
+                     for key, (to_address, to_port), _ in self._elements("map", name)
+                     if key in unused]
         # Forwarding without a DNAT (disable_dnat): the port is the inner host's own.
         return rows + [(address, proto, port, to_address, port, False, left)
                        for name in ("fwdd4", "fwdd6")
@@ -3765,6 +3857,7 @@ IPT_STEER_CHAIN = "SPA_STEER"             # nat table, jumped to from PREROUTING
 IPT_SNAT_CHAIN = "SPA_POSTROUTING"        # nat table, jumped to from POSTROUTING (SNAT)
 IPT_NAT_COMMENTS = {False: "spa nat expires ", True: "spa local nat expires "}   # by `local`
 IPT_ONCE_COMMENT = "spa once expires "      # a single-use opening's rule
+IPT_NAT_ONCE_COMMENTS = {False: "spa nat once expires ", True: "spa local nat once expires "}
 XT_RECENT = "/proc/thread-self/net/xt_recent/"     # xt_recent's lists (this thread's netns)
 IPT_ESTABLISHED = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
 LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
@@ -3925,6 +4018,7 @@ class IptablesFirewall(Firewall):
         self.nat_modes = {}    # the same -> its NatMode, where not PLAIN_NAT
         self.nat_deadlines = {}
         self.once_ends, self.once_deadlines = {}, {}    # single-use openings, as ends
+        self.once_nat = {}     # (address, proto, port) -> (NatOpening, (end, port, mode), deadline)
         # Families whose nat table works; setup() drops one that does not (a kernel or an
         # OpenWrt build without IPv6 NAT), so that IPv4 NAT still works there.
         self.nat_families = set(self.families) if self.nat else set()
@@ -4059,7 +4153,7 @@ class IptablesFirewall(Firewall):
         self.ends, self.nat_ends, self.nat_modes = {}, {}, {}
         # Single-use openings go with the chain's rules (`:SPA_INPUT` empties it): one
         # that was used cannot be told from one that was not once its rule is gone.
-        self.once_ends, self.once_deadlines = {}, {}
+        self.once_ends, self.once_deadlines, self.once_nat = {}, {}, {}
         for family in self.families:
             filt, nat = self._read_tables(family)
             use_nat = self.nat and nat is not None
@@ -4229,10 +4323,10 @@ class IptablesFirewall(Firewall):
     # -- single-use openings: a rule with an xt_recent list per port --------------------------
 
     @staticmethod
-    def _recent_name(proto, port, grace=False):
+    def _recent_name(proto, port, grace=False, nat=False):
         """The xt_recent list of the single-use openings of proto/port (addresses), or of
-        those in their grace period."""
-        return "spa_%s%s%d" % ("g" if grace else "", proto, port)
+        those in their grace period; `nat`: of single-use NAT openings of that port."""
+        return "spa_%s%s%s%d" % ("n" if nat else "", "g" if grace else "", proto, port)
 
     def _once_rules(self, key, end, sport, verdict="ACCEPT"):
         """The word lists of a single-use opening's rules until `end`.  In SPA_INPUT: ACCEPT
@@ -4258,20 +4352,20 @@ class IptablesFirewall(Firewall):
                                "-m", "recent", "--rcheck"] + name + ["-j", "DROP"],
                 head + tail + ["--remove"] + name + ["-j", "ACCEPT"]]
 
-    def _recent(self, key, grace=False):
+    def _recent(self, key, grace=False, nat=False):
         """Put the address of `key` into its port's xt_recent list (or the grace one)."""
-        name = self._recent_name(key[1], key[2], grace)
+        name = self._recent_name(key[1], key[2], grace, nat)
         try:
             with open(XT_RECENT + name, "w") as f:
                 f.write("+%s\n" % key[0])
         except OSError as e:
             raise SpaError("cannot change xt_recent list %s: %s" % (name, e.strerror or e))
 
-    def _recent_holds(self, key):
+    def _recent_holds(self, key, nat=False):
         """Whether the port's xt_recent list holds the address: the opening is unused."""
         import ipaddress
         try:
-            with open(XT_RECENT + self._recent_name(*key[1:3])) as f:
+            with open(XT_RECENT + self._recent_name(key[1], key[2], nat=nat)) as f:
                 text = f.read()
         except OSError:
             return False
@@ -4350,16 +4444,21 @@ class IptablesFirewall(Firewall):
                      for w in self._once_rules(key, end, sport)]
             nat_lines = ["-D %s %s" % (IPT_STEER_CHAIN, _restore_words(
                 self._once_rules(key, end, 0, "RETURN")[0]))] if self._steered(key) else []
-            for section in (("nat", nat_lines), ("filter", lines)):
-                try:
-                    self._restore_tables(_family(key[0]), [section])
-                except SpaError:
-                    for line in section[1]:
-                        try:
-                            self._restore_tables(_family(key[0]), [(section[0], [line])])
-                        except SpaError:
-                            pass
+            self._delete_lines(_family(key[0]), [("nat", nat_lines), ("filter", lines)])
         return len(due)
+
+    def _delete_lines(self, family, sections):
+        """Run [(table, `-D` lines)], each table on its own; where one fails (a rule gone
+        already, after a reload), line by line, passing over those that fail."""
+        for section in sections:
+            try:
+                self._restore_tables(family, [section])
+            except SpaError:
+                for line in section[1]:
+                    try:
+                        self._restore_tables(family, [(section[0], [line])])
+                    except SpaError:
+                        pass
 
     def close(self, address, proto, port):
         """Remove every opening of (address, proto, port) now (on every interface); True if
@@ -4418,7 +4517,7 @@ class IptablesFirewall(Firewall):
             del self.nat_ends[k]
             self.nat_modes.pop(k, None)
         self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
-        removed += self._expire_once(now, mono)
+        removed += self._expire_once(now, mono) + self._expire_once_nat(now, mono)
         if removed:
             self._say("info", "removed %d expired opening rule%s", removed, "s" * (removed != 1))
         return removed
@@ -4616,7 +4715,7 @@ class IptablesFirewall(Firewall):
         return lines
 
     def open_nat(self, address, proto, port, to_address, to_port, timeout, local, now=None,
-                 mode=PLAIN_NAT):
+                 mode=PLAIN_NAT, once=None):
         """NAT access for `timeout` seconds: (address, proto, port) -> to_address:to_port.
 
         local=False (fwknop types 2/4): DNAT, and forward the DNATed connection to another
@@ -4626,6 +4725,7 @@ class IptablesFirewall(Firewall):
         Never shortens the same opening; a NAT opening that had the same (address, proto,
         port) is replaced, its rules deleted in the same run.  Ends at now + timeout rounded
         up to a whole second, in the kernel.  Returns True if it changed the firewall.
+        With `once` (a source port): a single-use NAT opening (_put_once_nat).
         """
         import math
         import ipaddress
@@ -4644,11 +4744,117 @@ class IptablesFirewall(Firewall):
         port = port if mode.dnat else to_port     # no DNAT: the client goes to to_port itself
         key = NatOpening(address, proto, port, to_address, to_port, bool(local))
         end = int(math.ceil(now + timeout))
+        if once is not None:
+            if not (self.once and mode.dnat and not mode.forward_all):
+                raise SpaError("single-use NAT openings need a DNAT, not forward_all, and "
+                               "the firewall set up for them")
+            self._put_once_nat(key, (end, int(once), mode), time.monotonic() + end - now)
+            return True
         changed = self._put_nat(key, end, mode)
         if changed:       # its end on the monotonic clock, which expire() and restore() go by
             self.nat_deadlines[key] = time.monotonic() + end - now
         self.nat_deadlines = {k: d for k, d in self.nat_deadlines.items() if k in self.nat_ends}
         return changed
+
+    def _once_nat_rules(self, key, end, sport, mode):
+        """[(table, chain, words)] of a single-use NAT opening's rules, each with a comment
+        of its own (IPT_NAT_ONCE_COMMENTS: a restart or a reload never reads them back as a
+        NAT opening).  In SPA_PREROUTING, as _once_rules: the DNAT of a connection from the
+        preferred port takes the address out of the port's list (--remove, the last match);
+        in the grace period the others are DNATed and left in it; after it, the first comer
+        takes it.  Before the accept (SPA_FORWARD, or SPA_INPUT for local NAT), a DROP of a
+        new connection so DNATed while the address is in the list (the grace period's).
+        Then the accept and the SNAT, as a NAT opening's."""
+        comment = IPT_NAT_ONCE_COMMENTS[key.local] + str(end)
+
+        def own(words):
+            words = list(words)
+            words[words.index("--comment") + 1] = comment
+            return words
+        name = ["--name", self._recent_name(key.proto, key.port, nat=True), "--rsource"]
+        dnat = own(self._dnat_rule(key, end, mode))
+        accept = own(self._nat_accept_rule(key, end, mode))
+        rules = [("nat", IPT_NAT_CHAIN, dnat[:4] + ["--sport", str(sport)] + dnat[4:-4]
+                  + ["-m", "recent", "--remove"] + name + dnat[-4:]),
+                 ("nat", IPT_NAT_CHAIN, dnat[:-4] + [
+                     "-m", "recent", "--rcheck", "--seconds", str(ONCE_GRACE), "--name",
+                     self._recent_name(key.proto, key.port, True, True), "--rsource",
+                     "-m", "recent", "--rcheck"] + name + dnat[-4:]),
+                 ("nat", IPT_NAT_CHAIN, dnat[:-4] + ["-m", "recent", "--remove"] + name
+                  + dnat[-4:]),
+                 ("filter", self._accept_chain(key), accept[:-2] + [
+                     "-m", "conntrack", "--ctstate", "NEW", "!", "--ctstatus", "CONFIRMED",
+                     "-m", "recent", "--rcheck"] + name + ["-j", "DROP"]),
+                 ("filter", self._accept_chain(key), accept)]
+        if mode.snat is not None:
+            rules.append(("nat", IPT_SNAT_CHAIN, own(self._snat_rule(key, end, mode))))
+        return rules
+
+    def _put_once_nat(self, key, mine, deadline):
+        """Make a single-use NAT opening's rules (those of an earlier knock for the same
+        address, protocol and port go), then put its address into the lists.  `mine`:
+        (end, source port, NatMode)."""
+        family = _family(key.address)
+        old = self.once_nat.get(key[:3])
+        new = self._once_nat_rules(key, *mine)
+        gone = self._once_nat_rules(old[0], *old[1]) if old else []
+        insert = lambda table: ["-I %s 1 %s" % (c, _restore_words(w))
+                                for t, c, w in reversed(new) if t == table]
+        delete = lambda table: ["-D %s %s" % (c, _restore_words(w)) for t, c, w in gone
+                                if t == table]
+        try:
+            self._restore_tables(family, [("filter", insert("filter")),
+                                          ("nat", insert("nat") + delete("nat")),
+                                          ("filter", delete("filter"))])
+        except SpaError:
+            if not old:
+                raise
+            self._delete_lines(family, [("nat", delete("nat")), ("filter", delete("filter"))])
+            self._restore_tables(family, [("filter", insert("filter")), ("nat", insert("nat"))])
+        self.once_nat[key[:3]] = (key, mine, deadline)
+        self._recent(key[:3], grace=True, nat=True)
+        self._recent(key[:3], nat=True)
+
+    def _expire_once_nat(self, now, mono):
+        """Remove the rules of single-use NAT openings past their end (by our own words, as
+        _expire_once); how many openings."""
+        due = [k for k, (_, (end, _, _), deadline) in self.once_nat.items()
+               if end <= now or deadline <= mono]
+        for k in sorted(due):
+            key, mine, _ = self.once_nat.pop(k)
+            rules = self._once_nat_rules(key, *mine)
+            self._delete_lines(_family(key.address), [
+                (table, ["-D %s %s" % (c, _restore_words(w)) for t, c, w in rules if t == table])
+                for table in ("nat", "filter")])
+        return len(due)
+
+    def _once_nat_unused(self, family, now):
+        """[(address, proto, port, to address, to port, local, seconds left, "single use")]
+        of the single-use NAT openings whose DNAT rules are in force and whose address is
+        still in the port's list."""
+        import ipaddress
+        try:
+            rules = self._table(family, "nat", (IPT_NAT_CHAIN,), IPT_NAT_CHAIN).get(
+                IPT_NAT_CHAIN, [])
+        except SpaError:
+            return []
+        found = {}
+        for words in rules:
+            option = dict(zip(words, words[1:]))
+            comment = option.get("--comment", "")
+            for local, prefix in sorted(IPT_NAT_ONCE_COMMENTS.items()):
+                if comment.startswith(prefix) and option.get("-j") == "DNAT":
+                    try:
+                        host, _, to_port = option["--to-destination"].rpartition(":")
+                        key = (str(ipaddress.ip_interface(option["-s"]).ip), option["-p"],
+                               int(option["--dport"]), str(ipaddress.ip_address(
+                                   host.strip("[]"))), int(to_port), local)
+                        end = int(comment[len(prefix):])
+                    except (KeyError, ValueError):
+                        continue
+                    if end > now and self._recent_holds(key, nat=True):
+                        found[key] = max(end, found.get(key, 0))
+        return [key + (int(end - now), "single use") for key, end in sorted(found.items())]
 
     def _put_nat(self, key, end, mode=PLAIN_NAT):
         """Make the rules of NAT opening `key`, ending at the epoch second `end`,
@@ -4723,7 +4929,9 @@ class IptablesFirewall(Firewall):
             for key, end, _, _, _ in self._nat_rules(family):
                 if end > now:
                     ends[key] = max(end, ends.get(key, 0))
-        return [key + (int(end - now),) for key, end in sorted(ends.items())]
+        return [key + (int(end - now),) for key, end in sorted(ends.items())] + \
+            [row for family in (sorted(self.nat_families) if self.once else ())
+             for row in self._once_nat_unused(family, now)]
 
 
 # ---------------------------------------------------------------------------
@@ -6587,8 +6795,11 @@ class Gatekeeper(object):
             else:
                 (proto, port), (to_address, to_port, local) = d.message.access[0], d.nat
                 try:
+                    # A single-use one: the source port a spa.py client uses (`once`).
+                    once = {"once": connect_port(d.message.rand)} if d.stanza.single_use \
+                        else {}
                     self.firewall.open_nat(d.allow_ip, proto, port, to_address, to_port,
-                                           d.timeout, local, now, d.nat_mode)
+                                           d.timeout, local, now, d.nat_mode, **once)
                     reason = None
                 except (SpaError, ValueError, OSError) as e:
                     self.log.error("firewall change failed for %s: %s", d.allow_ip, e)
@@ -7545,10 +7756,11 @@ def server_main(args):
                                                     " (on %s)" % interface if interface else "",
                                                     ", single use, unused" if row[5:] else ""))
         nat_rows = firewall.list_nat()
-        for address, proto, port, to_address, to_port, local, left in sorted(nat_rows):
-            print("%-40s %s/%-5d %5d s left, forwarded to %s%s" % (
+        for row in sorted(nat_rows):
+            address, proto, port, to_address, to_port, local, left = row[:7]
+            print("%-40s %s/%-5d %5d s left, forwarded to %s%s%s" % (
                 address, proto, port, left, format_endpoint(to_address, to_port),
-                " (this host)" if local else ""))
+                " (this host)" if local else "", ", single use, unused" if row[7:] else ""))
         if not rows and not nat_rows:
             print("no open authorizations")
         return 0

@@ -38,8 +38,9 @@ def test_single_use_is_a_yes_no_stanza_option_off_by_default(tmp_path):
 
 
 def test_single_use_is_refused_where_spa_py_has_no_single_use_openings(tmp_path):
-    with pytest.raises(spa.SpaError, match="single_use = yes with NAT"):
-        server_config(tmp_path, {"a": {"single_use": "yes", "enable_nat": "yes"}})
+    with pytest.raises(spa.SpaError, match="single_use = yes with forward_all"):
+        server_config(tmp_path, {"a": {"single_use": "yes", "enable_nat": "yes",
+                                       "forward_all": "yes"}}, enable_forwarding="yes")
     with pytest.raises(spa.SpaError, match="firewall = none, and .client a. has single_use"):
         server_config(tmp_path, {"a": {"single_use": "yes", "cmd_cycle_open": "/bin/true $IP",
                                        "cmd_cycle_close": "NONE", "cmd_cycle_user": "nobody"}},

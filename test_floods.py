@@ -39,7 +39,7 @@ import bench_spa
 import netns_lab
 import spa
 from netns_lab import Lab, wait_for_line
-from test_spa import (SERVICE_PORT, client_knock, closed, need_nft, packet, start_server,
+from test_spa import (SERVICE_PORT, Lines, client_knock, closed, need_nft, packet, start_server,
                       timed_knock)
 
 PREFIX = "fl"
@@ -254,19 +254,6 @@ class FakeRing(spa.Ring):
         return struct.unpack_from("=I", self.map, self.offsets[i])[0]
 
 
-class Collect(object):
-    """A Reader's log that keeps its lines."""
-    verbose = False
-
-    def __init__(self):
-        self.lines = []
-
-    def info(self, fmt, *args):
-        self.lines.append(fmt % args)
-
-    warning = error = info
-
-
 def _udp_frame(payload, src="198.18.1.2", dst="198.18.1.1"):
     udp = struct.pack("!HHHH", 40000, spa.DEFAULT_PORT, 8 + len(payload), 0) + payload
     return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
@@ -275,7 +262,7 @@ def _udp_frame(payload, src="198.18.1.2", dst="198.18.1.1"):
 
 def _reader(tmp_path):
     from test_spa import server_config
-    return spa.Reader(server_config(tmp_path), None, Collect())
+    return spa.Reader(server_config(tmp_path), None, Lines())
 
 
 def test_ring_frames_are_read_in_order_from_where_the_kernel_writes(tmp_path):
@@ -342,7 +329,7 @@ def test_refused_frames_are_counted_and_logged_with_screen_s_reason_at_the_rate_
     allows, and counts the rest as suppressed; a knock in the same batch still passes."""
     from test_spa import server_config
     reader = spa.Reader(server_config(tmp_path, {"alice": {"source": "198.18.1.0/24"}}),
-                        Passes(), Collect())
+                        Passes(), Lines())
     frames = [_udp_frame(b"!" * 204), _udp_frame(B64[:50] * 4),
               _udp_frame(B64[:50] * 4, src="198.18.9.9"), b"\x45 not an IP packet"]
     frames += [_udp_frame(bytes(B64[(i * 5 + j) % 64] for j in range(204))) for i in range(60)]

@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 import netns_lab
 import spa
 from netns_lab import Lab, tcp_connect_ok, udp_send, wait_for_line, wait_tcp_open
-from test_spa import (HMAC_KEY, KEY, SERVICE_PORT, closed, knock, need_firewall, need_nft,
+from test_spa import (HMAC_KEY, KEY, SERVICE_PORT, Lines, closed, knock, need_firewall, need_nft,
                       server_config, start_server, timed_knock, lab_server_config)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,28 +53,11 @@ OTHER_KEY = base64.b64encode(b"o" * 32).decode()
 OTHER_HMAC = base64.b64encode(b"p" * 64).decode()
 
 
-class Logged(object):
-    """A Log that keeps its lines (the gatekeeper's log, read by the tests)."""
-
-    verbose = False
-
-    def __init__(self):
-        self.lines = []
-
-    def _add(self, text, *args):
-        self.lines.append(text % args if args else text)
-
-    debug = info = warning = error = _add
-
-    def text(self):
-        return "\n".join(self.lines)
-
-
 def gatekeeper(tmp_path, stanzas=None, firewall=None, addresses=(ME,), **server):
     config = server_config(tmp_path, stanzas, **server)
     replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
     gate = spa.Gatekeeper(config, firewall or spa.DryRunFirewall(config.protect), replay,
-                          Logged(), set(addresses))
+                          Lines(), set(addresses))
     return gate
 
 
@@ -150,7 +133,7 @@ class Supervised(object):
         config = server_config(tmp_path, dict({"alice": {"fw_access_timeout": "30"}}, **CMD_STANZA),
                                protect="tcp/%d" % SERVICE_PORT)
         self.firewall = firewall or spa.DryRunFirewall(config.protect)
-        self.log = Logged()
+        self.log = Lines()
         self.replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
         gate = spa.Gatekeeper(config, self.firewall, self.replay, self.log)
         gate.addresses = {ME, "198.18.1.1"}
@@ -708,7 +691,7 @@ def wait_reaped(runner, pred, seconds=5.0):
 
 def test_a_command_runs_in_a_session_of_its_own_with_no_new_privileges():
     netns_lab.need(os.geteuid() == 0, "needs root (it runs a command as nobody)")
-    log = Logged()
+    log = Lines()
     runner = spa.CommandRunner(log)
     check = ('/bin/sh -c "grep -q \'^NoNewPrivs:[[:space:]]*1\' /proc/self/status && '
              'test $(cut -d\' \' -f6 /proc/$$/stat) = $$ && test $(cut -d\' \' -f5 /proc/$$/stat) = $$ '
@@ -721,7 +704,7 @@ def test_a_command_runs_in_a_session_of_its_own_with_no_new_privileges():
 def test_the_whole_group_of_a_command_is_killed_at_the_time_limit():
     """A child left in the background escaped the old time limit."""
     netns_lab.need(os.geteuid() == 0, "needs root (it runs a command as nobody)")
-    log = Logged()
+    log = Lines()
     runner = spa.CommandRunner(log, limit=1.0)
     assert runner.start(Stanza(), "/bin/sh -c 'sleep 60 & exit 0'", SRC, "alice") is None
     group = runner.running[0].proc.pid
@@ -739,7 +722,7 @@ def test_the_whole_group_of_a_command_is_killed_at_the_time_limit():
 
 def test_commands_are_capped_and_never_run_with_group_0(tmp_path, monkeypatch):
     netns_lab.need(os.geteuid() == 0, "needs root (it runs a command as nobody)")
-    runner = spa.CommandRunner(Logged(), most=2)
+    runner = spa.CommandRunner(Lines(), most=2)
     assert runner.start(Stanza(), "/bin/sleep 30", SRC, "alice") is None
     assert runner.start(Stanza(), "/bin/sleep 30", SRC, "alice") is None
     assert "2 are running already" in runner.start(Stanza(), "/bin/true", SRC, "alice")

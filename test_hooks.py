@@ -34,30 +34,13 @@ import pytest
 import netns_lab
 import spa
 from netns_lab import Lab, FwknopdServer, need_lab, tcp_connect_ok, wait_for_line, wait_tcp_open
-from test_spa import (HMAC_KEY, KEY, SERVICE_PORT, SPA, client_knock, knock, lab_server_config,
-                      need_nft, server_config, write_private)
+from test_spa import (HMAC_KEY, KEY, SERVICE_PORT, SPA, Lines, client_knock, knock,
+                      lab_server_config, need_nft, server_config, write_private)
 
 ME = "198.18.0.1"
 SRC = "198.18.0.2"
 PREFIX = "hk"
 ARGS = "$IP $SRC $PKT_SRC $DST $PORT $PROTO $TIMEOUT $CLIENT_TIMEOUT"
-
-
-class Logged(object):
-    """A Log that keeps its lines."""
-
-    verbose = False
-
-    def __init__(self):
-        self.lines = []
-
-    def _add(self, text, *args):
-        self.lines.append(text % args if args else text)
-
-    debug = info = warning = error = _add
-
-    def text(self):
-        return "\n".join(self.lines)
 
 
 @pytest.fixture
@@ -120,7 +103,7 @@ def hook_gate(tmp_path, stanza, **server):
     tmp_path.mkdir(exist_ok=True)
     config = server_config(tmp_path, {"alice": stanza}, **server)
     replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
-    log = Logged()
+    log = Lines()
     return spa.Gatekeeper(config, spa.make_firewall(config, False, log), replay, log, {ME},
                           closes=spa.PendingCloses(config.pending_closes))
 
@@ -186,7 +169,7 @@ def test_hooks_are_argument_lists_and_root_must_be_written(tmp_path, monkeypatch
                                            "cmd_cycle_user = root"):
         server_config(tmp_path, {"a": {"cmd_cycle_open": "/bin/true", "cmd_cycle_close": "NONE",
                                        "cmd_cycle_user": "nobody"}})
-    runner = spa.HookRunner(Logged())
+    runner = spa.HookRunner(Lines())
     assert runner.run(["/bin/true"], "nobody", "x") == "cmd_cycle_user nobody is root or of group 0"
 
 
@@ -347,7 +330,7 @@ def test_root_only_when_written_and_the_test_mode_runs_nothing(tmp_path, hookdir
     (tmp_path / "t").mkdir()
     config = server_config(tmp_path / "t", {"alice": hook_stanza(hookdir)}, firewall="none")
     gate = spa.Gatekeeper(config, spa.make_firewall(config, True), spa.ReplayCache(None, 120),
-                          Logged(), {ME})
+                          Lines(), {ME})
     before = len(os.listdir(hookdir))
     assert gate.knock(SRC, ME, knock()).accepted
     assert "test mode: cmd_cycle_open of [client alice] %s tcp/22 not run: %s/record open" % (

@@ -27,7 +27,7 @@ import spa
 from spa import NatMode, PLAIN_NAT
 from netns_lab import (FakeCommands, InNetns, Lab, ip6, ns_sysctl, sleep_until, tcp_try,
                        udp_try, wait_for_line)
-from test_spa import HMAC_KEY, KEY, knock, server_config, write_private
+from test_spa import HMAC_KEY, KEY, Lines, knock, server_config, write_private
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPA = os.path.join(HERE, "spa.py")
@@ -104,22 +104,10 @@ def banner(family, port):
     return b"inner %d v%d\n" % (port, family)
 
 
-class Logged(object):
-    verbose = False
-
-    def __init__(self):
-        self.lines = []
-
-    def _add(self, text, *args):
-        self.lines.append(text % args if args else text)
-
-    debug = info = warning = error = _add
-
-
 def gatekeeper(tmp_path, stanzas, addresses=(ME,), **server):
     config = server_config(tmp_path, stanzas, **server)
     replay = spa.ReplayCache(config.replay_cache, config.max_packet_age)
-    return spa.Gatekeeper(config, spa.DryRunFirewall(config.protect), replay, Logged(),
+    return spa.Gatekeeper(config, spa.DryRunFirewall(config.protect), replay, Lines(),
                           set(addresses))
 
 

@@ -8,7 +8,6 @@ real fwknop client for what fwknop's users see.  The NAT measurement is test_pig
 
 import os
 import socket
-import subprocess
 import sys
 import time
 
@@ -17,8 +16,8 @@ import pytest
 import netns_lab
 import spa
 from netns_lab import InNetns, Lab, ip6, ns_socket, tcp_try, udp_try, wait_for_line
-from test_spa import HMAC_KEY, KEY, knock, server_config, write_private
-from test_gatekeeper import Logged, gatekeeper, ME, SRC
+from test_spa import HMAC_KEY, KEY, Lines, knock, server_config, write_private
+from test_gatekeeper import gatekeeper, ME, SRC
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPA = os.path.join(HERE, "spa.py")
@@ -272,7 +271,7 @@ def test_a_reload_of_the_firewall_does_not_bring_back_a_single_use_opening(firew
     need(firewall)
     with Lab(clients=1, prefix="su") as lab:
         lab.tcp_service("srv", "::", TCP_PORT)
-        log = Logged()
+        log = Lines()
         fw = make(lab, firewall)
         fw.firewall.log = log
         cli = lab.ns["cli1"]

@@ -1630,6 +1630,9 @@ class Lines(object):
 
     debug = info = warning = error = _line
 
+    def text(self):
+        return "\n".join(self.lines)
+
 
 def test_reader_run_passes_knocks_on_and_ends_with_its_parent(tmp_path):
     """Reader.run as the packet reader runs it, here in this process over a socket pair

@@ -22,6 +22,7 @@ import spa
 from spa import NatMode, PLAIN_NAT
 from netns_lab import InNetns, Lab, ns_socket, sleep_until, tcp_try, udp_try, wait_for_line
 from test_spa import HMAC_KEY, KEY, server_config
+from test_single_use import connect_from
 from test_nat_modes import (INNER_PORT, KINDS, NAT_PORT, OTHER_PORT, banner, families,
                             gatekeeper, inner_services, need, router, spa_server)
 
@@ -155,24 +156,6 @@ def firewall(lab, kind):
     f = InNetns(lab.name("srv"), fw)
     f.setup()
     return f
-
-
-def connect_from(ns, addr, port, sport=None, timeout=0.4):
-    """A connected socket from `sport` (any if None), or 'refused' / 'timeout'."""
-    s = ns_socket(ns, socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if sport:
-        s.bind(("", sport))
-    s.settimeout(timeout)
-    try:
-        s.connect((addr, port))
-        return s
-    except ConnectionRefusedError:
-        s.close()
-        return "refused"
-    except socket.timeout:
-        s.close()
-        return "timeout"
 
 
 def unused(fw):

@@ -2579,6 +2579,13 @@ def _nat_mode(address, mode):
 # refuses) other new connections to it, so that a client's SYN is sent again after 1 s.
 ONCE_GRACE = 1
 
+# The oldest releases whose kernel and tools accept the rules of single-use openings, as
+# read in their sources (README.md: Close the NAT-piggybacking window): nft's delete of a
+# set element from the packet path came with Linux 5.4 (d0a8d877da97) and nftables 0.9.3
+# (a87f2a2227be); xt_recent's IPv6 lists with Linux 2.6.28 (079aa88fe717) and iptables
+# 1.4.3 (c7f0e945).
+ONCE_MINIMUM = {"nft": ("5.4", "0.9.3"), "iptables": ("2.6.28", "1.4.3")}
+
 
 def connect_port(rand):
     """The TCP source port a spa.py client connects from after a knock whose random digits
@@ -3278,17 +3285,43 @@ class NftFirewall(Firewall):
             # A table left by an incompatible version: start it afresh.
             self._nft(["add table " + t, "delete table " + t] + self.commands())
 
+    def _loads_without_once(self):
+        """Whether nft and the kernel accept our ruleset without the rules of single-use
+        openings (`nft -c`: checked by the kernel, nothing changed)."""
+        self.once = False
+        try:
+            run_command(["nft", "-c", "-f", "-"], "\n".join(self.commands()) + "\n")
+            return True
+        except SpaError:
+            return False
+        finally:
+            self.once = True
+
+    def _load_or_say_why(self):
+        """_load(), or, where only the rules of single-use openings are refused (an older
+        kernel or nft), an error that says so: the server stops rather than run its
+        single_use stanzas without them."""
+        try:
+            self._load()
+        except SpaError as e:
+            if self.once and self._loads_without_once():
+                raise SpaError("single_use = yes: this system's nft or kernel refused the rules "
+                               "of single-use openings (%s); they need Linux %s and nftables "
+                               "%s or later (README.md: Close the NAT-piggybacking window): "
+                               "upgrade, or set single_use = no" % ((e,) + ONCE_MINIMUM["nft"]))
+            raise
+
     def setup(self):
         """Create or refresh our table and our rules in default-drop chains; openings still
         in force survive a restart."""
         try:
-            self._load()
+            self._load_or_say_why()
         except SpaError as e:
-            if not self.steer:
+            if not self.steer or str(e).startswith("single_use"):
                 raise
             # No NAT in this kernel (or no fib): refuse with the firewall's own resets.
             self.steer = False
-            self._load()
+            self._load_or_say_why()
             self._say("warning", "refused TCP connections are answered by nftables' reject, "
                       "not by the kernel (%s): over IPv6 its resets carry flow label 0, unlike "
                       "a closed port's (README.md: protect_action)", e)

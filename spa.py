@@ -8578,9 +8578,11 @@ def send_copies(wire, host, port, version=None, source_port=None, copies=1, prot
 # refused; one that goes unanswered for 0.25 s is given up.  A fresh knock when nothing
 # connected for 0.05 s, then 0.1, 0.2 s..., at most once a second, and never while an
 # attempt is under way (it could still use the opening: the new one would be left over).
-# After an attempt that went unanswered (dropped: a single-use opening in its grace
-# period, where a NAT changed the source port) not before 2 s: a knock would start the
-# grace period again.
+# Not before 2 s after the last attempt that went unanswered (dropped: a single-use opening
+# in its grace period, where a NAT changed the source port): that opening is there and ours
+# to take once its grace period ends, and a knock still on its way when we take it would
+# make an opening that nobody uses (a neighbour's to take until its timeout).  Where every
+# attempt goes unanswered (protect_action = drop, a lost knock), every 4 s.
 CONNECT_REKNOCK, CONNECT_UNANSWERED, CONNECT_REKNOCK_DROPPED = (0.05, 1.0), 0.25, 2.0
 
 
@@ -8633,12 +8635,14 @@ def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, a
     infos = addresses(host, port, socket.SOCK_STREAM, version)
     preferred = [info for info in infos if info[0] == prefer] or infos
     start = knocked = time.monotonic()
-    gap, last, turn, sock, dropped = CONNECT_REKNOCK[0], None, 0, None, False
+    gap, last, turn, sock = CONNECT_REKNOCK[0], None, 0, None
+    unanswered = float("-inf")      # when the last attempt that went unanswered began
     try:
         while time.monotonic() - start < wait:
             now = time.monotonic()
             if sock is None:
-                if now - knocked >= (max(gap, CONNECT_REKNOCK_DROPPED) if dropped else gap):
+                if now - knocked >= gap and (now - unanswered >= CONNECT_REKNOCK_DROPPED or
+                                             now - knocked >= 2 * CONNECT_REKNOCK_DROPPED):
                     sport = knock()
                     knocked, gap = now, min(gap * 2, CONNECT_REKNOCK[1])
                 candidates = preferred if now - start < wait / 2 else infos
@@ -8657,7 +8661,8 @@ def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, a
                 sock, connected = None, sock
                 return connected
             if done is not False or time.monotonic() - began >= CONNECT_UNANSWERED:
-                last, dropped = done or last, done is False
+                last = done or last
+                unanswered = began if done is False else unanswered
                 sock.close()
                 sock = None
     finally:

@@ -8,12 +8,18 @@ would) and hands everything else to the real nft, in a throwaway network namespa
 """
 
 import os
+import select
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 
 import pytest
 
 import netns_lab
+import piggyback
 import spa
 from netns_lab import InNetns, Lab
 from test_spa import server_config
@@ -104,3 +110,111 @@ def test_the_server_stops_with_one_line_naming_single_use_and_the_versions(old_n
         out = subprocess.run(["ip", "netns", "exec", lab.ns["srv"], "nft", "list", "ruleset"],
                              stdout=subprocess.PIPE, universal_newlines=True).stdout
         assert "once4" not in out
+
+
+# ------------------------------- --connect: no opening left over after a slow knock
+
+class KnockDelay(object):
+    """In the router's namespace, knocks from the LAN (UDP to `port`) go to a relay that
+    sends each on to the server `delay` seconds later, from the router's own address (as
+    the masquerade would): a server that takes that long to act on a knock, each knock
+    late by the same time.  Bounded: at most 200 knocks, for `duration` seconds."""
+
+    def __init__(self, lab, nat_lab, server, delay, duration, port=spa.DEFAULT_PORT):
+        self.server, self.port, self.delay, self.duration = server, port, delay, duration
+        router = lab.ns["cli1"]
+        lab.run("cli1", ["nft", "-f", "-"], input=(
+            "table ip sv_delay {\n chain pre {\n  type nat hook prerouting priority dstnat;\n"
+            "  iifname != %s udp dport %d redirect to :%d\n }\n}\n"
+            % (lab.cli_if[1], port, port + 1)))
+        self.inbox = netns_lab.ns_socket(router, socket.AF_INET, socket.SOCK_DGRAM)
+        self.inbox.bind(("0.0.0.0", port + 1))
+        self.outbox = netns_lab.ns_socket(router, socket.AF_INET, socket.SOCK_DGRAM)
+        self.passed, self.pending = [], []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        end = time.monotonic() + self.duration
+        while time.monotonic() < end and len(self.passed) < 200:
+            due = min([t for t, _ in self.pending] or [end])
+            ready = select.select([self.inbox], [], [], max(0.0, min(due, end) -
+                                                              time.monotonic()))[0]
+            if ready:
+                data = self.inbox.recv(2048)
+                self.pending.append((time.monotonic() + self.delay, data))
+            now = time.monotonic()
+            for item in [p for p in self.pending if p[0] <= now]:
+                self.outbox.sendto(item[1], (self.server, self.port))
+                self.passed.append(now)
+                self.pending.remove(item)
+        self.inbox.close()
+        self.outbox.close()
+
+    def settled(self, timeout):
+        """Wait until no knock is waiting in the relay; whether none is."""
+        end = time.monotonic() + timeout
+        while self.pending and time.monotonic() < end:
+            time.sleep(0.05)
+        return not self.pending
+
+
+def once_elements(lab):
+    """The single-use openings (elements of once4) in the server's table."""
+    import json
+    out = lab.run("srv", ["nft", "-j", "list", "set", "inet", "spa", "once4"]).stdout
+    sets = [i["set"] for i in json.loads(out)["nftables"] if "set" in i]
+    return sets[0].get("elem", []) if sets else []
+
+
+def test_connect_behind_a_port_changing_nat_leaves_no_spare_opening_after_slow_knocks():
+    """A NAT that picks random source ports (the grace period drops the knocker's attempts)
+    and a server that acts on each knock 1.2 s after it was sent: --connect must not knock
+    again while its attempts are being dropped, or a knock still on its way when it gets in
+    makes an opening that nobody uses, for a neighbour to take until its timeout."""
+    netns_lab.need_lab("nft")
+    with Lab(clients=1, prefix="sv") as lab, tempfile.TemporaryDirectory() as folder:
+        nat = piggyback.NatLab(lab, random_ports=True)
+        lab.tcp_service("srv", "::", piggyback.PORT)
+        server, keys = piggyback.start_server(lab, "nft", folder)
+        conf = piggyback.client_conf(folder, keys)
+        address = piggyback.NatLab.server(4)
+        delay = KnockDelay(lab, nat, address, delay=1.2, duration=15)
+        done = subprocess.run(
+            ["ip", "netns", "exec", nat.ns["kn"], sys.executable, SPA, "client", "-c", conf,
+             "-n", "once", "-D", address, "-4", "-v", "--connect",
+             "%s:%d" % (address, piggyback.PORT), "--connect-wait", "8"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            timeout=30)
+        assert done.returncode == 0 and b"netns-lab" in done.stdout, done.stderr
+        knocks = done.stderr.count(b"\nsent ") + done.stderr.startswith(b"sent ")
+        assert delay.settled(3.0)
+        time.sleep(0.3)                                 # the last knock acted on
+        left = once_elements(lab)
+        Lab.stop_process(server)
+        assert len(delay.passed) == knocks >= 2         # it knocked again, all arrived late
+        assert left == [], "a spare single-use opening: %r (%d knocks)" % (left, knocks)
+
+
+def test_connect_knocks_again_now_and_then_where_every_attempt_goes_unanswered(monkeypatch):
+    """protect_action = drop and a lost knock: every attempt unanswered.  No fresh knock
+    while attempts were dropped in the last CONNECT_REKNOCK_DROPPED seconds, but one every
+    twice that, not never."""
+    monkeypatch.setattr(spa, "CONNECT_REKNOCK_DROPPED", 0.2)
+    monkeypatch.setattr(spa, "CONNECT_UNANSWERED", 0.05)
+
+    class Silent(object):
+        def close(self):
+            pass
+    monkeypatch.setattr(spa, "_connect_attempt", lambda info, sport=None: (Silent(), None))
+    monkeypatch.setattr(spa, "_connected", lambda sock, timeout: time.sleep(timeout) or False)
+    knocks = []
+    start = time.monotonic()
+
+    def knock_again():
+        knocks.append(time.monotonic() - start)
+        return 50000
+    with pytest.raises(spa.SpaError, match="did not open"):
+        spa.connect_when_open("127.0.0.1", 9, knock_again, wait=1.0, sport=50000)
+    assert 2 <= len(knocks) <= 3, knocks               # at 0.4 and 0.8 s, about
+    assert knocks[0] >= 0.39 and all(b - a >= 0.39 for a, b in zip(knocks, knocks[1:]))

@@ -4093,6 +4093,28 @@ class IptablesFirewall(Firewall):
                               for k, e in self.nat_ends.items()}
         if self.nat:
             warn_without_forwarding(self.log, self.nat_families)
+        if self.once:
+            self._try_once_rules()
+
+    def _try_once_rules(self):
+        """Where a stanza has single_use: that the kernel and iptables take the rules of
+        single-use openings (xt_recent), with a rule that never matches (an empty list's
+        --rcheck) put at the end of our chain and taken out again; else an error that says
+        so, and the server stops rather than refuse each single-use knock."""
+        words = ["-p", "tcp", "-m", "recent", "--rcheck", "--name", "spa_probe", "--rsource",
+                 "-j", "RETURN"]
+        for family in self.families:
+            try:
+                self._restore_tables(family, [("filter", ["-A %s %s" % (
+                    IPT_CHAIN, _restore_words(words))])])
+            except SpaError as e:
+                raise SpaError("single_use = yes: this system's %s or kernel refused the rules "
+                               "of single-use openings (%s); they need xt_recent: Linux %s and "
+                               "iptables %s or later (README.md: Close the NAT-piggybacking "
+                               "window): load xt_recent, or set single_use = no"
+                               % ((self.commands[family], e) + ONCE_MINIMUM["iptables"]))
+            self._restore_tables(family, [("filter", ["-D %s %s" % (
+                IPT_CHAIN, _restore_words(words))])])
 
     def _read_tables(self, family):
         """(filter chains, nat chains or None) of ours and of their parents, for setup(); notes

@@ -218,3 +218,47 @@ def test_connect_knocks_again_now_and_then_where_every_attempt_goes_unanswered(m
         spa.connect_when_open("127.0.0.1", 9, knock_again, wait=1.0, sport=50000)
     assert 2 <= len(knocks) <= 3, knocks               # at 0.4 and 0.8 s, about
     assert knocks[0] >= 0.39 and all(b - a >= 0.39 for a, b in zip(knocks, knocks[1:]))
+
+
+FAKE_RESTORE = """#!/bin/sh
+# A fake %s: refuses input with the recent match, as a kernel without xt_recent (or an
+# ip6tables from before its IPv6 support) does; the rest goes to the real one.
+input=$(cat)
+case "$input" in
+    *"-m recent"*) echo "%s: line 2 failed" >&2; exit 1;;
+esac
+printf '%%s\\n' "$input" | exec %s "$@"
+"""
+
+
+@pytest.mark.parametrize("firewall", ["iptables-nft", "iptables-legacy"])
+def test_iptables_without_xt_recent_stops_setup_with_a_clear_error(firewall, tmp_path,
+                                                                   monkeypatch):
+    netns_lab.need_lab(firewall, netns_lab.ip6(firewall), firewall + "-restore",
+                       netns_lab.ip6(firewall) + "-restore")
+    restore = netns_lab.ip6(firewall) + "-restore"     # IPv6's only: IPv4 goes through
+    real = spa.find_tool(restore)
+    fake = tmp_path / "bin" / restore
+    fake.parent.mkdir()
+    fake.write_text(FAKE_RESTORE % (restore, restore, real))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", "%s%s%s" % (fake.parent, os.pathsep, os.environ["PATH"]))
+    with Lab(clients=1, prefix="sv") as lab:
+        inner = spa.IptablesFirewall([("tcp", 2222)], command=firewall)
+        fw = InNetns(lab.ns["srv"], inner)
+        fw.setup()                              # without single-use stanzas: as before
+        inner.once = True
+        with pytest.raises(spa.SpaError) as e:
+            fw.setup()
+        text = str(e.value)
+        assert text.startswith("single_use = yes: this system's %s or kernel refused"
+                               % netns_lab.ip6(firewall)), text
+        assert "Linux 2.6.28 and iptables 1.4.3 or later" in text and "\n" not in text
+        # The IPv4 probe came and went: nothing of it is left in our chain.
+        rules = lab.run("srv", [firewall, "-S", spa.IPT_CHAIN]).stdout
+        assert "spa_probe" not in rules and "2222" in rules
+        # Where the kernel takes it (the real tool), setup goes through and leaves no probe.
+        monkeypatch.setenv("PATH", os.environ["PATH"].split(os.pathsep, 1)[1])
+        fw.setup()
+        for command in (firewall, netns_lab.ip6(firewall)):
+            assert "spa_probe" not in lab.run("srv", [command, "-S", spa.IPT_CHAIN]).stdout

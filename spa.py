@@ -2579,6 +2579,12 @@ def _nat_mode(address, mode):
 # refuses) other new connections to it, so that a client's SYN is sent again after 1 s.
 ONCE_GRACE = 1
 
+# nft: the gate of a single-use opening, made by the packet path when a connection takes
+# the opening: a limit that lets one packet through (its tokens under a spinlock, and two
+# CPUs that add the same element get the same one), for longer than any two first packets
+# can race; open_once() takes it away for the next opening.
+ONCE_GATE = "timeout 10s limit rate 1/hour burst 1 packets"
+
 # The oldest releases whose kernel and tools accept the rules of single-use openings, as
 # read in their sources (README.md: Close the NAT-piggybacking window): nft's delete of a
 # set element from the packet path came with Linux 5.4 (d0a8d877da97) and nftables 0.9.3
@@ -3212,21 +3218,25 @@ class NftFirewall(Firewall):
         an opening, which the rule that admits a connection deletes (so they are dynamic);
         oncep4/oncep6, the source port each prefers; grace4/grace6, openings in their first
         ONCE_GRACE seconds; ready4/ready6, openings whose once element is wholly in place
-        (open_once() adds it in a transaction of its own, after the others)."""
+        (open_once() adds it in a transaction of its own, after the others); gate4/gate6,
+        made by the packet path (ONCE_GATE), one element an opening used."""
         kind = "ipv%s_addr . inet_proto . inet_service"
         return ["add set inet %s %s%s { type %s; size 65535; flags dynamic,timeout; }"
                 % (self.table, name, v, kind % v + extra) for v in "46"
                 for name, extra in (("once", ""), ("oncep", " . inet_service"), ("grace", ""),
-                                    ("ready", ""))]
+                                    ("ready", ""), ("gate", ""))]
 
     def _once_rules(self, ip, v):
         """The input chain's rules of single-use openings of one family, each only for an
         opening that is ready: the preferred source port gets in; in the grace period
         everyone else is dropped; after it, the first comer.  Whoever gets in takes the
-        opening away."""
+        opening away, and only one can: the kernel's delete of the once element does not
+        stop the rule when another CPU deleted it first, so the rule passes the opening's
+        gate element (ONCE_GATE), whose limit lets one packet through, atomically."""
         key = "%s saddr . meta l4proto . th dport" % ip
         ready = "ct state new %s @ready%s %s" % (key, v, key)
-        take = "@once%s delete @once%s { %s } accept" % (v, v, key)
+        take = "@once%s add @gate%s { %s %s } delete @once%s { %s } accept" % (
+            v, v, key, ONCE_GATE, v, key)
         return ["%s . th sport @oncep%s %s %s" % (ready, v, key, take),
                 "%s @grace%s %s @once%s drop" % (ready, v, key, v),
                 "%s %s" % (ready, take)]
@@ -3263,7 +3273,7 @@ class NftFirewall(Firewall):
                     + [name for _, name, _ in self.NAT_SETS]) + \
             ([] if self.steer else [self.STEER_CHAIN[0]]) + \
             ([] if self.once else ["once4", "once6", "oncep4", "oncep6", "grace4", "grace6",
-                                  "ready4", "ready6"])
+                                  "ready4", "ready6", "gate4", "gate6"])
         commands = []
         for item in items:
             for kind in ("chain", "set", "map"):
@@ -3512,6 +3522,7 @@ class NftFirewall(Firewall):
             key = self._key(address, proto, port)
             element, v = nft_key([key[0]], PROTO_NUMBERS[proto], port), _family(key[0])
             batch.remove(("inet", self.table, "ready%d" % v), element)
+            batch.remove(("inet", self.table, "gate%d" % v), element)   # a used one's
             batch.put(("inet", self.table, "once%d" % v), element, timeout)
             batch.put(("inet", self.table, "oncep%d" % v), element + struct.pack("!H2x", sport),
                       timeout)

@@ -2602,6 +2602,19 @@ def _nat_mode(address, mode):
 # refuses) other new connections to it, so that a client's SYN is sent again after 1 s.
 ONCE_GRACE = 1
 
+# nft: the gate of a single-use opening, made by the packet path when a connection takes
+# the opening: a limit that lets one packet through (its tokens under a spinlock, and two
+# CPUs that add the same element get the same one), for longer than any two first packets
+# can race; open_once() takes it away for the next opening.
+ONCE_GATE = "timeout 10s limit rate 1/hour burst 1 packets"
+
+# The oldest releases whose kernel and tools accept the rules of single-use openings, as
+# read in their sources (README.md: Close the NAT-piggybacking window): nft's delete of a
+# set element from the packet path came with Linux 5.4 (d0a8d877da97) and nftables 0.9.3
+# (a87f2a2227be); xt_recent's IPv6 lists with Linux 2.6.28 (079aa88fe717) and iptables
+# 1.4.3 (c7f0e945).
+ONCE_MINIMUM = {"nft": ("5.4", "0.9.3"), "iptables": ("2.6.28", "1.4.3")}
+
 
 def connect_port(rand):
     """The TCP source port a spa.py client connects from after a knock whose random digits
@@ -3240,10 +3253,11 @@ class NftFirewall(Firewall):
         an opening, which the rule that admits a connection deletes (so they are dynamic);
         oncep4/oncep6, the source port each prefers; grace4/grace6, openings in their first
         ONCE_GRACE seconds; ready4/ready6, openings whose once element is wholly in place
-        (open_once() adds it in a transaction of its own, after the others)."""
+        (open_once() adds it in a transaction of its own, after the others); gate4/gate6,
+        made by the packet path (ONCE_GATE), one element an opening used."""
         kind = "ipv%s_addr . inet_proto . inet_service"
-        names = (("once", ""), ("oncep", " . inet_service"), ("grace", ""), ("ready", "")) + \
-            ((("natonce", ""),) if self.nat else ())
+        names = (("once", ""), ("oncep", " . inet_service"), ("grace", ""), ("ready", ""),
+                 ("gate", "")) + ((("natonce", ""),) if self.nat else ())
         sets = ["add set inet %s %s%s { type %s; size 65535; flags dynamic,timeout; }"
                 % (self.table, name, v, kind % v + extra) for v in "46" for name, extra in names]
         # Single-use NAT openings: natonce4/natonce6 as once4/once6, their DNAT targets in a
@@ -3254,12 +3268,12 @@ class NftFirewall(Firewall):
 
     def _once_nat_rules(self, ip, v):
         """The prerouting rules of single-use NAT openings of one family, as _once_rules
-        (ready, the preferred port, the grace period's drop, the first comer): the DNAT
-        that leads a connection to the opening's target takes the opening away."""
+        (ready, the preferred port, the grace period's drop, the first comer, the gate):
+        the DNAT that leads a connection to the opening's target takes the opening away."""
         key = "%s saddr . meta l4proto . th dport" % ip
         ready = "ct state new %s @ready%s %s" % (key, v, key)
-        take = "@natonce%s delete @natonce%s { %s } dnat %s to %s map @dnatonce%s" % (
-            v, v, key, ip, key, v)
+        take = "@natonce%s add @gate%s { %s %s } delete @natonce%s { %s } dnat %s to %s " \
+            "map @dnatonce%s" % (v, v, key, ONCE_GATE, v, key, ip, key, v)
         return ["%s . th sport @oncep%s %s %s" % (ready, v, key, take),
                 "%s @grace%s %s @natonce%s drop" % (ready, v, key, v),
                 "%s %s" % (ready, take)]
@@ -3268,10 +3282,13 @@ class NftFirewall(Firewall):
         """The input chain's rules of single-use openings of one family, each only for an
         opening that is ready: the preferred source port gets in; in the grace period
         everyone else is dropped; after it, the first comer.  Whoever gets in takes the
-        opening away."""
+        opening away, and only one can: the kernel's delete of the once element does not
+        stop the rule when another CPU deleted it first, so the rule passes the opening's
+        gate element (ONCE_GATE), whose limit lets one packet through, atomically."""
         key = "%s saddr . meta l4proto . th dport" % ip
         ready = "ct state new %s @ready%s %s" % (key, v, key)
-        take = "@once%s delete @once%s { %s } accept" % (v, v, key)
+        take = "@once%s add @gate%s { %s %s } delete @once%s { %s } accept" % (
+            v, v, key, ONCE_GATE, v, key)
         return ["%s . th sport @oncep%s %s %s" % (ready, v, key, take),
                 "%s @grace%s %s @once%s drop" % (ready, v, key, v),
                 "%s %s" % (ready, take)]
@@ -3308,7 +3325,7 @@ class NftFirewall(Firewall):
                     + [name for _, name, _ in self.NAT_SETS]) + \
             ([] if self.steer else [self.STEER_CHAIN[0]]) + \
             ([] if self.once else ["once4", "once6", "oncep4", "oncep6", "grace4", "grace6",
-                                  "ready4", "ready6"]) + \
+                                  "ready4", "ready6", "gate4", "gate6"]) + \
             ([] if self.once and self.nat else ["natonce4", "natonce6", "dnatonce4",
                                                 "dnatonce6"])
         commands = []
@@ -3332,17 +3349,43 @@ class NftFirewall(Firewall):
             # A table left by an incompatible version: start it afresh.
             self._nft(["add table " + t, "delete table " + t] + self.commands())
 
+    def _loads_without_once(self):
+        """Whether nft and the kernel accept our ruleset without the rules of single-use
+        openings (`nft -c`: checked by the kernel, nothing changed)."""
+        self.once = False
+        try:
+            run_command(["nft", "-c", "-f", "-"], "\n".join(self.commands()) + "\n")
+            return True
+        except SpaError:
+            return False
+        finally:
+            self.once = True
+
+    def _load_or_say_why(self):
+        """_load(), or, where only the rules of single-use openings are refused (an older
+        kernel or nft), an error that says so: the server stops rather than run its
+        single_use stanzas without them."""
+        try:
+            self._load()
+        except SpaError as e:
+            if self.once and self._loads_without_once():
+                raise SpaError("single_use = yes: this system's nft or kernel refused the rules "
+                               "of single-use openings (%s); they need Linux %s and nftables "
+                               "%s or later (README.md: Close the NAT-piggybacking window): "
+                               "upgrade, or set single_use = no" % ((e,) + ONCE_MINIMUM["nft"]))
+            raise
+
     def setup(self):
         """Create or refresh our table and our rules in default-drop chains; openings still
         in force survive a restart."""
         try:
-            self._load()
+            self._load_or_say_why()
         except SpaError as e:
-            if not self.steer:
+            if not self.steer or str(e).startswith("single_use"):
                 raise
             # No NAT in this kernel (or no fib): refuse with the firewall's own resets.
             self.steer = False
-            self._load()
+            self._load_or_say_why()
             self._say("warning", "refused TCP connections are answered by nftables' reject, "
                       "not by the kernel (%s): over IPv6 its resets carry flow label 0, unlike "
                       "a closed port's (README.md: protect_action)", e)
@@ -3539,6 +3582,7 @@ class NftFirewall(Firewall):
             key = self._key(address, proto, port)
             element, v = nft_key([key[0]], PROTO_NUMBERS[proto], port), _family(key[0])
             batch.remove(("inet", self.table, "ready%d" % v), element)
+            batch.remove(("inet", self.table, "gate%d" % v), element)   # a used one's
             batch.put(("inet", self.table, "once%d" % v), element, timeout)
             batch.put(("inet", self.table, "oncep%d" % v), element + struct.pack("!H2x", sport),
                       timeout)
@@ -3611,6 +3655,7 @@ class NftFirewall(Firewall):
         needed = self._nat_needs(None, now)
         batch, ready = ElementBatch(), ElementBatch()
         batch.remove(("inet", self.table, "ready%d" % v), key)
+        batch.remove(("inet", self.table, "gate%d" % v), key)      # a used one's
         for name, element, seconds in (("natonce", key, timeout),
                                        ("oncep", key + struct.pack("!H2x", sport), timeout),
                                        ("grace", key, min(ONCE_GRACE, timeout))):
@@ -4172,6 +4217,28 @@ class IptablesFirewall(Firewall):
                               for k, e in self.nat_ends.items()}
         if self.nat:
             warn_without_forwarding(self.log, self.nat_families)
+        if self.once:
+            self._try_once_rules()
+
+    def _try_once_rules(self):
+        """Where a stanza has single_use: that the kernel and iptables take the rules of
+        single-use openings (xt_recent), with a rule that never matches (an empty list's
+        --rcheck) put at the end of our chain and taken out again; else an error that says
+        so, and the server stops rather than refuse each single-use knock."""
+        words = ["-p", "tcp", "-m", "recent", "--rcheck", "--name", "spa_probe", "--rsource",
+                 "-j", "RETURN"]
+        for family in self.families:
+            try:
+                self._restore_tables(family, [("filter", ["-A %s %s" % (
+                    IPT_CHAIN, _restore_words(words))])])
+            except SpaError as e:
+                raise SpaError("single_use = yes: this system's %s or kernel refused the rules "
+                               "of single-use openings (%s); they need xt_recent: Linux %s and "
+                               "iptables %s or later (README.md: Close the NAT-piggybacking "
+                               "window): load xt_recent, or set single_use = no"
+                               % ((self.commands[family], e) + ONCE_MINIMUM["iptables"]))
+            self._restore_tables(family, [("filter", ["-D %s %s" % (
+                IPT_CHAIN, _restore_words(words))])])
 
     def _read_tables(self, family):
         """(filter chains, nat chains or None) of ours and of their parents, for setup(); notes
@@ -8823,9 +8890,11 @@ def send_copies(wire, host, port, version=None, source_port=None, copies=1, prot
 # refused; one that goes unanswered for 0.25 s is given up.  A fresh knock when nothing
 # connected for 0.05 s, then 0.1, 0.2 s..., at most once a second, and never while an
 # attempt is under way (it could still use the opening: the new one would be left over).
-# After an attempt that went unanswered (dropped: a single-use opening in its grace
-# period, where a NAT changed the source port) not before 2 s: a knock would start the
-# grace period again.
+# Not before 2 s after the last attempt that went unanswered (dropped: a single-use opening
+# in its grace period, where a NAT changed the source port): that opening is there and ours
+# to take once its grace period ends, and a knock still on its way when we take it would
+# make an opening that nobody uses (a neighbour's to take until its timeout).  Where every
+# attempt goes unanswered (protect_action = drop, a lost knock), every 4 s.
 CONNECT_REKNOCK, CONNECT_UNANSWERED, CONNECT_REKNOCK_DROPPED = (0.05, 1.0), 0.25, 2.0
 
 
@@ -8878,12 +8947,14 @@ def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, a
     infos = addresses(host, port, socket.SOCK_STREAM, version)
     preferred = [info for info in infos if info[0] == prefer] or infos
     start = knocked = time.monotonic()
-    gap, last, turn, sock, dropped = CONNECT_REKNOCK[0], None, 0, None, False
+    gap, last, turn, sock = CONNECT_REKNOCK[0], None, 0, None
+    unanswered = float("-inf")      # when the last attempt that went unanswered began
     try:
         while time.monotonic() - start < wait:
             now = time.monotonic()
             if sock is None:
-                if now - knocked >= (max(gap, CONNECT_REKNOCK_DROPPED) if dropped else gap):
+                if now - knocked >= gap and (now - unanswered >= CONNECT_REKNOCK_DROPPED or
+                                             now - knocked >= 2 * CONNECT_REKNOCK_DROPPED):
                     sport = knock()
                     knocked, gap = now, min(gap * 2, CONNECT_REKNOCK[1])
                 candidates = preferred if now - start < wait / 2 else infos
@@ -8902,7 +8973,8 @@ def connect_when_open(host, port, knock, wait=10.0, version=None, prefer=None, a
                 sock, connected = None, sock
                 return connected
             if done is not False or time.monotonic() - began >= CONNECT_UNANSWERED:
-                last, dropped = done or last, done is False
+                last = done or last
+                unanswered = began if done is False else unanswered
                 sock.close()
                 sock = None
     finally:

@@ -86,13 +86,15 @@ def test_nft_rules_of_single_use_openings_only_where_a_stanza_asks():
     # an opening that is ready; each takes the opening away; the confirmed flow's own
     # packets before all of them.
     ready = "ct state new ip saddr . meta l4proto . th dport @ready4 "
+    # (Only one can: the gate's limit; test_single_use_versions.py.)
+    take = ("@once4 add @gate4 { ip saddr . meta l4proto . th dport timeout 10s limit rate "
+            "1/hour burst 1 packets } delete @once4 { ip saddr . meta l4proto . th dport } "
+            "accept")
     assert rules[0].endswith(ready + "ip saddr . meta l4proto . th dport . th sport "
-                             "@oncep4 ip saddr . meta l4proto . th dport @once4 delete @once4 "
-                             "{ ip saddr . meta l4proto . th dport } accept")
+                             "@oncep4 ip saddr . meta l4proto . th dport " + take)
     assert rules[1].endswith(ready + "ip saddr . meta l4proto . th dport @grace4 "
                              "ip saddr . meta l4proto . th dport @once4 drop")
-    assert rules[2].endswith(ready + "ip saddr . meta l4proto . th dport @once4 delete "
-                             "@once4 { ip saddr . meta l4proto . th dport } accept")
+    assert rules[2].endswith(ready + "ip saddr . meta l4proto . th dport " + take)
     assert text.index("ct status confirmed accept") < text.index("@once4")
     assert "ip saddr . meta l4proto . th dport @once4 return" in text      # not steered
 
@@ -108,7 +110,7 @@ def test_nft_makes_an_opening_ready_only_after_its_once_element_is_committed():
     first, second = commits
     names = lambda phase: sorted(place[2] for place, _, _, _ in phase)     # noqa: E731
     assert names(first.last) == ["grace4", "once4", "oncep4"]
-    assert names(first.deletes) == ["grace4", "once4", "oncep4", "ready4"]   # not ready
+    assert names(first.deletes) == ["gate4", "grace4", "once4", "oncep4", "ready4"]
     assert (names(second.first), names(second.deletes), names(second.last)) == \
         ([], [], ["ready4"])
     assert second.last[0][3] == 30

@@ -86,7 +86,8 @@ def test_nft_single_use_nat_rules_take_the_opening_with_the_dnat():
         "65535; flags dynamic,timeout; }" in text
     pre = [c for c in commands if c.startswith("add rule inet spa prerouting ")]
     key = "ip saddr . meta l4proto . th dport"
-    take = "@natonce4 delete @natonce4 { %s } dnat ip to %s map @dnatonce4" % (key, key)
+    take = "@natonce4 add @gate4 { %s %s } delete @natonce4 { %s } dnat ip to %s map " \
+        "@dnatonce4" % (key, spa.ONCE_GATE, key, key)
     ready = "ct state new %s @ready4 %s" % (key, key)
     assert pre[:3] == ["add rule inet spa prerouting " + r for r in (
         "%s . th sport @oncep4 %s %s" % (ready, key, take),
@@ -218,6 +219,39 @@ def test_a_single_use_nat_opening_admits_one_connection_and_keeps_it(kind):
             assert fw.open_nat(c1, "tcp", NAT_PORT, c2, INNER_PORT, 30, False, None, PLAIN_NAT)
             for _ in range(2):
                 assert tcp_try(cli1, s1, NAT_PORT) == banner(family, INNER_PORT)
+        fw.flush()
+
+
+def test_nft_single_use_nat_passes_the_gate_where_its_delete_came_too_late():
+    """As for a plain opening (test_single_use_versions): the natonce element put back by
+    hand after its connection took it (as a second CPU that found it saw it) forwards no
+    second connection, as the DNAT rule's gate decides; a fresh knock forwards one again."""
+    need("nft")
+    with Lab(clients=2, prefix="sn") as lab:
+        router(lab, "nft")
+        inner_services(lab)
+        fw = firewall(lab, "nft")
+        cli1 = lab.name("cli1")
+        for family, c1, s1, c2, s2 in families(lab):
+            v = 6 if ":" in c1 else 4
+            fw.open_nat(c1, "tcp", NAT_PORT, c2, INNER_PORT, 5, False, None, PLAIN_NAT, SPORT)
+            first = connect_from(cli1, s1, NAT_PORT, SPORT)
+            assert not isinstance(first, str), (family, first)
+            assert first.recv(64) == banner(family, INNER_PORT)
+            element = "{ %s . tcp . %d timeout 5s }" % (c1, NAT_PORT)
+            for name in ("natonce", "ready"):
+                lab.run("srv", ["nft", "add", "element", "inet", "spa_sn", "%s%d" % (name, v),
+                                element])
+            time.sleep(spa.ONCE_GRACE + 0.2)                 # the first comer's, now
+            assert tcp_try(cli1, s1, NAT_PORT) == "refused"  # not forwarded: the gate
+            fw.open_nat(c1, "tcp", NAT_PORT, c2, INNER_PORT, 5, False, None, PLAIN_NAT,
+                        SPORT + 2)                               # a fresh knock
+            second = connect_from(cli1, s1, NAT_PORT, SPORT + 2)
+            assert not isinstance(second, str), (family, second)
+            assert second.recv(64) == banner(family, INNER_PORT)
+            assert tcp_try(cli1, s1, NAT_PORT) == "refused"
+            first.close()
+            second.close()
         fw.flush()
 
 

@@ -1100,7 +1100,7 @@ def measure_flood(lab, server, cfg, runs_wanted=None):
         if r["opened"] < r["knocks"] / 2:        # something is wrong: show what the server said
             unusual = [line for line in server.proc.log.lines[-2000:] if not re.search(
                 r"rejected packet|accepted packet|stats: |gatekeeper: accepted|SPA Packet|"
-                r"not logged", line)]
+                r"not logged|listening on|does not hold spa.py's protection", line)]
             log("%s: fewer than half opened; the server's last unusual lines:\n  %s",
                 server.name, "\n  ".join(unusual[-15:]) or "(none)")
     best = None                         # the rate the sender reached, not the one asked

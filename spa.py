@@ -5626,7 +5626,15 @@ class Ring(object):
     """A capture socket's receive ring (see RING_BYTES), mapped into this process: frames
     are read in the ring's order from `next`, each handed back to the kernel (its status
     set to TP_STATUS_KERNEL) once read.  Map it before the sandbox: Python's mmap
-    duplicates the descriptor, which the sandbox refuses."""
+    duplicates the descriptor, which the sandbox refuses.
+
+    In order, never skipping: a frame not ready at `next` may be one the kernel is still
+    writing (on another CPU) while later ones are ready.  Skipping it would leave it
+    ready but unread until the kernel comes round to it, stops there (it writes only into
+    a frame handed back) and drops everything after; and poll() would not wake the
+    reader, as it asks only about the frame before the kernel's.  Only a reader that is
+    not `synced` (new to a ring another read before, or after a wait with nothing
+    to read: see Reader.resync) looks for the first ready frame (find)."""
 
     HEADER = struct.Struct("=III2xH")       # tp_status, tp_len, tp_snaplen, (tp_mac), tp_net
 
@@ -5636,6 +5644,7 @@ class Ring(object):
         self.offsets = [b * block + i * frame
                         for b in range(RING_BYTES // block) for i in range(block // frame)]
         self.next = 0
+        self.synced = False
 
     @classmethod
     def of(cls, sock, frame=RING_FRAME):
@@ -7114,8 +7123,9 @@ class Reader(object):
         once copied: the flood's path, with no system call."""
         view, offsets, header = ring.map, ring.offsets, Ring.HEADER.unpack_from
         i, count = ring.next, len(offsets)
-        if not header(view, offsets[i])[0] & TP_STATUS_USER and not ring.find():
+        if not header(view, offsets[i])[0] & TP_STATUS_USER and (ring.synced or not ring.find()):
             return
+        ring.synced = True
         i, frames = ring.next, []
         for _ in range(batch):
             at = offsets[i]
@@ -7130,6 +7140,15 @@ class Reader(object):
             i = i + 1 if i + 1 < count else 0
         ring.next = i
         self.take(frames, interface)
+
+    def resync(self):
+        """After a wait in which poll() saw nothing: read whatever each ring holds, from its
+        first ready frame (Ring.find).  Nothing should be there; if something is (a ring
+        whose reader and kernel lost each other, which poll() cannot tell), reading it
+        hands the kernel back the frame it waits for, and the capture goes on."""
+        for fd, ring in (self.rings or {}).items():
+            ring.synced = False
+            self.read_ring(ring, self.names.get(fd))
 
     def read_socket(self, sock, interface, batch=64):
         """Take the frames waiting in a capture socket without a ring, up to `batch`."""
@@ -7186,6 +7205,8 @@ class Reader(object):
             burst = self.counts["passed"] != passed
             wait = 0.5 if burst else max(0, next_housekeeping - time.monotonic())
             events = poller.poll(wait)
+            if not events:
+                self.resync()
             if burst and not events:            # quiet after knocks: free what they used
                 release_heap()
                 passed = self.counts["passed"]

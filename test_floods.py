@@ -242,6 +242,7 @@ class FakeRing(spa.Ring):
         self.offsets = [b * spa.RING_BLOCK + i * spa.RING_FRAME
                         for b in range(spa.RING_BYTES // spa.RING_BLOCK) for i in range(per)]
         self.next = 0
+        self.synced = False
 
     def put(self, i, frame, length=None):
         at = self.offsets[i]
@@ -280,6 +281,45 @@ def test_ring_frames_are_read_in_order_from_where_the_kernel_writes(tmp_path):
     assert all(ring.status(i) == spa.TP_STATUS_KERNEL for i in (count - 2, count - 1, 0, 1, 2))
     assert ring.next == 3
     assert reader.read_ring(ring, None) is None and reader.counts["rejected"] == 5
+
+
+def test_a_frame_the_kernel_is_still_writing_is_waited_for_never_skipped(tmp_path):
+    """Frame 3 not ready yet (the kernel, on another CPU, still copying into it) while 4
+    and 5 are: the reader waits at 3.  Had it skipped to 4 (as it once did), frame 3 would
+    stay unread until the kernel came round to it and stopped there, dropping all after,
+    with poll() never waking the reader (it asks about the frame before the kernel's)."""
+    reader, ring = _reader(tmp_path), FakeRing()
+    garbage = [bytes([B64[(i * 11 + j) % 64] for j in range(204)]) for i in range(6)]
+    for i in range(3):
+        ring.put(i, _udp_frame(garbage[i]))
+    reader.read_ring(ring, None)
+    assert (reader.counts["rejected"], ring.next, ring.synced) == (3, 3, True)
+    for i in (4, 5):
+        ring.put(i, _udp_frame(garbage[i]))                  # 3 is still being written
+    reader.read_ring(ring, None)
+    assert (reader.counts["rejected"], ring.next) == (3, 3)
+    assert [ring.status(i) for i in (3, 4, 5)] == [0, spa.TP_STATUS_USER, spa.TP_STATUS_USER]
+    ring.put(3, _udp_frame(garbage[3]))
+    reader.read_ring(ring, None)
+    assert (reader.counts["rejected"], ring.next) == (6, 6)
+    assert [ring.status(i) for i in range(6)] == [spa.TP_STATUS_KERNEL] * 6
+
+
+def test_after_a_quiet_wait_the_reader_reads_a_frame_it_lost(tmp_path):
+    """A ready frame away from where the reader waits (a ring the reader and the kernel
+    lost each other on): poll() cannot tell, so after a wait in which it saw nothing the
+    reader looks through the ring (resync) and reads it."""
+    reader, ring = _reader(tmp_path), FakeRing()
+    ring.put(0, _udp_frame(B64[:50] * 4))
+    reader.read_ring(ring, None)
+    assert ring.synced and ring.next == 1
+    ring.put(50, _udp_frame(B64[:51] * 4))
+    reader.read_ring(ring, None)
+    assert reader.counts == {"passed": 0, "rejected": 1}        # frame 50 not read
+    reader.rings = {7: ring}
+    reader.resync()
+    assert reader.counts["rejected"] == 2 and ring.status(50) == spa.TP_STATUS_KERNEL
+    assert ring.next == 51 and ring.synced
 
 
 def test_a_ring_frame_cut_short_is_refused_and_handed_back(tmp_path):

@@ -5633,7 +5633,7 @@ class Ring(object):
     ready but unread until the kernel comes round to it, stops there (it writes only into
     a frame handed back) and drops everything after; and poll() would not wake the
     reader, as it asks only about the frame before the kernel's.  Only a reader that is
-    not `synced` (new to a ring another read before, or after a wait with nothing
+    not `synced` (new to a ring another read before, or after a whole wait with nothing
     to read: see Reader.resync) looks for the first ready frame (find)."""
 
     HEADER = struct.Struct("=III2xH")       # tp_status, tp_len, tp_snaplen, (tp_mac), tp_net
@@ -7142,10 +7142,13 @@ class Reader(object):
         self.take(frames, interface)
 
     def resync(self):
-        """After a wait in which poll() saw nothing: read whatever each ring holds, from its
-        first ready frame (Ring.find).  Nothing should be there; if something is (a ring
-        whose reader and kernel lost each other, which poll() cannot tell), reading it
-        hands the kernel back the frame it waits for, and the capture goes on."""
+        """After a whole wait in which poll() saw nothing: read whatever each ring holds,
+        from its first ready frame (Ring.find).  Nothing should be there; if something is
+        (a frame passed over: by a new reader's find(), or one the kernel finished only
+        after find() looked), the kernel stands at it, dropping all, and poll() cannot
+        tell: reading it hands the kernel back the frame it waits for.  Never after a
+        poll that did not wait (the housekeeping's): a flood may be running, with a frame
+        still being written, which find() would pass over."""
         for fd, ring in (self.rings or {}).items():
             ring.synced = False
             self.read_ring(ring, self.names.get(fd))
@@ -7205,7 +7208,7 @@ class Reader(object):
             burst = self.counts["passed"] != passed
             wait = 0.5 if burst else max(0, next_housekeeping - time.monotonic())
             events = poller.poll(wait)
-            if not events:
+            if not events and wait > 0:         # a whole wait with nothing: see resync
                 self.resync()
             if burst and not events:            # quiet after knocks: free what they used
                 release_heap()

@@ -1075,6 +1075,7 @@ def run_flood(lab, server, cfg, rate, seconds, knocks=(), repeat=1):
         d["opened"] = len(opened)
         d["opened_pct"] = 100.0 * len(opened) / len(probe_result)
         d["opened_median_ms"] = statistics.median(opened) * 1000 if opened else None
+        d["missed"] = [i for i, r in enumerate(probe_result) if r is None]   # which knocks
     return d
 
 

@@ -601,6 +601,12 @@ def hmac_sieve(stanzas):
     aes = tuple((s.mac.signs, s.mac_len) for s in stanzas if s.mac is not None)
     gpg = tuple((s.gpg_mac.signs, s.mac_len) for s in stanzas if s.gpg_mac is not None)
     longest = MAX_GPG_WIRE_LEN if gpg else MAX_WIRE_LEN
+    if len(aes) == 1 and not gpg:                # one key, as most servers have
+        (signs, mac_len), = aes
+
+        def signed(payload):
+            return MIN_WIRE_LEN <= len(payload) <= longest and signs(payload, mac_len)
+        return signed
 
     def signed(payload):
         length = len(payload)
@@ -2532,9 +2538,16 @@ SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 def find_tool(name):
     """Where the tool `name` (nft, ip, iptables...) is: on PATH, else in the sbin folders,
-    which a user's PATH often leaves out; None if neither has it."""
-    import shutil
-    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN_DIRS))
+    which a user's PATH often leaves out; None if neither has it.  (shutil.which() would
+    do, but shutil brings bz2, lzma and zlib with it: 0.3 MB in the server.)"""
+    if os.sep in name:
+        return name if os.access(name, os.X_OK) and not os.path.isdir(name) else None
+    folders = os.environ.get("PATH", os.defpath).split(os.pathsep) + list(SBIN_DIRS)
+    for folder in folders:
+        path = os.path.join(folder, name)
+        if folder and os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
 
 
 def run_command(argv, stdin=None):
@@ -10530,8 +10543,8 @@ class Hmac(object):
         inner.update(wire[:-mac_len])
         outer = self.outer.copy()
         outer.update(inner.digest())
-        mac_text = b2a_base64(outer.digest(), newline=False).rstrip(b"=")
-        return compare_digest(mac_text, wire[-mac_len:])
+        # The digest's base64 without its padding: as many characters as the HMAC has.
+        return compare_digest(b2a_base64(outer.digest())[:mac_len], wire[-mac_len:])
 
 
 def release_heap():
@@ -10549,13 +10562,14 @@ def release_heap():
 class PackedMap(object):
     """A dict of fixed-size keys to one packed number each, all in one table of bytes.
 
-    Open addressing with linear probing, at most two thirds full.  The entries take a
-    third of what a dict of small Python objects would (README.md: Performance), and a
-    burst of knocks leaves no small objects behind, which would pin the memory the
-    burst used for its transient work.  The capacity is not a power of two, so a
-    table grows by a third at a time, not twice over.  `encode(key)` gives `size`
-    bytes (ValueError if it cannot), `decode(raw)` the key back.  Deleted entries
-    leave a tombstone until the next rebuild.
+    Open addressing with linear probing, at most four fifths full (a lookup then
+    probes 3 slots on average, 13 for a key that is absent).  The entries take at most
+    a third of what a dict of small Python objects would (README.md: Performance), and
+    a burst of knocks leaves no small objects behind, which would pin the memory the
+    burst used for its transient work.  The capacity is not a power of two: a table
+    rebuilt is two thirds full, so it grows by a fifth at a time, not twice over.
+    `encode(key)` gives `size` bytes (ValueError if it cannot), `decode(raw)` the key
+    back.  Deleted entries leave a tombstone until the next rebuild.
     """
 
     EMPTY, USED, GONE = 0, 1, 2
@@ -10644,7 +10658,7 @@ class PackedMap(object):
                                                                   offset + 1 + self.size)[0]:
                 self.value.pack_into(self.table, offset + 1 + self.size, value)
             return
-        if 3 * (self.count + self.gone + 1) > 2 * self.capacity:
+        if 5 * (self.count + self.gone + 1) > 4 * self.capacity:
             self._rebuild(None)
             free = None
         self._insert(raw, value, free)
@@ -10677,7 +10691,7 @@ class PackedMap(object):
             self._rebuild(test)
 
     def _rebuild(self, test):
-        """A new table holding the entries whose value passes `test`, half full.
+        """A new table holding the entries whose value passes `test`, two thirds full.
 
         Entries move one at a time, slot by slot, straight from the old table (and no
         tombstones to step over): a list of them all would be 10,000 small objects at
@@ -10685,7 +10699,7 @@ class PackedMap(object):
         """
         old, slot, size = self.table, self.slot, self.size
         keep = [test is None or test(value) for _, value in self._raw_items(old)]
-        self._reset(max(16, 2 * (sum(keep) + 1), 3 * self.reserved // 2 + 2))
+        self._reset(max(16, 3 * (sum(keep) + 1) // 2, 5 * self.reserved // 4 + 2))
         table, capacity, index = self.table, self.capacity, 0
         for offset in range(0, len(old), slot):
             if old[offset] != self.USED:
@@ -10703,7 +10717,7 @@ class PackedMap(object):
         """From now on the table has room for `n` entries without growing, pruned or not.
         The room is mapped, not touched: its pages count only as entries fill them."""
         self.reserved = n
-        if 3 * (n + 1) > 2 * self.capacity:
+        if 5 * (n + 1) > 4 * self.capacity:
             self._rebuild(None)
 
     def copy(self):

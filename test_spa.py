@@ -989,6 +989,29 @@ def test_tools_in_sbin_are_found_off_path(monkeypatch):
         spa.run_command(["no-such-tool-here"])
 
 
+def test_find_tool_takes_path_in_order_and_skips_what_cannot_run(tmp_path, monkeypatch):
+    """find_tool (shutil.which's work, without importing shutil): the first executable
+    file of that name on PATH; a file without the execute bit, a folder of that name and
+    an empty PATH entry (the current folder) are passed over; a name with a slash is
+    taken as it is, if it can run."""
+    first, second, plain, folder = (tmp_path / d for d in ("first", "second", "plain", "dir"))
+    for d in (first, second, plain, folder):
+        d.mkdir()
+    (folder / "spa-tool").mkdir()
+    (plain / "spa-tool").write_text("#!/bin/sh\n")             # not executable
+    for d in (first, second):
+        (d / "spa-tool").write_text("#!/bin/sh\n")
+        (d / "spa-tool").chmod(0o755)
+    monkeypatch.chdir(second)
+    monkeypatch.setenv("PATH", os.pathsep.join(["", str(folder), str(plain), str(first),
+                                                str(second)]))
+    assert spa.find_tool("spa-tool") == str(first / "spa-tool")
+    monkeypatch.setenv("PATH", os.pathsep.join([str(plain), ""]))
+    assert spa.find_tool("spa-tool") is None
+    assert spa.find_tool(str(second / "spa-tool")) == str(second / "spa-tool")
+    assert spa.find_tool(str(plain / "spa-tool")) is None
+
+
 def test_test_mode_and_flush(tmp_path):
     need_nft()
     with Lab(clients=1, prefix="spa") as lab:
@@ -2761,13 +2784,12 @@ def test_selftest_cleans_up_after_ctrl_c():
 
 def test_selftest_names_what_is_missing(monkeypatch, capsys):
     monkeypatch.setattr(spa.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(shutil, "which",
-                        lambda name, path=None: None if name == "nft" else "/usr/bin/" + name)
+    monkeypatch.setattr(spa, "find_tool", lambda name: None if name == "nft" else "/usr/bin/" + name)
     assert spa.main(["selftest"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  missing: root" in out and "FAIL  missing: nft (Debian: apt install nftables)" in out
     assert "verdict: FAIL" in out
-    monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
+    monkeypatch.setattr(spa, "find_tool", lambda name: None)
 
     def no_aes():
         raise spa.SpaError("pycryptodome is missing: install it")

@@ -554,12 +554,13 @@ class Decision(object):
         self.nat_mode = PLAIN_NAT
 
 
-def screen(payload, source, stanzas, destination=None):
+def screen(payload, source, stanzas, destination=None, signer=None):
     """Steps 1 and 2 of decide(), all the packet reader does: (the first stanza whose source
     (and, given `destination`, whose destination: fwknop's DESTINATION) matches and whose
     HMAC key made the packet's HMAC, the signed text with the prefix put back), or (None,
     why not).  Nothing else ever reads unauthenticated bytes.  The packet reader leaves
-    the destination out (a first sieve); the gatekeeper gives it.
+    the destination out (a first sieve); the gatekeeper gives it.  `signer`: the Hmac
+    that hmac_sieve() found made this payload's HMAC (the reader's), not computed again.
 
     This is the path every flood packet takes, so it allocates as little as it can.
     """
@@ -582,7 +583,9 @@ def screen(payload, source, stanzas, destination=None):
         if mac is None:
             continue
         matched = True
-        signed = authenticate(payload, mac, stanza.mac_len, GPG_PREFIX if gpg else SALT_PREFIX)
+        prefix = GPG_PREFIX if gpg else SALT_PREFIX
+        signed = prefix + payload[:-stanza.mac_len] if mac is signer else \
+            authenticate(payload, mac, stanza.mac_len, prefix)
         if signed is not None:
             return stanza, signed
     return None, ("HMAC does not match any stanza for this source" if matched
@@ -592,42 +595,55 @@ def screen(payload, source, stanzas, destination=None):
 
 
 def hmac_sieve(stanzas):
-    """screen()'s first cut, for the flood's path: a function of a payload, False when no
-    stanza's HMAC key (its GnuPG one, for a payload longer than an AES packet can be)
-    made the payload's HMAC, or its length is outside what any stanza takes.  Then
-    screen() refuses it too, whatever its source: the packet reader runs this on every
-    packet, and screen() only on those it lets through, or to say why it refused one it
-    logs.  It reads nothing but the length and the HMAC (not even the alphabet)."""
-    aes = tuple((s.mac.signs, s.mac_len) for s in stanzas if s.mac is not None)
-    gpg = tuple((s.gpg_mac.signs, s.mac_len) for s in stanzas if s.gpg_mac is not None)
+    """screen()'s first cut, for the flood's path: a function of a payload that gives the
+    first stanza's Hmac that made the payload's HMAC (its GnuPG one, for a payload longer
+    than an AES packet can be), or a false value when none did, or the length is outside
+    what any stanza takes.  Then screen() refuses it too, whatever its source: the packet
+    reader runs this on every packet, and screen() only on those it lets through (told
+    the signer, whose HMAC it then skips), or to say why it refused one it logs.  It
+    reads nothing but the length and the HMAC (not even the alphabet)."""
+    aes = tuple((s.mac, s.mac_len) for s in stanzas if s.mac is not None)
+    gpg = tuple((s.gpg_mac, s.mac_len) for s in stanzas if s.gpg_mac is not None)
     longest = MAX_GPG_WIRE_LEN if gpg else MAX_WIRE_LEN
     if len(aes) == 1 and not gpg:                # one key, as most servers have
-        (signs, mac_len), = aes
+        (mac, mac_len), = aes
+        signs = mac.signs
 
-        def signed(payload):
-            return MIN_WIRE_LEN <= len(payload) <= longest and signs(payload, mac_len)
-        return signed
+        def signer(payload):
+            return MIN_WIRE_LEN <= len(payload) <= longest and signs(payload, mac_len) and mac
+        return signer
 
-    def signed(payload):
+    def signer(payload):
         length = len(payload)
         if length < MIN_WIRE_LEN or length > longest:
-            return False
-        for signs, mac_len in (aes if length <= MAX_WIRE_LEN else gpg):
-            if signs(payload, mac_len):
-                return True
-        return False
-    return signed
+            return None
+        for mac, mac_len in (aes if length <= MAX_WIRE_LEN else gpg):
+            if mac.signs(payload, mac_len):
+                return mac
+        return None
+    return signer
 
 
-def packet_key(signed):
-    """The replay key of an authenticated packet: the base64 of the SHA-256 of its
-    ciphertext (of the signed text itself if that is not base64).  fwknop hashes the
-    wire text; the ciphertext is the same for every form the wire may take."""
+def _packet_sha256(signed):
+    """The SHA-256 of an authenticated packet's ciphertext (of the signed text itself if
+    that is not base64).  fwknop hashes the wire text; the ciphertext is the same for
+    every form the wire may take."""
     try:
         data = b64decode(signed)
     except ValueError:
         data = signed
-    return b64encode(hash_digest("sha256", data)).decode()
+    return hash_digest("sha256", data)
+
+
+def packet_key(signed):
+    """The replay key of an authenticated packet: the base64 of _packet_sha256()."""
+    return b64encode(_packet_sha256(signed)).decode()
+
+
+def packet_digest(signed):
+    """What the replay cache keeps of the packet's replay key, made straight from the
+    packet (the packet reader's form: no base64 made and read back)."""
+    return _packet_sha256(signed)[:16]
 
 
 def open_signed(stanza, signed, seen):
@@ -2306,7 +2322,10 @@ def _replay_digest(key):
     """What the replay cache keeps of a replay key (the base64 of a packet's SHA-256):
     its first 16 bytes.  128 bits tell packets apart as well as 256 here, where no one
     without the keys can make a packet that authenticates, and the table is near half
-    the size (README.md: Performance).  The cache file's own lines have these 16 bytes."""
+    the size (README.md: Performance).  The cache file's own lines have these 16 bytes.
+    The 16 bytes themselves (packet_digest) are taken as they are."""
+    if type(key) is bytes and len(key) == 16:
+        return key
     if isinstance(key, str) and len(key) == 43 and not key.strip(_B64_TEXT):
         return binascii.a2b_base64(key + "=")[:16]     # the usual form, in one call
     raw = b64decode(key)
@@ -7069,17 +7088,18 @@ class Reader(object):
         if self.config.bind_interface:
             self.names = {sock.fileno(): sock.getsockname()[0] for sock in sockets}
 
-    def handle(self, payload, source, now=None, frame=None, destination=None, interface=None):
+    def handle(self, payload, source, now=None, frame=None, destination=None, interface=None,
+               signer=None):
         """Screen one payload from `source` (its frame, or `destination`, gives where it was
-        sent) and pass it on if it authenticates.  Returns why it was refused here, or
-        what the gate answers (from the pipe: None)."""
-        stanza, signed = screen(payload, source, self.stanzas)
+        sent; `signer`, the Hmac the sieve found) and pass it on if it authenticates.
+        Returns why it was refused here, or what the gate answers (from the pipe: None)."""
+        stanza, signed = screen(payload, source, self.stanzas, None, signer)
         if stanza is None:                # the flood's path: nothing more than this
             self.counts["rejected"] += 1
             if self.limiter.allow():
                 self.log.info("rejected packet from %s: %s", source, signed)
             return signed
-        key = packet_key(signed)
+        key = packet_digest(signed)
         if key in self.seen:
             self.counts["rejected"] += 1
             if self.limiter.allow():
@@ -7108,10 +7128,11 @@ class Reader(object):
         quiet = limiter.quiet()                 # no room in the log now: count, say nothing
         refused = said = 0
         for frame in frames:
-            if signed(payload_of(frame)):
+            signer = signed(payload_of(frame))
+            if signer:
                 source, payload = self.parse_frame(frame)
                 if source is not None:
-                    self.handle(payload, source, None, frame, None, interface)
+                    self.handle(payload, source, None, frame, None, interface, signer)
                 continue
             refused += 1
             if not quiet:

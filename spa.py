@@ -2447,6 +2447,11 @@ class ReplayCache(object):
         """Record a digest; written and flushed to disk before the caller opens anything."""
         return self.add_many([(digest, packet_time)], now)
 
+    def add_new(self, digest, now):
+        """The packet reader's copy (no file): record a digest seen `now` (its packet is
+        then in the window) unless it is there; False if it was (a replay)."""
+        return self.entries.add(digest, _u32(int(now)))
+
     def add_many(self, digests, now):
         """Record [(digest, packet time)] with one write and one sync.  True once they are
         durable; False if they could not be written (`failure` says why): then the
@@ -7099,15 +7104,13 @@ class Reader(object):
             if self.limiter.allow():
                 self.log.info("rejected packet from %s: %s", source, signed)
             return signed
-        key = packet_digest(signed)
-        if key in self.seen:
+        now = time.time() if now is None else now
+        if not self.seen.add_new(packet_digest(signed), now):
             self.counts["rejected"] += 1
             if self.limiter.allow():
                 self.log.info("rejected packet from %s [client %s]: replayed packet", source,
                               stanza.name)
             return "replayed packet"
-        now = time.time() if now is None else now
-        self.seen.add(key, now, now)
         self.counts["passed"] += 1
         if destination is None:
             destination = frame_destination(frame)
@@ -10679,6 +10682,21 @@ class PackedMap(object):
                                                                   offset + 1 + self.size)[0]:
                 self.value.pack_into(self.table, offset + 1 + self.size, value)
             return
+        self._add(raw, value, free)
+
+    def add(self, key, value):
+        """Add the key with `value` if it is absent (one probe); False if it is there (then
+        nothing changes)."""
+        raw = self.encode(key)
+        offset, free = self._find(raw)
+        if offset is not None:
+            return False
+        self._add(raw, value, free)
+        return True
+
+    def _add(self, raw, value, free):
+        """Add a key known to be absent, in the free slot found for it, growing the table
+        first if it is full (then the slot is found again)."""
         if 5 * (self.count + self.gone + 1) > 4 * self.capacity:
             self._rebuild(None)
             free = None

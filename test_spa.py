@@ -878,6 +878,27 @@ def test_replay_cache_keeps_128_bits_of_each_digest(tmp_path):
     assert full[2] in again
 
 
+def test_the_readers_digest_is_the_parents_replay_key(tmp_path):
+    """packet_digest(), the packet reader's replay digest made straight from the packet, is
+    what the cache keeps of packet_key(), the parent's: so the reader's copy of the cache
+    refuses a packet the parent recorded, and add_new() refuses it once recorded."""
+    now = 1800000000
+    signed = [spa.authenticate(knock(), spa.Hmac(base64.b64decode(HMAC_KEY), "sha256",
+                                                 spa.SALT_PREFIX), 43),
+              b"U2FsdGVkX1" + b"A" * 101]          # not whole base64: the text is hashed
+    assert signed[0] is not None
+    parent = spa.ReplayCache(str(tmp_path / "replay.cache"), 120, now)
+    parent.add(spa.packet_key(signed[0]), now, now)
+    for text in signed:
+        assert spa.packet_digest(text) == spa._replay_digest(spa.packet_key(text))
+    reader = parent.copy()
+    assert spa.packet_digest(signed[0]) in reader
+    assert not reader.add_new(spa.packet_digest(signed[0]), now)
+    assert reader.add_new(spa.packet_digest(signed[1]), now)
+    assert not reader.add_new(spa.packet_digest(signed[1]), now + 1)
+    assert spa.packet_key(signed[1]) in reader and spa.packet_key(signed[1]) not in parent
+
+
 def test_replay_cache_compacts_itself_and_reads_what_it_can(tmp_path):
     """The file is written anew once it holds many more lines than live entries (each
     packet appends one); a line too long to be one is skipped and counted; a cache that
@@ -2999,6 +3020,7 @@ def test_packed_map_behaves_like_a_dict():
                      st.sampled_from(["tcp", "udp"]), st.sampled_from([22, 443, 65535]))
     ops = st.lists(st.one_of(
         st.tuples(st.just("put"), keys, st.integers(0, 100)),
+        st.tuples(st.just("add"), keys, st.integers(0, 100)),
         st.tuples(st.just("pop"), keys, st.just(0)),
         st.tuples(st.just("keep"), st.just(None), st.integers(0, 100)),
         st.tuples(st.just("copy"), st.just(None), st.just(0))), max_size=80)
@@ -3011,6 +3033,9 @@ def test_packed_map_behaves_like_a_dict():
             if op == "put":
                 packed[key] = float(n)
                 model[key] = float(n)
+            elif op == "add":           # only if absent: True then, False (unchanged) if not
+                assert packed.add(key, float(n)) == (key not in model)
+                model.setdefault(key, float(n))
             elif op == "pop":
                 assert packed.pop(key, -1.0) == model.pop(key, -1.0)
             elif op == "keep":

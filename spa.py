@@ -2447,9 +2447,14 @@ class ReplayCache(object):
         """Record a digest; written and flushed to disk before the caller opens anything."""
         return self.add_many([(digest, packet_time)], now)
 
-    def add_new(self, digest, now):
+    def add_new(self, digest, now, most=None):
         """The packet reader's copy (no file): record a digest seen `now` (its packet is
-        then in the window) unless it is there; False if it was (a replay)."""
+        then in the window) unless it is there; False if it was (a replay).  Holding
+        `most` entries, it records no more (True for a digest not there): its table does
+        not grow in the middle of a burst, and the parent's cache, the one that counts,
+        refuses a replay all the same."""
+        if most is not None and len(self.entries) >= most:
+            return digest not in self.entries
         return self.entries.add(digest, _u32(int(now)))
 
     def add_many(self, digests, now):
@@ -7050,7 +7055,7 @@ class Reader(object):
     against the stanzas for its source: it needs no AES key), drop what it passed on
     before, log rejections, and pass on the rest to the gate."""
 
-    BURST = 10000          # knocks its replay table takes without growing
+    BURST = 10000          # knocks its replay table holds: room from the start, never more
 
     def __init__(self, config, gate, log, seen=None):
         self.config, self.gate, self.log = config, gate, log
@@ -7105,7 +7110,7 @@ class Reader(object):
                 self.log.info("rejected packet from %s: %s", source, signed)
             return signed
         now = time.time() if now is None else now
-        if not self.seen.add_new(packet_digest(signed), now):
+        if not self.seen.add_new(packet_digest(signed), now, self.BURST):
             self.counts["rejected"] += 1
             if self.limiter.allow():
                 self.log.info("rejected packet from %s [client %s]: replayed packet", source,

@@ -445,6 +445,15 @@ def test_the_readers_replay_table_takes_a_burst_without_growing(tmp_path):
     assert all(spa.packet_key(b"knock %d" % i) in reader.seen for i in range(0, 2000, 2))
     copy = reader.seen.copy()
     assert copy.entries.reserved == spa.Reader.BURST and copy.entries.capacity == capacity
+    # Full, it records no more (a new knock still passes; the parent's cache counts) and
+    # still refuses what it holds: the table never grows, in a burst or after it.
+    digests = [spa.packet_digest(b"burst %d" % i) for i in range(spa.Reader.BURST)]
+    assert all(copy.add_new(d, now, spa.Reader.BURST) for d in digests[1000:])
+    assert len(copy.entries) == spa.Reader.BURST and copy.entries.capacity == capacity
+    assert copy.add_new(spa.packet_digest(b"one more"), now, spa.Reader.BURST)
+    assert spa.packet_digest(b"one more") not in copy
+    assert not copy.add_new(digests[-1], now, spa.Reader.BURST)
+    assert copy.entries.capacity == capacity
 
 
 def test_a_new_reader_finds_where_the_kernel_writes_in_the_ring(tmp_path):

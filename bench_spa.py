@@ -1375,9 +1375,6 @@ def bench_server(kind, cfg, keys, budget, results, with_client_cost, parts=PARTS
         data["memory_after_floods"] = server.memory()
         if "scale" in parts:
             data["scale"] = measure_scale(lab, server, cfg, budget)
-            # Memory while holding the openings, once the burst's work is over: a server
-            # gives the free heap a burst used back within a second or two (release_heap).
-            time.sleep(0.2 if cfg.smoke else 2.0)
             data["memory_holding"] = server.memory()
             data["holding"] = data["scale"][-1]["fw_entries"] if data["scale"] else None
         server.stop()

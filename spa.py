@@ -367,12 +367,13 @@ def gpg_seal(plaintext, gpg, hmac_key, hmac_type="sha256"):
 
 # --- Taking a packet apart: the mirror of seal() and of Message.encode() --------------
 
-def authenticate(wire, mac, mac_len, prefix=SALT_PREFIX):
+def authenticate(wire, mac, mac_len, prefix=SALT_PREFIX, signer=None):
     """The signed text, "U2FsdGVkX1" (a GnuPG packet's "hQ") put back, if `mac` (an Hmac
     with the HMAC key and that prefix fed in already) made the HMAC that ends the wire
     (Hmac.signs: its last `mac_len` characters, as the stanza's HMAC type says: a packet
-    does not), else None."""
-    if mac.signs(wire, mac_len):
+    does not), else None.  `signer`: the Hmac hmac_sieve() found made it: if that is
+    `mac`, its HMAC is not computed again."""
+    if mac is signer or mac.signs(wire, mac_len):
         return prefix + wire[:-mac_len]
     return None
 
@@ -583,9 +584,8 @@ def screen(payload, source, stanzas, destination=None, signer=None):
         if mac is None:
             continue
         matched = True
-        prefix = GPG_PREFIX if gpg else SALT_PREFIX
-        signed = prefix + payload[:-stanza.mac_len] if mac is signer else \
-            authenticate(payload, mac, stanza.mac_len, prefix)
+        signed = authenticate(payload, mac, stanza.mac_len, GPG_PREFIX if gpg else SALT_PREFIX,
+                              signer)
         if signed is not None:
             return stanza, signed
     return None, ("HMAC does not match any stanza for this source" if matched
@@ -605,13 +605,6 @@ def hmac_sieve(stanzas):
     aes = tuple((s.mac, s.mac_len) for s in stanzas if s.mac is not None)
     gpg = tuple((s.gpg_mac, s.mac_len) for s in stanzas if s.gpg_mac is not None)
     longest = MAX_GPG_WIRE_LEN if gpg else MAX_WIRE_LEN
-    if len(aes) == 1 and not gpg:                # one key, as most servers have
-        (mac, mac_len), = aes
-        signs = mac.signs
-
-        def signer(payload):
-            return MIN_WIRE_LEN <= len(payload) <= longest and signs(payload, mac_len) and mac
-        return signer
 
     def signer(payload):
         length = len(payload)
@@ -9826,7 +9819,6 @@ def create_system_user(name, role, later):
     """Create the system user `name` where it is missing; says what it did.  `role`: what
     runs as it ("the packet reader runs as"); `later`: what happens until it exists."""
     import pwd
-    import shutil
     try:
         pwd.getpwnam(name)
         return "%s the user %s" % (role, name)
@@ -9835,7 +9827,7 @@ def create_system_user(name, role, later):
     command = USERADD + [name]
     if os.geteuid() != 0:
         return "note: no user %s: as root, run %s %s" % (name, " ".join(command), later)
-    useradd = shutil.which(command[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    useradd = find_tool(command[0])
     try:
         if useradd is None:
             raise SpaError("%s not found" % command[0])
@@ -10699,10 +10691,14 @@ class PackedMap(object):
         self._add(raw, value, free)
         return True
 
+    def _fits(self, n):
+        """Whether n entries (tombstones counted) leave the table at most four fifths full."""
+        return 5 * (n + 1) <= 4 * self.capacity
+
     def _add(self, raw, value, free):
         """Add a key known to be absent, in the free slot found for it, growing the table
         first if it is full (then the slot is found again)."""
-        if 5 * (self.count + self.gone + 1) > 4 * self.capacity:
+        if not self._fits(self.count + self.gone):
             self._rebuild(None)
             free = None
         self._insert(raw, value, free)
@@ -10761,7 +10757,7 @@ class PackedMap(object):
         """From now on the table has room for `n` entries without growing, pruned or not.
         The room is mapped, not touched: its pages count only as entries fill them."""
         self.reserved = n
-        if 5 * (n + 1) > 4 * self.capacity:
+        if not self._fits(n):
             self._rebuild(None)
 
     def copy(self):

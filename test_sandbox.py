@@ -492,10 +492,9 @@ def test_setup_made_the_user_spa():
 
 
 def test_install_creates_the_user_where_it_is_missing(monkeypatch):
-    import shutil
     ran = []
     monkeypatch.setattr(spa, "run_command", lambda argv, stdin=None: ran.append(argv) or "")
-    monkeypatch.setattr(shutil, "which", lambda name, path=None: "/usr/sbin/" + name)
+    monkeypatch.setattr(spa, "find_tool", lambda name: "/usr/sbin/" + name)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     pwd_without(monkeypatch)
     if _user("spa") is not None:

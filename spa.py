@@ -3657,9 +3657,9 @@ class NftFirewall(Firewall):
         new = self._nat_elements(address, proto, port, to_address, to_port, local, mode)
         needed = self._nat_needs(key, now)       # what the other openings need, until when
         plain = (address, proto, old.to_port) if old is not None else None
-        if plain is not None and self.ends.get(plain, 0) > now:   # a plain opening's too
-            needed.update((item, self.ends[plain]) for item in self._elements_in(self.places,
-                                                                                plain))
+        end = self.ends.get(plain, 0) if plain is not None else 0
+        if end > now:                                           # a plain opening's too
+            needed.update((item, end) for item in self._elements_in(self.places, plain))
         batch = ElementBatch()
         old_data = {}
         if old is not None:

@@ -624,7 +624,9 @@ def banner_of(lab, port=5022):
 @pytest.mark.parametrize("kind", ["nft", "iptables-nft", "iptables-legacy"])
 def test_a_nat_re_knock_to_another_target_replaces_the_opening(tmp_path, kind):
     """Shorter than the time left: the new target at once (nft kept the old one and logged
-    the new); longer: no "File exists" (nft refused it).  Only the new target is reachable."""
+    the new); longer: no "File exists" (nft refused it).  Only the new target is reachable.
+    A plain opening of the old target's port (which the old one's elements may share) is
+    kept through it."""
     need_firewall(kind)
     with Lab(clients=3, prefix="gk") as lab:
         netns_lab.ns_sysctl(lab.name("srv"), "net.ipv4.ip_forward", 1)
@@ -639,6 +641,7 @@ def test_a_nat_re_knock_to_another_target_replaces_the_opening(tmp_path, kind):
         me = Lab.cli4(1)
         assert fw.open_nat(me, "tcp", 5022, Lab.cli4(2), 2222, 20, False)
         assert banner_of(lab) == b"host 2\n"
+        assert fw.open(me, "tcp", 2222, 60)
         assert fw.open_nat(me, "tcp", 5022, Lab.cli4(3), 2222, 8, False)       # shorter
         assert banner_of(lab) == b"host 3\n"
         assert fw.open_nat(me, "tcp", 5022, Lab.cli4(2), 2222, 30, False)      # longer
@@ -648,6 +651,7 @@ def test_a_nat_re_knock_to_another_target_replaces_the_opening(tmp_path, kind):
         assert 28 <= listed[0][6] <= 30
         if kind == "nft":       # what only host 3 needed went with it
             assert not tcp_connect_ok(lab.name("cli1"), Lab.cli4(3), 2222, timeout=0.3)
+        assert [row[:3] for row in fw.list()] == [(me, "tcp", 2222)]
         fw.flush()
 
 

@@ -2331,6 +2331,14 @@ def _replay_key(raw):
     return b64encode(raw).decode()
 
 
+def _reader_digest(key):
+    """What the packet reader's copy of the cache keeps of a replay key or digest (see
+    ReplayCache.copy): the first 8 of _replay_digest()'s 16 bytes."""
+    if type(key) is bytes and len(key) == 8:
+        return key
+    return _replay_digest(key)[:8]
+
+
 def _u32(number):
     return min(max(int(number), 0), 0xFFFFFFFF)
 
@@ -2531,9 +2539,15 @@ class ReplayCache(object):
         self.lines = len(self.entries)
 
     def copy(self):
-        """An in-memory copy (for the packet reader, which must not hold the file)."""
+        """An in-memory copy for the packet reader, which must not hold the file.  It keeps
+        8 bytes of each digest, in a table 13 bytes a slot instead of 21: 64 bits still
+        tell the packets of a window apart (two of 10,000 alike once in ~10^11 windows,
+        and then a knock would be refused as a replay, never a replay let through)."""
         seen = ReplayCache(None, self.max_age)
-        seen.entries = self.entries.copy()
+        seen.entries = PackedMap(8, _reader_digest, _replay_key)
+        seen.entries.reserve(max(self.entries.reserved, len(self.entries)))
+        for raw, value in self.entries._raw_items():
+            seen.entries.raise_to(raw[:8], value)
         seen.floor = self.floor
         return seen
 
@@ -3095,37 +3109,81 @@ class NftNetlink(object):
 NatEnd = namedtuple("NatEnd", "end to_address to_port local mode")
 
 
-def _opening_key(key):
-    """(address, proto, port) as 20 bytes: family, address (16), protocol, port;
-    ValueError for anything else."""
-    address, proto, port = key
-    if proto not in PROTO_NUMBERS or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError("not an opening: %r" % (key,))
-    try:
-        if _family(address) == 6:
-            packed = b"\x06" + socket.inet_pton(socket.AF_INET6, address)
-        else:
-            packed = b"\x04" + socket.inet_pton(socket.AF_INET, address) + bytes(12)
-    except (OSError, TypeError):
-        raise ValueError("not an opening: %r" % (key,))
-    return packed + struct.pack("!BH", PROTO_NUMBERS[proto], port)
+class OpeningEnds(object):
+    """The nft back end's book of openings: (address, proto, port[, interface]) -> its end
+    on the monotonic clock, in a PackedMap a family, so that an IPv4 opening's slot holds
+    its 4 bytes of address, not 16 (16 bytes a slot instead of 29; with bind_interface,
+    the interface's name makes 16 more).  A key that is no opening is absent (get, pop,
+    in) or refused with ValueError (setting it), as in a PackedMap."""
 
+    def __init__(self, bind=False):
+        self.bind = bind
+        self.maps = {family: PackedMap((4 if family == 4 else 16) + 3 + (16 if bind else 0),
+                                       self._encoder(family), self._decoder(family), "d")
+                     for family in (4, 6)}
 
-def _bound_opening_key(key):
-    """(address, proto, port, interface) as 36 bytes: _opening_key's 20, then the name."""
-    if len(key) != 4 or not valid_interface_name(key[3]):
-        raise ValueError("not an opening bound to an interface: %r" % (key,))
-    return _opening_key(key[:3]) + key[3].encode().ljust(16, b"\0")
+    def _encoder(self, family):
+        af, parts = _socket_family("::" if family == 6 else "0.0.0.0"), 4 if self.bind else 3
 
+        def encode(key):
+            if type(key) is not tuple or len(key) != parts or key[1] not in PROTO_NUMBERS or \
+                    not isinstance(key[2], int) or not 0 <= key[2] <= 65535:
+                raise ValueError("not an opening: %r" % (key,))
+            try:
+                raw = socket.inet_pton(af, key[0]) + struct.pack("!BH", PROTO_NUMBERS[key[1]],
+                                                                  key[2])
+            except (OSError, TypeError):
+                raise ValueError("not an opening: %r" % (key,))
+            if self.bind:
+                if not valid_interface_name(key[3]):
+                    raise ValueError("not an opening bound to an interface: %r" % (key,))
+                raw += key[3].encode().ljust(16, b"\0")
+            return raw
+        return encode
 
-def _opening(raw):
-    if raw[0] == 6:
-        address = socket.inet_ntop(socket.AF_INET6, raw[1:17])
-    else:
-        address = socket.inet_ntop(socket.AF_INET, raw[1:5])
-    number, port = struct.unpack("!BH", raw[17:20])
-    key = (address, {6: "tcp", 17: "udp"}[number], port)
-    return key + (raw[20:].rstrip(b"\0").decode(),) if len(raw) > 20 else key
+    def _decoder(self, family):
+        af, size = _socket_family("::" if family == 6 else "0.0.0.0"), 4 if family == 4 else 16
+        names = {number: name for name, number in PROTO_NUMBERS.items()}
+
+        def decode(raw):
+            port, = struct.unpack("!H", raw[size + 1:size + 3])
+            key = (socket.inet_ntop(af, raw[:size]), names[raw[size]], port)
+            return key + (raw[size + 3:].rstrip(b"\0").decode(),) if self.bind else key
+        return decode
+
+    def _map(self, key):
+        try:
+            return self.maps[_family(key[0])]
+        except (TypeError, IndexError):
+            return self.maps[4]            # whose encoder then refuses the key
+
+    def __len__(self):
+        return sum(len(m) for m in self.maps.values())
+
+    def __contains__(self, key):
+        return key in self._map(key)
+
+    def get(self, key, default=None):
+        return self._map(key).get(key, default)
+
+    def __setitem__(self, key, end):
+        self._map(key)[key] = end
+
+    def update(self, pairs):
+        for key, end in pairs.items():
+            self[key] = end
+
+    def pop(self, key, default=None):
+        return self._map(key).pop(key, default)
+
+    def items(self):
+        for m in self.maps.values():
+            for item in m.items():
+                yield item
+
+    def keep_if(self, test):
+        for m in self.maps.values():
+            m.keep_if(test)
 
 
 class NftFirewall(Firewall):
@@ -3211,8 +3269,7 @@ class NftFirewall(Firewall):
         self.table = table
         # (address, proto, port[, interface]) -> monotonic end of the opening; one past
         # its end counts as absent, and is dropped at the next purge (expire) or rebuild.
-        self.ends = PackedMap(36, _bound_opening_key, _opening, "d") if bind else \
-            PackedMap(20, _opening_key, _opening, "d")
+        self.ends = OpeningEnds(bind)
         self.next_purge = 0
         self.nat_ends = {}     # (address, proto, port) -> NatEnd
         # A single-use NAT opening's dnatonce key -> (its data, its end on the monotonic
@@ -5373,18 +5430,26 @@ SOL_PACKET, PACKET_STATISTICS = 263, 6
 # passes into a ring of fixed-size frames that the packet reader maps and reads in
 # batches, with no system call per packet.  A frame: a 32-byte tpacket2_hdr (status,
 # length, captured length, offsets), the link address, then the IP packet at tp_net (80:
-# TPACKET_ALIGN(52) + 16 on a cooked socket).  RING_FRAME holds the longest frame the
-# filter passes (60 bytes of IPv4 header, 8 of UDP, MAX_WIRE_LEN); a longer one would be
-# cut short, and the reader refuses what was cut.  The ring is RING_BYTES of kernel
-# memory, mapped into the reader whole: it counts in its PSS from the start (README.md,
-# Performance), and holds RING_FRAMES frames when the reader falls behind.
-PACKET_RX_RING, PACKET_VERSION, TPACKET_V2 = 5, 10, 1
-TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
+# TPACKET_ALIGN(52) + 16 on a cooked socket).  RING_FRAME, ten to a page, holds a knock
+# of up to 292 characters over IPv4 and 272 over IPv6 (20 and 40 bytes of IP header, 8 of
+# UDP): every AES knock of fwknop's client but those with a long message (testdata: 161-268
+# characters).  The kernel cuts a longer frame to fit and, as the socket asks
+# (PACKET_COPY_THRESH), queues it whole on the socket besides, marking the frame
+# TP_STATUS_COPY: the reader takes the whole from there with recv(), one system call more
+# (Reader.whole).  So every frame fits in fewer bytes than the longest knock would need
+# (560 for udp; 1,648 with GnuPG), and a ring of RING_BYTES holds RING_FRAMES frames
+# while the reader falls behind.  The ring is kernel memory, mapped into the reader
+# whole: it counts in its PSS from the start (README.md, Performance).  Copies wait in the
+# socket's buffer (the system's default size, ~200 kB: ~100 frames), kernel memory that
+# no process maps; when it is full the kernel keeps only the cut frame, which is refused.
+PACKET_RX_RING, PACKET_VERSION, TPACKET_V2, PACKET_COPY_THRESH = 5, 10, 1, 7
+TP_STATUS_KERNEL, TP_STATUS_USER, TP_STATUS_COPY = 0, 1, 2
 SO_RCVBUFFORCE = 33
-RING_FRAME = (80 + 60 + 8 + MAX_WIRE_LEN + 15) & ~15
+RING_FRAME = 400
 RING_BLOCK = max(mmap.PAGESIZE, 4096)
-RING_BYTES = 2 << 20
+RING_BYTES = 1408 << 10
 RING_FRAMES = (RING_BYTES // RING_BLOCK) * (RING_BLOCK // RING_FRAME)
+RECV_LEN = 2048            # the longest frame the filter passes (an HTTP knock's), and more
 
 
 def bpf_assemble(prog):
@@ -5415,22 +5480,6 @@ def bpf_assemble(prog):
 ICMP_ECHO_TYPES = {4: (8, 0), 6: (128, 129)}   # echo request and reply, as fwknop sends either
 HTTP_GET = 0x47455420                          # "GET ", then "/": fwknop's knock over HTTP
 MAX_HTTP_LEN = 2048 - 60 - 60                  # what one recv() holds past the headers
-
-
-def ring_frame(transports=("udp",), longest=MAX_WIRE_LEN):
-    """The receive ring's frame size for knocks over `transports` of up to `longest`
-    characters (GnuPG's are longer; an HTTP GET carries its headers): the ring's header
-    and link address (80), the IP header (60) and the UDP or TCP one, and the data.  For
-    udp alone with AES stanzas: RING_FRAME, the most frames in the same memory."""
-    tcp = any(name in transports for name in ("tcp", "http"))
-    data = max(longest, MAX_HTTP_LEN) if "http" in transports else longest
-    return (80 + 60 + (60 if tcp else 8) + data + 15) & ~15
-
-
-def ring_block(frame):
-    """The ring's block size for frames of `frame` bytes: RING_BLOCK (a page), or 64 KiB
-    for frames longer than a quarter of it, so that few bytes of a block go unused."""
-    return RING_BLOCK if frame * 4 <= RING_BLOCK else 16 * RING_BLOCK
 
 
 def _bpf_length_check(lo, hi):
@@ -5552,19 +5601,20 @@ class InterfaceDown(SpaError):
     """The interface to capture on is there but down: the server waits for it to come up."""
 
 
-def _capture_buffer(sock, frame=RING_FRAME):
-    """The receive ring (see RING_BYTES; frames of `frame` bytes, see ring_frame) on a
-    capture socket, set before it is bound; where
+def _capture_buffer(sock):
+    """The receive ring (see RING_BYTES) on a capture socket, set before it is bound, with
+    whole copies of the frames it cuts queued on the socket (PACKET_COPY_THRESH); where
     the kernel has none, a socket buffer of 32 MiB instead, room for ~30,000 knocks (memory
     only when full).  Returns whether the ring is there."""
     try:
         sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-        block = ring_block(frame)
         sock.setsockopt(SOL_PACKET, PACKET_RX_RING, struct.pack(
-            "IIII", block, RING_BYTES // block, frame, (RING_BYTES // block) * (block // frame)))
-        return True
+            "IIII", RING_BLOCK, RING_BYTES // RING_BLOCK, RING_FRAME, RING_FRAMES))
     except OSError:
         pass
+    else:
+        sock.setsockopt(SOL_PACKET, PACKET_COPY_THRESH, 1)
+        return True
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
     except OSError:
@@ -5588,7 +5638,7 @@ def open_capture(interface, port, transports=("udp",), http_port=DEFAULT_HTTP_PO
     except PermissionError:
         raise SpaError("capture needs root (CAP_NET_RAW): run the server as root")
     attach_filter(sock, bpf_filter(port, transports, http_port, longest))
-    _capture_buffer(sock, ring_frame(transports, longest))
+    _capture_buffer(sock)
     if interface != "any":
         try:
             sock.bind((interface, ETH_P_ALL))
@@ -5673,20 +5723,21 @@ class Ring(object):
 
     HEADER = struct.Struct("=III2xH")       # tp_status, tp_len, tp_snaplen, (tp_mac), tp_net
 
-    def __init__(self, sock, frame=RING_FRAME):
+    def __init__(self, sock):
+        self.sock = sock
         self.map = mmap.mmap(sock.fileno(), RING_BYTES)
-        block = ring_block(frame)
-        self.offsets = [b * block + i * frame
-                        for b in range(RING_BYTES // block) for i in range(block // frame)]
+        self.offsets = [b * RING_BLOCK + i * RING_FRAME for b in range(RING_BYTES // RING_BLOCK)
+                        for i in range(RING_BLOCK // RING_FRAME)]
         self.next = 0
         self.synced = False
+        self.idle = None        # since when wake-ups found nothing to read (see Reader.run)
 
     @classmethod
-    def of(cls, sock, frame=RING_FRAME):
+    def of(cls, sock):
         """The ring of `sock` mapped, or None where it has none (a socket the parent did
         not give one: the kernel refuses the mapping)."""
         try:
-            return cls(sock, frame)
+            return cls(sock)
         except (OSError, ValueError):
             return None
 
@@ -7071,7 +7122,6 @@ class Reader(object):
             (lambda frame: self.parse_frame(frame)[1])
         self.signed = hmac_sieve(self.stanzas)
         self.rings = None      # capture socket's fd -> its Ring, mapped before the sandbox
-        self.frame = ring_frame(transports, getattr(config, "longest_wire", MAX_WIRE_LEN))
         # Room for a burst of knocks without growing the table of digests mid-burst (each
         # growth moves every entry while the ring fills): memory only as entries come.
         self.seen.entries.reserve(self.BURST)
@@ -7081,7 +7131,7 @@ class Reader(object):
         the others are read with recv()."""
         self.rings = {}
         for sock in sockets:
-            ring = Ring.of(sock, self.frame)
+            ring = Ring.of(sock)
             if ring is not None:
                 self.rings[sock.fileno()] = ring
 
@@ -7115,11 +7165,46 @@ class Reader(object):
         return self.gate.knock(source, destination, payload, now, interface)
 
     def refuse_cut(self, length):
-        """A frame the ring cut short (longer than any knock): refused whole."""
+        """A frame the ring cut short whose whole the socket had no room for (or lost):
+        refused."""
         self.counts["rejected"] += 1
         if self.limiter.allow():
-            self.log.info("rejected packet: a frame of %d bytes, longer than any knock (the "
-                          "capture ring keeps %d)", length, self.frame - 80)
+            self.log.info("rejected packet: a frame of %d bytes, cut to the capture ring's %d, "
+                          "and the socket's buffer had no room for the whole", length,
+                          RING_FRAME - 80)
+
+    def whole(self, ring, head, length):
+        """The whole of a frame the ring cut short (TP_STATUS_COPY: see RING_FRAME): the
+        copy the kernel queued on the socket, in the ring's order, so the first one there,
+        unless a reader before this one left copies of frames it took (those are dropped
+        on the way).  None if it is not there."""
+        for _ in range(256):
+            try:
+                data = ring.sock.recv(RECV_LEN)
+            except OSError:        # none there; ENETDOWN (then the ring's poll says so)
+                return None
+            if len(data) == length and data.startswith(head):
+                return data
+        return None
+
+    def woken(self, ring, interface):
+        """poll() says the ring's socket is readable: read the ring.  Wake-ups that keep
+        finding nothing there for 50 ms (not a frame the kernel is still writing, which
+        takes microseconds) mean the socket holds copies whose frames a reader before this
+        one took: poll() says readable while any is there.  They are dropped, and the ring
+        looked through for a frame passed over (see resync)."""
+        if self.read_ring(ring, interface):
+            ring.idle = None
+        elif ring.idle is None:
+            ring.idle = time.monotonic()
+        elif time.monotonic() - ring.idle > 0.05:
+            while True:
+                try:
+                    ring.sock.recv(1)
+                except OSError:
+                    break
+            ring.synced = False
+            ring.idle = None
 
     def take(self, frames, interface):
         """Screen a batch of frames: the flood's path.  A frame whose payload no key signed
@@ -7155,26 +7240,31 @@ class Reader(object):
 
     def read_ring(self, ring, interface, batch=256):
         """Take the frames ready in `ring`, up to `batch`, each handed back to the kernel
-        once copied: the flood's path, with no system call."""
+        once copied: the flood's path, with no system call.  Returns how many it took."""
         view, offsets, header = ring.map, ring.offsets, Ring.HEADER.unpack_from
         i, count = ring.next, len(offsets)
         if not header(view, offsets[i])[0] & TP_STATUS_USER and (ring.synced or not ring.find()):
-            return
+            return 0
         ring.synced = True
-        i, frames = ring.next, []
-        for _ in range(batch):
+        i, frames, taken = ring.next, [], 0
+        for taken in range(1, batch + 1):
             at = offsets[i]
             status, length, kept, net = header(view, at)
             if not status & TP_STATUS_USER:
+                taken -= 1
                 break
-            if kept == length:
-                frames.append(view[at + net:at + net + kept])
-            else:
-                self.refuse_cut(length)
+            frame = view[at + net:at + net + kept]
+            if kept != length:
+                frame = self.whole(ring, frame, length) if status & TP_STATUS_COPY else None
             view[at:at + 4] = b"\0\0\0\0"               # TP_STATUS_KERNEL: the kernel's again
             i = i + 1 if i + 1 < count else 0
+            if frame is not None:
+                frames.append(frame)
+            else:
+                self.refuse_cut(length)
         ring.next = i
         self.take(frames, interface)
+        return taken
 
     def resync(self):
         """After a whole wait in which poll() saw nothing: read whatever each ring holds,
@@ -7259,7 +7349,7 @@ class Reader(object):
                 # A batch from each socket in turn, so one flooded interface cannot
                 # starve the others.
                 if fd in rings:
-                    self.read_ring(rings[fd], self.names.get(fd))
+                    self.woken(rings[fd], self.names.get(fd))
                 else:
                     self.read_socket(sock, self.names.get(fd))
             if parent_fd is not None and hasattr(self.gate, "flush"):

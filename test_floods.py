@@ -8,7 +8,7 @@ namespaces (real capture through the ring, real nftables, a real TCP service):
    so) and counted what it read; the flood's packets are refused and logged at the rate
    limit only.
 2. A frame longer than the ring keeps (a valid knock in an IP packet padded past the
-   knock's length) is refused whole, and says why; a plain knock then opens.
+   ring's frame, IPv4 and IPv6) comes whole through the socket's copy and opens.
 3. The interface goes down and comes back: the server waits for it (no reader started
    again and again on ENETDOWN), then captures again; started on an interface that is
    down, it waits as well.
@@ -16,7 +16,8 @@ namespaces (real capture through the ring, real nftables, a real TCP service):
    replays.
 5. The ring on its own (unit), and after a reload (real): a new reader finds where the
    kernel writes after another reader read the ring before it; a frame cut short is
-   refused; the reader's replay table takes a burst without growing.
+   taken whole from the socket's copy (copies a reader before left are passed over), or
+   refused where there is none; the reader's replay table takes a burst without growing.
 6. bench_spa.py's pieces that need no flood: the router's cgroup holds a busy process to
    its share of one core (cgroup v2's cpu.max or v1's cfs quota).
 
@@ -133,32 +134,43 @@ def test_knocks_open_under_a_bounded_flood_read_through_the_ring(tmp_path):
 # --- 2. A frame cut short -----------------------------------------------------------------
 
 def _padded_knock(src, dst, wire, padding):
-    """An IPv4 packet with a UDP datagram carrying `wire`, followed by `padding` bytes inside
-    the IP packet but outside the UDP datagram (its length field ends before them)."""
+    """An IPv4 or IPv6 packet with a UDP datagram carrying `wire`, followed by `padding` bytes
+    inside the IP packet but outside the UDP datagram (its length field ends before them)."""
     udp = struct.pack("!HHHH", 40000, spa.DEFAULT_PORT, 8 + len(wire), 0) + wire
+    if ":" in src:
+        return struct.pack("!IHBB16s16s", 6 << 28, len(udp) + padding, 17, 64,
+                           socket.inet_pton(socket.AF_INET6, src),
+                           socket.inet_pton(socket.AF_INET6, dst)) + udp + b"\0" * padding
     total = 20 + len(udp) + padding
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0, 64, 17, 0,
                      socket.inet_aton(src), socket.inet_aton(dst))
     return ip + udp + b"\0" * padding
 
 
-def test_a_frame_longer_than_the_ring_keeps_is_refused_whole(tmp_path):
+def test_a_frame_longer_than_the_ring_keeps_comes_whole_and_opens(tmp_path):
+    """The ring cuts a frame longer than RING_FRAME; the kernel queues it whole on the
+    socket as well (PACKET_COPY_THRESH), and the reader takes it from there: the knock it
+    carries opens, over IPv4 and IPv6, and nothing is refused."""
     need_nft()
     with Lab(clients=1, prefix=PREFIX) as lab:
         lab.tcp_service("srv", Lab.srv4(1), SERVICE_PORT)
+        lab.tcp_service("srv", Lab.srv6(1), SERVICE_PORT)
         server = start_server(lab, tmp_path, interface=lab.srv_if[1])
-        frame = _padded_knock(Lab.cli4(1), Lab.srv4(1), packet(), 700)
-        assert len(frame) > spa.RING_FRAME - 80
+        for src, dst, family in ((Lab.cli4(1), Lab.srv4(1), socket.AF_INET),
+                                 (Lab.cli6(1), Lab.srv6(1), socket.AF_INET6)):
+            frame = _padded_knock(src, dst, packet(), 700)
+            assert len(frame) > spa.RING_FRAME - 80
+            assert closed(lab, "cli1", dst)
 
-        def send():
-            with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
-                s.sendto(frame, (Lab.srv4(1), 0))
-        netns_lab.in_netns(lab.name("cli1"), send)
-        wait_for_line(server, r"rejected packet: a frame of %d bytes, longer than any knock"
-                      % len(frame), 3)
-        assert closed(lab, "cli1", Lab.srv4(1))
-        # The same knock, sent whole, opens (it was never passed on, so it is no replay).
-        assert timed_knock(lab, "cli1", Lab.srv4(1)) is not None
+            def send():
+                with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+                    if family == socket.AF_INET6:     # the header is ours (IPV6_HDRINCL)
+                        s.setsockopt(socket.IPPROTO_IPV6, 36, 1)
+                    s.sendto(frame, (dst, 0))
+            netns_lab.in_netns(lab.name("cli1"), send)
+            wait_for_line(server, r"opened tcp/%d for %s " % (SERVICE_PORT, re.escape(src)), 3)
+            assert not closed(lab, "cli1", dst)
+        assert not [line for line in server.log.lines if "rejected packet" in line]
 
 
 # --- 3. The interface goes down and comes back ---------------------------------------------
@@ -234,19 +246,23 @@ def test_client_repeat_refuses_a_count_out_of_range(tmp_path):
 # --- 5. The ring on its own ----------------------------------------------------------------
 
 class FakeRing(spa.Ring):
-    """A ring in anonymous memory, laid out as the kernel lays out a capture ring."""
+    """A ring in anonymous memory, laid out as the kernel lays out a capture ring; `sock`
+    holds the whole copies of frames cut short, as the capture socket does."""
 
-    def __init__(self):
+    def __init__(self, sock=None):
         self.map = mmap.mmap(-1, spa.RING_BYTES)
         per = spa.RING_BLOCK // spa.RING_FRAME
         self.offsets = [b * spa.RING_BLOCK + i * spa.RING_FRAME
                         for b in range(spa.RING_BYTES // spa.RING_BLOCK) for i in range(per)]
         self.next = 0
         self.synced = False
+        self.sock = sock
+        self.idle = None
 
-    def put(self, i, frame, length=None):
+    def put(self, i, frame, length=None, copy=False):
         at = self.offsets[i]
-        self.map[at:at + 16] = struct.pack("=IIIHH", spa.TP_STATUS_USER,
+        status = spa.TP_STATUS_USER | (spa.TP_STATUS_COPY if copy else 0)
+        self.map[at:at + 16] = struct.pack("=IIIHH", status,
                                            len(frame) if length is None else length,
                                            len(frame), 80, 80)
         self.map[at + 80:at + 80 + len(frame)] = frame
@@ -271,7 +287,8 @@ def test_ring_frames_are_read_in_order_from_where_the_kernel_writes(tmp_path):
     writes further on: it finds the frames ready, reads them, hands each back."""
     reader, ring = _reader(tmp_path), FakeRing()
     count = len(ring.offsets)
-    assert count == spa.RING_FRAMES and spa.RING_FRAME >= 80 + 60 + 8 + spa.MAX_WIRE_LEN
+    assert count == spa.RING_FRAMES >= 3500
+    assert spa.RING_FRAME >= 80 + 20 + 8 + 292 and spa.RING_FRAME >= 80 + 40 + 8 + 272
     garbage = [bytes([B64[(i * 7 + j) % 64] for j in range(204)]) for i in range(5)]
     for k, i in enumerate((count - 2, count - 1, 0, 1, 2)):       # wrapping round the end
         ring.put(i, _udp_frame(garbage[k]))
@@ -280,7 +297,7 @@ def test_ring_frames_are_read_in_order_from_where_the_kernel_writes(tmp_path):
     assert reader.counts["rejected"] == 5
     assert all(ring.status(i) == spa.TP_STATUS_KERNEL for i in (count - 2, count - 1, 0, 1, 2))
     assert ring.next == 3
-    assert reader.read_ring(ring, None) is None and reader.counts["rejected"] == 5
+    assert reader.read_ring(ring, None) == 0 and reader.counts["rejected"] == 5
 
 
 def test_a_frame_the_kernel_is_still_writing_is_waited_for_never_skipped(tmp_path):
@@ -322,14 +339,80 @@ def test_after_a_quiet_wait_the_reader_reads_a_frame_it_lost(tmp_path):
     assert ring.next == 51 and ring.synced
 
 
-def test_a_ring_frame_cut_short_is_refused_and_handed_back(tmp_path):
-    reader, ring = _reader(tmp_path), FakeRing()
-    ring.put(0, _udp_frame(packet())[:200], length=900)      # the kernel kept 200 of 900
-    reader.read_ring(ring, None)
-    assert reader.counts == {"passed": 0, "rejected": 1}
-    assert ring.status(0) == spa.TP_STATUS_KERNEL
-    assert any("a frame of 900 bytes, longer than any knock" in line
-               for line in reader.log.lines)
+def test_a_ring_frame_cut_short_is_taken_whole_from_the_sockets_copy(tmp_path):
+    """A knock longer than the ring's frame: the ring has the frame cut, marked
+    TP_STATUS_COPY, the socket the whole; copies a reader before left there (of frames it
+    took) are passed over, the knock is passed on, the frame handed back."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        a.setblocking(False)
+        reader, ring = _reader(tmp_path), FakeRing(a)
+        reader.gate = Passes()
+        whole = _udp_frame(packet()) + bytes(300)       # bytes past the UDP datagram's end
+        assert len(whole) > spa.RING_FRAME - 80
+        b.send(_udp_frame(B64 * 6))                          # a copy left by another reader
+        decoy = _udp_frame(packet()) + bytes(300)            # as long, another start
+        assert len(decoy) == len(whole) and decoy[:spa.RING_FRAME - 80] != whole[:spa.RING_FRAME - 80]
+        b.send(decoy)
+        b.send(whole)
+        ring.put(0, whole[:spa.RING_FRAME - 80], length=len(whole), copy=True)
+        assert reader.read_ring(ring, None) == 1
+        assert (reader.gate.knocks, reader.counts["passed"]) == (1, 1)
+        assert ring.status(0) == spa.TP_STATUS_KERNEL
+        try:
+            a.recv(4096)
+            assert False, "a copy is left"
+        except BlockingIOError:
+            pass
+
+
+def test_a_ring_frame_cut_short_without_its_copy_is_refused_and_handed_back(tmp_path):
+    """No copy (the socket's buffer was full: the kernel did not make one), or a copy
+    marked but not there: the frame is refused, and the log says why."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        a.setblocking(False)
+        reader, ring = _reader(tmp_path), FakeRing(a)
+        reader.gate = Passes()
+        ring.put(0, _udp_frame(packet())[:200], length=900)       # the kernel kept 200 of 900
+        b.send(_udp_frame(packet()))                          # not its copy: not marked
+        ring.put(1, _udp_frame(packet())[:200], length=901, copy=True)   # its copy is lost
+        assert reader.read_ring(ring, None) == 2
+        assert reader.counts == {"passed": 0, "rejected": 2} and reader.gate.knocks == 0
+        assert ring.status(0) == ring.status(1) == spa.TP_STATUS_KERNEL
+        assert any("a frame of 900 bytes, cut to the capture ring's %d, and the socket's "
+                   "buffer had no room for the whole" % (spa.RING_FRAME - 80) in line
+                   for line in reader.log.lines)
+
+
+def test_copies_no_frame_will_take_are_dropped_when_wake_ups_find_nothing(tmp_path):
+    """A copy whose frame a reader before took keeps poll() saying readable while the ring
+    is empty: the reader, finding nothing time after time, drops it after a moment and
+    goes back to waiting (were it left, the reader would spin until the next long knock)."""
+    import threading
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    r, w = os.pipe()
+    with a, b:
+        a.setblocking(False)
+        reader, ring = _reader(tmp_path), FakeRing(a)
+        reader.gate = Passes()
+        reader.rings = {a.fileno(): ring}
+        b.send(_udp_frame(B64 * 6))
+        stopper = threading.Timer(0.5, os.close, (w,))      # the parent goes: run() returns
+        stopper.start()
+        started = time.process_time()
+        try:
+            reader.run([a], r)
+        finally:
+            stopper.join()
+            os.close(r)
+        try:
+            a.recv(4096)
+            assert False, "the stale copy is still there"
+        except BlockingIOError:
+            pass
+        assert time.process_time() - started < 0.3      # it waited, once the copy was gone
+        assert reader.counts == {"passed": 0, "rejected": 0}
 
 
 def test_the_sieve_refuses_only_what_screen_refuses_from_every_source(tmp_path):

@@ -20,7 +20,9 @@ import random
 import re
 import shlex
 import shutil
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -3025,10 +3027,26 @@ def test_packed_map_behaves_like_a_dict():
         st.tuples(st.just("keep"), st.just(None), st.integers(0, 100)),
         st.tuples(st.just("copy"), st.just(None), st.just(0))), max_size=80)
 
+    def encode(key):
+        address, proto, port = key
+        if proto not in ("tcp", "udp"):
+            raise ValueError(key)
+        try:
+            raw = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+        except OSError:
+            raise ValueError(key)
+        return raw.ljust(16, b"\0") + struct.pack("!?H", proto == "tcp", port)
+
+    def decode(raw):
+        address = raw[:16] if raw[4:16].strip(b"\0") else raw[:4]
+        return (socket.inet_ntop(socket.AF_INET6 if len(address) == 16 else socket.AF_INET,
+                                 address), "tcp" if raw[16] else "udp",
+                struct.unpack("!H", raw[17:])[0])
+
     @settings(max_examples=300, deadline=None)
     @given(ops)
     def run(sequence):
-        packed, model = spa.PackedMap(20, spa._opening_key, spa._opening, "d"), {}
+        packed, model = spa.PackedMap(19, encode, decode, "d"), {}
         for op, key, n in sequence:
             if op == "put":
                 packed[key] = float(n)
@@ -3057,6 +3075,55 @@ def test_packed_map_behaves_like_a_dict():
     assert len(packed) == 1000 and digests[8999] not in packed and digests[9000] in packed
     assert len(packed.table) < 100 * 1024          # rebuilt small again
     assert "!" * 43 not in packed and not spa.ReplayCache.valid("!" * 43)
+
+
+def test_the_nft_book_of_openings_behaves_like_a_dict():
+    """OpeningEnds (nft's ends, a PackedMap a family, 4 bytes of an IPv4 address) against a
+    dict, with and without bind_interface; keys that are no opening are absent, and
+    refused when set."""
+    from hypothesis import given, settings, strategies as st
+    addresses = st.sampled_from(["198.18.0.1", "198.18.0.2", "2001:db8::1", "::ffff:198.18.0.1"])
+    ops = st.lists(st.one_of(
+        st.tuples(st.just("put"), addresses, st.sampled_from(["tcp", "udp"]),
+                  st.sampled_from([0, 22, 65535]), st.sampled_from(["eth0", "br-lan"]),
+                  st.integers(0, 100)),
+        st.tuples(st.just("pop"), addresses, st.just("tcp"), st.just(22), st.just("eth0"),
+                  st.just(0)),
+        st.tuples(st.just("keep"), addresses, st.just("tcp"), st.just(22), st.just("eth0"),
+                  st.integers(0, 100))), max_size=60)
+
+    for bind in (False, True):
+        @settings(max_examples=150, deadline=None)
+        @given(ops)
+        def run(sequence):
+            ends, model = spa.OpeningEnds(bind), {}
+            for op, address, proto, port, interface, n in sequence:
+                key = (address, proto, port) + ((interface,) if bind else ())
+                if op == "put":
+                    ends[key] = model[key] = float(n)
+                elif op == "pop":
+                    assert ends.pop(key, -1.0) == model.pop(key, -1.0)
+                else:
+                    ends.keep_if(lambda v: v >= n)
+                    model = {k: v for k, v in model.items() if v >= n}
+                assert len(ends) == len(model) and dict(ends.items()) == model
+                assert all(ends.get(k) == v and k in ends for k, v in model.items())
+        run()
+        ends = spa.OpeningEnds(bind)
+        tail = ("eth0",) if bind else ()
+        for nonsense in [("198.18.0.1", "sctp", 22) + tail, ("nonsense", "tcp", 1) + tail,
+                         ("198.18.0.1", "tcp", 70000) + tail, ("198.18.0.1", "tcp", 22, "eth0", 1),
+                         ("198.18.0.1",), (), 5, None]:
+            assert ends.get(nonsense) is None and nonsense not in ends
+            assert ends.pop(nonsense, "absent") == "absent"
+            with pytest.raises(ValueError):
+                ends[nonsense] = 1.0
+        if bind:
+            with pytest.raises(ValueError):
+                ends[("198.18.0.1", "tcp", 22, "no such name, far too long")] = 1.0
+    # An IPv4 opening's slot: 4 bytes of address, protocol, port, its end, the slot's state.
+    assert spa.OpeningEnds().maps[4].slot == 4 + 3 + 8 + 1
+    assert spa.OpeningEnds(True).maps[6].slot == 16 + 3 + 16 + 8 + 1
 
 
 def _pythons_with_pycryptodome():

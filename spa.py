@@ -7189,10 +7189,13 @@ class Reader(object):
 
     def woken(self, ring, interface):
         """poll() says the ring's socket is readable: read the ring.  Wake-ups that keep
-        finding nothing there for 50 ms (not a frame the kernel is still writing, which
-        takes microseconds) mean the socket holds copies whose frames a reader before this
-        one took: poll() says readable while any is there.  They are dropped, and the ring
-        looked through for a frame passed over (see resync)."""
+        finding nothing there for 50 ms (a frame the kernel is still writing takes
+        microseconds) mean the socket holds copies no frame will take (a reader before
+        this one took their frames, and died before their copies): poll() says readable
+        while any is there, and the reader would spin.  They are dropped.  (A copy queued
+        in that very moment for a frame still being written would go with them: that one
+        long frame would then be refused.)  The ring is not looked through here: a frame
+        being written is never passed over (see Ring)."""
         if self.read_ring(ring, interface):
             ring.idle = None
         elif ring.idle is None:
@@ -7203,7 +7206,6 @@ class Reader(object):
                     ring.sock.recv(1)
                 except OSError:
                     break
-            ring.synced = False
             ring.idle = None
 
     def take(self, frames, interface):

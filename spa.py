@@ -5440,8 +5440,11 @@ SOL_PACKET, PACKET_STATISTICS = 263, 6
 # (560 for udp; 1,648 with GnuPG), and a ring of RING_BYTES holds RING_FRAMES frames
 # while the reader falls behind.  The ring is kernel memory, mapped into the reader
 # whole: it counts in its PSS from the start (README.md, Performance).  Copies wait in the
-# socket's buffer (the system's default size, ~200 kB: ~100 frames), kernel memory that
-# no process maps; when it is full the kernel keeps only the cut frame, which is refused.
+# socket's buffer, kernel memory that no process maps, left at the system's default size
+# (~200 kB: ~160 copies).  When it is full the kernel keeps only the cut frame, refused
+# without an HMAC: a flood of long packets then costs what one of short ones does (~2.5
+# us a packet), where with room for a ring's worth of copies each cost ~8.5 us (one
+# recvfrom, the kernel's copy and its accounting; measured: README.md, Performance).
 PACKET_RX_RING, PACKET_VERSION, TPACKET_V2, PACKET_COPY_THRESH = 5, 10, 1, 7
 TP_STATUS_KERNEL, TP_STATUS_USER, TP_STATUS_COPY = 0, 1, 2
 SO_RCVBUFFORCE = 33

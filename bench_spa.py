@@ -1079,6 +1079,16 @@ def run_flood(lab, server, cfg, rate, seconds, knocks=(), repeat=1):
     return d
 
 
+def show_unusual(server, why):
+    """Print the server's last log lines that are not the routine ones (a reader that died,
+    a warning): when a run went wrong, `why`."""
+    unusual = [line for line in server.proc.log.lines[-2000:] if not re.search(
+        r"rejected packet|accepted packet|stats: |gatekeeper: accepted|SPA Packet|"
+        r"not logged|listening on|does not hold spa.py's protection", line)]
+    log("%s: %s; the server's last unusual lines:\n  %s", server.name, why,
+        "\n  ".join(unusual[-15:]) or "(none)")
+
+
 def measure_flood(lab, server, cfg, runs_wanted=None):
     """The flood runs of cfg.flood_runs ((rate, copies of each knock)), each with
     cfg.flood_knocks valid knocks spread over it; the highest rate with every knock opened
@@ -1099,11 +1109,7 @@ def measure_flood(lab, server, cfg, runs_wanted=None):
             fmt(r["cpu_us_per_packet"]), r["kernel_drops"], fmt(r["drop_pct"]), r["log_lines"],
             load())
         if r["opened"] < r["knocks"] / 2:        # something is wrong: show what the server said
-            unusual = [line for line in server.proc.log.lines[-2000:] if not re.search(
-                r"rejected packet|accepted packet|stats: |gatekeeper: accepted|SPA Packet|"
-                r"not logged|listening on|does not hold spa.py's protection", line)]
-            log("%s: fewer than half opened; the server's last unusual lines:\n  %s",
-                server.name, "\n  ".join(unusual[-15:]) or "(none)")
+            show_unusual(server, "fewer than half opened")
     best = None                         # the rate the sender reached, not the one asked
     for r in sorted((r for r in runs if r["repeat"] == 1), key=lambda r: r["sender"]["rate"]):
         if r["opened_pct"] < 100:
@@ -1225,6 +1231,8 @@ def measure_scale(lab, server, cfg, budget):
             "firewall entries %s (%s of this run); server handled %s, kernel drops %s", server.name,
             n, last_n, n - last_n, fmt(r["rate_per_s"]), fmt(r["seconds_to_last"]),
             fmt(r["send_seconds"]), entries, mine, d["handled"], d["kernel_drops"])
+        if last_n < n / 2:
+            show_unusual(server, "fewer than half authorized")
     return out
 
 

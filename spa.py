@@ -7176,6 +7176,15 @@ class Reader(object):
                           "and the socket's buffer had no room for the whole", length,
                           RING_FRAME - 80)
 
+    def take_cut(self, ring, head, length, status, frames):
+        """A frame the ring cut to `head`: its whole, from the socket, joins `frames`; or,
+        without one, it is refused."""
+        whole = self.whole(ring, head, length) if status & TP_STATUS_COPY else None
+        if whole is None:
+            self.refuse_cut(length)
+        else:
+            frames.append(whole)
+
     def whole(self, ring, head, length):
         """The whole of a frame the ring cut short (TP_STATUS_COPY: see RING_FRAME): the
         copy the kernel queued on the socket, in the ring's order, so the first one there,
@@ -7193,12 +7202,16 @@ class Reader(object):
     def woken(self, ring, interface):
         """poll() says the ring's socket is readable: read the ring.  Wake-ups that keep
         finding nothing there for 50 ms (a frame the kernel is still writing takes
-        microseconds) mean the socket holds copies no frame will take (a reader before
-        this one took their frames, and died before their copies): poll() says readable
-        while any is there, and the reader would spin.  They are dropped.  (A copy queued
-        in that very moment for a frame still being written would go with them: that one
-        long frame would then be refused.)  The ring is not looked through here: a frame
-        being written is never passed over (see Ring)."""
+        microseconds) mean the reader spins: the socket holds copies no frame will take
+        (a reader before this one took their frames, and died before their copies), or
+        the ring has frames ready where the reader does not stand (poll() asks about the
+        frame before the kernel's: see Ring).  The copies are dropped, and the ring looked
+        through from where the reader stands (resync): a reader that lost the kernel
+        finds it again within 50 ms, instead of spinning until new frames come round to
+        it.  (Should a frame have been still being written all that time, it is passed
+        over; when the kernel comes round to it, unread, the same spin brings the reader
+        back to it.  A copy queued in that very moment goes with the others: its long
+        frame is then refused.)"""
         if self.read_ring(ring, interface):
             ring.idle = None
         elif ring.idle is None:
@@ -7210,6 +7223,8 @@ class Reader(object):
                 except OSError:
                     break
             ring.idle = None
+            ring.synced = False
+            self.read_ring(ring, interface)
 
     def take(self, frames, interface):
         """Screen a batch of frames: the flood's path.  A frame whose payload no key signed
@@ -7258,15 +7273,12 @@ class Reader(object):
             if not status & TP_STATUS_USER:
                 taken -= 1
                 break
-            frame = view[at + net:at + net + kept]
-            if kept != length:
-                frame = self.whole(ring, frame, length) if status & TP_STATUS_COPY else None
+            if kept == length:
+                frames.append(view[at + net:at + net + kept])
+            else:
+                self.take_cut(ring, view[at + net:at + net + kept], length, status, frames)
             view[at:at + 4] = b"\0\0\0\0"               # TP_STATUS_KERNEL: the kernel's again
             i = i + 1 if i + 1 < count else 0
-            if frame is not None:
-                frames.append(frame)
-            else:
-                self.refuse_cut(length)
         ring.next = i
         self.take(frames, interface)
         return taken

@@ -385,10 +385,12 @@ def test_a_ring_frame_cut_short_without_its_copy_is_refused_and_handed_back(tmp_
                    for line in reader.log.lines)
 
 
-def test_copies_no_frame_will_take_are_dropped_when_wake_ups_find_nothing(tmp_path):
+def test_wake_ups_that_find_nothing_drop_stale_copies_and_find_the_kernel_again(tmp_path):
     """A copy whose frame a reader before took keeps poll() saying readable while the ring
-    is empty: the reader, finding nothing time after time, drops it after a moment and
-    goes back to waiting (were it left, the reader would spin until the next long knock)."""
+    has nothing where the reader stands, and a frame is ready elsewhere (a reader that lost
+    the kernel): the reader, finding nothing time after time, drops the copy after a
+    moment, looks through the ring, reads that frame, and goes back to waiting (it would
+    otherwise spin until frames came round to where it stands)."""
     import threading
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     r, w = os.pipe()
@@ -397,6 +399,8 @@ def test_copies_no_frame_will_take_are_dropped_when_wake_ups_find_nothing(tmp_pa
         reader, ring = _reader(tmp_path), FakeRing(a)
         reader.gate = Passes()
         reader.rings = {a.fileno(): ring}
+        ring.synced, ring.next = True, 7
+        ring.put(50, _udp_frame(B64[:51] * 4))
         b.send(_udp_frame(B64 * 6))
         stopper = threading.Timer(0.5, os.close, (w,))      # the parent goes: run() returns
         stopper.start()
@@ -412,7 +416,8 @@ def test_copies_no_frame_will_take_are_dropped_when_wake_ups_find_nothing(tmp_pa
         except BlockingIOError:
             pass
         assert time.process_time() - started < 0.3      # it waited, once the copy was gone
-        assert reader.counts == {"passed": 0, "rejected": 0}
+        assert reader.counts == {"passed": 0, "rejected": 1}     # frame 50, read
+        assert ring.status(50) == spa.TP_STATUS_KERNEL and ring.next == 51 and ring.synced
 
 
 def test_the_sieve_refuses_only_what_screen_refuses_from_every_source(tmp_path):

@@ -165,6 +165,7 @@ MSG_NAMES = {0: "command", 1: "access", 2: "NAT access", 3: "access with timeout
 TIMEOUT_TYPES = (MSG_TIMEOUT_ACCESS, MSG_TIMEOUT_NAT, MSG_TIMEOUT_LOCAL_NAT)
 NAT_TYPES = (MSG_NAT, MSG_TIMEOUT_NAT, MSG_LOCAL_NAT, MSG_TIMEOUT_LOCAL_NAT)
 PROTO_NUMBERS = {"tcp": 6, "udp": 17}       # the protocols an access field may name
+PROTO_NAMES = {number: name for name, number in PROTO_NUMBERS.items()}
 USERNAME_FORBIDDEN = set('"/\\[]:;|=,+*?<>')      # as fko_user.c's validate_username
 
 
@@ -3123,7 +3124,7 @@ class OpeningEnds(object):
                      for family in (4, 6)}
 
     def _encoder(self, family):
-        af, parts = _socket_family("::" if family == 6 else "0.0.0.0"), 4 if self.bind else 3
+        af, parts = socket.AF_INET6 if family == 6 else socket.AF_INET, 4 if self.bind else 3
 
         def encode(key):
             if type(key) is not tuple or len(key) != parts or key[1] not in PROTO_NUMBERS or \
@@ -3142,12 +3143,11 @@ class OpeningEnds(object):
         return encode
 
     def _decoder(self, family):
-        af, size = _socket_family("::" if family == 6 else "0.0.0.0"), 4 if family == 4 else 16
-        names = {number: name for name, number in PROTO_NUMBERS.items()}
+        af, size = socket.AF_INET6 if family == 6 else socket.AF_INET, 4 if family == 4 else 16
 
         def decode(raw):
             port, = struct.unpack("!H", raw[size + 1:size + 3])
-            key = (socket.inet_ntop(af, raw[:size]), names[raw[size]], port)
+            key = (socket.inet_ntop(af, raw[:size]), PROTO_NAMES[raw[size]], port)
             return key + (raw[size + 3:].rstrip(b"\0").decode(),) if self.bind else key
         return decode
 
@@ -3910,7 +3910,7 @@ class NftFirewall(Firewall):
                 interface = (fields.pop(0),) if name.endswith("_if") else ()
                 addresses, (proto, port) = fields[:-2], fields[-2:]    # fwd: two addresses
                 if isinstance(proto, int):
-                    proto = {6: "tcp", 17: "udp"}.get(proto, str(proto))
+                    proto = PROTO_NAMES.get(proto, str(proto))
                 yield tuple(addresses) + (proto, int(port)) + interface, \
                     data and data["concat"], int(e.get("expires", 0))
 
@@ -5733,7 +5733,7 @@ class Ring(object):
                         for i in range(RING_BLOCK // RING_FRAME)]
         self.next = 0
         self.synced = False
-        self.idle = None        # since when wake-ups found nothing to read (see Reader.run)
+        self.idle = None        # since when wake-ups found nothing to read (Reader.woken)
 
     @classmethod
     def of(cls, sock):
@@ -7266,12 +7266,11 @@ class Reader(object):
         if not header(view, offsets[i])[0] & TP_STATUS_USER and (ring.synced or not ring.find()):
             return 0
         ring.synced = True
-        i, frames, taken = ring.next, [], 0
-        for taken in range(1, batch + 1):
+        i, frames = ring.next, []
+        for _ in range(batch):
             at = offsets[i]
             status, length, kept, net = header(view, at)
             if not status & TP_STATUS_USER:
-                taken -= 1
                 break
             if kept == length:
                 frames.append(view[at + net:at + net + kept])
@@ -7279,7 +7278,7 @@ class Reader(object):
                 self.take_cut(ring, view[at + net:at + net + kept], length, status, frames)
             view[at:at + 4] = b"\0\0\0\0"               # TP_STATUS_KERNEL: the kernel's again
             i = i + 1 if i + 1 < count else 0
-        ring.next = i
+        taken, ring.next = (i - ring.next) % count, i
         self.take(frames, interface)
         return taken
 
@@ -7300,7 +7299,7 @@ class Reader(object):
         frames = []
         for _ in range(batch):
             try:
-                frames.append(sock.recv(2048))
+                frames.append(sock.recv(RECV_LEN))
             except BlockingIOError:
                 break
             except OSError:            # ENETDOWN: the interface went down or away
@@ -10866,17 +10865,6 @@ class PackedMap(object):
         self.reserved = n
         if not self._fits(n):
             self._rebuild(None)
-
-    def copy(self):
-        """A copy with a table of its own."""
-        other = PackedMap(self.size, self.encode, self.decode, self.value.format)
-        other.reserved = self.reserved
-        other._reset(self.capacity)
-        step = 1 << 16
-        for i in range(0, len(self.table), step):
-            other.table[i:i + step] = self.table[i:i + step]
-        other.count, other.gone = self.count, self.gone
-        return other
 
 
 if __name__ == "__main__":

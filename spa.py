@@ -595,27 +595,57 @@ def screen(payload, source, stanzas, destination=None, signer=None):
                       "" if destination is None else " and destination %s" % destination))
 
 
-def hmac_sieve(stanzas):
-    """screen()'s first cut, for the flood's path: a function of a payload that gives the
-    first stanza's Hmac that made the payload's HMAC (its GnuPG one, for a payload longer
-    than an AES packet can be), or a false value when none did, or the length is outside
-    what any stanza takes.  Then screen() refuses it too, whatever its source: the packet
-    reader runs this on every packet, and screen() only on those it lets through (told
-    the signer, whose HMAC it then skips), or to say why it refused one it logs.  It
-    reads nothing but the length and the HMAC (not even the alphabet)."""
-    aes = tuple((s.mac, s.mac_len) for s in stanzas if s.mac is not None)
-    gpg = tuple((s.gpg_mac, s.mac_len) for s in stanzas if s.gpg_mac is not None)
-    longest = MAX_GPG_WIRE_LEN if gpg else MAX_WIRE_LEN
+def hmac_sieve(stanzas, payload_of=None):
+    """screen()'s first cut, for the flood's path: a function of a list of frames that
+    gives those whose payload a stanza's key signed, as (frame, that key's Hmac) pairs
+    (its GnuPG one, for a payload longer than an AES packet can be), and appends the
+    others to `refused` if that is a list.  screen() then refuses them too, whatever
+    their source: the packet reader runs this on every packet, and screen() only on
+    those it lets through (told the signer, whose HMAC it then skips), or to say why it
+    refuses one it logs.  It reads nothing but the length and the HMAC (not even the
+    alphabet).
 
-    def signer(payload):
-        length = len(payload)
-        if length < MIN_WIRE_LEN or length > longest:
-            return None
-        for mac, mac_len in (aes if length <= MAX_WIRE_LEN else gpg):
-            if mac.signs(payload, mac_len):
-                return mac
-        return None
-    return signer
+    `payload_of(frame)` gives a frame's payload; None for UDP alone, whose payload is
+    read here as bpf_filter passed it (a UDP header, its length field included, after
+    the IPv4 header's length or IPv6's 40 bytes; udp_payload without its checks): every
+    packet of a flood runs this loop, so it makes no call but the hash's (Hmac.signs
+    written out)."""
+    def keys(macs):
+        return tuple((mac.inner.copy, mac.outer.copy, mac_len, mac) for mac, mac_len in macs)
+    aes = keys((s.mac, s.mac_len) for s in stanzas if s.mac is not None)
+    gpg = keys((s.gpg_mac, s.mac_len) for s in stanzas if s.gpg_mac is not None)
+    shortest, aes_longest = MIN_WIRE_LEN, MAX_WIRE_LEN
+    longest = MAX_GPG_WIRE_LEN if gpg else MAX_WIRE_LEN
+    same, base64 = compare_digest, b2a_base64
+
+    def sieve(frames, refused=None):
+        passed = []
+        for frame in frames:
+            if payload_of is None:
+                try:
+                    udp = (frame[0] & 15) * 4 + 8 if frame[0] < 0x60 else 48
+                    payload = frame[udp:udp - 8 + ((frame[udp - 4] << 8) | frame[udp - 3])]
+                except IndexError:            # shorter than bpf_filter lets through
+                    payload = b""
+            else:
+                payload = payload_of(frame)
+            length = len(payload)
+            if shortest <= length <= longest:
+                for inner, outer, mac_len, mac in (aes if length <= aes_longest else gpg):
+                    digest = inner()
+                    digest.update(payload[:-mac_len])
+                    tag = outer()
+                    tag.update(digest.digest())
+                    if same(base64(tag.digest())[:mac_len], payload[-mac_len:]):
+                        passed.append((frame, mac))
+                        break
+                else:
+                    if refused is not None:
+                        refused.append(frame)
+            elif refused is not None:
+                refused.append(frame)
+        return passed
+    return sieve
 
 
 def _packet_sha256(signed):
@@ -7121,9 +7151,8 @@ class Reader(object):
         http = HttpKnocks(config.http_port, config.http_proxies) if "http" in transports else None
         self.parse_frame = parse_frame if transports == ("udp",) else \
             (lambda frame: parse_any_frame(frame, http))
-        self.payload_of = udp_payload if transports == ("udp",) else \
-            (lambda frame: self.parse_frame(frame)[1])
-        self.signed = hmac_sieve(self.stanzas)
+        self.sieve = hmac_sieve(self.stanzas, None if transports == ("udp",) else
+                                (lambda frame: self.parse_frame(frame)[1]))
         self.rings = None      # capture socket's fd -> its Ring, mapped before the sandbox
         # Room for a burst of knocks without growing the table of digests mid-burst (each
         # growth moves every entry while the ring fills): memory only as entries come.
@@ -7230,22 +7259,20 @@ class Reader(object):
         """Screen a batch of frames: the flood's path.  A frame whose payload no key signed
         (hmac_sieve) costs that and a count, and while the log has room, screen() says why
         it is refused; the others go through handle()."""
-        payload_of, signed, limiter = self.payload_of, self.signed, self.limiter
-        quiet = limiter.quiet()                 # no room in the log now: count, say nothing
-        refused = said = 0
-        for frame in frames:
-            signer = signed(payload_of(frame))
-            if signer:
-                source, payload = self.parse_frame(frame)
-                if source is not None:
-                    self.handle(payload, source, None, frame, None, interface, signer)
-                continue
-            refused += 1
-            if not quiet:
-                said += 1
-                quiet = not self.log_refusal(frame)
-        self.counts["rejected"] += refused
-        limiter.suppressed += refused - said
+        limiter = self.limiter
+        refused = None if limiter.quiet() else []    # no room in the log: count, say nothing
+        passed = self.sieve(frames, refused)
+        for frame, signer in passed:
+            source, payload = self.parse_frame(frame)
+            if source is not None:
+                self.handle(payload, source, None, frame, None, interface, signer)
+        count, said = len(frames) - len(passed), 0
+        for frame in refused or ():
+            said += 1
+            if not self.log_refusal(frame):
+                break
+        self.counts["rejected"] += count
+        limiter.suppressed += count - said
 
     def log_refusal(self, frame):
         """Log why screen() refuses a frame hmac_sieve() refused, if the rate limit lets

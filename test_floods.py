@@ -430,7 +430,21 @@ def test_the_sieve_refuses_only_what_screen_refuses_from_every_source(tmp_path):
     other = base64.b64encode(b"o" * 64).decode()
     config = server_config(tmp_path, {"alice": {}, "bob": {"source": "198.18.5.0/24",
                                                            "hmac_key_base64": other}})
-    sieve = spa.hmac_sieve(config.stanzas)
+    sieves = [spa.hmac_sieve(config.stanzas),                  # UDP read in the sieve
+              spa.hmac_sieve(config.stanzas, spa.udp_payload)]   # or by a function
+
+    def sieve(payload):
+        """The signer both sieves find, of the payload in an IPv4 and an IPv6 frame."""
+        found = set()
+        for frame in (_udp_frame(payload), _padded_knock("2001:db8::2", "2001:db8::1", payload, 3)):
+            for each in sieves:
+                refused = []
+                passed = each([frame], refused)
+                assert len(passed) + len(refused) == 1
+                assert (passed[0][0] if passed else refused[0]) is frame
+                found.add(passed[0][1] if passed else None)
+        assert len(found) == 1, found
+        return found.pop()
     rng = random.Random(16)
     good = [knock(), knock(hmac_key=other, user="bob"),
             knock(hmac_type="sha512", mode="cbc")]       # alice's HMAC type is sha256

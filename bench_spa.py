@@ -76,6 +76,12 @@ spa.py's goal):
                          them (spa.py's SIGUSR1 stats line; for fwknopd, estimated as
                          above: its log has one "SPA Packet from IP" line per packet it
                          examines).
+  reader's flood path    spa.py only, with the garbage: its Reader in a process of its
+  in-process             own under the server's Python, reading a ring of 3,520 garbage
+                         frames (the capture ring's layout, in memory) 40 times: us a
+                         packet, best and median pass (`bench_spa.py _reader_loop
+                         '{"length": 204, "passes": 40}'`, run from two checkouts in
+                         turn, compares two versions of the code).
   router                 Each server again, in a fresh lab, in a cgroup of its own
                          limited to 10 % of one core (cgroup v2's cpu.max, or v1's
                          cpu.cfs_quota_us where the cpu controller is on v1), from its
@@ -175,6 +181,7 @@ class Settings(object):
         self.flood_poll = 0.002
         self.garbage_seconds = 1.0 if smoke else 5.0
         self.sandbox_rounds = 5 if smoke else 40        # of 20,000 system calls each
+        self.loop_passes = 5 if smoke else 40           # of the ring of garbage, in-process
         self.max_sender_pps = 2000000      # the count bound of a max-rate flood, per second
         self.scale_ns = [10, 30] if smoke else [10, 100, 1000, 10000]
         self.scale_stall = 3.0             # stop waiting after this long without progress
@@ -1190,6 +1197,69 @@ def measure_sandbox_cost(cfg, calls=20000):
     return {"recvfrom_us": out[0], "recvfrom_filtered_us": out[1], "extra_us": out[1] - out[0]}
 
 
+def reader_loop_main(arg):
+    """`bench_spa.py _reader_loop JSON`: spa.py's flood path alone, in this process: a
+    Reader (one stanza, keys of its own, the log full as in a flood) reads a ring of
+    SPA-shaped garbage (the capture ring's layout in anonymous memory, every frame
+    ready) again and again.  Prints the best and the median pass, in us a packet, and
+    how many frames were refused (all of them, or the figure measures something else)."""
+    import mmap
+    p = json.loads(arg)
+    with tempfile.TemporaryDirectory(prefix="bench_spa.loop.") as tmpdir:
+        conf = os.path.join(tmpdir, "spa.conf")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("[server]\nprotect = tcp/22\nreplay_cache = %s\n\n[client bench]\n"
+                    "key_base64 = %s\nhmac_key_base64 = %s\n" % (
+                        os.path.join(tmpdir, "replay.cache"),
+                        base64.b64encode(os.urandom(32)).decode(),
+                        base64.b64encode(os.urandom(64)).decode()))
+        reader = spa.Reader(spa.ServerConfig(conf), None, spa.Log())
+    reader.limiter.empty_until = float("inf")      # a flood: the log has no room
+    ring = spa.Ring.__new__(spa.Ring)               # Ring's fields, without a socket
+    ring.map = mmap.mmap(-1, spa.RING_BYTES)
+    ring.offsets = [b * spa.RING_BLOCK + i * spa.RING_FRAME
+                    for b in range(spa.RING_BYTES // spa.RING_BLOCK)
+                    for i in range(spa.RING_BLOCK // spa.RING_FRAME)]
+    ring.next, ring.synced, ring.idle, ring.sock = 0, True, None, None
+    net = 80                                        # where the kernel puts a cooked frame's IP header
+    for at, payload in zip(ring.offsets, garbage_pool(p["length"], len(ring.offsets), 7)):
+        udp = struct.pack("!HHHH", 40000, spa.DEFAULT_PORT, 8 + len(payload), 0) + payload
+        frame = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                            socket.inet_aton("198.18.1.2"), socket.inet_aton("198.18.0.1")) + udp
+        spa.Ring.HEADER.pack_into(ring.map, at, 0, len(frame), len(frame), net)
+        ring.map[at + net:at + net + len(frame)] = frame
+    ready = struct.Struct("=I").pack_into
+    times = []
+    for _ in range(p["passes"]):
+        for at in ring.offsets:
+            ready(ring.map, at, spa.TP_STATUS_USER)
+        taken, t = 0, time.perf_counter()
+        while taken < len(ring.offsets):
+            taken += reader.read_ring(ring, None)
+        times.append((time.perf_counter() - t) / taken * 1e6)
+    print(json.dumps({"best_us": min(times), "median_us": statistics.median(times),
+                      "frames": len(ring.offsets), "passes": len(times),
+                      "refused": reader.counts["rejected"], "python": sys.version.split()[0]}))
+    return 0
+
+
+def measure_reader_loop(cfg):
+    """The flood path's cost in-process (reader_loop_main), under the server's Python: it
+    moves far less from run to run than the garbage row, whose flood shares the machine
+    with the sender, so it shows what a change to the code did."""
+    done = subprocess.run([system_python()[0], BENCH, "_reader_loop",
+                           json.dumps({"length": cfg.garbage_length, "passes": cfg.loop_passes})],
+                          stdout=subprocess.PIPE, universal_newlines=True, timeout=300)
+    if done.returncode != 0:
+        return None
+    r = json.loads(done.stdout)
+    log("reader's flood path in-process: best %.3f us a packet, median %.3f (%d passes over "
+        "%d frames, %d refused; Python %s)", r["best_us"], r["median_us"], r["passes"],
+        r["frames"], r["refused"], r["python"])
+    return r
+
+
 def measure_scale(lab, server, cfg, budget):
     out = []
     for n in cfg.scale_ns:
@@ -1379,6 +1449,8 @@ def bench_server(kind, cfg, keys, budget, results, with_client_cost, parts=PARTS
             data["garbage"] = measure_garbage(lab, server, cfg)
         if kind is SpaUnderTest and "sandbox" in parts:
             data["sandbox"] = measure_sandbox_cost(cfg)
+        if kind is SpaUnderTest and "garbage" in parts:
+            data["reader_loop"] = measure_reader_loop(cfg)
         data["handled_total"] = server.counters().handled
         data["memory_after_floods"] = server.memory()
         if "scale" in parts:
@@ -1497,6 +1569,12 @@ def build_rows(results, cfg):
         cells.append((d, None if d is None else "%d (%s%% of arrived%s)" % (d, fmt(pct, 0), est)))
     row("garbage: kernel drops before the server read them", cells[0][0], cells[1][0],
         cells[0][1], cells[1][1])
+    sv = get(S, "reader_loop", "best_us")
+    row("reader's flood path in-process (us a garbage packet; best, median of the passes)", sv,
+        None, None if sv is None else "%.3f, %.3f (%d passes over %d frames)" % (
+            sv, get(S, "reader_loop", "median_us"), get(S, "reader_loop", "passes"),
+            get(S, "reader_loop", "frames")),
+        "n/a (C)" if F else None, goal="what a code change did (the garbage row moves more)")
     sv = get(S, "sandbox", "extra_us")
     row("packet reader's seccomp filter: extra us per system call (recvfrom)", sv, None,
         None if sv is None else "%+.3f (%.3f -> %.3f)" % (
@@ -1655,6 +1733,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_flood"]:
         return flood_sender_main(argv[1])
+    if argv[:1] == ["_reader_loop"]:
+        return reader_loop_main(argv[1])
     p = argparse.ArgumentParser(description="Benchmark spa.py's server against fwknopd "
                                 "(run as root; see the docstring at the top).")
     p.add_argument("--smoke", action="store_true", help="a quick run: a few knocks, ~1 s floods, tiny N")

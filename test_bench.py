@@ -117,3 +117,18 @@ def test_flood_runs_are_read_as_the_help_writes_them():
     res = subprocess.run([sys.executable, BENCH, "--flood-runs", "max,fast"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert res.returncode == 2 and "'fast' is not RATE[xN]" in res.stderr
+
+
+def test_the_in_process_flood_path_refuses_every_garbage_frame_of_its_ring():
+    """`bench_spa.py _reader_loop`: spa.py's Reader reads a ring of garbage, pass after pass;
+    the figure is per frame read, and every frame of every pass was read and refused."""
+    netns_lab.need(_crypto_ok(), "pycryptodome is not installed")
+    res = subprocess.run([sys.executable, BENCH, "_reader_loop", '{"length": 204, "passes": 3}'],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    sys.path.insert(0, HERE)
+    import spa
+    assert r["frames"] == spa.RING_FRAMES and r["passes"] == 3
+    assert r["refused"] == 3 * spa.RING_FRAMES
+    assert 0 < r["best_us"] <= r["median_us"] < 1000

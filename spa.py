@@ -1207,7 +1207,11 @@ def _ini_error(path, text, e):
 
 
 def read_ini(path, text=None):
-    """Read an INI file (after the permission check); [default] gives defaults to every section."""
+    """Read an INI file (after the permission check); [default] gives defaults to every section.
+
+    A value may go on over indented lines, as configparser reads them (a long `protect`
+    or `source` list); they are joined with a space, so that no value holds a line break
+    (an error message quoting it then stays one line)."""
     import configparser
     text = read_private_text(path) if text is None else text
     parser = configparser.ConfigParser(default_section="default", interpolation=None,
@@ -1216,6 +1220,10 @@ def read_ini(path, text=None):
         parser.read_string(text, path)
     except configparser.Error as e:
         raise SpaError(_ini_error(path, text, e))
+    for section in [parser.default_section] + parser.sections():
+        for option, value in list(parser[section].items()):
+            if "\n" in value:
+                parser.set(section, option, " ".join(part for part in value.split("\n") if part))
     return parser
 
 

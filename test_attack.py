@@ -704,6 +704,27 @@ def test_fixed_nul_byte_in_a_path_a_config_names(tmp_path, where):
     loads_or_says_why(argv, (conf, None if where == "access_conf option" else access))
 
 
+def test_fixed_a_value_continued_on_an_indented_line(tmp_path):
+    """BUG (found by test_config_parser_lets_only_spa_error_escape, once in many runs).  An
+    indented line after `user = nobody` (or any option) continues its value, as
+    configparser reads INI files: the value held a line break, and the error about it
+    ("no such user", "cannot read" a path) was two lines.  Now the lines of a value are
+    joined with a space: a long list may go on over lines, and every message is one line.
+    Reproduce:  printf '[server]\\nprotect = tcp/22\\nuser = nobody\\n 0\\n[client a]\\n...'"""
+    keys = "[client a]\nkey_base64 = %s\nhmac_key_base64 = %s\n" % (KEY, HMAC_KEY)
+    for option in ("user = nobody\n 0", "access_conf = /nonexistent/access.conf\n 0"):
+        try:
+            load_config(str(tmp_path / "spa.conf"), "[server]\nprotect = tcp/22\n%s\n%s"
+                        % (option, keys))
+        except spa.SpaError as e:
+            assert "\n" not in str(e) and (" 0" in str(e) or "nobody 0" in str(e)), str(e)
+        else:
+            raise AssertionError("loaded: " + option)
+    config = load_config(str(tmp_path / "spa.conf"),
+                         "[server]\nprotect = tcp/22,\n    tcp/443,\n\n    udp/53\n" + keys)
+    assert sorted(config.protect) == sorted([("tcp", 22), ("tcp", 443), ("udp", 53)])
+
+
 def loads_or_says_why(argv, server_config=None):
     """ServerConfig(*server_config) may raise only SpaError, and `spa.py argv` must end
     without a traceback; returns the finished process."""

@@ -1245,9 +1245,9 @@ def reader_loop_main(arg):
 
 
 def measure_reader_loop(cfg):
-    """The flood path's cost in-process (reader_loop_main), under the server's Python: it
-    moves far less from run to run than the garbage row, whose flood shares the machine
-    with the sender, so it shows what a change to the code did."""
+    """The flood path's cost in-process (reader_loop_main), under the server's Python: its
+    best pass is the least disturbed by the sender and the machine's other work, so it
+    shows what a change to the code did (compare versions in turn, several times)."""
     done = subprocess.run([system_python()[0], BENCH, "_reader_loop",
                            json.dumps({"length": cfg.garbage_length, "passes": cfg.loop_passes})],
                           stdout=subprocess.PIPE, universal_newlines=True, timeout=300)
@@ -1574,7 +1574,7 @@ def build_rows(results, cfg):
         None, None if sv is None else "%.3f, %.3f (%d passes over %d frames)" % (
             sv, get(S, "reader_loop", "median_us"), get(S, "reader_loop", "passes"),
             get(S, "reader_loop", "frames")),
-        "n/a (C)" if F else None, goal="what a code change did (the garbage row moves more)")
+        "n/a (C)" if F else None, goal="what a code change did (best: the least disturbed)")
     sv = get(S, "sandbox", "extra_us")
     row("packet reader's seccomp filter: extra us per system call (recvfrom)", sv, None,
         None if sv is None else "%+.3f (%.3f -> %.3f)" % (

@@ -1216,12 +1216,7 @@ def reader_loop_main(arg):
                         base64.b64encode(os.urandom(64)).decode()))
         reader = spa.Reader(spa.ServerConfig(conf), None, spa.Log())
     reader.limiter.empty_until = float("inf")      # a flood: the log has no room
-    ring = spa.Ring.__new__(spa.Ring)               # Ring's fields, without a socket
-    ring.map = mmap.mmap(-1, spa.RING_BYTES)
-    ring.offsets = [b * spa.RING_BLOCK + i * spa.RING_FRAME
-                    for b in range(spa.RING_BYTES // spa.RING_BLOCK)
-                    for i in range(spa.RING_BLOCK // spa.RING_FRAME)]
-    ring.next, ring.synced, ring.idle, ring.sock = 0, True, None, None
+    ring = spa.Ring(None, mmap.mmap(-1, spa.RING_BYTES))    # in memory, without a socket
     net = 80                                        # where the kernel puts a cooked frame's IP header
     for at, payload in zip(ring.offsets, garbage_pool(p["length"], len(ring.offsets), 7)):
         udp = struct.pack("!HHHH", 40000, spa.DEFAULT_PORT, 8 + len(payload), 0) + payload

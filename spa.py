@@ -5764,9 +5764,11 @@ class Ring(object):
 
     HEADER = struct.Struct("=III2xH")       # tp_status, tp_len, tp_snaplen, (tp_mac), tp_net
 
-    def __init__(self, sock):
+    def __init__(self, sock, mapped=None):
+        """`mapped`: memory laid out as the ring, in place of the socket's (a test's, the
+        benchmark's)."""
         self.sock = sock
-        self.map = mmap.mmap(sock.fileno(), RING_BYTES)
+        self.map = mmap.mmap(sock.fileno(), RING_BYTES) if mapped is None else mapped
         self.offsets = [b * RING_BLOCK + i * RING_FRAME for b in range(RING_BYTES // RING_BLOCK)
                         for i in range(RING_BLOCK // RING_FRAME)]
         self.next = 0

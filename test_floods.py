@@ -250,14 +250,7 @@ class FakeRing(spa.Ring):
     holds the whole copies of frames cut short, as the capture socket does."""
 
     def __init__(self, sock=None):
-        self.map = mmap.mmap(-1, spa.RING_BYTES)
-        per = spa.RING_BLOCK // spa.RING_FRAME
-        self.offsets = [b * spa.RING_BLOCK + i * spa.RING_FRAME
-                        for b in range(spa.RING_BYTES // spa.RING_BLOCK) for i in range(per)]
-        self.next = 0
-        self.synced = False
-        self.sock = sock
-        self.idle = None
+        spa.Ring.__init__(self, sock, mmap.mmap(-1, spa.RING_BYTES))
 
     def put(self, i, frame, length=None, copy=False):
         at = self.offsets[i]
